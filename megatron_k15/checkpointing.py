@@ -1,0 +1,208 @@
+"""Our checkpoint format: per-(tp, pp)-rank model shards plus the config, written atomically.
+
+    SAVE/
+      latest_checkpointed_iteration.txt        "release" or the iteration number (updated last)
+      release/ | iter_0000100/
+        config.json                            {"model": GPTConfig, "tensor_model_parallel_size",
+                                                "pipeline_model_parallel_size", "layer_ranges", ...}
+        mp_rank_{tp:02d}_{pp:03d}/model.pt      {"model": this rank's parameters}
+      tokenizer/                               (optional) copied from the HF model
+
+A checkpoint directory is first written under a hidden temporary name and renamed when
+complete, so a crash never leaves a directory that looks finished. Loading under a different
+tp/pp layout merges the shards into the full state dict and splits it again
+(``models/sharding.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.models.config import GPTConfig
+from megatron_k15.models.sharding import merge_shards, pipeline_layer_ranges, split_for_rank
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_tag(iteration: Optional[int]) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(final_path: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; rename it to ``final_path`` only on success."""
+    parent = os.path.dirname(os.path.abspath(final_path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(final_path):
+            old = f"{tmp}-old"
+            os.replace(final_path, old)
+            os.replace(tmp, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def layout_dict(cfg: GPTConfig, tp: int, pp: int, layer_ranges: list[range], **extra) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "layer_ranges": [[r.start, r.stop] for r in layer_ranges],
+        **extra,
+    }
+
+
+def write_full_state_dict(ckpt_dir: str, full: dict[str, torch.Tensor], cfg: GPTConfig, tp: int, pp: int,
+                          layer_ranges: Optional[list[range]] = None, progress: Optional[Callable] = None,
+                          **extra) -> None:
+    """Split ``full`` for every (tp, pp) rank and write the shards + config into ``ckpt_dir``."""
+    ranges = layer_ranges or pipeline_layer_ranges(cfg.num_layers, pp)
+    padded = cfg.padded_vocab_size(tp)
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            shard = split_for_rank(full, tp, tp_rank, pp, pp_rank, cfg.num_layers,
+                                   cfg.tie_word_embeddings, padded, ranges)
+            d = os.path.join(ckpt_dir, shard_dir_name(tp_rank, pp_rank))
+            os.makedirs(d, exist_ok=True)
+            torch.save({"model": shard}, os.path.join(d, "model.pt"))
+            if progress:
+                progress(tp_rank, pp_rank)
+    with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
+        json.dump(layout_dict(cfg, tp, pp, ranges, **extra), f, indent=2)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def resolve_checkpoint_dir(load_dir: str) -> str:
+    """``--load`` may name a checkpoint root (with the latest pointer) or one iteration dir."""
+    if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)):
+        return load_dir
+    latest = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"--load {load_dir}: no {LATEST_FILE} and no {CONFIG_FILE} found")
+    tag = open(latest).read().strip()
+    if tag != "release":
+        tag = iteration_tag(int(tag))
+    path = os.path.join(load_dir, tag)
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise CheckpointError(f"--load {load_dir}: {LATEST_FILE} points to {tag}, which is incomplete")
+    return path
+
+
+def read_layout(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+        layout = json.load(f)
+    if layout.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt_dir}: unsupported checkpoint format {layout.get('format_version')}")
+    return layout
+
+
+def load_config(load_dir: str) -> GPTConfig:
+    return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir))["model"])
+
+
+def read_shard(ckpt_dir: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    path = os.path.join(ckpt_dir, shard_dir_name(tp_rank, pp_rank), "model.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def read_full_state_dict(load_dir: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """All shards of a checkpoint merged into the full tp=1, pp=1 state dict."""
+    ckpt = resolve_checkpoint_dir(load_dir)
+    layout = read_layout(ckpt)
+    cfg = GPTConfig.from_dict(layout["model"])
+    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
+    shards = {(t, p): read_shard(ckpt, t, p) for t in range(tp) for p in range(pp)}
+    return merge_shards(shards, cfg.vocab_size), cfg
+
+
+def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int = 1) -> dict:
+    """Load weights into ``model`` (one tp rank of one pipeline stage), resharding if the saved
+    layout differs. Returns the checkpoint's layout dict."""
+    ckpt = resolve_checkpoint_dir(load_dir)
+    layout = read_layout(ckpt)
+    cfg = model.config
+    saved_ranges = [range(a, b) for a, b in layout["layer_ranges"]]
+    same_layout = (
+        layout["tensor_model_parallel_size"] == model.tp_size
+        and layout["pipeline_model_parallel_size"] == pp_size
+        and saved_ranges[pp_rank] == model.layer_range
+    )
+    if same_layout:
+        state = read_shard(ckpt, model.tp_rank, pp_rank)
+    else:
+        full, _ = read_full_state_dict(ckpt)
+        ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
+        state = split_for_rank(full, model.tp_size, model.tp_rank, pp_size, pp_rank, cfg.num_layers,
+                               cfg.tie_word_embeddings, model.padded_vocab_size, ranges)
+    model.load_checkpoint_state_dict(state)
+    return layout
+
+
+def save_model_checkpoint(model, save_dir: str, iteration: Optional[int], pp_rank: int = 0,
+                          pp_size: int = 1, layer_ranges: Optional[list[range]] = None,
+                          write_shard: bool = True, **extra) -> str:
+    """Every model-parallel rank writes its shard (``write_shard`` False on dp ranks > 0); global
+    rank 0 writes the config, renames the directory into place and updates ``latest`` last."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tag = iteration_tag(iteration)
+    final = os.path.join(save_dir, tag)
+    tmp = os.path.join(save_dir, f".tmp-{tag}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if distributed:
+        dist.barrier()
+    if write_shard:
+        d = os.path.join(tmp, shard_dir_name(model.tp_rank, pp_rank))
+        os.makedirs(d, exist_ok=True)
+        torch.save({"model": model.checkpoint_state_dict()}, os.path.join(d, "model.pt"))
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        ranges = layer_ranges or pipeline_layer_ranges(model.config.num_layers, pp_size)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(layout_dict(model.config, model.tp_size, pp_size, ranges,
+                                  iteration=iteration, **extra), f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(os.path.join(save_dir, LATEST_FILE), "release" if iteration is None else str(iteration))
+    if distributed:
+        dist.barrier()
+    return final

@@ -1,0 +1,89 @@
+"""Start-up: torch.distributed (nccl on GPU, gloo on CPU), megatron-core process groups, seeds.
+
+Works under ``torchrun`` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environment) and as
+a plain single process (a one-rank group, so the same model code runs everywhere).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_k15 import platform
+
+
+def initialize_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> None:
+    if dist.is_initialized():
+        return
+    backend = backend or platform.default_backend()
+    if platform.has_cuda():
+        torch.cuda.set_device(platform.local_rank() % torch.cuda.device_count())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "MASTER_ADDR" in os.environ or world_size > 1:
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def check_world_size(world_size: int, tp: int, pp: int, cp: int) -> None:
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} = {model_parallel}; "
+            "launch a multiple of that many processes"
+        )
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: str | None = None) -> None:
+    """Process groups in Megatron's order (tp fastest, then cp, dp, pp)."""
+    from megatron.core import parallel_state
+
+    initialize_distributed(backend)
+    check_world_size(dist.get_world_size(), tp, pp, cp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        create_gloo_process_groups=dist.get_backend() != "gloo",
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank: tp ranks must initialise and sample identically."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if platform.has_cuda():
+        torch.cuda.manual_seed_all(seed)
+        try:
+            from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(seed)
+        except Exception:  # noqa: BLE001 - the RNG tracker is only needed for dropout
+            pass
+
+
+def initialize_megatron(args) -> None:
+    """Everything an entry point needs before building the model, from parsed arguments."""
+    initialize_model_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    )
+    set_seed(args.seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

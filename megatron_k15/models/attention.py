@@ -1,0 +1,86 @@
+"""Attention backends behind one small interface (``--attention-backend``).
+
+Every backend is a function
+
+    attn(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None) -> out
+
+with flash-attn's layout: q (b, s, n_heads, d), k/v (b, s, n_kv_heads, d), out like q.
+``cu_seqlens`` (int32, boundaries of packed sequences along s, only with b == 1) keeps
+attention inside each packed sequence. GQA is handled by the backend, never by repeating K/V
+in the model. New backends register with ``register_attention_backend``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+_BACKENDS: dict[str, Callable[[], AttentionFn]] = {}
+
+
+def register_attention_backend(name: str, factory: Callable[[], AttentionFn]) -> None:
+    """``factory`` is called on first use, so optional dependencies import lazily."""
+    _BACKENDS[name] = factory
+
+
+def available_attention_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"--attention-backend {name!r} is unknown; choose one of {available_attention_backends()}"
+        )
+    return _BACKENDS[name]()
+
+
+def _sdpa_dense(q, k, v, causal, softmax_scale):
+    # (b, s, h, d) -> (b, h, s, d)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal and q.shape[2] > 1, scale=softmax_scale, enable_gqa=gqa
+    )
+    return out.transpose(1, 2)
+
+
+def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None):
+    """PyTorch scaled_dot_product_attention; packed sequences are attended one at a time."""
+    if cu_seqlens is None:
+        return _sdpa_dense(q, k, v, causal, softmax_scale)
+    if q.shape[0] != 1:
+        raise ValueError("packed sequences (cu_seqlens) need batch size 1")
+    bounds = cu_seqlens.tolist()
+    outs = [
+        _sdpa_dense(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale)
+        for s, e in zip(bounds[:-1], bounds[1:]) if e > s
+    ]
+    return torch.cat(outs, dim=1)
+
+
+def _triton_factory() -> AttentionFn:
+    from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
+
+    def triton_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
+                         max_seqlen: Optional[int] = None):
+        if cu_seqlens is None:
+            return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        if q.shape[0] != 1:
+            raise ValueError("packed sequences (cu_seqlens) need batch size 1")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        out = flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_seqlens.to(torch.int32), max_seqlen,
+            causal=causal, softmax_scale=softmax_scale,
+        )
+        return out.unsqueeze(0)
+
+    return triton_attention
+
+
+register_attention_backend("sdpa", lambda: sdpa_attention)
+register_attention_backend("triton", _triton_factory)

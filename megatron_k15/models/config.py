@@ -1,0 +1,194 @@
+"""Model configuration for the Llama/Qwen2-family GPT, and the presets users start from.
+
+One dataclass describes the architecture; the same object is written into every checkpoint
+(``config.json``) so a checkpoint loads with nothing else. Field names follow Megatron-LM's
+flags (``--num-query-groups`` is the number of KV heads, ``--kv-channels`` the head size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A model/parallel configuration that cannot work; the message names the offending flag."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None  # head dim; defaults to hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    # Llama-3 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: Optional[dict] = None
+    norm_epsilon: float = 1e-6
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    architecture: str = "qwen2"  # "qwen2" | "llama": which HF class conversion targets
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Any] = None  # int or list of ints
+    extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
+
+    def __post_init__(self):
+        if self.kv_channels is None and self.num_attention_heads:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    # -- derived sizes ------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return int(self.kv_channels)
+
+    @property
+    def query_projection_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_projection_size(self) -> int:
+        return self.num_query_groups * self.head_dim
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocabulary rounded up so every tp rank holds an equal, aligned shard (Megatron rule)."""
+        multiple = max(1, self.make_vocab_size_divisible_by) * tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, (list, tuple)):
+            return [int(i) for i in self.eos_token_id]
+        return [int(self.eos_token_id)]
+
+    def num_parameters(self) -> int:
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        attn = h * (self.query_projection_size + 2 * self.kv_projection_size)
+        attn += self.query_projection_size * h
+        if self.add_qkv_bias:
+            attn += self.query_projection_size + 2 * self.kv_projection_size
+        per_layer = attn + 3 * h * f + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+        """Raise ConfigError naming the flag when the shape or the parallel layout cannot work."""
+        positive = {
+            "--vocab-size": self.vocab_size,
+            "--hidden-size": self.hidden_size,
+            "--ffn-hidden-size": self.ffn_hidden_size,
+            "--num-layers": self.num_layers,
+            "--num-attention-heads": self.num_attention_heads,
+            "--num-query-groups": self.num_query_groups,
+            "--kv-channels": self.kv_channels,
+            "--max-position-embeddings": self.max_position_embeddings,
+        }
+        for flag, value in positive.items():
+            if value is None or int(value) <= 0:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--num-query-groups {self.num_query_groups} (GQA needs whole groups)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"--kv-channels {self.head_dim} must be even for rotary embeddings")
+        if self.rotary_base <= 0:
+            raise ConfigError(f"--rotary-base must be > 0, got {self.rotary_base}")
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if self.num_attention_heads % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
+                f"{self.num_attention_heads}; choose a tp size that divides the number of heads"
+            )
+        if self.num_query_groups % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} does not divide --num-query-groups "
+                f"{self.num_query_groups} (the number of KV heads); choose a tp size that divides it"
+            )
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {self.ffn_hidden_size}"
+            )
+        if self.num_layers < pp:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {pp} exceeds --num-layers {self.num_layers}; "
+                "every stage needs at least one layer"
+            )
+        if self.rope_scaling is not None:
+            needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in needed if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(f"rope_scaling is missing {missing} (Llama-3 scaling needs {list(needed)})")
+        return self
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown model config fields {unknown}")
+        return cls(**d)
+
+    def save(self, path: str):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "GPTConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _qwen25(hidden, ffn, layers, heads, groups, tied, vocab=151936):
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
+        num_attention_heads=heads, num_query_groups=groups, max_position_embeddings=32768,
+        rotary_base=1000000.0, norm_epsilon=1e-6, add_qkv_bias=True, tie_word_embeddings=tied,
+        architecture="qwen2", eos_token_id=151643, bos_token_id=151643,
+    )
+
+
+PRESETS: dict[str, dict] = {
+    # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
+    "tiny": dict(
+        vocab_size=260, hidden_size=64, ffn_hidden_size=176, num_layers=2, num_attention_heads=4,
+        num_query_groups=2, max_position_embeddings=2048, rotary_base=10000.0, norm_epsilon=1e-6,
+        add_qkv_bias=True, tie_word_embeddings=True, architecture="qwen2",
+        bos_token_id=256, eos_token_id=257,
+    ),
+    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, True),
+    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True),
+    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, vocab=152064),
+    "qwen2.5-32b": _qwen25(5120, 27648, 64, 40, 8, False, vocab=152064),
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
+        num_attention_heads=32, num_query_groups=8, max_position_embeddings=8192,
+        rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False,
+        architecture="llama", bos_token_id=128000, eos_token_id=128001,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A preset model shape, optionally with some fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"--model-preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,210 @@
+"""The Llama/Qwen2-family GPT with tensor, sequence and (stage-wise) pipeline parallelism.
+
+    ids (b, s) -> embedding -> [TransformerLayer] x L -> RMSNorm -> output layer (vocab shard)
+
+One module is one pipeline stage: the first stage owns the embedding, the last the final norm
+and the output layer; a middle stage maps hidden states to hidden states. Parameter names use
+global layer numbers (``layers.{i}.…``) so checkpoints reshard by name (``models/sharding.py``).
+
+Outputs are vocab-parallel: ``forward(ids)`` returns this tp rank's logits shard
+(b, s, V_padded / tp); ``forward(ids, labels=…)`` returns per-token log-probs (b, s) through
+vocab-parallel cross-entropy, never gathering the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megatron_k15.models.attention import get_attention_backend
+from megatron_k15.models.config import GPTConfig
+from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, TransformerLayer, normal_init
+from megatron_k15.models.rope import RotaryEmbedding
+from megatron_k15.models.sharding import pipeline_layer_ranges
+from megatron_k15.parallel.tensor import all_gather_last_dim, gather_from_sequence_parallel_region
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every token inside its own packed sequence: (1, total)."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    starts = cu_seqlens[torch.searchsorted(cu_seqlens, idx, right=True) - 1]
+    return (idx - starts).unsqueeze(0)
+
+
+class GPTModel(torch.nn.Module):
+    def __init__(
+        self,
+        config: GPTConfig,
+        *,
+        tp_group: Optional[dist.ProcessGroup] = None,
+        sequence_parallel: Optional[bool] = None,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+        layer_ranges: Optional[list[range]] = None,
+        attention_backend: str = "sdpa",
+        params_dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp = tp_group.size()
+        config.validate(tp, pp_size)
+        self.config = config
+        self.tp_group = tp_group
+        self.tp_size = tp
+        self.tp_rank = tp_group.rank()
+        self.sequence_parallel = (tp > 1) if sequence_parallel is None else (sequence_parallel and tp > 1)
+        self.pre_process = pp_rank == 0
+        self.post_process = pp_rank == pp_size - 1
+        self.padded_vocab_size = config.padded_vocab_size(tp)
+        self.vocab_per_rank = self.padded_vocab_size // tp
+        ranges = layer_ranges or pipeline_layer_ranges(config.num_layers, pp_size)
+        self.layer_range = ranges[pp_rank]
+
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=tp,
+            sequence_parallel=False,  # SP communication is done by our layers (device-neutral)
+            use_cpu_initialization=device is None or torch.device(device).type == "cpu",
+            perform_initialization=True,
+            params_dtype=params_dtype,
+            gradient_accumulation_fusion=False,
+        )
+        self.mp_config = mp_config
+        attention_fn = get_attention_backend(attention_backend)
+        self.attention_backend = attention_backend
+        init = normal_init(config.init_method_std)
+
+        tied = config.tie_word_embeddings
+        if self.pre_process or (tied and self.post_process):
+            self.embedding = Embedding(
+                self.padded_vocab_size, config.hidden_size, mp_config=mp_config, init_method=init,
+                tp_group=tp_group, sequence_parallel=self.sequence_parallel,
+            )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
+        self.layers = torch.nn.ModuleDict({
+            str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn)
+            for i in self.layer_range
+        })
+        if self.post_process:
+            self.final_layernorm = RMSNorm(
+                config.hidden_size, config.norm_epsilon, self.sequence_parallel, params_dtype
+            )
+            self.output_layer = ColumnLinear(
+                config.hidden_size, self.padded_vocab_size, mp_config=mp_config, init_method=init,
+                bias=False, tp_group=tp_group, sequence_parallel=self.sequence_parallel,
+                skip_weight_param_allocation=tied,
+            )
+        if device is not None:
+            self.to(device)
+
+    # -- pieces -------------------------------------------------------------------------
+    def output_weight(self) -> torch.Tensor:
+        """(V_padded / tp, h): this rank's rows of the output projection."""
+        if self.config.tie_word_embeddings:
+            return self.embedding.weight
+        return self.output_layer.weight
+
+    def hidden_states(self, input_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                      hidden=None) -> torch.Tensor:
+        """Run this stage's layers. Returns [s, b, h] (s / tp of it under sequence parallelism),
+        after the final norm on the last stage."""
+        if self.pre_process:
+            if input_ids is None:
+                raise ValueError("the first pipeline stage needs input_ids")
+            b, s = input_ids.shape
+            hidden = self.embedding(input_ids)
+        else:
+            if hidden is None:
+                raise ValueError("a later pipeline stage needs the previous stage's hidden states")
+            s = hidden.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+            b = hidden.shape[1]
+        if self.sequence_parallel and s % self.tp_size:
+            raise ValueError(
+                f"sequence length {s} must be a multiple of --tensor-model-parallel-size "
+                f"{self.tp_size} under sequence parallelism (pad the batch)"
+            )
+        device = hidden.device
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens.to(device), s)
+            else:
+                position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        cos, sin = self.rotary(position_ids.to(device), hidden.dtype)
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen)
+        if self.post_process:
+            hidden = self.final_layernorm(hidden)
+        return hidden
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of padding rows (ids >= vocab_size) are -inf so they never get probability."""
+        start = self.tp_rank * self.vocab_per_rank
+        n_valid = self.config.vocab_size - start
+        if n_valid >= self.vocab_per_rank:
+            return logits
+        keep = torch.arange(self.vocab_per_rank, device=logits.device) < n_valid
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden [s(/tp), b, h] -> this rank's logits shard (b, s, V_padded / tp)."""
+        logits = self.output_layer(hidden, weight=self.output_weight())
+        return self._mask_padded_vocab(logits).transpose(0, 1)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (…, vocab_size) from vocab shards (inference and tests)."""
+        full = all_gather_last_dim(logits, self.tp_group) if self.tp_size > 1 else logits
+        return full[..., : self.config.vocab_size]
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(labels) (b, s) in fp32 via vocab-parallel cross-entropy."""
+        logits = self.output_layer(hidden, weight=self.output_weight())  # [s, b, V/tp]
+        logits = self._mask_padded_vocab(logits.float())
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
+        return -loss.transpose(0, 1)
+
+    # -- the forward the trainer and generator use ----------------------------------------
+    def forward(self, input_ids=None, position_ids=None, labels=None, cu_seqlens=None,
+                max_seqlen=None, hidden=None):
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, hidden)
+        if not self.post_process:
+            return hidden
+        if labels is not None:
+            return self.token_logprobs(hidden, labels)
+        return self.logits_from_hidden(hidden)
+
+    def last_token_logits(self, input_ids, last_index, position_ids=None) -> torch.Tensor:
+        """Full-vocab logits (b, vocab_size) at position ``last_index[i]`` of each row; only those
+        rows go through the output layer (used by generation)."""
+        hidden = self.hidden_states(input_ids, position_ids)
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)
+        rows = hidden[last_index, torch.arange(hidden.shape[1], device=hidden.device)]  # (b, h)
+        logits = torch.nn.functional.linear(rows, self.output_weight())
+        logits = self._mask_padded_vocab(logits)
+        return self.gather_logits(logits)
+
+    # -- state dict in checkpoint naming ------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v for k, v in self.state_dict().items()
+            if not k.endswith("_extra_state") and not k.startswith("rotary.")
+        }
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.checkpoint_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                src = state[name]
+                if tuple(src.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(tensor.shape)}")
+                tensor.copy_(src.to(tensor.dtype))

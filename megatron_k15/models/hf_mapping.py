@@ -1,0 +1,297 @@
+"""Hugging Face Llama/Qwen2 <-> our GPT: configs, parameter names and safetensors files.
+
+Name mapping (i = layer):
+    model.embed_tokens.weight                       -> embedding.weight
+    model.layers.i.input_layernorm.weight           -> layers.i.input_layernorm.weight
+    model.layers.i.self_attn.{q,k,v}_proj.{w,b}     -> layers.i.self_attention.linear_qkv.{w,b}
+                                                       (grouped per KV head: [q_g..., k_g, v_g])
+    model.layers.i.self_attn.o_proj.weight          -> layers.i.self_attention.linear_proj.weight
+    model.layers.i.post_attention_layernorm.weight  -> layers.i.pre_mlp_layernorm.weight
+    model.layers.i.mlp.{gate,up}_proj.weight        -> layers.i.mlp.linear_fc1.weight ([gate; up])
+    model.layers.i.mlp.down_proj.weight             -> layers.i.mlp.linear_fc2.weight
+    model.norm.weight                               -> final_layernorm.weight
+    lm_head.weight                                  -> output_layer.weight (absent when tied)
+Every mapping is a pure reshuffle of values, so HF -> ours -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_k15.models.config import ConfigError, GPTConfig
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+HF_CONFIG_FILE = "config.json"
+
+
+class HFCheckpointError(ValueError):
+    """An HF checkpoint we cannot convert; the message names the file and field."""
+
+
+# -- configs --------------------------------------------------------------------------------
+def _rope_settings(hf: dict, where: str) -> tuple[float, Optional[dict]]:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or None
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise HFCheckpointError(f"{where}: rope type {rope_type!r} is not supported (only default and llama3)")
+    src = {**(scaling or {}), **params}
+    try:
+        llama3 = {k: src[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+    except KeyError as e:
+        raise HFCheckpointError(f"{where}: llama3 rope scaling is missing field {e.args[0]!r}") from None
+    return float(theta), llama3
+
+
+def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
+    """Our config from an HF ``config.json`` dict; unsupported models fail with the field named."""
+    archs = hf.get("architectures") or []
+    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise HFCheckpointError(
+            f"{where}: architectures={archs!r} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in required:
+        if key not in hf or hf[key] is None:
+            raise HFCheckpointError(f"{where}: missing required field {key!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFCheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
+    if hf.get("mlp_bias"):
+        raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
+    if hf.get("use_sliding_window"):
+        raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
+    theta, scaling = _rope_settings(hf, where)
+    heads = int(hf["num_attention_heads"])
+    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
+    cfg = GPTConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_query_groups=int(hf.get("num_key_value_heads") or heads),
+        kv_channels=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        add_qkv_bias=qkv_bias,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        architecture=arch,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        extra={"hf_config": hf},
+    )
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise HFCheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
+def hf_config_from_gpt(cfg: GPTConfig) -> dict:
+    """An HF config dict; the original one when the model came from HF (exact round trip)."""
+    if "hf_config" in cfg.extra:
+        return cfg.extra["hf_config"]
+    arch = cfg.architecture
+    hf = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rotary_base,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+    }
+    if cfg.rope_scaling:
+        hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    if arch == "llama":
+        hf["attention_bias"] = cfg.add_qkv_bias
+        hf["mlp_bias"] = False
+    elif not cfg.add_qkv_bias:
+        raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
+    return hf
+
+
+# -- tensors --------------------------------------------------------------------------------
+def _group_qkv(q, k, v, cfg: GPTConfig) -> torch.Tensor:
+    g, d = cfg.num_query_groups, cfg.head_dim
+    rest = tuple(q.shape[1:])
+    q = q.reshape((g, -1, d) + rest)
+    k = k.reshape((g, 1, d) + rest)
+    v = v.reshape((g, 1, d) + rest)
+    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest).contiguous()
+
+
+def _ungroup_qkv(qkv, cfg: GPTConfig):
+    g, d = cfg.num_query_groups, cfg.head_dim
+    hpg = cfg.num_attention_heads // g
+    rest = tuple(qkv.shape[1:])
+    grouped = qkv.reshape((g, hpg + 2, d) + rest)
+    q = grouped[:, :hpg].reshape((-1,) + rest).contiguous()
+    k = grouped[:, hpg].reshape((-1,) + rest).contiguous()
+    v = grouped[:, hpg + 1].reshape((-1,) + rest).contiguous()
+    return q, k, v
+
+
+def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
+                   where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """HF state dict -> our full (tp=1, pp=1, unpadded) state dict."""
+    def take(name):
+        if name not in hf_sd:
+            raise HFCheckpointError(f"{where}: tensor {name!r} is missing")
+        return hf_sd[name]
+
+    out = {"embedding.weight": take("model.embed_tokens.weight")}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        o = f"layers.{i}."
+        out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        a = p + "self_attn."
+        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(
+            take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), cfg)
+        if cfg.add_qkv_bias:
+            out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
+                take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
+        out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+        out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        out[o + "mlp.linear_fc1.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+        out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
+    out["final_layernorm.weight"] = take("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = take("lm_head.weight")
+    for name, t in out.items():
+        expected = expected_shape(name, cfg)
+        if tuple(t.shape) != expected:
+            raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
+    return out
+
+
+def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our full state dict -> HF names (inverse of ``hf_to_megatron``)."""
+    out = {"model.embed_tokens.weight": sd["embedding.weight"]}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        o = f"layers.{i}."
+        out[p + "input_layernorm.weight"] = sd[o + "input_layernorm.weight"]
+        q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
+        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                    p + "self_attn.v_proj.weight": v})
+        if cfg.add_qkv_bias:
+            q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.bias"], cfg)
+            out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k,
+                        p + "self_attn.v_proj.bias": v})
+        out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
+        gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        out[p + "mlp.down_proj.weight"] = sd[o + "mlp.linear_fc2.weight"]
+    out["model.norm.weight"] = sd["final_layernorm.weight"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"]
+    return out
+
+
+def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
+    h = cfg.hidden_size
+    qkv = cfg.query_projection_size + 2 * cfg.kv_projection_size
+    table = {
+        "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_qkv.bias": (qkv,),
+        "self_attention.linear_proj.weight": (h, cfg.query_projection_size),
+        "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
+        "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
+    }
+    if name in ("embedding.weight", "output_layer.weight"):
+        return (cfg.vocab_size, h)
+    if name == "final_layernorm.weight":
+        return (h,)
+    return table[name.split(".", 2)[2]]
+
+
+# -- files ----------------------------------------------------------------------------------
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, HF_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise HFCheckpointError(f"{path}: not found (is --hf-dir an HF model directory?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def read_hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint: one ``model.safetensors`` or an indexed sharded set
+    (``.bin`` files are read too, with ``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for name in files:
+            sd.update(load_file(os.path.join(hf_dir, name)))
+        return sd
+    if os.path.isfile(single):
+        return load_file(single)
+    bins = sorted(f for f in os.listdir(hf_dir) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if bins:
+        sd = {}
+        for name in bins:
+            sd.update(torch.load(os.path.join(hf_dir, name), map_location="cpu", weights_only=True))
+        return sd
+    raise HFCheckpointError(f"{hf_dir}: no model.safetensors, safetensors index or pytorch_model*.bin found")
+
+
+def write_hf_state_dict(sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write safetensors, split into shards with an index when larger than ``max_shard_bytes``."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

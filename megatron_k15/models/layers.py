@@ -1,0 +1,197 @@
+"""Building blocks of the Llama/Qwen2 decoder with tensor + sequence parallelism.
+
+Parameters live in megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` /
+``VocabParallelEmbedding`` (sharding, initialisation, the tp all-reduces). Sequence-parallel
+communication is ours (``parallel.tensor``) because megatron-core's is CUDA-only:
+
+    column layer:  all-gather(seq) -> X @ W_shard          (backward: reduce-scatter of dX)
+    row layer:     X_shard @ W_shard -> reduce-scatter(seq) (or all-reduce without SP)
+
+Activations are [s, b, h]; under sequence parallelism each tp rank holds s / tp of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from megatron_k15.models.attention import AttentionFn
+from megatron_k15.models.config import GPTConfig
+from megatron_k15.models.rope import apply_rotary
+from megatron_k15.parallel.tensor import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: torch.nn.init.normal_(w, mean=0.0, std=std)
+
+
+class RMSNorm(torch.nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF)."""
+
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        # Under SP each rank sees a different slice of the sequence: grads must be summed.
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """Output-sharded linear; gathers the sequence first when sequence parallel."""
+
+    def __init__(self, input_size, output_size, *, mp_config, init_method, bias, tp_group,
+                 sequence_parallel, skip_weight_param_allocation=False):
+        super().__init__(
+            input_size, output_size, config=mp_config, init_method=init_method, bias=bias,
+            gather_output=False, skip_weight_param_allocation=skip_weight_param_allocation,
+            disable_grad_reduce=sequence_parallel and tp_group.size() > 1, tp_group=tp_group,
+        )
+        self.sp = sequence_parallel and tp_group.size() > 1
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.sp:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)
+        out, _ = super().forward(x, weight=weight)
+        return out
+
+
+class RowLinear(RowParallelLinear):
+    """Input-sharded linear; reduce-scatters over the sequence when sequence parallel."""
+
+    def __init__(self, input_size, output_size, *, mp_config, init_method, bias, tp_group,
+                 sequence_parallel):
+        super().__init__(
+            input_size, output_size, config=mp_config, init_method=init_method, bias=bias,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+        self.sp = sequence_parallel and tp_group.size() > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.sp:
+            out = reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
+        elif self.tp_group.size() > 1:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class Embedding(VocabParallelEmbedding):
+    """Vocab-sharded embedding: ids (b, s) -> [s, b, h] (s / tp of it under SP)."""
+
+    def __init__(self, vocab_size, hidden_size, *, mp_config, init_method, tp_group,
+                 sequence_parallel):
+        super().__init__(
+            vocab_size, hidden_size, init_method=init_method, reduce_scatter_embeddings=False,
+            config=mp_config, tp_group=tp_group,
+        )
+        self.sp = sequence_parallel and tp_group.size() > 1
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids).transpose(0, 1).contiguous()
+        if self.sp:
+            out = scatter_to_sequence_parallel_region(out, self.tp_group)
+        return out
+
+
+class SelfAttention(torch.nn.Module):
+    """GQA self-attention. The fused QKV weight is grouped per KV head:
+    [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...], so a contiguous tp
+    shard holds whole groups."""
+
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
+                 attention_fn: AttentionFn):
+        super().__init__()
+        tp = tp_group.size()
+        self.head_dim = cfg.head_dim
+        self.groups_local = cfg.num_query_groups // tp
+        self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
+        self.softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.attention_fn = attention_fn
+        qkv_size = cfg.query_projection_size + 2 * cfg.kv_projection_size
+        init = normal_init(cfg.init_method_std)
+        out_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
+        self.linear_qkv = ColumnLinear(
+            cfg.hidden_size, qkv_size, mp_config=mp_config, init_method=init,
+            bias=cfg.add_qkv_bias, tp_group=tp_group, sequence_parallel=sequence_parallel,
+        )
+        self.linear_proj = RowLinear(
+            cfg.query_projection_size, cfg.hidden_size, mp_config=mp_config, init_method=out_init,
+            bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
+        )
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+        qkv = self.linear_qkv(x)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.head_dim)
+        k = qkv[:, :, :, self.heads_per_group]
+        v = qkv[:, :, :, self.heads_per_group + 1]
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out = self.attention_fn(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True,
+            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )
+        out = out.transpose(0, 1).reshape(s, b, -1)
+        return self.linear_proj(out)
+
+
+class SwiGLUMLP(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up fused in one column-parallel weight whose
+    per-rank shard is [gate_shard; up_shard]."""
+
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool):
+        super().__init__()
+        init = normal_init(cfg.init_method_std)
+        out_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
+        self.linear_fc1 = ColumnLinear(
+            cfg.hidden_size, 2 * cfg.ffn_hidden_size, mp_config=mp_config, init_method=init,
+            bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
+        )
+        self.linear_fc2 = RowLinear(
+            cfg.ffn_hidden_size, cfg.hidden_size, mp_config=mp_config, init_method=out_init,
+            bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
+        )
+
+    def forward(self, x):
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class TransformerLayer(torch.nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
+                 attention_fn: AttentionFn):
+        super().__init__()
+        dtype = mp_config.params_dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
+        self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
+        self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.pre_mlp_layernorm(x))

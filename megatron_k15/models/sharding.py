@@ -1,0 +1,137 @@
+"""How the model's parameters split across tensor- and pipeline-parallel ranks.
+
+The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
+(``layers.{i}.…``). Each tp rank's shard of a parameter follows from one rule per name:
+
+    embedding.weight, output_layer.weight, linear_qkv.*   rows split in tp contiguous chunks
+    linear_fc1.weight                                     [gate; up]: each rank gets [gate_r; up_r]
+    linear_proj.weight, linear_fc2.weight                 columns split in tp chunks
+    norms                                                 replicated
+
+Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
+the last the final norm and the output layer. Checkpoint conversion and resharding use only
+``split_for_rank`` and ``merge_shards``, so any (tp, pp) layout reshards to any other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def shard_rule(name: str) -> tuple[Optional[int], int]:
+    """(dim split across tp or None if replicated, number of fused parts interleaved)."""
+    if name.endswith("linear_fc1.weight"):
+        return 0, 2
+    if name in ("embedding.weight", "output_layer.weight") or ".linear_qkv." in name:
+        return 0, 1
+    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+        return 1, 1
+    return None, 1
+
+
+def split_tensor(t: torch.Tensor, name: str, tp_size: int, tp_rank: int) -> torch.Tensor:
+    dim, parts = shard_rule(name)
+    if dim is None or tp_size == 1:
+        return t
+    if t.shape[dim] % (tp_size * parts):
+        raise ValueError(f"{name}: dim {dim} of size {t.shape[dim]} does not split into {tp_size} tp shards")
+    pieces = [p.chunk(tp_size, dim=dim)[tp_rank] for p in t.chunk(parts, dim=dim)]
+    return torch.cat(pieces, dim=dim).contiguous()
+
+
+def merge_tensor(shards: list[torch.Tensor], name: str) -> torch.Tensor:
+    dim, parts = shard_rule(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    per_part = [s.chunk(parts, dim=dim) for s in shards]
+    return torch.cat([torch.cat([p[i] for p in per_part], dim=dim) for i in range(parts)], dim=dim)
+
+
+def pipeline_layer_ranges(num_layers: int, pp_size: int,
+                          first_stage_layers: Optional[int] = None,
+                          last_stage_layers: Optional[int] = None) -> list[range]:
+    """Global layer numbers owned by each pipeline stage (even split unless told otherwise)."""
+    if pp_size == 1:
+        return [range(num_layers)]
+    first = first_stage_layers
+    last = last_stage_layers
+    middle_stages = pp_size - (first is not None) - (last is not None)
+    remaining = num_layers - (first or 0) - (last or 0)
+    if remaining < 0 or (middle_stages == 0 and remaining != 0) or (
+        middle_stages > 0 and remaining < middle_stages
+    ):
+        raise ValueError(
+            f"cannot split {num_layers} layers into {pp_size} pipeline stages with "
+            f"first={first} last={last} layers; every stage needs at least one layer"
+        )
+    sizes = []
+    if middle_stages:
+        base, extra = divmod(remaining, middle_stages)
+        sizes = [base + (1 if i < extra else 0) for i in range(middle_stages)]
+    if first is not None:
+        sizes.insert(0, first)
+    if last is not None:
+        sizes.append(last)
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def stage_owns(name: str, pp_rank: int, pp_size: int, layers: range, tied: bool) -> bool:
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1)) in layers
+    if name == "embedding.weight":
+        return pp_rank == 0 or (tied and pp_rank == pp_size - 1)
+    if name in ("final_layernorm.weight", "output_layer.weight"):
+        return pp_rank == pp_size - 1
+    raise KeyError(f"unknown parameter name {name!r}")
+
+
+VOCAB_PARAMS = ("embedding.weight", "output_layer.weight")
+
+
+def pad_vocab(t: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """Append zero rows up to the padded vocabulary (the model masks their logits to -inf)."""
+    if t.shape[0] == padded_size:
+        return t
+    return torch.cat([t, t.new_zeros((padded_size - t.shape[0],) + tuple(t.shape[1:]))], dim=0)
+
+
+def split_for_rank(full: dict[str, torch.Tensor], tp_size: int, tp_rank: int, pp_size: int,
+                   pp_rank: int, num_layers: int, tied: bool, padded_vocab_size: int,
+                   layer_ranges: Optional[list[range]] = None) -> dict[str, torch.Tensor]:
+    """The parameters one (tp_rank, pp_rank) holds, from the full (unpadded) state dict."""
+    ranges = layer_ranges or pipeline_layer_ranges(num_layers, pp_size)
+    out = {}
+    for name, tensor in full.items():
+        if stage_owns(name, pp_rank, pp_size, ranges[pp_rank], tied):
+            if name in VOCAB_PARAMS:
+                tensor = pad_vocab(tensor, padded_vocab_size)
+            out[name] = split_tensor(tensor, name, tp_size, tp_rank)
+    return out
+
+
+def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]],
+                 vocab_size: int) -> dict[str, torch.Tensor]:
+    """Inverse of ``split_for_rank``: {(tp_rank, pp_rank): state} -> the full state dict with
+    the vocabulary padding removed."""
+    tp_size = 1 + max(t for t, _ in shards)
+    pp_size = 1 + max(p for _, p in shards)
+    full: dict[str, torch.Tensor] = {}
+    for pp_rank in range(pp_size):
+        names = list(shards[(0, pp_rank)])
+        for name in names:
+            if name in full:  # tied embedding also held by the last stage
+                continue
+            full[name] = merge_tensor([shards[(t, pp_rank)][name] for t in range(tp_size)], name)
+            if name in VOCAB_PARAMS:
+                full[name] = full[name][:vocab_size].contiguous()
+    return full

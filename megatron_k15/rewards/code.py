@@ -1,0 +1,626 @@
+"""Verifiable reward for code: run a Python program against stdin/stdout tests in a sandbox.
+
+``run_tests(program, tests, timeout_s)`` runs the program once per test with ``test["input"]``
+on stdin and compares its stdout with ``test["output"]`` (trailing spaces on each line and
+trailing blank lines ignored).
+
+Process layout::
+
+    caller (this process)
+      └─ supervisor  (python -I -S, own session; runs every test of one call, reports JSON lines)
+           └─ sandboxed program, one per test (own session; limits applied before exec)
+
+The program's parent is the supervisor, never the caller, so ``os.kill(os.getppid(), 9)`` can
+at worst end the supervisor; the caller then reports status "error" and carries on.
+
+What is enforced where (see ``sandbox_report()`` for what this machine allows):
+
+OS level, always (POSIX):
+  - RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file size),
+    RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0 (no new processes or threads: effective for a
+    non-root uid, so in particular after the uid drop below);
+  - own session/process group, SIGKILLed as a whole at the end of each test, and
+    PR_SET_PDEATHSIG so it dies with the supervisor;
+  - wall-clock limit and an output cap enforced by the supervisor (the child is killed);
+  - an empty environment (``env={}``) and ``python -I -S`` (no user site, no PYTHON* vars);
+  - a fresh temporary directory per test as cwd.
+OS level, when the caller is root (as on our machines and CI):
+  - a private network namespace (``unshare(CLONE_NEWNET)``): no interface but a down
+    loopback, so no connection can be made anywhere, including 127.0.0.1;
+  - a private mount namespace in which /tmp, /var/tmp, /dev/shm and /run/lock are fresh
+    tmpfs (discarded afterwards) and the directory holding the interpreter is made
+    reachable by bind mounts;
+  - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
+    supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
+  As a non-root user the network namespace is attempted through a user namespace.
+Python level (best effort, bypassable by a determined program; defence in depth only):
+  - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
+  - importing socket, ssl, subprocess, multiprocessing, ctypes, pty raises ImportError;
+  - open()/os.open() for writing, and remove/rename/mkdir..., are refused outside the cwd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+__all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "sandbox_report"]
+
+DEFAULT_MEMORY_MB = 1024
+DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
+DEFAULT_FILE_SIZE_LIMIT = 16 << 20
+NOBODY = 65534
+
+# ----------------------------------------------------------------------------------------
+# Program run inside the sandbox before the user's code (Python-level guards).
+
+_BOOTSTRAP = r'''
+import sys, os, posix, builtins, io
+
+def _deny(*a, **k):
+    raise PermissionError("operation not permitted in the sandbox")
+
+for _m in (os, posix):
+    for _n in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl",
+               "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl",
+               "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn",
+               "posix_spawnp", "kill", "killpg", "setsid", "setpgid", "setuid", "setgid",
+               "setreuid", "setregid", "chroot", "chdir", "fchdir", "unshare", "setns",
+               "pidfd_open", "register_at_fork", "link", "symlink", "mkfifo", "mknod"):
+        if hasattr(_m, _n):
+            setattr(_m, _n, _deny)
+
+_BLOCKED = {"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess",
+            "multiprocessing", "_multiprocessing", "ctypes", "_ctypes", "pty", "pwd"}
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _BLOCKED:
+            raise ImportError("import of %r is not allowed in the sandbox" % name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+
+_ROOT = os.path.realpath(os.getcwd())
+_real_open = io.open
+_real_os_open = os.open
+
+def _inside(path):
+    try:
+        p = os.path.realpath(os.fsdecode(path))
+    except Exception:
+        return False
+    return p == _ROOT or p.startswith(_ROOT + os.sep)
+
+def _guard(path):
+    if not isinstance(path, int) and not _inside(path):
+        raise PermissionError("writing outside the sandbox directory is not allowed: %r" % (path,))
+
+def _open(file, mode="r", *args, **kwargs):
+    if any(c in mode for c in "wax+"):
+        _guard(file)
+    return _real_open(file, mode, *args, **kwargs)
+
+_WFLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+def _os_open(path, flags, *args, **kwargs):
+    if flags & _WFLAGS:
+        _guard(path)
+    return _real_os_open(path, flags, *args, **kwargs)
+
+builtins.open = io.open = _open
+os.open = _os_open
+
+def _wrap_path_fn(fn, nargs):
+    def wrapped(*args, **kwargs):
+        for p in args[:nargs]:
+            _guard(p)
+        return fn(*args, **kwargs)
+    return wrapped
+
+for _n, _k in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("makedirs", 1),
+               ("rename", 2), ("replace", 2), ("truncate", 1), ("chmod", 1), ("chown", 1),
+               ("utime", 1), ("removedirs", 1), ("renames", 2)):
+    if hasattr(os, _n):
+        setattr(os, _n, _wrap_path_fn(getattr(os, _n), _k))
+
+_prog = sys.argv[1]
+with _real_open(_prog, "rb") as _f:
+    _src = _f.read()
+sys.argv = ["solution.py"]
+sys.path = [p for p in sys.path if p and not p.startswith(os.path.dirname(_prog))]
+_code = compile(_src, "solution.py", "exec")
+del _f, _src, _m, _n, _k
+exec(_code, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"})
+'''
+
+# ----------------------------------------------------------------------------------------
+# Supervisor: forks one sandboxed child per test and reports a JSON line per test.
+
+_SUPERVISOR = r'''
+import json, os, select, signal, sys, time, resource
+
+RUN = sys.argv[1]
+with open(os.path.join(RUN, "config.json")) as f:
+    CFG = json.load(f)
+
+try:
+    import ctypes
+    LIBC = ctypes.CDLL(None, use_errno=True)
+except Exception:
+    LIBC = None
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+
+
+def _c(fn, *args):
+    if LIBC is None:
+        return False
+    args = [a.encode() if isinstance(a, str) else a for a in args]
+    return getattr(LIBC, fn)(*args) == 0
+
+
+def _mount(src, dst, fstype, flags, data):
+    if LIBC is None:
+        return False
+    enc = lambda s: None if s is None else s.encode()
+    return LIBC.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
+
+
+def isolate_fs():
+    """In a private mount namespace: fresh tmpfs over world-writable dirs, the run dir
+    and the interpreter re-attached with bind mounts. Returns True on success."""
+    if not _c("unshare", CLONE_NEWNS):
+        return False
+    if not _mount(None, "/", None, MS_REC | MS_PRIVATE, None):
+        return False
+    # 1. the interpreter: overmount its first non-traversable ancestor (e.g. /root, 0700)
+    #    with an empty tmpfs and re-bind just the path to the interpreter
+    prefix = CFG["python_prefix"]
+    parts = prefix.strip("/").split("/")
+    blocked = None
+    for i in range(1, len(parts)):
+        d = "/" + "/".join(parts[:i])
+        if not (os.stat(d).st_mode & 0o001):
+            blocked = i
+            break
+    if blocked is not None:
+        anc = "/" + "/".join(parts[:blocked])
+        child = anc.rstrip("/") + "/" + parts[blocked]
+        for j in range(blocked + 1, len(parts)):
+            if not (os.stat("/" + "/".join(parts[:j + 1])).st_mode & 0o001):
+                return False
+        fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
+        if not _mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755"):
+            return False
+        os.mkdir(child, 0o755)
+        if not _mount("/proc/self/fd/%d" % fd, child, None, MS_BIND | MS_REC, None):
+            return False
+        os.close(fd)
+    # 2. world-writable directories become private throwaway tmpfs; the run dir (usually in
+    #    /tmp) is re-attached at the same path
+    run_fd = os.open(RUN, os.O_RDONLY | os.O_DIRECTORY)
+    for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
+        if os.path.isdir(d) and not os.path.islink(d):
+            if not _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777"):
+                return False
+    if not os.path.isdir(RUN):
+        os.makedirs(RUN, 0o755)
+        if not _mount("/proc/self/fd/%d" % run_fd, RUN, None, MS_BIND | MS_REC, None):
+            return False
+    os.close(run_fd)
+    return True
+
+
+def child(i, inp_fd, out_w, err_w, work):
+    os.dup2(inp_fd, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.setsid()
+    if LIBC is not None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    root = os.geteuid() == 0
+    netns = False
+    if CFG["isolate_network"]:
+        netns = _c("unshare", CLONE_NEWNET)
+        if not netns and not root:
+            netns = _c("unshare", CLONE_NEWUSER | CLONE_NEWNET)
+    if CFG["require_network_isolation"] and not netns:
+        os.write(2, b"SANDBOX: network namespace unavailable\n")
+        os._exit(126)
+    fs_iso = root and CFG["isolate_fs"] and isolate_fs()
+    drop = root and CFG["drop_privileges"] and fs_iso
+    os.chdir(work)
+    cpu = int(CFG["timeout_s"]) + 1
+    mem = CFG["memory_mb"] << 20
+    limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
+              (resource.RLIMIT_FSIZE, (CFG["file_size_limit"],) * 2),
+              (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0))]
+    for res, lim in limits:
+        try:
+            resource.setrlimit(res, lim)
+        except (ValueError, OSError):
+            pass
+    if drop:
+        os.setgroups([])
+        os.setgid(CFG["uid"])
+        os.setuid(CFG["uid"])
+    if LIBC is not None:
+        LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    try:  # after the uid drop, so that execve itself is not refused
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    except (ValueError, OSError):
+        pass
+    os.closerange(3, 1 << 16)
+    exe = CFG["python"]
+    argv = [exe, "-I", "-S", "-B"]
+    if CFG["python_guards"]:
+        argv.append(os.path.join(RUN, "bootstrap.py"))
+    os.execve(exe, argv + [os.path.join(RUN, "program.py")], {})
+
+
+def run_one(i):
+    work = os.path.join(RUN, "t%d" % i)
+    os.mkdir(work, 0o700)
+    if os.geteuid() == 0 and CFG["drop_privileges"]:
+        os.chown(work, CFG["uid"], CFG["uid"])
+    inp_fd = os.open(os.path.join(RUN, "in%d" % i), os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(i, inp_fd, out_w, err_w, work)
+        except BaseException as e:
+            try:
+                os.write(err_w, ("SANDBOX: setup failed: %r\n" % (e,)).encode())
+            finally:
+                os._exit(126)
+        os._exit(126)
+    for fd in (inp_fd, out_w, err_w):
+        os.close(fd)
+    deadline = t0 + CFG["timeout_s"]
+    out, err = bytearray(), bytearray()
+    cap = CFG["output_limit"]
+    reason = None
+    open_fds = {out_r, err_r}
+    status = None
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            reason = "timeout"
+            break
+        if open_fds:
+            r, _, _ = select.select(list(open_fds), [], [], min(0.05, deadline - now))
+            for fd in r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    open_fds.discard(fd)
+                elif fd == out_r:
+                    out += chunk
+                    if len(out) > cap:
+                        reason = "output_limit"
+                else:
+                    if len(err) < 65536:
+                        err += chunk
+            if reason:
+                break
+        wpid, st = os.waitpid(pid, os.WNOHANG)
+        if wpid:
+            status = st
+            # drain what is left in the pipes without blocking
+            for fd in list(open_fds):
+                while True:
+                    r, _, _ = select.select([fd], [], [], 0)
+                    if not r:
+                        break
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    if fd == out_r:
+                        out += chunk
+                        if len(out) > cap:
+                            reason = "output_limit"
+                            break
+                    elif len(err) < 65536:
+                        err += chunk
+            break
+        if not open_fds:
+            time.sleep(0.005)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if status is None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(pid, 0)
+    elapsed = time.monotonic() - t0
+    os.close(out_r)
+    os.close(err_r)
+    code = os.waitstatus_to_exitcode(status)
+    err_text = err.decode("utf-8", "replace")
+    if reason is None:
+        if code < 0 and -code in (signal.SIGXCPU, signal.SIGKILL):
+            reason = "timeout"
+        elif "MemoryError" in err_text or "Cannot allocate memory" in err_text:
+            reason = "memory"
+        elif code == 126 and err_text.startswith("SANDBOX:"):
+            reason = "sandbox_error"
+        elif code != 0:
+            reason = "error"
+    return {
+        "status": reason or "done",
+        "exit_code": code,
+        "time_s": round(elapsed, 4),
+        "stdout": out[:cap].decode("utf-8", "replace"),
+        "stderr": err_text[-2000:],
+    }
+
+
+def main():
+    for i in range(len(CFG["tests"])):
+        res = run_one(i)
+        sys.stdout.write(json.dumps(res) + "\n")
+        sys.stdout.flush()
+        if CFG["stop_on_failure"] and res["status"] != "done":
+            break
+
+
+main()
+'''
+
+
+# ----------------------------------------------------------------------------------------
+# Caller side
+
+
+def normalize_output(text: str) -> str:
+    """Strip trailing whitespace on each line and trailing blank lines; unify newlines."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [ln.rstrip() for ln in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines)
+
+
+def _python_prefix() -> str:
+    exe = os.path.realpath(sys.executable)
+    base = os.path.realpath(sys.base_prefix)
+    return base if exe.startswith(base + os.sep) else os.path.dirname(os.path.dirname(exe))
+
+
+def _valid_tests(tests: Any) -> bool:
+    if not isinstance(tests, list) or not tests:
+        return False
+    for t in tests:
+        if not isinstance(t, dict) or not isinstance(t.get("input", ""), str):
+            return False
+        if not isinstance(t.get("output"), str):
+            return False
+    return True
+
+
+def run_tests(
+    program: str,
+    tests: list[dict],
+    timeout_s: float,
+    *,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    output_limit: int = DEFAULT_OUTPUT_LIMIT,
+    file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+    stop_on_failure: bool = False,
+    isolate_network: bool = True,
+    require_network_isolation: bool = False,
+    isolate_fs: bool = True,
+    drop_privileges: bool = True,
+    keep_output: bool = False,
+    python_guards: bool = True,
+) -> dict:
+    """Run ``program`` on each test; returns ``{"passed", "total", "status", "results"}``.
+
+    ``timeout_s`` is the wall-clock limit per test (CPU limit: ``int(timeout_s) + 1`` s).
+    ``status``: "ok" (all pass), "failed" (some wrong answer), or the first non-answer
+    problem among "timeout", "memory", "output_limit", "error" (runtime error, crash or a
+    killed supervisor), "invalid" (malformed program/tests). Never raises.
+    """
+    if not isinstance(program, str) or not _valid_tests(tests):
+        total = len(tests) if isinstance(tests, list) else 0
+        return {"passed": 0, "total": total, "status": "invalid", "results": []}
+    total = len(tests)
+    timeout_s = float(timeout_s)
+    results: list[dict] = []
+    sup = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="k15sbx-") as run_dir:
+            os.chmod(run_dir, 0o755)
+            prefix = _python_prefix()
+            cfg = {
+                "tests": [{} for _ in tests],
+                "timeout_s": timeout_s,
+                "memory_mb": int(memory_mb),
+                "output_limit": int(output_limit),
+                "file_size_limit": int(file_size_limit),
+                "stop_on_failure": bool(stop_on_failure),
+                "isolate_network": bool(isolate_network),
+                "require_network_isolation": bool(require_network_isolation),
+                "isolate_fs": bool(isolate_fs),
+                "drop_privileges": bool(drop_privileges),
+                "python_guards": bool(python_guards),
+                "uid": NOBODY,
+                "python": os.path.realpath(sys.executable),
+                "python_prefix": prefix,
+            }
+            files = {"config.json": json.dumps(cfg), "bootstrap.py": _BOOTSTRAP,
+                     "supervisor.py": _SUPERVISOR, "program.py": program}
+            for name, text in files.items():
+                path = os.path.join(run_dir, name)
+                with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+                    f.write(text)
+                os.chmod(path, 0o600 if name in ("config.json", "supervisor.py") else 0o644)
+            for i, t in enumerate(tests):
+                path = os.path.join(run_dir, f"in{i}")
+                with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
+                    f.write(t.get("input", ""))
+                os.chmod(path, 0o600)
+            budget = total * (timeout_s + 2.0) + 10.0
+            with tempfile.TemporaryFile() as errf:
+                sup = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-B", os.path.join(run_dir, "supervisor.py"),
+                     run_dir],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
+                    cwd=run_dir, env={}, start_new_session=True,
+                )
+                try:
+                    results = _collect(sup, tests, time.monotonic() + budget, stop_on_failure)
+                finally:
+                    _killpg(sup.pid)
+                    sup.stdout.close()
+                    sup.wait()
+                errf.seek(0)
+                sup_err = errf.read()[-2000:].decode("utf-8", "replace")
+            stopped = stop_on_failure and results and results[-1]["status"] != "ok"
+            sup_failed = len(results) < total and not stopped
+    except Exception as e:  # noqa: BLE001 - the reward never raises
+        return {"passed": 0, "total": total, "status": "error", "results": results,
+                "error": f"{type(e).__name__}: {e}"}
+    finally:
+        if sup is not None and sup.poll() is None:
+            _killpg(sup.pid)
+
+    passed = 0
+    first_problem = None
+    for r in results:
+        passed += r["status"] == "ok"
+        if not keep_output:
+            r.pop("stdout", None)
+        if r["status"] not in ("ok", "failed") and first_problem is None:
+            first_problem = r["status"]
+    if sup_failed and len(results) < total:
+        first_problem = first_problem or "error"
+    if passed == total:
+        status = "ok"
+    elif first_problem is not None:
+        status = first_problem
+    else:
+        status = "failed"
+    out = {"passed": passed, "total": total, "status": status, "results": results}
+    if sup_failed and sup_err:
+        out["supervisor_stderr"] = sup_err
+    return out
+
+
+def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_failure: bool):
+    """Read the supervisor's JSON lines as they come, judging each test's output."""
+    import select
+
+    results: list[dict] = []
+    fd = sup.stdout.fileno()
+    buf = b""
+    while len(results) < len(tests):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf and len(results) < len(tests):
+            line, buf = buf.split(b"\n", 1)
+            try:
+                r = json.loads(line)
+            except ValueError:
+                return results
+            t = tests[len(results)]
+            if r.get("status") == "done":
+                same = normalize_output(r.get("stdout", "")) == normalize_output(t["output"])
+                r["status"] = "ok" if same else "failed"
+            elif r.get("status") == "sandbox_error":
+                r["status"] = "error"
+            results.append(r)
+            if stop_on_failure and r["status"] != "ok":
+                return results
+    return results
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# Reward adapter
+
+_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_ANY_FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(response: str) -> str:
+    """The last ```python fenced block of a response (else the last fenced block, else all)."""
+    if not isinstance(response, str):
+        return ""
+    blocks = _FENCE_RE.findall(response) or _ANY_FENCE_RE.findall(response)
+    return blocks[-1] if blocks else response
+
+
+def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
+                partial_credit: bool = False) -> float:
+    """1.0 when the program in ``response`` passes all of ``record["tests"]`` (else 0.0);
+    with ``partial_credit`` the fraction of tests passed."""
+    try:
+        tests = record.get("tests") if isinstance(record, dict) else None
+        program = extract_program(response)
+        if not program.strip() or not tests:
+            return 0.0
+        res = run_tests(program, tests, record.get("timeout_s", timeout_s),
+                        stop_on_failure=not partial_credit)
+        if res["total"] == 0:
+            return 0.0
+        if partial_credit:
+            return res["passed"] / res["total"]
+        return 1.0 if res["status"] == "ok" else 0.0
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def sandbox_report() -> dict:
+    """What the sandbox enforces on this machine, probed with a tiny program run without the
+    Python-level guards: the uid it runs as, whether it has a private network namespace
+    (only ``lo`` visible), and whether /tmp is a private tmpfs."""
+    marker = f"k15-probe-{os.getpid()}-{time.monotonic_ns()}"
+    probe = (
+        "import os\n"
+        "print(os.getuid())\n"
+        "devs = [l.split(':')[0].strip() for l in open('/proc/self/net/dev').read().splitlines()[2:]]\n"
+        "print(int(devs == ['lo']))\n"
+        f"print(int(not os.path.exists('/tmp/{marker}')))\n"
+    )
+    with open(os.path.join(tempfile.gettempdir(), marker), "w"):
+        pass
+    try:
+        res = run_tests(probe, [{"input": "", "output": ""}], 5.0, keep_output=True,
+                        python_guards=False)
+    finally:
+        os.remove(os.path.join(tempfile.gettempdir(), marker))
+    lines = (res["results"][0].get("stdout", "") if res["results"] else "").split()
+    if len(lines) != 3:
+        return {"working": False, "detail": res}
+    return {"working": True, "uid": int(lines[0]), "private_network": lines[1] == "1",
+            "private_tmp": lines[2] == "1"}

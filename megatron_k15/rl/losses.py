@@ -1,0 +1,309 @@
+"""Policy losses for RL: Kimi k1.5 online mirror descent (OMD), GRPO and PPO-clip.
+
+All losses take per-token log-probs of the sampled responses under the current policy
+(``logp``, differentiable) and under the policy that generated them at the start of the
+iteration (``old_logp``, treated as a constant), both (B, T), a (B, T) loss ``mask``
+(1 for response tokens that are trained on), per-sample ``rewards`` (B,) and ``group_ids``
+(B,), the prompt each sample answers (any integers; they need not be contiguous).
+
+OMD (DESIGN.md section 3), with S_j = sum_t mask_jt * logp_jt (sequence log-prob):
+
+    L = mean_j [ -(r_j - r_bar_j) * S_j + (tau / 2) * (S_j - S_old_j)^2 ]
+
+where r_bar_j is the mean reward of j's group (``exact_logz=True``: the soft maximum
+``tau * log(mean_group exp(r / tau))``, i.e. tau log Z). Its gradient is
+``dL/dlogp_jt = mask_jt * (-(r_j - r_bar_j) + tau * (S_j - S_old_j)) / B``.
+
+Distributed training
+--------------------
+Each loss sees only the local micro-batch. Two ways to stay exact under data parallelism
+and gradient accumulation:
+
+* keep all k samples of a prompt in the same micro-batch (never split a group across dp
+  ranks or micro-batches), so the group statistics computed here are the full ones; or
+* compute the group baseline / advantages once on the full batch (``group_baseline`` /
+  ``group_normalized_advantages``), pass them in (``baseline=`` / ``advantages=``), and call
+  the loss with ``reduction="sum"``; the trainer then divides by the global number of
+  samples (OMD) or masked tokens (GRPO/PPO) after summing over micro-batches and ranks.
+  ``reduction="mean"`` divides by the local count, which is only right when every
+  micro-batch has the same count.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "group_index",
+    "group_mean",
+    "group_std",
+    "group_logmeanexp",
+    "group_baseline",
+    "group_normalized_advantages",
+    "sequence_logprob",
+    "omd_loss",
+    "grpo_loss",
+    "ppo_loss",
+    "get_loss_fn",
+    "LOSSES",
+]
+
+
+# ----------------------------------------------------------------------------- group helpers
+def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Map arbitrary integer group ids to contiguous indices 0..G-1; returns (index (B,), G)."""
+    group_ids = torch.as_tensor(group_ids)
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    return inv, int(uniq.numel())
+
+
+def _group_sum(values: torch.Tensor, idx: torch.Tensor, n_groups: int) -> torch.Tensor:
+    out = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    return out.index_add(0, idx, values)
+
+
+def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``values`` (B,) over the sample's group; returns (B,)."""
+    values = torch.as_tensor(values)
+    idx, g = group_index(torch.as_tensor(group_ids, device=values.device))
+    vals = values.to(torch.promote_types(values.dtype, torch.float32))
+    sums = _group_sum(vals, idx, g)
+    counts = _group_sum(torch.ones_like(vals), idx, g)
+    return (sums / counts)[idx]
+
+
+def group_std(values: torch.Tensor, group_ids: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Per-sample standard deviation over the sample's group (population std by default,
+    so singleton groups give 0 rather than NaN); returns (B,)."""
+    values = torch.as_tensor(values)
+    idx, g = group_index(torch.as_tensor(group_ids, device=values.device))
+    vals = values.to(torch.promote_types(values.dtype, torch.float32))
+    counts = _group_sum(torch.ones_like(vals), idx, g)
+    mean = _group_sum(vals, idx, g) / counts
+    sq = _group_sum((vals - mean[idx]) ** 2, idx, g)
+    denom = (counts - 1).clamp(min=1) if unbiased else counts
+    return (sq / denom).sqrt()[idx]
+
+
+def group_logmeanexp(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``log(mean_group exp(values))``, computed stably (group max subtracted)."""
+    values = torch.as_tensor(values)
+    idx, g = group_index(torch.as_tensor(group_ids, device=values.device))
+    vals = values.to(torch.promote_types(values.dtype, torch.float32))
+    gmax = torch.full((g,), -math.inf, dtype=vals.dtype, device=vals.device)
+    gmax = gmax.scatter_reduce(0, idx, vals, reduce="amax", include_self=True)
+    sumexp = _group_sum(torch.exp(vals - gmax[idx]), idx, g)
+    counts = _group_sum(torch.ones_like(vals), idx, g)
+    return (gmax + torch.log(sumexp / counts))[idx]
+
+
+def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, tau: float = 1.0,
+                   exact_logz: bool = False) -> torch.Tensor:
+    """OMD baseline per sample: group mean reward, or ``tau * log mean exp(r / tau)``."""
+    rewards = torch.as_tensor(rewards)
+    if exact_logz:
+        if tau <= 0:
+            raise ValueError(f"exact_logz needs tau > 0, got {tau}")
+        return tau * group_logmeanexp(rewards / tau, group_ids)
+    return group_mean(rewards, group_ids)
+
+
+def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
+                                eps: float = 1e-6, unbiased_std: bool = False) -> torch.Tensor:
+    """GRPO advantages ``(r - mean_group) / (std_group + eps)`` per sample (B,)."""
+    rewards = torch.as_tensor(rewards)
+    return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids, unbiased_std) + eps)
+
+
+def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor, normalize_by_tokens: bool = False) -> torch.Tensor:
+    """S_j = sum_t mask * logp (or its mean over masked tokens); (B, T) -> (B,)."""
+    mask = mask.to(logp.dtype)
+    s = (logp * mask).sum(-1)
+    if normalize_by_tokens:
+        s = s / mask.sum(-1).clamp(min=1.0)
+    return s
+
+
+def _check(logp, old_logp, mask):
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            f"logp, old_logp, mask must all be (B, T); got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+
+
+def _reduce(x: torch.Tensor, reduction: str, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "mean":
+        if count is None:
+            return x.mean()
+        return x.sum() / count
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- OMD (Kimi k1.5)
+def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+             group_ids: torch.Tensor, tau: float, normalize_by_tokens: bool = False,
+             exact_logz: bool = False, *, baseline: torch.Tensor | None = None,
+             reduction: str = "mean", return_metrics: bool = False):
+    """Kimi k1.5 online-mirror-descent surrogate (module docstring has the formula).
+
+    ``baseline`` (B,) overrides the in-batch group baseline (use it when a group is split
+    across micro-batches). ``reduction="sum"`` returns the sum over samples instead of the
+    mean. With ``return_metrics=True`` returns ``(loss, metrics)``, metrics being detached
+    scalars: ``kl_proxy`` mean (S - S_old)^2, ``advantage_mean``, ``advantage_abs_mean``,
+    ``logp_seq_mean`` (mean S), ``baseline_mean``, ``reward_mean``, ``policy_term``,
+    ``kl_term``.
+
+    DESIGN.md section 2 lists the argument order ``(logp, old_logp, rewards, mask, ...)``;
+    issue 7 (newer) says ``(logp, old_logp, mask, rewards, ...)``, which is what this takes.
+    A 1-D third and 2-D fourth positional argument are recognised as the older order.
+    """
+    if mask.dim() == 1 and torch.as_tensor(rewards).dim() == 2:  # DESIGN.md's (rewards, mask) order
+        mask, rewards = rewards, mask
+    _check(logp, old_logp, mask)
+    B = logp.shape[0]
+    rewards = torch.as_tensor(rewards, device=logp.device).to(torch.float32)
+    if rewards.shape != (B,):
+        raise ValueError(f"rewards must be (B,)={B}, got {tuple(rewards.shape)}")
+    group_ids = torch.as_tensor(group_ids, device=logp.device)
+
+    S = sequence_logprob(logp.float(), mask, normalize_by_tokens)
+    with torch.no_grad():
+        S_old = sequence_logprob(old_logp.detach().float(), mask, normalize_by_tokens)
+        if baseline is None:
+            baseline = group_baseline(rewards, group_ids, tau, exact_logz)
+        baseline = torch.as_tensor(baseline, device=logp.device, dtype=torch.float32)
+        adv = rewards - baseline
+    delta = S - S_old
+    policy = -adv * S
+    kl = 0.5 * tau * delta ** 2
+    loss = _reduce(policy + kl, reduction)
+    if not return_metrics:
+        return loss
+    with torch.no_grad():
+        metrics = {
+            "kl_proxy": (delta ** 2).mean().detach(),
+            "advantage_mean": adv.mean(),
+            "advantage_abs_mean": adv.abs().mean(),
+            "logp_seq_mean": S.detach().mean(),
+            "baseline_mean": baseline.mean(),
+            "reward_mean": rewards.mean(),
+            "policy_term": policy.detach().mean(),
+            "kl_term": kl.detach().mean(),
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- PPO-clip / GRPO
+def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps):
+    """Token-level PPO-clip objective terms (to be maximised) and its statistics."""
+    ratio = torch.exp(logp.float() - old_logp.detach().float())
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    surr = torch.minimum(ratio * adv_tok, clipped * adv_tok)
+    with torch.no_grad():
+        m = mask.bool()
+        n = m.sum().clamp(min=1)
+        was_clipped = ((ratio * adv_tok) > (clipped * adv_tok)) & m
+        stats = {
+            "ratio_mean": (ratio.detach() * m).sum() / n,
+            "clip_frac": was_clipped.sum().float() / n,
+            "kl_proxy": (((logp.detach().float() - old_logp.float()) ** 2) * m).sum() / n,
+        }
+    return surr, stats
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+             clip_eps: float = 0.2, *, reduction: str = "mean", return_metrics: bool = False):
+    """Token-level PPO-clip: ``-mean_{masked tokens} min(rho A, clip(rho, 1-eps, 1+eps) A)``,
+    rho = exp(logp - old_logp). ``advantages`` is (B,) (broadcast over tokens; for our
+    value-free setting r - r_bar) or (B, T). The mean is over all masked tokens of the batch
+    (``reduction="sum"``: their sum)."""
+    _check(logp, old_logp, mask)
+    adv = torch.as_tensor(advantages, device=logp.device).float()
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    if adv.shape != logp.shape:
+        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(adv.shape)}")
+    maskf = mask.float()
+    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv, clip_eps)
+    loss = _reduce(-surr * maskf, reduction, maskf.sum().clamp(min=1.0))
+    if not return_metrics:
+        return loss
+    stats["advantage_mean"] = adv[:, 0].mean() if adv.shape[1] else adv.new_zeros(())
+    return loss, stats
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+              group_ids: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0,
+              ref_logp: torch.Tensor | None = None, *, eps: float = 1e-6,
+              advantages: torch.Tensor | None = None, reduction: str = "mean",
+              return_metrics: bool = False):
+    """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
+    std within the group), token-level ratio clipping, averaged over all masked tokens of the
+    batch (DAPO-style token mean). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
+    exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (we keep no
+    separate reference model: the reference is the previous iteration's policy).
+    ``advantages`` (B,) overrides the in-batch advantages."""
+    _check(logp, old_logp, mask)
+    rewards = torch.as_tensor(rewards, device=logp.device).float()
+    if advantages is None:
+        advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
+    adv = torch.as_tensor(advantages, device=logp.device).float()
+    maskf = mask.float()
+    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv[:, None].expand_as(logp), clip_eps)
+    per_tok = -surr
+    if kl_coef:
+        ref = (old_logp if ref_logp is None else ref_logp).detach().float()
+        d = ref - logp.float()
+        k3 = torch.exp(d) - d - 1.0
+        per_tok = per_tok + kl_coef * k3
+        with torch.no_grad():
+            stats["kl_k3"] = (k3.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
+    loss = _reduce(per_tok * maskf, reduction, maskf.sum().clamp(min=1.0))
+    if not return_metrics:
+        return loss
+    stats["advantage_mean"] = adv.mean()
+    stats["advantage_abs_mean"] = adv.abs().mean()
+    stats["reward_mean"] = rewards.mean()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- registry
+def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2, *,
+                      advantages=None, baseline=None, reduction: str = "mean", return_metrics: bool = False):
+    """PPO-clip with value-free advantages r - r_bar (group mean) unless given."""
+    if advantages is None:
+        r = torch.as_tensor(rewards, device=logp.device).float()
+        if baseline is None:
+            baseline = group_mean(r, torch.as_tensor(group_ids, device=logp.device))
+        advantages = r - torch.as_tensor(baseline, device=logp.device).float()
+    return ppo_loss(logp, old_logp, mask, advantages, clip_eps, reduction=reduction,
+                    return_metrics=return_metrics)
+
+
+LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards}
+
+
+def get_loss_fn(name: str) -> Callable:
+    """Loss for ``--rl-loss {omd,grpo,ppo}`` with the uniform call signature
+    ``fn(logp, old_logp, mask, rewards, group_ids, **kwargs)``. Keyword arguments a loss does
+    not take are dropped, so the trainer can pass ``tau=, clip_eps=, kl_coef=, ...`` to any."""
+    try:
+        fn = LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown RL loss {name!r}; choose from {sorted(LOSSES)}") from None
+    params = inspect.signature(fn).parameters
+
+    def loss_fn(logp, old_logp, mask, rewards, group_ids, **kwargs):
+        kw = {k: v for k, v in kwargs.items() if k in params}
+        return fn(logp, old_logp, mask, rewards, group_ids, **kw)
+
+    loss_fn.__name__ = f"{name}_loss"
+    loss_fn.__doc__ = fn.__doc__
+    return loss_fn

@@ -1,0 +1,264 @@
+"""Prompt samplers for RL iterations: uniform, curriculum (easy to hard) and prioritised.
+
+Every sampler draws ``sample(n, iteration) -> list[int]`` (indices into the prompt records)
+from a ``numpy.random.Generator`` seeded once; ``state_dict()`` captures the generator state
+plus everything else that influences future draws (plain Python types: picklable and
+JSON-serialisable), so ``load_state_dict`` on a fresh sampler built with the same records
+continues exactly where the saved one stopped. ``update(prompt_ids, successes)`` feeds back
+per-sample correctness (a no-op except for the prioritised sampler).
+
+* ``UniformSampler``: epochs of random permutations; each prompt is seen once per epoch.
+* ``CurriculumSampler``: before ``switch_iter`` only the easy pool is used: prompts with
+  ``difficulty <= threshold`` if a threshold is given, else the ``easy_fraction`` easiest
+  prompts (ties broken by index). From ``switch_iter`` on, ``after="all"`` (default) samples
+  from every prompt, ``after="hard"`` only from the prompts outside the easy pool. Within a
+  pool, sampling is by epochs of permutations as in the uniform sampler (restarted when the
+  pool changes).
+* ``PrioritizedSampler``: prompt i is drawn with probability proportional to
+  ``(1 - s_i) + floor``, s_i its tracked success rate: an exponential moving average
+  ``s <- (1 - alpha) s + alpha * mean(successes in this update)`` (``alpha`` given) or the
+  running mean of all its outcomes (``alpha=None``). Prompts never attempted start at
+  ``initial_success``. n <= #prompts are drawn without replacement.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["PromptSampler", "UniformSampler", "CurriculumSampler", "PrioritizedSampler",
+           "build_sampler", "SAMPLERS"]
+
+
+def _difficulties(records) -> list[float]:
+    if isinstance(records, int):
+        return [0.0] * records
+    out = []
+    for r in records:
+        d = r.get("difficulty", 0.0) if isinstance(r, dict) else getattr(r, "difficulty", 0.0)
+        out.append(float(d if d is not None else 0.0))
+    return out
+
+
+class PromptSampler:
+    """Base class: ``records`` is a sequence of prompt records (dicts with an optional
+    ``difficulty``) or just the number of prompts."""
+
+    name = "base"
+
+    def __init__(self, records, seed: int = 0):
+        self.difficulty = _difficulties(records)
+        self.num_prompts = len(self.difficulty)
+        if self.num_prompts == 0:
+            raise ValueError("sampler needs at least one prompt")
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+
+    def __len__(self) -> int:
+        return self.num_prompts
+
+    def sample(self, n: int, iteration: int = 0) -> list[int]:
+        raise NotImplementedError
+
+    def update(self, prompt_ids: Sequence[int], successes: Sequence[float]) -> None:
+        """Feedback after scoring (ignored by samplers that do not use it)."""
+
+    # state ------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_prompts": self.num_prompts, "seed": self.seed,
+                "rng": self.rng.bit_generator.state, **self._extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"sampler state is for {state.get('name')!r}, not {self.name!r}")
+        if int(state["num_prompts"]) != self.num_prompts:
+            raise ValueError(f"sampler state has {state['num_prompts']} prompts, this one {self.num_prompts}")
+        self.seed = int(state["seed"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        self._load_extra_state(state)
+
+
+class _EpochStream:
+    """Endless stream of a pool's indices, one random permutation per epoch."""
+
+    def __init__(self):
+        self.pool: list[int] = []
+        self.perm: list[int] = []
+        self.pos = 0
+
+    def reset(self, pool: list[int]):
+        self.pool, self.perm, self.pos = list(pool), [], 0
+
+    def take(self, n: int, rng: np.random.Generator) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.perm):
+                self.perm = [self.pool[i] for i in rng.permutation(len(self.pool)).tolist()]
+                self.pos = 0
+            k = min(n - len(out), len(self.perm) - self.pos)
+            out.extend(self.perm[self.pos:self.pos + k])
+            self.pos += k
+        return out
+
+    def state(self) -> dict:
+        return {"pool": list(self.pool), "perm": list(self.perm), "pos": self.pos}
+
+    def load(self, s: dict):
+        self.pool, self.perm, self.pos = list(s["pool"]), list(s["perm"]), int(s["pos"])
+
+
+class UniformSampler(PromptSampler):
+    """Uniform without replacement within an epoch (random permutation per epoch)."""
+
+    name = "uniform"
+
+    def __init__(self, records, seed: int = 0):
+        super().__init__(records, seed)
+        self.stream = _EpochStream()
+        self.stream.reset(list(range(self.num_prompts)))
+
+    def sample(self, n: int, iteration: int = 0) -> list[int]:
+        return self.stream.take(int(n), self.rng)
+
+    def _extra_state(self):
+        return {"stream": self.stream.state()}
+
+    def _load_extra_state(self, state):
+        self.stream.load(state["stream"])
+
+
+class CurriculumSampler(PromptSampler):
+    """Easy prompts first, everything (or only the hard rest) from ``switch_iter`` on."""
+
+    name = "curriculum"
+
+    def __init__(self, records, seed: int = 0, switch_iter: int = 0, threshold: float | None = None,
+                 easy_fraction: float = 0.5, after: str = "all"):
+        super().__init__(records, seed)
+        if after not in ("all", "hard"):
+            raise ValueError(f"after must be 'all' or 'hard', got {after!r}")
+        self.switch_iter, self.threshold, self.after = int(switch_iter), threshold, after
+        order = sorted(range(self.num_prompts), key=lambda i: (self.difficulty[i], i))
+        if threshold is not None:
+            easy = [i for i in order if self.difficulty[i] <= threshold]
+        else:
+            if not 0.0 < easy_fraction <= 1.0:
+                raise ValueError(f"easy_fraction must be in (0, 1], got {easy_fraction}")
+            easy = order[:max(1, int(round(easy_fraction * self.num_prompts)))]
+        if not easy:
+            raise ValueError(f"no prompt has difficulty <= {threshold}")
+        easy_set = set(easy)
+        self.easy_pool = sorted(easy)
+        self.hard_pool = [i for i in range(self.num_prompts) if i not in easy_set]
+        if after == "hard" and not self.hard_pool:
+            self.hard_pool = list(range(self.num_prompts))
+        self.phase = "easy"
+        self.stream = _EpochStream()
+        self.stream.reset(self.easy_pool)
+
+    def pool_for(self, iteration: int) -> tuple[str, list[int]]:
+        if iteration < self.switch_iter:
+            return "easy", self.easy_pool
+        if self.after == "hard":
+            return "hard", self.hard_pool
+        return "all", list(range(self.num_prompts))
+
+    def sample(self, n: int, iteration: int = 0) -> list[int]:
+        phase, pool = self.pool_for(int(iteration))
+        if phase != self.phase:
+            self.phase = phase
+            self.stream.reset(pool)
+        return self.stream.take(int(n), self.rng)
+
+    def _extra_state(self):
+        return {"phase": self.phase, "stream": self.stream.state()}
+
+    def _load_extra_state(self, state):
+        self.phase = state["phase"]
+        self.stream.load(state["stream"])
+
+
+class PrioritizedSampler(PromptSampler):
+    """P(i) proportional to (1 - s_i) + floor, s_i the tracked success rate of prompt i."""
+
+    name = "prioritized"
+
+    def __init__(self, records, seed: int = 0, floor: float = 0.05, alpha: float | None = 0.5,
+                 initial_success: float = 0.0):
+        super().__init__(records, seed)
+        if floor < 0:
+            raise ValueError("floor must be >= 0")
+        if alpha is not None and not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1] or None (running mean)")
+        self.floor, self.alpha = float(floor), alpha
+        self.success = np.full(self.num_prompts, float(initial_success), dtype=np.float64)
+        self.counts = np.zeros(self.num_prompts, dtype=np.int64)
+
+    def probabilities(self) -> np.ndarray:
+        w = np.clip(1.0 - self.success, 0.0, None) + self.floor
+        total = w.sum()
+        if total <= 0:  # everything solved and floor == 0: fall back to uniform
+            return np.full(self.num_prompts, 1.0 / self.num_prompts)
+        return w / total
+
+    def sample(self, n: int, iteration: int = 0) -> list[int]:
+        n = int(n)
+        p = self.probabilities()
+        if n <= self.num_prompts and np.count_nonzero(p) >= n:
+            return self.rng.choice(self.num_prompts, size=n, replace=False, p=p).tolist()
+        return self.rng.choice(self.num_prompts, size=n, replace=True, p=p).tolist()
+
+    def update(self, prompt_ids: Sequence[int], successes: Sequence[float]) -> None:
+        ids = np.asarray(list(prompt_ids), dtype=np.int64)
+        succ = np.asarray([float(s) for s in successes], dtype=np.float64)
+        if ids.shape != succ.shape:
+            raise ValueError("prompt_ids and successes must have the same length")
+        if ids.size == 0:
+            return
+        uniq, inv = np.unique(ids, return_inverse=True)
+        n = np.bincount(inv, minlength=uniq.size)
+        mean = np.bincount(inv, weights=succ, minlength=uniq.size) / n
+        if self.alpha is None:  # running mean over all outcomes
+            c = self.counts[uniq]
+            self.success[uniq] = np.where(c > 0, (self.success[uniq] * c + mean * n) / (c + n), mean)
+        else:
+            self.success[uniq] = (1.0 - self.alpha) * self.success[uniq] + self.alpha * mean
+        self.counts[uniq] += n
+
+    def _extra_state(self):
+        return {"success": self.success.tolist(), "counts": self.counts.tolist()}
+
+    def _load_extra_state(self, state):
+        self.success = np.asarray(state["success"], dtype=np.float64)
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+
+
+SAMPLERS = {"uniform": UniformSampler, "curriculum": CurriculumSampler,
+            "prioritized": PrioritizedSampler}
+
+
+def build_sampler(name: str, records, seed: int = 0, **kw) -> PromptSampler:
+    """Sampler for ``--sampling {uniform,curriculum,prioritized}``; ``kw`` go to its
+    constructor (curriculum: switch_iter, threshold, easy_fraction, after; prioritized:
+    floor, alpha, initial_success). Keywords meant for another sampler are ignored, so a
+    caller can pass every sampler option; a keyword no sampler takes raises."""
+    name = {"prioritised": "prioritized"}.get(name, name)
+    try:
+        cls = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}") from None
+    known = {p for c in SAMPLERS.values() for p in inspect.signature(c.__init__).parameters}
+    unknown = set(kw) - known
+    if unknown:
+        raise TypeError(f"unknown sampler option(s) {sorted(unknown)}")
+    mine = inspect.signature(cls.__init__).parameters
+    return cls(records, seed=seed, **{k: v for k, v in kw.items() if k in mine})

@@ -1,0 +1,237 @@
+"""Code sandbox: correct/incorrect programs and hostile programs (each must come back within
+its time limit with the right status while the calling process survives)."""
+
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from megatron_k15.rewards.code import (code_reward, extract_program, normalize_output, run_tests,
+                                      sandbox_report)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX sandbox")
+
+IS_ROOT = os.geteuid() == 0
+T = 1.0  # per-test wall limit used below
+BOUND = T + 4.0  # generous bound on the whole call
+
+ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
+
+
+def timed(*args, **kwargs):
+    t0 = time.monotonic()
+    res = run_tests(*args, **kwargs)
+    return res, time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------- correctness
+
+
+def test_correct_program_passes():
+    res, dt = timed(ADD, [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4", "output": "6"}], T)
+    assert res["status"] == "ok", res
+    assert (res["passed"], res["total"]) == (2, 2)
+    assert len(res["results"]) == 2 and dt < BOUND
+
+
+def test_wrong_answer_is_failed_with_count():
+    prog = "a, b = map(int, input().split())\nprint(a * b)\n"
+    res = run_tests(prog, [{"input": "2 2", "output": "4"}, {"input": "2 3", "output": "5"}], T)
+    assert res["status"] == "failed"
+    assert res["passed"] == 1 and res["total"] == 2
+    assert [r["status"] for r in res["results"]] == ["ok", "failed"]
+
+
+def test_whitespace_normalisation():
+    prog = "print('1 2   ')\nprint('3')\nprint()\nprint()\n"
+    assert run_tests(prog, [{"input": "", "output": "1 2\n3"}], T)["status"] == "ok"
+    assert run_tests(prog, [{"input": "", "output": "1 2\r\n3\r\n"}], T)["status"] == "ok"
+    # leading and inner whitespace still matter
+    assert run_tests(prog, [{"input": "", "output": " 1 2\n3"}], T)["status"] == "failed"
+    assert run_tests(prog, [{"input": "", "output": "1  2\n3"}], T)["status"] == "failed"
+    assert normalize_output("a  \n\n b\t\n\n\n") == "a\n\n b"
+
+
+def test_runtime_and_syntax_errors():
+    assert run_tests("raise ValueError('x')", [{"input": "", "output": ""}], T)["status"] == "error"
+    res = run_tests("def f(:\n", [{"input": "", "output": ""}], T)
+    assert res["status"] == "error" and "SyntaxError" in res["results"][0]["stderr"]
+    assert run_tests("import sys\nsys.exit(3)", [{"input": "", "output": ""}], T)["status"] == "error"
+
+
+def test_stop_on_failure_and_invalid_tests():
+    res = run_tests(ADD, [{"input": "1 1", "output": "3"}, {"input": "1 1", "output": "2"}], T,
+                    stop_on_failure=True)
+    assert res["status"] == "failed" and res["passed"] == 0 and len(res["results"]) == 1
+    assert run_tests(ADD, [], T)["status"] == "invalid"
+    assert run_tests(ADD, [{"input": "1 2"}], T)["status"] == "invalid"
+    assert run_tests(ADD, "nope", T)["status"] == "invalid"  # type: ignore[arg-type]
+    assert run_tests(None, [{"input": "", "output": ""}], T)["status"] == "invalid"  # type: ignore
+
+
+def test_standard_library_is_usable():
+    prog = ("import math, collections, heapq, itertools, functools, re, fractions, bisect\n"
+            "print(math.comb(5, 2), sum(collections.Counter('aab').values()))\n")
+    assert run_tests(prog, [{"input": "", "output": "10 3"}], 5.0)["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------- hostile programs
+
+
+def test_infinite_loop_times_out():
+    res, dt = timed("while True:\n    pass\n", [{"input": "", "output": ""}], T)
+    assert res["status"] == "timeout" and dt < BOUND
+    res, dt = timed("import time\ntime.sleep(100)\n", [{"input": "", "output": ""}], T)
+    assert res["status"] == "timeout" and dt < BOUND
+
+
+FORK_BOMB = "import os\nwhile True:\n    os.fork()\n"
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_fork_bomb(guards):
+    if not guards and not IS_ROOT:
+        pytest.skip("OS-level process limit for the sandbox needs a uid drop (root)")
+    res, dt = timed(FORK_BOMB, [{"input": "", "output": ""}], T, python_guards=guards)
+    assert res["status"] == "error", res
+    assert dt < BOUND
+    err = res["results"][0]["stderr"]
+    assert ("PermissionError" in err) if guards else ("BlockingIOError" in err or "Resource" in err)
+
+
+def test_memory_bomb():
+    prog = "x = []\nwhile True:\n    x.append(bytearray(50 * 1024 * 1024))\n"
+    res, dt = timed(prog, [{"input": "", "output": ""}], T + 2, memory_mb=256)
+    assert res["status"] == "memory", res
+    assert dt < BOUND + 2
+    res = run_tests("x = bytearray(10**10)\n", [{"input": "", "output": ""}], T, memory_mb=256)
+    assert res["status"] == "memory"
+
+
+def test_output_flood():
+    res, dt = timed("while True:\n    print('x' * 1000)\n", [{"input": "", "output": ""}], T,
+                    output_limit=1 << 16)
+    assert res["status"] == "output_limit" and dt < BOUND
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_write_outside_directory(tmp_path, guards):
+    if not guards and not IS_ROOT:
+        pytest.skip("OS-level write protection needs the uid drop (root)")
+    targets = [tmp_path / "escape.txt", f"/tmp/k15-escape-{uuid.uuid4().hex}.txt",
+               f"/dev/shm/k15-escape-{uuid.uuid4().hex}", os.path.join(os.getcwd(), "k15-escape.txt")]
+    os.chmod(tmp_path, 0o777)  # even a world-writable target directory must not receive it
+    prog = "import os\nn = 0\n"
+    for t in targets:
+        prog += (f"try:\n    open({str(t)!r}, 'w').write('pwned')\n    n += 1\n"
+                 f"except Exception as e:\n    print(type(e).__name__)\n")
+    prog += "open('inside.txt', 'w').write('ok')\nprint('inside', open('inside.txt').read())\n"
+    res, dt = timed(prog, [{"input": "", "output": ""}], T, python_guards=guards, keep_output=True)
+    assert dt < BOUND
+    for t in targets:
+        assert not os.path.exists(t), t
+    assert "inside ok" in res["results"][0]["stdout"]  # writing inside the cwd works
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_network_connection_to_loopback_server(guards):
+    if not guards and not IS_ROOT:
+        pytest.skip("network namespace needs root here")
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    srv.settimeout(0.2)
+    port = srv.getsockname()[1]
+    arrived = []
+    stop = threading.Event()
+
+    def accept_loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                arrived.append(conn)
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept_loop, daemon=True)
+    th.start()
+    prog = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n"
+            f"s.sendall(b'hello')\nprint('connected')\n")
+    try:
+        res, dt = timed(prog, [{"input": "", "output": "connected"}], T, python_guards=guards)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        th.join(2)
+        srv.close()
+    assert arrived == []
+    assert res["status"] == "error", res
+    assert dt < BOUND
+
+
+def test_secret_in_parent_environment_is_invisible(monkeypatch):
+    monkeypatch.setenv("K15_SECRET", "hunter2-" + uuid.uuid4().hex)
+    secret = os.environ["K15_SECRET"]
+    prog = (
+        "import os\n"
+        "found = 'K15_SECRET' in os.environ or any('hunter2' in v for v in os.environ.values())\n"
+        "if SCAN:\n"
+        "    for pid in os.listdir('/proc'):\n"
+        "        if pid.isdigit():\n"
+        "            try:\n"
+        "                with open('/proc/%s/environ' % pid, 'rb') as f:\n"
+        "                    found = found or b'hunter2' in f.read()\n"
+        "            except Exception:\n"
+        "                pass\n"
+        "print('found' if found else 'none')\n"
+    ).replace("SCAN", "True" if IS_ROOT else "False")
+    res = run_tests(prog, [{"input": "", "output": "none"}], T, keep_output=True)
+    assert res["status"] == "ok", res
+    assert secret not in repr(res)
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_program_that_kills_its_parent(guards):
+    if not guards and not IS_ROOT:
+        pytest.skip("OS-level signal protection needs the uid drop (root)")
+    me = os.getpid()
+    prog = f"import os, signal\nos.kill(os.getppid(), 9)\nos.kill({me}, 9)\nprint('alive')\n"
+    res, dt = timed(prog, [{"input": "", "output": "alive"}, {"input": "", "output": "alive"}], T,
+                    python_guards=guards)
+    assert res["status"] == "error" and dt < BOUND
+    assert os.getpid() == me  # we are still here
+
+
+def test_killed_supervisor_does_not_take_the_caller_down():
+    # without the uid drop and without Python guards the kill reaches the supervisor, which
+    # is the sandboxed program's parent; the caller only sees an error
+    prog = "import os\nos.kill(os.getppid(), 9)\nimport time\ntime.sleep(30)\n"
+    res, dt = timed(prog, [{"input": "", "output": ""}] * 2, T, python_guards=False,
+                    drop_privileges=False, isolate_fs=False)
+    assert res["status"] == "error" and dt < BOUND
+    assert len(res["results"]) < 2
+
+
+# ---------------------------------------------------------------------------- reward adapter
+
+
+def test_extract_program_and_code_reward():
+    resp = "Here:\n```python\nprint(1)\n```\nBetter:\n```python\n" + ADD + "```\nDone."
+    assert extract_program(resp) == ADD
+    assert extract_program("print(5)") == "print(5)"
+    rec = {"task": "code", "tests": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]}
+    assert code_reward(resp, rec) == 1.0
+    wrong = "```python\nprint(3)\n```"
+    assert code_reward(wrong, rec) == 0.0
+    assert code_reward(wrong, rec, partial_credit=True) == 0.5
+    assert code_reward(wrong, {"task": "code"}) == 0.0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the full OS-level isolation is set up when root")
+def test_sandbox_report_as_root():
+    rep = sandbox_report()
+    assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True}

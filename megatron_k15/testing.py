@@ -81,3 +81,48 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
         if errors:
             raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# -- tiny random Hugging Face models, built offline --------------------------------------------
+def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
+    """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings) or ``llama``
+    (tied embeddings, rope theta 500000, GQA 4:1). Biases get non-zero values so they matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "qwen2":
+        kw = dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif kind == "llama":
+        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                  rope_theta=500000.0, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def hf_config_dict(model) -> dict:
+    d = model.config.to_dict()
+    d["architectures"] = [type(model).__name__]
+    return d
+
+
+def save_tiny_hf_checkpoint(out_dir: str, kind: str = "qwen2", dtype=torch.float32,
+                            max_shard_size=None, **overrides):
+    """Write a tiny random HF checkpoint (safetensors; sharded when ``max_shard_size`` is set)."""
+    model = tiny_hf_model(kind, **overrides).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return model

@@ -1,0 +1,188 @@
+"""OMD / GRPO / PPO losses against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_k15.rl.losses import (get_loss_fn, group_baseline, group_mean, group_normalized_advantages,
+                                    group_std, grpo_loss, omd_loss, ppo_loss)
+
+
+def _batch():
+    # 2 prompts (ids 7 and 3, non-contiguous, interleaved) x 2 samples, T = 3
+    logp = torch.tensor([[-1.0, -2.0, -0.5],
+                         [-0.2, -0.3, -9.0],
+                         [-1.5, -0.1, -0.4],
+                         [-0.7, -0.6, -0.8]])
+    old = torch.tensor([[-1.1, -1.8, -0.5],
+                        [-0.2, -0.5, -1.0],
+                        [-1.5, -0.3, -0.2],
+                        [-0.9, -0.6, -0.8]])
+    mask = torch.tensor([[1, 1, 1],
+                         [1, 1, 0],
+                         [1, 1, 1],
+                         [0, 1, 1]], dtype=torch.float32)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    gid = torch.tensor([7, 7, 3, 3])
+    return logp, old, mask, rewards, gid
+
+
+def test_group_helpers_by_hand():
+    v = torch.tensor([1.0, 3.0, 10.0, 2.0, 6.0])
+    g = torch.tensor([5, 5, 9, 1, 1])
+    torch.testing.assert_close(group_mean(v, g), torch.tensor([2.0, 2.0, 10.0, 4.0, 4.0]))
+    torch.testing.assert_close(group_std(v, g), torch.tensor([1.0, 1.0, 0.0, 2.0, 2.0]))
+    torch.testing.assert_close(group_std(v, g, unbiased=True),
+                               torch.tensor([math.sqrt(2)] * 2 + [0.0] + [math.sqrt(8)] * 2))
+    adv = group_normalized_advantages(v, g, eps=0.0)
+    torch.testing.assert_close(adv[[0, 1, 3, 4]], torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+
+
+def test_exact_logz_baseline_by_hand_and_stable():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    g = torch.tensor([0, 0, 1, 1])
+    tau = 0.5
+    b = group_baseline(r, g, tau, exact_logz=True)
+    expect0 = tau * math.log((math.exp(1 / tau) + 1) / 2)
+    torch.testing.assert_close(b, torch.tensor([expect0, expect0, 0.0, 0.0]))
+    # huge r / tau must not overflow
+    b = group_baseline(torch.tensor([1000.0, 999.0]), torch.tensor([0, 0]), 0.01, exact_logz=True)
+    assert torch.isfinite(b).all() and abs(b[0].item() - (1000 + 0.01 * math.log(0.5))) < 1e-3
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_omd_loss_and_grad_by_hand(normalize):
+    logp, old, mask, rewards, gid = _batch()
+    tau = 0.3
+    logp = logp.clone().requires_grad_()
+    loss = omd_loss(logp, old, mask, rewards, gid, tau, normalize_by_tokens=normalize)
+    loss.backward()
+
+    # hand computation, sample by sample, in plain Python
+    L = logp.detach().tolist(); O = old.tolist(); M = mask.tolist(); R = rewards.tolist()
+    groups = {7: [0, 1], 3: [2, 3]}
+    rbar = {}
+    for g, idx in groups.items():
+        for j in idx:
+            rbar[j] = sum(R[i] for i in idx) / len(idx)
+    total, grads = 0.0, []
+    for j in range(4):
+        n = sum(M[j]) if normalize else 1.0
+        S = sum(m * l for m, l in zip(M[j], L[j])) / n
+        So = sum(m * o for m, o in zip(M[j], O[j])) / n
+        a = R[j] - rbar[j]
+        total += -a * S + tau / 2 * (S - So) ** 2
+        grads.append([M[j][t] * (-a + tau * (S - So)) / 4 / n for t in range(3)])
+    assert abs(loss.item() - total / 4) < 1e-6
+    torch.testing.assert_close(logp.grad, torch.tensor(grads))
+    assert logp.grad[1, 2] == 0  # masked token gets no gradient
+
+
+def test_omd_reference_values():
+    # fully hand-written numbers for the sequence-level loss
+    logp, old, mask, rewards, gid = _batch()
+    # S = [-3.5, -0.5, -2.0, -1.4]; S_old = [-3.4, -0.7, -2.0, -1.4]; adv = [.5, -.5, 0, 0]
+    # terms: -.5*-3.5 + .05*.01 = 1.7505; .5*-.5 + .05*.04 = -.248; 0; 0 -> mean 0.375625
+    loss = omd_loss(logp, old, mask, rewards, gid, tau=0.1)
+    assert abs(loss.item() - 0.375625) < 1e-6
+    loss_sum = omd_loss(logp, old, mask, rewards, gid, tau=0.1, reduction="sum")
+    assert abs(loss_sum.item() - 4 * 0.375625) < 1e-5
+
+
+def test_omd_old_logp_and_baseline_are_constants():
+    logp, old, mask, rewards, gid = _batch()
+    old = old.clone().requires_grad_()
+    r = rewards.clone().requires_grad_()
+    loss = omd_loss(logp.requires_grad_(), old, mask, r, gid, 0.5)
+    loss.backward()
+    assert old.grad is None and r.grad is None
+
+
+def test_omd_given_baseline_matches_and_design_order():
+    logp, old, mask, rewards, gid = _batch()
+    base = group_baseline(rewards, gid)
+    a = omd_loss(logp, old, mask, rewards, gid, 0.2)
+    b = omd_loss(logp, old, mask, rewards, torch.zeros(4, dtype=torch.long), 0.2, baseline=base)
+    c = omd_loss(logp, old, rewards, mask, gid, 0.2)  # DESIGN.md's (rewards, mask) order
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    # exact_logz changes the baseline, so the loss too
+    d = omd_loss(logp, old, mask, rewards, gid, 0.2, exact_logz=True)
+    assert abs(d.item() - a.item()) > 1e-3
+
+
+def test_omd_metrics():
+    logp, old, mask, rewards, gid = _batch()
+    loss, m = omd_loss(logp, old, mask, rewards, gid, 0.1, return_metrics=True)
+    # (S - S_old)^2 = [.01, .04, 0, 0]
+    assert abs(m["kl_proxy"].item() - 0.0125) < 1e-6
+    assert abs(m["advantage_mean"].item()) < 1e-7
+    assert abs(m["advantage_abs_mean"].item() - 0.25) < 1e-7
+    assert abs(m["reward_mean"].item() - 0.25) < 1e-7
+
+
+def test_ppo_loss_by_hand():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), 0.0]])
+    old = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    logp = logp.requires_grad_()
+    loss, stats = ppo_loss(logp, old, mask, adv, clip_eps=0.2, return_metrics=True)
+    # token 0: ratio 1.5, A=2 -> min(3, 2.4) = 2.4 (clipped, no grad)
+    # token 1: ratio 0.5, A=2 -> min(1, 1.6) = 1.0 (unclipped, grad = A * ratio)
+    # token 2: ratio 1.1, A=-1 -> min(-1.1, -1.1) = -1.1 (inside the range)
+    expect = -(2.4 + 1.0 - 1.1) / 3
+    assert abs(loss.item() - expect) < 1e-6
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -2.0 * 0.5 / 3], [1.1 / 3, 0.0]]))
+    assert abs(stats["clip_frac"].item() - 1 / 3) < 1e-6
+
+
+def test_ppo_on_policy_gradient_is_policy_gradient():
+    # at ratio 1 the clipped objective's gradient is -A * mask / n_tokens
+    logp = torch.randn(3, 4).requires_grad_()
+    mask = torch.ones(3, 4)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    ppo_loss(logp, logp.detach(), mask, adv).backward()
+    torch.testing.assert_close(logp.grad, (-adv[:, None] / 12).expand(3, 4))
+
+
+def test_grpo_uses_group_normalised_advantages():
+    logp, old, mask, rewards, gid = _batch()
+    rewards = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    loss = grpo_loss(logp, old, mask, rewards, gid, clip_eps=0.2)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])  # (r - mean) / std, both groups
+    expect = ppo_loss(logp, old, mask, adv, clip_eps=0.2)
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+    # zero-variance groups give zero advantage, hence zero loss
+    flat = grpo_loss(logp, old, mask, torch.ones(4), gid)
+    assert abs(flat.item()) < 1e-6
+
+
+def test_grpo_kl_term_by_hand():
+    logp = torch.tensor([[math.log(0.5)]]).requires_grad_()
+    old = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[0.0]])
+    mask = torch.ones(1, 1)
+    loss = grpo_loss(logp, old, mask, torch.tensor([1.0]), torch.tensor([0]), kl_coef=0.1, ref_logp=ref)
+    d = 0.0 - math.log(0.5)
+    expect = 0.1 * (math.exp(d) - d - 1)  # advantage 0 in a singleton group
+    assert abs(loss.item() - expect) < 1e-6
+    # without ref_logp the reference is old_logp: k3 = 0 at logp == old_logp
+    loss2 = grpo_loss(logp, old, mask, torch.tensor([1.0]), torch.tensor([0]), kl_coef=0.1)
+    assert abs(loss2.item()) < 1e-7
+
+
+def test_get_loss_fn_uniform_signature():
+    logp, old, mask, rewards, gid = _batch()
+    kw = dict(tau=0.1, clip_eps=0.2, kl_coef=0.0)
+    torch.testing.assert_close(get_loss_fn("omd")(logp, old, mask, rewards, gid, **kw),
+                               omd_loss(logp, old, mask, rewards, gid, 0.1))
+    torch.testing.assert_close(get_loss_fn("grpo")(logp, old, mask, rewards, gid, **kw),
+                               grpo_loss(logp, old, mask, rewards, gid, 0.2))
+    adv = rewards - group_mean(rewards, gid)
+    torch.testing.assert_close(get_loss_fn("ppo")(logp, old, mask, rewards, gid, **kw),
+                               ppo_loss(logp, old, mask, adv, 0.2))
+    with pytest.raises(ValueError):
+        get_loss_fn("dpo")

@@ -86,7 +86,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
 # -- tiny random Hugging Face models, built offline --------------------------------------------
 def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings) or ``llama``
-    (tied embeddings, rope theta 500000, GQA 4:1). Biases get non-zero values so they matter."""
+    (tied embeddings, rope theta 500000, GQA 2:1). Biases get non-zero values so they matter."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -98,7 +98,7 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
     elif kind == "llama":
         kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                   rope_theta=500000.0, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
         kw.update(overrides)
         model = LlamaForCausalLM(LlamaConfig(**kw))

@@ -29,7 +29,7 @@ def _single_rank():
 
 @pytest.mark.parametrize("kind,overrides", [
     ("qwen2", {}),                                   # QKV bias, GQA 3:1, untied
-    ("llama", {}),                                   # tied, theta 500000, GQA 4:1
+    ("llama", {}),                                   # tied, theta 500000, GQA 2:1
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
 ])
 def test_logits_match_transformers(kind, overrides):

@@ -24,16 +24,23 @@ def _rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+# torch >= 2.13 renames the tensor-to-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@torch.no_grad()
 def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
     world = _size(group)
     if world == 1:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out
 
 
+@torch.no_grad()
 def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     world = _size(group)
     if world == 1:
@@ -42,7 +49,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tp size {world}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -1,0 +1,80 @@
+"""tp=2 with sequence parallelism equals tp=1: logits, per-token log-probs and every gradient."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_k15.initialize import initialize_model_parallel
+from megatron_k15.models.gpt import GPTModel
+from megatron_k15.models.hf_mapping import gpt_config_from_hf, hf_to_megatron
+from megatron_k15.models.sharding import merge_tensor, split_for_rank
+from megatron_k15.parallel.tensor import allreduce_sequence_parallel_grads
+from megatron_k15.testing import hf_config_dict, run_distributed, tiny_hf_model
+
+SEQ = 24
+
+
+def _inputs(vocab):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (2, SEQ), generator=gen)
+    weights = torch.randn(2, SEQ, generator=gen)
+    return ids, torch.roll(ids, -1, dims=1), weights
+
+
+def _run(model, ids, labels, weights):
+    """Logits (full vocab), log-probs, and grads of sum(weights * logp) for every parameter."""
+    logits = model.gather_logits(model(ids))
+    logp = model(ids, labels=labels)
+    (weights * logp).sum().backward()
+    allreduce_sequence_parallel_grads(model, model.tp_group)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return logits.detach(), logp.detach(), grads
+
+
+def _build(kind, tp):
+    hf = tiny_hf_model(kind)
+    cfg = gpt_config_from_hf(hf_config_dict(hf))
+    full = hf_to_megatron(hf.state_dict(), cfg)
+    model = GPTModel(cfg)
+    rank = model.tp_rank
+    model.load_checkpoint_state_dict(split_for_rank(
+        full, tp, rank, 1, 0, cfg.num_layers, cfg.tie_word_embeddings, model.padded_vocab_size))
+    return model
+
+
+def _tp2_worker(rank, world_size, kind):
+    initialize_model_parallel(tp=2)
+    model = _build(kind, 2)
+    assert model.sequence_parallel
+    ids, labels, weights = _inputs(model.config.vocab_size)
+    logits, logp, grads = _run(model, ids, labels, weights)
+    full_grads = {}
+    for name, g in grads.items():
+        shards = [torch.empty_like(g) for _ in range(2)]
+        dist.all_gather(shards, g.contiguous())
+        merged = merge_tensor(shards, name)
+        if name in ("embedding.weight", "output_layer.weight"):
+            merged = merged[: model.config.vocab_size]
+        full_grads[name] = merged
+    return logits, logp, full_grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_tp2_sequence_parallel_equals_tp1(kind):
+    initialize_model_parallel(tp=1)
+    ref = _build(kind, 1)
+    ids, labels, weights = _inputs(ref.config.vocab_size)
+    ref_logits, ref_logp, ref_grads = _run(ref, ids, labels, weights)
+
+    results = run_distributed(_tp2_worker, 2, kind)
+    for logits, logp, grads in results:
+        assert (logits - ref_logits).abs().max().item() <= 1e-5
+        assert (logp - ref_logp).abs().max().item() <= 1e-5
+        assert set(grads) == set(ref_grads)
+        for name, g in grads.items():
+            r = ref_grads[name]
+            if name in ("embedding.weight", "output_layer.weight"):
+                r = r[: ref.config.vocab_size]
+            assert g.shape == r.shape, name
+            assert (g - r).abs().max().item() <= 1e-5, name

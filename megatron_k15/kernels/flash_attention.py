@@ -41,8 +41,12 @@ Kernels
     kernel, one program per (query block, batch x head), looping over key blocks like the
     forward. No atomics anywhere.
 
-On CUDA the kernels autotune over Hopper-sized configs; under the Triton interpreter
-(``TRITON_INTERPRET=1``, used for CPU tests) they run one small fixed config.
+On CUDA the kernels autotune over a short list of Hopper-sized configs (pruned by a shared
+memory / register estimate per head_dim and dtype). Under the Triton interpreter
+(``TRITON_INTERPRET=1``, read once at import through ``triton.knobs``; used for CPU tests) they
+run one fixed config with BLOCK_M != BLOCK_N. The interpreter of triton 3.9 multiplies bf16 dot
+operands as raw uint16 bits, so there (only) bf16 tiles are widened to fp32 before each dot,
+after the same bf16 rounding of P and dS that the GPU path does.
 
 ``attention_reference`` is a plain PyTorch implementation (any float dtype, float64 included)
 with the same semantics, for tests.
@@ -603,56 +607,55 @@ _INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 _PREPROCESS_BLOCK_M = 64
 
 
-def _hopper_fwd_configs():
-    cfgs = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                              num_stages=stages))
-    return cfgs
+def _configs(spec):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in spec]
 
 
-def _hopper_dkdv_configs():
-    cfgs = []
-    for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128), (16, 128)):
-        for warps in (4, 8):
-            for stages in (2, 3, 4, 5):
-                cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                          num_stages=stages))
-    return cfgs
+# Hopper (H100/H200) candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept short: every
+# candidate is compiled on the first call of a new autotune key (the result is cached on disk).
+_HOPPER_FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
+               (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 2)]
+# dK/dV: BLOCK_N rows of k/v stay resident, BLOCK_M rows of q/dO stream through
+_HOPPER_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 4, 5), (64, 128, 8, 2),
+                (16, 128, 4, 5), (32, 64, 4, 4), (64, 64, 4, 3), (32, 64, 8, 2)]
+# dQ: BLOCK_M rows of q/dO stay resident, BLOCK_N rows of k/v stream through
+_HOPPER_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 16, 4, 5),
+              (64, 32, 4, 4), (64, 64, 4, 3), (64, 32, 8, 2)]
+
+_SMEM_BUDGET = 220 * 1024  # H100/H200: 227 KiB of shared memory per block
 
 
-def _hopper_dq_configs():
-    cfgs = []
-    for bm, bn in ((64, 32), (128, 32), (64, 64), (128, 64), (128, 16)):
-        for warps in (4, 8):
-            for stages in (2, 3, 4, 5):
-                cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                          num_stages=stages))
-    return cfgs
+def _make_prune(resident, streamed, accumulators, fallback):
+    """An early_config_prune dropping tiles that cannot fit shared memory or registers.
+
+    resident(bm, bn) / streamed(bm, bn): rows x head_dim tiles held once / per pipeline stage;
+    accumulators(bm, bn): fp32 elements of live accumulators (registers, per block);
+    fallback: the small (BLOCK_M, BLOCK_N, num_warps, num_stages) used when nothing fits
+    (fp32 inputs with head_dim 256).
+    """
+
+    def prune(configs, nargs, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", 128)
+        elt = 4 if kwargs.get("DOT_PREC") == "ieee" else 2
+        keep = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            smem = (resident(bm, bn) + c.num_stages * streamed(bm, bn)) * head_dim * elt
+            regs = accumulators(bm, bn, head_dim) / (32 * c.num_warps)  # fp32 values per thread
+            if smem <= _SMEM_BUDGET and regs <= 160:
+                keep.append(c)
+        return keep or _configs([fallback])
+
+    return prune
 
 
-def _prune(configs, nargs, **kwargs):
-    """Drop configs whose tiles cannot fit Hopper shared memory / registers for this head_dim."""
-    head_dim = kwargs.get("HEAD_DIM", nargs.get("HEAD_DIM", 128))
-    elt = 4 if kwargs.get("DOT_PREC", "tf32") == "ieee" else 2  # fp32 inputs take twice the space
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        # rough shared-memory need: q/do tile + stages x (k and v tiles), must stay < ~200 KiB
-        smem = (bm * head_dim + c.num_stages * 2 * bn * head_dim) * elt
-        if smem > 200 * 1024:
-            continue
-        # fp32 accumulators per thread: keep below the register file
-        if (bm * head_dim + bm * bn) // (32 * c.num_warps) > 192:
-            continue
-        keep.append(c)
-    if not keep:  # always leave something to run
-        keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
-    return keep
-
+_prune_fwd = _make_prune(lambda bm, bn: bm, lambda bm, bn: 2 * bn,
+                         lambda bm, bn, d: bm * d + bm * bn, (64, 32, 8, 1))
+_prune_dkdv = _make_prune(lambda bm, bn: 2 * bn, lambda bm, bn: 2 * bm,
+                          lambda bm, bn, d: 2 * bn * d + 2 * bm * bn, (32, 32, 8, 1))
+_prune_dq = _make_prune(lambda bm, bn: 2 * bm, lambda bm, bn: 2 * bn,
+                        lambda bm, bn, d: bm * d + 2 * bm * bn, (32, 32, 8, 1))
 
 _AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PREC"]
 
@@ -661,13 +664,15 @@ if INTERPRET:
     _dkdv_launcher = _attn_bwd_dkdv_kernel
     _dq_launcher = _attn_bwd_dq_kernel
 else:
-    _fwd_launcher = triton.autotune(_hopper_fwd_configs(), key=_AUTOTUNE_KEY,
-                                    prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
-    _dkdv_launcher = triton.autotune(_hopper_dkdv_configs(), key=_AUTOTUNE_KEY + ["group"],
-                                     prune_configs_by={"early_config_prune": _prune})(
+    _fwd_launcher = triton.autotune(_configs(_HOPPER_FWD), key=_AUTOTUNE_KEY,
+                                    prune_configs_by={"early_config_prune": _prune_fwd})(
+                                        _attn_fwd_kernel)
+    _dkdv_launcher = triton.autotune(_configs(_HOPPER_DKDV), key=_AUTOTUNE_KEY + ["group"],
+                                     prune_configs_by={"early_config_prune": _prune_dkdv})(
                                          _attn_bwd_dkdv_kernel)
-    _dq_launcher = triton.autotune(_hopper_dq_configs(), key=_AUTOTUNE_KEY,
-                                   prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+    _dq_launcher = triton.autotune(_configs(_HOPPER_DQ), key=_AUTOTUNE_KEY,
+                                   prune_configs_by={"early_config_prune": _prune_dq})(
+                                       _attn_bwd_dq_kernel)
 
 
 def _fixed(cfg):
@@ -850,7 +855,8 @@ def _check_common(q, k, v, softmax_scale, ndim, layout):
             f"flash attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
             "before importing triton to run the kernels under the interpreter")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim:
         raise ValueError(f"q and k/v head_dim differ: {head_dim} vs {k.shape[-1]}")

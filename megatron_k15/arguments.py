@@ -1,0 +1,268 @@
+"""Megatron-LM style command-line flags, parsed and validated in one place.
+
+Entry points build their parser with ``build_parser(extra_args_provider)`` and call
+``parse_args``; every inconsistent combination fails here, before any work, with a message
+that names the flag and what to change. The model shape comes from (later wins):
+``--model-preset`` < explicit shape flags; with ``--load`` the checkpoint's recorded config is
+used and an explicit shape flag that contradicts it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional, Sequence
+
+from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
+
+# flag -> GPTConfig field, for the model-shape flags (default None = "not given")
+MODEL_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rotary_base": "rotary_base",
+    "norm_epsilon": "norm_epsilon",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "init_method_std": "init_method_std",
+}
+
+
+class ArgumentError(ValueError):
+    """An invalid flag combination; the message names the flag."""
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset shape (default: tiny, unless --load gives one)")
+    for dest, kind in [("num_layers", int), ("hidden_size", int), ("ffn_hidden_size", int),
+                       ("num_attention_heads", int), ("num_query_groups", int), ("kv_channels", int),
+                       ("vocab_size", int), ("max_position_embeddings", int), ("rotary_base", float),
+                       ("norm_epsilon", float), ("make_vocab_size_divisible_by", int),
+                       ("init_method_std", float)]:
+        g.add_argument(_flag(dest), type=kind, default=None)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron-LM compatibility; GQA follows --num-query-groups")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--seq-length", type=int, default=None, help="training/packing sequence length")
+    g.add_argument("--attention-backend", choices=["sdpa", "triton"], default="sdpa")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", choices=["ring", "allgather"], default="ring")
+    g.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
+                   help="sequence parallelism is on whenever tp > 1; this turns it off")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (GPU)")
+    g.add_argument("--fp16", action="store_true", help="fp16 parameters/activations (GPU)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--load", default=None, help="checkpoint directory to load (with its config)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
+
+
+def build_parser(description: str = "megatron_k15",
+                 extra_args_provider: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 groups: Sequence[str] = ("model", "parallel", "precision", "training", "checkpoint"),
+                 ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    adders = {"model": add_model_args, "parallel": add_parallel_args, "precision": add_precision_args,
+              "training": add_training_args, "checkpoint": add_checkpoint_args}
+    for name in groups:
+        adders[name](p)
+    if extra_args_provider is not None:
+        extra_args_provider(p)
+    return p
+
+
+def _get(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def resolve_model_config(args) -> GPTConfig:
+    """The model config from the checkpoint (--load), the preset and the explicit flags."""
+    explicit = {field: _get(args, dest) for dest, field in MODEL_FLAGS.items() if _get(args, dest) is not None}
+    if _get(args, "add_qkv_bias"):
+        explicit["add_qkv_bias"] = True
+    if _get(args, "untie_embeddings_and_output_weights"):
+        explicit["tie_word_embeddings"] = False
+    load = _get(args, "load")
+    if load:
+        from megatron_k15.checkpointing import CheckpointError, load_config
+
+        try:
+            cfg = load_config(load)
+        except (CheckpointError, OSError) as e:
+            raise ArgumentError(str(e)) from None
+        if _get(args, "model_preset"):
+            raise ArgumentError("--model-preset conflicts with --load: the checkpoint records its model shape")
+        for field, value in explicit.items():
+            if field in ("make_vocab_size_divisible_by", "init_method_std"):
+                setattr(cfg, field, value)
+            elif getattr(cfg, field) != value:
+                flag = _flag(next(d for d, f in MODEL_FLAGS.items() if f == field)) if field in MODEL_FLAGS.values() else field
+                raise ArgumentError(
+                    f"{flag} {value} contradicts the checkpoint in --load {load} "
+                    f"({field}={getattr(cfg, field)}); drop the flag"
+                )
+        return cfg
+    cfg = preset(_get(args, "model_preset") or "tiny")
+    if "hidden_size" in explicit or "num_attention_heads" in explicit:
+        cfg.kv_channels = None  # re-derive the head size unless given explicitly
+    for field, value in explicit.items():
+        setattr(cfg, field, value)
+    cfg.__post_init__()
+    return cfg
+
+
+def validate_args(args, world_size: Optional[int] = None) -> None:
+    """Raise ArgumentError for any combination that cannot work. Fills ``args.model_config``,
+    ``args.data_parallel_size`` and ``args.params_dtype``."""
+    import torch
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    pp = _get(args, "pipeline_model_parallel_size", 1)
+    cp = _get(args, "context_parallel_size", 1)
+    for dest, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp)):
+        if value < 1:
+            raise ArgumentError(f"{_flag(dest)} must be >= 1, got {value}")
+    if world_size % (tp * pp * cp):
+        raise ArgumentError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple "
+            f"of {tp * pp * cp} processes or change the sizes"
+        )
+    dp = world_size // (tp * pp * cp)
+    args.data_parallel_size = dp
+    if _get(args, "bf16") and _get(args, "fp16"):
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive; pick one")
+    args.params_dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
+    if _get(args, "finetune") and not _get(args, "load"):
+        raise ArgumentError("--finetune needs --load DIR (the weights to start from)")
+    load = _get(args, "load")
+    if load and not os.path.exists(load):
+        raise ArgumentError(f"--load {load}: directory does not exist")
+    if _get(args, "attention_backend") == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ArgumentError("--attention-backend triton needs the triton package; use sdpa") from None
+
+    try:
+        cfg = resolve_model_config(args)
+        cfg.validate(tp, pp)
+    except ConfigError as e:
+        raise ArgumentError(str(e)) from None
+    args.model_config = cfg
+
+    seq = _get(args, "seq_length")
+    if seq is not None:
+        if seq < 1:
+            raise ArgumentError(f"--seq-length must be >= 1, got {seq}")
+        if seq > cfg.max_position_embeddings:
+            raise ArgumentError(
+                f"--seq-length {seq} exceeds --max-position-embeddings {cfg.max_position_embeddings}; "
+                "raise --max-position-embeddings or shorten --seq-length"
+            )
+        if cp > 1 and seq % (2 * cp):
+            raise ArgumentError(
+                f"--seq-length {seq} must be a multiple of 2 x --context-parallel-size ({2 * cp}) "
+                "for the zigzag split"
+            )
+        if tp > 1 and _get(args, "sequence_parallel", True) and seq % tp:
+            raise ArgumentError(
+                f"--seq-length {seq} must be a multiple of --tensor-model-parallel-size {tp} under "
+                "sequence parallelism (or pass --no-sequence-parallel)"
+            )
+    first = _get(args, "decoder_first_pipeline_num_layers")
+    last = _get(args, "decoder_last_pipeline_num_layers")
+    if (first is not None or last is not None) and pp > 1:
+        from megatron_k15.models.sharding import pipeline_layer_ranges
+
+        try:
+            pipeline_layer_ranges(cfg.num_layers, pp, first, last)
+        except ValueError as e:
+            raise ArgumentError(f"--decoder-first/last-pipeline-num-layers: {e}") from None
+
+    mbs = _get(args, "micro_batch_size")
+    if mbs is not None and mbs < 1:
+        raise ArgumentError(f"--micro-batch-size must be >= 1, got {mbs}")
+    gbs = _get(args, "global_batch_size")
+    if gbs is not None and mbs is not None and gbs % (mbs * dp):
+        raise ArgumentError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel "
+            f"size {dp}; use a multiple of {mbs * dp}"
+        )
+    lr, min_lr = _get(args, "lr"), _get(args, "min_lr")
+    if lr is not None and lr < 0:
+        raise ArgumentError(f"--lr must be >= 0, got {lr}")
+    if lr is not None and min_lr is not None and min_lr > lr:
+        raise ArgumentError(f"--min-lr {min_lr} is larger than --lr {lr}")
+    save_interval = _get(args, "save_interval")
+    if save_interval is not None and save_interval < 1:
+        raise ArgumentError(f"--save-interval must be >= 1, got {save_interval}")
+    if save_interval is not None and not _get(args, "save"):
+        raise ArgumentError("--save-interval needs --save DIR")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_k15",
+               extra_args_provider=None, extra_validation=None, groups=None, world_size=None):
+    """Parse and validate; on a bad combination print ``error: <message>`` and exit 2."""
+    kwargs = {"groups": groups} if groups is not None else {}
+    parser = build_parser(description, extra_args_provider, **kwargs)
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, world_size)
+        if extra_validation is not None:
+            extra_validation(args)
+    except ArgumentError as e:
+        parser.error(str(e))
+    return args

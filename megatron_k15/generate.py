@@ -1,0 +1,169 @@
+"""Generate continuations for a JSONL file of prompts with a Megatron checkpoint.
+
+    python -m megatron_k15.generate --load CKPT --input in.jsonl --output out.jsonl \
+        --max-new-tokens 64 --temperature 0
+    torchrun --nproc-per-node 2 -m megatron_k15.generate --tensor-model-parallel-size 2 ...
+
+Input lines are ``{"prompt": str}`` or ``{"prompt_ids": [int, ...]}``; other keys are carried
+through. Each output line adds ``output_ids`` (prompt excluded), ``output_logprobs`` (fp32
+log-prob of each generated token before temperature), ``stop_reason`` (``eos`` | ``length``)
+and ``text`` when a tokenizer is known (``--tokenizer`` or the checkpoint's ``tokenizer/``).
+Requests are spread over data-parallel ranks; rank 0 writes the output file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.arguments import ArgumentError, parse_args
+
+
+def add_generate_args(p) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--input", required=True, help="JSONL with 'prompt' or 'prompt_ids' per line")
+    g.add_argument("--output", required=True, help="JSONL to write")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to text prompts")
+
+
+def _validate(args) -> None:
+    from megatron_k15.generation.sampling import SamplingParams
+
+    if not args.load:
+        raise ArgumentError("--load CKPT is required (a converted checkpoint)")
+    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
+        raise ArgumentError("generate runs tensor parallel only for now: use "
+                            "--pipeline-model-parallel-size 1 --context-parallel-size 1")
+    if not os.path.isfile(args.input):
+        raise ArgumentError(f"--input {args.input}: file not found")
+    if args.max_new_tokens < 0:
+        raise ArgumentError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise ArgumentError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        SamplingParams(args.temperature, args.top_p, args.top_k).validate()
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+
+
+def load_requests(args, tokenizer, vocab_size: int) -> list[tuple[dict, list[int]]]:
+    """Every input line with its prompt ids; errors name file:line and the field."""
+    from megatron_k15.data.prompts import DataError, read_jsonl, validate_generation_record
+
+    requests = []
+    for lineno, rec in read_jsonl(args.input, validate=validate_generation_record, with_lineno=True):
+        if "prompt_ids" in rec:
+            ids = list(rec["prompt_ids"])
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise DataError(args.input, lineno, "prompt_ids",
+                                f"token id {bad[0]} is outside the model's vocabulary ({vocab_size})")
+        else:
+            if tokenizer is None:
+                raise DataError(args.input, lineno, "prompt",
+                                "text prompts need a tokenizer (--tokenizer, or a checkpoint with "
+                                "tokenizer/); or give 'prompt_ids'")
+            ids = tokenizer.encode(rec["prompt"])
+            if args.add_bos and tokenizer.bos_id is not None:
+                ids = [tokenizer.bos_id] + ids
+            if not ids:
+                raise DataError(args.input, lineno, "prompt", "encodes to zero tokens")
+        requests.append((rec, ids))
+    return requests
+
+
+def find_tokenizer(args):
+    from megatron_k15.data.tokenizer import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    tok_dir = os.path.join(args.load, "tokenizer")
+    return load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, "Generate with a megatron_k15 checkpoint", add_generate_args, _validate,
+                      groups=("model", "parallel", "precision", "checkpoint"))
+    from megatron_k15.data.prompts import DataError
+    from megatron_k15.data.tokenizer import TokenizerError
+
+    cfg = args.model_config
+    try:
+        tokenizer = find_tokenizer(args)
+        requests = load_requests(args, tokenizer, cfg.vocab_size)
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_k15 import platform
+    from megatron_k15.checkpointing import load_model_checkpoint
+    from megatron_k15.generation.recompute import generate_recompute
+    from megatron_k15.generation.sampling import SamplingParams, request_generator
+    from megatron_k15.initialize import destroy, initialize_model_parallel
+    from megatron_k15.models.gpt import GPTModel
+    from megatron.core import parallel_state
+
+    initialize_model_parallel(args.tensor_model_parallel_size)
+    device = platform.current_device()
+    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
+                     device=device)
+    load_model_checkpoint(model, args.load)
+    model.eval()
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = [i for i in range(len(requests)) if i % dp_size == dp_rank]
+    params = SamplingParams(args.temperature, args.top_p, args.top_k)
+    eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
+    outputs: dict[int, dict] = {}
+    t0, n_tokens = time.time(), 0
+    for start in range(0, len(mine), args.batch_size):
+        batch = mine[start:start + args.batch_size]
+        results = generate_recompute(
+            model, [requests[i][1] for i in batch], args.max_new_tokens, params,
+            [request_generator(args.seed, i) for i in batch], eos_ids,
+        )
+        for i, res in zip(batch, results):
+            rec = dict(requests[i][0])
+            rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
+                       stop_reason=res.stop_reason)
+            if tokenizer is not None:
+                rec["text"] = tokenizer.decode(res.output_ids)
+            outputs[i] = rec
+            n_tokens += len(res.output_ids)
+        if dist.get_rank() == 0:
+            print(f"[generate] {min(start + args.batch_size, len(mine))}/{len(mine)} requests", file=sys.stderr, flush=True)
+    elapsed = time.time() - t0
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (outputs, n_tokens))
+    if dist.get_rank() == 0:
+        merged: dict[int, dict] = {}
+        for part, _ in gathered:
+            merged.update(part)
+        total_tokens = sum(n for _, n in gathered) // max(1, args.tensor_model_parallel_size)
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(tmp, "w") as f:
+            for i in range(len(requests)):
+                f.write(json.dumps(merged[i], ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
+        print(f"[generate] {len(requests)} requests, {total_tokens} tokens in {elapsed:.1f}s "
+              f"({total_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {args.output}", file=sys.stderr)
+    destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The simplest correct generator: recompute the whole sequence for every new token.
+
+O(n^2) per sequence and no KV cache — it is the reference the fast engine (paged KV cache,
+continuous batching) is tested against, and it runs any tp layout. Rows are right-padded;
+with causal attention the padding after a row's last token cannot change that token's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.generation.sampling import SamplingParams, sample_tokens
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def _broadcast_from_tp_rank0(t: torch.Tensor, model) -> torch.Tensor:
+    """All tp ranks must continue with identical tokens."""
+    if model.tp_size > 1:
+        src = dist.get_global_rank(model.tp_group, 0)
+        dist.broadcast(t, src=src, group=model.tp_group)
+    return t
+
+
+@torch.no_grad()
+def generate_recompute(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                       generators: list[torch.Generator], eos_ids: list[int]) -> list[GenerationResult]:
+    device = next(model.parameters()).device
+    pad_to = model.tp_size if model.sequence_parallel else 1
+    eos = set(eos_ids)
+    seqs = [list(p) for p in prompts]
+    results = [GenerationResult() for _ in prompts]
+    for _ in range(max_new_tokens):
+        active = [i for i, r in enumerate(results) if not r.stop_reason]
+        if not active:
+            break
+        lengths = [len(seqs[i]) for i in active]
+        width = int(math.ceil(max(lengths) / pad_to) * pad_to)
+        ids = torch.zeros((len(active), width), dtype=torch.long)
+        for row, i in enumerate(active):
+            ids[row, : lengths[row]] = torch.tensor(seqs[i])
+        last = torch.tensor(lengths, device=device) - 1
+        logits = model.last_token_logits(ids.to(device), last)
+        tokens, logprobs = sample_tokens(logits, params, [generators[i] for i in active])
+        tokens = _broadcast_from_tp_rank0(tokens.contiguous(), model)
+        logprobs = _broadcast_from_tp_rank0(logprobs.float().contiguous(), model)
+        for row, i in enumerate(active):
+            tok = int(tokens[row])
+            seqs[i].append(tok)
+            r = results[i]
+            r.output_ids.append(tok)
+            r.output_logprobs.append(float(logprobs[row]))
+            if tok in eos:
+                r.stop_reason = "eos"
+            elif len(r.output_ids) >= max_new_tokens:
+                r.stop_reason = "length"
+    for r in results:
+        r.stop_reason = r.stop_reason or "length"
+    return results

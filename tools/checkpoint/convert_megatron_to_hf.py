@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Export one of our checkpoints (any tp/pp layout) to a Hugging Face model directory.
+
+    python tools/checkpoint/convert_megatron_to_hf.py --load OUT --save HF_DIR
+
+Writes config.json (the original HF config when the model came from HF), safetensors
+(sharded with an index above --max-shard-size) and the tokenizer files. A model converted
+from HF comes back bit-exact. Written under a temporary name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bootstrap  # noqa: F401,E402
+
+import torch  # noqa: E402
+
+from megatron_k15.checkpointing import CheckpointError, atomic_directory, read_full_state_dict  # noqa: E402
+from megatron_k15.models.config import ConfigError  # noqa: E402
+from megatron_k15.models.hf_mapping import hf_config_from_gpt, megatron_to_hf, write_hf_state_dict  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="our checkpoint directory (root or one iteration)")
+    p.add_argument("--save", required=True, help="HF output directory (must not exist)")
+    p.add_argument("--target-dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
+            raise FileExistsError(f"--save {args.save} exists and is not empty; pass --overwrite to replace it")
+        full, cfg = read_full_state_dict(args.load)
+        hf_sd = megatron_to_hf(full, cfg)
+        if args.target_dtype:
+            hf_sd = {k: v.to(DTYPES[args.target_dtype]) for k, v in hf_sd.items()}
+        root = args.load
+        with atomic_directory(args.save) as tmp:
+            write_hf_state_dict(hf_sd, tmp, parse_size(args.max_shard_size))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_from_gpt(cfg), f, indent=2, sort_keys=True)
+            for sub in ("tokenizer", "hf_files"):
+                src = os.path.join(root, sub)
+                if os.path.isdir(src):
+                    for name in os.listdir(src):
+                        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        print(f"[export] wrote {len(hf_sd)} tensors to {args.save}", flush=True)
+    except (CheckpointError, ConfigError, FileExistsError, KeyError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Reading and validating JSONL inputs: RL prompt records, SFT records, generic lines.
+
+Every problem is a :class:`DataError` whose message starts with ``FILE:LINE:`` and names the
+field, e.g. ``data/p.jsonl:7: field 'answer': missing (required for task 'math')``. Readers
+stop at the first bad line, or, with ``skip_bad=True``, skip it and count it (``.skipped``,
+``.errors``). Blank lines are ignored; a file with no records at all is an error.
+
+Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_record`:
+
+``{"id": str, "prompt": str, "task": str, "answer": str, "tests": [{"input", "output"}],
+"difficulty": float, ...}``
+
+- ``prompt``: required, non-empty str.
+- ``id``: str (an int is turned into str); default ``"<file name>:<line>"``; must be unique.
+- ``task``: str; default ``"math"`` when ``answer`` is given, ``"code"`` when ``tests`` is.
+- ``answer``: required for ``math``; str (int/float accepted and turned into str).
+- ``tests``: required for ``code``; a non-empty list of ``{"input": str (default ""),
+  "output": str}``.
+- ``difficulty``: a number (not bool); default 0.0.
+- other fields (``reward_fn``, ``timeout_s``, ...) are kept as they are.
+
+SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
+``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` with at
+least one assistant message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+__all__ = [
+    "DataError",
+    "FieldError",
+    "JsonlReader",
+    "read_jsonl",
+    "read_prompt_records",
+    "validate_prompt_record",
+    "validate_sft_record",
+    "validate_generation_record",
+    "parse_json_line",
+    "iter_raw_lines",
+    "DuplicateIdChecker",
+    "SFT_ROLES",
+]
+
+SFT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class FieldError(ValueError):
+    """A problem with one field of one record (no location yet)."""
+
+    def __init__(self, field: Optional[str], msg: str):
+        self.field = field
+        self.msg = msg
+        super().__init__(f"field '{field}': {msg}" if field else msg)
+
+
+class DataError(ValueError):
+    """A bad input line: ``FILE:LINE: field 'F': message``."""
+
+    def __init__(self, path: str, line: Optional[int], field: Optional[str], msg: str):
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.msg = msg
+        loc = f"{self.path}:{line}" if line is not None else self.path
+        what = f"field '{field}': {msg}" if field else msg
+        super().__init__(f"{loc}: {what}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (DataError, (self.path, self.line, self.field, self.msg))
+
+
+# -- raw lines ---------------------------------------------------------------------------
+def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line_number, raw_bytes)`` for every line (1-based), newline stripped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw.rstrip(b"\r\n")
+
+
+def parse_json_line(path: str, lineno: int, raw: Union[bytes, str]) -> Optional[dict]:
+    """Decode one line to a dict; None for a blank line; DataError for anything else."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, lineno, None,
+                            f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    else:
+        text = raw
+    if lineno == 1 and text.startswith("\ufeff"):
+        text = text[1:]  # a UTF-8 byte-order mark
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# -- field validation ---------------------------------------------------------------------
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _require_str(obj: Mapping, field: str, *, non_empty: bool = True, label: Optional[str] = None) -> str:
+    label = label or field
+    if field not in obj:
+        raise FieldError(label, "missing")
+    v = obj[field]
+    if not isinstance(v, str):
+        raise FieldError(label, f"expected a string, got {_type_name(v)}")
+    if non_empty and not v.strip():
+        raise FieldError(label, "is empty")
+    return v
+
+
+def _validate_tests(tests: Any) -> list[dict]:
+    if not isinstance(tests, list):
+        raise FieldError("tests", f"expected a list of {{'input','output'}} objects, got {_type_name(tests)}")
+    if not tests:
+        raise FieldError("tests", "is empty (code prompts need at least one test)")
+    out = []
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict):
+            raise FieldError(f"tests[{i}]", f"expected an object with 'input' and 'output', got {_type_name(t)}")
+        inp = t.get("input", "")
+        if not isinstance(inp, str):
+            raise FieldError(f"tests[{i}].input", f"expected a string, got {_type_name(inp)}")
+        if "output" not in t:
+            raise FieldError(f"tests[{i}].output", "missing")
+        if not isinstance(t["output"], str):
+            raise FieldError(f"tests[{i}].output", f"expected a string, got {_type_name(t['output'])}")
+        out.append({**t, "input": inp})
+    return out
+
+
+def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None) -> dict:
+    """A normalised copy of one prompt record (see the module docstring); FieldError if bad."""
+    rec = dict(obj)
+    rec["prompt"] = _require_str(obj, "prompt")
+
+    if "id" in obj and obj["id"] is not None:
+        v = obj["id"]
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise FieldError("id", f"expected a string, got {_type_name(v)}")
+        rec["id"] = str(v)
+        if not rec["id"]:
+            raise FieldError("id", "is empty")
+    elif default_id is not None:
+        rec["id"] = default_id
+    else:
+        raise FieldError("id", "missing")
+
+    has_answer = obj.get("answer") is not None
+    has_tests = obj.get("tests") is not None
+    if "task" in obj and obj["task"] is not None:
+        task = obj["task"]
+        if not isinstance(task, str) or not task.strip():
+            raise FieldError("task", f"expected a non-empty string, got {task!r}")
+    elif has_answer:
+        task = "math"
+    elif has_tests:
+        task = "code"
+    else:
+        raise FieldError("task", "missing (and no 'answer' or 'tests' to infer it from)")
+    rec["task"] = task
+
+    if has_answer:
+        a = obj["answer"]
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            raise FieldError("answer", f"expected a string, got {_type_name(a)}")
+        if isinstance(a, float) and not math.isfinite(a):
+            raise FieldError("answer", f"expected a string, got non-finite {a!r}")
+        rec["answer"] = a if isinstance(a, str) else str(a)
+        if not rec["answer"].strip():
+            raise FieldError("answer", "is empty")
+    elif task == "math":
+        raise FieldError("answer", "missing (required for task 'math')")
+    else:
+        rec.pop("answer", None)
+
+    if has_tests:
+        rec["tests"] = _validate_tests(obj["tests"])
+    elif task == "code":
+        raise FieldError("tests", "missing (required for task 'code')")
+    else:
+        rec.pop("tests", None)
+
+    d = obj.get("difficulty", None)
+    if d is None:
+        rec["difficulty"] = 0.0
+    else:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise FieldError("difficulty", f"expected a number, got {d!r}")
+        rec["difficulty"] = float(d)
+    return rec
+
+
+def validate_sft_record(obj: Mapping) -> dict:
+    """``{"prompt", "response"}`` or ``{"messages": [...]}``, returned as
+    ``{"messages": [...]}`` (a prompt/response pair becomes one user and one assistant
+    message, and keeps ``"pair": True``); FieldError if bad."""
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list):
+            raise FieldError("messages", f"expected a list of {{'role','content'}} objects, got {_type_name(msgs)}")
+        if not msgs:
+            raise FieldError("messages", "is empty")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise FieldError(f"messages[{i}]", f"expected an object with 'role' and 'content', got {_type_name(m)}")
+            role = _require_str(m, "role", label=f"messages[{i}].role")
+            if role not in SFT_ROLES:
+                raise FieldError(f"messages[{i}].role", f"{role!r} is not one of {', '.join(SFT_ROLES)}")
+            content = _require_str(m, "content", non_empty=False, label=f"messages[{i}].content")
+            out.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in out):
+            raise FieldError("messages", "has no assistant message (nothing to train on)")
+        return {"messages": out}
+    if "prompt" not in obj and "response" not in obj:
+        raise FieldError("prompt", "missing (an SFT line needs 'prompt' and 'response', or 'messages')")
+    prompt = _require_str(obj, "prompt", non_empty=False)
+    response = _require_str(obj, "response")
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            "pair": True}
+
+
+def validate_generation_record(obj: Mapping) -> dict:
+    """``{"prompt": str}`` or ``{"prompt_ids": [int, ...]}`` (for the generate CLI)."""
+    if "prompt_ids" in obj:
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not ids:
+            raise FieldError("prompt_ids", f"expected a non-empty list of ints, got {_type_name(ids)}")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise FieldError(f"prompt_ids[{i}]", f"expected a non-negative int, got {t!r}")
+        return dict(obj)
+    _require_str(obj, "prompt")
+    return dict(obj)
+
+
+def _check_required(obj: Mapping, required) -> None:
+    if required is None:
+        return
+    if isinstance(required, Mapping):
+        for name, typ in required.items():
+            if name not in obj:
+                raise FieldError(name, "missing")
+            if typ is not None:
+                v = obj[name]
+                bad_bool = isinstance(v, bool) and typ in (int, float, (int, float))
+                if bad_bool or not isinstance(v, typ):
+                    tn = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+                    raise FieldError(name, f"expected {tn}, got {_type_name(v)}")
+    else:
+        for name in required:
+            if name not in obj:
+                raise FieldError(name, "missing")
+
+
+# -- readers -------------------------------------------------------------------------------
+class DuplicateIdChecker:
+    """Remembers ids with their line; ``check(path, line, id)`` raises DataError on a repeat."""
+
+    def __init__(self):
+        self._seen: dict[str, int] = {}
+
+    def check(self, path: str, line: int, rid: str) -> None:
+        first = self._seen.get(rid)
+        if first is not None:
+            raise DataError(path, line, "id", f"duplicate id {rid!r} (first on line {first})")
+        self._seen[rid] = line
+
+
+class JsonlReader:
+    """Iterates validated records of a JSONL file.
+
+    ``validate(obj, path, lineno) -> dict`` returns the record or raises FieldError/DataError.
+    With ``skip_bad`` bad lines are skipped: ``.skipped`` counts them and ``.errors`` keeps
+    their DataErrors. ``.records`` counts records yielded. With ``with_lineno`` the iterator
+    yields ``(line_number, record)``.
+    """
+
+    def __init__(self, path: str, validate: Callable[[dict, str, int], dict], *,
+                 skip_bad: bool = False, with_lineno: bool = False, allow_empty: bool = False):
+        self.path = os.fspath(path)
+        self.validate = validate
+        self.skip_bad = skip_bad
+        self.with_lineno = with_lineno
+        self.allow_empty = allow_empty
+        self.skipped = 0
+        self.records = 0
+        self.errors: list[DataError] = []
+
+    def _start(self) -> None:
+        """Called at the start of every iteration (subclasses reset their state here)."""
+
+    def __iter__(self):
+        self.skipped, self.records, self.errors = 0, 0, []
+        self._start()
+        seen_any = False
+        last = 0
+        for lineno, raw in iter_raw_lines(self.path):
+            last = lineno
+            try:
+                obj = parse_json_line(self.path, lineno, raw)
+                if obj is None:
+                    continue
+                seen_any = True
+                try:
+                    rec = self.validate(obj, self.path, lineno)
+                except FieldError as e:
+                    raise DataError(self.path, lineno, e.field, e.msg) from None
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                seen_any = True
+                self.skipped += 1
+                self.errors.append(e)
+                continue
+            self.records += 1
+            yield (lineno, rec) if self.with_lineno else rec
+        if not seen_any and not self.allow_empty:
+            raise DataError(self.path, max(1, last), None, "file is empty (no records)")
+
+
+def read_jsonl(path: str, required=None, *, validate: Optional[Callable[[dict], dict]] = None,
+               skip_bad: bool = False, with_lineno: bool = False,
+               allow_empty: bool = False) -> JsonlReader:
+    """Dicts from a JSONL file, with ``FILE:LINE`` errors.
+
+    ``required``: field names that must be present, or ``{name: type or tuple of types}``
+    (bool is not accepted as int/float). ``validate``: an optional function of the dict that
+    returns the record or raises :class:`FieldError` (e.g. :func:`validate_generation_record`).
+    """
+
+    def _v(obj, _path, _lineno):
+        _check_required(obj, required)
+        return validate(obj) if validate is not None else obj
+
+    return JsonlReader(path, _v, skip_bad=skip_bad, with_lineno=with_lineno, allow_empty=allow_empty)
+
+
+def read_prompt_records(path: str, *, skip_bad: bool = False, with_lineno: bool = False,
+                        allow_empty: bool = False) -> JsonlReader:
+    """Validated, normalised prompt records (see the module docstring); ids are unique."""
+    return _PromptReader(path, None, skip_bad=skip_bad, with_lineno=with_lineno,
+                         allow_empty=allow_empty)
+
+
+class _PromptReader(JsonlReader):
+    def _start(self) -> None:
+        self._ids = DuplicateIdChecker()
+        self._base = os.path.basename(self.path)
+        self.validate = self._validate
+
+    def _validate(self, obj: dict, path: str, lineno: int) -> dict:
+        rec = validate_prompt_record(obj, default_id=f"{self._base}:{lineno}")
+        self._ids.check(path, lineno, rec["id"])
+        return rec

@@ -1,0 +1,406 @@
+"""tools/preprocess_data.py end to end, the JSONL readers, and the indexed-dataset format."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_k15.data.indexed import (
+    IndexedDatasetWriter,
+    IndexedTokens,
+    dataset_files,
+    load_prompt_dataset,
+    load_sft_dataset,
+)
+from megatron_k15.data.prompts import (
+    DataError,
+    read_jsonl,
+    read_prompt_records,
+    validate_generation_record,
+)
+from megatron_k15.data.tokenizer import ByteTokenizer, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "preprocess_data.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tool = _load_tool()
+
+
+def run_tool(*args):
+    """The CLI in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
+                          text=True, cwd=str(REPO), env=env, timeout=120)
+
+
+def run_inproc(capsys, *args):
+    """The CLI's main() in this process (faster); returns (rc, stderr)."""
+    rc = tool.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False))
+            f.write("\n")
+    return path
+
+
+def existing_outputs(prefix):
+    d = Path(prefix).parent
+    if not d.exists():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(Path(prefix).name))
+
+
+SFT_ROWS = [
+    {"prompt": "What is 2+2? ", "response": "4, héllo ✓"},
+    {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello 🙂"}, {"role": "user", "content": "bye"},
+                  {"role": "assistant", "content": "ciao"}]},
+    {"prompt": "数学", "response": "答案"},
+]
+
+PROMPT_ROWS = [
+    {"id": "m1", "prompt": "1+1=?", "task": "math", "answer": "2", "difficulty": 1},
+    {"id": "c1", "prompt": "echo the input", "task": "code",
+     "tests": [{"input": "a\n", "output": "a\n"}], "difficulty": 2.5},
+    {"prompt": "héllo, what is 3*3?", "answer": 9},  # id, task and difficulty defaulted
+]
+
+
+def expected_sft(tok, row, append_eos):
+    """Direct tokenization of one SFT row, per the documented rules (simple template)."""
+    if "prompt" in row:
+        ids = tok.encode(row["prompt"]) + tok.encode(row["response"])
+        mask = [0] * len(tok.encode(row["prompt"])) + [1] * len(tok.encode(row["response"]))
+    else:
+        ids, mask = [], []
+        for m in row["messages"]:
+            if m["role"] == "assistant":
+                head, body = tok.encode("<|assistant|>\n"), tok.encode(m["content"] + "\n")
+                ids += head + body
+                mask += [0] * len(head) + [1] * len(body)
+            else:
+                t = tok.encode(f"<|{m['role']}|>\n{m['content']}\n")
+                ids += t
+                mask += [0] * len(t)
+    if append_eos:
+        ids, mask = ids + [tok.eos_id], mask + [1]
+    return ids, mask
+
+
+def test_sft_end_to_end(tmp_path):
+    inp = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS[:2] + [""] + SFT_ROWS[2:])  # a blank line
+    prefix = tmp_path / "out" / "sft"
+    res = run_tool("--mode", "sft", "--input", inp, "--output-prefix", prefix,
+                   "--tokenizer", "byte", "--append-eos")
+    assert res.returncode == 0, res.stderr
+    assert existing_outputs(prefix) == sorted(Path(f).name for f in dataset_files(str(prefix), "sft"))
+    ds = load_sft_dataset(str(prefix))
+    tok = ByteTokenizer()
+    assert len(ds) == len(SFT_ROWS)
+    for row, sample in zip(SFT_ROWS, ds):
+        ids, mask = expected_sft(tok, row, append_eos=True)
+        assert sample.tokens.tolist() == ids
+        assert sample.loss_mask.tolist() == mask
+    # round trip text -> ids -> text
+    assert tok.decode(ds[0].tokens) == "What is 2+2? 4, héllo ✓"
+    assert tok.decode(ds[0].tokens[ds[0].loss_mask == 1]) == "4, héllo ✓"
+    assert tok.decode(ds[1].tokens[ds[1].loss_mask == 1]) == "hello 🙂\nciao\n"
+    summary = json.loads((tmp_path / "out" / "sft.json").read_text())
+    assert summary["mode"] == "sft" and summary["num_samples"] == 3
+    assert summary["skipped_bad_lines"] == 0 and summary["tokenizer"] == "byte"
+    assert summary["num_tokens"] == int(ds.lengths.sum())
+    assert summary["num_loss_tokens"] == sum(int(s.loss_mask.sum()) for s in ds)
+
+
+def test_prompts_end_to_end(tmp_path):
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
+    prefix = tmp_path / "pr"
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", prefix,
+                   "--tokenizer", "byte", "--chat-template", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    ds = load_prompt_dataset(str(prefix))
+    tok = load_tokenizer("byte")
+    assert len(ds) == 3
+    for row, sample in zip(PROMPT_ROWS, ds):
+        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}])
+        assert sample.prompt_ids.tolist() == tok.encode(text)
+        assert tok.decode(sample.prompt_ids) == text
+        assert sample.record["prompt"] == row["prompt"]
+    recs = ds.records
+    assert [r["id"] for r in recs] == ["m1", "c1", "p.jsonl:3"]
+    assert [r["task"] for r in recs] == ["math", "code", "math"]
+    assert recs[0]["answer"] == "2" and recs[2]["answer"] == "9"
+    assert recs[1]["tests"] == [{"input": "a\n", "output": "a\n"}]
+    assert [r["difficulty"] for r in recs] == [1.0, 2.5, 0.0]
+    summary = json.loads((tmp_path / "pr.json").read_text())
+    assert summary["mode"] == "prompts" and summary["num_samples"] == 3 and summary["chat_template"]
+
+
+def test_workers_give_identical_output(tmp_path):
+    rows = []
+    for i in range(700):  # several chunks of lines
+        if i % 3 == 0:
+            rows.append({"prompt": f"q{i} ✓", "response": f"answer {i * 7}"})
+        else:
+            rows.append({"messages": [{"role": "user", "content": f"u{i}"},
+                                      {"role": "assistant", "content": "é" * (i % 11)}]})
+    rows[401] = '{"prompt": "broken"'  # a bad line, skipped in both runs
+    inp = write_jsonl(tmp_path / "big.jsonl", rows)
+    outs = {}
+    for w in (1, 2):
+        prefix = tmp_path / f"w{w}" / "d"
+        res = run_tool("--mode", "sft", "--input", inp, "--output-prefix", prefix, "--tokenizer",
+                       "byte", "--workers", w, "--skip-bad-lines", "--append-eos")
+        assert res.returncode == 0, res.stderr
+        outs[w] = {Path(f).name: Path(f).read_bytes() for f in dataset_files(str(prefix), "sft")}
+    assert outs[1] == outs[2]
+    summary = json.loads(outs[2]["d.json"])
+    assert summary["num_samples"] == 699 and summary["skipped_bad_lines"] == 1
+    assert any("big.jsonl:402" in b for b in summary["bad_lines"])
+
+
+BAD_PROMPT_LINES = [
+    ('{"id": "x", "prompt": "p", "answer": "1"', None, "invalid JSON"),
+    ({"id": "x", "task": "math", "answer": "1"}, "prompt", "missing"),
+    ({"id": "x", "prompt": 42, "answer": "1"}, "prompt", "expected a string"),
+    ({"id": "x", "prompt": "p", "task": "math"}, "answer", "required for task 'math'"),
+    ({"id": "x", "prompt": "p", "task": "code", "tests": [{"input": "1"}]}, "tests[0].output", "missing"),
+    ({"id": "x", "prompt": "p", "task": "code", "tests": "assert f()"}, "tests", "expected a list"),
+    ({"id": "x", "prompt": "p", "answer": "1", "difficulty": "hard"}, "difficulty", "expected a number"),
+    ({"id": "a", "prompt": "p", "answer": "1"}, "id", "duplicate id 'a' (first on line 1)"),
+    ('[1, 2]', None, "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("bad,field,msg", BAD_PROMPT_LINES)
+def test_bad_prompt_line_stops_with_location(tmp_path, capsys, bad, field, msg):
+    good = [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "q", "answer": "2"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", good + [bad] + [{"id": "c", "prompt": "r", "answer": "3"}])
+    prefix = tmp_path / "out" / "pr"
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", inp, "--output-prefix", prefix,
+                         "--tokenizer", "byte")
+    assert rc != 0
+    assert f"{inp}:3:" in err
+    if field is not None:
+        assert f"field '{field}'" in err
+    assert msg in err
+    assert existing_outputs(prefix) == []
+    assert not (tmp_path / "out").exists()  # the directory it created is gone too
+
+
+BAD_SFT_LINES = [
+    ({"prompt": "p"}, "response", "missing"),
+    ({"prompt": "p", "response": ["r"]}, "response", "expected a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant message"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "is not one of"),
+    ({"messages": "hi"}, "messages", "expected a list"),
+    ({"text": "hi"}, "prompt", "missing"),
+]
+
+
+@pytest.mark.parametrize("bad,field,msg", BAD_SFT_LINES)
+def test_bad_sft_line_stops_with_location(tmp_path, capsys, bad, field, msg):
+    inp = write_jsonl(tmp_path / "in.jsonl", [SFT_ROWS[0], "", bad])  # bad is on line 3
+    prefix = tmp_path / "sft"
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", inp, "--output-prefix", prefix,
+                         "--tokenizer", "byte", "--workers", 1)
+    assert rc != 0
+    assert f"{inp}:3: field '{field}'" in err and msg in err
+    assert existing_outputs(prefix) == []
+
+
+def test_bad_line_subprocess_non_utf8_and_empty(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"id": "a", "prompt": "p", "answer": "1"}\n{"id": "b", "prompt": "\xff\xfe"}\n')
+    prefix = tmp_path / "pr"
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", prefix, "--tokenizer", "byte",
+                   "--workers", 2)
+    assert res.returncode != 0
+    assert f"{inp}:2:" in res.stderr and "UTF-8" in res.stderr
+    assert existing_outputs(prefix) == []
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    res = run_tool("--mode", "sft", "--input", empty, "--output-prefix", prefix, "--tokenizer", "byte")
+    assert res.returncode != 0 and f"{empty}:1:" in res.stderr and "empty" in res.stderr
+    assert existing_outputs(prefix) == []
+
+
+def test_skip_bad_lines_counts(tmp_path, capsys):
+    rows = [PROMPT_ROWS[0], {"id": "z", "prompt": 1}, '{oops', PROMPT_ROWS[1], {"id": "m1", "prompt": "dup", "answer": "1"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    prefix = tmp_path / "pr"
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", inp, "--output-prefix", prefix,
+                         "--tokenizer", "byte", "--skip-bad-lines")
+    assert rc == 0, err
+    assert "3 bad lines skipped" in err
+    assert f"{inp}:2: field 'prompt'" in err and f"{inp}:3:" in err and f"{inp}:5: field 'id'" in err
+    ds = load_prompt_dataset(str(prefix))
+    assert [r["id"] for r in ds.records] == ["m1", "c1"]
+    assert ds.summary["skipped_bad_lines"] == 3 and len(ds.summary["bad_lines"]) == 3
+    # every line bad: nothing to write, non-zero exit
+    inp2 = write_jsonl(tmp_path / "allbad.jsonl", ['{', '{"prompt": 3}'])
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", inp2, "--output-prefix",
+                         tmp_path / "none", "--tokenizer", "byte", "--skip-bad-lines")
+    assert rc != 0 and "no samples left" in err
+    assert existing_outputs(tmp_path / "none") == []
+
+
+def test_seq_length_drop_and_truncate(tmp_path, capsys):
+    rows = [{"prompt": "ab", "response": "cd"}, {"prompt": "abcdefgh", "response": "ijklmnop"},
+            {"prompt": "abcdefghijkl", "response": "mn"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", inp, "--output-prefix", tmp_path / "drop",
+                         "--tokenizer", "byte", "--seq-length", 10)
+    assert rc == 0, err
+    ds = load_sft_dataset(str(tmp_path / "drop"))
+    assert len(ds) == 1 and ds.summary["dropped_overlong"] == 2 and ds.summary["truncated"] == 0
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", inp, "--output-prefix", tmp_path / "trunc",
+                         "--tokenizer", "byte", "--seq-length", 10, "--overlong", "truncate")
+    assert rc == 0, err
+    ds = load_sft_dataset(str(tmp_path / "trunc"))
+    # row 3 would keep no response token after truncation, so it is dropped
+    assert len(ds) == 2 and ds.summary["truncated"] == 1 and ds.summary["dropped_overlong"] == 1
+    assert ds[1].tokens.tolist() == list(b"abcdefghij") and ds[1].loss_mask.tolist() == [0] * 8 + [1] * 2
+
+
+def test_hf_chat_template_sft_masks(tmp_path, capsys):
+    """A transformers tokenizer with its own chat template: masks cover exactly the assistant turns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["hi there", "hello you"] * 3, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<unk>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    fast.save_pretrained(str(tmp_path / "tok"))
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "you"}]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", inp, "--output-prefix", tmp_path / "d",
+                         "--tokenizer", tmp_path / "tok", "--chat-template")
+    assert rc == 0, err
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    s = load_sft_dataset(str(tmp_path / "d"))[0]
+    segs = ["<user>hi</s><assistant>", "hello</s>", "<user>again</s><assistant>", "you</s>"]
+    want_ids = [i for seg in segs for i in tok.encode(seg)]
+    want_mask = [k % 2 for k, seg in enumerate(segs) for _ in tok.encode(seg)]
+    assert s.tokens.tolist() == want_ids and s.loss_mask.tolist() == want_mask
+    assert tok.eos_id in s.tokens[s.loss_mask == 1].tolist()
+
+
+def test_cli_help_and_bad_options(tmp_path):
+    res = run_tool("--help")
+    assert res.returncode == 0 and "--output-prefix" in res.stdout and "--skip-bad-lines" in res.stdout
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", tmp_path / "x",
+                   "--tokenizer", tmp_path / "no-such-tokenizer")
+    assert res.returncode != 0 and "no-such-tokenizer" in res.stderr
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", tmp_path / "x",
+                   "--tokenizer", "byte", "--append-eos")
+    assert res.returncode != 0 and "--append-eos" in res.stderr
+    assert existing_outputs(tmp_path / "x") == []
+
+
+def test_failure_during_commit_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A failure while renaming into place removes what was already renamed."""
+    inp = write_jsonl(tmp_path / "in.jsonl", SFT_ROWS)
+    real_replace = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tool.os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        tool.main(["--mode", "sft", "--input", str(inp), "--output-prefix", str(tmp_path / "d"),
+                   "--tokenizer", "byte"])
+    assert len(calls) == 3
+    assert [p for p in os.listdir(tmp_path) if p != "in.jsonl"] == []
+
+
+# -- the readers ----------------------------------------------------------------------------
+def test_read_prompt_records_and_skip_bad(tmp_path):
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS + ['{"id": "q", "prompt": "x", "task": "code", "tests": []}'])
+    with pytest.raises(DataError) as ei:
+        list(read_prompt_records(inp))
+    assert ei.value.line == 4 and ei.value.field == "tests" and f"{inp}:4:" in str(ei.value)
+    reader = read_prompt_records(inp, skip_bad=True)
+    recs = list(reader)
+    assert [r["id"] for r in recs] == ["m1", "c1", "p.jsonl:3"]
+    assert reader.skipped == 1 and reader.errors[0].field == "tests"
+    assert list(reader) == recs  # iterable again (duplicate-id state is per iteration)
+
+
+def test_read_jsonl_generic(tmp_path):
+    inp = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "a"}, {"prompt_ids": [1, 2]}, {"prompt_ids": [1, True]}])
+    with pytest.raises(DataError) as ei:
+        list(read_jsonl(inp, validate=validate_generation_record))
+    assert ei.value.line == 3 and ei.value.field == "prompt_ids[1]"
+    got = list(read_jsonl(inp, validate=validate_generation_record, skip_bad=True, with_lineno=True))
+    assert got == [(1, {"prompt": "a"}), (2, {"prompt_ids": [1, 2]})]
+    with pytest.raises(DataError, match=r"g.jsonl:2: field 'prompt': missing"):
+        list(read_jsonl(inp, required=["prompt"]))
+    with pytest.raises(DataError, match=r"g.jsonl:1: field 'prompt': expected int"):
+        list(read_jsonl(inp, required={"prompt": int}))
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        list(read_jsonl(tmp_path / "e.jsonl"))
+
+
+# -- the on-disk format ------------------------------------------------------------------------
+def test_indexed_format_matches_megatron_core(tmp_path):
+    """Our writer's files are byte-identical to megatron-core's builder's, and megatron-core's
+    IndexedDataset reads ours."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 260, size=n).tolist() for n in (5, 1, 17, 0, 9)]
+    for dtype in (np.uint16, np.int32, np.uint8):
+        vals = [[v % 256 for v in s] for s in seqs] if dtype == np.uint8 else seqs
+        ours, theirs = str(tmp_path / f"ours_{dtype.__name__}"), str(tmp_path / f"theirs_{dtype.__name__}")
+        w = IndexedDatasetWriter(ours + ".bin", ours + ".idx", dtype)
+        b = IndexedDatasetBuilder(theirs + ".bin", dtype=dtype)
+        for s in vals:
+            w.add(s)
+            b.add_item(torch.tensor(s, dtype=torch.int64))
+            b.end_document()
+        w.finalize()
+        b.finalize(theirs + ".idx")
+        for ext in (".bin", ".idx"):
+            assert Path(ours + ext).read_bytes() == Path(theirs + ext).read_bytes(), (dtype, ext)
+        mds = IndexedDataset(ours)
+        mine = IndexedTokens(theirs)
+        assert len(mds) == len(mine) == len(vals)
+        for i, s in enumerate(vals):
+            assert mds[i].tolist() == s and mine[i].tolist() == s
+    w = IndexedDatasetWriter(str(tmp_path / "o.bin"), str(tmp_path / "o.idx"), np.uint16)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.add([70000])
+    w.abort()
+    assert not (tmp_path / "o.bin").exists()

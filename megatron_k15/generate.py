@@ -139,7 +139,8 @@ def main(argv=None) -> int:
             rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
                        stop_reason=res.stop_reason)
             if tokenizer is not None:
-                rec["text"] = tokenizer.decode(res.output_ids)
+                # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
+                rec["text"] = tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size])
             outputs[i] = rec
             n_tokens += len(res.output_ids)
         if dist.get_rank() == 0:

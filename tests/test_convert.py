@@ -1,0 +1,126 @@
+"""HF <-> Megatron checkpoint conversion: bit-exact round trip, resharding, clear failures."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_k15.checkpointing import load_model_checkpoint, read_layout, resolve_checkpoint_dir
+from megatron_k15.initialize import initialize_model_parallel
+from megatron_k15.models.gpt import GPTModel
+from megatron_k15.models.hf_mapping import read_hf_state_dict
+from megatron_k15.testing import save_tiny_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TO_MEGATRON = os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py")
+TO_HF = os.path.join(ROOT, "tools", "checkpoint", "convert_megatron_to_hf.py")
+
+
+def _load_tool(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+to_megatron = _load_tool(TO_MEGATRON)
+to_hf = _load_tool(TO_HF)
+
+
+@pytest.mark.parametrize("kind,dtype,shard,tp,pp", [
+    ("qwen2", torch.bfloat16, "200KB", 2, 2),   # sharded safetensors, bf16, tp=2 pp=2
+    ("llama", torch.float32, None, 1, 1),       # single file, fp32, tied embeddings
+    ("llama", torch.float16, None, 2, 1),
+])
+def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
+    hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
+    save_tiny_hf_checkpoint(str(hf_dir), kind, dtype=dtype, max_shard_size=shard)
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck),
+                             "--tensor-model-parallel-size", str(tp),
+                             "--pipeline-model-parallel-size", str(pp)]) == 0
+    layout = read_layout(resolve_checkpoint_dir(str(ck)))
+    assert layout["tensor_model_parallel_size"] == tp and layout["pipeline_model_parallel_size"] == pp
+    assert len([d for d in os.listdir(ck / "release") if d.startswith("mp_rank_")]) == tp * pp
+    assert to_hf.main(["--load", str(ck), "--save", str(back), "--max-shard-size", "150KB"]) == 0
+
+    original, exported = read_hf_state_dict(str(hf_dir)), read_hf_state_dict(str(back))
+    assert sorted(original) == sorted(exported)
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype, name
+        assert torch.equal(exported[name], t), name
+    assert json.load(open(hf_dir / "config.json")) == json.load(open(back / "config.json"))
+    assert os.path.isfile(back / "generation_config.json")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_checkpoint_loads_under_another_tp_layout(tmp_path):
+    """Saved at tp=2/pp=2, loaded by a tp=1 model: logits still equal transformers'."""
+    hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
+    hf = save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck),
+                             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
+    initialize_model_parallel(1)
+    from megatron_k15.checkpointing import load_config
+
+    model = GPTModel(load_config(str(ck)))
+    load_model_checkpoint(model, str(ck))
+    ids = torch.randint(0, 300, (2, 19))
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max() <= 1e-5
+
+
+def _corrupt_config(hf_dir, **changes):
+    cfg = json.load(open(hf_dir / "config.json"))
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    json.dump(cfg, open(hf_dir / "config.json", "w"))
+
+
+@pytest.mark.parametrize("changes,tp,expected", [
+    ({"architectures": ["GPT2LMHeadModel"]}, 1, "GPT2LMHeadModel"),
+    ({"hidden_size": None}, 1, "hidden_size"),
+    ({}, 4, "--tensor-model-parallel-size 4 does not divide --num-attention-heads 6"),
+    ({}, 3, "--tensor-model-parallel-size 3 does not divide --num-query-groups 2"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, 1, "yarn"),
+])
+def test_bad_inputs_fail_cleanly(tmp_path, capsys, changes, tp, expected):
+    hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
+    save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    _corrupt_config(hf_dir, **changes)
+    code = to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck),
+                             "--tensor-model-parallel-size", str(tp)])
+    assert code != 0
+    assert expected in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # nothing half-written
+
+
+def test_missing_tensor_leaves_no_output(tmp_path, capsys):
+    hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
+    save_tiny_hf_checkpoint(str(hf_dir), "llama")
+    sd = load_file(hf_dir / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    from safetensors.torch import save_file
+
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck)]) != 0
+    assert "model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_cli_exit_code_and_existing_output(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "keep.txt").write_text("x")
+    proc = subprocess.run([sys.executable, TO_MEGATRON, "--hf-dir", str(hf_dir), "--save", str(tmp_path / "ck")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    assert os.listdir(tmp_path / "ck") == ["keep.txt"]

@@ -35,7 +35,7 @@ from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "byte_tokenizer.json")
 
 
 def copy_side_files(hf_dir: str, out_dir: str) -> None:

@@ -27,10 +27,25 @@ def register_attention_backend(name: str, factory: Callable[[], AttentionFn]) ->
 
 
 def available_attention_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(_BACKENDS) + ["auto"]
+
+
+def resolve_attention_backend(name: str) -> str:
+    """``auto``: our Triton kernels on GPU, PyTorch SDPA on CPU (where Triton only interprets)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            pass
+    return "sdpa"
 
 
 def get_attention_backend(name: str) -> AttentionFn:
+    name = resolve_attention_backend(name)
     if name not in _BACKENDS:
         raise ValueError(
             f"--attention-backend {name!r} is unknown; choose one of {available_attention_backends()}"

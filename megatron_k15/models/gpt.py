@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_k15.models.attention import get_attention_backend
+from megatron_k15.models.attention import get_attention_backend, resolve_attention_backend
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, TransformerLayer, normal_init
 from megatron_k15.models.rope import RotaryEmbedding
@@ -46,7 +46,7 @@ class GPTModel(torch.nn.Module):
         pp_rank: int = 0,
         pp_size: int = 1,
         layer_ranges: Optional[list[range]] = None,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
         params_dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ):
@@ -77,7 +77,7 @@ class GPTModel(torch.nn.Module):
         )
         self.mp_config = mp_config
         attention_fn = get_attention_backend(attention_backend)
-        self.attention_backend = attention_backend
+        self.attention_backend = resolve_attention_backend(attention_backend)
         init = normal_init(config.init_method_std)
 
         tied = config.tie_word_embeddings

@@ -173,6 +173,129 @@ def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int =
     return layout
 
 
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: Optional[dict] = None,
+                    save_optimizer: bool = True) -> str:
+    """Save model shards, optimizer state, every rank's RNG and ``extra_state`` (iteration data
+    position, sampler, replay buffer...). Collective over all ranks.
+
+    Written into ``SAVE/.tmp-<tag>``; rank 0 renames it to ``SAVE/<tag>`` and only then
+    rewrites ``latest``, so a crash at any point leaves the previous checkpoint current."""
+    model, pc = ctx.model, ctx.pc
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    tag = iteration_tag(iteration)
+    final = os.path.join(save_dir, tag)
+    tmp = os.path.join(save_dir, f".tmp-{tag}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    if distributed:
+        dist.barrier()
+    opt_state = ctx.optimizer.state_dict() if (save_optimizer and ctx.optimizer is not None) else None
+    if pc.writes_model_shard:
+        d = os.path.join(tmp, shard_dir_name(pc.tp_rank, pc.pp_rank))
+        os.makedirs(d, exist_ok=True)
+        payload = {"model": model.checkpoint_state_dict()}
+        if opt_state is not None:
+            payload["optimizer"] = opt_state
+        torch.save(payload, os.path.join(d, "model.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(layout_dict(model.config, pc.tp_size, pc.pp_size, ctx.layer_ranges,
+                                  iteration=iteration, world_size=world, cp_size=pc.cp_size,
+                                  dp_size=pc.dp_size), f, indent=2)
+        torch.save(extra_state or {}, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(os.path.join(save_dir, LATEST_FILE), "release" if iteration is None else str(iteration))
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def _optimizer_state_for_rank(ckpt: str, layout: dict, model, pp_rank: int, pp_size: int) -> Optional[dict]:
+    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
+    same = tp == model.tp_size and pp == pp_size and \
+        [range(a, b) for a, b in layout["layer_ranges"]][pp_rank] == model.layer_range
+    if same:
+        payload = torch.load(os.path.join(ckpt, shard_dir_name(model.tp_rank, pp_rank), "model.pt"),
+                             map_location="cpu", weights_only=True)
+        return payload.get("optimizer")
+    payloads = {(t, p): torch.load(os.path.join(ckpt, shard_dir_name(t, p), "model.pt"),
+                                   map_location="cpu", weights_only=True)
+                for t in range(tp) for p in range(pp)}
+    if any("optimizer" not in v for v in payloads.values()):
+        return None
+    cfg = model.config
+    ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
+    out = {"step": payloads[(0, 0)]["optimizer"]["step"]}
+    for key in ("exp_avg", "exp_avg_sq", "master"):
+        full = merge_shards({k: v["optimizer"][key] for k, v in payloads.items()}, cfg.vocab_size)
+        out[key] = split_for_rank(full, model.tp_size, model.tp_rank, pp_size, pp_rank, cfg.num_layers,
+                                  cfg.tie_word_embeddings, model.padded_vocab_size, ranges)
+    return out
+
+
+def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: bool = True,
+                    load_rng: bool = True) -> tuple[int, dict]:
+    """Load into a TrainContext, resharding across tp/pp if needed. Returns (iteration,
+    extra_state); with ``finetune`` only the weights are loaded and the iteration is 0."""
+    model, pc = ctx.model, ctx.pc
+    ckpt = resolve_checkpoint_dir(load_dir)
+    layout = load_model_checkpoint(model, ckpt, pc.pp_rank, pc.pp_size)
+    if finetune:
+        if ctx.optimizer is not None:  # fp32 master weights follow the loaded parameters
+            ctx.optimizer.load_state_dict({
+                "step": 0,
+                **{k: {n: (p.detach() if k == "master" else torch.zeros_like(p, dtype=torch.float32))
+                       for n, p in model.named_parameters()} for k in ("exp_avg", "exp_avg_sq", "master")},
+            })
+        return 0, {}
+    if load_optimizer and ctx.optimizer is not None:
+        state = _optimizer_state_for_rank(ckpt, layout, model, pc.pp_rank, pc.pp_size)
+        if state is None:
+            raise CheckpointError(f"--load {load_dir}: no optimizer state (use --finetune to load weights only)")
+        ctx.optimizer.load_state_dict(state)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    rng_file = os.path.join(ckpt, "rng", f"rank_{rank:05d}.pt")
+    if load_rng and layout.get("world_size") == world and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    state_file = os.path.join(ckpt, "trainer_state.pt")
+    extra = torch.load(state_file, map_location="cpu", weights_only=False) if os.path.isfile(state_file) else {}
+    iteration = layout.get("iteration") or 0
+    return int(iteration), extra
+
+
 def save_model_checkpoint(model, save_dir: str, iteration: Optional[int], pp_rank: int = 0,
                           pp_size: int = 1, layer_ranges: Optional[list[range]] = None,
                           write_shard: bool = True, **extra) -> str:

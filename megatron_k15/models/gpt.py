@@ -13,10 +13,13 @@ vocab-parallel cross-entropy, never gathering the full vocabulary.
 
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -48,6 +51,7 @@ class GPTModel(torch.nn.Module):
         layer_ranges: Optional[list[range]] = None,
         attention_backend: str = "auto",
         params_dtype: torch.dtype = torch.float32,
+        recompute_granularity: Optional[str] = None,
         device: Optional[torch.device] = None,
     ):
         super().__init__()
@@ -86,6 +90,14 @@ class GPTModel(torch.nn.Module):
                 self.padded_vocab_size, config.hidden_size, mp_config=mp_config, init_method=init,
                 tp_group=tp_group, sequence_parallel=self.sequence_parallel,
             )
+            if not self.pre_process:
+                # the last stage's copy of the tied embedding: synced with the first stage's,
+                # counted once in the grad norm
+                self.embedding.weight.tied_copy = True
+        self.pp_size = pp_size
+        if recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {recompute_granularity!r}")
+        self.recompute_granularity = recompute_granularity
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn)
@@ -102,6 +114,40 @@ class GPTModel(torch.nn.Module):
             )
         if device is not None:
             self.to(device)
+
+    @property
+    def tied_embedding_name(self) -> Optional[str]:
+        """The parameter shared by the first and last pipeline stage, if any."""
+        if self.config.tie_word_embeddings and self.pp_size > 1 and hasattr(self, "embedding"):
+            return "embedding.weight"
+        return None
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Initialise every parameter from its global name and the seed, independent of the
+        tp/pp layout: the full tensor is drawn, then this rank's shard is kept.
+
+        normal(0, std) for matrices (std / sqrt(2 L) for the output projections of attention
+        and MLP, as in Megatron), ones for norms, zeros for biases."""
+        from megatron_k15.models.hf_mapping import expected_shape
+        from megatron_k15.models.sharding import VOCAB_PARAMS, pad_vocab, split_tensor
+
+        cfg = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                p.zero_()
+                continue
+            std = cfg.init_method_std
+            if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+                std = std / math.sqrt(2.0 * cfg.num_layers)
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            full = torch.randn(expected_shape(name, cfg), generator=gen) * std
+            if name in VOCAB_PARAMS:
+                full = pad_vocab(full, self.padded_vocab_size)
+            p.copy_(split_tensor(full, name, self.tp_size, self.tp_rank).to(p.dtype))
 
     # -- pieces -------------------------------------------------------------------------
     def output_weight(self) -> torch.Tensor:
@@ -136,8 +182,14 @@ class GPTModel(torch.nn.Module):
             else:
                 position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
         cos, sin = self.rotary(position_ids.to(device), hidden.dtype)
+        recompute = self.recompute_granularity if (self.training and torch.is_grad_enabled()) else None
         for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen)
+            if recompute == "full":
+                # keep only each layer's input; recompute the layer in backward
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, recompute_attention=recompute == "selective")
         if self.post_process:
             hidden = self.final_layernorm(hidden)
         return hidden

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -46,7 +47,9 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-        # Under SP each rank sees a different slice of the sequence: grads must be summed.
+        # Replicated on every tp rank (counted once in the grad norm); under SP each rank sees a
+        # different slice of the sequence, so its grads are partial sums to all-reduce over tp.
+        self.weight.tp_replicated = True
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +144,7 @@ class SelfAttention(torch.nn.Module):
             bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False):
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -150,12 +153,19 @@ class SelfAttention(torch.nn.Module):
         v = qkv[:, :, :, self.heads_per_group + 1]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out = self.attention_fn(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True,
-            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if recompute_attention:
+            # selective recompute: drop the attention core's saved activations, keep the GEMMs'
+            out = torch.utils.checkpoint.checkpoint(
+                self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, cu_seqlens, max_seqlen)
         out = out.transpose(0, 1).reshape(s, b, -1)
         return self.linear_proj(out)
+
+    def _core(self, q, k, v, cu_seqlens, max_seqlen):
+        return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class SwiGLUMLP(torch.nn.Module):
@@ -192,6 +202,7 @@ class TransformerLayer(torch.nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
+                                    recompute_attention)
         return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -1,0 +1,281 @@
+"""Data parallelism: bucketed gradient reduction overlapped with backward, and a ZeRO-1
+distributed Adam with fp32 master weights, global-norm clipping and the LR schedule.
+
+Gradient flow for one optimizer step (dp here is the data x context parallel group):
+
+    backward of the last microbatch: as soon as every grad in a bucket is final, the bucket is
+        reduce-scattered (SUM) over dp asynchronously -> each rank holds its shard of the bucket
+    finish(): tp all-reduce of sequence-parallel (replicated) grads, pp all-reduce of the tied
+        embedding between first and last stage, then their "late" bucket is reduce-scattered
+    step(): global grad norm (each element counted once over tp x pp x dp), clip, AdamW on the
+        local fp32 master shard, all-gather of the updated shards back into the parameters
+
+Losses are normalised by the global token count before backward, so gradients are *summed*
+over dp and every layout computes the same update as one rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass
+class _Bucket:
+    params: list  # [(name, param, offset within the bucket)]
+    numel: int  # padded to a multiple of dp
+    late: bool
+    grad_data: torch.Tensor = None  # param-dtype buffer the .grad views live in
+    pending: int = 0
+    handle: Optional[object] = None
+    shard_grad: torch.Tensor = None  # fp32 (numel / dp,) reduced grad of this rank's shard
+    staging: torch.Tensor = None
+
+    def shard_range(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
+        n = self.numel // dp_size
+        return dp_rank * n, (dp_rank + 1) * n
+
+
+def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
+          style: str = "cosine") -> float:
+    """Linear warm-up to ``lr`` over ``warmup_iters``, then decay to ``min_lr`` at ``decay_iters``."""
+    if warmup_iters > 0 and iteration < warmup_iters:
+        return lr * (iteration + 1) / warmup_iters
+    if style == "constant" or decay_iters <= warmup_iters:
+        return lr
+    progress = min(1.0, (iteration - warmup_iters) / max(1, decay_iters - warmup_iters))
+    if style == "linear":
+        return min_lr + (lr - min_lr) * (1.0 - progress)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DistributedOptimizer:
+    """ZeRO-1 AdamW over the data-parallel group with overlapped, bucketed grad reduction.
+
+    ``named_params``: the model stage's trainable parameters. ``replicated_over_tp(name, p)``
+    tells which grads are partial sums under sequence parallelism (all-reduced over tp before
+    dp reduction) and counted once in the norm; ``tied_embedding`` names the parameter
+    shared by the first and last pipeline stage (all-reduced over ``embedding_group``).
+    """
+
+    def __init__(self, named_params, *, lr: float, weight_decay: float = 0.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8, clip_grad: float = 0.0,
+                 dp_group=None, tp_group=None, grad_norm_group=None, embedding_group=None,
+                 tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
+                 sequence_parallel: bool = False, bucket_numel: int = 40_000_000, overlap: bool = True):
+        self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.clip_grad = clip_grad
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.grad_norm_group, self.embedding_group = grad_norm_group, embedding_group
+        self.dp_size, self.dp_rank = _group_size(dp_group), _group_rank(dp_group)
+        self.tp_rank = _group_rank(tp_group)
+        self.tied_embedding = tied_embedding
+        self.sequence_parallel = sequence_parallel and _group_size(tp_group) > 1
+        self.overlap = overlap
+        self.step_count = 0
+        self._sync_enabled = True
+
+        late = [(n, p) for n, p in self.named_params if self._is_late(n, p)]
+        early = [(n, p) for n, p in reversed(self.named_params) if not self._is_late(n, p)]
+        self.buckets: list[_Bucket] = []
+        current, size = [], 0
+        for n, p in early:  # reverse registration order ~ the order backward produces grads
+            current.append((n, p))
+            size += p.numel()
+            if size >= bucket_numel:
+                self._add_bucket(current, late=False)
+                current, size = [], 0
+        if current:
+            self._add_bucket(current, late=False)
+        if late:
+            self._add_bucket(late, late=True)
+
+        # fp32 master shard, Adam moments, and per-element masks for decay and norm counting
+        self.master = [self._shard_of(b, lambda n, p: p.detach()) for b in self.buckets]
+        self.exp_avg = [torch.zeros_like(m) for m in self.master]
+        self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
+        self.decay_mask = [self._shard_of(b, lambda n, p: torch.full_like(p, float(p.dim() > 1)))
+                           for b in self.buckets]
+        self.norm_mask = [self._shard_of(b, lambda n, p: torch.full_like(p, float(self._counted_in_norm(n, p))))
+                          for b in self.buckets]
+        if overlap:
+            for b in self.buckets:
+                if not b.late:
+                    for _, p, _ in b.params:
+                        p.register_post_accumulate_grad_hook(self._make_hook(b))
+
+    # -- layout -----------------------------------------------------------------------------
+    def _is_late(self, name, p) -> bool:
+        return (self.sequence_parallel and getattr(p, "sequence_parallel", False)) or name == self.tied_embedding
+
+    def _counted_in_norm(self, name, p) -> bool:
+        """Each gradient element enters the global norm once: tp-replicated parameters only on
+        tp rank 0, the tied embedding only on the first stage."""
+        if getattr(p, "tp_replicated", False) and self.tp_rank != 0:
+            return False
+        return not getattr(p, "tied_copy", False)
+
+    def _add_bucket(self, named, late: bool) -> None:
+        offset, entries = 0, []
+        for n, p in named:
+            entries.append((n, p, offset))
+            offset += p.numel()
+        numel = int(math.ceil(offset / self.dp_size) * self.dp_size)
+        device = named[0][1].device
+        dtype = named[0][1].dtype
+        b = _Bucket(entries, numel, late)
+        b.grad_data = torch.zeros(numel, dtype=dtype, device=device)
+        for n, p, off in entries:
+            p.grad = b.grad_data[off:off + p.numel()].view_as(p)
+        b.shard_grad = torch.zeros(numel // self.dp_size, dtype=torch.float32, device=device)
+        self.buckets.append(b)
+
+    def _shard_of(self, b: _Bucket, value_fn) -> torch.Tensor:
+        """This rank's fp32 shard of the bucket-wide flat tensor built from ``value_fn(name, p)``."""
+        flat = torch.zeros(b.numel, dtype=torch.float32, device=b.grad_data.device)
+        for n, p, off in b.params:
+            flat[off:off + p.numel()] = value_fn(n, p).reshape(-1).float().to(flat.device)
+        s, e = b.shard_range(self.dp_rank, self.dp_size)
+        return flat[s:e].clone()
+
+    # -- gradient reduction -------------------------------------------------------------------
+    def _make_hook(self, b: _Bucket):
+        def hook(_p):
+            if not self._sync_enabled:
+                return
+            b.pending -= 1
+            if b.pending == 0:
+                self._launch(b)
+        return hook
+
+    def _launch(self, b: _Bucket) -> None:
+        b.staging = b.grad_data.float() if b.grad_data.dtype != torch.float32 else b.grad_data
+        if self.dp_size == 1:
+            b.shard_grad.copy_(b.staging)
+            b.handle = None
+            return
+        b.handle = _reduce_scatter_single(b.shard_grad, b.staging, group=self.dp_group, async_op=True)
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.grad_data.zero_()
+            b.handle = None
+
+    def prepare_for_backward(self, is_last_microbatch: bool) -> None:
+        """Call before each microbatch's backward; grads are reduced only after the last one."""
+        self._sync_enabled = is_last_microbatch and self.overlap
+        for b in self.buckets:
+            b.pending = len(b.params)
+
+    def finish_grad_sync(self) -> None:
+        """Wait for the overlapped buckets; reduce the late ones (SP-replicated, tied embedding)."""
+        for b in self.buckets:
+            if b.late:
+                for n, p, off in b.params:
+                    g = b.grad_data[off:off + p.numel()]
+                    if self.sequence_parallel and getattr(p, "sequence_parallel", False):
+                        dist.all_reduce(g, group=self.tp_group)
+                    if n == self.tied_embedding and self.embedding_group is not None:
+                        dist.all_reduce(g, group=self.embedding_group)
+                self._launch(b)
+            elif not self.overlap or not self._sync_enabled or b.pending != 0:
+                self._launch(b)
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+                b.handle = None
+        self._sync_enabled = False
+
+    # -- the update -------------------------------------------------------------------------------
+    def grad_norm(self) -> float:
+        sq = torch.zeros((), dtype=torch.float32, device=self.buckets[0].shard_grad.device)
+        for b, mask in zip(self.buckets, self.norm_mask):
+            sq += (b.shard_grad.pow(2) * mask).sum()
+        if self.grad_norm_group is not None and _group_size(self.grad_norm_group) > 1:
+            dist.all_reduce(sq, group=self.grad_norm_group)
+        return float(sq.sqrt())
+
+    @torch.no_grad()
+    def step(self, lr: Optional[float] = None) -> float:
+        """Clip by the global norm, AdamW on the local master shard, all-gather the parameters.
+        Returns the grad norm before clipping."""
+        lr = self.lr if lr is None else lr
+        norm = self.grad_norm()
+        coef = 1.0
+        if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
+            coef = self.clip_grad / (norm + 1e-6)
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2 = 1.0 - b2 ** self.step_count
+        for i, b in enumerate(self.buckets):
+            g = b.shard_grad * coef
+            m, v, w = self.exp_avg[i], self.exp_avg_sq[i], self.master[i]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if self.weight_decay:
+                w.mul_(1.0 - lr * self.weight_decay * self.decay_mask[i])
+            w.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
+            self._publish(b, w)
+        return norm
+
+    def _publish(self, b: _Bucket, shard: torch.Tensor) -> None:
+        if self.dp_size > 1:
+            full = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
+            _all_gather_single(full, shard.contiguous(), group=self.dp_group)
+        else:
+            full = shard
+        for _, p, off in b.params:
+            p.data.copy_(full[off:off + p.numel()].view_as(p))
+
+    # -- state for checkpoints: per-parameter full tensors (tp/pp-sharded like the model) ---------
+    def _full_flat(self, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for b, shard in zip(self.buckets, shards):
+            if self.dp_size > 1:
+                full = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
+                _all_gather_single(full, shard.contiguous(), group=self.dp_group)
+            else:
+                full = shard
+            for n, p, off in b.params:
+                out[n] = full[off:off + p.numel()].view_as(p).detach().cpu().clone()
+        return out
+
+    def state_dict(self) -> dict:
+        """Collective over dp: every dp rank gets the full per-parameter state."""
+        return {"step": self.step_count, "exp_avg": self._full_flat(self.exp_avg),
+                "exp_avg_sq": self._full_flat(self.exp_avg_sq), "master": self._full_flat(self.master)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq), ("master", self.master)):
+            tensors = state[key]
+            missing = [n for n, _ in self.named_params if n not in tensors]
+            if missing:
+                raise KeyError(f"optimizer state '{key}' has no entry for parameters {missing[:3]}")
+            for i, b in enumerate(self.buckets):
+                target[i].copy_(self._shard_of(b, lambda n, p: tensors[n]))
+        for i, b in enumerate(self.buckets):
+            self._publish(b, self.master[i])
+
+    def reset_state(self) -> None:
+        """Fresh Adam moments (Kimi's RL resets the optimizer every iteration)."""
+        self.step_count = 0
+        for m, v in zip(self.exp_avg, self.exp_avg_sq):
+            m.zero_()
+            v.zero_()

@@ -1,0 +1,211 @@
+"""What every trainer shares: the parallel context, building a model stage and its optimizer,
+one optimizer step through the pipeline schedule, and metrics reduced to rank 0.
+
+``train_sft`` and ``train_rl`` differ only in their data and their loss; both call
+``train_step(ctx, microbatches, forward_step, shape_fn, lr)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_k15 import platform
+from megatron_k15.models.config import GPTConfig
+from megatron_k15.models.gpt import GPTModel
+from megatron_k15.models.sharding import pipeline_layer_ranges
+from megatron_k15.parallel.data import DistributedOptimizer
+from megatron_k15.parallel.pipeline import StageComm, forward_backward
+
+
+@dataclass
+class ParallelContext:
+    """This rank's coordinates and process groups (from megatron-core's parallel_state)."""
+
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    cp_size: int
+    cp_rank: int
+    dp_size: int  # data parallel only
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    cp_group: Any
+    dp_group: Any
+    dp_cp_group: Any  # gradients are reduced over data x context parallel ranks
+    embedding_group: Any
+
+    @classmethod
+    def from_parallel_state(cls) -> "ParallelContext":
+        ps = parallel_state
+        pp = ps.get_pipeline_model_parallel_world_size()
+        return cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=pp, pp_rank=ps.get_pipeline_model_parallel_rank(),
+            cp_size=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+            tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+            cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+            embedding_group=ps.get_embedding_group() if pp > 1 else None,
+        )
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def writes_model_shard(self) -> bool:
+        """One writer per (tp, pp) shard."""
+        return self.dp_rank == 0 and self.cp_rank == 0
+
+
+@dataclass
+class TrainContext:
+    model: GPTModel
+    optimizer: DistributedOptimizer
+    comm: StageComm
+    pc: ParallelContext
+    layer_ranges: list
+
+
+def stage_layer_ranges(cfg: GPTConfig, pp: int, first: Optional[int] = None, last: Optional[int] = None):
+    return pipeline_layer_ranges(cfg.num_layers, pp, first, last)
+
+
+def sync_tied_embedding(model: GPTModel, pc: ParallelContext) -> None:
+    """Give the last stage's copy of a tied embedding the first stage's values."""
+    if model.tied_embedding_name is None:
+        return
+    with torch.no_grad():
+        w = model.embedding.weight
+        if not pc.is_first_stage:
+            w.zero_()
+        dist.all_reduce(w.data, group=pc.embedding_group)
+
+
+def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> TrainContext:
+    """Model stage for this rank (layout-independent random init from ``seed``), its optimizer
+    and its pipeline links. ``args`` carries the Megatron flags (lr, betas, clip, ...)."""
+    pc = ParallelContext.from_parallel_state()
+    ranges = stage_layer_ranges(cfg, pc.pp_size, getattr(args, "decoder_first_pipeline_num_layers", None),
+                                getattr(args, "decoder_last_pipeline_num_layers", None))
+    device = platform.current_device()
+    model = GPTModel(
+        cfg, tp_group=pc.tp_group, sequence_parallel=getattr(args, "sequence_parallel", True),
+        pp_rank=pc.pp_rank, pp_size=pc.pp_size, layer_ranges=ranges,
+        attention_backend=getattr(args, "attention_backend", "auto"),
+        params_dtype=getattr(args, "params_dtype", torch.float32),
+        recompute_granularity=getattr(args, "recompute_granularity", None), device=device,
+    )
+    if seed is not None:
+        model.reset_parameters(seed)
+    sync_tied_embedding(model, pc)
+    model.train()
+    optimizer = DistributedOptimizer(
+        model.named_parameters(), lr=args.lr or 0.0, weight_decay=getattr(args, "weight_decay", 0.0),
+        betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.95)),
+        eps=getattr(args, "adam_eps", 1e-8), clip_grad=getattr(args, "clip_grad", 0.0),
+        dp_group=pc.dp_cp_group, tp_group=pc.tp_group, grad_norm_group=dist.group.WORLD,
+        embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
+        sequence_parallel=model.sequence_parallel,
+        bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
+    )
+    comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, device, getattr(args, "params_dtype", torch.float32))
+    return TrainContext(model, optimizer, comm, pc, ranges)
+
+
+def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
+    """Shape of the activation a stage receives for a microbatch with ``input_ids`` (b, s)."""
+    def shape(mb):
+        b, s = mb["input_ids"].shape
+        local = s // model.tp_size if model.sequence_parallel else s
+        return (local, b, model.config.hidden_size)
+    return shape
+
+
+def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr: float) -> tuple[list, float]:
+    """Zero grads, run 1F1B over the microbatches (grads reduced over dp during the last
+    backward), step the optimizer. Returns (last-stage results, grad norm)."""
+    opt = ctx.optimizer
+    opt.zero_grad()
+    n = len(microbatches)
+    results = forward_backward(
+        forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
+        before_backward=lambda i: opt.prepare_for_backward(i == n - 1),
+    )
+    opt.finish_grad_sync()
+    grad_norm = opt.step(lr)
+    return results, grad_norm
+
+
+def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step) -> list:
+    return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model), forward_only=True)
+
+
+def reduce_sums(values: Sequence[float], ctx: TrainContext) -> list[float]:
+    """Sum per-rank partial sums computed on the last stage over pp (others add zero) and dp;
+    every rank gets the totals."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    if not (ctx.pc.is_last_stage and ctx.pc.tp_rank == 0 and ctx.pc.cp_rank == 0):
+        t.zero_()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+class MetricsLogger:
+    """metrics.jsonl (one object per logged iteration) and TensorBoard scalars, on rank 0."""
+
+    def __init__(self, log_dir: Optional[str], enabled: bool):
+        self.enabled = enabled and log_dir is not None
+        self.path = None
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, "metrics.jsonl")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir)
+        except Exception:  # noqa: BLE001 - tensorboard is optional; metrics.jsonl always works
+            self.tb = None
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume, drop records of iterations that the checkpoint does not include."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [line for line in open(self.path) if line.strip() and json.loads(line)["iteration"] <= iteration]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, iteration: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"iteration": iteration, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, iteration)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

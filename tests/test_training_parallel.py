@@ -1,0 +1,90 @@
+"""Training in any (tp, pp, dp) layout equals one rank: losses of 3 iterations and the final
+weights (fp32, relative 1e-5), through the 1F1B schedule, ZeRO-1 Adam and SP."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_k15.data.indexed import SFTSample
+from megatron_k15.data.sft import PackedSFTStream
+from megatron_k15.models.config import preset
+from megatron_k15.models.sharding import merge_shards
+from megatron_k15.testing import run_distributed
+
+SEQ, GBS, MBS, ITERS = 32, 8, 1, 3
+
+
+def _samples():
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(40):
+        n = int(rng.integers(5, 30))
+        tokens = rng.integers(0, 256, n)
+        mask = (np.arange(n) >= n // 2).astype(np.uint8)
+        out.append(SFTSample(tokens, mask))
+    return out
+
+
+def _args():
+    # adam_eps 1e-4: Adam turns the rounding noise of mathematically-zero grads (e.g. the K bias,
+    # which softmax ignores) into lr-sized steps; a larger eps keeps the weight comparison meaningful
+    return argparse.Namespace(lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4,
+                              clip_grad=0.5, attention_backend="sdpa", params_dtype=torch.float32,
+                              sequence_parallel=True, recompute_granularity="full", grad_bucket_numel=5000)
+
+
+def train_worker(rank, world_size, tp, pp):
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.parallel.data import lr_at
+    from megatron_k15.train_sft import sft_forward_step
+    from megatron_k15.training import build_train_context, reduce_sums, train_step
+
+    initialize_model_parallel(tp, pp)
+    cfg = preset("tiny", num_layers=4, init_method_std=0.05)
+    ctx = build_train_context(_args(), cfg, seed=11)
+    stream = PackedSFTStream(_samples(), SEQ, seed=3)
+    dp, dp_rank = ctx.pc.dp_size, ctx.pc.dp_rank
+    per = GBS // dp
+    losses, norms = [], []
+    for it in range(ITERS):
+        rows = stream.rows(it * GBS, GBS)
+        total = sum(stream.loss_tokens(r) for r in rows)
+        mine = rows[dp_rank * per:(dp_rank + 1) * per]
+        mbs = [stream.microbatch(mine[k:k + MBS]) for k in range(0, per, MBS)]
+        lr = lr_at(it, 3e-3, 3e-4, 1, ITERS)
+        results, norm = train_step(ctx, mbs, sft_forward_step(ctx.model, total), lr)
+        loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
+        losses.append(loss_sum / tokens)
+        norms.append(norm)
+    return {"losses": losses, "norms": norms, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
+            "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict()}
+
+
+def _full_weights(results):
+    shards = {(r["tp_rank"], r["pp_rank"]): r["state"] for r in results if r["dp_rank"] == 0}
+    return merge_shards(shards, preset("tiny").vocab_size)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(train_worker, 1, 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2), (2, 1, 2)])
+def test_layout_equals_one_rank(reference, tp, pp, dp):
+    ref = reference[0]
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    results = run_distributed(train_worker, tp * pp * dp, tp, pp)
+    for r in results:
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * abs(b)
+        for a, b in zip(r["norms"], ref["norms"]):
+            assert abs(a - b) <= 1e-5 * abs(b)
+    ref_w, got_w = _full_weights(reference), _full_weights(results)
+    assert sorted(ref_w) == sorted(got_w)
+    for name, w in ref_w.items():
+        scale = max(1e-3, w.abs().max().item())
+        assert (got_w[name] - w).abs().max().item() <= 1e-5 * scale, name

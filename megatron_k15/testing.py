@@ -8,6 +8,7 @@ entry per rank. A failure on any rank raises in the caller with that rank's trac
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import traceback
@@ -27,7 +28,11 @@ def _worker(fn, rank, world_size, init_file, args, queue):
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", _to_cpu(result)))
+        # bytes, not tensors: a tensor put on the queue is shared through a file handle that
+        # can vanish when this process exits before the parent reads it
+        buf = io.BytesIO()
+        torch.save(_to_cpu(result), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -69,7 +74,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
                     break

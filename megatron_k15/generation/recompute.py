@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,14 +33,23 @@ def _broadcast_from_tp_rank0(t: torch.Tensor, model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_recompute(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                       generators: list[torch.Generator], eos_ids: list[int]) -> list[GenerationResult]:
+def generate_recompute(model, prompts: list[list[int]], max_new_tokens, params: SamplingParams,
+                       generators: list[torch.Generator], eos_ids: list[int],
+                       repeat_detector: Optional[Callable[[], object]] = None) -> list[GenerationResult]:
+    """``max_new_tokens``: one budget for all, or one per request. ``repeat_detector()`` makes a
+    per-request detector whose ``push(token)`` returns True when the tail repeats (stop
+    reason ``repeat``)."""
     device = next(model.parameters()).device
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    detectors = [repeat_detector() for _ in prompts] if repeat_detector is not None else None
     pad_to = model.tp_size if model.sequence_parallel else 1
     eos = set(eos_ids)
     seqs = [list(p) for p in prompts]
     results = [GenerationResult() for _ in prompts]
-    for _ in range(max_new_tokens):
+    for i, budget in enumerate(budgets):
+        if budget <= 0:
+            results[i].stop_reason = "length"
+    for _ in range(max(budgets, default=0)):
         active = [i for i, r in enumerate(results) if not r.stop_reason]
         if not active:
             break
@@ -61,7 +71,9 @@ def generate_recompute(model, prompts: list[list[int]], max_new_tokens: int, par
             r.output_logprobs.append(float(logprobs[row]))
             if tok in eos:
                 r.stop_reason = "eos"
-            elif len(r.output_ids) >= max_new_tokens:
+            elif detectors is not None and detectors[i].push(tok):
+                r.stop_reason = "repeat"
+            elif len(r.output_ids) >= budgets[i]:
                 r.stop_reason = "length"
     for r in results:
         r.stop_reason = r.stop_reason or "length"

@@ -1,0 +1,71 @@
+"""Accuracy of the current policy on a held-out prompt set (greedy, or pass@k with n samples).
+
+Prompts are split over data-parallel ranks; tp ranks decode together. Every rank gets the
+totals. Used by ``train_rl --eval-data`` (before the first and after the last iteration, and
+every ``--eval-interval``) and by ``tools/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.generation.recompute import generate_recompute
+from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.rewards.registry import compute_reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    prob = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob *= 1.0 - k / i
+    return 1.0 - prob
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
+             eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> dict:
+    """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
+    "results": per-problem dicts (on every rank)}."""
+    mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
+    params = SamplingParams(temperature, top_p)
+    special = set(getattr(tokenizer, "special_ids", []) or [])
+    per_problem = []
+    was_training = model.training
+    model.eval()
+    requests = [(i, s) for i in mine for s in range(n_samples)]
+    outputs = {}
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        res = generate_recompute(model, [list(prompt_ids[i]) for i, _ in chunk], max_new_tokens, params,
+                                 [request_generator(seed, i * 1000 + s) for i, s in chunk], eos_ids)
+        for (i, s), r in zip(chunk, res):
+            outputs[(i, s)] = r
+    for i in mine:
+        rec = records[i]
+        samples = []
+        for s in range(n_samples):
+            r = outputs[(i, s)]
+            text = tokenizer.decode([t for t in r.output_ids if t not in special and t < tokenizer.vocab_size])
+            samples.append({"text": text, "correct": compute_reward(text, rec) >= 1.0,
+                            "length": len(r.output_ids), "stop_reason": r.stop_reason})
+        per_problem.append({"id": rec.get("id", str(i)), "index": i, "samples": samples})
+    if was_training:
+        model.train()
+    if dp_size > 1:
+        parts = [None] * dp_size
+        dist.all_gather_object(parts, per_problem, group=dp_group)
+        per_problem = sorted((p for part in parts for p in part), key=lambda p: p["index"])
+    out = {"results": per_problem}
+    n = max(1, len(per_problem))
+    for k in range(1, n_samples + 1):
+        out[f"pass@{k}"] = sum(pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), k)
+                               for p in per_problem) / n
+    out["accuracy"] = out["pass@1"]
+    lengths = [s["length"] for p in per_problem for s in p["samples"]]
+    out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
+    return out

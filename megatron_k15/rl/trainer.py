@@ -1,0 +1,304 @@
+"""One Kimi k1.5 RL iteration: sample prompts, roll out k responses each (partial rollouts
+through the replay buffer), score them with verifiable rewards (+ length penalty), take the
+log-probs of the iteration's starting policy pi_i, then ``--updates-per-iter`` optimizer steps
+of online mirror descent (or GRPO / PPO for comparison).
+
+Work split: every dp rank rolls out whole groups (all k samples of a prompt), so group
+baselines are local; trajectories are then all-gathered so every rank holds the same replay
+buffer and metrics. Losses use ``reduction="sum"`` and are divided by the global count
+(samples for OMD, response tokens for GRPO/PPO): every layout takes the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15 import platform
+from megatron_k15.generation.recompute import generate_recompute
+from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
+from megatron_k15.generation.repetition import RepeatDetector
+from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.rewards.registry import compute_reward
+from megatron_k15.rl.length_penalty import apply_length_penalty
+from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
+from megatron_k15.training import TrainContext, forward_only, reduce_sums, train_step
+
+
+@dataclass
+class RolloutSettings:
+    samples_per_prompt: int = 4
+    max_tokens: int = 64  # total response budget of a trajectory
+    segment_tokens: int = 0  # new tokens per iteration (partial rollouts); 0 = max_tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 1234
+    repeat_detection: bool = True
+    batch_size: int = 64  # requests decoded together
+
+
+def _seed_for(traj: Trajectory, iteration: int) -> int:
+    """A request's sampling seed: the same on every rank and in every layout."""
+    import zlib
+
+    return zlib.crc32(f"{traj.group_id}/{traj.sample_index}/{iteration}".encode())
+
+
+@torch.no_grad()
+def rollout(model, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> int:
+    """Extend each trajectory by one segment under the current policy. Returns tokens made."""
+    budgets = []
+    for t in trajs:
+        left = s.max_tokens - t.response_len
+        budgets.append(max(0, min(left, s.segment_tokens or left)))
+    params = SamplingParams(s.temperature, s.top_p, s.top_k)
+    detector = (lambda: RepeatDetector()) if s.repeat_detection else None
+    made = 0
+    model.eval()
+    for start in range(0, len(trajs), s.batch_size):
+        chunk = list(range(start, min(start + s.batch_size, len(trajs))))
+        results = generate_recompute(
+            model, [trajs[i].token_ids for i in chunk], [budgets[i] for i in chunk], params,
+            [request_generator(s.seed, _seed_for(trajs[i], iteration)) for i in chunk], eos_ids, detector)
+        for i, res in zip(chunk, results):
+            t = trajs[i]
+            reason = res.stop_reason
+            if reason == "length" and t.response_len + len(res.output_ids) < s.max_tokens:
+                reason = "partial"
+            t.append_segment(res.output_ids, res.output_logprobs, iteration, reason)
+            made += len(res.output_ids)
+    model.train()
+    return made
+
+
+def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
+          length_penalty_start_iter=0, repeat_penalty=0.0) -> tuple[list[float], list[bool]]:
+    """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
+    reward within each group. Returns (rewards, correct)."""
+    eos = set(getattr(tokenizer, "special_ids", []) or [])
+    task, correct = [], []
+    for t in trajs:
+        ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
+        r = float(compute_reward(tokenizer.decode(ids), records[t.prompt_id]))
+        correct.append(r >= 1.0)
+        task.append(r - (repeat_penalty if t.stop_reason == "repeat" else 0.0))
+    rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
+                                   [t.group_id for t in trajs], length_penalty_weight, iteration,
+                                   length_penalty_start_iter)
+    return list(rewards), correct
+
+
+def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_multiple: int,
+                       include_old_segments: bool, device, extra: Optional[dict] = None) -> list[dict]:
+    """Right-padded (B, T) microbatches: input = tokens[:-1], labels = tokens[1:], mask = 1 on
+    labels that are response tokens of this iteration's segment (all segments if asked)."""
+    out = []
+    for start in range(0, len(trajs), mbs):
+        part = trajs[start:start + mbs]
+        width = max(len(t.token_ids) - 1 for t in part)
+        width = int(math.ceil(width / pad_multiple) * pad_multiple)
+        ids = torch.zeros(len(part), width, dtype=torch.long)
+        labels = torch.zeros(len(part), width, dtype=torch.long)
+        mask = torch.zeros(len(part), width)
+        for row, t in enumerate(part):
+            tokens = torch.tensor(t.token_ids, dtype=torch.long)
+            n = len(tokens) - 1
+            ids[row, :n] = tokens[:-1]
+            labels[row, :n] = tokens[1:]
+            p = len(t.prompt_ids)
+            mask[row, p - 1:n] = loss_mask(t, iteration, include_old_segments)
+        mb = {"input_ids": ids.to(device), "labels": labels.to(device), "mask": mask.to(device),
+              "index": list(range(start, start + len(part)))}
+        if extra:
+            for k, v in extra.items():
+                mb[k] = v[start:start + len(part)].to(device)
+        out.append(mb)
+    return out
+
+
+@torch.no_grad()
+def policy_logprobs(ctx: TrainContext, microbatches: list[dict]) -> list[torch.Tensor]:
+    """Per-token log-probs (B, T) under the current weights, one tensor per microbatch."""
+    model = ctx.model
+
+    def step(mb, hidden):
+        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                    labels=mb["labels"] if model.post_process else None, hidden=hidden)
+        return (None, out.float()) if model.post_process else out
+
+    model.eval()
+    res = forward_only(ctx, microbatches, step)
+    model.train()
+    return res
+
+
+def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, tau: float = 1.0,
+                   exact_logz: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(baseline, advantages) per sample from its whole group (never one microbatch of it)."""
+    baseline = group_baseline(rewards, group_ids, tau, exact_logz if loss == "omd" else False)
+    if loss == "grpo":
+        return baseline, group_normalized_advantages(rewards, group_ids)
+    return baseline, rewards - baseline
+
+
+def _dp_sum(value: float, ctx: TrainContext) -> float:
+    """Sum of a per-dp-rank value (identical across tp/pp/cp ranks of one dp rank)."""
+    t = torch.tensor([value], dtype=torch.float64, device=platform.current_device())
+    if ctx.pc.dp_size > 1:
+        dist.all_reduce(t, group=ctx.pc.dp_group)
+    return float(t[0])
+
+
+class RLIteration:
+    """State that lives across iterations: replay buffer, and the loss function."""
+
+    def __init__(self, ctx: TrainContext, args, tokenizer, records: list[dict], prompt_ids: list[list[int]]):
+        """``records[i]`` / ``prompt_ids[i]``: the prompt set (indices are what samplers draw)."""
+        self.ctx, self.args, self.tok = ctx, args, tokenizer
+        self.records_by_index = records
+        self.records = {r["id"]: r for r in records}
+        self.prompt_ids = {r["id"]: list(map(int, ids)) for r, ids in zip(records, prompt_ids)}
+        self.last_success: dict = {}
+        self.buffer = ReplayBuffer(max_size=args.replay_buffer_size or None, max_age=args.replay_max_age or None)
+        self.loss_fn = get_loss_fn(args.rl_loss)
+        self.settings = RolloutSettings(
+            samples_per_prompt=args.samples_per_prompt, max_tokens=args.rollout_max_tokens,
+            segment_tokens=args.rollout_segment_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, repeat_detection=not args.no_repeat_detection,
+            batch_size=args.rollout_batch_size)
+        cfg = ctx.model.config
+        self.eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+
+    def _gather(self, trajs: list[Trajectory]) -> list[Trajectory]:
+        dp_group = self.ctx.pc.dp_group
+        if self.ctx.pc.dp_size == 1:
+            return trajs
+        parts = [None] * self.ctx.pc.dp_size
+        dist.all_gather_object(parts, [t.to_dict() for t in trajs], group=dp_group)
+        return [Trajectory.from_dict(d) for part in parts for d in part]
+
+    def state_dict(self) -> dict:
+        return {"replay_buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "replay_buffer" in state:
+            self.buffer.load_state_dict(state["replay_buffer"])
+
+    def run(self, iteration: int, prompt_indices: list[int], lr: float) -> dict:
+        """One RL iteration; returns its metrics (identical on every rank)."""
+        args, ctx, pc = self.args, self.ctx, self.ctx.pc
+        t0 = time.time()
+        # 1. the iteration's trajectories: resumed partial ones first, then k fresh per prompt
+        resumed = self.buffer.pop_for_resume(len(self.buffer), iteration)
+        fresh = []
+        for idx in prompt_indices:
+            rec = self.records_by_index[idx]
+            for k in range(args.samples_per_prompt):
+                fresh.append(Trajectory(prompt_id=rec["id"], prompt_ids=list(self.prompt_ids[rec["id"]]),
+                                        sample_index=k, start_iteration=iteration,
+                                        group_id=f"{rec['id']}@{iteration}"))
+        everything = resumed + fresh
+        groups = sorted({t.group_id for t in everything})
+        mine_groups = {g for i, g in enumerate(groups) if i % pc.dp_size == pc.dp_rank}
+        mine = [t for t in everything if t.group_id in mine_groups]
+        rollout(ctx.model, mine, iteration, self.settings, self.eos_ids)
+        everything = self._gather(mine)
+        t_rollout = time.time() - t0
+        rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)
+
+        # 2. partial ones go back to the buffer; finished ones are scored and trained on
+        finished = [t for t in everything if t.finished]
+        for t in everything:
+            if not t.finished:
+                self.buffer.add(t)
+        metrics = {"rollout_tokens": rollout_tokens, "rollout_time_s": t_rollout,
+                   "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
+                   "replay_buffer_size": len(self.buffer), "num_finished": len(finished)}
+        reasons = Counter(t.stop_reason for t in everything)
+        for r in ("eos", "length", "repeat", "partial"):
+            metrics[f"stop_{r}_fraction"] = reasons.get(r, 0) / max(1, len(everything))
+        if not finished:
+            metrics.update(loss=0.0, grad_norm=0.0, lr=lr)
+            return metrics
+        rewards, correct = score(finished, self.records, self.tok, iteration,
+                                 length_penalty_weight=args.length_penalty_weight,
+                                 length_penalty_start_iter=args.length_penalty_start_iter,
+                                 repeat_penalty=args.repeat_penalty)
+        lengths = [t.response_len for t in finished]
+        metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
+                       response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))
+        self.last_success = defaultdict(list)
+        for t, c in zip(finished, correct):
+            self.last_success[t.prompt_id].append(float(c))
+
+        # 3. training data: each dp rank takes whole groups of the finished trajectories
+        gids = sorted({t.group_id for t in finished})
+        gindex = {g: i for i, g in enumerate(gids)}
+        r_all = torch.tensor(rewards, dtype=torch.float32)
+        g_all = torch.tensor([gindex[t.group_id] for t in finished])
+        baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
+        order = [i for i in range(len(finished)) if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank]
+        local = [finished[i] for i in order]
+        sel = torch.tensor(order, dtype=torch.long)
+        extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel], "advantages": adv[sel]}
+        device = platform.current_device()
+        pad = ctx.model.tp_size if ctx.model.sequence_parallel else 1
+        t1 = time.time()
+        mbs_all = build_microbatches(local, iteration, args.micro_batch_size, pad, args.include_old_segments,
+                                     device, extra) if local else []
+        # old log-probs: the policy pi_i at the start of the iteration (one forward pass)
+        old = policy_logprobs(ctx, mbs_all) if mbs_all else []
+        for mb, lp in zip(mbs_all, old if ctx.pc.is_last_stage else [None] * len(mbs_all)):
+            mb["old_logp"] = lp
+
+        if not args.keep_optimizer_state:
+            ctx.optimizer.reset_state()
+        updates = max(1, args.updates_per_iter)
+        losses, norms, kls = [], [], []
+        per_update = int(math.ceil(len(mbs_all) / updates)) if mbs_all else 0
+        for u in range(updates):
+            chunk = mbs_all[u * per_update:(u + 1) * per_update]
+            local_count = sum(float(mb["mask"].shape[0]) if args.rl_loss == "omd" else float(mb["mask"].sum())
+                              for mb in chunk)
+            total = _dp_sum(local_count, ctx)
+            if total <= 0:
+                continue
+            results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
+            loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
+                                               sum(r[2] for r in results)], ctx)
+            losses.append(loss_sum / total)
+            kls.append(kl_sum / max(n, 1.0))
+            norms.append(norm)
+        t_train = time.time() - t1
+        train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
+        metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
+                       grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
+                       train_tokens_per_s=train_tokens * updates / max(t_train, 1e-9),
+                       peak_memory_bytes=platform.peak_memory_bytes())
+        return metrics
+
+    def _forward_step(self, normalizer: float):
+        model, args, loss_fn = self.ctx.model, self.args, self.loss_fn
+
+        def step(mb, hidden):
+            out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                        labels=mb["labels"] if model.post_process else None, hidden=hidden)
+            if not model.post_process:
+                return out
+            loss, m = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
+                              tau=args.rl_tau, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                              baseline=mb["baseline"], advantages=mb["advantages"],
+                              reduction="sum", return_metrics=True)
+            s = (out.detach() * mb["mask"]).sum(-1)
+            s_old = (mb["old_logp"] * mb["mask"]).sum(-1)
+            kl = float(((s - s_old) ** 2).sum())
+            return loss / normalizer, (float(loss.detach()), kl, float(mb["mask"].shape[0]))
+
+        return step

@@ -1,0 +1,189 @@
+"""Kimi k1.5 reinforcement learning: online mirror descent with verifiable rewards.
+
+    torchrun --nproc-per-node 8 -m megatron_k15.train_rl --load ckpt/sft --finetune \
+        --prompt-data data/prompts --eval-data data/eval --tensor-model-parallel-size 2 \
+        --rl-loss omd --rl-tau 0.1 --samples-per-prompt 8 --prompts-per-iter 64 \
+        --rollout-max-tokens 8192 --rollout-segment-tokens 2048 --temperature 1.0 \
+        --length-penalty-weight 0.1 --length-penalty-start-iter 20 --sampling prioritized \
+        --updates-per-iter 2 --train-iters 500 --lr 1e-6 --save ckpt/rl --save-interval 10 \
+        --tensorboard-dir runs/rl
+
+Each iteration: sample prompts (uniform / curriculum / prioritised), roll out k responses per
+prompt with the current policy (at most --rollout-segment-tokens new tokens per trajectory and
+iteration; unfinished ones wait in the replay buffer), score finished ones with the reward of
+their ``task`` plus the length penalty, and take --updates-per-iter optimizer steps of the
+surrogate (DESIGN.md section 3). The reference policy is the iteration's starting policy, so
+no reference model is kept. ``--load`` resumes exactly (weights, optimizer, RNG, sampler,
+replay buffer); start from an SFT/converted checkpoint with ``--load DIR --finetune``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from megatron_k15.arguments import ArgumentError, parse_args
+
+
+def add_rl_args(p) -> None:
+    g = p.add_argument_group("reinforcement learning")
+    g.add_argument("--prompt-data", required=True, help="prefix from preprocess_data.py --mode prompts")
+    g.add_argument("--eval-data", default=None, help="held-out prompt prefix, evaluated greedily")
+    g.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations")
+    g.add_argument("--eval-max-tokens", type=int, default=None, help="default: --rollout-max-tokens")
+    g.add_argument("--rl-loss", choices=["omd", "grpo", "ppo"], default="omd")
+    g.add_argument("--rl-tau", type=float, default=0.1, help="KL weight tau of the OMD surrogate")
+    g.add_argument("--exact-logz", action="store_true", help="baseline tau*log mean exp(r/tau) instead of mean r")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="GRPO/PPO ratio clip")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="GRPO k3 KL weight")
+    g.add_argument("--samples-per-prompt", type=int, default=8)
+    g.add_argument("--prompts-per-iter", type=int, default=16)
+    g.add_argument("--rollout-max-tokens", type=int, default=256)
+    g.add_argument("--rollout-segment-tokens", type=int, default=0, help="0: no partial rollouts")
+    g.add_argument("--rollout-batch-size", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--length-penalty-weight", type=float, default=0.0)
+    g.add_argument("--length-penalty-start-iter", type=int, default=0)
+    g.add_argument("--repeat-penalty", type=float, default=0.0)
+    g.add_argument("--no-repeat-detection", action="store_true")
+    g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
+    g.add_argument("--curriculum-switch-iter", type=int, default=0)
+    g.add_argument("--curriculum-threshold", type=float, default=None)
+    g.add_argument("--prioritized-floor", type=float, default=0.05)
+    g.add_argument("--updates-per-iter", type=int, default=1)
+    g.add_argument("--keep-optimizer-state", action="store_true", help="do not reset Adam each iteration")
+    g.add_argument("--include-old-segments", action="store_true",
+                   help="train on tokens that earlier iterations generated too")
+    g.add_argument("--replay-buffer-size", type=int, default=0)
+    g.add_argument("--replay-max-age", type=int, default=0)
+
+
+def _validate(args) -> None:
+    if args.train_iters is None or args.train_iters < 1:
+        raise ArgumentError("--train-iters (the number of RL iterations) must be >= 1")
+    if args.lr is None:
+        raise ArgumentError("--lr is required")
+    if not args.load:
+        raise ArgumentError("--load is required: RL starts from a converted or SFT checkpoint "
+                            "(add --finetune the first time)")
+    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
+        raise ArgumentError("train_rl runs tensor x data parallel for now: use "
+                            "--pipeline-model-parallel-size 1 --context-parallel-size 1")
+    for flag in ("samples_per_prompt", "prompts_per_iter", "rollout_max_tokens", "updates_per_iter",
+                 "rollout_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.rollout_segment_tokens < 0:
+        raise ArgumentError("--rollout-segment-tokens must be >= 0")
+    if args.temperature <= 0:
+        raise ArgumentError("--temperature must be > 0 for RL rollouts (exploration)")
+    if args.rl_tau <= 0 and args.rl_loss == "omd":
+        raise ArgumentError("--rl-tau must be > 0")
+    for flag in ("prompt_data", "eval_data"):
+        prefix = getattr(args, flag)
+        if prefix and not os.path.exists(prefix + ".json"):
+            raise ArgumentError(f"--{flag.replace('_', '-')} {prefix}: no {prefix}.json "
+                                "(run tools/preprocess_data.py --mode prompts)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, "Kimi k1.5 RL with megatron_k15", add_rl_args, _validate)
+    import torch.distributed as dist
+
+    from megatron_k15 import platform
+    from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_k15.data.indexed import load_prompt_dataset
+    from megatron_k15.data.tokenizer import load_tokenizer
+    from megatron_k15.initialize import destroy, initialize_megatron
+    from megatron_k15.parallel.data import lr_at
+    from megatron_k15.rl.evaluation import evaluate
+    from megatron_k15.rl.sampling import build_sampler
+    from megatron_k15.rl.trainer import RLIteration
+    from megatron_k15.training import MetricsLogger, build_train_context
+
+    initialize_megatron(args)
+    cfg = args.model_config
+    ctx = build_train_context(args, cfg, seed=args.seed)
+    iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
+    rank = dist.get_rank()
+    tok_spec = args.tokenizer or os.path.join(args.load, "tokenizer")
+    tokenizer = load_tokenizer(tok_spec)
+
+    data = load_prompt_dataset(args.prompt_data)
+    records = [dict(r) for r in data.records]
+    prompt_ids = [list(map(int, data[i].prompt_ids)) for i in range(len(data))]
+    sampler = build_sampler(args.sampling, records, seed=args.seed, switch_iter=args.curriculum_switch_iter,
+                            threshold=args.curriculum_threshold, floor=args.prioritized_floor)
+    rl = RLIteration(ctx, args, tokenizer, records, prompt_ids)
+    if "sampler" in extra:
+        sampler.load_state_dict(extra["sampler"])
+    rl.load_state_dict(extra)
+
+    eval_set = None
+    if args.eval_data:
+        ev = load_prompt_dataset(args.eval_data)
+        eval_set = ([dict(r) for r in ev.records], [list(map(int, ev[i].prompt_ids)) for i in range(len(ev))])
+
+    def run_eval() -> dict:
+        res = evaluate(ctx.model, tokenizer, eval_set[0], eval_set[1],
+                       max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
+                       dp_rank=ctx.pc.dp_rank, dp_size=ctx.pc.dp_size, dp_group=ctx.pc.dp_group,
+                       batch_size=args.rollout_batch_size)
+        return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
+
+    logger = MetricsLogger(args.tensorboard_dir, rank == 0)
+    logger.truncate_after(iteration)
+    if rank == 0:
+        print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
+              f"loss={args.rl_loss}, tp={ctx.pc.tp_size} dp={ctx.pc.dp_size}, start at iteration {iteration}",
+              flush=True)
+    if eval_set is not None and iteration == 0:
+        m = run_eval()
+        logger.log(0, m)
+        if rank == 0:
+            print(f"[train_rl] eval before RL: accuracy {m['eval_accuracy']:.3f}", flush=True)
+
+    saved_at = iteration
+    while iteration < args.train_iters:
+        t0 = time.time()
+        lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
+        indices = sampler.sample(args.prompts_per_iter, iteration)
+        metrics = rl.run(iteration, indices, lr)
+        ids_by_prompt = {r["id"]: i for i, r in enumerate(records)}
+        if rl.last_success:
+            pids = [ids_by_prompt[p] for p in rl.last_success]
+            sampler.update(pids, [sum(v) / len(v) for v in rl.last_success.values()])
+        iteration += 1
+        metrics["iteration_time_s"] = time.time() - t0
+        if eval_set is not None and (iteration == args.train_iters or
+                                     (args.eval_interval and iteration % args.eval_interval == 0)):
+            metrics.update(run_eval())
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or "eval_accuracy" in metrics:
+            logger.log(iteration, metrics)
+            if rank == 0:
+                line = (f"[train_rl] iteration {iteration}/{args.train_iters} | reward "
+                        f"{metrics.get('reward_mean', 0.0):.3f} | accuracy {metrics.get('accuracy', 0.0):.3f} | "
+                        f"length {metrics.get('response_length_mean', 0.0):.1f} | loss {metrics['loss']:.4f} | "
+                        f"{metrics['rollout_tokens_per_s']:.0f} rollout tokens/s")
+                if "eval_accuracy" in metrics:
+                    line += f" | eval accuracy {metrics['eval_accuracy']:.3f}"
+                print(line, flush=True)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
+            saved_at = iteration
+    if args.save and saved_at != iteration:
+        save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
+    if args.save and rank == 0:
+        from megatron_k15.data.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, os.path.join(args.save, "tokenizer"))
+    logger.close()
+    destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

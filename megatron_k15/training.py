@@ -110,6 +110,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         attention_backend=getattr(args, "attention_backend", "auto"),
         params_dtype=getattr(args, "params_dtype", torch.float32),
         recompute_granularity=getattr(args, "recompute_granularity", None), device=device,
+        cp_group=pc.cp_group if pc.cp_size > 1 else None,
+        cp_comm_type=getattr(args, "cp_comm_type", "ring"),
     )
     if seed is not None:
         model.reset_parameters(seed)
@@ -129,7 +131,11 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
 
 
 def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
-    """Shape of the activation a stage receives for a microbatch with ``input_ids`` (b, s)."""
+    """Shape of the activation a stage receives for a microbatch with ``input_ids`` (b, s).
+
+    Under context parallelism a microbatch holds this cp rank's zigzag shard (see
+    ``train_sft.split_microbatch_for_cp``), so ``s`` is the local length; sequence parallelism
+    then splits it over tp."""
     def shape(mb):
         b, s = mb["input_ids"].shape
         local = s // model.tp_size if model.sequence_parallel else s
@@ -156,13 +162,17 @@ def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step) 
     return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model), forward_only=True)
 
 
-def reduce_sums(values: Sequence[float], ctx: TrainContext) -> list[float]:
-    """Sum per-rank partial sums computed on the last stage over pp (others add zero) and dp;
-    every rank gets the totals."""
+def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool = True) -> list[float]:
+    """Sum per-rank partial sums computed on the last stage over pp (others add zero), dp and
+    cp; every rank gets the totals. Each cp rank holds different tokens (its zigzag shard), so
+    its sums are partial and all cp ranks count (``split_over_cp=False``: the values are the
+    same on every cp rank and only cp rank 0 counts). tp ranks hold the same values; tp rank 0
+    counts."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    if not (ctx.pc.is_last_stage and ctx.pc.tp_rank == 0 and ctx.pc.cp_rank == 0):
+    counts = ctx.pc.is_last_stage and ctx.pc.tp_rank == 0 and (split_over_cp or ctx.pc.cp_rank == 0)
+    if not counts:
         t.zero_()
     dist.all_reduce(t)
     return t.cpu().tolist()

@@ -8,6 +8,9 @@ with flash-attn's layout: q (b, s, n_heads, d), k/v (b, s, n_kv_heads, d), out l
 ``cu_seqlens`` (int32, boundaries of packed sequences along s, only with b == 1) keeps
 attention inside each packed sequence. GQA is handled by the backend, never by repeating K/V
 in the model. New backends register with ``register_attention_backend``.
+
+Under context parallelism the model uses ``context_parallel_attention(cp_group, comm_type)``
+instead (ring attention over the cp group, same interface, on this rank's zigzag shard).
 """
 
 from __future__ import annotations
@@ -99,3 +102,32 @@ def _triton_factory() -> AttentionFn:
 
 register_attention_backend("sdpa", lambda: sdpa_attention)
 register_attention_backend("triton", _triton_factory)
+
+
+def context_parallel_attention(group, comm_type: str = "ring") -> AttentionFn:
+    """Attention over the context-parallel ``group`` (``kernels.ring_attention.ring_attn_func``)
+    behind the backend interface.
+
+    q, k, v hold this rank's zigzag shard (``parallel.context.zigzag_split`` /
+    ``zigzag_split_varlen``): dense (b, s_local, heads, d), or packed with b == 1 and the
+    *local* ``cu_seqlens`` (every local sequence holds two zigzag chunks of equal length). GQA
+    as for every backend. The result equals full attention of the gathered sequence on the
+    local rows. Our Triton kernels run the blocks (on CPU they need TRITON_INTERPRET=1)."""
+    from megatron_k15.kernels.ring_attention import COMM_TYPES, ring_attn_func
+
+    if comm_type not in COMM_TYPES:
+        raise ValueError(f"--cp-comm-type must be one of {COMM_TYPES}, got {comm_type!r}")
+
+    def cp_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
+                     max_seqlen: Optional[int] = None):
+        if cu_seqlens is None:
+            return ring_attn_func(q, k, v, group, causal=causal, softmax_scale=softmax_scale,
+                                  comm_type=comm_type)
+        if q.shape[0] != 1:
+            raise ValueError("packed sequences (cu_seqlens) need batch size 1")
+        out = ring_attn_func(q[0], k[0], v[0], group, causal=causal, softmax_scale=softmax_scale,
+                             comm_type=comm_type, cu_seqlens=cu_seqlens.to(torch.int32),
+                             max_seqlen=max_seqlen)
+        return out.unsqueeze(0)
+
+    return cp_attention

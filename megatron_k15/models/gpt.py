@@ -9,6 +9,15 @@ global layer numbers (``layers.{i}.…``) so checkpoints reshard by name (``mode
 Outputs are vocab-parallel: ``forward(ids)`` returns this tp rank's logits shard
 (b, s, V_padded / tp); ``forward(ids, labels=…)`` returns per-token log-probs (b, s) through
 vocab-parallel cross-entropy, never gathering the full vocabulary.
+
+Context parallelism (``cp_group`` with more than one rank, DESIGN.md section 4): the caller
+passes this rank's zigzag shard of the tokens (``parallel.context.zigzag_split`` /
+``zigzag_split_varlen``, packed batches with the *local* ``cu_seqlens``) and the original
+position ids (RoPE uses them; derived from the zigzag layout when omitted). Attention runs as
+ring attention over the cp group (``--cp-comm-type ring|allgather``); everything else is
+token-wise, so sequence parallelism splits the local sequence over tp. Outputs (logits,
+log-probs) are local: each cp rank returns its own tokens, and losses are partial sums to add
+over cp (gradients are reduced over dp x cp by the optimizer).
 """
 
 from __future__ import annotations
@@ -24,11 +33,16 @@ from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_k15.models.attention import get_attention_backend, resolve_attention_backend
+from megatron_k15.models.attention import (
+    context_parallel_attention,
+    get_attention_backend,
+    resolve_attention_backend,
+)
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, TransformerLayer, normal_init
 from megatron_k15.models.rope import RotaryEmbedding
 from megatron_k15.models.sharding import pipeline_layer_ranges
+from megatron_k15.parallel.context import zigzag_position_ids
 from megatron_k15.parallel.tensor import all_gather_last_dim, gather_from_sequence_parallel_region
 
 
@@ -37,6 +51,21 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     idx = torch.arange(total, device=cu_seqlens.device)
     starts = cu_seqlens[torch.searchsorted(cu_seqlens, idx, right=True) - 1]
     return (idx - starts).unsqueeze(0)
+
+
+def zigzag_positions_from_local_cu_seqlens(cu_seqlens: torch.Tensor, total: int, cp_size: int,
+                                           cp_rank: int) -> torch.Tensor:
+    """Original positions (1, total) of this rank's packed zigzag shard, from its *local*
+    ``cu_seqlens`` (``zigzag_split_varlen``): local sequence i of 2 c_i tokens holds chunks
+    ``cp_rank`` and ``2 cp - 1 - cp_rank`` (c_i tokens each) of its padded sequence."""
+    cu = cu_seqlens.to(torch.int64)
+    idx = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu, idx, right=True) - 1
+    offset = idx - cu[seq]
+    c = (cu[1:] - cu[:-1])[seq] // 2
+    first = offset < c
+    pos = torch.where(first, cp_rank * c + offset, (2 * cp_size - 1 - cp_rank) * c + offset - c)
+    return pos.unsqueeze(0)
 
 
 class GPTModel(torch.nn.Module):
@@ -53,6 +82,8 @@ class GPTModel(torch.nn.Module):
         params_dtype: torch.dtype = torch.float32,
         recompute_granularity: Optional[str] = None,
         device: Optional[torch.device] = None,
+        cp_group: Optional[dist.ProcessGroup] = None,
+        cp_comm_type: str = "ring",
     ):
         super().__init__()
         if tp_group is None:
@@ -80,8 +111,18 @@ class GPTModel(torch.nn.Module):
             gradient_accumulation_fusion=False,
         )
         self.mp_config = mp_config
-        attention_fn = get_attention_backend(attention_backend)
-        self.attention_backend = resolve_attention_backend(attention_backend)
+        # context parallelism: only with an explicit cp group (callers that do not zigzag-split
+        # their batches, e.g. generation, build the model without one)
+        self.cp_group = cp_group
+        self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+        self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
+        self.cp_comm_type = cp_comm_type
+        if self.cp_size > 1:
+            attention_fn = context_parallel_attention(cp_group, cp_comm_type)
+            self.attention_backend = f"ring-{cp_comm_type}"
+        else:
+            attention_fn = get_attention_backend(attention_backend)
+            self.attention_backend = resolve_attention_backend(attention_backend)
         init = normal_init(config.init_method_std)
 
         tied = config.tie_word_embeddings
@@ -159,7 +200,8 @@ class GPTModel(torch.nn.Module):
     def hidden_states(self, input_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
                       hidden=None) -> torch.Tensor:
         """Run this stage's layers. Returns [s, b, h] (s / tp of it under sequence parallelism),
-        after the final norm on the last stage."""
+        after the final norm on the last stage. Under context parallelism ``s`` is this cp
+        rank's local length and ``position_ids`` the original positions of its tokens."""
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
@@ -176,7 +218,18 @@ class GPTModel(torch.nn.Module):
                 f"{self.tp_size} under sequence parallelism (pad the batch)"
             )
         device = hidden.device
-        if position_ids is None:
+        if self.cp_size > 1 and s % 2:
+            raise ValueError(
+                f"the local sequence length {s} must be even under context parallelism (two zigzag "
+                "chunks per rank; see parallel.context.zigzag_split)")
+        if position_ids is None and self.cp_size > 1:
+            if cu_seqlens is not None:
+                position_ids = zigzag_positions_from_local_cu_seqlens(
+                    cu_seqlens.to(device), s, self.cp_size, self.cp_rank)
+            else:
+                position_ids = zigzag_position_ids(s * self.cp_size, self.cp_size, self.cp_rank,
+                                                   device=device).unsqueeze(0).expand(b, s)
+        elif position_ids is None:
             if cu_seqlens is not None:
                 position_ids = positions_from_cu_seqlens(cu_seqlens.to(device), s)
             else:
@@ -233,6 +286,9 @@ class GPTModel(torch.nn.Module):
     def last_token_logits(self, input_ids, last_index, position_ids=None) -> torch.Tensor:
         """Full-vocab logits (b, vocab_size) at position ``last_index[i]`` of each row; only those
         rows go through the output layer (used by generation)."""
+        if self.cp_size > 1:
+            raise NotImplementedError("last_token_logits (generation) does not support context "
+                                      "parallelism; build the model without a cp group")
         hidden = self.hidden_states(input_ids, position_ids)
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)

@@ -86,6 +86,8 @@ class DistributedOptimizer:
         self.tp_rank = _group_rank(tp_group)
         self.tied_embedding = tied_embedding
         self.sequence_parallel = sequence_parallel and _group_size(tp_group) > 1
+        # ``overlap`` may be switched off for a step (e.g. when some dp rank has no microbatch:
+        # every rank must then launch the bucket reductions in the same, list order)
         self.overlap = overlap
         self.step_count = 0
         self._sync_enabled = True
@@ -113,7 +115,7 @@ class DistributedOptimizer:
                            for b in self.buckets]
         self.norm_mask = [self._shard_of(b, lambda n, p: torch.full_like(p, float(self._counted_in_norm(n, p))))
                           for b in self.buckets]
-        if overlap:
+        if overlap:  # hooks are installed once; they act only while ``self.overlap`` is on
             for b in self.buckets:
                 if not b.late:
                     for _, p, _ in b.params:

@@ -156,6 +156,13 @@ def _dp_sum(value: float, ctx: TrainContext) -> float:
     return float(t[0])
 
 
+def _dp_min(value: int, ctx: TrainContext) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=platform.current_device())
+    if ctx.pc.dp_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ctx.pc.dp_group)
+    return int(t[0])
+
+
 class RLIteration:
     """State that lives across iterations: replay buffer, and the loss function."""
 
@@ -244,38 +251,47 @@ class RLIteration:
         r_all = torch.tensor(rewards, dtype=torch.float32)
         g_all = torch.tensor([gindex[t.group_id] for t in finished])
         baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
-        order = [i for i in range(len(finished)) if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank]
-        local = [finished[i] for i in order]
-        sel = torch.tensor(order, dtype=torch.long)
-        extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel], "advantages": adv[sel]}
         device = platform.current_device()
         pad = ctx.model.tp_size if ctx.model.sequence_parallel else 1
         t1 = time.time()
-        mbs_all = build_microbatches(local, iteration, args.micro_batch_size, pad, args.include_old_segments,
-                                     device, extra) if local else []
+        # update u trains on the u-th contiguous slice of the finished samples (global order, so
+        # the same in every layout); inside it each dp rank takes the samples of its groups
+        updates = max(1, args.updates_per_iter)
+        bounds = [round(u * len(finished) / updates) for u in range(updates + 1)]
+        plan = []
+        for u in range(updates):
+            idx = [i for i in range(bounds[u], bounds[u + 1])
+                   if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank]
+            sel = torch.tensor(idx, dtype=torch.long)
+            extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],
+                     "advantages": adv[sel]}
+            plan.append(build_microbatches([finished[i] for i in idx], iteration, args.micro_batch_size, pad,
+                                           args.include_old_segments, device, extra) if idx else [])
         # old log-probs: the policy pi_i at the start of the iteration (one forward pass)
-        old = policy_logprobs(ctx, mbs_all) if mbs_all else []
-        for mb, lp in zip(mbs_all, old if ctx.pc.is_last_stage else [None] * len(mbs_all)):
-            mb["old_logp"] = lp
+        for chunk in plan:
+            old = policy_logprobs(ctx, chunk) if chunk else []
+            for mb, lp in zip(chunk, old if ctx.pc.is_last_stage else [None] * len(chunk)):
+                mb["old_logp"] = lp
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
-        updates = max(1, args.updates_per_iter)
         losses, norms, kls = [], [], []
-        per_update = int(math.ceil(len(mbs_all) / updates)) if mbs_all else 0
-        for u in range(updates):
-            chunk = mbs_all[u * per_update:(u + 1) * per_update]
+        for chunk in plan:
             local_count = sum(float(mb["mask"].shape[0]) if args.rl_loss == "omd" else float(mb["mask"].sum())
                               for mb in chunk)
             total = _dp_sum(local_count, ctx)
             if total <= 0:
                 continue
+            # a dp rank without samples in this update still joins the collective step; then no
+            # rank may start bucket reductions from backward hooks (their order would differ)
+            ctx.optimizer.overlap = _dp_min(len(chunk), ctx) > 0
             results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
             loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
                                                sum(r[2] for r in results)], ctx)
             losses.append(loss_sum / total)
             kls.append(kl_sum / max(n, 1.0))
             norms.append(norm)
+        mbs_all = [mb for chunk in plan for mb in chunk]
         t_train = time.time() - t1
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),

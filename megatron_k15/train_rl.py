@@ -32,6 +32,8 @@ def add_rl_args(p) -> None:
     g.add_argument("--eval-data", default=None, help="held-out prompt prefix, evaluated greedily")
     g.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations")
     g.add_argument("--eval-max-tokens", type=int, default=None, help="default: --rollout-max-tokens")
+    g.add_argument("--eval-temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (mean pass@1, pass@k)")
     g.add_argument("--rl-loss", choices=["omd", "grpo", "ppo"], default="omd")
     g.add_argument("--rl-tau", type=float, default=0.1, help="KL weight tau of the OMD surrogate")
     g.add_argument("--exact-logz", action="store_true", help="baseline tau*log mean exp(r/tau) instead of mean r")
@@ -131,6 +133,7 @@ def main(argv=None) -> int:
         res = evaluate(ctx.model, tokenizer, eval_set[0], eval_set[1],
                        max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
                        dp_rank=ctx.pc.dp_rank, dp_size=ctx.pc.dp_size, dp_group=ctx.pc.dp_group,
+                       n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
                        batch_size=args.rollout_batch_size)
         return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
 

@@ -14,7 +14,7 @@ NPROC=${NPROC:-2}                       # data-parallel CPU processes
 SEED=${SEED:-1234}
 MODEL_ARGS=(--num-layers "${NUM_LAYERS:-4}" --hidden-size "${HIDDEN:-128}" --ffn-hidden-size "${FFN:-352}"
             --num-attention-heads 4 --num-query-groups 2 --max-position-embeddings 256)
-SFT_ITERS=${SFT_ITERS:-150}
+SFT_ITERS=${SFT_ITERS:-500}
 RL_ITERS=${RL_ITERS:-30}
 RL_LOSS=${RL_LOSS:-omd}
 mkdir -p "$OUT"
@@ -23,7 +23,7 @@ launch() { python -m torch.distributed.run --nproc-per-node "$NPROC" --master-po
 echo "== 1/5 synthetic data"
 if [ ! -f "$OUT/data/sft.jsonl" ]; then
   python tools/make_synthetic_data.py --out-dir "$OUT/data" --seed "$SEED" --levels 1,2 \
-    --num-sft 3000 --num-rl 400 --num-eval 100 --max-operand 30 --template minimal --quiet
+    --num-sft 3000 --num-rl 400 --num-eval 100 --max-operand 50 --template minimal --quiet
 fi
 for split in sft rl_prompts eval_prompts; do
   mode=prompts; [ "$split" = sft ] && mode=sft
@@ -47,9 +47,11 @@ RL_DIR="$OUT/rl_$RL_LOSS"
 if [ ! -f "$RL_DIR/latest_checkpointed_iteration.txt" ]; then
   launch -m megatron_k15.train_rl --load "$OUT/sft" --finetune --tokenizer byte --seed "$SEED" \
     --prompt-data "$OUT/data/rl_prompts" --eval-data "$OUT/data/eval_prompts" \
-    --rl-loss "$RL_LOSS" --rl-tau 0.05 --samples-per-prompt 8 --prompts-per-iter 16 \
+    --eval-temperature 1.0 --eval-samples 4 \
+    --rl-loss "$RL_LOSS" --rl-tau 0.05 --samples-per-prompt 8 --prompts-per-iter 64 \
     --rollout-max-tokens 8 --temperature 1.0 --sampling prioritized --updates-per-iter 2 \
-    --micro-batch-size 32 --train-iters "$RL_ITERS" --lr 5e-4 --clip-grad 1.0 --lr-decay-style constant \
+    --micro-batch-size 128 --train-iters "$RL_ITERS" --lr 1e-4 --clip-grad 1.0 --lr-decay-style constant \
+    --keep-optimizer-state \
     --save "$RL_DIR" --tensorboard-dir "$RL_DIR/tb" --log-interval 5
 fi
 

@@ -59,7 +59,7 @@ def _weights(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["omd", "grpo"])
+@pytest.mark.parametrize("loss", ["omd"])  # GRPO shares the path; its formula has unit tests
 def test_rl_iterations_equal_across_layouts(loss):
     ref = run_distributed(rl_worker, 1, 1, loss, 0)
     m0 = ref[0]["metrics"]

@@ -13,7 +13,8 @@ OUT=${OUT:-outputs/quickstart}
 NPROC=${NPROC:-2}                       # data-parallel CPU processes
 SEED=${SEED:-1234}
 MODEL_ARGS=(--num-layers "${NUM_LAYERS:-4}" --hidden-size "${HIDDEN:-128}" --ffn-hidden-size "${FFN:-352}"
-            --num-attention-heads 4 --num-query-groups 2 --max-position-embeddings 256)
+            --num-attention-heads 4 --num-query-groups 2 --max-position-embeddings 256
+            --untie-embeddings-and-output-weights)
 SFT_ITERS=${SFT_ITERS:-500}
 RL_ITERS=${RL_ITERS:-30}
 RL_LOSS=${RL_LOSS:-omd}
@@ -48,7 +49,7 @@ if [ ! -f "$RL_DIR/latest_checkpointed_iteration.txt" ]; then
   launch -m megatron_k15.train_rl --load "$OUT/sft" --finetune --tokenizer byte --seed "$SEED" \
     --prompt-data "$OUT/data/rl_prompts" --eval-data "$OUT/data/eval_prompts" \
     --eval-temperature 1.0 --eval-samples 4 \
-    --rl-loss "$RL_LOSS" --rl-tau 0.05 --samples-per-prompt 8 --prompts-per-iter 64 \
+    --rl-loss "$RL_LOSS" --rl-tau 1.0 --samples-per-prompt 8 --prompts-per-iter 64 \
     --rollout-max-tokens 8 --temperature 1.0 --sampling prioritized --updates-per-iter 2 \
     --micro-batch-size 128 --train-iters "$RL_ITERS" --lr 1e-4 --clip-grad 1.0 --lr-decay-style constant \
     --keep-optimizer-state \

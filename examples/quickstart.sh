@@ -53,7 +53,7 @@ if [ ! -f "$RL_DIR/latest_checkpointed_iteration.txt" ]; then
     --rollout-max-tokens 8 --temperature 1.0 --sampling prioritized --updates-per-iter 2 \
     --micro-batch-size 128 --train-iters "$RL_ITERS" --lr 1e-4 --clip-grad 1.0 --lr-decay-style constant \
     --keep-optimizer-state \
-    --save "$RL_DIR" --tensorboard-dir "$RL_DIR/tb" --log-interval 5
+    --save "$RL_DIR" --tensorboard-dir "$RL_DIR/tb" --log-interval 1
 fi
 
 echo "== 4/5 curves"

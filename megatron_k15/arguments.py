@@ -55,6 +55,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--add-qkv-bias", action="store_true", default=None)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--seq-length", type=int, default=None, help="training/packing sequence length")
+    g.add_argument("--logprob-impl", choices=["auto", "fused", "ce"], default="auto",
+                   help="per-token log-probs: fused Triton kernel (auto on GPU) or vocab-parallel CE")
     g.add_argument("--attention-backend", choices=["auto", "triton", "sdpa"], default="auto",
                    help="auto = our Triton flash attention on GPU, PyTorch SDPA on CPU")
 

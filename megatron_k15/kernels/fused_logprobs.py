@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -224,9 +225,10 @@ def _tp_info(tp_group):
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, tp_group, want_entropy, impl, reduce_hidden_grad,
-                chunk_tokens, chunk_vocab):
+                chunk_tokens, chunk_vocab, vocab_start=None):
         tp_size, tp_rank = _tp_info(tp_group)
-        vocab_start = tp_rank * weight.shape[0]
+        if vocab_start is None:
+            vocab_start = tp_rank * weight.shape[0]
         targets = targets.reshape(-1)
         if impl == "triton":
             m, s, tz, zt = _partials_triton(hidden, weight, targets, vocab_start, want_entropy)
@@ -307,7 +309,7 @@ class _FusedLogProbs(torch.autograd.Function):
             if ctx.tp_size > 1 and ctx.reduce_hidden_grad:
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             dh = dh.to(hidden.dtype)
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def _choose_impl(impl: str, hidden: torch.Tensor) -> str:
@@ -325,9 +327,13 @@ def _choose_impl(impl: str, hidden: torch.Tensor) -> str:
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp_group=None,
                    return_entropy: bool = False, *, impl: str = "auto", reduce_hidden_grad: bool = True,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunk_vocab: int = DEFAULT_CHUNK_VOCAB):
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+                   vocab_start: Optional[int] = None):
     """log p(targets) (N,) fp32 [, entropy (N,) fp32] of softmax(hidden @ weight.T) over the
-    (tp-sharded) vocabulary, without materialising the logits (module docstring)."""
+    (tp-sharded) vocabulary, without materialising the logits (module docstring).
+
+    ``vocab_start``: global id of this rank's first row (default ``tp_rank * V_local``); pass it
+    when ranks hold unequal row counts, e.g. when padding rows are cut off the last shard."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, H) and weight (V_local, H) expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -338,7 +344,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     impl = _choose_impl(impl, hidden)
     logp, ent = _FusedLogProbs.apply(hidden, weight, targets.to(hidden.device), tp_group,
                                      bool(return_entropy), impl, bool(reduce_hidden_grad),
-                                     int(chunk_tokens), int(chunk_vocab))
+                                     int(chunk_tokens), int(chunk_vocab), vocab_start)
     return (logp, ent) if return_entropy else logp
 
 

@@ -81,6 +81,7 @@ class GPTModel(torch.nn.Module):
         attention_backend: str = "auto",
         params_dtype: torch.dtype = torch.float32,
         recompute_granularity: Optional[str] = None,
+        logprob_impl: str = "auto",
         device: Optional[torch.device] = None,
         cp_group: Optional[dist.ProcessGroup] = None,
         cp_comm_type: str = "ring",
@@ -139,6 +140,11 @@ class GPTModel(torch.nn.Module):
         if recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"--recompute-granularity must be full or selective, got {recompute_granularity!r}")
         self.recompute_granularity = recompute_granularity
+        if logprob_impl not in ("auto", "ce", "fused"):
+            raise ValueError(f"--logprob-impl must be auto, ce or fused, got {logprob_impl!r}")
+        # auto: the fused kernel (never materialises [tokens, vocab] logits) on GPU; on CPU the
+        # vocab-parallel cross-entropy, which is faster there
+        self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn)
@@ -267,11 +273,33 @@ class GPTModel(torch.nn.Module):
         return full[..., : self.config.vocab_size]
 
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(labels) (b, s) in fp32 via vocab-parallel cross-entropy."""
+        """log p(labels) (b, s) in fp32: the fused kernel or vocab-parallel cross-entropy."""
+        if self.logprob_impl == "fused":
+            return self._fused_token_logprobs(hidden, labels)
         logits = self.output_layer(hidden, weight=self.output_weight())  # [s, b, V/tp]
         logits = self._mask_padded_vocab(logits.float())
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
         return -loss.transpose(0, 1)
+
+    def _fused_token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Chunked hidden @ W^T with an online logsumexp (kernels/fused_logprobs.py). Padding rows
+        of the vocabulary are cut off this rank's weight, so they get no probability. Under SP
+        the sequence gather's backward already sums d_hidden over tp, so the kernel must not."""
+        from megatron_k15.kernels.fused_logprobs import fused_logprobs
+
+        full = gather_from_sequence_parallel_region(hidden, self.tp_group) if self.sequence_parallel else hidden
+        s, b, h = full.shape
+        start = self.tp_rank * self.vocab_per_rank
+        n_valid = min(self.vocab_per_rank, self.config.vocab_size - start)
+        if n_valid <= 0:
+            raise NotImplementedError("a tp rank holding only vocabulary padding; lower "
+                                      "--make-vocab-size-divisible-by or use --logprob-impl ce")
+        logp = fused_logprobs(
+            full.transpose(0, 1).reshape(b * s, h), self.output_weight()[:n_valid], labels.reshape(-1),
+            tp_group=self.tp_group if self.tp_size > 1 else None,
+            reduce_hidden_grad=not self.sequence_parallel, vocab_start=start,
+        )
+        return logp.view(b, s)
 
     # -- the forward the trainer and generator use ----------------------------------------
     def forward(self, input_ids=None, position_ids=None, labels=None, cu_seqlens=None,

@@ -1,0 +1,101 @@
+"""tools/evaluate.py (pass@k through the reward registry) and tools/merge_models.py."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_k15.checkpointing import read_full_state_dict
+from megatron_k15.rl.evaluation import pass_at_k
+from megatron_k15.testing import save_tiny_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name):
+    path = os.path.join(ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _convert(tmp, name, seed):
+    hf = tmp / f"hf_{name}"
+    save_tiny_hf_checkpoint(str(hf), "qwen2", seed=seed)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", str(hf), "--save", str(tmp / name)], check=True, capture_output=True)
+    return str(tmp / name)
+
+
+def test_pass_at_k_matches_the_combinatorial_formula():
+    for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 4), (5, 5, 2), (10, 1, 10), (6, 2, 5)]:
+        expect = 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
+        assert abs(pass_at_k(n, c, k) - expect) < 1e-12
+
+
+def test_merge_is_the_weighted_average_at_any_layout(tmp_path):
+    a, b = _convert(tmp_path, "a", 1), _convert(tmp_path, "b", 2)
+    merge = _tool("merge_models")
+    assert merge.main(["--load-a", a, "--load-b", b, "--weight-a", "0.25", "--save", str(tmp_path / "m"),
+                       "--tensor-model-parallel-size", "2"]) == 0
+    (sa, _), (sb, _), (sm, _) = (read_full_state_dict(p) for p in (a, b, str(tmp_path / "m")))
+    for k in sa:
+        assert torch.allclose(sm[k], 0.25 * sa[k] + 0.75 * sb[k], atol=1e-7), k
+    assert merge.main(["--load-a", a, "--load-b", b, "--save", str(tmp_path / "m")]) != 0  # exists
+
+
+def test_merge_rejects_different_architectures(tmp_path, capsys):
+    a = _convert(tmp_path, "a", 1)
+    hf = tmp_path / "hf_c"
+    save_tiny_hf_checkpoint(str(hf), "qwen2", num_hidden_layers=3)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", str(hf), "--save", str(tmp_path / "c")], check=True, capture_output=True)
+    assert _tool("merge_models").main(["--load-a", a, "--load-b", str(tmp_path / "c"),
+                                       "--save", str(tmp_path / "m")]) != 0
+    assert "different architectures" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def always_right(response, record):
+    return 1.0
+
+
+def always_wrong(response, record):
+    return 0.0
+
+
+def test_evaluate_reports_pass_at_k_through_the_registry(tmp_path):
+    ck = _convert(tmp_path, "a", 1)
+    me = "test_tools_eval_merge"
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        for i in range(4):
+            fn = "always_right" if i % 2 == 0 else "always_wrong"
+            f.write(json.dumps({"id": f"e{i}", "prompt": f"{i}+{i}=", "task": "custom",
+                                "reward_fn": f"{me}:{fn}"}) + "\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", ck,
+                           "--tokenizer", "byte", "--input", str(tmp_path / "eval.jsonl"),
+                           "--output", str(tmp_path / "res.jsonl"), "--n-samples", "3", "--temperature", "1.0",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "res.jsonl")]
+    assert [r["num_correct"] for r in rows] == [3, 0, 3, 0]
+    assert all(len(r["samples"]) == 3 and all(s["length"] <= 4 for s in r["samples"]) for r in rows)
+    summary = json.load(open(tmp_path / "res.summary.json"))
+    assert summary["pass@1"] == 0.5 and summary["pass@3"] == 0.5
+
+
+def test_evaluate_rejects_greedy_with_many_samples(tmp_path):
+    ck = _convert(tmp_path, "a", 1)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", ck,
+                           "--input", __file__, "--output", str(tmp_path / "x"), "--n-samples", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--n-samples > 1 needs --temperature > 0" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "x").exists()

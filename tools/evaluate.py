@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a prompt JSONL with verifiable rewards: pass@1 and pass@k.
+
+    python tools/evaluate.py --load ckpt/rl --input eval.jsonl --output results.jsonl \
+        --n-samples 8 --temperature 1.0 --max-new-tokens 1024
+    torchrun --nproc-per-node 4 tools/evaluate.py --tensor-model-parallel-size 2 ...
+
+Prompt records follow DESIGN.md section 5 (``task`` picks the reward; ``answer`` for math,
+``tests`` for code). Every problem gets ``--n-samples`` responses; pass@k is the unbiased
+estimator 1 - C(n-c, k)/C(n, k). Per-problem results (responses, correctness, lengths) go to
+``--output``; the summary (pass@k, mean response length) is printed and written next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bootstrap  # noqa: F401,E402
+
+from megatron_k15.arguments import ArgumentError, parse_args  # noqa: E402
+
+
+def add_eval_args(p) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--input", required=True, help="prompt JSONL (id, prompt, task, answer|tests)")
+    g.add_argument("--output", required=True, help="per-problem results JSONL")
+    g.add_argument("--n-samples", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _validate(args) -> None:
+    if not args.load:
+        raise ArgumentError("--load CKPT is required")
+    if not os.path.isfile(args.input):
+        raise ArgumentError(f"--input {args.input}: file not found")
+    if args.n_samples < 1:
+        raise ArgumentError("--n-samples must be >= 1")
+    if args.n_samples > 1 and args.temperature == 0:
+        raise ArgumentError("--n-samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
+        raise ArgumentError("evaluate runs tensor x data parallel: use --pipeline-model-parallel-size 1 "
+                            "--context-parallel-size 1")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, "Evaluate pass@k with verifiable rewards", add_eval_args, _validate,
+                      groups=("model", "parallel", "precision", "checkpoint"))
+    from megatron_k15.data.prompts import DataError, read_prompt_records
+    from megatron_k15.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        records = list(read_prompt_records(args.input))
+        tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.load, "tokenizer"))
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_k15 import platform
+    from megatron_k15.checkpointing import load_model_checkpoint
+    from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.rl.evaluation import evaluate
+
+    initialize_model_parallel(args.tensor_model_parallel_size)
+    set_seed(args.seed)
+    cfg = args.model_config
+    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
+                     device=platform.current_device())
+    load_model_checkpoint(model, args.load)
+    eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
+    res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
+                   dp_rank=parallel_state.get_data_parallel_rank(),
+                   dp_size=parallel_state.get_data_parallel_world_size(),
+                   dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    if dist.get_rank() == 0:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            for rec, p in zip(records, res["results"]):
+                f.write(json.dumps({"id": rec["id"], "task": rec.get("task"), "samples": p["samples"],
+                                    "num_correct": sum(s["correct"] for s in p["samples"])}) + "\n")
+        os.replace(tmp, args.output)
+        summary = {k: v for k, v in res.items() if k != "results"}
+        summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load)
+        with open(os.path.splitext(args.output)[0] + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Long2short model merging: weighted average of two checkpoints of the same architecture.
+
+    python tools/merge_models.py --load-a ckpt/long --load-b ckpt/short --weight-a 0.5 \
+        --save ckpt/merged --tensor-model-parallel-size 2
+
+theta = w * theta_a + (1 - w) * theta_b for every parameter (Kimi k1.5's long2short merge).
+Inputs may have any tp/pp layouts; the output is written at the requested one, atomically,
+with the tokenizer of the first checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bootstrap  # noqa: F401,E402
+
+from megatron_k15.checkpointing import (  # noqa: E402
+    LATEST_FILE, CheckpointError, atomic_directory, iteration_tag, read_full_state_dict, write_full_state_dict,
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-a", required=True)
+    p.add_argument("--load-b", required=True)
+    p.add_argument("--weight-a", type=float, default=0.5, help="w in w*a + (1-w)*b")
+    p.add_argument("--save", required=True)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.weight_a <= 1.0:
+        p.error(f"--weight-a must be in [0, 1], got {args.weight_a}")
+    try:
+        if os.path.exists(args.save) and os.listdir(args.save):
+            raise FileExistsError(f"--save {args.save} exists and is not empty")
+        a, cfg_a = read_full_state_dict(args.load_a)
+        b, cfg_b = read_full_state_dict(args.load_b)
+        shape_a = {k: tuple(v.shape) for k, v in a.items()}
+        shape_b = {k: tuple(v.shape) for k, v in b.items()}
+        if shape_a != shape_b:
+            diff = sorted(set(shape_a.items()) ^ set(shape_b.items()))[:3]
+            raise ValueError(f"--load-a and --load-b have different architectures (e.g. {diff})")
+        w = args.weight_a
+        merged = {k: (w * a[k].float() + (1.0 - w) * b[k].float()).to(a[k].dtype) for k in a}
+        cfg_a.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        with atomic_directory(args.save) as tmp:
+            ckpt = os.path.join(tmp, iteration_tag(None))
+            os.makedirs(ckpt)
+            write_full_state_dict(ckpt, merged, cfg_a, args.tensor_model_parallel_size,
+                                  args.pipeline_model_parallel_size, iteration=None,
+                                  merged_from=[os.path.abspath(args.load_a), os.path.abspath(args.load_b)],
+                                  weight_a=w)
+            with open(os.path.join(tmp, LATEST_FILE), "w") as f:
+                f.write("release")
+            tok = os.path.join(args.load_a, "tokenizer")
+            if os.path.isdir(tok):
+                shutil.copytree(tok, os.path.join(tmp, "tokenizer"))
+    except (CheckpointError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[merge_models] {len(merged)} tensors, w={w} -> {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ MODEL_ARGS=(--num-layers "${NUM_LAYERS:-4}" --hidden-size "${HIDDEN:-128}" --ffn
             --num-attention-heads 4 --num-query-groups 2 --max-position-embeddings 256
             --untie-embeddings-and-output-weights)
 SFT_ITERS=${SFT_ITERS:-500}
-RL_ITERS=${RL_ITERS:-30}
+RL_ITERS=${RL_ITERS:-50}
 RL_LOSS=${RL_LOSS:-omd}
 mkdir -p "$OUT"
 launch() { python -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" "$@"; }
@@ -48,10 +48,10 @@ RL_DIR="$OUT/rl_$RL_LOSS"
 if [ ! -f "$RL_DIR/latest_checkpointed_iteration.txt" ]; then
   launch -m megatron_k15.train_rl --load "$OUT/sft" --finetune --tokenizer byte --seed "$SEED" \
     --prompt-data "$OUT/data/rl_prompts" --eval-data "$OUT/data/eval_prompts" \
-    --eval-temperature 1.0 --eval-samples 4 \
-    --rl-loss "$RL_LOSS" --rl-tau 1.0 --samples-per-prompt 8 --prompts-per-iter 64 \
+    --eval-temperature 1.0 --eval-samples 8 \
+    --rl-loss "$RL_LOSS" --rl-tau 1.0 --samples-per-prompt 8 --prompts-per-iter 128 \
     --rollout-max-tokens 8 --temperature 1.0 --sampling prioritized --updates-per-iter 2 \
-    --micro-batch-size 128 --train-iters "$RL_ITERS" --lr 1e-4 --clip-grad 1.0 --lr-decay-style constant \
+    --micro-batch-size 128 --train-iters "$RL_ITERS" --lr 5e-5 --clip-grad 1.0 --lr-decay-style constant \
     --keep-optimizer-state \
     --save "$RL_DIR" --tensorboard-dir "$RL_DIR/tb" --log-interval 1
 fi

@@ -16,6 +16,20 @@ from megatron_k15.rewards.code import (code_reward, extract_program, normalize_o
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX sandbox")
 
 IS_ROOT = os.geteuid() == 0
+
+
+def _os_isolation() -> bool:
+    """Root *and* the kernel lets us create namespaces (a container without CAP_SYS_ADMIN
+    does not): only then can the OS-only variants below be enforced by the OS."""
+    if not IS_ROOT:
+        return False
+    from megatron_k15.rewards.code import sandbox_report
+
+    rep = sandbox_report()
+    return rep.get("working", False) and rep.get("uid") == 65534 and rep.get("private_network", False)
+
+
+OS_ISOLATION = _os_isolation()
 T = 1.0  # per-test wall limit used below
 BOUND = T + 4.0  # generous bound on the whole call
 
@@ -94,7 +108,7 @@ FORK_BOMB = "import os\nwhile True:\n    os.fork()\n"
 
 @pytest.mark.parametrize("guards", [True, False])
 def test_fork_bomb(guards):
-    if not guards and not IS_ROOT:
+    if not guards and not OS_ISOLATION:
         pytest.skip("OS-level process limit for the sandbox needs a uid drop (root)")
     res, dt = timed(FORK_BOMB, [{"input": "", "output": ""}], T, python_guards=guards)
     assert res["status"] == "error", res
@@ -120,7 +134,7 @@ def test_output_flood():
 
 @pytest.mark.parametrize("guards", [True, False])
 def test_write_outside_directory(tmp_path, guards):
-    if not guards and not IS_ROOT:
+    if not guards and not OS_ISOLATION:
         pytest.skip("OS-level write protection needs the uid drop (root)")
     targets = [tmp_path / "escape.txt", f"/tmp/k15-escape-{uuid.uuid4().hex}.txt",
                f"/dev/shm/k15-escape-{uuid.uuid4().hex}", os.path.join(os.getcwd(), "k15-escape.txt")]
@@ -139,7 +153,7 @@ def test_write_outside_directory(tmp_path, guards):
 
 @pytest.mark.parametrize("guards", [True, False])
 def test_network_connection_to_loopback_server(guards):
-    if not guards and not IS_ROOT:
+    if not guards and not OS_ISOLATION:
         pytest.skip("network namespace needs root here")
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind(("127.0.0.1", 0))
@@ -188,7 +202,7 @@ def test_secret_in_parent_environment_is_invisible(monkeypatch):
         "            except Exception:\n"
         "                pass\n"
         "print('found' if found else 'none')\n"
-    ).replace("SCAN", "True" if IS_ROOT else "False")
+    ).replace("SCAN", "True" if OS_ISOLATION else "False")
     res = run_tests(prog, [{"input": "", "output": "none"}], T, keep_output=True)
     assert res["status"] == "ok", res
     assert secret not in repr(res)
@@ -196,7 +210,7 @@ def test_secret_in_parent_environment_is_invisible(monkeypatch):
 
 @pytest.mark.parametrize("guards", [True, False])
 def test_program_that_kills_its_parent(guards):
-    if not guards and not IS_ROOT:
+    if not guards and not OS_ISOLATION:
         pytest.skip("OS-level signal protection needs the uid drop (root)")
     me = os.getpid()
     prog = f"import os, signal\nos.kill(os.getppid(), 9)\nos.kill({me}, 9)\nprint('alive')\n"
@@ -231,7 +245,7 @@ def test_extract_program_and_code_reward():
     assert code_reward(wrong, {"task": "code"}) == 0.0
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="the full OS-level isolation is set up when root")
+@pytest.mark.skipif(not OS_ISOLATION, reason="needs root and permission to create namespaces")
 def test_sandbox_report_as_root():
     rep = sandbox_report()
     assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True}

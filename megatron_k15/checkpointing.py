@@ -294,38 +294,3 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
     extra = torch.load(state_file, map_location="cpu", weights_only=False) if os.path.isfile(state_file) else {}
     iteration = layout.get("iteration") or 0
     return int(iteration), extra
-
-
-def save_model_checkpoint(model, save_dir: str, iteration: Optional[int], pp_rank: int = 0,
-                          pp_size: int = 1, layer_ranges: Optional[list[range]] = None,
-                          write_shard: bool = True, **extra) -> str:
-    """Every model-parallel rank writes its shard (``write_shard`` False on dp ranks > 0); global
-    rank 0 writes the config, renames the directory into place and updates ``latest`` last."""
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    tag = iteration_tag(iteration)
-    final = os.path.join(save_dir, tag)
-    tmp = os.path.join(save_dir, f".tmp-{tag}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if distributed:
-        dist.barrier()
-    if write_shard:
-        d = os.path.join(tmp, shard_dir_name(model.tp_rank, pp_rank))
-        os.makedirs(d, exist_ok=True)
-        torch.save({"model": model.checkpoint_state_dict()}, os.path.join(d, "model.pt"))
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        ranges = layer_ranges or pipeline_layer_ranges(model.config.num_layers, pp_size)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(layout_dict(model.config, model.tp_size, pp_size, ranges,
-                                  iteration=iteration, **extra), f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(os.path.join(save_dir, LATEST_FILE), "release" if iteration is None else str(iteration))
-    if distributed:
-        dist.barrier()
-    return final

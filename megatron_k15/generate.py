@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron_k15.arguments import ArgumentError, parse_args

@@ -95,7 +95,6 @@ def main(argv=None) -> int:
     args = parse_args(argv, "Kimi k1.5 RL with megatron_k15", add_rl_args, _validate)
     import torch.distributed as dist
 
-    from megatron_k15 import platform
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.indexed import load_prompt_dataset
     from megatron_k15.data.tokenizer import load_tokenizer

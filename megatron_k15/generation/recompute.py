@@ -63,12 +63,14 @@ def generate_recompute(model, prompts: list[list[int]], max_new_tokens, params: 
         tokens, logprobs = sample_tokens(logits, params, [generators[i] for i in active])
         tokens = _broadcast_from_tp_rank0(tokens.contiguous(), model)
         logprobs = _broadcast_from_tp_rank0(logprobs.float().contiguous(), model)
+        # one device->host copy per step, not one sync per token
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
         for row, i in enumerate(active):
-            tok = int(tokens[row])
+            tok = token_list[row]
             seqs[i].append(tok)
             r = results[i]
             r.output_ids.append(tok)
-            r.output_logprobs.append(float(logprobs[row]))
+            r.output_logprobs.append(logprob_list[row])
             if tok in eos:
                 r.stop_reason = "eos"
             elif detectors is not None and detectors[i].push(tok):

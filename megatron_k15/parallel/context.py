@@ -39,6 +39,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_k15.parallel.tensor import gather_from_sequence_parallel_region
+
 __all__ = [
     "zigzag_split",
     "zigzag_merge",
@@ -138,49 +140,12 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-@torch.no_grad()
-def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    world = _group_size(group)
-    x = x.contiguous()
-    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather(list(out.chunk(world, dim=0)), x, group=group)
-    return out
-
-
-@torch.no_grad()
-def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    world = _group_size(group)
-    rank = dist.get_rank(group)
-    x = x.contiguous()
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x.chunk(world, dim=0)[rank].contiguous()
-    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter(out, list(x.chunk(world, dim=0)), group=group)
-    return out
-
-
-class _AllGatherDim0(torch.autograd.Function):
-    """All-gather along dim 0; backward is its adjoint, a (sum) reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_dim0(grad, ctx.group), None
-
-
 def all_gather_cp(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in group-rank order. Differentiable: the
     gradient of rank r's input is the sum over ranks of the gradient of slice r (reduce-scatter)."""
     if group is None or _group_size(group) == 1:
         return x
-    moved = x.movedim(dim, 0)
-    gathered = _AllGatherDim0.apply(moved, group)
+    gathered = gather_from_sequence_parallel_region(x.movedim(dim, 0).contiguous(), group)
     return gathered.movedim(0, dim)
 
 

@@ -52,15 +52,14 @@ def _seed_for(traj: Trajectory, iteration: int) -> int:
 
 
 @torch.no_grad()
-def rollout(model, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> int:
-    """Extend each trajectory by one segment under the current policy. Returns tokens made."""
+def rollout(model, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> None:
+    """Extend each trajectory by one segment under the current policy."""
     budgets = []
     for t in trajs:
         left = s.max_tokens - t.response_len
         budgets.append(max(0, min(left, s.segment_tokens or left)))
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
     detector = (lambda: RepeatDetector()) if s.repeat_detection else None
-    made = 0
     model.eval()
     for start in range(0, len(trajs), s.batch_size):
         chunk = list(range(start, min(start + s.batch_size, len(trajs))))
@@ -73,9 +72,7 @@ def rollout(model, trajs: list[Trajectory], iteration: int, s: RolloutSettings, 
             if reason == "length" and t.response_len + len(res.output_ids) < s.max_tokens:
                 reason = "partial"
             t.append_segment(res.output_ids, res.output_logprobs, iteration, reason)
-            made += len(res.output_ids)
     model.train()
-    return made
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
@@ -308,10 +305,9 @@ class RLIteration:
                         labels=mb["labels"] if model.post_process else None, hidden=hidden)
             if not model.post_process:
                 return out
-            loss, m = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
-                              tau=args.rl_tau, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                              baseline=mb["baseline"], advantages=mb["advantages"],
-                              reduction="sum", return_metrics=True)
+            loss = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
+                           tau=args.rl_tau, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                           baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum")
             s = (out.detach() * mb["mask"]).sum(-1)
             s_old = (mb["old_logp"] * mb["mask"]).sum(-1)
             kl = float(((s - s_old) ** 2).sum())

@@ -131,3 +131,17 @@ def save_tiny_hf_checkpoint(out_dir: str, kind: str = "qwen2", dtype=torch.float
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     return model
+
+
+def random_sft_samples(count: int, max_len: int, seed: int = 0) -> list:
+    """Random byte-token SFT samples (5 <= length < max_len), loss on the second half of each."""
+    import numpy as np
+
+    from megatron_k15.data.indexed import SFTSample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(5, max_len))
+        out.append(SFTSample(rng.integers(0, 256, n), (np.arange(n) >= n // 2).astype(np.uint8)))
+    return out

@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_k15.data.indexed import SFTSample
 from megatron_k15.data.sft import PackedSFTStream
 from megatron_k15.models.config import preset
 from megatron_k15.parallel.context import (
@@ -32,7 +31,7 @@ from megatron_k15.parallel.context import (
     zigzag_split,
     zigzag_split_varlen,
 )
-from megatron_k15.testing import run_distributed
+from megatron_k15.testing import random_sft_samples, run_distributed
 
 SEED = 7
 DENSE = (2, 16)  # batch, sequence
@@ -213,14 +212,7 @@ SEQ, GBS, MBS, ITERS = 32, 2, 1, 2
 
 
 def _samples():
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(12):
-        n = int(rng.integers(5, 20))
-        tokens = rng.integers(0, 256, n)
-        mask = (np.arange(n) >= n // 2).astype(np.uint8)
-        out.append(SFTSample(tokens, mask))
-    return out
+    return random_sft_samples(12, 20)
 
 
 def _args(comm_type):

@@ -3,28 +3,19 @@ weights (fp32, relative 1e-5), through the 1F1B schedule, ZeRO-1 Adam and SP."""
 
 import argparse
 
-import numpy as np
 import pytest
 import torch
 
-from megatron_k15.data.indexed import SFTSample
 from megatron_k15.data.sft import PackedSFTStream
 from megatron_k15.models.config import preset
 from megatron_k15.models.sharding import merge_shards
-from megatron_k15.testing import run_distributed
+from megatron_k15.testing import random_sft_samples, run_distributed
 
 SEQ, GBS, MBS, ITERS = 32, 8, 1, 3
 
 
 def _samples():
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(40):
-        n = int(rng.integers(5, 30))
-        tokens = rng.integers(0, 256, n)
-        mask = (np.arange(n) >= n // 2).astype(np.uint8)
-        out.append(SFTSample(tokens, mask))
-    return out
+    return random_sft_samples(40, 30)
 
 
 def _args():

@@ -124,6 +124,26 @@ def hf_config_dict(model) -> dict:
     return d
 
 
+def gpt_from_hf(hf, attention_backend: str = "sdpa", pp_size: int = 1, pp_rank: int = 0, **model_kwargs):
+    """Our GPTModel (this rank's tp shard of the current tp group, pipeline stage ``pp_rank``
+    of ``pp_size``) holding a transformers model's weights, in eval mode."""
+    from megatron.core import parallel_state
+
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf, hf_to_megatron
+    from megatron_k15.models.sharding import split_for_rank
+
+    cfg = gpt_config_from_hf(hf_config_dict(hf))
+    model = GPTModel(cfg, attention_backend=attention_backend, pp_rank=pp_rank, pp_size=pp_size,
+                     **model_kwargs)
+    full = hf_to_megatron(hf.state_dict(), cfg)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    model.load_checkpoint_state_dict(split_for_rank(
+        full, tp_group.size(), tp_group.rank(), pp_size, pp_rank, cfg.num_layers,
+        cfg.tie_word_embeddings, model.padded_vocab_size))
+    return model.eval()
+
+
 def save_tiny_hf_checkpoint(out_dir: str, kind: str = "qwen2", dtype=torch.float32,
                             max_shard_size=None, **overrides):
     """Write a tiny random HF checkpoint (safetensors; sharded when ``max_shard_size`` is set)."""

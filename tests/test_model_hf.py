@@ -4,22 +4,14 @@ import pytest
 import torch
 
 from megatron_k15.initialize import initialize_model_parallel
-from megatron_k15.models.gpt import GPTModel
-from megatron_k15.models.hf_mapping import gpt_config_from_hf, hf_to_megatron
-from megatron_k15.models.sharding import split_for_rank
-from megatron_k15.testing import hf_config_dict, tiny_hf_model
+from megatron_k15.testing import gpt_from_hf, tiny_hf_model
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def build_from_hf(hf, attention_backend="sdpa"):
-    cfg = gpt_config_from_hf(hf_config_dict(hf))
-    model = GPTModel(cfg, attention_backend=attention_backend)
-    full = hf_to_megatron(hf.state_dict(), cfg)
-    model.load_checkpoint_state_dict(split_for_rank(
-        full, 1, 0, 1, 0, cfg.num_layers, cfg.tie_word_embeddings, model.padded_vocab_size))
-    return model.eval()
+    return gpt_from_hf(hf, attention_backend)
 
 
 @pytest.fixture(scope="module", autouse=True)

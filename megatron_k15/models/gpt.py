@@ -204,10 +204,12 @@ class GPTModel(torch.nn.Module):
         return self.output_layer.weight
 
     def hidden_states(self, input_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                      hidden=None) -> torch.Tensor:
+                      hidden=None, inference=None) -> torch.Tensor:
         """Run this stage's layers. Returns [s, b, h] (s / tp of it under sequence parallelism),
         after the final norm on the last stage. Under context parallelism ``s`` is this cp
-        rank's local length and ``position_ids`` the original positions of its tokens."""
+        rank's local length and ``position_ids`` the original positions of its tokens.
+        ``inference`` (generation): a ``generation.inference_batch.InferenceBatch`` whose
+        ``layer(j)`` is the KV cache of this stage's j-th layer."""
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
@@ -242,8 +244,10 @@ class GPTModel(torch.nn.Module):
                 position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
         cos, sin = self.rotary(position_ids.to(device), hidden.dtype)
         recompute = self.recompute_granularity if (self.training and torch.is_grad_enabled()) else None
-        for layer in self.layers.values():
-            if recompute == "full":
+        for j, layer in enumerate(self.layers.values()):
+            if inference is not None:
+                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, kv_cache=inference.layer(j))
+            elif recompute == "full":
                 # keep only each layer's input; recompute the layer in backward
                 hidden = torch.utils.checkpoint.checkpoint(
                     layer, hidden, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -318,9 +322,14 @@ class GPTModel(torch.nn.Module):
             raise NotImplementedError("last_token_logits (generation) does not support context "
                                       "parallelism; build the model without a cp group")
         hidden = self.hidden_states(input_ids, position_ids)
+        return self.logits_at(hidden, last_index, torch.arange(hidden.shape[1], device=hidden.device))
+
+    def logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits (n, vocab_size) of the final hidden states [s(/tp), b, h] at
+        (seq_index[i], batch_index[i]); only those rows go through the output layer."""
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)
-        rows = hidden[last_index, torch.arange(hidden.shape[1], device=hidden.device)]  # (b, h)
+        rows = hidden[seq_index, batch_index]  # (n, h)
         logits = torch.nn.functional.linear(rows, self.output_weight())
         logits = self._mask_padded_vocab(logits)
         return self.gather_logits(logits)

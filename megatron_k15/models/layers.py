@@ -144,7 +144,11 @@ class SelfAttention(torch.nn.Module):
             bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False):
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
+                kv_cache=None):
+        """``kv_cache`` (generation only): this layer's view of the engine's paged KV cache
+        (``generation.inference_batch.LayerKVCache``); the new K/V are written to it and the
+        attention reads the cached prefix (decode) or runs on the packed prompts (prefill)."""
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -154,7 +158,9 @@ class SelfAttention(torch.nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if recompute_attention:
+        if kv_cache is not None:
+            out = kv_cache.attend(q, k, v, self.softmax_scale, self._core)
+        elif recompute_attention:
             # selective recompute: drop the attention core's saved activations, keep the GEMMs'
             out = torch.utils.checkpoint.checkpoint(
                 self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -202,7 +208,8 @@ class TransformerLayer(torch.nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False):
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
+                kv_cache=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
-                                    recompute_attention)
+                                    recompute_attention, kv_cache)
         return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -1,0 +1,392 @@
+"""The generation engine: KV-cached decoding with continuous batching on the training model.
+
+The model that trains also generates (no weight copy). Per step the engine either
+
+- **prefills** newly admitted requests: their tokens packed in one row, varlen attention
+  (the model's attention backend: our Triton flash kernels on GPU), K/V written to the paged
+  cache; requests with identical token lists (the k samples of one prompt) are prefilled
+  once and forked, sharing the prompt's full blocks; or
+- **decodes** one token for every running request with the split-KV paged decode kernel.
+
+Continuous batching: a finished request frees its blocks at once and waiting requests are
+admitted before the next step while blocks (and ``max_batch_size``) allow. When a running
+request needs a block and none is free, the most recently admitted request is preempted: its
+blocks are freed and it goes back to the front of the queue with the tokens it has, to be
+re-prefilled later (recompute preemption; its random generator carries on, so what it
+samples does not depend on the preemption).
+
+Every tp (and pp) rank runs the same scheduler on the same tokens: the sampled tokens are
+broadcast from tp rank 0 of the last pipeline stage, so all ranks stay in lockstep. Under
+pipeline parallelism each stage runs its own layers on its own cache and passes the hidden
+states to the next stage (one step at a time: correct, not yet overlapped).
+
+``generate`` has the signature of ``generation.recompute.generate_recompute`` (the O(n^2)
+reference the tests compare against) and returns the same ``GenerationResult``s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_k15.generation.inference_batch import InferenceBatch
+from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory
+from megatron_k15.generation.recompute import GenerationResult
+from megatron_k15.generation.sampling import SamplingParams, sample_tokens
+
+
+@dataclass
+class _Request:
+    index: int
+    tokens: list[int]  # prompt + generated so far; all but the last are in the cache while running
+    budget: int
+    generator: Optional[torch.Generator]
+    detector: object
+    result: GenerationResult
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0  # prompt (and re-prefilled) tokens run through the model
+    generated_tokens: int = 0  # tokens sampled
+    steps: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of ``generate`` wall time (prefill included)."""
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class GenerationEngine:
+    """KV-cached generation for a ``models.gpt.GPTModel`` (any tp size; pp via ``pp_group``).
+
+    Args:
+        model: the model (this rank's tp shard / pp stage). Generation runs under ``eval()``.
+        block_size: tokens per KV-cache block.
+        num_blocks: cache size; default: on GPU ``kv_memory_fraction`` of the free memory,
+            on CPU enough for the requests of each call (grown as needed).
+        max_batch_size: most requests decoded together.
+        max_prefill_tokens: most tokens prefilled in one step (at least one request always is).
+        pp_group: the pipeline group when the model is one stage of several.
+        decode_impl: ``paged_decode_attention``'s ``impl`` (auto: Triton on GPU).
+    """
+
+    def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
+                 max_batch_size: int = 256, max_prefill_tokens: int = 16384,
+                 kv_memory_fraction: float = 0.5, pp_group=None, decode_impl: str = "auto"):
+        if max_batch_size < 1 or max_prefill_tokens < 1 or block_size < 1:
+            raise ValueError("max_batch_size, max_prefill_tokens and block_size must be >= 1")
+        self.model = model
+        self.block_size = block_size
+        self.fixed_num_blocks = num_blocks
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.kv_memory_fraction = kv_memory_fraction
+        self.decode_impl = decode_impl
+        self.pp_group = pp_group
+        self.pp_size = 1 if pp_group is None else dist.get_world_size(pp_group)
+        self.pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)
+        self.cache: Optional[PagedKVCache] = None
+        self.stats = EngineStats()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cfg = model.config
+        self._kv_heads = cfg.num_query_groups // model.tp_size
+        self._num_layers = len(model.layers)
+        self._pad_to = model.tp_size if model.sequence_parallel else 1
+
+    # ------------------------------------------------------------------ cache
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _ensure_cache(self, requests: Sequence[_Request]) -> None:
+        if self.fixed_num_blocks is not None:
+            n = self.fixed_num_blocks
+        elif self.device.type == "cuda":
+            if self.cache is not None:
+                return
+            free, _ = torch.cuda.mem_get_info(self.device)
+            n = blocks_for_memory(int(free * self.kv_memory_fraction), self._num_layers,
+                                  self.block_size, self._kv_heads, self.model.config.head_dim,
+                                  self.dtype) - 1
+        else:
+            longest = max((len(r.tokens) + r.budget for r in requests), default=1)
+            concurrent = min(len(requests), self.max_batch_size)
+            n = concurrent * (self._blocks_for(longest) + 1)
+        n = self._agree_min(max(1, n))
+        if self.cache is not None and self.cache.num_blocks >= n:
+            return
+        self.cache = None  # free the old tensor before allocating the new one
+        self.cache = PagedKVCache(self._num_layers, n, self.block_size, self._kv_heads,
+                                  self.model.config.head_dim, self.dtype, self.device)
+
+    def _agree_min(self, n: int) -> int:
+        """Every rank must see the same number of blocks, or schedules would diverge."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def _comm_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def release(self) -> None:
+        """Drop the KV cache (e.g. to give its memory to the training step)."""
+        self.cache = None
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens, params: SamplingParams,
+                 generators: Optional[list[Optional[torch.Generator]]], eos_ids: Sequence[int],
+                 repeat_detector: Optional[Callable[[], object]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> list[GenerationResult]:
+        """Generate for every prompt. ``max_new_tokens``: one budget or one per request.
+        ``generators[i]`` drives request i's sampling (None = global RNG). ``repeat_detector()``
+        makes a per-request detector (``push(token) -> bool``; stop reason ``repeat``).
+        ``progress(done, total)`` is called as requests finish."""
+        params.validate()
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) \
+            else [int(max_new_tokens)] * len(prompts)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"{len(budgets)} budgets for {len(prompts)} prompts")
+        generators = generators if generators is not None else [None] * len(prompts)
+        requests = []
+        for i, (p, b) in enumerate(zip(prompts, budgets)):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            det = repeat_detector() if repeat_detector is not None else None
+            requests.append(_Request(i, list(p), int(b), generators[i], det, GenerationResult()))
+        self._eos = set(eos_ids)
+        self._params = params
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            self._run(requests, progress)
+        finally:
+            self.stats.seconds += time.perf_counter() - t0
+            if was_training:
+                self.model.train()
+        return [r.result for r in requests]
+
+    # ------------------------------------------------------------------ scheduler
+    def _run(self, requests: list[_Request], progress) -> None:
+        waiting = deque()
+        for r in requests:
+            if r.budget <= 0:
+                r.result.stop_reason = "length"
+            else:
+                waiting.append(r)
+        if not waiting:
+            return
+        self._ensure_cache(list(waiting))
+        cache = self.cache
+        running: list[_Request] = []
+        done, total = len(requests) - len(waiting), len(requests)
+        while waiting or running:
+            admitted = self._admit(waiting, running)
+            if admitted:
+                self._prefill(admitted)
+                running.extend(admitted)
+            elif running:
+                self._make_room(running, waiting)
+                self._decode(running)
+            else:
+                r = waiting[0]
+                raise OutOfBlocks(
+                    f"request {r.index} needs {self._blocks_for(len(r.tokens) + 1)} KV-cache blocks "
+                    f"but the cache has {cache.num_blocks} (block size {self.block_size}); give the "
+                    "engine more memory (num_blocks / kv_memory_fraction) or shorter requests")
+            finished = [r for r in running if r.result.stop_reason]
+            for r in finished:
+                cache.free_sequence(r.index)
+            if finished:
+                running = [r for r in running if not r.result.stop_reason]
+                done += len(finished)
+                if progress is not None:
+                    progress(done, total)
+            self.stats.steps += 1
+
+    def _admit(self, waiting: deque, running: list[_Request]) -> list[_Request]:
+        """Take waiting requests while the batch, the prefill budget and free blocks allow.
+        Identical token lists are admitted together (one prefill, then forks)."""
+        cache = self.cache
+        free = cache.num_free_blocks
+        # keep a block per running request for its next decode step
+        reserve = len(running)
+        admitted, tokens = [], 0
+        while waiting and len(running) + len(admitted) < self.max_batch_size:
+            r = waiting[0]
+            n = len(r.tokens)
+            need = self._blocks_for(n + 1)
+            if admitted and tokens + n > self.max_prefill_tokens:
+                break
+            if free - need < reserve:
+                break
+            admitted.append(waiting.popleft())
+            free -= need
+            tokens += n
+            reserve += 1
+        return admitted
+
+    def _make_room(self, running: list[_Request], waiting: deque) -> None:
+        """Preempt the newest requests until every running one has room for its next token."""
+        cache = self.cache
+        while True:
+            need = sum(1 for r in running
+                       if self._blocks_for(len(r.tokens)) > len(cache.blocks(r.index)))
+            if need <= cache.num_free_blocks:
+                return
+            if len(running) == 1:
+                r = running[0]
+                raise OutOfBlocks(
+                    f"request {r.index} at {len(r.tokens)} tokens does not fit the KV cache "
+                    f"({cache.num_blocks} blocks of {self.block_size}); give the engine more memory")
+            victim = running.pop()
+            cache.free_sequence(victim.index)
+            waiting.appendleft(victim)
+            self.stats.preemptions += 1
+
+    # ------------------------------------------------------------------ steps
+    def _prefill(self, admitted: list[_Request]) -> None:
+        cache = self.cache
+        groups: dict[tuple, list[_Request]] = {}
+        for r in admitted:
+            groups.setdefault(tuple(r.tokens), []).append(r)
+        heads = [g[0] for g in groups.values()]
+        lengths = [len(r.tokens) for r in heads]
+        for r in heads:
+            cache.add_sequence(r.index)
+            cache.ensure_capacity(r.index, len(r.tokens))
+        ids = [t for r in heads for t in r.tokens]
+        positions = [p for n in lengths for p in range(n)]
+        slots = cache.slot_mapping([r.index for r in heads], [range(n) for n in lengths], device="cpu")
+        total = len(ids)
+        padded = int(math.ceil(total / self._pad_to) * self._pad_to)
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        if padded > total:  # padding as one extra sequence that writes to the scratch block
+            ids += [0] * (padded - total)
+            positions += list(range(padded - total))
+            slots = torch.cat([slots, torch.full((padded - total,), -1, dtype=torch.int64)])
+            bounds.append(padded)
+        batch = InferenceBatch(
+            cache, slots.to(self.device), decode=False,
+            cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=self.device),
+            max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+            decode_impl=self.decode_impl)
+        last = torch.tensor(bounds[1:len(heads) + 1], device=self.device) - 1
+        logits = self._forward(ids, positions, batch, last)
+        # forks share the prompt's full blocks; each samples its own first token
+        rows, reqs = [], []
+        for row, group in enumerate(groups.values()):
+            for r in group[1:]:
+                cache.fork(group[0].index, r.index)
+            for r in group:
+                rows.append(row)
+                reqs.append(r)
+        self.stats.prefill_tokens += total
+        self._sample_and_append(reqs, None if logits is None else logits[rows])
+
+    def _decode(self, running: list[_Request]) -> None:
+        cache = self.cache
+        seq_ids = [r.index for r in running]
+        for r in running:
+            cache.ensure_capacity(r.index, len(r.tokens))
+        n = len(running)
+        padded = int(math.ceil(n / self._pad_to) * self._pad_to)
+        ids = [r.tokens[-1] for r in running] + [0] * (padded - n)
+        positions = [len(r.tokens) - 1 for r in running] + [0] * (padded - n)
+        pos = torch.tensor(positions[:n], dtype=torch.int64)
+        slots = cache.slot_mapping(seq_ids, pos, device="cpu")
+        table = cache.block_table(seq_ids, device="cpu")
+        lens = cache.seq_lens(seq_ids, device="cpu")
+        if padded > n:
+            slots = torch.cat([slots, torch.full((padded - n,), -1, dtype=torch.int64)])
+            table = torch.cat([table, torch.zeros(padded - n, table.shape[1], dtype=table.dtype)])
+            lens = torch.cat([lens, torch.zeros(padded - n, dtype=lens.dtype)])
+        batch = InferenceBatch(cache, slots.to(self.device), decode=True,
+                               block_tables=table.to(self.device), seq_lens=lens.to(self.device),
+                               decode_impl=self.decode_impl)
+        logits = self._forward(ids, positions, batch, torch.arange(n, device=self.device))
+        self._sample_and_append(running, logits)
+
+    def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,
+                 rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """Run this stage on the packed tokens; the last stage returns full-vocab logits at
+        ``rows`` (fp32), other stages send their hidden states on and return None."""
+        model = self.model
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        hidden = None
+        if not model.pre_process:
+            hidden = self._recv_hidden(len(ids))
+        hidden = model.hidden_states(input_ids if model.pre_process else None, position_ids,
+                                     batch.cu_seqlens, batch.max_seqlen, hidden=hidden, inference=batch)
+        if not model.post_process:
+            self._send_hidden(hidden)
+            return None
+        return model.logits_at(hidden, rows, torch.zeros_like(rows)).float()
+
+    # ------------------------------------------------------------------ pipeline p2p
+    def _hidden_shape(self, n_tokens: int):
+        s = n_tokens // self.model.tp_size if self.model.sequence_parallel else n_tokens
+        return (s, 1, self.model.config.hidden_size)
+
+    def _recv_hidden(self, n_tokens: int) -> torch.Tensor:
+        buf = torch.empty(self._hidden_shape(n_tokens), dtype=self.dtype, device=self.device)
+        src = dist.get_global_rank(self.pp_group, self.pp_rank - 1)
+        dist.recv(buf, src=src)
+        return buf
+
+    def _send_hidden(self, hidden: torch.Tensor) -> None:
+        dst = dist.get_global_rank(self.pp_group, self.pp_rank + 1)
+        dist.send(hidden.contiguous(), dst=dst)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample_and_append(self, reqs: list[_Request], logits: Optional[torch.Tensor]) -> None:
+        n = len(reqs)
+        if logits is not None:
+            tokens, logprobs = sample_tokens(logits, self._params, [r.generator for r in reqs])
+            tokens, logprobs = tokens.to(torch.int64), logprobs.float()
+        else:
+            tokens = torch.empty(n, dtype=torch.int64, device=self.device)
+            logprobs = torch.empty(n, dtype=torch.float32, device=self.device)
+        tokens, logprobs = self._broadcast(tokens, logprobs)
+        self.stats.generated_tokens += n
+        for r, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):
+            r.tokens.append(tok)
+            res = r.result
+            res.output_ids.append(tok)
+            res.output_logprobs.append(lp)
+            if tok in self._eos:
+                res.stop_reason = "eos"
+            elif r.detector is not None and r.detector.push(tok):
+                res.stop_reason = "repeat"
+            elif len(res.output_ids) >= r.budget:
+                res.stop_reason = "length"
+
+    def _broadcast(self, tokens: torch.Tensor, logprobs: torch.Tensor):
+        """Tokens of tp rank 0 of the last stage to every tp and pp rank (lockstep)."""
+        model = self.model
+        if model.tp_size == 1 and self.pp_size == 1:
+            return tokens, logprobs
+        packed = torch.stack([tokens.double(), logprobs.double()])
+        dev = self._comm_device()
+        packed = packed.to(dev)
+        if model.tp_size > 1 and model.post_process:
+            dist.broadcast(packed, src=dist.get_global_rank(model.tp_group, 0), group=model.tp_group)
+        if self.pp_size > 1:
+            dist.broadcast(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1),
+                           group=self.pp_group)
+        return packed[0].long(), packed[1].float()

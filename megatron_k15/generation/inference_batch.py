@@ -1,0 +1,61 @@
+"""What one engine step hands the model: packed tokens plus where their K/V live in the cache.
+
+The engine always runs the model on one packed row (``input_ids`` of shape (1, N)), so prefill
+of many prompts and decode of many sequences are the same call with different metadata:
+
+- **prefill**: N = the new tokens of several sequences back to back (``cu_seqlens`` marks the
+  boundaries, varlen attention keeps each sequence to itself; the sequences hold no cached
+  prefix). Their K/V are written to the cache as a side effect.
+- **decode**: N = one token per sequence; each attends over its cached tokens with the paged
+  split-KV kernel (``kernels.decode_attention``), its own K/V written to the cache first.
+
+Rows added to reach a multiple of the tp size (sequence parallelism splits N) are *padding*:
+slot -1 (written to the cache's scratch block) and, in decode, a cached length of 0.
+
+``InferenceBatch.layer(j)`` is what the model's j-th layer of this pipeline stage receives as
+``kv_cache``; its ``attend(q, k, v, scale, prefill_attention)`` takes q/k/v of shape
+(1, N, heads, head_dim) and returns attention output of q's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_k15.kernels.decode_attention import paged_decode_attention
+
+
+@dataclass
+class InferenceBatch:
+    cache: object  # generation.kv_cache.PagedKVCache of this pipeline stage's layers
+    slots: torch.Tensor  # (N,) int64 flat cache slot of every token, -1 for padding
+    decode: bool
+    cu_seqlens: Optional[torch.Tensor] = None  # prefill: (n_seqs + 1,) int32
+    max_seqlen: Optional[int] = None
+    block_tables: Optional[torch.Tensor] = None  # decode: (N, max_blocks) int32
+    seq_lens: Optional[torch.Tensor] = None  # decode: (N,) int32, current token included
+    decode_impl: str = "auto"
+
+    def layer(self, j: int) -> "LayerKVCache":
+        return LayerKVCache(self, j)
+
+
+class LayerKVCache:
+    """One layer's view of an ``InferenceBatch``."""
+
+    def __init__(self, batch: InferenceBatch, layer: int):
+        self.batch = batch
+        self.index = layer
+
+    def attend(self, q, k, v, softmax_scale, prefill_attention):
+        b = self.batch
+        cache = b.cache
+        cache.write_slots(self.index, b.slots, k[0], v[0])
+        if not b.decode:
+            return prefill_attention(q, k, v, b.cu_seqlens, b.max_seqlen)
+        out = paged_decode_attention(
+            q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
+            softmax_scale=softmax_scale, impl=b.decode_impl)
+        return out.unsqueeze(0)

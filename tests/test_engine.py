@@ -1,0 +1,192 @@
+"""The KV-cached generation engine: greedy equals transformers, log-probs equal a full
+recompute, seeded sampling equals the recompute generator and does not depend on the batch,
+partial segments equal one run, preemption changes nothing, no block leaks, tp=2 / pp=2 equal
+one rank."""
+
+import pytest
+import torch
+
+from megatron_k15.generation.engine import GenerationEngine
+from megatron_k15.generation.kv_cache import OutOfBlocks
+from megatron_k15.generation.recompute import generate_recompute
+from megatron_k15.generation.repetition import RepeatDetector
+from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.initialize import initialize_model_parallel
+from megatron_k15.testing import gpt_from_hf, run_distributed, tiny_hf_model
+
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17, 18], [42], [7, 7, 7, 7, 9],
+           list(range(100, 131))]
+EOS = [2]
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
+
+
+def _close(a, b):
+    """fp32 log-probs: 1e-5 absolute, relative for sampled tokens with log p < -1."""
+    return all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank():
+    initialize_model_parallel(1)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def models(request):
+    # a larger init makes the random model's distribution peaked, so greedy has clear winners
+    hf = tiny_hf_model(request.param, initializer_range=0.2)
+    return hf, gpt_from_hf(hf)
+
+
+def _engine(model, **kw):
+    """The paged decode runs its PyTorch implementation here (the Triton kernel under the
+    interpreter is exact but slow; it is covered by the first test and test_decode_attention)."""
+    kw.setdefault("decode_impl", "torch")
+    return GenerationEngine(model, block_size=4, **kw)
+
+
+def _gens(seed, n, offset=0):
+    return [request_generator(seed, offset + i) for i in range(n)]
+
+
+def test_greedy_equals_transformers_and_logprobs_equal_recompute(models):
+    hf, model = models
+    engine = GenerationEngine(model, block_size=4)  # decode: Triton kernel (interpreted on CPU)
+    results = engine.generate(PROMPTS, 12, SamplingParams(temperature=0.0), None, EOS)
+    for prompt, res in zip(PROMPTS, results):
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        assert res.output_ids == ref
+        assert res.stop_reason == ("eos" if ref[-1] == 2 else "length")
+        # every generated token's log-prob under the model: one full forward of prompt + output
+        seq = torch.tensor([prompt + res.output_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model.gather_logits(model(seq)).float(), -1)[0]
+        want = full[len(prompt) - 1:-1].gather(-1, torch.tensor(res.output_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(res.output_logprobs), want, atol=1e-5, rtol=0)
+    assert engine.cache.num_used_blocks == 0
+
+
+def test_seeded_sampling_equals_recompute_generator_and_is_batch_invariant(models):
+    _, model = models
+    engine = _engine(model)
+    prompts = PROMPTS * 2
+    ours = engine.generate(prompts, 16, SAMPLED, _gens(7, len(prompts)), EOS)
+    ref = generate_recompute(model, prompts, 16, SAMPLED, _gens(7, len(prompts)), EOS)
+    for a, b in zip(ours, ref):
+        assert a.output_ids == b.output_ids and a.stop_reason == b.stop_reason
+        assert _close(a.output_logprobs, b.output_logprobs)
+    # one request alone == the same request inside a batch of 16 others
+    others = [[int(t) for t in torch.randint(3, 250, (int(n),), generator=torch.Generator().manual_seed(n))]
+              for n in range(2, 18)]
+    alone = engine.generate([PROMPTS[1]], 16, SAMPLED, [request_generator(3, 99)], EOS)[0]
+    batch = others[:8] + [PROMPTS[1]] + others[8:]
+    gens = _gens(3, 8) + [request_generator(3, 99)] + _gens(3, 8, offset=8)
+    crowded = engine.generate(batch, 16, SAMPLED, gens, EOS)[8]
+    assert crowded.output_ids == alone.output_ids
+
+
+def test_shared_prompt_forks_equal_separate_requests(models):
+    """k samples of one prompt are prefilled once and forked; each is the same as alone."""
+    _, model = models
+    engine = _engine(model)
+    k = 4
+    prompt = PROMPTS[4]  # 31 tokens: a partly filled last block gets copied on fork
+    together = engine.generate([prompt] * k, 10, SAMPLED, _gens(5, k), EOS)
+    assert engine.stats.prefill_tokens == len(prompt)
+    for i in range(k):
+        alone = engine.generate([prompt], 10, SAMPLED, [request_generator(5, i)], EOS)[0]
+        assert together[i].output_ids == alone.output_ids
+    assert len({tuple(r.output_ids) for r in together}) > 1  # the samples do differ
+
+
+def test_preemption_and_tiny_cache_give_the_same_tokens(models):
+    _, model = models
+    prompts = PROMPTS * 2
+    big = _engine(model).generate(prompts, 20, SAMPLED, _gens(11, 10), EOS)
+    # room for only a few sequences at a time: admission waits, running ones get preempted
+    small = _engine(model, num_blocks=24)
+    out = small.generate(prompts, 20, SAMPLED, _gens(11, 10), EOS)
+    assert [r.output_ids for r in out] == [r.output_ids for r in big]
+    assert small.stats.preemptions > 0
+    assert small.cache.num_used_blocks == 0
+    with pytest.raises(OutOfBlocks, match="more memory"):
+        _engine(model, num_blocks=2).generate([list(range(50))], 4, SAMPLED, None, EOS)
+
+
+def test_partial_segments_equal_one_uninterrupted_generation(models):
+    """Three segment budgets, each resumed from the tokens so far (prefix re-prefilled), with
+    the request's generator carried on, give the same trajectory as one call."""
+    _, model = models
+    engine = _engine(model)
+    prompts = PROMPTS[:3]
+    whole = engine.generate(prompts, 18, SAMPLED, _gens(21, 3), [])
+    gens = _gens(21, 3)
+    tokens = [list(p) for p in prompts]
+    for budget in (5, 6, 7):
+        seg = engine.generate(tokens, budget, SAMPLED, gens, [])
+        assert all(r.stop_reason == "length" and len(r.output_ids) == budget for r in seg)
+        for t, r in zip(tokens, seg):
+            t.extend(r.output_ids)
+    assert [t[len(p):] for t, p in zip(tokens, prompts)] == [r.output_ids for r in whole]
+
+
+def test_no_block_leak_after_1000_requests_and_stop_reasons():
+    model = gpt_from_hf(tiny_hf_model("llama", initializer_range=0.2))
+    engine = _engine(model, max_batch_size=128, num_blocks=400)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (int(torch.randint(1, 12, (1,), generator=gen)),),
+                             generator=gen).tolist() for _ in range(1000)]
+    budgets = torch.randint(0, 6, (1000,), generator=gen).tolist()
+    out = engine.generate(prompts, budgets, SAMPLED, _gens(1, 1000), [7, 9, 11])
+    assert engine.cache.num_used_blocks == 0 and len(engine.cache) == 0
+    for res, budget in zip(out, budgets):
+        assert len(res.output_ids) <= budget
+        if res.stop_reason == "eos":
+            assert res.output_ids[-1] in (7, 9, 11)
+        else:
+            assert res.stop_reason == "length" and len(res.output_ids) == budget
+    # repeat detection stops a looping generation with "repeat"
+    looped = engine.generate([[5] * 40], 64, SamplingParams(temperature=0.0), None, [],
+                             repeat_detector=lambda: RepeatDetector(min_period=1, max_period=4))[0]
+    ref = generate_recompute(model, [[5] * 40], 64, SamplingParams(temperature=0.0), [None], [],
+                             repeat_detector=lambda: RepeatDetector(min_period=1, max_period=4))[0]
+    assert looped.output_ids == ref.output_ids and looped.stop_reason == ref.stop_reason
+
+
+# -- tp=2 and pp=2 equal one rank ---------------------------------------------------------
+def _generate_layout(rank, world_size, tp, pp, kind):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    initialize_model_parallel(tp=tp, pp=pp)
+    hf = tiny_hf_model(kind, initializer_range=0.2)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    model = gpt_from_hf(hf, pp_size=pp, pp_rank=pp_rank)
+    engine = _engine(model, pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None)
+    prompts = PROMPTS * 2
+    greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
+    sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
+    dist.barrier()
+    return [[(r.output_ids, r.output_logprobs) for r in greedy],
+            [(r.output_ids, r.output_logprobs) for r in sampled]]
+
+
+def _one_rank_reference(kind):
+    model = gpt_from_hf(tiny_hf_model(kind, initializer_range=0.2))
+    engine = _engine(model)
+    prompts = PROMPTS * 2
+    greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
+    sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
+    return [[(r.output_ids, r.output_logprobs) for r in greedy],
+            [(r.output_ids, r.output_logprobs) for r in sampled]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp):
+    ref = _one_rank_reference("qwen2")
+    for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, "qwen2"):
+        for got_runs, ref_runs in zip(rank_out, ref):
+            for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
+                assert ids == ref_ids
+                assert _close(lps, ref_lps)

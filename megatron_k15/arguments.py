@@ -97,6 +97,18 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
 
 
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (generation engine)")
+    g.add_argument("--inference-engine", choices=["paged", "recompute"], default="paged",
+                   help="paged: KV-cached engine with continuous batching; recompute: the O(n^2) "
+                        "reference generator (no cache)")
+    g.add_argument("--kv-cache-block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--kv-cache-memory-fraction", type=float, default=0.5,
+                   help="GPU: fraction of the free memory given to the KV cache (allocated once)")
+    g.add_argument("--max-prefill-tokens", type=int, default=16384,
+                   help="most prompt tokens prefilled in one engine step")
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
@@ -115,7 +127,8 @@ def build_parser(description: str = "megatron_k15",
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     adders = {"model": add_model_args, "parallel": add_parallel_args, "precision": add_precision_args,
-              "training": add_training_args, "checkpoint": add_checkpoint_args}
+              "training": add_training_args, "checkpoint": add_checkpoint_args,
+              "inference": add_inference_args}
     for name in groups:
         adders[name](p)
     if extra_args_provider is not None:
@@ -188,6 +201,15 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if _get(args, "bf16") and _get(args, "fp16"):
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive; pick one")
     args.params_dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
+    block = _get(args, "kv_cache_block_size")
+    if block is not None and block < 1:
+        raise ArgumentError(f"--kv-cache-block-size must be >= 1, got {block}")
+    frac = _get(args, "kv_cache_memory_fraction")
+    if frac is not None and not 0.0 < frac <= 1.0:
+        raise ArgumentError(f"--kv-cache-memory-fraction must be in (0, 1], got {frac}")
+    prefill = _get(args, "max_prefill_tokens")
+    if prefill is not None and prefill < 1:
+        raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
     if _get(args, "finetune") and not _get(args, "load"):
         raise ArgumentError("--finetune needs --load DIR (the weights to start from)")
     load = _get(args, "load")

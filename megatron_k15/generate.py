@@ -32,7 +32,7 @@ def add_generate_args(p) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    g.add_argument("--batch-size", type=int, default=64, help="most requests decoded together")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to text prompts")
 
 
@@ -93,7 +93,7 @@ def find_tokenizer(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv, "Generate with a megatron_k15 checkpoint", add_generate_args, _validate,
-                      groups=("model", "parallel", "precision", "checkpoint"))
+                      groups=("model", "parallel", "precision", "checkpoint", "inference"))
     from megatron_k15.data.prompts import DataError
     from megatron_k15.data.tokenizer import TokenizerError
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 
     from megatron_k15 import platform
     from megatron_k15.checkpointing import load_model_checkpoint
-    from megatron_k15.generation.recompute import generate_recompute
+    from megatron_k15.generation.engine import build_generator
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_model_parallel
     from megatron_k15.models.gpt import GPTModel
@@ -126,24 +126,29 @@ def main(argv=None) -> int:
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
     eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
     outputs: dict[int, dict] = {}
+    generator = build_generator(model, args, max_batch_size=args.batch_size)
+    last_report = [0.0]
+
+    def progress(done, total):
+        now = time.time()
+        if dist.get_rank() == 0 and (done == total or now - last_report[0] > 5):
+            last_report[0] = now
+            print(f"[generate] {done}/{total} requests ({generator.stats.tokens_per_second:.1f} tokens/s)",
+                  file=sys.stderr, flush=True)
+
     t0, n_tokens = time.time(), 0
-    for start in range(0, len(mine), args.batch_size):
-        batch = mine[start:start + args.batch_size]
-        results = generate_recompute(
-            model, [requests[i][1] for i in batch], args.max_new_tokens, params,
-            [request_generator(args.seed, i) for i in batch], eos_ids,
-        )
-        for i, res in zip(batch, results):
-            rec = dict(requests[i][0])
-            rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
-                       stop_reason=res.stop_reason)
-            if tokenizer is not None:
-                # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
-                rec["text"] = tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size])
-            outputs[i] = rec
-            n_tokens += len(res.output_ids)
-        if dist.get_rank() == 0:
-            print(f"[generate] {min(start + args.batch_size, len(mine))}/{len(mine)} requests", file=sys.stderr, flush=True)
+    results = generator.generate(
+        [requests[i][1] for i in mine], args.max_new_tokens, params,
+        [request_generator(args.seed, i) for i in mine], eos_ids, progress=progress)
+    for i, res in zip(mine, results):
+        rec = dict(requests[i][0])
+        rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
+                   stop_reason=res.stop_reason)
+        if tokenizer is not None:
+            # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
+            rec["text"] = tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size])
+        outputs[i] = rec
+        n_tokens += len(res.output_ids)
     elapsed = time.time() - t0
 
     gathered = [None] * dist.get_world_size()

@@ -92,7 +92,8 @@ def _validate(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, "Kimi k1.5 RL with megatron_k15", add_rl_args, _validate)
+    args = parse_args(argv, "Kimi k1.5 RL with megatron_k15", add_rl_args, _validate,
+                      groups=("model", "parallel", "precision", "training", "checkpoint", "inference"))
     import torch.distributed as dist
 
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
                        max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
                        dp_rank=ctx.pc.dp_rank, dp_size=ctx.pc.dp_size, dp_group=ctx.pc.dp_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
-                       batch_size=args.rollout_batch_size)
+                       batch_size=args.rollout_batch_size, generator=rl.generator)
+        rl.generator.release()
         return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
 
     logger = MetricsLogger(args.tensorboard_dir, rank == 0)

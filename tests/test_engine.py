@@ -38,9 +38,8 @@ def models(request):
 
 
 def _engine(model, **kw):
-    """The paged decode runs its PyTorch implementation here (the Triton kernel under the
-    interpreter is exact but slow; it is covered by the first test and test_decode_attention)."""
-    kw.setdefault("decode_impl", "torch")
+    """On CPU the paged decode runs its PyTorch version (the Triton kernel under the
+    interpreter is exact but slow; the first test and test_decode_attention cover it)."""
     return GenerationEngine(model, block_size=4, **kw)
 
 
@@ -50,7 +49,7 @@ def _gens(seed, n, offset=0):
 
 def test_greedy_equals_transformers_and_logprobs_equal_recompute(models):
     hf, model = models
-    engine = GenerationEngine(model, block_size=4)  # decode: Triton kernel (interpreted on CPU)
+    engine = GenerationEngine(model, block_size=4, decode_impl="triton")  # interpreted on CPU
     results = engine.generate(PROMPTS, 12, SamplingParams(temperature=0.0), None, EOS)
     for prompt, res in zip(PROMPTS, results):
         ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,

@@ -31,7 +31,7 @@ def add_eval_args(p) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
     g.add_argument("--seed", type=int, default=1234)
 
 
@@ -51,7 +51,7 @@ def _validate(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv, "Evaluate pass@k with verifiable rewards", add_eval_args, _validate,
-                      groups=("model", "parallel", "precision", "checkpoint"))
+                      groups=("model", "parallel", "precision", "checkpoint", "inference"))
     from megatron_k15.data.prompts import DataError, read_prompt_records
     from megatron_k15.data.tokenizer import TokenizerError, load_tokenizer
 
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
 
     from megatron_k15 import platform
     from megatron_k15.checkpointing import load_model_checkpoint
+    from megatron_k15.generation.engine import build_generator
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
     from megatron_k15.models.gpt import GPTModel
     from megatron_k15.rl.evaluation import evaluate
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
                    dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                   generator=build_generator(model, args, max_batch_size=args.batch_size))
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

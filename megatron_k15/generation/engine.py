@@ -37,8 +37,9 @@ import torch.distributed as dist
 
 from megatron_k15.generation.inference_batch import InferenceBatch
 from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory
-from megatron_k15.generation.recompute import GenerationResult
+from megatron_k15.generation.recompute import GenerationResult, generate_recompute
 from megatron_k15.generation.sampling import SamplingParams, sample_tokens
+from megatron_k15.kernels.decode_attention import HAVE_TRITON
 
 
 @dataclass
@@ -76,7 +77,8 @@ class GenerationEngine:
         max_batch_size: most requests decoded together.
         max_prefill_tokens: most tokens prefilled in one step (at least one request always is).
         pp_group: the pipeline group when the model is one stage of several.
-        decode_impl: ``paged_decode_attention``'s ``impl`` (auto: Triton on GPU).
+        decode_impl: ``paged_decode_attention``'s ``impl``; auto: the Triton kernel on GPU, its
+            PyTorch version on CPU (where Triton would only interpret).
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
@@ -90,14 +92,16 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.kv_memory_fraction = kv_memory_fraction
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if decode_impl == "auto":
+            decode_impl = "triton" if self.device.type == "cuda" and HAVE_TRITON else "torch"
         self.decode_impl = decode_impl
         self.pp_group = pp_group
         self.pp_size = 1 if pp_group is None else dist.get_world_size(pp_group)
         self.pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)
         self.cache: Optional[PagedKVCache] = None
         self.stats = EngineStats()
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
         cfg = model.config
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
@@ -390,3 +394,38 @@ class GenerationEngine:
             dist.broadcast(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1),
                            group=self.pp_group)
         return packed[0].long(), packed[1].float()
+
+
+class RecomputeGenerator:
+    """``generate_recompute`` behind the engine's interface (``--inference-engine recompute``)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.stats = EngineStats()
+
+    def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None,
+                 progress=None):
+        t0 = time.perf_counter()
+        gens = generators if generators is not None else [None] * len(prompts)
+        out = generate_recompute(self.model, prompts, max_new_tokens, params, gens, eos_ids, repeat_detector)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.generated_tokens += sum(len(r.output_ids) for r in out)
+        if progress is not None:
+            progress(len(out), len(out))
+        return out
+
+    def release(self) -> None:
+        pass
+
+
+def build_generator(model, args, *, max_batch_size: int = 256, pp_group=None):
+    """The generator the CLI flags ask for (``arguments.add_inference_args``)."""
+    kind = getattr(args, "inference_engine", "paged")
+    if kind == "recompute":
+        if pp_group is not None and dist.get_world_size(pp_group) > 1:
+            raise ValueError("--inference-engine recompute does not support pipeline parallelism")
+        return RecomputeGenerator(model)
+    return GenerationEngine(
+        model, block_size=getattr(args, "kv_cache_block_size", 16), max_batch_size=max_batch_size,
+        max_prefill_tokens=getattr(args, "max_prefill_tokens", 16384),
+        kv_memory_fraction=getattr(args, "kv_cache_memory_fraction", 0.5), pp_group=pp_group)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_k15.generation.recompute import generate_recompute
+from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.rewards.registry import compute_reward
 
@@ -28,23 +28,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> dict:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+             generator=None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
-    "results": per-problem dicts (on every rank)}."""
+    "results": per-problem dicts (on every rank)}. ``generator``: a generation engine on
+    ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time)."""
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
     special = set(getattr(tokenizer, "special_ids", []) or [])
     per_problem = []
-    was_training = model.training
-    model.eval()
     requests = [(i, s) for i in mine for s in range(n_samples)]
-    outputs = {}
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        res = generate_recompute(model, [list(prompt_ids[i]) for i, _ in chunk], max_new_tokens, params,
-                                 [request_generator(seed, i * 1000 + s) for i, s in chunk], eos_ids)
-        for (i, s), r in zip(chunk, res):
-            outputs[(i, s)] = r
+    if generator is None:
+        generator = GenerationEngine(model, max_batch_size=batch_size)
+    res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
+                             [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids)
+    outputs = dict(zip(requests, res))
     for i in mine:
         rec = records[i]
         samples = []
@@ -54,8 +52,6 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
             samples.append({"text": text, "correct": compute_reward(text, rec) >= 1.0,
                             "length": len(r.output_ids), "stop_reason": r.stop_reason})
         per_problem.append({"id": rec.get("id", str(i)), "index": i, "samples": samples})
-    if was_training:
-        model.train()
     if dp_size > 1:
         parts = [None] * dp_size
         dist.all_gather_object(parts, per_problem, group=dp_group)

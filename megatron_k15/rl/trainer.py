@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15 import platform
-from megatron_k15.generation.recompute import generate_recompute
+from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
@@ -52,27 +52,24 @@ def _seed_for(traj: Trajectory, iteration: int) -> int:
 
 
 @torch.no_grad()
-def rollout(model, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> None:
-    """Extend each trajectory by one segment under the current policy."""
+def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> None:
+    """Extend each trajectory by one segment under the current policy. ``generator``: a
+    ``generation.engine.GenerationEngine`` (or ``RecomputeGenerator``) on the policy; it
+    batches the requests itself (continuous batching, prompt prefill shared by the k samples)."""
     budgets = []
     for t in trajs:
         left = s.max_tokens - t.response_len
         budgets.append(max(0, min(left, s.segment_tokens or left)))
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
     detector = (lambda: RepeatDetector()) if s.repeat_detection else None
-    model.eval()
-    for start in range(0, len(trajs), s.batch_size):
-        chunk = list(range(start, min(start + s.batch_size, len(trajs))))
-        results = generate_recompute(
-            model, [trajs[i].token_ids for i in chunk], [budgets[i] for i in chunk], params,
-            [request_generator(s.seed, _seed_for(trajs[i], iteration)) for i in chunk], eos_ids, detector)
-        for i, res in zip(chunk, results):
-            t = trajs[i]
-            reason = res.stop_reason
-            if reason == "length" and t.response_len + len(res.output_ids) < s.max_tokens:
-                reason = "partial"
-            t.append_segment(res.output_ids, res.output_logprobs, iteration, reason)
-    model.train()
+    results = generator.generate(
+        [t.token_ids for t in trajs], budgets, params,
+        [request_generator(s.seed, _seed_for(t, iteration)) for t in trajs], eos_ids, detector)
+    for t, res in zip(trajs, results):
+        reason = res.stop_reason
+        if reason == "length" and t.response_len + len(res.output_ids) < s.max_tokens:
+            reason = "partial"
+        t.append_segment(res.output_ids, res.output_logprobs, iteration, reason)
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
@@ -177,6 +174,8 @@ class RLIteration:
             segment_tokens=args.rollout_segment_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, repeat_detection=not args.no_repeat_detection,
             batch_size=args.rollout_batch_size)
+        # the policy generates its own rollouts: same weights, KV-cached engine
+        self.generator = build_generator(ctx.model, args, max_batch_size=args.rollout_batch_size)
         cfg = ctx.model.config
         self.eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
 
@@ -212,7 +211,8 @@ class RLIteration:
         groups = sorted({t.group_id for t in everything})
         mine_groups = {g for i, g in enumerate(groups) if i % pc.dp_size == pc.dp_rank}
         mine = [t for t in everything if t.group_id in mine_groups]
-        rollout(ctx.model, mine, iteration, self.settings, self.eos_ids)
+        rollout(self.generator, mine, iteration, self.settings, self.eos_ids)
+        self.generator.release()  # the KV cache's memory goes back to the training step
         everything = self._gather(mine)
         t_rollout = time.time() - t0
         rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)

@@ -40,6 +40,7 @@ from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_f
 from megatron_k15.generation.recompute import GenerationResult, generate_recompute
 from megatron_k15.generation.sampling import SamplingParams, sample_tokens
 from megatron_k15.kernels.decode_attention import HAVE_TRITON
+from megatron_k15.models.attention import get_attention_backend
 
 
 @dataclass
@@ -97,6 +98,7 @@ class GenerationEngine:
         if decode_impl == "auto":
             decode_impl = "triton" if self.device.type == "cuda" and HAVE_TRITON else "torch"
         self.decode_impl = decode_impl
+        self.prefill_attention = get_attention_backend(model.local_attention_backend)
         self.pp_group = pp_group
         self.pp_size = 1 if pp_group is None else dist.get_world_size(pp_group)
         self.pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)
@@ -288,7 +290,7 @@ class GenerationEngine:
             cache, slots.to(self.device), decode=False,
             cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=self.device),
             max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
-            decode_impl=self.decode_impl)
+            decode_impl=self.decode_impl, prefill_attention=self.prefill_attention)
         last = torch.tensor(bounds[1:len(heads) + 1], device=self.device) - 1
         logits = self._forward(ids, positions, batch, last)
         # forks share the prompt's full blocks; each samples its own first token

@@ -13,8 +13,10 @@ Rows added to reach a multiple of the tp size (sequence parallelism splits N) ar
 slot -1 (written to the cache's scratch block) and, in decode, a cached length of 0.
 
 ``InferenceBatch.layer(j)`` is what the model's j-th layer of this pipeline stage receives as
-``kv_cache``; its ``attend(q, k, v, scale, prefill_attention)`` takes q/k/v of shape
-(1, N, heads, head_dim) and returns attention output of q's shape.
+``kv_cache``; its ``attend(q, k, v, scale)`` takes q/k/v of shape (1, N, heads, head_dim) and
+returns attention output of q's shape. Prefill uses ``prefill_attention`` (a single-device
+backend of ``models.attention``: generation runs whole sequences on every rank, also under
+context parallelism).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Optional
 import torch
 
 from megatron_k15.kernels.decode_attention import paged_decode_attention
+from megatron_k15.models.attention import AttentionFn, sdpa_attention
 
 
 @dataclass
@@ -37,6 +40,7 @@ class InferenceBatch:
     block_tables: Optional[torch.Tensor] = None  # decode: (N, max_blocks) int32
     seq_lens: Optional[torch.Tensor] = None  # decode: (N,) int32, current token included
     decode_impl: str = "auto"
+    prefill_attention: AttentionFn = sdpa_attention
 
     def layer(self, j: int) -> "LayerKVCache":
         return LayerKVCache(self, j)
@@ -49,12 +53,13 @@ class LayerKVCache:
         self.batch = batch
         self.index = layer
 
-    def attend(self, q, k, v, softmax_scale, prefill_attention):
+    def attend(self, q, k, v, softmax_scale):
         b = self.batch
         cache = b.cache
         cache.write_slots(self.index, b.slots, k[0], v[0])
         if not b.decode:
-            return prefill_attention(q, k, v, b.cu_seqlens, b.max_seqlen)
+            return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
+                                       cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
         out = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
             softmax_scale=softmax_scale, impl=b.decode_impl)

@@ -118,6 +118,9 @@ class GPTModel(torch.nn.Module):
         self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
         self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
         self.cp_comm_type = cp_comm_type
+        # the single-device backend; generation prefills with it even under cp (the engine runs
+        # whole sequences on every cp rank)
+        self.local_attention_backend = resolve_attention_backend(attention_backend)
         if self.cp_size > 1:
             attention_fn = context_parallel_attention(cp_group, cp_comm_type)
             self.attention_backend = f"ring-{cp_comm_type}"
@@ -226,10 +229,12 @@ class GPTModel(torch.nn.Module):
                 f"{self.tp_size} under sequence parallelism (pad the batch)"
             )
         device = hidden.device
-        if self.cp_size > 1 and s % 2:
+        if self.cp_size > 1 and s % 2 and inference is None:
             raise ValueError(
                 f"the local sequence length {s} must be even under context parallelism (two zigzag "
                 "chunks per rank; see parallel.context.zigzag_split)")
+        if inference is not None and position_ids is None:
+            raise ValueError("generation passes the position ids of its packed tokens")
         if position_ids is None and self.cp_size > 1:
             if cu_seqlens is not None:
                 position_ids = zigzag_positions_from_local_cu_seqlens(
@@ -320,7 +325,7 @@ class GPTModel(torch.nn.Module):
         rows go through the output layer (used by generation)."""
         if self.cp_size > 1:
             raise NotImplementedError("last_token_logits (generation) does not support context "
-                                      "parallelism; build the model without a cp group")
+                                      "parallelism; use generation.engine.GenerationEngine")
         hidden = self.hidden_states(input_ids, position_ids)
         return self.logits_at(hidden, last_index, torch.arange(hidden.shape[1], device=hidden.device))
 

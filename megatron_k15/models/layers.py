@@ -148,7 +148,7 @@ class SelfAttention(torch.nn.Module):
                 kv_cache=None):
         """``kv_cache`` (generation only): this layer's view of the engine's paged KV cache
         (``generation.inference_batch.LayerKVCache``); the new K/V are written to it and the
-        attention reads the cached prefix (decode) or runs on the packed prompts (prefill)."""
+        attention reads the cache (decode) or runs on the packed prompts (prefill)."""
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -159,7 +159,7 @@ class SelfAttention(torch.nn.Module):
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, self.softmax_scale, self._core)
+            out = kv_cache.attend(q, k, v, self.softmax_scale)
         elif recompute_attention:
             # selective recompute: drop the attention core's saved activations, keep the GEMMs'
             out = torch.utils.checkpoint.checkpoint(

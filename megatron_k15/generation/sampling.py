@@ -7,6 +7,11 @@ untempered fp32 distribution: log p(token) = log_softmax(logits)[token].
     temperature == 0  -> argmax (greedy)
     otherwise         -> softmax(logits / T), restricted to the top-k tokens and to the
                          smallest set whose probability reaches top-p, then one draw
+
+The draw is by inverse CDF: each request's generator gives one uniform u (on the host, a few
+bytes), and the token is the first index whose cumulative probability (float64, on the
+logits' device) exceeds u times the total. So the whole vocabulary never leaves the device,
+and a row's token depends only on its own logits and generator.
 """
 
 from __future__ import annotations
@@ -62,10 +67,20 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         tokens = logits.argmax(dim=-1)
     else:
         filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-        probs = torch.softmax(filtered, dim=-1).cpu()
-        rows = []
-        for i in range(probs.shape[0]):
-            g = generators[i] if generators is not None else None
-            rows.append(torch.multinomial(probs[i], 1, generator=g))
-        tokens = torch.cat(rows).to(logits.device)
+        probs = torch.softmax(filtered, dim=-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in
+                         (generators if generators is not None else [None] * probs.shape[0])])
+        tokens = inverse_cdf_sample(probs, u.to(probs.device))
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row i's token: the first index whose float64 cumulative probability exceeds
+    ``u[i] * total`` (u in [0, 1)). A token with zero probability is never picked: it adds
+    nothing to the cumulative sum, and the result is capped at the row's last positive entry."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    positive = probs > 0
+    last = probs.shape[-1] - 1 - positive.flip(-1).int().argmax(dim=-1)
+    return torch.minimum(idx, last)

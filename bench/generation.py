@@ -1,9 +1,20 @@
 """Generation throughput: our KV-cached engine vs transformers' ``generate`` on the same model.
 
-Both generate ``--new-tokens`` tokens for ``batch`` random prompts of ``prompt`` tokens with the
-same random-weight Qwen2-shaped model (``--hidden``, ``--layers``, ...), greedy, no early stop
-(EOS disabled), so both do exactly the same work. Tokens/s counts generated tokens over wall
-time, prefill included. On a GPU the table adds the decode bandwidth bound of one step:
+Both run the same random-weight Qwen2-shaped model (``--hidden``, ``--layers``, ...), greedy,
+EOS disabled, on ``batch`` random prompts. Two workloads:
+
+- ``uniform``: every prompt has ``prompt`` tokens and every request ``--new-tokens`` new tokens,
+  so both do exactly the same arithmetic (this measures the per-token efficiency);
+- ``mixed`` (what RL rollouts look like): prompt lengths uniform in [prompt/8, prompt] and
+  response budgets uniform in [new/8, new] (standing in for EOS at different lengths).
+  transformers runs one static batch: prompts left-padded to the longest, every row decoded
+  until the longest budget is met (its rows cannot stop early without EOS), and its tokens/s
+  counts only the tokens the requests asked for. Our engine packs prompts without padding
+  and frees a row the moment its request is done (continuous batching).
+
+Tokens/s counts generated tokens over wall time, prefill included; on CPU it uses the
+process CPU time instead (a shared machine's wall time says little). On a GPU the table adds
+the decode bandwidth bound of one step:
 
     bound tokens/s = batch / ((bytes of weights + bytes of K/V cached) / HBM bandwidth)
 
@@ -36,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--prompt", type=int, nargs="+", default=[64, 512])
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--workload", choices=["uniform", "mixed"], nargs="+", default=["uniform", "mixed"])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -49,6 +61,8 @@ def parse_args(argv=None):
                    help="skip transformers for larger rows once one row took longer than this")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 gives stable figures on a shared machine")
     args = p.parse_args(argv)
     for name in ("new_tokens", "hidden", "layers", "heads", "kv_heads", "ffn", "vocab"):
         if getattr(args, name) < 1:
@@ -81,32 +95,41 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ours(model, prompts, args, device) -> float:
+def _clock(device):
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
+def time_ours(model, prompts, budgets, args, device) -> float:
     from megatron_k15.generation.engine import GenerationEngine
     from megatron_k15.generation.sampling import SamplingParams
 
     engine = GenerationEngine(model, block_size=args.block_size, max_batch_size=len(prompts))
     engine.generate([prompts[0]], 2, SamplingParams(temperature=0.0), None, [])  # warm-up
     _sync(device)
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, args.new_tokens, SamplingParams(temperature=0.0), None, [])
+    t0 = _clock(device)
+    out = engine.generate(prompts, budgets, SamplingParams(temperature=0.0), None, [])
     _sync(device)
-    assert all(len(r.output_ids) == args.new_tokens for r in out)
-    return time.perf_counter() - t0
+    assert [len(r.output_ids) for r in out] == budgets
+    return _clock(device) - t0
 
 
 @torch.no_grad()
-def time_hf(hf, prompts, args, device) -> float:
-    ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
-    kw = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-              pad_token_id=0, eos_token_id=None)
-    hf.generate(ids[:1], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+def time_hf(hf, prompts, budgets, args, device) -> float:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only batched generation needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    new = max(budgets)
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    hf.generate(ids[:1], attention_mask=mask[:1], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
     _sync(device)
-    t0 = time.perf_counter()
-    out = hf.generate(ids, **kw)
+    t0 = _clock(device)
+    out = hf.generate(ids, attention_mask=mask, **kw)
     _sync(device)
-    assert out.shape[1] == len(prompts[0]) + args.new_tokens
-    return time.perf_counter() - t0
+    assert out.shape[1] == width + new
+    return _clock(device) - t0
 
 
 def bandwidth_bound(model, batch, context, device) -> float:
@@ -127,6 +150,8 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import initialize_model_parallel
 
     initialize_model_parallel(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -135,24 +160,32 @@ def main(argv=None) -> int:
     print(f"# {n_params / 1e6:.1f}M parameters, {dtype}, {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}")
-    print("| batch | prompt | ours tokens/s | transformers tokens/s | speed-up | bound tokens/s |")
-    print("|---|---|---|---|---|---|")
+    unit = "tokens/s" if device.type == "cuda" else "tokens/CPU-s"
+    print(f"| workload | batch | prompt | ours {unit} | transformers {unit} | speed-up | bound tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(args.seed)
     hf_too_slow = args.skip_hf
-    for prompt_len in args.prompt:
-        for batch in args.batch:
-            prompts = torch.randint(3, args.vocab, (batch, prompt_len), generator=gen).tolist()
-            tokens = batch * args.new_tokens
-            ours_tps = tokens / time_ours(ours, prompts, args, device)
-            hf_tps = float("nan")
-            if not hf_too_slow:
-                seconds = time_hf(hf, prompts, args, device)
-                hf_tps = tokens / seconds
-                hf_too_slow = seconds > args.max_hf_seconds
-            bound = bandwidth_bound(ours, batch, prompt_len + args.new_tokens, device)
-            speedup = ours_tps / hf_tps if hf_tps == hf_tps else float("nan")
-            print(f"| {batch} | {prompt_len} | {ours_tps:,.0f} | {hf_tps:,.0f} | {speedup:.2f}x | "
-                  f"{bound:,.0f} |", flush=True)
+    for workload in args.workload:
+        for prompt_len in args.prompt:
+            for batch in args.batch:
+                if workload == "uniform":
+                    lengths, budgets = [prompt_len] * batch, [args.new_tokens] * batch
+                else:
+                    lengths = torch.randint(max(1, prompt_len // 8), prompt_len + 1, (batch,), generator=gen).tolist()
+                    budgets = torch.randint(max(1, args.new_tokens // 8), args.new_tokens + 1, (batch,),
+                                            generator=gen).tolist()
+                prompts = [torch.randint(3, args.vocab, (n,), generator=gen).tolist() for n in lengths]
+                tokens = sum(budgets)
+                ours_tps = tokens / time_ours(ours, prompts, budgets, args, device)
+                hf_tps = float("nan")
+                if not hf_too_slow:
+                    seconds = time_hf(hf, prompts, budgets, args, device)
+                    hf_tps = tokens / seconds
+                    hf_too_slow = seconds > args.max_hf_seconds
+                bound = bandwidth_bound(ours, batch, prompt_len + args.new_tokens, device)
+                speedup = ours_tps / hf_tps if hf_tps == hf_tps else float("nan")
+                print(f"| {workload} | {batch} | {prompt_len} | {ours_tps:,.0f} | {hf_tps:,.0f} | "
+                      f"{speedup:.2f}x | {bound:,.0f} |", flush=True)
     return 0
 
 

@@ -397,8 +397,9 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
                                  return_lse=False, max_seq_len: Optional[int] = None):
     """Vectorised PyTorch fallback with the semantics of ``paged_decode_attention``.
 
-    Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``) and
-    computes in fp32 (float64 stays float64). Memory: O(batch * max_len * n_kv * head_dim)."""
+    Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``); without
+    ``return_lse`` one masked SDPA call (its fused CPU/GPU kernels), otherwise explicit fp32
+    scores (float64 stays float64). Memory: O(batch * max_len * n_kv * head_dim)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -408,11 +409,19 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item()) if batch else 0
     max_len = max(1, int(max_seq_len))
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+    if not return_lse and q.dtype != torch.float64:
+        # one fused SDPA call over the gathered, padded K/V (GQA without repeating kv heads)
+        k = _gather_padded(k_cache, block_tables, max_len).transpose(1, 2)  # (b, kv, n, d)
+        v = _gather_padded(v_cache, block_tables, max_len).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
+            scale=scale, enable_gqa=group > 1)[:, :, 0]
+        return torch.where(valid.any(dim=1)[:, None, None], out, torch.zeros_like(out))
     k = _gather_padded(k_cache, block_tables, max_len).to(cdt)  # (b, n, kv, d)
     v = _gather_padded(v_cache, block_tables, max_len).to(cdt)
     qg = q.to(cdt).reshape(batch, n_kv, group, head_dim)
     s = torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (b, kv, g); -inf for empty sequences
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])

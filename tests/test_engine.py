@@ -189,3 +189,38 @@ def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp):
             for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
                 assert ids == ref_ids
                 assert _close(lps, ref_lps)
+
+
+def _generate_cp(rank, world_size, kind):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    initialize_model_parallel(cp=world_size)
+    model = gpt_from_hf(tiny_hf_model(kind, initializer_range=0.2))
+    engine = _engine(model, cp_group=parallel_state.get_context_parallel_group())
+    prompts = PROMPTS * 2
+    greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
+    # the long prompt alone: how many cache blocks this rank holds for it
+    engine.generate([PROMPTS[4]], 1, SamplingParams(temperature=0.0), None, [],
+                    progress=lambda done, total: None)
+    sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
+    cache = engine.cache
+    cache.add_sequence("probe")
+    cache.ensure_capacity("probe", engine._local_len(64))
+    probe_blocks = len(cache.blocks("probe"))
+    dist.barrier()
+    return [[(r.output_ids, r.output_logprobs) for r in greedy],
+            [(r.output_ids, r.output_logprobs) for r in sampled], probe_blocks]
+
+
+@pytest.mark.slow
+def test_context_parallel_decode_shards_the_cache_and_equals_one_rank():
+    """cp=2: each rank caches every other position; merged by LSE the tokens and log-probs
+    equal one rank's."""
+    ref = _one_rank_reference("qwen2")
+    for rank_out in run_distributed(_generate_cp, 2, "qwen2"):
+        for got_runs, ref_runs in zip(rank_out[:2], ref):
+            for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
+                assert ids == ref_ids
+                assert _close(lps, ref_lps)
+        assert rank_out[2] == 64 // 2 // 4  # 64 positions, half per rank, 4 per block

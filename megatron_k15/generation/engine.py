@@ -15,10 +15,18 @@ blocks are freed and it goes back to the front of the queue with the tokens it h
 re-prefilled later (recompute preemption; its random generator carries on, so what it
 samples does not depend on the preemption).
 
-Every tp (and pp) rank runs the same scheduler on the same tokens: the sampled tokens are
+Every tp (and pp, cp) rank runs the same scheduler on the same tokens: the sampled tokens are
 broadcast from tp rank 0 of the last pipeline stage, so all ranks stay in lockstep. Under
 pipeline parallelism each stage runs its own layers on its own cache and passes the hidden
 states to the next stage (one step at a time: correct, not yet overlapped).
+
+Context-parallel decode (``cp_group``): the KV cache of every sequence is sharded over the cp
+ranks by position (rank r keeps the K/V of positions p with p % cp == r), so a rollout of
+L tokens needs L / cp cache slots per rank. Every cp rank runs the layers on the same tokens;
+prefill attends over the whole prompt locally (it has all of its K/V in that forward), and
+decode attends over the local shard with the split-KV kernel, returning its LSE, and merges
+the cp partial outputs in fp32: out = sum_r exp(lse_r - m) out_r / sum_r exp(lse_r - m).
+Scheduling uses the smallest free-block count over the cp ranks, so they decide alike.
 
 ``generate`` has the signature of ``generation.recompute.generate_recompute`` (the O(n^2)
 reference the tests compare against) and returns the same ``GenerationResult``s.
@@ -78,13 +86,16 @@ class GenerationEngine:
         max_batch_size: most requests decoded together.
         max_prefill_tokens: most tokens prefilled in one step (at least one request always is).
         pp_group: the pipeline group when the model is one stage of several.
+        cp_group: shard every sequence's KV cache over this group (context-parallel decode);
+            all its ranks must be given the same requests.
         decode_impl: ``paged_decode_attention``'s ``impl``; auto: the Triton kernel on GPU, its
             PyTorch version on CPU (where Triton would only interpret).
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 16384,
-                 kv_memory_fraction: float = 0.5, pp_group=None, decode_impl: str = "auto"):
+                 kv_memory_fraction: float = 0.5, pp_group=None, cp_group=None,
+                 decode_impl: str = "auto"):
         if max_batch_size < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_prefill_tokens and block_size must be >= 1")
         self.model = model
@@ -102,6 +113,9 @@ class GenerationEngine:
         self.pp_group = pp_group
         self.pp_size = 1 if pp_group is None else dist.get_world_size(pp_group)
         self.pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)
+        self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+        self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
+        self.cp_group = cp_group if self.cp_size > 1 else None
         self.cache: Optional[PagedKVCache] = None
         self.stats = EngineStats()
         cfg = model.config
@@ -112,6 +126,24 @@ class GenerationEngine:
     # ------------------------------------------------------------------ cache
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def _local_len(self, length: int, rank: Optional[int] = None) -> int:
+        """Cached positions of a length-``length`` sequence that cp rank ``rank`` holds
+        (p % cp == rank); rank 0 holds the most."""
+        rank = self.cp_rank if rank is None else rank
+        return max(0, -(-(length - rank) // self.cp_size))
+
+    def _local_position(self, p: int) -> int:
+        """Slot index of position p in this rank's shard, -1 when another cp rank holds it."""
+        return p // self.cp_size if p % self.cp_size == self.cp_rank else -1
+
+    def _cp_agree(self, free: int, need: int) -> tuple[int, int]:
+        """(smallest free, largest need) over the cp ranks, so they schedule alike."""
+        if self.cp_group is None:
+            return free, need
+        t = torch.tensor([-free, need], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cp_group)
+        return int(-t[0]), int(t[1])
 
     def _ensure_cache(self, requests: Sequence[_Request]) -> None:
         if self.fixed_num_blocks is not None:
@@ -124,7 +156,7 @@ class GenerationEngine:
                                   self.block_size, self._kv_heads, self.model.config.head_dim,
                                   self.dtype) - 1
         else:
-            longest = max((len(r.tokens) + r.budget for r in requests), default=1)
+            longest = self._local_len(max((len(r.tokens) + r.budget for r in requests), default=1), 0)
             concurrent = min(len(requests), self.max_batch_size)
             n = concurrent * (self._blocks_for(longest) + 1)
         n = self._agree_min(max(1, n))
@@ -226,14 +258,14 @@ class GenerationEngine:
         """Take waiting requests while the batch, the prefill budget and free blocks allow.
         Identical token lists are admitted together (one prefill, then forks)."""
         cache = self.cache
-        free = cache.num_free_blocks
+        free, _ = self._cp_agree(cache.num_free_blocks, 0)
         # keep a block per running request for its next decode step
         reserve = len(running)
         admitted, tokens = [], 0
         while waiting and len(running) + len(admitted) < self.max_batch_size:
             r = waiting[0]
             n = len(r.tokens)
-            need = self._blocks_for(n + 1)
+            need = self._blocks_for(self._local_len(n + 1, 0))
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if free - need < reserve:
@@ -249,8 +281,9 @@ class GenerationEngine:
         cache = self.cache
         while True:
             need = sum(1 for r in running
-                       if self._blocks_for(len(r.tokens)) > len(cache.blocks(r.index)))
-            if need <= cache.num_free_blocks:
+                       if self._blocks_for(self._local_len(len(r.tokens))) > len(cache.blocks(r.index)))
+            free, need = self._cp_agree(cache.num_free_blocks, need)
+            if need <= free:
                 return
             if len(running) == 1:
                 r = running[0]
@@ -272,10 +305,12 @@ class GenerationEngine:
         lengths = [len(r.tokens) for r in heads]
         for r in heads:
             cache.add_sequence(r.index)
-            cache.ensure_capacity(r.index, len(r.tokens))
+            cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
         ids = [t for r in heads for t in r.tokens]
         positions = [p for n in lengths for p in range(n)]
-        slots = cache.slot_mapping([r.index for r in heads], [range(n) for n in lengths], device="cpu")
+        local = [range(n) for n in lengths] if self.cp_group is None else \
+            [[self._local_position(p) for p in range(n)] for n in lengths]
+        slots = cache.slot_mapping([r.index for r in heads], local, device="cpu")
         total = len(ids)
         padded = int(math.ceil(total / self._pad_to) * self._pad_to)
         bounds = [0]
@@ -308,12 +343,13 @@ class GenerationEngine:
         cache = self.cache
         seq_ids = [r.index for r in running]
         for r in running:
-            cache.ensure_capacity(r.index, len(r.tokens))
+            cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
         n = len(running)
         padded = int(math.ceil(n / self._pad_to) * self._pad_to)
         ids = [r.tokens[-1] for r in running] + [0] * (padded - n)
         positions = [len(r.tokens) - 1 for r in running] + [0] * (padded - n)
-        pos = torch.tensor(positions[:n], dtype=torch.int64)
+        pos = torch.tensor([self._local_position(p) for p in positions[:n]] if self.cp_group is not None
+                           else positions[:n], dtype=torch.int64)
         slots = cache.slot_mapping(seq_ids, pos, device="cpu")
         table = cache.block_table(seq_ids, device="cpu")
         lens = cache.seq_lens(seq_ids, device="cpu")
@@ -323,7 +359,7 @@ class GenerationEngine:
             lens = torch.cat([lens, torch.zeros(padded - n, dtype=lens.dtype)])
         batch = InferenceBatch(cache, slots.to(self.device), decode=True,
                                block_tables=table.to(self.device), seq_lens=lens.to(self.device),
-                               decode_impl=self.decode_impl)
+                               decode_impl=self.decode_impl, cp_group=self.cp_group)
         logits = self._forward(ids, positions, batch, torch.arange(n, device=self.device))
         self._sample_and_append(running, logits)
 
@@ -385,7 +421,7 @@ class GenerationEngine:
     def _broadcast(self, tokens: torch.Tensor, logprobs: torch.Tensor):
         """Tokens of tp rank 0 of the last stage to every tp and pp rank (lockstep)."""
         model = self.model
-        if model.tp_size == 1 and self.pp_size == 1:
+        if model.tp_size == 1 and self.pp_size == 1 and self.cp_group is None:
             return tokens, logprobs
         packed = torch.stack([tokens.double(), logprobs.double()])
         dev = self._comm_device()
@@ -395,6 +431,8 @@ class GenerationEngine:
         if self.pp_size > 1:
             dist.broadcast(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1),
                            group=self.pp_group)
+        if self.cp_group is not None:
+            dist.broadcast(packed, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
         return packed[0].long(), packed[1].float()
 
 

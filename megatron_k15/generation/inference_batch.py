@@ -41,6 +41,7 @@ class InferenceBatch:
     seq_lens: Optional[torch.Tensor] = None  # decode: (N,) int32, current token included
     decode_impl: str = "auto"
     prefill_attention: AttentionFn = sdpa_attention
+    cp_group: Optional[object] = None  # decode: the cache is sharded over it; merge by LSE
 
     def layer(self, j: int) -> "LayerKVCache":
         return LayerKVCache(self, j)
@@ -60,7 +61,32 @@ class LayerKVCache:
         if not b.decode:
             return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
                                        cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
-        out = paged_decode_attention(
+        if b.cp_group is None:
+            out = paged_decode_attention(
+                q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables,
+                b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl)
+            return out.unsqueeze(0)
+        out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
-            softmax_scale=softmax_scale, impl=b.decode_impl)
-        return out.unsqueeze(0)
+            softmax_scale=softmax_scale, return_lse=True, impl=b.decode_impl)
+        return merge_cp_partials(out, lse, b.cp_group).unsqueeze(0)
+
+
+def merge_cp_partials(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    """Attention over a KV cache sharded across ``group`` from each rank's partial (out, lse):
+    out = sum_r exp(lse_r - m) out_r / sum_r exp(lse_r - m), m = max_r lse_r, in fp32; rows no
+    rank has keys for (lse = -inf everywhere) give 0. Every rank gets the same result."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    outs = [torch.empty_like(out) for _ in range(n)]
+    lses = [torch.empty_like(lse) for _ in range(n)]
+    dist.all_gather(outs, out.contiguous(), group=group)
+    dist.all_gather(lses, lse.contiguous(), group=group)
+    o = torch.stack(outs).float()  # (cp, N, H, D)
+    l = torch.stack(lses).float()  # (cp, N, H)
+    m = l.max(dim=0).values
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(l - m)  # exp(-inf) = 0 for ranks without keys
+    denom = w.sum(dim=0).clamp(min=1e-30)
+    return ((w[..., None] * o).sum(dim=0) / denom[..., None]).to(out.dtype)

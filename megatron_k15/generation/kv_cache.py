@@ -144,7 +144,7 @@ class _Seq:
 
     def table(self) -> torch.Tensor:
         n_old = 0 if self._table is None else self._table.numel()
-        if n_old != len(self.blocks):
+        if self._table is None or n_old != len(self.blocks):
             new = torch.tensor(self.blocks[n_old:], dtype=torch.int32)
             # blocks only ever grow at the end while the cache is valid (truncate resets it)
             self._table = new if n_old == 0 else torch.cat([self._table, new])

@@ -1,0 +1,736 @@
+"""Bytes per GPU of a training step and of the rollout KV cache, for any tp x pp x cp x dp.
+
+Everything is counted for one GPU of one pipeline stage and follows what *our* code allocates
+(``models/layers.py``, ``parallel/data.py``, ``kernels/fused_logprobs.py``,
+``generation/kv_cache.py``), checked against ``MemoryMeter`` measurements at tiny scale
+(``tests/test_plan_memory.py``). Symbols:
+
+    e    bytes of the parameter dtype (2 for bf16/fp16, 4 for fp32); activations use it too
+    P    parameters of this stage on this tp rank (vocabulary padded to a multiple of 128*tp)
+    D    ZeRO-1 shard group size = dp * cp (gradients are reduced over data x context ranks)
+    N    tokens of one microbatch on this rank = b * s / cp;  Ns = N / tp under sequence
+         parallelism (the residual stream), N otherwise
+    h, q, k, f, a   hidden size, query projection (heads * head_dim), key/value projection
+         (kv_heads * head_dim), ffn size, heads (whole model; "/ tp" marks the split ones)
+    V    padded vocabulary / tp (this rank's rows of the output layer)
+
+Static (held for the whole run):
+
+    parameters      e * P
+    gradients       e * P            (bucketed grad buffers, each padded to a multiple of D)
+                  + 4 * P  if e < 4  (fp32 copy of every bucket made for the reduce-scatter; it
+                                      stays referenced after the step)
+    optimizer       24 * P / D       (fp32 master shard, Adam m and v, decay mask, norm mask,
+                                      reduced-grad shard: six fp32 shards)
+
+Activations saved per transformer layer and microbatch (Korthikanti et al.'s count, redone
+for this model: no dropout, flash-style attention so no a * s^2 term):
+
+    norm            (4 + e) * Ns * h + 4 * Ns   per RMSNorm (fp32 input copy -- the input
+                                                itself in fp32 --, normalised e copy, 1/rms)
+    none            2 * norm + 2 * e * N * h    (inputs of the QKV and FC1 GEMMs: all-gathered
+                                                 over tp under SP, so N and not N / tp)
+                    + e * N * (3q + 3k) / tp    (qkv output, rotated q and k, attention output)
+                    + 4 * N * a / tp            (attention log-sum-exp, fp32)
+                    + 4 * e * N * f / tp        (fc1 output [gate; up], silu(gate), product)
+    selective       none - 4 * N * a / tp       (flash attention already keeps no a * s^2 term:
+                                                 recomputing the core only drops the lse)
+    full            e * Ns * h                  (the layer input; the layer is rerun in backward)
+
+Megatron-LM counts s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, with dropout, GeLU MLP of
+4h, no flash); flash attention removes the 5*a*s/h term, SP divides the rest by tp, and full
+recompute keeps 2*s*b*h (/ tp with SP). Ours is larger per token (qwen2.5-7b, bf16, tp=1:
+about 65*s*b*h) mostly for the SwiGLU ffn (f = 5.3 h, 8 * f bytes) and the fp32 norm copies.
+
+Per microbatch besides the layers: RoPE cos/sin 2 * e * N * head_dim; on the last stage the
+final norm, its e * N * h output kept for the output layer, and the log-prob path:
+
+    ce      saved softmax 4 * N * V; peak adds e * N * V (e < 4: the logits before the fp32
+            cast) and 4 * N * V more when this rank holds vocabulary padding (masked copy);
+            the output layer's weight gradient e * V * h is a temporary in backward
+    fused   never builds (N, V): backward holds d_hidden 4 * N * h (fp32), d_weight e * V * h,
+            a fp32 chunk accumulator 4 * cV * h and about 16 * cN * cV bytes of chunk
+            temporaries (cN = min(N, 2048) tokens x cV = min(V, 8192) vocabulary)
+
+The peak of a stage is static + the largest of: (i) forward end / log-prob backward, (ii) the
+backward of the last layer (for full recompute: every layer input + one recomputed layer)
+plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 12 * P_bucket / D
+of fp32 temporaries for the largest bucket. With the 1F1B schedule, stage r keeps the saved
+activations of min(pp - r, m) microbatches, so stage 0 holds pp of them.
+
+Rollout (paged KV cache, ``PagedKVCache``): 2 * L_stage * (kv_heads / tp) * head_dim * e
+bytes per token; the cache holds ``batch * ceil(tokens / block)`` blocks plus one scratch
+block. The rollout peak is static + KV cache (the generator and trainer share the GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from megatron_k15.models.config import ConfigError, GPTConfig
+from megatron_k15.models.sharding import pipeline_layer_ranges
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+LOGPROB_CHOICES = ("fused", "ce")
+GIB = 1024 ** 3
+
+# kernels/fused_logprobs.py DEFAULT_CHUNK_TOKENS / DEFAULT_CHUNK_VOCAB (the model's call uses them)
+FUSED_CHUNK_TOKENS = 2048
+FUSED_CHUNK_VOCAB = 8192
+# parallel/data.py DistributedOptimizer default (training.build_train_context passes it through)
+GRAD_BUCKET_NUMEL = 40_000_000
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout: world size = tp * pp * cp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = True  # effective only when tp > 1 (DESIGN.md section 4)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} cp={self.cp} dp={self.dp}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step and one rollout look like on each GPU."""
+
+    seq_length: int
+    micro_batch_size: int = 1
+    num_microbatches: Optional[int] = None  # per step and dp rank; None: pp (fills 1F1B)
+    params_dtype: str = "bf16"
+    recompute: str = "none"
+    logprob_impl: str = "fused"
+    rollout_max_tokens: Optional[int] = None  # cached tokens per sequence; None: seq_length
+    rollout_batch: int = 1  # sequences in the KV cache at once
+    kv_block_size: int = 16
+    grad_bucket_numel: int = GRAD_BUCKET_NUMEL
+    first_stage_layers: Optional[int] = None  # --decoder-first-pipeline-num-layers
+    last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.params_dtype]
+
+
+# -- parameters ------------------------------------------------------------------------------
+def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
+                     layers: Optional[range] = None) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter one (tp rank, pp stage) holds, in the model's
+    registration order (``GPTModel``: embedding, layers, final norm, output layer)."""
+    if layers is None:
+        layers = pipeline_layer_ranges(cfg.num_layers, pp)[pp_rank]
+    h, V = cfg.hidden_size, cfg.padded_vocab_size(tp) // tp
+    qkv = (cfg.query_projection_size + 2 * cfg.kv_projection_size) // tp
+    first, last, tied = pp_rank == 0, pp_rank == pp - 1, cfg.tie_word_embeddings
+    out = []
+    if first or (tied and last):
+        out.append(("embedding.weight", V * h))
+    for i in layers:
+        p = f"layers.{i}."
+        out.append((p + "input_layernorm.weight", h))
+        out.append((p + "self_attention.linear_qkv.weight", qkv * h))
+        if cfg.add_qkv_bias:
+            out.append((p + "self_attention.linear_qkv.bias", qkv))
+        out.append((p + "self_attention.linear_proj.weight", h * cfg.query_projection_size // tp))
+        out.append((p + "pre_mlp_layernorm.weight", h))
+        out.append((p + "mlp.linear_fc1.weight", 2 * cfg.ffn_hidden_size // tp * h))
+        out.append((p + "mlp.linear_fc2.weight", h * cfg.ffn_hidden_size // tp))
+    if last:
+        out.append(("final_layernorm.weight", h))
+        if not tied:
+            out.append(("output_layer.weight", V * h))
+    return out
+
+
+def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
+                      tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL) -> list[int]:
+    """Element counts of the DistributedOptimizer's gradient buckets (``parallel/data.py``):
+    parameters in reverse order, a bucket closes once it reaches ``bucket_numel``; norms under
+    SP and a tied embedding shared over pp go to one late bucket; each is padded to a multiple
+    of the shard group."""
+    def late(name):
+        return (sequence_parallel and name.endswith("layernorm.weight")) or (
+            tied_embedding and name == "embedding.weight")
+
+    sizes, size = [], 0
+    for name, n in reversed(params):
+        if late(name):
+            continue
+        size += n
+        if size >= bucket_numel:
+            sizes.append(size)
+            size = 0
+    if size:
+        sizes.append(size)
+    late_size = sum(n for name, n in params if late(name))
+    if late_size:
+        sizes.append(late_size)
+    return [int(math.ceil(n / shard_group) * shard_group) for n in sizes]
+
+
+# -- KV cache ------------------------------------------------------------------------------------
+def kv_cache_bytes(num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
+                   head_dim: int, dtype_bytes: int) -> int:
+    """``PagedKVCache`` memory: (layers, 2, num_blocks + 1, block, kv_heads, head_dim) elements
+    (the extra block is its scratch target for padding rows); ``n_kv_heads`` is per tp rank."""
+    return num_layers * 2 * (num_blocks + 1) * block_size * n_kv_heads * head_dim * dtype_bytes
+
+
+def kv_bytes_per_token(cfg: GPTConfig, num_layers: int, tp: int, dtype_bytes: int) -> int:
+    """2 * layers * (kv_heads / tp) * head_dim * dtype bytes."""
+    return 2 * num_layers * (cfg.num_query_groups // tp) * cfg.head_dim * dtype_bytes
+
+
+def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload) -> int:
+    if w.rollout_batch == 0:
+        return 0
+    tokens = w.rollout_max_tokens or w.seq_length
+    blocks = w.rollout_batch * -(-tokens // w.kv_block_size)
+    return kv_cache_bytes(num_layers, blocks, w.kv_block_size, cfg.num_query_groups // tp,
+                          cfg.head_dim, w.e)
+
+
+# -- activations ---------------------------------------------------------------------------------
+@dataclass
+class _Shapes:
+    """Per-rank sizes of one microbatch (see the module docstring for the symbols)."""
+
+    e: int
+    N: int
+    Ns: int
+    h: int
+    q: int
+    k: int
+    f: int
+    a: int
+    d: int
+    V: int
+    V_fused: int
+    vocab_padding: bool
+
+    @classmethod
+    def of(cls, cfg: GPTConfig, layout: Layout, w: Workload) -> "_Shapes":
+        tp = layout.tp
+        N = w.micro_batch_size * w.seq_length // layout.cp
+        padded = cfg.padded_vocab_size(tp)
+        V = padded // tp
+        return cls(e=w.e, N=N, Ns=N // tp if layout.sp else N, h=cfg.hidden_size,
+                   q=cfg.query_projection_size // tp, k=cfg.kv_projection_size // tp,
+                   f=cfg.ffn_hidden_size // tp, a=cfg.num_attention_heads // tp, d=cfg.head_dim,
+                   V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size)
+
+
+def norm_saved_bytes(x: _Shapes) -> int:
+    """One RMSNorm: fp32 input (copy), normalised e copy, fp32 1/rms."""
+    return (4 + x.e) * x.Ns * x.h + 4 * x.Ns
+
+
+def layer_saved_bytes(x: _Shapes, recompute: str) -> int:
+    """Activations one transformer layer keeps for backward, per microbatch."""
+    if recompute == "full":
+        return x.e * x.Ns * x.h
+    saved = (2 * norm_saved_bytes(x) + 2 * x.e * x.N * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
+             + 4 * x.e * x.N * x.f)
+    if recompute == "none":
+        saved += 4 * x.N * x.a
+    return saved
+
+
+def mlp_backward_bytes(x: _Shapes) -> int:
+    """Gradients alive at the busiest point of a layer's backward (the SwiGLU product):
+    the incoming grad e * Ns * h and net two ffn-sized grads."""
+    return x.e * x.Ns * x.h + 2 * x.e * x.N * x.f
+
+
+def attention_backward_bytes(x: _Shapes, cp: int) -> int:
+    """Extra at the attention backward: d_out, dq, dk, dv and the fp32 row term delta
+    (``flash_attention._backward``); ring attention (cp > 1) adds fp32 dq/dk/dv accumulators,
+    received dk/dv and the K/V in flight (``ring_attention``)."""
+    extra = x.e * x.N * (2 * x.q + 2 * x.k) + 4 * x.N * x.a
+    if cp > 1:
+        extra += 4 * x.N * (x.q + 4 * x.k) + 2 * x.e * x.N * x.k
+    return extra
+
+
+def final_saved_bytes(x: _Shapes) -> int:
+    """Last stage: final norm and its output kept for the output projection (the gathered
+    copy under SP)."""
+    return norm_saved_bytes(x) + x.e * x.N * x.h
+
+
+def logprob_saved_bytes(x: _Shapes, impl: str) -> int:
+    """Kept from forward to backward by the log-prob path (ce: fp32 softmax and int64 targets;
+    fused: fp32 lse)."""
+    if impl == "ce":
+        return 4 * x.N * x.V + 9 * x.N
+    return 4 * x.N
+
+
+def logprob_forward_extra_bytes(x: _Shapes, impl: str) -> int:
+    """Transient on top of everything saved, at the log-prob forward."""
+    if impl == "ce":
+        return (x.e * x.N * x.V if x.e < 4 else 0) + (4 * x.N * x.V if x.vocab_padding else 0)
+    cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
+    return 12 * cN * cV + 20 * x.N
+
+
+def logprob_peak_extra_bytes(x: _Shapes, impl: str) -> int:
+    """Transient on top of everything saved, at the log-prob forward or backward."""
+    if impl == "ce":
+        low_precision = x.e < 4
+        pad = 4 * x.N * x.V if x.vocab_padding else 0
+        forward = logprob_forward_extra_bytes(x, impl)
+        backward = max(pad, x.e * x.N * x.V if low_precision else 0,
+                       (x.e * x.N * x.V - 4 * x.N * x.V if low_precision else 0)
+                       + x.e * x.V * x.h + x.e * x.N * x.h)
+        return max(forward, backward)
+    cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
+    return (4 * x.N * x.h + x.e * x.V_fused * x.h + 4 * cV * x.h
+            + max(16 * cN * cV, x.e * x.N * x.h) + 12 * x.N)
+
+
+# -- the plan --------------------------------------------------------------------------------
+@dataclass
+class Component:
+    """One row of the plan. ``kind``: static (held all run), activations (at the training
+    peak), other (transients of other phases, not added), rollout."""
+
+    name: str
+    formula: str
+    bytes: int
+    kind: str = "static"
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage on one GPU: static memory, activations, and the two peaks."""
+
+    pp_rank: int
+    layers: list[int]
+    in_flight: int
+    parameters: int  # element count P
+    components: list[Component] = field(default_factory=list)
+    activations_by_recompute: dict = field(default_factory=dict)
+    train_peak_bytes: int = 0
+    train_peak_phase: str = ""
+    rollout_peak_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.train_peak_bytes, self.rollout_peak_bytes)
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+
+@dataclass
+class MemoryPlan:
+    cfg: GPTConfig
+    layout: Layout
+    workload: Workload
+    stages: list[StagePlan]
+
+    @property
+    def most_loaded(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.peak_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.most_loaded.peak_bytes
+
+    @property
+    def train_peak_bytes(self) -> int:
+        return max(s.train_peak_bytes for s in self.stages)
+
+    @property
+    def rollout_peak_bytes(self) -> int:
+        return max(s.rollout_peak_bytes for s in self.stages)
+
+    def to_dict(self, gpu_memory_bytes: Optional[int] = None, reserved_bytes: int = 0) -> dict:
+        worst = self.most_loaded
+        out = {
+            "layout": asdict(self.layout), "world_size": self.layout.world_size,
+            "workload": asdict(self.workload),
+            "model": {k: v for k, v in self.cfg.to_dict().items() if k != "extra"},
+            "most_loaded_stage": worst.pp_rank,
+            "stages": [{
+                "pp_rank": s.pp_rank, "layers": [s.layers[0], s.layers[-1]] if s.layers else [],
+                "in_flight_microbatches": s.in_flight, "parameters": s.parameters,
+                "components": [{"name": c.name, "kind": c.kind, "formula": c.formula,
+                                "bytes": c.bytes, "gib": round(c.gib, 4)} for c in s.components],
+                "activations_by_recompute_bytes": s.activations_by_recompute,
+                "train_peak_bytes": s.train_peak_bytes, "train_peak_phase": s.train_peak_phase,
+                "rollout_peak_bytes": s.rollout_peak_bytes, "peak_bytes": s.peak_bytes,
+            } for s in self.stages],
+            "train_peak_bytes": self.train_peak_bytes, "rollout_peak_bytes": self.rollout_peak_bytes,
+            "peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / GIB, 4),
+        }
+        if gpu_memory_bytes is not None:
+            need = self.peak_bytes + reserved_bytes
+            out.update(gpu_memory_bytes=gpu_memory_bytes, reserved_bytes=reserved_bytes,
+                       fits=need <= gpu_memory_bytes,
+                       headroom_gib=round((gpu_memory_bytes - need) / GIB, 4))
+        return out
+
+
+def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recompute: str,
+                           n_layers: int, first: bool, last: bool, in_flight: int,
+                           tied_output_grad: int) -> tuple[int, int, str]:
+    """(bytes saved per microbatch, activation peak of the stage, phase of the peak): the
+    largest of the phases of the microbatch being run, plus what the other in-flight
+    microbatches keep."""
+    x = _Shapes.of(cfg, layout, w)
+    layer = layer_saved_bytes(x, recompute)
+    rope = 2 * x.e * x.N * x.d
+    saved = n_layers * layer + rope
+    # 1F1B keeps each in-flight microbatch's received input and sent output referenced
+    input_aliased = recompute == "full" or x.e == 4  # kept anyway by the checkpoint / norm
+    if not first and not input_aliased:
+        saved += x.e * x.Ns * x.h
+    if not last:
+        saved += x.e * x.Ns * x.h
+    if first and layout.sp and (x.e == 4 or recompute == "full"):
+        # the SP scatter of the embedding output returns a view, so layer 0's kept input pins
+        # the whole e * N * h tensor
+        saved += x.e * (x.N - x.Ns) * x.h
+    if first and layout.tp > 1:
+        saved += 9 * x.N  # vocab-parallel embedding: shifted int64 ids and their mask
+    if last:
+        saved += final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
+    others = (in_flight - 1) * saved
+
+    phases = {}
+    if last:
+        # the final norm's output stays referenced during the log-prob forward; it is what is
+        # kept only without SP (ce) or with b = 1 and no SP (fused)
+        separate = layout.sp or (w.logprob_impl == "fused" and w.micro_batch_size > 1)
+        extra = logprob_peak_extra_bytes(x, w.logprob_impl)
+        if separate:
+            extra = max(extra, logprob_forward_extra_bytes(x, w.logprob_impl) + x.e * x.Ns * x.h)
+        phases["log-prob forward/backward"] = saved + extra
+    grads = mlp_backward_bytes(x) + tied_output_grad
+    if recompute == "full":
+        # every layer input, plus one layer rerun with all it saves (its input is already held
+        # in fp32, where the norm keeps the input itself)
+        rerun = layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
+        layers_live = saved - (final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
+                               if last else 0) + rerun
+    else:
+        layers_live = saved - (final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
+                               if last else 0)
+    phases["last layer backward"] = layers_live + grads
+    mlp_part = norm_saved_bytes(x) + x.e * x.N * x.h + 4 * x.e * x.N * x.f
+    phases["attention backward"] = (layers_live - mlp_part + x.e * x.Ns * x.h
+                                    + attention_backward_bytes(x, layout.cp) + tied_output_grad)
+    if first:
+        # the embedding's dense grad (plus the output layer's when tied on this stage, summed)
+        emb = x.e * x.V * cfg.hidden_size
+        phases["embedding backward"] = rope + emb * (3 if tied_output_grad else 1)
+    phase = max(phases, key=phases.get)
+    if not first and (w.num_microbatches or layout.pp) > 1:
+        # the schedule's locals still reference the previous microbatch's input and its grad
+        others += 2 * x.e * x.Ns * x.h
+    return saved, others + phases[phase], phase
+
+
+def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
+               layers: range) -> StagePlan:
+    tp, pp = layout.tp, layout.pp
+    shard_group = layout.dp * layout.cp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    m = w.num_microbatches or pp
+    in_flight = max(1, min(pp - pp_rank, m))
+    params = stage_parameters(cfg, tp, pp_rank, pp, layers)
+    P = sum(n for _, n in params)
+    buckets = grad_bucket_sizes(params, shard_group, layout.sp,
+                                cfg.tie_word_embeddings and pp > 1, w.grad_bucket_numel)
+    G = sum(buckets)
+    e = w.e
+    x = _Shapes.of(cfg, layout, w)
+
+    comps = [
+        Component("parameters", f"e*P = {e}*{P:,}", e * P),
+        Component("gradients", f"e*P (grad buckets) = {e}*{G:,}", e * G),
+    ]
+    if e < 4:
+        comps.append(Component("gradients fp32 copy", f"4*P (bucket.staging, kept) = 4*{G:,}", 4 * G))
+    comps.append(Component("optimizer (ZeRO-1)",
+                           f"24*P/D (6 fp32 shards), D=dp*cp={shard_group}", 24 * G // shard_group))
+    static = sum(c.bytes for c in comps)
+
+    tied_output_grad = e * x.V * x.h if (cfg.tie_word_embeddings and first and last) else 0
+    by_recompute = {}
+    for r in RECOMPUTE_CHOICES:
+        saved_r, peak_r, phase_r = _stage_activation_peak(cfg, layout, w, r, len(layers), first,
+                                                           last, in_flight, tied_output_grad)
+        by_recompute[r] = {"saved_per_microbatch": saved_r, "peak": peak_r, "phase": phase_r}
+    chosen = by_recompute[w.recompute]
+    layer = layer_saved_bytes(x, w.recompute)
+    layer_formula = {
+        "none": "2*norm + 2eNh + eN(3q+3k)/tp + 4Na/tp + 4eNf/tp",
+        "selective": "2*norm + 2eNh + eN(3q+3k)/tp + 4eNf/tp",
+        "full": "e*Ns*h",
+    }[w.recompute]
+    saved_all = in_flight * chosen["saved_per_microbatch"]
+    comps.append(Component(
+        "activations (saved)",
+        f"{in_flight} microbatch(es) x ({len(layers)} layers x {layer_formula} = "
+        f"{len(layers)} x {layer / 2**20:.1f} MiB, + RoPE, final norm, log-prob state), "
+        f"N={x.N:,}" + (f" Ns={x.Ns:,}" if layout.sp else ""), saved_all, "activations"))
+    work_formula = {
+        "log-prob forward/backward": (
+            "logits: eNV + 4NV if padded" if w.logprob_impl == "ce"
+            else "fused backward: 4Nh + eVh + 4*cV*h + 16*cN*cV"),
+        "last layer backward": "grads e*Ns*h + 2eNf/tp" + (
+            " + one recomputed layer (none's count)" if w.recompute == "full" else ""),
+        "attention backward": "d_out, dq, dk, dv, fp32 delta" + (" + ring buffers" if layout.cp > 1 else ""),
+        "embedding backward": "embedding grad e*V*h",
+    }[chosen["phase"]]
+    comps.append(Component(f"working set ({chosen['phase']})", work_formula,
+                           chosen["peak"] - saved_all, "activations"))
+    if last:
+        cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
+        comps.append(Component(
+            f"log-probs ({w.logprob_impl}, kept + peak)",
+            f"4NV + eNV (+4NV if padded), V={x.V:,}" if w.logprob_impl == "ce"
+            else f"4N + 4Nh + eVh + 4*cV*h + 16*cN*cV, cN={cN} cV={cV}",
+            logprob_saved_bytes(x, w.logprob_impl) + logprob_peak_extra_bytes(x, w.logprob_impl),
+            "other"))
+    largest = max(buckets) // shard_group
+    step = 12 * largest
+    if shard_group > 1:
+        step = max(step, 4 * largest + 4 * max(buckets))
+    comps.append(Component("optimizer step (transient)",
+                           f"12*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
+    kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w)
+    tokens = w.rollout_max_tokens or w.seq_length
+    comps.append(Component(
+        "KV cache",
+        f"{kv_bytes_per_token(cfg, len(layers), tp, e):,} B/token x {w.rollout_batch} seq x "
+        f"{tokens:,} tokens (blocks of {w.kv_block_size})", kv, "rollout"))
+
+    if chosen["peak"] >= step:
+        train_peak, phase = static + chosen["peak"], chosen["phase"]
+    else:
+        train_peak, phase = static + step, "optimizer step"
+    return StagePlan(pp_rank=pp_rank, layers=list(layers), in_flight=in_flight, parameters=P,
+                     components=comps,
+                     activations_by_recompute={r: v["peak"] for r, v in by_recompute.items()},
+                     train_peak_bytes=train_peak, train_peak_phase=phase,
+                     rollout_peak_bytes=static + kv)
+
+
+def validate_plan_inputs(cfg: GPTConfig, layout: Layout, w: Workload) -> None:
+    """Raise ConfigError naming the flag when the layout or the workload cannot run."""
+    for flag, v in (("--tensor-model-parallel-size", layout.tp),
+                    ("--pipeline-model-parallel-size", layout.pp),
+                    ("--context-parallel-size", layout.cp), ("--data-parallel-size", layout.dp),
+                    ("--seq-length", w.seq_length), ("--micro-batch-size", w.micro_batch_size),
+                    ("--kv-block-size", w.kv_block_size)):
+        if v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if w.rollout_batch < 0:
+        raise ConfigError(f"--rollout-batch-size must be >= 0, got {w.rollout_batch}")
+    if w.num_microbatches is not None and w.num_microbatches < 1:
+        raise ConfigError(f"--num-microbatches must be >= 1, got {w.num_microbatches}")
+    if w.params_dtype not in DTYPE_BYTES:
+        raise ConfigError(f"params dtype must be one of {sorted(DTYPE_BYTES)}, got {w.params_dtype!r}")
+    if w.recompute not in RECOMPUTE_CHOICES:
+        raise ConfigError(f"--recompute-granularity must be one of {RECOMPUTE_CHOICES}, got {w.recompute!r}")
+    if w.logprob_impl not in LOGPROB_CHOICES:
+        raise ConfigError(f"--logprob-impl must be one of {LOGPROB_CHOICES}, got {w.logprob_impl!r}")
+    cfg.validate(layout.tp, layout.pp)
+    if layout.cp > 1 and w.seq_length % (2 * layout.cp):
+        raise ConfigError(f"--seq-length {w.seq_length} must be a multiple of 2 x "
+                          f"--context-parallel-size ({2 * layout.cp}) for the zigzag split")
+    if layout.sp and (w.seq_length // layout.cp) % layout.tp:
+        raise ConfigError(f"--seq-length {w.seq_length} / --context-parallel-size {layout.cp} must be "
+                          f"a multiple of --tensor-model-parallel-size {layout.tp} under sequence "
+                          "parallelism (or pass --no-sequence-parallel)")
+    try:
+        pipeline_layer_ranges(cfg.num_layers, layout.pp, w.first_stage_layers, w.last_stage_layers)
+    except ValueError as err:
+        raise ConfigError(f"--decoder-first/last-pipeline-num-layers: {err}") from None
+
+
+def plan_memory(cfg: GPTConfig, layout: Layout, w: Workload) -> MemoryPlan:
+    """Bytes per GPU of every pipeline stage (see the module docstring for the formulas)."""
+    validate_plan_inputs(cfg, layout, w)
+    ranges = pipeline_layer_ranges(cfg.num_layers, layout.pp, w.first_stage_layers, w.last_stage_layers)
+    return MemoryPlan(cfg, layout, w, [plan_stage(cfg, layout, w, r, ranges[r])
+                                       for r in range(layout.pp)])
+
+
+# -- layout search ---------------------------------------------------------------------------
+def layout_cost(layout: Layout, gpus_per_node: int, num_microbatches: Optional[int]) -> float:
+    """A simple preference order, lower is better: tensor parallelism beyond a node is
+    expensive (its collectives sit on the critical path of every layer), the pipeline bubble
+    (pp - 1) / (m + pp - 1) idles GPUs, tp and ring attention cost communication that is only
+    partly hidden; pure data parallelism is cheapest."""
+    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    m = num_microbatches or pp
+    cost = 0.0
+    cost += 0.15 * math.log2(tp) + (4.0 if tp > gpus_per_node else 0.0)
+    cost += (pp - 1) / (m + pp - 1) + 0.05 * (pp - 1)
+    cost += 0.1 * math.log2(cp) + (1.0 if tp * cp > gpus_per_node else 0.0)
+    return round(cost, 4)
+
+
+@dataclass
+class Suggestion:
+    layout: Layout
+    cost: float
+    peak_bytes: int
+    headroom_bytes: int
+    fits: bool
+    plan: MemoryPlan = field(repr=False)
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def suggest_layouts(cfg: GPTConfig, world_size: int, w: Workload, gpu_memory_bytes: int,
+                    reserved_bytes: int = 0, gpus_per_node: int = 8,
+                    sequence_parallel: bool = True) -> list[Suggestion]:
+    """Every valid (tp, pp, cp, dp) with tp*pp*cp*dp = world_size, fitting ones first, each
+    group ordered by ``layout_cost`` then by headroom."""
+    out = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            for cp in _divisors(world_size // (tp * pp)):
+                layout = Layout(tp, pp, cp, world_size // (tp * pp * cp), sequence_parallel)
+                try:
+                    plan = plan_memory(cfg, layout, w)
+                except ConfigError:
+                    continue
+                need = plan.peak_bytes + reserved_bytes
+                out.append(Suggestion(layout, layout_cost(layout, gpus_per_node, w.num_microbatches),
+                                      plan.peak_bytes, gpu_memory_bytes - need,
+                                      need <= gpu_memory_bytes, plan))
+    out.sort(key=lambda s: (not s.fits, s.cost if s.fits else 0.0, -s.headroom_bytes))
+    return out
+
+
+# -- measuring --------------------------------------------------------------------------------
+def _dispatch_mode_base():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+class MemoryMeter:
+    """Live and peak bytes of tensor storages allocated while it is active, on any device.
+
+    A ``TorchDispatchMode`` sees every op's outputs: a fresh output storage (a return without
+    an alias annotation) is counted once, keyed by the storage object, and released by a
+    weakref finalizer when the storage dies (PyTorch keeps one Python object per live
+    storage). Views and in-place results add nothing; storages that existed before are never
+    counted. ``peak_bytes`` is the exact high-water mark of tensor memory (allocator caching
+    and fragmentation excluded), like ``torch.cuda.max_memory_allocated`` but on CPU too.
+
+        with MemoryMeter() as meter:
+            train_step(...)
+        meter.peak_bytes
+    """
+
+    def __init__(self, device_type: Optional[str] = None):
+        self.device_type = device_type
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._mode = None
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            self.live_bytes -= self._sizes.pop(key, 0)
+
+    def _add(self, tensor) -> None:
+        if self.device_type is not None and tensor.device.type != self.device_type:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or meta-only wrappers
+            return
+        nbytes = storage.nbytes()
+        key = id(storage)
+        with self._lock:
+            if key in self._sizes or nbytes == 0:
+                return
+            self._sizes[key] = nbytes
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._release, key)
+
+    def _resized(self, tensor) -> None:
+        """An in-place/out= op may have grown a storage we already count."""
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(storage)
+        with self._lock:
+            old = self._sizes.get(key)
+            if old is not None and storage.nbytes() != old:
+                self._sizes[key] = storage.nbytes()
+                self.live_bytes += storage.nbytes() - old
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __enter__(self) -> "MemoryMeter":
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        meter = self
+
+        class _Mode(_dispatch_mode_base()):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                returns = func._schema.returns
+                flat = out if isinstance(out, (tuple, list)) else (out,)
+                for i, item in enumerate(flat):
+                    aliased = i < len(returns) and returns[i].alias_info is not None
+                    for t in tree_flatten(item)[0]:
+                        if isinstance(t, torch.Tensor):
+                            (meter._resized if aliased else meter._add)(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+
+def measure_peak_bytes(fn: Callable[[], Any], device_type: Optional[str] = None) -> tuple[int, Any]:
+    """(peak bytes of tensor storages allocated while ``fn()`` runs, its result)."""
+    with MemoryMeter(device_type) as meter:
+        result = fn()
+    return meter.peak_bytes, result

@@ -1,0 +1,306 @@
+"""tools/plan_memory.py and megatron_k15/memory_plan.py: the formulas against what the code
+really allocates.
+
+The references are independent of the formulas: parameter counts of built models (and, for
+tp = 2, the shard shapes ``models/sharding.py`` cuts), the byte size of a real
+``PagedKVCache``, the DistributedOptimizer's buckets, and the peak tensor memory of real
+training steps (``build_train_context`` + ``train_step``, fp32/bf16 on CPU) measured by
+``MemoryMeter``.
+
+Tolerance of the peak: 2% of the measured peak and 3% of its activation part (peak minus
+the static memory, which must match to 64 bytes). The meter sees exactly the tensors the
+formulas count, so the residue is O(tokens) bookkeeping (int64 targets, masks, scalars):
+observed below 0.05%. The bounds are still tight enough to fail when the formulas forget or
+double count one tensor per layer: an ffn-sized one is 4-13% of the peak in these cases and a
+hidden-sized one 2.2-4.8% of the peak or 3.5-12% of the activation part, except bf16 without
+recompute (1.6% / 2.8%, caught by its fp32 twin); only the attention lse (0.2%) is below. CPU SDPA runs PyTorch's flash kernel (out and lse saved,
+no s^2 term), the same accounting as our Triton kernel on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_k15.generation.kv_cache import PagedKVCache
+from megatron_k15.memory_plan import (
+    Layout, MemoryMeter, Workload, grad_bucket_sizes, kv_cache_bytes, measure_peak_bytes,
+    plan_memory, rollout_kv_cache_bytes, stage_parameters, suggest_layouts,
+)
+from megatron_k15.models.config import ConfigError, preset
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "plan_memory.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("plan_memory_tool", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    from megatron_k15.initialize import initialize_model_parallel
+
+    initialize_model_parallel(1)
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+# -- the meter itself ----------------------------------------------------------------------------
+def test_meter_counts_storages_once_and_releases_them():
+    def fn():
+        a = torch.empty(1000, dtype=torch.float32)  # 4000
+        v = a.view(10, 100)  # a view: nothing new
+        b = v * 2  # 4000 more -> 8000
+        a.add_(1)  # in place: nothing new
+        del a, v, b
+        c = torch.empty(500, dtype=torch.float64)  # 4000, after 8000 were released
+        return c.numel()
+
+    peak, result = measure_peak_bytes(fn)
+    assert (peak, result) == (8000, 500)
+    outside = torch.ones(10_000)  # allocated before the meter: never counted
+    with MemoryMeter() as meter:
+        y = outside[:5000] + 1
+        assert meter.live_bytes == 5000 * 4
+        del y
+        assert meter.live_bytes == 0
+
+
+# -- parameters, buckets, KV cache: exact ----------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    {},  # tied, QKV bias
+    dict(tie_word_embeddings=False, add_qkv_bias=False, num_attention_heads=8, num_query_groups=2,
+         num_layers=3, vocab_size=1000),
+])
+def test_parameter_count_equals_built_model(single_rank, overrides):
+    from megatron_k15.models.gpt import GPTModel
+
+    cfg = preset("tiny", **overrides)
+    for pp_rank, pp in [(0, 1), (0, 2), (1, 2)]:
+        model = GPTModel(cfg, tp_group=single_rank, pp_rank=pp_rank, pp_size=pp,
+                         attention_backend="sdpa")
+        built = [(n, p.numel()) for n, p in model.named_parameters()]
+        assert stage_parameters(cfg, 1, pp_rank, pp) == built
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_shards_follow_the_sharding_rules(tp):
+    from megatron_k15.models.hf_mapping import expected_shape
+    from megatron_k15.models.sharding import VOCAB_PARAMS, pad_vocab, split_tensor
+
+    cfg = preset("tiny", tie_word_embeddings=False, num_attention_heads=8, num_query_groups=4,
+                 vocab_size=1000)
+    full_names = [n for n, _ in stage_parameters(cfg, 1, 0, 1)]
+    for rank in range(tp):
+        expected = []
+        for name in full_names:
+            t = torch.empty(expected_shape(name, cfg), device="meta")
+            if name in VOCAB_PARAMS:
+                t = pad_vocab(t, cfg.padded_vocab_size(tp))
+            expected.append((name, split_tensor(t, name, tp, rank).numel()))
+        assert stage_parameters(cfg, tp, 0, 1) == expected
+
+
+def test_grad_buckets_equal_the_optimizers(single_rank):
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.parallel.data import DistributedOptimizer
+
+    cfg = preset("tiny", num_layers=3)
+    model = GPTModel(cfg, tp_group=single_rank, attention_backend="sdpa")
+    opt = DistributedOptimizer(model.named_parameters(), lr=0.0, bucket_numel=20_000)
+    predicted = grad_bucket_sizes(stage_parameters(cfg, 1, 0, 1), 1, False, False, 20_000)
+    assert [b.numel for b in opt.buckets] == predicted
+    assert len(predicted) > 2
+
+
+@pytest.mark.parametrize("tp,dtype", [(1, torch.float32), (2, torch.bfloat16)])
+def test_kv_cache_bytes_equal_paged_kv_cache(tp, dtype):
+    cfg = preset("tiny", num_attention_heads=8, num_query_groups=4, hidden_size=128, num_layers=3)
+    w = Workload(seq_length=100, rollout_batch=3, kv_block_size=8,
+                 params_dtype="fp32" if dtype == torch.float32 else "bf16")
+    blocks = 3 * math.ceil(100 / 8)
+    cache = PagedKVCache(3, blocks, 8, cfg.num_query_groups // tp, cfg.head_dim, dtype=dtype)
+    assert rollout_kv_cache_bytes(cfg, 3, tp, w) == cache.memory_bytes
+    assert kv_cache_bytes(3, blocks, 8, cfg.num_query_groups // tp, cfg.head_dim,
+                          cache.kv.element_size()) == cache.memory_bytes
+
+
+# -- predicted vs measured peak of real training steps ------------------------------------------
+CASES = {
+    # name: (model overrides, workload)
+    "fp32-none-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2)),
+    "fp32-selective-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
+                                                   recompute="selective")),
+    "fp32-full-ce": (dict(num_layers=4), dict(seq_length=256, micro_batch_size=2, recompute="full")),
+    "fp32-none-fused": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
+                                                 logprob_impl="fused")),
+    "fp32-full-fused-untied-gqa": (
+        dict(num_layers=3, hidden_size=128, num_attention_heads=8, num_query_groups=2,
+             ffn_hidden_size=352, tie_word_embeddings=False, vocab_size=1000),
+        dict(seq_length=512, micro_batch_size=1, recompute="full", logprob_impl="fused")),
+    "bf16-none-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
+                                              params_dtype="bf16")),
+    "bf16-full-fused": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
+                                                 params_dtype="bf16", recompute="full",
+                                                 logprob_impl="fused")),
+}
+
+
+def _measure_training(cfg, w: Workload):
+    """Peak and final live tensor bytes over two real optimizer steps (model and optimizer
+    built inside the meter)."""
+    from megatron_k15.training import build_train_context, train_step
+
+    args = argparse.Namespace(
+        lr=1e-3, attention_backend="sdpa", sequence_parallel=True, logprob_impl=w.logprob_impl,
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[w.params_dtype],
+        recompute_granularity=None if w.recompute == "none" else w.recompute)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g),
+             "labels": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g)}
+    with MemoryMeter() as meter:
+        ctx = build_train_context(args, cfg, seed=1)
+
+        def forward_step(mb, hidden):
+            logp = ctx.model(input_ids=mb["input_ids"], labels=mb["labels"], hidden=hidden)
+            loss = -logp.sum() / logp.numel()
+            return loss, float(loss.detach())
+
+        for _ in range(2):
+            train_step(ctx, [batch], forward_step, 1e-3)
+        final = meter.live_bytes
+    return meter.peak_bytes, final
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_predicted_peak_matches_measured(single_rank, monkeypatch, case):
+    monkeypatch.setenv("MEGATRON_K15_FUSED_LOGPROBS_IMPL", "torch")  # the interpreter is slow
+    overrides, kw = CASES[case]
+    cfg = preset("tiny", **overrides)
+    w = Workload(**{"params_dtype": "fp32", "recompute": "none", "logprob_impl": "ce", **kw})
+    stage = plan_memory(cfg, Layout(), w).most_loaded
+    static = sum(c.bytes for c in stage.components if c.kind == "static")
+    peak, final = _measure_training(cfg, w)
+    print(f"{case}: predicted {stage.train_peak_bytes:,} measured {peak:,} "
+          f"({100 * (stage.train_peak_bytes - peak) / peak:+.2f}%), phase {stage.train_peak_phase}")
+    assert abs(final - static) <= 64  # params, grads (+ fp32 copy), optimizer state
+    assert peak - static > 0.3 * peak  # activations matter in this case
+    assert stage.train_peak_bytes == pytest.approx(peak, rel=0.02)
+    assert stage.train_peak_bytes - static == pytest.approx(peak - static, rel=0.03)
+
+
+def test_recompute_and_fused_logprobs_shrink_the_plan():
+    cfg = preset("qwen2.5-7b")
+    base = dict(seq_length=32768, params_dtype="bf16")
+    layout = Layout(tp=4, dp=2)
+    peaks = {r: plan_memory(cfg, layout, Workload(recompute=r, **base)).peak_bytes
+             for r in ("none", "selective", "full")}
+    assert peaks["full"] < peaks["selective"] <= peaks["none"]
+    ce = plan_memory(cfg, layout, Workload(recompute="full", logprob_impl="ce", **base)).peak_bytes
+    assert peaks["full"] < ce  # (N, V) fp32 logits at 32K tokens are tens of GiB
+    stages = plan_memory(cfg, Layout(tp=2, pp=4), Workload(recompute="full", **base)).stages
+    assert [s.in_flight for s in stages] == [4, 3, 2, 1]  # 1F1B
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def test_help_lists_the_formulas():
+    r = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for text in ("--suggest", "--hf-config", "34 + 5 a s / h", "24 * P / D", "KV cache", "fused"):
+        assert text in r.stdout
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model-preset", "tiny", "--seq-length", "64", "--tensor-model-parallel-size", "3"],
+     "--tensor-model-parallel-size"),
+    (["--model-preset", "qwen2.5-7b", "--seq-length", "64", "--tensor-model-parallel-size", "7"],
+     "--num-query-groups"),
+    (["--model-preset", "tiny", "--seq-length", "66", "--context-parallel-size", "4"],
+     "--context-parallel-size"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--pipeline-model-parallel-size", "3"],
+     "--pipeline-model-parallel-size"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--world-size", "6",
+      "--tensor-model-parallel-size", "4"], "--world-size"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--bf16", "--fp16"], "--bf16"),
+    (["--seq-length", "64"], "--model-preset"),
+    (["--model-preset", "tiny"], "--seq-length"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--suggest"], "--world-size"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--hf-config", "/nonexistent/config.json", "--seq-length", "64"], "--hf-config"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--recompute-granularity", "most"],
+     "--recompute-granularity"),
+])
+def test_bad_arguments_name_the_flag(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        _tool().main(argv)
+    assert exc.value.code != 0
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # the usage above lists every flag
+    assert "error:" in message and flag in message, message
+
+
+def test_plan_table_and_json(capsys):
+    tool = _tool()
+    argv = ["--model-preset", "qwen2.5-7b", "--bf16", "--seq-length", "32768",
+            "--tensor-model-parallel-size", "4", "--world-size", "8",
+            "--recompute-granularity", "full", "--rollout-batch-size", "4"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    for text in ("parameters", "gradients", "optimizer (ZeRO-1)", "activations (saved)",
+                 "log-probs (fused", "KV cache", "training peak", "fits in 80 GiB"):
+        assert text in out
+    assert tool.main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = plan_memory(preset("qwen2.5-7b"), Layout(tp=4, dp=2),
+                       Workload(seq_length=32768, params_dtype="bf16", recompute="full", rollout_batch=4))
+    assert data["peak_bytes"] == plan.peak_bytes and data["layout"]["dp"] == 2
+    assert data["fits"] is True
+
+
+def test_hf_config_gives_the_same_plan_as_the_preset(tmp_path, capsys):
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    cfg = preset("qwen2.5-0.5b")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_gpt(cfg)))
+    tool = _tool()
+    common = ["--seq-length", "4096", "--tensor-model-parallel-size", "2", "--json"]
+    assert tool.main(["--hf-config", str(tmp_path)] + common) == 0
+    from_hf = json.loads(capsys.readouterr().out)["peak_bytes"]
+    assert tool.main(["--model-preset", "qwen2.5-0.5b"] + common) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] == from_hf
+
+
+def test_suggest_enumerates_valid_layouts(capsys):
+    cfg = preset("qwen2.5-0.5b")  # 14 heads, 2 kv heads: tp in {1, 2}
+    w = Workload(seq_length=16384, params_dtype="bf16", recompute="full")
+    found = suggest_layouts(cfg, 8, w, 20 * 2**30)
+    assert found and {s.layout.tp for s in found} <= {1, 2}
+    assert all(s.layout.world_size == 8 for s in found)
+    fitting = [s for s in found if s.fits]
+    assert fitting and found[:len(fitting)] == fitting  # fitting ones first ...
+    assert [s.cost for s in fitting] == sorted(s.cost for s in fitting)  # ... cheapest first
+    assert all(s.peak_bytes + 0 <= 20 * 2**30 for s in fitting)
+    with pytest.raises(ConfigError):
+        plan_memory(cfg, Layout(tp=4, dp=2), w)
+
+    tool = _tool()
+    assert tool.main(["--suggest", "--model-preset", "qwen2.5-0.5b", "--bf16", "--seq-length", "16384",
+                      "--recompute-granularity", "full", "--gpus", "8", "--gpu-memory-gb", "20",
+                      "--reserved-gb", "0"]) == 0
+    out = capsys.readouterr().out
+    best = fitting[0].layout
+    assert f"chosen: {best}" in out
+    assert tool.main(["--suggest", "--model-preset", "qwen2.5-7b", "--seq-length", "131072",
+                      "--gpus", "2", "--gpu-memory-gb", "10"]) == 0
+    assert "none fits" in capsys.readouterr().out

@@ -14,6 +14,17 @@ padded to a multiple of 2*cp, padding masked out of the loss), attention runs as
 (--cp-comm-type ring|allgather), and the loss sums over cp ranks. ``--load`` resumes exactly (weights, optimizer,
 RNG, data position); with ``--finetune`` it loads weights only. Without ``--load`` the model
 starts from a layout-independent random init (--seed).
+
+``--loss dpo`` (long2short, DESIGN.md section 3) trains on preference pairs from
+``tools/preprocess_data.py --mode dpo`` with ``-log sigmoid(beta * ((S_c - S_c_ref) - (S_r -
+S_r_ref)))`` (``rl/dpo.py``; S = summed response-token log-probs). Whole pairs are packed into
+rows (``data.sft.PackedPairStream``; --global-batch-size counts rows, the loss is the mean over
+the pairs of the global batch). The reference is the model as loaded: before the first
+step one forward-only pass computes S_ref of every pair (two floats per pair, kept on every rank
+and saved with the checkpoint for resuming) instead of holding a frozen second copy of the
+weights, which would double weight memory and add a reference forward to every step. Every
+layout works (tp, sp, pp, dp, cp: under cp the per-sequence sums are all-reduced over the cp
+group before the loss).
 """
 
 from __future__ import annotations
@@ -30,7 +41,13 @@ from megatron_k15.arguments import ArgumentError, parse_args
 
 def add_sft_args(p) -> None:
     g = p.add_argument_group("sft data")
-    g.add_argument("--train-data", required=True, help="prefix written by preprocess_data.py --mode sft")
+    g.add_argument("--train-data", required=True,
+                   help="prefix written by preprocess_data.py --mode sft (--mode dpo for --loss dpo)")
+    g.add_argument("--loss", choices=("sft", "dpo"), default="sft",
+                   help="sft: next-token loss on responses; dpo: preference pairs against the "
+                        "starting model (long2short)")
+    g.add_argument("--dpo-beta", type=float, default=0.1,
+                   help="DPO inverse temperature beta in -log sigmoid(beta * (margin of log-ratios))")
 
 
 def _validate(args) -> None:
@@ -41,13 +58,26 @@ def _validate(args) -> None:
         raise ArgumentError(f"--train-iters must be >= 1, got {args.train_iters}")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
-    from megatron_k15.data.indexed import dataset_files
+    from megatron_k15.data.indexed import dataset_files, load_summary
+    from megatron_k15.data.preference import DPO_MODE, preference_dataset_files
 
     import os
 
-    missing = [f for f in dataset_files(args.train_data, "sft") if not os.path.exists(f)]
+    if args.loss == "dpo":
+        if not args.dpo_beta > 0:
+            raise ArgumentError(f"--dpo-beta must be > 0, got {args.dpo_beta}")
+        files = preference_dataset_files(args.train_data)
+    else:
+        files = dataset_files(args.train_data, "sft")
+    missing = [f for f in files if not os.path.exists(f)]
     if missing:
-        raise ArgumentError(f"--train-data {args.train_data}: missing {missing[0]} (run tools/preprocess_data.py --mode sft)")
+        raise ArgumentError(f"--train-data {args.train_data}: missing {missing[0]} (run tools/preprocess_data.py "
+                            f"--mode {args.loss})")
+    mode = load_summary(args.train_data).get("mode")
+    if mode != args.loss and DPO_MODE in (mode, args.loss):
+        raise ArgumentError(f"--train-data {args.train_data} holds --mode {mode} data but --loss is {args.loss}; "
+                            f"pass --loss {mode if mode in ('sft', 'dpo') else 'sft'} or preprocess with "
+                            f"--mode {args.loss}")
 
 
 def cp_microbatch_length(cu_seqlens, seq_len: int, cp_size: int, tp_size: int = 1) -> int:
@@ -68,10 +98,11 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int, tp_size: int =
     """This cp rank's zigzag shard of a packed microbatch (``PackedSFTStream.microbatch``, b=1).
 
     Every packed sequence is padded to a multiple of 2*cp (pad tokens: id 0, label 0, loss mask
-    0; they sit at the end of their sequence, so causal attention never shows them to a real
-    token) and the last one is extended so the row has ``cp_microbatch_length`` tokens. Returns
-    input_ids / labels / loss_mask / position_ids (original positions, for RoPE) of shape
-    (1, length / cp), the local ``cu_seqlens`` (the same on every cp rank) and ``max_seqlen``."""
+    0, seq_ids 0 when present; they sit at the end of their sequence, so causal attention never
+    shows them to a real token) and the last one is extended so the row has
+    ``cp_microbatch_length`` tokens. Returns input_ids / labels / loss_mask / seq_ids (DPO) /
+    position_ids (original positions, for RoPE) of shape (1, length / cp), the local
+    ``cu_seqlens`` (the same on every cp rank) and ``max_seqlen``."""
     if cp_size == 1:
         return mb
     from megatron_k15.parallel.context import pad_to_multiple, zigzag_varlen_layout
@@ -91,7 +122,9 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int, tp_size: int =
     lay = zigzag_varlen_layout(cu_ext, cp_size, cp_rank)
     index, valid = lay.index.clamp(min=0), lay.valid
     out = {}
-    for key in ("input_ids", "labels", "loss_mask"):
+    for key in ("input_ids", "labels", "loss_mask", "seq_ids"):
+        if key not in mb:
+            continue
         x = mb[key]
         if grow:
             x = torch.cat([x, x.new_zeros((1, grow))], dim=1)
@@ -123,12 +156,116 @@ def sft_forward_step(model, total_loss_tokens: float):
     return step
 
 
+def dpo_forward_step(model, beta: float, total_pairs: float, cp_group=None):
+    """Per microbatch of whole pairs (``PackedPairStream.microbatch`` plus ``ref_logps`` (P, 2)):
+    sequence sums S (all-reduced over cp, whose ranks hold shards of every sequence), then on the
+    last stage the DPO loss summed over the microbatch's pairs / pairs in the global batch.
+    Returns (loss sum, margin sum, pairs with margin > 0, chosen reward sum, rejected reward sum,
+    pairs) for logging; under cp every cp rank holds the same values."""
+    from megatron_k15.rl.dpo import all_reduce_sum_cp, dpo_loss, dpo_rewards, sequence_logps
+
+    def step(mb, hidden):
+        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                    position_ids=mb.get("position_ids"),
+                    labels=mb["labels"] if model.post_process else None,
+                    cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+        if not model.post_process:
+            return out
+        ref = mb["ref_logps"].double()
+        n = ref.shape[0]
+        s = sequence_logps(out.double(), mb["loss_mask"], mb["seq_ids"], 2 * n)
+        s = all_reduce_sum_cp(s, cp_group).view(n, 2)
+        loss = dpo_loss(s[:, 0], s[:, 1], ref[:, 0], ref[:, 1], beta, reduction="sum")
+        rc, rr = dpo_rewards(s[:, 0], s[:, 1], ref[:, 0], ref[:, 1], beta)
+        margin = rc - rr
+        return loss / total_pairs, (float(loss.detach()), float(margin.sum()), float((margin > 0).sum()),
+                                    float(rc.sum()), float(rr.sum()), float(n))
+    return step
+
+
+def _to_device(mb: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+
+
+def _local_microbatch(ctx, stream, rows, device, reference=None) -> dict:
+    mb = stream.microbatch(rows)
+    if reference is not None:
+        mb["ref_logps"] = reference[mb["pair_index"]].to(torch.float64)
+    mb = split_microbatch_for_cp(mb, ctx.pc.cp_size, ctx.pc.cp_rank,
+                                 ctx.pc.tp_size if ctx.model.sequence_parallel else 1)
+    return _to_device(mb, device)
+
+
+@torch.no_grad()
+def dpo_reference_logps(ctx, stream, mbs: int, device, chunk_microbatches: int = 64) -> torch.Tensor:
+    """(num_pairs, 2) float64 on every rank: S_ref of (chosen, rejected) for every pair under the
+    current weights (zero for pairs the stream leaves out). One forward-only pass: the pairs in
+    dataset order, rows split round-robin over dp, ``chunk_microbatches`` at a time."""
+    from megatron_k15.rl.dpo import sequence_logps
+    from megatron_k15.training import forward_only
+
+    model, pc = ctx.model, ctx.pc
+    rows = stream.reference_rows()[pc.dp_rank::pc.dp_size]
+    table = torch.zeros(stream.num_pairs, 2, dtype=torch.float64)
+
+    def step(mb, hidden):
+        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                    position_ids=mb.get("position_ids"),
+                    labels=mb["labels"] if model.post_process else None,
+                    cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+        if not model.post_process:
+            return out
+        n = mb["pair_index"].numel()
+        s = sequence_logps(out.double(), mb["loss_mask"], mb["seq_ids"], 2 * n)
+        return None, (mb["pair_index"].cpu(), s.view(n, 2).cpu())
+
+    was_training = model.training
+    model.eval()
+    step_rows = chunk_microbatches * mbs
+    for start in range(0, len(rows), step_rows):
+        part = rows[start:start + step_rows]
+        mbs_list = [_local_microbatch(ctx, stream, part[k:k + mbs], device) for k in range(0, len(part), mbs)]
+        for index, sums in forward_only(ctx, mbs_list, step):
+            table[index] += sums  # a cp rank's partial sums; the all-reduce adds the others
+    if was_training:
+        model.train()
+    # last-stage results; tp ranks hold copies (tp rank 0 counts), cp ranks hold partial sums
+    if not (pc.is_last_stage and pc.tp_rank == 0):
+        table.zero_()
+    t = table.cuda() if dist.get_backend() == "nccl" else table
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def dpo_train_step(ctx, stream, reference: torch.Tensor, consumed: int, gbs: int, mbs: int, beta: float,
+                   lr: float, device) -> tuple[dict, float]:
+    """One optimizer step on global-batch rows ``consumed .. consumed + gbs`` of a
+    ``PackedPairStream``. Returns (metrics identical on every rank, grad norm)."""
+    from megatron_k15.training import reduce_sums, train_step
+
+    rows = stream.rows(consumed, gbs)
+    total_pairs = float(sum(stream.pairs_in(r) for r in rows))
+    per_rank = gbs // ctx.pc.dp_size
+    mine = rows[ctx.pc.dp_rank * per_rank:(ctx.pc.dp_rank + 1) * per_rank]
+    microbatches = [_local_microbatch(ctx, stream, mine[k:k + mbs], device, reference)
+                    for k in range(0, per_rank, mbs)]
+    cp_group = ctx.pc.cp_group if ctx.pc.cp_size > 1 else None
+    results, grad_norm = train_step(ctx, microbatches, dpo_forward_step(ctx.model, beta, total_pairs, cp_group), lr)
+    sums = reduce_sums([sum(r[k] for r in results) for k in range(6)], ctx, split_over_cp=False)
+    loss_sum, margin_sum, wins, chosen_sum, rejected_sum, pairs = sums
+    n = max(pairs, 1.0)
+    metrics = {"loss": loss_sum / n, "dpo_reward_margin": margin_sum / n, "dpo_accuracy": wins / n,
+               "dpo_chosen_reward": chosen_sum / n, "dpo_rejected_reward": rejected_sum / n, "dpo_pairs": pairs}
+    return metrics, grad_norm
+
+
 def main(argv=None) -> int:
     args = parse_args(argv, "Supervised fine-tuning with megatron_k15", add_sft_args, _validate)
     from megatron_k15 import platform
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.indexed import load_sft_dataset
-    from megatron_k15.data.sft import PackedSFTStream
+    from megatron_k15.data.preference import load_preference_dataset
+    from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.training import MetricsLogger, build_train_context, reduce_sums, train_step
@@ -141,52 +278,81 @@ def main(argv=None) -> int:
         iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
     consumed = int(extra.get("consumed_rows", 0))
     rank = dist.get_rank()
+    dpo = args.loss == "dpo"
 
-    dataset = load_sft_dataset(args.train_data)
-    stream = PackedSFTStream(dataset, args.seq_length, seed=args.seed)
     gbs, mbs, dp = args.global_batch_size, args.micro_batch_size, ctx.pc.dp_size
     per_rank = gbs // dp
     device = platform.current_device()
+    if dpo:
+        dataset = load_preference_dataset(args.train_data)
+        stream = PackedPairStream(dataset.sequences, args.seq_length, seed=args.seed)
+        what = f"{len(dataset)} preference pairs ({stream.dropped} longer than --seq-length left out)"
+    else:
+        dataset = load_sft_dataset(args.train_data)
+        stream = PackedSFTStream(dataset, args.seq_length, seed=args.seed, lengths=dataset.lengths)
+        what = f"{len(dataset)} samples"
     logger = MetricsLogger(args.tensorboard_dir, rank == 0)
     logger.truncate_after(iteration)
     if rank == 0:
-        print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(dataset)} samples, "
+        print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {what}, loss {args.loss}, "
               f"tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} dp={dp}, start at iteration {iteration}", flush=True)
+    reference = None
+    if dpo:
+        reference = extra.get("dpo_reference")
+        if reference is not None and tuple(reference.shape) != (stream.num_pairs, 2):
+            raise ValueError(f"--load {args.load}: its DPO reference log-probs cover {reference.shape[0]} pairs, "
+                             f"--train-data {args.train_data} has {stream.num_pairs}; resume with the same data "
+                             f"or start a new run with --finetune")
+        if reference is None:
+            t0 = time.time()
+            reference = dpo_reference_logps(ctx, stream, mbs, device)
+            if rank == 0:
+                print(f"[train_sft] DPO reference log-probs of {stream.num_pairs} pairs (forward only, the "
+                      f"{'loaded' if args.load else 'initial'} weights) in {time.time() - t0:.1f}s", flush=True)
 
     saved_at = iteration
+
+    def state() -> dict:
+        out = {"consumed_rows": consumed}
+        if dpo:
+            out["dpo_reference"] = reference
+        return out
+
     while iteration < args.train_iters:
         t0 = time.time()
-        rows = stream.rows(consumed, gbs)
-        total_tokens = max(1, sum(stream.loss_tokens(r) for r in rows))
-        mine = rows[ctx.pc.dp_rank * per_rank:(ctx.pc.dp_rank + 1) * per_rank]
-        microbatches = []
-        for k in range(0, per_rank, mbs):
-            mb = split_microbatch_for_cp(stream.microbatch(mine[k:k + mbs]), ctx.pc.cp_size, ctx.pc.cp_rank,
-                                         ctx.pc.tp_size if ctx.model.sequence_parallel else 1)
-            microbatches.append({k2: (v.to(device) if torch.is_tensor(v) else v) for k2, v in mb.items()})
         lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
-        results, grad_norm = train_step(ctx, microbatches, sft_forward_step(ctx.model, total_tokens), lr)
-        loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
+        if dpo:
+            metrics, grad_norm = dpo_train_step(ctx, stream, reference, consumed, gbs, mbs, args.dpo_beta, lr,
+                                                device)
+        else:
+            rows = stream.rows(consumed, gbs)
+            total_tokens = max(1, sum(stream.loss_tokens(r) for r in rows))
+            mine = rows[ctx.pc.dp_rank * per_rank:(ctx.pc.dp_rank + 1) * per_rank]
+            microbatches = [_local_microbatch(ctx, stream, mine[k:k + mbs], device) for k in range(0, per_rank, mbs)]
+            results, grad_norm = train_step(ctx, microbatches, sft_forward_step(ctx.model, total_tokens), lr)
+            loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
+            metrics = {"loss": loss_sum / max(tokens, 1.0), "loss_tokens": tokens}
         consumed += gbs
         iteration += 1
         elapsed = time.time() - t0
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            metrics = {"loss": loss_sum / max(tokens, 1.0), "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": gbs * args.seq_length / elapsed, "iteration_time_s": elapsed,
-                       "loss_tokens": tokens, "epoch": stream.epoch_of(consumed - 1),
-                       "peak_memory_bytes": platform.peak_memory_bytes()}
+            metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": gbs * args.seq_length / elapsed,
+                            "iteration_time_s": elapsed, "epoch": stream.epoch_of(consumed - 1),
+                            "peak_memory_bytes": platform.peak_memory_bytes()})
             logger.log(iteration, metrics)
             if rank == 0:
-                print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f} | "
-                      f"lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s",
+                extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
+                              f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
+                print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
+                      f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s",
                       flush=True)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm}")
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, ctx, {"consumed_rows": consumed})
+            save_checkpoint(args.save, iteration, ctx, state())
             saved_at = iteration
     if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, ctx, {"consumed_rows": consumed})
+        save_checkpoint(args.save, iteration, ctx, state())
     logger.close()
     destroy()
     return 0

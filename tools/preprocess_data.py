@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Turn SFT or RL-prompt JSONL into a megatron-core indexed dataset (DESIGN.md section 5).
+"""Turn SFT, preference or RL-prompt JSONL into a megatron-core indexed dataset (DESIGN.md section 5).
 
     python tools/preprocess_data.py --mode sft --input sft.jsonl --output-prefix data/sft \\
         --tokenizer byte --chat-template --append-eos --seq-length 4096
+    python tools/preprocess_data.py --mode dpo --input pairs.jsonl --output-prefix data/dpo \\
+        --tokenizer byte --append-eos --seq-length 8192
     python tools/preprocess_data.py --mode prompts --input prompts.jsonl \\
         --output-prefix data/prompts --tokenizer /models/Qwen2.5-7B-Instruct --chat-template
 
@@ -10,6 +12,9 @@ Outputs (see megatron_k15/data/indexed.py for the format and the readers):
 
 - sft:     PREFIX.bin/.idx (token ids), PREFIX.loss_mask.bin/.idx (uint8 per token: 0 on
            prompt/template tokens, 1 on response tokens), PREFIX.json (summary)
+- dpo:     the same files with two sequences per pair, interleaved: prompt + chosen, then
+           prompt + rejected, each tokenized and masked like an SFT {"prompt", "response"}
+           line (megatron_k15/data/preference.py reads them)
 - prompts: PREFIX.bin/.idx (prompt token ids), PREFIX.meta.jsonl (each sample's validated
            record: id, prompt, task, answer/tests, difficulty, ...), PREFIX.json (summary)
 
@@ -21,6 +26,11 @@ message). Each turn is tokenized as its own segment so the loss mask is exact: t
 assistant's content (and what the template puts after it in that turn) is 1, the rest 0.
 Messages after the last assistant message are dropped. --append-eos adds the tokenizer's
 EOS (mask 1) at the end of each SFT sample.
+
+Preference lines (dpo) are {"prompt", "chosen", "rejected"} (an optional "id"; what
+tools/build_long2short_data.py --mode dpo writes). --seq-length bounds a pair: both sequences
+together (train_sft --loss dpo packs a pair into one row, so the same --seq-length fits every
+pair); longer pairs are dropped, never truncated.
 
 With --chat-template in prompts mode a prompt is rendered as one user turn followed by the
 generation prompt (the assistant header).
@@ -35,6 +45,7 @@ skips and counts such lines instead (printed, and recorded in PREFIX.json).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -42,9 +53,7 @@ import sys
 import time
 from typing import Iterator, Optional
 
-try:
-    import megatron_k15  # noqa: F401
-except ImportError:  # run from a checkout: tools/ sits next to the package
+if importlib.util.find_spec("megatron_k15") is None:  # run from a checkout: tools/ sits next to it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_k15.data.indexed import (  # noqa: E402
@@ -54,6 +63,7 @@ from megatron_k15.data.indexed import (  # noqa: E402
     IndexedDatasetWriter,
     token_dtype,
 )
+from megatron_k15.data.preference import validate_preference_record  # noqa: E402
 from megatron_k15.data.prompts import (  # noqa: E402
     DataError,
     DuplicateIdChecker,
@@ -88,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
     )
-    p.add_argument("--mode", choices=("sft", "prompts"), required=True,
-                   help="sft: {prompt,response} or {messages} lines; prompts: RL prompt records")
+    p.add_argument("--mode", choices=("sft", "dpo", "prompts"), required=True,
+                   help="sft: {prompt,response} or {messages} lines; dpo: {prompt,chosen,rejected} "
+                        "preference pairs; prompts: RL prompt records")
     p.add_argument("--input", required=True, metavar="FILE.jsonl", help="input JSONL file")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
@@ -104,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip and count bad lines instead of stopping at the first one")
     p.add_argument("--seq-length", type=int, default=None, metavar="N",
                    help="maximum tokens per sample; longer samples are handled by --overlong "
-                        "(prompts mode: longer prompts are dropped); counts are reported")
+                        "(prompts mode: longer prompts are dropped; dpo: maximum tokens of a pair, "
+                        "both sequences together, longer pairs are dropped); counts are reported")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="sft: drop over-long samples (default) or truncate them to "
                         "--seq-length (a sample left without response tokens is dropped)")
     p.add_argument("--append-eos", action="store_true",
-                   help="sft: append the tokenizer's EOS token (trained on) to every sample")
+                   help="sft/dpo: append the tokenizer's EOS token (trained on) to every sample")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is also off when stderr is not a terminal)")
     return p
@@ -127,6 +139,9 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         if args.overlong == "truncate":
             parser.error("--overlong truncate applies to --mode sft only (prompts are never "
                          "truncated; over-long ones are dropped)")
+    if args.mode == "dpo" and args.overlong == "truncate":
+        parser.error("--overlong truncate applies to --mode sft only (a truncated response would "
+                     "change the sequence log-prob DPO compares; over-long pairs are dropped)")
 
 
 # -- per-line work (runs in the worker processes) ---------------------------------------------
@@ -170,8 +185,7 @@ def _sft_segments(rec: dict, tok, chat_template: bool) -> list[tuple[str, int]]:
     return segs
 
 
-def _process_sft(obj: dict, tok, opts: dict):
-    rec = validate_sft_record(obj)
+def _tokenize_sft(rec: dict, tok, opts: dict, field: str):
     ids: list[int] = []
     mask: list[int] = []
     for text, is_resp in _sft_segments(rec, tok, opts["chat_template"]):
@@ -183,9 +197,24 @@ def _process_sft(obj: dict, tok, opts: dict):
         ids.append(tok.eos_id)
         mask.append(1)
     if not any(mask):
-        field = "response" if rec.get("pair") else "messages"
         raise FieldError(field, "the response tokenizes to no tokens (nothing to train on)")
     return ids, mask
+
+
+def _process_sft(obj: dict, tok, opts: dict):
+    rec = validate_sft_record(obj)
+    return _tokenize_sft(rec, tok, opts, "response" if rec.get("pair") else "messages")
+
+
+def _process_dpo(obj: dict, tok, opts: dict):
+    """((chosen ids, mask), (rejected ids, mask)), each as an SFT prompt/response pair."""
+    rec = validate_preference_record(obj)
+    out = []
+    for field in ("chosen", "rejected"):
+        pair = {"messages": [{"role": "user", "content": rec["prompt"]},
+                             {"role": "assistant", "content": rec[field]}], "pair": True}
+        out.append(_tokenize_sft(pair, tok, opts, field))
+    return tuple(out)
 
 
 def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
@@ -215,6 +244,8 @@ def _process_chunk(chunk: list[tuple[int, bytes]]):
             try:
                 if opts["mode"] == "sft":
                     payload = _process_sft(obj, tok, opts)
+                elif opts["mode"] == "dpo":
+                    payload = _process_dpo(obj, tok, opts)
                 else:
                     payload = _process_prompt(obj, tok, opts, path, lineno)
             except FieldError as e:
@@ -253,7 +284,7 @@ class _Outputs:
 
         try:
             self.tokens = writer(prefix, dtype)
-            self.mask = writer(prefix + LOSS_MASK_SUFFIX, "uint8") if mode == "sft" else None
+            self.mask = writer(prefix + LOSS_MASK_SUFFIX, "uint8") if mode in ("sft", "dpo") else None
             if mode == "prompts":
                 meta_path = prefix + META_SUFFIX
                 self.meta = open(meta_path + self.tag, "w", encoding="utf-8")
@@ -324,7 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     if not os.path.isfile(path):
         raise PreprocessError(f"--input {path}: no such file")
     tok = load_tokenizer(args.tokenizer)
-    if args.mode == "sft" and args.append_eos and tok.eos_id is None:
+    if args.mode in ("sft", "dpo") and args.append_eos and tok.eos_id is None:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
             "append_eos": bool(args.append_eos), "path": path}
@@ -378,6 +409,18 @@ def run(args: argparse.Namespace) -> dict:
                         bad_lines.append(str(payload))
                         _log(f"warning: skipped {payload}", bar)
                     continue
+                if args.mode == "dpo":
+                    (ids_c, mask_c), (ids_r, mask_r) = payload
+                    if args.seq_length is not None and len(ids_c) + len(ids_r) > args.seq_length:
+                        stats["dropped_overlong"] += 1
+                        continue
+                    for ids, msk in ((ids_c, mask_c), (ids_r, mask_r)):
+                        outputs.tokens.add(ids)
+                        outputs.mask.add(msk)
+                        stats["tokens"] += len(ids)
+                        stats["loss_tokens"] += int(sum(msk))
+                    stats["samples"] += 1
+                    continue
                 ids, extra = payload
                 if args.seq_length is not None and len(ids) > args.seq_length:
                     if args.mode == "sft" and args.overlong == "truncate" \
@@ -428,8 +471,10 @@ def run(args: argparse.Namespace) -> dict:
             "truncated": stats["truncated"],
             "dropped_overlong": stats["dropped_overlong"],
         }
-        if args.mode == "sft":
+        if args.mode in ("sft", "dpo"):
             summary["num_loss_tokens"] = stats["loss_tokens"]
+        if args.mode == "dpo":
+            summary["num_sequences"] = 2 * stats["samples"]  # prompt+chosen, prompt+rejected
         outputs.commit(summary)
         outputs = None
         return summary
@@ -466,8 +511,9 @@ def main(argv: Optional[list] = None) -> int:
         print("interrupted; no output written", file=sys.stderr)
         return 130
     dt = time.time() - t0
-    parts = [f"{summary['num_samples']} samples", f"{summary['num_tokens']} tokens"]
-    if args.mode == "sft":
+    parts = [f"{summary['num_samples']} {'pairs' if args.mode == 'dpo' else 'samples'}",
+             f"{summary['num_tokens']} tokens"]
+    if args.mode in ("sft", "dpo"):
         parts.append(f"{summary['num_loss_tokens']} loss tokens")
     parts.append(f"{summary['skipped_bad_lines']} bad lines skipped")
     if args.seq_length is not None:

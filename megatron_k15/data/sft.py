@@ -5,26 +5,31 @@ shifted by one (a label is trained on when it is a response token). Samples are 
 epoch (seed + epoch) and packed greedily into rows of ``seq_length`` positions; the rest of a
 row is one padding segment with mask 0. Each row's ``cu_seqlens`` keeps attention inside its
 samples. The stream of rows is endless (epoch after epoch), indexed by a global row number,
-so ``consumed_rows`` alone is the exact data position for resuming.
+so ``consumed_rows`` alone is the exact data position for resuming. Preference pairs (DPO)
+are packed two sequences at a time by :class:`PackedPairStream`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 
 class PackedSFTStream:
-    def __init__(self, samples: Sequence, seq_length: int, seed: int, pad_id: int = 0):
-        """``samples[i]`` has ``.tokens`` and ``.loss_mask`` (as ``data.indexed.SFTSample``)."""
+    def __init__(self, samples: Sequence, seq_length: int, seed: int, pad_id: int = 0,
+                 lengths: Optional[Sequence[int]] = None):
+        """``samples[i]`` has ``.tokens`` and ``.loss_mask`` (as ``data.indexed.SFTSample``);
+        ``lengths`` (token counts, e.g. a dataset's index) saves reading every sample."""
         self.samples = samples
         self.seq_length = seq_length
         self.seed = seed
         self.pad_id = pad_id
-        self.positions = np.array([min(len(s.tokens) - 1, seq_length) for s in samples], dtype=np.int64)
+        if lengths is None:
+            lengths = [len(s.tokens) for s in samples]
+        self.positions = np.minimum(np.asarray(lengths, dtype=np.int64) - 1, seq_length)
         if not (self.positions > 0).any():
             raise ValueError("no SFT sample has at least 2 tokens")
         self._epochs: list[list[list[int]]] = []
@@ -32,15 +37,17 @@ class PackedSFTStream:
 
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.samples))
+        return self._pack([[int(i)] for i in order if self.positions[i] > 0])
+
+    def _pack(self, units: list[list[int]]) -> list[list[int]]:
+        """Greedy packing of units (lists of sample indices that stay together) into rows."""
         rows, current, used = [], [], 0
-        for i in order:
-            n = int(self.positions[i])
-            if n <= 0:
-                continue
+        for unit in units:
+            n = int(sum(int(self.positions[i]) for i in unit))
             if used + n > self.seq_length and current:
                 rows.append(current)
                 current, used = [], 0
-            current.append(int(i))
+            current.extend(unit)
             used += n
         if current:
             rows.append(current)
@@ -64,9 +71,12 @@ class PackedSFTStream:
     def loss_tokens(self, row: list[int]) -> int:
         return int(sum(int(np.asarray(self.samples[i].loss_mask[1:self.positions[i] + 1]).sum()) for i in row))
 
-    def microbatch(self, rows: list[list[int]]) -> dict:
-        """Rows concatenated into one packed (1, len(rows) * seq_length) microbatch."""
-        ids, labels, mask, bounds = [], [], [], [0]
+    def microbatch(self, rows: list[list[int]], with_seq_ids: bool = False) -> dict:
+        """Rows concatenated into one packed (1, len(rows) * seq_length) microbatch. With
+        ``with_seq_ids`` also ``seq_ids`` (1, n): the k-th sample of the microbatch is k on its
+        positions, padding is -1."""
+        ids, labels, mask, bounds, seq_ids = [], [], [], [0], []
+        count = 0
         for row in rows:
             used = 0
             for i in row:
@@ -76,6 +86,8 @@ class PackedSFTStream:
                 ids.append(tok[:-1])
                 labels.append(tok[1:])
                 mask.append(msk[1:])
+                seq_ids.append(np.full(n, count, dtype=np.int64))
+                count += 1
                 used += n
                 bounds.append(bounds[-1] + n)
             if used < self.seq_length:
@@ -83,12 +95,66 @@ class PackedSFTStream:
                 ids.append(np.full(pad, self.pad_id, dtype=np.int64))
                 labels.append(np.zeros(pad, dtype=np.int64))
                 mask.append(np.zeros(pad, dtype=np.float32))
+                seq_ids.append(np.full(pad, -1, dtype=np.int64))
                 bounds.append(bounds[-1] + pad)
         cu = torch.tensor(bounds, dtype=torch.int32)
-        return {
+        out = {
             "input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "labels": torch.from_numpy(np.concatenate(labels))[None],
             "loss_mask": torch.from_numpy(np.concatenate(mask))[None],
             "cu_seqlens": cu,
             "max_seqlen": int((cu[1:] - cu[:-1]).max()),
         }
+        if with_seq_ids:
+            out["seq_ids"] = torch.from_numpy(np.concatenate(seq_ids))[None]
+        return out
+
+
+class PackedPairStream(PackedSFTStream):
+    """Preference pairs (DPO) packed whole into rows of ``seq_length`` positions (chosen and
+    rejected in the same row, so a pair's loss is computed in one microbatch), shuffled per
+    epoch (seed + epoch). A pair needs ``(len_c - 1) + (len_r - 1) <= seq_length`` positions;
+    longer pairs are never truncated (that would change the sequence log-prob DPO compares)
+    but left out and counted (``.dropped``).
+
+    ``sequences`` is interleaved (2p chosen, 2p + 1 rejected; e.g. ``PreferenceDataset.sequences``
+    or a list of SFTSamples). A row is a list of sequence indices ``[2p, 2p + 1, 2q, 2q + 1,
+    ...]``; ``microbatch`` adds ``seq_ids`` (the sequence number of each position inside the
+    microbatch, -1 on padding: chosen of its k-th pair = 2k, rejected = 2k + 1) and
+    ``pair_index`` (the dataset index of each of its pairs)."""
+
+    def __init__(self, sequences: Sequence, seq_length: int, seed: int, pad_id: int = 0,
+                 lengths: Optional[Sequence[int]] = None):
+        if len(sequences) % 2:
+            raise ValueError(f"{len(sequences)} sequences: a preference set holds pairs (an even number)")
+        if lengths is None:
+            lengths = getattr(sequences, "lengths", None)
+        if lengths is None:
+            lengths = [len(s.tokens) for s in sequences]
+        raw = np.asarray(lengths, dtype=np.int64) - 1
+        self.num_pairs = len(sequences) // 2
+        need = raw[0::2] + raw[1::2]
+        self.keep = (raw[0::2] >= 1) & (raw[1::2] >= 1) & (need <= seq_length)
+        self.dropped = int(self.num_pairs - self.keep.sum())
+        if not self.keep.any():
+            raise ValueError(f"no preference pair fits in --seq-length {seq_length} (a pair needs "
+                             f"len(prompt+chosen) + len(prompt+rejected) - 2 positions; the shortest "
+                             f"needs {int(need.min()) if len(need) else 0})")
+        super().__init__(sequences, seq_length, seed, pad_id, lengths=lengths)
+
+    def _pack_epoch(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng(self.seed + epoch).permutation(self.num_pairs)
+        return self._pack([[2 * int(p), 2 * int(p) + 1] for p in order if self.keep[p]])
+
+    def reference_rows(self) -> list[list[int]]:
+        """Every kept pair once, in dataset order (for the one-off reference pass)."""
+        return self._pack([[2 * p, 2 * p + 1] for p in range(self.num_pairs) if self.keep[p]])
+
+    @staticmethod
+    def pairs_in(row: list[int]) -> int:
+        return len(row) // 2
+
+    def microbatch(self, rows: list[list[int]], with_seq_ids: bool = True) -> dict:
+        mb = super().microbatch(rows, with_seq_ids=True)
+        mb["pair_index"] = torch.tensor([i // 2 for row in rows for i in row[0::2]], dtype=torch.long)
+        return mb

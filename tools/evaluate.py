@@ -80,21 +80,24 @@ def main(argv=None) -> int:
     load_model_checkpoint(model, args.load)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
+    generator = build_generator(model, args, max_batch_size=args.batch_size)
     res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
                    dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=build_generator(model, args, max_batch_size=args.batch_size))
+                   generator=generator)
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             for rec, p in zip(records, res["results"]):
-                f.write(json.dumps({"id": rec["id"], "task": rec.get("task"), "samples": p["samples"],
+                f.write(json.dumps({"id": rec["id"], "task": rec.get("task"), "prompt": rec["prompt"],
+                                    "samples": p["samples"],
                                     "num_correct": sum(s["correct"] for s in p["samples"])}) + "\n")
         os.replace(tmp, args.output)
         summary = {k: v for k, v in res.items() if k != "results"}
-        summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load)
+        summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load,
+                       generation_tokens_per_s=generator.stats.tokens_per_second)
         with open(os.path.splitext(args.output)[0] + ".summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))

@@ -6,6 +6,7 @@ import torch
 from megatron_k15.initialize import initialize_model_parallel
 from megatron_k15.testing import gpt_from_hf, tiny_hf_model
 
+YARN_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}  # x4 = 512
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -23,6 +24,8 @@ def _single_rank():
     ("qwen2", {}),                                   # QKV bias, GQA 3:1, untied
     ("llama", {}),                                   # tied, theta 500000, GQA 2:1
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
+    ("qwen2", {"rope_scaling": YARN_SCALING}),       # YaRN (Qwen2.5 at 128K), attention factor
+    ("qwen2", {"rope_scaling": {**YARN_SCALING, "beta_fast": 16, "mscale": 0.9, "mscale_all_dim": 0.5}}),
 ])
 def test_logits_match_transformers(kind, overrides):
     hf = tiny_hf_model(kind, **overrides)
@@ -33,7 +36,9 @@ def test_logits_match_transformers(kind, overrides):
         assert cfg.num_attention_heads // cfg.num_query_groups == 3
     else:
         assert cfg.tie_word_embeddings and cfg.rotary_base == 500000.0
-        assert (cfg.rope_scaling is not None) == ("rope_scaling" in overrides)
+    assert (cfg.rope_scaling is not None) == ("rope_scaling" in overrides)
+    if "rope_scaling" in overrides:
+        assert cfg.rope_scaling["rope_type"] == overrides["rope_scaling"]["rope_type"]
     ids = torch.randint(0, cfg.vocab_size, (3, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits

@@ -15,6 +15,7 @@ instead (ring attention over the cp group, same interface, on this rank's zigzag
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Optional
 
 import torch
@@ -37,13 +38,8 @@ def resolve_attention_backend(name: str) -> str:
     """``auto``: our Triton kernels on GPU, PyTorch SDPA on CPU (where Triton only interprets)."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
-        try:
-            import triton  # noqa: F401
-
-            return "triton"
-        except ImportError:
-            pass
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "sdpa"
 
 

@@ -18,6 +18,14 @@ class ConfigError(ValueError):
     """A model/parallel configuration that cannot work; the message names the offending flag."""
 
 
+# required fields of each RoPE scaling type (``rope_scaling["rope_type"]``, llama3 when absent)
+ROPE_SCALING_FIELDS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256
@@ -129,10 +137,13 @@ class GPTConfig:
                 "every stage needs at least one layer"
             )
         if self.rope_scaling is not None:
-            needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            kind = self.rope_scaling.get("rope_type", "llama3")
+            needed = ROPE_SCALING_FIELDS.get(kind)
+            if needed is None:
+                raise ConfigError(f"rope_scaling rope_type {kind!r} is not supported ({sorted(ROPE_SCALING_FIELDS)})")
             missing = [k for k in needed if k not in self.rope_scaling]
             if missing:
-                raise ConfigError(f"rope_scaling is missing {missing} (Llama-3 scaling needs {list(needed)})")
+                raise ConfigError(f"rope_scaling is missing {missing} ({kind} scaling needs {list(needed)})")
         return self
 
     # -- (de)serialisation ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_k15.models.config import ConfigError, GPTConfig
+from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_CONFIG_FILE = "config.json"
@@ -40,15 +40,18 @@ def _rope_settings(hf: dict, where: str) -> tuple[float, Optional[dict]]:
     rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     if rope_type == "default":
         return float(theta), None
-    if rope_type != "llama3":
-        raise HFCheckpointError(f"{where}: rope type {rope_type!r} is not supported (only default and llama3)")
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise HFCheckpointError(f"{where}: rope type {rope_type!r} is not supported "
+                                f"(default, {', '.join(sorted(ROPE_SCALING_FIELDS))})")
     src = {**(scaling or {}), **params}
     try:
-        llama3 = {k: src[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                        "original_max_position_embeddings")}
+        out = {k: src[k] for k in ROPE_SCALING_FIELDS[rope_type]}
     except KeyError as e:
-        raise HFCheckpointError(f"{where}: llama3 rope scaling is missing field {e.args[0]!r}") from None
-    return float(theta), llama3
+        raise HFCheckpointError(f"{where}: {rope_type} rope scaling is missing field {e.args[0]!r}") from None
+    if rope_type == "yarn":
+        out.update({k: src[k] for k in YARN_OPTIONAL_FIELDS if src.get(k) is not None})
+    out["rope_type"] = rope_type
+    return float(theta), out
 
 
 def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
@@ -124,7 +127,7 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         "torch_dtype": "float32",
     }
     if cfg.rope_scaling:
-        hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+        hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}  # older configs lack the type
     if arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
         hf["mlp_bias"] = False

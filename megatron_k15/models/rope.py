@@ -6,7 +6,14 @@
 
 Llama-3 scaling divides low frequencies (wavelength > original_ctx / low_freq_factor) by
 ``factor``, keeps high frequencies (wavelength < original_ctx / high_freq_factor), and
-interpolates smoothly in between. Angles are computed in fp32 from the *original* token
+interpolates smoothly in between.
+
+YaRN (Qwen2.5's 128K recipe, ``rope_type: yarn``) blends, per frequency pair i, the original
+inv_freq (extrapolation) with inv_freq / factor (interpolation) by a linear ramp over the pair
+index between the dimensions that complete ``beta_fast`` and ``beta_slow`` rotations over the
+original context, d_r = d ln(ctx / (2 pi r)) / (2 ln theta); pairs below the ramp keep their
+frequency, pairs above are interpolated. cos and sin are multiplied by the attention factor
+0.1 ln(factor) + 1 (or mscale / mscale_all_dim's ratio, or an explicit ``attention_factor``). Angles are computed in fp32 from the *original* token
 positions, so context-parallel chunks and packed sequences get the right rotation.
 """
 
@@ -23,6 +30,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
     inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
         return inv_freq
+    if rope_type(scaling) == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     original = float(scaling["original_max_position_embeddings"])
@@ -35,12 +44,55 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
     return torch.where(medium, smoothed, scaled)
 
 
+def rope_type(scaling: Optional[dict]) -> str:
+    """``default``, ``llama3`` (also for older configs without a type) or ``yarn``."""
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type", "llama3")
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(scaling: Optional[dict]) -> float:
+    """The factor YaRN multiplies cos and sin by (1 for the other types)."""
+    if rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale(1.0)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Produces cos/sin for given positions; holds only the (d/2,) inverse frequencies."""
 
     def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids (b, s) -> cos, sin of shape (s, b, 1, head_dim) in ``dtype``."""
@@ -48,6 +100,8 @@ class RotaryEmbedding(torch.nn.Module):
             angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
             emb = torch.cat((angles, angles), dim=-1)  # (b, s, d)
             cos, sin = emb.cos(), emb.sin()
+            if self.attention_factor != 1.0:
+                cos, sin = cos * self.attention_factor, sin * self.attention_factor
         cos = cos.transpose(0, 1).unsqueeze(2).to(dtype)
         sin = sin.transpose(0, 1).unsqueeze(2).to(dtype)
         return cos, sin

@@ -10,7 +10,11 @@ EOS disabled, on ``batch`` random prompts. Two workloads:
   transformers runs one static batch: prompts left-padded to the longest, every row decoded
   until the longest budget is met (its rows cannot stop early without EOS), and its tokens/s
   counts only the tokens the requests asked for. Our engine packs prompts without padding
-  and frees a row the moment its request is done (continuous batching).
+  and frees a row the moment its request is done (continuous batching);
+- ``rl`` (a rollout batch): ``batch / --samples-per-prompt`` distinct prompts (lengths as in
+  ``mixed``), each repeated ``--samples-per-prompt`` times, budgets as in ``mixed``. Our
+  engine prefills each prompt once and forks its cache; transformers runs the same static
+  batch as above (its ``num_return_sequences`` would also repeat the prompt rows).
 
 Tokens/s counts generated tokens over wall time, prefill included; on CPU it uses the
 process CPU time instead (a shared machine's wall time says little). On a GPU the table adds
@@ -47,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--prompt", type=int, nargs="+", default=[64, 512])
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--workload", choices=["uniform", "mixed"], nargs="+", default=["uniform", "mixed"])
+    p.add_argument("--workload", choices=["uniform", "mixed", "rl"], nargs="+",
+                   default=["uniform", "mixed", "rl"])
+    p.add_argument("--samples-per-prompt", type=int, default=8, help="rl workload: k samples per prompt")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -175,6 +181,9 @@ def main(argv=None) -> int:
                     budgets = torch.randint(max(1, args.new_tokens // 8), args.new_tokens + 1, (batch,),
                                             generator=gen).tolist()
                 prompts = [torch.randint(3, args.vocab, (n,), generator=gen).tolist() for n in lengths]
+                if workload == "rl":
+                    k = max(1, min(args.samples_per_prompt, batch))
+                    prompts = [prompts[i - i % k] for i in range(batch)]
                 tokens = sum(budgets)
                 ours_tps = tokens / time_ours(ours, prompts, budgets, args, device)
                 hf_tps = float("nan")

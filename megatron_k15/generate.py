@@ -41,9 +41,6 @@ def _validate(args) -> None:
 
     if not args.load:
         raise ArgumentError("--load CKPT is required (a converted checkpoint)")
-    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
-        raise ArgumentError("generate runs tensor parallel only for now: use "
-                            "--pipeline-model-parallel-size 1 --context-parallel-size 1")
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     if args.max_new_tokens < 0:
@@ -113,11 +110,14 @@ def main(argv=None) -> int:
     from megatron_k15.models.gpt import GPTModel
     from megatron.core import parallel_state
 
-    initialize_model_parallel(args.tensor_model_parallel_size)
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    initialize_model_parallel(tp, pp, cp)
     device = platform.current_device()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=device)
-    load_model_checkpoint(model, args.load)
+                     device=device, pp_rank=pp_rank, pp_size=pp)
+    load_model_checkpoint(model, args.load, pp_rank, pp)
     model.eval()
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -126,7 +126,11 @@ def main(argv=None) -> int:
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
     eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
     outputs: dict[int, dict] = {}
-    generator = build_generator(model, args, max_batch_size=args.batch_size)
+    # pp stages pass hidden states on; cp ranks share each sequence's KV cache (cp decode)
+    generator = build_generator(
+        model, args, max_batch_size=args.batch_size,
+        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
+        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
     last_report = [0.0]
 
     def progress(done, total):
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         merged: dict[int, dict] = {}
         for part, _ in gathered:
             merged.update(part)
-        total_tokens = sum(n for _, n in gathered) // max(1, args.tensor_model_parallel_size)
+        total_tokens = sum(n for _, n in gathered) // (tp * pp * cp)  # each dp rank counted once
         tmp = f"{args.output}.tmp-{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(tmp, "w") as f:

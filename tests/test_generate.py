@@ -79,23 +79,33 @@ def test_sampling_is_seeded_per_request(converted):
 
 
 @pytest.mark.slow
-def test_torchrun_tp2_equals_tp1(converted):
+@pytest.mark.parametrize("layout", ["tp", "pp", "cp"])
+def test_torchrun_two_ranks_equal_one_rank(converted, layout):
+    """tp=2 (checkpoint converted at tp=2), pp=2 (the tp=1 checkpoint resharded on load) and
+    cp=2 (KV cache sharded over cp) generate the same tokens and log-probs as one rank."""
     _, tmp = converted
     if tmp.name.startswith("llama"):
         pytest.skip("one architecture is enough for the torchrun path (tp=2 model equality covers both)")
-    _convert(tmp / "hf", tmp / "ck2", tp=2)
+    flag = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+            "cp": "--context-parallel-size"}[layout]
+    load = tmp / "ck1"
+    if layout == "tp":
+        _convert(tmp / "hf", tmp / "ck2", tp=2)
+        load = tmp / "ck2"
     _write_prompts(tmp / "in2.jsonl", PROMPTS)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["--input", str(tmp / "in2.jsonl"), "--max-new-tokens", "8", "--temperature", "0.8", "--seed", "3"]
+    out = tmp / f"{layout}2.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_k15.generate",
-         "--load", str(tmp / "ck2"), "--tensor-model-parallel-size", "2", "--output", str(tmp / "tp2.jsonl")] + args,
+         "--load", str(load), flag, "2", "--output", str(out)] + args,
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/s" in proc.stderr
-    assert generate.main(["--load", str(tmp / "ck1"), "--output", str(tmp / "tp1.jsonl")] + args) == 0
-    tp1, tp2 = _read(tmp / "tp1.jsonl"), _read(tmp / "tp2.jsonl")
-    for x, y in zip(tp1, tp2):
+    if not os.path.exists(tmp / "tp1.jsonl"):
+        assert generate.main(["--load", str(tmp / "ck1"), "--output", str(tmp / "tp1.jsonl")] + args) == 0
+    one, two = _read(tmp / "tp1.jsonl"), _read(out)
+    for x, y in zip(one, two):
         assert x["output_ids"] == y["output_ids"]
         assert max(abs(a - b) for a, b in zip(x["output_logprobs"], y["output_logprobs"])) <= 1e-5
 

@@ -458,14 +458,16 @@ class RecomputeGenerator:
         pass
 
 
-def build_generator(model, args, *, max_batch_size: int = 256, pp_group=None):
+def build_generator(model, args, *, max_batch_size: int = 256, pp_group=None, cp_group=None):
     """The generator the CLI flags ask for (``arguments.add_inference_args``)."""
     kind = getattr(args, "inference_engine", "paged")
     if kind == "recompute":
-        if pp_group is not None and dist.get_world_size(pp_group) > 1:
-            raise ValueError("--inference-engine recompute does not support pipeline parallelism")
+        if pp_group is not None or cp_group is not None:
+            raise ValueError("--inference-engine recompute supports tensor parallelism only; "
+                             "use --inference-engine paged")
         return RecomputeGenerator(model)
     return GenerationEngine(
         model, block_size=getattr(args, "kv_cache_block_size", 16), max_batch_size=max_batch_size,
         max_prefill_tokens=getattr(args, "max_prefill_tokens", 16384),
-        kv_memory_fraction=getattr(args, "kv_cache_memory_fraction", 0.5), pp_group=pp_group)
+        kv_memory_fraction=getattr(args, "kv_cache_memory_fraction", 0.5), pp_group=pp_group,
+        cp_group=cp_group)

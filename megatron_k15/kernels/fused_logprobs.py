@@ -14,7 +14,9 @@ Returns log p(target) (N,) fp32, and the entropy of the full softmax (N,) fp32 w
 ``hidden / T``.
 
 Forward: a Triton kernel tiles tokens x vocabulary, computes each logit tile with ``tl.dot``
-(fp32 accumulation) and keeps per-token running statistics with an online logsumexp:
+(fp32 accumulation; for 16-bit inputs the tile is rounded to the input dtype, as a 16-bit GEMM
+rounds its output, so forward and the backward's recomputed logits agree and sum p = 1) and
+keeps per-token running statistics with an online logsumexp:
 max m, sum exp(z - m), sum exp(z - m) * z (entropy only) and the target logit (when it is
 in this shard). The grid is (token blocks, vocabulary splits); the few per-split partials
 (n_split x N) are merged in torch, then across the tp group with one all_reduce(MAX) for m
@@ -78,7 +80,8 @@ if HAVE_TRITON:
         N, V, D, vocab_start, v_per_split,
         stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
+        BF16_BITS: tl.constexpr,
     ):
         """One program: BLOCK_N tokens x one vocabulary split; writes the split's partials."""
         pid_n = tl.program_id(0)
@@ -112,6 +115,16 @@ if HAVE_TRITON:
                     acc = tl.dot(h, w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(h, w, acc)
+            if ROUND:
+                # 16-bit inputs: round the logits to the input dtype, as a 16-bit GEMM does, so
+                # the lse here is the one the backward's recomputed logits sum to (else
+                # sum p != 1 and confident tokens get gradients off by percents)
+                if BF16_BITS:  # interpreter: its bf16 cast truncates; round to nearest even
+                    bits = acc.to(tl.uint32, bitcast=True)
+                    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                    acc = bits.to(tl.float32, bitcast=True)
+                else:
+                    acc = acc.to(H_ptr.dtype.element_ty).to(tl.float32)
             z = tl.where(mask_v[None, :], acc, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every chunk has a valid column
             alpha = tl.exp(m - m_new)
@@ -168,6 +181,8 @@ def _partials_triton(hidden, weight, targets, vocab_start, entropy):
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"],
         ENTROPY=bool(entropy), IEEE=hidden.dtype == torch.float32,
         UPCAST=hidden.device.type != "cuda" and hidden.dtype != torch.float32,
+        ROUND=hidden.dtype != torch.float32,
+        BF16_BITS=hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _merge_splits(m, s, tz if entropy else None, zt)

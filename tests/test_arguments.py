@@ -81,7 +81,7 @@ def test_cli_exits_nonzero_with_message(capsys):
     assert "--bf16 and --fp16" in _error_line(capsys.readouterr().err)
 
 
-def test_generate_rejects_pipeline_parallel_before_work(tmp_path):
+def test_generate_rejects_a_layout_the_world_size_cannot_hold_before_work(tmp_path):
     from megatron_k15.checkpointing import write_full_state_dict
     from megatron_k15.models.config import preset
 
@@ -91,8 +91,8 @@ def test_generate_rejects_pipeline_parallel_before_work(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt_ids": [1]}\n')
     proc = subprocess.run([sys.executable, "-m", "megatron_k15.generate", "--load", str(tmp_path),
                            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
-                           "--context-parallel-size", "2"],
+                           "--context-parallel-size", "3"],
                           capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
     assert proc.returncode == 2
-    assert "--context-parallel-size 1" in _error_line(proc.stderr)
+    assert "--context-parallel-size 3" in _error_line(proc.stderr)
     assert not (tmp_path / "o").exists()

@@ -15,6 +15,21 @@ their ``task`` plus the length penalty, and take --updates-per-iter optimizer st
 surrogate (DESIGN.md section 3). The reference policy is the iteration's starting policy, so
 no reference model is kept. ``--load`` resumes exactly (weights, optimizer, RNG, sampler,
 replay buffer); start from an SFT/converted checkpoint with ``--load DIR --finetune``.
+
+Any tp x pp x cp x dp layout takes the same update as one rank (``rl/trainer.py``): the dp x cp
+ranks generate whole groups (tp ranks decode together, pp stages pass hidden states), the
+trajectories are all-gathered, and training zigzag-splits every sequence over the cp group
+(ring attention; the path to 128K-token trajectories) and runs 1F1B over the pipeline.
+
+Every trajectory (prompt + at most --rollout-max-tokens response tokens) must fit the model's
+max_position_embeddings and, when given, --seq-length: the prompt lengths are checked while the
+arguments are validated (before any work), and a prompt set that does not fit is an error
+naming the flags (drop long prompts with ``tools/preprocess_data.py --mode prompts
+--seq-length N``).
+
+``--exit-signal-handler``: on SIGTERM or SIGUSR1 the run finishes its current iteration, saves
+a checkpoint (with --save) and exits 0, so a requeued job (Slurm) resumes from ``latest``.
+Every rank must stop after the same iteration, so the flag is all-reduced each iteration.
 """
 
 from __future__ import annotations
@@ -61,6 +76,8 @@ def add_rl_args(p) -> None:
                    help="train on tokens that earlier iterations generated too")
     g.add_argument("--replay-buffer-size", type=int, default=0)
     g.add_argument("--replay-max-age", type=int, default=0)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1: finish the iteration, save a checkpoint (--save) and exit 0")
 
 
 def _validate(args) -> None:
@@ -71,9 +88,10 @@ def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load is required: RL starts from a converted or SFT checkpoint "
                             "(add --finetune the first time)")
-    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
-        raise ArgumentError("train_rl runs tensor x data parallel for now: use "
-                            "--pipeline-model-parallel-size 1 --context-parallel-size 1")
+    pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
+    if getattr(args, "inference_engine", "paged") == "recompute" and (pp > 1 or cp > 1):
+        raise ArgumentError("--inference-engine recompute runs without pipeline or context parallelism; "
+                            "use --inference-engine paged")
     for flag in ("samples_per_prompt", "prompts_per_iter", "rollout_max_tokens", "updates_per_iter",
                  "rollout_batch_size"):
         if getattr(args, flag) < 1:
@@ -89,6 +107,100 @@ def _validate(args) -> None:
         if prefix and not os.path.exists(prefix + ".json"):
             raise ArgumentError(f"--{flag.replace('_', '-')} {prefix}: no {prefix}.json "
                                 "(run tools/preprocess_data.py --mode prompts)")
+    gen_ranks = args.data_parallel_size * cp
+    if args.prompts_per_iter < gen_ranks:
+        raise ArgumentError(
+            f"--prompts-per-iter {args.prompts_per_iter} is smaller than the {gen_ranks} generation-parallel "
+            f"ranks (data parallel {args.data_parallel_size} x --context-parallel-size {cp}), each of which "
+            f"rolls out whole prompts; use --prompts-per-iter >= {gen_ranks}")
+    _check_prompt_lengths(args, gen_ranks)
+
+
+def _check_prompt_lengths(args, gen_ranks: int) -> None:
+    """Prompt + --rollout-max-tokens must fit max_position_embeddings and --seq-length (when
+    given); eval prompts + their budget must fit max_position_embeddings. The prompt lengths
+    come from the datasets' index (no token data is read)."""
+    from megatron_k15.data.indexed import load_prompt_dataset
+
+    max_pos = args.model_config.max_position_embeddings
+    checks = [("prompt_data", args.rollout_max_tokens, "--rollout-max-tokens", True)]
+    if args.eval_data:
+        checks.append(("eval_data", args.eval_max_tokens or args.rollout_max_tokens,
+                       "--eval-max-tokens" if args.eval_max_tokens else "--rollout-max-tokens", False))
+    for flag, budget, budget_flag, trained in checks:
+        prefix = getattr(args, flag)
+        try:
+            data = load_prompt_dataset(prefix)
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--{flag.replace('_', '-')} {prefix}: {e}") from None
+        if len(data) == 0:
+            raise ArgumentError(f"--{flag.replace('_', '-')} {prefix} holds no prompts")
+        if flag == "eval_data" and len(data) < gen_ranks:
+            raise ArgumentError(f"--eval-data {prefix} holds {len(data)} prompts, fewer than the {gen_ranks} "
+                                "generation-parallel ranks (data parallel x --context-parallel-size); "
+                                "give it more prompts")
+        limits = [(max_pos, f"the model's max_position_embeddings {max_pos}")]
+        if trained and args.seq_length is not None:
+            limits.append((args.seq_length, f"--seq-length {args.seq_length}"))
+        limit, what = min(limits)
+        lengths = [int(n) for n in data.lengths]
+        too_long = [i for i, n in enumerate(lengths) if n + budget > limit]
+        if too_long:
+            i = max(too_long, key=lambda j: lengths[j])
+            rid = data.records[i].get("id", i)
+            raise ArgumentError(
+                f"--{flag.replace('_', '-')} {prefix}: {len(too_long)} of {len(lengths)} prompts do not fit: "
+                f"prompt + {budget_flag} {budget} must be <= {what}; the longest (id {rid!r}) has "
+                f"{lengths[i]} tokens. Lower {budget_flag} to {max(0, limit - lengths[i])}"
+                + (", raise --seq-length" if trained and args.seq_length is not None and limit == args.seq_length
+                   else "")
+                + f", or drop long prompts (tools/preprocess_data.py --mode prompts --seq-length "
+                  f"{max(1, limit - budget)})")
+
+
+class ExitSignal:
+    """``--exit-signal-handler``: SIGTERM / SIGUSR1 set a flag; ``stop_requested()`` (collective,
+    once per iteration) tells every rank whether any rank got one."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, enabled: bool):
+        import signal
+
+        self.enabled = enabled
+        self.received = None
+        self._previous = {}
+        if enabled:
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def stop_requested(self) -> bool:
+        if not self.enabled:
+            return False
+        import torch
+        import torch.distributed as dist
+
+        from megatron_k15 import platform
+
+        t = torch.tensor([1 if self.received else 0], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.to(platform.current_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def main(argv=None) -> int:
@@ -103,10 +215,11 @@ def main(argv=None) -> int:
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.rl.evaluation import evaluate
     from megatron_k15.rl.sampling import build_sampler
-    from megatron_k15.rl.trainer import RLIteration
+    from megatron_k15.rl.trainer import RLIteration, generation_parallel
     from megatron_k15.training import MetricsLogger, build_train_context
 
     initialize_megatron(args)
+    exit_signal = ExitSignal(args.exit_signal_handler)  # from here on a signal waits for an iteration's end
     cfg = args.model_config
     ctx = build_train_context(args, cfg, seed=args.seed)
     iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
@@ -129,10 +242,14 @@ def main(argv=None) -> int:
         ev = load_prompt_dataset(args.eval_data)
         eval_set = ([dict(r) for r in ev.records], [list(map(int, ev[i].prompt_ids)) for i in range(len(ev))])
 
+    gen_rank, gen_size, gen_group = generation_parallel(ctx.pc)
+
     def run_eval() -> dict:
+        # prompts split over the generation-parallel (dp x cp) ranks; tp ranks and pp stages
+        # decode together through rl.generator (its pp group), so every rank gets the results
         res = evaluate(ctx.model, tokenizer, eval_set[0], eval_set[1],
                        max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
-                       dp_rank=ctx.pc.dp_rank, dp_size=ctx.pc.dp_size, dp_group=ctx.pc.dp_group,
+                       dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
                        batch_size=args.rollout_batch_size, generator=rl.generator)
         rl.generator.release()
@@ -142,8 +259,8 @@ def main(argv=None) -> int:
     logger.truncate_after(iteration)
     if rank == 0:
         print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
-              f"loss={args.rl_loss}, tp={ctx.pc.tp_size} dp={ctx.pc.dp_size}, start at iteration {iteration}",
-              flush=True)
+              f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "
+              f"dp={ctx.pc.dp_size}, start at iteration {iteration}", flush=True)
     if eval_set is not None and iteration == 0:
         m = run_eval()
         logger.log(0, m)
@@ -178,12 +295,19 @@ def main(argv=None) -> int:
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
             saved_at = iteration
+        if iteration < args.train_iters and exit_signal.stop_requested():
+            if rank == 0:
+                print(f"[train_rl] {exit_signal.received or 'exit signal'} received: stopping after iteration "
+                      f"{iteration}" + (f", checkpoint in {args.save}" if args.save else " (no --save: nothing saved)"),
+                      flush=True)
+            break
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
     if args.save and rank == 0:
         from megatron_k15.data.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, os.path.join(args.save, "tokenizer"))
+    exit_signal.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()
     return 0

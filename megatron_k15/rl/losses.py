@@ -27,6 +27,13 @@ and gradient accumulation:
   samples (OMD) or masked tokens (GRPO/PPO) after summing over micro-batches and ranks.
   ``reduction="mean"`` divides by the local count, which is only right when every
   micro-batch has the same count.
+
+Under context parallelism each cp rank holds a zigzag shard of every sequence. The token-level
+GRPO/PPO sums are then partial sums (the trainer adds the token counts over cp too), but OMD's
+(S_j - S_old_j)^2 is nonlinear in the per-sample sums: ``omd_loss(..., cp_group=...)``
+all-reduces S_j (forward: sum over cp; backward: identity, so each rank's tokens get the
+gradient of the full S_j) and S_old_j before the loss, and every cp rank computes the same
+whole-sequence loss (the optimizer sums the parameter gradients over cp).
 """
 
 from __future__ import annotations
@@ -119,12 +126,22 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids, unbiased_std) + eps)
 
 
-def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor, normalize_by_tokens: bool = False) -> torch.Tensor:
-    """S_j = sum_t mask * logp (or its mean over masked tokens); (B, T) -> (B,)."""
+def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor, normalize_by_tokens: bool = False,
+                     cp_group=None) -> torch.Tensor:
+    """S_j = sum_t mask * logp (or its mean over masked tokens); (B, T) -> (B,). With a
+    ``cp_group`` the rows are zigzag shards: the sums (and token counts) are all-reduced over
+    it, differentiably (forward sum, backward identity)."""
     mask = mask.to(logp.dtype)
     s = (logp * mask).sum(-1)
+    if cp_group is not None:
+        from megatron_k15.rl.dpo import all_reduce_sum_cp
+
+        s = all_reduce_sum_cp(s, cp_group)
     if normalize_by_tokens:
-        s = s / mask.sum(-1).clamp(min=1.0)
+        n = mask.sum(-1)
+        if cp_group is not None:
+            n = all_reduce_sum_cp(n, cp_group)
+        s = s / n.clamp(min=1.0)
     return s
 
 
@@ -150,7 +167,7 @@ def _reduce(x: torch.Tensor, reduction: str, count: torch.Tensor | float | None 
 def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
              group_ids: torch.Tensor, tau: float, normalize_by_tokens: bool = False,
              exact_logz: bool = False, *, baseline: torch.Tensor | None = None,
-             reduction: str = "mean", return_metrics: bool = False):
+             reduction: str = "mean", return_metrics: bool = False, cp_group=None):
     """Kimi k1.5 online-mirror-descent surrogate (module docstring has the formula).
 
     ``baseline`` (B,) overrides the in-batch group baseline (use it when a group is split
@@ -158,7 +175,9 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
     mean. With ``return_metrics=True`` returns ``(loss, metrics)``, metrics being detached
     scalars: ``kl_proxy`` mean (S - S_old)^2, ``advantage_mean``, ``advantage_abs_mean``,
     ``logp_seq_mean`` (mean S), ``baseline_mean``, ``reward_mean``, ``policy_term``,
-    ``kl_term``.
+    ``kl_term``. ``cp_group``: the rows are this rank's zigzag shards of the sequences; S and
+    S_old are all-reduced over the group first (module docstring), so every cp rank returns
+    the whole-sequence loss.
 
     DESIGN.md section 2 lists the argument order ``(logp, old_logp, rewards, mask, ...)``;
     issue 7 (newer) says ``(logp, old_logp, mask, rewards, ...)``, which is what this takes.
@@ -173,9 +192,9 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
         raise ValueError(f"rewards must be (B,)={B}, got {tuple(rewards.shape)}")
     group_ids = torch.as_tensor(group_ids, device=logp.device)
 
-    S = sequence_logprob(logp.float(), mask, normalize_by_tokens)
+    S = sequence_logprob(logp.float(), mask, normalize_by_tokens, cp_group)
     with torch.no_grad():
-        S_old = sequence_logprob(old_logp.detach().float(), mask, normalize_by_tokens)
+        S_old = sequence_logprob(old_logp.detach().float(), mask, normalize_by_tokens, cp_group)
         if baseline is None:
             baseline = group_baseline(rewards, group_ids, tau, exact_logz)
         baseline = torch.as_tensor(baseline, device=logp.device, dtype=torch.float32)

@@ -3,10 +3,21 @@ through the replay buffer), score them with verifiable rewards (+ length penalty
 log-probs of the iteration's starting policy pi_i, then ``--updates-per-iter`` optimizer steps
 of online mirror descent (or GRPO / PPO for comparison).
 
-Work split: every dp rank rolls out whole groups (all k samples of a prompt), so group
-baselines are local; trajectories are then all-gathered so every rank holds the same replay
-buffer and metrics. Losses use ``reduction="sum"`` and are divided by the global count
-(samples for OMD, response tokens for GRPO/PPO): every layout takes the same step.
+Work split (any tp x pp x cp x dp layout, the same update as one rank):
+
+- Rollouts: generation runs whole sequences on each rank, so the dp x cp ranks form the
+  generation-parallel set: each takes whole groups (all k samples of a prompt), tp ranks decode
+  the same requests together and pp stages pass hidden states (``GenerationEngine`` with the pp
+  group). Trajectories are then all-gathered over dp x cp and put back in their global order,
+  so every rank holds the same trajectories, replay buffer, rewards and metrics.
+- Training: each dp rank takes the samples of its groups; under context parallelism every
+  right-padded (B, T) microbatch is zigzag-split over the cp group (T padded to a multiple of
+  ``cp * lcm(2, tp)``), attention runs as ring attention and RoPE uses the original positions.
+  OMD's sequence sums S_j are all-reduced over cp (forward sum, backward identity) before the
+  nonlinear (S_j - S_old_j)^2; token-level GRPO/PPO sums are partial per cp rank and their token
+  count is summed over dp x cp. Losses use ``reduction="sum"`` and are divided by the global
+  count (samples for OMD, response tokens for GRPO/PPO); the optimizer sums gradients over
+  dp x cp, and pipeline stages run 1F1B with the loss on the last stage.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
 from megatron_k15.rewards.registry import compute_reward
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
@@ -89,10 +101,35 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     return list(rewards), correct
 
 
+def cp_pad_multiple(cp_size: int, tp_size: int = 1, sequence_parallel: bool = False) -> int:
+    """What the width T of a (B, T) microbatch must be a multiple of: 2*cp for the zigzag
+    split, and the local length T / cp a multiple of tp under sequence parallelism."""
+    tp = tp_size if sequence_parallel else 1
+    return cp_size * math.lcm(2, tp) if cp_size > 1 else tp
+
+
+def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
+    """This cp rank's zigzag shard of a right-padded (B, T) microbatch: input_ids, labels and
+    mask split along T (``parallel.context.zigzag_split``), plus the original ``position_ids``
+    (B, T / cp) for RoPE. Padding sits at the end of each row, so causal attention never shows
+    it to a real token, and its mask is 0. Per-sample entries (rewards, ...) are unchanged."""
+    if cp_size == 1:
+        return mb
+    out = dict(mb)
+    b, t = mb["input_ids"].shape
+    for key in ("input_ids", "labels", "mask"):
+        out[key] = zigzag_split(mb[key], 1, cp_size, cp_rank)
+    out["position_ids"] = zigzag_position_ids(t, cp_size, cp_rank, device=mb["input_ids"].device)[None].expand(b, -1)
+    return out
+
+
 def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_multiple: int,
-                       include_old_segments: bool, device, extra: Optional[dict] = None) -> list[dict]:
+                       include_old_segments: bool, device, extra: Optional[dict] = None,
+                       cp_size: int = 1, cp_rank: int = 0) -> list[dict]:
     """Right-padded (B, T) microbatches: input = tokens[:-1], labels = tokens[1:], mask = 1 on
-    labels that are response tokens of this iteration's segment (all segments if asked)."""
+    labels that are response tokens of this iteration's segment (all segments if asked).
+    T is padded to a multiple of ``pad_multiple`` (``cp_pad_multiple``); with ``cp_size > 1``
+    each microbatch is this cp rank's zigzag shard (``split_microbatch_for_cp``)."""
     out = []
     for start in range(0, len(trajs), mbs):
         part = trajs[start:start + mbs]
@@ -113,7 +150,7 @@ def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_mu
         if extra:
             for k, v in extra.items():
                 mb[k] = v[start:start + len(part)].to(device)
-        out.append(mb)
+        out.append(split_microbatch_for_cp(mb, cp_size, cp_rank))
     return out
 
 
@@ -124,6 +161,7 @@ def policy_logprobs(ctx: TrainContext, microbatches: list[dict]) -> list[torch.T
 
     def step(mb, hidden):
         out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                    position_ids=mb.get("position_ids"),
                     labels=mb["labels"] if model.post_process else None, hidden=hidden)
         return (None, out.float()) if model.post_process else out
 
@@ -142,19 +180,20 @@ def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, ta
     return baseline, rewards - baseline
 
 
-def _dp_sum(value: float, ctx: TrainContext) -> float:
-    """Sum of a per-dp-rank value (identical across tp/pp/cp ranks of one dp rank)."""
-    t = torch.tensor([value], dtype=torch.float64, device=platform.current_device())
-    if ctx.pc.dp_size > 1:
-        dist.all_reduce(t, group=ctx.pc.dp_group)
-    return float(t[0])
+def _group_reduce(value: float, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> float:
+    """``value`` reduced over ``group`` (identical on the ranks outside it that share it)."""
+    t = torch.tensor([value], dtype=dtype, device=platform.current_device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t.item()
 
 
-def _dp_min(value: int, ctx: TrainContext) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=platform.current_device())
-    if ctx.pc.dp_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ctx.pc.dp_group)
-    return int(t[0])
+def generation_parallel(pc) -> tuple[int, int, object]:
+    """(rank, size, group) of this rank in the generation-parallel set, the dp x cp ranks:
+    each generates whole sequences; tp ranks (decoding together) and pp stages share a rank."""
+    if pc.dp_size * pc.cp_size == 1:
+        return 0, 1, None
+    return dist.get_rank(pc.dp_cp_group), pc.dp_size * pc.cp_size, pc.dp_cp_group
 
 
 class RLIteration:
@@ -174,18 +213,23 @@ class RLIteration:
             segment_tokens=args.rollout_segment_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, repeat_detection=not args.no_repeat_detection,
             batch_size=args.rollout_batch_size)
-        # the policy generates its own rollouts: same weights, KV-cached engine
-        self.generator = build_generator(ctx.model, args, max_batch_size=args.rollout_batch_size)
+        pc = ctx.pc
+        self.gen_rank, self.gen_size, self.gen_group = generation_parallel(pc)
+        # the policy generates its own rollouts: same weights, KV-cached engine (one pipeline
+        # stage per rank: hidden states go stage to stage, tokens come back from the last)
+        self.generator = build_generator(ctx.model, args, max_batch_size=args.rollout_batch_size,
+                                         pp_group=pc.pp_group if pc.pp_size > 1 else None)
         cfg = ctx.model.config
         self.eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
 
-    def _gather(self, trajs: list[Trajectory]) -> list[Trajectory]:
-        dp_group = self.ctx.pc.dp_group
-        if self.ctx.pc.dp_size == 1:
-            return trajs
-        parts = [None] * self.ctx.pc.dp_size
-        dist.all_gather_object(parts, [t.to_dict() for t in trajs], group=dp_group)
-        return [Trajectory.from_dict(d) for part in parts for d in part]
+    def _gather(self, mine: list[tuple[int, Trajectory]]) -> list[Trajectory]:
+        """Every generation-parallel rank's (global index, trajectory), in global order."""
+        if self.gen_size == 1:
+            return [t for _, t in mine]
+        parts = [None] * self.gen_size
+        dist.all_gather_object(parts, [(i, t.to_dict()) for i, t in mine], group=self.gen_group)
+        return [Trajectory.from_dict(d) for _, d in sorted((p for part in parts for p in part),
+                                                           key=lambda p: p[0])]
 
     def state_dict(self) -> dict:
         return {"replay_buffer": self.buffer.state_dict()}
@@ -209,9 +253,13 @@ class RLIteration:
                                         group_id=f"{rec['id']}@{iteration}"))
         everything = resumed + fresh
         groups = sorted({t.group_id for t in everything})
-        mine_groups = {g for i, g in enumerate(groups) if i % pc.dp_size == pc.dp_rank}
-        mine = [t for t in everything if t.group_id in mine_groups]
-        rollout(self.generator, mine, iteration, self.settings, self.eos_ids)
+        if len(groups) < self.gen_size:
+            # a rank without requests would skip the engine's collectives and hang the others
+            raise ValueError(f"iteration {iteration}: {len(groups)} prompt groups for {self.gen_size} "
+                             "generation-parallel (dp x cp) ranks; sample at least that many prompts")
+        mine_groups = {g for i, g in enumerate(groups) if i % self.gen_size == self.gen_rank}
+        mine = [(i, t) for i, t in enumerate(everything) if t.group_id in mine_groups]
+        rollout(self.generator, [t for _, t in mine], iteration, self.settings, self.eos_ids)
         self.generator.release()  # the KV cache's memory goes back to the training step
         everything = self._gather(mine)
         t_rollout = time.time() - t0
@@ -242,14 +290,15 @@ class RLIteration:
         for t, c in zip(finished, correct):
             self.last_success[t.prompt_id].append(float(c))
 
-        # 3. training data: each dp rank takes whole groups of the finished trajectories
+        # 3. training data: each dp rank takes whole groups of the finished trajectories; its
+        # cp ranks each hold a zigzag shard of every sequence
         gids = sorted({t.group_id for t in finished})
         gindex = {g: i for i, g in enumerate(gids)}
         r_all = torch.tensor(rewards, dtype=torch.float32)
         g_all = torch.tensor([gindex[t.group_id] for t in finished])
         baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
         device = platform.current_device()
-        pad = ctx.model.tp_size if ctx.model.sequence_parallel else 1
+        pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
         t1 = time.time()
         # update u trains on the u-th contiguous slice of the finished samples (global order, so
         # the same in every layout); inside it each dp rank takes the samples of its groups
@@ -263,25 +312,37 @@ class RLIteration:
             extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],
                      "advantages": adv[sel]}
             plan.append(build_microbatches([finished[i] for i in idx], iteration, args.micro_batch_size, pad,
-                                           args.include_old_segments, device, extra) if idx else [])
-        # old log-probs: the policy pi_i at the start of the iteration (one forward pass)
+                                           args.include_old_segments, device, extra,
+                                           cp_size=pc.cp_size, cp_rank=pc.cp_rank) if idx else [])
+        # old log-probs: the policy pi_i at the start of the iteration (one forward pass); their
+        # masked mean over response tokens estimates pi_i's per-token entropy on its own samples
+        ent_sum = ent_tokens = 0.0
         for chunk in plan:
             old = policy_logprobs(ctx, chunk) if chunk else []
             for mb, lp in zip(chunk, old if ctx.pc.is_last_stage else [None] * len(chunk)):
                 mb["old_logp"] = lp
+                if lp is not None:
+                    ent_sum -= float((lp.double() * mb["mask"]).sum())
+                    ent_tokens += float(mb["mask"].sum())
+        ent_sum, ent_tokens = reduce_sums([ent_sum, ent_tokens], ctx)
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
+        omd = args.rl_loss == "omd"
         losses, norms, kls = [], [], []
         for chunk in plan:
-            local_count = sum(float(mb["mask"].shape[0]) if args.rl_loss == "omd" else float(mb["mask"].sum())
-                              for mb in chunk)
-            total = _dp_sum(local_count, ctx)
+            # OMD normalises by samples (the same on every cp rank of a dp rank), GRPO/PPO by
+            # response tokens (each cp rank holds a part of them)
+            if omd:
+                total = _group_reduce(sum(float(mb["mask"].shape[0]) for mb in chunk),
+                                      pc.dp_group if pc.dp_size > 1 else None)
+            else:
+                total = _group_reduce(sum(float(mb["mask"].sum()) for mb in chunk), self.gen_group)
             if total <= 0:
                 continue
             # a dp rank without samples in this update still joins the collective step; then no
             # rank may start bucket reductions from backward hooks (their order would differ)
-            ctx.optimizer.overlap = _dp_min(len(chunk), ctx) > 0
+            ctx.optimizer.overlap = _group_reduce(len(chunk), self.gen_group, dist.ReduceOp.MIN, torch.int64) > 0
             results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
             loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
                                                sum(r[2] for r in results)], ctx)
@@ -292,25 +353,40 @@ class RLIteration:
         t_train = time.time() - t1
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
+                       entropy=ent_sum / max(ent_tokens, 1.0),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
                        train_tokens_per_s=train_tokens * updates / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
         return metrics
 
     def _forward_step(self, normalizer: float):
-        model, args, loss_fn = self.ctx.model, self.args, self.loss_fn
+        """Per microbatch: log-probs through this stage; on the last stage the loss / the
+        global count, and (loss, sum (S - S_old)^2, samples) for logging. Under cp every value
+        is a partial sum over cp ranks (``reduce_sums`` adds them): the sample-level ones (OMD's
+        loss, the KL proxy, the count) are counted on cp rank 0 only, since every cp rank holds
+        the whole-sequence sums after the all-reduce."""
+        model, args, loss_fn, pc = self.ctx.model, self.args, self.loss_fn, self.ctx.pc
+        cp_group = pc.cp_group if pc.cp_size > 1 else None
+        first_cp = pc.cp_rank == 0
+        omd = args.rl_loss == "omd"
 
         def step(mb, hidden):
             out = model(input_ids=mb["input_ids"] if model.pre_process else None,
+                        position_ids=mb.get("position_ids"),
                         labels=mb["labels"] if model.post_process else None, hidden=hidden)
             if not model.post_process:
                 return out
             loss = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
                            tau=args.rl_tau, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                           baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum")
-            s = (out.detach() * mb["mask"]).sum(-1)
-            s_old = (mb["old_logp"] * mb["mask"]).sum(-1)
-            kl = float(((s - s_old) ** 2).sum())
-            return loss / normalizer, (float(loss.detach()), kl, float(mb["mask"].shape[0]))
+                           baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
+                           cp_group=cp_group)
+            with torch.no_grad():
+                d = ((out.detach().double() - mb["old_logp"].double()) * mb["mask"]).sum(-1)
+                if cp_group is not None:
+                    dist.all_reduce(d, group=cp_group)
+                kl = float((d ** 2).sum())
+            loss_log = float(loss.detach()) if (first_cp or not omd) else 0.0
+            return loss / normalizer, (loss_log, kl if first_cp else 0.0,
+                                       float(mb["mask"].shape[0]) if first_cp else 0.0)
 
         return step

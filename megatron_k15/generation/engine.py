@@ -167,11 +167,17 @@ class GenerationEngine:
                                   self.model.config.head_dim, self.dtype, self.device)
 
     def _agree_min(self, n: int) -> int:
-        """Every rank must see the same number of blocks, or schedules would diverge."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        """The ranks that run one schedule (tp, pp and cp decode groups) must see the same
+        number of blocks, or their schedules would diverge. Other ranks (data parallel) run
+        their own requests and are not involved, so a rank with no requests never waits."""
+        groups = [g for g, size in ((self.model.tp_group, self.model.tp_size),
+                                    (self.pp_group, self.pp_size), (self.cp_group, self.cp_size))
+                  if g is not None and size > 1]
+        if not groups:
             return n
         t = torch.tensor([n], dtype=torch.int64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        for g in groups:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
         return int(t.item())
 
     def _comm_device(self):

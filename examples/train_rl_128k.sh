@@ -34,11 +34,10 @@ OUT=${OUT:-outputs/rl_128k}
 TOKENIZER=${TOKENIZER:-}                  # default: the HF model's tokenizer (carried by the checkpoints)
 
 # ---- parallel layout: 7B on 8x80GB -------------------------------------------------------
-# Provisional numbers, to be replaced by the memory planner's suggestion:
-# layout: tools/plan_memory.py --suggest --model-preset qwen2.5-7b --seq-length 131072 --gpus 8 --gpu-memory-gb 80
-# NOTE: train_rl accepts only PP=1 CP=1 until context parallelism lands there; until then
-# run with CP=1 (and a shorter SEQ_LENGTH if 128K does not fit).
-TP=${TP:-4}
+# The memory planner's first choice for Qwen2.5-7B at 128K tokens on 8x80GB (66 GiB training
+# peak with full recompute and fused log-probs; tp=4 cp=1 dp=2 is the next one):
+# layout: tools/plan_memory.py --suggest --model-preset qwen2.5-7b --seq-length 131072 --micro-batch-size 1 --bf16 --recompute-granularity full --logprob-impl fused --world-size 8
+TP=${TP:-2}
 PP=${PP:-1}
 CP=${CP:-2}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
@@ -226,7 +225,8 @@ else
     --temperature "$TEMPERATURE" --sampling "$SAMPLING" \
     --length-penalty-weight "$LENGTH_PENALTY_WEIGHT" --length-penalty-start-iter "$LENGTH_PENALTY_START_ITER" \
     --train-iters "$TRAIN_ITERS" --lr "$LR" --lr-decay-style constant --clip-grad 1.0 --seed "$SEED" \
-    --save "$RL_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$RL_DIR/tb" --log-interval 1 \
+    --save "$RL_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler \
+    --tensorboard-dir "$RL_DIR/tb" --log-interval 1 \
     "${OPT_ARGS[@]}" "${EXTRA[@]}"
 fi
 

@@ -96,16 +96,17 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert prep[1].endswith("tools/preprocess_data.py") and value(prep, "--mode") == "prompts"
     assert value(prep, "--input") == "/d/p.jsonl" and value(prep, "--tokenizer") == "/m/Qwen2.5-7B"
     assert convert[1].endswith("convert_hf_to_megatron.py") and value(convert, "--hf-dir") == "/m/Qwen2.5-7B"
-    assert value(convert, "--tensor-model-parallel-size") == "4"
+    assert value(convert, "--tensor-model-parallel-size") == "2"  # the planner's 7B/128K layout
     assert value(convert, "--pipeline-model-parallel-size") == "1"
     assert torchruns([rl]) == [rl]
     assert "--standalone" in rl and value(rl, "--nnodes") == "1" and value(rl, "--nproc-per-node") == "8"
     assert "--rdzv-endpoint" not in rl and "--node-rank" not in rl
     assert rl[rl.index("-m", 3) + 1] == "megatron_k15.train_rl"
-    assert value(rl, "--tensor-model-parallel-size") == "4"
+    assert value(rl, "--tensor-model-parallel-size") == "2"
     assert value(rl, "--pipeline-model-parallel-size") == "1"
     assert value(rl, "--context-parallel-size") == "2"
     assert value(rl, "--seq-length") == "131072"
+    assert "--exit-signal-handler" in rl  # a requeue checkpoints first
     # rollouts fill the 128K window minus the prompt budget the preprocessing enforces
     assert int(value(rl, "--rollout-max-tokens")) + int(value(prep, "--seq-length")) == 131072
     assert value(rl, "--load") == value(convert, "--save") and "--finetune" in rl

@@ -18,18 +18,23 @@ Static (held for the whole run):
 
     parameters      e * P
     gradients       e * P            (bucketed grad buffers, each padded to a multiple of D)
-                  + 4 * P  if e < 4  (fp32 copy of every bucket made for the reduce-scatter; it
-                                      stays referenced after the step)
-    optimizer       24 * P / D       (fp32 master shard, Adam m and v, decay mask, norm mask,
-                                      reduced-grad shard: six fp32 shards)
+    optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard;
+                                      weight decay and norm counting go by parameter ranges)
+
+Transient (in the peak where it is the largest phase): with e < 4 and D > 1 each bucket is
+copied to fp32 for its reduce-scatter (``bucket.staging``); buckets launched during the last
+microbatch's backward keep their copy until ``finish_grad_sync`` waits, so 4 * P at the end
+of the step (and, during backward, the copies of the buckets already complete next to the
+layers not yet backpropagated). With D = 1 the bucket is cast straight into its fp32 shard.
 
 Activations saved per transformer layer and microbatch (Korthikanti et al.'s count, redone
 for this model: no dropout, flash-style attention so no a * s^2 term):
 
     norm            (4 + e) * Ns * h + 4 * Ns   per RMSNorm (fp32 input copy -- the input
                                                 itself in fp32 --, normalised e copy, 1/rms)
-    none            2 * norm + 2 * e * N * h    (inputs of the QKV and FC1 GEMMs: all-gathered
-                                                 over tp under SP, so N and not N / tp)
+    none            2 * norm + 2 * e * Ns * h   (inputs of the QKV and FC1 GEMMs: under SP
+                                                 the local shard; the all-gather is redone in
+                                                 backward, as in Megatron)
                     + e * N * (3q + 3k) / tp    (qkv output, rotated q and k, attention output)
                     + 4 * N * a / tp            (attention log-sum-exp, fp32)
                     + 4 * e * N * f / tp        (fc1 output [gate; up], silu(gate), product)
@@ -43,11 +48,14 @@ recompute keeps 2*s*b*h (/ tp with SP). Ours is larger per token (qwen2.5-7b, bf
 about 65*s*b*h) mostly for the SwiGLU ffn (f = 5.3 h, 8 * f bytes) and the fp32 norm copies.
 
 Per microbatch besides the layers: RoPE cos/sin 2 * e * N * head_dim; on the last stage the
-final norm, its e * N * h output kept for the output layer, and the log-prob path:
+final norm, its output kept for the output layer (ce: the local e * Ns * h; fused: the
+full-length e * N * h the kernel keeps), and the log-prob path:
 
     ce      saved softmax 4 * N * V; peak adds e * N * V (e < 4: the logits before the fp32
             cast) and 4 * N * V more when this rank holds vocabulary padding (masked copy);
-            the output layer's weight gradient e * V * h is a temporary in backward
+            the output layer's weight gradient e * V * h and input gradient (under SP with
+            the re-gathered input and the reduced shard: 2 * e * N * h + e * Ns * h) are
+            temporaries in backward
     fused   never builds (N, V): backward holds d_hidden 4 * N * h (fp32), d_weight e * V * h,
             a fp32 chunk accumulator 4 * cV * h and about 16 * cN * cV bytes of chunk
             temporaries (cN = min(N, 2048) tokens x cV = min(V, 8192) vocabulary)
@@ -55,8 +63,10 @@ final norm, its e * N * h output kept for the output layer, and the log-prob pat
 The peak of a stage is static + the largest of: (i) forward end / log-prob backward, (ii) the
 backward of the last layer (for full recompute: every layer input + one recomputed layer)
 plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 12 * P_bucket / D
-of fp32 temporaries for the largest bucket. With the 1F1B schedule, stage r keeps the saved
-activations of min(pp - r, m) microbatches, so stage 0 holds pp of them.
+of fp32 temporaries for the largest bucket, (iv) with e < 4 and D > 1, the buckets' fp32
+copies (4 * P in finish_grad_sync). With the 1F1B schedule, stage r keeps the saved
+activations of min(pp - r, m) microbatches, so stage 0 holds pp of them; the schedule drops
+its references to a microbatch's input, output and grads once they are sent.
 
 Rollout (paged KV cache, ``PagedKVCache``): 2 * L_stage * (kv_heads / tp) * head_dim * e
 bytes per token; the cache holds ``batch * ceil(tokens / block)`` blocks plus one scratch
@@ -84,6 +94,7 @@ FUSED_CHUNK_TOKENS = 2048
 FUSED_CHUNK_VOCAB = 8192
 # parallel/data.py DistributedOptimizer default (training.build_train_context passes it through)
 GRAD_BUCKET_NUMEL = 40_000_000
+STAGING_PHASE = "gradient fp32 copies (reduce-scatter)"
 
 
 @dataclass(frozen=True)
@@ -160,30 +171,43 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
     return out
 
 
-def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
-                      tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL) -> list[int]:
-    """Element counts of the DistributedOptimizer's gradient buckets (``parallel/data.py``):
-    parameters in reverse order, a bucket closes once it reaches ``bucket_numel``; norms under
-    SP and a tied embedding shared over pp go to one late bucket; each is padded to a multiple
-    of the shard group."""
+def grad_buckets(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
+                 tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL
+                 ) -> list[tuple[list[str], int, bool]]:
+    """(parameter names, element count, late) of the DistributedOptimizer's gradient buckets
+    (``parallel/data.py``) in launch order: parameters in reverse order, a bucket closes once
+    it reaches ``bucket_numel``; norms under SP and a tied embedding shared over pp go to one
+    late bucket (reduced in ``finish_grad_sync``); each is padded to a multiple of the shard
+    group."""
     def late(name):
         return (sequence_parallel and name.endswith("layernorm.weight")) or (
             tied_embedding and name == "embedding.weight")
 
-    sizes, size = [], 0
+    def padded(n):
+        return int(math.ceil(n / shard_group) * shard_group)
+
+    out, names, size = [], [], 0
     for name, n in reversed(params):
         if late(name):
             continue
+        names.append(name)
         size += n
         if size >= bucket_numel:
-            sizes.append(size)
-            size = 0
-    if size:
-        sizes.append(size)
-    late_size = sum(n for name, n in params if late(name))
-    if late_size:
-        sizes.append(late_size)
-    return [int(math.ceil(n / shard_group) * shard_group) for n in sizes]
+            out.append((names, padded(size), False))
+            names, size = [], 0
+    if names:
+        out.append((names, padded(size), False))
+    late_params = [(name, n) for name, n in params if late(name)]
+    if late_params:
+        out.append(([name for name, _ in late_params], padded(sum(n for _, n in late_params)), True))
+    return out
+
+
+def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
+                      tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL) -> list[int]:
+    """Padded element counts of the gradient buckets (see ``grad_buckets``)."""
+    return [n for _, n, _ in grad_buckets(params, shard_group, sequence_parallel, tied_embedding,
+                                          bucket_numel)]
 
 
 # -- KV cache ------------------------------------------------------------------------------------
@@ -247,7 +271,7 @@ def layer_saved_bytes(x: _Shapes, recompute: str) -> int:
     """Activations one transformer layer keeps for backward, per microbatch."""
     if recompute == "full":
         return x.e * x.Ns * x.h
-    saved = (2 * norm_saved_bytes(x) + 2 * x.e * x.N * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
+    saved = (2 * norm_saved_bytes(x) + 2 * x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
              + 4 * x.e * x.N * x.f)
     if recompute == "none":
         saved += 4 * x.N * x.a
@@ -270,10 +294,21 @@ def attention_backward_bytes(x: _Shapes, cp: int) -> int:
     return extra
 
 
-def final_saved_bytes(x: _Shapes) -> int:
-    """Last stage: final norm and its output kept for the output projection (the gathered
-    copy under SP)."""
-    return norm_saved_bytes(x) + x.e * x.N * x.h
+def column_backward_bytes(x: _Shapes) -> int:
+    """Transient of a column-parallel layer's backward besides its weight gradient: under SP
+    the re-gathered input, the full-length input gradient and its reduce-scattered shard
+    (``parallel.tensor.linear_with_sequence_parallel_gather``); without SP the input
+    gradient."""
+    if x.Ns == x.N:
+        return x.e * x.N * x.h
+    return 2 * x.e * x.N * x.h + x.e * x.Ns * x.h
+
+
+def final_saved_bytes(x: _Shapes, impl: str) -> int:
+    """Last stage: final norm and its output kept for the output projection: the local shard
+    for the ce path's column layer, the full-length copy (gathered under SP) for the fused
+    kernel."""
+    return norm_saved_bytes(x) + x.e * (x.Ns if impl == "ce" else x.N) * x.h
 
 
 def logprob_saved_bytes(x: _Shapes, impl: str) -> int:
@@ -300,7 +335,7 @@ def logprob_peak_extra_bytes(x: _Shapes, impl: str) -> int:
         forward = logprob_forward_extra_bytes(x, impl)
         backward = max(pad, x.e * x.N * x.V if low_precision else 0,
                        (x.e * x.N * x.V - 4 * x.N * x.V if low_precision else 0)
-                       + x.e * x.V * x.h + x.e * x.N * x.h)
+                       + x.e * x.V * x.h + column_backward_bytes(x))
         return max(forward, backward)
     cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
     return (4 * x.N * x.h + x.e * x.V_fused * x.h + 4 * cV * x.h
@@ -395,13 +430,30 @@ class MemoryPlan:
         return out
 
 
+def _layer_of(name: str) -> Optional[int]:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
+
+
+# the order in which a layer's backward finishes its weight grads (reverse registration order)
+_BACKWARD_ORDER = ("linear_fc2.weight", "linear_fc1.weight", "pre_mlp_layernorm.weight",
+                   "linear_proj.weight", "linear_qkv.bias", "linear_qkv.weight",
+                   "input_layernorm.weight")
+
+
+def _backward_position(name: str) -> int:
+    return next(i for i, suffix in enumerate(_BACKWARD_ORDER) if name.endswith(suffix))
+
+
 def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recompute: str,
-                           n_layers: int, first: bool, last: bool, in_flight: int,
-                           tied_output_grad: int) -> tuple[int, int, str]:
-    """(bytes saved per microbatch, activation peak of the stage, phase of the peak): the
-    largest of the phases of the microbatch being run, plus what the other in-flight
-    microbatches keep."""
+                           layer_ids: list[int], first: bool, last: bool, in_flight: int,
+                           tied_output_grad: int, buckets: list[tuple[list[str], int, bool]]
+                           ) -> tuple[int, int, str, int]:
+    """(bytes saved per microbatch, activation peak of the stage, phase of the peak, fp32
+    gradient copies in that peak): the largest of the phases of the microbatch being run,
+    plus what the other in-flight microbatches keep; with the fp32 copies of the gradient
+    buckets (16-bit, D > 1) during and after the last microbatch's backward."""
     x = _Shapes.of(cfg, layout, w)
+    n_layers = len(layer_ids)
     layer = layer_saved_bytes(x, recompute)
     rope = 2 * x.e * x.N * x.d
     saved = n_layers * layer + rope
@@ -411,48 +463,99 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
         saved += x.e * x.Ns * x.h
     if not last:
         saved += x.e * x.Ns * x.h
-    if first and layout.sp and (x.e == 4 or recompute == "full"):
-        # the SP scatter of the embedding output returns a view, so layer 0's kept input pins
-        # the whole e * N * h tensor
-        saved += x.e * (x.N - x.Ns) * x.h
     if first and layout.tp > 1:
         saved += 9 * x.N  # vocab-parallel embedding: shifted int64 ids and their mask
-    if last:
-        saved += final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
+    head = final_saved_bytes(x, w.logprob_impl) + logprob_saved_bytes(x, w.logprob_impl) if last else 0
+    saved += head
     others = (in_flight - 1) * saved
 
     phases = {}
     if last:
-        # the final norm's output stays referenced during the log-prob forward; it is what is
-        # kept only without SP (ce) or with b = 1 and no SP (fused)
-        separate = layout.sp or (w.logprob_impl == "fused" and w.micro_batch_size > 1)
+        # the final norm's output stays referenced during the log-prob forward; the ce path's
+        # column layer keeps that very tensor, the fused kernel a full-length copy of it
+        # (gathered under SP, reshaped for b > 1)
+        separate = w.logprob_impl == "fused" and (layout.sp or w.micro_batch_size > 1)
         extra = logprob_peak_extra_bytes(x, w.logprob_impl)
         if separate:
             extra = max(extra, logprob_forward_extra_bytes(x, w.logprob_impl) + x.e * x.Ns * x.h)
         phases["log-prob forward/backward"] = saved + extra
     grads = mlp_backward_bytes(x) + tied_output_grad
-    if recompute == "full":
-        # every layer input, plus one layer rerun with all it saves (its input is already held
-        # in fp32, where the norm keeps the input itself)
-        rerun = layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
-        layers_live = saved - (final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
-                               if last else 0) + rerun
-    else:
-        layers_live = saved - (final_saved_bytes(x) + logprob_saved_bytes(x, w.logprob_impl)
-                               if last else 0)
+    # every layer input, plus one layer rerun with all it saves (its input is already held
+    # in fp32, where the norm keeps the input itself)
+    rerun = (layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
+             if recompute == "full" else 0)
+    layers_live = saved - head + rerun
     phases["last layer backward"] = layers_live + grads
-    mlp_part = norm_saved_bytes(x) + x.e * x.N * x.h + 4 * x.e * x.N * x.f
+    mlp_part = norm_saved_bytes(x) + x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
     phases["attention backward"] = (layers_live - mlp_part + x.e * x.Ns * x.h
                                     + attention_backward_bytes(x, layout.cp) + tied_output_grad)
     if first:
         # the embedding's dense grad (plus the output layer's when tied on this stage, summed)
         emb = x.e * x.V * cfg.hidden_size
         phases["embedding backward"] = rope + emb * (3 if tied_output_grad else 1)
-    phase = max(phases, key=phases.get)
-    if not first and (w.num_microbatches or layout.pp) > 1:
-        # the schedule's locals still reference the previous microbatch's input and its grad
-        others += 2 * x.e * x.Ns * x.h
-    return saved, others + phases[phase], phase
+    # (bytes, of which fp32 gradient copies) of every phase
+    totals = {name: (others + v, 0) for name, v in phases.items()}
+
+    if x.e < 4 and layout.dp * layout.cp > 1:
+        # A 16-bit bucket is copied to fp32 when its reduce-scatter is launched: during the last
+        # microbatch's backward as soon as its grads are final, the late one in
+        # finish_grad_sync; every copy lives until finish_grad_sync's wait. The other
+        # microbatches are done by then. Backward runs the layers from the last down, and in
+        # a layer accumulates the weight grads in the order of _BACKWARD_POSITION; a bucket
+        # is complete at its lowest layer's last member (output layer / final norm: before
+        # any layer; the embedding: at the very end).
+        n = n_layers
+        keys = []  # (layer index in the stage, position in its backward, fp32 copy bytes)
+        before_embedding = 0
+        for names, numel, late in buckets:
+            if late:
+                continue
+            if "embedding.weight" in names:
+                keys.append((-1, 0, 4 * numel))
+                continue
+            members = [(_layer_of(name), name) for name in names if _layer_of(name) is not None]
+            if not members:
+                keys.append((n, 0, 4 * numel))
+                continue
+            lowest = min(i for i, _ in members)
+            pos = max(_backward_position(name) for i, name in members if i == lowest)
+            keys.append((layer_ids.index(lowest), pos, 4 * numel))
+
+        def staged_at(j, p):
+            return sum(b for kj, kp, b in keys if kj > j or (kj == j and kp <= p))
+
+        total_copies = 4 * sum(numel for _, numel, _ in buckets)
+        points = [(total_copies, total_copies)]  # finish_grad_sync, before the waits
+        for j in range(n):
+            # layer j's MLP backward (after fc2's grad) and attention core (after proj's), the
+            # layers above it already backpropagated
+            drop = (n - 1 - j) * layer
+            mlp = (phases["last layer backward"] - drop + staged_at(j, 0), staged_at(j, 0))
+            att = (phases["attention backward"] - drop + staged_at(j, 3), staged_at(j, 3))
+            if j == n - 1:
+                totals["last layer backward"] = max(totals["last layer backward"], mlp)
+                totals["attention backward"] = max(totals["attention backward"], att)
+            else:
+                points += [mlp, att]
+        base = saved - head - n * layer  # RoPE, the stage's input/output, ids
+        for kj, kp, _ in keys:
+            if 0 <= kj < n:
+                # at a bucket's completion: the layers below, the one in progress counted whole
+                # (and rerun under full recompute) unless done, the residual-stream grad and a
+                # tied output layer's weight grad (held until the embedding's is added to it)
+                done = kp >= _backward_position("linear_qkv.weight")
+                points.append((staged_at(kj, kp) + base + (kj if done else kj + 1) * layer
+                               + (0 if done else rerun) + x.e * x.Ns * x.h + tied_output_grad,
+                               staged_at(kj, kp)))
+            elif kj == -1:
+                before_embedding = staged_at(0, len(_BACKWARD_ORDER))
+        if first:
+            totals["embedding backward"] = max(
+                totals["embedding backward"],
+                (phases["embedding backward"] + before_embedding, before_embedding))
+        totals[STAGING_PHASE] = max(points)
+    phase = max(totals, key=lambda k: totals[k][0])
+    return saved, totals[phase][0], phase, totals[phase][1]
 
 
 def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
@@ -464,8 +567,9 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     in_flight = max(1, min(pp - pp_rank, m))
     params = stage_parameters(cfg, tp, pp_rank, pp, layers)
     P = sum(n for _, n in params)
-    buckets = grad_bucket_sizes(params, shard_group, layout.sp,
-                                cfg.tie_word_embeddings and pp > 1, w.grad_bucket_numel)
+    bucket_list = grad_buckets(params, shard_group, layout.sp, cfg.tie_word_embeddings and pp > 1,
+                               w.grad_bucket_numel)
+    buckets = [n for _, n, _ in bucket_list]
     G = sum(buckets)
     e = w.e
     x = _Shapes.of(cfg, layout, w)
@@ -473,32 +577,38 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     comps = [
         Component("parameters", f"e*P = {e}*{P:,}", e * P),
         Component("gradients", f"e*P (grad buckets) = {e}*{G:,}", e * G),
+        Component("optimizer (ZeRO-1)",
+                  f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}",
+                  16 * G // shard_group),
     ]
-    if e < 4:
-        comps.append(Component("gradients fp32 copy", f"4*P (bucket.staging, kept) = 4*{G:,}", 4 * G))
-    comps.append(Component("optimizer (ZeRO-1)",
-                           f"24*P/D (6 fp32 shards), D=dp*cp={shard_group}", 24 * G // shard_group))
     static = sum(c.bytes for c in comps)
 
     tied_output_grad = e * x.V * x.h if (cfg.tie_word_embeddings and first and last) else 0
     by_recompute = {}
     for r in RECOMPUTE_CHOICES:
-        saved_r, peak_r, phase_r = _stage_activation_peak(cfg, layout, w, r, len(layers), first,
-                                                           last, in_flight, tied_output_grad)
-        by_recompute[r] = {"saved_per_microbatch": saved_r, "peak": peak_r, "phase": phase_r}
+        saved_r, peak_r, phase_r, copies_r = _stage_activation_peak(
+            cfg, layout, w, r, list(layers), first, last, in_flight, tied_output_grad, bucket_list)
+        by_recompute[r] = {"saved_per_microbatch": saved_r, "peak": peak_r, "phase": phase_r,
+                           "copies": copies_r}
     chosen = by_recompute[w.recompute]
     layer = layer_saved_bytes(x, w.recompute)
     layer_formula = {
-        "none": "2*norm + 2eNh + eN(3q+3k)/tp + 4Na/tp + 4eNf/tp",
-        "selective": "2*norm + 2eNh + eN(3q+3k)/tp + 4eNf/tp",
+        "none": "2*norm + 2eNs*h + eN(3q+3k)/tp + 4Na/tp + 4eNf/tp",
+        "selective": "2*norm + 2eNs*h + eN(3q+3k)/tp + 4eNf/tp",
         "full": "e*Ns*h",
     }[w.recompute]
     saved_all = in_flight * chosen["saved_per_microbatch"]
+    copies = chosen["copies"]
+    # the saved activations are listed as part of the peak when all of them are alive there;
+    # at a later point of the backward only what is left is ("activations at that point")
+    staging_peak = (chosen["phase"] in (STAGING_PHASE, "embedding backward")
+                    or chosen["peak"] - copies < saved_all)
     comps.append(Component(
         "activations (saved)",
         f"{in_flight} microbatch(es) x ({len(layers)} layers x {layer_formula} = "
         f"{len(layers)} x {layer / 2**20:.1f} MiB, + RoPE, final norm, log-prob state), "
-        f"N={x.N:,}" + (f" Ns={x.Ns:,}" if layout.sp else ""), saved_all, "activations"))
+        f"N={x.N:,}" + (f" Ns={x.Ns:,}" if layout.sp else ""), saved_all,
+        "other" if staging_peak else "activations"))
     work_formula = {
         "log-prob forward/backward": (
             "logits: eNV + 4NV if padded" if w.logprob_impl == "ce"
@@ -507,9 +617,23 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
             " + one recomputed layer (none's count)" if w.recompute == "full" else ""),
         "attention backward": "d_out, dq, dk, dv, fp32 delta" + (" + ring buffers" if layout.cp > 1 else ""),
         "embedding backward": "embedding grad e*V*h",
+        STAGING_PHASE: ("the layers not yet backpropagated, one layer's backward working set"
+                        + (" and its recomputation" if w.recompute == "full" else "")),
     }[chosen["phase"]]
-    comps.append(Component(f"working set ({chosen['phase']})", work_formula,
-                           chosen["peak"] - saved_all, "activations"))
+    if chosen["phase"] == "embedding backward":
+        work_formula = "RoPE tables + " + work_formula
+    copies_formula = (f"4 x the buckets launched by then (4*P = {4 * G / GIB:.2f} GiB at "
+                      "finish_grad_sync): fp32 copies for the reduce-scatter")
+    if staging_peak:
+        comps.append(Component("activations at that point", work_formula, chosen["peak"] - copies,
+                               "activations"))
+    else:
+        comps.append(Component(f"working set ({chosen['phase']})", work_formula,
+                               chosen["peak"] - saved_all - copies, "activations"))
+    if copies:
+        comps.append(Component("gradient fp32 copies", copies_formula, copies, "activations"))
+    elif e < 4 and shard_group > 1:
+        comps.append(Component(f"{STAGING_PHASE} (at the end)", copies_formula, 4 * G, "other"))
     if last:
         cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
         comps.append(Component(

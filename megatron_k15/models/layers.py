@@ -4,7 +4,9 @@ Parameters live in megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinea
 ``VocabParallelEmbedding`` (sharding, initialisation, the tp all-reduces). Sequence-parallel
 communication is ours (``parallel.tensor``) because megatron-core's is CUDA-only:
 
-    column layer:  all-gather(seq) -> X @ W_shard          (backward: reduce-scatter of dX)
+    column layer:  all-gather(seq) -> X @ W_shard          (backward: re-gather X for dW,
+                                                            reduce-scatter of dX; only the
+                                                            local X shard is saved)
     row layer:     X_shard @ W_shard -> reduce-scatter(seq) (or all-reduce without SP)
 
 Activations are [s, b, h]; under sequence parallelism each tp rank holds s / tp of them.
@@ -29,7 +31,7 @@ from megatron_k15.models.attention import AttentionFn
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
 from megatron_k15.parallel.tensor import (
-    gather_from_sequence_parallel_region,
+    linear_with_sequence_parallel_gather,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
@@ -60,7 +62,9 @@ class RMSNorm(torch.nn.Module):
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """Output-sharded linear; gathers the sequence first when sequence parallel."""
+    """Output-sharded linear; gathers the sequence first when sequence parallel. Under SP the
+    all-gather and the GEMM are one autograd function that saves the local input shard (not
+    the gathered one, tp times larger) and re-gathers it in backward, as Megatron does."""
 
     def __init__(self, input_size, output_size, *, mp_config, init_method, bias, tp_group,
                  sequence_parallel, skip_weight_param_allocation=False):
@@ -72,10 +76,19 @@ class ColumnLinear(ColumnParallelLinear):
         self.sp = sequence_parallel and tp_group.size() > 1
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.sp:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        out, _ = super().forward(x, weight=weight)
-        return out
+        if not self.sp:
+            out, _ = super().forward(x, weight=weight)
+            return out
+        if weight is None:
+            if self.weight is None:
+                raise RuntimeError("ColumnLinear built with skip_weight_param_allocation needs the "
+                                   "weight passed to forward")
+            weight = self.weight
+        elif tuple(weight.shape) != (self.output_size_per_partition, self.input_size):
+            raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
+                               f"{(self.output_size_per_partition, self.input_size)} as expected")
+        bias = None if self.skip_bias_add else self.bias
+        return linear_with_sequence_parallel_gather(x, weight, bias, self.tp_group)
 
 
 class RowLinear(RowParallelLinear):

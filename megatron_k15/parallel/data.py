@@ -43,7 +43,13 @@ class _Bucket:
     pending: int = 0
     handle: Optional[object] = None
     shard_grad: torch.Tensor = None  # fp32 (numel / dp,) reduced grad of this rank's shard
+    # dp > 1 and a 16-bit model: the fp32 copy of grad_data the reduce-scatter reads, alive from
+    # the launch to the wait in finish_grad_sync (4 bytes/element of the bucket)
     staging: torch.Tensor = None
+    # (start, end) within this rank's shard of the parameters decayed by AdamW and of those
+    # counted in the grad norm (adjacent ones merged): no per-element masks
+    decay_ranges: list = None
+    norm_ranges: list = None
 
     def shard_range(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         n = self.numel // dp_size
@@ -107,14 +113,13 @@ class DistributedOptimizer:
         if late:
             self._add_bucket(late, late=True)
 
-        # fp32 master shard, Adam moments, and per-element masks for decay and norm counting
+        # fp32 master shard and Adam moments; decay and norm counting by parameter ranges
         self.master = [self._shard_of(b, lambda n, p: p.detach()) for b in self.buckets]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
-        self.decay_mask = [self._shard_of(b, lambda n, p: torch.full_like(p, float(p.dim() > 1)))
-                           for b in self.buckets]
-        self.norm_mask = [self._shard_of(b, lambda n, p: torch.full_like(p, float(self._counted_in_norm(n, p))))
-                          for b in self.buckets]
+        for b in self.buckets:
+            b.decay_ranges = self._shard_ranges(b, lambda n, p: p.dim() > 1)
+            b.norm_ranges = self._shard_ranges(b, self._counted_in_norm)
         if overlap:  # hooks are installed once; they act only while ``self.overlap`` is on
             for b in self.buckets:
                 if not b.late:
@@ -155,6 +160,21 @@ class DistributedOptimizer:
         s, e = b.shard_range(self.dp_rank, self.dp_size)
         return flat[s:e].clone()
 
+    def _shard_ranges(self, b: _Bucket, predicate) -> list[tuple[int, int]]:
+        """(start, end) within this rank's shard of the bucket of the parameters for which
+        ``predicate(name, p)`` holds, adjacent ones merged."""
+        s, e = b.shard_range(self.dp_rank, self.dp_size)
+        out: list[tuple[int, int]] = []
+        for n, p, off in b.params:
+            lo, hi = max(off, s), min(off + p.numel(), e)
+            if lo >= hi or not predicate(n, p):
+                continue
+            if out and out[-1][1] == lo - s:
+                out[-1] = (out[-1][0], hi - s)
+            else:
+                out.append((lo - s, hi - s))
+        return out
+
     # -- gradient reduction -------------------------------------------------------------------
     def _make_hook(self, b: _Bucket):
         def hook(_p):
@@ -166,11 +186,13 @@ class DistributedOptimizer:
         return hook
 
     def _launch(self, b: _Bucket) -> None:
-        b.staging = b.grad_data.float() if b.grad_data.dtype != torch.float32 else b.grad_data
         if self.dp_size == 1:
-            b.shard_grad.copy_(b.staging)
+            b.shard_grad.copy_(b.grad_data)  # casts to fp32 in place: no fp32 copy of the bucket
             b.handle = None
             return
+        # the reduction is summed in fp32: a 16-bit bucket is copied, and the copy must live
+        # until the asynchronous reduce-scatter is waited for (finish_grad_sync frees it)
+        b.staging = b.grad_data.float() if b.grad_data.dtype != torch.float32 else b.grad_data
         b.handle = _reduce_scatter_single(b.shard_grad, b.staging, group=self.dp_group, async_op=True)
 
     def zero_grad(self) -> None:
@@ -201,13 +223,15 @@ class DistributedOptimizer:
             if b.handle is not None:
                 b.handle.wait()
                 b.handle = None
+            b.staging = None  # a 16-bit model's fp32 copy of the bucket: free it right away
         self._sync_enabled = False
 
     # -- the update -------------------------------------------------------------------------------
     def grad_norm(self) -> float:
         sq = torch.zeros((), dtype=torch.float32, device=self.buckets[0].shard_grad.device)
-        for b, mask in zip(self.buckets, self.norm_mask):
-            sq += (b.shard_grad.pow(2) * mask).sum()
+        for b in self.buckets:
+            for lo, hi in b.norm_ranges:
+                sq += b.shard_grad[lo:hi].pow(2).sum()
         if self.grad_norm_group is not None and _group_size(self.grad_norm_group) > 1:
             dist.all_reduce(sq, group=self.grad_norm_group)
         return float(sq.sqrt())
@@ -230,8 +254,11 @@ class DistributedOptimizer:
             m, v, w = self.exp_avg[i], self.exp_avg_sq[i], self.master[i]
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.weight_decay:
-                w.mul_(1.0 - lr * self.weight_decay * self.decay_mask[i])
+            if self.weight_decay and b.decay_ranges:
+                # 1 - lr * wd rounded in fp32, as a per-element fp32 product would be
+                keep = 1.0 - torch.tensor(lr * self.weight_decay, dtype=torch.float32, device=w.device)
+                for lo, hi in b.decay_ranges:
+                    w[lo:hi].mul_(keep)
             w.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
             self._publish(b, w)
         return norm

@@ -129,11 +129,15 @@ def forward_backward(
     steady = m - warmup
     pending: list[tuple[Optional[torch.Tensor], torch.Tensor]] = []
 
+    # Locals are dropped as soon as a message is sent: a reference left to the previous
+    # microbatch's input (with its .grad), output or received grad would keep those
+    # activation-sized tensors alive through the next forward.
     for i in range(warmup):
         x = comm.recv_forward(shape_fn(microbatches[i]))
         loss_or_act, y = run_forward(i, x)
         comm.send_forward(y)
         pending.append((x, loss_or_act))
+        del x, loss_or_act, y
 
     x = comm.recv_forward(shape_fn(microbatches[warmup])) if steady > 0 else None
     for j in range(steady):
@@ -142,19 +146,24 @@ def forward_backward(
         back_mb = i - warmup  # the oldest microbatch still waiting for its backward
         grad_y = comm.send_forward_recv_backward(y, shape_fn(microbatches[back_mb]))
         pending.append((x, loss_or_act))
+        x = loss_or_act = y = None
         x_in, out = pending.pop(0)
         hook(back_mb)
         grad_x = _backward(x_in, out, grad_y)
+        del x_in, out, grad_y
         if j == steady - 1:
-            x = None
             comm.send_backward(grad_x)
         else:
             x = comm.send_backward_recv_forward(grad_x, shape_fn(microbatches[i + 1]))
+        del grad_x
 
     for k in range(warmup):
         back_mb = steady + k
         grad_y = comm.recv_backward(shape_fn(microbatches[back_mb]))
         x_in, out = pending.pop(0)
         hook(back_mb)
-        comm.send_backward(_backward(x_in, out, grad_y))
+        grad_x = _backward(x_in, out, grad_y)
+        del x_in, out, grad_y
+        comm.send_backward(grad_x)
+        del grad_x
     return results

@@ -8,6 +8,9 @@ CPU and nccl on GPU alike. Sequence parallelism shards activations along dim 0 (
     reduce_scatter_to_sequence_parallel_region: fwd reduce-scatter    bwd all-gather
     scatter_to_sequence_parallel_region:      fwd split(dim 0)        bwd all-gather
     gather_from_tensor_parallel_last_dim:     fwd all-gather(dim -1)  bwd split(dim -1)
+    linear_with_sequence_parallel_gather:     fwd all-gather(dim 0) + X @ W^T, saving only
+                                              the local shard of X; bwd re-gathers X for dW,
+                                              reduce-scatters dX (Megatron's column layer)
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def split_dim0(x: torch.Tensor, group) -> torch.Tensor:
         return x
     if x.shape[0] % world:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tp size {world}")
-    return x.chunk(world, dim=0)[_rank(group)].contiguous()
+    # a copy, not a view: a view would keep the whole unsplit tensor alive for as long as the
+    # shard is referenced (e.g. saved for backward by the first layer)
+    return x.chunk(world, dim=0)[_rank(group)].clone(memory_format=torch.contiguous_format)
 
 
 def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
@@ -115,6 +120,54 @@ class _GatherLastDim(torch.autograd.Function):
         if world == 1:
             return grad, None
         return grad.chunk(world, dim=-1)[_rank(ctx.group)].contiguous(), None
+
+
+class _LinearWithSequenceParallelGather(torch.autograd.Function):
+    """out = all_gather(x, dim 0) @ W^T (+ b), saving x's local shard instead of the gathered
+    input: e * (N - N / tp) * h bytes less per column layer, paid with a second all-gather in
+    backward (Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` with SP)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group = group
+        ctx.use_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        total = all_gather_dim0(x, group)
+        out = torch.matmul(total, weight.t())
+        if bias is not None:
+            out = out + bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        group, world = ctx.group, _size(ctx.group)
+        # re-gather the input (overlapped with the input-gradient GEMM), then reduce-scatter the
+        # input gradient (overlapped with the weight-gradient GEMM), in Megatron's order
+        x = x.contiguous()
+        total = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        handle = _all_gather_single(total, x, group=group, async_op=True)
+        grad_total = grad_out.matmul(weight).contiguous()
+        handle.wait()
+        grad_x = torch.empty(x.shape, dtype=grad_total.dtype, device=x.device)
+        handle = _reduce_scatter_single(grad_x, grad_total, group=group, async_op=True)
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g2d = grad_out.contiguous().view(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_weight = g2d.t().matmul(total.view(-1, total.shape[-1]))
+            if ctx.use_bias and ctx.needs_input_grad[2]:
+                grad_bias = g2d.sum(dim=0)
+        handle.wait()
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_sequence_parallel_gather(x, weight, bias, group):
+    """Column-parallel linear on a sequence-parallel input [s / tp, b, h] -> [s, b, out / tp]."""
+    if _size(group) == 1:
+        out = torch.matmul(x, weight.t())
+        return out if bias is None else out + bias
+    return _LinearWithSequenceParallelGather.apply(x, weight, bias, group)
 
 
 def gather_from_sequence_parallel_region(x, group):

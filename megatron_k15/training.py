@@ -56,7 +56,9 @@ class ParallelContext:
             tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
             dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-            embedding_group=ps.get_embedding_group() if pp > 1 else None,
+            # only the first and last stage hold the (tied) embedding and its group
+            embedding_group=ps.get_embedding_group()
+            if pp > 1 and ps.get_pipeline_model_parallel_rank() in (0, pp - 1) else None,
         )
 
     @property

@@ -104,7 +104,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert rl[rl.index("-m", 3) + 1] == "megatron_k15.train_rl"
     assert value(rl, "--tensor-model-parallel-size") == "2"
     assert value(rl, "--pipeline-model-parallel-size") == "1"
-    assert value(rl, "--context-parallel-size") == "2"
+    assert value(rl, "--context-parallel-size") == "1"
     assert value(rl, "--seq-length") == "131072"
     assert "--exit-signal-handler" in rl  # a requeue checkpoints first
     # rollouts fill the 128K window minus the prompt budget the preprocessing enforces

@@ -41,9 +41,11 @@ this tp rank; D = dp * cp; N = micro_batch * seq / cp tokens; Ns = N / tp with s
 parallelism, else N; h hidden, q = heads*head_dim, k = kv_heads*head_dim, f ffn, a heads;
 V = padded vocabulary / tp):
   parameters            e * P
-  gradients             e * P, plus 4 * P when e < 4 (fp32 copy kept by the reduce-scatter)
-  optimizer (ZeRO-1)    24 * P / D  (fp32 master, Adam m and v, two masks, reduced grad shard)
-  activations / layer   none:      2 * [(4 + e) Ns h + 4 Ns] + 2 e N h + e N (3q + 3k) / tp
+  gradients             e * P
+  fp32 grad copies      16-bit with D > 1: each bucket's fp32 copy lives from its launch in
+                        backward to finish_grad_sync (up to 4 * P at the end of backward)
+  optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard)
+  activations / layer   none:      2 * [(4 + e) Ns h + 4 Ns] + 2 e Ns h + e N (3q + 3k) / tp
                                    + 4 N a / tp + 4 e N f / tp
                         selective: the same without 4 N a / tp (flash: no s^2 term to drop)
                         full:      e Ns h (the layer input)
@@ -59,7 +61,8 @@ V = padded vocabulary / tp):
   KV cache              2 * L_stage * (kv_heads / tp) * head_dim * e per token; blocks of
                         --kv-block-size, --rollout-batch-size sequences of
                         --rollout-max-tokens, plus one scratch block
-  training peak         static + max(activation peak, optimizer step)
+  training peak         static + max(activation peak (with the fp32 copies of the buckets
+                        already reduced at that point of backward), optimizer step)
   rollout peak          static + KV cache
   fits                  max(training, rollout) + --reserved-gb <= --gpu-memory-gb
 """

@@ -27,32 +27,24 @@ import argparse
 import os
 import sys
 
+
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KNOWN_BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
-
-
-def _size(text: str) -> int:
-    t = text.lower()
-    try:
-        value = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=_size, nargs="+", default=[1, 64, 256])
-    p.add_argument("--contexts", type=_size, nargs="+",
+    p.add_argument("--batch", type=size_arg, nargs="+", default=[1, 64, 256])
+    p.add_argument("--contexts", type=size_arg, nargs="+",
                    default=[4096, 16384, 32768, 65536, 131072], help="accepts 4k style")
     p.add_argument("--heads", type=int, default=32, help="query heads (per tp rank)")
     p.add_argument("--kv-heads", type=int, default=8, help="kv heads (per tp rank)")

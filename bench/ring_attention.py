@@ -37,30 +37,21 @@ import statistics
 import sys
 import time
 
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 NVLINK_GBPS = 450.0  # per direction (900 GB/s bidirectional)
 IB_GBPS = 50.0
 
 
-def _size(text: str) -> int:
-    t = text.lower()
-    mult = 1024 if t.endswith("k") else 1
-    try:
-        value = int(t.rstrip("k")) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlen", type=_size, default=128 * 1024, help="total tokens (128k style ok)")
+    p.add_argument("--seqlen", type=size_arg, default=128 * 1024, help="total tokens (128k style ok)")
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16], help="cp sizes")
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)

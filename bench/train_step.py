@@ -38,30 +38,22 @@ import sys
 import time
 import traceback
 
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DTYPES = ("bf16", "fp16", "fp32")
 MIB = 2 ** 20
 
 
-def _size(text: str) -> int:
-    t = text.lower()
-    try:
-        value = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lengths", type=_size, nargs="+", default=[32768, 65536, 131072],
+    p.add_argument("--seq-lengths", type=size_arg, nargs="+", default=[32768, 65536, 131072],
                    help="tokens of the one packed sequence (32k style ok; default 32K 64K 128K)")
     p.add_argument("--model-preset", default="qwen2.5-0.5b", help="megatron_k15.models.config preset")
     p.add_argument("--num-layers", type=int, default=None, help="override the preset's layers")

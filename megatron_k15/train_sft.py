@@ -139,16 +139,22 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int, tp_size: int =
     return out
 
 
+def packed_stage_forward(model, mb: dict, hidden):
+    """This pipeline stage on a packed microbatch: token log-probs (b, s) on the last stage,
+    hidden states for the next stage elsewhere."""
+    return model(input_ids=mb["input_ids"] if model.pre_process else None,
+                 position_ids=mb.get("position_ids"),
+                 labels=mb["labels"] if model.post_process else None,
+                 cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+
+
 def sft_forward_step(model, total_loss_tokens: float):
     """Per microbatch: log-probs through the stage; on the last stage the loss
     -sum(mask * logp) / (response tokens in the global batch). Under context parallelism the
     microbatch is this cp rank's shard (``split_microbatch_for_cp``) and the loss a partial sum
     over its tokens (gradients and the logged sums add up over cp)."""
     def step(mb, hidden):
-        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
-                    position_ids=mb.get("position_ids"),
-                    labels=mb["labels"] if model.post_process else None,
-                    cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+        out = packed_stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         loss_sum = -(out * mb["loss_mask"]).sum()
@@ -165,10 +171,7 @@ def dpo_forward_step(model, beta: float, total_pairs: float, cp_group=None):
     from megatron_k15.rl.dpo import all_reduce_sum_cp, dpo_loss, dpo_rewards, sequence_logps
 
     def step(mb, hidden):
-        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
-                    position_ids=mb.get("position_ids"),
-                    labels=mb["labels"] if model.post_process else None,
-                    cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+        out = packed_stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         ref = mb["ref_logps"].double()
@@ -209,10 +212,7 @@ def dpo_reference_logps(ctx, stream, mbs: int, device, chunk_microbatches: int =
     table = torch.zeros(stream.num_pairs, 2, dtype=torch.float64)
 
     def step(mb, hidden):
-        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
-                    position_ids=mb.get("position_ids"),
-                    labels=mb["labels"] if model.post_process else None,
-                    cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
+        out = packed_stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         n = mb["pair_index"].numel()

@@ -20,7 +20,8 @@ TOOLS = sorted(
      if f.endswith(".py") and not f.startswith("_")]
     + [os.path.join("tools", "checkpoint", f) for f in os.listdir(os.path.join(ROOT, "tools", "checkpoint"))
        if f.endswith(".py")]
-    + [os.path.join("bench", f) for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py")])
+    + [os.path.join("bench", f) for f in os.listdir(os.path.join(ROOT, "bench"))
+       if f.endswith(".py") and not f.startswith("_")])
 MODULES = ["megatron_k15.train_sft", "megatron_k15.train_rl", "megatron_k15.generate"]
 
 

@@ -215,19 +215,12 @@ class SFTSample(NamedTuple):
     loss_mask: np.ndarray  # uint8 (L,): 1 on response tokens
 
 
-class SFTDataset:
-    """Token ids and loss masks of a ``--mode sft`` dataset; ``ds[i]`` is an SFTSample."""
+class TokenMaskSequences:
+    """Sequences of token ids with their loss masks (two indexed datasets of equal lengths);
+    ``ds[i]`` is an SFTSample."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.summary = load_summary(prefix)
-        if self.summary.get("mode") != "sft":
-            raise ValueError(f"{prefix}{SUMMARY_SUFFIX}: mode is {self.summary.get('mode')!r}, not 'sft'")
-        self.tokens = IndexedTokens(prefix)
-        self.loss_mask = IndexedTokens(prefix + LOSS_MASK_SUFFIX)
-        if len(self.tokens) != len(self.loss_mask) or \
-                not np.array_equal(self.tokens.lengths, self.loss_mask.lengths):
-            raise ValueError(f"{prefix}: token and loss-mask datasets do not match")
+    def __init__(self, tokens: "IndexedTokens", loss_mask: "IndexedTokens"):
+        self.tokens, self.loss_mask = tokens, loss_mask
 
     @property
     def lengths(self) -> np.ndarray:
@@ -242,6 +235,21 @@ class SFTDataset:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+
+class SFTDataset(TokenMaskSequences):
+    """Token ids and loss masks of a ``--mode sft`` dataset; ``ds[i]`` is an SFTSample."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.summary = load_summary(prefix)
+        if self.summary.get("mode") != "sft":
+            raise ValueError(f"{prefix}{SUMMARY_SUFFIX}: mode is {self.summary.get('mode')!r}, not 'sft'")
+        self.tokens = IndexedTokens(prefix)
+        self.loss_mask = IndexedTokens(prefix + LOSS_MASK_SUFFIX)
+        if len(self.tokens) != len(self.loss_mask) or \
+                not np.array_equal(self.tokens.lengths, self.loss_mask.lengths):
+            raise ValueError(f"{prefix}: token and loss-mask datasets do not match")
 
 
 class PromptSample(NamedTuple):

@@ -25,9 +25,10 @@ from megatron_k15.data.indexed import (
     SUMMARY_SUFFIX,
     IndexedTokens,
     SFTSample,
+    TokenMaskSequences,
     load_summary,
 )
-from megatron_k15.data.prompts import FieldError
+from megatron_k15.data.prompts import FieldError, _require_str
 
 __all__ = [
     "DPO_MODE",
@@ -44,16 +45,8 @@ DPO_MODE = "dpo"
 def validate_preference_record(obj: Mapping) -> dict:
     """``{"id"?, "prompt", "chosen", "rejected"}`` checked and copied; FieldError if bad.
     ``prompt`` may be empty, ``chosen`` / ``rejected`` may not (nothing to score)."""
-    rec = {}
-    for field, non_empty in (("prompt", False), ("chosen", True), ("rejected", True)):
-        if field not in obj:
-            raise FieldError(field, "missing (a preference line needs 'prompt', 'chosen' and 'rejected')")
-        v = obj[field]
-        if not isinstance(v, str):
-            raise FieldError(field, f"expected a string, got {'null' if v is None else type(v).__name__}")
-        if non_empty and not v.strip():
-            raise FieldError(field, "is empty")
-        rec[field] = v
+    rec = {field: _require_str(obj, field, non_empty=non_empty)
+           for field, non_empty in (("prompt", False), ("chosen", True), ("rejected", True))}
     if obj.get("id") is not None:
         v = obj["id"]
         if isinstance(v, bool) or not isinstance(v, (str, int)):
@@ -73,23 +66,6 @@ class PreferencePair(NamedTuple):
     rejected: SFTSample
 
 
-class _Sequences:
-    """The interleaved sequences (2p chosen, 2p + 1 rejected) as SFTSamples."""
-
-    def __init__(self, tokens: IndexedTokens, loss_mask: IndexedTokens):
-        self.tokens, self.loss_mask = tokens, loss_mask
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.tokens.lengths
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, i: int) -> SFTSample:
-        return SFTSample(self.tokens[i].astype(np.int64), self.loss_mask[i].astype(np.uint8))
-
-
 class PreferenceDataset:
     """A ``--mode dpo`` dataset: ``ds[p]`` is a PreferencePair, ``ds.sequences`` the flat
     interleaved view that ``data.sft.PackedPairStream`` packs."""
@@ -107,7 +83,7 @@ class PreferenceDataset:
         if len(tokens) % 2:
             raise ValueError(f"{prefix}: {len(tokens)} sequences; a preference dataset holds pairs "
                              f"(an even number)")
-        self.sequences = _Sequences(tokens, mask)
+        self.sequences = TokenMaskSequences(tokens, mask)
 
     def __len__(self) -> int:
         return len(self.sequences) // 2

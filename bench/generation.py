@@ -27,6 +27,12 @@ Examples:
     python bench/generation.py --batch 1 64 256 --prompt 2048 --new-tokens 256 \\
         --hidden 896 --layers 24 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936  # GPU, 0.5B
     python bench/generation.py --skip-hf                        # ours only
+    python bench/generation.py --pp 2 --threads 1 --batch 32 --prompt 128 --new-tokens 128
+
+``--pp N`` measures pipelined decode instead: N gloo ranks, one pipeline stage each, run the
+same requests with one lane (a step passes the stages one after the other) and with N lanes
+(decode microbatches overlapping across the stages); wall-clock tokens/s, since the point is
+that stages work at the same time (give each rank its own core: ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ def parse_args(argv=None):
                    help="skip transformers for larger rows once one row took longer than this")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pp", type=int, default=1,
+                   help="> 1: compare pipelined (N lanes) with unpipelined decode over N stages")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 gives stable figures on a shared machine")
     args = p.parse_args(argv)
@@ -77,10 +85,12 @@ def parse_args(argv=None):
         p.error("--batch and --prompt values must be >= 1")
     if args.heads % args.kv_heads:
         p.error("--heads must be a multiple of --kv-heads")
+    if args.pp < 1 or args.pp > args.layers:
+        p.error(f"--pp must be in [1, --layers={args.layers}], got {args.pp}")
     return args
 
 
-def build_models(args, device, dtype):
+def build_models(args, device, dtype, pp_size=1, pp_rank=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from megatron_k15.testing import gpt_from_hf
@@ -92,7 +102,8 @@ def build_models(args, device, dtype):
         num_key_value_heads=args.kv_heads, tie_word_embeddings=False,
         max_position_embeddings=max(args.prompt) + args.new_tokens + 16,
         bos_token_id=1, eos_token_id=2)).eval()
-    ours = gpt_from_hf(hf, attention_backend="auto").to(device=device, dtype=dtype).eval()
+    ours = gpt_from_hf(hf, attention_backend="auto", pp_size=pp_size, pp_rank=pp_rank).to(
+        device=device, dtype=dtype).eval()
     return hf.to(device=device, dtype=dtype), ours
 
 
@@ -151,8 +162,80 @@ def bandwidth_bound(model, batch, context, device) -> float:
     return batch / ((weights + kv) / (tbs * 1e12))
 
 
+def make_workload(args, workload, prompt_len, batch, gen):
+    """(prompts, budgets) of one table row (see the module docstring)."""
+    if workload == "uniform":
+        lengths, budgets = [prompt_len] * batch, [args.new_tokens] * batch
+    else:
+        lengths = torch.randint(max(1, prompt_len // 8), prompt_len + 1, (batch,), generator=gen).tolist()
+        budgets = torch.randint(max(1, args.new_tokens // 8), args.new_tokens + 1, (batch,),
+                                generator=gen).tolist()
+    prompts = [torch.randint(3, args.vocab, (n,), generator=gen).tolist() for n in lengths]
+    if workload == "rl":
+        k = max(1, min(args.samples_per_prompt, batch))
+        prompts = [prompts[i - i % k] for i in range(batch)]
+    return prompts, budgets
+
+
+def _pipeline_rank(rank, world_size, args, rows):
+    """One pipeline stage: wall seconds of every row with 1 lane and with ``world_size`` lanes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_k15.generation.engine import GenerationEngine
+    from megatron_k15.generation.sampling import SamplingParams
+    from megatron_k15.initialize import initialize_model_parallel
+
+    initialize_model_parallel(pp=world_size)
+    torch.set_num_threads(max(1, args.threads))
+    _, model = build_models(args, torch.device("cpu"), torch.float32, world_size,
+                            parallel_state.get_pipeline_model_parallel_rank())
+    group = parallel_state.get_pipeline_model_parallel_group()
+    greedy = SamplingParams(temperature=0.0)
+    seconds = []
+    for prompts, budgets in rows:
+        row = {}
+        for lanes in (1, world_size):
+            engine = GenerationEngine(model, block_size=args.block_size, max_batch_size=len(prompts),
+                                      pp_group=group, num_lanes=lanes)
+            engine.generate([prompts[0]], 2, greedy, None, [])  # warm-up
+            dist.barrier()
+            t0 = time.perf_counter()
+            engine.generate(prompts, budgets, greedy, None, [])
+            dist.barrier()
+            row[lanes] = time.perf_counter() - t0
+        seconds.append(row)
+    return seconds
+
+
+def pipeline_main(args) -> int:
+    from megatron_k15.testing import run_distributed
+
+    gen = torch.Generator().manual_seed(args.seed)
+    rows, labels = [], []
+    for workload in args.workload:
+        for prompt_len in args.prompt:
+            for batch in args.batch:
+                rows.append(make_workload(args, workload, prompt_len, batch, gen))
+                labels.append((workload, batch, prompt_len))
+    per_rank = run_distributed(_pipeline_rank, args.pp, args, rows, timeout=3600)
+    print(f"# pipelined decode on CPU: {args.pp} stages (gloo ranks), {args.layers} layers, hidden "
+          f"{args.hidden}, {args.threads or 'default'} torch thread(s) per rank, greedy, wall clock")
+    print(f"| workload | batch | prompt | 1 lane tokens/s | {args.pp} lanes tokens/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for (workload, batch, prompt_len), (_, budgets), i in zip(labels, rows, range(len(rows))):
+        one = max(r[i][1] for r in per_rank)
+        many = max(r[i][args.pp] for r in per_rank)
+        tokens = sum(budgets)
+        print(f"| {workload} | {batch} | {prompt_len} | {tokens / one:,.0f} | {tokens / many:,.0f} | "
+              f"{one / many:.2f}x |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pp > 1:
+        return pipeline_main(args)
     from megatron_k15.initialize import initialize_model_parallel
 
     initialize_model_parallel(1)
@@ -174,16 +257,7 @@ def main(argv=None) -> int:
     for workload in args.workload:
         for prompt_len in args.prompt:
             for batch in args.batch:
-                if workload == "uniform":
-                    lengths, budgets = [prompt_len] * batch, [args.new_tokens] * batch
-                else:
-                    lengths = torch.randint(max(1, prompt_len // 8), prompt_len + 1, (batch,), generator=gen).tolist()
-                    budgets = torch.randint(max(1, args.new_tokens // 8), args.new_tokens + 1, (batch,),
-                                            generator=gen).tolist()
-                prompts = [torch.randint(3, args.vocab, (n,), generator=gen).tolist() for n in lengths]
-                if workload == "rl":
-                    k = max(1, min(args.samples_per_prompt, batch))
-                    prompts = [prompts[i - i % k] for i in range(batch)]
+                prompts, budgets = make_workload(args, workload, prompt_len, batch, gen)
                 tokens = sum(budgets)
                 ours_tps = tokens / time_ours(ours, prompts, budgets, args, device)
                 hf_tps = float("nan")

@@ -112,6 +112,21 @@ def test_preemption_and_tiny_cache_give_the_same_tokens(models):
         _engine(model, num_blocks=2).generate([list(range(50))], 4, SAMPLED, None, EOS)
 
 
+@pytest.mark.parametrize("num_blocks", [None, 24])
+def test_lanes_taking_turns_give_the_same_tokens(models, num_blocks):
+    """Decode microbatches (lanes, what pipeline stages overlap) change nothing: 3 lanes on
+    one rank equal 1 lane, also with a tiny cache where lanes preempt each other's blocks."""
+    _, model = models
+    prompts = PROMPTS * 3
+    one = _engine(model).generate(prompts, 15, SAMPLED, _gens(17, len(prompts)), EOS)
+    engine = _engine(model, num_lanes=3, num_blocks=num_blocks, max_batch_size=10)
+    out = engine.generate(prompts, 15, SAMPLED, _gens(17, len(prompts)), EOS)
+    assert [(r.output_ids, r.stop_reason) for r in out] == [(r.output_ids, r.stop_reason) for r in one]
+    assert engine.cache.num_used_blocks == 0
+    if num_blocks:
+        assert engine.stats.preemptions > 0
+
+
 def test_partial_segments_equal_one_uninterrupted_generation(models):
     """Three segment budgets, each resumed from the tokens so far (prefix re-prefilled), with
     the request's generator carried on, give the same trajectory as one call."""
@@ -153,7 +168,7 @@ def test_no_block_leak_after_1000_requests_and_stop_reasons():
 
 
 # -- tp=2 and pp=2 equal one rank ---------------------------------------------------------
-def _generate_layout(rank, world_size, tp, pp, kind):
+def _generate_layout(rank, world_size, tp, pp, kind, engine_kw=None):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -161,13 +176,15 @@ def _generate_layout(rank, world_size, tp, pp, kind):
     hf = tiny_hf_model(kind, initializer_range=0.2)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = gpt_from_hf(hf, pp_size=pp, pp_rank=pp_rank)
-    engine = _engine(model, pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None)
+    engine = _engine(model, pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
+                     **(engine_kw or {}))
     prompts = PROMPTS * 2
     greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
     sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
     dist.barrier()
     return [[(r.output_ids, r.output_logprobs) for r in greedy],
-            [(r.output_ids, r.output_logprobs) for r in sampled]]
+            [(r.output_ids, r.output_logprobs) for r in sampled],
+            engine.stats.preemptions, engine.cache.num_used_blocks]
 
 
 def _one_rank_reference(kind):
@@ -181,14 +198,21 @@ def _one_rank_reference(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp):
+@pytest.mark.parametrize("tp,pp,engine_kw", [
+    (2, 1, None),
+    (1, 2, None),  # two lanes overlapping across the two stages
+    (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7}),  # + preemption
+])
+def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw):
     ref = _one_rank_reference("qwen2")
-    for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, "qwen2"):
-        for got_runs, ref_runs in zip(rank_out, ref):
+    for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, "qwen2", engine_kw):
+        for got_runs, ref_runs in zip(rank_out[:2], ref):
             for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
                 assert ids == ref_ids
                 assert _close(lps, ref_lps)
+        assert rank_out[3] == 0  # every block freed
+        if engine_kw:
+            assert rank_out[2] > 0  # the tiny cache did preempt
 
 
 def _generate_cp(rank, world_size, kind):

@@ -99,3 +99,76 @@ def test_evaluate_rejects_greedy_with_many_samples(tmp_path):
     assert proc.returncode == 2
     assert "--n-samples > 1 needs --temperature > 0" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+def even_length(response, record):
+    return float(len(response) % 2 == 0)
+
+
+EVAL_PROMPTS = ["1+1=", "The quick brown fox jumps over the lazy dog. ", "x", "abcabcabcabcabcabcabc", "Q: 7*6? A:"]
+
+
+@pytest.fixture(scope="module")
+def layout_eval(tmp_path_factory):
+    """A tied-embedding checkpoint saved at pp=2 (so pp=2 loads it as saved and one rank or cp=2
+    reshard it), a prompt file, and the single-rank greedy results of evaluate on it."""
+    tmp = tmp_path_factory.mktemp("eval_layouts")
+    # a larger init makes the random model's distribution peaked, so greedy has clear winners
+    save_tiny_hf_checkpoint(str(tmp / "hf"), "llama", seed=5, initializer_range=0.2)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", str(tmp / "hf"), "--save", str(tmp / "ck"),
+                    "--pipeline-model-parallel-size", "2"], check=True, capture_output=True)
+    with open(tmp / "eval.jsonl", "w") as f:
+        for i, prompt in enumerate(EVAL_PROMPTS):
+            f.write(json.dumps({"id": f"e{i}", "prompt": prompt, "task": "custom",
+                                "reward_fn": "test_tools_eval_merge:even_length"}) + "\n")
+    common = ["--load", str(tmp / "ck"), "--tokenizer", "byte", "--input", str(tmp / "eval.jsonl"),
+              "--temperature", "0", "--max-new-tokens", "10", "--batch-size", "3", "--kv-cache-block-size", "4"]
+    proc = _run_evaluate(tmp, [], common + ["--output", str(tmp / "one.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, common, _eval_outputs(tmp, "one")
+
+
+def _run_evaluate(tmp, launch, argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]))
+    return subprocess.run([sys.executable, *launch, os.path.join(ROOT, "tools", "evaluate.py"), *argv],
+                          capture_output=True, text=True, env=env, cwd=str(tmp), timeout=600)
+
+
+def _eval_outputs(tmp, name):
+    rows = [json.loads(line) for line in open(tmp / f"{name}.jsonl")]
+    summary = json.load(open(tmp / f"{name}.summary.json"))
+    return rows, {k: v for k, v in summary.items() if k != "generation_tokens_per_s"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--pipeline-model-parallel-size", "--context-parallel-size"])
+def test_evaluate_pipeline_and_context_parallel_equal_one_rank(layout_eval, flag):
+    """torchrun with pp=2 (stages pass hidden states on) or cp=2 (KV cache sharded over cp):
+    one model replica over two ranks, greedy per-problem results and summary identical to one
+    rank, and only global rank 0 writes and prints."""
+    tmp, common, (one_rows, one_summary) = layout_eval
+    name = "pp2" if "pipeline" in flag else "cp2"
+    proc = _run_evaluate(tmp, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+                         common + [flag, "2", "--output", str(tmp / f"{name}.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, summary = _eval_outputs(tmp, name)
+    assert [r["id"] for r in rows] == [f"e{i}" for i in range(len(EVAL_PROMPTS))]
+    assert rows == one_rows
+    assert summary == one_summary
+    assert sum(s["length"] for r in rows for s in r["samples"]) > len(EVAL_PROMPTS)  # it did generate
+    assert proc.stdout.count("pass@1") == 1  # the summary line, from rank 0 only
+    assert not [f for f in os.listdir(tmp) if ".tmp-" in f]
+
+
+@pytest.mark.parametrize("flag", ["--pipeline-model-parallel-size", "--context-parallel-size"])
+def test_evaluate_rejects_recompute_engine_under_pp_or_cp(tmp_path, monkeypatch, capsys, flag):
+    ck = _convert(tmp_path, "a", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        _tool("evaluate").main(["--load", ck, "--input", __file__, "--output", str(tmp_path / "x"),
+                                "--inference-engine", "recompute", flag, "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--inference-engine recompute supports tensor parallelism only" in err
+    assert not (tmp_path / "x").exists()

@@ -4,11 +4,18 @@
     python tools/evaluate.py --load ckpt/rl --input eval.jsonl --output results.jsonl \
         --n-samples 8 --temperature 1.0 --max-new-tokens 1024
     torchrun --nproc-per-node 4 tools/evaluate.py --tensor-model-parallel-size 2 ...
+    torchrun --nproc-per-node 4 tools/evaluate.py --pipeline-model-parallel-size 2 --context-parallel-size 2 ...
 
 Prompt records follow DESIGN.md section 5 (``task`` picks the reward; ``answer`` for math,
 ``tests`` for code). Every problem gets ``--n-samples`` responses; pass@k is the unbiased
 estimator 1 - C(n-c, k)/C(n, k). Per-problem results (responses, correctness, lengths) go to
 ``--output``; the summary (pass@k, mean response length) is printed and written next to it.
+
+Layouts: tp x cp x pp ranks form one model replica (each rank builds its pipeline stage and
+loads that stage's weights, resharding the checkpoint when it was saved under another layout);
+the replica decodes together (pp stages pass hidden states on, cp ranks shard the KV cache) and
+every rank of it gets the same generated tokens. Problems are split over the data-parallel
+replicas; global rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -44,9 +51,11 @@ def _validate(args) -> None:
         raise ArgumentError("--n-samples must be >= 1")
     if args.n_samples > 1 and args.temperature == 0:
         raise ArgumentError("--n-samples > 1 needs --temperature > 0 (greedy samples are identical)")
-    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
-        raise ArgumentError("evaluate runs tensor x data parallel: use --pipeline-model-parallel-size 1 "
-                            "--context-parallel-size 1")
+    if args.inference_engine == "recompute" and (args.pipeline_model_parallel_size > 1
+                                                 or args.context_parallel_size > 1):
+        raise ArgumentError("--inference-engine recompute supports tensor parallelism only; use "
+                            "--inference-engine paged with --pipeline-model-parallel-size > 1 or "
+                            "--context-parallel-size > 1")
 
 
 def main(argv=None) -> int:
@@ -70,17 +79,31 @@ def main(argv=None) -> int:
     from megatron_k15.generation.engine import build_generator
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
     from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.models.sharding import pipeline_layer_ranges
     from megatron_k15.rl.evaluation import evaluate
 
-    initialize_model_parallel(args.tensor_model_parallel_size)
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    initialize_model_parallel(tp, pp, cp)
     set_seed(args.seed)
     cfg = args.model_config
+    # this rank's pipeline stage; the checkpoint is resharded on load if saved under another layout
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ranges = pipeline_layer_ranges(cfg.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                                   args.decoder_last_pipeline_num_layers)
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=platform.current_device())
-    load_model_checkpoint(model, args.load)
+                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges)
+    load_model_checkpoint(model, args.load, pp_rank, pp)
+    model.eval()
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
-    generator = build_generator(model, args, max_batch_size=args.batch_size)
+    # the tp x cp x pp ranks of a replica decode together and all get the sampled tokens (the
+    # engine broadcasts them); problems are split over the data-parallel replicas only (the
+    # data-parallel rank/group below exclude cp)
+    generator = build_generator(
+        model, args, max_batch_size=args.batch_size,
+        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
+        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
     res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
                    dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=parallel_state.get_data_parallel_world_size(),

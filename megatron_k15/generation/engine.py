@@ -16,9 +16,16 @@ re-prefilled later (recompute preemption; its random generator carries on, so wh
 samples does not depend on the preemption).
 
 Every tp (and pp, cp) rank runs the same scheduler on the same tokens: the sampled tokens are
-broadcast from tp rank 0 of the last pipeline stage, so all ranks stay in lockstep. Under
-pipeline parallelism each stage runs its own layers on its own cache and passes the hidden
-states to the next stage (one step at a time: correct, not yet overlapped).
+broadcast from tp rank 0 of the last pipeline stage, so all ranks take the same decisions in
+the same order. Under pipeline parallelism each stage runs its own layers on its own cache
+and passes the hidden states to the next stage, and the running requests are split into
+``num_lanes`` (default pp) lanes, decode microbatches that take turns: while stage 1 runs
+lane 0's step, stage 0 already runs lane 1's, and lane 0's sampled tokens travel back from
+the last stage (point to point, not waited for) before the first stage needs them again.
+A lane applies its previous step's tokens at the start of its next turn, on every rank, so
+admissions, preemptions and frees happen at the same logical point everywhere. With pp
+stages and pp lanes no stage waits in the steady state: a decode step of the whole batch
+takes one stage's time instead of pp stages' (`bench/generation.py --pp`).
 
 Context-parallel decode (``cp_group``): the KV cache of every sequence is sharded over the cp
 ranks by position (rank r keeps the K/V of positions p with p % cp == r), so a rollout of
@@ -90,14 +97,18 @@ class GenerationEngine:
             all its ranks must be given the same requests.
         decode_impl: ``paged_decode_attention``'s ``impl``; auto: the Triton kernel on GPU, its
             PyTorch version on CPU (where Triton would only interpret).
+        num_lanes: the running requests are split into this many lanes that take turns (decode
+            microbatches); default: the number of pipeline stages, which keeps every stage busy.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 16384,
                  kv_memory_fraction: float = 0.5, pp_group=None, cp_group=None,
-                 decode_impl: str = "auto"):
+                 decode_impl: str = "auto", num_lanes: Optional[int] = None):
         if max_batch_size < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_prefill_tokens and block_size must be >= 1")
+        if num_lanes is not None and num_lanes < 1:
+            raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
         self.model = model
         self.block_size = block_size
         self.fixed_num_blocks = num_blocks
@@ -116,6 +127,8 @@ class GenerationEngine:
         self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
         self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
         self.cp_group = cp_group if self.cp_size > 1 else None
+        self.num_lanes = num_lanes or self.pp_size
+        self._sends: deque = deque()  # (work, tensor) of point-to-point sends in flight
         self.cache: Optional[PagedKVCache] = None
         self.stats = EngineStats()
         cfg = model.config
@@ -223,7 +236,21 @@ class GenerationEngine:
         return [r.result for r in requests]
 
     # ------------------------------------------------------------------ scheduler
+    def _lane_capacities(self) -> list[int]:
+        """Most requests each lane decodes together; they add up to ``max_batch_size``."""
+        b, m = self.max_batch_size, self.num_lanes
+        return [b // m + (1 if i < b % m else 0) for i in range(m)]
+
     def _run(self, requests: list[_Request], progress) -> None:
+        """Turns of the lanes in a fixed round robin, identical on every rank.
+
+        A turn of lane m: (1) apply the tokens its previous turn produced (append, stop,
+        free finished requests' blocks), (2) admit waiting requests into it and prefill them,
+        or else decode one token for its running requests, (3) start the tokens of that step
+        on their way (the last stage samples and sends them to the other stages). With pp
+        stages and pp lanes, stage s runs lane m while stage s+1 runs lane m-1: the tokens a
+        lane needs for its next turn are ready by the time the first stage comes back to it.
+        """
         waiting = deque()
         for r in requests:
             if r.budget <= 0:
@@ -234,41 +261,62 @@ class GenerationEngine:
             return
         self._ensure_cache(list(waiting))
         cache = self.cache
-        running: list[_Request] = []
-        done, total = len(requests) - len(waiting), len(requests)
-        while waiting or running:
-            admitted = self._admit(waiting, running)
-            if admitted:
-                self._prefill(admitted)
-                running.extend(admitted)
-            elif running:
-                self._make_room(running, waiting)
-                self._decode(running)
-            else:
-                r = waiting[0]
-                raise OutOfBlocks(
-                    f"request {r.index} needs {self._blocks_for(len(r.tokens) + 1)} KV-cache blocks "
-                    f"but the cache has {cache.num_blocks} (block size {self.block_size}); give the "
-                    "engine more memory (num_blocks / kv_memory_fraction) or shorter requests")
-            finished = [r for r in running if r.result.stop_reason]
-            for r in finished:
-                cache.free_sequence(r.index)
-            if finished:
-                running = [r for r in running if not r.result.stop_reason]
-                done += len(finished)
-                if progress is not None:
-                    progress(done, total)
-            self.stats.steps += 1
+        lanes: list[list[_Request]] = [[] for _ in range(self.num_lanes)]
+        inflight: list[Optional[tuple]] = [None] * self.num_lanes  # (requests, tokens, log-probs)
+        capacity = self._lane_capacities()
+        self._done, self._total, self._progress = len(requests) - len(waiting), len(requests), progress
+        m = 0
+        try:
+            while waiting or any(lanes):
+                running = lanes[m]
+                if inflight[m] is not None:
+                    self._apply(*inflight[m], running)
+                    inflight[m] = None
+                admitted = self._admit(waiting, running, capacity[m], sum(len(lane) for lane in lanes))
+                if not admitted and running:
+                    self._make_room(running, waiting, any(lane for i, lane in enumerate(lanes) if i != m))
+                if admitted:
+                    reqs, logits = self._prefill(admitted)
+                    running.extend(admitted)
+                elif running:
+                    reqs, logits = running[:], self._decode(running)
+                else:
+                    if waiting and not any(lanes) and capacity[m] > 0:
+                        r = waiting[0]
+                        raise OutOfBlocks(
+                            f"request {r.index} needs {self._blocks_for(len(r.tokens) + 1)} KV-cache "
+                            f"blocks but the cache has {cache.num_blocks} (block size {self.block_size}); "
+                            "give the engine more memory (num_blocks / kv_memory_fraction) or shorter "
+                            "requests")
+                    m = (m + 1) % self.num_lanes
+                    continue
+                inflight[m] = (reqs, *self._emit_tokens(reqs, logits))
+                self.stats.steps += 1
+                m = (m + 1) % self.num_lanes
+        finally:
+            self._wait_sends(all_of_them=True)
 
-    def _admit(self, waiting: deque, running: list[_Request]) -> list[_Request]:
-        """Take waiting requests while the batch, the prefill budget and free blocks allow.
-        Identical token lists are admitted together (one prefill, then forks)."""
-        cache = self.cache
-        free, _ = self._cp_agree(cache.num_free_blocks, 0)
-        # keep a block per running request for its next decode step
-        reserve = len(running)
+    def _apply(self, reqs: list[_Request], tokens, logprobs, running: list[_Request]) -> None:
+        """Append a step's tokens to its requests; finished ones leave ``running`` and free
+        their blocks."""
+        if tokens is None:  # not the last stage: the tokens come from it
+            tokens, logprobs = self._recv_tokens(len(reqs))
+        finished = self._append(reqs, tokens, logprobs)
+        if finished:
+            for r in finished:
+                self.cache.free_sequence(r.index)
+            running[:] = [r for r in running if not r.result.stop_reason]
+            self._done += len(finished)
+            if self._progress is not None:
+                self._progress(self._done, self._total)
+
+    def _admit(self, waiting: deque, running: list[_Request], capacity: int, reserve: int) -> list[_Request]:
+        """Take waiting requests while the lane's capacity, the prefill budget and free blocks
+        allow, keeping ``reserve`` blocks (one per running request of any lane, for its next
+        decode step). Identical token lists are admitted together (one prefill, then forks)."""
+        free, _ = self._cp_agree(self.cache.num_free_blocks, 0)
         admitted, tokens = [], 0
-        while waiting and len(running) + len(admitted) < self.max_batch_size:
+        while waiting and len(running) + len(admitted) < capacity:
             r = waiting[0]
             n = len(r.tokens)
             need = self._blocks_for(self._local_len(n + 1, 0))
@@ -282,16 +330,18 @@ class GenerationEngine:
             reserve += 1
         return admitted
 
-    def _make_room(self, running: list[_Request], waiting: deque) -> None:
-        """Preempt the newest requests until every running one has room for its next token."""
+    def _make_room(self, running: list[_Request], waiting: deque, others_running: bool) -> None:
+        """Preempt the lane's newest requests until every one left has room for its next token.
+        The last one is preempted too when other lanes hold blocks (they will free them);
+        only a request that cannot fit on its own is an error."""
         cache = self.cache
-        while True:
+        while running:
             need = sum(1 for r in running
                        if self._blocks_for(self._local_len(len(r.tokens))) > len(cache.blocks(r.index)))
             free, need = self._cp_agree(cache.num_free_blocks, need)
             if need <= free:
                 return
-            if len(running) == 1:
+            if len(running) == 1 and not others_running:
                 r = running[0]
                 raise OutOfBlocks(
                     f"request {r.index} at {len(r.tokens)} tokens does not fit the KV cache "
@@ -302,7 +352,9 @@ class GenerationEngine:
             self.stats.preemptions += 1
 
     # ------------------------------------------------------------------ steps
-    def _prefill(self, admitted: list[_Request]) -> None:
+    def _prefill(self, admitted: list[_Request]):
+        """Prefill the admitted requests; returns the requests that sample a first token
+        (forks included) and, on the last stage, their logits."""
         cache = self.cache
         groups: dict[tuple, list[_Request]] = {}
         for r in admitted:
@@ -343,9 +395,10 @@ class GenerationEngine:
                 rows.append(row)
                 reqs.append(r)
         self.stats.prefill_tokens += total
-        self._sample_and_append(reqs, None if logits is None else logits[rows])
+        return reqs, None if logits is None else logits[rows]
 
-    def _decode(self, running: list[_Request]) -> None:
+    def _decode(self, running: list[_Request]) -> Optional[torch.Tensor]:
+        """One token for every running request; the last stage returns their logits."""
         cache = self.cache
         seq_ids = [r.index for r in running]
         for r in running:
@@ -366,8 +419,7 @@ class GenerationEngine:
         batch = InferenceBatch(cache, slots.to(self.device), decode=True,
                                block_tables=table.to(self.device), seq_lens=lens.to(self.device),
                                decode_impl=self.decode_impl, cp_group=self.cp_group)
-        logits = self._forward(ids, positions, batch, torch.arange(n, device=self.device))
-        self._sample_and_append(running, logits)
+        return self._forward(ids, positions, batch, torch.arange(n, device=self.device))
 
     def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,
                  rows: torch.Tensor) -> Optional[torch.Tensor]:
@@ -398,20 +450,50 @@ class GenerationEngine:
         return buf
 
     def _send_hidden(self, hidden: torch.Tensor) -> None:
-        dst = dist.get_global_rank(self.pp_group, self.pp_rank + 1)
-        dist.send(hidden.contiguous(), dst=dst)
+        self._isend(hidden, dist.get_global_rank(self.pp_group, self.pp_rank + 1))
+
+    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send without waiting: the receiver takes it when its turn comes. Handles are kept
+        (with their tensors) until they complete."""
+        tensor = tensor.contiguous()
+        self._sends.append((dist.isend(tensor, dst=dst), tensor))
+        self._wait_sends()
+
+    def _wait_sends(self, all_of_them: bool = False) -> None:
+        while self._sends and (all_of_them or self._sends[0][0].is_completed()):
+            self._sends.popleft()[0].wait()
+
+    def _recv_tokens(self, n: int):
+        """This step's tokens and log-probs from the last stage (same tp and cp rank)."""
+        packed = torch.empty(2, n, dtype=torch.float64, device=self._comm_device())
+        dist.recv(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1))
+        return packed[0].long(), packed[1].float()
 
     # ------------------------------------------------------------------ sampling
-    def _sample_and_append(self, reqs: list[_Request], logits: Optional[torch.Tensor]) -> None:
-        n = len(reqs)
-        if logits is not None:
-            tokens, logprobs = sample_tokens(logits, self._params, [r.generator for r in reqs])
-            tokens, logprobs = tokens.to(torch.int64), logprobs.float()
-        else:
-            tokens = torch.empty(n, dtype=torch.int64, device=self.device)
-            logprobs = torch.empty(n, dtype=torch.float32, device=self.device)
-        tokens, logprobs = self._broadcast(tokens, logprobs)
-        self.stats.generated_tokens += n
+    def _emit_tokens(self, reqs: list[_Request], logits: Optional[torch.Tensor]):
+        """Last stage: sample ``reqs``' next tokens, make them known to every tp and cp rank
+        of the stage and send them to the other stages; returns (tokens, log-probs). Other
+        stages return (None, None) and receive them at the lane's next turn."""
+        if not self.model.post_process:
+            return None, None
+        tokens, logprobs = sample_tokens(logits, self._params, [r.generator for r in reqs])
+        tokens, logprobs = tokens.to(torch.int64), logprobs.float()
+        model = self.model
+        if model.tp_size == 1 and self.pp_size == 1 and self.cp_group is None:
+            return tokens, logprobs
+        packed = torch.stack([tokens.double(), logprobs.double()]).to(self._comm_device())
+        if model.tp_size > 1:
+            dist.broadcast(packed, src=dist.get_global_rank(model.tp_group, 0), group=model.tp_group)
+        if self.cp_group is not None:
+            dist.broadcast(packed, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
+        for stage in range(self.pp_size - 1):
+            self._isend(packed, dist.get_global_rank(self.pp_group, stage))
+        return packed[0].long(), packed[1].float()
+
+    def _append(self, reqs: list[_Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> list[_Request]:
+        """Append one token to each request and set stop reasons; returns the finished ones."""
+        self.stats.generated_tokens += len(reqs)
+        finished = []
         for r, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):
             r.tokens.append(tok)
             res = r.result
@@ -423,23 +505,9 @@ class GenerationEngine:
                 res.stop_reason = "repeat"
             elif len(res.output_ids) >= r.budget:
                 res.stop_reason = "length"
-
-    def _broadcast(self, tokens: torch.Tensor, logprobs: torch.Tensor):
-        """Tokens of tp rank 0 of the last stage to every tp and pp rank (lockstep)."""
-        model = self.model
-        if model.tp_size == 1 and self.pp_size == 1 and self.cp_group is None:
-            return tokens, logprobs
-        packed = torch.stack([tokens.double(), logprobs.double()])
-        dev = self._comm_device()
-        packed = packed.to(dev)
-        if model.tp_size > 1 and model.post_process:
-            dist.broadcast(packed, src=dist.get_global_rank(model.tp_group, 0), group=model.tp_group)
-        if self.pp_size > 1:
-            dist.broadcast(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1),
-                           group=self.pp_group)
-        if self.cp_group is not None:
-            dist.broadcast(packed, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
-        return packed[0].long(), packed[1].float()
+            if res.stop_reason:
+                finished.append(r)
+        return finished
 
 
 class RecomputeGenerator:

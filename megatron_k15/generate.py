@@ -102,23 +102,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_k15 import platform
-    from megatron_k15.checkpointing import load_model_checkpoint
-    from megatron_k15.generation.engine import build_generator
+    from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_model_parallel
-    from megatron_k15.models.gpt import GPTModel
     from megatron.core import parallel_state
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.context_parallel_size)
     initialize_model_parallel(tp, pp, cp)
-    device = platform.current_device()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=device, pp_rank=pp_rank, pp_size=pp)
-    load_model_checkpoint(model, args.load, pp_rank, pp)
-    model.eval()
+    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -126,11 +118,6 @@ def main(argv=None) -> int:
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
     eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
     outputs: dict[int, dict] = {}
-    # pp stages pass hidden states on; cp ranks share each sequence's KV cache (cp decode)
-    generator = build_generator(
-        model, args, max_batch_size=args.batch_size,
-        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
-        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
     last_report = [0.0]
 
     def progress(done, total):

@@ -74,12 +74,8 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_k15 import platform
-    from megatron_k15.checkpointing import load_model_checkpoint
-    from megatron_k15.generation.engine import build_generator
+    from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
-    from megatron_k15.models.gpt import GPTModel
-    from megatron_k15.models.sharding import pipeline_layer_ranges
     from megatron_k15.rl.evaluation import evaluate
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -87,23 +83,11 @@ def main(argv=None) -> int:
     initialize_model_parallel(tp, pp, cp)
     set_seed(args.seed)
     cfg = args.model_config
-    # this rank's pipeline stage; the checkpoint is resharded on load if saved under another layout
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    ranges = pipeline_layer_ranges(cfg.num_layers, pp, args.decoder_first_pipeline_num_layers,
-                                   args.decoder_last_pipeline_num_layers)
-    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges)
-    load_model_checkpoint(model, args.load, pp_rank, pp)
-    model.eval()
+    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
-    # the tp x cp x pp ranks of a replica decode together and all get the sampled tokens (the
-    # engine broadcasts them); problems are split over the data-parallel replicas only (the
-    # data-parallel rank/group below exclude cp)
-    generator = build_generator(
-        model, args, max_batch_size=args.batch_size,
-        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
-        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
+    # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
+    # replicas only (the data-parallel rank/group below exclude cp)
     res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
                    dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=parallel_state.get_data_parallel_world_size(),

@@ -1,0 +1,36 @@
+"""One rank's part of a model replica for generation, from a checkpoint (generate CLI, evaluate).
+
+The tp x cp x pp ranks of a replica decode together: each rank builds its pipeline stage
+(``--decoder-first/last-pipeline-num-layers`` as in training), loads that stage's weights
+(``--load``; resharded when the checkpoint was saved under another layout), and the engine gets
+the pipeline group (stages pass hidden states on) and the context-parallel group (the KV
+cache of every sequence is sharded over it). Requests are split over data-parallel replicas.
+"""
+
+from __future__ import annotations
+
+from megatron_k15.generation.engine import build_generator
+
+
+def load_generation_replica(args, cfg, *, max_batch_size: int):
+    """(model stage in eval mode, generator) for this rank; model parallel is initialised."""
+    from megatron.core import parallel_state
+
+    from megatron_k15 import platform
+    from megatron_k15.checkpointing import load_model_checkpoint
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.models.sharding import pipeline_layer_ranges
+
+    pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ranges = pipeline_layer_ranges(cfg.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
+                                   getattr(args, "decoder_last_pipeline_num_layers", None))
+    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
+                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges)
+    load_model_checkpoint(model, args.load, pp_rank, pp)
+    model.eval()
+    generator = build_generator(
+        model, args, max_batch_size=max_batch_size,
+        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
+        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
+    return model, generator

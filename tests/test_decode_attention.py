@@ -162,6 +162,18 @@ def test_torch_fallback_matches_reference():
                        paged_decode_attention(q, kc, vc, bt, lens, impl="torch"))
 
 
+@pytest.mark.parametrize("lens", [[7, 40, 19, 1], [33, 33, 33], [0, 12, 5]])
+def test_torch_fallback_sdpa_path_matches_reference(lens):
+    """fp32 without LSE takes the fused SDPA path (query heads of a group as its rows): padded
+    lengths (masked), equal lengths (no mask) and an empty sequence (0, not NaN)."""
+    q, kc, vc, bt, seq_lens = _make(lens, 8, 2, 32, seed=3)
+    ref = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), bt, seq_lens)
+    out = paged_decode_attention(q, kc, vc, bt, seq_lens, impl="torch")
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert (out.double() - ref).abs().max() <= 1e-5
+    assert not torch.isnan(out).any()
+
+
 def test_input_validation():
     q, kc, vc, bt, lens = _make([4], 6, 4, 32)
     with pytest.raises(ValueError, match="multiple"):

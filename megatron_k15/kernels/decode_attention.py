@@ -386,11 +386,13 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
 
 
 def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(batch, max_len, n_kv, head_dim) view of each sequence's first max_len cache rows."""
-    n_blocks_needed = -(-max_len // cache.shape[1])
-    bt = block_tables[:, :n_blocks_needed].long()
-    g = cache[bt]  # (batch, nb, page, n_kv, d)
-    return g.reshape(g.shape[0], -1, g.shape[3], g.shape[4])[:, :max_len]
+    """(batch, max_len, n_kv, head_dim) view of each sequence's first max_len cache rows
+    (one ``index_select`` of whole blocks: several times faster than advanced indexing)."""
+    batch, page = block_tables.shape[0], cache.shape[1]
+    n_blocks_needed = -(-max_len // page)
+    bt = block_tables[:, :n_blocks_needed].reshape(-1).long()
+    g = cache.index_select(0, bt)  # (batch * nb, page, n_kv, d)
+    return g.view(batch, n_blocks_needed * page, cache.shape[2], cache.shape[3])[:, :max_len]
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None,
@@ -411,13 +413,18 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     max_len = max(1, int(max_seq_len))
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
     if not return_lse and q.dtype != torch.float64:
-        # one fused SDPA call over the gathered, padded K/V (GQA without repeating kv heads)
+        # one fused SDPA call over the gathered, padded K/V; GQA without repeating kv heads:
+        # the query heads of a group are the query "rows" of their kv head, (b, kv, group, d)
         k = _gather_padded(k_cache, block_tables, max_len).transpose(1, 2)  # (b, kv, n, d)
         v = _gather_padded(v_cache, block_tables, max_len).transpose(1, 2)
+        padded = bool((seq_lens < max_len).any()) if batch else False
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
-            scale=scale, enable_gqa=group > 1)[:, :, 0]
-        return torch.where(valid.any(dim=1)[:, None, None], out, torch.zeros_like(out))
+            q.reshape(batch, n_kv, group, head_dim), k.to(q.dtype), v.to(q.dtype),
+            attn_mask=valid[:, None, None, :] if padded else None, scale=scale)
+        out = out.reshape(batch, n_heads, head_dim)
+        if padded and bool((seq_lens == 0).any()):  # no keys at all: 0, not NaN
+            out = torch.where(valid.any(dim=1)[:, None, None], out, torch.zeros_like(out))
+        return out
     k = _gather_padded(k_cache, block_tables, max_len).to(cdt)  # (b, n, kv, d)
     v = _gather_padded(v_cache, block_tables, max_len).to(cdt)
     qg = q.to(cdt).reshape(batch, n_kv, group, head_dim)

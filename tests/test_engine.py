@@ -112,6 +112,21 @@ def test_preemption_and_tiny_cache_give_the_same_tokens(models):
         _engine(model, num_blocks=2).generate([list(range(50))], 4, SAMPLED, None, EOS)
 
 
+def test_chunked_prefill_equals_one_forward(models):
+    """Prompts longer than max_prefill_tokens are prefilled in chunks over their cached prefix
+    (bottom-right causal attention): same tokens, log-probs within fp32 tolerance."""
+    _, model = models
+    prompts = PROMPTS + [list(range(3, 60)), [9] * 45]
+    whole = _engine(model).generate(prompts, 12, SAMPLED, _gens(23, len(prompts)), EOS)
+    engine = _engine(model, max_prefill_tokens=8)
+    chunked = engine.generate(prompts, 12, SAMPLED, _gens(23, len(prompts)), EOS)
+    for a, b in zip(chunked, whole):
+        assert a.output_ids == b.output_ids
+        assert _close(a.output_logprobs, b.output_logprobs)
+    assert engine.stats.prefill_tokens == sum(len(p) for p in prompts)
+    assert engine.cache.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("num_blocks", [None, 24])
 def test_lanes_taking_turns_give_the_same_tokens(models, num_blocks):
     """Decode microbatches (lanes, what pipeline stages overlap) change nothing: 3 lanes on
@@ -199,9 +214,9 @@ def _one_rank_reference(kind):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,engine_kw", [
-    (2, 1, None),
+    (2, 1, {"max_prefill_tokens": 7}),  # long prompts in chunks of 6 (sequence parallel: even)
     (1, 2, None),  # two lanes overlapping across the two stages
-    (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7}),  # + preemption
+    (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7, "max_prefill_tokens": 8}),
 ])
 def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw):
     ref = _one_rank_reference("qwen2")
@@ -211,7 +226,7 @@ def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_k
                 assert ids == ref_ids
                 assert _close(lps, ref_lps)
         assert rank_out[3] == 0  # every block freed
-        if engine_kw:
+        if engine_kw and "num_blocks" in engine_kw:
             assert rank_out[2] > 0  # the tiny cache did preempt
 
 

@@ -91,7 +91,8 @@ class GenerationEngine:
         num_blocks: cache size; default: on GPU ``kv_memory_fraction`` of the free memory,
             on CPU enough for the requests of each call (grown as needed).
         max_batch_size: most requests decoded together.
-        max_prefill_tokens: most tokens prefilled in one step (at least one request always is).
+        max_prefill_tokens: most tokens prefilled in one forward; a longer prompt is prefilled
+            in chunks of this size over its cached prefix (not under cp decode).
         pp_group: the pipeline group when the model is one stage of several.
         cp_group: shard every sequence's KV cache over this group (context-parallel decode);
             all its ranks must be given the same requests.
@@ -315,16 +316,18 @@ class GenerationEngine:
         allow, keeping ``reserve`` blocks (one per running request of any lane, for its next
         decode step). Identical token lists are admitted together (one prefill, then forks)."""
         free, _ = self._cp_agree(self.cache.num_free_blocks, 0)
-        admitted, tokens = [], 0
+        admitted, tokens, prompts = [], 0, set()
         while waiting and len(running) + len(admitted) < capacity:
             r = waiting[0]
-            n = len(r.tokens)
-            need = self._blocks_for(self._local_len(n + 1, 0))
+            key = tuple(r.tokens)
+            n = 0 if key in prompts else len(r.tokens)  # a fork is not prefilled again
+            need = self._blocks_for(self._local_len(len(r.tokens) + 1, 0))
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if free - need < reserve:
                 break
             admitted.append(waiting.popleft())
+            prompts.add(key)
             free -= need
             tokens += n
             reserve += 1
@@ -360,32 +363,13 @@ class GenerationEngine:
         for r in admitted:
             groups.setdefault(tuple(r.tokens), []).append(r)
         heads = [g[0] for g in groups.values()]
-        lengths = [len(r.tokens) for r in heads]
         for r in heads:
             cache.add_sequence(r.index)
             cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
-        ids = [t for r in heads for t in r.tokens]
-        positions = [p for n in lengths for p in range(n)]
-        local = [range(n) for n in lengths] if self.cp_group is None else \
-            [[self._local_position(p) for p in range(n)] for n in lengths]
-        slots = cache.slot_mapping([r.index for r in heads], local, device="cpu")
-        total = len(ids)
-        padded = int(math.ceil(total / self._pad_to) * self._pad_to)
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
-        if padded > total:  # padding as one extra sequence that writes to the scratch block
-            ids += [0] * (padded - total)
-            positions += list(range(padded - total))
-            slots = torch.cat([slots, torch.full((padded - total,), -1, dtype=torch.int64)])
-            bounds.append(padded)
-        batch = InferenceBatch(
-            cache, slots.to(self.device), decode=False,
-            cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=self.device),
-            max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
-            decode_impl=self.decode_impl, prefill_attention=self.prefill_attention)
-        last = torch.tensor(bounds[1:len(heads) + 1], device=self.device) - 1
-        logits = self._forward(ids, positions, batch, last)
+        if len(heads) == 1 and len(heads[0].tokens) > self.max_prefill_tokens and self.cp_group is None:
+            logits = self._prefill_chunks(heads[0])
+        else:
+            logits = self._prefill_packed(heads)
         # forks share the prompt's full blocks; each samples its own first token
         rows, reqs = [], []
         for row, group in enumerate(groups.values()):
@@ -394,8 +378,59 @@ class GenerationEngine:
             for r in group:
                 rows.append(row)
                 reqs.append(r)
-        self.stats.prefill_tokens += total
+        self.stats.prefill_tokens += sum(len(r.tokens) for r in heads)
         return reqs, None if logits is None else logits[rows]
+
+    def _pad(self, ids: list[int], positions: list[int], slots: torch.Tensor):
+        """Padding rows up to a multiple of the tp size (sequence parallelism splits N): token
+        0 written to the scratch block."""
+        extra = -len(ids) % self._pad_to
+        if extra:
+            ids = ids + [0] * extra
+            positions = positions + list(range(extra))
+            slots = torch.cat([slots, torch.full((extra,), -1, dtype=torch.int64)])
+        return ids, positions, slots, extra
+
+    def _prefill_packed(self, heads: list[_Request]) -> Optional[torch.Tensor]:
+        """All prompts in one packed forward (varlen attention keeps them apart)."""
+        lengths = [len(r.tokens) for r in heads]
+        ids = [t for r in heads for t in r.tokens]
+        positions = [p for n in lengths for p in range(n)]
+        local = [range(n) for n in lengths] if self.cp_group is None else \
+            [[self._local_position(p) for p in range(n)] for n in lengths]
+        slots = self.cache.slot_mapping([r.index for r in heads], local, device="cpu")
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        ids, positions, slots, extra = self._pad(ids, positions, slots)
+        if extra:  # the padding is one more sequence
+            bounds.append(len(ids))
+        batch = InferenceBatch(
+            self.cache, slots.to(self.device), decode=False,
+            cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=self.device),
+            max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+            decode_impl=self.decode_impl, prefill_attention=self.prefill_attention)
+        last = torch.tensor(bounds[1:len(heads) + 1], device=self.device) - 1
+        return self._forward(ids, positions, batch, last)
+
+    def _prefill_chunks(self, r: _Request) -> Optional[torch.Tensor]:
+        """A prompt longer than ``max_prefill_tokens`` (e.g. a partial rollout resumed at 100K
+        tokens) in chunks of at most that many tokens, each attending over the cached K/V of
+        the chunks before it, so activation memory is bounded by the chunk, not the prompt.
+        Returns the last chunk's logits at its last token."""
+        n = len(r.tokens)
+        step = max(self._pad_to, self.max_prefill_tokens - self.max_prefill_tokens % self._pad_to)
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            slots = self.cache.slot_mapping([r.index], [range(start, end)], device="cpu")
+            ids, positions, slots, _ = self._pad(r.tokens[start:end], list(range(start, end)), slots)
+            batch = InferenceBatch(
+                self.cache, slots.to(self.device), decode=False, decode_impl=self.decode_impl,
+                prefill_attention=self.prefill_attention, prefix_seq=r.index, context_len=end,
+                chunk_rows=end - start)
+            logits = self._forward(ids, positions, batch,
+                                   torch.tensor([end - start - 1], device=self.device))
+        return logits
 
     def _decode(self, running: list[_Request]) -> Optional[torch.Tensor]:
         """One token for every running request; the last stage returns their logits."""

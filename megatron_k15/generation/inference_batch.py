@@ -9,6 +9,11 @@ of many prompts and decode of many sequences are the same call with different me
 - **decode**: N = one token per sequence; each attends over its cached tokens with the paged
   split-KV kernel (``kernels.decode_attention``), its own K/V written to the cache first.
 
+- **prefill chunk** (``prefix_seq`` set): N = the next tokens of one long prompt whose earlier
+  tokens are already cached; they attend over the cached prefix and themselves (q shorter
+  than k/v, causal aligned bottom-right). Long prompts (a resumed 100K-token partial rollout)
+  are prefilled chunk by chunk so activations stay bounded by the chunk size.
+
 Rows added to reach a multiple of the tp size (sequence parallelism splits N) are *padding*:
 slot -1 (written to the cache's scratch block) and, in decode, a cached length of 0.
 
@@ -42,6 +47,9 @@ class InferenceBatch:
     decode_impl: str = "auto"
     prefill_attention: AttentionFn = sdpa_attention
     cp_group: Optional[object] = None  # decode: the cache is sharded over it; merge by LSE
+    prefix_seq: Optional[object] = None  # prefill chunk: the sequence whose cache holds the prefix
+    context_len: int = 0  # prefill chunk: prefix + chunk tokens
+    chunk_rows: int = 0  # prefill chunk: real rows of N (the rest is padding)
 
     def layer(self, j: int) -> "LayerKVCache":
         return LayerKVCache(self, j)
@@ -58,6 +66,14 @@ class LayerKVCache:
         b = self.batch
         cache = b.cache
         cache.write_slots(self.index, b.slots, k[0], v[0])
+        if b.prefix_seq is not None:
+            k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
+            n = b.chunk_rows
+            out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
+                                      softmax_scale=softmax_scale)
+            if n < q.shape[1]:  # padding rows
+                out = torch.cat([out, out.new_zeros(1, q.shape[1] - n, *out.shape[2:])], dim=1)
+            return out
         if not b.decode:
             return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
                                        cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)

@@ -441,10 +441,10 @@ class PagedKVCache:
         if not 0 <= n <= len(s.blocks) * self.block_size:
             raise ValueError(f"length {n} beyond the sequence's capacity")
         nb = self.blocks_needed(n)
-        idx = torch.tensor(s.blocks[:nb], dtype=torch.int64, device=self.device)
-        k = self.kv[layer, 0, idx].reshape(-1, self.n_kv_heads, self.head_dim)[:n]
-        v = self.kv[layer, 1, idx].reshape(-1, self.n_kv_heads, self.head_dim)[:n]
-        return k.contiguous(), v.contiguous()
+        idx = torch.tensor(s.blocks[:nb], dtype=torch.int64).to(self.device, non_blocking=True)
+        k = self.kv[layer, 0].index_select(0, idx).view(-1, self.n_kv_heads, self.head_dim)[:n]
+        v = self.kv[layer, 1].index_select(0, idx).view(-1, self.n_kv_heads, self.head_dim)[:n]
+        return k, v
 
     def reset(self) -> None:
         """Free every sequence (the tensors are kept; their contents are stale)."""

@@ -6,7 +6,9 @@ Every backend is a function
 
 with flash-attn's layout: q (b, s, n_heads, d), k/v (b, s, n_kv_heads, d), out like q.
 ``cu_seqlens`` (int32, boundaries of packed sequences along s, only with b == 1) keeps
-attention inside each packed sequence. GQA is handled by the backend, never by repeating K/V
+attention inside each packed sequence. Without it q may be shorter than k/v (a chunk of new
+tokens over a cached prefix): causal masking is then aligned bottom-right, as in flash-attn,
+query i sees key j iff j <= i + s_k - s_q. GQA is handled by the backend, never by repeating K/V
 in the model. New backends register with ``register_attention_backend``.
 
 Under context parallelism the model uses ``context_parallel_attention(cp_group, comm_type)``
@@ -56,8 +58,14 @@ def _sdpa_dense(q, k, v, causal, softmax_scale):
     # (b, s, h, d) -> (b, h, s, d)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
+    sq, sk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and sq != sk:  # bottom-right aligned; SDPA's is_causal is top-left
+        i = torch.arange(sq, device=q.device)[:, None]
+        mask = torch.arange(sk, device=q.device)[None, :] <= i + (sk - sq)
     out = F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal and q.shape[2] > 1, scale=softmax_scale, enable_gqa=gqa
+        q, k, v, attn_mask=mask, is_causal=causal and sq > 1 and mask is None, scale=softmax_scale,
+        enable_gqa=gqa,
     )
     return out.transpose(1, 2)
 

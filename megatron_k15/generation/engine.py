@@ -15,9 +15,11 @@ blocks are freed and it goes back to the front of the queue with the tokens it h
 re-prefilled later (recompute preemption; its random generator carries on, so what it
 samples does not depend on the preemption).
 
-Every tp (and pp, cp) rank runs the same scheduler on the same tokens: the sampled tokens are
-broadcast from tp rank 0 of the last pipeline stage, so all ranks take the same decisions in
-the same order. Under pipeline parallelism each stage runs its own layers on its own cache
+Every tp (and pp, cp) rank runs the same scheduler on the same tokens: the tp ranks of the
+last pipeline stage sample vocabulary-parallel (``sampling.sample_tokens_vocab_parallel``:
+the full-vocabulary logits are never gathered, and every tp rank gets the same tokens), and
+the tokens go from there to the other stages (and from cp rank 0 to the other cp ranks), so
+all ranks take the same decisions in the same order. Under pipeline parallelism each stage runs its own layers on its own cache
 and passes the hidden states to the next stage, and the running requests are split into
 ``num_lanes`` (default pp) lanes, decode microbatches that take turns: while stage 1 runs
 lane 0's step, stage 0 already runs lane 1's, and lane 0's sampled tokens travel back from
@@ -53,7 +55,7 @@ import torch.distributed as dist
 from megatron_k15.generation.inference_batch import InferenceBatch
 from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory
 from megatron_k15.generation.recompute import GenerationResult, generate_recompute
-from megatron_k15.generation.sampling import SamplingParams, sample_tokens
+from megatron_k15.generation.sampling import SamplingParams, sample_tokens_vocab_parallel
 from megatron_k15.kernels.decode_attention import HAVE_TRITON
 from megatron_k15.models.attention import get_attention_backend
 
@@ -458,8 +460,9 @@ class GenerationEngine:
 
     def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,
                  rows: torch.Tensor) -> Optional[torch.Tensor]:
-        """Run this stage on the packed tokens; the last stage returns full-vocab logits at
-        ``rows`` (fp32), other stages send their hidden states on and return None."""
+        """Run this stage on the packed tokens; the last stage returns this tp rank's
+        vocabulary shard of the logits at ``rows`` (fp32), other stages send their hidden
+        states on and return None."""
         model = self.model
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
@@ -471,7 +474,7 @@ class GenerationEngine:
         if not model.post_process:
             self._send_hidden(hidden)
             return None
-        return model.logits_at(hidden, rows, torch.zeros_like(rows)).float()
+        return model.local_logits_at(hidden, rows, torch.zeros_like(rows)).float()
 
     # ------------------------------------------------------------------ pipeline p2p
     def _hidden_shape(self, n_tokens: int):
@@ -506,19 +509,22 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ sampling
     def _emit_tokens(self, reqs: list[_Request], logits: Optional[torch.Tensor]):
-        """Last stage: sample ``reqs``' next tokens, make them known to every tp and cp rank
-        of the stage and send them to the other stages; returns (tokens, log-probs). Other
-        stages return (None, None) and receive them at the lane's next turn."""
-        if not self.model.post_process:
-            return None, None
-        tokens, logprobs = sample_tokens(logits, self._params, [r.generator for r in reqs])
-        tokens, logprobs = tokens.to(torch.int64), logprobs.float()
+        """Last stage: sample ``reqs``' next tokens (vocabulary-parallel over tp: the tp ranks
+        draw the same tokens from their shards), make them known to every cp rank of the
+        stage and send them to the other stages; returns (tokens, log-probs). Other stages
+        return (None, None) and receive them at the lane's next turn."""
         model = self.model
-        if model.tp_size == 1 and self.pp_size == 1 and self.cp_group is None:
+        if not model.post_process:
+            return None, None
+        # vocab-parallel: every tp rank gets the same tokens, and the vocabulary stays sharded
+        tokens, logprobs = sample_tokens_vocab_parallel(
+            logits, self._params, [r.generator for r in reqs],
+            model.tp_group if model.tp_size > 1 else None,
+            vocab_start=model.tp_rank * model.vocab_per_rank, vocab_size=model.config.vocab_size)
+        tokens, logprobs = tokens.to(torch.int64), logprobs.float()
+        if self.pp_size == 1 and self.cp_group is None:
             return tokens, logprobs
         packed = torch.stack([tokens.double(), logprobs.double()]).to(self._comm_device())
-        if model.tp_size > 1:
-            dist.broadcast(packed, src=dist.get_global_rank(model.tp_group, 0), group=model.tp_group)
         if self.cp_group is not None:
             dist.broadcast(packed, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
         for stage in range(self.pp_size - 1):

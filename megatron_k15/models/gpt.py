@@ -329,15 +329,22 @@ class GPTModel(torch.nn.Module):
         hidden = self.hidden_states(input_ids, position_ids)
         return self.logits_at(hidden, last_index, torch.arange(hidden.shape[1], device=hidden.device))
 
-    def logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
-        """Full-vocab logits (n, vocab_size) of the final hidden states [s(/tp), b, h] at
-        (seq_index[i], batch_index[i]); only those rows go through the output layer."""
+    def local_logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor,
+                        batch_index: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, (n, padded_vocab / tp) for global ids
+        tp_rank * vocab_per_rank + j (padding ids >= vocab_size not masked), of the final
+        hidden states [s(/tp), b, h] at (seq_index[i], batch_index[i]): what vocab-parallel
+        sampling needs, with no gather of the vocabulary."""
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)
         rows = hidden[seq_index, batch_index]  # (n, h)
-        logits = torch.nn.functional.linear(rows, self.output_weight())
-        logits = self._mask_padded_vocab(logits)
-        return self.gather_logits(logits)
+        return torch.nn.functional.linear(rows, self.output_weight())
+
+    def logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits (n, vocab_size) of the final hidden states [s(/tp), b, h] at
+        (seq_index[i], batch_index[i]); only those rows go through the output layer."""
+        logits = self.local_logits_at(hidden, seq_index, batch_index)
+        return self.gather_logits(self._mask_padded_vocab(logits))
 
     # -- state dict in checkpoint naming ------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:

@@ -93,6 +93,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--adam-impl", choices=["auto", "apex", "fused", "unfused"], default="auto",
+                   help="AdamW kernel: apex's multi-tensor Adam (CUDA, when installed), PyTorch's fused "
+                        "AdamW, or plain elementwise ops; auto: the first available in that order")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--seed", type=int, default=1234)
 

@@ -62,8 +62,8 @@ full-length e * N * h the kernel keeps), and the log-prob path:
 
 The peak of a stage is static + the largest of: (i) forward end / log-prob backward, (ii) the
 backward of the last layer (for full recompute: every layer input + one recomputed layer)
-plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 12 * P_bucket / D
-of fp32 temporaries for the largest bucket, (iv) with e < 4 and D > 1, the buckets' fp32
+plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 4 * P_bucket / D
+of fp32 temporaries for the largest bucket (the clipped gradient; 12 with the unfused Adam), (iv) with e < 4 and D > 1, the buckets' fp32
 copies (4 * P in finish_grad_sync). With the 1F1B schedule, stage r keeps the saved
 activations of min(pp - r, m) microbatches, so stage 0 holds pp of them; the schedule drops
 its references to a microbatch's input, output and grads once they are sent.
@@ -129,6 +129,7 @@ class Workload:
     params_dtype: str = "bf16"
     recompute: str = "none"
     logprob_impl: str = "fused"
+    adam_impl: str = "fused"  # parallel.adam: fused/apex keep only the clipped gradient
     rollout_max_tokens: Optional[int] = None  # cached tokens per sequence; None: seq_length
     rollout_batch: int = 1  # sequences in the KV cache at once
     kv_block_size: int = 16
@@ -643,11 +644,12 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
             logprob_saved_bytes(x, w.logprob_impl) + logprob_peak_extra_bytes(x, w.logprob_impl),
             "other"))
     largest = max(buckets) // shard_group
-    step = 12 * largest
+    per = 12 if w.adam_impl == "unfused" else 4
+    step = per * largest
     if shard_group > 1:
         step = max(step, 4 * largest + 4 * max(buckets))
-    comps.append(Component("optimizer step (transient)",
-                           f"12*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
+    comps.append(Component(f"optimizer step (transient, {w.adam_impl} Adam)",
+                           f"{per}*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
     kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w)
     tokens = w.rollout_max_tokens or w.seq_length
     comps.append(Component(
@@ -683,6 +685,8 @@ def validate_plan_inputs(cfg: GPTConfig, layout: Layout, w: Workload) -> None:
         raise ConfigError(f"params dtype must be one of {sorted(DTYPE_BYTES)}, got {w.params_dtype!r}")
     if w.recompute not in RECOMPUTE_CHOICES:
         raise ConfigError(f"--recompute-granularity must be one of {RECOMPUTE_CHOICES}, got {w.recompute!r}")
+    if w.adam_impl not in ("fused", "apex", "unfused"):
+        raise ConfigError(f"--adam-impl must be fused, apex or unfused, got {w.adam_impl!r}")
     if w.logprob_impl not in LOGPROB_CHOICES:
         raise ConfigError(f"--logprob-impl must be one of {LOGPROB_CHOICES}, got {w.logprob_impl!r}")
     cfg.validate(layout.tp, layout.pp)

@@ -124,6 +124,7 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         model.named_parameters(), lr=args.lr or 0.0, weight_decay=getattr(args, "weight_decay", 0.0),
         betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.95)),
         eps=getattr(args, "adam_eps", 1e-8), clip_grad=getattr(args, "clip_grad", 0.0),
+        adam_impl=getattr(args, "adam_impl", "auto"),
         dp_group=pc.dp_cp_group, tp_group=pc.tp_group, grad_norm_group=dist.group.WORLD,
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         sequence_parallel=model.sequence_parallel,

@@ -57,7 +57,8 @@ V = padded vocabulary / tp):
              fused      no (N, V): 4 N h + e V h + 4 cV h + 16 cN cV, chunks cN = 2048
                         tokens, cV = 8192 vocabulary rows
   working set           last layer's backward: e Ns h + 2 e N f / tp (+ one recomputed layer)
-  optimizer step        12 * largest grad bucket / D (fp32 temporaries; buckets of 40M)
+  optimizer step        4 * largest grad bucket / D (the clipped fp32 gradient; 12 with
+                        --adam-impl unfused; buckets of 40M)
   KV cache              2 * L_stage * (kv_heads / tp) * head_dim * e per token; blocks of
                         --kv-block-size, --rollout-batch-size sequences of
                         --rollout-max-tokens, plus one scratch block
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         action.help = helps.get(action.dest, action.help)
     g = p.add_argument_group("memory planning")
+    g.add_argument("--adam-impl", choices=["auto", "apex", "fused", "unfused"], default="auto",
+                   help="the optimizer's AdamW kernel (train flag of the same name); auto plans for "
+                        "the fused/apex kernels")
     g.add_argument("--hf-config", default=None,
                    help="HF config.json (or its directory) instead of --model-preset")
     g.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=True,
@@ -164,6 +168,7 @@ def workload(args) -> Workload:
         params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         recompute=args.recompute_granularity,
         logprob_impl="ce" if args.logprob_impl == "ce" else "fused",
+        adam_impl="unfused" if args.adam_impl == "unfused" else "fused",
         rollout_max_tokens=args.rollout_max_tokens, rollout_batch=args.rollout_batch,
         kv_block_size=args.kv_block_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers,

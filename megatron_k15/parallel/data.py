@@ -8,7 +8,8 @@ Gradient flow for one optimizer step (dp here is the data x context parallel gro
     finish(): tp all-reduce of sequence-parallel (replicated) grads, pp all-reduce of the tied
         embedding between first and last stage, then their "late" bucket is reduce-scattered
     step(): global grad norm (each element counted once over tp x pp x dp), clip, AdamW on the
-        local fp32 master shard, all-gather of the updated shards back into the parameters
+        local fp32 master shard (``parallel.adam``: apex, PyTorch fused or unfused), all-gather
+        of the updated shards back into the parameters
 
 Losses are normalised by the global token count before backward, so gradients are *summed*
 over dp and every layout computes the same update as one rank.
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_k15.parallel.adam import adamw_step, resolve_adam_impl
 from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single
 
 
@@ -82,8 +84,11 @@ class DistributedOptimizer:
                  betas=(0.9, 0.95), eps: float = 1e-8, clip_grad: float = 0.0,
                  dp_group=None, tp_group=None, grad_norm_group=None, embedding_group=None,
                  tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
-                 sequence_parallel: bool = False, bucket_numel: int = 40_000_000, overlap: bool = True):
+                 sequence_parallel: bool = False, bucket_numel: int = 40_000_000, overlap: bool = True,
+                 adam_impl: str = "auto"):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
+        device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
+        self.adam_impl = resolve_adam_impl(adam_impl, device)
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self.clip_grad = clip_grad
         self.dp_group, self.tp_group = dp_group, tp_group
@@ -246,21 +251,12 @@ class DistributedOptimizer:
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
             coef = self.clip_grad / (norm + 1e-6)
         self.step_count += 1
-        b1, b2 = self.betas
-        bc1 = 1.0 - b1 ** self.step_count
-        bc2 = 1.0 - b2 ** self.step_count
         for i, b in enumerate(self.buckets):
-            g = b.shard_grad * coef
-            m, v, w = self.exp_avg[i], self.exp_avg_sq[i], self.master[i]
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.weight_decay and b.decay_ranges:
-                # 1 - lr * wd rounded in fp32, as a per-element fp32 product would be
-                keep = 1.0 - torch.tensor(lr * self.weight_decay, dtype=torch.float32, device=w.device)
-                for lo, hi in b.decay_ranges:
-                    w[lo:hi].mul_(keep)
-            w.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
-            self._publish(b, w)
+            g = b.shard_grad * coef if coef != 1.0 else b.shard_grad
+            adamw_step(self.adam_impl, self.master[i], g, self.exp_avg[i], self.exp_avg_sq[i],
+                       step=self.step_count, lr=lr, betas=self.betas, eps=self.eps,
+                       weight_decay=self.weight_decay, decay_ranges=b.decay_ranges)
+            self._publish(b, self.master[i])
         return norm
 
     def _publish(self, b: _Bucket, shard: torch.Tensor) -> None:

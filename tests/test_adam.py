@@ -1,0 +1,63 @@
+"""The optimizer's AdamW kernels (``parallel.adam``) against ``torch.optim.AdamW``: weight decay
+on matrices only, gradient clipping by the global norm, several steps."""
+
+import pytest
+import torch
+
+from megatron_k15.parallel.adam import ADAM_IMPLS, apex_available, resolve_adam_impl
+from megatron_k15.parallel.data import DistributedOptimizer
+
+IMPLS = ["unfused", "fused"] + (["apex"] if torch.cuda.is_available() and apex_available() else [])
+
+
+def _params(device):
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"norm.weight": (7,), "linear.weight": (5, 7), "linear.bias": (5,), "head.weight": (3, 5)}
+    return {n: torch.randn(s, generator=gen).to(device) for n, s in shapes.items()}
+
+
+def _grads(step, params):
+    gen = torch.Generator().manual_seed(100 + step)
+    return {n: 3.0 * torch.randn(p.shape, generator=gen).to(p.device) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adamw_kernels_equal_torch_adamw(impl):
+    device = torch.device("cuda" if impl == "apex" else "cpu")
+    lr, wd, betas, eps, clip = 0.01, 0.1, (0.9, 0.95), 1e-8, 1.0
+    ours = {n: torch.nn.Parameter(p.clone()) for n, p in _params(device).items()}
+    ref = {n: torch.nn.Parameter(p.clone()) for n, p in _params(device).items()}
+    # small buckets: the decay ranges fall inside buckets and across them
+    opt = DistributedOptimizer(list(ours.items()), lr=lr, weight_decay=wd, betas=betas, eps=eps,
+                               clip_grad=clip, bucket_numel=40, overlap=False, adam_impl=impl)
+    assert opt.adam_impl == impl
+    torch_opt = torch.optim.AdamW([
+        {"params": [p for p in ref.values() if p.dim() > 1], "weight_decay": wd},
+        {"params": [p for p in ref.values() if p.dim() <= 1], "weight_decay": 0.0},
+    ], lr=lr, betas=betas, eps=eps)
+    for step in range(5):
+        grads = _grads(step, ours)
+        opt.zero_grad()
+        opt.prepare_for_backward(True)
+        for n, p in ours.items():
+            p.grad.copy_(grads[n])
+        opt.finish_grad_sync()
+        norm = opt.step()
+        for n, p in ref.items():
+            p.grad = grads[n].clone()
+        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), clip)
+        torch_opt.step()
+        assert abs(norm - float(ref_norm)) <= 1e-5 * float(ref_norm)
+        for n in ours:
+            assert torch.allclose(ours[n].data, ref[n].data, rtol=1e-5, atol=1e-6), (step, n)
+
+
+def test_resolve_adam_impl():
+    assert resolve_adam_impl("unfused", torch.device("cpu")) == "unfused"
+    assert resolve_adam_impl("auto", torch.device("cpu")) in ("fused", "unfused")
+    with pytest.raises(ValueError, match="--adam-impl"):
+        resolve_adam_impl("sgd", torch.device("cpu"))
+    if not (torch.cuda.is_available() and apex_available()):
+        with pytest.raises(ValueError, match="apex"):
+            resolve_adam_impl("apex", torch.device("cpu"))
+    assert set(IMPLS) <= set(ADAM_IMPLS)

@@ -247,15 +247,19 @@ def _generate_cp(rank, world_size, kind):
     cache.add_sequence("probe")
     cache.ensure_capacity("probe", engine._local_len(64))
     probe_blocks = len(cache.blocks("probe"))
+    # chunked prefill over the sharded cache: chunks of 8 (prompts up to 31 tokens)
+    chunked = _engine(model, cp_group=parallel_state.get_context_parallel_group(), max_prefill_tokens=8)
+    sampled_chunked = chunked.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
     dist.barrier()
     return [[(r.output_ids, r.output_logprobs) for r in greedy],
-            [(r.output_ids, r.output_logprobs) for r in sampled], probe_blocks]
+            [(r.output_ids, r.output_logprobs) for r in sampled], probe_blocks,
+            [(r.output_ids, r.output_logprobs) for r in sampled_chunked]]
 
 
 @pytest.mark.slow
 def test_context_parallel_decode_shards_the_cache_and_equals_one_rank():
     """cp=2: each rank caches every other position; merged by LSE the tokens and log-probs
-    equal one rank's."""
+    equal one rank's, also when long prompts are prefilled in chunks over the sharded cache."""
     ref = _one_rank_reference("qwen2")
     for rank_out in run_distributed(_generate_cp, 2, "qwen2"):
         for got_runs, ref_runs in zip(rank_out[:2], ref):
@@ -263,3 +267,6 @@ def test_context_parallel_decode_shards_the_cache_and_equals_one_rank():
                 assert ids == ref_ids
                 assert _close(lps, ref_lps)
         assert rank_out[2] == 64 // 2 // 4  # 64 positions, half per rank, 4 per block
+        for (ids, lps), (ref_ids, ref_lps) in zip(rank_out[3], ref[1]):  # chunked prefill
+            assert ids == ref_ids
+            assert _close(lps, ref_lps)

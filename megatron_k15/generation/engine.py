@@ -94,7 +94,7 @@ class GenerationEngine:
             on CPU enough for the requests of each call (grown as needed).
         max_batch_size: most requests decoded together.
         max_prefill_tokens: most tokens prefilled in one forward; a longer prompt is prefilled
-            in chunks of this size over its cached prefix (not under cp decode).
+            in chunks of this size over its cached prefix.
         pp_group: the pipeline group when the model is one stage of several.
         cp_group: shard every sequence's KV cache over this group (context-parallel decode);
             all its ranks must be given the same requests.
@@ -368,7 +368,7 @@ class GenerationEngine:
         for r in heads:
             cache.add_sequence(r.index)
             cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
-        if len(heads) == 1 and len(heads[0].tokens) > self.max_prefill_tokens and self.cp_group is None:
+        if len(heads) == 1 and len(heads[0].tokens) > self.max_prefill_tokens:
             logits = self._prefill_chunks(heads[0])
         else:
             logits = self._prefill_packed(heads)
@@ -424,12 +424,16 @@ class GenerationEngine:
         step = max(self._pad_to, self.max_prefill_tokens - self.max_prefill_tokens % self._pad_to)
         for start in range(0, n, step):
             end = min(n, start + step)
-            slots = self.cache.slot_mapping([r.index], [range(start, end)], device="cpu")
+            if self.cp_group is None:  # the chunk attends over cache slots [0, end)
+                local, context = range(start, end), end
+            else:  # over this rank's prefix shard (and its own K/V, which every rank has)
+                local, context = [self._local_position(p) for p in range(start, end)], self._local_len(start)
+            slots = self.cache.slot_mapping([r.index], [local], device="cpu")
             ids, positions, slots, _ = self._pad(r.tokens[start:end], list(range(start, end)), slots)
             batch = InferenceBatch(
                 self.cache, slots.to(self.device), decode=False, decode_impl=self.decode_impl,
-                prefill_attention=self.prefill_attention, prefix_seq=r.index, context_len=end,
-                chunk_rows=end - start)
+                prefill_attention=self.prefill_attention, cp_group=self.cp_group,
+                prefix_seq=r.index, context_len=context, chunk_rows=end - start)
             logits = self._forward(ids, positions, batch,
                                    torch.tensor([end - start - 1], device=self.device))
         return logits

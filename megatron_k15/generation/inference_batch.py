@@ -11,8 +11,9 @@ of many prompts and decode of many sequences are the same call with different me
 
 - **prefill chunk** (``prefix_seq`` set): N = the next tokens of one long prompt whose earlier
   tokens are already cached; they attend over the cached prefix and themselves (q shorter
-  than k/v, causal aligned bottom-right). Long prompts (a resumed 100K-token partial rollout)
-  are prefilled chunk by chunk so activations stay bounded by the chunk size.
+  than k/v, causal aligned bottom-right; under cp, over each rank's prefix shard and merged
+  by LSE). Long prompts (a resumed 100K-token partial rollout) are prefilled chunk by chunk
+  so activations stay bounded by the chunk size.
 
 Rows added to reach a multiple of the tp size (sequence parallelism splits N) are *padding*:
 slot -1 (written to the cache's scratch block) and, in decode, a cached length of 0.
@@ -48,7 +49,7 @@ class InferenceBatch:
     prefill_attention: AttentionFn = sdpa_attention
     cp_group: Optional[object] = None  # decode: the cache is sharded over it; merge by LSE
     prefix_seq: Optional[object] = None  # prefill chunk: the sequence whose cache holds the prefix
-    context_len: int = 0  # prefill chunk: prefix + chunk tokens
+    context_len: int = 0  # prefill chunk: cached slots to attend over (this rank's, under cp)
     chunk_rows: int = 0  # prefill chunk: real rows of N (the rest is padding)
 
     def layer(self, j: int) -> "LayerKVCache":
@@ -67,10 +68,13 @@ class LayerKVCache:
         cache = b.cache
         cache.write_slots(self.index, b.slots, k[0], v[0])
         if b.prefix_seq is not None:
-            k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
             n = b.chunk_rows
-            out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
-                                      softmax_scale=softmax_scale)
+            if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
+                k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
+                out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
+                                          softmax_scale=softmax_scale)
+            else:
+                out = self._chunk_attention_cp(q[0, :n], k[0, :n], v[0, :n], softmax_scale)[None]
             if n < q.shape[1]:  # padding rows
                 out = torch.cat([out, out.new_zeros(1, q.shape[1] - n, *out.shape[2:])], dim=1)
             return out
@@ -88,10 +92,48 @@ class LayerKVCache:
         return merge_cp_partials(out, lse, b.cp_group).unsqueeze(0)
 
 
-def merge_cp_partials(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    def _chunk_attention_cp(self, q, k, v, softmax_scale):
+        """A prefill chunk under context-parallel decode: every cp rank runs the chunk, but
+        each holds only its share of the cached prefix (positions p % cp == rank). The chunk
+        attends causally over its own K/V (the same on every rank) and without a mask over each
+        rank's prefix shard (all earlier positions); the partials merge by their LSE."""
+        b = self.batch
+        kp, vp = b.cache.gather(self.index, b.prefix_seq, b.context_len)
+        out_self, lse_self = attention_with_lse(q, k, v, causal=True, softmax_scale=softmax_scale)
+        out_pre, lse_pre = attention_with_lse(q, kp, vp, causal=False, softmax_scale=softmax_scale)
+        return merge_cp_partials(out_pre, lse_pre, b.cp_group, extra=(out_self, lse_self))
+
+
+def attention_with_lse(q, k, v, *, causal: bool, softmax_scale: float):
+    """(out (S_q, H, D) in q's dtype, lse (S_q, H) fp32) of q (S_q, H, D) over k/v (S_k, KV, D),
+    GQA, causal aligned bottom-right; no keys: out 0, lse -inf. Our Triton kernel on GPU; on
+    CPU explicit fp32 scores (O(S_q * S_k) memory: what CPU-sized tests need)."""
+    sq, h, d = q.shape
+    sk, kv = k.shape[0], k.shape[1]
+    if sk == 0:
+        return torch.zeros_like(q), torch.full((sq, h), float("-inf"), device=q.device)
+    if q.is_cuda:
+        from megatron_k15.kernels.flash_attention import flash_attn_func
+
+        out, lse = flash_attn_func(q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale,
+                                   return_lse=True)
+        return out[0], lse[0].transpose(0, 1).float()
+    g = h // kv
+    s = torch.einsum("qkgd,skd->kgqs", q.float().view(sq, kv, g, d), k.float()) * softmax_scale
+    if causal:
+        seen = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        s = s.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (kv, g, sq)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("kgqs,skd->qkgd", p, v.float()).reshape(sq, h, d)
+    return out.to(q.dtype), lse.permute(2, 0, 1).reshape(sq, h)
+
+
+def merge_cp_partials(out: torch.Tensor, lse: torch.Tensor, group, extra=None) -> torch.Tensor:
     """Attention over a KV cache sharded across ``group`` from each rank's partial (out, lse):
     out = sum_r exp(lse_r - m) out_r / sum_r exp(lse_r - m), m = max_r lse_r, in fp32; rows no
-    rank has keys for (lse = -inf everywhere) give 0. Every rank gets the same result."""
+    rank has keys for (lse = -inf everywhere) give 0. ``extra`` = (out, lse) is one more
+    partial, the same on every rank, counted once. Every rank gets the same result."""
     import torch.distributed as dist
 
     n = dist.get_world_size(group)
@@ -99,6 +141,9 @@ def merge_cp_partials(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tens
     lses = [torch.empty_like(lse) for _ in range(n)]
     dist.all_gather(outs, out.contiguous(), group=group)
     dist.all_gather(lses, lse.contiguous(), group=group)
+    if extra is not None:
+        outs.append(extra[0])
+        lses.append(extra[1])
     o = torch.stack(outs).float()  # (cp, N, H, D)
     l = torch.stack(lses).float()  # (cp, N, H)
     m = l.max(dim=0).values

@@ -35,7 +35,7 @@ TOKENIZER=${TOKENIZER:-}                  # default: the HF model's tokenizer (c
 
 # ---- parallel layout: 7B on 8x80GB -------------------------------------------------------
 # The memory planner's first choice for Qwen2.5-7B at 128K tokens on 8x80GB: tp=2, dp=4
-# (61 GiB training peak with full recompute and fused log-probs); CP=2 (51 GiB) or TP=4
+# (61 GiB training peak with full recompute and fused log-probs); CP=2 (45 GiB) or TP=4
 # (38 GiB) leave more headroom, e.g. for a larger --rollout-batch-size:
 # layout: tools/plan_memory.py --suggest --model-preset qwen2.5-7b --seq-length 131072 --micro-batch-size 1 --bf16 --recompute-granularity full --logprob-impl fused --world-size 8
 TP=${TP:-2}

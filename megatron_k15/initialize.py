@@ -55,6 +55,42 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: st
         context_parallel_size=cp,
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
+    _create_pipeline_token_groups(pp)
+
+
+_PIPELINE_TOKEN_GROUP = None
+
+
+def _create_pipeline_token_groups(pp: int) -> None:
+    """A second communicator per pipeline group, for the generation engine's sampled tokens
+    that travel from the last stage back to the others while hidden states travel forward on
+    the pipeline group (on one NCCL communicator both directions share a stream per peer
+    pair). Every rank creates every group, in the same order, as ``new_group`` requires."""
+    global _PIPELINE_TOKEN_GROUP
+    from megatron.core import parallel_state
+
+    _PIPELINE_TOKEN_GROUP = None
+    if pp == 1:
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    stride = world // pp  # Megatron's order: pp varies slowest
+    own = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    for first in range(stride):
+        ranks = list(range(first, world, stride))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            if ranks != own:
+                raise RuntimeError(f"pipeline group {own} is not laid out as expected ({ranks})")
+            _PIPELINE_TOKEN_GROUP = group
+
+
+def pipeline_token_group(pp_group):
+    """The token communicator of ``pp_group`` when it is this rank's Megatron pipeline group;
+    otherwise ``pp_group`` itself (hand-made groups, e.g. in tests)."""
+    g = _PIPELINE_TOKEN_GROUP
+    if g is not None and dist.get_process_group_ranks(g) == dist.get_process_group_ranks(pp_group):
+        return g
+    return pp_group
 
 
 def set_seed(seed: int) -> None:
@@ -83,6 +119,8 @@ def initialize_megatron(args) -> None:
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    global _PIPELINE_TOKEN_GROUP
+    _PIPELINE_TOKEN_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

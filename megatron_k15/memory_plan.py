@@ -22,10 +22,10 @@ Static (held for the whole run):
                                       weight decay and norm counting go by parameter ranges)
 
 Transient (in the peak where it is the largest phase): with e < 4 and D > 1 each bucket is
-copied to fp32 for its reduce-scatter (``bucket.staging``); buckets launched during the last
-microbatch's backward keep their copy until ``finish_grad_sync`` waits, so 4 * P at the end
-of the step (and, during backward, the copies of the buckets already complete next to the
-layers not yet backpropagated). With D = 1 the bucket is cast straight into its fp32 shard.
+copied to fp32 for its reduce-scatter (``bucket.staging``) when the last microbatch's backward
+completes it; at most two copies are alive (``MAX_STAGED_BUCKETS``: launching a third waits
+for the oldest reduction), so 4 * (the two largest recent buckets) next to the layers not yet
+backpropagated, not 4 * P. With D = 1 the bucket is cast straight into its fp32 shard.
 
 Activations saved per transformer layer and microbatch (Korthikanti et al.'s count, redone
 for this model: no dropout, flash-style attention so no a * s^2 term):
@@ -63,8 +63,9 @@ full-length e * N * h the kernel keeps), and the log-prob path:
 The peak of a stage is static + the largest of: (i) forward end / log-prob backward, (ii) the
 backward of the last layer (for full recompute: every layer input + one recomputed layer)
 plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 4 * P_bucket / D
-of fp32 temporaries for the largest bucket (the clipped gradient; 12 with the unfused Adam), (iv) with e < 4 and D > 1, the buckets' fp32
-copies (4 * P in finish_grad_sync). With the 1F1B schedule, stage r keeps the saved
+of fp32 temporaries for the largest bucket (the clipped gradient; 12 with the unfused Adam),
+(iv) with e < 4 and D > 1, the fp32 copies of the two buckets most recently launched for
+their reduce-scatter. With the 1F1B schedule, stage r keeps the saved
 activations of min(pp - r, m) microbatches, so stage 0 holds pp of them; the schedule drops
 its references to a microbatch's input, output and grads once they are sent.
 
@@ -83,6 +84,7 @@ from typing import Any, Callable, Optional
 
 from megatron_k15.models.config import ConfigError, GPTConfig
 from megatron_k15.models.sharding import pipeline_layer_ranges
+from megatron_k15.parallel.data import MAX_STAGED_BUCKETS
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -522,11 +524,17 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
             pos = max(_backward_position(name) for i, name in members if i == lowest)
             keys.append((layer_ids.index(lowest), pos, 4 * numel))
 
-        def staged_at(j, p):
-            return sum(b for kj, kp, b in keys if kj > j or (kj == j and kp <= p))
+        # launch order: the output layer's bucket, then the layers from the last down, the
+        # embedding last; only the MAX_STAGED_BUCKETS most recently launched copies are alive
+        launch = sorted(keys, key=lambda k: (-k[0], k[1]))
 
-        total_copies = 4 * sum(numel for _, numel, _ in buckets)
-        points = [(total_copies, total_copies)]  # finish_grad_sync, before the waits
+        def staged_at(j, p):
+            launched = [b for kj, kp, b in launch if kj > j or (kj == j and kp <= p)]
+            return sum(launched[-MAX_STAGED_BUCKETS:])
+
+        late_copies = [4 * numel for _, numel, late in buckets if late]
+        total_copies = sum(([b for _, _, b in launch] + late_copies)[-MAX_STAGED_BUCKETS:])
+        points = [(total_copies, total_copies)]  # finish_grad_sync, before the last waits
         for j in range(n):
             # layer j's MLP backward (after fc2's grad) and attention core (after proj's), the
             # layers above it already backpropagated
@@ -623,8 +631,8 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     }[chosen["phase"]]
     if chosen["phase"] == "embedding backward":
         work_formula = "RoPE tables + " + work_formula
-    copies_formula = (f"4 x the buckets launched by then (4*P = {4 * G / GIB:.2f} GiB at "
-                      "finish_grad_sync): fp32 copies for the reduce-scatter")
+    copies_formula = (f"4 x the last {MAX_STAGED_BUCKETS} buckets launched by then: fp32 copies for "
+                      f"the reduce-scatter (not all of 4*P = {4 * G / GIB:.2f} GiB)")
     if staging_peak:
         comps.append(Component("activations at that point", work_formula, chosen["peak"] - copies,
                                "activations"))

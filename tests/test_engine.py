@@ -142,6 +142,24 @@ def test_lanes_taking_turns_give_the_same_tokens(models, num_blocks):
         assert engine.stats.preemptions > 0
 
 
+def test_engine_is_usable_after_an_exception(models):
+    """A failure mid-run (here the progress callback) frees every block: the next call
+    neither trips over the old sequences nor runs out of blocks."""
+    _, model = models
+    engine = _engine(model, num_blocks=40, max_batch_size=4)
+
+    def boom(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(PROMPTS, 12, SAMPLED, _gens(3, len(PROMPTS)), [], progress=boom)
+    assert engine.cache.num_used_blocks == 0
+    again = engine.generate(PROMPTS, 12, SAMPLED, _gens(3, len(PROMPTS)), [])
+    fresh = _engine(model, num_blocks=40, max_batch_size=4).generate(
+        PROMPTS, 12, SAMPLED, _gens(3, len(PROMPTS)), [])
+    assert [r.output_ids for r in again] == [r.output_ids for r in fresh]
+
+
 def test_partial_segments_equal_one_uninterrupted_generation(models):
     """Three segment budgets, each resumed from the tokens so far (prefix re-prefilled), with
     the request's generator carried on, give the same trajectory as one call."""
@@ -196,20 +214,28 @@ def _generate_layout(rank, world_size, tp, pp, kind, engine_kw=None):
     prompts = PROMPTS * 2
     greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
     sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
+    # no generators: the global RNG, seeded differently on every rank; tp rank 0's draws count
+    torch.manual_seed(99 if rank == 0 else 1000 + rank)
+    global_rng = engine.generate(prompts, 10, SAMPLED, None, EOS)
     dist.barrier()
     return [[(r.output_ids, r.output_logprobs) for r in greedy],
             [(r.output_ids, r.output_logprobs) for r in sampled],
-            engine.stats.preemptions, engine.cache.num_used_blocks]
+            engine.stats.preemptions, engine.cache.num_used_blocks,
+            [r.output_ids for r in global_rng]]
 
 
-def _one_rank_reference(kind):
+def _one_rank_reference(kind, engine_kw=None):
+    """The same requests on one rank (with the same engine settings: what the global RNG
+    draws depends on the schedule)."""
     model = gpt_from_hf(tiny_hf_model(kind, initializer_range=0.2))
-    engine = _engine(model)
+    engine = _engine(model, **{k: v for k, v in (engine_kw or {}).items() if k != "num_lanes"})
     prompts = PROMPTS * 2
     greedy = engine.generate(prompts, 10, SamplingParams(temperature=0.0), None, EOS)
     sampled = engine.generate(prompts, 10, SAMPLED, _gens(13, len(prompts)), EOS)
+    torch.manual_seed(99)
+    global_rng = engine.generate(prompts, 10, SAMPLED, None, EOS)
     return [[(r.output_ids, r.output_logprobs) for r in greedy],
-            [(r.output_ids, r.output_logprobs) for r in sampled]]
+            [(r.output_ids, r.output_logprobs) for r in sampled], [r.output_ids for r in global_rng]]
 
 
 @pytest.mark.slow
@@ -219,7 +245,7 @@ def _one_rank_reference(kind):
     (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7, "max_prefill_tokens": 8}),
 ])
 def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw):
-    ref = _one_rank_reference("qwen2")
+    ref = _one_rank_reference("qwen2", engine_kw)
     for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, "qwen2", engine_kw):
         for got_runs, ref_runs in zip(rank_out[:2], ref):
             for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
@@ -228,6 +254,8 @@ def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_k
         assert rank_out[3] == 0  # every block freed
         if engine_kw and "num_blocks" in engine_kw:
             assert rank_out[2] > 0  # the tiny cache did preempt
+        if tp > 1:  # the global RNG: tp rank 0's draws, as one rank seeded alike
+            assert rank_out[4] == ref[2]
 
 
 def _generate_cp(rank, world_size, kind):

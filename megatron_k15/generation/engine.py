@@ -56,6 +56,7 @@ from megatron_k15.generation.inference_batch import InferenceBatch
 from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory
 from megatron_k15.generation.recompute import GenerationResult, generate_recompute
 from megatron_k15.generation.sampling import SamplingParams, sample_tokens_vocab_parallel
+from megatron_k15.initialize import pipeline_token_group
 from megatron_k15.kernels.decode_attention import HAVE_TRITON
 from megatron_k15.models.attention import get_attention_backend
 
@@ -131,6 +132,9 @@ class GenerationEngine:
         self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
         self.cp_group = cp_group if self.cp_size > 1 else None
         self.num_lanes = num_lanes or self.pp_size
+        # tokens travel back on their own communicator (initialize.py creates one per
+        # pipeline group), not behind the forward hidden-state traffic
+        self._token_group = pipeline_token_group(pp_group) if self.pp_size > 1 else None
         self._sends: deque = deque()  # (work, tensor) of point-to-point sends in flight
         self.cache: Optional[PagedKVCache] = None
         self.stats = EngineStats()
@@ -287,7 +291,7 @@ class GenerationEngine:
                     if waiting and not any(lanes) and capacity[m] > 0:
                         r = waiting[0]
                         raise OutOfBlocks(
-                            f"request {r.index} needs {self._blocks_for(len(r.tokens) + 1)} KV-cache "
+                            f"request {r.index} needs {self._blocks_for(self._local_len(len(r.tokens) + 1, 0))} KV-cache "
                             f"blocks but the cache has {cache.num_blocks} (block size {self.block_size}); "
                             "give the engine more memory (num_blocks / kv_memory_fraction) or shorter "
                             "requests")
@@ -296,8 +300,13 @@ class GenerationEngine:
                 inflight[m] = (reqs, *self._emit_tokens(reqs, logits))
                 self.stats.steps += 1
                 m = (m + 1) % self.num_lanes
-        finally:
-            self._wait_sends(all_of_them=True)
+        except BaseException:
+            # the engine stays usable: no sequence keeps its blocks, and sends the peer will
+            # never receive (it failed too, or is being torn down) are dropped, not waited for
+            self._sends.clear()
+            cache.reset()
+            raise
+        self._wait_sends(all_of_them=True)
 
     def _apply(self, reqs: list[_Request], tokens, logprobs, running: list[_Request]) -> None:
         """Append a step's tokens to its requests; finished ones leave ``running`` and free
@@ -313,16 +322,22 @@ class GenerationEngine:
             if self._progress is not None:
                 self._progress(self._done, self._total)
 
-    def _admit(self, waiting: deque, running: list[_Request], capacity: int, reserve: int) -> list[_Request]:
+    def _admit(self, waiting: deque, running: list[_Request], capacity: int, total: int) -> list[_Request]:
         """Take waiting requests while the lane's capacity, the prefill budget and free blocks
-        allow, keeping ``reserve`` blocks (one per running request of any lane, for its next
-        decode step). Identical token lists are admitted together (one prefill, then forks)."""
+        allow, keeping a block free per running request of any lane (``total`` of them) for
+        its next decode step. Identical token lists are admitted together (one prefill, then
+        forks), also past the lane's capacity (never past ``max_batch_size``), so the k
+        samples of a prompt are not split over lanes and prefilled twice."""
         free, _ = self._cp_agree(self.cache.num_free_blocks, 0)
         admitted, tokens, prompts = [], 0, set()
-        while waiting and len(running) + len(admitted) < capacity:
+        reserve = total
+        while waiting and total + len(admitted) < self.max_batch_size:
             r = waiting[0]
             key = tuple(r.tokens)
-            n = 0 if key in prompts else len(r.tokens)  # a fork is not prefilled again
+            fork = key in prompts
+            if len(running) + len(admitted) >= capacity and not fork:
+                break
+            n = 0 if fork else len(r.tokens)  # a fork is not prefilled again
             need = self._blocks_for(self._local_len(len(r.tokens) + 1, 0))
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
@@ -494,11 +509,11 @@ class GenerationEngine:
     def _send_hidden(self, hidden: torch.Tensor) -> None:
         self._isend(hidden, dist.get_global_rank(self.pp_group, self.pp_rank + 1))
 
-    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+    def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
         """Send without waiting: the receiver takes it when its turn comes. Handles are kept
         (with their tensors) until they complete."""
         tensor = tensor.contiguous()
-        self._sends.append((dist.isend(tensor, dst=dst), tensor))
+        self._sends.append((dist.isend(tensor, dst=dst, group=group), tensor))
         self._wait_sends()
 
     def _wait_sends(self, all_of_them: bool = False) -> None:
@@ -508,7 +523,7 @@ class GenerationEngine:
     def _recv_tokens(self, n: int):
         """This step's tokens and log-probs from the last stage (same tp and cp rank)."""
         packed = torch.empty(2, n, dtype=torch.float64, device=self._comm_device())
-        dist.recv(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1))
+        dist.recv(packed, src=dist.get_global_rank(self.pp_group, self.pp_size - 1), group=self._token_group)
         return packed[0].long(), packed[1].float()
 
     # ------------------------------------------------------------------ sampling
@@ -532,7 +547,7 @@ class GenerationEngine:
         if self.cp_group is not None:
             dist.broadcast(packed, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
         for stage in range(self.pp_size - 1):
-            self._isend(packed, dist.get_global_rank(self.pp_group, stage))
+            self._isend(packed, dist.get_global_rank(self.pp_group, stage), self._token_group)
         return packed[0].long(), packed[1].float()
 
     def _append(self, reqs: list[_Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> list[_Request]:

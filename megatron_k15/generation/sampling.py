@@ -243,11 +243,11 @@ def _top_p_filter_vocab_parallel(scaled: torch.Tensor, scaled_max: torch.Tensor,
 def _uniforms(generators: Optional[list[torch.Generator]], b: int, group,
               device: torch.device) -> torch.Tensor:
     """One float64 uniform per row, as ``sample_tokens`` draws it. Per-row generators are
-    seeded alike on every rank; the global RNG need not be, so its draws come from the
-    group's first rank."""
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
-                     for g in (generators if generators is not None else [None] * b)]).to(device)
-    if generators is None:
+    seeded alike on every rank; the global RNG need not be, so when any row draws from it
+    (``None``, or a None entry) the group's first rank's draws are used for every row."""
+    generators = generators if generators is not None else [None] * b
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(device)
+    if any(g is None for g in generators):
         dist.broadcast(u, src=dist.get_global_rank(group, 0), group=group)
     return u
 

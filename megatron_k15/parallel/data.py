@@ -18,6 +18,7 @@ over dp and every layout computes the same update as one rank.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,11 @@ import torch.distributed as dist
 
 from megatron_k15.parallel.adam import adamw_step, resolve_adam_impl
 from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single
+
+
+# A 16-bit bucket is copied to fp32 for its reduce-scatter; this many copies may be alive at
+# once (the reduction of one bucket overlaps the backward that completes the next).
+MAX_STAGED_BUCKETS = 2
 
 
 def _group_size(group) -> int:
@@ -46,7 +52,7 @@ class _Bucket:
     handle: Optional[object] = None
     shard_grad: torch.Tensor = None  # fp32 (numel / dp,) reduced grad of this rank's shard
     # dp > 1 and a 16-bit model: the fp32 copy of grad_data the reduce-scatter reads, alive from
-    # the launch to the wait in finish_grad_sync (4 bytes/element of the bucket)
+    # the launch to the wait (4 bytes/element; at most MAX_STAGED_BUCKETS of them at a time)
     staging: torch.Tensor = None
     # (start, end) within this rank's shard of the parameters decayed by AdamW and of those
     # counted in the grad norm (adjacent ones merged): no per-element masks
@@ -102,6 +108,7 @@ class DistributedOptimizer:
         self.overlap = overlap
         self.step_count = 0
         self._sync_enabled = True
+        self._staged: deque = deque()  # buckets whose fp32 staging copy is alive, oldest first
 
         late = [(n, p) for n, p in self.named_params if self._is_late(n, p)]
         early = [(n, p) for n, p in reversed(self.named_params) if not self._is_late(n, p)]
@@ -196,14 +203,29 @@ class DistributedOptimizer:
             b.handle = None
             return
         # the reduction is summed in fp32: a 16-bit bucket is copied, and the copy must live
-        # until the asynchronous reduce-scatter is waited for (finish_grad_sync frees it)
-        b.staging = b.grad_data.float() if b.grad_data.dtype != torch.float32 else b.grad_data
+        # until the asynchronous reduce-scatter is waited for; at most MAX_STAGED_BUCKETS copies
+        # exist at once (the oldest reduction is waited for first), not one per bucket
+        if b.grad_data.dtype != torch.float32:
+            while len(self._staged) >= MAX_STAGED_BUCKETS:
+                self._retire(self._staged.popleft())
+            b.staging = b.grad_data.float()
+            self._staged.append(b)
+        else:
+            b.staging = b.grad_data
         b.handle = _reduce_scatter_single(b.shard_grad, b.staging, group=self.dp_group, async_op=True)
+
+    @staticmethod
+    def _retire(b: _Bucket) -> None:
+        if b.handle is not None:
+            b.handle.wait()
+            b.handle = None
+        b.staging = None
 
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.grad_data.zero_()
             b.handle = None
+        self._staged.clear()
 
     def prepare_for_backward(self, is_last_microbatch: bool) -> None:
         """Call before each microbatch's backward; grads are reduced only after the last one."""
@@ -225,10 +247,8 @@ class DistributedOptimizer:
             elif not self.overlap or not self._sync_enabled or b.pending != 0:
                 self._launch(b)
         for b in self.buckets:
-            if b.handle is not None:
-                b.handle.wait()
-                b.handle = None
-            b.staging = None  # a 16-bit model's fp32 copy of the bucket: free it right away
+            self._retire(b)  # a 16-bit model's fp32 copy of the bucket: free it right away
+        self._staged.clear()
         self._sync_enabled = False
 
     # -- the update -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Accuracy of the current policy on a held-out prompt set (greedy, or pass@k with n samples).
 
-Prompts are split over data-parallel ranks; tp ranks decode together. Every rank gets the
-totals. Used by ``train_rl --eval-data`` (before the first and after the last iteration, and
+Prompts are split over data-parallel replicas (``dp_rank``/``dp_size``); the ranks of a
+replica (tp, and pp / cp when the generator was built with those groups) decode together and
+all see the same tokens. Every rank gets the totals. Used by ``train_rl --eval-data`` (before the first and after the last iteration, and
 every ``--eval-interval``) and by ``tools/evaluate.py``.
 """
 

@@ -75,7 +75,7 @@ class _Request:
 class EngineStats:
     prefill_tokens: int = 0  # prompt (and re-prefilled) tokens run through the model
     generated_tokens: int = 0  # tokens sampled
-    steps: int = 0
+    steps: int = 0  # lane turns that ran a forward (prefill or decode of one lane)
     preemptions: int = 0
     seconds: float = 0.0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 
 def size_arg(text: str) -> int:
@@ -15,3 +16,19 @@ def size_arg(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def cuda_or_explain(script: str, smoke: Optional[bool] = None) -> bool:
+    """Whether ``script`` has a CUDA GPU to benchmark on (or runs its CPU ``--smoke`` check;
+    ``smoke`` is None for scripts without one).
+    Otherwise it says so on stderr; the script then exits with status 0 (``run_all_gpu.sh``
+    reads "no CUDA GPU" as a skip)."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() or smoke:
+        return True
+    hint = " (use --smoke to check the script on CPU)" if smoke is not None else ""
+    print(f"{script}: no CUDA GPU available; nothing to benchmark{hint}.", file=sys.stderr)
+    return False

@@ -27,6 +27,7 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 BACKENDS = ("ours", "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "fwd_bwd")
@@ -34,18 +35,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQLENS = [1024 * 2**i for i in range(8)]  # 1K .. 128K
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.lower().replace("k", "")) * (1024 if text.lower().endswith("k") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _head_dim(text: str) -> int:
-    value = _positive_int(text)
+    value = size_arg(text)
     if value < 16 or value > 256 or value & (value - 1):
         raise argparse.ArgumentTypeError(
             f"head_dim must be a power of two in [16, 256], got {value}")
@@ -55,22 +46,22 @@ def _head_dim(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", type=_positive_int, nargs="+", default=DEFAULT_SEQLENS,
+    p.add_argument("--seqlens", type=size_arg, nargs="+", default=DEFAULT_SEQLENS,
                    help="sequence lengths (accepts 16k style; default 1K..128K)")
     p.add_argument("--head-dims", type=_head_dim, nargs="+", default=[64, 128],
                    help="head dimensions (default 64 128)")
-    p.add_argument("--hidden", type=_positive_int, default=2048,
+    p.add_argument("--hidden", type=size_arg, default=2048,
                    help="n_heads * head_dim (default 2048)")
-    p.add_argument("--kv-heads", type=_positive_int, default=None,
+    p.add_argument("--kv-heads", type=size_arg, default=None,
                    help="kv heads for GQA (default: as many as query heads)")
-    p.add_argument("--tokens", type=_positive_int, default=16384,
+    p.add_argument("--tokens", type=size_arg, default=16384,
                    help="batch * seqlen per measurement (default 16384)")
     p.add_argument("--causal", choices=("on", "off", "both"), default="both")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES))
     p.add_argument("--backends", choices=BACKENDS, nargs="+", default=list(BACKENDS))
-    p.add_argument("--warmup", type=_positive_int, default=25, help="warm-up time, ms")
-    p.add_argument("--rep", type=_positive_int, default=100, help="measurement time, ms")
+    p.add_argument("--warmup", type=size_arg, default=25, help="warm-up time, ms")
+    p.add_argument("--rep", type=size_arg, default=100, help="measurement time, ms")
     p.add_argument("--check", action="store_true",
                    help="also report max |ours - sdpa| of the forward output per row")
     args = p.parse_args(argv)
@@ -142,9 +133,7 @@ def bench_one(backend, mode, q, k, v, causal, warmup, rep):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/attention.py: no CUDA device available; nothing to benchmark.",
-              file=sys.stderr)
+    if not cuda_or_explain("bench/attention.py"):
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench/attention.py: TRITON_INTERPRET is set; unset it to benchmark compiled "

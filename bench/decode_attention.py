@@ -34,7 +34,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
+from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KNOWN_BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
@@ -74,8 +74,7 @@ def _bandwidth(args) -> tuple:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/decode_attention.py: no CUDA GPU available; nothing to benchmark.")
+    if not cuda_or_explain("bench/decode_attention.py"):
         return 0
     import triton.testing
 

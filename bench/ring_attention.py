@@ -42,7 +42,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
+from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 NVLINK_GBPS = 450.0  # per direction (900 GB/s bidirectional)
 IB_GBPS = 50.0
@@ -180,11 +180,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        print("bench/ring_attention.py needs a CUDA GPU (none found); nothing to do. "
-              "Use --smoke to check the script on CPU.")
+    if not cuda_or_explain("bench/ring_attention.py", args.smoke):
         return 0
+    cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from megatron_k15.parallel.context import zigzag_split

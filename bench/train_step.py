@@ -43,7 +43,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
+from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DTYPES = ("bf16", "fp16", "fp32")
@@ -201,11 +201,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        print("bench/train_step.py: no CUDA GPU available; nothing to benchmark (use --smoke to "
-              "check the script on CPU).")
+    if not cuda_or_explain("bench/train_step.py", args.smoke):
         return 0
+    cuda = torch.cuda.is_available()
     if not cuda:  # the torch chunked forward: what tests/test_plan_memory.py measures on CPU
         os.environ.setdefault("MEGATRON_K15_FUSED_LOGPROBS_IMPL", "torch")
     from megatron_k15.initialize import initialize_model_parallel, set_seed

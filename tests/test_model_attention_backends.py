@@ -65,6 +65,7 @@ def test_auto_backend_resolves_by_device():
 def test_chunk_over_cached_prefix_is_bottom_right_causal(backend):
     """q shorter than k/v (a prefill chunk over a cached prefix): query i sees key j iff
     j <= i + s_k - s_q, as flash-attn aligns it; checked against a float64 reference, GQA 4:1."""
+    from megatron_k15.kernels.flash_attention import attention_reference
     from megatron_k15.models.attention import get_attention_backend
 
     gen = torch.Generator().manual_seed(3)
@@ -73,8 +74,9 @@ def test_chunk_over_cached_prefix_is_bottom_right_causal(backend):
     k = torch.randn(1, sk, kv, d, generator=gen)
     v = torch.randn(1, sk, kv, d, generator=gen)
     out = get_attention_backend(backend)(q, k, v, causal=True, softmax_scale=0.3)
-    kr, vr = (t.double().repeat_interleave(h // kv, dim=2) for t in (k, v))
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kr) * 0.3
-    allowed = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
-    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), vr)
+    ref = attention_reference(q, k, v, causal=True, softmax_scale=0.3, upcast=torch.float64)
     assert (out.double() - ref).abs().max() <= 1e-5
+    # and it is bottom-right: the top-left alignment would differ
+    top_left = attention_reference(q, k[:, :sq], v[:, :sq], causal=True, softmax_scale=0.3,
+                                   upcast=torch.float64)
+    assert (out.double() - top_left).abs().max() > 1e-2

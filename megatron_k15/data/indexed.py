@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
 
@@ -200,14 +200,19 @@ class IndexedTokens:
             yield self[i]
 
 
-def load_summary(prefix: str) -> dict:
-    """``PREFIX.json`` (written last by the preprocessing tool)."""
+def load_summary(prefix: str, mode: Optional[str] = None) -> dict:
+    """``PREFIX.json`` (written last by the preprocessing tool); with ``mode``, the dataset
+    must have been preprocessed with ``--mode mode``."""
     path = prefix + SUMMARY_SUFFIX
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (dataset not preprocessed, or preprocessing "
                                 f"did not finish)")
     with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
+        summary = json.load(f)
+    if mode is not None and summary.get("mode") != mode:
+        raise ValueError(f"{path}: mode is {summary.get('mode')!r}, not {mode!r} (preprocess it with "
+                         f"tools/preprocess_data.py --mode {mode})")
+    return summary
 
 
 class SFTSample(NamedTuple):
@@ -221,6 +226,14 @@ class TokenMaskSequences:
 
     def __init__(self, tokens: "IndexedTokens", loss_mask: "IndexedTokens"):
         self.tokens, self.loss_mask = tokens, loss_mask
+
+    @classmethod
+    def from_prefix(cls, prefix: str) -> "TokenMaskSequences":
+        """``PREFIX`` token ids and ``PREFIX`` + loss-mask suffix, checked to match."""
+        tokens, mask = IndexedTokens(prefix), IndexedTokens(prefix + LOSS_MASK_SUFFIX)
+        if len(tokens) != len(mask) or not np.array_equal(tokens.lengths, mask.lengths):
+            raise ValueError(f"{prefix}: token and loss-mask datasets do not match")
+        return TokenMaskSequences(tokens, mask)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -242,14 +255,9 @@ class SFTDataset(TokenMaskSequences):
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.summary = load_summary(prefix)
-        if self.summary.get("mode") != "sft":
-            raise ValueError(f"{prefix}{SUMMARY_SUFFIX}: mode is {self.summary.get('mode')!r}, not 'sft'")
-        self.tokens = IndexedTokens(prefix)
-        self.loss_mask = IndexedTokens(prefix + LOSS_MASK_SUFFIX)
-        if len(self.tokens) != len(self.loss_mask) or \
-                not np.array_equal(self.tokens.lengths, self.loss_mask.lengths):
-            raise ValueError(f"{prefix}: token and loss-mask datasets do not match")
+        self.summary = load_summary(prefix, "sft")
+        pair = TokenMaskSequences.from_prefix(prefix)
+        super().__init__(pair.tokens, pair.loss_mask)
 
 
 class PromptSample(NamedTuple):
@@ -263,9 +271,7 @@ class PromptDataset:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.summary = load_summary(prefix)
-        if self.summary.get("mode") != "prompts":
-            raise ValueError(f"{prefix}{SUMMARY_SUFFIX}: mode is {self.summary.get('mode')!r}, not 'prompts'")
+        self.summary = load_summary(prefix, "prompts")
         self.tokens = IndexedTokens(prefix)
         self.records: list[dict] = []
         with open(prefix + META_SUFFIX, "r", encoding="utf-8") as f:

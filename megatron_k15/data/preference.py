@@ -18,12 +18,9 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
-import numpy as np
-
 from megatron_k15.data.indexed import (
     LOSS_MASK_SUFFIX,
     SUMMARY_SUFFIX,
-    IndexedTokens,
     SFTSample,
     TokenMaskSequences,
     load_summary,
@@ -72,18 +69,11 @@ class PreferenceDataset:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.summary = load_summary(prefix)
-        if self.summary.get("mode") != DPO_MODE:
-            raise ValueError(f"{prefix}{SUMMARY_SUFFIX}: mode is {self.summary.get('mode')!r}, not "
-                             f"'{DPO_MODE}' (preprocess preference pairs with tools/preprocess_data.py --mode dpo)")
-        tokens = IndexedTokens(prefix)
-        mask = IndexedTokens(prefix + LOSS_MASK_SUFFIX)
-        if len(tokens) != len(mask) or not np.array_equal(tokens.lengths, mask.lengths):
-            raise ValueError(f"{prefix}: token and loss-mask datasets do not match")
-        if len(tokens) % 2:
-            raise ValueError(f"{prefix}: {len(tokens)} sequences; a preference dataset holds pairs "
-                             f"(an even number)")
-        self.sequences = TokenMaskSequences(tokens, mask)
+        self.summary = load_summary(prefix, DPO_MODE)
+        self.sequences = TokenMaskSequences.from_prefix(prefix)
+        if len(self.sequences) % 2:
+            raise ValueError(f"{prefix}: {len(self.sequences)} sequences; a preference dataset holds "
+                             f"pairs (an even number)")
 
     def __len__(self) -> int:
         return len(self.sequences) // 2

@@ -449,8 +449,9 @@ class GenerationEngine:
                 self.cache, slots.to(self.device), decode=False, decode_impl=self.decode_impl,
                 prefill_attention=self.prefill_attention, cp_group=self.cp_group,
                 prefix_seq=r.index, context_len=context, chunk_rows=end - start)
+            last = end == n  # only the last chunk's last token samples
             logits = self._forward(ids, positions, batch,
-                                   torch.tensor([end - start - 1], device=self.device))
+                                   torch.tensor([end - start - 1], device=self.device) if last else None)
         return logits
 
     def _decode(self, running: list[_Request]) -> Optional[torch.Tensor]:
@@ -478,10 +479,10 @@ class GenerationEngine:
         return self._forward(ids, positions, batch, torch.arange(n, device=self.device))
 
     def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,
-                 rows: torch.Tensor) -> Optional[torch.Tensor]:
+                 rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Run this stage on the packed tokens; the last stage returns this tp rank's
-        vocabulary shard of the logits at ``rows`` (fp32), other stages send their hidden
-        states on and return None."""
+        vocabulary shard of the logits at ``rows`` (fp32; None: no logits wanted), other
+        stages send their hidden states on and return None."""
         model = self.model
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
@@ -492,6 +493,8 @@ class GenerationEngine:
                                      batch.cu_seqlens, batch.max_seqlen, hidden=hidden, inference=batch)
         if not model.post_process:
             self._send_hidden(hidden)
+            return None
+        if rows is None:
             return None
         return model.local_logits_at(hidden, rows, torch.zeros_like(rows)).float()
 

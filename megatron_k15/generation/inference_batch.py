@@ -28,6 +28,7 @@ context parallelism).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -107,26 +108,16 @@ class LayerKVCache:
 def attention_with_lse(q, k, v, *, causal: bool, softmax_scale: float):
     """(out (S_q, H, D) in q's dtype, lse (S_q, H) fp32) of q (S_q, H, D) over k/v (S_k, KV, D),
     GQA, causal aligned bottom-right; no keys: out 0, lse -inf. Our Triton kernel on GPU; on
-    CPU explicit fp32 scores (O(S_q * S_k) memory: what CPU-sized tests need)."""
-    sq, h, d = q.shape
-    sk, kv = k.shape[0], k.shape[1]
-    if sk == 0:
-        return torch.zeros_like(q), torch.full((sq, h), float("-inf"), device=q.device)
-    if q.is_cuda:
-        from megatron_k15.kernels.flash_attention import flash_attn_func
+    CPU the PyTorch reference in fp32 (O(S_q * S_k) memory: what CPU-sized tests need)."""
+    from megatron_k15.kernels.flash_attention import attention_reference, flash_attn_func
 
-        out, lse = flash_attn_func(q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale,
-                                   return_lse=True)
-        return out[0], lse[0].transpose(0, 1).float()
-    g = h // kv
-    s = torch.einsum("qkgd,skd->kgqs", q.float().view(sq, kv, g, d), k.float()) * softmax_scale
-    if causal:
-        seen = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-        s = s.masked_fill(~seen, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (kv, g, sq)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("kgqs,skd->qkgd", p, v.float()).reshape(sq, h, d)
-    return out.to(q.dtype), lse.permute(2, 0, 1).reshape(sq, h)
+    sq, h, _ = q.shape
+    if k.shape[0] == 0:
+        return torch.zeros_like(q), torch.full((sq, h), float("-inf"), device=q.device)
+    attend = flash_attn_func if q.is_cuda else partial(attention_reference, upcast=torch.float32)
+    out, lse = attend(q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale,
+                      return_lse=True)
+    return out[0].to(q.dtype), lse[0].transpose(0, 1).float()
 
 
 def merge_cp_partials(out: torch.Tensor, lse: torch.Tensor, group, extra=None) -> torch.Tensor:

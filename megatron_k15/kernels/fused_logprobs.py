@@ -145,8 +145,13 @@ if HAVE_TRITON:
             tl.store(TZ_ptr + out, tz, mask=mask_n)
 
 
+def _compiled(device: torch.device) -> bool:
+    """True when the kernel is compiled for a GPU, False when the interpreter runs it (CPU)."""
+    return device.type != "cpu" and not _interpret()
+
+
 def _triton_config(device: torch.device, dtype: torch.dtype, H: int):
-    if device.type != "cuda":  # interpreter: fewer, larger programs run faster
+    if not _compiled(device):  # interpreter: fewer, larger programs run faster
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1)
     bd = 64 if H >= 64 else 32
     if dtype == torch.float32:
@@ -180,9 +185,9 @@ def _partials_triton(hidden, weight, targets, vocab_start, entropy):
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"],
         ENTROPY=bool(entropy), IEEE=hidden.dtype == torch.float32,
-        UPCAST=hidden.device.type != "cuda" and hidden.dtype != torch.float32,
+        UPCAST=not _compiled(hidden.device) and hidden.dtype != torch.float32,
         ROUND=hidden.dtype != torch.float32,
-        BF16_BITS=hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16,
+        BF16_BITS=not _compiled(hidden.device) and hidden.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _merge_splits(m, s, tz if entropy else None, zt)

@@ -117,6 +117,32 @@ def test_matches_float64_reference(b, sq, sk, h, hkv, d, causal):
     _check_fp32(ours, ref)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_int64_offset_path(monkeypatch, varlen):
+    """Tensors past 2**31 elements switch the kernels to 64-bit offsets (LARGE); forcing the
+    switch at a tiny threshold runs that code path here and it must give the same results."""
+    import megatron_k15.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "_INT32_MAX", 100)
+    assert fa._needs_int64(300, torch.empty(1, 300, 2, 16), varlen=False)
+    q, k, v, do, dlse = _make(1, 150, 150, 4, 2, 32, seed=11)
+    if not varlen:
+        _check_fp32(_fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=True),
+                    _reference(q, k, v, do, dlse, causal=True))
+        return
+    cu = torch.tensor([0, 70, 71, 150], dtype=torch.int32, device=DEVICE)
+    flat = [t[0] for t in (q, k, v, do)]
+
+    def ours(q, k, v, return_lse):
+        return flash_attn_varlen_func(q, k, v, cu, 79, causal=True, return_lse=return_lse)
+
+    def ref(q, k, v, return_lse):
+        return varlen_attention_reference(q, k, v, cu, causal=True, return_lse=return_lse,
+                                          upcast=torch.float64)
+
+    _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
+
+
 def test_bottom_right_causal_semantics():
     """Query i sees keys j <= i + seqlen_k - seqlen_q; rows that see none give 0 and -inf."""
     q, k, v, _, _ = _make(1, 5, 3, 1, 1, 16, seed=3)

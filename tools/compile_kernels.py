@@ -101,14 +101,15 @@ def main(argv=None) -> int:
 
         pool = mp.get_context("spawn").Pool(args.jobs)
         results = pool.imap(_compile_case, jobs)
-    for i, case_rows in enumerate(results, 1):
+    print("\n".join(cc.format_table([], args.arch).splitlines()[:2]), flush=True)
+    for i, case_rows in enumerate(results, 1):  # rows stream out as each case finishes
         rows.extend(case_rows)
+        print("\n".join(cc.format_table(case_rows, args.arch).splitlines()[2:]), flush=True)
         bad = sum(1 for _, r in case_rows if r.kept and not r.fits(args.arch))
         print(f"[{i}/{len(jobs)}] {jobs[i - 1][0]}: {len(case_rows)} compiles"
               f"{f', {bad} failing' if bad else ''} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
     table = cc.format_table(rows, args.arch)
-    print(table)
     problems = _problems(rows, args.arch, args.fail_on_spill)
     spills = sum(1 for _, r in rows if r.kept and r.ok and r.spill)
     summary = (f"\n{len(rows)} compiles for sm_{args.arch} in {time.perf_counter() - t0:.0f} s; "

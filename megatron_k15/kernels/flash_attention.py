@@ -104,14 +104,16 @@ def _fwd_inner(
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if LARGE:
-        rows = (lo + offs_n0).to(tl.int64)
-    else:
-        rows = lo + offs_n0
-    k_ptrs = k_base + (rows * stride_ks)[:, None] + offs_d[None, :]
-    v_ptrs = v_base + (rows * stride_vs)[:, None] + offs_d[None, :]
+    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _bwd_dkdv_inner
+    v_tile = offs_n0[:, None] * stride_vs + offs_d[None, :]
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
+        if LARGE:
+            row0 = tl.cast(start_n, tl.int64)
+        else:
+            row0 = start_n
+        k_ptrs = k_base + row0 * stride_ks + k_tile
+        v_ptrs = v_base + row0 * stride_vs + v_tile
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
         else:
@@ -145,8 +147,6 @@ def _fwd_inner(
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -297,18 +297,25 @@ def _bwd_dkdv_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    # Pointers are rebuilt each step from a fixed offset tile and the block's first row, not
+    # carried through the loop: a loop-carried tile of 64-bit pointers costs two registers per
+    # element and made this kernel spill (288 -> 112 spilled bytes per thread at d128 on sm_90,
+    # tools/compile_kernels.py).
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    if LARGE:
-        rows = (lo + offs_m0).to(tl.int64)
-    else:
-        rows = lo + offs_m0
-    q_ptrs = q_base + (rows * stride_qs)[:, None] + offs_d[None, :]
-    do_ptrs = do_base + (rows * stride_dos)[:, None] + offs_d[None, :]
-    lse_ptrs = lse_base + rows * stride_ls
-    delta_ptrs = delta_base + rows * stride_ls
+    q_tile = offs_m0[:, None] * stride_qs + offs_d[None, :]
+    do_tile = offs_m0[:, None] * stride_dos + offs_d[None, :]
+    l_tile = offs_m0 * stride_ls
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
+        if LARGE:
+            row0 = tl.cast(start_m, tl.int64)
+        else:
+            row0 = start_m
+        q_ptrs = q_base + row0 * stride_qs + q_tile
+        do_ptrs = do_base + row0 * stride_dos + do_tile
+        lse_ptrs = lse_base + row0 * stride_ls + l_tile
+        delta_ptrs = delta_base + row0 * stride_ls + l_tile
         if MASKED:
             row_ok = offs_m < seqlen_q
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -344,10 +351,6 @@ def _bwd_dkdv_inner(
         if UPCAST:
             ds_t = ds_t.to(tl.float32)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
-        lse_ptrs += BLOCK_M * stride_ls
-        delta_ptrs += BLOCK_M * stride_ls
     return dk, dv
 
 
@@ -470,14 +473,16 @@ def _bwd_dq_inner(
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if LARGE:
-        rows = (lo + offs_n0).to(tl.int64)
-    else:
-        rows = lo + offs_n0
-    k_ptrs = k_base + (rows * stride_ks)[:, None] + offs_d[None, :]
-    v_ptrs = v_base + (rows * stride_vs)[:, None] + offs_d[None, :]
+    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _bwd_dkdv_inner
+    v_tile = offs_n0[:, None] * stride_vs + offs_d[None, :]
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
+        if LARGE:
+            row0 = tl.cast(start_n, tl.int64)
+        else:
+            row0 = start_n
+        k_ptrs = k_base + row0 * stride_ks + k_tile
+        v_ptrs = v_base + row0 * stride_vs + v_tile
         if MASKED:
             col_ok = offs_n < seqlen_k
             k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
@@ -501,8 +506,6 @@ def _bwd_dq_inner(
         if UPCAST:
             ds = ds.to(tl.float32)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     return dq
 
 

@@ -14,7 +14,7 @@ kernels whether a real launch would try the config (after our early_config_prune
 
 Exit status 1 when a config that a launch would try fails to compile or needs more shared
 memory than the architecture has, or a launch is left with no config that fits; spills are
-reported, not failed (``--fail-on-spill`` to fail them too).
+reported, and failed only above ``--max-spill BYTES`` per thread.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _compile_case(job):
     return out
 
 
-def _problems(rows, arch, fail_on_spill):
+def _problems(rows, arch, max_spill):
     """Lines naming every failure: tried configs that do not compile or fit, launches without
-    a fitting tried config, and (optionally) spills."""
+    a fitting tried config, and (with ``max_spill``) tried configs spilling more bytes."""
     problems = []
     by_launch = {}
     for case, r in rows:
@@ -51,8 +51,8 @@ def _problems(rows, arch, fail_on_spill):
         if r.kept and not r.fits(arch):
             why = r.error if not r.ok else f"{r.shared} B of shared memory"
             problems.append(f"{case} {r.kernel} [{r.config}]: {why}")
-        elif r.kept and fail_on_spill and r.spill:
-            problems.append(f"{case} {r.kernel} [{r.config}]: spills {r.spill} B")
+        elif r.kept and max_spill is not None and r.spill > max_spill:
+            problems.append(f"{case} {r.kernel} [{r.config}]: spills {r.spill} B > {max_spill}")
     for (case, kernel), results in by_launch.items():
         if not any(r.kept and r.fits(arch) for r in results):
             problems.append(f"{case} {kernel}: no tried config compiles and fits")
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="regular expression selecting case names")
     p.add_argument("--jobs", type=int, default=1, help="compile processes")
     p.add_argument("--output", default=None, help="also write the table to this file")
-    p.add_argument("--fail-on-spill", action="store_true", help="a tried config that spills fails")
+    p.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
+                   help="a tried config spilling more than BYTES per thread is a problem")
     p.add_argument("--list", action="store_true", help="print the case names and exit")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -91,9 +92,13 @@ def main(argv=None) -> int:
         print("\n".join(names))
         return 0
 
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
     jobs = [(n, args.configs, args.arch) for n in names]
     rows = []
+    pool = None
     if args.jobs == 1:
         results = map(_compile_case, jobs)
     else:
@@ -102,15 +107,19 @@ def main(argv=None) -> int:
         pool = mp.get_context("spawn").Pool(args.jobs)
         results = pool.imap(_compile_case, jobs)
     print("\n".join(cc.format_table([], args.arch).splitlines()[:2]), flush=True)
-    for i, case_rows in enumerate(results, 1):  # rows stream out as each case finishes
-        rows.extend(case_rows)
-        print("\n".join(cc.format_table(case_rows, args.arch).splitlines()[2:]), flush=True)
-        bad = sum(1 for _, r in case_rows if r.kept and not r.fits(args.arch))
-        print(f"[{i}/{len(jobs)}] {jobs[i - 1][0]}: {len(case_rows)} compiles"
-              f"{f', {bad} failing' if bad else ''} ({time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr, flush=True)
+    try:
+        for i, case_rows in enumerate(results, 1):  # rows stream out as each case finishes
+            rows.extend(case_rows)
+            print("\n".join(cc.format_table(case_rows, args.arch).splitlines()[2:]), flush=True)
+            bad = sum(1 for _, r in case_rows if r.kept and not r.fits(args.arch))
+            print(f"[{i}/{len(jobs)}] {jobs[i - 1][0]}: {len(case_rows)} compiles"
+                  f"{f', {bad} failing' if bad else ''} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:  # also on Ctrl-C / SIGTERM: no compile process left running
+            pool.terminate()
     table = cc.format_table(rows, args.arch)
-    problems = _problems(rows, args.arch, args.fail_on_spill)
+    problems = _problems(rows, args.arch, args.max_spill)
     spills = sum(1 for _, r in rows if r.kept and r.ok and r.spill)
     summary = (f"\n{len(rows)} compiles for sm_{args.arch} in {time.perf_counter() - t0:.0f} s; "
                f"{len(problems)} problems; {spills} tried configs spill registers")

@@ -41,8 +41,9 @@ Kernels
     kernel, one program per (query block, batch x head), looping over key blocks like the
     forward. No atomics anywhere.
 
-On CUDA the kernels autotune over a short list of Hopper-sized configs (pruned by a shared
-memory / register estimate per head_dim and dtype). Under the Triton interpreter
+On CUDA the kernels autotune over a short list of Hopper configs per kernel, kind of dot
+(tensor-core bf16/fp16 or fp32) and head_dim, chosen by compiling every candidate for sm_90
+(``tools/compile_kernels.py``: shared memory, registers, spills). Under the Triton interpreter
 (``TRITON_INTERPRET=1``, read once at import through ``triton.knobs``; used for CPU tests) they
 run one fixed config with BLOCK_M != BLOCK_N. The interpreter of triton 3.9 multiplies bf16 dot
 operands as raw uint16 bits, so there (only) bf16 tiles are widened to fp32 before each dot,
@@ -615,50 +616,91 @@ def _configs(spec):
             for bm, bn, w, st in spec]
 
 
-# Hopper (H100/H200) candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept short: every
-# candidate is compiled on the first call of a new autotune key (the result is cached on disk).
-_HOPPER_FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-               (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 2)]
-# dK/dV: BLOCK_N rows of k/v stay resident, BLOCK_M rows of q/dO stream through
-_HOPPER_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 4, 5), (64, 128, 8, 2),
-                (16, 128, 4, 5), (32, 64, 4, 4), (64, 64, 4, 3), (32, 64, 8, 2)]
-# dQ: BLOCK_M rows of q/dO stay resident, BLOCK_N rows of k/v stream through
-_HOPPER_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 16, 4, 5),
-              (64, 32, 4, 4), (64, 64, 4, 3), (64, 32, 8, 2)]
+# Hopper (H100/H200) autotuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages), per
+# kernel, per kind of dot ("tc": bf16/fp16 on tensor cores; "ieee": fp32 on CUDA cores) and per
+# head_dim (<= 64, 128, 256). Chosen from the sm_90 cross-compile audit
+# (`python tools/compile_kernels.py --configs all`, docs/benchmarks.md): no candidate needs more
+# shared memory than a block has, and none spills more than a few dozen bytes per thread --
+# e.g. every 4-warp dK/dV tile at d128 spilled 0.4-1.6 KB and fp32 tiles with 4 warps up to
+# 7 KB (and took minutes to compile). Which of them is fastest is left to the autotuner.
+_HOPPER = {
+    "fwd": {
+        ("tc", 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
+                     (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2),
+                     (64, 64, 8, 2)],
+        ("tc", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+                      (128, 32, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 2)],
+        ("tc", 256): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3),
+                      (64, 32, 8, 3)],
+        ("ieee", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2)],
+        ("ieee", 128): [(32, 64, 8, 2)],
+        ("ieee", 256): [(32, 16, 8, 2), (16, 32, 8, 2)],
+    },
+    # dK/dV: BLOCK_N rows of k/v stay resident, BLOCK_M rows of q/dO stream through
+    "dkdv": {
+        ("tc", 64): [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 2),
+                     (32, 64, 8, 3), (16, 64, 4, 3), (32, 64, 4, 2)],
+        ("tc", 128): [(16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2), (16, 64, 8, 3),
+                      (32, 64, 8, 2), (32, 128, 8, 3)],
+        ("tc", 256): [(16, 32, 8, 2), (16, 32, 8, 3), (32, 32, 8, 2)],
+        ("ieee", 64): [(16, 32, 8, 2), (32, 32, 8, 2)],
+        ("ieee", 128): [(16, 64, 8, 2), (16, 16, 8, 2)],
+        ("ieee", 256): [(16, 32, 8, 2), (16, 16, 8, 2)],
+    },
+    # dQ: BLOCK_M rows of q/dO stay resident, BLOCK_N rows of k/v stream through
+    "dq": {
+        ("tc", 64): [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 16, 4, 5),
+                     (64, 32, 4, 4), (64, 64, 4, 3), (64, 32, 8, 2)],
+        ("tc", 128): [(128, 32, 8, 3), (128, 32, 8, 4), (128, 64, 8, 2), (128, 16, 8, 3),
+                      (64, 32, 4, 4), (64, 64, 4, 3), (64, 32, 8, 2)],
+        ("tc", 256): [(64, 32, 4, 4), (64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 3),
+                      (128, 32, 8, 2)],
+        ("ieee", 64): [(64, 16, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)],
+        ("ieee", 128): [(32, 16, 8, 2), (64, 16, 8, 2)],
+        ("ieee", 256): [(32, 16, 8, 2), (16, 16, 8, 2)],
+    },
+}
+# Shared memory a block may use on Hopper (227 KiB), less a margin for the kernel's own
+# static allocations (about 1 KiB).
+_SMEM_LIMIT = 232448 - 2048
+# shared memory per config, in rows x head_dim elements: (held once, per pipeline stage)
+_SMEM_ROWS = {"fwd": lambda bm, bn: (bm, 2 * bn), "dkdv": lambda bm, bn: (2 * bn, 2 * bm),
+              "dq": lambda bm, bn: (2 * bm, 2 * bn)}
 
-_SMEM_BUDGET = 220 * 1024  # H100/H200: 227 KiB of shared memory per block
+
+def _head_dim_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def _make_prune(resident, streamed, accumulators, fallback):
-    """An early_config_prune dropping tiles that cannot fit shared memory or registers.
+def _candidates(kernel: str, dot_prec: str, head_dim: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried for these inputs, in table order, less
+    any whose shared memory (estimated as in _SMEM_ROWS) would not fit."""
+    table = _HOPPER[kernel][("ieee" if dot_prec == "ieee" else "tc", _head_dim_class(head_dim))]
+    elt = 4 if dot_prec == "ieee" else 2
 
-    resident(bm, bn) / streamed(bm, bn): rows x head_dim tiles held once / per pipeline stage;
-    accumulators(bm, bn): fp32 elements of live accumulators (registers, per block);
-    fallback: the small (BLOCK_M, BLOCK_N, num_warps, num_stages) used when nothing fits
-    (fp32 inputs with head_dim 256).
-    """
+    def smem(cfg):
+        once, staged = _SMEM_ROWS[kernel](cfg[0], cfg[1])
+        return (once + cfg[3] * staged) * head_dim * elt
+
+    return [c for c in table if smem(c) <= _SMEM_LIMIT] or table[-1:]
+
+
+def _make_prune(kernel: str):
+    """An ``early_config_prune``: of the union of all candidates, those of this launch's
+    (kind of dot, head_dim), in the order of its table."""
 
     def prune(configs, nargs, **kwargs):
-        head_dim = kwargs.get("HEAD_DIM", 128)
-        elt = 4 if kwargs.get("DOT_PREC") == "ieee" else 2
-        keep = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            smem = (resident(bm, bn) + c.num_stages * streamed(bm, bn)) * head_dim * elt
-            regs = accumulators(bm, bn, head_dim) / (32 * c.num_warps)  # fp32 values per thread
-            if smem <= _SMEM_BUDGET and regs <= 160:
-                keep.append(c)
-        return keep or _configs([fallback])
+        by_spec = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+                   for c in configs}
+        want = _candidates(kernel, kwargs.get("DOT_PREC", "tf32"), kwargs.get("HEAD_DIM", 128))
+        return [by_spec[spec] for spec in want]  # table order: the preferred config first
 
     return prune
 
 
-_prune_fwd = _make_prune(lambda bm, bn: bm, lambda bm, bn: 2 * bn,
-                         lambda bm, bn, d: bm * d + bm * bn, (64, 32, 8, 1))
-_prune_dkdv = _make_prune(lambda bm, bn: 2 * bn, lambda bm, bn: 2 * bm,
-                          lambda bm, bn, d: 2 * bn * d + 2 * bm * bn, (32, 32, 8, 1))
-_prune_dq = _make_prune(lambda bm, bn: 2 * bm, lambda bm, bn: 2 * bn,
-                        lambda bm, bn, d: bm * d + 2 * bm * bn, (32, 32, 8, 1))
+def _all_candidates(kernel: str):
+    return _configs(sorted({c for table in _HOPPER[kernel].values() for c in table}, reverse=True))
+
 
 _AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PREC"]
 
@@ -667,14 +709,14 @@ if INTERPRET:
     _dkdv_launcher = _attn_bwd_dkdv_kernel
     _dq_launcher = _attn_bwd_dq_kernel
 else:
-    _fwd_launcher = triton.autotune(_configs(_HOPPER_FWD), key=_AUTOTUNE_KEY,
-                                    prune_configs_by={"early_config_prune": _prune_fwd})(
+    _fwd_launcher = triton.autotune(_all_candidates("fwd"), key=_AUTOTUNE_KEY,
+                                    prune_configs_by={"early_config_prune": _make_prune("fwd")})(
                                         _attn_fwd_kernel)
-    _dkdv_launcher = triton.autotune(_configs(_HOPPER_DKDV), key=_AUTOTUNE_KEY + ["group"],
-                                     prune_configs_by={"early_config_prune": _prune_dkdv})(
+    _dkdv_launcher = triton.autotune(_all_candidates("dkdv"), key=_AUTOTUNE_KEY + ["group"],
+                                     prune_configs_by={"early_config_prune": _make_prune("dkdv")})(
                                          _attn_bwd_dkdv_kernel)
-    _dq_launcher = triton.autotune(_configs(_HOPPER_DQ), key=_AUTOTUNE_KEY,
-                                   prune_configs_by={"early_config_prune": _prune_dq})(
+    _dq_launcher = triton.autotune(_all_candidates("dq"), key=_AUTOTUNE_KEY,
+                                   prune_configs_by={"early_config_prune": _make_prune("dq")})(
                                        _attn_bwd_dq_kernel)
 
 

@@ -342,6 +342,34 @@ def test_interpreter_is_used_on_cpu():
         assert INTERPRET, "CPU tests must run the kernels under TRITON_INTERPRET=1"
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_autotuning_tables(kernel):
+    """Every (kind of dot, head_dim) has candidates; none is dead (dropped by the shared-memory
+    guard, which would mean the table and the guard disagree); the prune hands the autotuner
+    exactly the table's configs, preferred first, whatever order the union is in."""
+    import triton
+
+    import megatron_k15.kernels.flash_attention as fa
+
+    union = fa._all_candidates(kernel)
+    prune = fa._make_prune(kernel)
+    for prec in ("tf32", "ieee"):
+        for d in (16, 32, 64, 128, 256):
+            table = fa._HOPPER[kernel][("ieee" if prec == "ieee" else "tc", fa._head_dim_class(d))]
+            assert table and fa._candidates(kernel, prec, d) == table, (kernel, prec, d)
+            for configs in (union, union[::-1]):
+                got = prune(configs, {}, HEAD_DIM=d, DOT_PREC=prec)
+                assert all(isinstance(c, triton.Config) for c in got)
+                assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                        for c in got] == table
+    # the guard does drop a tile that cannot fit: 4 stages of 2 x 128 x d256 bf16 rows
+    fa._HOPPER[kernel][("tc", 256)].insert(0, (128, 128, 8, 4))
+    try:
+        assert (128, 128, 8, 4) not in fa._candidates(kernel, "tf32", 256)
+    finally:
+        fa._HOPPER[kernel][("tc", 256)].pop(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only: real sizes, real bf16 dots, autotuned configs
 # ---------------------------------------------------------------------------------------------

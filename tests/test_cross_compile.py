@@ -23,6 +23,22 @@ CASES = ("flash-bf16-d128-causal-varlen$|flash-fp16-d128-causal-varlen-int64$|fl
          "logprobs-bf16-h3584$|logprobs-fp32-h896$|merge-d64-varlen$")
 
 
+def _api_missing() -> str:
+    proc = _run(["-c", "from megatron_k15.kernels.cross_compile import compiler_api_missing as m; "
+                       "print(m())"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    """Skip (naming the triton version) only if this triton lacks the compiler internals that
+    cross_compile.py uses; a failure of the tool itself still fails."""
+    missing = _api_missing()
+    if missing:
+        pytest.skip(f"cannot cross-compile: {missing}")
+
+
 def _env():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -36,7 +52,7 @@ def _run(args, timeout=900):
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_sm90():
+def test_every_kernel_compiles_for_sm90(compiler):
     # the first tried config of each launch; the autotuning tables leave out configs that spill
     # heavily on sm_90, so none of these may spill more than 128 bytes per thread
     proc = _run([TOOL, "--cases", CASES, "--configs", "first", "--max-spill", "128"])
@@ -73,7 +89,7 @@ print("SMALL", ok.ok, ok.fits(90), ok.shared)
 
 
 @pytest.mark.slow
-def test_shared_memory_limit_is_detected():
+def test_shared_memory_limit_is_detected(compiler):
     proc = _run(["-c", CHECK_LIMIT])
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:3] in ("BIG", "KEP", "SMA"))

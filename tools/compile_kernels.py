@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     from megatron_k15.kernels import cross_compile as cc
 
     cc.check_interpreter_off()
+    missing = cc.compiler_api_missing()
+    if missing:
+        print(f"error: cannot cross-compile with this triton ({missing})", file=sys.stderr)
+        return 3
     names = [c.name for c in cc.standard_cases()]
     if args.cases:
         try:

@@ -304,6 +304,27 @@ def standard_cases() -> List[Case]:
     return cases
 
 
+def compiler_api_missing() -> str:
+    """Empty when this triton has the (internal) pieces used here, else what is missing: they
+    are tested with triton 3.6 and 3.9."""
+    try:
+        import triton
+    except ImportError as e:
+        return f"no triton: {e}"
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource, make_backend  # noqa: F401
+        from triton.runtime.autotuner import Autotuner  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError as e:
+        return f"triton {triton.__version__}: {e}"
+    if not hasattr(JITFunction, "_pack_args"):
+        return f"triton {triton.__version__}: no JITFunction._pack_args"
+    if not os.path.exists(_tool("cuobjdump")):
+        return f"triton {triton.__version__}: no cuobjdump at {_tool('cuobjdump')}"
+    return ""
+
+
 def check_interpreter_off() -> None:
     from . import flash_attention
 

@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="also write the table to this file")
     p.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
                    help="a tried config spilling more than BYTES per thread is a problem")
+    p.add_argument("--fresh-cache", action="store_true",
+                   help="compile into an empty Triton cache (true compile times; otherwise a "
+                        "config already in the disk cache shows ~0 s)")
     p.add_argument("--list", action="store_true", help="print the case names and exit")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -97,7 +100,14 @@ def main(argv=None) -> int:
         return 0
 
     import signal
+    import tempfile
 
+    if args.fresh_cache:  # read by Triton at compile time; spawned workers inherit it
+        import atexit
+        import shutil
+
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_cache_")
+        atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
     jobs = [(n, args.configs, args.arch) for n in names]

@@ -32,7 +32,7 @@ import re
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 # Shared memory a block may use on Hopper (sm_90: 227 KiB opt-in); registers per thread: 255.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 89: 101376}

@@ -34,9 +34,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
-# Shared memory a block may use on Hopper (sm_90: 227 KiB opt-in); registers per thread: 255.
+# Shared memory a block may use (opt-in maximum), by compute capability x10; Hopper: 227 KiB.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 89: 101376}
-MAX_REGISTERS = 255
 
 
 @dataclasses.dataclass

@@ -95,6 +95,20 @@ INTERPRET = _interpreting()
 
 
 @triton.jit
+def _block_start(start, LARGE: tl.constexpr):
+    """Index of a block's first row, 64-bit when offsets may pass 2**31 (LARGE).
+
+    The loops rebuild their pointers each step as ``base + _block_start(..) * stride + tile``
+    with a fixed offset tile: a loop-carried tile of 64-bit pointers costs two registers per
+    element and made dK/dV spill (288 -> 112 bytes per thread at d128 on sm_90,
+    tools/compile_kernels.py)."""
+    if LARGE:
+        return tl.cast(start, tl.int64)
+    else:
+        return start
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_ks, stride_vs,
@@ -105,14 +119,11 @@ def _fwd_inner(
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _bwd_dkdv_inner
+    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _block_start
     v_tile = offs_n0[:, None] * stride_vs + offs_d[None, :]
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if LARGE:
-            row0 = tl.cast(start_n, tl.int64)
-        else:
-            row0 = start_n
+        row0 = _block_start(start_n, LARGE)
         k_ptrs = k_base + row0 * stride_ks + k_tile
         v_ptrs = v_base + row0 * stride_vs + v_tile
         if MASKED:
@@ -298,10 +309,6 @@ def _bwd_dkdv_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Pointers are rebuilt each step from a fixed offset tile and the block's first row, not
-    # carried through the loop: a loop-carried tile of 64-bit pointers costs two registers per
-    # element and made this kernel spill (288 -> 112 spilled bytes per thread at d128 on sm_90,
-    # tools/compile_kernels.py).
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_tile = offs_m0[:, None] * stride_qs + offs_d[None, :]
@@ -309,10 +316,7 @@ def _bwd_dkdv_inner(
     l_tile = offs_m0 * stride_ls
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        if LARGE:
-            row0 = tl.cast(start_m, tl.int64)
-        else:
-            row0 = start_m
+        row0 = _block_start(start_m, LARGE)
         q_ptrs = q_base + row0 * stride_qs + q_tile
         do_ptrs = do_base + row0 * stride_dos + do_tile
         lse_ptrs = lse_base + row0 * stride_ls + l_tile
@@ -474,14 +478,11 @@ def _bwd_dq_inner(
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _bwd_dkdv_inner
+    k_tile = offs_n0[:, None] * stride_ks + offs_d[None, :]  # see _block_start
     v_tile = offs_n0[:, None] * stride_vs + offs_d[None, :]
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if LARGE:
-            row0 = tl.cast(start_n, tl.int64)
-        else:
-            row0 = start_n
+        row0 = _block_start(start_n, LARGE)
         k_ptrs = k_base + row0 * stride_ks + k_tile
         v_ptrs = v_base + row0 * stride_vs + v_tile
         if MASKED:

@@ -53,6 +53,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-query-attention", action="store_true",
                    help="accepted for Megatron-LM compatibility; GQA follows --num-query-groups")
     g.add_argument("--add-qkv-bias", action="store_true", default=None)
+    g.add_argument("--qk-layernorm", action="store_true", default=None,
+                   help="RMSNorm over each head's query and key before RoPE (Qwen3)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--seq-length", type=int, default=None, help="training/packing sequence length")
     g.add_argument("--logprob-impl", choices=["auto", "fused", "ce"], default="auto",
@@ -143,13 +145,20 @@ def _get(args, name, default=None):
     return getattr(args, name, default)
 
 
-def resolve_model_config(args) -> GPTConfig:
-    """The model config from the checkpoint (--load), the preset and the explicit flags."""
+def explicit_model_fields(args) -> dict:
+    """The model-config fields the command line sets explicitly (value flags and switches)."""
     explicit = {field: _get(args, dest) for dest, field in MODEL_FLAGS.items() if _get(args, dest) is not None}
-    if _get(args, "add_qkv_bias"):
-        explicit["add_qkv_bias"] = True
+    for switch in ("add_qkv_bias", "qk_layernorm"):
+        if _get(args, switch):
+            explicit[switch] = True
     if _get(args, "untie_embeddings_and_output_weights"):
         explicit["tie_word_embeddings"] = False
+    return explicit
+
+
+def resolve_model_config(args) -> GPTConfig:
+    """The model config from the checkpoint (--load), the preset and the explicit flags."""
+    explicit = explicit_model_fields(args)
     load = _get(args, "load")
     if load:
         from megatron_k15.checkpointing import CheckpointError, load_config

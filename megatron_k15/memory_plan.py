@@ -16,7 +16,7 @@ Everything is counted for one GPU of one pipeline stage and follows what *our* c
 
 Static (held for the whole run):
 
-    parameters      e * P
+    parameters      e * P + 2 * d    (and RoPE's fp32 inverse frequencies, d / 2 of them)
     gradients       e * P            (bucketed grad buffers, each padded to a multiple of D)
     optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard;
                                       weight decay and norm counting go by parameter ranges)
@@ -38,6 +38,8 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
                     + e * N * (3q + 3k) / tp    (qkv output, rotated q and k, attention output)
                     + 4 * N * a / tp            (attention log-sum-exp, fp32)
                     + 4 * e * N * f / tp        (fc1 output [gate; up], silu(gate), product)
+                    + qk-norm                   (Qwen3 only: (4 + e) * N * (q + k) / tp and
+                                                 4 * N * (a + g) / tp, see qk_norm_saved_bytes)
     selective       none - 4 * N * a / tp       (flash attention already keeps no a * s^2 term:
                                                  recomputing the core only drops the lse)
     full            e * Ns * h                  (the layer input; the layer is rerun in backward)
@@ -164,6 +166,9 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
         if cfg.add_qkv_bias:
             out.append((p + "self_attention.linear_qkv.bias", qkv))
         out.append((p + "self_attention.linear_proj.weight", h * cfg.query_projection_size // tp))
+        if cfg.qk_layernorm:
+            out.append((p + "self_attention.q_layernorm.weight", cfg.head_dim))
+            out.append((p + "self_attention.k_layernorm.weight", cfg.head_dim))
         out.append((p + "pre_mlp_layernorm.weight", h))
         out.append((p + "mlp.linear_fc1.weight", 2 * cfg.ffn_hidden_size // tp * h))
         out.append((p + "mlp.linear_fc2.weight", h * cfg.ffn_hidden_size // tp))
@@ -175,15 +180,16 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
 
 
 def grad_buckets(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
-                 tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL
+                 tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL, tp_size: int = 1
                  ) -> list[tuple[list[str], int, bool]]:
     """(parameter names, element count, late) of the DistributedOptimizer's gradient buckets
     (``parallel/data.py``) in launch order: parameters in reverse order, a bucket closes once
-    it reaches ``bucket_numel``; norms under SP and a tied embedding shared over pp go to one
-    late bucket (reduced in ``finish_grad_sync``); each is padded to a multiple of the shard
-    group."""
+    it reaches ``bucket_numel``; the grads that are partial sums over tp (norms under SP,
+    QK-norms when tp > 1) and a tied embedding shared over pp go to one late bucket (reduced
+    in ``finish_grad_sync``); each is padded to a multiple of the shard group."""
     def late(name):
-        return (sequence_parallel and name.endswith("layernorm.weight")) or (
+        qk_norm = name.endswith(("q_layernorm.weight", "k_layernorm.weight"))
+        return (sequence_parallel and name.endswith("layernorm.weight")) or (qk_norm and tp_size > 1) or (
             tied_embedding and name == "embedding.weight")
 
     def padded(n):
@@ -207,10 +213,11 @@ def grad_buckets(params: list[tuple[str, int]], shard_group: int, sequence_paral
 
 
 def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
-                      tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL) -> list[int]:
+                      tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL,
+                      tp_size: int = 1) -> list[int]:
     """Padded element counts of the gradient buckets (see ``grad_buckets``)."""
     return [n for _, n, _ in grad_buckets(params, shard_group, sequence_parallel, tied_embedding,
-                                          bucket_numel)]
+                                          bucket_numel, tp_size)]
 
 
 # -- KV cache ------------------------------------------------------------------------------------
@@ -252,6 +259,7 @@ class _Shapes:
     V: int
     V_fused: int
     vocab_padding: bool
+    qk_norm: bool = False
 
     @classmethod
     def of(cls, cfg: GPTConfig, layout: Layout, w: Workload) -> "_Shapes":
@@ -262,7 +270,8 @@ class _Shapes:
         return cls(e=w.e, N=N, Ns=N // tp if layout.sp else N, h=cfg.hidden_size,
                    q=cfg.query_projection_size // tp, k=cfg.kv_projection_size // tp,
                    f=cfg.ffn_hidden_size // tp, a=cfg.num_attention_heads // tp, d=cfg.head_dim,
-                   V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size)
+                   V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size,
+                   qk_norm=cfg.qk_layernorm)
 
 
 def norm_saved_bytes(x: _Shapes) -> int:
@@ -270,12 +279,25 @@ def norm_saved_bytes(x: _Shapes) -> int:
     return (4 + x.e) * x.Ns * x.h + 4 * x.Ns
 
 
+def qk_norm_saved_bytes(x: _Shapes) -> int:
+    """Qwen3's per-head q and k RMSNorms: fp32 inputs, normalised copies, fp32 1/rms per head.
+    16-bit: fp32 copies of q and k plus e copies of the normalised ones. fp32: the normalised
+    q and k, and q's input itself, which is a gathered copy (not a view of the qkv output)
+    when a rank holds more than one KV group."""
+    if not x.qk_norm:
+        return 0
+    qk, per_head = x.N * (x.q + x.k), 4 * x.N * (x.q + x.k) // x.d
+    if x.e < 4:
+        return (4 + x.e) * qk + per_head
+    return 4 * qk + per_head + (4 * x.N * x.q if x.k > x.d else 0)
+
+
 def layer_saved_bytes(x: _Shapes, recompute: str) -> int:
     """Activations one transformer layer keeps for backward, per microbatch."""
     if recompute == "full":
         return x.e * x.Ns * x.h
     saved = (2 * norm_saved_bytes(x) + 2 * x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
-             + 4 * x.e * x.N * x.f)
+             + 4 * x.e * x.N * x.f + qk_norm_saved_bytes(x))
     if recompute == "none":
         saved += 4 * x.N * x.a
     return saved
@@ -577,14 +599,15 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     params = stage_parameters(cfg, tp, pp_rank, pp, layers)
     P = sum(n for _, n in params)
     bucket_list = grad_buckets(params, shard_group, layout.sp, cfg.tie_word_embeddings and pp > 1,
-                               w.grad_bucket_numel)
+                               w.grad_bucket_numel, tp)
     buckets = [n for _, n, _ in bucket_list]
     G = sum(buckets)
     e = w.e
     x = _Shapes.of(cfg, layout, w)
 
     comps = [
-        Component("parameters", f"e*P = {e}*{P:,}", e * P),
+        Component("parameters", f"e*P + 2*d (RoPE inverse frequencies, fp32) = {e}*{P:,} + 2*{x.d}",
+                  e * P + 2 * x.d),
         Component("gradients", f"e*P (grad buckets) = {e}*{G:,}", e * G),
         Component("optimizer (ZeRO-1)",
                   f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}",

@@ -90,9 +90,12 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
 
 # -- tiny random Hugging Face models, built offline --------------------------------------------
 def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
-    """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings) or ``llama``
-    (tied embeddings, rope theta 500000, GQA 2:1). Biases get non-zero values so they matter."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings), ``llama``
+    (tied embeddings, rope theta 500000, GQA 2:1) or ``qwen3`` (QK-norm, head_dim 32 with
+    hidden 64 and 4 heads, so the head size is not hidden / heads; GQA 2:1, untied). Biases
+    and norm weights get random values so they matter."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     if kind == "qwen2":
@@ -107,6 +110,13 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
                   rope_theta=500000.0, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
         kw.update(overrides)
         model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif kind == "qwen3":
+        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        model = Qwen3ForCausalLM(Qwen3Config(**kw))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     with torch.no_grad():

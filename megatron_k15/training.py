@@ -127,7 +127,6 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         adam_impl=getattr(args, "adam_impl", "auto"),
         dp_group=pc.dp_cp_group, tp_group=pc.tp_group, grad_norm_group=dist.group.WORLD,
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
-        sequence_parallel=model.sequence_parallel,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
     )
     comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, device, getattr(args, "params_dtype", torch.float32))

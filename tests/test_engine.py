@@ -48,8 +48,17 @@ def _gens(seed, n, offset=0):
 
 
 def test_greedy_equals_transformers_and_logprobs_equal_recompute(models):
-    hf, model = models
-    engine = GenerationEngine(model, block_size=4, decode_impl="triton")  # interpreted on CPU
+    _assert_greedy_equals_transformers(*models, decode_impl="triton")  # interpreted on CPU
+
+
+def test_qwen3_greedy_equals_transformers():
+    """Qwen3: the per-head q/k norms apply before RoPE and before K enters the cache."""
+    hf = tiny_hf_model("qwen3", initializer_range=0.2)
+    _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
+
+
+def _assert_greedy_equals_transformers(hf, model, decode_impl):
+    engine = GenerationEngine(model, block_size=4, decode_impl=decode_impl)
     results = engine.generate(PROMPTS, 12, SamplingParams(temperature=0.0), None, EOS)
     for prompt, res in zip(PROMPTS, results):
         ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,

@@ -1,4 +1,4 @@
-"""Our GPT reproduces transformers' logits for random Qwen2 and Llama models (fp32)."""
+"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3 and Llama models (fp32)."""
 
 import pytest
 import torch
@@ -23,6 +23,7 @@ def _single_rank():
 @pytest.mark.parametrize("kind,overrides", [
     ("qwen2", {}),                                   # QKV bias, GQA 3:1, untied
     ("llama", {}),                                   # tied, theta 500000, GQA 2:1
+    ("qwen3", {}),                                   # QK-norm, head_dim 32 != hidden / heads
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
     ("qwen2", {"rope_scaling": YARN_SCALING}),       # YaRN (Qwen2.5 at 128K), attention factor
     ("qwen2", {"rope_scaling": {**YARN_SCALING, "beta_fast": 16, "mscale": 0.9, "mscale_all_dim": 0.5}}),
@@ -31,9 +32,12 @@ def test_logits_match_transformers(kind, overrides):
     hf = tiny_hf_model(kind, **overrides)
     model = build_from_hf(hf)
     cfg = model.config
+    assert cfg.qk_layernorm == (kind == "qwen3")
     if kind == "qwen2":
         assert cfg.add_qkv_bias and not cfg.tie_word_embeddings
         assert cfg.num_attention_heads // cfg.num_query_groups == 3
+    elif kind == "qwen3":
+        assert not cfg.add_qkv_bias and cfg.head_dim == 32 != cfg.hidden_size // cfg.num_attention_heads
     else:
         assert cfg.tie_word_embeddings and cfg.rotary_base == 500000.0
     assert (cfg.rope_scaling is not None) == ("rope_scaling" in overrides)
@@ -74,3 +78,35 @@ def test_padded_vocab_never_gets_probability():
     with torch.no_grad():
         shard = model(torch.tensor([[1, 2, 3]]))
     assert torch.isinf(shard[..., model.config.vocab_size:]).all()
+
+
+# parameter counts on the model cards (Hugging Face), rounded as published
+PUBLISHED_PARAMETERS = {
+    "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
+    "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
+    "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_preset_is_the_published_model(name):
+    """Each preset exports to an HF config that transformers builds (on the meta device) into
+    a model with our parameter count, which is the model card's; and it converts back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.config import preset
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf, hf_config_from_gpt
+
+    cfg = preset(name)
+    hf_dict = dict(hf_config_from_gpt(cfg))
+    config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    assert type(hf).__name__ == hf_config_from_gpt(cfg)["architectures"][0]
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
+    assert abs(cfg.num_parameters() / PUBLISHED_PARAMETERS[name] - 1) <= 0.015
+    back = gpt_config_from_hf(hf_config_from_gpt(cfg))
+    for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                  "num_query_groups", "kv_channels", "rotary_base", "add_qkv_bias", "qk_layernorm",
+                  "tie_word_embeddings", "architecture", "eos_token_id"):
+        assert getattr(back, field) == getattr(cfg, field), field

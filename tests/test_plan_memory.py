@@ -83,6 +83,7 @@ def test_meter_counts_storages_once_and_releases_them():
     {},  # tied, QKV bias
     dict(tie_word_embeddings=False, add_qkv_bias=False, num_attention_heads=8, num_query_groups=2,
          num_layers=3, vocab_size=1000),
+    dict(add_qkv_bias=False, qk_layernorm=True, kv_channels=32),  # Qwen3: QK-norm, wide heads
 ])
 def test_parameter_count_equals_built_model(single_rank, overrides):
     from megatron_k15.models.gpt import GPTModel
@@ -101,7 +102,7 @@ def test_tensor_parallel_shards_follow_the_sharding_rules(tp):
     from megatron_k15.models.sharding import VOCAB_PARAMS, pad_vocab, split_tensor
 
     cfg = preset("tiny", tie_word_embeddings=False, num_attention_heads=8, num_query_groups=4,
-                 vocab_size=1000)
+                 vocab_size=1000, qk_layernorm=True)
     full_names = [n for n, _ in stage_parameters(cfg, 1, 0, 1)]
     for rank in range(tp):
         expected = []
@@ -138,6 +139,7 @@ def test_kv_cache_bytes_equal_paged_kv_cache(tp, dtype):
 
 
 # -- predicted vs measured peak of real training steps ------------------------------------------
+QWEN3_SHAPE = dict(num_layers=3, qk_layernorm=True, add_qkv_bias=False, kv_channels=64)
 CASES = {
     # name: (model overrides, workload)
     "fp32-none-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2)),
@@ -155,6 +157,11 @@ CASES = {
     "bf16-full-fused": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
                                                  params_dtype="bf16", recompute="full",
                                                  logprob_impl="fused")),
+    # Qwen3: per-head QK-norm, head size 64 with hidden 64 and 4 heads (q is 4x hidden)
+    "fp32-none-ce-qknorm": (QWEN3_SHAPE, dict(seq_length=256, micro_batch_size=2)),
+    "bf16-none-ce-qknorm": (QWEN3_SHAPE, dict(seq_length=256, micro_batch_size=2, params_dtype="bf16")),
+    "bf16-full-ce-qknorm": (QWEN3_SHAPE, dict(seq_length=256, micro_batch_size=2, params_dtype="bf16",
+                                              recompute="full")),
 }
 
 

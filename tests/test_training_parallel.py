@@ -18,23 +18,23 @@ def _samples():
     return random_sft_samples(40, 30)
 
 
-def _args():
+def _args(sequence_parallel=True):
     # adam_eps 1e-4: Adam turns the rounding noise of mathematically-zero grads (e.g. the K bias,
     # which softmax ignores) into lr-sized steps; a larger eps keeps the weight comparison meaningful
     return argparse.Namespace(lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4,
                               clip_grad=0.5, attention_backend="sdpa", params_dtype=torch.float32,
-                              sequence_parallel=True, recompute_granularity="full", grad_bucket_numel=5000)
+                              sequence_parallel=sequence_parallel, recompute_granularity="full", grad_bucket_numel=5000)
 
 
-def train_worker(rank, world_size, tp, pp):
+def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel=True):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
     initialize_model_parallel(tp, pp)
-    cfg = preset("tiny", num_layers=4, init_method_std=0.05)
-    ctx = build_train_context(_args(), cfg, seed=11)
+    cfg = preset("tiny", num_layers=4, init_method_std=0.05, qk_layernorm=qk_layernorm)
+    ctx = build_train_context(_args(sequence_parallel), cfg, seed=11)
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     dp, dp_rank = ctx.pc.dp_size, ctx.pc.dp_rank
     per = GBS // dp
@@ -66,9 +66,21 @@ def reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2), (2, 1, 2)])
 def test_layout_equals_one_rank(reference, tp, pp, dp):
+    _assert_equal_to_reference(run_distributed(train_worker, tp * pp * dp, tp, pp), reference)
+
+
+@pytest.mark.slow
+def test_qk_layernorm_under_tp_without_sequence_parallel_equals_one_rank():
+    """Qwen3's per-head q/k norms: each tp rank's grad covers its own heads only, a partial sum
+    the optimizer must all-reduce over tp even without sequence parallelism."""
+    reference = run_distributed(train_worker, 1, 1, 1, True)
+    assert any("q_layernorm" in name for name in reference[0]["state"])
+    _assert_equal_to_reference(run_distributed(train_worker, 2, 2, 1, True, False), reference)
+
+
+def _assert_equal_to_reference(results, reference):
     ref = reference[0]
     assert ref["losses"][-1] < ref["losses"][0]  # it trains
-    results = run_distributed(train_worker, tp * pp * dp, tp, pp)
     for r in results:
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.arguments import (  # noqa: E402
-    MODEL_FLAGS, add_model_args, add_parallel_args, add_precision_args, resolve_model_config,
+    add_model_args, explicit_model_fields, add_parallel_args, add_precision_args, resolve_model_config,
 )
 from megatron_k15.memory_plan import (  # noqa: E402
     GIB, RECOMPUTE_CHOICES, Layout, MemoryPlan, Workload, plan_memory, suggest_layouts,
@@ -133,14 +133,9 @@ def model_config(args) -> GPTConfig:
         raise ConfigError(f"--hf-config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except HFCheckpointError as e:
         raise ConfigError(f"--hf-config {e}") from None
-    explicit = {field: getattr(args, dest) for dest, field in MODEL_FLAGS.items()
-                if getattr(args, dest, None) is not None}
+    explicit = explicit_model_fields(args)
     if "hidden_size" in explicit or "num_attention_heads" in explicit:
         cfg.kv_channels = None
-    if args.add_qkv_bias:
-        explicit["add_qkv_bias"] = True
-    if args.untie_embeddings_and_output_weights:
-        explicit["tie_word_embeddings"] = False
     for field, value in explicit.items():
         setattr(cfg, field, value)
     cfg.__post_init__()

@@ -1,4 +1,4 @@
-"""Model configuration for the Llama/Qwen2-family GPT, and the presets users start from.
+"""Model configuration for the Llama/Qwen2/Qwen3-family GPT, and the presets users start from.
 
 One dataclass describes the architecture; the same object is written into every checkpoint
 (``config.json``) so a checkpoint loads with nothing else. Field names follow Megatron-LM's
@@ -42,10 +42,12 @@ class GPTConfig:
     rope_scaling: Optional[dict] = None
     norm_epsilon: float = 1e-6
     add_qkv_bias: bool = False
+    # RMSNorm over each head's q and k before RoPE (Qwen3; Megatron-LM's --qk-layernorm)
+    qk_layernorm: bool = False
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
-    architecture: str = "qwen2"  # "qwen2" | "llama": which HF class conversion targets
+    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "llama": which HF class conversion targets
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Any] = None  # int or list of ints
     extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
@@ -85,6 +87,8 @@ class GPTConfig:
         attn += self.query_projection_size * h
         if self.add_qkv_bias:
             attn += self.query_projection_size + 2 * self.kv_projection_size
+        if self.qk_layernorm:
+            attn += 2 * self.head_dim
         per_layer = attn + 3 * h * f + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
@@ -177,6 +181,17 @@ def _qwen25(hidden, ffn, layers, heads, groups, tied, vocab=151936):
     )
 
 
+def _qwen3(hidden, ffn, layers, heads, tied):
+    """Qwen3 dense: QK-norm, no QKV bias, 8 KV heads of size 128 (decoupled from hidden/heads)."""
+    return dict(
+        vocab_size=151936, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
+        num_attention_heads=heads, num_query_groups=8, kv_channels=128,
+        max_position_embeddings=40960, rotary_base=1000000.0, norm_epsilon=1e-6,
+        add_qkv_bias=False, qk_layernorm=True, tie_word_embeddings=tied, architecture="qwen3",
+        eos_token_id=151645, bos_token_id=151643,
+    )
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -189,6 +204,12 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True),
     "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, vocab=152064),
     "qwen2.5-32b": _qwen25(5120, 27648, 64, 40, 8, False, vocab=152064),
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
+    "qwen3-14b": _qwen3(5120, 17408, 40, 40, False),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, False),
     "llama3-8b": dict(
         vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
         num_attention_heads=32, num_query_groups=8, max_position_embeddings=8192,

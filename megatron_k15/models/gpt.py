@@ -1,4 +1,4 @@
-"""The Llama/Qwen2-family GPT with tensor, sequence and (stage-wise) pipeline parallelism.
+"""The Llama/Qwen2/Qwen3-family GPT with tensor, sequence and (stage-wise) pipeline parallelism.
 
     ids (b, s) -> embedding -> [TransformerLayer] x L -> RMSNorm -> output layer (vocab shard)
 

@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Qwen2 <-> our GPT: configs, parameter names and safetensors files.
+"""Hugging Face Llama/Qwen2/Qwen3 <-> our GPT: configs, parameter names and safetensors files.
 
 Name mapping (i = layer):
     model.embed_tokens.weight                       -> embedding.weight
@@ -6,6 +6,8 @@ Name mapping (i = layer):
     model.layers.i.self_attn.{q,k,v}_proj.{w,b}     -> layers.i.self_attention.linear_qkv.{w,b}
                                                        (grouped per KV head: [q_g..., k_g, v_g])
     model.layers.i.self_attn.o_proj.weight          -> layers.i.self_attention.linear_proj.weight
+    model.layers.i.self_attn.{q,k}_norm.weight      -> layers.i.self_attention.{q,k}_layernorm.weight
+                                                       (Qwen3's QK-norm)
     model.layers.i.post_attention_layernorm.weight  -> layers.i.pre_mlp_layernorm.weight
     model.layers.i.mlp.{gate,up}_proj.weight        -> layers.i.mlp.linear_fc1.weight ([gate; up])
     model.layers.i.mlp.down_proj.weight             -> layers.i.mlp.linear_fc2.weight
@@ -24,7 +26,9 @@ import torch
 
 from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                           "Qwen3ForCausalLM": "qwen3"}
+HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
 
 
@@ -76,6 +80,9 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     theta, scaling = _rope_settings(hf, where)
     heads = int(hf["num_attention_heads"])
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        raise HFCheckpointError(f"{where}: layer_types={hf['layer_types']!r}: only full_attention "
+                                "layers are supported")
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -89,6 +96,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
+        qk_layernorm=arch == "qwen3",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
@@ -107,8 +115,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if "hf_config" in cfg.extra:
         return cfg.extra["hf_config"]
     arch = cfg.architecture
+    if arch not in HF_CLASS:
+        raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
+    if cfg.qk_layernorm != (arch == "qwen3"):
+        raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
+                          "'qwen3', one without as 'qwen2' or 'llama'")
     hf = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [HF_CLASS[arch]],
         "model_type": arch,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -131,6 +144,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
         hf["mlp_bias"] = False
+    elif arch == "qwen3":
+        hf["attention_bias"] = cfg.add_qkv_bias
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
     return hf
@@ -177,6 +192,9 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
                 take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
         out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+        if cfg.qk_layernorm:
+            out[o + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
+            out[o + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
         out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
         out[o + "mlp.linear_fc1.weight"] = torch.cat(
             [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
@@ -206,6 +224,9 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
             out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k,
                         p + "self_attn.v_proj.bias": v})
         out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
+        if cfg.qk_layernorm:
+            out[p + "self_attn.q_norm.weight"] = sd[o + "self_attention.q_layernorm.weight"]
+            out[p + "self_attn.k_norm.weight"] = sd[o + "self_attention.k_layernorm.weight"]
         out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
         gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"] = gate.contiguous()
@@ -224,6 +245,8 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
         "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_qkv.bias": (qkv,),
         "self_attention.linear_proj.weight": (h, cfg.query_projection_size),
+        "self_attention.q_layernorm.weight": (cfg.head_dim,),
+        "self_attention.k_layernorm.weight": (cfg.head_dim,),
         "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
         "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
     }

@@ -1,4 +1,4 @@
-"""Building blocks of the Llama/Qwen2 decoder with tensor + sequence parallelism.
+"""Building blocks of the Llama/Qwen2/Qwen3 decoder with tensor + sequence parallelism.
 
 Parameters live in megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` /
 ``VocabParallelEmbedding`` (sharding, initialisation, the tp all-reduces). Sequence-parallel
@@ -45,14 +45,17 @@ class RMSNorm(torch.nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF)."""
 
     def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, tp_partial_grad: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         # Replicated on every tp rank (counted once in the grad norm); under SP each rank sees a
         # different slice of the sequence, so its grads are partial sums to all-reduce over tp.
+        # ``tp_partial_grad``: the same for another reason (a per-head norm sees only the local
+        # heads); see ``parallel.tensor.grad_is_partial_over_tp``.
         self.weight.tp_replicated = True
         self.weight.sequence_parallel = sequence_parallel
+        self.weight.tp_partial_grad = tp_partial_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -134,7 +137,8 @@ class Embedding(VocabParallelEmbedding):
 class SelfAttention(torch.nn.Module):
     """GQA self-attention. The fused QKV weight is grouped per KV head:
     [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...], so a contiguous tp
-    shard holds whole groups."""
+    shard holds whole groups. With ``qk_layernorm`` (Qwen3) each head's q and k are
+    RMS-normalised over head_dim (one weight shared by all heads) before RoPE."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
                  attention_fn: AttentionFn):
@@ -156,6 +160,11 @@ class SelfAttention(torch.nn.Module):
             cfg.query_projection_size, cfg.hidden_size, mp_config=mp_config, init_method=out_init,
             bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
+        self.q_layernorm = self.k_layernorm = None
+        if cfg.qk_layernorm:
+            dtype = mp_config.params_dtype
+            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
+            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None):
@@ -168,6 +177,8 @@ class SelfAttention(torch.nn.Module):
         q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.head_dim)
         k = qkv[:, :, :, self.heads_per_group]
         v = qkv[:, :, :, self.heads_per_group + 1]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15.parallel.adam import adamw_step, resolve_adam_impl
-from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single
+from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single, grad_is_partial_over_tp
 
 
 # A 16-bit bucket is copied to fp32 for its reduce-scatter; this many copies may be alive at
@@ -80,17 +80,18 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
 class DistributedOptimizer:
     """ZeRO-1 AdamW over the data-parallel group with overlapped, bucketed grad reduction.
 
-    ``named_params``: the model stage's trainable parameters. ``replicated_over_tp(name, p)``
-    tells which grads are partial sums under sequence parallelism (all-reduced over tp before
-    dp reduction) and counted once in the norm; ``tied_embedding`` names the parameter
-    shared by the first and last pipeline stage (all-reduced over ``embedding_group``).
+    ``named_params``: the model stage's trainable parameters. Grads that are partial sums over
+    tp (``grad_is_partial_over_tp``: norms under sequence parallelism, QK-norm weights) are
+    all-reduced over tp before the dp reduction; tp-replicated parameters (``tp_replicated``)
+    count once in the norm; ``tied_embedding`` names the parameter shared by the first and
+    last pipeline stage (all-reduced over ``embedding_group``).
     """
 
     def __init__(self, named_params, *, lr: float, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, clip_grad: float = 0.0,
                  dp_group=None, tp_group=None, grad_norm_group=None, embedding_group=None,
                  tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
-                 sequence_parallel: bool = False, bucket_numel: int = 40_000_000, overlap: bool = True,
+                 bucket_numel: int = 40_000_000, overlap: bool = True,
                  adam_impl: str = "auto"):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
@@ -102,7 +103,6 @@ class DistributedOptimizer:
         self.dp_size, self.dp_rank = _group_size(dp_group), _group_rank(dp_group)
         self.tp_rank = _group_rank(tp_group)
         self.tied_embedding = tied_embedding
-        self.sequence_parallel = sequence_parallel and _group_size(tp_group) > 1
         # ``overlap`` may be switched off for a step (e.g. when some dp rank has no microbatch:
         # every rank must then launch the bucket reductions in the same, list order)
         self.overlap = overlap
@@ -140,7 +140,10 @@ class DistributedOptimizer:
 
     # -- layout -----------------------------------------------------------------------------
     def _is_late(self, name, p) -> bool:
-        return (self.sequence_parallel and getattr(p, "sequence_parallel", False)) or name == self.tied_embedding
+        return self._partial_over_tp(p) or name == self.tied_embedding
+
+    def _partial_over_tp(self, p) -> bool:
+        return _group_size(self.tp_group) > 1 and grad_is_partial_over_tp(p)
 
     def _counted_in_norm(self, name, p) -> bool:
         """Each gradient element enters the global norm once: tp-replicated parameters only on
@@ -239,7 +242,7 @@ class DistributedOptimizer:
             if b.late:
                 for n, p, off in b.params:
                     g = b.grad_data[off:off + p.numel()]
-                    if self.sequence_parallel and getattr(p, "sequence_parallel", False):
+                    if self._partial_over_tp(p):
                         dist.all_reduce(g, group=self.tp_group)
                     if n == self.tied_embedding and self.embedding_group is not None:
                         dist.all_reduce(g, group=self.embedding_group)

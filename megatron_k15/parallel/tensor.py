@@ -186,18 +186,19 @@ def gather_from_tensor_parallel_last_dim(x, group):
     return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
 
 
-def allreduce_sequence_parallel_grads(model: torch.nn.Module, group) -> None:
-    """Sum the grads of parameters replicated across tp but fed different sequence shards.
+def grad_is_partial_over_tp(p: torch.Tensor) -> bool:
+    """A parameter replicated across tp whose gradient on each rank is a partial sum, to be
+    all-reduced over tp: under sequence parallelism the RMSNorm weights, which see only the
+    rank's slice of the sequence (Megatron marks them ``sequence_parallel``); with QK-norm the
+    per-head q/k norm weights, which see only the rank's heads (``tp_partial_grad``)."""
+    return getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False)
 
-    Under sequence parallelism each tp rank's RMSNorm weights see only its slice of the
-    sequence, so their gradients are partial sums (Megatron marks them ``sequence_parallel``).
-    """
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module, group) -> None:
+    """Sum, over tp, the grads that are partial sums (``grad_is_partial_over_tp``)."""
     if _size(group) == 1:
         return
-    grads = [
-        p.grad for p in model.parameters()
-        if getattr(p, "sequence_parallel", False) and p.grad is not None
-    ]
+    grads = [p.grad for p in model.parameters() if grad_is_partial_over_tp(p) and p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -24,6 +24,7 @@ def _single_rank():
     ("qwen2", {}),                                   # QKV bias, GQA 3:1, untied
     ("llama", {}),                                   # tied, theta 500000, GQA 2:1
     ("qwen3", {}),                                   # QK-norm, head_dim 32 != hidden / heads
+    ("qwen3", {"rope_scaling": YARN_SCALING}),       # Qwen3 at 128K
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
     ("qwen2", {"rope_scaling": YARN_SCALING}),       # YaRN (Qwen2.5 at 128K), attention factor
     ("qwen2", {"rope_scaling": {**YARN_SCALING, "beta_fast": 16, "mscale": 0.9, "mscale_all_dim": 0.5}}),

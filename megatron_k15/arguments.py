@@ -114,6 +114,23 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="most prompt tokens prefilled in one engine step")
 
 
+def add_reasoning_tags_arg(g) -> None:
+    """``--reasoning-tags`` for the commands that grade responses (train_rl, evaluate)."""
+    g.add_argument("--reasoning-tags", default="auto",
+                   help="grade only the answer after a reasoning block: auto = <think>,</think>; "
+                        "OPEN,CLOSE for other tags; none = grade the whole response. A response "
+                        "that ends inside its reasoning scores 0 (megatron_k15/rewards/reasoning.py)")
+
+
+def check_reasoning_tags(args) -> None:
+    from megatron_k15.rewards.reasoning import parse_reasoning_tags
+
+    try:
+        parse_reasoning_tags(args.reasoning_tags)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")

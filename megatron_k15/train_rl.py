@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from megatron_k15.arguments import ArgumentError, parse_args
+from megatron_k15.arguments import ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args
 
 
 def add_rl_args(p) -> None:
@@ -65,6 +65,7 @@ def add_rl_args(p) -> None:
     g.add_argument("--length-penalty-weight", type=float, default=0.0)
     g.add_argument("--length-penalty-start-iter", type=int, default=0)
     g.add_argument("--repeat-penalty", type=float, default=0.0)
+    add_reasoning_tags_arg(g)
     g.add_argument("--no-repeat-detection", action="store_true")
     g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
     g.add_argument("--curriculum-switch-iter", type=int, default=0)
@@ -102,6 +103,7 @@ def _validate(args) -> None:
         raise ArgumentError("--temperature must be > 0 for RL rollouts (exploration)")
     if args.rl_tau <= 0 and args.rl_loss == "omd":
         raise ArgumentError("--rl-tau must be > 0")
+    check_reasoning_tags(args)
     for flag in ("prompt_data", "eval_data"):
         prefix = getattr(args, flag)
         if prefix and not os.path.exists(prefix + ".json"):
@@ -251,7 +253,8 @@ def main(argv=None) -> int:
                        max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
                        dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
-                       batch_size=args.rollout_batch_size, generator=rl.generator)
+                       batch_size=args.rollout_batch_size, generator=rl.generator,
+                       reasoning_tags=rl.reasoning_tags)
         rl.generator.release()
         return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
 

@@ -280,8 +280,16 @@ def test_seq_length_drop_and_truncate(tmp_path, capsys):
     assert ds[1].tokens.tolist() == list(b"abcdefghij") and ds[1].loss_mask.tolist() == [0] * 8 + [1] * 2
 
 
-def test_hf_chat_template_sft_masks(tmp_path, capsys):
-    """A transformers tokenizer with its own chat template: masks cover exactly the assistant turns."""
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+# Qwen3-like: thinking unless the caller passes enable_thinking=false
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<assistant>{% endif %}",
+    "<assistant>{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}")
+
+
+def _hf_tokenizer(path, template):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -292,9 +300,44 @@ def test_hf_chat_template_sft_masks(tmp_path, capsys):
         vocab_size=280, special_tokens=["<unk>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-                          "{% if add_generation_prompt %}<assistant>{% endif %}")
-    fast.save_pretrained(str(tmp_path / "tok"))
+    fast.chat_template = template
+    fast.save_pretrained(str(path))
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, capsys):
+    _hf_tokenizer(tmp_path / "tok", THINKING_TEMPLATE)
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPT_ROWS)
+    common = ("--mode", "prompts", "--input", inp, "--tokenizer", tmp_path / "tok", "--chat-template")
+    rc, err = run_inproc(capsys, *common, "--output-prefix", tmp_path / "think")
+    assert rc == 0, err
+    rc, err = run_inproc(capsys, *common, "--output-prefix", tmp_path / "nothink",
+                         "--chat-template-kwargs", '{"enable_thinking": false}')
+    assert rc == 0, err
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    think, nothink = load_prompt_dataset(str(tmp_path / "think")), load_prompt_dataset(str(tmp_path / "nothink"))
+    for i, row in enumerate(PROMPT_ROWS):
+        head = f"<user>{row['prompt']}</s><assistant>"
+        assert think[i].prompt_ids.tolist() == tok.encode(head)
+        assert nothink[i].prompt_ids.tolist() == tok.encode(head + "<think></think>")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--chat-template-kwargs", "[1]"), "must be a JSON object"),
+    (("--chat-template-kwargs", "{bad"), "not valid JSON"),
+    (("--chat-template-kwargs", "{}"), "applies to --chat-template only"),
+    (("--chat-template", "--chat-template-kwargs", '{"enable_thinking": false}'), "has no chat template"),
+])
+def test_bad_chat_template_kwargs_are_rejected(tmp_path, extra, message):
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", tmp_path / "x",
+                   "--tokenizer", "byte", *extra)
+    assert res.returncode != 0 and message in res.stderr
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_hf_chat_template_sft_masks(tmp_path, capsys):
+    """A transformers tokenizer with its own chat template: masks cover exactly the assistant turns."""
+    _hf_tokenizer(tmp_path / "tok", CHAT_TEMPLATE)
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                           {"role": "user", "content": "again"}, {"role": "assistant", "content": "you"}]}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -27,7 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
-from megatron_k15.arguments import ArgumentError, parse_args  # noqa: E402
+from megatron_k15.arguments import (  # noqa: E402
+    ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args,
+)
 
 
 def add_eval_args(p) -> None:
@@ -40,6 +42,7 @@ def add_eval_args(p) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
     g.add_argument("--seed", type=int, default=1234)
+    add_reasoning_tags_arg(g)
 
 
 def _validate(args) -> None:
@@ -47,6 +50,7 @@ def _validate(args) -> None:
         raise ArgumentError("--load CKPT is required")
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
+    check_reasoning_tags(args)
     if args.n_samples < 1:
         raise ArgumentError("--n-samples must be >= 1")
     if args.n_samples > 1 and args.temperature == 0:
@@ -76,6 +80,7 @@ def main(argv=None) -> int:
 
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
+    from megatron_k15.rewards.reasoning import parse_reasoning_tags
     from megatron_k15.rl.evaluation import evaluate
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=generator)
+                   generator=generator, reasoning_tags=parse_reasoning_tags(args.reasoning_tags))
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -33,7 +33,8 @@ together (train_sft --loss dpo packs a pair into one row, so the same --seq-leng
 pair); longer pairs are dropped, never truncated.
 
 With --chat-template in prompts mode a prompt is rendered as one user turn followed by the
-generation prompt (the assistant header).
+generation prompt (the assistant header). --chat-template-kwargs '{"enable_thinking": false}'
+passes variables to the tokenizer's template (Qwen3 then renders an empty reasoning block).
 
 Everything is written under temporary names and renamed at the end (PREFIX.json last), so
 after a failure none of the final names exists. A bad line (invalid JSON, not UTF-8,
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true",
                    help="render with the tokenizer's chat template (the simple built-in one "
                         "when it has none)")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="with --chat-template: extra variables for the tokenizer's template, e.g. "
+                        "'{\"enable_thinking\": false}' for Qwen3 without thinking")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes (default 1); the output does not depend on N")
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -127,7 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.chat_template_kwargs is not None and not args.chat_template:
+        parser.error("--chat-template-kwargs applies to --chat-template only")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.seq_length is not None and args.seq_length < 1:
@@ -154,27 +170,28 @@ def _init_worker(tokenizer, opts: dict) -> None:
     _STATE["opts"] = opts
 
 
-def _render(messages, tok, use_tok_template: bool, add_generation_prompt: bool) -> str:
+def _render(messages, tok, opts: dict, add_generation_prompt: bool) -> str:
     try:
-        if use_tok_template:
-            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        if opts["chat_template"]:
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           **opts["chat_template_kwargs"])
         return simple_chat_template(messages, add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - a template failure is this record's problem
         raise FieldError("messages", f"the chat template failed: {e}") from None
 
 
-def _sft_segments(rec: dict, tok, chat_template: bool) -> list[tuple[str, int]]:
+def _sft_segments(rec: dict, tok, opts: dict) -> list[tuple[str, int]]:
     """(text, is_response) segments whose concatenation is the rendered sample."""
     msgs = rec["messages"]
-    if rec.get("pair") and not chat_template:
+    if rec.get("pair") and not opts["chat_template"]:
         return [(msgs[0]["content"], 0), (msgs[1]["content"], 1)]
     segs: list[tuple[str, int]] = []
     done = ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        head = _render(msgs[:i], tok, chat_template, True)
-        full = _render(msgs[:i + 1], tok, chat_template, False)
+        head = _render(msgs[:i], tok, opts, True)
+        full = _render(msgs[:i + 1], tok, opts, False)
         if not head.startswith(done) or not full.startswith(head):
             raise FieldError(f"messages[{i}]",
                              "the chat template does not render this turn as a continuation of "
@@ -188,7 +205,7 @@ def _sft_segments(rec: dict, tok, chat_template: bool) -> list[tuple[str, int]]:
 def _tokenize_sft(rec: dict, tok, opts: dict, field: str):
     ids: list[int] = []
     mask: list[int] = []
-    for text, is_resp in _sft_segments(rec, tok, opts["chat_template"]):
+    for text, is_resp in _sft_segments(rec, tok, opts):
         if text:
             t = tok.encode(text)
             ids.extend(t)
@@ -221,7 +238,7 @@ def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
     rec = validate_prompt_record(obj, default_id=f"{os.path.basename(path)}:{lineno}")
     text = rec["prompt"]
     if opts["chat_template"]:
-        text = _render([{"role": "user", "content": text}], tok, True, True)
+        text = _render([{"role": "user", "content": text}], tok, opts, True)
     ids = tok.encode(text)
     if not ids:
         raise FieldError("prompt", "tokenizes to no tokens")
@@ -357,7 +374,11 @@ def run(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(args.tokenizer)
     if args.mode in ("sft", "dpo") and args.append_eos and tok.eos_id is None:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
+    if args.chat_template_kwargs and not tok.has_chat_template:
+        raise PreprocessError(f"--chat-template-kwargs: tokenizer {tok.name!r} has no chat template "
+                              "of its own (the built-in simple one takes no variables)")
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
+            "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
             "append_eos": bool(args.append_eos), "path": path}
     dtype = token_dtype(tok.vocab_size)
 
@@ -460,6 +481,7 @@ def run(args: argparse.Namespace) -> dict:
             "pad_id": tok.pad_id,
             "dtype": str(dtype),
             "chat_template": bool(args.chat_template),
+            "chat_template_kwargs": args.chat_template_kwargs,
             "append_eos": bool(args.append_eos),
             "seq_length": args.seq_length,
             "overlong": args.overlong if args.seq_length is not None else None,

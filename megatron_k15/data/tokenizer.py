@@ -233,10 +233,13 @@ class HFTokenizer(Tokenizer):
     def has_chat_template(self) -> bool:
         return self._hf is not None and bool(getattr(self._hf, "chat_template", None))
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
+        """``template_kwargs``: extra template variables (e.g. Qwen3's ``enable_thinking``)."""
         if self.has_chat_template:
             out = self._hf.apply_chat_template(list(messages), tokenize=False,
-                                               add_generation_prompt=add_generation_prompt)
+                                               add_generation_prompt=add_generation_prompt,
+                                               **template_kwargs)
             if not isinstance(out, str):  # some versions return a list for batched input
                 out = out[0]
             return out

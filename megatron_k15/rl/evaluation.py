@@ -8,12 +8,14 @@ every ``--eval-interval``) and by ``tools/evaluate.py``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.rewards.registry import compute_reward
+from megatron_k15.rewards.reasoning import ReasoningTags, ends_inside_reasoning, reward_of_response
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -30,10 +32,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             generator=None) -> dict:
+             generator=None, reasoning_tags: Optional[ReasoningTags] = None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank)}. ``generator``: a generation engine on
-    ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time)."""
+    ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time).
+    ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``)."""
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
     special = set(getattr(tokenizer, "special_ids", []) or [])
@@ -46,11 +49,13 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     outputs = dict(zip(requests, res))
     for i in mine:
         rec = records[i]
+        prompt_open = ends_inside_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
         samples = []
         for s in range(n_samples):
             r = outputs[(i, s)]
             text = tokenizer.decode([t for t in r.output_ids if t not in special and t < tokenizer.vocab_size])
-            samples.append({"text": text, "correct": compute_reward(text, rec) >= 1.0,
+            correct = reward_of_response(text, rec, reasoning_tags, prompt_open) >= 1.0
+            samples.append({"text": text, "correct": correct,
                             "length": len(r.output_ids), "stop_reason": r.stop_reason})
         per_problem.append({"id": rec.get("id", str(i)), "index": i, "samples": samples})
     if dp_size > 1:

@@ -26,7 +26,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,8 @@ from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
-from megatron_k15.rewards.registry import compute_reward
+from megatron_k15.rewards.reasoning import (ReasoningTags, ends_inside_reasoning, parse_reasoning_tags,
+                                            reward_of_response)
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
 from megatron_k15.training import TrainContext, forward_only, reduce_sums, train_step
@@ -85,14 +86,18 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
-          length_penalty_start_iter=0, repeat_penalty=0.0) -> tuple[list[float], list[bool]]:
+          length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
+          prompt_open: Optional[Callable[[str], bool]] = None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
-    reward within each group. Returns (rewards, correct)."""
+    reward within each group. Returns (rewards, correct). With ``reasoning_tags`` the verifier
+    grades the answer after the reasoning block, and a response still inside its reasoning
+    scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block."""
     eos = set(getattr(tokenizer, "special_ids", []) or [])
     task, correct = [], []
     for t in trajs:
         ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
-        r = float(compute_reward(tokenizer.decode(ids), records[t.prompt_id]))
+        r = reward_of_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
+                               bool(prompt_open and prompt_open(t.prompt_id)))
         correct.append(r >= 1.0)
         task.append(r - (repeat_penalty if t.stop_reason == "repeat" else 0.0))
     rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
@@ -206,6 +211,8 @@ class RLIteration:
         self.records = {r["id"]: r for r in records}
         self.prompt_ids = {r["id"]: list(map(int, ids)) for r, ids in zip(records, prompt_ids)}
         self.last_success: dict = {}
+        self.reasoning_tags = parse_reasoning_tags(getattr(args, "reasoning_tags", "none"))
+        self._prompt_open: dict = {}
         self.buffer = ReplayBuffer(max_size=args.replay_buffer_size or None, max_age=args.replay_max_age or None)
         self.loss_fn = get_loss_fn(args.rl_loss)
         self.settings = RolloutSettings(
@@ -221,6 +228,13 @@ class RLIteration:
                                          pp_group=pc.pp_group if pc.pp_size > 1 else None)
         cfg = ctx.model.config
         self.eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+
+    def prompt_open(self, prompt_id) -> bool:
+        """Whether the prompt (its chat template) opens a reasoning block for the response."""
+        if prompt_id not in self._prompt_open:
+            self._prompt_open[prompt_id] = ends_inside_reasoning(
+                self.tok.decode(self.prompt_ids[prompt_id]), self.reasoning_tags)
+        return self._prompt_open[prompt_id]
 
     def _gather(self, mine: list[tuple[int, Trajectory]]) -> list[Trajectory]:
         """Every generation-parallel rank's (global index, trajectory), in global order."""
@@ -282,7 +296,8 @@ class RLIteration:
         rewards, correct = score(finished, self.records, self.tok, iteration,
                                  length_penalty_weight=args.length_penalty_weight,
                                  length_penalty_start_iter=args.length_penalty_start_iter,
-                                 repeat_penalty=args.repeat_penalty)
+                                 repeat_penalty=args.repeat_penalty,
+                                 reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open)
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))

@@ -1,0 +1,69 @@
+"""What a verifier grades in the response of a reasoning model.
+
+Reasoning models (Qwen3, DeepSeek-R1 and its distillations) think between tags and answer
+after the closing one: ``<think> ... </think> The answer is \\boxed{4}``. The verifier must
+see the answer, not the thoughts: a value boxed while thinking is not the model's answer, and
+a response that ran out of tokens before closing its reasoning gave no answer at all (grading
+its thoughts would reward truncated, unfinished chains). Some chat templates open the block
+in the prompt (R1's ends with ``<think>\\n``), so whether the block is open at the end is
+decided on prompt + response.
+
+    tags None (``--reasoning-tags none``)     -> the whole response
+    the response closes a block                -> the text after its last closing tag
+    a block is open at the end of the response -> None: no answer (reward 0)
+    no tags anywhere                           -> the whole response (a plain model)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ReasoningTags:
+    open: str = "<think>"
+    close: str = "</think>"
+
+
+def parse_reasoning_tags(spec: str, flag: str = "--reasoning-tags") -> Optional[ReasoningTags]:
+    """``auto`` (``<think>`` / ``</think>``), ``none``, or ``OPEN,CLOSE``."""
+    if spec == "auto":
+        return ReasoningTags()
+    if spec == "none":
+        return None
+    parts = spec.split(",")
+    if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+        raise ValueError(f"{flag} {spec!r}: give auto, none, or two different tags as OPEN,CLOSE "
+                         "(e.g. '<think>,</think>')")
+    return ReasoningTags(parts[0].strip(), parts[1].strip())
+
+
+def ends_inside_reasoning(text: str, tags: Optional[ReasoningTags]) -> bool:
+    """True when ``text`` opens a reasoning block that it does not close afterwards."""
+    if tags is None:
+        return False
+    return text.rfind(tags.open) > text.rfind(tags.close)
+
+
+def graded_text(response: str, tags: Optional[ReasoningTags], prompt_open: bool = False) -> Optional[str]:
+    """The part of ``response`` a verifier grades (module docstring); None when the response
+    ends inside its reasoning. ``prompt_open``: the prompt ends inside a reasoning block
+    (``ends_inside_reasoning(prompt_text, tags)``)."""
+    if tags is None:
+        return response
+    close = response.rfind(tags.close)
+    if response.rfind(tags.open) > close:
+        return None
+    if close >= 0:
+        return response[close + len(tags.close):]
+    return None if prompt_open else response
+
+
+def reward_of_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
+                       prompt_open: bool = False) -> float:
+    """The record's verifier reward for the graded part of ``response``; 0 without an answer."""
+    from megatron_k15.rewards.registry import compute_reward
+
+    answer = graded_text(response, tags, prompt_open)
+    return 0.0 if answer is None else float(compute_reward(answer, record))

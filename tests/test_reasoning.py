@@ -1,0 +1,80 @@
+"""Grading reasoning models: the verifier sees the answer after the reasoning block; a response
+still inside its reasoning scores 0; plain models are graded as before."""
+
+import pytest
+
+from megatron_k15.arguments import ArgumentError
+from megatron_k15.data.tokenizer import ByteTokenizer
+from megatron_k15.generation.replay_buffer import Trajectory
+from megatron_k15.rewards.reasoning import (ReasoningTags, ends_inside_reasoning, graded_text,
+                                            parse_reasoning_tags, reward_of_response)
+from megatron_k15.rl.trainer import score
+
+THINK = ReasoningTags()
+FOUR = {"id": "p", "task": "math", "answer": "4"}
+
+
+@pytest.mark.parametrize("response,prompt_open,expected", [
+    ("The answer is \\boxed{4}.", False, "The answer is \\boxed{4}."),                 # plain model
+    ("<think>2+2=\\boxed{5}? no</think>\n\n\\boxed{4}", False, "\n\n\\boxed{4}"),      # Qwen3
+    ("<think>a</think> b <think>c</think> d", False, " d"),                           # last block
+    ("<think>so it is \\boxed{4}", False, None),                                      # ran out thinking
+    ("<think>a</think> b <think>c", False, None),                                     # reopened
+    ("so it is \\boxed{4}", True, None),                  # R1: the prompt opened the block
+    ("so \\boxed{5}</think>\\boxed{4}", True, "\\boxed{4}"),                          # R1, closed
+])
+def test_graded_text(response, prompt_open, expected):
+    assert graded_text(response, THINK, prompt_open) == expected
+
+
+def test_no_tags_grade_everything_and_custom_tags_work():
+    assert graded_text("<think>\\boxed{4}", None) == "<think>\\boxed{4}"
+    tags = parse_reasoning_tags("<reasoning>,</reasoning>")
+    assert graded_text("<reasoning>x</reasoning>y", tags) == "y"
+    assert graded_text("<think>x", tags) == "<think>x"  # other tags are text
+    assert ends_inside_reasoning("<|im_start|>assistant\n<think>\n", THINK)
+    assert not ends_inside_reasoning("<|im_start|>assistant\n", THINK)
+    assert not ends_inside_reasoning("<think>\n", None)
+
+
+@pytest.mark.parametrize("spec", ["<think>", "a,b,c", ",</think>", "<t>,<t>", ""])
+def test_bad_tag_specs_are_rejected(spec):
+    with pytest.raises(ValueError, match="--reasoning-tags"):
+        parse_reasoning_tags(spec)
+
+
+def test_reward_of_response_grades_only_the_answer():
+    boxed_while_thinking = "<think>maybe \\boxed{4}? check: 2+2 = 5</think> \\boxed{5}"
+    assert reward_of_response(boxed_while_thinking, FOUR, None) == 0.0  # last boxed is 5 anyway
+    unfinished = "<think>2+2 = \\boxed{4}, let me double check"
+    assert reward_of_response(unfinished, FOUR, None) == 1.0  # graded whole: rewards a truncation
+    assert reward_of_response(unfinished, FOUR, THINK) == 0.0
+    assert reward_of_response("<think>easy</think>\\boxed{4}", FOUR, THINK) == 1.0
+    assert reward_of_response("\\boxed{4}", FOUR, THINK, prompt_open=True) == 0.0
+
+
+def test_rl_score_uses_the_tags_and_the_prompt():
+    tok = ByteTokenizer()
+    texts = ["<think>\\boxed{4}", "<think>ok</think>\\boxed{4}", "\\boxed{4}"]
+    trajs = []
+    for t in texts:
+        ids = tok.encode(t)
+        trajs.append(Trajectory(prompt_id="p", prompt_ids=tok.encode("2+2="), response_ids=ids,
+                                segment_ids=[0] * len(ids), logprobs=[0.0] * len(ids), group_id="g",
+                                stop_reason="eos"))
+    _, correct = score(trajs, {"p": FOUR}, tok, 0)
+    assert correct == [True, True, True]
+    _, correct = score(trajs, {"p": FOUR}, tok, 0, reasoning_tags=THINK)
+    assert correct == [False, True, True]
+    _, correct = score(trajs, {"p": FOUR}, tok, 0, reasoning_tags=THINK, prompt_open=lambda pid: True)
+    assert correct == [False, True, False]
+
+
+def test_cli_rejects_a_bad_spec_naming_the_flag():
+    import argparse
+
+    from megatron_k15.arguments import check_reasoning_tags
+
+    with pytest.raises(ArgumentError, match="--reasoning-tags"):
+        check_reasoning_tags(argparse.Namespace(reasoning_tags="<think>"))
+    check_reasoning_tags(argparse.Namespace(reasoning_tags="none"))

@@ -14,6 +14,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
+from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
 
 # flag -> GPTConfig field, for the model-shape flags (default None = "not given")
 MODEL_FLAGS = {
@@ -138,6 +139,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     g.add_argument("--tensorboard-dir", default=None)
+    add_wandb_args(g)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
 
@@ -239,6 +241,9 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     prefill = _get(args, "max_prefill_tokens")
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
+    problem = check_wandb_args(args)
+    if problem:
+        raise ArgumentError(problem)
     if _get(args, "finetune") and not _get(args, "load"):
         raise ArgumentError("--finetune needs --load DIR (the weights to start from)")
     load = _get(args, "load")

@@ -258,8 +258,7 @@ def main(argv=None) -> int:
         rl.generator.release()
         return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
 
-    logger = MetricsLogger(args.tensorboard_dir, rank == 0)
-    logger.truncate_after(iteration)
+    logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:
         print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
               f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "

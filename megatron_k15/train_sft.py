@@ -291,8 +291,7 @@ def main(argv=None) -> int:
         dataset = load_sft_dataset(args.train_data)
         stream = PackedSFTStream(dataset, args.seq_length, seed=args.seed, lengths=dataset.lengths)
         what = f"{len(dataset)} samples"
-    logger = MetricsLogger(args.tensorboard_dir, rank == 0)
-    logger.truncate_after(iteration)
+    logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:
         print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {what}, loss {args.loss}, "
               f"tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} dp={dp}, start at iteration {iteration}", flush=True)

@@ -182,12 +182,14 @@ def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool 
 
 
 class MetricsLogger:
-    """metrics.jsonl (one object per logged iteration) and TensorBoard scalars, on rank 0."""
+    """metrics.jsonl (one object per logged iteration) and TensorBoard scalars in ``log_dir``,
+    and Weights & Biases (``wandb_logging``), on rank 0."""
 
-    def __init__(self, log_dir: Optional[str], enabled: bool):
+    def __init__(self, log_dir: Optional[str], enabled: bool, wandb_run=None):
         self.enabled = enabled and log_dir is not None
         self.path = None
         self.tb = None
+        self.wandb = wandb_run
         if not self.enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -199,6 +201,19 @@ class MetricsLogger:
         except Exception:  # noqa: BLE001 - tensorboard is optional; metrics.jsonl always works
             self.tb = None
 
+    @classmethod
+    def for_run(cls, args, enabled: bool, start_iteration: int) -> "MetricsLogger":
+        """The logger of a training command (--tensorboard-dir, --wandb-*) that starts at
+        ``start_iteration`` (> 0 when resuming: later records of the log are dropped)."""
+        wandb_run = None
+        if enabled and getattr(args, "wandb_project", None):
+            from megatron_k15.wandb_logging import WandbRun
+
+            wandb_run = WandbRun(args, start_iteration)
+        logger = cls(args.tensorboard_dir, enabled, wandb_run)
+        logger.truncate_after(start_iteration)
+        return logger
+
     def truncate_after(self, iteration: int) -> None:
         """On resume, drop records of iterations that the checkpoint does not include."""
         if not self.enabled or not os.path.exists(self.path):
@@ -208,6 +223,8 @@ class MetricsLogger:
             f.writelines(keep)
 
     def log(self, iteration: int, metrics: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log(iteration, metrics)
         if not self.enabled:
             return
         record = {"iteration": iteration, "time": time.time(), **metrics}
@@ -222,3 +239,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -459,10 +459,11 @@ def _layer_of(name: str) -> Optional[int]:
     return int(name.split(".")[1]) if name.startswith("layers.") else None
 
 
-# the order in which a layer's backward finishes its weight grads (reverse registration order)
+# the order in which a layer's backward finishes its weight grads (the reverse of the forward
+# order: Qwen3's k and q norms run between the output projection and the QKV projection)
 _BACKWARD_ORDER = ("linear_fc2.weight", "linear_fc1.weight", "pre_mlp_layernorm.weight",
-                   "linear_proj.weight", "linear_qkv.bias", "linear_qkv.weight",
-                   "input_layernorm.weight")
+                   "linear_proj.weight", "k_layernorm.weight", "q_layernorm.weight",
+                   "linear_qkv.bias", "linear_qkv.weight", "input_layernorm.weight")
 
 
 def _backward_position(name: str) -> int:

@@ -35,7 +35,7 @@ from megatron_k15.memory_plan import (
     Layout, MemoryMeter, Workload, grad_bucket_sizes, kv_cache_bytes, measure_peak_bytes,
     plan_memory, rollout_kv_cache_bytes, stage_parameters, suggest_layouts,
 )
-from megatron_k15.models.config import ConfigError, preset
+from megatron_k15.models.config import PRESETS, ConfigError, preset
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "plan_memory.py"
 
@@ -230,7 +230,8 @@ def _dp2_worker(rank, world_size, overrides, kw):
 
 
 @pytest.mark.slow
-def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallelism(monkeypatch):
+@pytest.mark.parametrize("qwen3", [False, True], ids=["qwen2", "qwen3"])
+def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallelism(monkeypatch, qwen3):
     """bf16 at dp = 2 with ~50 small buckets: each bucket's fp32 copy for the reduce-scatter
     lives from its launch in backward until the reduction is waited for, and at most
     MAX_STAGED_BUCKETS are alive (launching another waits for the oldest). The measured peak
@@ -240,7 +241,7 @@ def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallel
     import megatron_k15.memory_plan as memory_plan
     from megatron_k15.testing import run_distributed
 
-    overrides = dict(num_layers=4, tie_word_embeddings=False)
+    overrides = {**(QWEN3_SHAPE if qwen3 else {}), "num_layers": 4, "tie_word_embeddings": False}
     kw = dict(seq_length=256, micro_batch_size=2, params_dtype="bf16", recompute="full",
               logprob_impl="ce", grad_bucket_numel=20_000)
     stage = plan_memory(preset("tiny", **overrides), Layout(dp=2), Workload(**kw)).most_loaded
@@ -257,6 +258,22 @@ def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallel
         assert stage.train_peak_bytes == pytest.approx(peak, rel=0.02)
         assert stage.train_peak_bytes - static == pytest.approx(peak - static, rel=0.03)
         assert unbounded.train_peak_bytes > 1.03 * peak
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_plans_on_the_usual_layouts(name):
+    """Every code path of the planner (16-bit gradient copies at dp > 1, tp shards, pipeline
+    stages) runs for every preset shape."""
+    cfg = preset(name)
+    w = Workload(seq_length=4096, params_dtype="bf16", recompute="full")
+    for layout in (Layout(dp=2), Layout(tp=2, dp=2), Layout(tp=2, pp=2, cp=2)):
+        plan = plan_memory(cfg, layout, w)
+        assert 0 < plan.peak_bytes < 2**50
+    # the planner's parameters are the model's (the count transformers gives, test_model_hf),
+    # plus the rows that pad the vocabulary
+    padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.hidden_size
+    padding *= 1 if cfg.tie_word_embeddings else 2
+    assert plan_memory(cfg, Layout(dp=2), w).stages[0].parameters == cfg.num_parameters() + padding
 
 
 def test_recompute_and_fused_logprobs_shrink_the_plan():

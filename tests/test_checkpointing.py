@@ -20,17 +20,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(9))
 
 
-def ckpt_worker(rank, world_size, tp, pp, load_dir, save_dir, iters):
-    """Optionally load, train ``iters`` iterations, optionally save; return the losses and the
-    probe's full-vocab logits (from the last stage)."""
+def ckpt_worker(rank, world_size, tp, pp, phases):
+    """For each (load_dir, save_dir, iters) of ``phases``, with a newly built model and
+    optimizer: optionally load, train ``iters`` iterations, optionally save; the losses and the
+    probe's full-vocab logits (from the last stage) of each phase."""
+    from megatron_k15.initialize import initialize_model_parallel
+
+    initialize_model_parallel(tp, pp)
+    return [_ckpt_phase(*phase) for phase in phases]
+
+
+def _ckpt_phase(load_dir, save_dir, iters):
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.sft import PackedSFTStream
-    from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.models.config import preset
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, forward_only, reduce_sums, train_step
 
-    initialize_model_parallel(tp, pp)
     ctx = build_train_context(_args(), preset("tiny", num_layers=4, init_method_std=0.05), seed=11)
     start, extra = load_checkpoint(load_dir, ctx) if load_dir else (0, {})
     consumed = extra.get("consumed_rows", 0)
@@ -59,23 +65,24 @@ def ckpt_worker(rank, world_size, tp, pp, load_dir, save_dir, iters):
     return {"losses": losses, "logits": logits[0] if logits else None}
 
 
-def _last_stage(results):
-    return [r for r in results if r["logits"] is not None][0]
+def _last_stage(results, phase):
+    return [r[phase] for r in results if r[phase]["logits"] is not None][0]
 
 
 @pytest.mark.slow
 def test_reshard_weights_and_optimizer_both_ways(tmp_path):
     a, b = str(tmp_path / "tp2pp2"), str(tmp_path / "tp1pp1")
-    run_distributed(ckpt_worker, 4, 2, 2, None, a, 1)            # train 1 iteration at tp=2 pp=2, save
-    same = _last_stage(run_distributed(ckpt_worker, 4, 2, 2, a, None, 1))
-    other = _last_stage(run_distributed(ckpt_worker, 1, 1, 1, a, b, 1))  # load at tp=1 pp=1, train, save
+    # tp=2 pp=2: train 1 iteration and save; then a new model loads it and trains one more
+    same = _last_stage(run_distributed(ckpt_worker, 4, 2, 2, [(None, a, 1), (a, None, 1)]), 1)
+    # tp=1 pp=1: load the tp=2 pp=2 checkpoint, train the same iteration, save; reload that
+    single = run_distributed(ckpt_worker, 1, 1, 1, [(a, b, 1), (b, None, 0)])
+    other, reload = _last_stage(single, 0), _last_stage(single, 1)
     # the optimizer state resharded too: the next iteration is the same step in both layouts
     assert abs(same["losses"][0] - other["losses"][0]) <= 1e-5 * abs(same["losses"][0])
     assert (same["logits"] - other["logits"]).abs().max() <= 1e-4
     # and back: tp=1 pp=1 checkpoint loaded at tp=2 pp=2 gives the probe logits it saved with
-    back = _last_stage(run_distributed(ckpt_worker, 4, 2, 2, b, None, 0))
+    back = _last_stage(run_distributed(ckpt_worker, 4, 2, 2, [(b, None, 0)]), 0)
     assert (back["logits"] - other["logits"]).abs().max() <= 1e-5
-    reload = _last_stage(run_distributed(ckpt_worker, 1, 1, 1, b, None, 0))
     assert torch.equal(reload["logits"], other["logits"])  # same layout: bit-identical
 
 

@@ -41,6 +41,26 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+# Megatron-LM switches that describe what this model always is (or a fusion it does not
+# have), so a Megatron-LM launch script for a Llama/Qwen model runs with its flags unchanged.
+MEGATRON_MODEL_SWITCHES = {
+    "--group-query-attention": "GQA follows --num-query-groups",
+    "--swiglu": "the MLP is always SwiGLU",
+    "--disable-bias-linear": "linear layers have no bias (only --add-qkv-bias adds one)",
+    "--use-rotary-position-embeddings": "RoPE is always used",
+    "--use-flash-attn": "attention is flash-style in every backend (--attention-backend)",
+    "--no-masked-softmax-fusion": "no such fusion here",
+    "--no-bias-swiglu-fusion": "no such fusion here",
+    "--no-bias-dropout-fusion": "no such fusion here",
+    "--no-rope-fusion": "no such fusion here",
+}
+MEGATRON_TRAINING_SWITCHES = {
+    "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
+    "--overlap-grad-reduce": "gradient reduction always overlaps backward",
+    "--no-gradient-accumulation-fusion": "no such fusion here",
+}
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
@@ -51,8 +71,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("norm_epsilon", float), ("make_vocab_size_divisible_by", int),
                        ("init_method_std", float)]:
         g.add_argument(_flag(dest), type=kind, default=None)
-    g.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron-LM compatibility; GQA follows --num-query-groups")
+    for flag, why in MEGATRON_MODEL_SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
+    g.add_argument("--position-embedding-type", choices=["rope"], default="rope",
+                   help="accepted for Megatron-LM scripts: RoPE is the only position embedding")
+    g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm",
+                   help="accepted for Megatron-LM scripts: RMSNorm is the only normalization")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="accepted for Megatron-LM scripts: the layers are always ours")
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="must be 1.0 (RoPE on the whole head)")
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
     g.add_argument("--add-qkv-bias", action="store_true", default=None)
     g.add_argument("--qk-layernorm", action="store_true", default=None,
                    help="RMSNorm over each head's query and key before RoPE (Qwen3)")
@@ -70,8 +99,11 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", choices=["ring", "allgather"], default="ring")
-    g.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
-                   help="sequence parallelism is on whenever tp > 1; this turns it off")
+    sp = g.add_mutually_exclusive_group()
+    sp.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
+                    help="sequence parallelism is on whenever tp > 1; this turns it off")
+    sp.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=True,
+                    help="accepted for Megatron-LM scripts: on by default here")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
 
@@ -100,6 +132,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="AdamW kernel: apex's multi-tensor Adam (CUDA, when installed), PyTorch's fused "
                         "AdamW, or plain elementwise ops; auto: the first available in that order")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform"], default=None,
+                   help="accepted for Megatron-LM scripts: full recompute checkpoints every layer "
+                        "on its own (uniform with --recompute-num-layers 1)")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="must be 1 (see --recompute-method)")
+    for flag, why in MEGATRON_TRAINING_SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     g.add_argument("--seed", type=int, default=1234)
 
 
@@ -241,6 +279,13 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     prefill = _get(args, "max_prefill_tokens")
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
+    for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
+                                ("attention_dropout", 0.0, "the model has no dropout"),
+                                ("hidden_dropout", 0.0, "the model has no dropout"),
+                                ("recompute_num_layers", 1, "full recompute checkpoints each layer")):
+        value = _get(args, dest)
+        if value is not None and value != required:
+            raise ArgumentError(f"{_flag(dest)} {value} is not supported ({why}); drop it or use {required}")
     problem = check_wandb_args(args)
     if problem:
         raise ArgumentError(problem)

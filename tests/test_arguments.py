@@ -33,6 +33,11 @@ def _validate(argv, world_size=1):
     (["--save-interval", "10"], 1, "--save-interval needs --save"),
     (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"], 2, "--decoder-first"),
+    (["--attention-dropout", "0.1"], 1, "--attention-dropout 0.1 is not supported"),
+    (["--hidden-dropout", "0.1"], 1, "--hidden-dropout 0.1"),
+    (["--rotary-percent", "0.5"], 1, "--rotary-percent 0.5"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4"], 1,
+     "--recompute-num-layers 4"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:
@@ -96,3 +101,35 @@ def test_generate_rejects_a_layout_the_world_size_cannot_hold_before_work(tmp_pa
     assert proc.returncode == 2
     assert "--context-parallel-size 3" in _error_line(proc.stderr)
     assert not (tmp_path / "o").exists()
+
+
+# the model flags of a Megatron-LM launch script for Qwen2.5-7B (as in its examples / Pai-Megatron)
+MEGATRON_LM_QWEN25_7B = """
+    --num-layers 28 --hidden-size 3584 --ffn-hidden-size 18944 --num-attention-heads 28
+    --group-query-attention --num-query-groups 4 --max-position-embeddings 32768
+    --position-embedding-type rope --use-rotary-position-embeddings --rotary-base 1000000
+    --rotary-percent 1.0 --normalization RMSNorm --norm-epsilon 1e-6 --swiglu
+    --disable-bias-linear --add-qkv-bias --untie-embeddings-and-output-weights
+    --attention-dropout 0.0 --hidden-dropout 0.0 --use-flash-attn --no-masked-softmax-fusion
+    --no-bias-swiglu-fusion --no-rope-fusion --vocab-size 152064 --make-vocab-size-divisible-by 128
+    --transformer-impl local --seq-length 4096 --bf16 --tensor-model-parallel-size 4
+    --sequence-parallel --use-distributed-optimizer --overlap-grad-reduce
+    --no-gradient-accumulation-fusion --recompute-granularity full --recompute-method uniform
+    --recompute-num-layers 1
+""".split()
+
+
+def test_megatron_lm_launch_flags_give_the_same_model():
+    from megatron_k15.models.config import preset
+
+    args = _validate(MEGATRON_LM_QWEN25_7B, world_size=8)
+    want = preset("qwen2.5-7b")
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings",
+                  "rotary_base", "norm_epsilon", "add_qkv_bias", "qk_layernorm", "tie_word_embeddings"):
+        assert getattr(args.model_config, field) == getattr(want, field), field
+    assert args.sequence_parallel and args.recompute_granularity == "full"
+    with pytest.raises(SystemExit):  # the two spellings of sequence parallelism exclude each other
+        build_parser().parse_args(["--sequence-parallel", "--no-sequence-parallel"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--normalization", "LayerNorm"])

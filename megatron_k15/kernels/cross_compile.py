@@ -277,7 +277,8 @@ class Case:
 def standard_cases() -> List[Case]:
     """The variants the model, generation and RL meet: Qwen2.5-7B (28 q / 4 kv heads, d128) and
     Qwen2.5-0.5B (14 / 2, d64) shapes; every dtype; causal and not; packed and dense; plus the
-    head_dim extremes 16 and 256."""
+    head_dim extremes 16 and 256, and Qwen3-8B's 32 / 8 heads (head counts divisible by 16
+    specialise the kernels differently)."""
     cases = []
     for dt in ("bf16", "fp16", "fp32"):
         for d, h, hkv in ((128, 28, 4), (64, 14, 2)):
@@ -298,6 +299,7 @@ def standard_cases() -> List[Case]:
                               lambda dt=dt, d=d, h=h, hkv=hkv: decode_launches(dt, d, h, hkv)))
         cases.append(Case(f"logprobs-{dt}-h3584", lambda dt=dt: logprob_launches(dt)))
         cases.append(Case(f"logprobs-{dt}-h896", lambda dt=dt: logprob_launches(dt, hidden=896)))
+    cases.append(Case("flash-bf16-d128-causal-h32kv8", lambda: flash_launches("bf16", 128, 32, 8)))
     cases.append(Case("merge-d128", lambda: merge_launches()))
     cases.append(Case("merge-d64-varlen", lambda: merge_launches(64, 14, varlen=True)))
     return cases

@@ -21,6 +21,7 @@ import time
 import torch.distributed as dist
 
 from megatron_k15.arguments import ArgumentError, parse_args
+from megatron_k15.data.tokenizer import add_chat_template_args, encode_prompt
 
 
 def add_generate_args(p) -> None:
@@ -34,6 +35,7 @@ def add_generate_args(p) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--batch-size", type=int, default=64, help="most requests decoded together")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to text prompts")
+    add_chat_template_args(g)
 
 
 def _validate(args) -> None:
@@ -70,7 +72,7 @@ def load_requests(args, tokenizer, vocab_size: int) -> list[tuple[dict, list[int
                 raise DataError(args.input, lineno, "prompt",
                                 "text prompts need a tokenizer (--tokenizer, or a checkpoint with "
                                 "tokenizer/); or give 'prompt_ids'")
-            ids = tokenizer.encode(rec["prompt"])
+            ids = encode_prompt(tokenizer, rec["prompt"], args)
             if args.add_bos and tokenizer.bos_id is not None:
                 ids = [tokenizer.bos_id] + ids
             if not ids:
@@ -92,11 +94,14 @@ def main(argv=None) -> int:
     args = parse_args(argv, "Generate with a megatron_k15 checkpoint", add_generate_args, _validate,
                       groups=("model", "parallel", "precision", "checkpoint", "inference"))
     from megatron_k15.data.prompts import DataError
-    from megatron_k15.data.tokenizer import TokenizerError
+    from megatron_k15.data.tokenizer import TokenizerError, chat_template_problem
 
     cfg = args.model_config
     try:
         tokenizer = find_tokenizer(args)
+        problem = chat_template_problem(args, tokenizer)
+        if problem:
+            raise TokenizerError(problem)
         requests = load_requests(args, tokenizer, cfg.vocab_size)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

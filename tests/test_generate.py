@@ -121,6 +121,22 @@ def test_text_prompts_with_tokenizer(converted):
     assert rec["answer"] == "2" and isinstance(rec["text"], str) and len(rec["output_ids"]) <= 4
 
 
+def test_chat_template_renders_text_prompts(converted, capsys):
+    """--chat-template: a text prompt becomes a user turn + generation prompt (the built-in
+    simple template of the byte tokenizer, written out here by hand)."""
+    _, tmp = converted
+    (tmp / "c.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    _write_prompts(tmp / "c_ids.jsonl", [list("<|user|>\n1+1=\n<|assistant|>\n".encode())])
+    common = ["--load", str(tmp / "ck1"), "--tokenizer", "byte", "--max-new-tokens", "4", "--temperature", "0"]
+    assert generate.main(common + ["--input", str(tmp / "c.jsonl"), "--output", str(tmp / "c.out"),
+                                   "--chat-template"]) == 0
+    assert generate.main(common + ["--input", str(tmp / "c_ids.jsonl"), "--output", str(tmp / "c_ids.out")]) == 0
+    assert _read(tmp / "c.out")[0]["output_ids"] == _read(tmp / "c_ids.out")[0]["output_ids"]
+    assert generate.main(common + ["--input", str(tmp / "c.jsonl"), "--output", str(tmp / "x.out"),
+                                   "--chat-template-kwargs", "{}"]) == 2
+    assert "--chat-template-kwargs applies to --chat-template only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("line,expected", [
     ("{not json", "in.jsonl:2"),
     ('{"prompt_ids": "abc"}', "prompt_ids"),

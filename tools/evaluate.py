@@ -30,6 +30,7 @@ import _bootstrap  # noqa: F401,E402
 from megatron_k15.arguments import (  # noqa: E402
     ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args,
 )
+from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
 
 
 def add_eval_args(p) -> None:
@@ -43,6 +44,7 @@ def add_eval_args(p) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
     g.add_argument("--seed", type=int, default=1234)
     add_reasoning_tags_arg(g)
+    add_chat_template_args(g)
 
 
 def _validate(args) -> None:
@@ -66,11 +68,14 @@ def main(argv=None) -> int:
     args = parse_args(argv, "Evaluate pass@k with verifiable rewards", add_eval_args, _validate,
                       groups=("model", "parallel", "precision", "checkpoint", "inference"))
     from megatron_k15.data.prompts import DataError, read_prompt_records
-    from megatron_k15.data.tokenizer import TokenizerError, load_tokenizer
+    from megatron_k15.data.tokenizer import TokenizerError, chat_template_problem, encode_prompt, load_tokenizer
 
     try:
         records = list(read_prompt_records(args.input))
         tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.load, "tokenizer"))
+        problem = chat_template_problem(args, tokenizer)
+        if problem:
+            raise TokenizerError(problem)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
+    prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas only (the data-parallel rank/group below exclude cp)
     res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,

@@ -76,7 +76,10 @@ from megatron_k15.data.prompts import (  # noqa: E402
 )
 from megatron_k15.data.tokenizer import (  # noqa: E402
     TokenizerError,
+    add_chat_template_args,
+    chat_template_problem,
     load_tokenizer,
+    render_user_prompt,
     simple_chat_template,
 )
 
@@ -107,12 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
     p.add_argument("--tokenizer", required=True, metavar="PATH|byte",
                    help="'byte' (built-in) or an HF tokenizer directory / tokenizer.json")
-    p.add_argument("--chat-template", action="store_true",
-                   help="render with the tokenizer's chat template (the simple built-in one "
-                        "when it has none)")
-    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
-                   help="with --chat-template: extra variables for the tokenizer's template, e.g. "
-                        "'{\"enable_thinking\": false}' for Qwen3 without thinking")
+    add_chat_template_args(p)
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes (default 1); the output does not depend on N")
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -131,19 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.chat_template_kwargs is not None and not args.chat_template:
-        parser.error("--chat-template-kwargs applies to --chat-template only")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.seq_length is not None and args.seq_length < 1:
@@ -238,7 +224,10 @@ def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
     rec = validate_prompt_record(obj, default_id=f"{os.path.basename(path)}:{lineno}")
     text = rec["prompt"]
     if opts["chat_template"]:
-        text = _render([{"role": "user", "content": text}], tok, opts, True)
+        try:
+            text = render_user_prompt(tok, text, opts["chat_template_kwargs"])
+        except Exception as e:  # noqa: BLE001 - a template failure is this record's problem
+            raise FieldError("prompt", f"the chat template failed: {e}") from None
     ids = tok.encode(text)
     if not ids:
         raise FieldError("prompt", "tokenizes to no tokens")
@@ -374,9 +363,9 @@ def run(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(args.tokenizer)
     if args.mode in ("sft", "dpo") and args.append_eos and tok.eos_id is None:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
-    if args.chat_template_kwargs and not tok.has_chat_template:
-        raise PreprocessError(f"--chat-template-kwargs: tokenizer {tok.name!r} has no chat template "
-                              "of its own (the built-in simple one takes no variables)")
+    problem = chat_template_problem(args, tok)
+    if problem:
+        raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
             "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
             "append_eos": bool(args.append_eos), "path": path}

@@ -83,6 +83,55 @@ def simple_chat_template(messages: Sequence[dict], add_generation_prompt: bool =
     return "".join(parts)
 
 
+def json_object_arg(text: str) -> dict:
+    """argparse ``type`` for a JSON object flag (``--chat-template-kwargs``)."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def add_chat_template_args(p) -> None:
+    """``--chat-template`` / ``--chat-template-kwargs``, shared by the commands that render
+    prompts (preprocess_data, evaluate, generate) so they render them the same way."""
+    p.add_argument("--chat-template", action="store_true",
+                   help="render each prompt as a user turn with the tokenizer's chat template (the "
+                        "simple built-in one when it has none), ending with the generation prompt")
+    p.add_argument("--chat-template-kwargs", type=json_object_arg, default=None, metavar="JSON",
+                   help="with --chat-template: extra variables for the tokenizer's template, e.g. "
+                        "'{\"enable_thinking\": false}' for Qwen3 without thinking")
+
+
+def chat_template_problem(args, tok: Optional["Tokenizer"]) -> Optional[str]:
+    """What is wrong with --chat-template/--chat-template-kwargs for ``tok``, or None."""
+    if args.chat_template_kwargs is not None and not args.chat_template:
+        return "--chat-template-kwargs applies to --chat-template only"
+    if args.chat_template and tok is None:
+        return "--chat-template needs a tokenizer (--tokenizer, or a checkpoint with tokenizer/)"
+    if args.chat_template_kwargs and not tok.has_chat_template:
+        return (f"--chat-template-kwargs: tokenizer {tok.name!r} has no chat template of its own "
+                "(the built-in simple one takes no variables)")
+    return None
+
+
+def render_user_prompt(tok: "Tokenizer", text: str, template_kwargs: Optional[dict] = None) -> str:
+    """``text`` as one user turn followed by the assistant's generation prompt."""
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                   **(template_kwargs or {}))
+
+
+def encode_prompt(tok: "Tokenizer", text: str, args) -> list[int]:
+    """A text prompt's ids, rendered with the chat template when ``args.chat_template``."""
+    if getattr(args, "chat_template", False):
+        text = render_user_prompt(tok, text, args.chat_template_kwargs)
+    return tok.encode(text)
+
+
 class Tokenizer:
     """The common interface; see the module docstring."""
 
@@ -98,7 +147,8 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
         return simple_chat_template(messages, add_generation_prompt)
 
     @property

@@ -53,6 +53,9 @@ MEGATRON_MODEL_SWITCHES = {
     "--no-bias-swiglu-fusion": "no such fusion here",
     "--no-bias-dropout-fusion": "no such fusion here",
     "--no-rope-fusion": "no such fusion here",
+    "--use-mcore-models": "the model is always this codebase's",
+    "--attention-softmax-in-fp32": "the softmax always accumulates in fp32",
+    "--no-position-embedding": "there is no learned position embedding (RoPE only)",
 }
 MEGATRON_TRAINING_SWITCHES = {
     "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
@@ -138,6 +141,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None, help="must be 1 (see --recompute-method)")
     for flag, why in MEGATRON_TRAINING_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
+    add_wandb_args(g)
     g.add_argument("--seed", type=int, default=1234)
 
 
@@ -177,7 +181,6 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     g.add_argument("--tensorboard-dir", default=None)
-    add_wandb_args(g)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
 
@@ -202,15 +205,45 @@ def _get(args, name, default=None):
     return getattr(args, name, default)
 
 
+# config field -> the switch that sets it (value flags are MODEL_FLAGS)
+MODEL_SWITCHES = {"add_qkv_bias": "--add-qkv-bias", "qk_layernorm": "--qk-layernorm",
+                  "tie_word_embeddings": "--untie-embeddings-and-output-weights"}
+
+
 def explicit_model_fields(args) -> dict:
-    """The model-config fields the command line sets explicitly (value flags and switches)."""
+    """The model-config fields the command line sets explicitly (value flags and switches;
+    Megatron-LM's ``--disable-bias-linear`` without ``--add-qkv-bias`` means no QKV bias)."""
     explicit = {field: _get(args, dest) for dest, field in MODEL_FLAGS.items() if _get(args, dest) is not None}
     for switch in ("add_qkv_bias", "qk_layernorm"):
         if _get(args, switch):
             explicit[switch] = True
+    if _get(args, "disable_bias_linear") and not _get(args, "add_qkv_bias"):
+        explicit["add_qkv_bias"] = False
     if _get(args, "untie_embeddings_and_output_weights"):
         explicit["tie_word_embeddings"] = False
     return explicit
+
+
+def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
+    """Explicit flags over a preset or an HF config. The head size follows a changed hidden
+    size or head count when the base has it coupled (hidden / heads) and --kv-channels is not
+    given (Qwen3's decoupled 128 stays); a changed vocabulary drops the base's BOS/EOS ids
+    (they name tokens of another vocabulary); the HF class follows the switches (QK-norm:
+    Qwen3; a Qwen2 base without QKV bias: Llama), so every flag-built model exports."""
+    changed = {f for f, v in explicit.items() if getattr(cfg, f) != v}
+    coupled = cfg.kv_channels == cfg.hidden_size // cfg.num_attention_heads
+    if coupled and changed & {"hidden_size", "num_attention_heads"} and "kv_channels" not in explicit:
+        cfg.kv_channels = None
+    if "vocab_size" in changed:
+        cfg.bos_token_id = cfg.eos_token_id = None
+    for field, value in explicit.items():
+        setattr(cfg, field, value)
+    if cfg.qk_layernorm:
+        cfg.architecture = "qwen3"
+    elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
+        cfg.architecture = "llama"
+    cfg.__post_init__()
+    return cfg
 
 
 def resolve_model_config(args) -> GPTConfig:
@@ -230,19 +263,28 @@ def resolve_model_config(args) -> GPTConfig:
             if field in ("make_vocab_size_divisible_by", "init_method_std"):
                 setattr(cfg, field, value)
             elif getattr(cfg, field) != value:
-                flag = _flag(next(d for d, f in MODEL_FLAGS.items() if f == field)) if field in MODEL_FLAGS.values() else field
+                flag = (MODEL_SWITCHES[field] if field in MODEL_SWITCHES
+                        else _flag(next(d for d, f in MODEL_FLAGS.items() if f == field)) + f" {value}")
                 raise ArgumentError(
-                    f"{flag} {value} contradicts the checkpoint in --load {load} "
+                    f"{flag} contradicts the checkpoint in --load {load} "
                     f"({field}={getattr(cfg, field)}); drop the flag"
                 )
         return cfg
-    cfg = preset(_get(args, "model_preset") or "tiny")
-    if "hidden_size" in explicit or "num_attention_heads" in explicit:
-        cfg.kv_channels = None  # re-derive the head size unless given explicitly
-    for field, value in explicit.items():
-        setattr(cfg, field, value)
-    cfg.__post_init__()
-    return cfg
+    return apply_model_overrides(preset(_get(args, "model_preset") or "tiny"), explicit)
+
+
+def megatron_settings_problem(args) -> Optional[str]:
+    """A Megatron-LM setting this model cannot honour (dropout, partial RoPE, ...), or None."""
+    for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
+                                ("attention_dropout", 0.0, "the model has no dropout"),
+                                ("hidden_dropout", 0.0, "the model has no dropout"),
+                                ("recompute_num_layers", 1, "full recompute checkpoints each layer")):
+        value = _get(args, dest)
+        if value is not None and value != required:
+            return f"{_flag(dest)} {value} is not supported ({why}); drop it or use {required}"
+    if _get(args, "recompute_method") and _get(args, "recompute_granularity") != "full":
+        return "--recompute-method applies to --recompute-granularity full"
+    return None
 
 
 def validate_args(args, world_size: Optional[int] = None) -> None:
@@ -279,14 +321,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     prefill = _get(args, "max_prefill_tokens")
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
-    for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
-                                ("attention_dropout", 0.0, "the model has no dropout"),
-                                ("hidden_dropout", 0.0, "the model has no dropout"),
-                                ("recompute_num_layers", 1, "full recompute checkpoints each layer")):
-        value = _get(args, dest)
-        if value is not None and value != required:
-            raise ArgumentError(f"{_flag(dest)} {value} is not supported ({why}); drop it or use {required}")
-    problem = check_wandb_args(args)
+    problem = megatron_settings_problem(args) or check_wandb_args(args)
     if problem:
         raise ArgumentError(problem)
     if _get(args, "finetune") and not _get(args, "load"):

@@ -38,8 +38,9 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
                     + e * N * (3q + 3k) / tp    (qkv output, rotated q and k, attention output)
                     + 4 * N * a / tp            (attention log-sum-exp, fp32)
                     + 4 * e * N * f / tp        (fc1 output [gate; up], silu(gate), product)
-                    + qk-norm                   (Qwen3 only: (4 + e) * N * (q + k) / tp and
-                                                 4 * N * (a + g) / tp, see qk_norm_saved_bytes)
+                    + qk-norm                   (Qwen3 only, 16-bit: (4 + e) * N * (q + k) / tp
+                                                 and 4 * N * (a + g) / tp; fp32 keeps fewer
+                                                 copies, see qk_norm_saved_bytes)
     selective       none - 4 * N * a / tp       (flash attention already keeps no a * s^2 term:
                                                  recomputing the core only drops the lse)
     full            e * Ns * h                  (the layer input; the layer is rerun in backward)

@@ -260,6 +260,11 @@ def main(argv=None) -> int:
 
     logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:
+        from megatron_k15.rewards.reasoning import reasoning_tags_warning
+
+        warning = reasoning_tags_warning(tokenizer, rl.reasoning_tags)
+        if warning:
+            print(f"[train_rl] {warning}", flush=True)
         print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
               f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "
               f"dp={ctx.pc.dp_size}, start at iteration {iteration}", flush=True)

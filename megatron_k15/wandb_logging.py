@@ -64,7 +64,8 @@ class WandbRun:
         id_path = os.path.join(save_dir, RUN_ID_FILE)
         run_id = None
         if start_iteration > 0 and os.path.isfile(id_path):
-            run_id = open(id_path).read().strip() or None
+            with open(id_path) as f:
+                run_id = f.read().strip() or None
         if run_id is None:
             run_id = secrets.token_hex(8)
             tmp = id_path + ".tmp"

@@ -38,6 +38,7 @@ def _validate(argv, world_size=1):
     (["--rotary-percent", "0.5"], 1, "--rotary-percent 0.5"),
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4"], 1,
      "--recompute-num-layers 4"),
+    (["--recompute-method", "uniform"], 1, "--recompute-method applies to --recompute-granularity full"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:
@@ -133,3 +134,33 @@ def test_megatron_lm_launch_flags_give_the_same_model():
         build_parser().parse_args(["--sequence-parallel", "--no-sequence-parallel"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--normalization", "LayerNorm"])
+
+
+LLAMA3_8B_FLAGS = """
+    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32
+    --group-query-attention --num-query-groups 8 --max-position-embeddings 8192 --rotary-base 500000
+    --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear
+    --untie-embeddings-and-output-weights --vocab-size 128256 --use-mcore-models
+    --attention-softmax-in-fp32 --no-position-embedding
+""".split()
+
+
+@pytest.mark.parametrize("extra,architecture", [([], "llama"), (["--qk-layernorm", "--kv-channels", "128"], "qwen3")])
+def test_megatron_lm_flags_without_a_preset_build_an_exportable_model(extra, architecture):
+    """No preset: the tiny base's QKV bias and byte-vocabulary BOS/EOS ids must not leak into
+    a Llama-3 (or Qwen3-like) model built from flags, and the model exports to its HF class."""
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    cfg = _validate(LLAMA3_8B_FLAGS + extra).model_config
+    assert not cfg.add_qkv_bias and cfg.qk_layernorm == (architecture == "qwen3")
+    assert cfg.bos_token_id is None and cfg.eos_ids() == []
+    assert cfg.architecture == architecture and cfg.head_dim == 128
+    hf = hf_config_from_gpt(cfg)
+    assert hf["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[architecture]]
+
+
+def test_restating_a_preset_keeps_its_head_size():
+    cfg = _validate(["--model-preset", "qwen3-0.6b", "--num-attention-heads", "16", "--hidden-size", "1024"]).model_config
+    assert cfg.head_dim == 128  # the preset's decoupled head size, not 1024 / 16
+    cfg = _validate(["--model-preset", "qwen2.5-0.5b", "--hidden-size", "1792"]).model_config
+    assert cfg.head_dim == 1792 // 14  # coupled: follows the hidden size

@@ -111,3 +111,14 @@ def test_preset_is_the_published_model(name):
                   "num_query_groups", "kv_channels", "rotary_base", "add_qkv_bias", "qk_layernorm",
                   "tie_word_embeddings", "architecture", "eos_token_id"):
         assert getattr(back, field) == getattr(cfg, field), field
+
+
+def test_qwen3_config_without_head_dim_follows_transformers():
+    from transformers import Qwen3Config
+
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict
+
+    d = hf_config_dict(tiny_hf_model("qwen3"))
+    del d["head_dim"]
+    assert gpt_config_from_hf(d).head_dim == Qwen3Config(**d).head_dim == 128

@@ -6,8 +6,9 @@ import pytest
 from megatron_k15.arguments import ArgumentError
 from megatron_k15.data.tokenizer import ByteTokenizer
 from megatron_k15.generation.replay_buffer import Trajectory
-from megatron_k15.rewards.reasoning import (ReasoningTags, ends_inside_reasoning, graded_text,
-                                            parse_reasoning_tags, reward_of_response)
+from megatron_k15.rewards.reasoning import (ReasoningTags, graded_text, parse_reasoning_tags,
+                                            prompt_opens_reasoning, reward_of_response,
+                                            tags_survive_decoding)
 from megatron_k15.rl.trainer import score
 
 THINK = ReasoningTags()
@@ -32,9 +33,27 @@ def test_no_tags_grade_everything_and_custom_tags_work():
     tags = parse_reasoning_tags("<reasoning>,</reasoning>")
     assert graded_text("<reasoning>x</reasoning>y", tags) == "y"
     assert graded_text("<think>x", tags) == "<think>x"  # other tags are text
-    assert ends_inside_reasoning("<|im_start|>assistant\n<think>\n", THINK)
-    assert not ends_inside_reasoning("<|im_start|>assistant\n", THINK)
-    assert not ends_inside_reasoning("<think>\n", None)
+    assert prompt_opens_reasoning("<|im_start|>assistant\n<think>\n", THINK)  # R1-style template
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n", THINK)
+    assert not prompt_opens_reasoning("<think>\n\n</think>\n\n", THINK)  # Qwen3, thinking off
+    assert not prompt_opens_reasoning("Reason inside <think> tags.\nassistant\n", THINK)  # instruction
+    assert not prompt_opens_reasoning("<think>\n", None)
+
+
+def test_tags_that_decoding_drops_are_detected(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_k15.data.tokenizer import load_tokenizer
+
+    assert tags_survive_decoding(ByteTokenizer(), THINK)
+    vocab = {c: i for i, c in enumerate("ab<>/thinkx")}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="x"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="x")
+    fast.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    fast.save_pretrained(str(tmp_path / "tok"))
+    assert not tags_survive_decoding(load_tokenizer(str(tmp_path / "tok")), THINK)
 
 
 @pytest.mark.parametrize("spec", ["<think>", "a,b,c", ",</think>", "<t>,<t>", ""])

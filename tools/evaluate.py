@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
-    from megatron_k15.rewards.reasoning import parse_reasoning_tags
+    from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.rl.evaluation import evaluate
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -96,6 +96,10 @@ def main(argv=None) -> int:
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
+    tags = parse_reasoning_tags(args.reasoning_tags)
+    warning = reasoning_tags_warning(tokenizer, tags)
+    if warning and dist.get_rank() == 0:
+        print(warning, file=sys.stderr)
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas only (the data-parallel rank/group below exclude cp)
     res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=generator, reasoning_tags=parse_reasoning_tags(args.reasoning_tags))
+                   generator=generator, reasoning_tags=tags)
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

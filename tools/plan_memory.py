@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.arguments import (  # noqa: E402
-    add_model_args, explicit_model_fields, add_parallel_args, add_precision_args, resolve_model_config,
+    add_model_args, add_parallel_args, add_precision_args, apply_model_overrides, explicit_model_fields,
+    megatron_settings_problem, resolve_model_config,
 )
 from megatron_k15.memory_plan import (  # noqa: E402
     GIB, RECOMPUTE_CHOICES, Layout, MemoryPlan, Workload, plan_memory, suggest_layouts,
@@ -86,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "the fused/apex kernels")
     g.add_argument("--hf-config", default=None,
                    help="HF config.json (or its directory) instead of --model-preset")
-    g.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=True,
-                   help="sequence parallelism (the default whenever tp > 1)")
     g.add_argument("--data-parallel-size", type=int, default=None,
                    help="default: --world-size / (tp * pp * cp), or 1")
     g.add_argument("--world-size", "--gpus", dest="world_size", type=int, default=None,
@@ -113,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args) -> GPTConfig:
     """--model-preset (with shape overrides, as in training) or --hf-config."""
+    problem = megatron_settings_problem(args)
+    if problem:
+        raise ConfigError(problem)
     if args.hf_config and args.model_preset:
         raise ConfigError("--hf-config conflicts with --model-preset; give one of them")
     if not args.hf_config:
@@ -133,13 +135,7 @@ def model_config(args) -> GPTConfig:
         raise ConfigError(f"--hf-config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except HFCheckpointError as e:
         raise ConfigError(f"--hf-config {e}") from None
-    explicit = explicit_model_fields(args)
-    if "hidden_size" in explicit or "num_attention_heads" in explicit:
-        cfg.kv_channels = None
-    for field, value in explicit.items():
-        setattr(cfg, field, value)
-    cfg.__post_init__()
-    return cfg
+    return apply_model_overrides(cfg, explicit_model_fields(args))
 
 
 def workload(args) -> Workload:

@@ -294,7 +294,7 @@ def standard_cases() -> List[Case]:
         # 512K packed tokens x 32 heads x d128 pass 2**31 elements: 64-bit offsets (LARGE)
         cases.append(Case(f"flash-{dt}-d128-causal-varlen-int64",
                           lambda dt=dt: flash_launches(dt, 128, 32, 8, seqlen=524288, varlen=True)))
-        for d, h, hkv in ((128, 28, 4), (64, 14, 2), (256, 8, 1)):
+        for d, h, hkv in ((128, 28, 4), (64, 14, 2), (256, 8, 1), (128, 32, 8)):
             cases.append(Case(f"decode-{dt}-d{d}-g{h // hkv}",
                               lambda dt=dt, d=d, h=h, hkv=hkv: decode_launches(dt, d, h, hkv)))
         cases.append(Case(f"logprobs-{dt}-h3584", lambda dt=dt: logprob_launches(dt)))

@@ -5,8 +5,9 @@ after the closing one: ``<think> ... </think> The answer is \\boxed{4}``. The ve
 see the answer, not the thoughts: a value boxed while thinking is not the model's answer, and
 a response that ran out of tokens before closing its reasoning gave no answer at all (grading
 its thoughts would reward truncated, unfinished chains). Some chat templates open the block
-in the prompt (R1's ends with ``<think>\\n``), so whether the block is open at the end is
-decided on prompt + response.
+in the prompt (R1's ends with ``<think>\\n``): a prompt that ends with the opening tag
+leaves the block open for the response (a tag elsewhere in the prompt, say in an
+instruction, does not).
 
     tags None (``--reasoning-tags none``)     -> the whole response
     the response closes a block                -> the text after its last closing tag
@@ -39,17 +40,24 @@ def parse_reasoning_tags(spec: str, flag: str = "--reasoning-tags") -> Optional[
     return ReasoningTags(parts[0].strip(), parts[1].strip())
 
 
-def ends_inside_reasoning(text: str, tags: Optional[ReasoningTags]) -> bool:
-    """True when ``text`` opens a reasoning block that it does not close afterwards."""
+def prompt_opens_reasoning(prompt: str, tags: Optional[ReasoningTags]) -> bool:
+    """True when the prompt ends with the opening tag (trailing whitespace aside): the chat
+    template started the reasoning block the response continues."""
+    return tags is not None and prompt.rstrip().endswith(tags.open)
+
+
+def tags_survive_decoding(tok, tags: Optional[ReasoningTags]) -> bool:
+    """False when the tokenizer drops the tags on decoding (special tokens): grading would then
+    never see them and fall back to whole responses."""
     if tags is None:
-        return False
-    return text.rfind(tags.open) > text.rfind(tags.close)
+        return True
+    return all(t in tok.decode(tok.encode(f"a{t}b")) for t in (tags.open, tags.close))
 
 
 def graded_text(response: str, tags: Optional[ReasoningTags], prompt_open: bool = False) -> Optional[str]:
     """The part of ``response`` a verifier grades (module docstring); None when the response
-    ends inside its reasoning. ``prompt_open``: the prompt ends inside a reasoning block
-    (``ends_inside_reasoning(prompt_text, tags)``)."""
+    ends inside its reasoning. ``prompt_open``: the prompt opened the block
+    (``prompt_opens_reasoning``)."""
     if tags is None:
         return response
     close = response.rfind(tags.close)
@@ -67,3 +75,12 @@ def reward_of_response(response: str, record: dict, tags: Optional[ReasoningTags
 
     answer = graded_text(response, tags, prompt_open)
     return 0.0 if answer is None else float(compute_reward(answer, record))
+
+
+def reasoning_tags_warning(tok, tags: Optional[ReasoningTags]) -> Optional[str]:
+    """A message for the user when the tokenizer would hide the tags from grading."""
+    if tags is None or tags_survive_decoding(tok, tags):
+        return None
+    return (f"warning: the tokenizer drops {tags.open!r} / {tags.close!r} when decoding (special "
+            "tokens), so responses are graded whole; pass --reasoning-tags none to silence this, "
+            "or tags the tokenizer keeps")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.rewards.reasoning import ReasoningTags, ends_inside_reasoning, reward_of_response
+from megatron_k15.rewards.reasoning import ReasoningTags, prompt_opens_reasoning, reward_of_response
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -49,7 +49,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     outputs = dict(zip(requests, res))
     for i in mine:
         rec = records[i]
-        prompt_open = ends_inside_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
+        prompt_open = prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
         samples = []
         for s in range(n_samples):
             r = outputs[(i, s)]

@@ -37,7 +37,7 @@ from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
-from megatron_k15.rewards.reasoning import (ReasoningTags, ends_inside_reasoning, parse_reasoning_tags,
+from megatron_k15.rewards.reasoning import (ReasoningTags, parse_reasoning_tags, prompt_opens_reasoning,
                                             reward_of_response)
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
@@ -211,7 +211,7 @@ class RLIteration:
         self.records = {r["id"]: r for r in records}
         self.prompt_ids = {r["id"]: list(map(int, ids)) for r, ids in zip(records, prompt_ids)}
         self.last_success: dict = {}
-        self.reasoning_tags = parse_reasoning_tags(getattr(args, "reasoning_tags", "none"))
+        self.reasoning_tags = parse_reasoning_tags(getattr(args, "reasoning_tags", "auto"))
         self._prompt_open: dict = {}
         self.buffer = ReplayBuffer(max_size=args.replay_buffer_size or None, max_age=args.replay_max_age or None)
         self.loss_fn = get_loss_fn(args.rl_loss)
@@ -232,7 +232,7 @@ class RLIteration:
     def prompt_open(self, prompt_id) -> bool:
         """Whether the prompt (its chat template) opens a reasoning block for the response."""
         if prompt_id not in self._prompt_open:
-            self._prompt_open[prompt_id] = ends_inside_reasoning(
+            self._prompt_open[prompt_id] = prompt_opens_reasoning(
                 self.tok.decode(self.prompt_ids[prompt_id]), self.reasoning_tags)
         return self._prompt_open[prompt_id]
 

@@ -3,7 +3,7 @@ the metrics.jsonl scalars against an ``iteration`` axis; a resumed job continues
 
 CI has no wandb package: a stand-in module on PYTHONPATH records the calls (the API used —
 ``init(project, entity, name, dir, id, resume, config)``, ``run.define_metric``, ``run.log``,
-``run.finish`` — was checked against wandb 0.2x in offline mode, see the session notes)."""
+``run.finish`` — was checked against wandb 0.31 in offline mode, see the session notes)."""
 
 import argparse
 import json

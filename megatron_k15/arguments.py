@@ -135,10 +135,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="AdamW kernel: apex's multi-tensor Adam (CUDA, when installed), PyTorch's fused "
                         "AdamW, or plain elementwise ops; auto: the first available in that order")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform"], default=None,
-                   help="accepted for Megatron-LM scripts: full recompute checkpoints every layer "
-                        "on its own (uniform with --recompute-num-layers 1)")
-    g.add_argument("--recompute-num-layers", type=int, default=None, help="must be 1 (see --recompute-method)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: uniform (the default) recomputes every "
+                        "layer on its own; block recomputes only the first --recompute-num-layers "
+                        "layers of each pipeline stage and keeps the others' activations (faster "
+                        "where memory allows; tools/plan_memory.py shows what fits)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="block: layers recomputed per stage; uniform: must be 1")
     for flag, why in MEGATRON_TRAINING_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     add_wandb_args(g)
@@ -275,15 +278,19 @@ def resolve_model_config(args) -> GPTConfig:
 
 def megatron_settings_problem(args) -> Optional[str]:
     """A Megatron-LM setting this model cannot honour (dropout, partial RoPE, ...), or None."""
+    block = _get(args, "recompute_method") == "block"
     for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
                                 ("attention_dropout", 0.0, "the model has no dropout"),
                                 ("hidden_dropout", 0.0, "the model has no dropout"),
-                                ("recompute_num_layers", 1, "full recompute checkpoints each layer")):
+                                ("recompute_num_layers", None if block else 1,
+                                 "uniform recompute checkpoints each layer; use --recompute-method block")):
         value = _get(args, dest)
-        if value is not None and value != required:
+        if value is not None and required is not None and value != required:
             return f"{_flag(dest)} {value} is not supported ({why}); drop it or use {required}"
     if _get(args, "recompute_method") and _get(args, "recompute_granularity") != "full":
         return "--recompute-method applies to --recompute-granularity full"
+    if block and (_get(args, "recompute_num_layers") is None or args.recompute_num_layers < 0):
+        return "--recompute-method block needs --recompute-num-layers N >= 0 (layers recomputed per stage)"
     return None
 
 

@@ -44,6 +44,8 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     selective       none - 4 * N * a / tp       (flash attention already keeps no a * s^2 term:
                                                  recomputing the core only drops the lse)
     full            e * Ns * h                  (the layer input; the layer is rerun in backward)
+    block (N)       full for the stage's first N layers, none for the others (no rerun on top
+                    of the last layer's activations: it is not recomputed)
 
 Megatron-LM counts s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, with dropout, GeLU MLP of
 4h, no flash); flash attention removes the 5*a*s/h term, SP divides the rest by tp, and full
@@ -133,6 +135,7 @@ class Workload:
     num_microbatches: Optional[int] = None  # per step and dp rank; None: pp (fills 1F1B)
     params_dtype: str = "bf16"
     recompute: str = "none"
+    recompute_num_layers: Optional[int] = None  # full recompute of only N layers per stage (block)
     logprob_impl: str = "fused"
     adam_impl: str = "fused"  # parallel.adam: fused/apex keep only the clipped gradient
     rollout_max_tokens: Optional[int] = None  # cached tokens per sequence; None: seq_length
@@ -481,11 +484,15 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     buckets (16-bit, D > 1) during and after the last microbatch's backward."""
     x = _Shapes.of(cfg, layout, w)
     n_layers = len(layer_ids)
-    layer = layer_saved_bytes(x, recompute)
     rope = 2 * x.e * x.N * x.d
-    saved = n_layers * layer + rope
+    # block recompute: the first n_rec layers keep only their input, the others everything;
+    # the last layer is then not recomputed, so no rerun sits on top of the saved activations
+    n_rec = n_layers if recompute != "full" or w.recompute_num_layers is None else min(
+        n_layers, w.recompute_num_layers)
+    sizes = [layer_saved_bytes(x, recompute if j < n_rec else "none") for j in range(n_layers)]
+    saved = sum(sizes) + rope
     # 1F1B keeps each in-flight microbatch's received input and sent output referenced
-    input_aliased = recompute == "full" or x.e == 4  # kept anyway by the checkpoint / norm
+    input_aliased = (recompute == "full" and n_rec > 0) or x.e == 4  # kept anyway by the checkpoint / norm
     if not first and not input_aliased:
         saved += x.e * x.Ns * x.h
     if not last:
@@ -509,8 +516,9 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     grads = mlp_backward_bytes(x) + tied_output_grad
     # every layer input, plus one layer rerun with all it saves (its input is already held
     # in fp32, where the norm keeps the input itself)
-    rerun = (layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
-             if recompute == "full" else 0)
+    rerun_one = (layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
+                 if recompute == "full" else 0)
+    rerun = rerun_one if n_rec == n_layers else 0  # is the last layer recomputed?
     layers_live = saved - head + rerun
     phases["last layer backward"] = layers_live + grads
     mlp_part = norm_saved_bytes(x) + x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
@@ -562,7 +570,7 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
         for j in range(n):
             # layer j's MLP backward (after fc2's grad) and attention core (after proj's), the
             # layers above it already backpropagated
-            drop = (n - 1 - j) * layer
+            drop = sum(sizes[j + 1:])
             mlp = (phases["last layer backward"] - drop + staged_at(j, 0), staged_at(j, 0))
             att = (phases["attention backward"] - drop + staged_at(j, 3), staged_at(j, 3))
             if j == n - 1:
@@ -570,15 +578,16 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
                 totals["attention backward"] = max(totals["attention backward"], att)
             else:
                 points += [mlp, att]
-        base = saved - head - n * layer  # RoPE, the stage's input/output, ids
+        base = saved - head - sum(sizes)  # RoPE, the stage's input/output, ids
         for kj, kp, _ in keys:
             if 0 <= kj < n:
                 # at a bucket's completion: the layers below, the one in progress counted whole
                 # (and rerun under full recompute) unless done, the residual-stream grad and a
                 # tied output layer's weight grad (held until the embedding's is added to it)
                 done = kp >= _backward_position("linear_qkv.weight")
-                points.append((staged_at(kj, kp) + base + (kj if done else kj + 1) * layer
-                               + (0 if done else rerun) + x.e * x.Ns * x.h + tied_output_grad,
+                points.append((staged_at(kj, kp) + base + sum(sizes[:kj if done else kj + 1])
+                               + (0 if done or kj >= n_rec else rerun_one) + x.e * x.Ns * x.h
+                               + tied_output_grad,
                                staged_at(kj, kp)))
             elif kj == -1:
                 before_embedding = staged_at(0, len(_BACKWARD_ORDER))

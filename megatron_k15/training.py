@@ -112,6 +112,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         attention_backend=getattr(args, "attention_backend", "auto"),
         params_dtype=getattr(args, "params_dtype", torch.float32),
         recompute_granularity=getattr(args, "recompute_granularity", None), device=device,
+        recompute_num_layers=(getattr(args, "recompute_num_layers", None)
+                              if getattr(args, "recompute_method", None) == "block" else None),
         logprob_impl=getattr(args, "logprob_impl", "auto"),
         cp_group=pc.cp_group if pc.cp_size > 1 else None,
         cp_comm_type=getattr(args, "cp_comm_type", "ring"),

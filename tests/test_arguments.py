@@ -39,6 +39,7 @@ def _validate(argv, world_size=1):
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4"], 1,
      "--recompute-num-layers 4"),
     (["--recompute-method", "uniform"], 1, "--recompute-method applies to --recompute-granularity full"),
+    (["--recompute-granularity", "full", "--recompute-method", "block"], 1, "--recompute-method block needs"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:

@@ -146,6 +146,12 @@ CASES = {
     "fp32-selective-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
                                                    recompute="selective")),
     "fp32-full-ce": (dict(num_layers=4), dict(seq_length=256, micro_batch_size=2, recompute="full")),
+    # block recompute: only the first N layers of the stage recomputed
+    "fp32-block1-ce": (dict(num_layers=4), dict(seq_length=256, micro_batch_size=2, recompute="full",
+                                                 recompute_num_layers=1)),
+    "bf16-block3-fused": (dict(num_layers=4), dict(seq_length=256, micro_batch_size=2, recompute="full",
+                                                   recompute_num_layers=3, params_dtype="bf16",
+                                                   logprob_impl="fused")),
     "fp32-none-fused": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2,
                                                  logprob_impl="fused")),
     "fp32-full-fused-untied-gqa": (
@@ -174,7 +180,8 @@ def _measure_training(cfg, w: Workload, settle=None):
         lr=1e-3, attention_backend="sdpa", sequence_parallel=True, logprob_impl=w.logprob_impl,
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[w.params_dtype],
         recompute_granularity=None if w.recompute == "none" else w.recompute,
-        grad_bucket_numel=w.grad_bucket_numel)
+        recompute_method=None if w.recompute_num_layers is None else "block",
+        recompute_num_layers=w.recompute_num_layers, grad_bucket_numel=w.grad_bucket_numel)
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g),
              "labels": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g)}
@@ -258,6 +265,32 @@ def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallel
         assert stage.train_peak_bytes == pytest.approx(peak, rel=0.02)
         assert stage.train_peak_bytes - static == pytest.approx(peak - static, rel=0.03)
         assert unbounded.train_peak_bytes > 1.03 * peak
+
+
+def test_every_recompute_choice_gives_the_same_gradients(single_rank):
+    """Recompute changes what is kept, never the arithmetic: none, selective, full and block
+    (the first 2 of 4 layers) give bit-identical gradients; the planned peaks are ordered."""
+    from megatron_k15.models.gpt import GPTModel
+
+    cfg = preset("tiny", num_layers=4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name, kw in {"none": {}, "selective": dict(recompute_granularity="selective"),
+                     "full": dict(recompute_granularity="full"),
+                     "block": dict(recompute_granularity="full", recompute_num_layers=2)}.items():
+        model = GPTModel(cfg, tp_group=single_rank, attention_backend="sdpa", **kw)
+        model.reset_parameters(3)
+        model.train()
+        model(ids, labels=torch.roll(ids, -1, 1)).sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in ("selective", "full", "block"):
+        for n, g in grads["none"].items():
+            assert torch.equal(grads[name][n], g), (name, n)
+    w = dict(seq_length=4096, params_dtype="bf16")
+    peaks = [plan_memory(preset("qwen2.5-7b"), Layout(tp=4), Workload(recompute="full", recompute_num_layers=k, **w)).peak_bytes
+             for k in (0, 14, 28)]
+    assert peaks[0] > peaks[1] > peaks[2]
+    assert plan_memory(preset("qwen2.5-7b"), Layout(tp=4), Workload(recompute="none", **w)).peak_bytes >= peaks[0]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-microbatches", type=int, default=None,
                    help="microbatches per step and dp rank (default: pp, which fills 1F1B)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_CHOICES, default="none")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: block recomputes only the first --recompute-num-layers layers "
+                        "of each stage (the training flags of the same names)")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--rollout-max-tokens", type=int, default=None,
                    help="cached tokens per rollout sequence, prompt + response (default: --seq-length)")
     g.add_argument("--rollout-batch-size", "--rollout-batch", dest="rollout_batch", type=int, default=1,
@@ -158,6 +162,7 @@ def workload(args) -> Workload:
         num_microbatches=args.num_microbatches,
         params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         recompute=args.recompute_granularity,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_method == "block" else None,
         logprob_impl="ce" if args.logprob_impl == "ce" else "fused",
         adam_impl="unfused" if args.adam_impl == "unfused" else "fused",
         rollout_max_tokens=args.rollout_max_tokens, rollout_batch=args.rollout_batch,
@@ -195,7 +200,9 @@ def describe(cfg: GPTConfig, w: Workload, name: str) -> str:
     return (f"{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, "
             f"heads {cfg.num_attention_heads} (kv {cfg.num_query_groups}, head dim {cfg.head_dim}), "
             f"vocab {cfg.vocab_size}; seq {w.seq_length}, micro batch {w.micro_batch_size}, "
-            f"{w.params_dtype}, recompute {w.recompute}, log-probs {w.logprob_impl}")
+            f"{w.params_dtype}, recompute {w.recompute}"
+            f"{'' if w.recompute_num_layers is None else f' (block: {w.recompute_num_layers} layers per stage)'}, "
+            f"log-probs {w.logprob_impl}")
 
 
 def render_plan(plan: MemoryPlan, gpu_bytes: int, reserved: int) -> str:

@@ -81,6 +81,7 @@ class GPTModel(torch.nn.Module):
         attention_backend: str = "auto",
         params_dtype: torch.dtype = torch.float32,
         recompute_granularity: Optional[str] = None,
+        recompute_num_layers: Optional[int] = None,
         logprob_impl: str = "auto",
         device: Optional[torch.device] = None,
         cp_group: Optional[dist.ProcessGroup] = None,
@@ -143,6 +144,9 @@ class GPTModel(torch.nn.Module):
         if recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"--recompute-granularity must be full or selective, got {recompute_granularity!r}")
         self.recompute_granularity = recompute_granularity
+        # full recompute of only the first N layers of this stage (Megatron-LM's block method);
+        # None: every layer
+        self.recompute_num_layers = recompute_num_layers
         if logprob_impl not in ("auto", "ce", "fused"):
             raise ValueError(f"--logprob-impl must be auto, ce or fused, got {logprob_impl!r}")
         # auto: the fused kernel (never materialises [tokens, vocab] logits) on GPU; on CPU the
@@ -252,7 +256,7 @@ class GPTModel(torch.nn.Module):
         for j, layer in enumerate(self.layers.values()):
             if inference is not None:
                 hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, kv_cache=inference.layer(j))
-            elif recompute == "full":
+            elif recompute == "full" and (self.recompute_num_layers is None or j < self.recompute_num_layers):
                 # keep only each layer's input; recompute the layer in backward
                 hidden = torch.utils.checkpoint.checkpoint(
                     layer, hidden, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)

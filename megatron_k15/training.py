@@ -225,17 +225,18 @@ class MetricsLogger:
             f.writelines(keep)
 
     def log(self, iteration: int, metrics: dict) -> None:
+        """Every metric to metrics.jsonl; the numeric ones to TensorBoard and W&B."""
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.wandb is not None:
-            self.wandb.log(iteration, metrics)
+            self.wandb.log(iteration, scalars)
         if not self.enabled:
             return
         record = {"iteration": iteration, "time": time.time(), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, iteration)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, iteration)
             self.tb.flush()
 
     def close(self) -> None:

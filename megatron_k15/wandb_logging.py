@@ -78,8 +78,8 @@ class WandbRun:
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
 
-    def log(self, iteration: int, metrics: dict) -> None:
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    def log(self, iteration: int, scalars: dict) -> None:
+        """``scalars``: numeric metrics only (``MetricsLogger.log`` filters them)."""
         self.run.log({"iteration": iteration, **scalars})
 
     def finish(self) -> None:

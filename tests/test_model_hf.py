@@ -100,10 +100,11 @@ def test_preset_is_the_published_model(name):
 
     cfg = preset(name)
     hf_dict = dict(hf_config_from_gpt(cfg))
+    architecture = hf_dict["architectures"][0]
     config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config)
-    assert type(hf).__name__ == hf_config_from_gpt(cfg)["architectures"][0]
+    assert type(hf).__name__ == architecture
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
     assert abs(cfg.num_parameters() / PUBLISHED_PARAMETERS[name] - 1) <= 0.015
     back = gpt_config_from_hf(hf_config_from_gpt(cfg))

@@ -290,7 +290,8 @@ def test_every_recompute_choice_gives_the_same_gradients(single_rank):
     peaks = [plan_memory(preset("qwen2.5-7b"), Layout(tp=4), Workload(recompute="full", recompute_num_layers=k, **w)).peak_bytes
              for k in (0, 14, 28)]
     assert peaks[0] > peaks[1] > peaks[2]
-    assert plan_memory(preset("qwen2.5-7b"), Layout(tp=4), Workload(recompute="none", **w)).peak_bytes >= peaks[0]
+    # block with no layer recomputed is no recompute at all
+    assert plan_memory(preset("qwen2.5-7b"), Layout(tp=4), Workload(recompute="none", **w)).peak_bytes == peaks[0]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

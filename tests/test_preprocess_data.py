@@ -353,6 +353,80 @@ def test_hf_chat_template_sft_masks(tmp_path, capsys):
     assert tok.eos_id in s.tokens[s.loss_mask == 1].tolist()
 
 
+# Qwen3-like history rewrite: an assistant turn before the last user message loses its reasoning
+REWRITING_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}"
+    "{% endif %}{% endfor %}"
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "<{{ m['role'] }}>{{ c }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+THINKING_CHAT = {"messages": [
+    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>hmm</think>hello"},
+    {"role": "user", "content": "again"}, {"role": "assistant", "content": "<think>so</think>you"}]}
+
+
+def _segments_to_ids(tok, segs):
+    """ids and loss mask of (text, is_response) segments, each tokenized on its own."""
+    ids = [i for text, _ in segs for i in tok.encode(text)]
+    mask = [m for text, m in segs for _ in tok.encode(text)]
+    return ids, mask
+
+
+def test_history_rewriting_template_trains_each_turn_in_its_inference_context(tmp_path, capsys):
+    """Qwen3-style templates drop earlier reasoning: each assistant turn becomes a sample whose
+    context is the template's rendering at that turn (what generation would have seen)."""
+    _hf_tokenizer(tmp_path / "tok", REWRITING_TEMPLATE)
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "you"}]}
+    inp = write_jsonl(tmp_path / "in.jsonl", [THINKING_CHAT, plain])
+    common = ("--mode", "sft", "--input", inp, "--tokenizer", tmp_path / "tok", "--chat-template")
+    rc, err = run_inproc(capsys, *common, "--output-prefix", tmp_path / "auto")
+    assert rc == 0, err
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    want = [
+        [("<user>hi</s><assistant>", 0), ("<think>hmm</think>hello</s>", 1)],
+        [("<user>hi</s><assistant>hello</s><user>again</s><assistant>", 0),
+         ("<think>so</think>you</s>", 1)],
+        # no reasoning to drop: the conversation renders as one continuation, one sample
+        [("<user>hi</s><assistant>", 0), ("hello</s>", 1), ("<user>again</s><assistant>", 0),
+         ("you</s>", 1)],
+    ]
+    ds = load_sft_dataset(str(tmp_path / "auto"))
+    assert len(ds) == 3
+    for k, segs in enumerate(want):
+        ids, mask = _segments_to_ids(tok, segs)
+        assert ds[k].tokens.tolist() == ids and ds[k].loss_mask.tolist() == mask, k
+    summary = json.loads((tmp_path / "auto.json").read_text())
+    assert summary["split_conversations"] == 1 and summary["num_samples"] == 3
+    assert summary["multi_turn"] == "auto"
+
+    # joint refuses the rewritten history, naming the turn; nothing is written
+    rc, err = run_inproc(capsys, *common, "--output-prefix", tmp_path / "joint", "--multi-turn", "joint")
+    assert rc == 1 and "in.jsonl:1" in err and "messages[3]" in err and "--multi-turn" in err
+    assert not list(tmp_path.glob("joint*"))
+
+    # per-turn splits every conversation, also the one the template keeps intact
+    rc, err = run_inproc(capsys, *common, "--output-prefix", tmp_path / "pt", "--multi-turn", "per-turn")
+    assert rc == 0, err
+    ds = load_sft_dataset(str(tmp_path / "pt"))
+    per_turn = want[:2] + [want[2][:2], [("".join(t for t, _ in want[2][:3]), 0), want[2][3]]]
+    assert len(ds) == 4
+    for k, segs in enumerate(per_turn):
+        ids, mask = _segments_to_ids(tok, segs)
+        assert ds[k].tokens.tolist() == ids and ds[k].loss_mask.tolist() == mask, k
+    assert json.loads((tmp_path / "pt.json").read_text())["split_conversations"] == 2
+
+
+def test_multi_turn_applies_to_sft_only(tmp_path):
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
+    res = run_tool("--mode", "prompts", "--input", inp, "--output-prefix", tmp_path / "x",
+                   "--tokenizer", "byte", "--multi-turn", "per-turn")
+    assert res.returncode != 0 and "--multi-turn per-turn applies to --mode sft only" in res.stderr
+
+
 def test_cli_help_and_bad_options(tmp_path):
     res = run_tool("--help")
     assert res.returncode == 0 and "--output-prefix" in res.stdout and "--skip-bad-lines" in res.stdout

@@ -25,7 +25,11 @@ tokenizer's with --chat-template, else the simple built-in one: "<|role|>\\ncont
 message). Each turn is tokenized as its own segment so the loss mask is exact: the
 assistant's content (and what the template puts after it in that turn) is 1, the rest 0.
 Messages after the last assistant message are dropped. --append-eos adds the tokenizer's
-EOS (mask 1) at the end of each SFT sample.
+EOS (mask 1) at the end of each SFT sample. A conversation whose template rewrites the history
+(Qwen3 drops the reasoning of earlier assistant turns, so the rendered conversation is not
+what the model saw when it wrote a turn) becomes one sample per assistant turn, each with its
+history rendered as at inference (--multi-turn auto; `joint` refuses such lines, `per-turn`
+splits every conversation); the summary counts the split conversations.
 
 Preference lines (dpo) are {"prompt", "chosen", "rejected"} (an optional "id"; what
 tools/build_long2short_data.py --mode dpo writes). --seq-length bounds a pair: both sequences
@@ -122,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="sft: drop over-long samples (default) or truncate them to "
                         "--seq-length (a sample left without response tokens is dropped)")
+    p.add_argument("--multi-turn", choices=("auto", "joint", "per-turn"), default="auto",
+                   help="sft conversations with several assistant turns: joint = one sample, "
+                        "loss on every assistant turn (needs a template that renders each turn "
+                        "as a continuation of the earlier ones); per-turn = one sample per "
+                        "assistant turn, its history rendered as at inference (Qwen3's template "
+                        "drops earlier reasoning); auto (default) = joint where the template "
+                        "allows, per-turn where it rewrites the history")
     p.add_argument("--append-eos", action="store_true",
                    help="sft/dpo: append the tokenizer's EOS token (trained on) to every sample")
     p.add_argument("--no-progress", action="store_true",
@@ -141,6 +152,8 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         if args.overlong == "truncate":
             parser.error("--overlong truncate applies to --mode sft only (prompts are never "
                          "truncated; over-long ones are dropped)")
+    if args.mode != "sft" and args.multi_turn != "auto":
+        parser.error(f"--multi-turn {args.multi_turn} applies to --mode sft only")
     if args.mode == "dpo" and args.overlong == "truncate":
         parser.error("--overlong truncate applies to --mode sft only (a truncated response would "
                      "change the sequence log-prob DPO compares; over-long pairs are dropped)")
@@ -166,32 +179,59 @@ def _render(messages, tok, opts: dict, add_generation_prompt: bool) -> str:
         raise FieldError("messages", f"the chat template failed: {e}") from None
 
 
-def _sft_segments(rec: dict, tok, opts: dict) -> list[tuple[str, int]]:
-    """(text, is_response) segments whose concatenation is the rendered sample."""
-    msgs = rec["messages"]
-    if rec.get("pair") and not opts["chat_template"]:
-        return [(msgs[0]["content"], 0), (msgs[1]["content"], 1)]
-    segs: list[tuple[str, int]] = []
-    done = ""
+def _assistant_turns(msgs: list, tok, opts: dict) -> list[tuple[int, str, str]]:
+    """(index, head, full) per assistant message: the template's rendering of the conversation
+    before it, with the generation prompt (what the model sees when it writes the turn), and
+    with the turn itself. The turn's tokens are ``full[len(head):]``."""
+    turns = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         head = _render(msgs[:i], tok, opts, True)
         full = _render(msgs[:i + 1], tok, opts, False)
-        if not head.startswith(done) or not full.startswith(head):
+        if not full.startswith(head):
             raise FieldError(f"messages[{i}]",
-                             "the chat template does not render this turn as a continuation of "
-                             "the earlier ones, so the response tokens cannot be masked")
-        segs.append((head[len(done):], 0))
-        segs.append((full[len(head):], 1))
+                             "the chat template does not render this turn after its generation "
+                             "prompt, so the response tokens cannot be masked")
+        turns.append((i, head, full))
+    return turns
+
+
+def _sft_samples(rec: dict, tok, opts: dict) -> tuple[list[list[tuple[str, int]]], bool]:
+    """The samples of one SFT record, each as (text, is_response) segments whose concatenation
+    is the rendered sample; and whether a conversation was split into one sample per turn.
+
+    One conversation is one sample when the template renders each turn as a continuation of
+    the earlier ones. Templates that rewrite the history (Qwen3 drops the reasoning of earlier
+    assistant turns) do not; then each assistant turn is its own sample, its context rendered
+    exactly as at inference (``--multi-turn auto``, the default, or ``per-turn``)."""
+    msgs = rec["messages"]
+    if rec.get("pair") and not opts["chat_template"]:
+        return [[(msgs[0]["content"], 0), (msgs[1]["content"], 1)]], False
+    turns = _assistant_turns(msgs, tok, opts)
+    broken = [i for (i, head, _), (_, _, prev) in zip(turns[1:], turns[:-1])
+              if not head.startswith(prev)]
+    mode = opts.get("multi_turn", "auto")
+    if mode == "per-turn" or (broken and mode == "auto"):
+        return [[(head, 0), (full[len(head):], 1)] for _, head, full in turns], len(turns) > 1
+    if broken:
+        raise FieldError(f"messages[{broken[0]}]",
+                         "the chat template does not render this turn as a continuation of the "
+                         "earlier ones (it rewrites the history), so the conversation is not one "
+                         "sample; --multi-turn auto or per-turn trains each assistant turn as its "
+                         "own sample")
+    segs: list[tuple[str, int]] = []
+    done = ""
+    for _, head, full in turns:
+        segs += [(head[len(done):], 0), (full[len(head):], 1)]
         done = full
-    return segs
+    return [segs], False
 
 
-def _tokenize_sft(rec: dict, tok, opts: dict, field: str):
+def _tokenize_sample(segments: list[tuple[str, int]], tok, opts: dict, field: str):
     ids: list[int] = []
     mask: list[int] = []
-    for text, is_resp in _sft_segments(rec, tok, opts):
+    for text, is_resp in segments:
         if text:
             t = tok.encode(text)
             ids.extend(t)
@@ -202,6 +242,12 @@ def _tokenize_sft(rec: dict, tok, opts: dict, field: str):
     if not any(mask):
         raise FieldError(field, "the response tokenizes to no tokens (nothing to train on)")
     return ids, mask
+
+
+def _tokenize_sft(rec: dict, tok, opts: dict, field: str):
+    """([(ids, loss mask)] per sample, split into turns?)"""
+    samples, split = _sft_samples(rec, tok, opts)
+    return [_tokenize_sample(segs, tok, opts, field) for segs in samples], split
 
 
 def _process_sft(obj: dict, tok, opts: dict):
@@ -216,7 +262,8 @@ def _process_dpo(obj: dict, tok, opts: dict):
     for field in ("chosen", "rejected"):
         pair = {"messages": [{"role": "user", "content": rec["prompt"]},
                              {"role": "assistant", "content": rec[field]}], "pair": True}
-        out.append(_tokenize_sft(pair, tok, opts, field))
+        (sample,), _ = _tokenize_sft(pair, tok, opts, field)
+        out.append(sample)
     return tuple(out)
 
 
@@ -368,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
         raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
             "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
-            "append_eos": bool(args.append_eos), "path": path}
+            "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn, "path": path}
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -381,7 +428,7 @@ def run(args: argparse.Namespace) -> dict:
     pool = None
     bar = None
     stats = {"lines": 0, "bad": 0, "truncated": 0, "dropped_overlong": 0, "samples": 0,
-             "tokens": 0, "loss_tokens": 0}
+             "tokens": 0, "loss_tokens": 0, "split_conversations": 0}
     bad_lines: list[str] = []
     ids_seen = DuplicateIdChecker()
     show = not getattr(args, "no_progress", False) and sys.stderr.isatty()
@@ -431,23 +478,28 @@ def run(args: argparse.Namespace) -> dict:
                         stats["loss_tokens"] += int(sum(msk))
                     stats["samples"] += 1
                     continue
-                ids, extra = payload
-                if args.seq_length is not None and len(ids) > args.seq_length:
-                    if args.mode == "sft" and args.overlong == "truncate" \
-                            and any(extra[:args.seq_length]):
-                        ids, extra = ids[:args.seq_length], extra[:args.seq_length]
-                        stats["truncated"] += 1
-                    else:
-                        stats["dropped_overlong"] += 1
-                        continue
-                outputs.tokens.add(ids)
-                stats["samples"] += 1
-                stats["tokens"] += len(ids)
                 if args.mode == "sft":
-                    outputs.mask.add(extra)
-                    stats["loss_tokens"] += int(sum(extra))
+                    samples, split = payload
+                    stats["split_conversations"] += int(split)
                 else:
-                    outputs.meta.write(json.dumps(extra, ensure_ascii=False) + "\n")
+                    samples = [payload]
+                for ids, extra in samples:
+                    if args.seq_length is not None and len(ids) > args.seq_length:
+                        if args.mode == "sft" and args.overlong == "truncate" \
+                                and any(extra[:args.seq_length]):
+                            ids, extra = ids[:args.seq_length], extra[:args.seq_length]
+                            stats["truncated"] += 1
+                        else:
+                            stats["dropped_overlong"] += 1
+                            continue
+                    outputs.tokens.add(ids)
+                    stats["samples"] += 1
+                    stats["tokens"] += len(ids)
+                    if args.mode == "sft":
+                        outputs.mask.add(extra)
+                        stats["loss_tokens"] += int(sum(extra))
+                    else:
+                        outputs.meta.write(json.dumps(extra, ensure_ascii=False) + "\n")
             if bar is not None:
                 bar.update(nbytes)
         if stats["lines"] == 0:
@@ -484,6 +536,9 @@ def run(args: argparse.Namespace) -> dict:
         }
         if args.mode in ("sft", "dpo"):
             summary["num_loss_tokens"] = stats["loss_tokens"]
+        if args.mode == "sft":
+            summary["multi_turn"] = args.multi_turn
+            summary["split_conversations"] = stats["split_conversations"]
         if args.mode == "dpo":
             summary["num_sequences"] = 2 * stats["samples"]  # prompt+chosen, prompt+rejected
         outputs.commit(summary)

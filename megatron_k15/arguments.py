@@ -64,6 +64,10 @@ MEGATRON_TRAINING_SWITCHES = {
 }
 
 
+# Megatron-LM's --attention-backend values -> the implementation here computing the same attention
+MEGATRON_ATTENTION_BACKENDS = {"flash": "triton", "fused": "sdpa", "unfused": "sdpa", "local": "sdpa"}
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
@@ -92,8 +96,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, default=None, help="training/packing sequence length")
     g.add_argument("--logprob-impl", choices=["auto", "fused", "ce"], default="auto",
                    help="per-token log-probs: fused Triton kernel (auto on GPU) or vocab-parallel CE")
-    g.add_argument("--attention-backend", choices=["auto", "triton", "sdpa"], default="auto",
-                   help="auto = our Triton flash attention on GPU, PyTorch SDPA on CPU")
+    g.add_argument("--attention-backend", choices=["auto", "triton", "sdpa", *MEGATRON_ATTENTION_BACKENDS],
+                   default="auto",
+                   help="auto = our Triton flash attention on GPU, PyTorch SDPA on CPU; Megatron-LM's "
+                        "names are accepted: flash = triton, fused / unfused / local = sdpa")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -336,6 +342,9 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     load = _get(args, "load")
     if load and not os.path.exists(load):
         raise ArgumentError(f"--load {load}: directory does not exist")
+    backend = _get(args, "attention_backend")
+    if backend in MEGATRON_ATTENTION_BACKENDS:
+        args.attention_backend = MEGATRON_ATTENTION_BACKENDS[backend]
     if _get(args, "attention_backend") == "triton":
         try:
             import triton  # noqa: F401

@@ -131,6 +131,9 @@ def test_megatron_lm_launch_flags_give_the_same_model():
                   "rotary_base", "norm_epsilon", "add_qkv_bias", "qk_layernorm", "tie_word_embeddings"):
         assert getattr(args.model_config, field) == getattr(want, field), field
     assert args.sequence_parallel and args.recompute_granularity == "full"
+    for megatron_name, ours in (("flash", "triton"), ("fused", "sdpa"), ("unfused", "sdpa"),
+                                ("local", "sdpa"), ("sdpa", "sdpa"), ("auto", "auto")):
+        assert _validate(["--attention-backend", megatron_name]).attention_backend == ours
     with pytest.raises(SystemExit):  # the two spellings of sequence parallelism exclude each other
         build_parser().parse_args(["--sequence-parallel", "--no-sequence-parallel"])
     with pytest.raises(SystemExit):

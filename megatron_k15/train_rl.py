@@ -27,6 +27,12 @@ arguments are validated (before any work), and a prompt set that does not fit is
 naming the flags (drop long prompts with ``tools/preprocess_data.py --mode prompts
 --seq-length N``).
 
+``--reward-model-load DIR``: a generative reward model (Kimi's chain-of-thought RM; any
+checkpoint of this codebase, e.g. a converted instruct model) regrades math answers the
+rule-based verifier rejects (``--reward-model-mode fallback``) or every answer of its tasks
+(``replace``); it runs greedily on the same engine and layout as the policy
+(``rewards/judge.py``), and its call counts are logged as ``judge_*``.
+
 ``--exit-signal-handler``: on SIGTERM or SIGUSR1 the run finishes its current iteration, saves
 a checkpoint (with --save) and exits 0, so a requeued job (Slurm) resumes from ``latest``.
 Every rank must stop after the same iteration, so the flag is all-reduced each iteration.
@@ -39,6 +45,7 @@ import sys
 import time
 
 from megatron_k15.arguments import ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args
+from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
 
 
 def add_rl_args(p) -> None:
@@ -77,6 +84,7 @@ def add_rl_args(p) -> None:
                    help="train on tokens that earlier iterations generated too")
     g.add_argument("--replay-buffer-size", type=int, default=0)
     g.add_argument("--replay-max-age", type=int, default=0)
+    add_judge_args(p.add_argument_group("generative reward model (judge)"))
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM or SIGUSR1: finish the iteration, save a checkpoint (--save) and exit 0")
 
@@ -104,6 +112,9 @@ def _validate(args) -> None:
     if args.rl_tau <= 0 and args.rl_loss == "omd":
         raise ArgumentError("--rl-tau must be > 0")
     check_reasoning_tags(args)
+    problem = check_judge_args(args)
+    if problem:
+        raise ArgumentError(problem)
     for flag in ("prompt_data", "eval_data"):
         prefix = getattr(args, flag)
         if prefix and not os.path.exists(prefix + ".json"):
@@ -234,7 +245,10 @@ def main(argv=None) -> int:
     prompt_ids = [list(map(int, data[i].prompt_ids)) for i in range(len(data))]
     sampler = build_sampler(args.sampling, records, seed=args.seed, switch_iter=args.curriculum_switch_iter,
                             threshold=args.curriculum_threshold, floor=args.prioritized_floor)
-    rl = RLIteration(ctx, args, tokenizer, records, prompt_ids)
+    gen_rank, gen_size, gen_group = generation_parallel(ctx.pc)
+    judge = judge_from_args(args, rank=gen_rank, size=gen_size, group=gen_group,
+                            pp_group=ctx.pc.pp_group if ctx.pc.pp_size > 1 else None)
+    rl = RLIteration(ctx, args, tokenizer, records, prompt_ids, judge=judge)
     if "sampler" in extra:
         sampler.load_state_dict(extra["sampler"])
     rl.load_state_dict(extra)
@@ -243,8 +257,6 @@ def main(argv=None) -> int:
     if args.eval_data:
         ev = load_prompt_dataset(args.eval_data)
         eval_set = ([dict(r) for r in ev.records], [list(map(int, ev[i].prompt_ids)) for i in range(len(ev))])
-
-    gen_rank, gen_size, gen_group = generation_parallel(ctx.pc)
 
     def run_eval() -> dict:
         # prompts split over the generation-parallel (dp x cp) ranks; tp ranks and pp stages

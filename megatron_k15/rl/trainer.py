@@ -37,8 +37,8 @@ from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
-from megatron_k15.rewards.reasoning import (ReasoningTags, parse_reasoning_tags, prompt_opens_reasoning,
-                                            reward_of_response)
+from megatron_k15.rewards.reasoning import (ReasoningTags, graded_text, parse_reasoning_tags,
+                                            prompt_opens_reasoning)
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
 from megatron_k15.training import TrainContext, forward_only, reduce_sums, train_step
@@ -87,19 +87,26 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
-          prompt_open: Optional[Callable[[str], bool]] = None) -> tuple[list[float], list[bool]]:
+          prompt_open: Optional[Callable[[str], bool]] = None, judge=None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group. Returns (rewards, correct). With ``reasoning_tags`` the verifier
     grades the answer after the reasoning block, and a response still inside its reasoning
-    scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block."""
+    scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block.
+    ``judge``: a ``rewards.judge.GenerativeJudge`` that regrades its tasks' answers (a
+    collective call: every rank scores the same trajectories)."""
+    from megatron_k15.rewards.registry import compute_reward
+
     eos = set(getattr(tokenizer, "special_ids", []) or [])
-    task, correct = [], []
+    graded, verified = [], []
     for t in trajs:
         ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
-        r = reward_of_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
-                               bool(prompt_open and prompt_open(t.prompt_id)))
-        correct.append(r >= 1.0)
-        task.append(r - (repeat_penalty if t.stop_reason == "repeat" else 0.0))
+        g = graded_text(tokenizer.decode(ids), reasoning_tags, bool(prompt_open and prompt_open(t.prompt_id)))
+        graded.append(g)
+        verified.append(0.0 if g is None else float(compute_reward(g, records[t.prompt_id])))
+    if judge is not None:
+        verified = judge.regrade([records[t.prompt_id] for t in trajs], graded, verified)
+    correct = [r >= 1.0 for r in verified]
+    task = [r - (repeat_penalty if t.stop_reason == "repeat" else 0.0) for r, t in zip(verified, trajs)]
     rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
                                    [t.group_id for t in trajs], length_penalty_weight, iteration,
                                    length_penalty_start_iter)
@@ -204,8 +211,11 @@ def generation_parallel(pc) -> tuple[int, int, object]:
 class RLIteration:
     """State that lives across iterations: replay buffer, and the loss function."""
 
-    def __init__(self, ctx: TrainContext, args, tokenizer, records: list[dict], prompt_ids: list[list[int]]):
-        """``records[i]`` / ``prompt_ids[i]``: the prompt set (indices are what samplers draw)."""
+    def __init__(self, ctx: TrainContext, args, tokenizer, records: list[dict], prompt_ids: list[list[int]],
+                 judge=None):
+        """``records[i]`` / ``prompt_ids[i]``: the prompt set (indices are what samplers draw);
+        ``judge``: an optional generative reward model (``rewards.judge``)."""
+        self.judge = judge
         self.ctx, self.args, self.tok = ctx, args, tokenizer
         self.records_by_index = records
         self.records = {r["id"]: r for r in records}
@@ -297,7 +307,10 @@ class RLIteration:
                                  length_penalty_weight=args.length_penalty_weight,
                                  length_penalty_start_iter=args.length_penalty_start_iter,
                                  repeat_penalty=args.repeat_penalty,
-                                 reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open)
+                                 reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
+                                 judge=self.judge)
+        if self.judge is not None:
+            metrics.update(self.judge.take_stats())
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))

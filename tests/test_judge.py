@@ -1,0 +1,259 @@
+"""The generative reward model (megatron_k15/rewards/judge.py): verdict parsing, which answers
+are sent to the judge in each mode, how its verdicts enter the RL rewards, and the judge run by
+the generation engine in several layouts against a full-recompute generation of the same
+prompts on one rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_k15.data.tokenizer import ByteTokenizer
+from megatron_k15.rewards.judge import (
+    DEFAULT_JUDGE_TEMPLATE,
+    GenerativeJudge,
+    check_judge_args,
+    check_judge_template,
+    parse_verdict,
+)
+from megatron_k15.rewards.reasoning import ReasoningTags
+from megatron_k15.testing import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("The values agree.\nVerdict: correct", True),
+    ("Verdict: incorrect", False),
+    ("**Verdict:** Correct.", True),
+    ("verdict - no", False),
+    ('{"reasoning": "same", "correct": true}', True),
+    ('{"verdict": "incorrect"}', False),
+    ("At first I thought Verdict: correct, but 1/3 != 0.3. Verdict: incorrect", False),  # the last counts
+    ("It is correct.", None),  # no verdict line
+    ("", None),
+    ("Verdict: correctness unclear", None),
+])
+def test_parse_verdict(text, verdict):
+    assert parse_verdict(text) is verdict
+
+
+def test_template_check_names_what_is_wrong():
+    check_judge_template(DEFAULT_JUDGE_TEMPLATE)
+    with pytest.raises(ValueError, match=r"missing \['reference'\]"):
+        check_judge_template("{question} {response}")
+    with pytest.raises(ValueError, match=r"unknown fields \['answer'\]"):
+        check_judge_template("{question} {reference} {response} {answer}")
+    with pytest.raises(ValueError, match="literal braces"):
+        check_judge_template("{question} {reference} {response} {")
+
+
+class _ScriptedGenerator:
+    """Stands in for the engine: answers 'Verdict: correct' when the graded response inside the
+    judge prompt is one of ``accepted``; records the prompts it saw."""
+
+    def __init__(self, tok, accepted):
+        self.tok, self.accepted, self.prompts, self.released = tok, accepted, [], 0
+
+    def generate(self, prompts, max_new_tokens, params, generators, eos_ids):
+        assert params.temperature == 0.0  # judges decode greedily
+        out = []
+        for ids in prompts:
+            text = self.tok.decode(ids)
+            self.prompts.append(text)
+            response = text.split("Student's answer:\n")[1].split("\n\nThink")[0]
+            verdict = "Verdict: correct" if response in self.accepted else (
+                "no idea" if response == "???" else "Verdict: incorrect")
+            out.append(SimpleNamespace(output_ids=self.tok.encode(f"Let me compare. {verdict}")))
+        return out
+
+    def release(self):
+        self.released += 1
+
+
+def _judge(accepted, mode="fallback", tasks=("math",)):
+    tok = ByteTokenizer()
+    gen = _ScriptedGenerator(tok, accepted)
+    return GenerativeJudge(gen, tok.encode, tok.decode, [tok.eos_id], max_new_tokens=32,
+                           tasks=frozenset(tasks), mode=mode), gen
+
+
+MATH = {"id": "m", "prompt": "What is 1/2 as a decimal?", "task": "math", "answer": "0.5"}
+CODE = {"id": "c", "prompt": "print 1", "task": "code", "tests": [{"input": "", "output": "1"}]}
+
+
+def test_fallback_asks_only_about_answers_the_rules_reject():
+    judge, gen = _judge(accepted={"one half, i.e. 0.50000"})
+    records = [MATH, MATH, MATH, MATH, CODE]
+    graded = ["\\boxed{0.5}", "one half, i.e. 0.50000", "\\boxed{0.4}", None, "print(2)"]
+    rule = [1.0, 0.0, 0.0, 0.0, 0.0]
+    new = judge.regrade(records, graded, rule)
+    # the rule's correct answer is kept; the equivalent form the rule missed is credited; a wrong
+    # answer stays wrong; no answer (still reasoning) and other tasks are not sent
+    assert new == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert len(gen.prompts) == 2 and gen.released == 1
+    assert gen.prompts[0] == DEFAULT_JUDGE_TEMPLATE.format(
+        question=MATH["prompt"], reference="0.5", response="one half, i.e. 0.50000")
+    assert judge.take_stats() == {"judge_calls": 2, "judge_correct_fraction": 0.5,
+                                  "judge_unparsed_fraction": 0.0, "judge_flipped": 1}
+    assert judge.take_stats()["judge_calls"] == 0  # taken: the next iteration starts from zero
+
+
+def test_replace_grades_everything_of_its_tasks_and_no_verdict_is_wrong():
+    judge, gen = _judge(accepted={"x"}, mode="replace", tasks=("math", "code"))
+    new = judge.regrade([MATH, MATH, CODE], ["\\boxed{0.5}", "???", "x"], [1.0, 0.0, 0.0])
+    assert new == [0.0, 0.0, 1.0]  # the judge overrules the rule both ways; unparsed -> 0
+    stats = judge.take_stats()
+    assert stats["judge_calls"] == 3 and stats["judge_unparsed_fraction"] == pytest.approx(1 / 3)
+    assert stats["judge_flipped"] == 2
+
+
+def test_rl_score_uses_the_judge_on_the_graded_answer():
+    """rl.trainer.score: the judge sees the text after </think>, its credit enters the length
+    penalty as a correct answer would."""
+    from megatron_k15.rl.trainer import score
+    from megatron_k15.generation.replay_buffer import Trajectory
+
+    tok = ByteTokenizer()
+    responses = ["<think>long thoughts</think>one half", "<think>hmm</think>\\boxed{0.5}",
+                 "<think>never finished", "<think>x</think>\\boxed{7}"]
+    trajs = []
+    for k, text in enumerate(responses):
+        t = Trajectory(prompt_id="m", prompt_ids=tok.encode("q"), sample_index=k, start_iteration=0,
+                       group_id="m@0")
+        t.append_segment(tok.encode(text), [0.0] * len(tok.encode(text)), 0, "eos")
+        trajs.append(t)
+    judge, gen = _judge(accepted={"one half"})
+    rewards, correct = score(trajs, {"m": MATH}, tok, 0, reasoning_tags=ReasoningTags(), judge=judge,
+                             length_penalty_weight=1.0)
+    assert correct == [True, True, False, False]
+    assert [p.split("Student's answer:\n")[1].split("\n\n")[0] for p in gen.prompts] == ["one half", "\\boxed{7}"]
+    # Kimi's length reward over the group, judged answers counting as correct
+    lengths = [t.response_len for t in trajs]
+    lo, hi = min(lengths), max(lengths)
+    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]
+    want = [1 + lam[0], 1 + lam[1], min(0.0, lam[2]), min(0.0, lam[3])]
+    assert rewards == pytest.approx(want)
+
+
+def test_flags_are_checked_before_any_work(tmp_path):
+    ns = argparse.Namespace(reward_model_load=None, reward_model_tokenizer=None, reward_model_prompt=None,
+                            reward_model_chat_template=False, reward_model_mode="replace",
+                            reward_model_tasks="math", reward_model_max_tokens=1024)
+    assert check_judge_args(ns) == "--reward-model-mode needs --reward-model-load DIR (the judge checkpoint)"
+    ns.reward_model_mode, ns.reward_model_load = "fallback", str(tmp_path / "missing")
+    assert "directory does not exist" in check_judge_args(ns)
+    ns.reward_model_load = str(tmp_path)
+    assert "--reward-model-load" in check_judge_args(ns) and "latest" in check_judge_args(ns)
+
+
+# -- the judge on a real (tiny, random) model -------------------------------------------------
+ITEMS = [({"prompt": "2+2?", "answer": "4"}, "four"), ({"prompt": "Area of a unit circle", "answer": "pi"}, "3.14159"),
+         ({"prompt": "1/2?", "answer": "0.5"}, "1/2"), ({"prompt": "x", "answer": "y"}, "z")]
+TEMPLATE = "Q: {question}\nRef: {reference}\nA: {response}\nVerdict:"
+NEW_TOKENS = 6
+
+
+def _save_judge_checkpoint(rank, world_size, path):
+    from megatron_k15.checkpointing import save_checkpoint
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.models.config import preset
+    from megatron_k15.training import build_train_context
+
+    initialize_model_parallel(1)
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                              clip_grad=1.0, attention_backend="sdpa", params_dtype=torch.float32,
+                              sequence_parallel=True, recompute_granularity=None, grad_bucket_numel=10_000)
+    ctx = build_train_context(args, preset("tiny", num_layers=2, init_method_std=0.3), seed=5)
+    save_checkpoint(path, None, ctx)
+
+
+def _judge_args(path, prompt_file, tp=1):
+    return SimpleNamespace(reward_model_load=path, reward_model_tokenizer="byte", reward_model_prompt=prompt_file,
+                           reward_model_chat_template=False, reward_model_mode="replace",
+                           reward_model_tasks="math", reward_model_max_tokens=NEW_TOKENS,
+                           pipeline_model_parallel_size=1, tensor_model_parallel_size=tp,
+                           attention_backend="sdpa", params_dtype=torch.float32, rollout_batch_size=3)
+
+
+def _judge_worker(rank, world_size, path, prompt_file, tp):
+    import torch.distributed as dist
+
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.rewards.judge import judge_from_args
+
+    initialize_model_parallel(tp)
+    dp = world_size // tp
+    group = dist.new_group(list(range(world_size))) if dp > 1 else None
+    judge = judge_from_args(_judge_args(path, prompt_file, tp), rank=rank // tp, size=dp, group=group)
+    return judge.judge(ITEMS)
+
+
+def _recompute_worker(rank, world_size, path):
+    from megatron_k15.checkpointing import load_config, load_model_checkpoint
+    from megatron_k15.generation.recompute import generate_recompute
+    from megatron_k15.generation.sampling import SamplingParams
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.models.gpt import GPTModel
+
+    initialize_model_parallel(1)
+    cfg = load_config(path)
+    model = GPTModel(cfg, attention_backend="sdpa", params_dtype=torch.float32)
+    load_model_checkpoint(model, path)
+    model.eval()
+    tok = ByteTokenizer()
+    prompts = [tok.encode(TEMPLATE.format(question=r["prompt"], reference=r["answer"], response=a))
+               for r, a in ITEMS]
+    res = generate_recompute(model, prompts, NEW_TOKENS, SamplingParams(temperature=0.0),
+                             [None] * len(prompts), cfg.eos_ids())
+    return [tok.decode([t for t in r.output_ids if t < 256]) for r in res]
+
+
+@pytest.mark.slow
+def test_judge_generates_like_a_full_recompute_in_every_layout(tmp_path):
+    path = str(tmp_path / "judge")
+    run_distributed(_save_judge_checkpoint, 1, path)
+    prompt_file = tmp_path / "judge.txt"
+    prompt_file.write_text(TEMPLATE)
+    want = run_distributed(_recompute_worker, 1, path)[0]
+    assert any(want)
+    for world, tp in ((1, 1), (2, 2), (2, 1)):  # one rank; tp=2; two replicas splitting the items
+        for got in run_distributed(_judge_worker, world, path, str(prompt_file), tp):
+            assert [text for _, text in got] == want, (world, tp)
+            assert [v for v, _ in got] == [parse_verdict(t) for t in want]
+
+
+@pytest.mark.slow
+def test_train_rl_with_a_judge(tmp_path):
+    """train_rl --reward-model-load: the judge grades every rollout (replace mode) and its
+    counts reach metrics.jsonl."""
+    path = str(tmp_path / "judge")
+    run_distributed(_save_judge_checkpoint, 1, path)
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{i}+1=", "task": "math", "answer": str(i + 1)})
+                           + "\n" for i in range(2)))
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--mode", "prompts",
+                    "--input", str(src), "--output-prefix", str(tmp_path / "p"), "--tokenizer", "byte",
+                    "--no-progress"], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(
+        [sys.executable, "-m", "megatron_k15.train_rl", "--load", path, "--finetune", "--tokenizer", "byte",
+         "--prompt-data", str(tmp_path / "p"), "--attention-backend", "sdpa", "--samples-per-prompt", "2",
+         "--prompts-per-iter", "2", "--rollout-max-tokens", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+         "--train-iters", "1", "--log-interval", "1", "--tensorboard-dir", str(tmp_path / "tb"),
+         "--reward-model-load", path, "--reward-model-tokenizer", "byte", "--reward-model-mode", "replace",
+         "--reward-model-max-tokens", "3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (m,) = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert m["judge_calls"] == m["num_finished"] == 4
+    # 3 greedy bytes of a random model hold no verdict: each counts as unparsed and wrong
+    assert m["judge_unparsed_fraction"] == 1.0 and m["accuracy"] == 0.0

@@ -266,9 +266,11 @@ def main(argv=None) -> int:
                        dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
                        batch_size=args.rollout_batch_size, generator=rl.generator,
-                       reasoning_tags=rl.reasoning_tags)
+                       reasoning_tags=rl.reasoning_tags, judge=judge)
         rl.generator.release()
-        return {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
+        m = {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
+        m.update({f"eval_{k}": v for k, v in res.items() if k.startswith("judge_")})
+        return m
 
     logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:

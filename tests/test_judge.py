@@ -21,6 +21,7 @@ from megatron_k15.rewards.judge import (
     GenerativeJudge,
     check_judge_args,
     check_judge_template,
+    judge_metrics,
     parse_verdict,
 )
 from megatron_k15.rewards.reasoning import ReasoningTags
@@ -94,23 +95,24 @@ def test_fallback_asks_only_about_answers_the_rules_reject():
     records = [MATH, MATH, MATH, MATH, CODE]
     graded = ["\\boxed{0.5}", "one half, i.e. 0.50000", "\\boxed{0.4}", None, "print(2)"]
     rule = [1.0, 0.0, 0.0, 0.0, 0.0]
-    new = judge.regrade(records, graded, rule)
+    new, judgements = judge.regrade(records, graded, rule)
     # the rule's correct answer is kept; the equivalent form the rule missed is credited; a wrong
     # answer stays wrong; no answer (still reasoning) and other tasks are not sent
     assert new == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert len(gen.prompts) == 2 and gen.released == 1
     assert gen.prompts[0] == DEFAULT_JUDGE_TEMPLATE.format(
         question=MATH["prompt"], reference="0.5", response="one half, i.e. 0.50000")
-    assert judge.take_stats() == {"judge_calls": 2, "judge_correct_fraction": 0.5,
-                                  "judge_unparsed_fraction": 0.0, "judge_flipped": 1}
-    assert judge.take_stats()["judge_calls"] == 0  # taken: the next iteration starts from zero
+    assert [(j.index, j.verdict, j.before, j.after) for j in judgements] == [(1, True, 0.0, 1.0), (2, False, 0.0, 0.0)]
+    assert judgements[0].text == "Let me compare. Verdict: correct"
+    assert judge_metrics(judgements) == {"judge_calls": 2, "judge_correct_fraction": 0.5,
+                                         "judge_unparsed_fraction": 0.0, "judge_flipped": 1}
 
 
 def test_replace_grades_everything_of_its_tasks_and_no_verdict_is_wrong():
     judge, gen = _judge(accepted={"x"}, mode="replace", tasks=("math", "code"))
-    new = judge.regrade([MATH, MATH, CODE], ["\\boxed{0.5}", "???", "x"], [1.0, 0.0, 0.0])
+    new, judgements = judge.regrade([MATH, MATH, CODE], ["\\boxed{0.5}", "???", "x"], [1.0, 0.0, 0.0])
     assert new == [0.0, 0.0, 1.0]  # the judge overrules the rule both ways; unparsed -> 0
-    stats = judge.take_stats()
+    stats = judge_metrics(judgements)
     assert stats["judge_calls"] == 3 and stats["judge_unparsed_fraction"] == pytest.approx(1 / 3)
     assert stats["judge_flipped"] == 2
 
@@ -131,9 +133,11 @@ def test_rl_score_uses_the_judge_on_the_graded_answer():
         t.append_segment(tok.encode(text), [0.0] * len(tok.encode(text)), 0, "eos")
         trajs.append(t)
     judge, gen = _judge(accepted={"one half"})
+    judgements = []
     rewards, correct = score(trajs, {"m": MATH}, tok, 0, reasoning_tags=ReasoningTags(), judge=judge,
-                             length_penalty_weight=1.0)
+                             length_penalty_weight=1.0, judgements=judgements)
     assert correct == [True, True, False, False]
+    assert [(j.index, j.verdict) for j in judgements] == [(0, True), (3, False)]
     assert [p.split("Student's answer:\n")[1].split("\n\n")[0] for p in gen.prompts] == ["one half", "\\boxed{7}"]
     # Kimi's length reward over the group, judged answers counting as correct
     lengths = [t.response_len for t in trajs]
@@ -141,6 +145,35 @@ def test_rl_score_uses_the_judge_on_the_graded_answer():
     lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]
     want = [1 + lam[0], 1 + lam[1], min(0.0, lam[2]), min(0.0, lam[3])]
     assert rewards == pytest.approx(want)
+
+
+class _ScriptedPolicy:
+    """A policy generator answering each prompt with a fixed text."""
+
+    def __init__(self, tok, answers):
+        self.tok, self.answers = tok, answers
+
+    def generate(self, prompts, max_new_tokens, params, generators, eos_ids):
+        return [SimpleNamespace(output_ids=self.tok.encode(self.answers[self.tok.decode(p)]), stop_reason="eos")
+                for p in prompts]
+
+
+def test_evaluate_with_a_judge_records_its_verdicts():
+    from megatron_k15.rl.evaluation import evaluate
+
+    tok = ByteTokenizer()
+    records = [dict(MATH, id="a", prompt="half?"), dict(MATH, id="b", prompt="tenth?", answer="0.1"),
+               dict(MATH, id="c", prompt="third?", answer="1/3")]
+    policy = _ScriptedPolicy(tok, {"half?": "one half", "tenth?": "\\boxed{0.1}", "third?": "0.3"})
+    judge, gen = _judge(accepted={"one half"})
+    res = evaluate(None, tok, records, [tok.encode(r["prompt"]) for r in records], max_new_tokens=8,
+                   eos_ids=[], generator=policy, judge=judge)
+    a, b, c = (p["samples"][0] for p in res["results"])
+    assert a["correct"] and a["judge_verdict"] is True and a["judge_text"].endswith("Verdict: correct")
+    assert b["correct"] and "judge_verdict" not in b  # the rule accepted it: no call
+    assert not c["correct"] and c["judge_verdict"] is False
+    assert res["accuracy"] == pytest.approx(2 / 3)
+    assert res["judge_calls"] == 2 and res["judge_flipped"] == 1 and len(gen.prompts) == 2
 
 
 def test_flags_are_checked_before_any_work(tmp_path):
@@ -257,3 +290,16 @@ def test_train_rl_with_a_judge(tmp_path):
     assert m["judge_calls"] == m["num_finished"] == 4
     # 3 greedy bytes of a random model hold no verdict: each counts as unparsed and wrong
     assert m["judge_unparsed_fraction"] == 1.0 and m["accuracy"] == 0.0
+
+    # tools/evaluate.py with the same judge: every sample judged, the counts in the summary
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", path, "--tokenizer", "byte",
+         "--input", str(src), "--output", str(tmp_path / "eval.jsonl"), "--max-new-tokens", "3",
+         "--attention-backend", "sdpa", "--reward-model-load", path, "--reward-model-tokenizer", "byte",
+         "--reward-model-mode", "replace", "--reward-model-max-tokens", "3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((tmp_path / "eval.summary.json").read_text())
+    assert summary["judge_calls"] == 2 and summary["judge_unparsed_fraction"] == 1.0
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert all(s["judge_verdict"] is None and len(s["judge_text"]) <= 3 for r in rows for s in r["samples"])

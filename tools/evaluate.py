@@ -11,6 +11,10 @@ Prompt records follow DESIGN.md section 5 (``task`` picks the reward; ``answer``
 estimator 1 - C(n-c, k)/C(n, k). Per-problem results (responses, correctness, lengths) go to
 ``--output``; the summary (pass@k, mean response length) is printed and written next to it.
 
+``--reward-model-load DIR``: a generative reward model (``megatron_k15/rewards/judge.py``)
+regrades what the rule-based verifier rejects (or every answer: ``--reward-model-mode
+replace``); judged samples carry the verdict and the judge's text, the summary its counts.
+
 Layouts: tp x cp x pp ranks form one model replica (each rank builds its pipeline stage and
 loads that stage's weights, resharding the checkpoint when it was saved under another layout);
 the replica decodes together (pp stages pass hidden states on, cp ranks shard the KV cache) and
@@ -31,6 +35,7 @@ from megatron_k15.arguments import (  # noqa: E402
     ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args,
 )
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
+from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args  # noqa: E402
 
 
 def add_eval_args(p) -> None:
@@ -45,6 +50,7 @@ def add_eval_args(p) -> None:
     g.add_argument("--seed", type=int, default=1234)
     add_reasoning_tags_arg(g)
     add_chat_template_args(g)
+    add_judge_args(p.add_argument_group("generative reward model (judge)"))
 
 
 def _validate(args) -> None:
@@ -53,6 +59,9 @@ def _validate(args) -> None:
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     check_reasoning_tags(args)
+    problem = check_judge_args(args)
+    if problem:
+        raise ArgumentError(problem)
     if args.n_samples < 1:
         raise ArgumentError("--n-samples must be >= 1")
     if args.n_samples > 1 and args.temperature == 0:
@@ -94,6 +103,8 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
+    judge = judge_from_args(args, max_batch_size=args.batch_size,
+                            pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
     tags = parse_reasoning_tags(args.reasoning_tags)
@@ -107,7 +118,7 @@ def main(argv=None) -> int:
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=generator, reasoning_tags=tags)
+                   generator=generator, reasoning_tags=tags, judge=judge)
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

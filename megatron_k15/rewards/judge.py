@@ -22,7 +22,7 @@ reasoning scores 0 without a call.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -79,18 +79,25 @@ def check_judge_template(template: str, source: str = "--reward-model-prompt") -
 
 
 @dataclass
-class JudgeStats:
-    """Counts of one scoring pass (summed over it; every rank has the same)."""
+class Judgement:
+    """One judge call: which response (index into the regraded list), the verdict (None when
+    the text has none; counted as incorrect), the judge's text, the reward before and after."""
 
-    calls: int = 0
-    said_correct: int = 0
-    unparsed: int = 0
-    flipped: int = 0  # verdicts that changed the rule-based reward
+    index: int
+    verdict: Optional[bool]
+    text: str
+    before: float
+    after: float
 
-    def as_metrics(self) -> dict:
-        n = max(1, self.calls)
-        return {"judge_calls": self.calls, "judge_correct_fraction": self.said_correct / n,
-                "judge_unparsed_fraction": self.unparsed / n, "judge_flipped": self.flipped}
+
+def judge_metrics(judgements: Sequence[Judgement]) -> dict:
+    """``judge_calls``, the fractions judged correct and without a verdict, and ``judge_flipped``
+    (calls whose 0/1 outcome differs from the rule-based verifier's)."""
+    n = len(judgements)
+    return {"judge_calls": n,
+            "judge_correct_fraction": sum(bool(j.verdict) for j in judgements) / max(1, n),
+            "judge_unparsed_fraction": sum(j.verdict is None for j in judgements) / max(1, n),
+            "judge_flipped": sum((j.before >= 1.0) != (j.after >= 1.0) for j in judgements)}
 
 
 @dataclass
@@ -114,7 +121,6 @@ class GenerativeJudge:
     rank: int = 0
     size: int = 1
     group: object = None
-    stats: JudgeStats = field(default_factory=JudgeStats)
 
     def applies_to(self, record: dict) -> bool:
         return record.get("task", "math") in self.tasks
@@ -124,11 +130,14 @@ class GenerativeJudge:
                                     reference=str(record.get("answer", "")), response=response)
 
     @torch.no_grad()
-    def judge(self, items: list[tuple[dict, str]]) -> list[tuple[Optional[bool], str]]:
-        """(verdict, judge text) for each (record, graded response); the same on every rank."""
+    def judge(self, items: list[tuple[dict, str]], split: bool = True) -> list[tuple[Optional[bool], str]]:
+        """(verdict, judge text) for each (record, graded response). ``split``: the items are the
+        same on every ``group`` rank, which each judge a share and all-gather the texts; without
+        it the caller's replica judges all its items (every rank of a replica must call)."""
         from megatron_k15.generation.sampling import SamplingParams
 
-        mine = [i for i in range(len(items)) if i % self.size == self.rank]
+        size = self.size if split else 1
+        mine = [i for i in range(len(items)) if i % size == (self.rank if split else 0)]
         texts: dict[int, str] = {}
         if mine:
             results = self.generator.generate(
@@ -136,32 +145,28 @@ class GenerativeJudge:
                 SamplingParams(temperature=0.0), None, list(self.eos_ids))
             texts = {i: self.decode(r.output_ids) for i, r in zip(mine, results)}
         self.generator.release()
-        if self.size > 1:
-            parts = [None] * self.size
+        if size > 1:
+            parts = [None] * size
             dist.all_gather_object(parts, texts, group=self.group)
             texts = {i: t for part in parts for i, t in part.items()}
         return [(parse_verdict(texts[i]), texts[i]) for i in range(len(items))]
 
-    def regrade(self, records: list[dict], graded: list[Optional[str]], rewards: list[float]) -> list[float]:
-        """New rewards: the judge's 0/1 where it is asked (module docstring), else ``rewards``."""
+    def regrade(self, records: list[dict], graded: list[Optional[str]], rewards: list[float],
+                split: bool = True) -> tuple[list[float], list[Judgement]]:
+        """New rewards, the judge's 0/1 where it is asked (module docstring) and ``rewards``
+        elsewhere; and the judgements. ``graded[i]`` is None for a response without an answer."""
         ask = [i for i, (rec, g) in enumerate(zip(records, graded))
                if g is not None and self.applies_to(rec) and (self.mode == "replace" or rewards[i] < 1.0)]
         out = list(rewards)
-        for i, (verdict, _) in zip(ask, self.judge([(records[i], graded[i]) for i in ask])):
-            self.stats.calls += 1
-            self.stats.unparsed += verdict is None
-            self.stats.said_correct += bool(verdict)
-            new = 1.0 if verdict else 0.0
-            self.stats.flipped += new != (1.0 if rewards[i] >= 1.0 else 0.0)
-            out[i] = new
-        return out
-
-    def take_stats(self) -> dict:
-        m, self.stats = self.stats.as_metrics(), JudgeStats()
-        return m
+        judgements = []
+        for i, (verdict, text) in zip(ask, self.judge([(records[i], graded[i]) for i in ask], split)):
+            out[i] = 1.0 if verdict else 0.0
+            judgements.append(Judgement(i, verdict, text, rewards[i], out[i]))
+        return out, judgements
 
 
-def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=None) -> Optional[GenerativeJudge]:
+def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=None,
+                    max_batch_size: Optional[int] = None) -> Optional[GenerativeJudge]:
     """The judge ``--reward-model-load`` asks for (None without it): its model stage built and
     loaded in this rank's pipeline stage, its tokenizer, template and engine."""
     if not getattr(args, "reward_model_load", None):
@@ -199,14 +204,15 @@ def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=
         with open(args.reward_model_prompt, encoding="utf-8") as f:
             template = f.read()
     eos = cfg.eos_ids() or ([tok.eos_id] if tok.eos_id is not None else [])
-    generator = build_generator(model, args, max_batch_size=args.rollout_batch_size, pp_group=pp_group)
+    generator = build_generator(model, args, max_batch_size=max_batch_size or getattr(args, "rollout_batch_size", 64),
+                                pp_group=pp_group)
     return GenerativeJudge(generator, encode, decode, eos, template, args.reward_model_max_tokens,
                            frozenset(t.strip() for t in args.reward_model_tasks.split(",") if t.strip()),
                            args.reward_model_mode, rank, size, group)
 
 
 def add_judge_args(g) -> None:
-    """The ``--reward-model-*`` flags (train_rl)."""
+    """The ``--reward-model-*`` flags (train_rl, tools/evaluate.py)."""
     g.add_argument("--reward-model-load", default=None, metavar="DIR",
                    help="a generative reward model (judge) checkpoint of this codebase: it reasons about "
                         "each answer and ends with 'Verdict: correct|incorrect' (Kimi k1.5's CoT RM)")

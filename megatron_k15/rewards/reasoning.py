@@ -68,13 +68,20 @@ def graded_text(response: str, tags: Optional[ReasoningTags], prompt_open: bool 
     return None if prompt_open else response
 
 
-def reward_of_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
-                       prompt_open: bool = False) -> float:
-    """The record's verifier reward for the graded part of ``response``; 0 without an answer."""
+def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
+                   prompt_open: bool = False) -> tuple[Optional[str], float]:
+    """(the graded part of ``response``, the record's verifier reward for it); (None, 0.0) when
+    the response ends inside its reasoning."""
     from megatron_k15.rewards.registry import compute_reward
 
     answer = graded_text(response, tags, prompt_open)
-    return 0.0 if answer is None else float(compute_reward(answer, record))
+    return answer, (0.0 if answer is None else float(compute_reward(answer, record)))
+
+
+def reward_of_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
+                       prompt_open: bool = False) -> float:
+    """The record's verifier reward for the graded part of ``response``; 0 without an answer."""
+    return grade_response(response, record, tags, prompt_open)[1]
 
 
 def reasoning_tags_warning(tok, tags: Optional[ReasoningTags]) -> Optional[str]:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.rewards.reasoning import ReasoningTags, prompt_opens_reasoning, reward_of_response
+from megatron_k15.rewards.judge import Judgement, judge_metrics
+from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,11 +33,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             generator=None, reasoning_tags: Optional[ReasoningTags] = None) -> dict:
+             generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank)}. ``generator``: a generation engine on
     ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time).
-    ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``)."""
+    ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``).
+    ``judge``: a generative reward model (``rewards.judge``) regrading the replica's answers;
+    judged samples carry ``judge_verdict`` / ``judge_text`` and the result has ``judge_*``
+    counts."""
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
     special = set(getattr(tokenizer, "special_ids", []) or [])
@@ -47,17 +51,29 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
                              [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids)
     outputs = dict(zip(requests, res))
+    samples, recs, graded, verified = {}, [], [], []
     for i in mine:
         rec = records[i]
         prompt_open = prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
-        samples = []
         for s in range(n_samples):
             r = outputs[(i, s)]
             text = tokenizer.decode([t for t in r.output_ids if t not in special and t < tokenizer.vocab_size])
-            correct = reward_of_response(text, rec, reasoning_tags, prompt_open) >= 1.0
-            samples.append({"text": text, "correct": correct,
-                            "length": len(r.output_ids), "stop_reason": r.stop_reason})
-        per_problem.append({"id": rec.get("id", str(i)), "index": i, "samples": samples})
+            g, reward = grade_response(text, rec, reasoning_tags, prompt_open)
+            recs.append(rec)
+            graded.append(g)
+            verified.append(reward)
+            samples[(i, s)] = {"text": text, "length": len(r.output_ids), "stop_reason": r.stop_reason}
+    if judge is not None:  # every replica judges its own problems
+        verified, judgements = judge.regrade(recs, graded, verified, split=False)
+        keys = list(samples)
+        for j in judgements:
+            samples[keys[j.index]].update(judge_verdict=j.verdict, judge_text=j.text,
+                                          rule_correct=j.before >= 1.0)
+    for sample, reward in zip(samples.values(), verified):
+        sample["correct"] = reward >= 1.0
+    for i in mine:
+        per_problem.append({"id": records[i].get("id", str(i)), "index": i,
+                            "samples": [samples[(i, s)] for s in range(n_samples)]})
     if dp_size > 1:
         parts = [None] * dp_size
         dist.all_gather_object(parts, per_problem, group=dp_group)
@@ -70,4 +86,8 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     out["accuracy"] = out["pass@1"]
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
     out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
+    if judge is not None:
+        out.update(judge_metrics([
+            Judgement(k, s["judge_verdict"], s["judge_text"], float(s["rule_correct"]), float(s["correct"]))
+            for k, s in enumerate(s for p in per_problem for s in p["samples"]) if "judge_text" in s]))
     return out

@@ -37,8 +37,9 @@ from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
-from megatron_k15.rewards.reasoning import (ReasoningTags, graded_text, parse_reasoning_tags,
+from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse_reasoning_tags,
                                             prompt_opens_reasoning)
+from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
 from megatron_k15.training import TrainContext, forward_only, reduce_sums, train_step
@@ -87,24 +88,27 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
-          prompt_open: Optional[Callable[[str], bool]] = None, judge=None) -> tuple[list[float], list[bool]]:
+          prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
+          judgements: Optional[list] = None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group. Returns (rewards, correct). With ``reasoning_tags`` the verifier
     grades the answer after the reasoning block, and a response still inside its reasoning
     scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block.
     ``judge``: a ``rewards.judge.GenerativeJudge`` that regrades its tasks' answers (a
-    collective call: every rank scores the same trajectories)."""
-    from megatron_k15.rewards.registry import compute_reward
-
+    collective call: every rank scores the same trajectories); its ``Judgement``s are appended
+    to ``judgements`` when given."""
     eos = set(getattr(tokenizer, "special_ids", []) or [])
     graded, verified = [], []
     for t in trajs:
         ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
-        g = graded_text(tokenizer.decode(ids), reasoning_tags, bool(prompt_open and prompt_open(t.prompt_id)))
+        g, reward = grade_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
+                                   bool(prompt_open and prompt_open(t.prompt_id)))
         graded.append(g)
-        verified.append(0.0 if g is None else float(compute_reward(g, records[t.prompt_id])))
+        verified.append(reward)
     if judge is not None:
-        verified = judge.regrade([records[t.prompt_id] for t in trajs], graded, verified)
+        verified, calls = judge.regrade([records[t.prompt_id] for t in trajs], graded, verified)
+        if judgements is not None:
+            judgements.extend(calls)
     correct = [r >= 1.0 for r in verified]
     task = [r - (repeat_penalty if t.stop_reason == "repeat" else 0.0) for r, t in zip(verified, trajs)]
     rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
@@ -303,14 +307,15 @@ class RLIteration:
         if not finished:
             metrics.update(loss=0.0, grad_norm=0.0, lr=lr)
             return metrics
+        judgements: list = []
         rewards, correct = score(finished, self.records, self.tok, iteration,
                                  length_penalty_weight=args.length_penalty_weight,
                                  length_penalty_start_iter=args.length_penalty_start_iter,
                                  repeat_penalty=args.repeat_penalty,
                                  reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
-                                 judge=self.judge)
+                                 judge=self.judge, judgements=judgements)
         if self.judge is not None:
-            metrics.update(self.judge.take_stats())
+            metrics.update(judge_metrics(judgements))
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))

@@ -18,6 +18,9 @@ from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
 
 # flag -> GPTConfig field, for the model-shape flags (default None = "not given")
 MODEL_FLAGS = {
+    "num_experts": "num_moe_experts",
+    "moe_router_topk": "moe_router_topk",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
     "num_layers": "num_layers",
     "hidden_size": "hidden_size",
     "ffn_hidden_size": "ffn_hidden_size",
@@ -76,8 +79,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("num_attention_heads", int), ("num_query_groups", int), ("kv_channels", int),
                        ("vocab_size", int), ("max_position_embeddings", int), ("rotary_base", float),
                        ("norm_epsilon", float), ("make_vocab_size_divisible_by", int),
-                       ("init_method_std", float)]:
+                       ("init_method_std", float), ("num_experts", int), ("moe_router_topk", int),
+                       ("moe_ffn_hidden_size", int)]:
         g.add_argument(_flag(dest), type=kind, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                   help="must be 0: no load-balancing loss (routing learns from the task loss only)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="must be 1: experts are split over tensor parallelism (Megatron's expert "
+                        "tensor parallelism = tp), not distributed whole over ranks")
     for flag, why in MEGATRON_MODEL_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope",
@@ -248,7 +257,7 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
     for field, value in explicit.items():
         setattr(cfg, field, value)
     if cfg.qk_layernorm:
-        cfg.architecture = "qwen3"
+        cfg.architecture = "qwen3_moe" if cfg.num_moe_experts else "qwen3"
     elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
         cfg.architecture = "llama"
     cfg.__post_init__()
@@ -288,6 +297,9 @@ def megatron_settings_problem(args) -> Optional[str]:
     for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
                                 ("attention_dropout", 0.0, "the model has no dropout"),
                                 ("hidden_dropout", 0.0, "the model has no dropout"),
+                                ("moe_aux_loss_coeff", 0.0, "there is no load-balancing loss"),
+                                ("expert_model_parallel_size", 1,
+                                 "experts are split over --tensor-model-parallel-size instead"),
                                 ("recompute_num_layers", None if block else 1,
                                  "uniform recompute checkpoints each layer; use --recompute-method block")):
         value = _get(args, dest)

@@ -712,6 +712,9 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
 
 def validate_plan_inputs(cfg: GPTConfig, layout: Layout, w: Workload) -> None:
     """Raise ConfigError naming the flag when the layout or the workload cannot run."""
+    if cfg.is_moe:
+        raise ConfigError(f"--num-experts {cfg.num_moe_experts}: mixture-of-experts models are not "
+                          "modelled by the memory planner yet (dense models only)")
     for flag, v in (("--tensor-model-parallel-size", layout.tp),
                     ("--pipeline-model-parallel-size", layout.pp),
                     ("--context-parallel-size", layout.cp), ("--data-parallel-size", layout.dp),

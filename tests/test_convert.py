@@ -37,6 +37,7 @@ to_hf = _load_tool(TO_HF)
     ("llama", torch.float32, None, 1, 1),       # single file, fp32, tied embeddings
     ("llama", torch.float16, None, 2, 1),
     ("qwen3", torch.bfloat16, None, 2, 1),      # QK-norm weights (replicated over tp)
+    ("qwen3_moe", torch.bfloat16, None, 2, 2),  # per-expert tensors, experts split over tp
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"

@@ -57,6 +57,13 @@ def test_qwen3_greedy_equals_transformers():
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
+def test_qwen3_moe_greedy_equals_transformers():
+    """Qwen3-MoE: prefill routes the whole prompt, decode one token per request; both through
+    the same experts as transformers."""
+    hf = tiny_hf_model("qwen3_moe", initializer_range=0.2)
+    _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
+
+
 def _assert_greedy_equals_transformers(hf, model, decode_impl):
     engine = GenerationEngine(model, block_size=4, decode_impl=decode_impl)
     results = engine.generate(PROMPTS, 12, SamplingParams(temperature=0.0), None, EOS)

@@ -1,4 +1,4 @@
-"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3 and Llama models (fp32)."""
+"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE and Llama models (fp32)."""
 
 import pytest
 import torch
@@ -25,6 +25,8 @@ def _single_rank():
     ("llama", {}),                                   # tied, theta 500000, GQA 2:1
     ("qwen3", {}),                                   # QK-norm, head_dim 32 != hidden / heads
     ("qwen3", {"rope_scaling": YARN_SCALING}),       # Qwen3 at 128K
+    ("qwen3_moe", {}),                               # 8 experts, top-2 renormalised
+    ("qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 3}),
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
     ("qwen2", {"rope_scaling": YARN_SCALING}),       # YaRN (Qwen2.5 at 128K), attention factor
     ("qwen2", {"rope_scaling": {**YARN_SCALING, "beta_fast": 16, "mscale": 0.9, "mscale_all_dim": 0.5}}),
@@ -33,12 +35,16 @@ def test_logits_match_transformers(kind, overrides):
     hf = tiny_hf_model(kind, **overrides)
     model = build_from_hf(hf)
     cfg = model.config
-    assert cfg.qk_layernorm == (kind == "qwen3")
+    assert cfg.qk_layernorm == kind.startswith("qwen3")
+    assert cfg.is_moe == (kind == "qwen3_moe")
     if kind == "qwen2":
         assert cfg.add_qkv_bias and not cfg.tie_word_embeddings
         assert cfg.num_attention_heads // cfg.num_query_groups == 3
     elif kind == "qwen3":
         assert not cfg.add_qkv_bias and cfg.head_dim == 32 != cfg.hidden_size // cfg.num_attention_heads
+    elif kind == "qwen3_moe":
+        assert (cfg.num_moe_experts, cfg.moe_ffn_hidden_size) == (8, 48)
+        assert (cfg.moe_router_topk, cfg.moe_norm_topk_prob) == ((3, False) if overrides else (2, True))
     else:
         assert cfg.tie_word_embeddings and cfg.rotary_base == 500000.0
     assert (cfg.rope_scaling is not None) == ("rope_scaling" in overrides)
@@ -86,7 +92,10 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9,
+    "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
 }
+# activated parameters per token of the MoE presets, as published
+PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
@@ -107,10 +116,13 @@ def test_preset_is_the_published_model(name):
     assert type(hf).__name__ == architecture
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
     assert abs(cfg.num_parameters() / PUBLISHED_PARAMETERS[name] - 1) <= 0.015
+    if name in PUBLISHED_ACTIVE:
+        assert abs(cfg.num_active_parameters() / PUBLISHED_ACTIVE[name] - 1) <= 0.02
     back = gpt_config_from_hf(hf_config_from_gpt(cfg))
     for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                   "num_query_groups", "kv_channels", "rotary_base", "add_qkv_bias", "qk_layernorm",
-                  "tie_word_embeddings", "architecture", "eos_token_id"):
+                  "tie_word_embeddings", "architecture", "eos_token_id", "num_moe_experts",
+                  "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob"):
         assert getattr(back, field) == getattr(cfg, field), field
 
 

@@ -60,7 +60,7 @@ def _tp2_worker(rank, world_size, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "qwen3_moe"])
 def test_tp2_sequence_parallel_equals_tp1(kind):
     initialize_model_parallel(tp=1)
     ref = _build(kind, 1)

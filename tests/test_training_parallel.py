@@ -26,14 +26,17 @@ def _args(sequence_parallel=True):
                               sequence_parallel=sequence_parallel, recompute_granularity="full", grad_bucket_numel=5000)
 
 
-def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel=True):
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+
+
+def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel=True, moe=False):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
     initialize_model_parallel(tp, pp)
-    cfg = preset("tiny", num_layers=4, init_method_std=0.05, qk_layernorm=qk_layernorm)
+    cfg = preset("tiny", num_layers=4, init_method_std=0.05, qk_layernorm=qk_layernorm, **(MOE if moe else {}))
     ctx = build_train_context(_args(sequence_parallel), cfg, seed=11)
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     dp, dp_rank = ctx.pc.dp_size, ctx.pc.dp_rank
@@ -76,6 +79,15 @@ def test_qk_layernorm_under_tp_without_sequence_parallel_equals_one_rank():
     reference = run_distributed(train_worker, 1, 1, 1, True)
     assert any("q_layernorm" in name for name in reference[0]["state"])
     _assert_equal_to_reference(run_distributed(train_worker, 2, 2, 1, True, False), reference)
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_under_tp_and_dp_equals_one_rank():
+    """MoE layers: experts split over tp, the replicated router's grads partial over tp (each
+    rank's ffn slice), ZeRO-1 over dp; routing, losses and weights equal one rank."""
+    reference = run_distributed(train_worker, 1, 1, 1, False, True, True)
+    assert any("experts.linear_fc1" in name for name in reference[0]["state"])
+    _assert_equal_to_reference(run_distributed(train_worker, 4, 2, 1, False, True, True), reference)
 
 
 def _assert_equal_to_reference(results, reference):

@@ -1,4 +1,4 @@
-"""Model configuration for the Llama/Qwen2/Qwen3-family GPT, and the presets users start from.
+"""Model configuration for the Llama/Qwen2/Qwen3(-MoE)-family GPT, and the presets users start from.
 
 One dataclass describes the architecture; the same object is written into every checkpoint
 (``config.json``) so a checkpoint loads with nothing else. Field names follow Megatron-LM's
@@ -45,9 +45,17 @@ class GPTConfig:
     # RMSNorm over each head's q and k before RoPE (Qwen3; Megatron-LM's --qk-layernorm)
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
+    # Mixture of experts (Qwen3-MoE; Megatron-LM's --num-experts / --moe-router-topk /
+    # --moe-ffn-hidden-size): every layer's MLP is num_moe_experts SwiGLU experts of
+    # moe_ffn_hidden_size, each token routed to moe_router_topk of them by softmax
+    # probability (renormalised over the k when moe_norm_topk_prob). 0 experts = dense.
+    num_moe_experts: int = 0
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_norm_topk_prob: bool = False
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
-    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "llama": which HF class conversion targets
+    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama": the HF class conversion targets
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Any] = None  # int or list of ints
     extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
@@ -55,6 +63,12 @@ class GPTConfig:
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_moe_experts and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_moe_experts)
 
     # -- derived sizes ------------------------------------------------------------------
     @property
@@ -89,9 +103,23 @@ class GPTConfig:
             attn += self.query_projection_size + 2 * self.kv_projection_size
         if self.qk_layernorm:
             attn += 2 * self.head_dim
-        per_layer = attn + 3 * h * f + 2 * h
+        per_layer = attn + self._mlp_parameters(self.num_moe_experts) + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
+
+    def num_active_parameters(self) -> int:
+        """Parameters a token passes through (MoE: the router and its top-k experts); the
+        FLOPs per token are 6x this in training."""
+        if not self.is_moe:
+            return self.num_parameters()
+        skipped = self._mlp_parameters(self.num_moe_experts) - self._mlp_parameters(self.moe_router_topk)
+        return self.num_parameters() - self.num_layers * skipped
+
+    def _mlp_parameters(self, experts: int) -> int:
+        h = self.hidden_size
+        if not self.is_moe:
+            return 3 * h * self.ffn_hidden_size
+        return experts * 3 * h * self.moe_ffn_hidden_size + h * self.num_moe_experts  # + router
 
     # -- validation ---------------------------------------------------------------------
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
@@ -135,6 +163,17 @@ class GPTConfig:
             raise ConfigError(
                 f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {self.ffn_hidden_size}"
             )
+        if self.num_moe_experts < 0:
+            raise ConfigError(f"--num-experts must be >= 0 (0 = dense), got {self.num_moe_experts}")
+        if self.is_moe:
+            if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                raise ConfigError(f"--moe-router-topk {self.moe_router_topk} must be between 1 and "
+                                  f"--num-experts {self.num_moe_experts}")
+            if not self.moe_ffn_hidden_size or self.moe_ffn_hidden_size <= 0:
+                raise ConfigError(f"--moe-ffn-hidden-size must be a positive integer, got {self.moe_ffn_hidden_size!r}")
+            if self.moe_ffn_hidden_size % tp:
+                raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide --moe-ffn-hidden-size "
+                                  f"{self.moe_ffn_hidden_size} (each expert is split over tp)")
         if self.num_layers < pp:
             raise ConfigError(
                 f"--pipeline-model-parallel-size {pp} exceeds --num-layers {self.num_layers}; "
@@ -192,6 +231,13 @@ def _qwen3(hidden, ffn, layers, heads, tied):
     )
 
 
+def _qwen3_moe(hidden, layers, heads, experts, moe_ffn):
+    """Qwen3-MoE: Qwen3 attention (4 KV heads), every MLP 128 experts, 8 routed per token."""
+    return {**_qwen3(hidden, 6144, layers, heads, False), "num_query_groups": 4,
+            "num_moe_experts": experts, "moe_router_topk": 8, "moe_ffn_hidden_size": moe_ffn,
+            "moe_norm_topk_prob": True, "architecture": "qwen3_moe"}
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -210,6 +256,8 @@ PRESETS: dict[str, dict] = {
     "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, False),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, False),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 128, 768),
+    "qwen3-235b-a22b": {**_qwen3_moe(4096, 94, 64, 128, 1536), "ffn_hidden_size": 12288},
     "llama3-8b": dict(
         vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
         num_attention_heads=32, num_query_groups=8, max_position_embeddings=8192,

@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Qwen2/Qwen3 <-> our GPT: configs, parameter names and safetensors files.
+"""Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE <-> our GPT: configs, parameter names and safetensors files.
 
 Name mapping (i = layer):
     model.embed_tokens.weight                       -> embedding.weight
@@ -11,6 +11,12 @@ Name mapping (i = layer):
     model.layers.i.post_attention_layernorm.weight  -> layers.i.pre_mlp_layernorm.weight
     model.layers.i.mlp.{gate,up}_proj.weight        -> layers.i.mlp.linear_fc1.weight ([gate; up])
     model.layers.i.mlp.down_proj.weight             -> layers.i.mlp.linear_fc2.weight
+    Qwen3-MoE:
+    model.layers.i.mlp.gate.weight                  -> layers.i.mlp.router.weight
+    model.layers.i.mlp.experts.e.{gate,up}_proj.weight -> layers.i.mlp.experts.linear_fc1.weight[e]
+    model.layers.i.mlp.experts.e.down_proj.weight   -> layers.i.mlp.experts.linear_fc2.weight[e]
+                                                       (transformers 5's in-memory stacked
+                                                       experts.gate_up_proj / down_proj read too)
     model.norm.weight                               -> final_layernorm.weight
     lm_head.weight                                  -> output_layer.weight (absent when tied)
 Every mapping is a pure reshuffle of values, so HF -> ours -> HF is bit-exact.
@@ -27,7 +33,8 @@ import torch
 from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3"}
+                           "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
 
@@ -79,6 +86,20 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
     theta, scaling = _rope_settings(hf, where)
     heads = int(hf["num_attention_heads"])
+    moe = {}
+    if arch == "qwen3_moe":
+        if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+            raise HFCheckpointError(f"{where}: decoder_sparse_step={hf.get('decoder_sparse_step')} / "
+                                    f"mlp_only_layers={hf.get('mlp_only_layers')}: only models whose every "
+                                    "layer is MoE are supported")
+        experts = hf.get("num_experts", hf.get("num_local_experts"))
+        for key, value in (("num_experts", experts), ("num_experts_per_tok", hf.get("num_experts_per_tok")),
+                           ("moe_intermediate_size", hf.get("moe_intermediate_size"))):
+            if value is None:
+                raise HFCheckpointError(f"{where}: missing required field {key!r}")
+        moe = dict(num_moe_experts=int(experts), moe_router_topk=int(hf["num_experts_per_tok"]),
+                   moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+                   moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
     if any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise HFCheckpointError(f"{where}: layer_types={hf['layer_types']!r}: only full_attention "
@@ -91,18 +112,19 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         num_attention_heads=heads,
         num_query_groups=int(hf.get("num_key_value_heads") or heads),
         # Qwen3Config's head_dim defaults to 128 (decoupled); the others derive it
-        kv_channels=int(hf.get("head_dim") or (128 if arch == "qwen3" else hf["hidden_size"] // heads)),
+        kv_channels=int(hf.get("head_dim") or (128 if arch in QK_NORM_ARCHITECTURES else hf["hidden_size"] // heads)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rotary_base=theta,
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
-        qk_layernorm=arch == "qwen3",
+        qk_layernorm=arch in QK_NORM_ARCHITECTURES,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         extra={"hf_config": hf},
+        **moe,
     )
     try:
         cfg.validate()
@@ -118,9 +140,12 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     arch = cfg.architecture
     if arch not in HF_CLASS:
         raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
-    if cfg.qk_layernorm != (arch == "qwen3"):
+    if cfg.is_moe != (arch == "qwen3_moe"):
+        raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM), "
+                          "dense ones as 'qwen2', 'qwen3' or 'llama'")
+    if cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
-                          "'qwen3', one without as 'qwen2' or 'llama'")
+                          "'qwen3' (or 'qwen3_moe'), one without as 'qwen2' or 'llama'")
     hf = {
         "architectures": [HF_CLASS[arch]],
         "model_type": arch,
@@ -145,10 +170,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
         hf["mlp_bias"] = False
-    elif arch == "qwen3":
+    elif arch in QK_NORM_ARCHITECTURES:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
+    if arch == "qwen3_moe":
+        hf.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
+                  moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.moe_norm_topk_prob,
+                  decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0,
+                  output_router_logits=False)
     return hf
 
 
@@ -197,9 +227,12 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             out[o + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
             out[o + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
         out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-        out[o + "mlp.linear_fc1.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
-        out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
+        if cfg.is_moe:
+            out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
+        else:
+            out[o + "mlp.linear_fc1.weight"] = torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+            out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
     out["final_layernorm.weight"] = take("model.norm.weight")
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = take("lm_head.weight")
@@ -207,6 +240,22 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         expected = expected_shape(name, cfg)
         if tuple(t.shape) != expected:
             raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
+    return out
+
+
+def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, hf_sd: dict) -> dict:
+    """One MoE layer's router and stacked experts from the hub's per-expert tensors (or from
+    transformers 5's stacked ``experts.gate_up_proj`` (E, 2f, h) / ``experts.down_proj`` (E, h, f))."""
+    out = {prefix + "router.weight": take(hf_prefix + "gate.weight")}
+    stacked = hf_prefix + "experts.gate_up_proj"
+    if stacked in hf_sd:
+        out[prefix + "experts.linear_fc1.weight"] = take(stacked)
+        out[prefix + "experts.linear_fc2.weight"] = take(hf_prefix + "experts.down_proj")
+        return out
+    e_ = [f"{hf_prefix}experts.{e}." for e in range(cfg.num_moe_experts)]
+    out[prefix + "experts.linear_fc1.weight"] = torch.stack(
+        [torch.cat([take(q + "gate_proj.weight"), take(q + "up_proj.weight")], dim=0) for q in e_])
+    out[prefix + "experts.linear_fc2.weight"] = torch.stack([take(q + "down_proj.weight") for q in e_])
     return out
 
 
@@ -229,6 +278,15 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
             out[p + "self_attn.q_norm.weight"] = sd[o + "self_attention.q_layernorm.weight"]
             out[p + "self_attn.k_norm.weight"] = sd[o + "self_attention.k_layernorm.weight"]
         out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
+        if cfg.is_moe:
+            out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
+            fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
+            for e in range(cfg.num_moe_experts):
+                gate, up = fc1[e].chunk(2, dim=0)
+                q = f"{p}mlp.experts.{e}."
+                out.update({q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous(),
+                            q + "down_proj.weight": fc2[e].contiguous()})
+            continue
         gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"] = gate.contiguous()
         out[p + "mlp.up_proj.weight"] = up.contiguous()
@@ -250,6 +308,9 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "self_attention.k_layernorm.weight": (cfg.head_dim,),
         "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
         "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
+        "mlp.router.weight": (cfg.num_moe_experts, h),
+        "mlp.experts.linear_fc1.weight": (cfg.num_moe_experts, 2 * (cfg.moe_ffn_hidden_size or 0), h),
+        "mlp.experts.linear_fc2.weight": (cfg.num_moe_experts, h, cfg.moe_ffn_hidden_size or 0),
     }
     if name in ("embedding.weight", "output_layer.weight"):
         return (cfg.vocab_size, h)

@@ -1,4 +1,4 @@
-"""Building blocks of the Llama/Qwen2/Qwen3 decoder with tensor + sequence parallelism.
+"""Building blocks of the Llama/Qwen2/Qwen3(-MoE) decoder with tensor + sequence parallelism.
 
 Parameters live in megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` /
 ``VocabParallelEmbedding`` (sharding, initialisation, the tp all-reduces). Sequence-parallel
@@ -25,12 +25,16 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 
 from megatron_k15.models.attention import AttentionFn
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
 from megatron_k15.parallel.tensor import (
+    gather_from_sequence_parallel_region,
     linear_with_sequence_parallel_gather,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -220,6 +224,81 @@ class SwiGLUMLP(torch.nn.Module):
         return self.linear_fc2(F.silu(gate) * up)
 
 
+class ExpertWeights(torch.nn.Module):
+    """One linear weight per expert, stacked: (experts, out, in)."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(experts, out_features, in_features, dtype=dtype))
+
+
+class MoEMLP(torch.nn.Module):
+    """Top-k routed SwiGLU experts (Qwen3-MoE; no shared expert, no token dropping).
+
+    Router: p = softmax(x W_r^T) in fp32 over the E experts; token t goes to its k most
+    probable experts e with weight p_e (renormalised over the k when ``moe_norm_topk_prob``):
+    out_t = sum_e p_e * down_e(silu(gate_e(x_t)) * up_e(x_t)).
+
+    Tensor parallelism splits every expert's ffn like the dense MLP (Megatron's expert tensor
+    parallelism with its size = tp): each rank routes all tokens (gathered from the
+    sequence-parallel shards) with the replicated router, runs its ffn slice of the experts,
+    and the partial outputs are reduced (scattered back under SP). A rank's router gradient
+    covers only its slice, so it is a partial sum over tp (``tp_partial_grad``).
+    Tokens are grouped by expert (one gather, one scatter-add) so each expert is one GEMM pair."""
+
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool):
+        super().__init__()
+        tp = tp_group.size()
+        self.tp_group = tp_group
+        self.tp = tp
+        self.sp = sequence_parallel and tp > 1
+        self.topk, self.norm_topk = cfg.moe_router_topk, cfg.moe_norm_topk_prob
+        self.num_experts = cfg.num_moe_experts
+        dtype = mp_config.params_dtype
+        h, f = cfg.hidden_size, cfg.moe_ffn_hidden_size // tp
+        self.router = torch.nn.Linear(h, self.num_experts, bias=False, dtype=dtype)
+        self.router.weight.tp_replicated = True
+        self.router.weight.tp_partial_grad = tp > 1
+        self.experts = torch.nn.Module()
+        self.experts.linear_fc1 = ExpertWeights(self.num_experts, 2 * f, h, dtype)  # [gate; up]
+        self.experts.linear_fc2 = ExpertWeights(self.num_experts, h, f, dtype)
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (T, k) in the tokens' dtype, expert ids (T, k))."""
+        probs = F.softmax(F.linear(tokens, self.router.weight).float(), dim=-1)
+        weights, experts = probs.topk(self.topk, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(tokens.dtype), experts
+
+    def forward(self, x):
+        if self.sp:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)
+        elif self.tp > 1:
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, experts = self.route(tokens)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // self.topk
+        grouped = tokens.index_select(0, token_of)
+        w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(grouped[start:start + n], w1[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2[e]))
+                start += n
+        y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(tokens).index_add_(0, token_of, y).reshape(x.shape)
+        if self.sp:
+            return reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
+        if self.tp > 1:
+            return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out
+
+
 class TransformerLayer(torch.nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -230,7 +309,8 @@ class TransformerLayer(torch.nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
-        self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
+        mlp = MoEMLP if cfg.is_moe else SwiGLUMLP
+        self.mlp = mlp(cfg, mp_config, tp_group, sequence_parallel)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None):

@@ -6,7 +6,9 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
     embedding.weight, output_layer.weight, linear_qkv.*   rows split in tp contiguous chunks
     linear_fc1.weight                                     [gate; up]: each rank gets [gate_r; up_r]
     linear_proj.weight, linear_fc2.weight                 columns split in tp chunks
-    norms                                                 replicated
+    mlp.experts.linear_fc1.weight (E, 2f, h)              per expert [gate_r; up_r] (dim 1)
+    mlp.experts.linear_fc2.weight (E, h, f)               per expert columns (dim 2)
+    norms, mlp.router.weight                              replicated
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
 the last the final norm and the output layer. Checkpoint conversion and resharding use only
@@ -25,6 +27,10 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 def shard_rule(name: str) -> tuple[Optional[int], int]:
     """(dim split across tp or None if replicated, number of fused parts interleaved)."""
+    if name.endswith("experts.linear_fc1.weight"):
+        return 1, 2
+    if name.endswith("experts.linear_fc2.weight"):
+        return 2, 1
     if name.endswith("linear_fc1.weight"):
         return 0, 2
     if name in ("embedding.weight", "output_layer.weight") or ".linear_qkv." in name:

@@ -34,11 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("The values agree.\nVerdict: correct", True),
     ("Verdict: incorrect", False),
     ("**Verdict:** Correct.", True),
-    ("verdict - no", False),
+    ("**Verdict**: **Correct**", True),
+    ("> verdict - no", False),
     ('{"reasoning": "same", "correct": true}', True),
     ('{"verdict": "incorrect"}', False),
-    ("At first I thought Verdict: correct, but 1/3 != 0.3. Verdict: incorrect", False),  # the last counts
+    ("Verdict: correct\nWait: 1/3 != 0.3.\nVerdict: incorrect", False),  # the last counts
     ("It is correct.", None),  # no verdict line
+    ("The student wrote 'Verdict: correct' in the answer.", None),  # quoted, not a verdict line
+    ("Verdict: correct-ish", None),
+    ("overdict: yes", None),
     ("", None),
     ("Verdict: correctness unclear", None),
 ])
@@ -72,7 +76,9 @@ class _ScriptedGenerator:
             response = text.split("Student's answer:\n")[1].split("\n\nThink")[0]
             verdict = "Verdict: correct" if response in self.accepted else (
                 "no idea" if response == "???" else "Verdict: incorrect")
-            out.append(SimpleNamespace(output_ids=self.tok.encode(f"Let me compare. {verdict}")))
+            cut = response == "long"  # the judge runs out of tokens, mid-way to a verdict
+            out.append(SimpleNamespace(output_ids=self.tok.encode(f"Let me compare.\n{verdict}"),
+                                       stop_reason="length" if cut else "eos"))
         return out
 
     def release(self):
@@ -103,9 +109,23 @@ def test_fallback_asks_only_about_answers_the_rules_reject():
     assert gen.prompts[0] == DEFAULT_JUDGE_TEMPLATE.format(
         question=MATH["prompt"], reference="0.5", response="one half, i.e. 0.50000")
     assert [(j.index, j.verdict, j.before, j.after) for j in judgements] == [(1, True, 0.0, 1.0), (2, False, 0.0, 0.0)]
-    assert judgements[0].text == "Let me compare. Verdict: correct"
+    assert judgements[0].text == "Let me compare.\nVerdict: correct"
     assert judge_metrics(judgements) == {"judge_calls": 2, "judge_correct_fraction": 0.5,
-                                         "judge_unparsed_fraction": 0.0, "judge_flipped": 1}
+                                         "judge_unparsed_fraction": 0.0, "judge_truncated_fraction": 0.0,
+                                         "judge_flipped": 1}
+
+
+def test_fallback_keeps_partial_credit_and_skips_plugins_and_truncated_judges_are_wrong():
+    judge, gen = _judge(accepted={"x", "long"}, tasks=("math", "code"))
+    plugin = dict(MATH, reward_fn="my.module:grade")
+    new, judgements = judge.regrade([CODE, CODE, plugin, MATH], ["y", "x", "x", "long"], [0.5, 0.5, 0.0, 0.0])
+    # partial credit stays when the judge says no; full credit when it says yes; a record with
+    # its own reward function is never judged; a judge cut off by its budget has no verdict
+    assert new == [0.5, 1.0, 0.0, 0.0]
+    assert [j.index for j in judgements] == [0, 1, 3]
+    assert judgements[2].verdict is None and judgements[2].truncated
+    stats = judge_metrics(judgements)
+    assert stats["judge_truncated_fraction"] == pytest.approx(1 / 3) and stats["judge_flipped"] == 1
 
 
 def test_replace_grades_everything_of_its_tasks_and_no_verdict_is_wrong():
@@ -249,6 +269,31 @@ def _recompute_worker(rank, world_size, path):
     return [tok.decode([t for t in r.output_ids if t < 256]) for r in res]
 
 
+def _split_worker(rank, world_size, n_items):
+    """Two ranks share the judging (rank 1 has nothing to judge when there is one item), and
+    their rule-based rewards disagree (a verifier that timed out on rank 1): rank 0's count."""
+    import torch.distributed as dist
+
+    tok = ByteTokenizer()
+    gen = _ScriptedGenerator(tok, accepted={"r0"})
+    judge = GenerativeJudge(gen, tok.encode, tok.decode, [], max_new_tokens=8, rank=rank, size=world_size,
+                            group=dist.group.WORLD)
+    graded = [f"r{i}" for i in range(n_items)]
+    rule = [0.0] * n_items if rank == 0 else [1.0] * n_items
+    new, judgements = judge.regrade([MATH] * n_items, graded, rule)
+    return new, [(j.index, j.verdict) for j in judgements], len(gen.prompts)
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_what_to_judge_and_split_it():
+    for n_items, mine in ((1, [1, 0]), (3, [2, 1])):
+        results = run_distributed(_split_worker, 2, n_items)
+        for rank, (new, judged, asked) in enumerate(results):
+            assert new == [1.0] + [0.0] * (n_items - 1)
+            assert judged == [(0, True)] + [(i, False) for i in range(1, n_items)]
+            assert asked == mine[rank]
+
+
 @pytest.mark.slow
 def test_judge_generates_like_a_full_recompute_in_every_layout(tmp_path):
     path = str(tmp_path / "judge")
@@ -259,8 +304,9 @@ def test_judge_generates_like_a_full_recompute_in_every_layout(tmp_path):
     assert any(want)
     for world, tp in ((1, 1), (2, 2), (2, 1)):  # one rank; tp=2; two replicas splitting the items
         for got in run_distributed(_judge_worker, world, path, str(prompt_file), tp):
-            assert [text for _, text in got] == want, (world, tp)
-            assert [v for v, _ in got] == [parse_verdict(t) for t in want]
+            assert [text for _, text, _ in got] == want, (world, tp)
+            # NEW_TOKENS is the whole budget: every text is cut off, so none has a verdict
+            assert [(v, cut) for v, _, cut in got] == [(None, True)] * len(want)
 
 
 @pytest.mark.slow
@@ -290,6 +336,7 @@ def test_train_rl_with_a_judge(tmp_path):
     assert m["judge_calls"] == m["num_finished"] == 4
     # 3 greedy bytes of a random model hold no verdict: each counts as unparsed and wrong
     assert m["judge_unparsed_fraction"] == 1.0 and m["accuracy"] == 0.0
+    assert m["rule_accuracy"] == 0.0  # no 3-token response answers "i+1" here either
 
     # tools/evaluate.py with the same judge: every sample judged, the counts in the summary
     res = subprocess.run(
@@ -301,5 +348,6 @@ def test_train_rl_with_a_judge(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads((tmp_path / "eval.summary.json").read_text())
     assert summary["judge_calls"] == 2 and summary["judge_unparsed_fraction"] == 1.0
+    assert summary["judge_truncated_fraction"] == 1.0 and "rule_accuracy" in summary
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert all(s["judge_verdict"] is None and len(s["judge_text"]) <= 3 for r in rows for s in r["samples"])

@@ -480,9 +480,9 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 if args.mode == "sft":
                     samples, split = payload
-                    stats["split_conversations"] += int(split)
                 else:
-                    samples = [payload]
+                    samples, split = [payload], False
+                written = 0
                 for ids, extra in samples:
                     if args.seq_length is not None and len(ids) > args.seq_length:
                         if args.mode == "sft" and args.overlong == "truncate" \
@@ -493,6 +493,7 @@ def run(args: argparse.Namespace) -> dict:
                             stats["dropped_overlong"] += 1
                             continue
                     outputs.tokens.add(ids)
+                    written += 1
                     stats["samples"] += 1
                     stats["tokens"] += len(ids)
                     if args.mode == "sft":
@@ -500,6 +501,7 @@ def run(args: argparse.Namespace) -> dict:
                         stats["loss_tokens"] += int(sum(extra))
                     else:
                         outputs.meta.write(json.dumps(extra, ensure_ascii=False) + "\n")
+                stats["split_conversations"] += int(split and written > 0)
             if bar is not None:
                 bar.update(nbytes)
         if stats["lines"] == 0:

@@ -15,7 +15,8 @@ import os
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's own reading of TRITON_INTERPRET (a boolean knob)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def drop_dead_overflow_checks() -> bool:

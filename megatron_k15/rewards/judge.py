@@ -9,11 +9,13 @@ Here the judge is any causal LM checkpoint of this codebase (``--reward-model-lo
 the same generation engine as the policy, greedily, in the training job's tensor / pipeline
 layout. Its prompt is a template with ``{question}``, ``{reference}`` and ``{response}``; it is
 asked to end with ``Verdict: correct`` or ``Verdict: incorrect`` (``parse_verdict`` also takes
-yes/no, true/false and a JSON ``"correct": true|false``; the last verdict in the text counts,
-none at all counts as incorrect and is reported).
+yes/no, true/false and a JSON ``"correct": true|false``; the last verdict in the text counts;
+none at all, or a judge cut off by ``--reward-model-max-tokens``, counts as incorrect and is
+reported). Records with their own ``reward_fn`` plug-in are never judged.
 
 Modes (``--reward-model-mode``): ``fallback`` (default) asks the judge only where the rule-based
-verifier said wrong, so a judge can only add credit and costs nothing on agreed answers;
+verifier did not give full credit, and a judge can only add credit (costing nothing on answers
+the rules accept);
 ``replace`` lets the judge grade every response of its tasks. The judge sees the graded part of
 a response (after the reasoning block, ``rewards.reasoning``); a response that never left its
 reasoning scores 0 without a call.
@@ -48,14 +50,18 @@ Think step by step, then finish with one line that is exactly "Verdict: correct"
 JUDGE_FIELDS = ("question", "reference", "response")
 
 _VERDICT = re.compile(
-    r"verdict\W{0,4}(correct|incorrect|yes|no|true|false)\b"  # Verdict: correct / **Verdict**: no
-    r"|\"(?:correct|is_correct|verdict)\"\s*:\s*\"?(true|false|correct|incorrect|yes|no)\b",  # JSON
-    re.IGNORECASE)
+    # a line that starts with the verdict (markdown allowed): "Verdict: correct", "**Verdict**: **No**"
+    r"^[\s>*_#`-]*verdict[\s*_:#`'\"-]*(correct|incorrect|yes|no|true|false)(?![\w-])"
+    # or a JSON field: {"correct": true}, "verdict": "incorrect"
+    r"|\"(?:correct|is_correct|verdict)\"\s*:\s*\"?(true|false|correct|incorrect|yes|no)\b",
+    re.IGNORECASE | re.MULTILINE)
 _POSITIVE = {"correct", "yes", "true"}
 
 
 def parse_verdict(text: str) -> Optional[bool]:
-    """The last verdict in the judge's text: True (correct), False, or None when there is none."""
+    """The last verdict in the judge's text: True (correct), False, or None when there is none.
+    A verdict line must start with it, so a "Verdict: correct" quoted inside a sentence (e.g.
+    planted in the graded answer and repeated by the judge) does not count."""
     last = None
     for m in _VERDICT.finditer(text):
         last = (m.group(1) or m.group(2)).lower() in _POSITIVE
@@ -81,22 +87,26 @@ def check_judge_template(template: str, source: str = "--reward-model-prompt") -
 @dataclass
 class Judgement:
     """One judge call: which response (index into the regraded list), the verdict (None when
-    the text has none; counted as incorrect), the judge's text, the reward before and after."""
+    the text has none or the judge ran out of tokens; counted as incorrect), the judge's text,
+    the reward before and after, and whether the judge hit its token budget."""
 
     index: int
     verdict: Optional[bool]
     text: str
     before: float
     after: float
+    truncated: bool = False
 
 
 def judge_metrics(judgements: Sequence[Judgement]) -> dict:
-    """``judge_calls``, the fractions judged correct and without a verdict, and ``judge_flipped``
-    (calls whose 0/1 outcome differs from the rule-based verifier's)."""
+    """``judge_calls``, the fractions judged correct, without a verdict and cut off by
+    --reward-model-max-tokens, and ``judge_flipped`` (calls whose 0/1 outcome differs from the
+    rule-based verifier's)."""
     n = len(judgements)
     return {"judge_calls": n,
             "judge_correct_fraction": sum(bool(j.verdict) for j in judgements) / max(1, n),
             "judge_unparsed_fraction": sum(j.verdict is None for j in judgements) / max(1, n),
+            "judge_truncated_fraction": sum(j.truncated for j in judgements) / max(1, n),
             "judge_flipped": sum((j.before >= 1.0) != (j.after >= 1.0) for j in judgements)}
 
 
@@ -123,49 +133,70 @@ class GenerativeJudge:
     group: object = None
 
     def applies_to(self, record: dict) -> bool:
-        return record.get("task", "math") in self.tasks
+        """A record of the judge's tasks, without its own ``reward_fn`` plug-in (which is final)."""
+        return record.get("task", "math") in self.tasks and not record.get("reward_fn")
 
     def prompt(self, record: dict, response: str) -> str:
         return self.template.format(question=record.get("prompt", ""),
                                     reference=str(record.get("answer", "")), response=response)
 
     @torch.no_grad()
-    def judge(self, items: list[tuple[dict, str]], split: bool = True) -> list[tuple[Optional[bool], str]]:
-        """(verdict, judge text) for each (record, graded response). ``split``: the items are the
-        same on every ``group`` rank, which each judge a share and all-gather the texts; without
-        it the caller's replica judges all its items (every rank of a replica must call)."""
+    def judge(self, items: list[tuple[dict, str]], split: bool = True) -> list[tuple[Optional[bool], str, bool]]:
+        """(verdict, judge text, truncated) for each (record, graded response). A judge cut off
+        by its token budget has no verdict. ``split``: the items are the same on every
+        ``group`` rank, which each judge a share and all-gather the texts; without it the
+        caller's replica judges all its items (every rank of a replica must call)."""
         from megatron_k15.generation.sampling import SamplingParams
 
         size = self.size if split else 1
         mine = [i for i in range(len(items)) if i % size == (self.rank if split else 0)]
-        texts: dict[int, str] = {}
+        texts: dict[int, tuple[str, bool]] = {}
         if mine:
             results = self.generator.generate(
                 [self.encode(self.prompt(*items[i])) for i in mine], self.max_new_tokens,
                 SamplingParams(temperature=0.0), None, list(self.eos_ids))
-            texts = {i: self.decode(r.output_ids) for i, r in zip(mine, results)}
+            texts = {i: (self.decode(r.output_ids), getattr(r, "stop_reason", "eos") == "length")
+                     for i, r in zip(mine, results)}
         self.generator.release()
         if size > 1:
             parts = [None] * size
             dist.all_gather_object(parts, texts, group=self.group)
             texts = {i: t for part in parts for i, t in part.items()}
-        return [(parse_verdict(texts[i]), texts[i]) for i in range(len(items))]
+        return [(None if cut else parse_verdict(text), text, cut) for text, cut in (texts[i] for i in range(len(items)))]
 
     def regrade(self, records: list[dict], graded: list[Optional[str]], rewards: list[float],
-                split: bool = True) -> tuple[list[float], list[Judgement]]:
-        """New rewards, the judge's 0/1 where it is asked (module docstring) and ``rewards``
-        elsewhere; and the judgements. ``graded[i]`` is None for a response without an answer."""
+                split: bool = True, replica: int = 0) -> tuple[list[float], list[Judgement]]:
+        """New rewards and the judgements: where the judge is asked (module docstring) its 0/1,
+        in fallback mode never below the rule's reward (partial credit stays). ``graded[i]`` is
+        None for a response without an answer.
+
+        Which responses are judged must be the same on every rank that judges them together,
+        but rule-based rewards can differ between ranks (a verifier that times out under load):
+        so the rewards of the lowest rank of each ``replica`` (all ranks: 0 when ``split``) are
+        taken everywhere before anything is asked."""
+        rewards = _agreed(list(rewards), 0 if split else replica)
         ask = [i for i, (rec, g) in enumerate(zip(records, graded))
                if g is not None and self.applies_to(rec) and (self.mode == "replace" or rewards[i] < 1.0)]
         out = list(rewards)
         judgements = []
-        for i, (verdict, text) in zip(ask, self.judge([(records[i], graded[i]) for i in ask], split)):
+        for i, (verdict, text, cut) in zip(ask, self.judge([(records[i], graded[i]) for i in ask], split)):
             out[i] = 1.0 if verdict else 0.0
-            judgements.append(Judgement(i, verdict, text, rewards[i], out[i]))
+            if self.mode == "fallback":
+                out[i] = max(out[i], rewards[i])
+            judgements.append(Judgement(i, verdict, text, rewards[i], out[i], cut))
         return out, judgements
 
 
-def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=None,
+def _agreed(values: list, replica: int) -> list:
+    """``values`` of the lowest global rank with the same ``replica`` key (every rank calls)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (replica, values))
+    return next(v for key, v in parts if key == replica)
+
+
+def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=None, cp_group=None,
                     max_batch_size: Optional[int] = None) -> Optional[GenerativeJudge]:
     """The judge ``--reward-model-load`` asks for (None without it): its model stage built and
     loaded in this rank's pipeline stage, its tokenizer, template and engine."""
@@ -205,7 +236,7 @@ def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=
             template = f.read()
     eos = cfg.eos_ids() or ([tok.eos_id] if tok.eos_id is not None else [])
     generator = build_generator(model, args, max_batch_size=max_batch_size or getattr(args, "rollout_batch_size", 64),
-                                pp_group=pp_group)
+                                pp_group=pp_group, cp_group=cp_group)
     return GenerativeJudge(generator, encode, decode, eos, template, args.reward_model_max_tokens,
                            frozenset(t.strip() for t in args.reward_model_tasks.split(",") if t.strip()),
                            args.reward_model_mode, rank, size, group)
@@ -261,6 +292,8 @@ def check_judge_args(args) -> Optional[str]:
     if tok is None and not os.path.exists(os.path.join(load, "tokenizer")):
         return (f"--reward-model-load {load} has no tokenizer/ directory; pass --reward-model-tokenizer "
                 "PATH|byte")
+    if tok is not None and tok != "byte" and not os.path.exists(tok):
+        return f"--reward-model-tokenizer {tok}: no such file or directory (give a tokenizer path or 'byte')"
     if args.reward_model_prompt:
         try:
             with open(args.reward_model_prompt, encoding="utf-8") as f:

@@ -64,11 +64,13 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
             verified.append(reward)
             samples[(i, s)] = {"text": text, "length": len(r.output_ids), "stop_reason": r.stop_reason}
     if judge is not None:  # every replica judges its own problems
-        verified, judgements = judge.regrade(recs, graded, verified, split=False)
+        if hasattr(generator, "release"):
+            generator.release()  # the policy's KV cache makes room for the judge's
+        verified, judgements = judge.regrade(recs, graded, verified, split=False, replica=dp_rank)
         keys = list(samples)
         for j in judgements:
             samples[keys[j.index]].update(judge_verdict=j.verdict, judge_text=j.text,
-                                          rule_correct=j.before >= 1.0)
+                                          judge_truncated=j.truncated, rule_correct=j.before >= 1.0)
     for sample, reward in zip(samples.values(), verified):
         sample["correct"] = reward >= 1.0
     for i in mine:
@@ -87,7 +89,9 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
     out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
     if judge is not None:
+        everything = [s for p in per_problem for s in p["samples"]]
         out.update(judge_metrics([
-            Judgement(k, s["judge_verdict"], s["judge_text"], float(s["rule_correct"]), float(s["correct"]))
-            for k, s in enumerate(s for p in per_problem for s in p["samples"]) if "judge_text" in s]))
+            Judgement(k, s["judge_verdict"], s["judge_text"], float(s["rule_correct"]), float(s["correct"]),
+                      s["judge_truncated"]) for k, s in enumerate(everything) if "judge_text" in s]))
+        out["rule_accuracy"] = sum(s.get("rule_correct", s["correct"]) for s in everything) / max(1, len(everything))
     return out

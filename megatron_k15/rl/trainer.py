@@ -316,6 +316,10 @@ class RLIteration:
                                  judge=self.judge, judgements=judgements)
         if self.judge is not None:
             metrics.update(judge_metrics(judgements))
+            # the accuracy of the rule-based verifier alone, comparable with runs without a judge
+            flipped_up = sum(j.after >= 1.0 > j.before for j in judgements)
+            flipped_down = sum(j.before >= 1.0 > j.after for j in judgements)
+            metrics["rule_accuracy"] = (sum(correct) - flipped_up + flipped_down) / len(correct)
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))

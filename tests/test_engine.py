@@ -255,14 +255,15 @@ def _one_rank_reference(kind, engine_kw=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,engine_kw", [
-    (2, 1, {"max_prefill_tokens": 7}),  # long prompts in chunks of 6 (sequence parallel: even)
-    (1, 2, None),  # two lanes overlapping across the two stages
-    (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7, "max_prefill_tokens": 8}),
+@pytest.mark.parametrize("tp,pp,engine_kw,kind", [
+    # long prompts in chunks of 6 (sequence parallel: even); MoE experts split over tp
+    (2, 1, {"max_prefill_tokens": 7}, "qwen3_moe"),
+    (1, 2, None, "qwen2"),  # two lanes overlapping across the two stages
+    (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7, "max_prefill_tokens": 8}, "qwen2"),
 ])
-def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw):
-    ref = _one_rank_reference("qwen2", engine_kw)
-    for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, "qwen2", engine_kw):
+def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw, kind):
+    ref = _one_rank_reference(kind, engine_kw)
+    for rank_out in run_distributed(_generate_layout, tp * pp, tp, pp, kind, engine_kw):
         for got_runs, ref_runs in zip(rank_out[:2], ref):
             for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
                 assert ids == ref_ids

@@ -1,4 +1,5 @@
-"""tp=2 with sequence parallelism equals tp=1: logits, per-token log-probs and every gradient."""
+"""tp=2 with sequence parallelism (and MoE without it) equals tp=1: logits, per-token log-probs
+and every gradient."""
 
 import pytest
 import torch
@@ -31,21 +32,21 @@ def _run(model, ids, labels, weights):
     return logits.detach(), logp.detach(), grads
 
 
-def _build(kind, tp):
+def _build(kind, tp, sequence_parallel=None):
     hf = tiny_hf_model(kind)
     cfg = gpt_config_from_hf(hf_config_dict(hf))
     full = hf_to_megatron(hf.state_dict(), cfg)
-    model = GPTModel(cfg)
+    model = GPTModel(cfg, sequence_parallel=sequence_parallel)
     rank = model.tp_rank
     model.load_checkpoint_state_dict(split_for_rank(
         full, tp, rank, 1, 0, cfg.num_layers, cfg.tie_word_embeddings, model.padded_vocab_size))
     return model
 
 
-def _tp2_worker(rank, world_size, kind):
+def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     initialize_model_parallel(tp=2)
-    model = _build(kind, 2)
-    assert model.sequence_parallel
+    model = _build(kind, 2, sequence_parallel)
+    assert model.sequence_parallel == sequence_parallel
     ids, labels, weights = _inputs(model.config.vocab_size)
     logits, logp, grads = _run(model, ids, labels, weights)
     full_grads = {}
@@ -60,14 +61,17 @@ def _tp2_worker(rank, world_size, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "qwen3_moe"])
-def test_tp2_sequence_parallel_equals_tp1(kind):
+@pytest.mark.parametrize("kind,sequence_parallel", [
+    ("qwen2", True), ("llama", True), ("qwen3", True), ("qwen3_moe", True),
+    ("qwen3_moe", False),  # the MoE layer's own tp communication without SP
+])
+def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)
     ref = _build(kind, 1)
     ids, labels, weights = _inputs(ref.config.vocab_size)
     ref_logits, ref_logp, ref_grads = _run(ref, ids, labels, weights)
 
-    results = run_distributed(_tp2_worker, 2, kind)
+    results = run_distributed(_tp2_worker, 2, kind, sequence_parallel)
     for logits, logp, grads in results:
         assert (logits - ref_logits).abs().max().item() <= 1e-5
         assert (logp - ref_logp).abs().max().item() <= 1e-5

@@ -249,14 +249,15 @@ def _judge_worker(rank, world_size, path, prompt_file, tp):
     return judge.judge(ITEMS)
 
 
-def _recompute_worker(rank, world_size, path):
+def _recompute_worker(rank, world_size, path, prompt_file):
+    """One rank: the judge's results, and the reference texts from a full-recompute generation
+    of the same prompts by the same checkpoint."""
     from megatron_k15.checkpointing import load_config, load_model_checkpoint
     from megatron_k15.generation.recompute import generate_recompute
     from megatron_k15.generation.sampling import SamplingParams
-    from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.models.gpt import GPTModel
 
-    initialize_model_parallel(1)
+    judged = _judge_worker(rank, world_size, path, prompt_file, 1)
     cfg = load_config(path)
     model = GPTModel(cfg, attention_backend="sdpa", params_dtype=torch.float32)
     load_model_checkpoint(model, path)
@@ -266,28 +267,39 @@ def _recompute_worker(rank, world_size, path):
                for r, a in ITEMS]
     res = generate_recompute(model, prompts, NEW_TOKENS, SamplingParams(temperature=0.0),
                              [None] * len(prompts), cfg.eos_ids())
-    return [tok.decode([t for t in r.output_ids if t < 256]) for r in res]
+    return judged, [tok.decode([t for t in r.output_ids if t < 256]) for r in res]
 
 
-def _split_worker(rank, world_size, n_items):
+@pytest.fixture(scope="module")
+def judge_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("judge") / "ckpt")
+    run_distributed(_save_judge_checkpoint, 1, path)
+    return path
+
+
+def _split_worker(rank, world_size, sizes):
     """Two ranks share the judging (rank 1 has nothing to judge when there is one item), and
     their rule-based rewards disagree (a verifier that timed out on rank 1): rank 0's count."""
     import torch.distributed as dist
 
     tok = ByteTokenizer()
-    gen = _ScriptedGenerator(tok, accepted={"r0"})
-    judge = GenerativeJudge(gen, tok.encode, tok.decode, [], max_new_tokens=8, rank=rank, size=world_size,
-                            group=dist.group.WORLD)
-    graded = [f"r{i}" for i in range(n_items)]
-    rule = [0.0] * n_items if rank == 0 else [1.0] * n_items
-    new, judgements = judge.regrade([MATH] * n_items, graded, rule)
-    return new, [(j.index, j.verdict) for j in judgements], len(gen.prompts)
+    out = []
+    for n_items in sizes:
+        gen = _ScriptedGenerator(tok, accepted={"r0"})
+        judge = GenerativeJudge(gen, tok.encode, tok.decode, [], max_new_tokens=8, rank=rank,
+                                size=world_size, group=dist.group.WORLD)
+        graded = [f"r{i}" for i in range(n_items)]
+        rule = [0.0] * n_items if rank == 0 else [1.0] * n_items
+        new, judgements = judge.regrade([MATH] * n_items, graded, rule)
+        out.append((new, [(j.index, j.verdict) for j in judgements], len(gen.prompts)))
+    return out
 
 
 @pytest.mark.slow
 def test_ranks_agree_on_what_to_judge_and_split_it():
-    for n_items, mine in ((1, [1, 0]), (3, [2, 1])):
-        results = run_distributed(_split_worker, 2, n_items)
+    cases = ((1, [1, 0]), (3, [2, 1]))
+    per_rank = run_distributed(_split_worker, 2, [n for n, _ in cases])
+    for (n_items, mine), results in zip(cases, zip(*per_rank)):
         for rank, (new, judged, asked) in enumerate(results):
             assert new == [1.0] + [0.0] * (n_items - 1)
             assert judged == [(0, True)] + [(i, False) for i in range(1, n_items)]
@@ -295,26 +307,25 @@ def test_ranks_agree_on_what_to_judge_and_split_it():
 
 
 @pytest.mark.slow
-def test_judge_generates_like_a_full_recompute_in_every_layout(tmp_path):
-    path = str(tmp_path / "judge")
-    run_distributed(_save_judge_checkpoint, 1, path)
+def test_judge_generates_like_a_full_recompute_in_every_layout(judge_checkpoint, tmp_path):
+    path = judge_checkpoint
     prompt_file = tmp_path / "judge.txt"
     prompt_file.write_text(TEMPLATE)
-    want = run_distributed(_recompute_worker, 1, path)[0]
+    one_rank, want = run_distributed(_recompute_worker, 1, path, str(prompt_file))[0]
     assert any(want)
-    for world, tp in ((1, 1), (2, 2), (2, 1)):  # one rank; tp=2; two replicas splitting the items
-        for got in run_distributed(_judge_worker, world, path, str(prompt_file), tp):
+    # one rank; tp=2; two replicas splitting the items
+    for world, tp, results in ((1, 1, [one_rank]), (2, 2, None), (2, 1, None)):
+        for got in results or run_distributed(_judge_worker, world, path, str(prompt_file), tp):
             assert [text for _, text, _ in got] == want, (world, tp)
             # NEW_TOKENS is the whole budget: every text is cut off, so none has a verdict
             assert [(v, cut) for v, _, cut in got] == [(None, True)] * len(want)
 
 
 @pytest.mark.slow
-def test_train_rl_with_a_judge(tmp_path):
+def test_train_rl_with_a_judge(judge_checkpoint, tmp_path):
     """train_rl --reward-model-load: the judge grades every rollout (replace mode) and its
     counts reach metrics.jsonl."""
-    path = str(tmp_path / "judge")
-    run_distributed(_save_judge_checkpoint, 1, path)
+    path = judge_checkpoint
     src = tmp_path / "p.jsonl"
     src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{i}+1=", "task": "math", "answer": str(i + 1)})
                            + "\n" for i in range(2)))

@@ -338,6 +338,8 @@ def main(argv=None) -> int:
             metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": gbs * args.seq_length / elapsed,
                             "iteration_time_s": elapsed, "epoch": stream.epoch_of(consumed - 1),
                             "peak_memory_bytes": platform.peak_memory_bytes()})
+            if ctx.moe_aux_loss is not None:
+                metrics["moe_aux_loss"] = ctx.moe_aux_loss
             logger.log(iteration, metrics)
             if rank == 0:
                 extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "

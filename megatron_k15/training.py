@@ -82,6 +82,9 @@ class TrainContext:
     comm: StageComm
     pc: ParallelContext
     layer_ranges: list
+    moe_aux_loss_coeff: float = 0.0
+    # the last step's load-balancing loss, mean per MoE layer and microbatch (None without one)
+    moe_aux_loss: Optional[float] = None
 
 
 def stage_layer_ranges(cfg: GPTConfig, pp: int, first: Optional[int] = None, last: Optional[int] = None):
@@ -132,7 +135,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
     )
     comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, device, getattr(args, "params_dtype", torch.float32))
-    return TrainContext(model, optimizer, comm, pc, ranges)
+    coeff = float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if cfg.is_moe else 0.0
+    return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff)
 
 
 def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
@@ -154,13 +158,38 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
     opt = ctx.optimizer
     opt.zero_grad()
     n = len(microbatches)
+    if ctx.moe_aux_loss_coeff > 0:  # coeff x the mean over the step's microbatches (all dp ranks)
+        total = _all_reduce_sum(float(n), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
+        ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, 1.0 / max(total, 1.0))
     results = forward_backward(
         forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
         before_backward=lambda i: opt.prepare_for_backward(i == n - 1),
     )
     opt.finish_grad_sync()
     grad_norm = opt.step(lr)
+    if ctx.moe_aux_loss_coeff > 0:
+        ctx.moe_aux_loss = _mean_moe_aux_loss(ctx)
     return results, grad_norm
+
+
+def _all_reduce_sum(value: float, group) -> float:
+    """``value`` summed over ``group`` (None: this rank alone)."""
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=platform.current_device())
+    dist.all_reduce(t, group=group)
+    return float(t.item())
+
+
+def _mean_moe_aux_loss(ctx: TrainContext) -> float:
+    """The recorded load-balancing losses of every stage and dp rank, averaged (tp ranks
+    hold the same values: tp rank 0's count)."""
+    values = ctx.model.take_moe_aux_losses()
+    mine = [sum(values), float(len(values))] if ctx.pc.tp_rank == 0 else [0.0, 0.0]
+    t = torch.tensor(mine, dtype=torch.float64, device=platform.current_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0
 
 
 def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step) -> list:

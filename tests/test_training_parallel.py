@@ -37,11 +37,13 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
 
     initialize_model_parallel(tp, pp)
     cfg = preset("tiny", num_layers=4, init_method_std=0.05, qk_layernorm=qk_layernorm, **(MOE if moe else {}))
-    ctx = build_train_context(_args(sequence_parallel), cfg, seed=11)
+    args = _args(sequence_parallel)
+    args.moe_aux_loss_coeff = 0.05 if moe else 0.0
+    ctx = build_train_context(args, cfg, seed=11)
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     dp, dp_rank = ctx.pc.dp_size, ctx.pc.dp_rank
     per = GBS // dp
-    losses, norms = [], []
+    losses, norms, aux = [], [], []
     for it in range(ITERS):
         rows = stream.rows(it * GBS, GBS)
         total = sum(stream.loss_tokens(r) for r in rows)
@@ -52,7 +54,8 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
         loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
         losses.append(loss_sum / tokens)
         norms.append(norm)
-    return {"losses": losses, "norms": norms, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
+        aux.append(ctx.moe_aux_loss)
+    return {"losses": losses, "norms": norms, "aux": aux, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
             "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict()}
 
 
@@ -84,10 +87,16 @@ def test_qk_layernorm_under_tp_without_sequence_parallel_equals_one_rank():
 @pytest.mark.slow
 def test_mixture_of_experts_under_tp_and_dp_equals_one_rank():
     """MoE layers: experts split over tp, the replicated router's grads partial over tp (each
-    rank's ffn slice), ZeRO-1 over dp; routing, losses and weights equal one rank."""
+    rank's ffn slice), ZeRO-1 over dp, the load-balancing loss (with full recompute: the
+    recomputed layer must not count it twice); routing, losses, aux losses and weights equal
+    one rank."""
     reference = run_distributed(train_worker, 1, 1, 1, False, True, True)
     assert any("experts.linear_fc1" in name for name in reference[0]["state"])
-    _assert_equal_to_reference(run_distributed(train_worker, 4, 2, 1, False, True, True), reference)
+    assert all(0.0 < a < 4 / 2 for a in reference[0]["aux"])  # 1 for even routing, E / k = 2 at worst
+    results = run_distributed(train_worker, 4, 2, 1, False, True, True)
+    _assert_equal_to_reference(results, reference)
+    for r in results:
+        assert r["aux"] == pytest.approx(reference[0]["aux"], rel=1e-6)
 
 
 def _assert_equal_to_reference(results, reference):

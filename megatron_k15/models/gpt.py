@@ -350,6 +350,27 @@ class GPTModel(torch.nn.Module):
         logits = self.local_logits_at(hidden, seq_index, batch_index)
         return self.gather_logits(self._mask_padded_vocab(logits))
 
+    # -- mixture of experts ----------------------------------------------------------------
+    def moe_layers(self) -> list:
+        from megatron_k15.models.layers import MoEMLP
+
+        return [m for m in self.modules() if isinstance(m, MoEMLP)]
+
+    def set_moe_aux_loss(self, coeff: float, scale: float = 1.0) -> None:
+        """The load-balancing loss weight of every MoE layer, and the step's scale of it
+        (1 / microbatches, so the step adds coeff x the mean over microbatches)."""
+        for m in self.moe_layers():
+            m.aux_loss_coeff, m.aux_loss_scale = coeff, scale
+
+    def take_moe_aux_losses(self) -> list[float]:
+        """The unscaled load-balancing losses recorded since the last call (one per MoE layer
+        of this stage and training forward)."""
+        out = []
+        for m in self.moe_layers():
+            out += [float(a) for a in m.aux_losses]
+            m.aux_losses.clear()
+        return out
+
     # -- state dict in checkpoint naming ------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         return {

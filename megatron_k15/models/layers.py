@@ -232,6 +232,22 @@ class ExpertWeights(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(experts, out_features, in_features, dtype=dtype))
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``x``; its backward also starts ``aux``'s backward with gradient 1. So a
+    layer's auxiliary loss trains the router without travelling with the activations (or
+    through the pipeline) to the task loss (Megatron's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
 class MoEMLP(torch.nn.Module):
     """Top-k routed SwiGLU experts (Qwen3-MoE; no shared expert, no token dropping).
 
@@ -244,7 +260,15 @@ class MoEMLP(torch.nn.Module):
     sequence-parallel shards) with the replicated router, runs its ffn slice of the experts,
     and the partial outputs are reduced (scattered back under SP). A rank's router gradient
     covers only its slice, so it is a partial sum over tp (``tp_partial_grad``).
-    Tokens are grouped by expert (one gather, one scatter-add) so each expert is one GEMM pair."""
+    Tokens are grouped by expert (one gather, one scatter-add) so each expert is one GEMM pair.
+
+    Load balancing (``--moe-aux-loss-coeff``, Switch/GShard's loss as in Megatron-LM): per layer
+    and microbatch of T tokens, aux = E / (k T^2) * sum_e (sum_t p_te) * count_e, with count_e
+    the tokens routed to e; 1 when load and probability are uniform, E / k when one expert
+    takes everything. It enters the
+    gradient as coeff * aux * ``aux_loss_scale`` (1 / microbatches of the step) through
+    ``_AttachAuxLoss``, divided by tp because every tp rank computes it on the same tokens
+    and the router's gradient and the input's are summed over tp."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool):
         super().__init__()
@@ -262,14 +286,22 @@ class MoEMLP(torch.nn.Module):
         self.experts = torch.nn.Module()
         self.experts.linear_fc1 = ExpertWeights(self.num_experts, 2 * f, h, dtype)  # [gate; up]
         self.experts.linear_fc2 = ExpertWeights(self.num_experts, h, f, dtype)
+        self.aux_loss_coeff = 0.0
+        self.aux_loss_scale = 1.0
+        self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
 
-    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights (T, k) in the tokens' dtype, expert ids (T, k))."""
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E))."""
         probs = F.softmax(F.linear(tokens, self.router.weight).float(), dim=-1)
         weights, experts = probs.topk(self.topk, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(tokens.dtype), experts
+        return weights.to(tokens.dtype), experts, probs
+
+    def aux_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """E / (k T^2) * sum_e (sum_t p_te) * count_e (see the class docstring)."""
+        t = probs.shape[0]
+        return (probs.sum(dim=0) * counts).sum() * (self.num_experts / (self.topk * t * t))
 
     def forward(self, x):
         if self.sp:
@@ -277,10 +309,11 @@ class MoEMLP(torch.nn.Module):
         elif self.tp > 1:
             x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         tokens = x.reshape(-1, x.shape[-1])
-        weights, experts = self.route(tokens)
+        weights, experts, probs = self.route(tokens)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        per_expert = torch.bincount(flat, minlength=self.num_experts)
+        counts = per_expert.tolist()
         token_of = order // self.topk
         grouped = tokens.index_select(0, token_of)
         w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
@@ -292,6 +325,11 @@ class MoEMLP(torch.nn.Module):
                 start += n
         y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(tokens).index_add_(0, token_of, y).reshape(x.shape)
+        if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            aux = self.aux_loss(probs, per_expert.to(probs.dtype))
+            if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
+                self.aux_losses.append(aux.detach())
+            out = _AttachAuxLoss.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale / self.tp))
         if self.sp:
             return reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
         if self.tp > 1:

@@ -394,6 +394,8 @@ class RLIteration:
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
                        train_tokens_per_s=train_tokens * updates / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
+        if ctx.moe_aux_loss is not None:
+            metrics["moe_aux_loss"] = ctx.moe_aux_loss
         return metrics
 
     def _forward_step(self, normalizer: float):

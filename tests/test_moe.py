@@ -1,0 +1,81 @@
+"""The MoE layer's load-balancing loss (models/layers.py MoEMLP): its value and the gradient it
+injects, against the formula written out with autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_k15.initialize import initialize_model_parallel
+from megatron_k15.models.config import preset
+from megatron_k15.models.gpt import GPTModel
+
+COEFF, SCALE = 0.3, 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank():
+    initialize_model_parallel(1)
+
+
+def _model(recompute=None):
+    cfg = preset("tiny", num_layers=2, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                 init_method_std=0.2)
+    model = GPTModel(cfg, attention_backend="sdpa", recompute_granularity=recompute)
+    model.reset_parameters(3)
+    return model.train()
+
+
+def _explicit_aux(model, ids):
+    """sum over layers of E / (k T^2) sum_e (sum_t p_te) count_e, from the layers' inputs."""
+    mlps = model.moe_layers()
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in mlps]
+    out = model(ids)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for m, x in zip(mlps, inputs):
+        tokens = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(torch.nn.functional.linear(tokens, m.router.weight).float(), -1)
+        idx = probs.topk(m.topk, dim=-1).indices
+        counts = torch.bincount(idx.reshape(-1), minlength=m.num_experts).float()
+        t = tokens.shape[0]
+        total = total + (probs.sum(0) * counts).sum() * m.num_experts / (m.topk * t * t)
+    return out, total
+
+
+@pytest.mark.parametrize("recompute", [None, "full"])
+def test_aux_loss_gradient_is_the_formula(recompute):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2, 12, 384, generator=torch.Generator().manual_seed(2))
+
+    ref = _model()
+    out, aux = _explicit_aux(ref, ids)
+    ((out * probe).sum() + COEFF * SCALE * aux).backward()
+
+    model = _model(recompute)
+    model.set_moe_aux_loss(COEFF, SCALE)
+    (model(ids) * probe).sum().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        # fp32 rounding of two summation orders: ~5e-7 of the largest grad; without the aux
+        # term the gap is ~1e-4 of it
+        assert (p.grad - q.grad).abs().max() <= 2e-6 * q.grad.abs().max(), name
+    recorded = model.take_moe_aux_losses()
+    assert len(recorded) == 2  # one per layer: a recomputed forward does not record again
+    assert sum(recorded) == pytest.approx(float(aux.detach()), rel=1e-6)
+    assert model.take_moe_aux_losses() == []
+
+
+def test_aux_loss_is_one_for_even_routing_and_off_in_eval():
+    m = _model().moe_layers()[0]
+    t, e = 8, m.num_experts
+    even = m.aux_loss(torch.full((t, e), 1.0 / e), torch.full((e,), t * m.topk / e))
+    assert float(even) == pytest.approx(1.0)
+    skewed = torch.zeros(t, e)
+    skewed[:, 0] = 1.0
+    assert float(m.aux_loss(skewed, torch.tensor([t, t, 0.0, 0.0]))) == pytest.approx(e / m.topk)
+    model = _model().eval()
+    model.set_moe_aux_loss(COEFF)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.take_moe_aux_losses() == []

@@ -40,6 +40,13 @@ def _validate(argv, world_size=1):
      "--recompute-num-layers 4"),
     (["--recompute-method", "uniform"], 1, "--recompute-method applies to --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-method", "block"], 1, "--recompute-method block needs"),
+    (["--moe-aux-loss-coeff", "0.001"], 1, "--moe-aux-loss-coeff 0.001 applies to mixture-of-experts models"),
+    (["--num-experts", "4", "--moe-aux-loss-coeff", "0.001", "--context-parallel-size", "2"], 2,
+     "--moe-aux-loss-coeff 0.001 with --context-parallel-size 2"),
+    (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (["--num-experts", "4", "--moe-ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], 2,
+     "does not divide --moe-ffn-hidden-size 33"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2 is not supported"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:

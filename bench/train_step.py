@@ -80,10 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def matmul_parameters(cfg) -> int:
-    """N of 6*N*s: weight matrices of every layer plus the output layer (vocab_size x hidden)."""
+    """N of 6*N*s: weight matrices of every layer a token passes (MoE: the router and its
+    top-k experts) plus the output layer (vocab_size x hidden)."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     q, k = cfg.query_projection_size, cfg.kv_projection_size
-    per_layer = h * (q + 2 * k) + q * h + 3 * h * f
+    mlp = (cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size + h * cfg.num_moe_experts
+           if cfg.is_moe else 3 * h * f)
+    per_layer = h * (q + 2 * k) + q * h + mlp
     return cfg.num_layers * per_layer + cfg.vocab_size * h
 
 
@@ -99,9 +102,12 @@ def peak_tflops(args, device_name: str):
     return next((v for key, v in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
-def predicted_peak_bytes(cfg, s: int, args) -> int:
+def predicted_peak_bytes(cfg, s: int, args):
+    """The planner's training peak; None for MoE models (not modelled by the planner yet)."""
     from megatron_k15.memory_plan import Layout, Workload, plan_memory
 
+    if cfg.is_moe:
+        return None
     w = Workload(seq_length=s, micro_batch_size=1, params_dtype=args.dtype,
                  recompute=args.recompute_granularity, logprob_impl=args.logprob_impl)
     return plan_memory(cfg, Layout(), w).train_peak_bytes
@@ -177,14 +183,15 @@ def header(cfg, args, device_name, peak, attention) -> str:
 
 
 def row_line(r, cfg, peak) -> str:
-    pred = r["predicted_peak_bytes"] / MIB
+    predicted = r["predicted_peak_bytes"]
+    pred = "n/a" if predicted is None else f"{predicted / MIB:,.1f}"
     if r["status"] != "ok":
-        return f"| {r['seq_length']} | {r['status']} | | | | | {pred:,.1f} | | |"
+        return f"| {r['seq_length']} | {r['status']} | | | | | {pred} | | |"
     tflops = model_flops(cfg, r["seq_length"]) / r["step_s"] / 1e12
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-    err = 100 * (r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"]
+    err = "n/a" if predicted is None else f"{100 * (predicted - r['peak_bytes']) / r['peak_bytes']:+.1f}%"
     return (f"| {r['seq_length']} | {r['step_s']:.3f} | {r['seq_length'] / r['step_s']:,.0f} | "
-            f"{tflops:.3g} | {mfu} | {r['peak_bytes'] / MIB:,.1f} | {pred:,.1f} | {err:+.1f}% | "
+            f"{tflops:.3g} | {mfu} | {r['peak_bytes'] / MIB:,.1f} | {pred} | {err} | "
             f"{r['grad_norm']:.4g} |")
 
 

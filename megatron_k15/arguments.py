@@ -82,6 +82,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("init_method_std", float), ("num_experts", int), ("moe_router_topk", int),
                        ("moe_ffn_hidden_size", int)]:
         g.add_argument(_flag(dest), type=kind, default=None)
+    g.add_argument("--moe-router-pre-softmax", action="store_true", default=None,
+                   help="Megatron-LM's: the top-k experts' weights are their softmax probabilities over "
+                        "all experts, not renormalised over the k (Qwen3-MoE's norm_topk_prob false); "
+                        "a model built from --num-experts renormalises otherwise")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="weight of the MoE load-balancing loss (Switch/GShard, per layer, mean over "
                         "microbatches; Qwen3-MoE trained with 0.001); 0 = off")
@@ -226,7 +230,8 @@ def _get(args, name, default=None):
 
 # config field -> the switch that sets it (value flags are MODEL_FLAGS)
 MODEL_SWITCHES = {"add_qkv_bias": "--add-qkv-bias", "qk_layernorm": "--qk-layernorm",
-                  "tie_word_embeddings": "--untie-embeddings-and-output-weights"}
+                  "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+                  "moe_norm_topk_prob": "--moe-router-pre-softmax"}
 
 
 def explicit_model_fields(args) -> dict:
@@ -240,6 +245,8 @@ def explicit_model_fields(args) -> dict:
         explicit["add_qkv_bias"] = False
     if _get(args, "untie_embeddings_and_output_weights"):
         explicit["tie_word_embeddings"] = False
+    if _get(args, "moe_router_pre_softmax"):
+        explicit["moe_norm_topk_prob"] = False
     return explicit
 
 
@@ -250,6 +257,8 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
     (they name tokens of another vocabulary); the HF class follows the switches (QK-norm:
     Qwen3; a Qwen2 base without QKV bias: Llama), so every flag-built model exports."""
     changed = {f for f, v in explicit.items() if getattr(cfg, f) != v}
+    if explicit.get("num_moe_experts") and not cfg.is_moe and "moe_norm_topk_prob" not in explicit:
+        explicit = {**explicit, "moe_norm_topk_prob": True}  # Megatron-LM's default router renormalises
     coupled = cfg.kv_channels == cfg.hidden_size // cfg.num_attention_heads
     if coupled and changed & {"hidden_size", "num_attention_heads"} and "kv_channels" not in explicit:
         cfg.kv_channels = None

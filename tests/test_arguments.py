@@ -170,6 +170,16 @@ def test_megatron_lm_flags_without_a_preset_build_an_exportable_model(extra, arc
     assert hf["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[architecture]]
 
 
+def test_moe_from_megatron_lm_flags_renormalises_unless_pre_softmax():
+    flags = ["--model-preset", "qwen3-0.6b", "--num-experts", "8", "--moe-router-topk", "2",
+             "--moe-ffn-hidden-size", "256"]
+    cfg = _validate(flags).model_config
+    assert cfg.is_moe and cfg.moe_norm_topk_prob and cfg.architecture == "qwen3_moe"
+    assert not _validate(flags + ["--moe-router-pre-softmax"]).model_config.moe_norm_topk_prob
+    assert not _validate(["--model-preset", "qwen3-30b-a3b", "--moe-router-pre-softmax"]).model_config.moe_norm_topk_prob
+    assert _validate(["--model-preset", "qwen3-30b-a3b"]).model_config.moe_norm_topk_prob
+
+
 def test_restating_a_preset_keeps_its_head_size():
     cfg = _validate(["--model-preset", "qwen3-0.6b", "--num-attention-heads", "16", "--hidden-size", "1024"]).model_config
     assert cfg.head_dim == 128  # the preset's decoupled head size, not 1024 / 16

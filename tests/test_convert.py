@@ -60,10 +60,12 @@ def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-def test_checkpoint_loads_under_another_tp_layout(tmp_path):
-    """Saved at tp=2/pp=2, loaded by a tp=1 model: logits still equal transformers'."""
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3_moe"])
+def test_checkpoint_loads_under_another_tp_layout(tmp_path, kind):
+    """Saved at tp=2/pp=2, loaded by a tp=1 model: logits still equal transformers' (for MoE
+    through the hub's per-expert tensors on disk)."""
     hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
-    hf = save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    hf = save_tiny_hf_checkpoint(str(hf_dir), kind)
     assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck),
                              "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
     initialize_model_parallel(1)

@@ -55,6 +55,8 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
         losses.append(loss_sum / tokens)
         norms.append(norm)
         aux.append(ctx.moe_aux_loss)
+        if moe:  # coeff x the mean over the step's GBS / MBS microbatches, whatever the layout
+            assert all(m.aux_loss_scale == 1.0 / (GBS // MBS) for m in ctx.model.moe_layers())
     return {"losses": losses, "norms": norms, "aux": aux, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
             "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict()}
 

@@ -159,7 +159,7 @@ class GPTConfig:
                 f"--tensor-model-parallel-size {tp} does not divide --num-query-groups "
                 f"{self.num_query_groups} (the number of KV heads); choose a tp size that divides it"
             )
-        if self.ffn_hidden_size % tp:
+        if self.ffn_hidden_size % tp and not self.is_moe:
             raise ConfigError(
                 f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {self.ffn_hidden_size}"
             )

@@ -365,11 +365,11 @@ class GPTModel(torch.nn.Module):
     def take_moe_aux_losses(self) -> list[float]:
         """The unscaled load-balancing losses recorded since the last call (one per MoE layer
         of this stage and training forward)."""
-        out = []
+        values = []
         for m in self.moe_layers():
-            out += [float(a) for a in m.aux_losses]
-            m.aux_losses.clear()
-        return out
+            values += m.aux_losses
+            m.aux_losses = []
+        return torch.stack(values).tolist() if values else []  # one device sync
 
     # -- state dict in checkpoint naming ------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:

@@ -112,7 +112,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         num_attention_heads=heads,
         num_query_groups=int(hf.get("num_key_value_heads") or heads),
         # Qwen3Config's head_dim defaults to 128 (decoupled); the others derive it
-        kv_channels=int(hf.get("head_dim") or (128 if arch in QK_NORM_ARCHITECTURES else hf["hidden_size"] // heads)),
+        # (Qwen3MoeConfig has no such default: it derives the head size like the others)
+        kv_channels=int(hf.get("head_dim") or (128 if arch == "qwen3" else hf["hidden_size"] // heads)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rotary_base=theta,
         rope_scaling=scaling,

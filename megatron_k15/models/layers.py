@@ -260,7 +260,7 @@ class MoEMLP(torch.nn.Module):
     sequence-parallel shards) with the replicated router, runs its ffn slice of the experts,
     and the partial outputs are reduced (scattered back under SP). A rank's router gradient
     covers only its slice, so it is a partial sum over tp (``tp_partial_grad``).
-    Tokens are grouped by expert (one gather, one scatter-add) so each expert is one GEMM pair.
+    Token copies are grouped by expert (one permutation) so each expert is one GEMM pair.
 
     Load balancing (``--moe-aux-loss-coeff``, Switch/GShard's loss as in Megatron-LM): per layer
     and microbatch of T tokens, aux = E / (k T^2) * sum_e (sum_t p_te) * count_e, with count_e
@@ -314,17 +314,23 @@ class MoEMLP(torch.nn.Module):
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         per_expert = torch.bincount(flat, minlength=self.num_experts)
         counts = per_expert.tolist()
-        token_of = order // self.topk
-        grouped = tokens.index_select(0, token_of)
-        w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
+        # a permutation of the (token, slot) rows both ways: no index collides, so forward and
+        # backward are deterministic on GPU too (no atomics), and each token's k expert outputs
+        # are summed in slot order
+        t, h = tokens.shape
+        grouped = tokens.unsqueeze(1).expand(t, self.topk, h).reshape(-1, h).index_select(0, order)
+        w1s = self.experts.linear_fc1.weight.unbind(0)  # one view per expert: the weight's
+        w2s = self.experts.linear_fc2.weight.unbind(0)  # gradient is assembled once, not per expert
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = F.linear(grouped[start:start + n], w1[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w2[e]))
+                gate, up = F.linear(grouped[start:start + n], w1s[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
                 start += n
         y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros_like(tokens).index_add_(0, token_of, y).reshape(x.shape)
+        slots = torch.empty_like(y)
+        slots[order] = y
+        out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self.aux_loss(probs, per_expert.to(probs.dtype))
             if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward

@@ -365,6 +365,7 @@ class RLIteration:
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
+        ctx.moe_aux_loss = None  # set by this iteration's updates, if any
         omd = args.rl_loss == "omd"
         losses, norms, kls = [], [], []
         for chunk in plan:

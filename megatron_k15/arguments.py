@@ -378,6 +378,11 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     except ConfigError as e:
         raise ArgumentError(str(e)) from None
     args.model_config = cfg
+    if not cfg.is_moe:
+        for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax"):
+            if _get(args, dest) is not None:
+                raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
+                                    "(this model is dense)")
     aux = _get(args, "moe_aux_loss_coeff") or 0.0
     if aux < 0:
         raise ArgumentError(f"--moe-aux-loss-coeff must be >= 0, got {aux}")

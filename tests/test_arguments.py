@@ -47,6 +47,7 @@ def _validate(argv, world_size=1):
     (["--num-experts", "4", "--moe-ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], 2,
      "does not divide --moe-ffn-hidden-size 33"),
     (["--num-experts", "4", "--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2 is not supported"),
+    (["--moe-router-topk", "2"], 1, "--moe-router-topk applies to mixture-of-experts models"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:

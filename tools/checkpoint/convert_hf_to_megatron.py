@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama/Qwen2/Qwen3 checkpoint to our Megatron format at any tp/pp size.
+"""Convert a Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE checkpoint to our Megatron format at any tp/pp size.
 
     python tools/checkpoint/convert_hf_to_megatron.py --hf-dir HF --save OUT \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1

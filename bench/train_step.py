@@ -82,11 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def matmul_parameters(cfg) -> int:
     """N of 6*N*s: weight matrices of every layer a token passes (MoE: the router and its
     top-k experts) plus the output layer (vocab_size x hidden)."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    h = cfg.hidden_size
     q, k = cfg.query_projection_size, cfg.kv_projection_size
-    mlp = (cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size + h * cfg.num_moe_experts
-           if cfg.is_moe else 3 * h * f)
-    per_layer = h * (q + 2 * k) + q * h + mlp
+    per_layer = h * (q + 2 * k) + q * h + cfg.active_mlp_parameters()
     return cfg.num_layers * per_layer + cfg.vocab_size * h
 
 

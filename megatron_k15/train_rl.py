@@ -246,8 +246,7 @@ def main(argv=None) -> int:
     sampler = build_sampler(args.sampling, records, seed=args.seed, switch_iter=args.curriculum_switch_iter,
                             threshold=args.curriculum_threshold, floor=args.prioritized_floor)
     gen_rank, gen_size, gen_group = generation_parallel(ctx.pc)
-    judge = judge_from_args(args, rank=gen_rank, size=gen_size, group=gen_group,
-                            pp_group=ctx.pc.pp_group if ctx.pc.pp_size > 1 else None)
+    judge = judge_from_args(args, rank=gen_rank, size=gen_size, group=gen_group)
     rl = RLIteration(ctx, args, tokenizer, records, prompt_ids, judge=judge)
     if "sampler" in extra:
         sampler.load_state_dict(extra["sampler"])

@@ -159,7 +159,7 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
     opt.zero_grad()
     n = len(microbatches)
     if ctx.moe_aux_loss_coeff > 0:  # coeff x the mean over the step's microbatches (all dp ranks)
-        total = _all_reduce_sum(float(n), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
+        total = group_reduce(float(n), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
         ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, 1.0 / max(total, 1.0))
     results = forward_backward(
         forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
@@ -172,40 +172,37 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
     return results, grad_norm
 
 
-def _all_reduce_sum(value: float, group) -> float:
-    """``value`` summed over ``group`` (None: this rank alone)."""
-    if group is None:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=platform.current_device())
-    dist.all_reduce(t, group=group)
-    return float(t.item())
+def group_reduce(value: float, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> float:
+    """``value`` reduced over ``group`` (None or a group of one: this rank's own value)."""
+    t = torch.tensor([value], dtype=dtype, device=platform.current_device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t.item()
 
 
 def _mean_moe_aux_loss(ctx: TrainContext) -> float:
-    """The recorded load-balancing losses of every stage and dp rank, averaged (tp ranks
-    hold the same values: tp rank 0's count)."""
+    """The recorded load-balancing losses of every stage and dp rank, averaged."""
     values = ctx.model.take_moe_aux_losses()
-    mine = [sum(values), float(len(values))] if ctx.pc.tp_rank == 0 else [0.0, 0.0]
-    t = torch.tensor(mine, dtype=torch.float64, device=platform.current_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+    total, count = reduce_sums([sum(values), len(values)], ctx, every_stage=True)
+    return total / count if count > 0 else 0.0
 
 
 def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step) -> list:
     return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model), forward_only=True)
 
 
-def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool = True) -> list[float]:
+def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool = True,
+                every_stage: bool = False) -> list[float]:
     """Sum per-rank partial sums computed on the last stage over pp (others add zero), dp and
     cp; every rank gets the totals. Each cp rank holds different tokens (its zigzag shard), so
     its sums are partial and all cp ranks count (``split_over_cp=False``: the values are the
     same on every cp rank and only cp rank 0 counts). tp ranks hold the same values; tp rank 0
-    counts."""
+    counts. ``every_stage``: each pipeline stage contributes its own part (per-layer values)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    counts = ctx.pc.is_last_stage and ctx.pc.tp_rank == 0 and (split_over_cp or ctx.pc.cp_rank == 0)
+    counts = ((every_stage or ctx.pc.is_last_stage) and ctx.pc.tp_rank == 0
+              and (split_over_cp or ctx.pc.cp_rank == 0))
     if not counts:
         t.zero_()
     dist.all_reduce(t)

@@ -110,9 +110,9 @@ def test_fallback_asks_only_about_answers_the_rules_reject():
         question=MATH["prompt"], reference="0.5", response="one half, i.e. 0.50000")
     assert [(j.index, j.verdict, j.before, j.after) for j in judgements] == [(1, True, 0.0, 1.0), (2, False, 0.0, 0.0)]
     assert judgements[0].text == "Let me compare.\nVerdict: correct"
-    assert judge_metrics(judgements) == {"judge_calls": 2, "judge_correct_fraction": 0.5,
-                                         "judge_unparsed_fraction": 0.0, "judge_truncated_fraction": 0.0,
-                                         "judge_flipped": 1}
+    assert judge_metrics(judgements, [r >= 1.0 for r in new]) == {
+        "judge_calls": 2, "judge_correct_fraction": 0.5, "judge_unparsed_fraction": 0.0,
+        "judge_truncated_fraction": 0.0, "judge_flipped": 1, "rule_accuracy": 1 / 5}
 
 
 def test_fallback_keeps_partial_credit_and_skips_plugins_and_truncated_judges_are_wrong():
@@ -124,17 +124,18 @@ def test_fallback_keeps_partial_credit_and_skips_plugins_and_truncated_judges_ar
     assert new == [0.5, 1.0, 0.0, 0.0]
     assert [j.index for j in judgements] == [0, 1, 3]
     assert judgements[2].verdict is None and judgements[2].truncated
-    stats = judge_metrics(judgements)
+    stats = judge_metrics(judgements, [r >= 1.0 for r in new])
     assert stats["judge_truncated_fraction"] == pytest.approx(1 / 3) and stats["judge_flipped"] == 1
+    assert stats["rule_accuracy"] == 0.0
 
 
 def test_replace_grades_everything_of_its_tasks_and_no_verdict_is_wrong():
     judge, gen = _judge(accepted={"x"}, mode="replace", tasks=("math", "code"))
     new, judgements = judge.regrade([MATH, MATH, CODE], ["\\boxed{0.5}", "???", "x"], [1.0, 0.0, 0.0])
     assert new == [0.0, 0.0, 1.0]  # the judge overrules the rule both ways; unparsed -> 0
-    stats = judge_metrics(judgements)
+    stats = judge_metrics(judgements, [r >= 1.0 for r in new])
     assert stats["judge_calls"] == 3 and stats["judge_unparsed_fraction"] == pytest.approx(1 / 3)
-    assert stats["judge_flipped"] == 2
+    assert stats["judge_flipped"] == 2 and stats["rule_accuracy"] == pytest.approx(1 / 3)
 
 
 def test_rl_score_uses_the_judge_on_the_graded_answer():
@@ -232,7 +233,7 @@ def _judge_args(path, prompt_file, tp=1):
     return SimpleNamespace(reward_model_load=path, reward_model_tokenizer="byte", reward_model_prompt=prompt_file,
                            reward_model_chat_template=False, reward_model_mode="replace",
                            reward_model_tasks="math", reward_model_max_tokens=NEW_TOKENS,
-                           pipeline_model_parallel_size=1, tensor_model_parallel_size=tp,
+                           pipeline_model_parallel_size=1, context_parallel_size=1, tensor_model_parallel_size=tp,
                            attention_backend="sdpa", params_dtype=torch.float32, rollout_batch_size=3)
 
 

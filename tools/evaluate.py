@@ -103,9 +103,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
-    judge = judge_from_args(args, max_batch_size=args.batch_size,
-                            pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
-                            cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
+    judge = judge_from_args(args, max_batch_size=args.batch_size, shard_kv_over_cp=True)
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
     tags = parse_reasoning_tags(args.reasoning_tags)

@@ -12,8 +12,11 @@ from __future__ import annotations
 from megatron_k15.generation.engine import build_generator
 
 
-def load_generation_replica(args, cfg, *, max_batch_size: int):
-    """(model stage in eval mode, generator) for this rank; model parallel is initialised."""
+def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None, shard_kv_over_cp: bool = True):
+    """(model stage in eval mode, generator) for this rank; model parallel is initialised.
+    ``load_dir``: another checkpoint than ``--load`` (a judge; its layers split evenly over the
+    stages, the --decoder-*-pipeline-num-layers flags describe the policy).
+    ``shard_kv_over_cp=False``: each cp rank decodes its own requests (RL's generation ranks)."""
     from megatron.core import parallel_state
 
     from megatron_k15 import platform
@@ -23,14 +26,16 @@ def load_generation_replica(args, cfg, *, max_batch_size: int):
 
     pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    ranges = pipeline_layer_ranges(cfg.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
-                                   getattr(args, "decoder_last_pipeline_num_layers", None))
+    uneven = load_dir is None
+    ranges = pipeline_layer_ranges(cfg.num_layers, pp,
+                                   getattr(args, "decoder_first_pipeline_num_layers", None) if uneven else None,
+                                   getattr(args, "decoder_last_pipeline_num_layers", None) if uneven else None)
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
                      device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges)
-    load_model_checkpoint(model, args.load, pp_rank, pp)
-    model.eval()
+    load_model_checkpoint(model, load_dir or args.load, pp_rank, pp)
+    model.eval().requires_grad_(False)
     generator = build_generator(
         model, args, max_batch_size=max_batch_size,
         pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
-        cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
+        cp_group=parallel_state.get_context_parallel_group() if cp > 1 and shard_kv_over_cp else None)
     return model, generator

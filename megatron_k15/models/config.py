@@ -112,8 +112,12 @@ class GPTConfig:
         FLOPs per token are 6x this in training."""
         if not self.is_moe:
             return self.num_parameters()
-        skipped = self._mlp_parameters(self.num_moe_experts) - self._mlp_parameters(self.moe_router_topk)
+        skipped = self._mlp_parameters(self.num_moe_experts) - self.active_mlp_parameters()
         return self.num_parameters() - self.num_layers * skipped
+
+    def active_mlp_parameters(self) -> int:
+        """One layer's MLP weights a token passes through (MoE: the router and k experts)."""
+        return self._mlp_parameters(self.moe_router_topk if self.is_moe else 0)
 
     def _mlp_parameters(self, experts: int) -> int:
         h = self.hidden_size

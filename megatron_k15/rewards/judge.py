@@ -98,12 +98,15 @@ class Judgement:
     truncated: bool = False
 
 
-def judge_metrics(judgements: Sequence[Judgement]) -> dict:
+def judge_metrics(judgements: Sequence[Judgement], correct: Sequence[bool]) -> dict:
     """``judge_calls``, the fractions judged correct, without a verdict and cut off by
-    --reward-model-max-tokens, and ``judge_flipped`` (calls whose 0/1 outcome differs from the
-    rule-based verifier's)."""
+    --reward-model-max-tokens, ``judge_flipped`` (calls whose 0/1 outcome differs from the
+    rule-based verifier's), and ``rule_accuracy``: the verifier's alone over all responses
+    (``correct``: each response's final correctness), comparable with runs without a judge."""
     n = len(judgements)
-    return {"judge_calls": n,
+    rule_correct = (sum(correct) - sum(j.after >= 1.0 for j in judgements)
+                    + sum(j.before >= 1.0 for j in judgements))
+    return {"judge_calls": n, "rule_accuracy": rule_correct / max(1, len(correct)),
             "judge_correct_fraction": sum(bool(j.verdict) for j in judgements) / max(1, n),
             "judge_unparsed_fraction": sum(j.verdict is None for j in judgements) / max(1, n),
             "judge_truncated_fraction": sum(j.truncated for j in judgements) / max(1, n),
@@ -196,31 +199,24 @@ def _agreed(values: list, replica: int) -> list:
     return next(v for key, v in parts if key == replica)
 
 
-def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=None, cp_group=None,
-                    max_batch_size: Optional[int] = None) -> Optional[GenerativeJudge]:
+def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, max_batch_size: Optional[int] = None,
+                    shard_kv_over_cp: bool = False) -> Optional[GenerativeJudge]:
     """The judge ``--reward-model-load`` asks for (None without it): its model stage built and
-    loaded in this rank's pipeline stage, its tokenizer, template and engine."""
+    loaded in this rank's pipeline stage (``generation.loading``), its tokenizer, template and
+    engine. ``shard_kv_over_cp``: the cp ranks decode the same requests together (evaluate);
+    in RL each cp rank judges its own share."""
     if not getattr(args, "reward_model_load", None):
         return None
     import os
 
-    from megatron.core import parallel_state
-
-    from megatron_k15 import platform
-    from megatron_k15.checkpointing import load_config, load_model_checkpoint
+    from megatron_k15.checkpointing import load_config
     from megatron_k15.data.tokenizer import load_tokenizer, render_user_prompt
-    from megatron_k15.generation.engine import build_generator
-    from megatron_k15.models.gpt import GPTModel
-    from megatron_k15.models.sharding import pipeline_layer_ranges
+    from megatron_k15.generation.loading import load_generation_replica
 
-    cfg = load_config(args.reward_model_load)
-    pp = args.pipeline_model_parallel_size
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp,
-                     layer_ranges=pipeline_layer_ranges(cfg.num_layers, pp))
-    load_model_checkpoint(model, args.reward_model_load, pp_rank, pp)
-    model.eval().requires_grad_(False)
+    model, generator = load_generation_replica(
+        args, load_config(args.reward_model_load), load_dir=args.reward_model_load,
+        max_batch_size=max_batch_size or getattr(args, "rollout_batch_size", 64),
+        shard_kv_over_cp=shard_kv_over_cp)
     tok = load_tokenizer(args.reward_model_tokenizer or os.path.join(args.reward_model_load, "tokenizer"))
     special = set(getattr(tok, "special_ids", []) or [])
 
@@ -234,31 +230,36 @@ def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, pp_group=
     if args.reward_model_prompt:
         with open(args.reward_model_prompt, encoding="utf-8") as f:
             template = f.read()
-    eos = cfg.eos_ids() or ([tok.eos_id] if tok.eos_id is not None else [])
-    generator = build_generator(model, args, max_batch_size=max_batch_size or getattr(args, "rollout_batch_size", 64),
-                                pp_group=pp_group, cp_group=cp_group)
+    eos = model.config.eos_ids() or ([tok.eos_id] if tok.eos_id is not None else [])
     return GenerativeJudge(generator, encode, decode, eos, template, args.reward_model_max_tokens,
                            frozenset(t.strip() for t in args.reward_model_tasks.split(",") if t.strip()),
                            args.reward_model_mode, rank, size, group)
 
 
+# defaults of the --reward-model-* flags that only make sense with --reward-model-load
+_JUDGE_DEFAULTS = {"reward_model_tokenizer": None, "reward_model_prompt": None,
+                   "reward_model_chat_template": False, "reward_model_mode": "fallback",
+                   "reward_model_tasks": "math", "reward_model_max_tokens": 1024}
+
+
 def add_judge_args(g) -> None:
     """The ``--reward-model-*`` flags (train_rl, tools/evaluate.py)."""
+    g.set_defaults(**_JUDGE_DEFAULTS)
     g.add_argument("--reward-model-load", default=None, metavar="DIR",
                    help="a generative reward model (judge) checkpoint of this codebase: it reasons about "
                         "each answer and ends with 'Verdict: correct|incorrect' (Kimi k1.5's CoT RM)")
-    g.add_argument("--reward-model-tokenizer", default=None, metavar="PATH|byte",
+    g.add_argument("--reward-model-tokenizer", metavar="PATH|byte",
                    help="the judge's tokenizer (default: DIR/tokenizer)")
-    g.add_argument("--reward-model-mode", choices=["fallback", "replace"], default="fallback",
+    g.add_argument("--reward-model-mode", choices=["fallback", "replace"],
                    help="fallback: judge only what the rule-based verifier marks wrong; "
                         "replace: the judge grades every response of its tasks")
-    g.add_argument("--reward-model-tasks", default="math", metavar="TASK[,TASK]",
+    g.add_argument("--reward-model-tasks", metavar="TASK[,TASK]",
                    help="prompt tasks the judge grades (default math)")
-    g.add_argument("--reward-model-prompt", default=None, metavar="FILE",
+    g.add_argument("--reward-model-prompt", metavar="FILE",
                    help="judge template with {question}, {reference}, {response} (default: built in)")
     g.add_argument("--reward-model-chat-template", action="store_true",
                    help="render the judge prompt as a user turn with the judge tokenizer's chat template")
-    g.add_argument("--reward-model-max-tokens", type=int, default=1024,
+    g.add_argument("--reward-model-max-tokens", type=int,
                    help="the judge's budget per verdict (its reasoning included)")
 
 
@@ -268,9 +269,7 @@ def check_judge_args(args) -> Optional[str]:
 
     load = getattr(args, "reward_model_load", None)
     if not load:
-        for flag, default in (("reward_model_tokenizer", None), ("reward_model_prompt", None),
-                              ("reward_model_chat_template", False), ("reward_model_mode", "fallback"),
-                              ("reward_model_tasks", "math"), ("reward_model_max_tokens", 1024)):
+        for flag, default in _JUDGE_DEFAULTS.items():
             if getattr(args, flag, default) != default:
                 return f"--{flag.replace('_', '-')} needs --reward-model-load DIR (the judge checkpoint)"
         return None

@@ -92,6 +92,6 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         everything = [s for p in per_problem for s in p["samples"]]
         out.update(judge_metrics([
             Judgement(k, s["judge_verdict"], s["judge_text"], float(s["rule_correct"]), float(s["correct"]),
-                      s["judge_truncated"]) for k, s in enumerate(everything) if "judge_text" in s]))
-        out["rule_accuracy"] = sum(s.get("rule_correct", s["correct"]) for s in everything) / max(1, len(everything))
+                      s["judge_truncated"]) for k, s in enumerate(everything) if "judge_text" in s],
+            [s["correct"] for s in everything]))
     return out

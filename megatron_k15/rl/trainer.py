@@ -42,7 +42,7 @@ from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
-from megatron_k15.training import TrainContext, forward_only, reduce_sums, train_step
+from megatron_k15.training import TrainContext, forward_only, group_reduce, reduce_sums, train_step
 
 
 @dataclass
@@ -196,14 +196,6 @@ def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, ta
     return baseline, rewards - baseline
 
 
-def _group_reduce(value: float, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> float:
-    """``value`` reduced over ``group`` (identical on the ranks outside it that share it)."""
-    t = torch.tensor([value], dtype=dtype, device=platform.current_device())
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t.item()
-
-
 def generation_parallel(pc) -> tuple[int, int, object]:
     """(rank, size, group) of this rank in the generation-parallel set, the dp x cp ranks:
     each generates whole sequences; tp ranks (decoding together) and pp stages share a rank."""
@@ -315,11 +307,7 @@ class RLIteration:
                                  reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
                                  judge=self.judge, judgements=judgements)
         if self.judge is not None:
-            metrics.update(judge_metrics(judgements))
-            # the accuracy of the rule-based verifier alone, comparable with runs without a judge
-            flipped_up = sum(j.after >= 1.0 > j.before for j in judgements)
-            flipped_down = sum(j.before >= 1.0 > j.after for j in judgements)
-            metrics["rule_accuracy"] = (sum(correct) - flipped_up + flipped_down) / len(correct)
+            metrics.update(judge_metrics(judgements, correct))
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))
@@ -372,15 +360,15 @@ class RLIteration:
             # OMD normalises by samples (the same on every cp rank of a dp rank), GRPO/PPO by
             # response tokens (each cp rank holds a part of them)
             if omd:
-                total = _group_reduce(sum(float(mb["mask"].shape[0]) for mb in chunk),
+                total = group_reduce(sum(float(mb["mask"].shape[0]) for mb in chunk),
                                       pc.dp_group if pc.dp_size > 1 else None)
             else:
-                total = _group_reduce(sum(float(mb["mask"].sum()) for mb in chunk), self.gen_group)
+                total = group_reduce(sum(float(mb["mask"].sum()) for mb in chunk), self.gen_group)
             if total <= 0:
                 continue
             # a dp rank without samples in this update still joins the collective step; then no
             # rank may start bucket reductions from backward hooks (their order would differ)
-            ctx.optimizer.overlap = _group_reduce(len(chunk), self.gen_group, dist.ReduceOp.MIN, torch.int64) > 0
+            ctx.optimizer.overlap = group_reduce(len(chunk), self.gen_group, dist.ReduceOp.MIN, torch.int64) > 0
             results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
             loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
                                                sum(r[2] for r in results)], ctx)

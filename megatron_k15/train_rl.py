@@ -27,6 +27,12 @@ arguments are validated (before any work), and a prompt set that does not fit is
 naming the flags (drop long prompts with ``tools/preprocess_data.py --mode prompts
 --seq-length N``).
 
+``--rl-loss grpo|ppo|gspo`` are the baselines (``rl/losses.py``), with ``--clip-eps`` /
+``--clip-eps-high`` (DAPO's clip-higher). ``--rollout-is-cap`` corrects for the difference
+between the engine's and the training forward's log-probs (truncated importance sampling;
+the difference is logged as ``rollout_logp_abs_diff`` / ``rollout_kl`` either way), and
+``--skip-zero-advantage`` does not train on groups whose samples all got the same reward.
+
 ``--reward-model-load DIR``: a generative reward model (Kimi's chain-of-thought RM; any
 checkpoint of this codebase, e.g. a converted instruct model) regrades math answers the
 rule-based verifier rejects (``--reward-model-mode fallback``) or every answer of its tasks
@@ -56,10 +62,15 @@ def add_rl_args(p) -> None:
     g.add_argument("--eval-max-tokens", type=int, default=None, help="default: --rollout-max-tokens")
     g.add_argument("--eval-temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (mean pass@1, pass@k)")
-    g.add_argument("--rl-loss", choices=["omd", "grpo", "ppo"], default="omd")
+    g.add_argument("--rl-loss", choices=["omd", "grpo", "ppo", "gspo"], default="omd",
+                   help="omd: Kimi k1.5's online mirror descent; baselines: grpo, ppo (advantage r - mean, "
+                        "Dr. GRPO's), gspo (sequence-level ratio)")
     g.add_argument("--rl-tau", type=float, default=0.1, help="KL weight tau of the OMD surrogate")
     g.add_argument("--exact-logz", action="store_true", help="baseline tau*log mean exp(r/tau) instead of mean r")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="GRPO/PPO ratio clip")
+    g.add_argument("--clip-eps", type=float, default=None,
+                   help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
+    g.add_argument("--clip-eps-high", type=float, default=None,
+                   help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="GRPO k3 KL weight")
     g.add_argument("--samples-per-prompt", type=int, default=8)
     g.add_argument("--prompts-per-iter", type=int, default=16)
@@ -79,6 +90,13 @@ def add_rl_args(p) -> None:
     g.add_argument("--curriculum-threshold", type=float, default=None)
     g.add_argument("--prioritized-floor", type=float, default=0.05)
     g.add_argument("--updates-per-iter", type=int, default=1)
+    g.add_argument("--skip-zero-advantage", action="store_true",
+                   help="do not train on groups whose samples all got the same reward (no gradient at the "
+                        "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "
+                        "in later updates is dropped)")
+    g.add_argument("--rollout-is-cap", type=float, default=None,
+                   help="truncated importance sampling: weight each token's policy gradient by "
+                        "min(pi_train / pi_rollout, CAP) (rollout/training numerics mismatch; e.g. 2)")
     g.add_argument("--keep-optimizer-state", action="store_true", help="do not reset Adam each iteration")
     g.add_argument("--include-old-segments", action="store_true",
                    help="train on tokens that earlier iterations generated too")
@@ -111,6 +129,19 @@ def _validate(args) -> None:
         raise ArgumentError("--temperature must be > 0 for RL rollouts (exploration)")
     if args.rl_tau <= 0 and args.rl_loss == "omd":
         raise ArgumentError("--rl-tau must be > 0")
+    for flag in ("clip_eps", "clip_eps_high"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        if args.rl_loss == "omd":
+            raise ArgumentError(f"{name}: --rl-loss omd has no ratio clipping (its KL term keeps the update "
+                                "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
+        if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
+            raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+    if args.rollout_is_cap is not None and args.rollout_is_cap < 1:
+        raise ArgumentError(f"--rollout-is-cap must be >= 1 (a weight cap; 1 would truncate every token "
+                            f"the trainer finds likelier than the engine did), got {args.rollout_is_cap}")
     check_reasoning_tags(args)
     problem = check_judge_args(args)
     if problem:

@@ -1,12 +1,14 @@
-"""OMD / GRPO / PPO losses against hand computations."""
+"""OMD / GRPO / PPO / GSPO losses, clip-higher and truncated importance sampling against hand
+computations."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_k15.rl.losses import (get_loss_fn, group_baseline, group_mean, group_normalized_advantages,
-                                    group_std, grpo_loss, omd_loss, ppo_loss)
+from megatron_k15.rl.losses import (clip_range, get_loss_fn, group_baseline, group_mean,
+                                    group_normalized_advantages, group_std, grpo_loss, gspo_loss, omd_loss,
+                                    ppo_loss, rollout_is_weights)
 
 
 def _batch():
@@ -184,5 +186,112 @@ def test_get_loss_fn_uniform_signature():
     adv = rewards - group_mean(rewards, gid)
     torch.testing.assert_close(get_loss_fn("ppo")(logp, old, mask, rewards, gid, **kw),
                                ppo_loss(logp, old, mask, adv, 0.2))
+    torch.testing.assert_close(get_loss_fn("gspo")(logp, old, mask, rewards, gid, **kw),
+                               gspo_loss(logp, old, mask, rewards, gid, 0.2))
     with pytest.raises(ValueError):
         get_loss_fn("dpo")
+
+
+def test_clip_higher_by_hand():
+    """DAPO's clip-higher: ratio 1.25 with A > 0 is clipped at eps_high 0.2 (no gradient) but
+    not at 0.28 (gradient A * ratio / n); the lower bound stays 1 - eps."""
+    logp = torch.tensor([[math.log(1.25), math.log(0.7)]]).requires_grad_()
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([1.0])
+    ppo_loss(logp, old, mask, adv, clip_eps=0.2).backward()
+    # token 1: ratio 0.7 < 0.8 with A > 0: min(0.7, 0.8) = 0.7, unclipped -> gradient
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.7 / 2]]))
+    logp.grad = None
+    loss = ppo_loss(logp, old, mask, adv, clip_eps=0.2, clip_eps_high=0.28)
+    assert abs(loss.item() + (1.25 + 0.7) / 2) < 1e-6
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.25 / 2, -0.7 / 2]]))
+    # GRPO passes it through
+    logp.grad = None
+    grpo_loss(logp, old, mask, torch.tensor([1.0, 0.0]).view(2)[:1], torch.tensor([0]),
+              advantages=adv, clip_eps=0.2, clip_eps_high=0.28).backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.25 / 2, -0.7 / 2]]))
+
+
+def test_clip_range_defaults():
+    assert clip_range("grpo") == (0.2, 0.2)
+    assert clip_range("ppo", 0.1) == (0.1, 0.1)
+    assert clip_range("grpo", 0.2, 0.28) == (0.2, 0.28)
+    assert clip_range("gspo") == (3e-4, 4e-4)
+    assert clip_range("gspo", None, 1e-3) == (3e-4, 1e-3)
+
+
+def _gspo_reference(logp, old, mask, adv, lo, hi):
+    """GSPO written out per sample in float64 (loops, no shared helpers)."""
+    total = 0.0
+    for j in range(logp.shape[0]):
+        n = max(float(mask[j].sum()), 1.0)
+        s = sum((logp[j, t] - old[j, t]) * mask[j, t] for t in range(logp.shape[1])) / n
+        ratio = torch.exp(s)
+        total = total - torch.minimum(ratio * adv[j], ratio.clamp(1 - lo, 1 + hi) * adv[j])
+    return total / logp.shape[0]
+
+
+def test_gspo_against_per_sample_formula():
+    logp, old, mask, _, gid = _batch()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    # mean log-ratios 10e-4 (A > 0: above 1 + 4e-4, clipped), -0.5e-4, 1.3e-4, -0.5e-4
+    old = logp + 1e-4 * torch.tensor([[-10.0, -10.0, -10.0], [0.5, 0.5, 9.0], [-3.0, -1.0, 0.0], [7.0, -1.0, 2.0]])
+    adv = group_normalized_advantages(rewards, gid)
+    for lo, hi in ((3e-4, 4e-4), (0.2, 0.2)):
+        x = logp.double().clone().requires_grad_()
+        loss, stats = gspo_loss(x, old.double(), mask, rewards, gid, lo, hi, return_metrics=True)
+        y = logp.double().clone().requires_grad_()
+        ref = _gspo_reference(y, old.double(), mask.double(), adv.double(), lo, hi)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-9)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
+        # the paper's range clips sample 0 (no gradient), the loose one nothing
+        assert stats["clip_frac"].item() == (0.25 if lo == 3e-4 else 0.0)
+        assert (x.grad[0] == 0).all() == (lo == 3e-4)
+
+
+def test_gspo_on_policy_gradient():
+    """At ratio 1: dL/dlogp_jt = -A_j * mask_jt / (|y_j| B) (the sequence ratio's gradient is
+    the mean token gradient)."""
+    logp, _, mask, rewards, gid = _batch()
+    x = logp.clone().requires_grad_()
+    gspo_loss(x, logp, mask, rewards, gid).backward()
+    adv = group_normalized_advantages(rewards, gid)
+    expect = -adv[:, None] * mask / mask.sum(-1, keepdim=True) / 4
+    torch.testing.assert_close(x.grad, expect)
+
+
+def test_truncated_importance_sampling_weights_the_policy_gradient():
+    """With rollout log-probs, each token's policy-gradient term is scaled by
+    w = min(exp(old - rollout), cap) (a constant); KL terms are not."""
+    logp, old, mask, rewards, gid = _batch()
+    rollout = old + torch.tensor([[0.1, -0.2, 0.9], [0.0, 1.5, 0.0], [-0.3, 0.2, 0.1], [0.0, -2.0, 0.4]])
+    cap = 2.0
+    w = torch.exp(old - rollout).clamp(max=cap)
+    torch.testing.assert_close(rollout_is_weights(old, rollout, cap), w)
+    assert rollout_is_weights(old, rollout, None) is None and rollout_is_weights(old, None, cap) is None
+    assert (w == cap).any() and (w < 1).any()
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    # PPO / GRPO: gradient of the weighted surrogate = w x the unweighted token gradient
+    for fn, kw in ((ppo_loss, dict(advantages=adv)), (grpo_loss, dict(rewards=rewards, group_ids=gid))):
+        x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        fn(x, old, mask, **kw, rollout_logp=rollout, is_cap=cap).backward()
+        fn(y, old, mask, **kw).backward()
+        torch.testing.assert_close(x.grad, w * y.grad)
+    # OMD: dL/dlogp_jt = mask_jt (-(r_j - r_bar_j) w_jt + tau (S_j - S_old_j)) / B
+    tau = 0.3
+    x = logp.clone().requires_grad_()
+    omd_loss(x, old, mask, rewards, gid, tau, rollout_logp=rollout, is_cap=cap).backward()
+    a = rewards - group_mean(rewards, gid)
+    delta = ((logp - old) * mask).sum(-1)
+    expect = mask * (-a[:, None] * w + tau * delta[:, None]) / 4
+    torch.testing.assert_close(x.grad, expect)
+    # GSPO: one weight per sample, min(exp(mean_t(old - rollout)), cap)
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    gspo_loss(x, old, mask, rewards, gid, 0.2, 0.2, rollout_logp=rollout, is_cap=cap).backward()
+    gspo_loss(y, old, mask, rewards, gid, 0.2, 0.2).backward()
+    ws = torch.exp(((old - rollout) * mask).sum(-1) / mask.sum(-1)).clamp(max=cap)
+    torch.testing.assert_close(x.grad, ws[:, None] * y.grad)

@@ -5,6 +5,7 @@ log-probability of rewarded responses."""
 import argparse
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from megatron_k15.generation.replay_buffer import Trajectory
 from megatron_k15.models.sharding import merge_shards
-from megatron_k15.rl.trainer import build_microbatches
+from megatron_k15.rl.trainer import build_microbatches, mismatch_sums
 from megatron_k15.testing import run_distributed
 
 PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
@@ -28,12 +29,18 @@ def graded_reward(response: str, record: dict) -> float:
     return (sum(ord(c) for c in response) % 97) / 97.0
 
 
-def _records():
+def half_flat_reward(response: str, record: dict) -> float:
+    """Every sample of q0 and q2 scores 1 (flat groups: zero advantage), the others as
+    ``graded_reward``."""
+    return 1.0 if record["id"] in ("q0", "q2") else graded_reward(response, record)
+
+
+def _records(reward_fn="graded_reward"):
     recs = []
     for i, p in enumerate(PROMPTS):
         a, b = p[:-1].split("+")
         recs.append({"id": f"q{i}", "prompt": p, "task": "math", "answer": str(int(a) + int(b)),
-                     "reward_fn": f"{__name__}:graded_reward"})
+                     "reward_fn": f"{__name__}:{reward_fn}"})
     return recs
 
 
@@ -41,7 +48,8 @@ def _args(**kw):
     base = dict(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, clip_grad=1.0,
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
-                exact_logz=False, clip_eps=0.2, kl_coef=0.0, samples_per_prompt=4, rollout_max_tokens=6,
+                exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, rollout_is_cap=None,
+                skip_zero_advantage=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
                 seed=5, no_repeat_detection=False, length_penalty_weight=0.1, length_penalty_start_iter=0,
                 repeat_penalty=0.0, micro_batch_size=3, updates_per_iter=2, keep_optimizer_state=False,
@@ -58,10 +66,12 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     from megatron_k15.training import build_train_context
 
     initialize_model_parallel(tp, pp, cp)
-    args = _args(rl_loss=loss, rollout_segment_tokens=segment, **(opts or {}))
+    opts = dict(opts or {})
+    reward_fn = opts.pop("reward_fn", "graded_reward")
+    args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     tok = ByteTokenizer()
-    recs = _records()
+    recs = _records(reward_fn)
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
     metrics, states = [], []
     for it in range(iters):
@@ -148,14 +158,59 @@ def test_partial_rollouts_resume_from_the_buffer():
     assert m[2]["num_finished"] > 0 and m[2]["response_length_max"] > 2
 
 
+SKIP_OPTS = {"reward_fn": "half_flat_reward", "updates_per_iter": 1, "length_penalty_weight": 0.0}
+
+
+@pytest.mark.slow
+def test_skipping_zero_advantage_groups_gives_the_same_update():
+    """One group of each iteration is flat (all samples reward 1): skipping it changes neither
+    the loss, the gradient norm nor the weights (the loss stays divided by every sample of the
+    update), at dp=2, where one dp rank then has nothing to train on."""
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 2, 1, 1, SKIP_OPTS)
+    for m in ref[0]["metrics"]:
+        assert m["zero_advantage_fraction"] == 0.5 and m["solve_all_fraction"] == 0.5
+        assert m["trained_samples"] == m["num_finished"] == 8
+        # the engine's recorded log-probs are the training forward's (fp32 on CPU)
+        assert m["rollout_logp_abs_diff"] < 1e-5 and abs(m["rollout_kl"]) < 1e-9
+    got = run_distributed(rl_worker, 2, 1, "omd", 0, 2, 1, 1, dict(SKIP_OPTS, skip_zero_advantage=True))
+    for m in got[0]["metrics"]:
+        assert m["trained_samples"] == 4 and m["zero_advantage_fraction"] == 0.5
+    _assert_same_update(got, ref, "skip")
+
+
+@pytest.mark.slow
+def test_gspo_with_truncated_importance_sampling_trains():
+    """GSPO (the paper's clip range) with truncated importance sampling: the rollout and
+    training log-probs agree on CPU, so no weight is capped and the update equals the one
+    without TIS; the second update of the iteration sees a moved policy."""
+    plain = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, {"updates_per_iter": 2})
+    tis = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, {"updates_per_iter": 2, "rollout_is_cap": 2.0})
+    for m in tis[0]["metrics"]:
+        assert m["rollout_is_capped_fraction"] == 0.0 and m["grad_norm"] > 0 and m["kl_proxy"] > 0
+    _assert_same_update(tis, plain, ("gspo", "tis"))
+
+
+def test_mismatch_sums_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    rollout = torch.tensor([[-1.5, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])
+    got = mismatch_sums(old, rollout, mask, is_cap=1.5).tolist()
+    d = [0.5, -0.5]  # masked tokens: old - rollout
+    assert got[:2] == pytest.approx([2.0, 1.0])
+    assert got[2] == pytest.approx(sum(math.exp(x) - 1 - x for x in d))
+    assert got[3] == 1.0  # exp(0.5) > 1.5
+
+
 def test_old_segments_are_masked_out_of_the_loss():
     t = Trajectory(prompt_id="q", prompt_ids=[5, 6, 7], sample_index=0, group_id="g")
-    t.append_segment([10, 11], [-1.0, -1.0], iteration=0, stop_reason="partial")
-    t.append_segment([12, 13, 257], [-1.0] * 3, iteration=1, stop_reason="eos")
+    t.append_segment([10, 11], [-1.0, -1.1], iteration=0, stop_reason="partial")
+    t.append_segment([12, 13, 257], [-1.2, -1.3, -1.4], iteration=1, stop_reason="eos")
     mb = build_microbatches([t], 1, 1, 4, False, torch.device("cpu"))[0]
     # positions predicting response tokens 12, 13, 257 (labels at indices 4, 5, 6)
     assert mb["labels"][0, :7].tolist() == [6, 7, 10, 11, 12, 13, 257]
     assert mb["mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
+    # the engine's log-prob of each label
+    assert mb["rollout_logp"][0].tolist() == pytest.approx([0, 0, -1.0, -1.1, -1.2, -1.3, -1.4, 0])
     mb_all = build_microbatches([t], 1, 1, 4, True, torch.device("cpu"))[0]
     assert mb_all["mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1, 0]
 
@@ -241,6 +296,16 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
     with pytest.raises(SystemExit):  # eval prompts must fit the positions too
         _parse(base + ["--eval-data", cli_inputs["eval"], "--eval-max-tokens", "2045"], 1)
     assert "--eval-data" in capsys.readouterr().err
+    # ratio clipping belongs to the baselines; the TIS cap is a weight bound >= 1
+    args = _parse(base + ["--rl-loss", "grpo", "--clip-eps-high", "0.28", "--rollout-is-cap", "2"], 1)
+    assert (args.clip_eps, args.clip_eps_high, args.rollout_is_cap) == (None, 0.28, 2.0)
+    for extra, message in ((["--clip-eps", "0.2"], "--clip-eps: --rl-loss omd has no ratio clipping"),
+                           (["--rl-loss", "gspo", "--clip-eps-high", "-1"], "--clip-eps-high must be >= 0"),
+                           (["--rl-loss", "ppo", "--clip-eps", "1.5"], "--clip-eps must be in [0, 1)"),
+                           (["--rollout-is-cap", "0.5"], "--rollout-is-cap must be >= 1")):
+        with pytest.raises(SystemExit):
+            _parse(base + extra, 1)
+        assert message in capsys.readouterr().err, extra
 
 
 def _latest(path):
@@ -329,41 +394,54 @@ def test_cli_pipeline_parallel_with_eval_matches_one_process(cli_inputs, tmp_pat
         assert (w2[name] - w).abs().max() <= 1e-5 * max(0.1, w.abs().max().item()), name
 
 
-def _omd_cp_worker(rank, world_size, logp, old, mask, rewards, groups):
+# (loss, keyword arguments, size of logp - old_logp): OMD with and without per-token
+# normalisation, GSPO with the paper's clip range (log-ratios of 1e-4 so that some samples are
+# inside it) and with a loose one plus truncated importance sampling
+CP_LOSS_CASES = [("omd", dict(tau=0.3), 0.1), ("omd", dict(tau=0.3, normalize_by_tokens=True), 0.1),
+                 ("gspo", dict(), 2e-4), ("gspo", dict(clip_eps=0.2, clip_eps_high=0.3, is_cap=1.5), 0.1)]
+
+
+def _cp_loss_worker(rank, world_size, logp, noise, rollout, mask, rewards, groups):
     import torch.distributed as dist
 
     from megatron_k15.parallel.context import zigzag_split
-    from megatron_k15.rl.losses import omd_loss
+    from megatron_k15.rl.losses import LOSSES
 
-    out = {}
-    for norm in (False, True):
+    out = []
+    for name, kw, scale in CP_LOSS_CASES:
+        old = logp + scale * noise
         x = zigzag_split(logp, 1, world_size, rank).clone().requires_grad_()
-        loss = omd_loss(x, zigzag_split(old, 1, world_size, rank), zigzag_split(mask, 1, world_size, rank),
-                        rewards, groups, tau=0.3, normalize_by_tokens=norm, reduction="sum",
-                        cp_group=dist.group.WORLD)
+        extra = {"rollout_logp": zigzag_split(rollout, 1, world_size, rank)} if "is_cap" in kw else {}
+        loss = LOSSES[name](x, zigzag_split(old, 1, world_size, rank), zigzag_split(mask, 1, world_size, rank),
+                            rewards, groups, **kw, **extra, reduction="sum", cp_group=dist.group.WORLD)
         loss.backward()
-        out[norm] = (loss.detach(), x.grad)
+        out.append((loss.detach(), x.grad))
     return out
 
 
 @pytest.mark.slow
-def test_omd_loss_under_cp_matches_whole_sequences():
-    """Zigzag shards on 2 cp ranks: every rank gets the whole-sequence loss, and each shard the
-    gradient of its tokens (S_j all-reduced forward, identity backward) - against one tensor."""
+def test_sequence_level_losses_under_cp_match_whole_sequences():
+    """OMD and GSPO on zigzag shards of 2 cp ranks: every rank gets the whole-sequence loss, and
+    each shard the gradient of its tokens (sequence sums / means all-reduced forward, identity
+    backward) - against one tensor."""
     from megatron_k15.parallel.context import zigzag_merge
-    from megatron_k15.rl.losses import omd_loss
+    from megatron_k15.rl.losses import LOSSES
 
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(3, 8, generator=g, dtype=torch.float64) * 3
-    old = logp + 0.1 * torch.randn(3, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    rollout = logp + 0.5 * torch.randn(3, 8, generator=g, dtype=torch.float64)
     mask = (torch.rand(3, 8, generator=g) > 0.3).double()
     rewards, groups = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 1])
-    got = run_distributed(_omd_cp_worker, 2, logp, old, mask, rewards, groups)
-    for norm in (False, True):
+    got = run_distributed(_cp_loss_worker, 2, logp, noise, rollout, mask, rewards, groups)
+    for case, (name, kw, scale) in enumerate(CP_LOSS_CASES):
+        old = logp + scale * noise
         x = logp.clone().requires_grad_()
-        ref = omd_loss(x, old, mask, rewards, groups, tau=0.3, normalize_by_tokens=norm, reduction="sum")
+        extra = {"rollout_logp": rollout} if "is_cap" in kw else {}
+        ref = LOSSES[name](x, old, mask, rewards, groups, **kw, **extra, reduction="sum")
         ref.backward()
+        assert x.grad.abs().sum() > 0, (name, kw)
         for r in got:
-            torch.testing.assert_close(r[norm][0], ref.detach().float(), rtol=1e-6, atol=1e-6)
-        grad = zigzag_merge([r[norm][1] for r in got], 1)
-        torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(r[case][0].double(), ref.detach().double(), rtol=1e-6, atol=1e-6)
+        grad = zigzag_merge([r[case][1] for r in got], 1)
+        torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name} {kw}: {m}")

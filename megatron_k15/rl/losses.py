@@ -1,4 +1,5 @@
-"""Policy losses for RL: Kimi k1.5 online mirror descent (OMD), GRPO and PPO-clip.
+"""Policy losses for RL: Kimi k1.5 online mirror descent (OMD); GRPO, PPO-clip and GSPO as
+baselines.
 
 All losses take per-token log-probs of the sampled responses under the current policy
 (``logp``, differentiable) and under the policy that generated them at the start of the
@@ -33,7 +34,19 @@ GRPO/PPO sums are then partial sums (the trainer adds the token counts over cp t
 (S_j - S_old_j)^2 is nonlinear in the per-sample sums: ``omd_loss(..., cp_group=...)``
 all-reduces S_j (forward: sum over cp; backward: identity, so each rank's tokens get the
 gradient of the full S_j) and S_old_j before the loss, and every cp rank computes the same
-whole-sequence loss (the optimizer sums the parameter gradients over cp).
+whole-sequence loss (the optimizer sums the parameter gradients over cp). GSPO's per-sample
+mean log-ratio is all-reduced the same way.
+
+Rollout / training mismatch
+---------------------------
+The engine records each sampled token's log-prob under the model at generation time
+(``rollout_logp``); the training forward recomputes it (``old_logp``). They differ only by
+kernel numerics (decode vs training kernels, bf16 on GPU), but that is enough to bias the
+gradient of a long trajectory. ``is_cap`` turns on truncated importance sampling (TIS): the
+policy-gradient term of each token is weighted by ``w_t = min(exp(old_logp_t - rollout_logp_t),
+is_cap)`` (a constant), OMD's as ``-(r_j - r_bar_j) * sum_t mask_jt w_jt logp_jt``; GSPO
+weights each sample by ``min(exp(mean_t(old_logp - rollout_logp)), is_cap)``. KL terms are not
+weighted.
 """
 
 from __future__ import annotations
@@ -55,8 +68,12 @@ __all__ = [
     "omd_loss",
     "grpo_loss",
     "ppo_loss",
+    "gspo_loss",
+    "rollout_is_weights",
+    "clip_range",
     "get_loss_fn",
     "LOSSES",
+    "SEQUENCE_LEVEL_LOSSES",
 ]
 
 
@@ -163,11 +180,24 @@ def _reduce(x: torch.Tensor, reduction: str, count: torch.Tensor | float | None 
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
+                       cap: float | None) -> torch.Tensor | None:
+    """Truncated importance-sampling weights ``min(exp(old_logp - rollout_logp), cap)`` (B, T),
+    detached; None when TIS is off (no cap or no rollout log-probs)."""
+    if not cap or rollout_logp is None:
+        return None
+    if rollout_logp.shape != old_logp.shape:
+        raise ValueError(f"rollout_logp must be (B, T)={tuple(old_logp.shape)}, got {tuple(rollout_logp.shape)}")
+    with torch.no_grad():
+        return torch.exp(old_logp.detach().float() - rollout_logp.float()).clamp(max=float(cap))
+
+
 # ----------------------------------------------------------------------------- OMD (Kimi k1.5)
 def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
              group_ids: torch.Tensor, tau: float, normalize_by_tokens: bool = False,
              exact_logz: bool = False, *, baseline: torch.Tensor | None = None,
-             reduction: str = "mean", return_metrics: bool = False, cp_group=None):
+             reduction: str = "mean", return_metrics: bool = False, cp_group=None,
+             rollout_logp: torch.Tensor | None = None, is_cap: float | None = None):
     """Kimi k1.5 online-mirror-descent surrogate (module docstring has the formula).
 
     ``baseline`` (B,) overrides the in-batch group baseline (use it when a group is split
@@ -177,7 +207,8 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
     ``logp_seq_mean`` (mean S), ``baseline_mean``, ``reward_mean``, ``policy_term``,
     ``kl_term``. ``cp_group``: the rows are this rank's zigzag shards of the sequences; S and
     S_old are all-reduced over the group first (module docstring), so every cp rank returns
-    the whole-sequence loss.
+    the whole-sequence loss. ``rollout_logp`` and ``is_cap``: truncated importance sampling of
+    the policy term (module docstring).
 
     DESIGN.md section 2 lists the argument order ``(logp, old_logp, rewards, mask, ...)``;
     issue 7 (newer) says ``(logp, old_logp, mask, rewards, ...)``, which is what this takes.
@@ -192,15 +223,18 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
         raise ValueError(f"rewards must be (B,)={B}, got {tuple(rewards.shape)}")
     group_ids = torch.as_tensor(group_ids, device=logp.device)
 
-    S = sequence_logprob(logp.float(), mask, normalize_by_tokens, cp_group)
+    dt = torch.promote_types(logp.dtype, torch.float32)  # fp32 at least (bf16 log-probs)
+    S = sequence_logprob(logp.to(dt), mask, normalize_by_tokens, cp_group)
     with torch.no_grad():
-        S_old = sequence_logprob(old_logp.detach().float(), mask, normalize_by_tokens, cp_group)
+        S_old = sequence_logprob(old_logp.detach().to(dt), mask, normalize_by_tokens, cp_group)
         if baseline is None:
             baseline = group_baseline(rewards, group_ids, tau, exact_logz)
         baseline = torch.as_tensor(baseline, device=logp.device, dtype=torch.float32)
-        adv = rewards - baseline
+        adv = (rewards - baseline).to(dt)
     delta = S - S_old
-    policy = -adv * S
+    w = rollout_is_weights(old_logp, rollout_logp, is_cap)
+    S_pg = S if w is None else sequence_logprob(logp.to(dt) * w, mask, normalize_by_tokens, cp_group)
+    policy = -adv * S_pg
     kl = 0.5 * tau * delta ** 2
     loss = _reduce(policy + kl, reduction)
     if not return_metrics:
@@ -220,11 +254,28 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
 
 
 # ----------------------------------------------------------------------------- PPO-clip / GRPO
-def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps):
-    """Token-level PPO-clip objective terms (to be maximised) and its statistics."""
+def clip_range(loss: str, clip_eps: float | None = None, clip_eps_high: float | None = None) -> tuple[float, float]:
+    """(eps_low, eps_high) of the ratio clip ``[1 - eps_low, 1 + eps_high]``. Defaults: 0.2 for
+    the token-level ratios of PPO / GRPO, GSPO's (3e-4, 4e-4) for its length-normalised sequence
+    ratio; ``clip_eps_high`` defaults to ``clip_eps`` when only that is given (DAPO's
+    clip-higher sets it above)."""
+    lo, hi = (3e-4, 4e-4) if loss == "gspo" else (0.2, 0.2)
+    if clip_eps is not None:
+        lo = hi = float(clip_eps)
+    if clip_eps_high is not None:
+        hi = float(clip_eps_high)
+    return lo, hi
+
+
+def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps, clip_eps_high=None, weights=None):
+    """Token-level PPO-clip objective terms (to be maximised) and its statistics; the ratio is
+    clipped to ``[1 - clip_eps, 1 + clip_eps_high]`` (default symmetric), ``weights``: TIS."""
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logp.float() - old_logp.detach().float())
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + hi)
     surr = torch.minimum(ratio * adv_tok, clipped * adv_tok)
+    if weights is not None:
+        surr = surr * weights
     with torch.no_grad():
         m = mask.bool()
         n = m.sum().clamp(min=1)
@@ -238,11 +289,13 @@ def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps):
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
-             clip_eps: float = 0.2, *, reduction: str = "mean", return_metrics: bool = False):
-    """Token-level PPO-clip: ``-mean_{masked tokens} min(rho A, clip(rho, 1-eps, 1+eps) A)``,
+             clip_eps: float = 0.2, clip_eps_high: float | None = None, *, reduction: str = "mean",
+             return_metrics: bool = False, rollout_logp: torch.Tensor | None = None,
+             is_cap: float | None = None):
+    """Token-level PPO-clip: ``-mean_{masked tokens} min(rho A, clip(rho, 1-eps, 1+eps_high) A)``,
     rho = exp(logp - old_logp). ``advantages`` is (B,) (broadcast over tokens; for our
     value-free setting r - r_bar) or (B, T). The mean is over all masked tokens of the batch
-    (``reduction="sum"``: their sum)."""
+    (``reduction="sum"``: their sum). ``rollout_logp``, ``is_cap``: TIS (module docstring)."""
     _check(logp, old_logp, mask)
     adv = torch.as_tensor(advantages, device=logp.device).float()
     if adv.dim() == 1:
@@ -250,7 +303,8 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, adv
     if adv.shape != logp.shape:
         raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(adv.shape)}")
     maskf = mask.float()
-    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv, clip_eps)
+    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv, clip_eps, clip_eps_high,
+                                     rollout_is_weights(old_logp, rollout_logp, is_cap))
     loss = _reduce(-surr * maskf, reduction, maskf.sum().clamp(min=1.0))
     if not return_metrics:
         return loss
@@ -262,20 +316,23 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
               group_ids: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0,
               ref_logp: torch.Tensor | None = None, *, eps: float = 1e-6,
               advantages: torch.Tensor | None = None, reduction: str = "mean",
-              return_metrics: bool = False):
+              return_metrics: bool = False, clip_eps_high: float | None = None,
+              rollout_logp: torch.Tensor | None = None, is_cap: float | None = None):
     """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
     std within the group), token-level ratio clipping, averaged over all masked tokens of the
     batch (DAPO-style token mean). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
     exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (we keep no
     separate reference model: the reference is the previous iteration's policy).
-    ``advantages`` (B,) overrides the in-batch advantages."""
+    ``advantages`` (B,) overrides the in-batch advantages; ``clip_eps_high``: DAPO's
+    clip-higher; ``rollout_logp``, ``is_cap``: TIS of the surrogate (module docstring)."""
     _check(logp, old_logp, mask)
     rewards = torch.as_tensor(rewards, device=logp.device).float()
     if advantages is None:
         advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
     adv = torch.as_tensor(advantages, device=logp.device).float()
     maskf = mask.float()
-    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv[:, None].expand_as(logp), clip_eps)
+    surr, stats = _clipped_surrogate(logp, old_logp, mask, adv[:, None].expand_as(logp), clip_eps,
+                                     clip_eps_high, rollout_is_weights(old_logp, rollout_logp, is_cap))
     per_tok = -surr
     if kl_coef:
         ref = (old_logp if ref_logp is None else ref_logp).detach().float()
@@ -293,24 +350,72 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     return loss, stats
 
 
+# ----------------------------------------------------------------------------- GSPO
+def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+              group_ids: torch.Tensor, clip_eps: float = 3e-4, clip_eps_high: float | None = 4e-4, *,
+              eps: float = 1e-6, advantages: torch.Tensor | None = None, reduction: str = "mean",
+              return_metrics: bool = False, cp_group=None, rollout_logp: torch.Tensor | None = None,
+              is_cap: float | None = None):
+    """GSPO (Qwen's group sequence policy optimisation): PPO-clip on the length-normalised
+    sequence ratio ``s_j = exp(mean_t(logp_jt - old_logp_jt))`` (masked tokens) with GRPO's
+    group-normalised advantages,
+
+        L = -mean_j min(s_j A_j, clip(s_j, 1 - eps_low, 1 + eps_high) A_j),
+
+    so one ratio per response is clipped (default range 3e-4 / 4e-4, the paper's) instead of
+    one per token. Normalised by samples like OMD (``reduction="sum"``: the sum over samples);
+    ``cp_group``: the means are all-reduced over the zigzag shards (every cp rank returns the
+    whole-sequence loss)."""
+    _check(logp, old_logp, mask)
+    rewards = torch.as_tensor(rewards, device=logp.device).float()
+    if advantages is None:
+        advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
+    adv = torch.as_tensor(advantages, device=logp.device).float()
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    # the mean of per-token differences, not a difference of means: the log-ratio is ~1e-4
+    # next to sequence means of ~-1, so this keeps fp32 from cancelling it away
+    dt = torch.promote_types(logp.dtype, torch.float32)
+    ratio = torch.exp(sequence_logprob(logp.to(dt) - old_logp.detach().to(dt), mask, True, cp_group))
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + hi)
+    surr = torch.minimum(ratio * adv, clipped * adv)
+    if is_cap and rollout_logp is not None:
+        with torch.no_grad():
+            drift = sequence_logprob(old_logp.detach().to(dt) - rollout_logp.to(dt), mask, True, cp_group)
+        surr = surr * torch.exp(drift).clamp(max=float(is_cap))
+    loss = _reduce(-surr, reduction)
+    if not return_metrics:
+        return loss
+    with torch.no_grad():
+        stats = {"ratio_mean": ratio.detach().mean(),
+                 "clip_frac": ((ratio * adv) > (clipped * adv)).float().mean(),
+                 "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
+                 "reward_mean": rewards.mean()}
+    return loss, stats
+
+
 # ----------------------------------------------------------------------------- registry
-def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2, *,
-                      advantages=None, baseline=None, reduction: str = "mean", return_metrics: bool = False):
+def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2,
+                      clip_eps_high: float | None = None, *, advantages=None, baseline=None,
+                      reduction: str = "mean", return_metrics: bool = False, rollout_logp=None,
+                      is_cap: float | None = None):
     """PPO-clip with value-free advantages r - r_bar (group mean) unless given."""
     if advantages is None:
         r = torch.as_tensor(rewards, device=logp.device).float()
         if baseline is None:
             baseline = group_mean(r, torch.as_tensor(group_ids, device=logp.device))
         advantages = r - torch.as_tensor(baseline, device=logp.device).float()
-    return ppo_loss(logp, old_logp, mask, advantages, clip_eps, reduction=reduction,
-                    return_metrics=return_metrics)
+    return ppo_loss(logp, old_logp, mask, advantages, clip_eps, clip_eps_high, reduction=reduction,
+                    return_metrics=return_metrics, rollout_logp=rollout_logp, is_cap=is_cap)
 
 
-LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards}
+LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards, "gspo": gspo_loss}
+# losses averaged over samples (one term per response, whole-sequence under cp); the others
+# average over response tokens
+SEQUENCE_LEVEL_LOSSES = frozenset({"omd", "gspo"})
 
 
 def get_loss_fn(name: str) -> Callable:
-    """Loss for ``--rl-loss {omd,grpo,ppo}`` with the uniform call signature
+    """Loss for ``--rl-loss {omd,grpo,ppo,gspo}`` with the uniform call signature
     ``fn(logp, old_logp, mask, rewards, group_ids, **kwargs)``. Keyword arguments a loss does
     not take are dropped, so the trainer can pass ``tau=, clip_eps=, kl_coef=, ...`` to any."""
     try:

@@ -41,7 +41,8 @@ from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse
                                             prompt_opens_reasoning)
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty
-from megatron_k15.rl.losses import get_loss_fn, group_baseline, group_normalized_advantages
+from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
+                                    group_normalized_advantages)
 from megatron_k15.training import TrainContext, forward_only, group_reduce, reduce_sums, train_step
 
 
@@ -133,8 +134,9 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
         return mb
     out = dict(mb)
     b, t = mb["input_ids"].shape
-    for key in ("input_ids", "labels", "mask"):
-        out[key] = zigzag_split(mb[key], 1, cp_size, cp_rank)
+    for key in ("input_ids", "labels", "mask", "rollout_logp"):
+        if key in mb:
+            out[key] = zigzag_split(mb[key], 1, cp_size, cp_rank)
     out["position_ids"] = zigzag_position_ids(t, cp_size, cp_rank, device=mb["input_ids"].device)[None].expand(b, -1)
     return out
 
@@ -143,7 +145,8 @@ def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_mu
                        include_old_segments: bool, device, extra: Optional[dict] = None,
                        cp_size: int = 1, cp_rank: int = 0) -> list[dict]:
     """Right-padded (B, T) microbatches: input = tokens[:-1], labels = tokens[1:], mask = 1 on
-    labels that are response tokens of this iteration's segment (all segments if asked).
+    labels that are response tokens of this iteration's segment (all segments if asked),
+    rollout_logp = each response token's log-prob recorded by the engine (0 elsewhere).
     T is padded to a multiple of ``pad_multiple`` (``cp_pad_multiple``); with ``cp_size > 1``
     each microbatch is this cp rank's zigzag shard (``split_microbatch_for_cp``)."""
     out = []
@@ -154,6 +157,7 @@ def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_mu
         ids = torch.zeros(len(part), width, dtype=torch.long)
         labels = torch.zeros(len(part), width, dtype=torch.long)
         mask = torch.zeros(len(part), width)
+        rollout_logp = torch.zeros(len(part), width)
         for row, t in enumerate(part):
             tokens = torch.tensor(t.token_ids, dtype=torch.long)
             n = len(tokens) - 1
@@ -161,8 +165,9 @@ def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_mu
             labels[row, :n] = tokens[1:]
             p = len(t.prompt_ids)
             mask[row, p - 1:n] = loss_mask(t, iteration, include_old_segments)
+            rollout_logp[row, p - 1:n] = torch.tensor(t.logprobs, dtype=torch.float32)
         mb = {"input_ids": ids.to(device), "labels": labels.to(device), "mask": mask.to(device),
-              "index": list(range(start, start + len(part)))}
+              "rollout_logp": rollout_logp.to(device), "index": list(range(start, start + len(part)))}
         if extra:
             for k, v in extra.items():
                 mb[k] = v[start:start + len(part)].to(device)
@@ -191,9 +196,37 @@ def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, ta
                    exact_logz: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(baseline, advantages) per sample from its whole group (never one microbatch of it)."""
     baseline = group_baseline(rewards, group_ids, tau, exact_logz if loss == "omd" else False)
-    if loss == "grpo":
+    if loss in ("grpo", "gspo"):
         return baseline, group_normalized_advantages(rewards, group_ids)
     return baseline, rewards - baseline
+
+
+def flat_groups(finished: list[Trajectory], rewards: list[float], correct: list[bool], metrics: dict) -> set:
+    """Groups whose finished samples all got the same reward: their advantages are 0, so at
+    the iteration's first update (policy = pi_i) they contribute no gradient to any loss.
+    Records ``solve_all_fraction`` / ``solve_none_fraction`` (groups all / none correct) and
+    ``zero_advantage_fraction`` (samples in flat groups) in ``metrics``."""
+    by_group = defaultdict(list)
+    for t, r, c in zip(finished, rewards, correct):
+        by_group[t.group_id].append((r, c))
+    flat = {g for g, v in by_group.items() if max(r for r, _ in v) == min(r for r, _ in v)}
+    metrics.update(
+        solve_all_fraction=sum(all(c for _, c in v) for v in by_group.values()) / len(by_group),
+        solve_none_fraction=sum(not any(c for _, c in v) for v in by_group.values()) / len(by_group),
+        zero_advantage_fraction=sum(t.group_id in flat for t in finished) / len(finished))
+    return flat
+
+
+def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                  is_cap: Optional[float] = None) -> torch.Tensor:
+    """Over the masked tokens of one microbatch: (tokens, sum |old - rollout|, sum k3, tokens
+    whose TIS weight is capped), float64. k3 = rho - 1 - log rho with rho =
+    pi_train / pi_rollout estimates KL(pi_rollout || pi_train) from the rollout's own samples."""
+    m = mask.double()
+    d = old_logp.double() - rollout_logp.double()
+    capped = ((d.exp() > is_cap).double() * m).sum() if is_cap else d.new_zeros(())
+    return torch.stack([m.sum(), (d.abs() * m).sum(),
+                        ((d.exp() - 1.0 - d) * m).sum(), capped]).cpu()
 
 
 def generation_parallel(pc) -> tuple[int, int, object]:
@@ -322,48 +355,56 @@ class RLIteration:
         r_all = torch.tensor(rewards, dtype=torch.float32)
         g_all = torch.tensor([gindex[t.group_id] for t in finished])
         baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
+        flat = flat_groups(finished, rewards, correct, metrics)
+        skip = flat if args.skip_zero_advantage else set()
+        metrics["trained_samples"] = sum(t.group_id not in skip for t in finished)
+        seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
         t1 = time.time()
         # update u trains on the u-th contiguous slice of the finished samples (global order, so
-        # the same in every layout); inside it each dp rank takes the samples of its groups
+        # the same in every layout); inside it each dp rank takes the samples of its groups. The
+        # loss is divided by the slice's count (samples for OMD / GSPO, response tokens for the
+        # token-level losses), skipped samples included, so skipping changes no gradient.
         updates = max(1, args.updates_per_iter)
         bounds = [round(u * len(finished) / updates) for u in range(updates + 1)]
         plan = []
         for u in range(updates):
-            idx = [i for i in range(bounds[u], bounds[u + 1])
-                   if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank]
+            span = range(bounds[u], bounds[u + 1])
+            total = float(len(span)) if seq_level else float(sum(
+                float(loss_mask(finished[i], iteration, args.include_old_segments).sum()) for i in span))
+            idx = [i for i in span if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank
+                   and finished[i].group_id not in skip]
             sel = torch.tensor(idx, dtype=torch.long)
             extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],
                      "advantages": adv[sel]}
-            plan.append(build_microbatches([finished[i] for i in idx], iteration, args.micro_batch_size, pad,
-                                           args.include_old_segments, device, extra,
-                                           cp_size=pc.cp_size, cp_rank=pc.cp_rank) if idx else [])
+            plan.append((build_microbatches([finished[i] for i in idx], iteration, args.micro_batch_size, pad,
+                                            args.include_old_segments, device, extra,
+                                            cp_size=pc.cp_size, cp_rank=pc.cp_rank) if idx else [], total))
+        # pi_i's per-token entropy on its own samples: the mean -log-prob the engine recorded
+        # for the tokens it sampled in this iteration (every finished trajectory, trained or not)
+        sampled = [lp for t in finished for lp, it in zip(t.logprobs, t.segment_ids) if it == iteration]
+        metrics["entropy"] = -math.fsum(sampled) / max(1, len(sampled))
         # old log-probs: the policy pi_i at the start of the iteration (one forward pass); their
-        # masked mean over response tokens estimates pi_i's per-token entropy on its own samples
-        ent_sum = ent_tokens = 0.0
-        for chunk in plan:
+        # difference to the engine's log-probs of the same tokens measures how far the rollout
+        # numerics are from the training forward's
+        sums = torch.zeros(4, dtype=torch.float64)  # tokens, |diff|, k3, capped by TIS
+        for chunk, _ in plan:
             old = policy_logprobs(ctx, chunk) if chunk else []
             for mb, lp in zip(chunk, old if ctx.pc.is_last_stage else [None] * len(chunk)):
                 mb["old_logp"] = lp
                 if lp is not None:
-                    ent_sum -= float((lp.double() * mb["mask"]).sum())
-                    ent_tokens += float(mb["mask"].sum())
-        ent_sum, ent_tokens = reduce_sums([ent_sum, ent_tokens], ctx)
+                    sums += mismatch_sums(lp, mb["rollout_logp"], mb["mask"], args.rollout_is_cap)
+        tokens, diff_sum, k3_sum, capped = reduce_sums(sums.tolist(), ctx)
+        metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3_sum / max(tokens, 1.0))
+        if args.rollout_is_cap:
+            metrics["rollout_is_capped_fraction"] = capped / max(tokens, 1.0)
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
         ctx.moe_aux_loss = None  # set by this iteration's updates, if any
-        omd = args.rl_loss == "omd"
         losses, norms, kls = [], [], []
-        for chunk in plan:
-            # OMD normalises by samples (the same on every cp rank of a dp rank), GRPO/PPO by
-            # response tokens (each cp rank holds a part of them)
-            if omd:
-                total = group_reduce(sum(float(mb["mask"].shape[0]) for mb in chunk),
-                                      pc.dp_group if pc.dp_size > 1 else None)
-            else:
-                total = group_reduce(sum(float(mb["mask"].sum()) for mb in chunk), self.gen_group)
+        for chunk, total in plan:
             if total <= 0:
                 continue
             # a dp rank without samples in this update still joins the collective step; then no
@@ -375,11 +416,10 @@ class RLIteration:
             losses.append(loss_sum / total)
             kls.append(kl_sum / max(n, 1.0))
             norms.append(norm)
-        mbs_all = [mb for chunk in plan for mb in chunk]
+        mbs_all = [mb for chunk, _ in plan for mb in chunk]
         t_train = time.time() - t1
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
-                       entropy=ent_sum / max(ent_tokens, 1.0),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
                        train_tokens_per_s=train_tokens * updates / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
@@ -391,12 +431,13 @@ class RLIteration:
         """Per microbatch: log-probs through this stage; on the last stage the loss / the
         global count, and (loss, sum (S - S_old)^2, samples) for logging. Under cp every value
         is a partial sum over cp ranks (``reduce_sums`` adds them): the sample-level ones (OMD's
-        loss, the KL proxy, the count) are counted on cp rank 0 only, since every cp rank holds
-        the whole-sequence sums after the all-reduce."""
+        and GSPO's loss, the KL proxy, the count) are counted on cp rank 0 only, since every cp
+        rank holds the whole-sequence sums after the all-reduce."""
         model, args, loss_fn, pc = self.ctx.model, self.args, self.loss_fn, self.ctx.pc
         cp_group = pc.cp_group if pc.cp_size > 1 else None
         first_cp = pc.cp_rank == 0
-        omd = args.rl_loss == "omd"
+        seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
+        clip_lo, clip_hi = clip_range(args.rl_loss, args.clip_eps, args.clip_eps_high)
 
         def step(mb, hidden):
             out = model(input_ids=mb["input_ids"] if model.pre_process else None,
@@ -405,15 +446,15 @@ class RLIteration:
             if not model.post_process:
                 return out
             loss = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
-                           tau=args.rl_tau, clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                           tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
-                           cp_group=cp_group)
+                           cp_group=cp_group, rollout_logp=mb["rollout_logp"], is_cap=args.rollout_is_cap)
             with torch.no_grad():
                 d = ((out.detach().double() - mb["old_logp"].double()) * mb["mask"]).sum(-1)
                 if cp_group is not None:
                     dist.all_reduce(d, group=cp_group)
                 kl = float((d ** 2).sum())
-            loss_log = float(loss.detach()) if (first_cp or not omd) else 0.0
+            loss_log = float(loss.detach()) if (first_cp or not seq_level) else 0.0
             return loss / normalizer, (loss_log, kl if first_cp else 0.0,
                                        float(mb["mask"].shape[0]) if first_cp else 0.0)
 

@@ -59,6 +59,9 @@ UPDATES_PER_ITER=${UPDATES_PER_ITER:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
 LR=${LR:-1e-6}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}             # one 128K trajectory per microbatch
+# trajectories packed into microbatches of this many tokens per GPU (x CP per microbatch): a 128K
+# one alone, short ones together, no padding; empty = MICRO_BATCH_SIZE padded trajectories
+MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU-$((SEQ_LENGTH / CP))}
 TEMPERATURE=${TEMPERATURE:-1.0}
 SAMPLING=${SAMPLING:-prioritized}
 LENGTH_PENALTY_WEIGHT=${LENGTH_PENALTY_WEIGHT:-0.0}
@@ -207,6 +210,7 @@ else
   [ "$BF16" = 1 ] && OPT_ARGS+=(--bf16)
   [ -n "$RECOMPUTE" ] && OPT_ARGS+=(--recompute-granularity "$RECOMPUTE")
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
+  [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
   read -r -a EXTRA <<< "$EXTRA_RL_ARGS"
   if [ "$NODE_RANK" != 0 ]; then  # node 0 may still be converting
     wait_for "$DATA_DIR/prompts.json"

@@ -32,6 +32,8 @@ naming the flags (drop long prompts with ``tools/preprocess_data.py --mode promp
 between the engine's and the training forward's log-probs (truncated importance sampling;
 the difference is logged as ``rollout_logp_abs_diff`` / ``rollout_kl`` either way), and
 ``--skip-zero-advantage`` does not train on groups whose samples all got the same reward.
+``--use-dynamic-batch-size --max-tokens-per-gpu N`` packs trajectories into microbatches of at
+most N tokens per rank instead of padding --micro-batch-size of them to the longest.
 
 ``--reward-model-load DIR``: a generative reward model (Kimi's chain-of-thought RM; any
 checkpoint of this codebase, e.g. a converted instruct model) regrades math answers the
@@ -90,6 +92,12 @@ def add_rl_args(p) -> None:
     g.add_argument("--curriculum-threshold", type=float, default=None)
     g.add_argument("--prioritized-floor", type=float, default=0.05)
     g.add_argument("--updates-per-iter", type=int, default=1)
+    g.add_argument("--use-dynamic-batch-size", action="store_true",
+                   help="pack trajectories into training microbatches of at most --max-tokens-per-gpu tokens "
+                        "per rank (no padding; replaces --micro-batch-size for the RL step)")
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None,
+                   help="token budget of a packed microbatch per rank (x --context-parallel-size per "
+                        "microbatch); a longer trajectory gets a microbatch of its own")
     g.add_argument("--skip-zero-advantage", action="store_true",
                    help="do not train on groups whose samples all got the same reward (no gradient at the "
                         "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "
@@ -139,6 +147,14 @@ def _validate(args) -> None:
                                 "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
         if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
             raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+    if args.use_dynamic_batch_size and args.max_tokens_per_gpu is None:
+        raise ArgumentError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token budget of a "
+                            "packed microbatch per rank)")
+    if args.max_tokens_per_gpu is not None:
+        if not args.use_dynamic_batch_size:
+            raise ArgumentError("--max-tokens-per-gpu only applies with --use-dynamic-batch-size; add it")
+        if args.max_tokens_per_gpu < 1:
+            raise ArgumentError(f"--max-tokens-per-gpu must be >= 1, got {args.max_tokens_per_gpu}")
     if args.rollout_is_cap is not None and args.rollout_is_cap < 1:
         raise ArgumentError(f"--rollout-is-cap must be >= 1 (a weight cap; 1 would truncate every token "
                             f"the trainer finds likelier than the engine did), got {args.rollout_is_cap}")

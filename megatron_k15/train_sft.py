@@ -9,7 +9,7 @@
 Samples (from ``tools/preprocess_data.py --mode sft``) are packed into rows of --seq-length
 with per-sample attention boundaries; the loss is the mean over response tokens of the global
 batch, so every layout takes the same step. With --context-parallel-size cp > 1 each packed
-microbatch is zigzag-split over the cp group (``split_microbatch_for_cp``: every packed sample
+microbatch is zigzag-split over the cp group (``parallel.context.split_packed_microbatch``: every packed sample
 padded to a multiple of 2*cp, padding masked out of the loss), attention runs as ring attention
 (--cp-comm-type ring|allgather), and the loss sums over cp ranks. ``--load`` resumes exactly (weights, optimizer,
 RNG, data position); with ``--finetune`` it loads weights only. Without ``--load`` the model
@@ -80,81 +80,15 @@ def _validate(args) -> None:
                             f"--mode {args.loss}")
 
 
-def cp_microbatch_length(cu_seqlens, seq_len: int, cp_size: int, tp_size: int = 1) -> int:
-    """Packed length of a microbatch after context-parallel padding: every sample padded to a
-    multiple of 2*cp, the total rounded up to a multiple of cp * lcm(2, tp) (the local length is
-    then even and divisible by tp for sequence parallelism). It is ``seq_len`` rounded up to that
-    multiple unless the per-sample padding needs more, so it is fixed for a given run in the
-    common case and always the same on every rank that shares the microbatch (tp, cp, pp)."""
-    from megatron_k15.parallel.context import pad_to_multiple
-
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    padded = sum(pad_to_multiple(lengths, 2 * cp_size))
-    multiple = cp_size * math.lcm(2, tp_size)
-    return -(-max(padded, seq_len) // multiple) * multiple
-
-
-def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int, tp_size: int = 1) -> dict:
-    """This cp rank's zigzag shard of a packed microbatch (``PackedSFTStream.microbatch``, b=1).
-
-    Every packed sequence is padded to a multiple of 2*cp (pad tokens: id 0, label 0, loss mask
-    0, seq_ids 0 when present; they sit at the end of their sequence, so causal attention never
-    shows them to a real token) and the last one is extended so the row has
-    ``cp_microbatch_length`` tokens. Returns input_ids / labels / loss_mask / seq_ids (DPO) /
-    position_ids (original positions, for RoPE) of shape (1, length / cp), the local
-    ``cu_seqlens`` (the same on every cp rank) and ``max_seqlen``."""
-    if cp_size == 1:
-        return mb
-    from megatron_k15.parallel.context import pad_to_multiple, zigzag_varlen_layout
-
-    cu = mb["cu_seqlens"].to(torch.int64).cpu()
-    n = int(cu[-1])
-    if mb["input_ids"].shape != (1, n):
-        raise ValueError(f"expected one packed row of {n} tokens, got input_ids "
-                         f"{tuple(mb['input_ids'].shape)}")
-    target = cp_microbatch_length(cu, n, cp_size, tp_size)
-    lengths = (cu[1:] - cu[:-1]).tolist()
-    padded = pad_to_multiple(lengths, 2 * cp_size)
-    # the last sequence absorbs the rest of the row: its length becomes a multiple of 2*cp
-    grow = target - sum(padded) + padded[-1] - lengths[-1]
-    cu_ext = cu.clone()
-    cu_ext[-1] += grow
-    lay = zigzag_varlen_layout(cu_ext, cp_size, cp_rank)
-    index, valid = lay.index.clamp(min=0), lay.valid
-    out = {}
-    for key in ("input_ids", "labels", "loss_mask", "seq_ids"):
-        if key not in mb:
-            continue
-        x = mb[key]
-        if grow:
-            x = torch.cat([x, x.new_zeros((1, grow))], dim=1)
-        idx = index.to(x.device)
-        local = x.index_select(1, idx)
-        out[key] = torch.where(valid.to(x.device)[None], local, torch.zeros_like(local))
-    out["position_ids"] = lay.position_ids[None].to(mb["input_ids"].device)
-    out["cu_seqlens"] = lay.cu_seqlens.to(mb["cu_seqlens"].device)
-    out["max_seqlen"] = lay.max_seqlen
-    for k, v in mb.items():  # anything else travels unchanged
-        out.setdefault(k, v)
-    return out
-
-
-def packed_stage_forward(model, mb: dict, hidden):
-    """This pipeline stage on a packed microbatch: token log-probs (b, s) on the last stage,
-    hidden states for the next stage elsewhere."""
-    return model(input_ids=mb["input_ids"] if model.pre_process else None,
-                 position_ids=mb.get("position_ids"),
-                 labels=mb["labels"] if model.post_process else None,
-                 cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], hidden=hidden)
-
-
 def sft_forward_step(model, total_loss_tokens: float):
     """Per microbatch: log-probs through the stage; on the last stage the loss
     -sum(mask * logp) / (response tokens in the global batch). Under context parallelism the
-    microbatch is this cp rank's shard (``split_microbatch_for_cp``) and the loss a partial sum
+    microbatch is this cp rank's shard (``split_packed_microbatch``) and the loss a partial sum
     over its tokens (gradients and the logged sums add up over cp)."""
+    from megatron_k15.training import stage_forward
+
     def step(mb, hidden):
-        out = packed_stage_forward(model, mb, hidden)
+        out = stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         loss_sum = -(out * mb["loss_mask"]).sum()
@@ -169,9 +103,10 @@ def dpo_forward_step(model, beta: float, total_pairs: float, cp_group=None):
     Returns (loss sum, margin sum, pairs with margin > 0, chosen reward sum, rejected reward sum,
     pairs) for logging; under cp every cp rank holds the same values."""
     from megatron_k15.rl.dpo import all_reduce_sum_cp, dpo_loss, dpo_rewards, sequence_logps
+    from megatron_k15.training import stage_forward
 
     def step(mb, hidden):
-        out = packed_stage_forward(model, mb, hidden)
+        out = stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         ref = mb["ref_logps"].double()
@@ -191,10 +126,12 @@ def _to_device(mb: dict, device) -> dict:
 
 
 def _local_microbatch(ctx, stream, rows, device, reference=None) -> dict:
+    from megatron_k15.parallel.context import split_packed_microbatch
+
     mb = stream.microbatch(rows)
     if reference is not None:
         mb["ref_logps"] = reference[mb["pair_index"]].to(torch.float64)
-    mb = split_microbatch_for_cp(mb, ctx.pc.cp_size, ctx.pc.cp_rank,
+    mb = split_packed_microbatch(mb, ctx.pc.cp_size, ctx.pc.cp_rank,
                                  ctx.pc.tp_size if ctx.model.sequence_parallel else 1)
     return _to_device(mb, device)
 
@@ -205,14 +142,14 @@ def dpo_reference_logps(ctx, stream, mbs: int, device, chunk_microbatches: int =
     current weights (zero for pairs the stream leaves out). One forward-only pass: the pairs in
     dataset order, rows split round-robin over dp, ``chunk_microbatches`` at a time."""
     from megatron_k15.rl.dpo import sequence_logps
-    from megatron_k15.training import forward_only
+    from megatron_k15.training import forward_only, stage_forward
 
     model, pc = ctx.model, ctx.pc
     rows = stream.reference_rows()[pc.dp_rank::pc.dp_size]
     table = torch.zeros(stream.num_pairs, 2, dtype=torch.float64)
 
     def step(mb, hidden):
-        out = packed_stage_forward(model, mb, hidden)
+        out = stage_forward(model, mb, hidden)
         if not model.post_process:
             return out
         n = mb["pair_index"].numel()

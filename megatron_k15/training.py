@@ -143,13 +143,22 @@ def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
     """Shape of the activation a stage receives for a microbatch with ``input_ids`` (b, s).
 
     Under context parallelism a microbatch holds this cp rank's zigzag shard (see
-    ``train_sft.split_microbatch_for_cp``), so ``s`` is the local length; sequence parallelism
+    ``parallel.context.split_packed_microbatch``), so ``s`` is the local length; sequence parallelism
     then splits it over tp."""
     def shape(mb):
         b, s = mb["input_ids"].shape
         local = s // model.tp_size if model.sequence_parallel else s
         return (local, b, model.config.hidden_size)
     return shape
+
+
+def stage_forward(model: GPTModel, mb: dict, hidden):
+    """This pipeline stage on a microbatch, packed (``cu_seqlens``, b = 1) or padded (b, s):
+    token log-probs (b, s) on the last stage, hidden states for the next stage elsewhere."""
+    return model(input_ids=mb["input_ids"] if model.pre_process else None,
+                 position_ids=mb.get("position_ids"),
+                 labels=mb["labels"] if model.post_process else None,
+                 cu_seqlens=mb.get("cu_seqlens"), max_seqlen=mb.get("max_seqlen"), hidden=hidden)
 
 
 def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr: float) -> tuple[list, float]:

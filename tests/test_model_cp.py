@@ -160,14 +160,14 @@ def test_zigzag_positions_from_local_cu_seqlens():
 def test_split_microbatch_for_cp_roundtrip():
     """train_sft's split: fixed padded length, local length divisible by tp, pads masked, and
     the shards merge back to the original microbatch."""
-    from megatron_k15.train_sft import cp_microbatch_length, split_microbatch_for_cp
+    from megatron_k15.parallel.context import packed_microbatch_length, split_packed_microbatch
 
     stream = PackedSFTStream(_samples(), 32, seed=3)
     mb = stream.microbatch(stream.rows(0, 2))
     n = mb["input_ids"].shape[1]
     cp, tp = 2, 2
-    shards = [split_microbatch_for_cp(mb, cp, r, tp) for r in range(cp)]
-    target = cp_microbatch_length(mb["cu_seqlens"], n, cp, tp)
+    shards = [split_packed_microbatch(mb, cp, r, tp) for r in range(cp)]
+    target = packed_microbatch_length(mb["cu_seqlens"], n, cp, tp)
     assert target % (2 * cp) == 0 and (target // cp) % tp == 0 and target >= n
     for s in shards:
         assert s["input_ids"].shape == (1, target // cp) and (target // cp) % tp == 0
@@ -225,7 +225,8 @@ def _args(comm_type):
 def _sft_worker(rank, world_size, tp, cp, comm_type):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
-    from megatron_k15.train_sft import sft_forward_step, split_microbatch_for_cp
+    from megatron_k15.parallel.context import split_packed_microbatch
+    from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
     initialize_model_parallel(tp, 1, cp)
@@ -239,7 +240,7 @@ def _sft_worker(rank, world_size, tp, cp, comm_type):
         rows = stream.rows(it * GBS, GBS)
         total = sum(stream.loss_tokens(r) for r in rows)
         mine = rows[pc.dp_rank * per:(pc.dp_rank + 1) * per]
-        mbs = [split_microbatch_for_cp(stream.microbatch(mine[k:k + MBS]), pc.cp_size, pc.cp_rank,
+        mbs = [split_packed_microbatch(stream.microbatch(mine[k:k + MBS]), pc.cp_size, pc.cp_rank,
                                        pc.tp_size if ctx.model.sequence_parallel else 1)
                for k in range(0, per, MBS)]
         results, norm = train_step(ctx, mbs, sft_forward_step(ctx.model, total), lr_at(it, 3e-3, 3e-4, 1, ITERS))

@@ -16,7 +16,8 @@ import torch
 
 from megatron_k15.generation.replay_buffer import Trajectory
 from megatron_k15.models.sharding import merge_shards
-from megatron_k15.rl.trainer import build_microbatches, mismatch_sums
+from megatron_k15.rl.trainer import (build_microbatches, build_packed_microbatches, mismatch_sums, pack_by_tokens,
+                                     packed_to_rows)
 from megatron_k15.testing import run_distributed
 
 PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
@@ -49,7 +50,7 @@ def _args(**kw):
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
                 exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, rollout_is_cap=None,
-                skip_zero_advantage=False, samples_per_prompt=4, rollout_max_tokens=6,
+                skip_zero_advantage=False, use_dynamic_batch_size=False, max_tokens_per_gpu=None, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
                 seed=5, no_repeat_detection=False, length_penalty_weight=0.1, length_penalty_start_iter=0,
                 repeat_penalty=0.0, micro_batch_size=3, updates_per_iter=2, keep_optimizer_state=False,
@@ -145,6 +146,67 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
     world, tp, pp, cp, iters = LAYOUTS[layout]
     got = run_distributed(rl_worker, world, tp, loss, 0, iters, pp, cp, LAYOUT_OPTS)
     _assert_same_update(got, ref, (loss, layout))
+
+
+# --use-dynamic-batch-size: the iteration's trajectories packed into microbatches of at most
+# 40 tokens per rank (two trajectories of <= 16 tokens share one), against the padded reference
+PACKED_OPTS = dict(LAYOUT_OPTS, use_dynamic_batch_size=True, max_tokens_per_gpu=40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,layout", [("omd", "one"), ("grpo", "tp2"), ("omd", "cp2")])
+def test_packed_microbatches_give_the_same_update(loss, layout):
+    """Packed (varlen) RL microbatches take the same update as the padded ones: on one rank,
+    under tp=2 with sequence parallelism (a pad segment keeps the row divisible by tp), and
+    under cp=2 (every trajectory zigzag-split on its own, ring attention over the packed row)."""
+    ref = _single_rank(loss)
+    world, tp, pp, cp, iters = {"one": (1, 1, 1, 1, 2), **LAYOUTS}[layout]
+    got = run_distributed(rl_worker, world, tp, loss, 0, iters, pp, cp, PACKED_OPTS)
+    _assert_same_update(got, ref, ("packed", loss, layout))
+
+
+def _trajectory(prompt, response, logprobs, iteration=0):
+    t = Trajectory(prompt_id="q", prompt_ids=prompt, sample_index=0, group_id="g")
+    t.append_segment(response, logprobs, iteration=iteration, stop_reason="eos")
+    return t
+
+
+def test_pack_by_tokens_first_fit_decreasing():
+    # 9 -> bin 0; 7 -> bin 1; 5 -> bin 2; 3 -> bin 1 (10); 2 -> bin 2 (7)
+    assert pack_by_tokens([5, 3, 7, 2, 9], 10) == [[4], [1, 2], [0, 3]]
+    assert pack_by_tokens([12, 4], 10) == [[0], [1]]  # longer than the budget: alone
+    assert pack_by_tokens([], 10) == []
+
+
+def test_packed_microbatches_hold_the_padded_rows():
+    """Each packed microbatch is its trajectories' padded rows laid end to end (cu_seqlens
+    between them), and packed_to_rows gives the rows back; with sequence parallelism over 4
+    ranks a pad segment (mask 0) rounds the row up."""
+    trajs = [_trajectory([5, 6], [10, 11, 12], [-0.1, -0.2, -0.3]),
+             _trajectory([7, 8, 9], [13], [-0.4]),
+             _trajectory([5], [14, 15, 16, 17, 18], [-0.5, -0.6, -0.7, -0.8, -0.9])]
+    extra = {"rewards": torch.tensor([1.0, 2.0, 3.0])}
+    padded = build_microbatches(trajs, 0, 3, 1, False, torch.device("cpu"), extra)[0]
+    packed = build_packed_microbatches(trajs, 0, 9, False, torch.device("cpu"), extra, sp_size=4)
+    # lengths 4, 3, 5 (tokens - 1): first-fit decreasing with budget 9 -> [0, 2] (9 tokens, a pad
+    # segment of 3 makes 12) and [1] (3 tokens + 1 of padding)
+    assert [mb["num_samples"] for mb in packed] == [2, 1]
+    first, second = packed
+    assert first["cu_seqlens"].tolist() == [0, 4, 9, 12] and first["input_ids"].shape == (1, 12)
+    assert first["rewards"].tolist() == [1.0, 3.0] and not first["mask"][0, 9:].any()
+    assert second["cu_seqlens"].tolist() == [0, 3, 4] and second["max_seqlen"] == 3
+    for mb, members in ((first, [0, 2]), (second, [1])):
+        for key in ("input_ids", "labels", "mask", "rollout_logp"):
+            rows = packed_to_rows(mb[key], mb["cu_seqlens"], mb["num_samples"], 5)
+            assert rows.shape == (len(members), 5)
+            for row, i in zip(rows, members):
+                n = len(trajs[i].token_ids) - 1
+                assert row[:n].tolist() == padded[key][i, :n].tolist(), (key, i)
+                assert not row[n:].any()
+    # differentiable: the gradient of a row sum reaches exactly that sample's packed tokens
+    x = torch.randn(1, 12, requires_grad=True)
+    packed_to_rows(x, first["cu_seqlens"], 2, 5)[1].sum().backward()
+    assert x.grad[0].tolist() == [0] * 4 + [1] * 5 + [0] * 3
 
 
 @pytest.mark.slow
@@ -302,7 +364,10 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
     for extra, message in ((["--clip-eps", "0.2"], "--clip-eps: --rl-loss omd has no ratio clipping"),
                            (["--rl-loss", "gspo", "--clip-eps-high", "-1"], "--clip-eps-high must be >= 0"),
                            (["--rl-loss", "ppo", "--clip-eps", "1.5"], "--clip-eps must be in [0, 1)"),
-                           (["--rollout-is-cap", "0.5"], "--rollout-is-cap must be >= 1")):
+                           (["--rollout-is-cap", "0.5"], "--rollout-is-cap must be >= 1"),
+                           (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
+                           (["--max-tokens-per-gpu", "64"], "--max-tokens-per-gpu only applies with "
+                                                            "--use-dynamic-batch-size")):
         with pytest.raises(SystemExit):
             _parse(base + extra, 1)
         assert message in capsys.readouterr().err, extra

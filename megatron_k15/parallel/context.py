@@ -26,6 +26,8 @@ Packed variable-length sequences (THD layout, tokens along one dim, ``cu_seqlens
                                                 -> (x_local, local_cu_seqlens, position_ids)
     ``zigzag_merge_varlen(chunks_per_rank, cu_seqlens, cp_size, dim=0)``  pure inverse
     ``zigzag_gather_varlen(x, cu_seqlens, cp_size, group, dim=0)``        all-gather + inverse
+    ``split_packed_microbatch(mb, cp_size, cp_rank, tp_size)``  this rank's shard of a packed
+                                                (1, n) training microbatch (every token tensor)
 
 Padding tokens sit at the end of each sequence in the original order, so causal attention never
 lets a real token see one; their position ids continue past the sequence length, and
@@ -320,3 +322,59 @@ def zigzag_gather_varlen(x: torch.Tensor, cu_seqlens, cp_size: int, group=None, 
         x = all_gather_cp(x, dim, group)
     return zigzag_merge_varlen(list(x.chunk(cp_size, dim=dim)), cu_seqlens, dim=dim,
                                keep_padding=keep_padding)
+
+
+def packed_microbatch_length(cu_seqlens, seq_len: int, cp_size: int, tp_size: int = 1) -> int:
+    """Packed length of a microbatch after context-parallel padding: every sample padded to a
+    multiple of 2*cp, the total rounded up to a multiple of cp * lcm(2, tp) (the local length is
+    then even and divisible by tp for sequence parallelism). It is ``seq_len`` rounded up to that
+    multiple unless the per-sample padding needs more, so it is fixed for a given run in the
+    common case and always the same on every rank that shares the microbatch (tp, cp, pp)."""
+    import math
+
+    padded = sum(pad_to_multiple(_cu_to_lengths(cu_seqlens), 2 * cp_size))
+    multiple = cp_size * math.lcm(2, tp_size)
+    return -(-max(padded, seq_len) // multiple) * multiple
+
+
+def split_packed_microbatch(mb: dict, cp_size: int, cp_rank: int, tp_size: int = 1) -> dict:
+    """This cp rank's zigzag shard of a packed microbatch: one row of n tokens with
+    ``cu_seqlens`` boundaries (SFT's ``PackedSFTStream.microbatch``, RL's packed trajectories).
+
+    Every packed sequence is padded to a multiple of 2*cp (pad entries are 0: token id 0, label
+    0, loss mask 0; they sit at the end of their sequence, so causal attention never shows them
+    to a real token) and the last one is extended so the row has ``packed_microbatch_length``
+    tokens. Every (1, n) tensor of ``mb`` (ids, labels, masks, per-token values) becomes its
+    (1, length / cp) shard; adds ``position_ids`` (original positions, for RoPE), the local
+    ``cu_seqlens`` (the same on every cp rank) and ``max_seqlen``; anything else travels
+    unchanged."""
+    if cp_size == 1:
+        return mb
+    cu = mb["cu_seqlens"].to(torch.int64).cpu()
+    n = int(cu[-1])
+    if mb["input_ids"].shape != (1, n):
+        raise ValueError(f"expected one packed row of {n} tokens, got input_ids "
+                         f"{tuple(mb['input_ids'].shape)}")
+    target = packed_microbatch_length(cu, n, cp_size, tp_size)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    padded = pad_to_multiple(lengths, 2 * cp_size)
+    # the last sequence absorbs the rest of the row: its length becomes a multiple of 2*cp
+    grow = target - sum(padded) + padded[-1] - lengths[-1]
+    cu_ext = cu.clone()
+    cu_ext[-1] += grow
+    lay = zigzag_varlen_layout(cu_ext, cp_size, cp_rank)
+    index, valid = lay.index.clamp(min=0), lay.valid
+    out = {}
+    for key, x in mb.items():
+        if not (isinstance(x, torch.Tensor) and x.shape == (1, n)):
+            continue
+        if grow:
+            x = torch.cat([x, x.new_zeros((1, grow))], dim=1)
+        local = x.index_select(1, index.to(x.device))
+        out[key] = torch.where(valid.to(x.device)[None], local, torch.zeros_like(local))
+    out["position_ids"] = lay.position_ids[None].to(mb["input_ids"].device)
+    out["cu_seqlens"] = lay.cu_seqlens.to(mb["cu_seqlens"].device)
+    out["max_seqlen"] = lay.max_seqlen
+    for k, v in mb.items():  # anything else travels unchanged
+        out.setdefault(k, v)
+    return out

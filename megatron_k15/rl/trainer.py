@@ -36,14 +36,16 @@ from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.parallel.context import zigzag_position_ids, zigzag_split
+from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
+                                           zigzag_split)
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse_reasoning_tags,
                                             prompt_opens_reasoning)
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
                                     group_normalized_advantages)
-from megatron_k15.training import TrainContext, forward_only, group_reduce, reduce_sums, train_step
+from megatron_k15.training import (TrainContext, forward_only, group_reduce, reduce_sums, stage_forward,
+                                   train_step)
 
 
 @dataclass
@@ -141,49 +143,120 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
     return out
 
 
+def _token_rows(t: Trajectory, iteration: int, include_old_segments: bool):
+    """One trajectory as next-token rows of n = len(tokens) - 1: input ids, labels, loss mask
+    (response tokens of this iteration's segment, all segments if asked) and the engine's
+    log-prob of each label (0 on prompt positions)."""
+    tokens = torch.tensor(t.token_ids, dtype=torch.long)
+    n, p = len(tokens) - 1, len(t.prompt_ids)
+    mask = torch.zeros(n)
+    mask[p - 1:] = loss_mask(t, iteration, include_old_segments)
+    rollout_logp = torch.zeros(n)
+    rollout_logp[p - 1:] = torch.tensor(t.logprobs, dtype=torch.float32)
+    return tokens[:-1], tokens[1:], mask, rollout_logp
+
+
+_ROW_KEYS = ("input_ids", "labels", "mask", "rollout_logp")
+
+
 def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_multiple: int,
                        include_old_segments: bool, device, extra: Optional[dict] = None,
                        cp_size: int = 1, cp_rank: int = 0) -> list[dict]:
-    """Right-padded (B, T) microbatches: input = tokens[:-1], labels = tokens[1:], mask = 1 on
-    labels that are response tokens of this iteration's segment (all segments if asked),
-    rollout_logp = each response token's log-prob recorded by the engine (0 elsewhere).
-    T is padded to a multiple of ``pad_multiple`` (``cp_pad_multiple``); with ``cp_size > 1``
-    each microbatch is this cp rank's zigzag shard (``split_microbatch_for_cp``)."""
+    """Right-padded (B, T) microbatches of ``mbs`` trajectories: input = tokens[:-1], labels =
+    tokens[1:], mask = 1 on labels that are response tokens of this iteration's segment (all
+    segments if asked), rollout_logp = each response token's log-prob recorded by the engine
+    (0 elsewhere). T is padded to a multiple of ``pad_multiple`` (``cp_pad_multiple``); with
+    ``cp_size > 1`` each microbatch is this cp rank's zigzag shard (``split_microbatch_for_cp``).
+    ``extra``: per-sample tensors (B,), sliced along."""
     out = []
     for start in range(0, len(trajs), mbs):
-        part = trajs[start:start + mbs]
-        width = max(len(t.token_ids) - 1 for t in part)
-        width = int(math.ceil(width / pad_multiple) * pad_multiple)
-        ids = torch.zeros(len(part), width, dtype=torch.long)
-        labels = torch.zeros(len(part), width, dtype=torch.long)
-        mask = torch.zeros(len(part), width)
-        rollout_logp = torch.zeros(len(part), width)
-        for row, t in enumerate(part):
-            tokens = torch.tensor(t.token_ids, dtype=torch.long)
-            n = len(tokens) - 1
-            ids[row, :n] = tokens[:-1]
-            labels[row, :n] = tokens[1:]
-            p = len(t.prompt_ids)
-            mask[row, p - 1:n] = loss_mask(t, iteration, include_old_segments)
-            rollout_logp[row, p - 1:n] = torch.tensor(t.logprobs, dtype=torch.float32)
-        mb = {"input_ids": ids.to(device), "labels": labels.to(device), "mask": mask.to(device),
-              "rollout_logp": rollout_logp.to(device), "index": list(range(start, start + len(part)))}
-        if extra:
-            for k, v in extra.items():
-                mb[k] = v[start:start + len(part)].to(device)
+        rows = [_token_rows(t, iteration, include_old_segments) for t in trajs[start:start + mbs]]
+        width = int(math.ceil(max(len(r[0]) for r in rows) / pad_multiple) * pad_multiple)
+        mb = {}
+        for k, key in enumerate(_ROW_KEYS):
+            dense = rows[0][k].new_zeros(len(rows), width)
+            for row, r in enumerate(rows):
+                dense[row, :len(r[k])] = r[k]
+            mb[key] = dense.to(device)
+        for k, v in (extra or {}).items():
+            mb[k] = v[start:start + len(rows)].to(device)
         out.append(split_microbatch_for_cp(mb, cp_size, cp_rank))
     return out
 
 
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: indices into bins whose lengths sum to at most ``max_tokens`` (an
+    item longer than that gets a bin of its own); each bin's indices in increasing order, bins
+    in order of creation. Deterministic (ties broken by index)."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= max_tokens:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def build_packed_microbatches(trajs: list[Trajectory], iteration: int, max_tokens: int,
+                              include_old_segments: bool, device, extra: Optional[dict] = None,
+                              cp_size: int = 1, cp_rank: int = 0, sp_size: int = 1) -> list[dict]:
+    """``--use-dynamic-batch-size``: trajectories packed into microbatches of at most
+    ``max_tokens`` tokens (``pack_by_tokens``; each counted after its cp padding to a multiple of
+    2*cp), one row of n tokens with ``cu_seqlens`` boundaries, so no compute goes to padding
+    and short responses share a microbatch. The same keys as ``build_microbatches`` but (1, n),
+    plus ``cu_seqlens``, ``max_seqlen`` and ``num_samples`` (the loss unpacks per sample with
+    ``packed_to_rows``). Under cp each is this rank's zigzag shard
+    (``parallel.context.split_packed_microbatch``); with sequence parallelism over ``sp_size``
+    ranks and no cp the row is padded to a multiple of ``sp_size`` by a pad segment."""
+    lengths = [len(t.token_ids) - 1 for t in trajs]
+    out = []
+    for members in pack_by_tokens(pad_to_multiple(lengths, 2 * cp_size if cp_size > 1 else 1), max_tokens):
+        rows = [_token_rows(trajs[i], iteration, include_old_segments) for i in members]
+        bounds = [0]
+        for r in rows:
+            bounds.append(bounds[-1] + len(r[0]))
+        pad = -bounds[-1] % sp_size if cp_size == 1 else 0
+        if pad:  # a pad segment (id 0, mask 0) of its own
+            rows.append(tuple(r.new_zeros(pad) for r in rows[0]))
+            bounds.append(bounds[-1] + pad)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        mb = {key: torch.cat([r[k] for r in rows])[None] for k, key in enumerate(_ROW_KEYS)}
+        mb.update(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), num_samples=len(members))
+        sel = torch.tensor(members, dtype=torch.long)
+        for k, v in (extra or {}).items():
+            mb[k] = v[sel]
+        mb = split_packed_microbatch(mb, cp_size, cp_rank, sp_size)
+        out.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()})
+    return out
+
+
+def packed_to_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """(1, n) packed per-token values -> (num_rows, width): row i holds sequence i's tokens
+    (in their packed order; the losses only sum over a row), zeros after them; sequences past
+    ``num_rows`` (a pad segment) are dropped. Differentiable (a scatter), so the RL losses run
+    unchanged on packed microbatches."""
+    n = x.shape[1]
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    pos = torch.arange(n, device=x.device)
+    seq = torch.searchsorted(cu, pos, right=True) - 1
+    keep = seq < num_rows
+    col = pos - cu[seq.clamp(max=len(cu) - 2)]
+    return x.new_zeros(num_rows, width).index_put((seq[keep], col[keep]), x[0, keep])
+
+
 @torch.no_grad()
 def policy_logprobs(ctx: TrainContext, microbatches: list[dict]) -> list[torch.Tensor]:
-    """Per-token log-probs (B, T) under the current weights, one tensor per microbatch."""
+    """Per-token log-probs (B, T), or (1, n) for packed microbatches, under the current
+    weights, one tensor per microbatch."""
     model = ctx.model
 
     def step(mb, hidden):
-        out = model(input_ids=mb["input_ids"] if model.pre_process else None,
-                    position_ids=mb.get("position_ids"),
-                    labels=mb["labels"] if model.post_process else None, hidden=hidden)
+        out = stage_forward(model, mb, hidden)
         return (None, out.float()) if model.post_process else out
 
     model.eval()
@@ -361,6 +434,7 @@ class RLIteration:
         seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
+        sp_size = ctx.model.tp_size if ctx.model.sequence_parallel else 1
         t1 = time.time()
         # update u trains on the u-th contiguous slice of the finished samples (global order, so
         # the same in every layout); inside it each dp rank takes the samples of its groups. The
@@ -378,9 +452,17 @@ class RLIteration:
             sel = torch.tensor(idx, dtype=torch.long)
             extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],
                      "advantages": adv[sel]}
-            plan.append((build_microbatches([finished[i] for i in idx], iteration, args.micro_batch_size, pad,
-                                            args.include_old_segments, device, extra,
-                                            cp_size=pc.cp_size, cp_rank=pc.cp_rank) if idx else [], total))
+            trajs = [finished[i] for i in idx]
+            if not idx:
+                chunk = []
+            elif args.use_dynamic_batch_size:
+                chunk = build_packed_microbatches(trajs, iteration, args.max_tokens_per_gpu * pc.cp_size,
+                                                  args.include_old_segments, device, extra, pc.cp_size,
+                                                  pc.cp_rank, sp_size)
+            else:
+                chunk = build_microbatches(trajs, iteration, args.micro_batch_size, pad, args.include_old_segments,
+                                           device, extra, cp_size=pc.cp_size, cp_rank=pc.cp_rank)
+            plan.append((chunk, total))
         # pi_i's per-token entropy on its own samples: the mean -log-prob the engine recorded
         # for the tokens it sampled in this iteration (every finished trajectory, trained or not)
         sampled = [lp for t in finished for lp, it in zip(t.logprobs, t.segment_ids) if it == iteration]
@@ -440,22 +522,25 @@ class RLIteration:
         clip_lo, clip_hi = clip_range(args.rl_loss, args.clip_eps, args.clip_eps_high)
 
         def step(mb, hidden):
-            out = model(input_ids=mb["input_ids"] if model.pre_process else None,
-                        position_ids=mb.get("position_ids"),
-                        labels=mb["labels"] if model.post_process else None, hidden=hidden)
+            out = stage_forward(model, mb, hidden)
             if not model.post_process:
                 return out
-            loss = loss_fn(out, mb["old_logp"], mb["mask"], mb["rewards"], mb["group_ids"],
+            per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"]]
+            if "num_samples" in mb:  # packed: one row per sample for the losses
+                per_token = [packed_to_rows(x, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
+                             for x in per_token]
+            out, old_logp, mask, rollout_logp = per_token
+            loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"],
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
-                           cp_group=cp_group, rollout_logp=mb["rollout_logp"], is_cap=args.rollout_is_cap)
+                           cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap)
             with torch.no_grad():
-                d = ((out.detach().double() - mb["old_logp"].double()) * mb["mask"]).sum(-1)
+                d = ((out.detach().double() - old_logp.double()) * mask).sum(-1)
                 if cp_group is not None:
                     dist.all_reduce(d, group=cp_group)
                 kl = float((d ** 2).sum())
             loss_log = float(loss.detach()) if (first_cp or not seq_level) else 0.0
             return loss / normalizer, (loss_log, kl if first_cp else 0.0,
-                                       float(mb["mask"].shape[0]) if first_cp else 0.0)
+                                       float(mask.shape[0]) if first_cp else 0.0)
 
         return step

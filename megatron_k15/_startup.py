@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
 import sys
 
 _JIT_MODULE = "megatron.core.jit"
@@ -39,31 +38,54 @@ def compile_on_first_call(fn):
     return run
 
 
+def _defer(module) -> None:
+    """Swap an imported ``megatron.core.jit``'s ``jit_fuser`` when it is ``torch.compile``."""
+    import torch
+
+    if getattr(module, "jit_fuser", None) is torch.compile:
+        module.jit_fuser = compile_on_first_call
+
+
+class _DeferringLoader(importlib.abc.Loader):
+    """The module's own loader, then ``_defer``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        _defer(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
+        return getattr(self.inner, name)
+
+
 class _DeferJitFuser(importlib.abc.MetaPathFinder):
-    """Finds ``megatron.core.jit`` like the next finders would and wraps its loader's
-    ``exec_module`` to swap ``jit_fuser`` once the module has run."""
+    """Finds ``megatron.core.jit`` with the finders after this one and wraps its loader."""
 
     def find_spec(self, name, path, target=None):
         if name != _JIT_MODULE:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            import torch
-
-            if getattr(module, "jit_fuser", None) is torch.compile:
-                module.jit_fuser = compile_on_first_call
-
-        spec.loader.exec_module = exec_module
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _DeferringLoader(spec.loader)
         return spec
 
 
 def install() -> None:
-    """Add the hook once (a no-op when megatron-core is already imported)."""
-    if _JIT_MODULE in sys.modules or any(isinstance(f, _DeferJitFuser) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _DeferJitFuser())
+    """Add the hook once; when megatron-core's jit module is already imported, swap its
+    ``jit_fuser`` directly (kernels decorated before that stay as they are)."""
+    if _JIT_MODULE in sys.modules:
+        _defer(sys.modules[_JIT_MODULE])
+    elif not any(isinstance(f, _DeferJitFuser) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferJitFuser())

@@ -97,7 +97,8 @@ def add_rl_args(p) -> None:
                         "per rank (no padding; replaces --micro-batch-size for the RL step)")
     g.add_argument("--max-tokens-per-gpu", type=int, default=None,
                    help="token budget of a packed microbatch per rank (x --context-parallel-size per "
-                        "microbatch); a longer trajectory gets a microbatch of its own")
+                        "microbatch); a longer trajectory gets a microbatch of its own. Memory: as one "
+                        "sequence of N x cp tokens (tools/plan_memory.py --seq-length N*cp --micro-batch-size 1)")
     g.add_argument("--skip-zero-advantage", action="store_true",
                    help="do not train on groups whose samples all got the same reward (no gradient at the "
                         "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "

@@ -160,6 +160,11 @@ def test_grpo_uses_group_normalised_advantages():
     # zero-variance groups give zero advantage, hence zero loss
     flat = grpo_loss(logp, old, mask, torch.ones(4), gid)
     assert abs(flat.item()) < 1e-6
+    # exactly zero, also for rewards whose fp32 mean does not round back (8 x 0.3 / 8 != 0.3)
+    for value, k in ((0.3, 8), (0.9, 16), (1.05, 8)):
+        r = torch.full((k,), value)
+        assert group_normalized_advantages(r, torch.zeros(k)).abs().max().item() == 0.0
+        assert (r - group_mean(r, torch.zeros(k))).abs().max().item() == 0.0
 
 
 def test_grpo_kl_term_by_hand():
@@ -187,7 +192,7 @@ def test_get_loss_fn_uniform_signature():
     torch.testing.assert_close(get_loss_fn("ppo")(logp, old, mask, rewards, gid, **kw),
                                ppo_loss(logp, old, mask, adv, 0.2))
     torch.testing.assert_close(get_loss_fn("gspo")(logp, old, mask, rewards, gid, **kw),
-                               gspo_loss(logp, old, mask, rewards, gid, 0.2))
+                               gspo_loss(logp, old, mask, rewards, gid, 0.2, 0.2))
     with pytest.raises(ValueError):
         get_loss_fn("dpo")
 

@@ -69,11 +69,22 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     initialize_model_parallel(tp, pp, cp)
     opts = dict(opts or {})
     reward_fn = opts.pop("reward_fn", "graded_reward")
+    shift = opts.pop("shift_rollout_logprobs", 0.0)
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     tok = ByteTokenizer()
     recs = _records(reward_fn)
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
+    if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
+        generate = rl.generator.generate
+
+        def shifted(*a, **k):
+            results = generate(*a, **k)
+            for res in results:
+                res.output_logprobs = [x - shift for x in res.output_logprobs]
+            return results
+
+        rl.generator.generate = shifted
     metrics, states = [], []
     for it in range(iters):
         metrics.append(rl.run(it, [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], 1e-3))
@@ -241,15 +252,18 @@ def test_skipping_zero_advantage_groups_gives_the_same_update():
 
 
 @pytest.mark.slow
-def test_gspo_with_truncated_importance_sampling_trains():
-    """GSPO (the paper's clip range) with truncated importance sampling: the rollout and
-    training log-probs agree on CPU, so no weight is capped and the update equals the one
-    without TIS; the second update of the iteration sees a moved policy."""
-    plain = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, {"updates_per_iter": 2})
-    tis = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, {"updates_per_iter": 2, "rollout_is_cap": 2.0})
-    for m in tis[0]["metrics"]:
-        assert m["rollout_is_capped_fraction"] == 0.0 and m["grad_norm"] > 0 and m["kl_proxy"] > 0
-    _assert_same_update(tis, plain, ("gspo", "tis"))
+def test_truncated_importance_sampling_weights_the_update():
+    """GSPO with the engine's recorded log-probs 0.5 below the training forward's: the logged
+    mismatch is 0.5, every weight exp(0.5) = 1.65 is capped at 1.5, and the gradient (one
+    update, the same rollouts) is exactly 1.5 x the one without TIS."""
+    opts = {"updates_per_iter": 1, "shift_rollout_logprobs": 0.5}
+    plain = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, opts)[0]["metrics"][0]
+    tis = run_distributed(rl_worker, 1, 1, "gspo", 0, 1, 1, 1, dict(opts, rollout_is_cap=1.5))[0]["metrics"][0]
+    assert plain["rollout_logp_abs_diff"] == pytest.approx(0.5, abs=1e-5)
+    assert plain["rollout_kl"] == pytest.approx(math.exp(0.5) - 1.5, abs=1e-4)
+    assert tis["rollout_is_capped_fraction"] == 1.0 and plain["grad_norm"] > 0
+    # (the grad norm before clipping; the loss itself is ~0 at ratio 1: advantages sum to 0)
+    assert tis["grad_norm"] == pytest.approx(1.5 * plain["grad_norm"], rel=1e-5)
 
 
 def test_mismatch_sums_by_hand():

@@ -46,7 +46,10 @@ gradient of a long trajectory. ``is_cap`` turns on truncated importance sampling
 policy-gradient term of each token is weighted by ``w_t = min(exp(old_logp_t - rollout_logp_t),
 is_cap)`` (a constant), OMD's as ``-(r_j - r_bar_j) * sum_t mask_jt w_jt logp_jt``; GSPO
 weights each sample by ``min(exp(mean_t(old_logp - rollout_logp)), is_cap)``. KL terms are not
-weighted.
+weighted. Two limits: the engine records the untempered, unfiltered model's log-probs, so with
+a temperature != 1 or top-p / top-k the weights do not correct for the distribution actually
+sampled from; and with ``--include-old-segments`` the tokens of earlier segments were sampled by
+earlier policies, so their weights (and the trainer's mismatch metrics) include that lag.
 """
 
 from __future__ import annotations
@@ -91,13 +94,16 @@ def _group_sum(values: torch.Tensor, idx: torch.Tensor, n_groups: int) -> torch.
 
 
 def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of ``values`` (B,) over the sample's group; returns (B,)."""
+    """Per-sample mean of ``values`` (B,) over the sample's group; returns (B,) in the values'
+    dtype (at least fp32). Summed in float64, so the mean of equal values is exactly that
+    value: a group whose samples all got the same reward has advantages of exactly 0 (in fp32,
+    8 x 0.3 / 8 is not 0.3, and GRPO's division by a ~1e-8 std would blow the rounding up)."""
     values = torch.as_tensor(values)
     idx, g = group_index(torch.as_tensor(group_ids, device=values.device))
-    vals = values.to(torch.promote_types(values.dtype, torch.float32))
+    vals = values.double()
     sums = _group_sum(vals, idx, g)
     counts = _group_sum(torch.ones_like(vals), idx, g)
-    return (sums / counts)[idx]
+    return (sums / counts)[idx].to(torch.promote_types(values.dtype, torch.float32))
 
 
 def group_std(values: torch.Tensor, group_ids: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
@@ -105,12 +111,12 @@ def group_std(values: torch.Tensor, group_ids: torch.Tensor, unbiased: bool = Fa
     so singleton groups give 0 rather than NaN); returns (B,)."""
     values = torch.as_tensor(values)
     idx, g = group_index(torch.as_tensor(group_ids, device=values.device))
-    vals = values.to(torch.promote_types(values.dtype, torch.float32))
+    vals = values.double()  # as in group_mean: equal values give exactly 0
     counts = _group_sum(torch.ones_like(vals), idx, g)
     mean = _group_sum(vals, idx, g) / counts
     sq = _group_sum((vals - mean[idx]) ** 2, idx, g)
     denom = (counts - 1).clamp(min=1) if unbiased else counts
-    return (sq / denom).sqrt()[idx]
+    return (sq / denom).sqrt()[idx].to(torch.promote_types(values.dtype, torch.float32))
 
 
 def group_logmeanexp(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -352,7 +358,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
 
 # ----------------------------------------------------------------------------- GSPO
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-              group_ids: torch.Tensor, clip_eps: float = 3e-4, clip_eps_high: float | None = 4e-4, *,
+              group_ids: torch.Tensor, clip_eps: float | None = None, clip_eps_high: float | None = None, *,
               eps: float = 1e-6, advantages: torch.Tensor | None = None, reduction: str = "mean",
               return_metrics: bool = False, cp_group=None, rollout_logp: torch.Tensor | None = None,
               is_cap: float | None = None):
@@ -362,8 +368,8 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
 
         L = -mean_j min(s_j A_j, clip(s_j, 1 - eps_low, 1 + eps_high) A_j),
 
-    so one ratio per response is clipped (default range 3e-4 / 4e-4, the paper's) instead of
-    one per token. Normalised by samples like OMD (``reduction="sum"``: the sum over samples);
+    so one ratio per response is clipped (range from ``clip_range("gspo", ...)``: by default
+    3e-4 / 4e-4, the paper's) instead of one per token. Normalised by samples like OMD (``reduction="sum"``: the sum over samples);
     ``cp_group``: the means are all-reduced over the zigzag shards (every cp rank returns the
     whole-sequence loss)."""
     _check(logp, old_logp, mask)
@@ -371,7 +377,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     if advantages is None:
         advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
     adv = torch.as_tensor(advantages, device=logp.device).float()
-    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    clip_eps, hi = clip_range("gspo", clip_eps, clip_eps_high)
     # the mean of per-token differences, not a difference of means: the log-ratio is ~1e-4
     # next to sequence means of ~-1, so this keeps fp32 from cancelling it away
     dt = torch.promote_types(logp.dtype, torch.float32)

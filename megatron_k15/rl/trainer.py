@@ -294,7 +294,8 @@ def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torc
                   is_cap: Optional[float] = None) -> torch.Tensor:
     """Over the masked tokens of one microbatch: (tokens, sum |old - rollout|, sum k3, tokens
     whose TIS weight is capped), float64. k3 = rho - 1 - log rho with rho =
-    pi_train / pi_rollout estimates KL(pi_rollout || pi_train) from the rollout's own samples."""
+    pi_train / pi_rollout estimates KL(pi_rollout || pi_train) from the rollout's own samples
+    (at temperature 1 without top-p / top-k; ``rl.losses`` module docstring for the limits)."""
     m = mask.double()
     d = old_logp.double() - rollout_logp.double()
     capped = ((d.exp() > is_cap).double() * m).sum() if is_cap else d.new_zeros(())
@@ -500,10 +501,11 @@ class RLIteration:
             norms.append(norm)
         mbs_all = [mb for chunk, _ in plan for mb in chunk]
         t_train = time.time() - t1
+        # token positions this rank computed (padding included) in all updates, per second
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
-                       train_tokens_per_s=train_tokens * updates / max(t_train, 1e-9),
+                       train_tokens_per_s=train_tokens / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss

@@ -99,6 +99,12 @@ def add_rl_args(p) -> None:
                    help="token budget of a packed microbatch per rank (x --context-parallel-size per "
                         "microbatch); a longer trajectory gets a microbatch of its own. Memory: as one "
                         "sequence of N x cp tokens (tools/plan_memory.py --seq-length N*cp --micro-batch-size 1)")
+    g.add_argument("--overlong-buffer-tokens", type=int, default=0,
+                   help="DAPO's soft overlong punishment: responses in the last N tokens of "
+                        "--rollout-max-tokens lose up to --overlong-penalty-factor, linearly (0: off)")
+    g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
+    g.add_argument("--overlong-filter", action="store_true",
+                   help="DAPO's overlong filtering: do not train on responses cut off by --rollout-max-tokens")
     g.add_argument("--skip-zero-advantage", action="store_true",
                    help="do not train on groups whose samples all got the same reward (no gradient at the "
                         "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "
@@ -148,6 +154,9 @@ def _validate(args) -> None:
                                 "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
         if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
             raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+    if not 0 <= args.overlong_buffer_tokens <= args.rollout_max_tokens:
+        raise ArgumentError(f"--overlong-buffer-tokens must be in [0, --rollout-max-tokens "
+                            f"{args.rollout_max_tokens}], got {args.overlong_buffer_tokens}")
     if args.use_dynamic_batch_size and args.max_tokens_per_gpu is None:
         raise ArgumentError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token budget of a "
                             "packed microbatch per rank)")

@@ -46,3 +46,15 @@ def test_apply_length_penalty_per_group_and_warmup():
     t = apply_length_penalty(torch.tensor(rewards), lengths, correct, [0, 0, 0, 1, 1], 1.0, 0, 0)
     assert isinstance(t, torch.Tensor)
     torch.testing.assert_close(t, torch.tensor([1.5, 0.5, 0.0, 1.0, 0.0]))
+
+
+def test_dapo_overlong_penalty_by_hand():
+    from megatron_k15.rl.length_penalty import overlong_penalty
+
+    # budget 10, buffer 4: free up to 6 tokens, then -0.25 per token down to -1 at 10
+    assert overlong_penalty([1, 6, 7, 8, 10], 10, 4) == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty([9], 10, 4, factor=2.0) == [-1.5]
+    assert overlong_penalty([10], 10, 10) == [-1.0]
+    for bad in (0, 11):
+        with pytest.raises(ValueError):
+            overlong_penalty([1], 10, bad)

@@ -50,7 +50,8 @@ def _args(**kw):
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
                 exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, rollout_is_cap=None,
-                skip_zero_advantage=False, use_dynamic_batch_size=False, max_tokens_per_gpu=None, samples_per_prompt=4, rollout_max_tokens=6,
+                skip_zero_advantage=False, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
+                overlong_buffer_tokens=0, overlong_penalty_factor=1.0, overlong_filter=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
                 seed=5, no_repeat_detection=False, length_penalty_weight=0.1, length_penalty_start_iter=0,
                 repeat_penalty=0.0, micro_batch_size=3, updates_per_iter=2, keep_optimizer_state=False,
@@ -70,11 +71,13 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     opts = dict(opts or {})
     reward_fn = opts.pop("reward_fn", "graded_reward")
     shift = opts.pop("shift_rollout_logprobs", 0.0)
+    extra_eos = opts.pop("extra_eos_ids", [])
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     tok = ByteTokenizer()
     recs = _records(reward_fn)
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
+    rl.eos_ids = rl.eos_ids + list(extra_eos)  # more ways to stop: some responses end early
     if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
         generate = rl.generator.generate
 
@@ -264,6 +267,23 @@ def test_truncated_importance_sampling_weights_the_update():
     assert tis["rollout_is_capped_fraction"] == 1.0 and plain["grad_norm"] > 0
     # (the grad norm before clipping; the loss itself is ~0 at ratio 1: advantages sum to 0)
     assert tis["grad_norm"] == pytest.approx(1.5 * plain["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dapo_overlong_shaping_and_filtering():
+    """Responses of 6 tokens hit the budget (40 byte values also end a response, so some
+    stop earlier): with a 3-token buffer they lose up to 1 reward, and the overlong filter
+    leaves exactly the cut-off ones out of training."""
+    opts = {"updates_per_iter": 1, "extra_eos_ids": list(range(100, 140))}
+    plain = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, opts)[0]["metrics"][0]
+    dapo = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1,
+                           dict(opts, overlong_buffer_tokens=3, overlong_filter=True))[0]["metrics"][0]
+    cut = round(plain["stop_length_fraction"] * plain["num_finished"])
+    assert 0 < cut < plain["num_finished"] and plain["trained_samples"] == plain["num_finished"]
+    assert dapo["trained_samples"] == plain["num_finished"] - cut
+    # the same rollouts; every cut-off response loses the full factor 1 (length = budget)
+    assert dapo["response_length_mean"] == plain["response_length_mean"]
+    assert dapo["reward_mean"] <= plain["reward_mean"] - cut / plain["num_finished"] + 1e-6
 
 
 def test_mismatch_sums_by_hand():

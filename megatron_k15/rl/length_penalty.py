@@ -8,6 +8,12 @@ For the k responses of one prompt with token lengths len_i:
 and all zero when max_len == min_len. The shortest response gets +0.5, the longest -0.5;
 wrong answers are never rewarded for being short. The result is added to the task reward
 with weight ``--length-penalty-weight`` from ``--length-penalty-start-iter`` on.
+
+DAPO's soft overlong punishment (a baseline's shaping, ``--overlong-buffer-tokens L``), for a
+response budget L_max (``--rollout-max-tokens``):
+
+    overlong_i = 0                                   if len_i <= L_max - L
+               = -factor * (len_i - (L_max - L)) / L  otherwise (-factor at the budget)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-__all__ = ["length_rewards", "apply_length_penalty"]
+__all__ = ["length_rewards", "apply_length_penalty", "overlong_penalty"]
 
 
 def _to_list(x) -> list:
@@ -70,3 +76,13 @@ def apply_length_penalty(rewards, lengths, correct, group_ids, weight: float, it
         dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
         return torch.tensor(out, dtype=dtype, device=rewards.device)
     return out
+
+
+def overlong_penalty(lengths: Sequence[int], max_tokens: int, buffer_tokens: int,
+                     factor: float = 1.0) -> list[float]:
+    """DAPO's soft overlong punishment per response (module docstring): 0 up to
+    ``max_tokens - buffer_tokens``, then linear down to ``-factor`` at ``max_tokens``."""
+    if buffer_tokens <= 0 or buffer_tokens > max_tokens:
+        raise ValueError(f"buffer_tokens must be in [1, max_tokens={max_tokens}], got {buffer_tokens}")
+    start = max_tokens - buffer_tokens
+    return [-factor * min(max(0, int(n) - start), buffer_tokens) / buffer_tokens for n in _to_list(lengths)]

@@ -41,7 +41,7 @@ from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microba
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse_reasoning_tags,
                                             prompt_opens_reasoning)
 from megatron_k15.rewards.judge import judge_metrics
-from megatron_k15.rl.length_penalty import apply_length_penalty
+from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
                                     group_normalized_advantages)
 from megatron_k15.training import (TrainContext, forward_only, group_reduce, reduce_sums, stage_forward,
@@ -92,9 +92,11 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
           prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
-          judgements: Optional[list] = None) -> tuple[list[float], list[bool]]:
+          judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None
+          ) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
-    reward within each group. Returns (rewards, correct). With ``reasoning_tags`` the verifier
+    reward within each group (plus DAPO's overlong punishment with ``overlong`` = (response
+    budget, buffer tokens, factor)). Returns (rewards, correct). With ``reasoning_tags`` the verifier
     grades the answer after the reasoning block, and a response still inside its reasoning
     scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block.
     ``judge``: a ``rewards.judge.GenerativeJudge`` that regrades its tasks' answers (a
@@ -117,6 +119,8 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
                                    [t.group_id for t in trajs], length_penalty_weight, iteration,
                                    length_penalty_start_iter)
+    if overlong is not None:
+        rewards = [r + p for r, p in zip(rewards, overlong_penalty([t.response_len for t in trajs], *overlong))]
     return list(rewards), correct
 
 
@@ -412,7 +416,9 @@ class RLIteration:
                                  length_penalty_start_iter=args.length_penalty_start_iter,
                                  repeat_penalty=args.repeat_penalty,
                                  reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
-                                 judge=self.judge, judgements=judgements)
+                                 judge=self.judge, judgements=judgements,
+                                 overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
+                                            args.overlong_penalty_factor) if args.overlong_buffer_tokens else None))
         if self.judge is not None:
             metrics.update(judge_metrics(judgements, correct))
         lengths = [t.response_len for t in finished]
@@ -431,7 +437,10 @@ class RLIteration:
         baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
         flat = flat_groups(finished, rewards, correct, metrics)
         skip = flat if args.skip_zero_advantage else set()
-        metrics["trained_samples"] = sum(t.group_id not in skip for t in finished)
+        # DAPO's overlong filtering: responses cut off by the budget are not trained on (they
+        # still count in their group's baseline) and not counted by the normaliser
+        trainable = [not (args.overlong_filter and t.stop_reason == "length") for t in finished]
+        metrics["trained_samples"] = sum(ok and t.group_id not in skip for ok, t in zip(trainable, finished))
         seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
@@ -445,7 +454,7 @@ class RLIteration:
         bounds = [round(u * len(finished) / updates) for u in range(updates + 1)]
         plan = []
         for u in range(updates):
-            span = range(bounds[u], bounds[u + 1])
+            span = [i for i in range(bounds[u], bounds[u + 1]) if trainable[i]]
             total = float(len(span)) if seq_level else float(sum(
                 float(loss_mask(finished[i], iteration, args.include_old_segments).sum()) for i in span))
             idx = [i for i in span if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank

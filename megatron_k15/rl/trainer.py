@@ -488,7 +488,8 @@ class RLIteration:
                 if lp is not None:
                     sums += mismatch_sums(lp, mb["rollout_logp"], mb["mask"], args.rollout_is_cap)
         tokens, diff_sum, k3_sum, capped = reduce_sums(sums.tolist(), ctx)
-        metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3_sum / max(tokens, 1.0))
+        metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3_sum / max(tokens, 1.0),
+                       logprob_time_s=time.time() - t1)
         if args.rollout_is_cap:
             metrics["rollout_is_capped_fraction"] = capped / max(tokens, 1.0)
 
@@ -513,7 +514,7 @@ class RLIteration:
         # token positions this rank computed (padding included) in all updates, per second
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
-                       grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,
+                       grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,  # incl. logprob_time_s
                        train_tokens_per_s=train_tokens / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
         if ctx.moe_aux_loss is not None:

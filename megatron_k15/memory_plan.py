@@ -144,6 +144,9 @@ class Workload:
     grad_bucket_numel: int = GRAD_BUCKET_NUMEL
     first_stage_layers: Optional[int] = None  # --decoder-first-pipeline-num-layers
     last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers
+    # RL --use-dynamic-batch-size: packed microbatches of this many tokens per GPU (one row, b=1,
+    # in every layout) instead of micro_batch_size x seq_length / cp
+    tokens_per_gpu: Optional[int] = None
 
     @property
     def e(self) -> int:
@@ -268,7 +271,7 @@ class _Shapes:
     @classmethod
     def of(cls, cfg: GPTConfig, layout: Layout, w: Workload) -> "_Shapes":
         tp = layout.tp
-        N = w.micro_batch_size * w.seq_length // layout.cp
+        N = w.tokens_per_gpu or w.micro_batch_size * w.seq_length // layout.cp
         padded = cfg.padded_vocab_size(tp)
         V = padded // tp
         return cls(e=w.e, N=N, Ns=N // tp if layout.sp else N, h=cfg.hidden_size,
@@ -508,7 +511,7 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
         # the final norm's output stays referenced during the log-prob forward; the ce path's
         # column layer keeps that very tensor, the fused kernel a full-length copy of it
         # (gathered under SP, reshaped for b > 1)
-        separate = w.logprob_impl == "fused" and (layout.sp or w.micro_batch_size > 1)
+        separate = w.logprob_impl == "fused" and (layout.sp or (w.micro_batch_size > 1 and not w.tokens_per_gpu))
         extra = logprob_peak_extra_bytes(x, w.logprob_impl)
         if separate:
             extra = max(extra, logprob_forward_extra_bytes(x, w.logprob_impl) + x.e * x.Ns * x.h)
@@ -724,6 +727,10 @@ def validate_plan_inputs(cfg: GPTConfig, layout: Layout, w: Workload) -> None:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if w.rollout_batch < 0:
         raise ConfigError(f"--rollout-batch-size must be >= 0, got {w.rollout_batch}")
+    if w.tokens_per_gpu is not None and (w.tokens_per_gpu < 1 or (layout.sp and w.tokens_per_gpu % layout.tp)):
+        raise ConfigError(f"--max-tokens-per-gpu {w.tokens_per_gpu} must be >= 1"
+                          + (f" and a multiple of --tensor-model-parallel-size {layout.tp} under sequence "
+                             "parallelism" if layout.sp else ""))
     if w.num_microbatches is not None and w.num_microbatches < 1:
         raise ConfigError(f"--num-microbatches must be >= 1, got {w.num_microbatches}")
     if w.params_dtype not in DTYPE_BYTES:

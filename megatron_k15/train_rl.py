@@ -97,8 +97,8 @@ def add_rl_args(p) -> None:
                         "per rank (no padding; replaces --micro-batch-size for the RL step)")
     g.add_argument("--max-tokens-per-gpu", type=int, default=None,
                    help="token budget of a packed microbatch per rank (x --context-parallel-size per "
-                        "microbatch); a longer trajectory gets a microbatch of its own. Memory: as one "
-                        "sequence of N x cp tokens (tools/plan_memory.py --seq-length N*cp --micro-batch-size 1)")
+                        "microbatch); a longer trajectory gets a microbatch of its own. Memory: "
+                        "tools/plan_memory.py --max-tokens-per-gpu N")
     g.add_argument("--overlong-buffer-tokens", type=int, default=0,
                    help="DAPO's soft overlong punishment: responses in the last N tokens of "
                         "--rollout-max-tokens lose up to --overlong-penalty-factor, linearly (0: off)")

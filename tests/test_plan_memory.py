@@ -420,3 +420,26 @@ def test_suggest_enumerates_valid_layouts(capsys):
     assert tool.main(["--suggest", "--model-preset", "qwen2.5-7b", "--seq-length", "131072",
                       "--gpus", "2", "--gpu-memory-gb", "10"]) == 0
     assert "none fits" in capsys.readouterr().out
+
+
+def test_packed_tokens_per_gpu_plan_like_one_sequence_of_that_many_tokens_per_rank():
+    """RL's packed microbatches (--max-tokens-per-gpu N) take, in every layout, the activation
+    memory of one sequence of N tokens per rank: the plan at cp=2 equals that of
+    --seq-length 2N --micro-batch-size 1, and at cp=1 that of --seq-length N."""
+    cfg = preset("qwen2.5-0.5b")
+    for cp in (1, 2):
+        layout = Layout(tp=2, pp=2, cp=cp)
+        packed = plan_memory(cfg, layout, Workload(seq_length=131072, micro_batch_size=4, params_dtype="bf16",
+                                                   recompute="full", tokens_per_gpu=16384))
+        one = plan_memory(cfg, layout, Workload(seq_length=16384 * cp, micro_batch_size=1, params_dtype="bf16",
+                                                recompute="full", rollout_max_tokens=131072))
+        assert packed.train_peak_bytes == one.train_peak_bytes
+        wide = plan_memory(cfg, layout, Workload(seq_length=131072, micro_batch_size=4, params_dtype="bf16",
+                                                 recompute="full"))
+        assert wide.train_peak_bytes > packed.train_peak_bytes
+
+
+def test_plan_cli_takes_max_tokens_per_gpu(capsys):
+    assert _tool().main(["--model-preset", "qwen2.5-0.5b", "--seq-length", "32768", "--bf16",
+                     "--max-tokens-per-gpu", "8192"]) == 0
+    assert "packed microbatches of 8192 tokens per GPU" in capsys.readouterr().out

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--world-size", "--gpus", dest="world_size", type=int, default=None,
                    help="number of GPUs (required with --suggest)")
     g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None,
+                   help="RL packed microbatches (train_rl --use-dynamic-batch-size): tokens per GPU "
+                        "and microbatch, in every layout (replaces --micro-batch-size x --seq-length / cp)")
     g.add_argument("--num-microbatches", type=int, default=None,
                    help="microbatches per step and dp rank (default: pp, which fills 1F1B)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_CHOICES, default="none")
@@ -168,7 +171,7 @@ def workload(args) -> Workload:
         rollout_max_tokens=args.rollout_max_tokens, rollout_batch=args.rollout_batch,
         kv_block_size=args.kv_block_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers,
-        last_stage_layers=args.decoder_last_pipeline_num_layers)
+        last_stage_layers=args.decoder_last_pipeline_num_layers, tokens_per_gpu=args.max_tokens_per_gpu)
 
 
 def layout(args) -> Layout:
@@ -199,7 +202,9 @@ def _gib(n: int) -> str:
 def describe(cfg: GPTConfig, w: Workload, name: str) -> str:
     return (f"{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, "
             f"heads {cfg.num_attention_heads} (kv {cfg.num_query_groups}, head dim {cfg.head_dim}), "
-            f"vocab {cfg.vocab_size}; seq {w.seq_length}, micro batch {w.micro_batch_size}, "
+            f"vocab {cfg.vocab_size}; seq {w.seq_length}, "
+            + (f"packed microbatches of {w.tokens_per_gpu} tokens per GPU, " if w.tokens_per_gpu
+               else f"micro batch {w.micro_batch_size}, ") +
             f"{w.params_dtype}, recompute {w.recompute}"
             f"{'' if w.recompute_num_layers is None else f' (block: {w.recompute_num_layers} layers per stage)'}, "
             f"log-probs {w.logprob_impl}")

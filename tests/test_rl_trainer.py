@@ -211,7 +211,7 @@ def test_packed_microbatches_hold_the_padded_rows():
     assert second["cu_seqlens"].tolist() == [0, 3, 4] and second["max_seqlen"] == 3
     for mb, members in ((first, [0, 2]), (second, [1])):
         for key in ("input_ids", "labels", "mask", "rollout_logp"):
-            rows = packed_to_rows(mb[key], mb["cu_seqlens"], mb["num_samples"], 5)
+            rows = packed_to_rows([mb[key]], mb["cu_seqlens"], mb["num_samples"], 5)[0]
             assert rows.shape == (len(members), 5)
             for row, i in zip(rows, members):
                 n = len(trajs[i].token_ids) - 1
@@ -219,7 +219,7 @@ def test_packed_microbatches_hold_the_padded_rows():
                 assert not row[n:].any()
     # differentiable: the gradient of a row sum reaches exactly that sample's packed tokens
     x = torch.randn(1, 12, requires_grad=True)
-    packed_to_rows(x, first["cu_seqlens"], 2, 5)[1].sum().backward()
+    packed_to_rows([x], first["cu_seqlens"], 2, 5)[0][1].sum().backward()
     assert x.grad[0].tolist() == [0] * 4 + [1] * 5 + [0] * 3
 
 

@@ -9,8 +9,7 @@ import torch
 from megatron_k15._startup import compile_on_first_call
 
 PROBE = """
-import sys, time
-t = time.time()
+import sys
 import megatron_k15
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.jit import jit_fuser

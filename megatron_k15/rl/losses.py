@@ -260,6 +260,15 @@ def omd_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rew
 
 
 # ----------------------------------------------------------------------------- PPO-clip / GRPO
+def _rewards_and_advantages(rewards, group_ids, advantages, eps: float, device):
+    """(rewards, advantages) as fp32 tensors on ``device``; the advantages default to GRPO's
+    group-normalised ones (GRPO, GSPO)."""
+    rewards = torch.as_tensor(rewards, device=device).float()
+    if advantages is None:
+        advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=device), eps)
+    return rewards, torch.as_tensor(advantages, device=device).float()
+
+
 def clip_range(loss: str, clip_eps: float | None = None, clip_eps_high: float | None = None) -> tuple[float, float]:
     """(eps_low, eps_high) of the ratio clip ``[1 - eps_low, 1 + eps_high]``. Defaults: 0.2 for
     the token-level ratios of PPO / GRPO, GSPO's (3e-4, 4e-4) for its length-normalised sequence
@@ -332,10 +341,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     ``advantages`` (B,) overrides the in-batch advantages; ``clip_eps_high``: DAPO's
     clip-higher; ``rollout_logp``, ``is_cap``: TIS of the surrogate (module docstring)."""
     _check(logp, old_logp, mask)
-    rewards = torch.as_tensor(rewards, device=logp.device).float()
-    if advantages is None:
-        advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
-    adv = torch.as_tensor(advantages, device=logp.device).float()
+    rewards, adv = _rewards_and_advantages(rewards, group_ids, advantages, eps, logp.device)
     maskf = mask.float()
     surr, stats = _clipped_surrogate(logp, old_logp, mask, adv[:, None].expand_as(logp), clip_eps,
                                      clip_eps_high, rollout_is_weights(old_logp, rollout_logp, is_cap))
@@ -373,10 +379,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     ``cp_group``: the means are all-reduced over the zigzag shards (every cp rank returns the
     whole-sequence loss)."""
     _check(logp, old_logp, mask)
-    rewards = torch.as_tensor(rewards, device=logp.device).float()
-    if advantages is None:
-        advantages = group_normalized_advantages(rewards, torch.as_tensor(group_ids, device=logp.device), eps)
-    adv = torch.as_tensor(advantages, device=logp.device).float()
+    rewards, adv = _rewards_and_advantages(rewards, group_ids, advantages, eps, logp.device)
     clip_eps, hi = clip_range("gspo", clip_eps, clip_eps_high)
     # the mean of per-token differences, not a difference of means: the log-ratio is ~1e-4
     # next to sequence means of ~-1, so this keeps fp32 from cancelling it away

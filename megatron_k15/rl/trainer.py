@@ -131,18 +131,20 @@ def cp_pad_multiple(cp_size: int, tp_size: int = 1, sequence_parallel: bool = Fa
     return cp_size * math.lcm(2, tp) if cp_size > 1 else tp
 
 
+_ROW_KEYS = ("input_ids", "labels", "mask", "rollout_logp")  # the per-token tensors of a microbatch
+
+
 def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
-    """This cp rank's zigzag shard of a right-padded (B, T) microbatch: input_ids, labels and
-    mask split along T (``parallel.context.zigzag_split``), plus the original ``position_ids``
+    """This cp rank's zigzag shard of a right-padded (B, T) microbatch: its per-token tensors
+    split along T (``parallel.context.zigzag_split``), plus the original ``position_ids``
     (B, T / cp) for RoPE. Padding sits at the end of each row, so causal attention never shows
     it to a real token, and its mask is 0. Per-sample entries (rewards, ...) are unchanged."""
     if cp_size == 1:
         return mb
     out = dict(mb)
     b, t = mb["input_ids"].shape
-    for key in ("input_ids", "labels", "mask", "rollout_logp"):
-        if key in mb:
-            out[key] = zigzag_split(mb[key], 1, cp_size, cp_rank)
+    for key in _ROW_KEYS:
+        out[key] = zigzag_split(mb[key], 1, cp_size, cp_rank)
     out["position_ids"] = zigzag_position_ids(t, cp_size, cp_rank, device=mb["input_ids"].device)[None].expand(b, -1)
     return out
 
@@ -158,9 +160,6 @@ def _token_rows(t: Trajectory, iteration: int, include_old_segments: bool):
     rollout_logp = torch.zeros(n)
     rollout_logp[p - 1:] = torch.tensor(t.logprobs, dtype=torch.float32)
     return tokens[:-1], tokens[1:], mask, rollout_logp
-
-
-_ROW_KEYS = ("input_ids", "labels", "mask", "rollout_logp")
 
 
 def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_multiple: int,
@@ -239,18 +238,18 @@ def build_packed_microbatches(trajs: list[Trajectory], iteration: int, max_token
     return out
 
 
-def packed_to_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
-    """(1, n) packed per-token values -> (num_rows, width): row i holds sequence i's tokens
-    (in their packed order; the losses only sum over a row), zeros after them; sequences past
-    ``num_rows`` (a pad segment) are dropped. Differentiable (a scatter), so the RL losses run
-    unchanged on packed microbatches."""
-    n = x.shape[1]
-    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
-    pos = torch.arange(n, device=x.device)
+def packed_to_rows(xs: list[torch.Tensor], cu_seqlens: torch.Tensor, num_rows: int, width: int) -> list[torch.Tensor]:
+    """(1, n) packed per-token tensors -> (num_rows, width) each: row i holds sequence i's
+    tokens (in their packed order; the losses only sum over a row), zeros after them;
+    sequences past ``num_rows`` (a pad segment) are dropped. Differentiable (a scatter), so the
+    RL losses run unchanged on packed microbatches; the scatter index is computed once."""
+    n, device = xs[0].shape[1], xs[0].device
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    pos = torch.arange(n, device=device)
     seq = torch.searchsorted(cu, pos, right=True) - 1
     keep = seq < num_rows
-    col = pos - cu[seq.clamp(max=len(cu) - 2)]
-    return x.new_zeros(num_rows, width).index_put((seq[keep], col[keep]), x[0, keep])
+    index = (seq[keep], (pos - cu[seq.clamp(max=len(cu) - 2)])[keep])
+    return [x.new_zeros(num_rows, width).index_put(index, x[0, keep]) for x in xs]
 
 
 @torch.no_grad()
@@ -303,8 +302,7 @@ def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torc
     m = mask.double()
     d = old_logp.double() - rollout_logp.double()
     capped = ((d.exp() > is_cap).double() * m).sum() if is_cap else d.new_zeros(())
-    return torch.stack([m.sum(), (d.abs() * m).sum(),
-                        ((d.exp() - 1.0 - d) * m).sum(), capped]).cpu()
+    return torch.stack([m.sum(), (d.abs() * m).sum(), ((d.exp() - 1.0 - d) * m).sum(), capped])
 
 
 def generation_parallel(pc) -> tuple[int, int, object]:
@@ -480,14 +478,14 @@ class RLIteration:
         # old log-probs: the policy pi_i at the start of the iteration (one forward pass); their
         # difference to the engine's log-probs of the same tokens measures how far the rollout
         # numerics are from the training forward's
-        sums = torch.zeros(4, dtype=torch.float64)  # tokens, |diff|, k3, capped by TIS
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # tokens, |diff|, k3, capped (TIS)
         for chunk, _ in plan:
             old = policy_logprobs(ctx, chunk) if chunk else []
             for mb, lp in zip(chunk, old if ctx.pc.is_last_stage else [None] * len(chunk)):
                 mb["old_logp"] = lp
                 if lp is not None:
                     sums += mismatch_sums(lp, mb["rollout_logp"], mb["mask"], args.rollout_is_cap)
-        tokens, diff_sum, k3_sum, capped = reduce_sums(sums.tolist(), ctx)
+        tokens, diff_sum, k3_sum, capped = reduce_sums(sums.tolist(), ctx)  # one host sync
         metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3_sum / max(tokens, 1.0),
                        logprob_time_s=time.time() - t1)
         if args.rollout_is_cap:
@@ -539,8 +537,7 @@ class RLIteration:
                 return out
             per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"]]
             if "num_samples" in mb:  # packed: one row per sample for the losses
-                per_token = [packed_to_rows(x, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
-                             for x in per_token]
+                per_token = packed_to_rows(per_token, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
             out, old_logp, mask, rollout_logp = per_token
             loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"],
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,

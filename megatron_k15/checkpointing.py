@@ -107,19 +107,20 @@ def write_full_state_dict(ckpt_dir: str, full: dict[str, torch.Tensor], cfg: GPT
 
 
 # -- reading ----------------------------------------------------------------------------------
-def resolve_checkpoint_dir(load_dir: str) -> str:
-    """``--load`` may name a checkpoint root (with the latest pointer) or one iteration dir."""
+def resolve_checkpoint_dir(load_dir: str, flag: str = "--load") -> str:
+    """``--load`` may name a checkpoint root (with the latest pointer) or one iteration dir;
+    errors name ``flag``."""
     if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)):
         return load_dir
     latest = os.path.join(load_dir, LATEST_FILE)
     if not os.path.isfile(latest):
-        raise CheckpointError(f"--load {load_dir}: no {LATEST_FILE} and no {CONFIG_FILE} found")
+        raise CheckpointError(f"{flag} {load_dir}: no {LATEST_FILE} and no {CONFIG_FILE} found")
     tag = open(latest).read().strip()
     if tag != "release":
         tag = iteration_tag(int(tag))
     path = os.path.join(load_dir, tag)
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise CheckpointError(f"--load {load_dir}: {LATEST_FILE} points to {tag}, which is incomplete")
+        raise CheckpointError(f"{flag} {load_dir}: {LATEST_FILE} points to {tag}, which is incomplete")
     return path
 
 

@@ -147,6 +147,7 @@ class Workload:
     # RL --use-dynamic-batch-size: packed microbatches of this many tokens per GPU (one row, b=1,
     # in every layout) instead of micro_batch_size x seq_length / cp
     tokens_per_gpu: Optional[int] = None
+    reference_model: bool = False  # RL GRPO --ref-load: a frozen copy of the weights next to the policy
 
     @property
     def e(self) -> int:
@@ -627,6 +628,9 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
                   f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}",
                   16 * G // shard_group),
     ]
+    if w.reference_model:
+        comps.append(Component("reference model (--ref-load)", f"e*P + 2*d = {e}*{P:,} + 2*{x.d} (frozen weights)",
+                               e * P + 2 * x.d))
     static = sum(c.bytes for c in comps)
 
     tied_output_grad = e * x.V * x.h if (cfg.tie_word_embeddings and first and last) else 0

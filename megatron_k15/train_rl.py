@@ -73,7 +73,13 @@ def add_rl_args(p) -> None:
                    help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
     g.add_argument("--clip-eps-high", type=float, default=None,
                    help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="GRPO k3 KL weight")
+    g.add_argument("--kl-coef", type=float, default=0.0,
+                   help="GRPO's per-token k3 KL weight (e.g. 0.04 in DeepSeekMath, 0.001 in verl's examples); "
+                        "the KL is to --ref-load's model, or to the iteration's starting policy without it")
+    g.add_argument("--ref-load", default=None, metavar="DIR",
+                   help="GRPO's fixed KL reference: a checkpoint (usually the SFT model --load started from; any "
+                        "tp/pp layout) kept frozen next to the policy (one more copy of the weights); give it again "
+                        "when resuming. Logs ref_kl, the k3 estimate of KL(pi_i || pi_ref)")
     g.add_argument("--samples-per-prompt", type=int, default=8)
     g.add_argument("--prompts-per-iter", type=int, default=16)
     g.add_argument("--rollout-max-tokens", type=int, default=256)
@@ -154,6 +160,22 @@ def _validate(args) -> None:
                                 "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
         if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
             raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+    if args.kl_coef < 0:
+        raise ArgumentError(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    if args.kl_coef and args.rl_loss != "grpo":
+        raise ArgumentError(f"--kl-coef is GRPO's KL term; --rl-loss {args.rl_loss} has none"
+                            + (" (OMD's --rl-tau weighs its KL to the iteration's starting policy)"
+                               if args.rl_loss == "omd" else "") + ": drop the flag or use --rl-loss grpo")
+    if args.ref_load is not None:
+        if not args.kl_coef:
+            raise ArgumentError("--ref-load is the reference of GRPO's KL term: add --kl-coef > 0 (with "
+                                "--rl-loss grpo), or drop --ref-load")
+        from megatron_k15.checkpointing import CheckpointError, resolve_checkpoint_dir
+
+        try:
+            resolve_checkpoint_dir(args.ref_load, "--ref-load")
+        except CheckpointError as e:
+            raise ArgumentError(str(e)) from None
     if not 0 <= args.overlong_buffer_tokens <= args.rollout_max_tokens:
         raise ArgumentError(f"--overlong-buffer-tokens must be in [0, --rollout-max-tokens "
                             f"{args.rollout_max_tokens}], got {args.overlong_buffer_tokens}")

@@ -102,25 +102,31 @@ def sync_tied_embedding(model: GPTModel, pc: ParallelContext) -> None:
         dist.all_reduce(w.data, group=pc.embedding_group)
 
 
-def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> TrainContext:
-    """Model stage for this rank (layout-independent random init from ``seed``), its optimizer
-    and its pipeline links. ``args`` carries the Megatron flags (lr, betas, clip, ...)."""
-    pc = ParallelContext.from_parallel_state()
-    ranges = stage_layer_ranges(cfg, pc.pp_size, getattr(args, "decoder_first_pipeline_num_layers", None),
-                                getattr(args, "decoder_last_pipeline_num_layers", None))
-    device = platform.current_device()
-    model = GPTModel(
+def build_stage_model(args, cfg: GPTConfig, pc: ParallelContext, ranges) -> GPTModel:
+    """This rank's model stage (tp shard of the layers in ``ranges[pp_rank]``) as the flags ask:
+    attention backend, dtype, recompute, log-prob implementation, cp. Weights uninitialised
+    until ``reset_parameters`` or a checkpoint load."""
+    return GPTModel(
         cfg, tp_group=pc.tp_group, sequence_parallel=getattr(args, "sequence_parallel", True),
         pp_rank=pc.pp_rank, pp_size=pc.pp_size, layer_ranges=ranges,
         attention_backend=getattr(args, "attention_backend", "auto"),
         params_dtype=getattr(args, "params_dtype", torch.float32),
-        recompute_granularity=getattr(args, "recompute_granularity", None), device=device,
+        recompute_granularity=getattr(args, "recompute_granularity", None), device=platform.current_device(),
         recompute_num_layers=(getattr(args, "recompute_num_layers", None)
                               if getattr(args, "recompute_method", None) == "block" else None),
         logprob_impl=getattr(args, "logprob_impl", "auto"),
         cp_group=pc.cp_group if pc.cp_size > 1 else None,
         cp_comm_type=getattr(args, "cp_comm_type", "ring"),
     )
+
+
+def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> TrainContext:
+    """Model stage for this rank (layout-independent random init from ``seed``), its optimizer
+    and its pipeline links. ``args`` carries the Megatron flags (lr, betas, clip, ...)."""
+    pc = ParallelContext.from_parallel_state()
+    ranges = stage_layer_ranges(cfg, pc.pp_size, getattr(args, "decoder_first_pipeline_num_layers", None),
+                                getattr(args, "decoder_last_pipeline_num_layers", None))
+    model = build_stage_model(args, cfg, pc, ranges)
     if seed is not None:
         model.reset_parameters(seed)
     sync_tied_embedding(model, pc)
@@ -134,7 +140,7 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
     )
-    comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, device, getattr(args, "params_dtype", torch.float32))
+    comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(), getattr(args, "params_dtype", torch.float32))
     coeff = float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if cfg.is_moe else 0.0
     return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff)
 

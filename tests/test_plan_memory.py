@@ -439,6 +439,32 @@ def test_packed_tokens_per_gpu_plan_like_one_sequence_of_that_many_tokens_per_ra
         assert wide.train_peak_bytes > packed.train_peak_bytes
 
 
+def test_reference_model_adds_one_built_model(single_rank):
+    """GRPO's --ref-load: the plan's static memory grows by exactly what a built model stage
+    holds (parameters and buffers, measured by the meter), in bf16; the CLI takes the flag."""
+    from megatron_k15.models.gpt import GPTModel
+
+    cfg = preset("tiny")
+    w = dict(seq_length=64, params_dtype="bf16")
+    static = [sum(c.bytes for c in plan_memory(cfg, Layout(), Workload(**w, reference_model=ref)).most_loaded.components
+                  if c.kind == "static") for ref in (False, True)]
+    with MemoryMeter() as meter:
+        model = GPTModel(cfg, tp_group=single_rank, attention_backend="sdpa", params_dtype=torch.bfloat16)
+        built = meter.live_bytes
+    del model
+    assert static[1] - static[0] == built
+
+
+def test_plan_cli_takes_ref_load(capsys):
+    peaks = []
+    for extra in ([], ["--ref-load"]):
+        assert _tool().main(["--model-preset", "tiny", "--seq-length", "64", "--bf16", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["workload"]["reference_model"] == bool(extra)
+        peaks.append(out["train_peak_bytes"])
+    assert peaks[1] > peaks[0]
+
+
 def test_plan_cli_takes_max_tokens_per_gpu(capsys):
     assert _tool().main(["--model-preset", "qwen2.5-0.5b", "--seq-length", "32768", "--bf16",
                      "--max-tokens-per-gpu", "8192"]) == 0

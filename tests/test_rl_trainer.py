@@ -36,6 +36,13 @@ def half_flat_reward(response: str, record: dict) -> float:
     return 1.0 if record["id"] in ("q0", "q2") else graded_reward(response, record)
 
 
+def parity_reward(response: str, record: dict) -> float:
+    """The fraction of the response's characters whose byte value has the parity of the
+    prompt's index: learnable only by conditioning on the prompt, ~0.5 for a random policy."""
+    want = int(record["id"][1:]) % 2
+    return sum(ord(c) % 2 == want for c in response) / max(1, len(response))
+
+
 def _records(reward_fn="graded_reward"):
     recs = []
     for i, p in enumerate(PROMPTS):
@@ -49,7 +56,7 @@ def _args(**kw):
     base = dict(lr=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, clip_grad=1.0,
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
-                exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, rollout_is_cap=None,
+                exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, ref_load=None, rollout_is_cap=None,
                 skip_zero_advantage=False, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
                 overlong_buffer_tokens=0, overlong_penalty_factor=1.0, overlong_filter=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
@@ -72,8 +79,14 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     reward_fn = opts.pop("reward_fn", "graded_reward")
     shift = opts.pop("shift_rollout_logprobs", 0.0)
     extra_eos = opts.pop("extra_eos_ids", [])
+    lr = opts.pop("run_lr", 1e-3)
+    save_init = opts.pop("save_init", None)
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
+    if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
+        from megatron_k15.checkpointing import save_checkpoint
+
+        save_checkpoint(save_init, None, ctx, save_optimizer=False)
     tok = ByteTokenizer()
     recs = _records(reward_fn)
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
@@ -90,7 +103,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
         rl.generator.generate = shifted
     metrics, states = [], []
     for it in range(iters):
-        metrics.append(rl.run(it, [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], 1e-3))
+        metrics.append(rl.run(it, [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], lr))
         states.append({k: v.clone() for k, v in ctx.model.checkpoint_state_dict().items()})
     return {"metrics": metrics, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank, "dp_rank": ctx.pc.dp_rank,
             "cp_rank": ctx.pc.cp_rank, "state": states[-1], "states": states, "buffer": rl.buffer.state_dict()}
@@ -234,6 +247,23 @@ def test_partial_rollouts_resume_from_the_buffer():
     assert m[2]["num_finished"] > 0 and m[2]["response_length_max"] > 2
 
 
+LEARN_OPTS = {"reward_fn": "parity_reward", "samples_per_prompt": 8, "micro_batch_size": 16,
+              "rollout_max_tokens": 4, "length_penalty_weight": 0.0, "run_lr": 1e-2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["omd", "grpo"])
+def test_rl_raises_the_reward(loss):
+    """The whole loop learns: rollouts -> rewards -> advantages -> update. A random policy
+    scores ~0.5 on ``parity_reward``; 24 iterations (2 prompts x 8 samples, 2 updates each)
+    take it past 0.8. A sign error in the advantage, rewards attached to the wrong samples or
+    groups, or a loss that does not reach the weights leaves it at 0.5 or drives it down."""
+    m = run_distributed(rl_worker, 1, 1, loss, 0, 24, 1, 1, LEARN_OPTS)[0]["metrics"]
+    rewards = [x["reward_mean"] for x in m]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
+    assert first < 0.6 and last > 0.8, rewards
+
+
 SKIP_OPTS = {"reward_fn": "half_flat_reward", "updates_per_iter": 1, "length_penalty_weight": 0.0}
 
 
@@ -286,6 +316,50 @@ def test_dapo_overlong_shaping_and_filtering():
     assert dapo["reward_mean"] <= plain["reward_mean"] - cut / plain["num_finished"] + 1e-6
 
 
+REF_OPTS = dict(LAYOUT_OPTS, kl_coef=0.5)
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory):
+    """GRPO with a fixed reference on one rank; the reference (--ref-load) is a checkpoint of
+    the initial weights, which this run saves. Returns (its dir, results)."""
+    path = str(tmp_path_factory.mktemp("ref") / "init")
+    res = run_distributed(rl_worker, 1, 1, "grpo", 0, 2, 1, 1, dict(REF_OPTS, save_init=path, ref_load=path))
+    return path, res
+
+
+@pytest.mark.slow
+def test_fixed_reference_model_pins_the_kl(initial_weights):
+    """--ref-load: the reference stays the initial policy. At iteration 0 it is pi_0 = the
+    old policy, so the update equals GRPO's default (KL to pi_i) and KL(pi_0 || ref) is 0; at
+    iteration 1 the policy has moved: the KL is > 0 and the update differs from the default's."""
+    _, fixed = initial_weights
+    default = _single_rank("grpo")  # LAYOUT_OPTS without the KL term
+    moving = run_distributed(rl_worker, 1, 1, "grpo", 0, 2, 1, 1, REF_OPTS)[0]["metrics"]
+    m = fixed[0]["metrics"]
+    assert m[0]["ref_kl"] == 0.0 and m[1]["ref_kl"] > 1e-4
+    assert "ref_kl" not in moving[0] and "ref_kl" not in default[0]["metrics"][0]
+    for k in ("loss", "grad_norm", "kl_proxy"):
+        assert m[0][k] == pytest.approx(moving[0][k], rel=1e-6, abs=1e-9), k
+    assert abs(m[1]["grad_norm"] - moving[1]["grad_norm"]) > 1e-4 * moving[1]["grad_norm"]
+    # and the KL term is really in the loss: it changes the update of iteration 0's second step
+    assert abs(moving[0]["grad_norm"] - default[0]["metrics"][0]["grad_norm"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_fixed_reference_model_in_other_layouts(initial_weights, layout):
+    """The one-rank checkpoint resharded into tp=2 / pp=2 reference stages: the same update
+    and the same KL to the reference as one rank."""
+    path, ref = initial_weights
+    world, tp, pp, cp, iters = LAYOUTS[layout]
+    got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, dict(REF_OPTS, ref_load=path))
+    _assert_same_update(got, ref, layout)
+    for r in got:
+        for a, b in zip(r["metrics"], ref[0]["metrics"]):
+            assert a["ref_kl"] == pytest.approx(b["ref_kl"], rel=1e-4, abs=1e-9)
+
+
 def test_mismatch_sums_by_hand():
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     rollout = torch.tensor([[-1.5, -2.0, 0.0]])
@@ -295,6 +369,11 @@ def test_mismatch_sums_by_hand():
     assert got[:2] == pytest.approx([2.0, 1.0])
     assert got[2] == pytest.approx(sum(math.exp(x) - 1 - x for x in d))
     assert got[3] == 1.0  # exp(0.5) > 1.5
+    assert got[4] == 0.0  # no reference model
+    ref = torch.tensor([[-0.8, 5.0, -1.5]])
+    x = [-0.8 - -1.0, -1.5 - -0.5]  # masked tokens: ref - old
+    got = mismatch_sums(old, rollout, mask, ref_logp=ref).tolist()
+    assert got[4] == pytest.approx(sum(math.exp(v) - 1 - v for v in x))
 
 
 def test_old_segments_are_masked_out_of_the_loss():
@@ -395,13 +474,19 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
     # ratio clipping belongs to the baselines; the TIS cap is a weight bound >= 1
     args = _parse(base + ["--rl-loss", "grpo", "--clip-eps-high", "0.28", "--rollout-is-cap", "2"], 1)
     assert (args.clip_eps, args.clip_eps_high, args.rollout_is_cap) == (None, 0.28, 2.0)
+    args = _parse(base + ["--rl-loss", "grpo", "--kl-coef", "0.04", "--ref-load", cli_inputs["ckpt"]], 1)
+    assert (args.kl_coef, args.ref_load) == (0.04, cli_inputs["ckpt"])
     for extra, message in ((["--clip-eps", "0.2"], "--clip-eps: --rl-loss omd has no ratio clipping"),
                            (["--rl-loss", "gspo", "--clip-eps-high", "-1"], "--clip-eps-high must be >= 0"),
                            (["--rl-loss", "ppo", "--clip-eps", "1.5"], "--clip-eps must be in [0, 1)"),
                            (["--rollout-is-cap", "0.5"], "--rollout-is-cap must be >= 1"),
                            (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
                            (["--max-tokens-per-gpu", "64"], "--max-tokens-per-gpu only applies with "
-                                                            "--use-dynamic-batch-size")):
+                                                            "--use-dynamic-batch-size"),
+                           (["--kl-coef", "0.1"], "--kl-coef is GRPO's KL term; --rl-loss omd has none"),
+                           (["--rl-loss", "grpo", "--ref-load", cli_inputs["ckpt"]], "add --kl-coef > 0"),
+                           (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["prompts"]],
+                            f"--ref-load {cli_inputs['prompts']}: no latest_checkpointed_iteration.txt")):
         with pytest.raises(SystemExit):
             _parse(base + extra, 1)
         assert message in capsys.readouterr().err, extra

@@ -44,8 +44,8 @@ from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
                                     group_normalized_advantages)
-from megatron_k15.training import (TrainContext, forward_only, group_reduce, reduce_sums, stage_forward,
-                                   train_step)
+from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
+                                   stage_forward, train_step)
 
 
 @dataclass
@@ -253,19 +253,47 @@ def packed_to_rows(xs: list[torch.Tensor], cu_seqlens: torch.Tensor, num_rows: i
 
 
 @torch.no_grad()
-def policy_logprobs(ctx: TrainContext, microbatches: list[dict]) -> list[torch.Tensor]:
+def policy_logprobs(ctx: TrainContext, microbatches: list[dict], model=None) -> list[torch.Tensor]:
     """Per-token log-probs (B, T), or (1, n) for packed microbatches, under the current
-    weights, one tensor per microbatch."""
-    model = ctx.model
+    weights (``model``: another model stage of the same layout, e.g. the frozen reference),
+    one tensor per microbatch."""
+    model = model or ctx.model
 
     def step(mb, hidden):
         out = stage_forward(model, mb, hidden)
         return (None, out.float()) if model.post_process else out
 
+    was_training = model.training
     model.eval()
     res = forward_only(ctx, microbatches, step)
-    model.train()
+    model.train(was_training)
     return res
+
+
+# the fields that fix a model's weight shapes: a reference model must match the policy in each
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                 "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm", "tie_word_embeddings",
+                 "num_moe_experts", "moe_ffn_hidden_size", "make_vocab_size_divisible_by")
+
+
+def load_reference_model(ctx: TrainContext, args, load_dir: str):
+    """``--ref-load``: a frozen copy of a checkpoint's weights in the policy's layout (this
+    rank's tp shard of its pipeline stage; resharded if saved under another tp/pp), for GRPO's
+    KL to a fixed reference (DeepSeekMath: the SFT model). Forward only: no gradients, no
+    optimizer state, so it adds one copy of the weights in ``--bf16`` / ``--fp16`` / fp32."""
+    from megatron_k15.checkpointing import load_config, load_model_checkpoint
+
+    cfg = ctx.model.config
+    ref_cfg = load_config(load_dir)
+    diff = [f"{f} {getattr(ref_cfg, f)} != {getattr(cfg, f)}" for f in _SHAPE_FIELDS
+            if getattr(ref_cfg, f) != getattr(cfg, f)]
+    if diff:
+        raise ValueError(f"--ref-load {load_dir}: the reference model's shape differs from the policy's "
+                         f"({'; '.join(diff)}); give a checkpoint of the same architecture")
+    model = build_stage_model(args, cfg, ctx.pc, ctx.layer_ranges)
+    load_model_checkpoint(model, load_dir, ctx.pc.pp_rank, ctx.pc.pp_size)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, tau: float = 1.0,
@@ -294,15 +322,23 @@ def flat_groups(finished: list[Trajectory], rewards: list[float], correct: list[
 
 
 def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                  is_cap: Optional[float] = None) -> torch.Tensor:
+                  is_cap: Optional[float] = None, ref_logp: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Over the masked tokens of one microbatch: (tokens, sum |old - rollout|, sum k3, tokens
-    whose TIS weight is capped), float64. k3 = rho - 1 - log rho with rho =
-    pi_train / pi_rollout estimates KL(pi_rollout || pi_train) from the rollout's own samples
-    (at temperature 1 without top-p / top-k; ``rl.losses`` module docstring for the limits)."""
+    whose TIS weight is capped, sum k3 to the reference), float64. k3 = rho - 1 - log rho with
+    rho = pi_train / pi_rollout estimates KL(pi_rollout || pi_train) from the rollout's own
+    samples (at temperature 1 without top-p / top-k; ``rl.losses`` module docstring for the
+    limits); with ``ref_logp`` the last is the same estimate of KL(pi_i || pi_ref) (0 without)."""
     m = mask.double()
     d = old_logp.double() - rollout_logp.double()
     capped = ((d.exp() > is_cap).double() * m).sum() if is_cap else d.new_zeros(())
-    return torch.stack([m.sum(), (d.abs() * m).sum(), ((d.exp() - 1.0 - d) * m).sum(), capped])
+    ref_k3 = k3_sum(ref_logp.double() - old_logp.double(), m) if ref_logp is not None else d.new_zeros(())
+    return torch.stack([m.sum(), (d.abs() * m).sum(), k3_sum(d, m), capped, ref_k3])
+
+
+def k3_sum(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over masked tokens of exp(x) - 1 - x, x = log(pi_other / pi_sampled): Schulman's
+    unbiased, non-negative estimate of KL(pi_sampled || pi_other) from pi_sampled's tokens."""
+    return ((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()
 
 
 def generation_parallel(pc) -> tuple[int, int, object]:
@@ -319,8 +355,12 @@ class RLIteration:
     def __init__(self, ctx: TrainContext, args, tokenizer, records: list[dict], prompt_ids: list[list[int]],
                  judge=None):
         """``records[i]`` / ``prompt_ids[i]``: the prompt set (indices are what samplers draw);
-        ``judge``: an optional generative reward model (``rewards.judge``)."""
+        ``judge``: an optional generative reward model (``rewards.judge``). ``args.ref_load``: a
+        checkpoint for GRPO's fixed KL reference (``load_reference_model``); without it the
+        reference is the iteration's starting policy pi_i."""
         self.judge = judge
+        ref_load = getattr(args, "ref_load", None)
+        self.reference = load_reference_model(ctx, args, ref_load) if ref_load else None
         self.ctx, self.args, self.tok = ctx, args, tokenizer
         self.records_by_index = records
         self.records = {r["id"]: r for r in records}
@@ -478,18 +518,26 @@ class RLIteration:
         # old log-probs: the policy pi_i at the start of the iteration (one forward pass); their
         # difference to the engine's log-probs of the same tokens measures how far the rollout
         # numerics are from the training forward's
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # tokens, |diff|, k3, capped (TIS)
+        # (with --ref-load, the frozen reference's log-probs of the same tokens too)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # tokens, |diff|, k3, capped (TIS), ref k3
         for chunk, _ in plan:
             old = policy_logprobs(ctx, chunk) if chunk else []
-            for mb, lp in zip(chunk, old if ctx.pc.is_last_stage else [None] * len(chunk)):
-                mb["old_logp"] = lp
-                if lp is not None:
-                    sums += mismatch_sums(lp, mb["rollout_logp"], mb["mask"], args.rollout_is_cap)
-        tokens, diff_sum, k3_sum, capped = reduce_sums(sums.tolist(), ctx)  # one host sync
-        metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3_sum / max(tokens, 1.0),
+            ref = policy_logprobs(ctx, chunk, self.reference) if chunk and self.reference is not None else []
+            last = ctx.pc.is_last_stage
+            for i, mb in enumerate(chunk):
+                mb["old_logp"] = old[i] if last else None
+                if ref:
+                    mb["ref_logp"] = ref[i] if last else None
+                if last:
+                    sums += mismatch_sums(old[i], mb["rollout_logp"], mb["mask"], args.rollout_is_cap,
+                                          mb.get("ref_logp"))
+        tokens, diff_sum, k3, capped, ref_k3 = reduce_sums(sums.tolist(), ctx)  # one host sync
+        metrics.update(rollout_logp_abs_diff=diff_sum / max(tokens, 1.0), rollout_kl=k3 / max(tokens, 1.0),
                        logprob_time_s=time.time() - t1)
         if args.rollout_is_cap:
             metrics["rollout_is_capped_fraction"] = capped / max(tokens, 1.0)
+        if self.reference is not None:
+            metrics["ref_kl"] = ref_k3 / max(tokens, 1.0)
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
@@ -535,11 +583,11 @@ class RLIteration:
             out = stage_forward(model, mb, hidden)
             if not model.post_process:
                 return out
-            per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"]]
+            per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"], mb.get("ref_logp", mb["old_logp"])]
             if "num_samples" in mb:  # packed: one row per sample for the losses
                 per_token = packed_to_rows(per_token, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
-            out, old_logp, mask, rollout_logp = per_token
-            loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"],
+            out, old_logp, mask, rollout_logp, ref_logp = per_token
+            loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"], ref_logp=ref_logp,
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
                            cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap)

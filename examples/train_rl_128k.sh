@@ -53,6 +53,7 @@ ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE:-16}        # requests decoded together 
 # ---- RL hyper-parameters (Kimi k1.5 section 2.3) ----------------------------------------------
 RL_LOSS=${RL_LOSS:-omd}
 RL_TAU=${RL_TAU:-0.1}
+KL_COEF=${KL_COEF:-0}                               # RL_LOSS=grpo: k3 KL weight to the converted model (frozen copy)
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-8}
 PROMPTS_PER_ITER=${PROMPTS_PER_ITER:-32}
 UPDATES_PER_ITER=${UPDATES_PER_ITER:-2}
@@ -211,6 +212,8 @@ else
   [ -n "$RECOMPUTE" ] && OPT_ARGS+=(--recompute-granularity "$RECOMPUTE")
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
   [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
+  # GRPO's KL reference: the model RL started from (frozen; also when resuming)
+  [ "$KL_COEF" != 0 ] && OPT_ARGS+=(--kl-coef "$KL_COEF" --ref-load "$CONVERTED")
   read -r -a EXTRA <<< "$EXTRA_RL_ARGS"
   if [ "$NODE_RANK" != 0 ]; then  # node 0 may still be converting
     wait_for "$DATA_DIR/prompts.json"

@@ -24,7 +24,7 @@ SBATCH = os.path.join(ROOT, "examples", "slurm", "train_rl_128k.sbatch")
 SCRIPT_VARS = {
     "DRY_RUN", "STAGES", "HF_MODEL", "PROMPTS", "EVAL_PROMPTS", "OUT", "TOKENIZER", "TP", "PP", "CP",
     "NPROC_PER_NODE", "SEQ_LENGTH", "PROMPT_MAX_TOKENS", "ROLLOUT_MAX_TOKENS", "ROLLOUT_SEGMENT_TOKENS",
-    "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
+    "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "KL_COEF", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
     "TRAIN_ITERS", "LR", "MICRO_BATCH_SIZE", "MAX_TOKENS_PER_GPU", "TEMPERATURE", "SAMPLING", "LENGTH_PENALTY_WEIGHT",
     "LENGTH_PENALTY_START_ITER", "SAVE_INTERVAL", "SEED", "BF16", "RECOMPUTE", "EXTRA_RL_ARGS", "NNODES",
     "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_BACKEND", "RDZV_ID", "LOG_DIR", "REPO", "PYTHON",
@@ -111,6 +111,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert int(value(rl, "--rollout-max-tokens")) + int(value(prep, "--seq-length")) == 131072
     assert value(rl, "--load") == value(convert, "--save") and "--finetune" in rl
     assert value(rl, "--prompt-data") == value(prep, "--output-prefix")
+    assert "--kl-coef" not in rl and "--ref-load" not in rl  # OMD: its KL is to the iteration's start
     assert export[1].endswith("convert_megatron_to_hf.py") and value(export, "--load") == value(rl, "--save")
 
 
@@ -132,6 +133,15 @@ def test_single_node_dry_run_overrides(tmp_path):
     assert value(prep, "--tokenizer") == "byte" and value(prep, "--seq-length") == "1024"
     assert value(prep_eval, "--input") == "/d/eval.jsonl"
     assert value(rl, "--eval-data") == value(prep_eval, "--output-prefix")
+
+
+def test_grpo_dry_run_keeps_the_converted_model_as_kl_reference(tmp_path):
+    env = clean_env(DRY_RUN=1, OUT=tmp_path / "o", RL_LOSS="grpo", KL_COEF="0.001")
+    cmds = commands(run(SCRIPT, env, tmp_path))
+    (rl,) = torchruns(cmds)
+    (convert,) = with_script(cmds, "convert_hf_to_megatron.py")
+    assert value(rl, "--rl-loss") == "grpo" and value(rl, "--kl-coef") == "0.001"
+    assert value(rl, "--ref-load") == value(convert, "--save") == value(rl, "--load")
 
 
 def test_resume_and_skips_dry_run(tmp_path):

@@ -111,6 +111,14 @@ def add_rl_args(p) -> None:
     g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
     g.add_argument("--overlong-filter", action="store_true",
                    help="DAPO's overlong filtering: do not train on responses cut off by --rollout-max-tokens")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO's dynamic sampling: groups whose samples all got the same reward are dropped, and "
+                        "further rounds of --prompts-per-iter fresh prompts are rolled out until --prompts-per-iter "
+                        "groups with differing rewards are in hand (at most --dynamic-sampling-max-rounds rounds); "
+                        "the update trains on exactly those")
+    g.add_argument("--dynamic-sampling-max-rounds", type=int, default=4,
+                   help="rollout rounds per iteration at most; when they run out the update trains on the "
+                        "groups it has (logged: sampling_rounds, kept_groups)")
     g.add_argument("--skip-zero-advantage", action="store_true",
                    help="do not train on groups whose samples all got the same reward (no gradient at the "
                         "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "
@@ -160,6 +168,12 @@ def _validate(args) -> None:
                                 "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
         if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
             raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+    if args.dynamic_sampling_max_rounds < 1:
+        raise ArgumentError(f"--dynamic-sampling-max-rounds must be >= 1, got {args.dynamic_sampling_max_rounds}")
+    if args.dynamic_sampling and args.rollout_segment_tokens:
+        raise ArgumentError("--dynamic-sampling keeps whole groups scored in one iteration; with partial rollouts "
+                            "(--rollout-segment-tokens) a group's samples finish in different iterations: "
+                            "drop one of the two flags")
     if args.kl_coef < 0:
         raise ArgumentError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if args.kl_coef and args.rl_loss != "grpo":
@@ -371,7 +385,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
         indices = sampler.sample(args.prompts_per_iter, iteration)
-        metrics = rl.run(iteration, indices, lr)
+        metrics = rl.run(iteration, indices, lr,
+                         draw_prompts=(lambda n, it=iteration: sampler.sample(n, it)) if args.dynamic_sampling else None)
         ids_by_prompt = {r["id"]: i for i, r in enumerate(records)}
         if rl.last_success:
             pids = [ids_by_prompt[p] for p in rl.last_success]

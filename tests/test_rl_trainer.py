@@ -3,6 +3,7 @@ rollouts continue across iterations with old segments masked out of the loss; OM
 log-probability of rewarded responses."""
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -57,7 +58,8 @@ def _args(**kw):
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
                 exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, ref_load=None, rollout_is_cap=None,
-                skip_zero_advantage=False, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
+                skip_zero_advantage=False, dynamic_sampling=False, dynamic_sampling_max_rounds=4,
+                use_dynamic_batch_size=False, max_tokens_per_gpu=None,
                 overlong_buffer_tokens=0, overlong_penalty_factor=1.0, overlong_filter=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
                 seed=5, no_repeat_detection=False, length_penalty_weight=0.1, length_penalty_start_iter=0,
@@ -81,6 +83,8 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     extra_eos = opts.pop("extra_eos_ids", [])
     lr = opts.pop("run_lr", 1e-3)
     save_init = opts.pop("save_init", None)
+    prompts = opts.pop("prompts", None)  # per iteration; default: [0, 1] then [2, 3]
+    more = opts.pop("draw_prompts", None)  # what --dynamic-sampling's further rounds draw, in turn
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
@@ -103,7 +107,8 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
         rl.generator.generate = shifted
     metrics, states = [], []
     for it in range(iters):
-        metrics.append(rl.run(it, [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], lr))
+        draw = (lambda n: more.pop(0)) if more else None
+        metrics.append(rl.run(it, prompts[it] if prompts else [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], lr, draw))
         states.append({k: v.clone() for k, v in ctx.model.checkpoint_state_dict().items()})
     return {"metrics": metrics, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank, "dp_rank": ctx.pc.dp_rank,
             "cp_rank": ctx.pc.cp_rank, "state": states[-1], "states": states, "buffer": rl.buffer.state_dict()}
@@ -282,6 +287,43 @@ def test_skipping_zero_advantage_groups_gives_the_same_update():
     for m in got[0]["metrics"]:
         assert m["trained_samples"] == 4 and m["zero_advantage_fraction"] == 0.5
     _assert_same_update(got, ref, "skip")
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_trains_on_the_first_groups_with_varied_rewards():
+    """DAPO's dynamic sampling with 2 groups per iteration: the first round's q0 is flat, so a
+    second round draws q2 (flat) and q3; the update trains on q1 and q3 only: the same update
+    as rolling out and training on just those two prompts."""
+    opts = dict(SKIP_OPTS, updates_per_iter=2)
+    got = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1,
+                          dict(opts, dynamic_sampling=True, prompts=[[0, 1]], draw_prompts=[[2, 3]]))
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, dict(opts, prompts=[[1, 3]]))
+    m, r = got[0]["metrics"][0], ref[0]["metrics"][0]
+    assert (m["sampling_rounds"], m["kept_groups"], m["num_finished"], m["trained_samples"]) == (2, 2, 16, 8)
+    assert m["zero_advantage_fraction"] == 0.5 and r["zero_advantage_fraction"] == 0.0
+    for k in ("loss", "grad_norm", "kl_proxy"):
+        assert m[k] == pytest.approx(r[k], rel=1e-6, abs=1e-12), k
+    for name, w in got[0]["state"].items():
+        assert torch.equal(w, ref[0]["state"][name]), name
+    # enough varied groups in the first round: no second round
+    one = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1,
+                          dict(opts, dynamic_sampling=True, prompts=[[1, 3]], draw_prompts=[[0, 2]]))[0]
+    assert one["metrics"][0]["sampling_rounds"] == 1 and one["metrics"][0]["num_finished"] == 8
+    for name, w in one["state"].items():
+        assert torch.equal(w, ref[0]["state"][name]), name
+
+
+def test_a_prompt_drawn_twice_gets_a_group_with_other_seeds():
+    from megatron_k15.rl.trainer import RLIteration, _seed_for
+
+    rl = RLIteration.__new__(RLIteration)
+    rl.args = argparse.Namespace(samples_per_prompt=2)
+    rl.records_by_index = _records()
+    rl.prompt_ids = {r["id"]: [1, 2] for r in rl.records_by_index}
+    seen = collections.Counter()
+    trajs = rl._fresh_trajectories([1, 1], 5, seen) + rl._fresh_trajectories([2, 1], 5, seen)
+    assert [t.group_id for t in trajs] == ["q1@5"] * 2 + ["q1@5#1"] * 2 + ["q2@5"] * 2 + ["q1@5#2"] * 2
+    assert len({_seed_for(t, 5) for t in trajs}) == len(trajs)
 
 
 @pytest.mark.slow
@@ -484,6 +526,9 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
                            (["--max-tokens-per-gpu", "64"], "--max-tokens-per-gpu only applies with "
                                                             "--use-dynamic-batch-size"),
                            (["--kl-coef", "0.1"], "--kl-coef is GRPO's KL term; --rl-loss omd has none"),
+                           (["--dynamic-sampling", "--rollout-segment-tokens", "2"],
+                            "--dynamic-sampling keeps whole groups scored in one iteration"),
+                           (["--dynamic-sampling-max-rounds", "0"], "--dynamic-sampling-max-rounds must be >= 1"),
                            (["--rl-loss", "grpo", "--ref-load", cli_inputs["ckpt"]], "add --kl-coef > 0"),
                            (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["prompts"]],
                             f"--ref-load {cli_inputs['prompts']}: no latest_checkpointed_iteration.txt")):

@@ -407,56 +407,97 @@ class RLIteration:
         if "replay_buffer" in state:
             self.buffer.load_state_dict(state["replay_buffer"])
 
-    def run(self, iteration: int, prompt_indices: list[int], lr: float) -> dict:
-        """One RL iteration; returns its metrics (identical on every rank)."""
-        args, ctx, pc = self.args, self.ctx, self.ctx.pc
-        t0 = time.time()
-        # 1. the iteration's trajectories: resumed partial ones first, then k fresh per prompt
-        resumed = self.buffer.pop_for_resume(len(self.buffer), iteration)
+    def _fresh_trajectories(self, prompt_indices: list[int], iteration: int, seen: Counter) -> list[Trajectory]:
+        """k new trajectories per prompt. A prompt drawn again in the same iteration (an epoch
+        boundary, sampling with replacement, another dynamic-sampling round) gets a group of its
+        own, ``id@iteration#j``, so its samples get other seeds instead of repeating the first."""
         fresh = []
         for idx in prompt_indices:
             rec = self.records_by_index[idx]
-            for k in range(args.samples_per_prompt):
+            j = seen[rec["id"]]
+            seen[rec["id"]] += 1
+            gid = f"{rec['id']}@{iteration}" + (f"#{j}" if j else "")
+            for k in range(self.args.samples_per_prompt):
                 fresh.append(Trajectory(prompt_id=rec["id"], prompt_ids=list(self.prompt_ids[rec["id"]]),
-                                        sample_index=k, start_iteration=iteration,
-                                        group_id=f"{rec['id']}@{iteration}"))
-        everything = resumed + fresh
-        groups = sorted({t.group_id for t in everything})
+                                        sample_index=k, start_iteration=iteration, group_id=gid))
+        return fresh
+
+    def _rollout(self, trajs: list[Trajectory], iteration: int) -> list[Trajectory]:
+        """Each generation-parallel rank extends the trajectories of its groups; returns all of
+        them, extended, in their order, on every rank."""
+        groups = sorted({t.group_id for t in trajs})
         if len(groups) < self.gen_size:
             # a rank without requests would skip the engine's collectives and hang the others
             raise ValueError(f"iteration {iteration}: {len(groups)} prompt groups for {self.gen_size} "
                              "generation-parallel (dp x cp) ranks; sample at least that many prompts")
         mine_groups = {g for i, g in enumerate(groups) if i % self.gen_size == self.gen_rank}
-        mine = [(i, t) for i, t in enumerate(everything) if t.group_id in mine_groups]
+        mine = [(i, t) for i, t in enumerate(trajs) if t.group_id in mine_groups]
         rollout(self.generator, [t for _, t in mine], iteration, self.settings, self.eos_ids)
         self.generator.release()  # the KV cache's memory goes back to the training step
-        everything = self._gather(mine)
-        t_rollout = time.time() - t0
-        rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)
+        return self._gather(mine)
+
+    def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:
+        args = self.args
+        return score(finished, self.records, self.tok, iteration,
+                     length_penalty_weight=args.length_penalty_weight,
+                     length_penalty_start_iter=args.length_penalty_start_iter,
+                     repeat_penalty=args.repeat_penalty,
+                     reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
+                     judge=self.judge, judgements=judgements,
+                     overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
+                                args.overlong_penalty_factor) if args.overlong_buffer_tokens else None))
+
+    def run(self, iteration: int, prompt_indices: list[int], lr: float,
+            draw_prompts: Optional[Callable[[int], list[int]]] = None) -> dict:
+        """One RL iteration; returns its metrics (identical on every rank). ``draw_prompts(n)``:
+        n more prompt indices from the sampler, for ``--dynamic-sampling``'s further rounds."""
+        args, ctx, pc = self.args, self.ctx, self.ctx.pc
+        t0 = time.time()
+        # 1. the iteration's trajectories: resumed partial ones first, then k fresh per prompt
+        seen: Counter = Counter()
+        resumed = self.buffer.pop_for_resume(len(self.buffer), iteration)
+        everything = self._rollout(resumed + self._fresh_trajectories(prompt_indices, iteration, seen), iteration)
 
         # 2. partial ones go back to the buffer; finished ones are scored and trained on
         finished = [t for t in everything if t.finished]
         for t in everything:
             if not t.finished:
                 self.buffer.add(t)
+        judgements: list = []
+        rewards, correct = self._score(finished, iteration, judgements) if finished else ([], [])
+        rounds, kept = 1, None
+        if args.dynamic_sampling:
+            # DAPO's dynamic sampling: more rounds of fresh prompts until the iteration holds as
+            # many groups whose rewards differ (each then has a gradient) as it drew prompts; train
+            # on the first that many of them, in order, and on nothing else
+            target = len(prompt_indices)
+            while True:
+                rewards_by_group = defaultdict(set)
+                for t, r in zip(finished, rewards):
+                    rewards_by_group[t.group_id].add(r)
+                varied = [g for g, v in rewards_by_group.items() if len(v) > 1]  # dicts keep their order
+                if len(varied) >= target or rounds >= args.dynamic_sampling_max_rounds or draw_prompts is None:
+                    break
+                more = self._rollout(self._fresh_trajectories(draw_prompts(target), iteration, seen), iteration)
+                rounds += 1
+                everything += more
+                new = [t for t in more if t.finished]
+                r_new, c_new = self._score(new, iteration, judgements) if new else ([], [])
+                finished, rewards, correct = finished + new, rewards + r_new, correct + c_new
+            kept = set(varied[:target])
+        t_rollout = time.time() - t0
+        rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)
         metrics = {"rollout_tokens": rollout_tokens, "rollout_time_s": t_rollout,
                    "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
                    "replay_buffer_size": len(self.buffer), "num_finished": len(finished)}
         reasons = Counter(t.stop_reason for t in everything)
         for r in ("eos", "length", "repeat", "partial"):
             metrics[f"stop_{r}_fraction"] = reasons.get(r, 0) / max(1, len(everything))
+        if args.dynamic_sampling:
+            metrics.update(sampling_rounds=rounds, kept_groups=len(kept))
         if not finished:
             metrics.update(loss=0.0, grad_norm=0.0, lr=lr)
             return metrics
-        judgements: list = []
-        rewards, correct = score(finished, self.records, self.tok, iteration,
-                                 length_penalty_weight=args.length_penalty_weight,
-                                 length_penalty_start_iter=args.length_penalty_start_iter,
-                                 repeat_penalty=args.repeat_penalty,
-                                 reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
-                                 judge=self.judge, judgements=judgements,
-                                 overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
-                                            args.overlong_penalty_factor) if args.overlong_buffer_tokens else None))
         if self.judge is not None:
             metrics.update(judge_metrics(judgements, correct))
         lengths = [t.response_len for t in finished]
@@ -476,23 +517,26 @@ class RLIteration:
         flat = flat_groups(finished, rewards, correct, metrics)
         skip = flat if args.skip_zero_advantage else set()
         # DAPO's overlong filtering: responses cut off by the budget are not trained on (they
-        # still count in their group's baseline) and not counted by the normaliser
-        trainable = [not (args.overlong_filter and t.stop_reason == "length") for t in finished]
+        # still count in their group's baseline) and not counted by the normaliser; with dynamic
+        # sampling only the kept groups are trained on and counted
+        trainable = [not (args.overlong_filter and t.stop_reason == "length")
+                     and (kept is None or t.group_id in kept) for t in finished]
         metrics["trained_samples"] = sum(ok and t.group_id not in skip for ok, t in zip(trainable, finished))
         seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
         sp_size = ctx.model.tp_size if ctx.model.sequence_parallel else 1
         t1 = time.time()
-        # update u trains on the u-th contiguous slice of the finished samples (global order, so
-        # the same in every layout); inside it each dp rank takes the samples of its groups. The
+        # update u trains on the u-th contiguous slice of the trainable finished samples (global
+        # order, so the same in every layout); inside it each dp rank takes its groups' samples. The
         # loss is divided by the slice's count (samples for OMD / GSPO, response tokens for the
         # token-level losses), skipped samples included, so skipping changes no gradient.
         updates = max(1, args.updates_per_iter)
-        bounds = [round(u * len(finished) / updates) for u in range(updates + 1)]
+        order = [i for i, ok in enumerate(trainable) if ok]
+        bounds = [round(u * len(order) / updates) for u in range(updates + 1)]
         plan = []
         for u in range(updates):
-            span = [i for i in range(bounds[u], bounds[u + 1]) if trainable[i]]
+            span = order[bounds[u]:bounds[u + 1]]
             total = float(len(span)) if seq_level else float(sum(
                 float(loss_mask(finished[i], iteration, args.include_old_segments).sum()) for i in span))
             idx = [i for i in span if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank

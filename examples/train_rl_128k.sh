@@ -213,7 +213,7 @@ else
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
   [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
   # GRPO's KL reference: the model RL started from (frozen; also when resuming)
-  [ "$KL_COEF" != 0 ] && OPT_ARGS+=(--kl-coef "$KL_COEF" --ref-load "$CONVERTED")
+  awk -v k="$KL_COEF" 'BEGIN { exit !(k + 0 != 0) }' && OPT_ARGS+=(--kl-coef "$KL_COEF" --ref-load "$CONVERTED")
   read -r -a EXTRA <<< "$EXTRA_RL_ARGS"
   if [ "$NODE_RANK" != 0 ]; then  # node 0 may still be converting
     wait_for "$DATA_DIR/prompts.json"

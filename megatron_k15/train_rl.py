@@ -13,8 +13,9 @@ prompt with the current policy (at most --rollout-segment-tokens new tokens per 
 iteration; unfinished ones wait in the replay buffer), score finished ones with the reward of
 their ``task`` plus the length penalty, and take --updates-per-iter optimizer steps of the
 surrogate (DESIGN.md section 3). The reference policy is the iteration's starting policy, so
-no reference model is kept. ``--load`` resumes exactly (weights, optimizer, RNG, sampler,
-replay buffer); start from an SFT/converted checkpoint with ``--load DIR --finetune``.
+no reference model is kept (GRPO's optional KL may use a frozen one instead: ``--ref-load``).
+``--load`` resumes exactly (weights, optimizer, RNG, sampler, replay buffer); start from an
+SFT/converted checkpoint with ``--load DIR --finetune``.
 
 Any tp x pp x cp x dp layout takes the same update as one rank (``rl/trainer.py``): the dp x cp
 ranks generate whole groups (tp ranks decode together, pp stages pass hidden states), the
@@ -116,9 +117,9 @@ def add_rl_args(p) -> None:
                         "further rounds of --prompts-per-iter fresh prompts are rolled out until --prompts-per-iter "
                         "groups with differing rewards are in hand (at most --dynamic-sampling-max-rounds rounds); "
                         "the update trains on exactly those")
-    g.add_argument("--dynamic-sampling-max-rounds", type=int, default=4,
-                   help="rollout rounds per iteration at most; when they run out the update trains on the "
-                        "groups it has (logged: sampling_rounds, kept_groups)")
+    g.add_argument("--dynamic-sampling-max-rounds", type=int, default=None,
+                   help="with --dynamic-sampling: rollout rounds per iteration at most (default 4); when they run "
+                        "out the update trains on the groups it has (logged: sampling_rounds, kept_groups)")
     g.add_argument("--skip-zero-advantage", action="store_true",
                    help="do not train on groups whose samples all got the same reward (no gradient at the "
                         "first update: the same update, cheaper; with --updates-per-iter > 1 their KL term "
@@ -168,8 +169,13 @@ def _validate(args) -> None:
                                 "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
         if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
             raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
-    if args.dynamic_sampling_max_rounds < 1:
-        raise ArgumentError(f"--dynamic-sampling-max-rounds must be >= 1, got {args.dynamic_sampling_max_rounds}")
+    if args.dynamic_sampling_max_rounds is not None:
+        if not args.dynamic_sampling:
+            raise ArgumentError("--dynamic-sampling-max-rounds only applies with --dynamic-sampling; add it")
+        if args.dynamic_sampling_max_rounds < 1:
+            raise ArgumentError(f"--dynamic-sampling-max-rounds must be >= 1, got {args.dynamic_sampling_max_rounds}")
+    elif args.dynamic_sampling:
+        args.dynamic_sampling_max_rounds = 4
     if args.dynamic_sampling and args.rollout_segment_tokens:
         raise ArgumentError("--dynamic-sampling keeps whole groups scored in one iteration; with partial rollouts "
                             "(--rollout-segment-tokens) a group's samples finish in different iterations: "

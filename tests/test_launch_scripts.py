@@ -142,6 +142,9 @@ def test_grpo_dry_run_keeps_the_converted_model_as_kl_reference(tmp_path):
     (convert,) = with_script(cmds, "convert_hf_to_megatron.py")
     assert value(rl, "--rl-loss") == "grpo" and value(rl, "--kl-coef") == "0.001"
     assert value(rl, "--ref-load") == value(convert, "--save") == value(rl, "--load")
+    (rl,) = torchruns(commands(run(SCRIPT, clean_env(DRY_RUN=1, OUT=tmp_path / "o", RL_LOSS="grpo", KL_COEF="0.0"),
+                                   tmp_path)))
+    assert "--kl-coef" not in rl and "--ref-load" not in rl  # 0.0 is zero
 
 
 def test_resume_and_skips_dry_run(tmp_path):

@@ -457,12 +457,12 @@ def test_reference_model_adds_one_built_model(single_rank):
 
 def test_plan_cli_takes_ref_load(capsys):
     peaks = []
-    for extra in ([], ["--ref-load"]):
+    for extra in ([], ["--ref-load"], ["--ref-load", "/ckpt/sft"]):  # train_rl's flag, with or without its DIR
         assert _tool().main(["--model-preset", "tiny", "--seq-length", "64", "--bf16", "--json", *extra]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["workload"]["reference_model"] == bool(extra)
         peaks.append(out["train_peak_bytes"])
-    assert peaks[1] > peaks[0]
+    assert peaks[2] == peaks[1] > peaks[0]
 
 
 def test_plan_cli_takes_max_tokens_per_gpu(capsys):

@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens-per-gpu", type=int, default=None,
                    help="RL packed microbatches (train_rl --use-dynamic-batch-size): tokens per GPU "
                         "and microbatch, in every layout (replaces --micro-batch-size x --seq-length / cp)")
-    g.add_argument("--ref-load", dest="reference_model", action="store_const", const=True, default=False,
-                   help="RL GRPO with a fixed reference (train_rl --ref-load DIR): one more copy of the weights; "
-                        "takes no value here")
+    g.add_argument("--ref-load", dest="reference_model", nargs="?", const=True, default=False, metavar="DIR",
+                   help="RL GRPO with a fixed reference (train_rl --ref-load DIR): one more copy of the weights "
+                        "(DIR, if given, is not read)")
     g.add_argument("--num-microbatches", type=int, default=None,
                    help="microbatches per step and dp rank (default: pp, which fills 1F1B)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_CHOICES, default="none")
@@ -175,7 +175,7 @@ def workload(args) -> Workload:
         kv_block_size=args.kv_block_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers,
         last_stage_layers=args.decoder_last_pipeline_num_layers, tokens_per_gpu=args.max_tokens_per_gpu,
-        reference_model=args.reference_model)
+        reference_model=bool(args.reference_model))
 
 
 def layout(args) -> Layout:

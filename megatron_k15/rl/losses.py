@@ -336,8 +336,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
     std within the group), token-level ratio clipping, averaged over all masked tokens of the
     batch (DAPO-style token mean). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
-    exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (we keep no
-    separate reference model: the reference is the previous iteration's policy).
+    exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (the reference
+    is then the iteration's starting policy; the trainer passes a frozen model's with ``--ref-load``).
     ``advantages`` (B,) overrides the in-batch advantages; ``clip_eps_high``: DAPO's
     clip-higher; ``rollout_logp``, ``is_cap``: TIS of the surrogate (module docstring)."""
     _check(logp, old_logp, mask)

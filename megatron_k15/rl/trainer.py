@@ -22,6 +22,7 @@ Work split (any tp x pp x cp x dp layout, the same update as one rank):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter, defaultdict
@@ -92,8 +93,8 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
           prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
-          judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None
-          ) -> tuple[list[float], list[bool]]:
+          judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None,
+          shard: Optional[tuple[int, int, object]] = None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group (plus DAPO's overlong punishment with ``overlong`` = (response
     budget, buffer tokens, factor)). Returns (rewards, correct). With ``reasoning_tags`` the verifier
@@ -101,15 +102,27 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     scores 0 (``rewards.reasoning``); ``prompt_open(prompt_id)``: the prompt opened the block.
     ``judge``: a ``rewards.judge.GenerativeJudge`` that regrades its tasks' answers (a
     collective call: every rank scores the same trajectories); its ``Judgement``s are appended
-    to ``judgements`` when given."""
+    to ``judgements`` when given. ``shard`` = (rank, size, process group): the verifier runs
+    on every size-th trajectory only and the grades are all-gathered (a collective), so each
+    response is graded once (sandboxed code tests are the slow part of an iteration) and every
+    rank holds the same grades."""
     eos = set(getattr(tokenizer, "special_ids", []) or [])
-    graded, verified = [], []
-    for t in trajs:
+    rank, size, group = shard or (0, 1, None)
+
+    def grade(t):
         ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
-        g, reward = grade_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
-                                   bool(prompt_open and prompt_open(t.prompt_id)))
-        graded.append(g)
-        verified.append(reward)
+        return grade_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
+                              bool(prompt_open and prompt_open(t.prompt_id)))
+
+    mine = [grade(t) for t in trajs[rank::size]]
+    if size > 1:
+        parts = [None] * size
+        dist.all_gather_object(parts, mine, group=group)
+        results = [parts[i % size][i // size] for i in range(len(trajs))]
+    else:
+        results = mine
+    graded = [g for g, _ in results]
+    verified = [r for _, r in results]
     if judge is not None:
         verified, calls = judge.regrade([records[t.prompt_id] for t in trajs], graded, verified)
         if judgements is not None:
@@ -257,7 +270,7 @@ def policy_logprobs(ctx: TrainContext, microbatches: list[dict], model=None) -> 
     """Per-token log-probs (B, T), or (1, n) for packed microbatches, under the current
     weights (``model``: another model stage of the same layout, e.g. the frozen reference),
     one tensor per microbatch."""
-    model = model or ctx.model
+    model = ctx.model if model is None else model
 
     def step(mb, hidden):
         out = stage_forward(model, mb, hidden)
@@ -270,10 +283,9 @@ def policy_logprobs(ctx: TrainContext, microbatches: list[dict], model=None) -> 
     return res
 
 
-# the fields that fix a model's weight shapes: a reference model must match the policy in each
-_SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-                 "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm", "tie_word_embeddings",
-                 "num_moe_experts", "moe_ffn_hidden_size", "make_vocab_size_divisible_by")
+# config fields a reference model may differ in from the policy (token ids, init, metadata); it
+# runs with the policy's config, so every other field (shapes, RoPE, norms, routing) must match
+_REFERENCE_FREE_FIELDS = ("bos_token_id", "eos_token_id", "init_method_std", "max_position_embeddings", "extra")
 
 
 def load_reference_model(ctx: TrainContext, args, load_dir: str):
@@ -285,10 +297,10 @@ def load_reference_model(ctx: TrainContext, args, load_dir: str):
 
     cfg = ctx.model.config
     ref_cfg = load_config(load_dir)
-    diff = [f"{f} {getattr(ref_cfg, f)} != {getattr(cfg, f)}" for f in _SHAPE_FIELDS
-            if getattr(ref_cfg, f) != getattr(cfg, f)]
+    diff = [f"{f.name} {getattr(ref_cfg, f.name)!r} != {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if f.name not in _REFERENCE_FREE_FIELDS and getattr(ref_cfg, f.name) != getattr(cfg, f.name)]
     if diff:
-        raise ValueError(f"--ref-load {load_dir}: the reference model's shape differs from the policy's "
+        raise ValueError(f"--ref-load {load_dir}: the reference model's config differs from the policy's "
                          f"({'; '.join(diff)}); give a checkpoint of the same architecture")
     model = build_stage_model(args, cfg, ctx.pc, ctx.layer_ranges)
     load_model_checkpoint(model, load_dir, ctx.pc.pp_rank, ctx.pc.pp_size)
@@ -401,11 +413,17 @@ class RLIteration:
                                                            key=lambda p: p[0])]
 
     def state_dict(self) -> dict:
-        return {"replay_buffer": self.buffer.state_dict()}
+        return {"replay_buffer": self.buffer.state_dict(), "ref_load": getattr(self.args, "ref_load", None)}
 
     def load_state_dict(self, state: dict) -> None:
+        """A resumed run keeps the KL reference it trained with: a checkpoint saved with
+        ``--ref-load`` refuses to resume without one (it would silently switch the KL to pi_i)."""
         if "replay_buffer" in state:
             self.buffer.load_state_dict(state["replay_buffer"])
+        saved = state.get("ref_load")
+        if saved and not getattr(self.args, "ref_load", None):
+            raise ValueError(f"this checkpoint trained with --ref-load {saved} (GRPO's fixed KL reference): "
+                             f"resume with --ref-load {saved} (or the same weights elsewhere)")
 
     def _fresh_trajectories(self, prompt_indices: list[int], iteration: int, seen: Counter) -> list[Trajectory]:
         """k new trajectories per prompt. A prompt drawn again in the same iteration (an epoch
@@ -437,7 +455,12 @@ class RLIteration:
         return self._gather(mine)
 
     def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:
+        """Rewards and correctness of the finished trajectories (every rank holds them all): the
+        ranks split the grading and all-gather it, so each response is graded once and every
+        rank trains on the same grades (graders with wall-clock limits, sandboxed code and
+        sympy, could disagree under load, and what gets trained must not)."""
         args = self.args
+        world = dist.get_world_size() if dist.is_initialized() else 1
         return score(finished, self.records, self.tok, iteration,
                      length_penalty_weight=args.length_penalty_weight,
                      length_penalty_start_iter=args.length_penalty_start_iter,
@@ -445,7 +468,8 @@ class RLIteration:
                      reasoning_tags=self.reasoning_tags, prompt_open=self.prompt_open,
                      judge=self.judge, judgements=judgements,
                      overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
-                                args.overlong_penalty_factor) if args.overlong_buffer_tokens else None))
+                                args.overlong_penalty_factor) if args.overlong_buffer_tokens else None),
+                     shard=(dist.get_rank(), world, None) if world > 1 else None)
 
     def run(self, iteration: int, prompt_indices: list[int], lr: float,
             draw_prompts: Optional[Callable[[int], list[int]]] = None) -> dict:
@@ -457,6 +481,7 @@ class RLIteration:
         seen: Counter = Counter()
         resumed = self.buffer.pop_for_resume(len(self.buffer), iteration)
         everything = self._rollout(resumed + self._fresh_trajectories(prompt_indices, iteration, seen), iteration)
+        t_rollout = time.time() - t0
 
         # 2. partial ones go back to the buffer; finished ones are scored and trained on
         finished = [t for t in everything if t.finished]
@@ -478,14 +503,15 @@ class RLIteration:
                 varied = [g for g, v in rewards_by_group.items() if len(v) > 1]  # dicts keep their order
                 if len(varied) >= target or rounds >= args.dynamic_sampling_max_rounds or draw_prompts is None:
                     break
+                t = time.time()
                 more = self._rollout(self._fresh_trajectories(draw_prompts(target), iteration, seen), iteration)
+                t_rollout += time.time() - t
                 rounds += 1
                 everything += more
                 new = [t for t in more if t.finished]
                 r_new, c_new = self._score(new, iteration, judgements) if new else ([], [])
                 finished, rewards, correct = finished + new, rewards + r_new, correct + c_new
             kept = set(varied[:target])
-        t_rollout = time.time() - t0
         rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)
         metrics = {"rollout_tokens": rollout_tokens, "rollout_time_s": t_rollout,
                    "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
@@ -522,6 +548,9 @@ class RLIteration:
         trainable = [not (args.overlong_filter and t.stop_reason == "length")
                      and (kept is None or t.group_id in kept) for t in finished]
         metrics["trained_samples"] = sum(ok and t.group_id not in skip for ok, t in zip(trainable, finished))
+        # dp ranks take whole groups, round robin over the groups that have samples to train on
+        # (all of them unless filtered: overlong, dynamic sampling), so none is left idle
+        dp_of = {g: i % pc.dp_size for i, g in enumerate(sorted({t.group_id for ok, t in zip(trainable, finished) if ok}))}
         seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
@@ -539,7 +568,7 @@ class RLIteration:
             span = order[bounds[u]:bounds[u + 1]]
             total = float(len(span)) if seq_level else float(sum(
                 float(loss_mask(finished[i], iteration, args.include_old_segments).sum()) for i in span))
-            idx = [i for i in span if gindex[finished[i].group_id] % pc.dp_size == pc.dp_rank
+            idx = [i for i in span if dp_of[finished[i].group_id] == pc.dp_rank
                    and finished[i].group_id not in skip]
             sel = torch.tensor(idx, dtype=torch.long)
             extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],

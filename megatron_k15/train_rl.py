@@ -74,6 +74,10 @@ def add_rl_args(p) -> None:
                    help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
     g.add_argument("--clip-eps-high", type=float, default=None,
                    help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
+    g.add_argument("--loss-agg-mode", choices=["token-mean", "seq-mean-token-mean"], default="token-mean",
+                   help="grpo/ppo: how token terms are averaged; token-mean: over all response tokens of the update "
+                        "(DAPO's; long responses weigh more); seq-mean-token-mean: each response's token mean, then "
+                        "the mean over responses (the GRPO paper's)")
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="GRPO's per-token k3 KL weight (e.g. 0.04 in DeepSeekMath, 0.001 in verl's examples); "
                         "the KL is to --ref-load's model, or to the iteration's starting policy without it")
@@ -180,6 +184,9 @@ def _validate(args) -> None:
         raise ArgumentError("--dynamic-sampling keeps whole groups scored in one iteration; with partial rollouts "
                             "(--rollout-segment-tokens) a group's samples finish in different iterations: "
                             "drop one of the two flags")
+    if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
+        raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
+                            f"{args.rl_loss} averages over responses already: drop the flag")
     if args.kl_coef < 0:
         raise ArgumentError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if args.kl_coef and args.rl_loss != "grpo":

@@ -300,3 +300,38 @@ def test_truncated_importance_sampling_weights_the_policy_gradient():
     gspo_loss(y, old, mask, rewards, gid, 0.2, 0.2).backward()
     ws = torch.exp(((old - rollout) * mask).sum(-1) / mask.sum(-1)).clamp(max=cap)
     torch.testing.assert_close(x.grad, ws[:, None] * y.grad)
+
+
+def test_seq_mean_token_mean_by_hand():
+    """The GRPO paper's aggregation: the same ppo example as ``test_ppo_loss_by_hand``, sample 0's
+    two tokens averaged (2.4 + 1.0) / 2, sample 1's one token -1.1, then the two samples."""
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss = ppo_loss(logp, torch.zeros(2, 2), mask, adv, clip_eps=0.2, loss_agg_mode="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(-((2.4 + 1.0) / 2 - 1.1) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        ppo_loss(logp, torch.zeros(2, 2), mask, adv, loss_agg_mode="seq-sum")
+
+
+def test_seq_mean_token_mean_equals_the_mean_of_per_sample_losses_and_splits_into_shards():
+    """GRPO (with its KL term) under seq-mean-token-mean is the mean over samples of each
+    sample's own token-mean loss; with each sample's whole token count given, the sums over two
+    column shards of the rows (context parallelism) add up to the whole."""
+    logp, old, mask, rewards, gid = _batch()
+    ref = old - 0.3
+    adv = group_normalized_advantages(rewards, gid)
+    kw = dict(clip_eps=0.2, kl_coef=0.1, ref_logp=ref, advantages=adv)
+    got = grpo_loss(logp, old, mask, rewards, gid, loss_agg_mode="seq-mean-token-mean", **kw)
+    per_sample = [grpo_loss(logp[j:j + 1], old[j:j + 1], mask[j:j + 1], rewards[j:j + 1], gid[j:j + 1],
+                            clip_eps=0.2, kl_coef=0.1, ref_logp=ref[j:j + 1], advantages=adv[j:j + 1])
+                  for j in range(4)]
+    assert got.item() == pytest.approx(sum(x.item() for x in per_sample) / 4, rel=1e-6)
+    token_mean = grpo_loss(logp, old, mask, rewards, gid, **kw)
+    assert abs(got.item() - token_mean.item()) > 1e-3  # unequal lengths: the two modes differ
+    n = mask.sum(-1)
+    shards = (slice(0, 2), slice(2, 3))
+    parts = [grpo_loss(logp[:, c], old[:, c], mask[:, c], rewards, gid, loss_agg_mode="seq-mean-token-mean",
+                       seq_lengths=n, reduction="sum", clip_eps=0.2, kl_coef=0.1, ref_logp=ref[:, c], advantages=adv)
+             for c in shards]
+    assert sum(p.item() for p in parts) / 4 == pytest.approx(got.item(), rel=1e-6)

@@ -65,7 +65,7 @@ def _args(**kw):
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
                 exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, ref_load=None, rollout_is_cap=None,
-                skip_zero_advantage=False, dynamic_sampling=False, dynamic_sampling_max_rounds=4,
+                skip_zero_advantage=False, loss_agg_mode="token-mean", dynamic_sampling=False, dynamic_sampling_max_rounds=4,
                 use_dynamic_batch_size=False, max_tokens_per_gpu=None,
                 overlong_buffer_tokens=0, overlong_penalty_factor=1.0, overlong_filter=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
@@ -185,6 +185,24 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
     world, tp, pp, cp, iters = LAYOUTS[layout]
     got = run_distributed(rl_worker, world, tp, loss, 0, iters, pp, cp, LAYOUT_OPTS)
     _assert_same_update(got, ref, (loss, layout))
+
+
+@pytest.mark.slow
+def test_seq_mean_token_mean_under_cp_matches_one_rank():
+    """GRPO with --loss-agg-mode seq-mean-token-mean: each cp rank's partial token sums are
+    divided by their sample's whole loss-token count, so cp=2 takes the one-rank update; and
+    responses of different lengths make it differ from token-mean's."""
+    # 40 byte values also end a response: lengths 1-12
+    opts = dict(LAYOUT_OPTS, extra_eos_ids=list(range(100, 140)), updates_per_iter=1)
+    token_mean = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, opts)[0]["metrics"][0]
+    opts["loss_agg_mode"] = "seq-mean-token-mean"
+    ref = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, opts)
+    m = ref[0]["metrics"][0]
+    assert m["response_length_max"] > m["response_length_mean"]
+    assert abs(m["grad_norm"] - token_mean["grad_norm"]) > 1e-3 * token_mean["grad_norm"]
+    world, tp, pp, cp, iters = LAYOUTS["cp2"]
+    got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, opts)
+    _assert_same_update(got, ref, "seq-mean cp2")
 
 
 # --use-dynamic-batch-size: the iteration's trajectories packed into microbatches of at most
@@ -436,13 +454,15 @@ def test_fixed_reference_model_pins_the_kl(initial_weights):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_packed"])
 def test_fixed_reference_model_in_other_layouts(initial_weights, layout):
-    """The one-rank checkpoint resharded into tp=2 / pp=2 reference stages: the same update
-    and the same KL to the reference as one rank."""
+    """The one-rank checkpoint resharded into tp=2 / pp=2 reference stages (and at tp=2 with
+    packed microbatches, whose reference log-probs are unpacked with the others): the same
+    update and the same KL to the reference as one rank."""
     path, ref = initial_weights
-    world, tp, pp, cp, iters = LAYOUTS[layout]
-    got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, dict(REF_OPTS, ref_load=path))
+    world, tp, pp, cp, iters = LAYOUTS[layout.split("_")[0]]
+    opts = dict(PACKED_OPTS if layout.endswith("packed") else REF_OPTS, kl_coef=REF_OPTS["kl_coef"], ref_load=path)
+    got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, opts)
     _assert_same_update(got, ref, layout)
     for r in got:
         for a, b in zip(r["metrics"], ref[0]["metrics"]):
@@ -578,6 +598,7 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
                            (["--dynamic-sampling", "--dynamic-sampling-max-rounds", "0"],
                             "--dynamic-sampling-max-rounds must be >= 1"),
                            (["--dynamic-sampling-max-rounds", "2"], "only applies with --dynamic-sampling"),
+                           (["--loss-agg-mode", "seq-mean-token-mean"], "--loss-agg-mode applies to the token-level"),
                            (["--rl-loss", "grpo", "--ref-load", cli_inputs["ckpt"]], "add --kl-coef > 0"),
                            (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["prompts"]],
                             f"--ref-load {cli_inputs['prompts']}: no latest_checkpointed_iteration.txt")):

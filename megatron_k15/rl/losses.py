@@ -186,6 +186,26 @@ def _reduce(x: torch.Tensor, reduction: str, count: torch.Tensor | float | None 
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
+
+
+def _aggregate_tokens(per_tok: torch.Tensor, maskf: torch.Tensor, reduction: str, mode: str,
+                      seq_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Sum or mean of the masked per-token terms of the token-level losses. ``token-mean``
+    (DAPO's, the default): every token of the batch weighs the same, mean over all of them.
+    ``seq-mean-token-mean`` (the GRPO paper's 1/G sum_i 1/|o_i| sum_t): each sample's tokens are
+    averaged first, then the samples; ``seq_lengths`` (B,) are the samples' whole loss-token
+    counts (default: the row's, which is wrong for a cp shard of a row), and "mean" divides by
+    the samples."""
+    if mode == "token-mean":
+        return _reduce(per_tok * maskf, reduction, maskf.sum().clamp(min=1.0))
+    if mode != "seq-mean-token-mean":
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+    lengths = maskf.sum(-1) if seq_lengths is None else torch.as_tensor(seq_lengths, device=maskf.device)
+    per_seq = (per_tok * maskf).sum(-1) / lengths.to(per_tok.dtype).clamp(min=1.0)
+    return _reduce(per_seq, reduction)
+
+
 def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
                        cap: float | None) -> torch.Tensor | None:
     """Truncated importance-sampling weights ``min(exp(old_logp - rollout_logp), cap)`` (B, T),
@@ -306,11 +326,13 @@ def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps, clip_eps_high=No
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
              clip_eps: float = 0.2, clip_eps_high: float | None = None, *, reduction: str = "mean",
              return_metrics: bool = False, rollout_logp: torch.Tensor | None = None,
-             is_cap: float | None = None):
+             is_cap: float | None = None, loss_agg_mode: str = "token-mean",
+             seq_lengths: torch.Tensor | None = None):
     """Token-level PPO-clip: ``-mean_{masked tokens} min(rho A, clip(rho, 1-eps, 1+eps_high) A)``,
     rho = exp(logp - old_logp). ``advantages`` is (B,) (broadcast over tokens; for our
     value-free setting r - r_bar) or (B, T). The mean is over all masked tokens of the batch
-    (``reduction="sum"``: their sum). ``rollout_logp``, ``is_cap``: TIS (module docstring)."""
+    (``reduction="sum"``: their sum; ``loss_agg_mode``, ``seq_lengths``: ``_aggregate_tokens``).
+    ``rollout_logp``, ``is_cap``: TIS (module docstring)."""
     _check(logp, old_logp, mask)
     adv = torch.as_tensor(advantages, device=logp.device).float()
     if adv.dim() == 1:
@@ -320,7 +342,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, adv
     maskf = mask.float()
     surr, stats = _clipped_surrogate(logp, old_logp, mask, adv, clip_eps, clip_eps_high,
                                      rollout_is_weights(old_logp, rollout_logp, is_cap))
-    loss = _reduce(-surr * maskf, reduction, maskf.sum().clamp(min=1.0))
+    loss = _aggregate_tokens(-surr, maskf, reduction, loss_agg_mode, seq_lengths)
     if not return_metrics:
         return loss
     stats["advantage_mean"] = adv[:, 0].mean() if adv.shape[1] else adv.new_zeros(())
@@ -332,10 +354,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
               ref_logp: torch.Tensor | None = None, *, eps: float = 1e-6,
               advantages: torch.Tensor | None = None, reduction: str = "mean",
               return_metrics: bool = False, clip_eps_high: float | None = None,
-              rollout_logp: torch.Tensor | None = None, is_cap: float | None = None):
+              rollout_logp: torch.Tensor | None = None, is_cap: float | None = None,
+              loss_agg_mode: str = "token-mean", seq_lengths: torch.Tensor | None = None):
     """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
     std within the group), token-level ratio clipping, averaged over all masked tokens of the
-    batch (DAPO-style token mean). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
+    batch (DAPO-style token mean; ``loss_agg_mode="seq-mean-token-mean"``: the GRPO paper's mean
+    over samples of each one's token mean, ``_aggregate_tokens``). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
     exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (the reference
     is then the iteration's starting policy; the trainer passes a frozen model's with ``--ref-load``).
     ``advantages`` (B,) overrides the in-batch advantages; ``clip_eps_high``: DAPO's
@@ -353,7 +377,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
         per_tok = per_tok + kl_coef * k3
         with torch.no_grad():
             stats["kl_k3"] = (k3.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
-    loss = _reduce(per_tok * maskf, reduction, maskf.sum().clamp(min=1.0))
+    loss = _aggregate_tokens(per_tok, maskf, reduction, loss_agg_mode, seq_lengths)
     if not return_metrics:
         return loss
     stats["advantage_mean"] = adv.mean()
@@ -406,7 +430,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
 def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2,
                       clip_eps_high: float | None = None, *, advantages=None, baseline=None,
                       reduction: str = "mean", return_metrics: bool = False, rollout_logp=None,
-                      is_cap: float | None = None):
+                      is_cap: float | None = None, loss_agg_mode: str = "token-mean", seq_lengths=None):
     """PPO-clip with value-free advantages r - r_bar (group mean) unless given."""
     if advantages is None:
         r = torch.as_tensor(rewards, device=logp.device).float()
@@ -414,7 +438,8 @@ def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float 
             baseline = group_mean(r, torch.as_tensor(group_ids, device=logp.device))
         advantages = r - torch.as_tensor(baseline, device=logp.device).float()
     return ppo_loss(logp, old_logp, mask, advantages, clip_eps, clip_eps_high, reduction=reduction,
-                    return_metrics=return_metrics, rollout_logp=rollout_logp, is_cap=is_cap)
+                    return_metrics=return_metrics, rollout_logp=rollout_logp, is_cap=is_cap,
+                    loss_agg_mode=loss_agg_mode, seq_lengths=seq_lengths)
 
 
 LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards, "gspo": gspo_loss}

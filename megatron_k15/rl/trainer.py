@@ -551,7 +551,12 @@ class RLIteration:
         # dp ranks take whole groups, round robin over the groups that have samples to train on
         # (all of them unless filtered: overlong, dynamic sampling), so none is left idle
         dp_of = {g: i % pc.dp_size for i, g in enumerate(sorted({t.group_id for ok, t in zip(trainable, finished) if ok}))}
-        seq_level = args.rl_loss in SEQUENCE_LEVEL_LOSSES
+        # the per-update normaliser counts samples (OMD, GSPO, and the token-level losses under
+        # --loss-agg-mode seq-mean-token-mean) or response tokens (token-mean)
+        per_sample = (args.rl_loss in SEQUENCE_LEVEL_LOSSES
+                      or getattr(args, "loss_agg_mode", "token-mean") == "seq-mean-token-mean")
+        # each sample's loss tokens in all its cp shards (seq-mean-token-mean divides by them)
+        n_all = torch.tensor([float(loss_mask(t, iteration, args.include_old_segments).sum()) for t in finished])
         device = platform.current_device()
         pad = cp_pad_multiple(pc.cp_size, ctx.model.tp_size, ctx.model.sequence_parallel)
         sp_size = ctx.model.tp_size if ctx.model.sequence_parallel else 1
@@ -559,20 +564,20 @@ class RLIteration:
         # update u trains on the u-th contiguous slice of the trainable finished samples (global
         # order, so the same in every layout); inside it each dp rank takes its groups' samples. The
         # loss is divided by the slice's count (samples for OMD / GSPO, response tokens for the
-        # token-level losses), skipped samples included, so skipping changes no gradient.
+        # token-level losses unless --loss-agg-mode seq-mean-token-mean), skipped samples included,
+        # so skipping changes no gradient.
         updates = max(1, args.updates_per_iter)
         order = [i for i, ok in enumerate(trainable) if ok]
         bounds = [round(u * len(order) / updates) for u in range(updates + 1)]
         plan = []
         for u in range(updates):
             span = order[bounds[u]:bounds[u + 1]]
-            total = float(len(span)) if seq_level else float(sum(
-                float(loss_mask(finished[i], iteration, args.include_old_segments).sum()) for i in span))
+            total = float(len(span)) if per_sample else float(sum(float(n_all[i]) for i in span))
             idx = [i for i in span if dp_of[finished[i].group_id] == pc.dp_rank
                    and finished[i].group_id not in skip]
             sel = torch.tensor(idx, dtype=torch.long)
             extra = {"rewards": r_all[sel], "group_ids": g_all[sel], "baseline": baseline[sel],
-                     "advantages": adv[sel]}
+                     "advantages": adv[sel], "loss_tokens": n_all[sel]}
             trajs = [finished[i] for i in idx]
             if not idx:
                 chunk = []
@@ -663,6 +668,7 @@ class RLIteration:
             loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"], ref_logp=ref_logp,
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
+                           loss_agg_mode=getattr(args, "loss_agg_mode", "token-mean"), seq_lengths=mb["loss_tokens"],
                            cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap)
             with torch.no_grad():
                 d = ((out.detach().double() - old_logp.double()) * mask).sum(-1)

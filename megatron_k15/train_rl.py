@@ -77,7 +77,8 @@ def add_rl_args(p) -> None:
     g.add_argument("--loss-agg-mode", choices=["token-mean", "seq-mean-token-mean"], default="token-mean",
                    help="grpo/ppo: how token terms are averaged; token-mean: over all response tokens of the update "
                         "(DAPO's; long responses weigh more); seq-mean-token-mean: each response's token mean, then "
-                        "the mean over responses (the GRPO paper's)")
+                        "the mean over responses (the GRPO paper's; with partial rollouts a response's tokens are "
+                        "those trained on in this iteration, its last segment unless --include-old-segments)")
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="GRPO's per-token k3 KL weight (e.g. 0.04 in DeepSeekMath, 0.001 in verl's examples); "
                         "the KL is to --ref-load's model, or to the iteration's starting policy without it")
@@ -187,6 +188,12 @@ def _validate(args) -> None:
     if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
         raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
                             f"{args.rl_loss} averages over responses already: drop the flag")
+    if args.exact_logz and args.rl_loss != "omd":
+        raise ArgumentError(f"--exact-logz sets OMD's baseline (tau log mean exp(r / tau)); --rl-loss {args.rl_loss} "
+                            "uses the group mean: drop the flag")
+    if args.skip_zero_advantage and args.ref_load is not None:
+        raise ArgumentError("--skip-zero-advantage skips groups that have no gradient, but with --ref-load the KL to "
+                            "the fixed reference pulls on every group: drop one of the two flags")
     if args.kl_coef < 0:
         raise ArgumentError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if args.kl_coef and args.rl_loss != "grpo":

@@ -599,6 +599,9 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
                             "--dynamic-sampling-max-rounds must be >= 1"),
                            (["--dynamic-sampling-max-rounds", "2"], "only applies with --dynamic-sampling"),
                            (["--loss-agg-mode", "seq-mean-token-mean"], "--loss-agg-mode applies to the token-level"),
+                           (["--rl-loss", "grpo", "--exact-logz"], "--exact-logz sets OMD's baseline"),
+                           (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["ckpt"],
+                             "--skip-zero-advantage"], "the KL to the fixed reference pulls on every group"),
                            (["--rl-loss", "grpo", "--ref-load", cli_inputs["ckpt"]], "add --kl-coef > 0"),
                            (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["prompts"]],
                             f"--ref-load {cli_inputs['prompts']}: no latest_checkpointed_iteration.txt")):

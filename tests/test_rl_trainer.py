@@ -203,6 +203,13 @@ def test_seq_mean_token_mean_under_cp_matches_one_rank():
     world, tp, pp, cp, iters = LAYOUTS["cp2"]
     got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, opts)
     _assert_same_update(got, ref, "seq-mean cp2")
+    # responses all of one length L (no early stops): then the two modes are the same loss, which
+    # pins the normaliser (samples, not tokens: that would shrink the loss and gradient by L)
+    equal = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, dict(LAYOUT_OPTS, loss_agg_mode="seq-mean-token-mean"))
+    m, t = equal[0]["metrics"][0], _single_rank("grpo")[0]["metrics"][0]
+    assert m["response_length_max"] == m["response_length_mean"] == 12
+    for k in ("loss", "grad_norm"):
+        assert m[k] == pytest.approx(t[k], rel=1e-5), k
 
 
 # --use-dynamic-batch-size: the iteration's trajectories packed into microbatches of at most

@@ -117,6 +117,9 @@ def add_rl_args(p) -> None:
     g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
     g.add_argument("--overlong-filter", action="store_true",
                    help="DAPO's overlong filtering: do not train on responses cut off by --rollout-max-tokens")
+    g.add_argument("--reward-workers", type=int, default=1,
+                   help="threads grading each rank's share of an iteration's responses (the ranks split the "
+                        "responses already); sandboxed code tests run in parallel this way, e.g. 8")
     g.add_argument("--dynamic-sampling", action="store_true",
                    help="DAPO's dynamic sampling: groups whose samples all got the same reward are dropped, and "
                         "further rounds of --prompts-per-iter fresh prompts are rolled out until --prompts-per-iter "
@@ -188,6 +191,8 @@ def _validate(args) -> None:
     if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
         raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
                             f"{args.rl_loss} averages over responses already: drop the flag")
+    if args.reward_workers < 1:
+        raise ArgumentError(f"--reward-workers must be >= 1, got {args.reward_workers}")
     if args.exact_logz and args.rl_loss != "omd":
         raise ArgumentError(f"--exact-logz sets OMD's baseline (tau log mean exp(r / tau)); --rl-loss {args.rl_loss} "
                             "uses the group mean: drop the flag")

@@ -45,9 +45,14 @@ def parity_reward(response: str, record: dict) -> float:
 
 
 def logged_reward(response: str, record: dict) -> float:
-    """``graded_reward``, and one line with the grading process's id in $K15_REWARD_LOG."""
+    """``graded_reward``, and one line "process thread" in $K15_REWARD_LOG; waits a little, so
+    parallel graders overlap."""
+    import threading
+    import time
+
     with open(os.environ["K15_REWARD_LOG"], "a") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()}:{threading.get_ident()}\n")
+    time.sleep(0.05)
     return graded_reward(response, record)
 
 
@@ -65,7 +70,7 @@ def _args(**kw):
                 attention_backend="sdpa", params_dtype=torch.float32, sequence_parallel=True,
                 recompute_granularity=None, grad_bucket_numel=10_000, rl_loss="omd", rl_tau=0.05,
                 exact_logz=False, clip_eps=None, clip_eps_high=None, kl_coef=0.0, ref_load=None, rollout_is_cap=None,
-                skip_zero_advantage=False, loss_agg_mode="token-mean", dynamic_sampling=False, dynamic_sampling_max_rounds=4,
+                skip_zero_advantage=False, reward_workers=1, loss_agg_mode="token-mean", dynamic_sampling=False, dynamic_sampling_max_rounds=4,
                 use_dynamic_batch_size=False, max_tokens_per_gpu=None,
                 overlong_buffer_tokens=0, overlong_penalty_factor=1.0, overlong_filter=False, samples_per_prompt=4, rollout_max_tokens=6,
                 rollout_segment_tokens=0, rollout_batch_size=64, temperature=1.0, top_p=1.0, top_k=0,
@@ -373,16 +378,22 @@ def test_resuming_a_run_with_a_fixed_reference_needs_it():
 @pytest.mark.slow
 def test_ranks_split_the_grading(tmp_path, monkeypatch):
     """At dp=2 every response is graded once, by one of the two ranks, and both ranks train on
-    the same rewards as one rank (the all-gathered grades)."""
+    the same rewards as one rank (the all-gathered grades); with --reward-workers threads share
+    one rank's grading."""
     log = tmp_path / "graded.txt"
     monkeypatch.setenv("K15_REWARD_LOG", str(log))
     opts = {"reward_fn": "logged_reward", "updates_per_iter": 1}
     got = run_distributed(rl_worker, 2, 1, "omd", 0, 1, 1, 1, opts)
-    pids = log.read_text().split()
+    graders = log.read_text().split()
     m = got[0]["metrics"][0]
-    assert len(pids) == m["num_finished"] == 8 and len(set(pids)) == 2
+    assert len(graders) == m["num_finished"] == 8 and len({g.split(":")[0] for g in graders}) == 2
     ref = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, opts)[0]["metrics"][0]
     assert got[1]["metrics"][0]["reward_mean"] == m["reward_mean"] == ref["reward_mean"]
+    # --reward-workers 4 on one rank: threads share the grading, the rewards stay the same
+    log.write_text("")
+    threaded = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, dict(opts, reward_workers=4))[0]["metrics"][0]
+    graders = log.read_text().split()
+    assert len(graders) == 8 and len(set(graders)) > 1 and threaded["reward_mean"] == ref["reward_mean"]
 
 
 def test_a_prompt_drawn_twice_gets_a_group_with_other_seeds():
@@ -607,6 +618,7 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
                            (["--dynamic-sampling-max-rounds", "2"], "only applies with --dynamic-sampling"),
                            (["--loss-agg-mode", "seq-mean-token-mean"], "--loss-agg-mode applies to the token-level"),
                            (["--rl-loss", "grpo", "--exact-logz"], "--exact-logz sets OMD's baseline"),
+                           (["--reward-workers", "0"], "--reward-workers must be >= 1"),
                            (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["ckpt"],
                              "--skip-zero-advantage"], "the KL to the fixed reference pulls on every group"),
                            (["--rl-loss", "grpo", "--ref-load", cli_inputs["ckpt"]], "add --kl-coef > 0"),

@@ -94,7 +94,7 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
           prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
           judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None,
-          shard: Optional[tuple[int, int, object]] = None) -> tuple[list[float], list[bool]]:
+          shard: Optional[tuple[int, int, object]] = None, workers: int = 1) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group (plus DAPO's overlong punishment with ``overlong`` = (response
     budget, buffer tokens, factor)). Returns (rewards, correct). With ``reasoning_tags`` the verifier
@@ -105,16 +105,20 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     to ``judgements`` when given. ``shard`` = (rank, size, process group): the verifier runs
     on every size-th trajectory only and the grades are all-gathered (a collective), so each
     response is graded once (sandboxed code tests are the slow part of an iteration) and every
-    rank holds the same grades."""
+    rank holds the same grades. ``workers > 1``: this rank's share is graded by that many
+    threads (code tests wait on their sandbox processes; sympy checks fork their own)."""
     eos = set(getattr(tokenizer, "special_ids", []) or [])
     rank, size, group = shard or (0, 1, None)
+    share = trajs[rank::size]
+    jobs = [(tokenizer.decode([i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]),
+             records[t.prompt_id], reasoning_tags, bool(prompt_open and prompt_open(t.prompt_id))) for t in share]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-    def grade(t):
-        ids = [i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]
-        return grade_response(tokenizer.decode(ids), records[t.prompt_id], reasoning_tags,
-                              bool(prompt_open and prompt_open(t.prompt_id)))
-
-    mine = [grade(t) for t in trajs[rank::size]]
+        with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+            mine = list(pool.map(lambda job: grade_response(*job), jobs))
+    else:
+        mine = [grade_response(*job) for job in jobs]
     if size > 1:
         parts = [None] * size
         dist.all_gather_object(parts, mine, group=group)
@@ -469,7 +473,8 @@ class RLIteration:
                      judge=self.judge, judgements=judgements,
                      overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
                                 args.overlong_penalty_factor) if args.overlong_buffer_tokens else None),
-                     shard=(dist.get_rank(), world, None) if world > 1 else None)
+                     shard=(dist.get_rank(), world, None) if world > 1 else None,
+                     workers=getattr(args, "reward_workers", 1))
 
     def run(self, iteration: int, prompt_indices: list[int], lr: float,
             draw_prompts: Optional[Callable[[int], list[int]]] = None) -> dict:

@@ -342,6 +342,12 @@ def test_dynamic_sampling_trains_on_the_first_groups_with_varied_rewards():
         assert m[k] == pytest.approx(r[k], rel=1e-6, abs=1e-12), k
     for name, w in got[0]["state"].items():
         assert torch.equal(w, ref[0]["state"][name]), name
+    # at dp=2 the ranks roll out each round's groups between them, agree on the kept ones and
+    # take one each: the same update
+    dp2 = run_distributed(rl_worker, 2, 1, "omd", 0, 1, 1, 1,
+                          dict(opts, dynamic_sampling=True, prompts=[[0, 1]], draw_prompts=[[2, 3]]))
+    assert all(r["metrics"][0]["sampling_rounds"] == 2 for r in dp2)
+    _assert_same_update(dp2, got, "dynamic sampling dp2")
     # enough varied groups in the first round: no second round
     one = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1,
                           dict(opts, dynamic_sampling=True, prompts=[[1, 3]], draw_prompts=[[0, 2]]))[0]

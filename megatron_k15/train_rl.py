@@ -383,7 +383,7 @@ def main(argv=None) -> int:
                        dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
                        batch_size=args.rollout_batch_size, generator=rl.generator,
-                       reasoning_tags=rl.reasoning_tags, judge=judge)
+                       reasoning_tags=rl.reasoning_tags, judge=judge, reward_workers=args.reward_workers)
         rl.generator.release()
         m = {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
         m.update({f"eval_{k}": v for k, v in res.items() if k.startswith("judge_")})

@@ -47,6 +47,8 @@ def add_eval_args(p) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
+    g.add_argument("--reward-workers", type=int, default=1,
+                   help="threads grading each replica's responses (sandboxed code tests in parallel)")
     g.add_argument("--seed", type=int, default=1234)
     add_reasoning_tags_arg(g)
     add_chat_template_args(g)
@@ -56,6 +58,8 @@ def add_eval_args(p) -> None:
 def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load CKPT is required")
+    if args.reward_workers < 1:
+        raise ArgumentError(f"--reward-workers must be >= 1, got {args.reward_workers}")
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     check_reasoning_tags(args)
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
                    dp_size=parallel_state.get_data_parallel_world_size(),
                    dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=generator, reasoning_tags=tags, judge=judge)
+                   generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers)
     if dist.get_rank() == 0:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -78,6 +78,18 @@ def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = 
     return answer, (0.0 if answer is None else float(compute_reward(answer, record)))
 
 
+def grade_responses(jobs: list[tuple], workers: int = 1) -> list[tuple[Optional[str], float]]:
+    """``grade_response(*job)`` for each job (response, record, tags, prompt_open), in order;
+    ``workers > 1`` threads share them (code tests wait on their sandbox processes, sympy
+    checks fork their own, so threads run them in parallel)."""
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+            return list(pool.map(lambda job: grade_response(*job), jobs))
+    return [grade_response(*job) for job in jobs]
+
+
 def reward_of_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
                        prompt_open: bool = False) -> float:
     """The record's verifier reward for the graded part of ``response``; 0 without an answer."""

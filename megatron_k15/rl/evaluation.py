@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.rewards.judge import Judgement, judge_metrics
-from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning
+from megatron_k15.rewards.reasoning import ReasoningTags, grade_responses, prompt_opens_reasoning
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,14 +33,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None) -> dict:
+             generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
+             reward_workers: int = 1) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank)}. ``generator``: a generation engine on
     ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time).
     ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``).
     ``judge``: a generative reward model (``rewards.judge``) regrading the replica's answers;
     judged samples carry ``judge_verdict`` / ``judge_text`` and the result has ``judge_*``
-    counts."""
+    counts. ``reward_workers``: threads grading this replica's responses."""
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
     special = set(getattr(tokenizer, "special_ids", []) or [])
@@ -51,18 +52,18 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
                              [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids)
     outputs = dict(zip(requests, res))
-    samples, recs, graded, verified = {}, [], [], []
+    samples, recs, jobs = {}, [], []
     for i in mine:
         rec = records[i]
         prompt_open = prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
         for s in range(n_samples):
             r = outputs[(i, s)]
             text = tokenizer.decode([t for t in r.output_ids if t not in special and t < tokenizer.vocab_size])
-            g, reward = grade_response(text, rec, reasoning_tags, prompt_open)
+            jobs.append((text, rec, reasoning_tags, prompt_open))
             recs.append(rec)
-            graded.append(g)
-            verified.append(reward)
             samples[(i, s)] = {"text": text, "length": len(r.output_ids), "stop_reason": r.stop_reason}
+    grades = grade_responses(jobs, reward_workers)
+    graded, verified = [g for g, _ in grades], [v for _, v in grades]
     if judge is not None:  # every replica judges its own problems
         if hasattr(generator, "release"):
             generator.release()  # the policy's KV cache makes room for the judge's

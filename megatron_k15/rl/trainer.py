@@ -39,7 +39,7 @@ from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
-from megatron_k15.rewards.reasoning import (ReasoningTags, grade_response, parse_reasoning_tags,
+from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, parse_reasoning_tags,
                                             prompt_opens_reasoning)
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
@@ -106,19 +106,13 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     on every size-th trajectory only and the grades are all-gathered (a collective), so each
     response is graded once (sandboxed code tests are the slow part of an iteration) and every
     rank holds the same grades. ``workers > 1``: this rank's share is graded by that many
-    threads (code tests wait on their sandbox processes; sympy checks fork their own)."""
+    threads (``rewards.reasoning.grade_responses``)."""
     eos = set(getattr(tokenizer, "special_ids", []) or [])
     rank, size, group = shard or (0, 1, None)
     share = trajs[rank::size]
     jobs = [(tokenizer.decode([i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]),
              records[t.prompt_id], reasoning_tags, bool(prompt_open and prompt_open(t.prompt_id))) for t in share]
-    if workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
-            mine = list(pool.map(lambda job: grade_response(*job), jobs))
-    else:
-        mine = [grade_response(*job) for job in jobs]
+    mine = grade_responses(jobs, workers)
     if size > 1:
         parts = [None] * size
         dist.all_gather_object(parts, mine, group=group)

@@ -502,9 +502,9 @@ class RLIteration:
                 varied = [g for g, v in rewards_by_group.items() if len(v) > 1]  # dicts keep their order
                 if len(varied) >= target or rounds >= args.dynamic_sampling_max_rounds or draw_prompts is None:
                     break
-                t = time.time()
+                t_round = time.time()
                 more = self._rollout(self._fresh_trajectories(draw_prompts(target), iteration, seen), iteration)
-                t_rollout += time.time() - t
+                t_rollout += time.time() - t_round
                 rounds += 1
                 everything += more
                 new = [t for t in more if t.finished]

@@ -54,6 +54,7 @@ ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE:-16}        # requests decoded together 
 RL_LOSS=${RL_LOSS:-omd}
 RL_TAU=${RL_TAU:-0.1}
 KL_COEF=${KL_COEF:-0}                               # RL_LOSS=grpo: k3 KL weight to the converted model (frozen copy)
+REWARD_WORKERS=${REWARD_WORKERS:-4}                 # threads per rank grading responses (code tests in parallel)
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-8}
 PROMPTS_PER_ITER=${PROMPTS_PER_ITER:-32}
 UPDATES_PER_ITER=${UPDATES_PER_ITER:-2}
@@ -230,7 +231,7 @@ else
     --rl-loss "$RL_LOSS" --rl-tau "$RL_TAU" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
     --prompts-per-iter "$PROMPTS_PER_ITER" --updates-per-iter "$UPDATES_PER_ITER" \
     --rollout-max-tokens "$ROLLOUT_MAX_TOKENS" --rollout-batch-size "$ROLLOUT_BATCH_SIZE" \
-    --temperature "$TEMPERATURE" --sampling "$SAMPLING" \
+    --temperature "$TEMPERATURE" --sampling "$SAMPLING" --reward-workers "$REWARD_WORKERS" \
     --length-penalty-weight "$LENGTH_PENALTY_WEIGHT" --length-penalty-start-iter "$LENGTH_PENALTY_START_ITER" \
     --train-iters "$TRAIN_ITERS" --lr "$LR" --lr-decay-style constant --clip-grad 1.0 --seed "$SEED" \
     --save "$RL_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler \

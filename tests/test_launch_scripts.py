@@ -24,7 +24,7 @@ SBATCH = os.path.join(ROOT, "examples", "slurm", "train_rl_128k.sbatch")
 SCRIPT_VARS = {
     "DRY_RUN", "STAGES", "HF_MODEL", "PROMPTS", "EVAL_PROMPTS", "OUT", "TOKENIZER", "TP", "PP", "CP",
     "NPROC_PER_NODE", "SEQ_LENGTH", "PROMPT_MAX_TOKENS", "ROLLOUT_MAX_TOKENS", "ROLLOUT_SEGMENT_TOKENS",
-    "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "KL_COEF", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
+    "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "KL_COEF", "REWARD_WORKERS", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
     "TRAIN_ITERS", "LR", "MICRO_BATCH_SIZE", "MAX_TOKENS_PER_GPU", "TEMPERATURE", "SAMPLING", "LENGTH_PENALTY_WEIGHT",
     "LENGTH_PENALTY_START_ITER", "SAVE_INTERVAL", "SEED", "BF16", "RECOMPUTE", "EXTRA_RL_ARGS", "NNODES",
     "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_BACKEND", "RDZV_ID", "LOG_DIR", "REPO", "PYTHON",
@@ -112,6 +112,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert value(rl, "--load") == value(convert, "--save") and "--finetune" in rl
     assert value(rl, "--prompt-data") == value(prep, "--output-prefix")
     assert "--kl-coef" not in rl and "--ref-load" not in rl  # OMD: its KL is to the iteration's start
+    assert value(rl, "--reward-workers") == "4"
     assert export[1].endswith("convert_megatron_to_hf.py") and value(export, "--load") == value(rl, "--save")
 
 

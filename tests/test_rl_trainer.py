@@ -195,8 +195,8 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
 @pytest.mark.slow
 def test_seq_mean_token_mean_under_cp_matches_one_rank():
     """GRPO with --loss-agg-mode seq-mean-token-mean: each cp rank's partial token sums are
-    divided by their sample's whole loss-token count, so cp=2 takes the one-rank update; and
-    responses of different lengths make it differ from token-mean's."""
+    divided by their sample's whole loss-token count, so cp=2 (and packed microbatches) take
+    the one-rank update; responses of different lengths make it differ from token-mean's."""
     # 40 byte values also end a response: lengths 1-12
     opts = dict(LAYOUT_OPTS, extra_eos_ids=list(range(100, 140)), updates_per_iter=1)
     token_mean = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, opts)[0]["metrics"][0]
@@ -208,6 +208,10 @@ def test_seq_mean_token_mean_under_cp_matches_one_rank():
     world, tp, pp, cp, iters = LAYOUTS["cp2"]
     got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, opts)
     _assert_same_update(got, ref, "seq-mean cp2")
+    # packed microbatches: the per-sample token counts follow the samples into their rows
+    packed = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1,
+                             dict(opts, use_dynamic_batch_size=True, max_tokens_per_gpu=40))
+    _assert_same_update(packed, ref, "seq-mean packed")
     # responses all of one length L (no early stops): then the two modes are the same loss, which
     # pins the normaliser (samples, not tokens: that would shrink the loss and gradient by L)
     equal = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, dict(LAYOUT_OPTS, loss_agg_mode="seq-mean-token-mean"))

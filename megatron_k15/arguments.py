@@ -197,6 +197,21 @@ def check_reasoning_tags(args) -> None:
         raise ArgumentError(str(e)) from None
 
 
+def add_grading_args(g) -> None:
+    """The flags of the commands that grade responses (train_rl, evaluate): ``--reasoning-tags``
+    and ``--reward-workers``."""
+    add_reasoning_tags_arg(g)
+    g.add_argument("--reward-workers", type=int, default=1,
+                   help="threads grading this rank's responses (ranks split them already): sandboxed "
+                        "code tests run in parallel, e.g. 8")
+
+
+def check_grading_args(args) -> None:
+    check_reasoning_tags(args)
+    if args.reward_workers < 1:
+        raise ArgumentError(f"--reward-workers must be >= 1, got {args.reward_workers}")
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")

@@ -53,7 +53,7 @@ import os
 import sys
 import time
 
-from megatron_k15.arguments import ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args
+from megatron_k15.arguments import ArgumentError, add_grading_args, check_grading_args, parse_args
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
 
 
@@ -97,7 +97,7 @@ def add_rl_args(p) -> None:
     g.add_argument("--length-penalty-weight", type=float, default=0.0)
     g.add_argument("--length-penalty-start-iter", type=int, default=0)
     g.add_argument("--repeat-penalty", type=float, default=0.0)
-    add_reasoning_tags_arg(g)
+    add_grading_args(g)
     g.add_argument("--no-repeat-detection", action="store_true")
     g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
     g.add_argument("--curriculum-switch-iter", type=int, default=0)
@@ -117,9 +117,6 @@ def add_rl_args(p) -> None:
     g.add_argument("--overlong-penalty-factor", type=float, default=1.0)
     g.add_argument("--overlong-filter", action="store_true",
                    help="DAPO's overlong filtering: do not train on responses cut off by --rollout-max-tokens")
-    g.add_argument("--reward-workers", type=int, default=1,
-                   help="threads grading each rank's share of an iteration's responses (the ranks split the "
-                        "responses already); sandboxed code tests run in parallel this way, e.g. 8")
     g.add_argument("--dynamic-sampling", action="store_true",
                    help="DAPO's dynamic sampling: groups whose samples all got the same reward are dropped, and "
                         "further rounds of --prompts-per-iter fresh prompts are rolled out until --prompts-per-iter "
@@ -191,8 +188,6 @@ def _validate(args) -> None:
     if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
         raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
                             f"{args.rl_loss} averages over responses already: drop the flag")
-    if args.reward_workers < 1:
-        raise ArgumentError(f"--reward-workers must be >= 1, got {args.reward_workers}")
     if args.exact_logz and args.rl_loss != "omd":
         raise ArgumentError(f"--exact-logz sets OMD's baseline (tau log mean exp(r / tau)); --rl-loss {args.rl_loss} "
                             "uses the group mean: drop the flag")
@@ -229,7 +224,7 @@ def _validate(args) -> None:
     if args.rollout_is_cap is not None and args.rollout_is_cap < 1:
         raise ArgumentError(f"--rollout-is-cap must be >= 1 (a weight cap; 1 would truncate every token "
                             f"the trainer finds likelier than the engine did), got {args.rollout_is_cap}")
-    check_reasoning_tags(args)
+    check_grading_args(args)
     problem = check_judge_args(args)
     if problem:
         raise ArgumentError(problem)

@@ -140,7 +140,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
     )
-    comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(), getattr(args, "params_dtype", torch.float32))
+    comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(),
+                     getattr(args, "params_dtype", torch.float32))
     coeff = float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if cfg.is_moe else 0.0
     return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.arguments import (  # noqa: E402
-    ArgumentError, add_reasoning_tags_arg, check_reasoning_tags, parse_args,
+    ArgumentError, add_grading_args, check_grading_args, parse_args,
 )
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args  # noqa: E402
@@ -47,10 +47,8 @@ def add_eval_args(p) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
-    g.add_argument("--reward-workers", type=int, default=1,
-                   help="threads grading each replica's responses (sandboxed code tests in parallel)")
     g.add_argument("--seed", type=int, default=1234)
-    add_reasoning_tags_arg(g)
+    add_grading_args(g)
     add_chat_template_args(g)
     add_judge_args(p.add_argument_group("generative reward model (judge)"))
 
@@ -58,11 +56,9 @@ def add_eval_args(p) -> None:
 def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load CKPT is required")
-    if args.reward_workers < 1:
-        raise ArgumentError(f"--reward-workers must be >= 1, got {args.reward_workers}")
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
-    check_reasoning_tags(args)
+    check_grading_args(args)
     problem = check_judge_args(args)
     if problem:
         raise ArgumentError(problem)

@@ -68,6 +68,7 @@ __all__ = [
     "group_baseline",
     "group_normalized_advantages",
     "sequence_logprob",
+    "k3",
     "omd_loss",
     "grpo_loss",
     "ppo_loss",
@@ -147,6 +148,12 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     """GRPO advantages ``(r - mean_group) / (std_group + eps)`` per sample (B,)."""
     rewards = torch.as_tensor(rewards)
     return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids, unbiased_std) + eps)
+
+
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Per token exp(x) - 1 - x, x = log(pi_other / pi_sampled) on tokens pi_sampled drew:
+    Schulman's unbiased, non-negative estimator of KL(pi_sampled || pi_other)."""
+    return torch.exp(log_ratio) - 1.0 - log_ratio
 
 
 def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor, normalize_by_tokens: bool = False,
@@ -359,9 +366,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
     std within the group), token-level ratio clipping, averaged over all masked tokens of the
     batch (DAPO-style token mean; ``loss_agg_mode="seq-mean-token-mean"``: the GRPO paper's mean
-    over samples of each one's token mean, ``_aggregate_tokens``). With ``kl_coef > 0`` adds ``kl_coef * k3`` per token, k3 =
-    exp(ref - logp) - (ref - logp) - 1; ``ref_logp`` defaults to ``old_logp`` (the reference
-    is then the iteration's starting policy; the trainer passes a frozen model's with ``--ref-load``).
+    over samples of each one's token mean, ``_aggregate_tokens``). With ``kl_coef > 0`` adds
+    ``kl_coef * k3(ref - logp)`` per token; ``ref_logp`` defaults to ``old_logp`` (the reference
+    is then the iteration's starting policy; the trainer passes a frozen model's with
+    ``--ref-load``).
     ``advantages`` (B,) overrides the in-batch advantages; ``clip_eps_high``: DAPO's
     clip-higher; ``rollout_logp``, ``is_cap``: TIS of the surrogate (module docstring)."""
     _check(logp, old_logp, mask)
@@ -372,11 +380,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     per_tok = -surr
     if kl_coef:
         ref = (old_logp if ref_logp is None else ref_logp).detach().float()
-        d = ref - logp.float()
-        k3 = torch.exp(d) - d - 1.0
-        per_tok = per_tok + kl_coef * k3
+        kl = k3(ref - logp.float())
+        per_tok = per_tok + kl_coef * kl
         with torch.no_grad():
-            stats["kl_k3"] = (k3.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
+            stats["kl_k3"] = (kl.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
     loss = _aggregate_tokens(per_tok, maskf, reduction, loss_agg_mode, seq_lengths)
     if not return_metrics:
         return loss
@@ -399,7 +406,8 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
         L = -mean_j min(s_j A_j, clip(s_j, 1 - eps_low, 1 + eps_high) A_j),
 
     so one ratio per response is clipped (range from ``clip_range("gspo", ...)``: by default
-    3e-4 / 4e-4, the paper's) instead of one per token. Normalised by samples like OMD (``reduction="sum"``: the sum over samples);
+    3e-4 / 4e-4, the paper's) instead of one per token. Normalised by samples like OMD
+    (``reduction="sum"``: the sum over samples);
     ``cp_group``: the means are all-reduced over the zigzag shards (every cp rank returns the
     whole-sequence loss)."""
     _check(logp, old_logp, mask)

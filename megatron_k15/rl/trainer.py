@@ -44,7 +44,7 @@ from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, pars
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
-                                    group_normalized_advantages)
+                                    group_normalized_advantages, k3)
 from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
                                    stage_forward, train_step)
 
@@ -315,6 +315,15 @@ def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, ta
     return baseline, rewards - baseline
 
 
+def varied_groups(finished: list[Trajectory], rewards: list[float]) -> list:
+    """Ids of the groups whose finished samples got different rewards (so a gradient), in the
+    order the groups first appear in ``finished``."""
+    seen: dict = defaultdict(set)
+    for t, r in zip(finished, rewards):
+        seen[t.group_id].add(r)
+    return [g for g, v in seen.items() if len(v) > 1]
+
+
 def flat_groups(finished: list[Trajectory], rewards: list[float], correct: list[bool], metrics: dict) -> set:
     """Groups whose finished samples all got the same reward: their advantages are 0, so at
     the iteration's first update (policy = pi_i) they contribute no gradient to any loss.
@@ -323,7 +332,7 @@ def flat_groups(finished: list[Trajectory], rewards: list[float], correct: list[
     by_group = defaultdict(list)
     for t, r, c in zip(finished, rewards, correct):
         by_group[t.group_id].append((r, c))
-    flat = {g for g, v in by_group.items() if max(r for r, _ in v) == min(r for r, _ in v)}
+    flat = set(by_group) - set(varied_groups(finished, rewards))
     metrics.update(
         solve_all_fraction=sum(all(c for _, c in v) for v in by_group.values()) / len(by_group),
         solve_none_fraction=sum(not any(c for _, c in v) for v in by_group.values()) / len(by_group),
@@ -341,14 +350,8 @@ def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torc
     m = mask.double()
     d = old_logp.double() - rollout_logp.double()
     capped = ((d.exp() > is_cap).double() * m).sum() if is_cap else d.new_zeros(())
-    ref_k3 = k3_sum(ref_logp.double() - old_logp.double(), m) if ref_logp is not None else d.new_zeros(())
-    return torch.stack([m.sum(), (d.abs() * m).sum(), k3_sum(d, m), capped, ref_k3])
-
-
-def k3_sum(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum over masked tokens of exp(x) - 1 - x, x = log(pi_other / pi_sampled): Schulman's
-    unbiased, non-negative estimate of KL(pi_sampled || pi_other) from pi_sampled's tokens."""
-    return ((log_ratio.exp() - 1.0 - log_ratio) * mask).sum()
+    ref_k3 = (k3(ref_logp.double() - old_logp.double()) * m).sum() if ref_logp is not None else d.new_zeros(())
+    return torch.stack([m.sum(), (d.abs() * m).sum(), (k3(d) * m).sum(), capped, ref_k3])
 
 
 def generation_parallel(pc) -> tuple[int, int, object]:
@@ -496,10 +499,7 @@ class RLIteration:
             # on the first that many of them, in order, and on nothing else
             target = len(prompt_indices)
             while True:
-                rewards_by_group = defaultdict(set)
-                for t, r in zip(finished, rewards):
-                    rewards_by_group[t.group_id].add(r)
-                varied = [g for g, v in rewards_by_group.items() if len(v) > 1]  # dicts keep their order
+                varied = varied_groups(finished, rewards)
                 if len(varied) >= target or rounds >= args.dynamic_sampling_max_rounds or draw_prompts is None:
                     break
                 t_round = time.time()
@@ -660,10 +660,13 @@ class RLIteration:
             out = stage_forward(model, mb, hidden)
             if not model.post_process:
                 return out
-            per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"], mb.get("ref_logp", mb["old_logp"])]
+            per_token = [out, mb["old_logp"], mb["mask"], mb["rollout_logp"]]
+            if "ref_logp" in mb:  # --ref-load
+                per_token.append(mb["ref_logp"])
             if "num_samples" in mb:  # packed: one row per sample for the losses
                 per_token = packed_to_rows(per_token, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
-            out, old_logp, mask, rollout_logp, ref_logp = per_token
+            out, old_logp, mask, rollout_logp = per_token[:4]
+            ref_logp = per_token[4] if len(per_token) > 4 else None  # None: GRPO's KL to old_logp
             loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"], ref_logp=ref_logp,
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",

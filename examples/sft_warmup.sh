@@ -4,6 +4,7 @@
 #   SFT_DATA=my_sft.jsonl LOAD=ckpt/qwen7b-tp4 TP=4 PP=1 NPROC=8 bash examples/sft_warmup.sh
 #
 # Every size is an environment variable; the defaults run a tiny model on 2 CPU processes.
+# SIGTERM / SIGUSR1 (preemption, a time limit) make it save and exit 0; rerunning resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/sft_warmup}
@@ -42,5 +43,6 @@ PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m torch.distributed.run --n
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --clip-grad 1.0 \
-  --save "$OUT/ckpt" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$OUT/tb" --log-interval 1
+  --save "$OUT/ckpt" --save-interval "$SAVE_INTERVAL" --exit-signal-handler \
+  --tensorboard-dir "$OUT/tb" --log-interval 1
 echo "sft_warmup: checkpoint in $OUT/ckpt, metrics in $OUT/tb/metrics.jsonl"

@@ -19,6 +19,8 @@
 # share. Node 0 does prep/convert/export; the other nodes wait for its outputs.
 # Relative paths are taken from the directory you launch in, not from the repository.
 # See docs/launching.md for every variable and for how to pick TP/PP/CP.
+# Exit code 75: RL stopped early on a checkpoint (SIGTERM/SIGUSR1, or --exit-duration-in-mins /
+# --exit-interval in EXTRA_RL_ARGS), so nothing was exported; running the script again resumes.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # run from a checkout without installing
@@ -246,6 +248,13 @@ if ! want export; then
   echo "skip: not in STAGES"
 elif [ "$NODE_RANK" != 0 ]; then
   echo "skip: node 0 exports"
+elif [ "$DRY_RUN" != 1 ] && ! { [[ $done_iters =~ ^[0-9]+$ ]] && (( done_iters >= TRAIN_ITERS )); }; then
+  # a signal, --exit-duration-in-mins or --exit-interval ended RL early on a checkpoint: the
+  # batch script requeues on this code; a rerun resumes (export an earlier iteration with
+  # tools/checkpoint/convert_megatron_to_hf.py)
+  echo "train_rl_128k: RL stopped at iteration ${done_iters:-0} of TRAIN_ITERS=$TRAIN_ITERS; nothing exported," \
+       "run again to resume" >&2
+  exit 75
 elif [ -f "$HF_OUT/config.json" ] && [ -n "$done_iters" ] && [ "$(cat "$HF_STAMP" 2>/dev/null)" = "$done_iters" ]; then
   echo "skip: $HF_OUT holds iteration $done_iters"
 else

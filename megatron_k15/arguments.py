@@ -13,6 +13,7 @@ import argparse
 import os
 from typing import Callable, Optional, Sequence
 
+from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
 from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
 
@@ -165,6 +166,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     for flag, why in MEGATRON_TRAINING_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     add_wandb_args(g)
+    add_exit_args(g)
     g.add_argument("--seed", type=int, default=1234)
 
 
@@ -370,7 +372,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     prefill = _get(args, "max_prefill_tokens")
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
-    problem = megatron_settings_problem(args) or check_wandb_args(args)
+    problem = megatron_settings_problem(args) or check_wandb_args(args) or check_exit_args(args)
     if problem:
         raise ArgumentError(problem)
     if _get(args, "finetune") and not _get(args, "load"):

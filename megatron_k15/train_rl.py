@@ -42,9 +42,9 @@ rule-based verifier rejects (``--reward-model-mode fallback``) or every answer o
 (``replace``); it runs greedily on the same engine and layout as the policy
 (``rewards/judge.py``), and its call counts are logged as ``judge_*``.
 
-``--exit-signal-handler``: on SIGTERM or SIGUSR1 the run finishes its current iteration, saves
-a checkpoint (with --save) and exits 0, so a requeued job (Slurm) resumes from ``latest``.
-Every rank must stop after the same iteration, so the flag is all-reduced each iteration.
+``--exit-signal-handler`` (SIGTERM / SIGUSR1), ``--exit-duration-in-mins`` and
+``--exit-interval`` (``exit_conditions.py``): the run finishes its current iteration, saves a
+checkpoint (with --save) and exits 0, so a requeued job (Slurm) resumes from ``latest``.
 """
 
 from __future__ import annotations
@@ -138,8 +138,6 @@ def add_rl_args(p) -> None:
     g.add_argument("--replay-buffer-size", type=int, default=0)
     g.add_argument("--replay-max-age", type=int, default=0)
     add_judge_args(p.add_argument_group("generative reward model (judge)"))
-    g.add_argument("--exit-signal-handler", action="store_true",
-                   help="on SIGTERM or SIGUSR1: finish the iteration, save a checkpoint (--save) and exit 0")
 
 
 def _validate(args) -> None:
@@ -284,52 +282,8 @@ def _check_prompt_lengths(args, gen_ranks: int) -> None:
                   f"{max(1, limit - budget)})")
 
 
-class ExitSignal:
-    """``--exit-signal-handler``: SIGTERM / SIGUSR1 set a flag; ``stop_requested()`` (collective,
-    once per iteration) tells every rank whether any rank got one."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self, enabled: bool):
-        import signal
-
-        self.enabled = enabled
-        self.received = None
-        self._previous = {}
-        if enabled:
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        self.received = signal.Signals(signum).name
-
-    def stop_requested(self) -> bool:
-        if not self.enabled:
-            return False
-        import torch
-        import torch.distributed as dist
-
-        from megatron_k15 import platform
-
-        t = torch.tensor([1 if self.received else 0], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            t = t.to(platform.current_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 def main(argv=None) -> int:
+    start_time = time.time()
     args = parse_args(argv, "Kimi k1.5 RL with megatron_k15", add_rl_args, _validate,
                       groups=("model", "parallel", "precision", "training", "checkpoint", "inference"))
     import torch.distributed as dist
@@ -344,8 +298,10 @@ def main(argv=None) -> int:
     from megatron_k15.rl.trainer import RLIteration, generation_parallel
     from megatron_k15.training import MetricsLogger, build_train_context
 
+    from megatron_k15.exit_conditions import ExitConditions
+
     initialize_megatron(args)
-    exit_signal = ExitSignal(args.exit_signal_handler)  # from here on a signal waits for an iteration's end
+    exits = ExitConditions(args, start_time)  # from here on a signal waits for an iteration's end
     cfg = args.model_config
     ctx = build_train_context(args, cfg, seed=args.seed)
     iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
@@ -429,11 +385,7 @@ def main(argv=None) -> int:
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
             saved_at = iteration
-        if iteration < args.train_iters and exit_signal.stop_requested():
-            if rank == 0:
-                print(f"[train_rl] {exit_signal.received or 'exit signal'} received: stopping after iteration "
-                      f"{iteration}" + (f", checkpoint in {args.save}" if args.save else " (no --save: nothing saved)"),
-                      flush=True)
+        if exits.stop_after(iteration, args.train_iters, args.save, "train_rl"):
             break
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
@@ -441,7 +393,7 @@ def main(argv=None) -> int:
         from megatron_k15.data.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, os.path.join(args.save, "tokenizer"))
-    exit_signal.restore()  # only now: a second signal must not interrupt the final save
+    exits.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()
     return 0

@@ -13,7 +13,9 @@ microbatch is zigzag-split over the cp group (``parallel.context.split_packed_mi
 padded to a multiple of 2*cp, padding masked out of the loss), attention runs as ring attention
 (--cp-comm-type ring|allgather), and the loss sums over cp ranks. ``--load`` resumes exactly (weights, optimizer,
 RNG, data position); with ``--finetune`` it loads weights only. Without ``--load`` the model
-starts from a layout-independent random init (--seed).
+starts from a layout-independent random init (--seed). ``--exit-signal-handler``,
+``--exit-duration-in-mins`` and ``--exit-interval`` end the run early on a checkpoint
+(``exit_conditions.py``).
 
 ``--loss dpo`` (long2short, DESIGN.md section 3) trains on preference pairs from
 ``tools/preprocess_data.py --mode dpo`` with ``-log sigmoid(beta * ((S_c - S_c_ref) - (S_r -
@@ -197,17 +199,20 @@ def dpo_train_step(ctx, stream, reference: torch.Tensor, consumed: int, gbs: int
 
 
 def main(argv=None) -> int:
+    start_time = time.time()
     args = parse_args(argv, "Supervised fine-tuning with megatron_k15", add_sft_args, _validate)
     from megatron_k15 import platform
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.indexed import load_sft_dataset
     from megatron_k15.data.preference import load_preference_dataset
     from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
+    from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.training import MetricsLogger, build_train_context, reduce_sums, train_step
 
     initialize_megatron(args)
+    exits = ExitConditions(args, start_time)  # from here on a signal waits for an iteration's end
     cfg = args.model_config
     ctx = build_train_context(args, cfg, seed=args.seed)
     iteration, extra = 0, {}
@@ -289,8 +294,11 @@ def main(argv=None) -> int:
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_checkpoint(args.save, iteration, ctx, state())
             saved_at = iteration
+        if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
+            break
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, state())
+    exits.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()
     return 0

@@ -1,5 +1,6 @@
-"""Checkpoints: resharding across tp/pp (weights and optimizer), exact resume after kill -9,
-and a save that fails half-way leaves the previous checkpoint current."""
+"""Checkpoints: resharding across tp/pp (weights and optimizer), exact resume after kill -9 and
+after an early exit (--exit-interval), and a save that fails half-way leaves the previous
+checkpoint current."""
 
 import json
 import os
@@ -106,15 +107,22 @@ def _losses(tb):
     return {r["iteration"]: r["loss"] for r in map(json.loads, open(os.path.join(tb, "metrics.jsonl")))}
 
 
-@pytest.mark.slow
-def test_kill9_and_resume_is_bitwise_identical(tmp_path):
-    data = _make_sft_data(tmp_path)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run(_sft_cmd(data, str(tmp_path / "a"), str(tmp_path / "tb_a")), check=True,
-                   capture_output=True, env=env)
-    straight = _losses(tmp_path / "tb_a")
+@pytest.fixture(scope="module")
+def sft_straight(tmp_path_factory):
+    """(data prefix, per-iteration losses of 6 uninterrupted SFT iterations)."""
+    tmp = tmp_path_factory.mktemp("sft_straight")
+    data = _make_sft_data(tmp)
+    subprocess.run(_sft_cmd(data, str(tmp / "a"), str(tmp / "tb_a")), check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=ROOT))
+    straight = _losses(tmp / "tb_a")
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    return data, straight
 
+
+@pytest.mark.slow
+def test_kill9_and_resume_is_bitwise_identical(tmp_path, sft_straight):
+    data, straight = sft_straight
+    env = dict(os.environ, PYTHONPATH=ROOT)
     ck, tb = str(tmp_path / "b"), str(tmp_path / "tb_b")
     proc = subprocess.Popen(_sft_cmd(data, ck, tb, ["--save-interval", "3"]), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -130,6 +138,25 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path):
     resumed = _losses(tb)
     for it in (4, 5, 6):
         assert resumed[it] == straight[it], it  # bitwise: same float in the JSON
+
+
+@pytest.mark.slow
+def test_exit_interval_saves_and_the_resumed_run_is_bitwise_identical(tmp_path, sft_straight):
+    """``--exit-interval 2`` without --save-interval: the run stops after iteration 2 with exit
+    code 0 and a checkpoint of it; resuming finishes as if never stopped."""
+    data, straight = sft_straight
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ck, tb = str(tmp_path / "c"), str(tmp_path / "tb_c")
+    first = subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2"]), capture_output=True, text=True,
+                           env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"[train_sft] --exit-interval 2: stopping after iteration 2, checkpoint in {ck}" in first.stdout
+    assert sorted(_losses(tb)) == [1, 2]
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "2"
+    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck]), check=True, capture_output=True, env=env)
+    resumed = _losses(tb)
+    for it in range(1, 7):
+        assert resumed[it] == straight[it], it
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 Dry runs check the command lines each script would run (single node, and a fake 4-node Slurm
 job with a fake ``scontrol`` on PATH); the slow test runs every stage for real on a tiny
-model and checks the exported HF model against the one it started from (LR=0, so RL must
-hand back exactly the same weights), then that a second run skips every stage.
+model (stopped after one iteration by --exit-interval: exit code 75, nothing exported; the
+rerun resumes) and checks the exported HF model against the one it started from (LR=0, so RL
+must hand back exactly the same weights), then that a further run skips every stage.
 """
 
 import importlib.util
@@ -249,9 +250,17 @@ def test_end_to_end_tiny_model_then_everything_skipped(tmp_path):
                     ROLLOUT_MAX_TOKENS=8, ROLLOUT_SEGMENT_TOKENS=4, ROLLOUT_BATCH_SIZE=4,
                     SAMPLES_PER_PROMPT=2, PROMPTS_PER_ITER=2, UPDATES_PER_ITER=1, TRAIN_ITERS=2, SAVE_INTERVAL=2,
                     LR=0)  # LR=0: RL must give back exactly the weights it started from
+    # RL stopping early on a checkpoint (here --exit-interval 1): exit code 75, nothing exported
+    early = subprocess.run(["bash", SCRIPT], env={**env, "EXTRA_RL_ARGS": "--exit-interval 1"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert early.returncode == 75, early.stdout + early.stderr
+    assert "RL stopped at iteration 1 of TRAIN_ITERS=2" in early.stderr
+    assert (out_dir / "rl" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert not (out_dir / "hf").exists()
     t0 = time.time()
-    first = run(SCRIPT, env, tmp_path, timeout=300)
+    first = run(SCRIPT, env, tmp_path, timeout=300)  # resumes at iteration 1
     print(f"end-to-end run: {time.time() - t0:.1f}s")
+    assert "resume from" in first
 
     assert (out_dir / "rl" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     metrics = [json.loads(line) for line in open(out_dir / "rl" / "tb" / "metrics.jsonl")]

@@ -304,7 +304,9 @@ def main(argv=None) -> int:
     exits = ExitConditions(args, start_time)  # from here on a signal waits for an iteration's end
     cfg = args.model_config
     ctx = build_train_context(args, cfg, seed=args.seed)
-    iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
+    # Adam's moments are reset every iteration unless --keep-optimizer-state: not saved then
+    iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune,
+                                       need_optimizer_moments=args.keep_optimizer_state)
     rank = dist.get_rank()
     tok_spec = args.tokenizer or os.path.join(args.load, "tokenizer")
     tokenizer = load_tokenizer(tok_spec)
@@ -357,6 +359,11 @@ def main(argv=None) -> int:
             print(f"[train_rl] eval before RL: accuracy {m['eval_accuracy']:.3f}", flush=True)
 
     saved_at = iteration
+
+    def save() -> None:
+        save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()},
+                        save_optimizer_moments=args.keep_optimizer_state)
+
     while iteration < args.train_iters:
         t0 = time.time()
         lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
@@ -383,12 +390,12 @@ def main(argv=None) -> int:
                     line += f" | eval accuracy {metrics['eval_accuracy']:.3f}"
                 print(line, flush=True)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
+            save()
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_rl"):
             break
     if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()})
+        save()
     if args.save and rank == 0:
         from megatron_k15.data.tokenizer import save_tokenizer
 

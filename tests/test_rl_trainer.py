@@ -548,16 +548,19 @@ def cli_inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_rl_cli")
     ckpt = str(tmp / "init")
     run_distributed(_save_initial_checkpoint, 1, ckpt)
-    data = {}
-    for name, rows in (("prompts", _records()), ("eval", _records()[:2])):
-        src = tmp / f"{name}.jsonl"
-        src.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "task", "answer")}) + "\n"
-                               for r in rows))
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--mode", "prompts",
-                        "--input", str(src), "--output-prefix", str(tmp / name), "--tokenizer", "byte",
-                        "--no-progress"], check=True, capture_output=True)
-        data[name] = str(tmp / name)
+    data = {name: _preprocess_prompts(tmp, name, rows) for name, rows in
+            (("prompts", _records()), ("eval", _records()[:2]))}
     return {"ckpt": ckpt, **data}
+
+
+def _preprocess_prompts(tmp, name, rows, keys=("id", "prompt", "task", "answer")) -> str:
+    """``rows`` (their ``keys``) as a prompt dataset ``tmp/name``."""
+    src = tmp / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows))
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--mode", "prompts",
+                    "--input", str(src), "--output-prefix", str(tmp / name), "--tokenizer", "byte",
+                    "--no-progress"], check=True, capture_output=True)
+    return str(tmp / name)
 
 
 def _rl_argv(inputs, *extra):
@@ -681,6 +684,63 @@ def test_exit_signal_handler_saves_and_resumes(cli_inputs, tmp_path):
     assert f"start at iteration {stopped}" in resumed.stdout
     assert f"iteration {stopped + 1}/{stopped + 1}" in resumed.stdout
     assert _latest(save) == str(stopped + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["reset", "keep"])
+def test_resume_is_bitwise_identical(cli_inputs, tmp_path, optimizer):
+    """4 iterations straight versus resuming from the straight run's iteration-2 checkpoint:
+    iterations 3-4 log the same metrics and end on the same weights, bit for bit. The run uses
+    what a checkpoint must carry: the prioritized sampler's success rates, partial rollouts
+    waiting in the replay buffer, the RNG, and Adam's moments with --keep-optimizer-state
+    (without it they are reset every iteration and not saved: the checkpoint holds only the
+    fp32 master weights)."""
+    import shutil
+
+    import torch as _torch
+
+    keep = ["--keep-optimizer-state"] if optimizer == "keep" else []
+    # graded_reward (importable from this directory): rewards that differ within a group, so
+    # every update moves the weights
+    prompts = _preprocess_prompts(tmp_path, "graded", _records(), ("id", "prompt", "task", "answer", "reward_fn"))
+    common = ["--train-iters", "4", "--sampling", "prioritized",
+              "--rollout-segment-tokens", "2", "--updates-per-iter", "2", *keep]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    env = _env()
+    env["PYTHONPATH"] += os.pathsep + os.path.dirname(os.path.abspath(__file__))
+
+    def train(save, load_args):
+        res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl", *_rl_argv({**cli_inputs, "prompts": prompts}, *common)[2:],
+                              *load_args, "--save", save, "--tensorboard-dir", os.path.join(save, "tb")],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+        assert res.returncode == 0, res.stdout + res.stderr
+        with open(os.path.join(save, "tb", "metrics.jsonl")) as f:
+            return {m["iteration"]: m for m in map(json.loads, f)}
+
+    first = train(straight, ["--load", cli_inputs["ckpt"], "--finetune", "--save-interval", "2"])
+    shutil.copytree(os.path.join(straight, "iter_0000002"), os.path.join(resumed, "iter_0000002"))
+    with open(os.path.join(resumed, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("2")
+    second = train(resumed, ["--load", resumed])
+
+    assert sorted(second) == [3, 4]
+    for it in (3, 4):
+        for k, v in first[it].items():
+            if not (k == "time" or k.endswith("_s") or k.endswith("_per_s") or "memory" in k):
+                assert second[it][k] == v, (it, k)
+    assert first[2]["replay_buffer_size"] > 0, "no partial rollout crossed the checkpoint"
+    assert all(first[it]["grad_norm"] > 0 for it in (3, 4))
+    w1, w2 = _checkpoint_weights(straight, 4, 1), _checkpoint_weights(resumed, 4, 1)
+    for name, w in w1.items():
+        assert _torch.equal(w2[name], w), name
+    state = _torch.load(os.path.join(straight, "iter_0000002", "mp_rank_00_000", "model.pt"), weights_only=True)
+    assert ("exp_avg" in state["optimizer"]) == (optimizer == "keep") and "master" in state["optimizer"]
+    if optimizer == "reset":  # a run that continues Adam's moments cannot start from zeros silently
+        res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl",
+                              *_rl_argv({**cli_inputs, "prompts": prompts}, *common)[2:], "--train-iters", "5",
+                              "--keep-optimizer-state", "--load", straight], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=400)
+        assert res.returncode != 0 and "saved without Adam's moments" in res.stderr, res.stdout + res.stderr
 
 
 def _checkpoint_weights(path, iteration, pp):

@@ -304,14 +304,26 @@ class DistributedOptimizer:
                 out[n] = full[off:off + p.numel()].view_as(p).detach().cpu().clone()
         return out
 
-    def state_dict(self) -> dict:
-        """Collective over dp: every dp rank gets the full per-parameter state."""
-        return {"step": self.step_count, "exp_avg": self._full_flat(self.exp_avg),
-                "exp_avg_sq": self._full_flat(self.exp_avg_sq), "master": self._full_flat(self.master)}
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def state_dict(self, moments: bool = True) -> dict:
+        """Collective over dp: every dp rank gets the full per-parameter state. ``moments=False``
+        leaves out Adam's moments (two thirds of the bytes) for a run that resets them before
+        its next step anyway (RL without --keep-optimizer-state)."""
+        state = {"step": self.step_count, "master": self._full_flat(self.master)}
+        if moments:
+            state.update(exp_avg=self._full_flat(self.exp_avg), exp_avg_sq=self._full_flat(self.exp_avg_sq))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """A state without moments (``state_dict(moments=False)``) loads them as zeros."""
         self.step_count = int(state["step"])
+        if not all(k in state for k in self.MOMENTS):
+            self.reset_state()
+            self.step_count = int(state["step"])
         for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq), ("master", self.master)):
+            if key not in state and key in self.MOMENTS:
+                continue
             tensors = state[key]
             missing = [n for n, _ in self.named_params if n not in tensors]
             if missing:

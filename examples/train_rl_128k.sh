@@ -71,6 +71,8 @@ SAMPLING=${SAMPLING:-prioritized}
 LENGTH_PENALTY_WEIGHT=${LENGTH_PENALTY_WEIGHT:-0.0}
 LENGTH_PENALTY_START_ITER=${LENGTH_PENALTY_START_ITER:-0}
 SAVE_INTERVAL=${SAVE_INTERVAL:-5}                   # also bounds the work lost to a preemption
+# keep the newest checkpoint and those at multiples of this (7B: ~42 GB each); empty = keep all
+SAVE_RETAIN_INTERVAL=${SAVE_RETAIN_INTERVAL-$((SAVE_INTERVAL * 10))}
 SEED=${SEED:-1234}
 BF16=${BF16:-1}                                     # 0 on CPU
 RECOMPUTE=${RECOMPUTE:-full}                        # activation recompute at 128K; empty = off
@@ -213,6 +215,7 @@ else
   [ -n "$EVAL_PROMPTS" ] && OPT_ARGS+=(--eval-data "$DATA_DIR/eval_prompts")
   [ "$BF16" = 1 ] && OPT_ARGS+=(--bf16)
   [ -n "$RECOMPUTE" ] && OPT_ARGS+=(--recompute-granularity "$RECOMPUTE")
+  [ -n "$SAVE_RETAIN_INTERVAL" ] && OPT_ARGS+=(--save-retain-interval "$SAVE_RETAIN_INTERVAL")
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
   [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
   # GRPO's KL reference: the model RL started from (frozen; also when resuming)

@@ -219,6 +219,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
     g.add_argument("--load", default=None, help="checkpoint directory to load (with its config)")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="after each save keep only the newest checkpoint and those at multiples of this "
+                        "(a multiple of --save-interval); older ones are deleted")
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-interval", type=int, default=1)
@@ -458,6 +461,16 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError(f"--save-interval must be >= 1, got {save_interval}")
     if save_interval is not None and not _get(args, "save"):
         raise ArgumentError("--save-interval needs --save DIR")
+    retain = _get(args, "save_retain_interval")
+    if retain is not None:
+        if retain < 1:
+            raise ArgumentError(f"--save-retain-interval must be >= 1, got {retain}")
+        if not _get(args, "save"):
+            raise ArgumentError("--save-retain-interval needs --save DIR")
+        if save_interval and retain % save_interval:
+            raise ArgumentError(f"--save-retain-interval {retain} is not a multiple of --save-interval "
+                                f"{save_interval}: only iterations that are multiples of both would be kept; "
+                                f"use a multiple of {save_interval}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_k15",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -197,15 +198,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def prune_checkpoints(save_dir: str, iteration: int, retain_interval: int) -> list[int]:
+    """``--save-retain-interval`` (Megatron-LM's): after the checkpoint of ``iteration`` is
+    complete and current, delete the older ``iter_*`` checkpoints whose iteration is not a
+    multiple of ``retain_interval``. Newer ones (left by another run) are not touched. Each is
+    first renamed out of the ``iter_*`` namespace, so a crash mid-delete leaves nothing that
+    looks like a checkpoint. Returns the deleted iterations."""
+    deleted = []
+    for name in sorted(os.listdir(save_dir)):
+        m = re.fullmatch(r"iter_(\d{7,})", name)
+        if m is None:
+            continue
+        it = int(m.group(1))
+        if it < iteration and it % retain_interval:
+            doomed = os.path.join(save_dir, f".deleting-{name}")
+            os.replace(os.path.join(save_dir, name), doomed)
+            shutil.rmtree(doomed)
+            deleted.append(it)
+    return deleted
+
+
 def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: Optional[dict] = None,
-                    save_optimizer: bool = True, save_optimizer_moments: bool = True) -> str:
+                    save_optimizer: bool = True, save_optimizer_moments: bool = True,
+                    retain_interval: Optional[int] = None) -> str:
     """Save model shards, optimizer state, every rank's RNG and ``extra_state`` (iteration data
     position, sampler, replay buffer...). Collective over all ranks. ``save_optimizer_moments=
     False`` keeps the fp32 master weights and leaves out Adam's moments (for RL that resets them
     every iteration: a 7B checkpoint shrinks from ~98 to ~42 GB).
 
     Written into ``SAVE/.tmp-<tag>``; rank 0 renames it to ``SAVE/<tag>`` and only then
-    rewrites ``latest``, so a crash at any point leaves the previous checkpoint current."""
+    rewrites ``latest``, so a crash at any point leaves the previous checkpoint current. Then,
+    with ``retain_interval``, rank 0 deletes older checkpoints (``prune_checkpoints``)."""
     model, pc = ctx.model, ctx.pc
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -240,6 +263,8 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(os.path.join(save_dir, LATEST_FILE), "release" if iteration is None else str(iteration))
+        if retain_interval and iteration is not None:
+            prune_checkpoints(save_dir, iteration, retain_interval)
     if distributed:
         dist.barrier()
     return final

@@ -362,7 +362,8 @@ def main(argv=None) -> int:
 
     def save() -> None:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()},
-                        save_optimizer_moments=args.keep_optimizer_state)
+                        save_optimizer_moments=args.keep_optimizer_state,
+                        retain_interval=args.save_retain_interval)
 
     while iteration < args.train_iters:
         t0 = time.time()

@@ -292,12 +292,12 @@ def main(argv=None) -> int:
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm}")
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, ctx, state())
+            save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
     if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, ctx, state())
+        save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
     exits.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()

@@ -147,16 +147,45 @@ def test_exit_interval_saves_and_the_resumed_run_is_bitwise_identical(tmp_path, 
     data, straight = sft_straight
     env = dict(os.environ, PYTHONPATH=ROOT)
     ck, tb = str(tmp_path / "c"), str(tmp_path / "tb_c")
-    first = subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2"]), capture_output=True, text=True,
-                           env=env)
+    retain = ["--save-interval", "1", "--save-retain-interval", "2"]  # and keep only even iterations
+    first = subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2", *retain]), capture_output=True,
+                           text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"[train_sft] --exit-interval 2: stopping after iteration 2, checkpoint in {ck}" in first.stdout
     assert sorted(_losses(tb)) == [1, 2]
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "2"
-    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck]), check=True, capture_output=True, env=env)
+    assert sorted(d for d in os.listdir(ck) if d.startswith("iter_")) == ["iter_0000002"]
+    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck, *retain]), check=True, capture_output=True, env=env)
     resumed = _losses(tb)
     for it in range(1, 7):
         assert resumed[it] == straight[it], it
+    assert sorted(os.listdir(ck)) == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                      "latest_checkpointed_iteration.txt"]
+
+
+def test_prune_keeps_the_newest_and_the_retained(tmp_path):
+    from megatron_k15.checkpointing import prune_checkpoints
+
+    for name in ["iter_0000001", "iter_0000002", "iter_0000003", "iter_0000004", "iter_0000005",
+                 "iter_0000006", "iter_0000009", ".tmp-iter_0000007", "release"]:
+        os.makedirs(tmp_path / name / "mp_rank_00_000")
+    assert prune_checkpoints(str(tmp_path), 5, 2) == [1, 3]
+    # 5 is the one just saved, 9 is newer (another run's): neither is touched
+    assert sorted(os.listdir(tmp_path)) == [".tmp-iter_0000007", "iter_0000002", "iter_0000004", "iter_0000005",
+                                            "iter_0000006", "iter_0000009", "release"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-retain-interval", "0", "--save", "x"], "--save-retain-interval must be >= 1"),
+    (["--save-retain-interval", "4"], "--save-retain-interval needs --save DIR"),
+    (["--save", "x", "--save-interval", "3", "--save-retain-interval", "4"], "use a multiple of 3"),
+])
+def test_bad_retain_interval_is_refused(flags, message, capsys):
+    from megatron_k15.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2", *flags], world_size=1)
+    assert message in capsys.readouterr().err
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

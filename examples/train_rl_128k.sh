@@ -229,6 +229,10 @@ else
   export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
   # Rollouts and trajectories vary in length up to 128K: avoid allocator fragmentation.
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  # USR1 (the batch script's `pkill -USR1 -f megatron_k15.train_rl`, which matches torchrun's
+  # command line too) is for the ranks' --exit-signal-handler: torchrun and this shell ignore it
+  # instead of dying from it (the ranks install their own handler)
+  trap '' USR1
   run "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" -m megatron_k15.train_rl \
     "${LOAD_ARGS[@]}" --prompt-data "$DATA_DIR/prompts" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP" \
@@ -242,6 +246,13 @@ else
     --save "$RL_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler \
     --tensorboard-dir "$RL_DIR/tb" --log-interval 1 \
     "${OPT_ARGS[@]}" "${EXTRA[@]}"
+  trap - USR1
+  if [ "$DRY_RUN" != 1 ] && [ "$(latest_iteration)" = "$done_iters" ]; then
+    # an exit 0 without a new checkpoint would make the batch script requeue forever
+    echo "error: RL ended without a new checkpoint (still at iteration ${done_iters:-none} of TRAIN_ITERS=$TRAIN_ITERS);" \
+         "does EXTRA_RL_ARGS lower --train-iters?" >&2
+    exit 1
+  fi
 fi
 
 # ---- 4/4 export to HF ---------------------------------------------------------------------------

@@ -409,9 +409,6 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if aux > 0 and not cfg.is_moe:
         raise ArgumentError(f"--moe-aux-loss-coeff {aux} applies to mixture-of-experts models (--num-experts); "
                             "this model is dense")
-    if aux > 0 and cp > 1:
-        raise ArgumentError(f"--moe-aux-loss-coeff {aux} with --context-parallel-size {cp}: the load-balancing "
-                            "loss is not implemented across context-parallel shards yet; use cp=1 or coefficient 0")
 
     seq = _get(args, "seq_length")
     if seq is not None:

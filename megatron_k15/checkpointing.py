@@ -202,19 +202,24 @@ def prune_checkpoints(save_dir: str, iteration: int, retain_interval: int) -> li
     """``--save-retain-interval`` (Megatron-LM's): after the checkpoint of ``iteration`` is
     complete and current, delete the older ``iter_*`` checkpoints whose iteration is not a
     multiple of ``retain_interval``. Newer ones (left by another run) are not touched. Each is
-    first renamed out of the ``iter_*`` namespace, so a crash mid-delete leaves nothing that
-    looks like a checkpoint. Returns the deleted iterations."""
+    first renamed out of the ``iter_*`` namespace (``.deleting-*``, also removed if a crash
+    left one), so a crash mid-delete leaves nothing that looks like a checkpoint. A deletion
+    that fails (a busy file on NFS, permissions) is reported, not raised: the save succeeded.
+    Returns the deleted iterations."""
     deleted = []
     for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
         m = re.fullmatch(r"iter_(\d{7,})", name)
-        if m is None:
-            continue
-        it = int(m.group(1))
-        if it < iteration and it % retain_interval:
-            doomed = os.path.join(save_dir, f".deleting-{name}")
-            os.replace(os.path.join(save_dir, name), doomed)
-            shutil.rmtree(doomed)
-            deleted.append(it)
+        try:
+            if name.startswith(".deleting-"):
+                shutil.rmtree(path)
+            elif m is not None and int(m.group(1)) < iteration and int(m.group(1)) % retain_interval:
+                doomed = os.path.join(save_dir, f".deleting-{name}-{uuid.uuid4().hex[:8]}")
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+                deleted.append(int(m.group(1)))
+        except OSError as e:
+            print(f"[checkpointing] --save-retain-interval: could not delete {path}: {e}", flush=True)
     return deleted
 
 
@@ -317,9 +322,9 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
         if state is None:
             raise CheckpointError(f"--load {load_dir}: no optimizer state (use --finetune to load weights only)")
         if need_optimizer_moments and not all(k in state for k in ctx.optimizer.MOMENTS):
-            raise CheckpointError(f"--load {load_dir}: saved without Adam's moments (an RL run that reset the "
-                                  f"optimizer every iteration); resume without --keep-optimizer-state, or "
-                                  f"start from its weights with --finetune")
+            raise CheckpointError(f"--load {load_dir}: saved without Adam's moments by an RL run that reset the "
+                                  f"optimizer every iteration, so only such a run (train_rl without "
+                                  f"--keep-optimizer-state) can continue it; start from its weights with --finetune")
         ctx.optimizer.load_state_dict(state)
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0

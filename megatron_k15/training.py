@@ -161,11 +161,13 @@ def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
 
 def stage_forward(model: GPTModel, mb: dict, hidden):
     """This pipeline stage on a microbatch, packed (``cu_seqlens``, b = 1) or padded (b, s):
-    token log-probs (b, s) on the last stage, hidden states for the next stage elsewhere."""
+    token log-probs (b, s) on the last stage, hidden states for the next stage elsewhere.
+    ``token_mask`` (b, s), 0 on padding, keeps padding out of the MoE load-balancing loss."""
     return model(input_ids=mb["input_ids"] if model.pre_process else None,
                  position_ids=mb.get("position_ids"),
                  labels=mb["labels"] if model.post_process else None,
-                 cu_seqlens=mb.get("cu_seqlens"), max_seqlen=mb.get("max_seqlen"), hidden=hidden)
+                 cu_seqlens=mb.get("cu_seqlens"), max_seqlen=mb.get("max_seqlen"), hidden=hidden,
+                 token_mask=mb.get("token_mask"))
 
 
 def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr: float) -> tuple[list, float]:
@@ -200,6 +202,8 @@ def _mean_moe_aux_loss(ctx: TrainContext) -> float:
     """The recorded load-balancing losses of every stage and dp rank, averaged."""
     values = ctx.model.take_moe_aux_losses()
     total, count = reduce_sums([sum(values), len(values)], ctx, every_stage=True)
+    # the cp ranks' terms add up to one sequence's aux (MoEMLP): count each layer forward once
+    count /= ctx.pc.cp_size
     return total / count if count > 0 else 0.0
 
 

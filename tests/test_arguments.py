@@ -41,8 +41,6 @@ def _validate(argv, world_size=1):
     (["--recompute-method", "uniform"], 1, "--recompute-method applies to --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-method", "block"], 1, "--recompute-method block needs"),
     (["--moe-aux-loss-coeff", "0.001"], 1, "--moe-aux-loss-coeff 0.001 applies to mixture-of-experts models"),
-    (["--num-experts", "4", "--moe-aux-loss-coeff", "0.001", "--context-parallel-size", "2"], 2,
-     "--moe-aux-loss-coeff 0.001 with --context-parallel-size 2"),
     (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
     (["--num-experts", "4", "--moe-ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], 2,
      "does not divide --moe-ffn-hidden-size 33"),

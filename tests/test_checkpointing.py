@@ -167,10 +167,11 @@ def test_prune_keeps_the_newest_and_the_retained(tmp_path):
     from megatron_k15.checkpointing import prune_checkpoints
 
     for name in ["iter_0000001", "iter_0000002", "iter_0000003", "iter_0000004", "iter_0000005",
-                 "iter_0000006", "iter_0000009", ".tmp-iter_0000007", "release"]:
+                 "iter_0000006", "iter_0000009", ".tmp-iter_0000007", "release", ".deleting-iter_0000001-0a1b2c3d"]:
         os.makedirs(tmp_path / name / "mp_rank_00_000")
     assert prune_checkpoints(str(tmp_path), 5, 2) == [1, 3]
-    # 5 is the one just saved, 9 is newer (another run's): neither is touched
+    # 5 is the one just saved, 9 is newer (another run's): neither is touched; a deletion a crash
+    # interrupted is finished
     assert sorted(os.listdir(tmp_path)) == [".tmp-iter_0000007", "iter_0000002", "iter_0000004", "iter_0000005",
                                             "iter_0000006", "iter_0000009", "release"]
 

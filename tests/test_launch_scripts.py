@@ -260,6 +260,11 @@ def test_end_to_end_tiny_model_then_everything_skipped(tmp_path):
     assert "RL stopped at iteration 1 of TRAIN_ITERS=2" in early.stderr
     assert (out_dir / "rl" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert not (out_dir / "hf").exists()
+    # a train_rl that ends without a new checkpoint (here EXTRA_RL_ARGS lowers --train-iters) is an
+    # error, not an early stop: a batch job would otherwise requeue itself forever
+    stuck = subprocess.run(["bash", SCRIPT], env={**env, "EXTRA_RL_ARGS": "--train-iters 1"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert stuck.returncode == 1 and "RL ended without a new checkpoint" in stuck.stderr, stuck.stderr
     t0 = time.time()
     first = run(SCRIPT, env, tmp_path, timeout=300)  # resumes at iteration 1
     print(f"end-to-end run: {time.time() - t0:.1f}s")

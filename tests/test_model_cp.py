@@ -5,8 +5,9 @@
     as the dp x cp reduction does) equal a single rank's, for a dense batch and a packed batch of
     uneven sequences (each padded to a multiple of 2*cp, pads weighted 0); the packed batch also
     with --cp-comm-type allgather.
-(b) Two SFT iterations (build_train_context / train_step / reduce_sums) with (tp, cp) = (1, 2)
-    give one rank's losses and grad norms.
+(b) Two SFT iterations (build_train_context / train_step / reduce_sums) of an MoE model with
+    its load-balancing loss with (tp, cp) = (1, 2) give one rank's losses, grad norms and aux
+    losses (padding left out of the aux loss, its token counts summed over cp).
 
 CPU/gloo; the ring's Triton kernels run under TRITON_INTERPRET=1 (conftest.py), so the model is
 tiny (2 layers, hidden 64) and sequences short.
@@ -219,7 +220,12 @@ def _args(comm_type):
     return argparse.Namespace(lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4,
                               clip_grad=0.5, attention_backend="sdpa", params_dtype=torch.float32,
                               sequence_parallel=True, recompute_granularity=None, grad_bucket_numel=5000,
-                              cp_comm_type=comm_type)
+                              cp_comm_type=comm_type, moe_aux_loss_coeff=0.5)
+
+
+def _moe_cfg():
+    return preset("tiny", num_layers=2, init_method_std=0.05, num_moe_experts=4, moe_router_topk=2,
+                  moe_ffn_hidden_size=32)
 
 
 def _sft_worker(rank, world_size, tp, cp, comm_type):
@@ -230,12 +236,12 @@ def _sft_worker(rank, world_size, tp, cp, comm_type):
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
     initialize_model_parallel(tp, 1, cp)
-    ctx = build_train_context(_args(comm_type), _cfg(), seed=11)
+    ctx = build_train_context(_args(comm_type), _moe_cfg(), seed=11)
     assert ctx.model.cp_size == cp and (cp == 1 or ctx.model.attention_backend == f"ring-{comm_type}")
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     pc = ctx.pc
     per = GBS // pc.dp_size
-    losses, norms = [], []
+    losses, norms, aux, pads = [], [], [], 0
     for it in range(ITERS):
         rows = stream.rows(it * GBS, GBS)
         total = sum(stream.loss_tokens(r) for r in rows)
@@ -243,20 +249,25 @@ def _sft_worker(rank, world_size, tp, cp, comm_type):
         mbs = [split_packed_microbatch(stream.microbatch(mine[k:k + MBS]), pc.cp_size, pc.cp_rank,
                                        pc.tp_size if ctx.model.sequence_parallel else 1)
                for k in range(0, per, MBS)]
+        pads += sum(int((mb["token_mask"] == 0).sum()) for mb in mbs)
         results, norm = train_step(ctx, mbs, sft_forward_step(ctx.model, total), lr_at(it, 3e-3, 3e-4, 1, ITERS))
         loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
         assert tokens == total
         losses.append(loss_sum / tokens)
         norms.append(norm)
-    return {"losses": losses, "norms": norms}
+        aux.append(ctx.moe_aux_loss)
+    return {"losses": losses, "norms": norms, "aux": aux, "pads": pads}
 
 
 @pytest.mark.slow
 def test_sft_cp2_equals_one_rank():
     ref = run_distributed(_sft_worker, 1, 1, 1, "ring")[0]
     assert ref["losses"][-1] < ref["losses"][0]
+    assert ref["pads"] > 0  # rows with a padding tail: the aux loss must leave it out
     for r in run_distributed(_sft_worker, 2, 1, 2, "ring"):
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b)
         for a, b in zip(r["norms"], ref["norms"]):
+            assert abs(a - b) <= 1e-5 * abs(b)
+        for a, b in zip(r["aux"], ref["aux"]):
             assert abs(a - b) <= 1e-5 * abs(b)

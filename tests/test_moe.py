@@ -26,8 +26,9 @@ def _model(recompute=None):
     return model.train()
 
 
-def _explicit_aux(model, ids):
-    """sum over layers of E / (k T^2) sum_e (sum_t p_te) count_e, from the layers' inputs."""
+def _explicit_aux(model, ids, token_mask=None):
+    """sum over layers of E / (k T^2) sum_e (sum_t p_te) count_e, from the layers' inputs,
+    over the real tokens only (T of them)."""
     mlps = model.moe_layers()
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in mlps]
@@ -36,6 +37,8 @@ def _explicit_aux(model, ids):
         h.remove()
     total = 0.0
     for m, x in zip(mlps, inputs):
+        if token_mask is not None:  # x is (s, b, h)
+            x = x.transpose(0, 1)[token_mask.bool()]
         tokens = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(torch.nn.functional.linear(tokens, m.router.weight).float(), -1)
         idx = probs.topk(m.topk, dim=-1).indices
@@ -45,18 +48,24 @@ def _explicit_aux(model, ids):
     return out, total
 
 
-@pytest.mark.parametrize("recompute", [None, "full"])
-def test_aux_loss_gradient_is_the_formula(recompute):
+@pytest.mark.parametrize("recompute, padded", [(None, False), ("full", False), (None, True), ("full", True)])
+def test_aux_loss_gradient_is_the_formula(recompute, padded):
+    """With ``padded`` the second row holds 7 tokens and 5 of padding (``token_mask`` 0),
+    which the loss must leave out of T, the probability sums and the counts."""
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     probe = torch.randn(2, 12, 384, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 12)
+    if padded:
+        ids[1, 7:] = 0
+        mask[1, 7:] = 0
 
     ref = _model()
-    out, aux = _explicit_aux(ref, ids)
+    out, aux = _explicit_aux(ref, ids, mask if padded else None)
     ((out * probe).sum() + COEFF * SCALE * aux).backward()
 
     model = _model(recompute)
     model.set_moe_aux_loss(COEFF, SCALE)
-    (model(ids) * probe).sum().backward()
+    (model(ids, token_mask=mask if padded else None) * probe).sum().backward()
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         # fp32 rounding of two summation orders: ~5e-7 of the largest grad; without the aux
         # term the gap is ~1e-4 of it
@@ -70,11 +79,11 @@ def test_aux_loss_gradient_is_the_formula(recompute):
 def test_aux_loss_is_one_for_even_routing_and_off_in_eval():
     m = _model().moe_layers()[0]
     t, e = 8, m.num_experts
-    even = m.aux_loss(torch.full((t, e), 1.0 / e), torch.full((e,), t * m.topk / e))
+    even = m.aux_loss(torch.full((e,), t / e), torch.full((e,), t * m.topk / e), t)
     assert float(even) == pytest.approx(1.0)
-    skewed = torch.zeros(t, e)
-    skewed[:, 0] = 1.0
-    assert float(m.aux_loss(skewed, torch.tensor([t, t, 0.0, 0.0]))) == pytest.approx(e / m.topk)
+    skewed = torch.zeros(e)
+    skewed[0] = t
+    assert float(m.aux_loss(skewed, torch.tensor([t, t, 0.0, 0.0]), t)) == pytest.approx(e / m.topk)
     model = _model().eval()
     model.set_moe_aux_loss(COEFF)
     model(torch.tensor([[1, 2, 3]])).sum().backward()

@@ -195,7 +195,7 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
 @pytest.mark.slow
 def test_seq_mean_token_mean_under_cp_matches_one_rank():
     """GRPO with --loss-agg-mode seq-mean-token-mean: each cp rank's partial token sums are
-    divided by their sample's whole loss-token count, so cp=2 (and packed microbatches) take
+    divided by their sample's whole loss-token count, so cp=2, dp=2 and packed microbatches take
     the one-rank update; responses of different lengths make it differ from token-mean's."""
     # 40 byte values also end a response: lengths 1-12
     opts = dict(LAYOUT_OPTS, extra_eos_ids=list(range(100, 140)), updates_per_iter=1)
@@ -208,6 +208,9 @@ def test_seq_mean_token_mean_under_cp_matches_one_rank():
     world, tp, pp, cp, iters = LAYOUTS["cp2"]
     got = run_distributed(rl_worker, world, tp, "grpo", 0, iters, pp, cp, opts)
     _assert_same_update(got, ref, "seq-mean cp2")
+    # dp=2: each rank normalises its own samples by the global sample count
+    got = run_distributed(rl_worker, 2, 1, "grpo", 0, 1, 1, 1, opts)
+    _assert_same_update(got, ref, "seq-mean dp2")
     # packed microbatches: the per-sample token counts follow the samples into their rows
     packed = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1,
                              dict(opts, use_dynamic_batch_size=True, max_tokens_per_gpu=40))
@@ -268,6 +271,10 @@ def test_packed_microbatches_hold_the_padded_rows():
     assert first["cu_seqlens"].tolist() == [0, 4, 9, 12] and first["input_ids"].shape == (1, 12)
     assert first["rewards"].tolist() == [1.0, 3.0] and not first["mask"][0, 9:].any()
     assert second["cu_seqlens"].tolist() == [0, 3, 4] and second["max_seqlen"] == 3
+    # token_mask: 1 on every real token, 0 on padding (what the MoE load-balancing loss counts)
+    assert first["token_mask"].tolist() == [[1.0] * 9 + [0.0] * 3]
+    assert second["token_mask"].tolist() == [[1.0] * 3 + [0.0]]
+    assert padded["token_mask"].tolist() == [[1.0] * 4 + [0.0], [1.0] * 3 + [0.0] * 2, [1.0] * 5]
     for mb, members in ((first, [0, 2]), (second, [1])):
         for key in ("input_ids", "labels", "mask", "rollout_logp"):
             rows = packed_to_rows([mb[key]], mb["cu_seqlens"], mb["num_samples"], 5)[0]

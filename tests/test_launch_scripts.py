@@ -2,8 +2,8 @@
 
 Dry runs check the command lines each script would run (single node, and a fake 4-node Slurm
 job with a fake ``scontrol`` on PATH); the slow test runs every stage for real on a tiny
-model (stopped after one iteration by --exit-interval: exit code 75, nothing exported; the
-rerun resumes) and checks the exported HF model against the one it started from (LR=0, so RL
+model (stopped by the batch script's USR1: exit code 75, nothing exported; the rerun
+resumes) and checks the exported HF model against the one it started from (LR=0, so RL
 must hand back exactly the same weights), then that a further run skips every stage.
 """
 
@@ -251,31 +251,50 @@ def test_end_to_end_tiny_model_then_everything_skipped(tmp_path):
     env = clean_env(HF_MODEL=hf_dir, PROMPTS=data_dir / "rl_prompts.jsonl", OUT=out_dir,
                     TP=1, PP=1, CP=1, NPROC_PER_NODE=1, BF16=0, SEQ_LENGTH=64, PROMPT_MAX_TOKENS=16,
                     ROLLOUT_MAX_TOKENS=8, ROLLOUT_SEGMENT_TOKENS=4, ROLLOUT_BATCH_SIZE=4,
-                    SAMPLES_PER_PROMPT=2, PROMPTS_PER_ITER=2, UPDATES_PER_ITER=1, TRAIN_ITERS=2, SAVE_INTERVAL=2,
+                    SAMPLES_PER_PROMPT=2, PROMPTS_PER_ITER=2, UPDATES_PER_ITER=1, SAVE_INTERVAL=2,
                     LR=0)  # LR=0: RL must give back exactly the weights it started from
-    # RL stopping early on a checkpoint (here --exit-interval 1): exit code 75, nothing exported
-    early = subprocess.run(["bash", SCRIPT], env={**env, "EXTRA_RL_ARGS": "--exit-interval 1"}, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-    assert early.returncode == 75, early.stdout + early.stderr
-    assert "RL stopped at iteration 1 of TRAIN_ITERS=2" in early.stderr
-    assert (out_dir / "rl" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    # RL stopped early on a checkpoint by the batch script's own signal (its `pkill -USR1 -f
+    # megatron_k15.train_rl`, which also matches torchrun's command line): exit code 75, nothing
+    # exported. The pattern adds this test's OUT, so that nothing else is signalled.
+    latest_file = out_dir / "rl" / "latest_checkpointed_iteration.txt"
+    proc = subprocess.Popen(["bash", SCRIPT], env={**env, "TRAIN_ITERS": "1000"}, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[train_rl] iteration 1/1000"):
+                subprocess.run(["pkill", "-USR1", "-f", f"megatron_k15[.]train_rl .*{out_dir}/"], check=True)
+                break
+        lines.extend(proc.stdout)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    early = "".join(lines)
+    assert rc == 75, early
+    assert "SIGUSR1 received: stopping after iteration" in early
+    stopped = int(latest_file.read_text())
+    assert stopped >= 1 and f"RL stopped at iteration {stopped} of TRAIN_ITERS=1000" in early
     assert not (out_dir / "hf").exists()
     # a train_rl that ends without a new checkpoint (here EXTRA_RL_ARGS lowers --train-iters) is an
     # error, not an early stop: a batch job would otherwise requeue itself forever
     stuck = subprocess.run(["bash", SCRIPT], env={**env, "EXTRA_RL_ARGS": "--train-iters 1"}, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert stuck.returncode == 1 and "RL ended without a new checkpoint" in stuck.stderr, stuck.stderr
+    final = stopped + 1
+    env["TRAIN_ITERS"] = str(final)
     t0 = time.time()
-    first = run(SCRIPT, env, tmp_path, timeout=300)  # resumes at iteration 1
+    first = run(SCRIPT, env, tmp_path, timeout=300)  # resumes at iteration `stopped`
     print(f"end-to-end run: {time.time() - t0:.1f}s")
     assert "resume from" in first
 
-    assert (out_dir / "rl" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert latest_file.read_text().strip() == str(final)
     metrics = [json.loads(line) for line in open(out_dir / "rl" / "tb" / "metrics.jsonl")]
-    assert {m["iteration"] for m in metrics if "loss" in m} == {1, 2}
+    assert {m["iteration"] for m in metrics if "loss" in m} == set(range(1, final + 1))
     export = out_dir / "hf"
     assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
-    assert (out_dir / "hf_exported_iteration.txt").read_text().strip() == "2"
+    assert (out_dir / "hf_exported_iteration.txt").read_text().strip() == str(final)
 
     original = read_hf_state_dict(str(hf_dir))
     exported = read_hf_state_dict(str(export))

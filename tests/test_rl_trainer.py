@@ -97,6 +97,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     save_init = opts.pop("save_init", None)
     prompts = opts.pop("prompts", None)  # per iteration; default: [0, 1] then [2, 3]
     more = opts.pop("draw_prompts", None)  # what --dynamic-sampling's further rounds draw, in turn
+    tasks = opts.pop("tasks", None)  # task names, prompt i gets tasks[i % len] (grading is unchanged)
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
@@ -105,6 +106,8 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
         save_checkpoint(save_init, None, ctx, save_optimizer=False)
     tok = ByteTokenizer()
     recs = _records(reward_fn)
+    for i, r in enumerate(recs if tasks else []):
+        r["task"] = tasks[i % len(tasks)]
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
     rl.eos_ids = rl.eos_ids + list(extra_eos)  # more ways to stop: some responses end early
     if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
@@ -318,6 +321,27 @@ def test_rl_raises_the_reward(loss):
 
 
 SKIP_OPTS = {"reward_fn": "half_flat_reward", "updates_per_iter": 1, "length_penalty_weight": 0.0}
+
+
+def test_mixed_tasks_get_metrics_per_task():
+    """A prompt set of two tasks: each iteration also logs {task}/reward_mean, /accuracy,
+    /response_length_mean and /samples, and the per-task means weighted by their samples give
+    the overall ones."""
+    m = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, {"tasks": ["math", "code"], "updates_per_iter": 1})[0]
+    m = m["metrics"][0]
+    assert m["math/samples"] == m["code/samples"] == 4  # prompts 0 (math) and 1 (code), 4 samples each
+    for name in ("reward_mean", "accuracy", "response_length_mean"):
+        assert (m[f"math/{name}"] + m[f"code/{name}"]) / 2 == pytest.approx(m[name], rel=1e-12), name
+    assert m["math/reward_mean"] != m["code/reward_mean"]
+
+
+def test_metrics_by_task_by_hand():
+    from megatron_k15.rl.task_metrics import by_task
+
+    got = by_task(["a", "b", "a"], {"x": [1.0, 5.0, 2.0], "ok": [True, False, False]})
+    assert got == {"a/x": 1.5, "a/ok": 0.5, "a/samples": 2.0, "b/x": 5.0, "b/ok": 0.0, "b/samples": 1.0}
+    assert by_task(["a", "a"], {"x": [1.0, 2.0]}) == {}  # one task: the overall metrics say it
+    assert by_task(["a"], {"x": [3.0]}, "problems", all_tasks=["a", "b"]) == {"a/x": 3.0, "a/problems": 1.0}
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def test_evaluate_reports_pass_at_k_through_the_registry(tmp_path):
     with open(tmp_path / "eval.jsonl", "w") as f:
         for i in range(4):
             fn = "always_right" if i % 2 == 0 else "always_wrong"
-            f.write(json.dumps({"id": f"e{i}", "prompt": f"{i}+{i}=", "task": "custom",
+            f.write(json.dumps({"id": f"e{i}", "prompt": f"{i}+{i}=", "task": "alpha" if i < 3 else "beta",
                                 "reward_fn": f"{me}:{fn}"}) + "\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", ck,
@@ -89,6 +89,10 @@ def test_evaluate_reports_pass_at_k_through_the_registry(tmp_path):
     assert all(len(r["samples"]) == 3 and all(s["length"] <= 4 for s in r["samples"]) for r in rows)
     summary = json.load(open(tmp_path / "res.summary.json"))
     assert summary["pass@1"] == 0.5 and summary["pass@3"] == 0.5
+    # per task (e0-e2 alpha: right, wrong, right; e3 beta: wrong)
+    assert summary["alpha/accuracy"] == summary["alpha/pass@3"] == pytest.approx(2 / 3)
+    assert summary["beta/accuracy"] == summary["beta/pass@3"] == 0.0
+    assert summary["alpha/problems"] == 3 and summary["beta/problems"] == 1
 
 
 def test_evaluate_rejects_greedy_with_many_samples(tmp_path):

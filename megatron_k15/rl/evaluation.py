@@ -17,6 +17,7 @@ from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.rewards.judge import Judgement, judge_metrics
 from megatron_k15.rewards.reasoning import ReasoningTags, grade_responses, prompt_opens_reasoning
+from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -36,7 +37,9 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
              generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
              reward_workers: int = 1) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
-    "results": per-problem dicts (on every rank)}. ``generator``: a generation engine on
+    "results": per-problem dicts (on every rank)}, and for a set of several tasks
+    "{task}/accuracy", "{task}/pass@{n_samples}", "{task}/response_length_mean", "{task}/problems"
+    (``rl.task_metrics``). ``generator``: a generation engine on
     ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time).
     ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``).
     ``judge``: a generative reward model (``rewards.judge``) regrading the replica's answers;
@@ -89,6 +92,13 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     out["accuracy"] = out["pass@1"]
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
     out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
+    per_task = {"accuracy": [pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), 1) for p in per_problem],
+                "response_length_mean": [sum(s["length"] for s in p["samples"]) / n_samples for p in per_problem]}
+    if n_samples > 1:
+        per_task[f"pass@{n_samples}"] = [pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), n_samples)
+                                         for p in per_problem]
+    out.update(by_task([task_of(records[p["index"]]) for p in per_problem], per_task, "problems",
+                       all_tasks=tasks_of(records)))
     if judge is not None:
         everything = [s for p in per_problem for s in p["samples"]]
         out.update(judge_metrics([

@@ -45,6 +45,7 @@ from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
                                     group_normalized_advantages, k3)
+from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
                                    stage_forward, train_step)
 
@@ -378,6 +379,7 @@ class RLIteration:
         self.ctx, self.args, self.tok = ctx, args, tokenizer
         self.records_by_index = records
         self.records = {r["id"]: r for r in records}
+        self.tasks = tasks_of(records)  # a mixed set gets per-task metrics (rl.task_metrics)
         self.prompt_ids = {r["id"]: list(map(int, ids)) for r, ids in zip(records, prompt_ids)}
         self.last_success: dict = {}
         self.reasoning_tags = parse_reasoning_tags(getattr(args, "reasoning_tags", "auto"))
@@ -529,6 +531,9 @@ class RLIteration:
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))
+        metrics.update(by_task([task_of(self.records[t.prompt_id]) for t in finished],
+                               {"reward_mean": rewards, "accuracy": correct, "response_length_mean": lengths},
+                               all_tasks=self.tasks))
         self.last_success = defaultdict(list)
         for t, c in zip(finished, correct):
             self.last_success[t.prompt_id].append(float(c))

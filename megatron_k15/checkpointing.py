@@ -21,12 +21,12 @@ import os
 import re
 import shutil
 import uuid
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_k15.files import write_text_atomic
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.sharding import merge_shards, pipeline_layer_ranges, split_for_rank
 
@@ -45,36 +45,6 @@ def iteration_tag(iteration: Optional[int]) -> str:
 
 def shard_dir_name(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_directory(final_path: str) -> Iterator[str]:
-    """Yield a temporary sibling directory; rename it to ``final_path`` only on success."""
-    parent = os.path.dirname(os.path.abspath(final_path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(final_path):
-            old = f"{tmp}-old"
-            os.replace(final_path, old)
-            os.replace(tmp, final_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def layout_dict(cfg: GPTConfig, tp: int, pp: int, layer_ranges: list[range], **extra) -> dict:

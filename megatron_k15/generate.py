@@ -107,6 +107,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from megatron_k15.files import atomic_file
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_model_parallel
@@ -154,12 +155,9 @@ def main(argv=None) -> int:
         for part, _ in gathered:
             merged.update(part)
         total_tokens = sum(n for _, n in gathered) // (tp * pp * cp)  # each dp rank counted once
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(tmp, "w") as f:
+        with atomic_file(args.output) as f:
             for i in range(len(requests)):
                 f.write(json.dumps(merged[i], ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
         print(f"[generate] {len(requests)} requests, {total_tokens} tokens in {elapsed:.1f}s "
               f"({total_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {args.output}", file=sys.stderr)
     destroy()

@@ -37,69 +37,17 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Mapping, Optional
+from typing import Optional
 
 if importlib.util.find_spec("megatron_k15") is None:  # run from a checkout: tools/ sits next to it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_k15.data.prompts import (  # noqa: E402
-    DataError,
-    DuplicateIdChecker,
-    FieldError,
-    JsonlReader,
-    read_prompt_records,
-)
+from megatron_k15.data.eval_results import read_eval_results  # noqa: E402
+from megatron_k15.files import atomic_file  # noqa: E402
+from megatron_k15.data.prompts import DataError, FieldError, read_prompt_records  # noqa: E402
 
 SKIP_NO_CORRECT = "no correct response"
 SKIP_NO_REJECTED = "no rejected candidate (no longer wrong response, no correct one >= ratio x longer)"
-
-
-# -- the results records --------------------------------------------------------------------
-def _type_name(v) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def validate_result_record(obj: Mapping) -> dict:
-    """One evaluate.py results line, checked: ``id`` (str; int accepted), ``samples`` (a
-    non-empty list of {"text": str, "correct": bool, "length": int >= 0, ...}), optional
-    ``num_correct`` (must match the samples) and ``prompt`` (str). FieldError if bad."""
-    rid = obj.get("id")
-    if rid is None:
-        raise FieldError("id", "missing")
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise FieldError("id", f"expected a string, got {_type_name(rid)}")
-    samples = obj.get("samples")
-    if samples is None:
-        raise FieldError("samples", "missing (is this a tools/evaluate.py --output file?)")
-    if not isinstance(samples, list):
-        raise FieldError("samples", f"expected a list of responses, got {_type_name(samples)}")
-    if not samples:
-        raise FieldError("samples", "is empty")
-    out = []
-    for i, s in enumerate(samples):
-        if not isinstance(s, dict):
-            raise FieldError(f"samples[{i}]", f"expected an object, got {_type_name(s)}")
-        for key in ("text", "correct", "length"):
-            if key not in s:
-                raise FieldError(f"samples[{i}].{key}", "missing")
-        if not isinstance(s["text"], str):
-            raise FieldError(f"samples[{i}].text", f"expected a string, got {_type_name(s['text'])}")
-        if not isinstance(s["correct"], bool):
-            raise FieldError(f"samples[{i}].correct", f"expected true/false, got {s['correct']!r}")
-        n = s["length"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise FieldError(f"samples[{i}].length", f"expected a token count (int >= 0), got {n!r}")
-        out.append({"text": s["text"], "correct": s["correct"], "length": n})
-    if obj.get("num_correct") is not None:
-        c = sum(s["correct"] for s in out)
-        if obj["num_correct"] != c:
-            raise FieldError("num_correct", f"is {obj['num_correct']!r} but {c} samples are correct")
-    rec = {"id": str(rid), "samples": out}
-    if obj.get("prompt") is not None:
-        if not isinstance(obj["prompt"], str):
-            raise FieldError("prompt", f"expected a string, got {_type_name(obj['prompt'])}")
-        rec["prompt"] = obj["prompt"]
-    return rec
 
 
 # -- the selection rules (pure functions of one problem's samples) ------------------------------
@@ -167,11 +115,8 @@ def _load_prompts(path: Optional[str]) -> dict:
 
 def _records(path: str, prompts: dict, prompts_path: Optional[str]):
     """(line, validated record with its prompt) for every results line."""
-    ids = DuplicateIdChecker()
 
-    def validate(obj, _path, lineno):
-        rec = validate_result_record(obj)
-        ids.check(path, lineno, rec["id"])
+    def with_prompt(rec):
         if "prompt" not in rec:
             if rec["id"] not in prompts:
                 if prompts_path is None:
@@ -180,7 +125,7 @@ def _records(path: str, prompts: dict, prompts_path: Optional[str]):
             rec["prompt"] = prompts[rec["id"]]
         return rec
 
-    return JsonlReader(path, validate, with_lineno=True)
+    return read_eval_results(path, with_prompt)
 
 
 class NothingToWrite(RuntimeError):
@@ -197,43 +142,33 @@ def run(args: argparse.Namespace) -> Counter:
     if args.mode == "dpo":
         counts.update({"skipped: " + SKIP_NO_REJECTED: 0, "pairs with a wrong rejected": 0,
                        "pairs with a longer correct rejected": 0})
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = f"{args.output}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for _lineno, rec in _records(args.results, prompts, args.prompts):
-                counts["problems"] += 1
-                samples = rec["samples"]
-                counts["responses"] += len(samples)
-                c = shortest_correct(samples)
-                if c is None:
-                    counts["skipped: " + SKIP_NO_CORRECT] += 1
+    with atomic_file(args.output) as f:
+        for _lineno, rec in _records(args.results, prompts, args.prompts):
+            counts["problems"] += 1
+            samples = rec["samples"]
+            counts["responses"] += len(samples)
+            c = shortest_correct(samples)
+            if c is None:
+                counts["skipped: " + SKIP_NO_CORRECT] += 1
+                continue
+            if args.mode == "sft":
+                rows = [{"id": rec["id"], "prompt": rec["prompt"], "response": samples[c]["text"]}]
+            else:
+                pairs = dpo_pairs(samples, args.length_ratio, args.max_pairs_per_problem)
+                if not pairs:
+                    counts["skipped: " + SKIP_NO_REJECTED] += 1
                     continue
-                if args.mode == "sft":
-                    rows = [{"id": rec["id"], "prompt": rec["prompt"], "response": samples[c]["text"]}]
-                else:
-                    pairs = dpo_pairs(samples, args.length_ratio, args.max_pairs_per_problem)
-                    if not pairs:
-                        counts["skipped: " + SKIP_NO_REJECTED] += 1
-                        continue
-                    rows = [{"id": rec["id"], "prompt": rec["prompt"], "chosen": samples[ci]["text"],
-                             "rejected": samples[ri]["text"]} for ci, ri, _ in pairs]
-                    for _, _, kind in pairs:
-                        counts[f"pairs with a {'wrong' if kind == 'wrong' else 'longer correct'} rejected"] += 1
-                counts["kept"] += 1
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    counts["records"] += 1
-        if counts["records"] == 0:
+                rows = [{"id": rec["id"], "prompt": rec["prompt"], "chosen": samples[ci]["text"],
+                         "rejected": samples[ri]["text"]} for ci, ri, _ in pairs]
+                for _, _, kind in pairs:
+                    counts[f"pairs with a {'wrong' if kind == 'wrong' else 'longer correct'} rejected"] += 1
+            counts["kept"] += 1
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                counts["records"] += 1
+        if counts["records"] == 0:  # inside: the output is not written
             raise NothingToWrite(f"{args.results}: every one of the {counts['problems']} problems was skipped "
                                  f"({_skips(counts)}); nothing written")
-        os.replace(tmp, args.output)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return counts
 
 

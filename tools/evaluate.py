@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
+    from megatron_k15.files import atomic_file
     from megatron_k15.rl.evaluation import evaluate
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -119,13 +120,11 @@ def main(argv=None) -> int:
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                    generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers)
     if dist.get_rank() == 0:
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_file(args.output) as f:
             for rec, p in zip(records, res["results"]):
                 f.write(json.dumps({"id": rec["id"], "task": rec.get("task"), "prompt": rec["prompt"],
                                     "samples": p["samples"],
                                     "num_correct": sum(s["correct"] for s in p["samples"])}) + "\n")
-        os.replace(tmp, args.output)
         summary = {k: v for k, v in res.items() if k != "results"}
         summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load,
                        generation_tokens_per_s=generator.stats.tokens_per_second)

@@ -19,7 +19,7 @@ import _bootstrap  # noqa: F401,E402
 
 import torch  # noqa: E402
 
-from megatron_k15.checkpointing import atomic_directory  # noqa: E402
+from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import PRESETS, preset  # noqa: E402
 from megatron_k15.models.hf_mapping import hf_config_from_gpt  # noqa: E402
 

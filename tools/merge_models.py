@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, atomic_directory, iteration_tag, read_full_state_dict, write_full_state_dict,
+    LATEST_FILE, CheckpointError, iteration_tag, read_full_state_dict, write_full_state_dict,
 )
+from megatron_k15.files import atomic_directory  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,9 @@ per-sample correctness (a no-op except for the prioritised sampler).
 * ``PrioritizedSampler``: prompt i is drawn with probability proportional to
   ``(1 - s_i) + floor``, s_i its tracked success rate: an exponential moving average
   ``s <- (1 - alpha) s + alpha * mean(successes in this update)`` (``alpha`` given) or the
-  running mean of all its outcomes (``alpha=None``). Prompts never attempted start at
-  ``initial_success``. n <= #prompts are drawn without replacement.
+  running mean of all its outcomes (``alpha=None``). Prompts never attempted start at their
+  record's ``pass_rate`` (``tools/curate_prompts.py``), else at ``initial_success``. n <=
+  #prompts are drawn without replacement.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ __all__ = ["PromptSampler", "UniformSampler", "CurriculumSampler", "PrioritizedS
            "build_sampler", "SAMPLERS"]
 
 
-def _difficulties(records) -> list[float]:
+def _field(records, name: str, default: float) -> list[float]:
+    """Each record's numeric ``name`` (dict key or attribute), ``default`` where absent."""
     if isinstance(records, int):
-        return [0.0] * records
+        return [default] * records
     out = []
     for r in records:
-        d = r.get("difficulty", 0.0) if isinstance(r, dict) else getattr(r, "difficulty", 0.0)
-        out.append(float(d if d is not None else 0.0))
+        d = r.get(name, default) if isinstance(r, dict) else getattr(r, name, default)
+        out.append(float(d if d is not None else default))
     return out
+
+
+def _difficulties(records) -> list[float]:
+    return _field(records, "difficulty", 0.0)
 
 
 class PromptSampler:
@@ -200,7 +206,8 @@ class PrioritizedSampler(PromptSampler):
         if alpha is not None and not 0.0 < alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1] or None (running mean)")
         self.floor, self.alpha = float(floor), alpha
-        self.success = np.full(self.num_prompts, float(initial_success), dtype=np.float64)
+        # a curated prompt's measured pass rate (tools/curate_prompts.py) is its starting point
+        self.success = np.asarray(_field(records, "pass_rate", float(initial_success)), dtype=np.float64)
         self.counts = np.zeros(self.num_prompts, dtype=np.int64)
 
     def probabilities(self) -> np.ndarray:

@@ -24,8 +24,9 @@ import _bootstrap  # noqa: F401,E402
 import torch  # noqa: E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, atomic_directory, iteration_tag, write_full_state_dict,
+    LATEST_FILE, iteration_tag, write_full_state_dict,
 )
+from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
     HFCheckpointError, gpt_config_from_hf, hf_to_megatron, read_hf_config, read_hf_state_dict,

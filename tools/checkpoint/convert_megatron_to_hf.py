@@ -21,7 +21,8 @@ import _bootstrap  # noqa: F401,E402
 
 import torch  # noqa: E402
 
-from megatron_k15.checkpointing import CheckpointError, atomic_directory, read_full_state_dict  # noqa: E402
+from megatron_k15.checkpointing import CheckpointError, read_full_state_dict  # noqa: E402
+from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.hf_mapping import hf_config_from_gpt, megatron_to_hf, write_hf_state_dict  # noqa: E402
 

@@ -20,6 +20,8 @@ def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

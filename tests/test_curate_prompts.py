@@ -15,7 +15,7 @@ tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 
 # id: (correct of 10 with reasoning, correct of 8 without)
-OUTCOMES = {"p0": (10, 0), "p1": (5, 0), "p2": (0, 0), "p3": (3, 2), "p4": (8, 0)}
+OUTCOMES = {"p0": (10, 0), "p1": (5, 0), "p2": (0, 0), "p3": (3, 2), "p4": (7, 0)}
 
 
 def _write(path, rows):
@@ -48,11 +48,13 @@ def test_difficulty_and_drops(inputs, capsys):
     kept = [json.loads(line) for line in open(inputs["out"])]
     # p0 solved every time (easy), p2 never (hard), p3 answered twice without reasoning (hackable)
     assert [r["id"] for r in kept] == ["p1", "p4"]
-    assert [(r["pass_rate"], r["difficulty"]) for r in kept] == [(0.5, 0.5), (0.8, pytest.approx(0.2))]
+    # exact: 1 - 0.7 would be 0.30000000000000004, outside --curriculum-threshold 0.3
+    assert [(r["pass_rate"], r["difficulty"]) for r in kept] == [(0.5, 0.5), (0.7, 0.3)]
     assert [r["source"] for r in kept] == ["set-1", "set-4"]  # other fields stay
     out = capsys.readouterr().out
     assert "kept 2 of 5 prompts" in out and "1 answered without reasoning" in out
     assert "1 pass rate above --max-pass-rate" in out and "1 pass rate below --min-pass-rate" in out
+    assert "[0.2,0.4): 1" in out and "[0.4,0.6): 1" in out
     # defaults keep everything but what is answered without reasoning (--max-no-cot-correct 0)
     assert tool.main(["--input", inputs["prompts"], "--results", inputs["results"], "--output", inputs["out"]]) == 0
     assert [json.loads(line)["id"] for line in open(inputs["out"])] == list(OUTCOMES)
@@ -82,6 +84,30 @@ def test_bad_input_names_file_and_line_and_writes_nothing(inputs, tmp_path, caps
         tool.main(["--input", inputs["prompts"], "--results", inputs["results"], "--min-pass-rate", "0.8",
                    "--max-pass-rate", "0.2", "--output", inputs["out"]])
     assert e.value.code == 2 and "--min-pass-rate 0.8 is above --max-pass-rate 0.2" in capsys.readouterr().err
+
+
+def test_no_cot_results_without_a_correct_answer_warn(inputs, tmp_path, capsys):
+    """All wrong without reasoning: likely graded inside a cut-off <think> block."""
+    rows = [json.loads(line) for line in open(inputs["nocot"])]
+    for r in rows:
+        r["num_correct"] = 0
+        for smp in r["samples"]:
+            smp["correct"] = False
+    nocot = _write(tmp_path / "wrong.jsonl", rows + [dict(rows[0], id="elsewhere")])
+    assert tool.main(["--input", inputs["prompts"], "--results", inputs["results"], "--no-cot-results", nocot,
+                      "--output", inputs["out"]]) == 0
+    captured = capsys.readouterr()
+    assert "no sample is correct" in captured.err and "--reasoning-tags none" in captured.err
+
+
+def test_pass_rate_field_is_checked():
+    from megatron_k15.data.prompts import FieldError, validate_prompt_record
+
+    base = {"id": "a", "prompt": "1+1=", "answer": "2"}
+    assert validate_prompt_record({**base, "pass_rate": 0.3})["pass_rate"] == 0.3
+    for bad in ("0.3", True, float("nan"), 1.5, -0.1):
+        with pytest.raises(FieldError, match="pass_rate"):
+            validate_prompt_record({**base, "pass_rate": bad})
 
 
 def test_prioritized_sampling_starts_from_the_pass_rate():

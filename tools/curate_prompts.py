@@ -4,9 +4,10 @@
     # difficulty: each prompt sampled 10 times at a high temperature
     python tools/evaluate.py --load ckpt/sft --input prompts.jsonl --output pass.jsonl \\
         --n-samples 10 --temperature 1.0 --max-new-tokens 8192
-    # easy to hack: answered without reasoning (no room for it, or a prompt asking for the answer only)
+    # easy to hack: answered without reasoning (no room for it, or a prompt asking for the answer
+    # only); --reasoning-tags none grades the bare answer (a cut-off <think> block scores 0)
     python tools/evaluate.py --load ckpt/sft --input prompts.jsonl --output nocot.jsonl \\
-        --n-samples 8 --temperature 1.0 --max-new-tokens 16
+        --n-samples 8 --temperature 1.0 --max-new-tokens 16 --reasoning-tags none
     python tools/curate_prompts.py --input prompts.jsonl --results pass.jsonl \\
         --no-cot-results nocot.jsonl --max-pass-rate 0.9 --output curated.jsonl
 
@@ -16,7 +17,8 @@ orders by, and the prioritized sampler starts from ``pass_rate`` as the prompt's
 rate), and is kept unless:
 
 - its pass rate is below --min-pass-rate or above --max-pass-rate (a prompt every sample
-  solves teaches nothing; one none solves may be mislabelled), or
+  solves teaches nothing: --max-pass-rate 0.9; one none solves may be mislabelled:
+  --min-pass-rate 0.01 drops those), or
 - with --no-cot-results, more than --max-no-cot-correct of its samples answered correctly
   without reasoning: its answer can be guessed, so rewarding it would reward guessing.
 
@@ -94,6 +96,11 @@ def run(args: argparse.Namespace) -> Counter:
     if no_cot is not None:
         counts[DROP_HACKABLE] = 0
     kept = []
+    ids = {r["id"] for r in records}
+    counts["results of prompts not in --input"] = sum(rid not in ids for rid in passes)
+    if no_cot is not None and not any(c for c, _ in no_cot.values()):
+        print(f"warning: --no-cot-results {args.no_cot_results}: no sample is correct, so no prompt is "
+              f"dropped as easy to hack; was it graded with --reasoning-tags none?", file=sys.stderr)
     for r in records:
         c, n = passes[r["id"]]
         rate = c / n
@@ -104,9 +111,10 @@ def run(args: argparse.Namespace) -> Counter:
         elif rate < args.min_pass_rate:
             counts[DROP_HARD] += 1
         else:
-            kept.append({**r, "pass_rate": rate, "difficulty": 1.0 - rate})
+            # (n - c) / n, not 1 - rate: 7 of 10 must give 0.3 exactly (--curriculum-threshold 0.3)
+            kept.append({**r, "pass_rate": rate, "difficulty": (n - c) / n})
             counts["kept"] += 1
-            counts[f"difficulty bin {min(4, int(5 * (1.0 - rate)))}"] += 1
+            counts[f"difficulty bin {min(4, 5 * (n - c) // n)}"] += 1
     if not kept:
         raise DataError(args.input, None, None, f"every one of the {len(records)} prompts was dropped "
                                                 f"({_drops(counts)}); nothing written")
@@ -139,8 +147,9 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     bins = " ".join(f"[{b / 5:.1f},{(b + 1) / 5:.1f}{']' if b == 4 else ')'}: {counts[f'difficulty bin {b}']}"
                     for b in range(5))
+    extra = counts["results of prompts not in --input"]
     print(f"wrote {args.output}: kept {counts['kept']} of {counts['prompts']} prompts (dropped: {_drops(counts)}); "
-          f"difficulty {bins}")
+          f"difficulty {bins}" + (f"; {extra} results of prompts not in --input ignored" if extra else ""))
     return 0
 
 

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         summary = {k: v for k, v in res.items() if k != "results"}
         summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load,
                        generation_tokens_per_s=generator.stats.tokens_per_second)
-        with open(os.path.splitext(args.output)[0] + ".summary.json", "w") as f:
+        with atomic_file(os.path.splitext(args.output)[0] + ".summary.json") as f:
             json.dump(summary, f, indent=2)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     destroy()

@@ -53,14 +53,21 @@ def validate_result_record(obj: Mapping) -> dict:
     return rec
 
 
+class _ResultsReader(JsonlReader):
+    def __init__(self, path: str, finish: Optional[Callable[[dict], dict]]):
+        super().__init__(path, self._validate, with_lineno=True)
+        self.finish = finish
+
+    def _start(self) -> None:
+        self._ids = DuplicateIdChecker()  # per pass over the file
+
+    def _validate(self, obj, _path, lineno):
+        rec = validate_result_record(obj)
+        self._ids.check(self.path, lineno, rec["id"])
+        return self.finish(rec) if self.finish is not None else rec
+
+
 def read_eval_results(path: str, finish: Optional[Callable[[dict], dict]] = None) -> JsonlReader:
     """``(line, record)`` for every line of a results file, validated (``validate_result_record``)
     with unique ids; ``finish(record)`` may complete or check each one (raising FieldError)."""
-    ids = DuplicateIdChecker()
-
-    def validate(obj, _path, lineno):
-        rec = validate_result_record(obj)
-        ids.check(path, lineno, rec["id"])
-        return finish(rec) if finish is not None else rec
-
-    return JsonlReader(path, validate, with_lineno=True)
+    return _ResultsReader(path, finish)

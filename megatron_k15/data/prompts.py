@@ -17,6 +17,7 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``tests``: required for ``code``; a non-empty list of ``{"input": str (default ""),
   "output": str}``.
 - ``difficulty``: a number (not bool); default 0.0.
+- ``pass_rate``: optional, a number in [0, 1] (``tools/curate_prompts.py``).
 - other fields (``reward_fn``, ``timeout_s``, ...) are kept as they are.
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
@@ -201,6 +202,11 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None) -> di
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
             raise FieldError("difficulty", f"expected a number, got {d!r}")
         rec["difficulty"] = float(d)
+    rate = obj.get("pass_rate", None)
+    if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise FieldError("pass_rate", f"expected a number in [0, 1], got {rate!r}")
+        rec["pass_rate"] = float(rate)
     return rec
 
 

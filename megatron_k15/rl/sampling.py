@@ -18,8 +18,9 @@ per-sample correctness (a no-op except for the prioritised sampler).
   ``(1 - s_i) + floor``, s_i its tracked success rate: an exponential moving average
   ``s <- (1 - alpha) s + alpha * mean(successes in this update)`` (``alpha`` given) or the
   running mean of all its outcomes (``alpha=None``). Prompts never attempted start at their
-  record's ``pass_rate`` (``tools/curate_prompts.py``), else at ``initial_success``. n <=
-  #prompts are drawn without replacement.
+  record's ``pass_rate`` (``tools/curate_prompts.py``), else at ``initial_success``; the
+  running mean replaces that start with the first outcomes, the moving average blends it
+  out. n <= #prompts are drawn without replacement.
 """
 
 from __future__ import annotations

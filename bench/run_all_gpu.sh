@@ -7,12 +7,13 @@
 #     DRY_RUN=1 bash bench/run_all_gpu.sh       # print "stage<TAB>limit<TAB>command" and exit
 #     GPU_KIT_STAGES="pytest_gpu train_step" bash bench/run_all_gpu.sh   # only these stages
 #
-# Other knobs: GPU_KIT_BUDGET_S (540), GPU_KIT_MAXFAIL (pytest --maxfail, 10),
+# Other knobs: GPU_KIT_BUDGET_S (540), GPU_KIT_MIN_STAGE_S (20: a stage with less time left is
+# skipped), GPU_KIT_MAXFAIL (pytest --maxfail, 10),
 # GPU_KIT_TEST_TIMEOUT (pytest-timeout per test where installed, 180), PYTHON (python3).
 #
 # Stages, in order of importance, each under `timeout` and inside a global budget
 # (GPU_KIT_BUDGET_S, default 540 s; a stage gets min(its limit, what is left) and is skipped
-# when under 20 s are left): env (versions), triton_warmup (tests/gpu/warm_triton_cache.py:
+# when under GPU_KIT_MIN_STAGE_S, 20 s, are left): env (versions), triton_warmup (tests/gpu/warm_triton_cache.py:
 # compiles the kernel variants of all later stages in parallel processes into Triton's disk
 # cache), pytest_gpu (tests/gpu: every Triton kernel, the model, the engine, one RL iteration,
 # at real sizes), train_step (bench/train_step.py at 32K/64K/128K), attention, fused_logprobs,
@@ -45,6 +46,7 @@ TEST_TIMEOUT=${GPU_KIT_TEST_TIMEOUT:-180}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 RESERVE=15   # seconds kept for the summary
+MIN_STAGE=${GPU_KIT_MIN_STAGE_S:-20}   # a stage with less time left than this is skipped
 
 export PYTHONUNBUFFERED=1
 export PYTHONDONTWRITEBYTECODE=1
@@ -256,7 +258,7 @@ run_stage() {
     [ "$name" = pytest_gpu_legacy ] && limit=$left   # the last stage takes what is left
     [ "$left" -lt "$limit" ] && limit=$left
     echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $cmd"
-    if [ "$limit" -lt 20 ]; then
+    if [ "$limit" -lt "$MIN_STAGE" ]; then
         echo "skipped: time budget spent (${left}s left)" > "$log"
         status="skipped (time budget spent)"; rc=-1; secs=0
     else

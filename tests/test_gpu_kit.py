@@ -128,15 +128,17 @@ def test_failing_stages_are_recorded_and_the_run_goes_on(tmp_path):
 
 
 def test_a_stage_past_its_limit_is_killed(tmp_path):
-    """Budget 40 s: the first stage gets 25 s, sleeps past it, is killed; the rest is skipped."""
+    """Budget 21 s (15 kept for the summary), stages of at least 4 s: the first stage gets 6 s,
+    sleeps past it, is killed; the rest is skipped."""
     out = tmp_path / "out"
     fake = _fake_python(tmp_path, "sleep 120")
-    res = subprocess.run(["bash", str(SCRIPT)], env=_env(OUT=out, PYTHON=fake, GPU_KIT_BUDGET_S=40),
+    res = subprocess.run(["bash", str(SCRIPT)], env=_env(OUT=out, PYTHON=fake, GPU_KIT_BUDGET_S=21,
+                                                        GPU_KIT_MIN_STAGE_S=4),
                          capture_output=True, text=True, timeout=150)
     assert res.returncode == 1
     stages = _stages(out)
     assert stages["env"][0].startswith("timeout (")
-    assert 20 <= int(stages["env"][1]) <= 45
+    assert 4 <= int(stages["env"][1]) <= 20
     assert all(stages[s][0] == "skipped (time budget spent)" for s in STAGES[1:])
 
 

@@ -13,9 +13,9 @@
 #
 # Stages, in order of importance, each under `timeout` and inside a global budget
 # (GPU_KIT_BUDGET_S, default 540 s; a stage gets min(its limit, what is left) and is skipped
-# when under GPU_KIT_MIN_STAGE_S, 20 s, are left): env (versions), triton_warmup (tests/gpu/warm_triton_cache.py:
-# compiles the kernel variants of all later stages in parallel processes into Triton's disk
-# cache), pytest_gpu (tests/gpu: every Triton kernel, the model, the engine, one RL iteration,
+# when under GPU_KIT_MIN_STAGE_S, 20 s, are left): env (versions), triton_warmup
+# (tests/gpu/warm_triton_cache.py: compiles the kernel variants of all later stages in
+# parallel processes into Triton's disk cache), pytest_gpu (tests/gpu: every Triton kernel, the model, the engine, one RL iteration,
 # at real sizes), train_step (bench/train_step.py at 32K/64K/128K), attention, fused_logprobs,
 # decode_attention, ring_attention, generation (bench/*.py), pytest_gpu_legacy (the other
 # gpu-marked tests in tests/, with what time is left). A failing or timed-out stage is recorded

@@ -146,7 +146,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up over this fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations over which the lr decays to --min-lr (default: --train-iters); "
+                        "it stays at --min-lr after them")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -448,6 +453,14 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel "
             f"size {dp}; use a multiple of {mbs * dp}"
         )
+    warmup_fraction, decay_iters = _get(args, "lr_warmup_fraction"), _get(args, "lr_decay_iters")
+    if warmup_fraction is not None:
+        if not 0.0 <= warmup_fraction <= 1.0:
+            raise ArgumentError(f"--lr-warmup-fraction must be in [0, 1], got {warmup_fraction}")
+        if _get(args, "lr_warmup_iters"):
+            raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters both set the warm-up; give one")
+    if decay_iters is not None and decay_iters < 1:
+        raise ArgumentError(f"--lr-decay-iters must be >= 1, got {decay_iters}")
     lr, min_lr = _get(args, "lr"), _get(args, "min_lr")
     if lr is not None and lr < 0:
         raise ArgumentError(f"--lr must be >= 0, got {lr}")

@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     from megatron_k15.data.indexed import load_prompt_dataset
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.initialize import destroy, initialize_megatron
-    from megatron_k15.parallel.data import lr_at
+    from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.rl.evaluation import evaluate
     from megatron_k15.rl.sampling import build_sampler
     from megatron_k15.rl.trainer import RLIteration, generation_parallel
@@ -361,6 +361,7 @@ def main(argv=None) -> int:
             print(f"[train_rl] eval before RL: accuracy {m['eval_accuracy']:.3f}", flush=True)
 
     saved_at = iteration
+    schedule = lr_schedule(args)
 
     def save() -> None:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()},
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
 
     while iteration < args.train_iters:
         t0 = time.time()
-        lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
+        lr = schedule(iteration)
         indices = sampler.sample(args.prompts_per_iter, iteration)
         metrics = rl.run(iteration, indices, lr,
                          draw_prompts=(lambda n, it=iteration: sampler.sample(n, it)) if args.dynamic_sampling else None)

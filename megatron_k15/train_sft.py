@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.initialize import destroy, initialize_megatron
-    from megatron_k15.parallel.data import lr_at
+    from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.training import MetricsLogger, build_train_context, reduce_sums, train_step
 
     initialize_megatron(args)
@@ -252,6 +252,7 @@ def main(argv=None) -> int:
                       f"{'loaded' if args.load else 'initial'} weights) in {time.time() - t0:.1f}s", flush=True)
 
     saved_at = iteration
+    schedule = lr_schedule(args)
 
     def state() -> dict:
         out = {"consumed_rows": consumed}
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
 
     while iteration < args.train_iters:
         t0 = time.time()
-        lr = lr_at(iteration, args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters, args.lr_decay_style)
+        lr = schedule(iteration)
         if dpo:
             metrics, grad_norm = dpo_train_step(ctx, stream, reference, consumed, gbs, mbs, args.dpo_beta, lr,
                                                 device)

@@ -46,11 +46,32 @@ def _validate(argv, world_size=1):
      "does not divide --moe-ffn-hidden-size 33"),
     (["--num-experts", "4", "--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2 is not supported"),
     (["--moe-router-topk", "2"], 1, "--moe-router-topk applies to mixture-of-experts models"),
+    (["--lr-warmup-fraction", "1.5"], 1, "--lr-warmup-fraction must be in [0, 1]"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], 1, "--lr-warmup-fraction and --lr-warmup-iters"),
+    (["--lr-decay-iters", "0"], 1, "--lr-decay-iters must be >= 1"),
 ])
 def test_invalid_combinations_name_the_flag(argv, world, flag):
     with pytest.raises(ArgumentError) as e:
         _validate(argv, world)
     assert flag in str(e.value)
+
+
+def test_lr_schedule_follows_megatron_flags():
+    """Warm-up over a fraction of --lr-decay-iters, decay to --min-lr over --lr-decay-iters
+    (not --train-iters), then --min-lr; by hand for lr 1, min 0.1."""
+    from megatron_k15.parallel.data import lr_schedule
+
+    def schedule(*flags):
+        return lr_schedule(parse_args(["--num-layers", "2", "--lr", "1", "--min-lr", "0.1", "--train-iters", "100",
+                                       *flags], world_size=1))
+
+    linear = schedule("--lr-decay-iters", "50", "--lr-warmup-fraction", "0.1", "--lr-decay-style", "linear")
+    assert [linear(i) for i in (0, 4, 5)] == [pytest.approx(0.2), 1.0, 1.0]  # 5 warm-up iterations
+    assert linear(20) == pytest.approx(0.1 + 0.9 * (1 - 15 / 45))
+    assert linear(50) == linear(99) == pytest.approx(0.1)
+    cosine = schedule("--lr-warmup-iters", "10")  # decays over --train-iters by default
+    assert cosine(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(99) > 0.1 and cosine(100) == pytest.approx(0.1)
 
 
 def test_valid_layout_and_derived_values():

@@ -77,6 +77,16 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_schedule(args):
+    """``iteration -> lr`` from Megatron-LM's flags: --lr, --min-lr, --lr-decay-style, decay over
+    --lr-decay-iters (default --train-iters), warm-up over --lr-warmup-iters or
+    --lr-warmup-fraction of the decay iterations."""
+    decay = args.lr_decay_iters if getattr(args, "lr_decay_iters", None) is not None else args.train_iters
+    fraction = getattr(args, "lr_warmup_fraction", None)
+    warmup = int(round(fraction * decay)) if fraction is not None else args.lr_warmup_iters
+    return lambda iteration: lr_at(iteration, args.lr, args.min_lr, warmup, decay, args.lr_decay_style)
+
+
 class DistributedOptimizer:
     """ZeRO-1 AdamW over the data-parallel group with overlapped, bucketed grad reduction.
 

@@ -392,6 +392,8 @@ def main(argv=None) -> int:
                         f"{metrics['rollout_tokens_per_s']:.0f} rollout tokens/s")
                 if "eval_accuracy" in metrics:
                     line += f" | eval accuracy {metrics['eval_accuracy']:.3f}"
+                if metrics.get("skipped_updates"):
+                    line += f" | {metrics['skipped_updates']} update(s) skipped: non-finite gradient"
                 print(line, flush=True)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save()

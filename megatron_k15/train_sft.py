@@ -290,8 +290,9 @@ def main(argv=None) -> int:
                 print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
                       f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s",
                       flush=True)
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm}")
+        if not math.isfinite(grad_norm):  # the optimizer skipped the update: the weights are intact
+            raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
+                                     f"checkpoint is clean; lower --lr or check the data)")
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
             saved_at = iteration

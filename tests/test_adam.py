@@ -52,6 +52,36 @@ def test_adamw_kernels_equal_torch_adamw(impl):
             assert torch.allclose(ours[n].data, ref[n].data, rtol=1e-5, atol=1e-6), (step, n)
 
 
+def test_a_non_finite_gradient_skips_the_update():
+    """NaN (or inf) anywhere in the gradient: no weight, moment or step count changes, and the
+    next finite step is the one a fresh optimizer would take."""
+    import math
+
+    params = {n: torch.nn.Parameter(p.clone()) for n, p in _params("cpu").items()}
+    fresh = {n: torch.nn.Parameter(p.clone()) for n, p in _params("cpu").items()}
+    opt = DistributedOptimizer(list(params.items()), lr=0.01, clip_grad=1.0, bucket_numel=40, overlap=False)
+    ref = DistributedOptimizer(list(fresh.items()), lr=0.01, clip_grad=1.0, bucket_numel=40, overlap=False)
+
+    def step(o, ps, grads):
+        o.zero_grad()
+        o.prepare_for_backward(True)
+        for n, p in ps.items():
+            p.grad.copy_(grads[n])
+        o.finish_grad_sync()
+        return o.step()
+
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for bad in (float("nan"), float("inf")):
+        grads = _grads(0, params)
+        grads["linear.bias"][2] = bad
+        assert not math.isfinite(step(opt, params, grads))
+        assert all(torch.equal(params[n], before[n]) for n in params)
+    assert opt.skipped_steps == 2 and opt.step_count == 0
+    assert all(not m.any() for m in opt.exp_avg + opt.exp_avg_sq)
+    assert step(opt, params, _grads(1, params)) == step(ref, fresh, _grads(1, fresh))
+    assert all(torch.equal(params[n], fresh[n]) for n in params)
+
+
 def test_resolve_adam_impl():
     assert resolve_adam_impl("unfused", torch.device("cpu")) == "unfused"
     assert resolve_adam_impl("auto", torch.device("cpu")) in ("fused", "unfused")

@@ -98,12 +98,23 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     prompts = opts.pop("prompts", None)  # per iteration; default: [0, 1] then [2, 3]
     more = opts.pop("draw_prompts", None)  # what --dynamic-sampling's further rounds draw, in turn
     tasks = opts.pop("tasks", None)  # task names, prompt i gets tasks[i % len] (grading is unchanged)
+    poison = opts.pop("nan_grad_at_step", None)  # a NaN in the gradient of that optimizer step (0-based)
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
         from megatron_k15.checkpointing import save_checkpoint
 
         save_checkpoint(save_init, None, ctx, save_optimizer=False)
+    if poison is not None:
+        real_step, calls = ctx.optimizer.step, []
+
+        def poisoned_step(lr=None):
+            if len(calls) == poison:
+                ctx.optimizer.buckets[0].shard_grad[0] = float("nan")
+            calls.append(lr)
+            return real_step(lr)
+
+        ctx.optimizer.step = poisoned_step
     tok = ByteTokenizer()
     recs = _records(reward_fn)
     for i, r in enumerate(recs if tasks else []):
@@ -333,6 +344,17 @@ def test_mixed_tasks_get_metrics_per_task():
     for name in ("reward_mean", "accuracy", "response_length_mean"):
         assert (m[f"math/{name}"] + m[f"code/{name}"]) / 2 == pytest.approx(m[name], rel=1e-12), name
     assert m["math/reward_mean"] != m["code/reward_mean"]
+
+
+def test_a_non_finite_gradient_skips_one_update_and_the_run_goes_on():
+    """A NaN in the first update's gradient: that update is skipped and counted, the second one
+    trains, and no weight is NaN."""
+    import torch as _torch
+
+    res = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, {"nan_grad_at_step": 0})[0]
+    m = res["metrics"][0]
+    assert m["skipped_updates"] == 1 and m["grad_norm"] > 0  # the last (second) update's norm
+    assert all(_torch.isfinite(w).all() for w in res["state"].values())
 
 
 def test_metrics_by_task_by_hand():

@@ -136,6 +136,7 @@ class DistributedOptimizer:
             self._add_bucket(late, late=True)
 
         # fp32 master shard and Adam moments; decay and norm counting by parameter ranges
+        self.skipped_steps = 0  # updates skipped for a non-finite gradient (``step``)
         self.master = [self._shard_of(b, lambda n, p: p.detach()) for b in self.buckets]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
@@ -277,9 +278,14 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self, lr: Optional[float] = None) -> float:
         """Clip by the global norm, AdamW on the local master shard, all-gather the parameters.
-        Returns the grad norm before clipping."""
+        Returns the grad norm before clipping. A non-finite norm (a NaN or inf gradient, the
+        same on every rank) skips the update: it would poison the master weights and Adam's
+        moments for good; ``skipped_steps`` counts them and the caller decides what to do."""
         lr = self.lr if lr is None else lr
         norm = self.grad_norm()
+        if not math.isfinite(norm):
+            self.skipped_steps += 1
+            return norm
         coef = 1.0
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
             coef = self.clip_grad / (norm + 1e-6)

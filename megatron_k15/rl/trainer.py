@@ -642,6 +642,9 @@ class RLIteration:
         t_train = time.time() - t1
         # token positions this rank computed (padding included) in all updates, per second
         train_tokens = sum(float(mb["mask"].numel()) for mb in mbs_all)
+        # a NaN/inf gradient (e.g. a token the training forward finds impossible) skips that
+        # update (DistributedOptimizer.step); the run goes on, and the count is logged
+        metrics["skipped_updates"] = sum(not math.isfinite(n) for n in norms)
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,  # incl. logprob_time_s
                        train_tokens_per_s=train_tokens / max(t_train, 1e-9),

@@ -61,6 +61,12 @@ def test_register_callable_and_overwrite():
         registry.unregister("always_one")
     with pytest.raises(TypeError):
         register("bad", 42)  # type: ignore[arg-type]
+    register("not_a_number", lambda r, rec: float("nan"))
+    try:  # a NaN reward would turn its group's advantages and every update to NaN
+        with pytest.raises(ValueError, match="'not_a_number' returned nan for record 'q7'"):
+            compute_reward("x", {"task": "not_a_number", "id": "q7"})
+    finally:
+        registry.unregister("not_a_number")
 
 
 def test_errors_name_the_spec(plugin_module):

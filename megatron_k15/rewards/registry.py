@@ -10,6 +10,7 @@ task's registered spec, or directly in :func:`get_reward_fn`).
 from __future__ import annotations
 
 import importlib
+import math
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Optional, Sequence, Union
 
@@ -98,7 +99,11 @@ def compute_reward(response: str, record: dict) -> float:
     if isinstance(spec, str) and spec not in _REGISTRY and ":" not in spec:
         raise KeyError(f"unknown task {spec!r} in record {record.get('id', '?')!r}; "
                        f"registered: {', '.join(registered_tasks())}")
-    return float(get_reward_fn(spec)(response, record))
+    value = float(get_reward_fn(spec)(response, record))
+    if not math.isfinite(value):  # it would turn its group's advantages, and every update, to NaN
+        raise ValueError(f"reward {spec!r} returned {value} for record {record.get('id', '?')!r}; a reward "
+                         f"must be a finite number")
+    return value
 
 
 def _score_one(args):

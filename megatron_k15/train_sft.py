@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,12 @@ def add_sft_args(p) -> None:
                         "starting model (long2short)")
     g.add_argument("--dpo-beta", type=float, default=0.1,
                    help="DPO inverse temperature beta in -log sigmoid(beta * (margin of log-ratios))")
+    g.add_argument("--valid-data", default=None,
+                   help="held-out prefix (preprocess_data.py --mode sft): its response-token loss is "
+                        "logged as valid_loss before training, every --eval-interval iterations and at the end")
+    g.add_argument("--eval-interval", type=int, default=0, help="with --valid-data: also every N iterations")
+    g.add_argument("--eval-iters", type=int, default=None,
+                   help="with --valid-data: at most N global batches of it (default: all of it)")
 
 
 def _validate(args) -> None:
@@ -75,6 +82,17 @@ def _validate(args) -> None:
     if missing:
         raise ArgumentError(f"--train-data {args.train_data}: missing {missing[0]} (run tools/preprocess_data.py "
                             f"--mode {args.loss})")
+    if args.valid_data is not None:
+        if args.loss != "sft":
+            raise ArgumentError("--valid-data is for --loss sft (a held-out DPO loss needs its own reference pass)")
+        missing = [f for f in dataset_files(args.valid_data, "sft") if not os.path.exists(f)]
+        if missing:
+            raise ArgumentError(f"--valid-data {args.valid_data}: missing {missing[0]} (run tools/preprocess_data.py "
+                                f"--mode sft)")
+    elif args.eval_interval or args.eval_iters is not None:
+        raise ArgumentError("--eval-interval / --eval-iters need --valid-data PREFIX")
+    if args.eval_interval < 0 or (args.eval_iters is not None and args.eval_iters < 1):
+        raise ArgumentError("--eval-interval must be >= 0 and --eval-iters >= 1")
     mode = load_summary(args.train_data).get("mode")
     if mode != args.loss and DPO_MODE in (mode, args.loss):
         raise ArgumentError(f"--train-data {args.train_data} holds --mode {mode} data but --loss is {args.loss}; "
@@ -136,6 +154,32 @@ def _local_microbatch(ctx, stream, rows, device, reference=None) -> dict:
     mb = split_packed_microbatch(mb, ctx.pc.cp_size, ctx.pc.cp_rank,
                                  ctx.pc.tp_size if ctx.model.sequence_parallel else 1)
     return _to_device(mb, device)
+
+
+@torch.no_grad()
+def validation_loss(ctx, stream, mbs: int, device, max_rows: Optional[int] = None) -> dict:
+    """{"valid_loss", "valid_tokens"} on every rank: the mean response-token loss over the
+    held-out rows (their first epoch, at most ``max_rows``), forward only, in eval mode; rows
+    split round-robin over dp."""
+    from megatron_k15.training import forward_only, reduce_sums, stage_forward
+
+    model, pc = ctx.model, ctx.pc
+    n_rows = stream.rows_in_epoch(0)
+    rows = stream.rows(0, n_rows if max_rows is None else min(max_rows, n_rows))[pc.dp_rank::pc.dp_size]
+
+    def step(mb, hidden):
+        out = stage_forward(model, mb, hidden)
+        if not model.post_process:
+            return out
+        return None, (float(-(out * mb["loss_mask"]).sum()), float(mb["loss_mask"].sum()))
+
+    was_training = model.training
+    model.eval()
+    results = forward_only(ctx, [_local_microbatch(ctx, stream, rows[k:k + mbs], device)
+                                 for k in range(0, len(rows), mbs)], step) if rows else []
+    model.train(was_training)
+    loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
+    return {"valid_loss": loss_sum / max(tokens, 1.0), "valid_tokens": tokens}
 
 
 @torch.no_grad()
@@ -253,6 +297,21 @@ def main(argv=None) -> int:
 
     saved_at = iteration
     schedule = lr_schedule(args)
+    valid_stream = None
+    if args.valid_data:
+        valid_set = load_sft_dataset(args.valid_data)
+        valid_stream = PackedSFTStream(valid_set, args.seq_length, seed=args.seed, lengths=valid_set.lengths)
+    valid_rows = None if args.eval_iters is None else args.eval_iters * gbs
+
+    def validate(it: int) -> dict:
+        m = validation_loss(ctx, valid_stream, mbs, device, valid_rows)
+        if rank == 0:
+            print(f"[train_sft] validation at iteration {it}: loss {m['valid_loss']:.6f} over "
+                  f"{m['valid_tokens']:.0f} response tokens", flush=True)
+        return m
+
+    if valid_stream is not None and iteration == 0:
+        logger.log(0, validate(0))
 
     def state() -> dict:
         out = {"consumed_rows": consumed}
@@ -277,7 +336,10 @@ def main(argv=None) -> int:
         consumed += gbs
         iteration += 1
         elapsed = time.time() - t0
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if valid_stream is not None and (iteration == args.train_iters
+                                         or (args.eval_interval and iteration % args.eval_interval == 0)):
+            metrics.update(validate(iteration))
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or "valid_loss" in metrics:
             metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": gbs * args.seq_length / elapsed,
                             "iteration_time_s": elapsed, "epoch": stream.epoch_of(consumed - 1),
                             "peak_memory_bytes": platform.peak_memory_bytes()})

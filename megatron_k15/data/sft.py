@@ -61,6 +61,12 @@ class PackedSFTStream:
         epoch = bisect_right(self._starts, index) - 1
         return self._epochs[epoch][index - self._starts[epoch]]
 
+    def rows_in_epoch(self, epoch: int = 0) -> int:
+        """How many rows epoch ``epoch`` packs into."""
+        while len(self._epochs) <= epoch:
+            self._row(self._starts[-1])
+        return len(self._epochs[epoch])
+
     def rows(self, start: int, count: int) -> list[list[int]]:
         return [self._row(start + i) for i in range(count)]
 

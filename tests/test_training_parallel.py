@@ -57,8 +57,12 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
         aux.append(ctx.moe_aux_loss)
         if moe:  # coeff x the mean over the step's GBS / MBS microbatches, whatever the layout
             assert all(m.aux_loss_scale == 1.0 / (GBS // MBS) for m in ctx.model.moe_layers())
+    # train_sft --valid-data's held-out loss (forward only, rows over dp, stages via 1F1B)
+    from megatron_k15.train_sft import validation_loss
+
+    valid = validation_loss(ctx, stream, MBS, torch.device("cpu"), max_rows=GBS + 2)
     return {"losses": losses, "norms": norms, "aux": aux, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
-            "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict()}
+            "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict(), "valid": valid}
 
 
 def _full_weights(results):
@@ -111,6 +115,8 @@ def _assert_equal_to_reference(results, reference):
             assert abs(a - b) <= 1e-5 * abs(b)
         for a, b in zip(r["norms"], ref["norms"]):
             assert abs(a - b) <= 1e-5 * abs(b)
+        assert r["valid"]["valid_tokens"] == ref["valid"]["valid_tokens"] > 0
+        assert abs(r["valid"]["valid_loss"] - ref["valid"]["valid_loss"]) <= 1e-5 * ref["valid"]["valid_loss"]
     ref_w, got_w = _full_weights(reference), _full_weights(results)
     assert sorted(ref_w) == sorted(got_w)
     for name, w in ref_w.items():

@@ -320,3 +320,18 @@ def test_end_to_end_tiny_model_then_everything_skipped(tmp_path):
     for section in sections:  # every stage says why it is skipped
         assert section.count("\nskip: ") == 1, section
     assert "torch.distributed.run" not in second and "[train_rl]" not in second
+
+
+@pytest.mark.slow
+def test_sft_warmup_example_trains_and_validates(tmp_path):
+    """examples/sft_warmup.sh on its synthetic data (and held-out split), 2 CPU processes
+    (dp=2): preprocess, train, validate, checkpoint."""
+    out = tmp_path / "sft"
+    env = clean_env(OUT=out, TRAIN_ITERS=2, SAVE_INTERVAL=2, EVAL_INTERVAL=1, NPROC=2)
+    for k in ("SFT_DATA", "VALID_DATA", "LOAD"):  # this script's own inputs: its defaults
+        env.pop(k, None)
+    run(os.path.join(ROOT, "examples", "sft_warmup.sh"), env, tmp_path, timeout=300)
+    records = [json.loads(line) for line in open(out / "tb" / "metrics.jsonl")]
+    assert sorted(r["iteration"] for r in records if "valid_loss" in r) == [0, 1, 2]
+    assert sorted(r["iteration"] for r in records if "loss" in r) == [1, 2]
+    assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -291,14 +291,13 @@ def main(argv=None) -> int:
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.indexed import load_prompt_dataset
     from megatron_k15.data.tokenizer import load_tokenizer
+    from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.rl.evaluation import evaluate
     from megatron_k15.rl.sampling import build_sampler
     from megatron_k15.rl.trainer import RLIteration, generation_parallel
     from megatron_k15.training import MetricsLogger, build_train_context
-
-    from megatron_k15.exit_conditions import ExitConditions
 
     initialize_megatron(args)
     exits = ExitConditions(args, start_time)  # from here on a signal waits for an iteration's end

@@ -76,7 +76,7 @@ def test_a_non_finite_gradient_skips_the_update():
         grads["linear.bias"][2] = bad
         assert not math.isfinite(step(opt, params, grads))
         assert all(torch.equal(params[n], before[n]) for n in params)
-    assert opt.skipped_steps == 2 and opt.step_count == 0
+    assert opt.step_count == 0
     assert all(not m.any() for m in opt.exp_avg + opt.exp_avg_sq)
     assert step(opt, params, _grads(1, params)) == step(ref, fresh, _grads(1, fresh))
     assert all(torch.equal(params[n], fresh[n]) for n in params)

@@ -320,11 +320,9 @@ class MoEMLP(torch.nn.Module):
         prob_sums = (probs * weight[:, None]).sum(dim=0)
         stats = torch.cat([torch.bincount(experts.reshape(-1), weights=weight.repeat_interleave(self.topk),
                                           minlength=self.num_experts).to(probs.dtype), weight.sum().view(1)])
-        if self.cp_group is not None:  # the whole sequence's counts and T
-            stats = stats.detach().clone()
+        if self.cp_group is not None:  # the whole sequence's counts and T (no gradient flows in stats)
             torch.distributed.all_reduce(stats, group=self.cp_group)
-        counts, num_tokens = stats[:-1].detach(), stats[-1].detach().clamp(min=1.0)
-        return self.aux_loss(prob_sums, counts, num_tokens)
+        return self.aux_loss(prob_sums, stats[:-1], stats[-1].clamp(min=1.0))
 
     def forward(self, x, token_mask=None):
         if self.sp:

@@ -136,7 +136,6 @@ class DistributedOptimizer:
             self._add_bucket(late, late=True)
 
         # fp32 master shard and Adam moments; decay and norm counting by parameter ranges
-        self.skipped_steps = 0  # updates skipped for a non-finite gradient (``step``)
         self.master = [self._shard_of(b, lambda n, p: p.detach()) for b in self.buckets]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
@@ -280,11 +279,10 @@ class DistributedOptimizer:
         """Clip by the global norm, AdamW on the local master shard, all-gather the parameters.
         Returns the grad norm before clipping. A non-finite norm (a NaN or inf gradient, the
         same on every rank) skips the update: it would poison the master weights and Adam's
-        moments for good; ``skipped_steps`` counts them and the caller decides what to do."""
+        moments for good; the caller sees the norm and decides what to do."""
         lr = self.lr if lr is None else lr
         norm = self.grad_norm()
         if not math.isfinite(norm):
-            self.skipped_steps += 1
             return norm
         coef = 1.0
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
@@ -333,12 +331,11 @@ class DistributedOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """A state without moments (``state_dict(moments=False)``) loads them as zeros."""
-        self.step_count = int(state["step"])
         if not all(k in state for k in self.MOMENTS):
             self.reset_state()
-            self.step_count = int(state["step"])
+        self.step_count = int(state["step"])
         for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq), ("master", self.master)):
-            if key not in state and key in self.MOMENTS:
+            if key in self.MOMENTS and key not in state:
                 continue
             tensors = state[key]
             missing = [n for n, _ in self.named_params if n not in tensors]

@@ -86,17 +86,16 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         per_problem = sorted((p for part in parts for p in part), key=lambda p: p["index"])
     out = {"results": per_problem}
     n = max(1, len(per_problem))
+    correct = [sum(s["correct"] for s in p["samples"]) for p in per_problem]
     for k in range(1, n_samples + 1):
-        out[f"pass@{k}"] = sum(pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), k)
-                               for p in per_problem) / n
+        out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in correct) / n
     out["accuracy"] = out["pass@1"]
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
     out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
-    per_task = {"accuracy": [pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), 1) for p in per_problem],
+    per_task = {"accuracy": [c / n_samples for c in correct],
                 "response_length_mean": [sum(s["length"] for s in p["samples"]) / n_samples for p in per_problem]}
     if n_samples > 1:
-        per_task[f"pass@{n_samples}"] = [pass_at_k(n_samples, sum(s["correct"] for s in p["samples"]), n_samples)
-                                         for p in per_problem]
+        per_task[f"pass@{n_samples}"] = [pass_at_k(n_samples, c, n_samples) for c in correct]
     out.update(by_task([task_of(records[p["index"]]) for p in per_problem], per_task, "problems",
                        all_tasks=tasks_of(records)))
     if judge is not None:

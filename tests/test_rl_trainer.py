@@ -168,10 +168,12 @@ LAYOUTS = {"tp2": (2, 2, 1, 1, 2), "dp2": (2, 1, 1, 1, 2), "pp2": (2, 1, 2, 1, 2
 # metrics that must match the single-rank run (the rollouts are the same, so exactly) and those
 # that go through floating-point reductions in another order (relative tolerance; the KL proxy
 # squares a difference of two sequence log-probs of ~-30 each, so weights equal to ~1e-6 after
-# the first update leave ~1e-5 of it)
+# the first update leave ~1e-5 of it; the second update's gradient holds that same difference,
+# tau * (logp - old_logp), so its norm gets the same tolerance: measured under tp=2, 2e-6 in the
+# first update and 1.1e-5 in the second with AVX-512 kernels, 5e-6 with ATEN_CPU_CAPABILITY=avx2)
 EXACT = ("reward_mean", "accuracy", "response_length_mean", "response_length_max", "num_finished",
          "replay_buffer_size")
-CLOSE = {"loss": 1e-5, "entropy": 1e-5, "grad_norm": 1e-5, "kl_proxy": 1e-4}
+CLOSE = {"loss": 1e-5, "entropy": 1e-5, "grad_norm": 1e-4, "kl_proxy": 1e-4}
 
 
 def _assert_same_update(got, ref, what):
@@ -315,20 +317,24 @@ def test_partial_rollouts_resume_from_the_buffer():
 
 
 LEARN_OPTS = {"reward_fn": "parity_reward", "samples_per_prompt": 8, "micro_batch_size": 16,
-              "rollout_max_tokens": 4, "length_penalty_weight": 0.0, "run_lr": 1e-2}
+              "rollout_max_tokens": 4, "length_penalty_weight": 0.0, "run_lr": 3e-3}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["omd", "grpo"])
 def test_rl_raises_the_reward(loss):
     """The whole loop learns: rollouts -> rewards -> advantages -> update. A random policy
-    scores ~0.5 on ``parity_reward``; 24 iterations (2 prompts x 8 samples, 2 updates each)
-    take it past 0.8. A sign error in the advantage, rewards attached to the wrong samples or
-    groups, or a loss that does not reach the weights leaves it at 0.5 or drives it down."""
-    m = run_distributed(rl_worker, 1, 1, loss, 0, 24, 1, 1, LEARN_OPTS)[0]["metrics"]
+    scores ~0.5 on ``parity_reward``; 32 iterations (2 prompts x 8 samples, 2 updates each)
+    take it past 0.7. A sign error in the advantage, rewards attached to the wrong samples or
+    groups, or a loss that does not reach the weights leaves it at 0.5 or drives it down.
+    Margins measured over 32 runs (both losses; sampling seeds 5-16 with AVX-512 kernels and 5-8
+    with ATEN_CPU_CAPABILITY=avx2, whose rounding sends runs down other paths): the first 4
+    iterations average 0.45-0.60, the last 6 0.76-1.00. A higher lr (1e-2) sometimes collapses the policy onto one
+    answer per prompt: rewards equal within every group, no advantage left, stuck at 0.5-0.75."""
+    m = run_distributed(rl_worker, 1, 1, loss, 0, 32, 1, 1, LEARN_OPTS)[0]["metrics"]
     rewards = [x["reward_mean"] for x in m]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
-    assert first < 0.6 and last > 0.8, rewards
+    assert first < 0.65 and last > 0.7 and last - first > 0.15, rewards
 
 
 SKIP_OPTS = {"reward_fn": "half_flat_reward", "updates_per_iter": 1, "length_penalty_weight": 0.0}

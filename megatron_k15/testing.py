@@ -1,9 +1,14 @@
 """Helpers for multi-process tests on CPU: run a function on N gloo ranks and collect results.
 
 Tests (and benches) call ``run_distributed(fn, world_size, *args)``; ``fn`` must be a
-module-level function (it is pickled into spawned processes) with signature
+module-level function (it is pickled into the rank processes) with signature
 ``fn(rank, world_size, *args)``. Whatever it returns (tensors, dicts, lists) comes back, one
 entry per rank. A failure on any rank raises in the caller with that rank's traceback.
+
+Ranks are forked from a fork server that imported torch and megatron-core once (5 s of
+imports per process otherwise, most of a small test's time); the server never runs a torch
+op, so no thread pool is forked. Each rank gets the caller's environment of the moment, as a
+spawned process would.
 """
 
 from __future__ import annotations
@@ -18,8 +23,24 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _worker(fn, rank, world_size, init_file, args, queue):
+# imported once by the fork server, so that forked ranks start with them
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state",
+                      "megatron.core.tensor_parallel", "megatron_k15.training", "megatron_k15.rl.trainer"]
+
+
+def _context():
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
+    return ctx
+
+
+def _worker(fn, rank, world_size, init_file, args, queue, environ=None):
     try:
+        if environ is not None:  # the caller's environment now, not the fork server's at its start
+            os.environ.clear()
+            os.environ.update(environ)
         os.environ["RANK"] = str(rank)
         os.environ["WORLD_SIZE"] = str(world_size)
         os.environ["LOCAL_RANK"] = str(rank)
@@ -58,12 +79,12 @@ def _to_cpu(obj: Any) -> Any:
 
 def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, queue))
+            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, queue, dict(os.environ)))
             for r in range(world_size)
         ]
         for p in procs:

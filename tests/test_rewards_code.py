@@ -91,6 +91,18 @@ def test_standard_library_is_usable():
     prog = ("import math, collections, heapq, itertools, functools, re, fractions, bisect\n"
             "print(math.comb(5, 2), sum(collections.Counter('aab').values()))\n")
     assert run_tests(prog, [{"input": "", "output": "10 3"}], 5.0)["status"] == "ok"
+    # modules that register fork handlers when imported (random, threading and what imports them):
+    # a denied os.register_at_fork made every program importing them a runtime error
+    import random
+    import statistics
+
+    prog = ("import random, statistics, threading, queue, logging, secrets, tempfile\n"
+            "random.seed(int(input()))\nxs = [random.randint(0, 99) for _ in range(5)]\n"
+            "print(*xs, statistics.median(xs))\n")
+    rng = random.Random(11)
+    xs = [rng.randint(0, 99) for _ in range(5)]
+    want = " ".join(map(str, xs + [statistics.median(xs)]))
+    assert run_tests(prog, [{"input": "11\n", "output": want}], 5.0)["status"] == "ok"
 
 
 # ---------------------------------------------------------------------------- hostile programs

@@ -73,7 +73,7 @@ for _m in (os, posix):
                "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn",
                "posix_spawnp", "kill", "killpg", "setsid", "setpgid", "setuid", "setgid",
                "setreuid", "setregid", "chroot", "chdir", "fchdir", "unshare", "setns",
-               "pidfd_open", "register_at_fork", "link", "symlink", "mkfifo", "mknod"):
+               "pidfd_open", "link", "symlink", "mkfifo", "mknod"):
         if hasattr(_m, _n):
             setattr(_m, _n, _deny)
 

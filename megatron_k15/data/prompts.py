@@ -143,8 +143,11 @@ def _validate_tests(tests: Any) -> list[dict]:
     return out
 
 
-def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None) -> dict:
-    """A normalised copy of one prompt record (see the module docstring); FieldError if bad."""
+def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
+                           tests_required: bool = True) -> dict:
+    """A normalised copy of one prompt record (see the module docstring); FieldError if bad.
+    ``tests_required=False``: a code prompt may come without tests (one whose tests are still
+    to be built, ``tools/build_code_tests.py``)."""
     rec = dict(obj)
     rec["prompt"] = _require_str(obj, "prompt")
 
@@ -190,7 +193,7 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None) -> di
 
     if has_tests:
         rec["tests"] = _validate_tests(obj["tests"])
-    elif task == "code":
+    elif task == "code" and tests_required:
         raise FieldError("tests", "missing (required for task 'code')")
     else:
         rec.pop("tests", None)
@@ -357,19 +360,26 @@ def read_jsonl(path: str, required=None, *, validate: Optional[Callable[[dict], 
 
 
 def read_prompt_records(path: str, *, skip_bad: bool = False, with_lineno: bool = False,
-                        allow_empty: bool = False) -> JsonlReader:
-    """Validated, normalised prompt records (see the module docstring); ids are unique."""
-    return _PromptReader(path, None, skip_bad=skip_bad, with_lineno=with_lineno,
-                         allow_empty=allow_empty)
+                        allow_empty: bool = False,
+                        validate_record: Callable[..., dict] = validate_prompt_record) -> JsonlReader:
+    """Validated, normalised prompt records (see the module docstring); ids are unique.
+    ``validate_record(obj, default_id)``: the check of one record (records that extend prompt
+    records, e.g. code problems with reference solutions, bring their own)."""
+    reader = _PromptReader(path, None, skip_bad=skip_bad, with_lineno=with_lineno,
+                           allow_empty=allow_empty)
+    reader.validate_record = validate_record
+    return reader
 
 
 class _PromptReader(JsonlReader):
+    validate_record = staticmethod(validate_prompt_record)
+
     def _start(self) -> None:
         self._ids = DuplicateIdChecker()
         self._base = os.path.basename(self.path)
         self.validate = self._validate
 
     def _validate(self, obj: dict, path: str, lineno: int) -> dict:
-        rec = validate_prompt_record(obj, default_id=f"{self._base}:{lineno}")
+        rec = self.validate_record(obj, default_id=f"{self._base}:{lineno}")
         self._ids.check(path, lineno, rec["id"])
         return rec

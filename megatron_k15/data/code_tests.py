@@ -1,0 +1,170 @@
+"""Stdin/stdout tests for code prompts, built from reference solutions (Kimi k1.5 section 2.3).
+
+Many coding problems come without tests, and scraped tests can be wrong. Kimi's recipe: produce
+candidate inputs (a generator program, 50 per problem), run ~10 sampled ground-truth
+solutions on each, keep an input as a test when at least 7 of the 10 print the same output
+(that output becomes the expected one), and keep the problem when at least 9 of the 10 pass
+every kept test. Problems that need a special judge (several right answers) fail the second
+rule and drop out by themselves.
+
+Problem records are prompt records (``data/prompts.py``; ``task`` defaults to ``"code"``,
+``tests`` may be absent) with:
+
+- ``solutions``: a non-empty list of Python programs (stdin -> stdout) believed correct;
+- candidate inputs from any of: ``test_inputs`` (list of str), ``input_generator`` (a Python
+  program that reads an integer seed on stdin and prints one input; it runs in the sandbox,
+  standard library only), and the inputs of ``tests`` already given (their stated outputs must
+  agree with the solutions', else the test is dropped and counted).
+
+Every program runs in the code reward's sandbox (``rewards/code.py``), with the record's
+``timeout_s`` when it has one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
+from megatron_k15.rewards.code import normalize_output, run_tests
+
+__all__ = ["BuildSettings", "ProblemResult", "build_problem_tests", "select_tests", "solutions_passing",
+           "validate_code_problem", "at_least"]
+
+PROBLEM_FIELDS = ("solutions", "test_inputs", "input_generator")
+
+
+def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
+    v = obj[name]
+    if not isinstance(v, list):
+        raise FieldError(name, f"expected a list of strings, got {_type_name(v)}")
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise FieldError(f"{name}[{i}]", f"expected a string, got {_type_name(item)}")
+        if non_empty_items and not item.strip():
+            raise FieldError(f"{name}[{i}]", "is empty")
+    return list(v)
+
+
+def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dict:
+    """A normalised copy of one problem record (module docstring); FieldError if bad."""
+    rec = validate_prompt_record({"task": "code", **obj}, default_id, tests_required=False)
+    if obj.get("solutions") is None:
+        raise FieldError("solutions", "missing (reference programs that decide the expected outputs)")
+    rec["solutions"] = _str_list(obj, "solutions", non_empty_items=True)
+    if not rec["solutions"]:
+        raise FieldError("solutions", "is empty")
+    if obj.get("test_inputs") is not None:
+        rec["test_inputs"] = _str_list(obj, "test_inputs", non_empty_items=False)
+    gen = obj.get("input_generator")
+    if gen is not None and (not isinstance(gen, str) or not gen.strip()):
+        raise FieldError("input_generator", f"expected a Python program (string), got {gen!r:.40}")
+    if not rec.get("test_inputs") and gen is None and not rec.get("tests"):
+        raise FieldError("test_inputs", "missing: give test_inputs, an input_generator or tests")
+    return rec
+
+
+def at_least(fraction: float, n: int) -> int:
+    """The smallest count that is at least ``fraction`` of ``n``: 0.7 of 10 is 7, not 8 (as
+    ``ceil(0.7 * 10)`` would give in floating point)."""
+    return max(1, math.ceil(round(fraction * n, 9)))
+
+
+def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]]], min_agree: int
+                 ) -> list[tuple[int, str, int]]:
+    """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's normalised output on
+    ``inputs[i]`` (None: it did not run to completion). Returns ``(i, output, votes)`` for each
+    input whose most common output has at least ``min_agree`` votes and no other output as
+    many (a tie decides nothing)."""
+    chosen = []
+    for i in range(len(inputs)):
+        votes = Counter(o[i] for o in outputs if o[i] is not None).most_common(2)
+        if not votes or votes[0][1] < min_agree or (len(votes) > 1 and votes[1][1] == votes[0][1]):
+            continue
+        chosen.append((i, votes[0][0], votes[0][1]))
+    return chosen
+
+
+def solutions_passing(outputs: Sequence[Sequence[Optional[str]]], tests: Sequence[tuple[int, str, int]]) -> int:
+    """How many solutions print the expected output on every selected test."""
+    return sum(all(o[i] == want for i, want, _ in tests) for o in outputs)
+
+
+@dataclass
+class BuildSettings:
+    """The recipe's knobs (Kimi's: 50 generated inputs, 10 solutions, 7 of 10 agree, 9 of 10 pass)."""
+    num_generated: int = 50
+    max_solutions: int = 10
+    test_agreement: float = 0.7
+    problem_pass_rate: float = 0.9
+    min_tests: int = 1
+    max_tests: Optional[int] = None
+    timeout_s: float = 4.0
+    memory_mb: int = 1024
+    seed: int = 0
+    keep_solutions: bool = False
+
+
+@dataclass
+class ProblemResult:
+    """One problem's outcome: ``record`` (None when dropped, with ``reason``) and counts."""
+    record: Optional[dict]
+    reason: Optional[str] = None
+    counts: Counter = field(default_factory=Counter)
+
+
+DROP_NO_INPUTS = "no test inputs (the generator failed on every seed)"
+DROP_FEW_TESTS = "fewer than --min-tests inputs the solutions agree on"
+DROP_DISAGREE = "too few solutions pass every selected test (--problem-pass-rate)"
+
+
+def _run_outputs(program: str, inputs: Sequence[str], s: BuildSettings, timeout_s: float) -> list[Optional[str]]:
+    """``program``'s stdout on each input (None where it timed out, crashed or hit a limit)."""
+    res = run_tests(program, [{"input": x, "output": ""} for x in inputs], timeout_s,
+                    memory_mb=s.memory_mb, keep_output=True)
+    out: list[Optional[str]] = [None] * len(inputs)
+    for i, r in enumerate(res["results"][:len(inputs)]):
+        if r["status"] in ("ok", "failed"):  # ran to completion ("failed": not the empty output)
+            out[i] = r.get("stdout", "")
+    return out
+
+
+def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
+    """Candidate inputs -> sampled solutions' outputs -> agreed tests -> keep or drop (module
+    docstring). The kept record is a code prompt record with ``tests`` (and without the
+    solutions unless ``keep_solutions``)."""
+    counts: Counter = Counter()
+    timeout_s = float(rec.get("timeout_s", s.timeout_s))
+    given = {t["input"]: normalize_output(t["output"]) for t in rec.get("tests") or []}
+    inputs = list(rec.get("test_inputs") or []) + list(given)
+    if rec.get("input_generator"):
+        generated = _run_outputs(rec["input_generator"], [f"{k}\n" for k in range(s.num_generated)], s, timeout_s)
+        counts["generator runs failed"] += sum(g is None for g in generated)
+        inputs += [g for g in generated if g is not None]
+    inputs = list(dict.fromkeys(inputs))  # distinct, in order
+    counts["candidate inputs"] += len(inputs)
+    if not inputs:
+        return ProblemResult(None, DROP_NO_INPUTS, counts)
+    solutions = rec["solutions"]
+    if len(solutions) > s.max_solutions:
+        solutions = random.Random(f"{s.seed}:{rec['id']}").sample(solutions, s.max_solutions)
+    outputs = [[None if o is None else normalize_output(o) for o in _run_outputs(p, inputs, s, timeout_s)]
+               for p in solutions]
+    counts["solution runs failed"] += sum(o is None for row in outputs for o in row)
+    tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)))
+    contradicted = {i for i, out, _ in tests if inputs[i] in given and given[inputs[i]] != out}
+    counts["given tests contradicted"] += len(contradicted)
+    tests = [t for t in tests if t[0] not in contradicted]
+    if s.max_tests is not None:
+        tests = tests[:s.max_tests]
+    counts["tests"] += len(tests)
+    if len(tests) < s.min_tests:
+        return ProblemResult(None, DROP_FEW_TESTS, counts)
+    if solutions_passing(outputs, tests) < at_least(s.problem_pass_rate, len(solutions)):
+        return ProblemResult(None, DROP_DISAGREE, counts)
+    out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
+    out["tests"] = [{"input": inputs[i], "output": want + "\n" if want else ""} for i, want, _ in tests]
+    return ProblemResult(out, None, counts)

@@ -1,0 +1,149 @@
+"""tools/build_code_tests.py: tests for code prompts decided by reference solutions (Kimi k1.5's
+test-case generation), checked against outputs computed here and through the code reward."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_k15.data.code_tests import at_least, select_tests, solutions_passing
+from megatron_k15.rewards.code import code_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "build_code_tests.py")
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX sandbox")
+
+SUM_OK = ["a, b = map(int, input().split())\nprint(a + b)\n",
+          "import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))\n",
+          "x = input().split()\nprint(int(x[0]) + int(x[1]))\n"]
+SUM_WRONG = "a, b = map(int, input().split())\nprint(a + b + (a > 5))\n"  # off by one when a > 5
+# reads a seed, prints one input: seeds 0..7 give 8 pairs, some with a > 5
+SUM_GEN = "import random\nrandom.seed(int(input()))\nprint(random.randint(0, 9), random.randint(0, 9))\n"
+
+
+def test_at_least_counts_exactly():
+    assert [at_least(0.7, 10), at_least(0.9, 10), at_least(0.7, 3), at_least(0.9, 1), at_least(0.6, 5)] == \
+        [7, 9, 3, 1, 3]
+
+
+def test_select_tests_needs_enough_votes_and_no_tie():
+    inputs = ["i0", "i1", "i2", "i3"]
+    outputs = [["a", "a", None, "x"]] * 6 + [["a", None, None, "x"]] + [["b", None, None, "y"]] * 3
+    # i0: 7 votes for "a"; i1: 6 for "a" (4 did not run); i2: nothing ran; i3: 7 for "x"
+    assert select_tests(inputs, outputs, 7) == [(0, "a", 7), (3, "x", 7)]
+    assert select_tests(inputs, outputs, 6) == [(0, "a", 7), (1, "a", 6), (3, "x", 7)]
+    # a tie decides nothing
+    assert select_tests(["i"], [["p"], ["p"], ["q"], ["q"]], 2) == []
+    tests = select_tests(inputs, outputs, 7)
+    assert solutions_passing(outputs, tests) == 7  # the 3 "b"/"y" solutions fail i0
+    assert solutions_passing(outputs, [(0, "a", 7)]) == 7 and solutions_passing(outputs, []) == 10
+
+
+def _write(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=600)
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("code_tests")
+    problems = [
+        {"id": "sum", "prompt": "Read a and b, print a+b.", "solutions": SUM_OK + [SUM_WRONG],
+         "input_generator": SUM_GEN, "difficulty": 0.5},
+        # scraped tests: one right, one wrong; the solutions decide
+        {"id": "given", "prompt": "Print a+b.", "solutions": SUM_OK,
+         "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "2 2\n", "output": "5\n"}],
+         "test_inputs": ["40 2\n"]},
+        # several right answers (a special judge's problem): the solutions never agree
+        {"id": "any", "prompt": "Print any number.", "solutions": ["import random\nprint(random.random())"] * 3,
+         "test_inputs": ["\n", "x\n"]},
+        {"id": "badgen", "prompt": "p", "solutions": SUM_OK, "input_generator": "raise SystemExit(3)"},
+    ]
+    src = tmp / "problems.jsonl"
+    _write(src, problems)
+    outs = {}
+    for name, extra in (("loose", ["--problem-pass-rate", "0.75"]), ("strict", []),
+                        ("workers", ["--problem-pass-rate", "0.75", "--workers", "2"])):
+        out = tmp / f"{name}.jsonl"
+        # a generous --timeout-s: a right solution timing out on a loaded machine would drop its
+        # input or its problem, and the checks below would fail for the machine's sake
+        res = _run("--input", str(src), "--output", str(out), "--num-generated", "8", "--timeout-s", "30", *extra)
+        outs[name] = (res, out)
+    return outs
+
+
+def test_agreed_tests_hold_the_right_outputs(built):
+    res, out = built["loose"]
+    assert res.returncode == 0, res.stderr
+    recs = {r["id"]: r for r in _read(out)}
+    assert sorted(recs) == ["given", "sum"]  # "any" and "badgen" dropped
+    s = recs["sum"]
+    assert s["task"] == "code" and s["difficulty"] == 0.5 and "solutions" not in s and "input_generator" not in s
+    # every generated input that the 3 right solutions agree on (all of them), with a+b
+    assert 4 <= len(s["tests"]) <= 8
+    for t in s["tests"]:
+        a, b = map(int, t["input"].split())
+        assert t["output"] == f"{a + b}\n"
+    assert any(int(t["input"].split()[0]) > 5 for t in s["tests"])  # the wrong solution fails those
+    # the scraped test with the wrong output is dropped, the right one kept, the extra input added
+    assert recs["given"]["tests"] == [{"input": "40 2\n", "output": "42\n"}, {"input": "1 2\n", "output": "3\n"}]
+    # the records reward as code prompts: right programs pass, the off-by-one one does not
+    response = "```python\n" + SUM_OK[0] + "```"
+    assert code_reward(response, s) == 1.0 and code_reward(response, recs["given"]) == 1.0
+    assert code_reward("```python\n" + SUM_WRONG + "```", s) == 0.0
+    assert "kept 2 of 4 problems" in res.stdout and "1 given tests contradicted" in res.stdout
+    assert "1 no test inputs" in res.stdout and "1 fewer than --min-tests" in res.stdout
+
+
+def test_problem_pass_rate_drops_problems_whose_solutions_disagree(built):
+    res, out = built["strict"]  # default 0.9: 3 of the 4 solutions of "sum" pass
+    assert res.returncode == 0, res.stderr
+    assert [r["id"] for r in _read(out)] == ["given"]
+    assert "1 too few solutions pass every selected test" in res.stdout
+
+
+def test_workers_give_the_same_file(built):
+    (_, a), (res, b) = built["loose"], built["workers"]
+    assert res.returncode == 0, res.stderr
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"id": "x", "prompt": "p", "test_inputs": ["1"]}', "solutions"),
+    ('{"id": "x", "prompt": "p", "solutions": "print(1)", "test_inputs": ["1"]}', "solutions"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)", 3], "test_inputs": ["1"]}', "solutions[1]"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"]}', "test_inputs"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": [1]}', "test_inputs[0]"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "input_generator": 5}', "input_generator"),
+    ('{"id": "x", "solutions": ["print(1)"], "test_inputs": ["1"]}', "prompt"),
+])
+def test_a_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, line, field):
+    src, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    _write(src, [{"id": "ok", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["\n"]}, line])
+    res = _run("--input", str(src), "--output", str(out))
+    assert res.returncode == 1
+    assert f"p.jsonl:2: field '{field}'" in res.stderr, res.stderr
+    assert not out.exists() and os.listdir(tmp_path) == ["p.jsonl"]
+
+
+def test_bad_flags_are_refused(tmp_path):
+    src = tmp_path / "p.jsonl"
+    _write(src, [{"id": "ok", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["\n"]}])
+    for flags, msg in ((["--test-agreement", "0.5"], "--test-agreement"), (["--problem-pass-rate", "0"], "--problem-pass-rate"),
+                       (["--min-tests", "3", "--max-tests", "2"], "--max-tests")):
+        res = _run("--input", str(src), "--output", str(tmp_path / "o.jsonl"), *flags)
+        assert res.returncode == 2 and msg in res.stderr, (flags, res.stderr)
+    assert not (tmp_path / "o.jsonl").exists()

@@ -70,6 +70,20 @@ def test_whitespace_normalisation():
     assert normalize_output("a  \n\n b\t\n\n\n") == "a\n\n b"
 
 
+def test_common_ways_to_read_write_and_end_a_program():
+    """Idioms of competitive-programming solutions: they must pass when the answer is right
+    (exit() and quit() come from the site module, which the sandbox's python -S skips)."""
+    ends = ["exit()", "quit()", "exit(0)", "import sys\nsys.exit()", "raise SystemExit"]
+    progs = ["a, b = map(int, open(0).read().split())\nprint(a + b)\n",
+             "import sys\ninput = sys.stdin.readline\na, b = map(int, input().split())\nprint(a + b)\n",
+             "import sys\na, b = map(int, sys.stdin.buffer.read().split())\nsys.stdout.write(f'{a + b}\\n')\n"]
+    progs += [f"a, b = map(int, input().split())\nprint(a + b)\n{end}\nprint('never')\n" for end in ends]
+    for prog in progs:
+        res = run_tests(prog, [{"input": "2 3\n", "output": "5"}, {"input": "-4 4\n", "output": "0"}], 10.0)
+        assert res["status"] == "ok", (prog, res)
+    assert run_tests("print(1)\nexit(3)\n", [{"input": "", "output": "1"}], 10.0)["status"] == "error"
+
+
 def test_runtime_and_syntax_errors():
     assert run_tests("raise ValueError('x')", [{"input": "", "output": ""}], T)["status"] == "error"
     res = run_tests("def f(:\n", [{"input": "", "output": ""}], T)

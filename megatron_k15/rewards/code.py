@@ -18,7 +18,10 @@ What is enforced where (see ``sandbox_report()`` for what this machine allows):
 OS level, always (POSIX):
   - RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file size),
     RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0 (no new processes or threads: effective for a
-    non-root uid, so in particular after the uid drop below);
+    non-root uid, so in particular after the uid drop below). So a program cannot start a
+    thread: the idiom ``threading.stack_size(...); Thread(target=main).start()`` for deep
+    recursion fails, while deep recursion on the main thread works (CPython 3.11+ does not use
+    the C stack for calls between Python functions; ``sys.setrecursionlimit`` is enough);
   - own session/process group, SIGKILLed as a whole at the end of each test, and
     PR_SET_PDEATHSIG so it dies with the supervisor;
   - wall-clock limit and an output cap enforced by the supervisor (the child is killed);
@@ -130,6 +133,10 @@ for _n, _k in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("maked
                ("utime", 1), ("removedirs", 1), ("renames", 2)):
     if hasattr(os, _n):
         setattr(os, _n, _wrap_path_fn(getattr(os, _n), _k))
+
+# exit()/quit() come from the site module, which -S skips; programs end early with them
+# ("print(-1); exit()"), so they must exist as in a normal interpreter
+builtins.exit = builtins.quit = sys.exit
 
 _prog = sys.argv[1]
 with _real_open(_prog, "rb") as _f:

@@ -6,9 +6,13 @@ module-level function (it is pickled into the rank processes) with signature
 entry per rank. A failure on any rank raises in the caller with that rank's traceback.
 
 Ranks are forked from a fork server that imported torch and megatron-core once (5 s of
-imports per process otherwise, most of a small test's time); the server never runs a torch
-op, so no thread pool is forked. Each rank gets the caller's environment of the moment, as a
-spawned process would.
+imports per process otherwise, most of a small test's time). Each rank gets the caller's
+environment of the moment, as a spawned process would; what a preloaded module read from the
+environment when it was imported keeps the server's value (``tests/conftest.py`` sets
+``TRITON_INTERPRET`` before the server starts). ``fn`` and its arguments travel as one
+``torch.save`` payload (tensors would otherwise each take one of the fork server's 256 file
+descriptors). A rank that dies without reporting (a crash) is reported at once with its exit
+code.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -36,11 +41,12 @@ def _context():
     return ctx
 
 
-def _worker(fn, rank, world_size, init_file, args, queue, environ=None):
+def _worker(job: bytes, rank, world_size, init_file, queue, environ=None):
     try:
         if environ is not None:  # the caller's environment now, not the fork server's at its start
             os.environ.clear()
             os.environ.update(environ)
+        fn, args = torch.load(io.BytesIO(job), weights_only=False)
         os.environ["RANK"] = str(rank)
         os.environ["WORLD_SIZE"] = str(world_size)
         os.environ["LOCAL_RANK"] = str(rank)
@@ -81,24 +87,19 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
     ctx = _context()
     queue = ctx.Queue()
+    buf = io.BytesIO()
+    torch.save((fn, args), buf)
+    job = buf.getvalue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, args, queue, dict(os.environ)))
-            for r in range(world_size)
-        ]
+        procs = [ctx.Process(target=_worker, args=(job, r, world_size, init_file, queue, dict(os.environ)))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         results: dict[int, Any] = {}
-        errors = []
+        errors: list[str] = []
         try:
-            for _ in range(world_size):
-                rank, status, payload = queue.get(timeout=timeout)
-                if status == "ok":
-                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-                else:
-                    errors.append(f"rank {rank} failed:\n{payload}")
-                    break
+            _collect(queue, procs, results, errors, time.monotonic() + timeout)
         finally:
             for p in procs:
                 p.join(timeout=5 if errors else timeout)
@@ -107,6 +108,35 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0
         if errors:
             raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _collect(queue, procs, results: dict, errors: list, deadline: float) -> None:
+    """Read the ranks' reports until all are in or one failed; a rank that exits without a
+    report (a segfault, os._exit) counts as failed as soon as its queue is drained."""
+    import queue as queue_mod
+
+    reported: set = set()
+    while len(reported) < len(procs):
+        try:
+            rank, status, payload = queue.get(timeout=0.5)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+            if dead:
+                try:  # a report sent just before the exit may still be in the pipe
+                    rank, status, payload = queue.get(timeout=2.0)
+                except queue_mod.Empty:
+                    errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report")
+                    return
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out; ranks {sorted(set(range(len(procs))) - reported)} did not report")
+                return
+            else:
+                continue
+        reported.add(rank)
+        if status != "ok":
+            errors.append(f"rank {rank} failed:\n{payload}")
+            return
+        results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
 
 
 # -- tiny random Hugging Face models, built offline --------------------------------------------

@@ -27,6 +27,8 @@ SUM_GEN = "import random\nrandom.seed(int(input()))\nprint(random.randint(0, 9),
 def test_at_least_counts_exactly():
     assert [at_least(0.7, 10), at_least(0.9, 10), at_least(0.7, 3), at_least(0.9, 1), at_least(0.6, 5)] == \
         [7, 9, 3, 1, 3]
+    # where a plain ceil is off by one: 0.55 * 100 = 55.00000000000001, 0.28 * 25 = 7.000000000000001
+    assert [at_least(0.55, 100), at_least(0.28, 25)] == [55, 7]
 
 
 def test_select_tests_needs_enough_votes_and_no_tie():
@@ -35,8 +37,9 @@ def test_select_tests_needs_enough_votes_and_no_tie():
     # i0: 7 votes for "a"; i1: 6 for "a" (4 did not run); i2: nothing ran; i3: 7 for "x"
     assert select_tests(inputs, outputs, 7) == [(0, "a", 7), (3, "x", 7)]
     assert select_tests(inputs, outputs, 6) == [(0, "a", 7), (1, "a", 6), (3, "x", 7)]
-    # a tie decides nothing
+    # a tie decides nothing; agreeing on printing nothing makes no test
     assert select_tests(["i"], [["p"], ["p"], ["q"], ["q"]], 2) == []
+    assert select_tests(["i", "j"], [["", "1"]] * 3, 3) == [(1, "1", 3)]
     tests = select_tests(inputs, outputs, 7)
     assert solutions_passing(outputs, tests) == 7  # the 3 "b"/"y" solutions fail i0
     assert solutions_passing(outputs, [(0, "a", 7)]) == 7 and solutions_passing(outputs, []) == 10
@@ -68,9 +71,19 @@ def built(tmp_path_factory):
          "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "2 2\n", "output": "5\n"}],
          "test_inputs": ["40 2\n"]},
         # several right answers (a special judge's problem): the solutions never agree
-        {"id": "any", "prompt": "Print any number.", "solutions": ["import random\nprint(random.random())"] * 3,
+        {"id": "any", "prompt": "Print any number.", "solutions": ["import random\nprint(random.random())", "from random import random\nprint(random())",
+                       "import random\nx = random.random()\nprint(x)"],
          "test_inputs": ["\n", "x\n"]},
         {"id": "badgen", "prompt": "p", "solutions": SUM_OK, "input_generator": "raise SystemExit(3)"},
+        # one wrong program five times and one right one: the copies are one vote, so only the
+        # input on which the two agree becomes a test
+        {"id": "dup", "prompt": "Print a+b.", "solutions": [SUM_WRONG] * 5 + SUM_OK[:1],
+         "test_inputs": ["7 1\n", "8 2\n", "1 1\n"]},
+        # all agree to print nothing on "0": no test; empty scraped tests and a null task are
+        # the same as none given
+        {"id": "silent", "prompt": "Double it unless 0.", "task": None, "tests": [], "test_inputs": ["0\n", "3\n"],
+         "solutions": ["s = input()\nif s != '0':\n    print(2 * int(s))\n",
+                       "n = int(input())\nif n:\n    print(n + n)\n"]},
     ]
     src = tmp / "problems.jsonl"
     _write(src, problems)
@@ -89,7 +102,9 @@ def test_agreed_tests_hold_the_right_outputs(built):
     res, out = built["loose"]
     assert res.returncode == 0, res.stderr
     recs = {r["id"]: r for r in _read(out)}
-    assert sorted(recs) == ["given", "sum"]  # "any" and "badgen" dropped
+    assert sorted(recs) == ["dup", "given", "silent", "sum"]  # "any" and "badgen" dropped
+    assert recs["dup"]["tests"] == [{"input": "1 1\n", "output": "2\n"}]
+    assert recs["silent"]["tests"] == [{"input": "3\n", "output": "6\n"}] and recs["silent"]["task"] == "code"
     s = recs["sum"]
     assert s["task"] == "code" and s["difficulty"] == 0.5 and "solutions" not in s and "input_generator" not in s
     # every generated input that the 3 right solutions agree on (all of them), with a+b
@@ -104,14 +119,15 @@ def test_agreed_tests_hold_the_right_outputs(built):
     response = "```python\n" + SUM_OK[0] + "```"
     assert code_reward(response, s) == 1.0 and code_reward(response, recs["given"]) == 1.0
     assert code_reward("```python\n" + SUM_WRONG + "```", s) == 0.0
-    assert "kept 2 of 4 problems" in res.stdout and "1 given tests contradicted" in res.stdout
+    assert "kept 4 of 6 problems" in res.stdout and "1 given tests contradicted" in res.stdout
+    assert "4 repeated solutions counted once" in res.stdout
     assert "1 no test inputs" in res.stdout and "1 fewer than --min-tests" in res.stdout
 
 
 def test_problem_pass_rate_drops_problems_whose_solutions_disagree(built):
     res, out = built["strict"]  # default 0.9: 3 of the 4 solutions of "sum" pass
     assert res.returncode == 0, res.stderr
-    assert [r["id"] for r in _read(out)] == ["given"]
+    assert [r["id"] for r in _read(out)] == ["given", "dup", "silent"]
     assert "1 too few solutions pass every selected test" in res.stdout
 
 
@@ -129,6 +145,7 @@ def test_workers_give_the_same_file(built):
     ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": [1]}', "test_inputs[0]"),
     ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "input_generator": 5}', "input_generator"),
     ('{"id": "x", "solutions": ["print(1)"], "test_inputs": ["1"]}', "prompt"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["1"], "timeout_s": "4s"}', "timeout_s"),
 ])
 def test_a_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, line, field):
     src, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
@@ -143,7 +160,7 @@ def test_bad_flags_are_refused(tmp_path):
     src = tmp_path / "p.jsonl"
     _write(src, [{"id": "ok", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["\n"]}])
     for flags, msg in ((["--test-agreement", "0.5"], "--test-agreement"), (["--problem-pass-rate", "0"], "--problem-pass-rate"),
-                       (["--min-tests", "3", "--max-tests", "2"], "--max-tests")):
+                       (["--min-tests", "3", "--max-tests", "2"], "--max-tests"), (["--memory-mb", "0"], "--memory-mb")):
         res = _run("--input", str(src), "--output", str(tmp_path / "o.jsonl"), *flags)
         assert res.returncode == 2 and msg in res.stderr, (flags, res.stderr)
     assert not (tmp_path / "o.jsonl").exists()

@@ -82,6 +82,10 @@ def test_common_ways_to_read_write_and_end_a_program():
         res = run_tests(prog, [{"input": "2 3\n", "output": "5"}, {"input": "-4 4\n", "output": "0"}], 10.0)
         assert res["status"] == "ok", (prog, res)
     assert run_tests("print(1)\nexit(3)\n", [{"input": "", "output": "1"}], 10.0)["status"] == "error"
+    # recursion 10^5 deep through C frames (lru_cache) needs more than the default 8 MB stack
+    deep = ("import sys\nfrom functools import lru_cache\nsys.setrecursionlimit(10 ** 7)\n@lru_cache(None)\n"
+            "def f(n):\n    return 0 if n == 0 else 1 + f(n - 1)\nprint(f(int(input())))\n")
+    assert run_tests(deep, [{"input": "100000", "output": "100000"}], 10.0)["status"] == "ok"
 
 
 def test_runtime_and_syntax_errors():

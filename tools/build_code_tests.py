@@ -86,6 +86,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max-tests {args.max_tests} is below --min-tests {args.min_tests}")
     if args.timeout_s <= 0:
         parser.error(f"--timeout-s must be > 0, got {args.timeout_s}")
+    if args.memory_mb < 64:
+        parser.error(f"--memory-mb {args.memory_mb}: the Python interpreter alone needs more; use >= 64")
 
 
 def settings_from(args: argparse.Namespace) -> BuildSettings:
@@ -163,6 +165,7 @@ def main(argv: Optional[list] = None) -> int:
     print(f"wrote {args.output}: kept {counts['kept']} of {counts['problems']} problems (dropped: {_drops(counts)}); "
           f"{per:.1f} tests per kept problem from {counts['candidate inputs']} candidate inputs; "
           f"{counts['given tests contradicted']} given tests contradicted by the solutions; "
+          f"{counts['repeated solutions']} repeated solutions counted once; "
           f"{counts['generator runs failed']} generator and {counts['solution runs failed']} solution runs failed")
     return 0
 

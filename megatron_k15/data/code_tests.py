@@ -4,8 +4,10 @@ Many coding problems come without tests, and scraped tests can be wrong. Kimi's 
 candidate inputs (a generator program, 50 per problem), run ~10 sampled ground-truth
 solutions on each, keep an input as a test when at least 7 of the 10 print the same output
 (that output becomes the expected one), and keep the problem when at least 9 of the 10 pass
-every kept test. Problems that need a special judge (several right answers) fail the second
-rule and drop out by themselves.
+every kept test. Problems that need a special judge (several right answers) mostly drop out:
+their solutions rarely agree, so too few inputs become tests (--min-tests). Inputs on which
+the solutions agree to print nothing are not tests (an empty program would pass them).
+Identical solutions count once.
 
 Problem records are prompt records (``data/prompts.py``; ``task`` defaults to ``"code"``,
 ``tests`` may be absent) with:
@@ -51,7 +53,10 @@ def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
 
 def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dict:
     """A normalised copy of one problem record (module docstring); FieldError if bad."""
-    rec = validate_prompt_record({"task": "code", **obj}, default_id, tests_required=False)
+    obj = {**obj, "task": obj.get("task") or "code"}
+    if obj.get("tests") == []:  # no scraped tests: the same as none given
+        obj.pop("tests")
+    rec = validate_prompt_record(obj, default_id, tests_required=False)
     if obj.get("solutions") is None:
         raise FieldError("solutions", "missing (reference programs that decide the expected outputs)")
     rec["solutions"] = _str_list(obj, "solutions", non_empty_items=True)
@@ -68,8 +73,8 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
 
 
 def at_least(fraction: float, n: int) -> int:
-    """The smallest count that is at least ``fraction`` of ``n``: 0.7 of 10 is 7, not 8 (as
-    ``ceil(0.7 * 10)`` would give in floating point)."""
+    """The smallest count that is at least ``fraction`` of ``n``: 0.55 of 100 is 55, not 56
+    (as ``ceil(0.55 * 100)`` gives: 0.55 * 100 is 55.00000000000001 in floating point)."""
     return max(1, math.ceil(round(fraction * n, 9)))
 
 
@@ -77,12 +82,14 @@ def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]
                  ) -> list[tuple[int, str, int]]:
     """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's normalised output on
     ``inputs[i]`` (None: it did not run to completion). Returns ``(i, output, votes)`` for each
-    input whose most common output has at least ``min_agree`` votes and no other output as
-    many (a tie decides nothing)."""
+    input whose most common output has at least ``min_agree`` votes, no other output as many
+    (a tie decides nothing) and is not empty."""
     chosen = []
     for i in range(len(inputs)):
         votes = Counter(o[i] for o in outputs if o[i] is not None).most_common(2)
         if not votes or votes[0][1] < min_agree or (len(votes) > 1 and votes[1][1] == votes[0][1]):
+            continue
+        if not votes[0][0]:  # agreed on printing nothing: a program that prints nothing passes it
             continue
         chosen.append((i, votes[0][0], votes[0][1]))
     return chosen
@@ -138,7 +145,10 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     solutions unless ``keep_solutions``)."""
     counts: Counter = Counter()
     timeout_s = float(rec.get("timeout_s", s.timeout_s))
-    given = {t["input"]: normalize_output(t["output"]) for t in rec.get("tests") or []}
+    given: dict = {}
+    for t in rec.get("tests") or []:  # two scraped tests of one input that disagree: neither is trusted
+        out = normalize_output(t["output"])
+        given[t["input"]] = out if given.get(t["input"], out) == out else None
     inputs = list(rec.get("test_inputs") or []) + list(given)
     if rec.get("input_generator"):
         generated = _run_outputs(rec["input_generator"], [f"{k}\n" for k in range(s.num_generated)], s, timeout_s)
@@ -148,7 +158,8 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     counts["candidate inputs"] += len(inputs)
     if not inputs:
         return ProblemResult(None, DROP_NO_INPUTS, counts)
-    solutions = rec["solutions"]
+    solutions = list(dict.fromkeys(rec["solutions"]))  # a repeated program is one vote
+    counts["repeated solutions"] += len(rec["solutions"]) - len(solutions)
     if len(solutions) > s.max_solutions:
         solutions = random.Random(f"{s.seed}:{rec['id']}").sample(solutions, s.max_solutions)
     outputs = [[None if o is None else normalize_output(o) for o in _run_outputs(p, inputs, s, timeout_s)]
@@ -166,5 +177,5 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     if solutions_passing(outputs, tests) < at_least(s.problem_pass_rate, len(solutions)):
         return ProblemResult(None, DROP_DISAGREE, counts)
     out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
-    out["tests"] = [{"input": inputs[i], "output": want + "\n" if want else ""} for i, want, _ in tests]
+    out["tests"] = [{"input": inputs[i], "output": want + "\n"} for i, want, _ in tests]
     return ProblemResult(out, None, counts)

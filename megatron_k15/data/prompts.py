@@ -18,7 +18,8 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
   "output": str}``.
 - ``difficulty``: a number (not bool); default 0.0.
 - ``pass_rate``: optional, a number in [0, 1] (``tools/curate_prompts.py``).
-- other fields (``reward_fn``, ``timeout_s``, ...) are kept as they are.
+- ``timeout_s``: optional, seconds > 0 (the code reward's limit per test).
+- other fields (``reward_fn``, ...) are kept as they are.
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
 ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` with at
@@ -205,6 +206,10 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
             raise FieldError("difficulty", f"expected a number, got {d!r}")
         rec["difficulty"] = float(d)
+    timeout = obj.get("timeout_s", None)
+    if timeout is not None:  # the code reward's wall-clock limit per test for this prompt
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise FieldError("timeout_s", f"expected seconds (a number > 0), got {timeout!r}")
     rate = obj.get("pass_rate", None)
     if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:

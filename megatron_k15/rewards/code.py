@@ -18,10 +18,12 @@ What is enforced where (see ``sandbox_report()`` for what this machine allows):
 OS level, always (POSIX):
   - RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file size),
     RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0 (no new processes or threads: effective for a
-    non-root uid, so in particular after the uid drop below). So a program cannot start a
-    thread: the idiom ``threading.stack_size(...); Thread(target=main).start()`` for deep
-    recursion fails, while deep recursion on the main thread works (CPython 3.11+ does not use
-    the C stack for calls between Python functions; ``sys.setrecursionlimit`` is enough);
+    non-root uid, so in particular after the uid drop below). So, after the uid drop, a
+    program cannot start a thread: the idiom ``threading.stack_size(...);
+    Thread(target=main).start()`` for deep recursion fails. Deep recursion on the main thread
+    works with ``sys.setrecursionlimit``: RLIMIT_STACK is the memory limit (C frames, e.g.
+    of an lru_cache'd function, need it; calls between Python functions do not use the C stack
+    in CPython 3.11+);
   - own session/process group, SIGKILLed as a whole at the end of each test, and
     PR_SET_PDEATHSIG so it dies with the supervisor;
   - wall-clock limit and an output cap enforced by the supervisor (the child is killed);
@@ -251,7 +253,10 @@ def child(i, inp_fd, out_w, err_w, work):
     mem = CFG["memory_mb"] << 20
     limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
               (resource.RLIMIT_FSIZE, (CFG["file_size_limit"],) * 2),
-              (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0))]
+              (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0)),
+              # a judge's stack (the memory limit, like Codeforces' 256 MB) for recursion
+              # through C frames, e.g. an lru_cache'd DFS; it counts against RLIMIT_AS
+              (resource.RLIMIT_STACK, (mem, mem))]
     for res, lim in limits:
         try:
             resource.setrlimit(res, lim)

@@ -164,3 +164,37 @@ def test_bad_flags_are_refused(tmp_path):
         res = _run("--input", str(src), "--output", str(tmp_path / "o.jsonl"), *flags)
         assert res.returncode == 2 and msg in res.stderr, (flags, res.stderr)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_model_written_generators_round_trip(tmp_path):
+    """--write-generator-prompts -> (the generate CLI) -> --generators: the program in each
+    answer generates inputs for its problem; answers for unknown ids or without code count."""
+    src = tmp_path / "problems.jsonl"
+    _write(src, [{"id": 7, "prompt": "Read a and b, print a+b.", "solutions": SUM_OK}])
+    prompts = tmp_path / "gen_prompts.jsonl"
+    res = _run("--input", str(src), "--write-generator-prompts", str(prompts), "--generator-samples", "2")
+    assert res.returncode == 0, res.stderr
+    lines = _read(prompts)
+    assert len(lines) == 2 and all(ln["id"] == "7" and "Read a and b, print a+b." in ln["prompt"] for ln in lines)
+    # what the generate CLI writes: the input line's keys plus the answer as "text"
+    answers = [dict(lines[0], text="Here is a generator:\n```python\n" + SUM_GEN + "```\nDone."),
+               dict(lines[1], text=""), {"id": "nope", "text": "```python\nprint(1)\n```"}]
+    gens = tmp_path / "gens.jsonl"
+    _write(gens, answers)
+    out = tmp_path / "out.jsonl"
+    res = _run("--input", str(src), "--generators", str(gens), "--output", str(out), "--num-generated", "4",
+               "--timeout-s", "30")
+    assert res.returncode == 0, res.stderr
+    (rec,) = _read(out)
+    assert 2 <= len(rec["tests"]) <= 4
+    for t in rec["tests"]:
+        a, b = map(int, t["input"].split())
+        assert t["output"] == f"{a + b}\n"
+    assert "1 model-written generators" in res.stdout and "1 generator answers without a program" in res.stdout
+    assert "1 generator answers for ids not in --input" in res.stdout
+    # without the generators the problem has no inputs: named with its line, nothing written
+    res = _run("--input", str(src), "--output", str(tmp_path / "none.jsonl"))
+    assert res.returncode == 1 and "problems.jsonl:1: field 'test_inputs'" in res.stderr
+    assert not (tmp_path / "none.jsonl").exists()
+    res = _run("--input", str(src), "--output", str(out), "--write-generator-prompts", str(prompts))
+    assert res.returncode == 2 and "not both" in res.stderr

@@ -11,6 +11,12 @@ reads a seed on stdin and prints one input, and/or ``tests`` whose outputs are t
 e.g. ``{"id": "p1", "prompt": "Read a and b, print a+b.", "solutions": ["..."],
 "input_generator": "import random\\nrandom.seed(int(input()))\\nprint(random.randint(1, 9), 7)"}``.
 
+Generators written by a model, as Kimi did: --write-generator-prompts FILE writes
+--generator-samples prompts per problem asking for one; run them through the generate CLI
+(``python -m megatron_k15.generate --input FILE --output gens.jsonl --chat-template ...``,
+which keeps each line's ``id`` and adds the answer as ``text``) and pass --generators
+gens.jsonl: the program in each answer becomes one of its problem's input generators.
+
 Every program runs in the code reward's sandbox. An input becomes a test when at least
 --test-agreement of the sampled solutions print the same output (the expected output); a
 problem is kept when it has at least --min-tests tests and at least --problem-pass-rate of
@@ -35,9 +41,11 @@ if importlib.util.find_spec("megatron_k15") is None:  # run from a checkout: too
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_k15.data.code_tests import (DROP_DISAGREE, DROP_FEW_TESTS, DROP_NO_INPUTS,  # noqa: E402
-                                          BuildSettings, build_problem_tests, validate_code_problem)
-from megatron_k15.data.prompts import DataError, read_prompt_records  # noqa: E402
+                                          GENERATOR_PROMPT, BuildSettings, build_problem_tests,
+                                          has_input_source, validate_code_problem)
+from megatron_k15.data.prompts import DataError, read_jsonl, read_prompt_records  # noqa: E402
 from megatron_k15.files import atomic_file  # noqa: E402
+from megatron_k15.rewards.code import extract_program  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = BuildSettings()
     p.add_argument("--input", required=True, metavar="FILE.jsonl", help="code problems with solutions")
-    p.add_argument("--output", required=True, metavar="FILE.jsonl", help="code prompt JSONL to write")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="code prompt JSONL to write")
+    p.add_argument("--generators", default=None, metavar="FILE.jsonl",
+                   help="generate CLI output on --write-generator-prompts' prompts: the program in each "
+                        "line's 'text' is an input generator of the problem with its 'id'")
+    p.add_argument("--write-generator-prompts", default=None, metavar="FILE.jsonl",
+                   help="only write prompts asking a model for input generators, then stop")
+    p.add_argument("--generator-samples", type=int, default=4, metavar="K",
+                   help="generator prompts per problem (--write-generator-prompts)")
     p.add_argument("--num-generated", type=int, default=d.num_generated, metavar="N",
                    help="inputs asked of each input_generator (seeds 0..N-1)")
     p.add_argument("--max-solutions", type=int, default=d.max_solutions, metavar="N",
@@ -71,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.output is None) == (args.write_generator_prompts is None):
+        parser.error("give --output (build the tests) or --write-generator-prompts (ask a model for "
+                     "input generators first), not both or neither")
+    if args.generator_samples < 1:
+        parser.error(f"--generator-samples must be >= 1, got {args.generator_samples}")
     for flag in ("test_agreement", "problem_pass_rate"):
         v = getattr(args, flag)
         if not 0.0 < v <= 1.0:
@@ -102,11 +122,52 @@ def _build(job):
     return build_problem_tests(rec, settings)
 
 
+def write_generator_prompts(args: argparse.Namespace) -> int:
+    """``--generator-samples`` prompts per problem asking for an input generator; returns the
+    number of lines written."""
+    records = read_problems(args.input)
+    with atomic_file(args.write_generator_prompts) as f:
+        for _, rec in records:
+            line = json.dumps({"id": rec["id"], "prompt": GENERATOR_PROMPT.format(problem=rec["prompt"])},
+                              ensure_ascii=False)
+            f.write((line + "\n") * args.generator_samples)
+    return len(records) * args.generator_samples
+
+
+def read_problems(path: str) -> list:
+    if not os.path.isfile(path):
+        raise DataError(path, None, None, "no such file (--input)")
+    return list(read_prompt_records(path, validate_record=validate_code_problem, with_lineno=True))
+
+
+def add_generators(records: list, path: str, counts: Counter) -> None:
+    """The programs in the generate CLI's answers (``--generators``) join their problems'."""
+    if not os.path.isfile(path):
+        raise DataError(path, None, None, "no such file (--generators)")
+    by_id = {rec["id"]: rec for _, rec in records}
+    for _, line in read_jsonl(path, {"id": (str, int), "text": str}, with_lineno=True):
+        rec = by_id.get(str(line["id"]))
+        program = extract_program(line["text"]).strip()
+        if rec is None:
+            counts["generator answers for ids not in --input"] += 1
+        elif not program:
+            counts["generator answers without a program"] += 1
+        else:
+            rec.setdefault("input_generator", []).append(program + "\n")
+            counts["model-written generators"] += 1
+
+
 def run(args: argparse.Namespace, progress: bool = True) -> Counter:
     """Write ``args.output``; returns the counts. DataError on bad input (no output then)."""
-    if not os.path.isfile(args.input):
-        raise DataError(args.input, None, None, "no such file (--input)")
-    records = list(read_prompt_records(args.input, validate_record=validate_code_problem))
+    numbered = read_problems(args.input)
+    counts: Counter = Counter()
+    if args.generators:
+        add_generators(numbered, args.generators, counts)
+    for line, rec in numbered:
+        if not has_input_source(rec):
+            raise DataError(args.input, line, "test_inputs", "missing: give test_inputs, an input_generator "
+                                                             "or tests (or its generators in --generators)")
+    records = [rec for _, rec in numbered]
     settings = settings_from(args)
     jobs = [(r, settings) for r in records]
     bar = None
@@ -128,7 +189,7 @@ def run(args: argparse.Namespace, progress: bool = True) -> Counter:
             bar is not None and bar.update()
     if bar is not None:
         bar.close()
-    counts: Counter = Counter({"kept": 0, DROP_NO_INPUTS: 0, DROP_FEW_TESTS: 0, DROP_DISAGREE: 0})
+    counts.update({"kept": 0, DROP_NO_INPUTS: 0, DROP_FEW_TESTS: 0, DROP_DISAGREE: 0})
     kept = []
     for res in results:
         counts.update(res.counts)
@@ -157,6 +218,10 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
+        if args.write_generator_prompts:
+            n = write_generator_prompts(args)
+            print(f"wrote {args.write_generator_prompts}: {n} prompts asking for input generators")
+            return 0
         counts = run(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -166,7 +231,9 @@ def main(argv: Optional[list] = None) -> int:
           f"{per:.1f} tests per kept problem from {counts['candidate inputs']} candidate inputs; "
           f"{counts['given tests contradicted']} given tests contradicted by the solutions; "
           f"{counts['repeated solutions']} repeated solutions counted once; "
-          f"{counts['generator runs failed']} generator and {counts['solution runs failed']} solution runs failed")
+          f"{counts['generator runs failed']} generator and {counts['solution runs failed']} solution runs failed"
+          + "".join(f"; {counts[k]} {k}" for k in ("model-written generators", "generator answers without a program",
+                                                  "generator answers for ids not in --input") if counts[k]))
     return 0
 
 

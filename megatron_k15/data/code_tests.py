@@ -14,9 +14,12 @@ Problem records are prompt records (``data/prompts.py``; ``task`` defaults to ``
 
 - ``solutions``: a non-empty list of Python programs (stdin -> stdout) believed correct;
 - candidate inputs from any of: ``test_inputs`` (list of str), ``input_generator`` (a Python
-  program that reads an integer seed on stdin and prints one input; it runs in the sandbox,
-  standard library only), and the inputs of ``tests`` already given (their stated outputs must
-  agree with the solutions', else the test is dropped and counted).
+  program, or a list of them, that reads an integer seed on stdin and prints one input; it
+  runs in the sandbox, standard library only), and the inputs of ``tests`` already given
+  (their stated outputs must agree with the solutions', else the test is dropped and counted).
+
+Kimi had the model write the generators: :data:`GENERATOR_PROMPT` asks for one, and the
+programs in the answers (``rewards.code.extract_program``) join the problem's generators.
 
 Every program runs in the code reward's sandbox (``rewards/code.py``), with the record's
 ``timeout_s`` when it has one.
@@ -33,10 +36,18 @@ from typing import Mapping, Optional, Sequence
 from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
 from megatron_k15.rewards.code import normalize_output, run_tests
 
-__all__ = ["BuildSettings", "ProblemResult", "build_problem_tests", "select_tests", "solutions_passing",
-           "validate_code_problem", "at_least"]
+__all__ = ["BuildSettings", "GENERATOR_PROMPT", "ProblemResult", "at_least", "build_problem_tests",
+           "has_input_source", "select_tests", "solutions_passing", "validate_code_problem"]
 
 PROBLEM_FIELDS = ("solutions", "test_inputs", "input_generator")
+
+GENERATOR_PROMPT = (
+    "Below is a programming problem. Write a Python 3 program that generates one random, valid "
+    "test input for it. The program reads one integer seed from standard input, calls "
+    "random.seed with it, and prints the input exactly in the format the problem specifies, "
+    "within all of its constraints (prefer small and medium sizes, and include edge cases "
+    "sometimes). Use only the standard library. Reply with the program in one ```python block."
+    "\n\nProblem:\n{problem}")
 
 
 def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
@@ -65,11 +76,19 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
     if obj.get("test_inputs") is not None:
         rec["test_inputs"] = _str_list(obj, "test_inputs", non_empty_items=False)
     gen = obj.get("input_generator")
-    if gen is not None and (not isinstance(gen, str) or not gen.strip()):
-        raise FieldError("input_generator", f"expected a Python program (string), got {gen!r:.40}")
-    if not rec.get("test_inputs") and gen is None and not rec.get("tests"):
-        raise FieldError("test_inputs", "missing: give test_inputs, an input_generator or tests")
+    if gen is not None:
+        if isinstance(gen, str):
+            if not gen.strip():
+                raise FieldError("input_generator", "is empty")
+            rec["input_generator"] = [gen]
+        else:
+            rec["input_generator"] = _str_list(obj, "input_generator", non_empty_items=True)
     return rec
+
+
+def has_input_source(rec: Mapping) -> bool:
+    """Whether a problem has candidate inputs: test_inputs, generators or given tests."""
+    return bool(rec.get("test_inputs") or rec.get("input_generator") or rec.get("tests"))
 
 
 def at_least(fraction: float, n: int) -> int:
@@ -123,7 +142,7 @@ class ProblemResult:
     counts: Counter = field(default_factory=Counter)
 
 
-DROP_NO_INPUTS = "no test inputs (the generator failed on every seed)"
+DROP_NO_INPUTS = "no test inputs (the generators failed on every seed)"
 DROP_FEW_TESTS = "fewer than --min-tests inputs the solutions agree on"
 DROP_DISAGREE = "too few solutions pass every selected test (--problem-pass-rate)"
 
@@ -150,8 +169,8 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
         out = normalize_output(t["output"])
         given[t["input"]] = out if given.get(t["input"], out) == out else None
     inputs = list(rec.get("test_inputs") or []) + list(given)
-    if rec.get("input_generator"):
-        generated = _run_outputs(rec["input_generator"], [f"{k}\n" for k in range(s.num_generated)], s, timeout_s)
+    for generator in rec.get("input_generator") or []:
+        generated = _run_outputs(generator, [f"{k}\n" for k in range(s.num_generated)], s, timeout_s)
         counts["generator runs failed"] += sum(g is None for g in generated)
         inputs += [g for g in generated if g is not None]
     inputs = list(dict.fromkeys(inputs))  # distinct, in order

@@ -26,7 +26,8 @@ def _os_isolation() -> bool:
     from megatron_k15.rewards.code import sandbox_report
 
     rep = sandbox_report()
-    return rep.get("working", False) and rep.get("uid") == 65534 and rep.get("private_network", False)
+    return (rep.get("working", False) and rep.get("uid") not in (None, 0, os.getuid())
+            and rep.get("private_network", False))
 
 
 OS_ISOLATION = _os_isolation()
@@ -277,5 +278,26 @@ def test_extract_program_and_code_reward():
 
 @pytest.mark.skipif(not OS_ISOLATION, reason="needs root and permission to create namespaces")
 def test_sandbox_report_as_root():
-    rep = sandbox_report()
-    assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True}
+    from megatron_k15.rewards.code import SANDBOX_UIDS
+
+    reps = [sandbox_report() for _ in range(2)]
+    for rep in reps:
+        assert SANDBOX_UIDS[0] <= rep.pop("uid") < SANDBOX_UIDS[1]
+        assert rep == {"working": True, "private_network": True, "private_tmp": True}
+
+
+@pytest.mark.skipif(not OS_ISOLATION, reason="the program's own uid (and task limit) needs root")
+def test_a_program_can_start_a_thread_but_not_many():
+    """The deep-recursion idiom of competitive programming starts one thread; the task limit of
+    the program's own uid allows that and stops a thread (or fork) bomb."""
+    idiom = ("import sys, threading\nsys.setrecursionlimit(10 ** 6)\nthreading.stack_size(1 << 26)\n"
+             "def main():\n    a, b = map(int, input().split())\n    print(a + b)\n"
+             "threading.Thread(target=main).start()\n")
+    assert run_tests(idiom, [{"input": "2 3\n", "output": "5"}], 10.0)["status"] == "ok"
+    bomb = ("import threading, time\nn = 0\ntry:\n    for _ in range(100):\n"
+            "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n        n += 1\n"
+            "except RuntimeError:\n    pass\nprint(n)\n")
+    from megatron_k15.rewards.code import SANDBOX_TASKS
+
+    res = run_tests(bomb, [{"input": "", "output": str(SANDBOX_TASKS - 1)}], 10.0, keep_output=True)
+    assert res["status"] == "ok", res

@@ -17,13 +17,12 @@ What is enforced where (see ``sandbox_report()`` for what this machine allows):
 
 OS level, always (POSIX):
   - RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file size),
-    RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC=0 (no new processes or threads: effective for a
-    non-root uid, so in particular after the uid drop below). So, after the uid drop, a
-    program cannot start a thread: the idiom ``threading.stack_size(...);
-    Thread(target=main).start()`` for deep recursion fails. Deep recursion on the main thread
-    works with ``sys.setrecursionlimit``: RLIMIT_STACK is the memory limit (C frames, e.g.
-    of an lru_cache'd function, need it; calls between Python functions do not use the C stack
-    in CPython 3.11+);
+    RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_STACK = the memory limit (a judge's stack: deep
+    recursion through C frames, e.g. an lru_cache'd DFS, needs more than 8 MB), and
+    RLIMIT_NPROC, which counts the processes and threads of the program's uid: after the uid
+    drop below (the uid is the sandbox's own) it is SANDBOX_TASKS, so a program can start a few
+    threads (the ``threading.stack_size(...); Thread(target=main).start()`` idiom) and a fork
+    bomb stops there; without the drop it is 0 (no new process or thread at all);
   - own session/process group, SIGKILLed as a whole at the end of each test, and
     PR_SET_PDEATHSIG so it dies with the supervisor;
   - wall-clock limit and an output cap enforced by the supervisor (the child is killed);
@@ -35,8 +34,9 @@ OS level, when the caller is root (as on our machines and CI):
   - a private mount namespace in which /tmp, /var/tmp, /dev/shm and /run/lock are fresh
     tmpfs (discarded afterwards) and the directory holding the interpreter is made
     reachable by bind mounts;
-  - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
-    supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
+  - the program runs as a uid/gid of its own, drawn at random from a range no account uses
+    (SANDBOX_UIDS): it cannot signal the caller, the supervisor or another sandbox's program,
+    cannot write files owned by root, and RLIMIT_NPROC counts only its own tasks.
   As a non-root user the network namespace is attempted through a user namespace.
 Python level (best effort, bypassable by a determined program; defence in depth only):
   - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
@@ -48,20 +48,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "sandbox_report"]
 
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
 DEFAULT_FILE_SIZE_LIMIT = 16 << 20
-NOBODY = 65534
+SANDBOX_UIDS = (1 << 28, 1 << 30)  # far above the accounts and subuid ranges of a normal system
+SANDBOX_TASKS = 4  # processes + threads the program's uid may have (the program is one)
 
 # ----------------------------------------------------------------------------------------
 # Program run inside the sandbox before the user's code (Python-level guards).
@@ -139,6 +141,11 @@ for _n, _k in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("maked
 # exit()/quit() come from the site module, which -S skips; programs end early with them
 # ("print(-1); exit()"), so they must exist as in a normal interpreter
 builtins.exit = builtins.quit = sys.exit
+
+# a new thread's stack defaults to RLIMIT_STACK, here the whole memory limit (for the main
+# thread's deep recursion): give threads the usual 8 MB unless the program asks otherwise
+import _thread
+_thread.stack_size(8 << 20)
 
 _prog = sys.argv[1]
 with _real_open(_prog, "rb") as _f:
@@ -269,7 +276,8 @@ def child(i, inp_fd, out_w, err_w, work):
     if LIBC is not None:
         LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     try:  # after the uid drop, so that execve itself is not refused
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        tasks = CFG["tasks"] if drop else 0  # a shared uid's count is not the program's own
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
     except (ValueError, OSError):
         pass
     os.closerange(3, 1 << 16)
@@ -471,7 +479,8 @@ def run_tests(
                 "isolate_fs": bool(isolate_fs),
                 "drop_privileges": bool(drop_privileges),
                 "python_guards": bool(python_guards),
-                "uid": NOBODY,
+                "uid": random.SystemRandom().randrange(*SANDBOX_UIDS),
+                "tasks": SANDBOX_TASKS,
                 "python": os.path.realpath(sys.executable),
                 "python_prefix": prefix,
             }

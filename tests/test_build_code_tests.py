@@ -1,6 +1,7 @@
 """tools/build_code_tests.py: tests for code prompts decided by reference solutions (Kimi k1.5's
 test-case generation), checked against outputs computed here and through the code reward."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from megatron_k15.data.code_tests import at_least, select_tests, solutions_passing
-from megatron_k15.rewards.code import code_reward
+from megatron_k15.rewards.code import code_reward, outputs_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "build_code_tests.py")
@@ -42,6 +43,11 @@ def test_select_tests_needs_enough_votes_and_no_tie():
     assert select_tests(["i", "j"], [["", "1"]] * 3, 3) == [(1, "1", 3)]
     tests = select_tests(inputs, outputs, 7)
     assert solutions_passing(outputs, tests) == 7  # the 3 "b"/"y" solutions fail i0
+    # with a float checker the votes count what it accepts; the first best output is expected
+    same = functools.partial(outputs_match, float_tolerance=1e-5)
+    outs = [["0.333333"], ["0.3333333"], ["0.33333333333"], ["0.5"]]
+    assert select_tests(["i"], outs, 3, same) == [(0, "0.333333", 3)] and select_tests(["i"], outs, 3) == []
+    assert solutions_passing(outs, [(0, "0.333333", 3)], same) == 3
     assert solutions_passing(outputs, [(0, "a", 7)]) == 7 and solutions_passing(outputs, []) == 10
 
 
@@ -146,6 +152,9 @@ def test_workers_give_the_same_file(built):
     ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "input_generator": 5}', "input_generator"),
     ('{"id": "x", "solutions": ["print(1)"], "test_inputs": ["1"]}', "prompt"),
     ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["1"], "timeout_s": "4s"}', "timeout_s"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["1"], "compare": "exact"}', "compare"),
+    ('{"id": "x", "prompt": "p", "solutions": ["print(1)"], "test_inputs": ["1"], "float_tolerance": -1}',
+     "float_tolerance"),
 ])
 def test_a_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, line, field):
     src, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
@@ -198,3 +207,19 @@ def test_model_written_generators_round_trip(tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
     res = _run("--input", str(src), "--output", str(out), "--write-generator-prompts", str(prompts))
     assert res.returncode == 2 and "not both" in res.stderr
+
+
+def test_float_answers_agree_under_the_records_tolerance():
+    """Solutions printing 1/n at different precisions agree only under the record's float
+    checker; the tests then reward a program at yet another precision."""
+    from megatron_k15.data.code_tests import BuildSettings, build_problem_tests
+
+    sols = ["print(1 / int(input()))", "print(f'{1 / int(input()):.9f}')", "print('%.7f' % (1 / int(input())))"]
+    rec = {"id": "inv", "prompt": "Print 1/n.", "task": "code", "solutions": sols, "test_inputs": ["3\n", "7\n"]}
+    settings = BuildSettings(problem_pass_rate=1.0, timeout_s=30.0)
+    exact = build_problem_tests(rec, settings)
+    assert exact.record is None and exact.counts["tests"] == 0
+    res = build_problem_tests(dict(rec, float_tolerance=1e-6), settings)
+    assert [t["input"] for t in res.record["tests"]] == ["3\n", "7\n"] and res.record["float_tolerance"] == 1e-6
+    assert code_reward("```python\nprint(round(1 / int(input()), 8))\n```", res.record) == 1.0
+    assert code_reward("```python\nprint(round(1 / int(input()), 3))\n```", res.record) == 0.0

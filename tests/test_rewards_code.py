@@ -89,6 +89,30 @@ def test_common_ways_to_read_write_and_end_a_program():
     assert run_tests(deep, [{"input": "100000", "output": "100000"}], 10.0)["status"] == "ok"
 
 
+def test_checkers_lines_tokens_and_float_tolerance():
+    from megatron_k15.rewards.code import outputs_match
+
+    assert outputs_match("1 2  \n\n", "1 2") and not outputs_match("1  2", "1 2")
+    assert outputs_match("1\n2\n", "1 2", "tokens") and outputs_match("1   2", "1 2", "tokens")
+    assert not outputs_match("1 2 3", "1 2", "tokens") and not outputs_match("1 3", "1 2", "tokens")
+    # |got - want| <= tol * max(1, |want|): absolute near 0, relative for large values
+    assert outputs_match("0.3333", "0.333333333", float_tolerance=1e-4)
+    assert not outputs_match("0.3332", "0.333333333", float_tolerance=1e-4)
+    assert outputs_match("1000100", "1e6", float_tolerance=1e-4) and not outputs_match("1000101", "1e6", float_tolerance=1e-4)
+    assert outputs_match("YES 0.5000001", "YES 0.5", float_tolerance=1e-6)
+    assert not outputs_match("NO 0.5", "YES 0.5", float_tolerance=1e-6)  # words still match exactly
+    assert not outputs_match("nan", "1.0", float_tolerance=1.0) and not outputs_match("inf", "1e308", float_tolerance=1.0)
+    with pytest.raises(ValueError, match="compare"):
+        outputs_match("1", "1", "exact")
+    # through the reward: the record picks the checker
+    one_per_line = "```python\na, b = map(int, input().split())\nprint(a)\nprint(b)\n```"
+    rec = {"task": "code", "tests": [{"input": "1 2", "output": "1 2"}]}
+    assert code_reward(one_per_line, rec) == 0.0 and code_reward(one_per_line, dict(rec, compare="tokens")) == 1.0
+    third = "```python\nprint(f'{1 / int(input()):.6f}')\n```"
+    rec = {"task": "code", "tests": [{"input": "3", "output": "0.333333333"}]}
+    assert code_reward(third, rec) == 0.0 and code_reward(third, dict(rec, float_tolerance=1e-6)) == 1.0
+
+
 def test_runtime_and_syntax_errors():
     assert run_tests("raise ValueError('x')", [{"input": "", "output": ""}], T)["status"] == "error"
     res = run_tests("def f(:\n", [{"input": "", "output": ""}], T)

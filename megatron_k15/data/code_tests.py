@@ -7,7 +7,9 @@ solutions on each, keep an input as a test when at least 7 of the 10 print the s
 every kept test. Problems that need a special judge (several right answers) mostly drop out:
 their solutions rarely agree, so too few inputs become tests (--min-tests). Inputs on which
 the solutions agree to print nothing are not tests (an empty program would pass them).
-Identical solutions count once.
+Identical solutions count once. Votes use the checker the code reward will apply to the
+record (its ``compare`` and ``float_tolerance``): at a tolerance of 1e-6, "0.333333" and
+"0.3333333" agree.
 
 Problem records are prompt records (``data/prompts.py``; ``task`` defaults to ``"code"``,
 ``tests`` may be absent) with:
@@ -27,14 +29,16 @@ Every program runs in the code reward's sandbox (``rewards/code.py``), with the 
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
-from megatron_k15.rewards.code import normalize_output, run_tests
+from megatron_k15.rewards.code import normalize_output, outputs_match, run_tests
 
 __all__ = ["BuildSettings", "GENERATOR_PROMPT", "ProblemResult", "at_least", "build_problem_tests",
            "has_input_source", "select_tests", "solutions_passing", "validate_code_problem"]
@@ -97,26 +101,33 @@ def at_least(fraction: float, n: int) -> int:
     return max(1, math.ceil(round(fraction * n, 9)))
 
 
-def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]]], min_agree: int
-                 ) -> list[tuple[int, str, int]]:
-    """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's normalised output on
-    ``inputs[i]`` (None: it did not run to completion). Returns ``(i, output, votes)`` for each
-    input whose most common output has at least ``min_agree`` votes, no other output as many
-    (a tie decides nothing) and is not empty."""
+def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]]], min_agree: int,
+                 same: Callable[[str, str], bool] = operator.eq) -> list[tuple[int, str, int]]:
+    """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's output on
+    ``inputs[i]`` (None: it did not run to completion), ``same(got, want)`` the checker. An
+    output's votes are the outputs it accepts; the first output with the most votes is the
+    expected one. Returns ``(i, output, votes)`` for each input whose expected output has at
+    least ``min_agree`` votes, no output it rejects as many (a tie decides nothing) and is not
+    blank."""
     chosen = []
     for i in range(len(inputs)):
-        votes = Counter(o[i] for o in outputs if o[i] is not None).most_common(2)
-        if not votes or votes[0][1] < min_agree or (len(votes) > 1 and votes[1][1] == votes[0][1]):
+        outs = [o[i] for o in outputs if o[i] is not None]
+        votes = [sum(same(x, c) for x in outs) for c in outs]
+        if not outs or max(votes) < min_agree:
             continue
-        if not votes[0][0]:  # agreed on printing nothing: a program that prints nothing passes it
+        best = outs[votes.index(max(votes))]
+        if any(v == max(votes) and not same(c, best) for c, v in zip(outs, votes)):
             continue
-        chosen.append((i, votes[0][0], votes[0][1]))
+        if not best.strip():  # agreed on printing nothing: a program that prints nothing passes it
+            continue
+        chosen.append((i, best, max(votes)))
     return chosen
 
 
-def solutions_passing(outputs: Sequence[Sequence[Optional[str]]], tests: Sequence[tuple[int, str, int]]) -> int:
-    """How many solutions print the expected output on every selected test."""
-    return sum(all(o[i] == want for i, want, _ in tests) for o in outputs)
+def solutions_passing(outputs: Sequence[Sequence[Optional[str]]], tests: Sequence[tuple[int, str, int]],
+                      same: Callable[[str, str], bool] = operator.eq) -> int:
+    """How many solutions print an accepted output on every selected test."""
+    return sum(all(o[i] is not None and same(o[i], want) for i, want, _ in tests) for o in outputs)
 
 
 @dataclass
@@ -184,8 +195,12 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     outputs = [[None if o is None else normalize_output(o) for o in _run_outputs(p, inputs, s, timeout_s)]
                for p in solutions]
     counts["solution runs failed"] += sum(o is None for row in outputs for o in row)
-    tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)))
-    contradicted = {i for i, out, _ in tests if inputs[i] in given and given[inputs[i]] != out}
+    # the checker the code reward will use on this record, so that the votes count what it accepts
+    same = functools.partial(outputs_match, compare=rec.get("compare", "lines"),
+                             float_tolerance=rec.get("float_tolerance"))
+    tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)), same)
+    contradicted = {i for i, out, _ in tests
+                    if inputs[i] in given and (given[inputs[i]] is None or not same(given[inputs[i]], out))}
     counts["given tests contradicted"] += len(contradicted)
     tests = [t for t in tests if t[0] not in contradicted]
     if s.max_tests is not None:
@@ -193,7 +208,7 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     counts["tests"] += len(tests)
     if len(tests) < s.min_tests:
         return ProblemResult(None, DROP_FEW_TESTS, counts)
-    if solutions_passing(outputs, tests) < at_least(s.problem_pass_rate, len(solutions)):
+    if solutions_passing(outputs, tests, same) < at_least(s.problem_pass_rate, len(solutions)):
         return ProblemResult(None, DROP_DISAGREE, counts)
     out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
     out["tests"] = [{"input": inputs[i], "output": want + "\n"} for i, want, _ in tests]

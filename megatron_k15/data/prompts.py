@@ -19,6 +19,8 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``difficulty``: a number (not bool); default 0.0.
 - ``pass_rate``: optional, a number in [0, 1] (``tools/curate_prompts.py``).
 - ``timeout_s``: optional, seconds > 0 (the code reward's limit per test).
+- ``compare`` (``"lines"`` | ``"tokens"``) and ``float_tolerance`` (number >= 0): optional,
+  the code reward's checker (``rewards.code.outputs_match``).
 - other fields (``reward_fn``, ...) are kept as they are.
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
@@ -210,6 +212,12 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     if timeout is not None:  # the code reward's wall-clock limit per test for this prompt
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise FieldError("timeout_s", f"expected seconds (a number > 0), got {timeout!r}")
+    compare = obj.get("compare", None)  # the code reward's checker (rewards.code.outputs_match)
+    if compare is not None and compare not in ("lines", "tokens"):
+        raise FieldError("compare", f"expected 'lines' or 'tokens', got {compare!r}")
+    tol = obj.get("float_tolerance", None)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf):
+        raise FieldError("float_tolerance", f"expected a number >= 0, got {tol!r}")
     rate = obj.get("pass_rate", None)
     if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:

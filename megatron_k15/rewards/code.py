@@ -2,7 +2,8 @@
 
 ``run_tests(program, tests, timeout_s)`` runs the program once per test with ``test["input"]``
 on stdin and compares its stdout with ``test["output"]`` (trailing spaces on each line and
-trailing blank lines ignored).
+trailing blank lines ignored; ``compare="tokens"`` and ``float_tolerance`` give the checkers
+of judges, see :func:`outputs_match`; a prompt record sets them with the same field names).
 
 Process layout::
 
@@ -47,6 +48,7 @@ Python level (best effort, bypassable by a determined program; defence in depth 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -55,9 +57,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "sandbox_report"]
+__all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "outputs_match",
+           "sandbox_report"]
 
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
@@ -416,6 +419,43 @@ def normalize_output(text: str) -> str:
     return "\n".join(lines)
 
 
+COMPARE_MODES = ("lines", "tokens")
+
+
+def _float(token: str) -> Optional[float]:
+    try:
+        v = float(token)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def outputs_match(got: str, want: str, compare: str = "lines", float_tolerance: Optional[float] = None) -> bool:
+    """Whether a program's output ``got`` answers ``want``, as a judge's checker decides.
+
+    ``lines``: equal after :func:`normalize_output` (trailing spaces and blank lines ignored).
+    ``tokens``: equal sequences of whitespace-separated tokens (Codeforces' default checker:
+    "1 2" on one line or two, with any spacing). ``float_tolerance`` (implies ``tokens``): a
+    pair of tokens that are both numbers also matches when ``|got - want| <= tol * max(1,
+    |want|)`` (testlib's absolute-or-relative error: 0.3333 answers 1/3 at 1e-4)."""
+    if compare not in COMPARE_MODES:
+        raise ValueError(f"compare must be one of {COMPARE_MODES}, got {compare!r}")
+    if compare == "lines" and float_tolerance is None:
+        return normalize_output(got) == normalize_output(want)
+    a, b = got.split(), want.split()
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        if float_tolerance is None:
+            return False
+        fx, fy = _float(x), _float(y)
+        if fx is None or fy is None or abs(fx - fy) > float_tolerance * max(1.0, abs(fy)):
+            return False
+    return True
+
+
 def _python_prefix() -> str:
     exe = os.path.realpath(sys.executable)
     base = os.path.realpath(sys.base_prefix)
@@ -448,10 +488,13 @@ def run_tests(
     drop_privileges: bool = True,
     keep_output: bool = False,
     python_guards: bool = True,
+    compare: str = "lines",
+    float_tolerance: Optional[float] = None,
 ) -> dict:
     """Run ``program`` on each test; returns ``{"passed", "total", "status", "results"}``.
 
     ``timeout_s`` is the wall-clock limit per test (CPU limit: ``int(timeout_s) + 1`` s).
+    ``compare`` / ``float_tolerance``: how an output is judged (:func:`outputs_match`).
     ``status``: "ok" (all pass), "failed" (some wrong answer), or the first non-answer
     problem among "timeout", "memory", "output_limit", "error" (runtime error, crash or a
     killed supervisor), "invalid" (malformed program/tests). Never raises.
@@ -505,7 +548,8 @@ def run_tests(
                     cwd=run_dir, env={}, start_new_session=True,
                 )
                 try:
-                    results = _collect(sup, tests, time.monotonic() + budget, stop_on_failure)
+                    judge = lambda got, want: outputs_match(got, want, compare, float_tolerance)  # noqa: E731
+                    results = _collect(sup, tests, time.monotonic() + budget, stop_on_failure, judge)
                 finally:
                     _killpg(sup.pid)
                     sup.stdout.close()
@@ -543,7 +587,7 @@ def run_tests(
     return out
 
 
-def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_failure: bool):
+def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_failure: bool, judge):
     """Read the supervisor's JSON lines as they come, judging each test's output."""
     import select
 
@@ -569,8 +613,7 @@ def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_
                 return results
             t = tests[len(results)]
             if r.get("status") == "done":
-                same = normalize_output(r.get("stdout", "")) == normalize_output(t["output"])
-                r["status"] = "ok" if same else "failed"
+                r["status"] = "ok" if judge(r.get("stdout", ""), t["output"]) else "failed"
             elif r.get("status") == "sandbox_error":
                 r["status"] = "error"
             results.append(r)
@@ -604,14 +647,15 @@ def extract_program(response: str) -> str:
 def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
                 partial_credit: bool = False) -> float:
     """1.0 when the program in ``response`` passes all of ``record["tests"]`` (else 0.0);
-    with ``partial_credit`` the fraction of tests passed."""
+    with ``partial_credit`` the fraction of tests passed. The record's ``timeout_s``,
+    ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`)."""
     try:
         tests = record.get("tests") if isinstance(record, dict) else None
         program = extract_program(response)
         if not program.strip() or not tests:
             return 0.0
-        res = run_tests(program, tests, record.get("timeout_s", timeout_s),
-                        stop_on_failure=not partial_credit)
+        res = run_tests(program, tests, record.get("timeout_s", timeout_s), stop_on_failure=not partial_credit,
+                        compare=record.get("compare", "lines"), float_tolerance=record.get("float_tolerance"))
         if res["total"] == 0:
             return 0.0
         if partial_credit:

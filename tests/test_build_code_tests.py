@@ -46,8 +46,11 @@ def test_select_tests_needs_enough_votes_and_no_tie():
     # with a float checker the votes count what it accepts; the first best output is expected
     same = functools.partial(outputs_match, float_tolerance=1e-5)
     outs = [["0.333333"], ["0.3333333"], ["0.33333333333"], ["0.5"]]
-    assert select_tests(["i"], outs, 3, same) == [(0, "0.333333", 3)] and select_tests(["i"], outs, 3) == []
-    assert solutions_passing(outs, [(0, "0.333333", 3)], same) == 3
+    # the most digits among the best: 0.3333343 (1.0e-6 from 1/3) passes it, not "0.333333"
+    assert select_tests(["i"], outs, 3, same) == [(0, "0.33333333333", 3)] and select_tests(["i"], outs, 3) == []
+    assert solutions_passing(outs, [(0, "0.33333333333", 3)], same) == 3
+    assert same("0.3333343", "0.33333333333") and not functools.partial(outputs_match, float_tolerance=1e-6)(
+        "0.3333343", "0.333333")
     assert solutions_passing(outputs, [(0, "a", 7)]) == 7 and solutions_passing(outputs, []) == 10
 
 
@@ -187,7 +190,7 @@ def test_model_written_generators_round_trip(tmp_path):
     assert len(lines) == 2 and all(ln["id"] == "7" and "Read a and b, print a+b." in ln["prompt"] for ln in lines)
     # what the generate CLI writes: the input line's keys plus the answer as "text"
     answers = [dict(lines[0], text="Here is a generator:\n```python\n" + SUM_GEN + "```\nDone."),
-               dict(lines[1], text=""), {"id": "nope", "text": "```python\nprint(1)\n```"}]
+               dict(lines[1], text="I would print two numbers."), {"id": "nope", "text": "```python\nprint(1)\n```"}]
     gens = tmp_path / "gens.jsonl"
     _write(gens, answers)
     out = tmp_path / "out.jsonl"
@@ -221,5 +224,6 @@ def test_float_answers_agree_under_the_records_tolerance():
     assert exact.record is None and exact.counts["tests"] == 0
     res = build_problem_tests(dict(rec, float_tolerance=1e-6), settings)
     assert [t["input"] for t in res.record["tests"]] == ["3\n", "7\n"] and res.record["float_tolerance"] == 1e-6
-    assert code_reward("```python\nprint(round(1 / int(input()), 8))\n```", res.record) == 1.0
-    assert code_reward("```python\nprint(round(1 / int(input()), 3))\n```", res.record) == 0.0
+    rec = dict(res.record, timeout_s=10.0)
+    assert code_reward("```python\nprint(round(1 / int(input()), 8))\n```", rec) == 1.0
+    assert code_reward("```python\nprint(round(1 / int(input()), 3))\n```", rec) == 0.0

@@ -26,8 +26,7 @@ def _os_isolation() -> bool:
     from megatron_k15.rewards.code import sandbox_report
 
     rep = sandbox_report()
-    return (rep.get("working", False) and rep.get("uid") not in (None, 0, os.getuid())
-            and rep.get("private_network", False))
+    return rep.get("working", False) and rep.get("uid") == 65534 and rep.get("private_network", False)
 
 
 OS_ISOLATION = _os_isolation()
@@ -102,14 +101,22 @@ def test_checkers_lines_tokens_and_float_tolerance():
     assert outputs_match("YES 0.5000001", "YES 0.5", float_tolerance=1e-6)
     assert not outputs_match("NO 0.5", "YES 0.5", float_tolerance=1e-6)  # words still match exactly
     assert not outputs_match("nan", "1.0", float_tolerance=1.0) and not outputs_match("inf", "1e308", float_tolerance=1.0)
+    # integers stay exact under a tolerance (a residue mod 1e9+7 is not "close"); judges split on
+    # ASCII whitespace only and read plain decimals only
+    assert not outputs_match("999999999", "1000000006", float_tolerance=1e-6)
+    assert not outputs_match("1_000.0", "1000.0", float_tolerance=1e-6)
+    assert not outputs_match("1\xa02", "1 2", "tokens") and outputs_match("1\r\n2\t", "1 2", "tokens")
+    assert outputs_match("-.5", "-0.5000001", float_tolerance=1e-6)
     with pytest.raises(ValueError, match="compare"):
         outputs_match("1", "1", "exact")
+    assert run_tests("print(1)", [{"input": "", "output": "1"}], 10.0, compare="exact")["status"] == "invalid"
+    assert run_tests("print(1)", [{"input": "", "output": "1"}], 10.0, float_tolerance="1e-6")["status"] == "invalid"
     # through the reward: the record picks the checker
     one_per_line = "```python\na, b = map(int, input().split())\nprint(a)\nprint(b)\n```"
-    rec = {"task": "code", "tests": [{"input": "1 2", "output": "1 2"}]}
+    rec = {"task": "code", "tests": [{"input": "1 2", "output": "1 2"}], "timeout_s": 10.0}
     assert code_reward(one_per_line, rec) == 0.0 and code_reward(one_per_line, dict(rec, compare="tokens")) == 1.0
     third = "```python\nprint(f'{1 / int(input()):.6f}')\n```"
-    rec = {"task": "code", "tests": [{"input": "3", "output": "0.333333333"}]}
+    rec = {"task": "code", "tests": [{"input": "3", "output": "0.333333333"}], "timeout_s": 10.0}
     assert code_reward(third, rec) == 0.0 and code_reward(third, dict(rec, float_tolerance=1e-6)) == 1.0
 
 
@@ -302,26 +309,5 @@ def test_extract_program_and_code_reward():
 
 @pytest.mark.skipif(not OS_ISOLATION, reason="needs root and permission to create namespaces")
 def test_sandbox_report_as_root():
-    from megatron_k15.rewards.code import SANDBOX_UIDS
-
-    reps = [sandbox_report() for _ in range(2)]
-    for rep in reps:
-        assert SANDBOX_UIDS[0] <= rep.pop("uid") < SANDBOX_UIDS[1]
-        assert rep == {"working": True, "private_network": True, "private_tmp": True}
-
-
-@pytest.mark.skipif(not OS_ISOLATION, reason="the program's own uid (and task limit) needs root")
-def test_a_program_can_start_a_thread_but_not_many():
-    """The deep-recursion idiom of competitive programming starts one thread; the task limit of
-    the program's own uid allows that and stops a thread (or fork) bomb."""
-    idiom = ("import sys, threading\nsys.setrecursionlimit(10 ** 6)\nthreading.stack_size(1 << 26)\n"
-             "def main():\n    a, b = map(int, input().split())\n    print(a + b)\n"
-             "threading.Thread(target=main).start()\n")
-    assert run_tests(idiom, [{"input": "2 3\n", "output": "5"}], 10.0)["status"] == "ok"
-    bomb = ("import threading, time\nn = 0\ntry:\n    for _ in range(100):\n"
-            "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n        n += 1\n"
-            "except RuntimeError:\n    pass\nprint(n)\n")
-    from megatron_k15.rewards.code import SANDBOX_TASKS
-
-    res = run_tests(bomb, [{"input": "", "output": str(SANDBOX_TASKS - 1)}], 10.0, keep_output=True)
-    assert res["status"] == "ok", res
+    rep = sandbox_report()
+    assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True}

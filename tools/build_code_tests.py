@@ -147,7 +147,8 @@ def add_generators(records: list, path: str, counts: Counter) -> None:
     by_id = {rec["id"]: rec for _, rec in records}
     for _, line in read_jsonl(path, {"id": (str, int), "text": str}, with_lineno=True):
         rec = by_id.get(str(line["id"]))
-        program = extract_program(line["text"]).strip()
+        # a fenced program only: prose without one would run as a "program" 50 times for nothing
+        program = extract_program(line["text"]).strip() if "```" in line["text"] else ""
         if rec is None:
             counts["generator answers for ids not in --input"] += 1
         elif not program:

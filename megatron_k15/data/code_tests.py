@@ -105,22 +105,25 @@ def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]
                  same: Callable[[str, str], bool] = operator.eq) -> list[tuple[int, str, int]]:
     """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's output on
     ``inputs[i]`` (None: it did not run to completion), ``same(got, want)`` the checker. An
-    output's votes are the outputs it accepts; the first output with the most votes is the
-    expected one. Returns ``(i, output, votes)`` for each input whose expected output has at
-    least ``min_agree`` votes, no output it rejects as many (a tie decides nothing) and is not
+    output's votes are the outputs it accepts as expected answer (with a tolerance these need
+    not accept each other); the expected output is the one with the most votes, the longest
+    among equals (the most digits, so that answers near the others' rounding still pass).
+    Returns ``(i, output, votes)`` for each input whose expected output has at least
+    ``min_agree`` votes, no output it rejects as many (a tie decides nothing) and is not
     blank."""
     chosen = []
     for i in range(len(inputs)):
-        outs = [o[i] for o in outputs if o[i] is not None]
-        votes = [sum(same(x, c) for x in outs) for c in outs]
-        if not outs or max(votes) < min_agree:
+        counts = Counter(o[i] for o in outputs if o[i] is not None)  # distinct outputs, once each
+        if not counts:
             continue
-        best = outs[votes.index(max(votes))]
-        if any(v == max(votes) and not same(c, best) for c, v in zip(outs, votes)):
+        votes = {c: sum(n for x, n in counts.items() if same(x, c)) for c in counts}
+        top = max(votes.values())
+        best = max((c for c in counts if votes[c] == top), key=len)  # Counter keeps first-seen order
+        if top < min_agree or any(v == top and not same(c, best) for c, v in votes.items()):
             continue
         if not best.strip():  # agreed on printing nothing: a program that prints nothing passes it
             continue
-        chosen.append((i, best, max(votes)))
+        chosen.append((i, best, top))
     return chosen
 
 

@@ -212,12 +212,12 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     if timeout is not None:  # the code reward's wall-clock limit per test for this prompt
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise FieldError("timeout_s", f"expected seconds (a number > 0), got {timeout!r}")
-    compare = obj.get("compare", None)  # the code reward's checker (rewards.code.outputs_match)
-    if compare is not None and compare not in ("lines", "tokens"):
-        raise FieldError("compare", f"expected 'lines' or 'tokens', got {compare!r}")
-    tol = obj.get("float_tolerance", None)
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf):
-        raise FieldError("float_tolerance", f"expected a number >= 0, got {tol!r}")
+    from megatron_k15.rewards.code import checker_error  # the code reward's checker
+
+    for name, error in (("compare", checker_error(obj.get("compare", "lines"), None)),
+                        ("float_tolerance", checker_error("lines", obj.get("float_tolerance")))):
+        if error:
+            raise FieldError(name, error.split(" ", 1)[1])
     rate = obj.get("pass_rate", None)
     if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:

@@ -20,10 +20,12 @@ OS level, always (POSIX):
   - RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file size),
     RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_STACK = the memory limit (a judge's stack: deep
     recursion through C frames, e.g. an lru_cache'd DFS, needs more than 8 MB), and
-    RLIMIT_NPROC, which counts the processes and threads of the program's uid: after the uid
-    drop below (the uid is the sandbox's own) it is SANDBOX_TASKS, so a program can start a few
-    threads (the ``threading.stack_size(...); Thread(target=main).start()`` idiom) and a fork
-    bomb stops there; without the drop it is 0 (no new process or thread at all);
+    RLIMIT_NPROC=0: no new process or thread (effective for a non-root uid, so after the uid
+    drop below). Threads are not allowed on purpose: any task limit above 0 would also let a
+    program that gets past the Python guards fork a process into a new session, which the
+    process-group kill at the end of its test would not reach (that needs a PID namespace,
+    not done). So the ``threading.stack_size(...); Thread(target=main).start()`` idiom
+    fails; deep recursion on the main thread works with ``sys.setrecursionlimit``;
   - own session/process group, SIGKILLed as a whole at the end of each test, and
     PR_SET_PDEATHSIG so it dies with the supervisor;
   - wall-clock limit and an output cap enforced by the supervisor (the child is killed);
@@ -35,9 +37,8 @@ OS level, when the caller is root (as on our machines and CI):
   - a private mount namespace in which /tmp, /var/tmp, /dev/shm and /run/lock are fresh
     tmpfs (discarded afterwards) and the directory holding the interpreter is made
     reachable by bind mounts;
-  - the program runs as a uid/gid of its own, drawn at random from a range no account uses
-    (SANDBOX_UIDS): it cannot signal the caller, the supervisor or another sandbox's program,
-    cannot write files owned by root, and RLIMIT_NPROC counts only its own tasks.
+  - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
+    supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
   As a non-root user the network namespace is attempted through a user namespace.
 Python level (best effort, bypassable by a determined program; defence in depth only):
   - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
@@ -50,7 +51,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import signal
 import subprocess
@@ -65,8 +65,7 @@ __all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "o
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
 DEFAULT_FILE_SIZE_LIMIT = 16 << 20
-SANDBOX_UIDS = (1 << 28, 1 << 30)  # far above the accounts and subuid ranges of a normal system
-SANDBOX_TASKS = 4  # processes + threads the program's uid may have (the program is one)
+NOBODY = 65534
 
 # ----------------------------------------------------------------------------------------
 # Program run inside the sandbox before the user's code (Python-level guards).
@@ -146,7 +145,8 @@ for _n, _k in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("maked
 builtins.exit = builtins.quit = sys.exit
 
 # a new thread's stack defaults to RLIMIT_STACK, here the whole memory limit (for the main
-# thread's deep recursion): give threads the usual 8 MB unless the program asks otherwise
+# thread's deep recursion): where threads can start at all (a root caller without the uid
+# drop), give them the usual 8 MB unless the program asks otherwise
 import _thread
 _thread.stack_size(8 << 20)
 
@@ -279,8 +279,7 @@ def child(i, inp_fd, out_w, err_w, work):
     if LIBC is not None:
         LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     try:  # after the uid drop, so that execve itself is not refused
-        tasks = CFG["tasks"] if drop else 0  # a shared uid's count is not the program's own
-        resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     except (ValueError, OSError):
         pass
     os.closerange(3, 1 << 16)
@@ -420,38 +419,52 @@ def normalize_output(text: str) -> str:
 
 
 COMPARE_MODES = ("lines", "tokens")
+_WS = re.compile(r"[ \t\n\r\f\v]+")  # ASCII whitespace only, as judges split tokens
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _float(token: str) -> Optional[float]:
-    try:
-        v = float(token)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
+def checker_error(compare: Any, float_tolerance: Any) -> Optional[str]:
+    """Why ``compare`` / ``float_tolerance`` are not a checker (None when they are)."""
+    if compare not in COMPARE_MODES:
+        return f"compare must be one of {COMPARE_MODES}, got {compare!r}"
+    if float_tolerance is not None and (isinstance(float_tolerance, bool) or not isinstance(float_tolerance, (int, float))
+                                        or not 0 <= float_tolerance < math.inf):
+        return f"float_tolerance must be a number >= 0, got {float_tolerance!r}"
+    return None
+
+
+def _tokens(text: str) -> list[str]:
+    return [t for t in _WS.split(text) if t]
 
 
 def outputs_match(got: str, want: str, compare: str = "lines", float_tolerance: Optional[float] = None) -> bool:
     """Whether a program's output ``got`` answers ``want``, as a judge's checker decides.
 
     ``lines``: equal after :func:`normalize_output` (trailing spaces and blank lines ignored).
-    ``tokens``: equal sequences of whitespace-separated tokens (Codeforces' default checker:
-    "1 2" on one line or two, with any spacing). ``float_tolerance`` (implies ``tokens``): a
-    pair of tokens that are both numbers also matches when ``|got - want| <= tol * max(1,
-    |want|)`` (testlib's absolute-or-relative error: 0.3333 answers 1/3 at 1e-4)."""
-    if compare not in COMPARE_MODES:
-        raise ValueError(f"compare must be one of {COMPARE_MODES}, got {compare!r}")
+    ``tokens``: equal sequences of tokens split on ASCII whitespace (Codeforces' default
+    checker: "1 2" on one line or two, with any spacing). ``float_tolerance`` (implies
+    ``tokens``): where the expected token is a decimal number (a point or an exponent; an
+    integer such as a residue mod 1e9+7 must match exactly), a decimal ``got`` also matches
+    when ``|got - want| <= tol * max(1, |want|)`` (testlib's absolute-or-relative error)."""
+    error = checker_error(compare, float_tolerance)
+    if error:
+        raise ValueError(error)
+    if got == want:
+        return True
     if compare == "lines" and float_tolerance is None:
         return normalize_output(got) == normalize_output(want)
-    a, b = got.split(), want.split()
+    a, b = _tokens(got), _tokens(want)
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
         if x == y:
             continue
-        if float_tolerance is None:
+        if (float_tolerance is None or _INTEGER.fullmatch(y) or not _DECIMAL.fullmatch(y)
+                or not _DECIMAL.fullmatch(x)):
             return False
-        fx, fy = _float(x), _float(y)
-        if fx is None or fy is None or abs(fx - fy) > float_tolerance * max(1.0, abs(fy)):
+        fx, fy = float(x), float(y)
+        if not (math.isfinite(fx) and math.isfinite(fy)) or abs(fx - fy) > float_tolerance * max(1.0, abs(fy)):
             return False
     return True
 
@@ -499,7 +512,7 @@ def run_tests(
     problem among "timeout", "memory", "output_limit", "error" (runtime error, crash or a
     killed supervisor), "invalid" (malformed program/tests). Never raises.
     """
-    if not isinstance(program, str) or not _valid_tests(tests):
+    if not isinstance(program, str) or not _valid_tests(tests) or checker_error(compare, float_tolerance):
         total = len(tests) if isinstance(tests, list) else 0
         return {"passed": 0, "total": total, "status": "invalid", "results": []}
     total = len(tests)
@@ -522,8 +535,7 @@ def run_tests(
                 "isolate_fs": bool(isolate_fs),
                 "drop_privileges": bool(drop_privileges),
                 "python_guards": bool(python_guards),
-                "uid": random.SystemRandom().randrange(*SANDBOX_UIDS),
-                "tasks": SANDBOX_TASKS,
+                "uid": NOBODY,
                 "python": os.path.realpath(sys.executable),
                 "python_prefix": prefix,
             }

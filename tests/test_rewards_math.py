@@ -131,6 +131,11 @@ CASES = [
     ("\\boxed{x = 1, x = -2}", "2, 1", False),
     ("\\boxed{(-\\infty, 0) \\cup (1, \\infty)}", "(1,\\infty)\\cup(-\\infty,0)", True),
     ("\\boxed{(-\\infty, 0) \\cup (1, \\infty)}", "(-\\infty,0]\\cup(1,\\infty)", False),
+    # "x is in" a set or interval: the set is the answer
+    ("\\boxed{x \\in [0, 1]}", "[0,1]", True),
+    ("\\boxed{x \\in [0, 1)}", "[0,1]", False),
+    ("\\boxed{x\\in(-\\infty,2)\\cup(3,\\infty)}", "(3,\\infty)\\cup(-\\infty,2)", True),
+    ("\\boxed{t \\in \\{1, 2\\}}", "\\{2,1\\}", True),
     ("\\boxed{\\varnothing}", "\\emptyset", True),
     # --- text and multiple choice --------------------------------------------------------
     ("\\boxed{\\text{(B)}}", "B", True),

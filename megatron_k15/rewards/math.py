@@ -352,8 +352,14 @@ def _encloses(s: str) -> bool:
     return False
 
 
+_MEMBERSHIP = re.compile(r"\\?[a-zA-Z]+(?:_\{?\w+\}?)?\\in(?![a-zA-Z])(.+)")
+
+
 def _structure(s: str):
-    """('scalar', s) | ('seq', open, close, items) | ('set', items)."""
+    """('scalar', s) | ('seq', open, close, items) | ('set', items). ``x\\in[0,1]`` is its set."""
+    m = _MEMBERSHIP.fullmatch(s)
+    if m:
+        s = m.group(1)
     if len(_split_top(s, "\\cup")) > 1:
         return ("set", [p for p in _split_top(s, "\\cup")])
     if _encloses(s):

@@ -131,6 +131,9 @@ CASES = [
     ("\\boxed{x = 1, x = -2}", "2, 1", False),
     ("\\boxed{(-\\infty, 0) \\cup (1, \\infty)}", "(1,\\infty)\\cup(-\\infty,0)", True),
     ("\\boxed{(-\\infty, 0) \\cup (1, \\infty)}", "(-\\infty,0]\\cup(1,\\infty)", False),
+    # a matrix's row break "\\\\" followed by a space is not the spacing command "\\ "
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}", False),
     # "x is in" a set or interval: the set is the answer
     ("\\boxed{x \\in [0, 1]}", "[0,1]", True),
     ("\\boxed{x \\in [0, 1)}", "[0,1]", False),

@@ -253,7 +253,7 @@ def normalize_answer(ans: str) -> str:
     s = re.sub(r"\\(?:displaystyle|textstyle|scriptstyle)\b", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\s*", "", s)
     s = s.replace("\\left.", "").replace("\\right.", "")
-    s = re.sub(r"\\[!,;:> ]", " ", s)
+    s = re.sub(r"(?<!\\)\\[!,;:> ]", " ", s)  # spacing commands, not the end of a row break
     s = re.sub(r"\\q?quad\b", " ", s)
     s = s.replace("~", " ")
     s = s.replace("{,}", ",")

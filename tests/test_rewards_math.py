@@ -134,6 +134,11 @@ CASES = [
     # a matrix's row break "\\\\" followed by a space is not the spacing command "\\ "
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}", False),
+    # AMC-style choice with its content against the letter, either way round
+    ("\\boxed{\\textbf{(A)}\\ 5}", "A", True),
+    ("\\boxed{\\textbf{(A)}\\ 5}", "B", False),
+    ("\\boxed{C}", "\\textbf{(C) }12", True),
+    ("\\boxed{(D) 12}", "(C) 12", False),
     # "x is in" a set or interval: the set is the answer
     ("\\boxed{x \\in [0, 1]}", "[0,1]", True),
     ("\\boxed{x \\in [0, 1)}", "[0,1]", False),

@@ -768,6 +768,11 @@ def verify(response: str, reference: str, *, timeout_s: float = SYMBOLIC_TIMEOUT
                 nx, ny = _to_number(x), _to_number(y)
                 if nx is not None and ny is not None and _num_close(Fraction(nx) / 100, ny):
                     return True
+        # a choice with its content, "\\textbf{(A)}\\ 5" (AMC style), answers the letter "A"
+        for x, y in ((a, b), (b, a)):
+            m = re.fullmatch(r"\(([A-E])\).+", x)
+            if m and re.fullmatch(r"[A-E]", y):
+                return m.group(1) == y
         return False
     except Exception:  # noqa: BLE001 - junk in, False out
         return False

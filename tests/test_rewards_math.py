@@ -134,6 +134,11 @@ CASES = [
     # a matrix's row break "\\\\" followed by a space is not the spacing command "\\ "
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}", False),
+    # logarithms with a base (sympy's log(x, b))
+    ("\\boxed{\\log_2 8}", "3", True),
+    ("\\boxed{\\log_{10}(1000)}", "3", True),
+    ("\\boxed{\\log_2 9}", "3", False),
+    ("\\boxed{\\log_2 x}", "\\log_3 x", False),
     # AMC-style choice with its content against the letter, either way round
     ("\\boxed{\\textbf{(A)}\\ 5}", "A", True),
     ("\\boxed{\\textbf{(A)}\\ 5}", "B", False),

@@ -285,6 +285,9 @@ def normalize_answer(ans: str) -> str:
     if m:
         s = m.group(1)
     s = _fix_frac_sqrt(s)
+    # a logarithm's base: "\log_2 8", "\log_{10}(x)" -> "\log(8,2)", "\log(x,10)" (sympy's log(x, b))
+    s = re.sub(r"\\log_\{?([0-9a-zA-Z]+)\}?\s*(\([^()]*\)|\{[^{}]*\}|[A-Za-z0-9.]+)",
+               lambda m: "\\log(" + m.group(2).strip("(){}") + "," + m.group(1) + ")", s)
     # keep command boundaries when spaces go: "\pi r" -> "\pi*r", "\sin x" -> "\sin(x)"
     s = re.sub(r"\\(ln|log|exp|sin|cos|tan|cot|sec|csc|sinh|cosh|tanh)\s+([A-Za-z0-9]+)",
                r"\\\1(\2)", s)

@@ -29,6 +29,9 @@ def _sum_of(rank, world_size, tensors):
 
 
 def _dies_on_rank_1(rank, world_size):
+    # after a barrier: dying during gloo's connection setup would fail rank 0 first, and
+    # which rank reports first would then be a race
+    torch.distributed.barrier()
     if rank == 1:
         os._exit(7)  # no report, no traceback: as a segfault would
     time.sleep(30)  # rank 0 waits, as it would in a collective

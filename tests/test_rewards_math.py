@@ -133,6 +133,11 @@ CASES = [
     # a matrix's row break "\\\\" followed by a space is not the spacing command "\\ "
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}", False),
+    # a whole answer "2\\frac{1}{4}" is a mixed number (MATH: "express as a mixed number")
+    ("\\boxed{1\\frac{1}{2}}", "\\frac32", True),
+    ("\\boxed{\\frac94}", "2 \\frac{1}{4}", True),
+    ("\\boxed{2\\frac{1}{4}}", "0.5", False),
+    ("\\boxed{-1\\frac12}", "-1.5", True),
     # logarithms with a base (sympy's log(x, b))
     ("\\boxed{\\log_2 8}", "3", True),
     ("\\boxed{\\log_{10}(1000)}", "3", True),

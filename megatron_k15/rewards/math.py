@@ -297,6 +297,11 @@ def normalize_answer(ans: str) -> str:
     # thousands separators (only for a whole plain number)
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
+    # a mixed number, the whole answer: "2\frac{1}{4}" is 9/4 ("express as a mixed number"), not 2 * 1/4
+    m = re.fullmatch(r"([-+]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
+    if m and int(m.group(4)) > 0:
+        whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        s = f"{'-' if m.group(1) == '-' else ''}\\frac{{{whole * den + num}}}{{{den}}}"
     # multiple choice "(B)" -> "B"
     m = re.fullmatch(r"\(?([A-Ea-e])\)", s)
     if m:

@@ -30,12 +30,17 @@ with exit code 1, "FILE:LINE: field 'NAME': ..." on stderr and no output file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
+
+from tqdm import tqdm
 
 if importlib.util.find_spec("megatron_k15") is None:  # run from a checkout: tools/ sits next to it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,10 +103,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.test_agreement <= 0.5:
         parser.error(f"--test-agreement {args.test_agreement}: at most half the solutions could then "
                      "outvote the rest; use a value above 0.5")
-    for flag in ("num_generated", "max_solutions", "min_tests", "workers"):
-        v = getattr(args, flag)
-        if v < (0 if flag == "num_generated" else 1):
-            parser.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'num_generated' else 1}, got {v}")
+    for flag, low in (("num_generated", 0), ("max_solutions", 1), ("min_tests", 1), ("workers", 1)):
+        if getattr(args, flag) < low:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     if args.max_tests is not None and args.max_tests < args.min_tests:
         parser.error(f"--max-tests {args.max_tests} is below --min-tests {args.min_tests}")
     if args.timeout_s <= 0:
@@ -111,15 +115,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def settings_from(args: argparse.Namespace) -> BuildSettings:
-    return BuildSettings(num_generated=args.num_generated, max_solutions=args.max_solutions,
-                         test_agreement=args.test_agreement, problem_pass_rate=args.problem_pass_rate,
-                         min_tests=args.min_tests, max_tests=args.max_tests, timeout_s=args.timeout_s,
-                         memory_mb=args.memory_mb, seed=args.seed, keep_solutions=args.keep_solutions)
-
-
-def _build(job):
-    rec, settings = job
-    return build_problem_tests(rec, settings)
+    """The flags of the same names (every BuildSettings field is one)."""
+    return BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
 
 
 def write_generator_prompts(args: argparse.Namespace) -> int:
@@ -169,27 +166,15 @@ def run(args: argparse.Namespace, progress: bool = True) -> Counter:
             raise DataError(args.input, line, "test_inputs", "missing: give test_inputs, an input_generator "
                                                              "or tests (or its generators in --generators)")
     records = [rec for _, rec in numbered]
-    settings = settings_from(args)
-    jobs = [(r, settings) for r in records]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), unit="problem", desc="build_code_tests", file=sys.stderr, dynamic_ncols=True)
+    build = functools.partial(build_problem_tests, s=settings_from(args))
     results = []
-    if args.workers > 1 and len(jobs) > 1:
-        # threads: each problem's work is waiting on its sandboxed programs, as in grading
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(args.workers, len(jobs))) as pool:
-            for res in pool.map(_build, jobs):  # in input order
-                results.append(res)
-                bar is not None and bar.update()
-    else:
-        for job in jobs:
-            results.append(_build(job))
-            bar is not None and bar.update()
-    if bar is not None:
-        bar.close()
+    # threads: each problem's work is waiting on its sandboxed programs, as in grading
+    with ThreadPoolExecutor(min(args.workers, len(records))) as pool, \
+            tqdm(total=len(records), unit="problem", desc="build_code_tests", file=sys.stderr,
+                 dynamic_ncols=True, disable=not progress) as bar:
+        for res in pool.map(build, records):  # in input order
+            results.append(res)
+            bar.update()
     counts.update({"kept": 0, DROP_NO_INPUTS: 0, DROP_FEW_TESTS: 0, DROP_DISAGREE: 0})
     kept = []
     for res in results:

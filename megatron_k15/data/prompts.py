@@ -214,10 +214,9 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
             raise FieldError("timeout_s", f"expected seconds (a number > 0), got {timeout!r}")
     from megatron_k15.rewards.code import checker_error  # the code reward's checker
 
-    for name, error in (("compare", checker_error(obj.get("compare", "lines"), None)),
-                        ("float_tolerance", checker_error("lines", obj.get("float_tolerance")))):
-        if error:
-            raise FieldError(name, error.split(" ", 1)[1])
+    error = checker_error(obj.get("compare", "lines"), obj.get("float_tolerance"))
+    if error:
+        raise FieldError(*error)
     rate = obj.get("pass_rate", None)
     if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:

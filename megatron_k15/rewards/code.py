@@ -424,13 +424,13 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def checker_error(compare: Any, float_tolerance: Any) -> Optional[str]:
-    """Why ``compare`` / ``float_tolerance`` are not a checker (None when they are)."""
+def checker_error(compare: Any, float_tolerance: Any) -> Optional[tuple[str, str]]:
+    """``(field, why)`` when ``compare`` / ``float_tolerance`` are not a checker, else None."""
     if compare not in COMPARE_MODES:
-        return f"compare must be one of {COMPARE_MODES}, got {compare!r}"
+        return "compare", f"must be one of {COMPARE_MODES}, got {compare!r}"
     if float_tolerance is not None and (isinstance(float_tolerance, bool) or not isinstance(float_tolerance, (int, float))
                                         or not 0 <= float_tolerance < math.inf):
-        return f"float_tolerance must be a number >= 0, got {float_tolerance!r}"
+        return "float_tolerance", f"must be a number >= 0, got {float_tolerance!r}"
     return None
 
 
@@ -449,7 +449,7 @@ def outputs_match(got: str, want: str, compare: str = "lines", float_tolerance: 
     when ``|got - want| <= tol * max(1, |want|)`` (testlib's absolute-or-relative error)."""
     error = checker_error(compare, float_tolerance)
     if error:
-        raise ValueError(error)
+        raise ValueError(" ".join(error))
     if got == want:
         return True
     if compare == "lines" and float_tolerance is None:

@@ -155,6 +155,23 @@ def test_standard_library_is_usable():
     assert run_tests(prog, [{"input": "11\n", "output": want}], 5.0)["status"] == "ok"
 
 
+def test_judges_thread_idiom():
+    """Competitive programmers recurse deeply inside a thread with a big stack; the sandbox
+    cannot start threads (RLIMIT_NPROC 0 under the uid drop), so start() runs the target to
+    the end; join() and is_alive() then behave as for a finished thread, and an exception in
+    the target is reported on stderr while the main program goes on, as in CPython."""
+    idiom = ("import sys, threading\nsys.setrecursionlimit(1 << 20)\nthreading.stack_size(1 << 27)\n"
+             "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\n"
+             "def main():\n    print(depth(int(input())))\n"
+             "t = threading.Thread(target=main)\nt.start()\nt.join()\nprint(t.is_alive())\n")
+    res = run_tests(idiom, [{"input": "100000\n", "output": "100000\nFalse"}], 10.0)
+    assert res["status"] == "ok", res
+    failing = ("import threading\ndef f():\n    raise ValueError('boom')\n"
+               "t = threading.Thread(target=f)\nt.start()\nt.join()\nprint('after')\n")
+    res = run_tests(failing, [{"input": "", "output": "after"}], 10.0)
+    assert res["status"] == "ok" and "ValueError: boom" in res["results"][0]["stderr"], res
+
+
 # ---------------------------------------------------------------------------- hostile programs
 
 

@@ -154,6 +154,19 @@ CASES = [
     ("\\boxed{x\\in(-\\infty,2)\\cup(3,\\infty)}", "(3,\\infty)\\cup(-\\infty,2)", True),
     ("\\boxed{t \\in \\{1, 2\\}}", "\\{2,1\\}", True),
     ("\\boxed{\\varnothing}", "\\emptyset", True),
+    # repeating decimals are exact fractions: I.A(B) = I + (AB - A) / (10^|A| (10^|B| - 1))
+    ("\\boxed{0.\\overline{3}}", "\\frac13", True),
+    ("\\boxed{0.\\overline{3}}", "0.3", False),
+    ("\\boxed{1.2\\overline{36}}", "\\frac{68}{55}", True),
+    ("\\boxed{0.1\\dot{6}}", "1/6", True),
+    ("\\boxed{0.\\overline{142857}}", "\\frac{1}{7}", True),
+    # the real line
+    ("\\boxed{\\mathbb{R}}", "(-\\infty,\\infty)", True),
+    ("\\boxed{(-\\infty, \\infty)}", "\\mathbb R", True),
+    ("\\boxed{\\mathbb{R}}", "[0,\\infty)", False),
+    # a fraction with words after it, but not a fraction times a variable
+    ("\\boxed{\\frac34\\text{ of the pie}}", "0.75", True),
+    ("\\boxed{\\frac{1}{2} x}", "0.5", False),
     # --- text and multiple choice --------------------------------------------------------
     ("\\boxed{\\text{(B)}}", "B", True),
     ("\\boxed{(C)}", "C", True),

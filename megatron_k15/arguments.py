@@ -91,8 +91,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight of the MoE load-balancing loss (Switch/GShard, per layer, mean over "
                         "microbatches; Qwen3-MoE trained with 0.001); 0 = off")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
-                   help="must be 1: experts are split over tensor parallelism (Megatron's expert "
-                        "tensor parallelism = tp), not distributed whole over ranks")
+                   help="expert parallelism: every MoE layer's experts split over this many of the "
+                        "data x context parallel ranks, tokens sent to them by all-to-all (each expert "
+                        "still split over --tensor-model-parallel-size); divides --num-experts and dp x cp")
     for flag, why in MEGATRON_MODEL_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope",
@@ -332,8 +333,6 @@ def megatron_settings_problem(args) -> Optional[str]:
     for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
                                 ("attention_dropout", 0.0, "the model has no dropout"),
                                 ("hidden_dropout", 0.0, "the model has no dropout"),
-                                ("expert_model_parallel_size", 1,
-                                 "experts are split over --tensor-model-parallel-size instead"),
                                 ("recompute_num_layers", None if block else 1,
                                  "uniform recompute checkpoints each layer; use --recompute-method block")):
         value = _get(args, dest)
@@ -368,6 +367,15 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         )
     dp = world_size // (tp * pp * cp)
     args.data_parallel_size = dp
+    ep = _get(args, "expert_model_parallel_size", 1)
+    ep = 1 if ep is None else ep
+    if ep < 1:
+        raise ArgumentError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    if (dp * cp) % ep:
+        raise ArgumentError(
+            f"--expert-model-parallel-size {ep} must divide the data x context parallel size {dp * cp} "
+            f"(world size {world_size} / (--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
+            f"{pp})); experts are split over ranks that hold different data")
     if _get(args, "bf16") and _get(args, "fp16"):
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive; pick one")
     args.params_dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
@@ -408,6 +416,11 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")
+    if ep > 1 and not cfg.is_moe:
+        raise ArgumentError(f"--expert-model-parallel-size {ep} applies to mixture-of-experts models "
+                            "(--num-experts); this model is dense")
+    if ep > 1 and cfg.num_moe_experts % ep:
+        raise ArgumentError(f"--expert-model-parallel-size {ep} must divide --num-experts {cfg.num_moe_experts}")
     aux = _get(args, "moe_aux_loss_coeff") or 0.0
     if aux < 0:
         raise ArgumentError(f"--moe-aux-loss-coeff must be >= 0, got {aux}")

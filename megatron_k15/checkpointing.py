@@ -11,7 +11,8 @@
 A checkpoint directory is first written under a hidden temporary name and renamed when
 complete, so a crash never leaves a directory that looks finished. Loading under a different
 tp/pp layout merges the shards into the full state dict and splits it again
-(``models/sharding.py``).
+(``models/sharding.py``). Shards hold every expert of an MoE layer whatever the expert-parallel
+size was; a model keeps its own experts when it loads (``parallel/expert.py``).
 """
 
 from __future__ import annotations
@@ -218,10 +219,12 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
         dist.barrier()
     opt_state = (ctx.optimizer.state_dict(moments=save_optimizer_moments)
                  if (save_optimizer and ctx.optimizer is not None) else None)
+    # all E experts of every MoE layer (a collective over the ep group), so any ep loads it
+    weights = model.checkpoint_state_dict(all_experts=True)
     if pc.writes_model_shard:
         d = os.path.join(tmp, shard_dir_name(pc.tp_rank, pc.pp_rank))
         os.makedirs(d, exist_ok=True)
-        payload = {"model": model.checkpoint_state_dict()}
+        payload = {"model": weights}
         if opt_state is not None:
             payload["optimizer"] = opt_state
         torch.save(payload, os.path.join(d, "model.pt"))
@@ -232,7 +235,7 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(layout_dict(model.config, pc.tp_size, pc.pp_size, ctx.layer_ranges,
                                   iteration=iteration, world_size=world, cp_size=pc.cp_size,
-                                  dp_size=pc.dp_size), f, indent=2)
+                                  dp_size=pc.dp_size, ep_size=pc.ep_size), f, indent=2)
         torch.save(extra_state or {}, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):
             shutil.rmtree(final)

@@ -31,7 +31,7 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def check_world_size(world_size: int, tp: int, pp: int, cp: int) -> None:
+def check_world_size(world_size: int, tp: int, pp: int, cp: int, ep: int = 1) -> None:
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
         raise ValueError(
@@ -39,20 +39,29 @@ def check_world_size(world_size: int, tp: int, pp: int, cp: int) -> None:
             f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} = {model_parallel}; "
             "launch a multiple of that many processes"
         )
+    dp_cp = world_size // (tp * pp)
+    if dp_cp % ep:
+        raise ValueError(
+            f"--expert-model-parallel-size {ep} must divide the data x context parallel size {dp_cp} "
+            f"(world size {world_size} / (--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
+            f"{pp})): experts are split over the ranks that hold different data")
 
 
-def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: str | None = None) -> None:
-    """Process groups in Megatron's order (tp fastest, then cp, dp, pp)."""
+def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: str | None = None,
+                              ep: int = 1) -> None:
+    """Process groups in Megatron's order (tp fastest, then cp, dp, pp); the expert-parallel
+    groups (``ep``) split the dp x cp ranks of each tp rank and stage (``parallel.expert``)."""
     from megatron.core import parallel_state
 
     initialize_distributed(backend)
-    check_world_size(dist.get_world_size(), tp, pp, cp)
+    check_world_size(dist.get_world_size(), tp, pp, cp, ep)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
     _create_pipeline_token_groups(pp)
@@ -111,7 +120,8 @@ def set_seed(seed: int) -> None:
 def initialize_megatron(args) -> None:
     """Everything an entry point needs before building the model, from parsed arguments."""
     initialize_model_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size,
+        ep=getattr(args, "expert_model_parallel_size", 1) or 1,
     )
     set_seed(args.seed)
 

@@ -205,7 +205,9 @@ def dpo_reference_logps(ctx, stream, mbs: int, device, chunk_microbatches: int =
     was_training = model.training
     model.eval()
     step_rows = chunk_microbatches * mbs
-    for start in range(0, len(rows), step_rows):
+    # as many chunks on every dp rank (expert parallelism runs the ranks in step); the last may be empty
+    most_rows = -(-len(stream.reference_rows()) // pc.dp_size)
+    for start in range(0, most_rows, step_rows):
         part = rows[start:start + step_rows]
         mbs_list = [_local_microbatch(ctx, stream, part[k:k + mbs], device) for k in range(0, len(part), mbs)]
         for index, sums in forward_only(ctx, mbs_list, step):

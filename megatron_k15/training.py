@@ -43,6 +43,12 @@ class ParallelContext:
     dp_group: Any
     dp_cp_group: Any  # gradients are reduced over data x context parallel ranks
     embedding_group: Any
+    # expert parallelism (parallel/expert.py): experts split over ep ranks of the dp x cp ones;
+    # their gradients are reduced over the expert-data-parallel group (dp x cp / ep ranks)
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    expert_dp_group: Any = None
 
     @classmethod
     def from_parallel_state(cls) -> "ParallelContext":
@@ -59,6 +65,8 @@ class ParallelContext:
             # only the first and last stage hold the (tied) embedding and its group
             embedding_group=ps.get_embedding_group()
             if pp > 1 and ps.get_pipeline_model_parallel_rank() in (0, pp - 1) else None,
+            ep_size=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_group=ps.get_expert_model_parallel_group(), expert_dp_group=ps.get_expert_data_parallel_group(),
         )
 
     @property
@@ -117,6 +125,7 @@ def build_stage_model(args, cfg: GPTConfig, pc: ParallelContext, ranges) -> GPTM
         logprob_impl=getattr(args, "logprob_impl", "auto"),
         cp_group=pc.cp_group if pc.cp_size > 1 else None,
         cp_comm_type=getattr(args, "cp_comm_type", "ring"),
+        ep_group=pc.ep_group if pc.ep_size > 1 else None,
     )
 
 
@@ -137,6 +146,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         eps=getattr(args, "adam_eps", 1e-8), clip_grad=getattr(args, "clip_grad", 0.0),
         adam_impl=getattr(args, "adam_impl", "auto"),
         dp_group=pc.dp_cp_group, tp_group=pc.tp_group, grad_norm_group=dist.group.WORLD,
+        expert_dp_group=pc.expert_dp_group if pc.ep_size > 1 else None,
+        ep_group=pc.ep_group if pc.ep_size > 1 else None,
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
     )
@@ -170,19 +181,52 @@ def stage_forward(model: GPTModel, mb: dict, hidden):
                  token_mask=mb.get("token_mask"))
 
 
+def empty_microbatch(model: GPTModel) -> dict:
+    """A microbatch without real tokens (token_mask 0): the shortest padded row every layout
+    accepts (even under cp, a multiple of tp under sequence parallelism)."""
+    width = 2 * model.tp_size
+    device = next(model.parameters()).device
+    zeros = torch.zeros(1, width, dtype=torch.long, device=device)
+    return {"input_ids": zeros, "labels": zeros, "token_mask": zeros, "empty": True}
+
+
+def pad_for_expert_parallel(ctx: TrainContext, microbatches: Sequence[dict], forward_step, model=None):
+    """Under expert parallelism every MoE layer call is a collective over the ep group, so its
+    ranks must run as many microbatches as each other: this rank's list grows to the most any
+    dp x cp rank has, with empty microbatches whose loss is 0 x the output (their backward
+    still serves the other ranks' tokens) and whose results are dropped. Returns (microbatches,
+    forward_step, number of real microbatches). ``model``: the model stage ``forward_step``
+    runs (default the context's; e.g. the frozen reference), whose experts the empty ones serve."""
+    model = ctx.model if model is None else model
+    n = len(microbatches)
+    if ctx.pc.ep_size == 1:
+        return microbatches, forward_step, n
+    most = int(group_reduce(float(n), ctx.pc.dp_cp_group, dist.ReduceOp.MAX))
+    padded = list(microbatches) + [empty_microbatch(model) for _ in range(most - n)]
+
+    def step(mb, hidden):
+        if not mb.get("empty"):
+            return forward_step(mb, hidden)
+        out = stage_forward(model, mb, hidden)
+        return (out.sum() * 0.0, None) if model.post_process else out
+
+    return padded, step, n
+
+
 def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr: float) -> tuple[list, float]:
     """Zero grads, run 1F1B over the microbatches (grads reduced over dp during the last
     backward), step the optimizer. Returns (last-stage results, grad norm)."""
     opt = ctx.optimizer
     opt.zero_grad()
-    n = len(microbatches)
     if ctx.moe_aux_loss_coeff > 0:  # coeff x the mean over the step's microbatches (all dp ranks)
-        total = group_reduce(float(n), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
+        total = group_reduce(float(len(microbatches)), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
         ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, 1.0 / max(total, 1.0))
+    microbatches, forward_step, real = pad_for_expert_parallel(ctx, microbatches, forward_step)
+    n = len(microbatches)
     results = forward_backward(
         forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
         before_backward=lambda i: opt.prepare_for_backward(i == n - 1),
-    )
+    )[:real]
     opt.finish_grad_sync()
     grad_norm = opt.step(lr)
     if ctx.moe_aux_loss_coeff > 0:
@@ -207,8 +251,12 @@ def _mean_moe_aux_loss(ctx: TrainContext) -> float:
     return total / count if count > 0 else 0.0
 
 
-def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step) -> list:
-    return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model), forward_only=True)
+def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step, model=None) -> list:
+    """Forward passes through the pipeline (no grad); ``model``: the stage ``forward_step`` runs
+    if not the context's (``pad_for_expert_parallel``)."""
+    microbatches, forward_step, real = pad_for_expert_parallel(ctx, microbatches, forward_step, model)
+    return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
+                            forward_only=True)[:real]
 
 
 def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool = True,

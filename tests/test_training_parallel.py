@@ -8,7 +8,7 @@ import torch
 
 from megatron_k15.data.sft import PackedSFTStream
 from megatron_k15.models.config import preset
-from megatron_k15.models.sharding import merge_shards
+from megatron_k15.models.sharding import merge_shards, split_tensor
 from megatron_k15.testing import random_sft_samples, run_distributed
 
 SEQ, GBS, MBS, ITERS = 32, 8, 1, 3
@@ -29,13 +29,13 @@ def _args(sequence_parallel=True):
 MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
 
 
-def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel=True, moe=False):
+def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel=True, moe=False, ep=1):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
-    initialize_model_parallel(tp, pp)
+    initialize_model_parallel(tp, pp, ep=ep)
     cfg = preset("tiny", num_layers=4, init_method_std=0.05, qk_layernorm=qk_layernorm, **(MOE if moe else {}))
     args = _args(sequence_parallel)
     args.moe_aux_loss_coeff = 0.05 if moe else 0.0
@@ -62,7 +62,8 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
 
     valid = validation_loss(ctx, stream, MBS, torch.device("cpu"), max_rows=GBS + 2)
     return {"losses": losses, "norms": norms, "aux": aux, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
-            "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict(), "valid": valid}
+            "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict(all_experts=True), "valid": valid,
+            "optimizer": ctx.optimizer.state_dict()["master"]}
 
 
 def _full_weights(results):
@@ -103,6 +104,31 @@ def test_mixture_of_experts_under_tp_and_dp_equals_one_rank():
     _assert_equal_to_reference(results, reference)
     for r in results:
         assert r["aux"] == pytest.approx(reference[0]["aux"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_reference():
+    return run_distributed(train_worker, 1, 1, 1, False, True, True)
+
+
+@pytest.mark.parametrize("tp,pp,dp,ep", [(1, 1, 2, 2), (2, 1, 2, 2), (1, 2, 2, 2), (1, 1, 4, 4)])
+def test_expert_parallel_equals_one_rank(moe_reference, tp, pp, dp, ep):
+    """Experts split over ep of the dp ranks, tokens exchanged by all-to-all, expert grads
+    reduced (and Adam sharded) over the expert-data-parallel group: losses, grad norms, aux
+    losses, held-out loss (dp=4 gets uneven validation rows: the ranks with fewer run empty
+    microbatches to serve the others' experts), weights and fp32 master weights (gathered to
+    all experts, as checkpoints hold them) equal one rank."""
+    results = run_distributed(train_worker, tp * pp * dp, tp, pp, False, True, True, ep)
+    _assert_equal_to_reference(results, moe_reference)
+    for r in results:
+        assert r["aux"] == pytest.approx(moe_reference[0]["aux"], rel=1e-6)
+    ref_master = moe_reference[0]["optimizer"]
+    for r in results:
+        for name, w in r["optimizer"].items():
+            if ".mlp.experts." in name:
+                want = split_tensor(ref_master[name], name, tp, r["tp_rank"])
+                assert w.shape == want.shape  # all 4 experts, this tp rank's slice of each
+                torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-6)
 
 
 def _assert_equal_to_reference(results, reference):

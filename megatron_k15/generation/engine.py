@@ -37,6 +37,12 @@ decode attends over the local shard with the split-KV kernel, returning its LSE,
 the cp partial outputs in fp32: out = sum_r exp(lse_r - m) out_r / sum_r exp(lse_r - m).
 Scheduling uses the smallest free-block count over the cp ranks, so they decide alike.
 
+Expert parallelism (the model's ``ep_group``): every MoE layer call is a collective over the
+ep group, whose ranks generate different requests and finish at different times. Before each
+forward a rank says over the group that it has one (one small all-reduce); a rank whose
+requests are all done keeps answering and runs ``model.serve_experts()`` (its MoE layers
+exchange with no tokens of its own) for every forward another rank still has, until none has.
+
 ``generate`` has the signature of ``generation.recompute.generate_recompute`` (the O(n^2)
 reference the tests compare against) and returns the same ``GenerationResult``s.
 """
@@ -142,6 +148,7 @@ class GenerationEngine:
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
         self._pad_to = model.tp_size if model.sequence_parallel else 1
+        self.ep_group = getattr(model, "ep_group", None)
 
     # ------------------------------------------------------------------ cache
     def _blocks_for(self, tokens: int) -> int:
@@ -200,6 +207,19 @@ class GenerationEngine:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
         return int(t.item())
 
+    def _others_busy(self, busy: bool) -> bool:
+        """Expert parallelism: tell the ep group whether this rank runs a forward now; whether
+        any rank of it does."""
+        t = torch.tensor([int(busy)], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, group=self.ep_group)
+        return int(t.item()) > 0
+
+    def _serve_experts_until_all_done(self) -> None:
+        if self.ep_group is None:
+            return
+        while self._others_busy(False):
+            self.model.serve_experts()
+
     def _comm_device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -236,6 +256,7 @@ class GenerationEngine:
         t0 = time.perf_counter()
         try:
             self._run(requests, progress)
+            self._serve_experts_until_all_done()
         finally:
             self.stats.seconds += time.perf_counter() - t0
             if was_training:
@@ -484,6 +505,8 @@ class GenerationEngine:
         vocabulary shard of the logits at ``rows`` (fp32; None: no logits wanted), other
         stages send their hidden states on and return None."""
         model = self.model
+        if self.ep_group is not None:
+            self._others_busy(True)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         hidden = None
@@ -599,6 +622,9 @@ def build_generator(model, args, *, max_batch_size: int = 256, pp_group=None, cp
     """The generator the CLI flags ask for (``arguments.add_inference_args``)."""
     kind = getattr(args, "inference_engine", "paged")
     if kind == "recompute":
+        if getattr(model, "ep_group", None) is not None:
+            raise ValueError("--inference-engine recompute does not run expert parallelism "
+                             "(--expert-model-parallel-size > 1); use --inference-engine paged")
         if pp_group is not None or cp_group is not None:
             raise ValueError("--inference-engine recompute supports tensor parallelism only; "
                              "use --inference-engine paged")

@@ -43,6 +43,7 @@ from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, Transfo
 from megatron_k15.models.rope import RotaryEmbedding
 from megatron_k15.models.sharding import pipeline_layer_ranges
 from megatron_k15.parallel.context import zigzag_position_ids
+from megatron_k15.parallel.expert import expert_slice, gather_experts, is_expert_param
 from megatron_k15.parallel.tensor import all_gather_last_dim, gather_from_sequence_parallel_region
 
 
@@ -86,6 +87,7 @@ class GPTModel(torch.nn.Module):
         device: Optional[torch.device] = None,
         cp_group: Optional[dist.ProcessGroup] = None,
         cp_comm_type: str = "ring",
+        ep_group: Optional[dist.ProcessGroup] = None,
     ):
         super().__init__()
         if tp_group is None:
@@ -119,6 +121,13 @@ class GPTModel(torch.nn.Module):
         self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
         self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
         self.cp_comm_type = cp_comm_type
+        # expert parallelism (parallel/expert.py): this rank holds E / ep of every MoE layer's experts
+        self.ep_group = ep_group if ep_group is not None and dist.get_world_size(ep_group) > 1 else None
+        self.ep_size = 1 if self.ep_group is None else dist.get_world_size(self.ep_group)
+        self.ep_rank = 0 if self.ep_group is None else dist.get_rank(self.ep_group)
+        if self.ep_size > 1 and not config.is_moe:
+            raise ValueError(f"--expert-model-parallel-size {self.ep_size} needs a mixture-of-experts model "
+                             "(--num-experts)")
         # the single-device backend; generation prefills with it even under cp (the engine runs
         # whole sequences on every cp rank)
         self.local_attention_backend = resolve_attention_backend(attention_backend)
@@ -155,7 +164,7 @@ class GPTModel(torch.nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn,
-                                     cp_group if self.cp_size > 1 else None)
+                                     cp_group if self.cp_size > 1 else None, self.ep_group)
             for i in self.layer_range
         })
         if self.post_process:
@@ -202,7 +211,7 @@ class GPTModel(torch.nn.Module):
             full = torch.randn(expected_shape(name, cfg), generator=gen) * std
             if name in VOCAB_PARAMS:
                 full = pad_vocab(full, self.padded_vocab_size)
-            p.copy_(split_tensor(full, name, self.tp_size, self.tp_rank).to(p.dtype))
+            p.copy_(self.expert_slice(name, split_tensor(full, name, self.tp_size, self.tp_rank)).to(p.dtype))
 
     # -- pieces -------------------------------------------------------------------------
     def output_weight(self) -> torch.Tensor:
@@ -374,12 +383,28 @@ class GPTModel(torch.nn.Module):
             m.aux_losses = []
         return torch.stack(values).tolist() if values else []  # one device sync
 
+    def serve_experts(self) -> None:
+        """Every MoE layer of this stage, in order, serves the other ranks of the ep group one
+        forward's tokens without any of its own (``MoEMLP.serve_experts``)."""
+        for m in self.moe_layers():
+            m.serve_experts()
+
     # -- state dict in checkpoint naming ------------------------------------------------
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
+    def checkpoint_state_dict(self, all_experts: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's parameters by checkpoint name; ``all_experts`` (a collective over the ep
+        group) gathers every layer's E experts, as checkpoints store them (any ep loads them)."""
+        state = {
             k: v for k, v in self.state_dict().items()
             if not k.endswith("_extra_state") and not k.startswith("rotary.")
         }
+        return gather_experts(state, self.ep_group) if all_experts else state
+
+    def expert_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of ``tensor`` when it is an expert parameter stacked over all E
+        experts (a checkpoint's); other tensors as they are."""
+        if self.ep_size == 1 or not is_expert_param(name) or tensor.shape[0] != self.config.num_moe_experts:
+            return tensor
+        return expert_slice(tensor, self.ep_size, self.ep_rank)
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.checkpoint_state_dict()
@@ -389,7 +414,7 @@ class GPTModel(torch.nn.Module):
             raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name, tensor in own.items():
-                src = state[name]
+                src = self.expert_slice(name, state[name])
                 if tuple(src.shape) != tuple(tensor.shape):
                     raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(tensor.shape)}")
                 tensor.copy_(src.to(tensor.dtype))

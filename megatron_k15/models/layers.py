@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron_k15.models.attention import AttentionFn
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
+from megatron_k15.parallel.expert import run_experts_parallel
 from megatron_k15.parallel.tensor import (
     gather_from_sequence_parallel_region,
     linear_with_sequence_parallel_gather,
@@ -262,6 +263,10 @@ class MoEMLP(torch.nn.Module):
     covers only its slice, so it is a partial sum over tp (``tp_partial_grad``).
     Token copies are grouped by expert (one permutation) so each expert is one GEMM pair.
 
+    Expert parallelism (``ep_group`` of more than one rank, ``parallel.expert``): this rank
+    holds E / ep of the experts; the grouped copies go to the ranks owning their experts by
+    all-to-all and come back. The router, the weighting and the sum stay local.
+
     Load balancing (``--moe-aux-loss-coeff``, Switch/GShard's loss as in Megatron-LM): per layer
     and microbatch of T tokens, aux = E / (k T^2) * sum_e (sum_t p_te) * count_e, with count_e
     the tokens routed to e; 1 when load and probability are uniform, E / k when one expert
@@ -274,11 +279,17 @@ class MoEMLP(torch.nn.Module):
     ``_AttachAuxLoss``, divided by tp because every tp rank computes it on the same tokens
     and the router's gradient and the input's are summed over tp."""
 
-    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool, cp_group=None):
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool, cp_group=None,
+                 ep_group=None):
         super().__init__()
         tp = tp_group.size()
         self.tp_group = tp_group
         self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        self.ep_group = ep_group if ep_group is not None and ep_group.size() > 1 else None
+        ep = 1 if self.ep_group is None else self.ep_group.size()
+        if cfg.num_moe_experts % ep:
+            raise ValueError(f"--num-experts {cfg.num_moe_experts} does not split over "
+                             f"--expert-model-parallel-size {ep}")
         self.tp = tp
         self.sp = sequence_parallel and tp > 1
         self.topk, self.norm_topk = cfg.moe_router_topk, cfg.moe_norm_topk_prob
@@ -289,8 +300,9 @@ class MoEMLP(torch.nn.Module):
         self.router.weight.tp_replicated = True
         self.router.weight.tp_partial_grad = tp > 1
         self.experts = torch.nn.Module()
-        self.experts.linear_fc1 = ExpertWeights(self.num_experts, 2 * f, h, dtype)  # [gate; up]
-        self.experts.linear_fc2 = ExpertWeights(self.num_experts, h, f, dtype)
+        self.local_experts = self.num_experts // ep
+        self.experts.linear_fc1 = ExpertWeights(self.local_experts, 2 * f, h, dtype)  # [gate; up]
+        self.experts.linear_fc2 = ExpertWeights(self.local_experts, h, f, dtype)
         self.aux_loss_coeff = 0.0
         self.aux_loss_scale = 1.0
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
@@ -324,6 +336,31 @@ class MoEMLP(torch.nn.Module):
             torch.distributed.all_reduce(stats, group=self.cp_group)
         return self.aux_loss(prob_sums, stats[:-1], stats[-1].clamp(min=1.0))
 
+    def _run_local_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """This rank's experts on rows grouped by (local) expert, ``counts[e]`` rows each."""
+        w1s = self.experts.linear_fc1.weight.unbind(0)  # one view per expert: the weight's
+        w2s = self.experts.linear_fc2.weight.unbind(0)  # gradient is assembled once, not per expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(grouped[start:start + n], w1s[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
+                start += n
+        if not outs:
+            return grouped.new_zeros((0, self.experts.linear_fc2.weight.shape[1]))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def serve_experts(self) -> None:
+        """One forward's expert exchange with no tokens of this rank's own, so the other ranks
+        of the ep group get their rows through this rank's experts (generation: a rank that
+        has finished while another still decodes)."""
+        if self.ep_group is None:
+            return
+        w = self.experts.linear_fc2.weight
+        run_experts_parallel(w.new_zeros((0, w.shape[1])), torch.zeros(self.num_experts, dtype=torch.int64,
+                             device=w.device), self.ep_group, self._run_local_experts)
+
     def forward(self, x, token_mask=None):
         if self.sp:
             x = gather_from_sequence_parallel_region(x, self.tp_group)
@@ -334,27 +371,23 @@ class MoEMLP(torch.nn.Module):
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         per_expert = torch.bincount(flat, minlength=self.num_experts)
-        counts = per_expert.tolist()
         # a permutation of the (token, slot) rows both ways: no index collides, so forward and
         # backward are deterministic on GPU too (no atomics), and each token's k expert outputs
         # are summed in slot order
         t, h = tokens.shape
         grouped = tokens.unsqueeze(1).expand(t, self.topk, h).reshape(-1, h).index_select(0, order)
-        w1s = self.experts.linear_fc1.weight.unbind(0)  # one view per expert: the weight's
-        w2s = self.experts.linear_fc2.weight.unbind(0)  # gradient is assembled once, not per expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = F.linear(grouped[start:start + n], w1s[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
-                start += n
-        y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
+        if self.ep_group is None:
+            y = self._run_local_experts(grouped, per_expert.tolist())
+        else:
+            y = run_experts_parallel(grouped, per_expert, self.ep_group, self._run_local_experts)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
         slots = torch.empty_like(y)
         slots[order] = y
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self._routing_aux_loss(probs, experts, token_mask)
-            if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
+            # not a recompute inside backward, nor an empty microbatch (expert-parallel padding)
+            if torch._C._current_graph_task_id() == -1 and (token_mask is None or bool(token_mask.any())):
                 self.aux_losses.append(aux.detach())
             out = _AttachAuxLoss.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale / self.tp))
         if self.sp:
@@ -368,14 +401,14 @@ class TransformerLayer(torch.nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
-                 attention_fn: AttentionFn, cp_group=None):
+                 attention_fn: AttentionFn, cp_group=None, ep_group=None):
         super().__init__()
         dtype = mp_config.params_dtype
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
         if cfg.is_moe:
-            self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group)
+            self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group, ep_group)
         else:
             self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
 

@@ -13,6 +13,11 @@ Gradient flow for one optimizer step (dp here is the data x context parallel gro
 
 Losses are normalised by the global token count before backward, so gradients are *summed*
 over dp and every layout computes the same update as one rank.
+
+Under expert parallelism the expert parameters (``parallel.expert``) have buckets of their own,
+reduced and sharded over the expert-data-parallel group: each rank's expert gradient already
+holds the contributions of the tokens the ep group sent it, so the sum over that group is the
+sum over all dp x cp ranks. Their elements are distinct across ep ranks and all count in the norm.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15.parallel.adam import adamw_step, resolve_adam_impl
+from megatron_k15.parallel.expert import expert_slice, gather_experts, is_expert_param
 from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single, grad_is_partial_over_tp
 
 
@@ -47,6 +53,9 @@ class _Bucket:
     params: list  # [(name, param, offset within the bucket)]
     numel: int  # padded to a multiple of dp
     late: bool
+    group: Optional[object] = None  # the reduction / sharding group (dp x cp, or expert-dp)
+    size: int = 1
+    rank: int = 0
     grad_data: torch.Tensor = None  # param-dtype buffer the .grad views live in
     pending: int = 0
     handle: Optional[object] = None
@@ -59,9 +68,9 @@ class _Bucket:
     decay_ranges: list = None
     norm_ranges: list = None
 
-    def shard_range(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
-        n = self.numel // dp_size
-        return dp_rank * n, (dp_rank + 1) * n
+    def shard_range(self) -> tuple[int, int]:
+        n = self.numel // self.size
+        return self.rank * n, (self.rank + 1) * n
 
 
 def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
@@ -94,7 +103,9 @@ class DistributedOptimizer:
     tp (``grad_is_partial_over_tp``: norms under sequence parallelism, QK-norm weights) are
     all-reduced over tp before the dp reduction; tp-replicated parameters (``tp_replicated``)
     count once in the norm; ``tied_embedding`` names the parameter shared by the first and
-    last pipeline stage (all-reduced over ``embedding_group``).
+    last pipeline stage (all-reduced over ``embedding_group``). ``expert_dp_group`` and
+    ``ep_group``: expert parallelism (module docstring); expert state in ``state_dict`` is
+    gathered over ep to all E experts and ``load_state_dict`` takes either form.
     """
 
     def __init__(self, named_params, *, lr: float, weight_decay: float = 0.0,
@@ -102,7 +113,7 @@ class DistributedOptimizer:
                  dp_group=None, tp_group=None, grad_norm_group=None, embedding_group=None,
                  tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
                  bucket_numel: int = 40_000_000, overlap: bool = True,
-                 adam_impl: str = "auto"):
+                 adam_impl: str = "auto", expert_dp_group=None, ep_group=None):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
         self.adam_impl = resolve_adam_impl(adam_impl, device)
@@ -111,6 +122,8 @@ class DistributedOptimizer:
         self.dp_group, self.tp_group = dp_group, tp_group
         self.grad_norm_group, self.embedding_group = grad_norm_group, embedding_group
         self.dp_size, self.dp_rank = _group_size(dp_group), _group_rank(dp_group)
+        self.ep_group = ep_group if _group_size(ep_group) > 1 else None
+        self.expert_dp_group = expert_dp_group if self.ep_group is not None else dp_group
         self.tp_rank = _group_rank(tp_group)
         self.tied_embedding = tied_embedding
         # ``overlap`` may be switched off for a step (e.g. when some dp rank has no microbatch:
@@ -123,17 +136,20 @@ class DistributedOptimizer:
         late = [(n, p) for n, p in self.named_params if self._is_late(n, p)]
         early = [(n, p) for n, p in reversed(self.named_params) if not self._is_late(n, p)]
         self.buckets: list[_Bucket] = []
-        current, size = [], 0
-        for n, p in early:  # reverse registration order ~ the order backward produces grads
-            current.append((n, p))
-            size += p.numel()
-            if size >= bucket_numel:
-                self._add_bucket(current, late=False)
-                current, size = [], 0
-        if current:
-            self._add_bucket(current, late=False)
+        for expert in (False, True):
+            group = self.expert_dp_group if expert else dp_group
+            current, size = [], 0
+            # reverse registration order ~ the order backward produces grads
+            for n, p in (x for x in early if self._is_expert(x[0]) == expert):
+                current.append((n, p))
+                size += p.numel()
+                if size >= bucket_numel:
+                    self._add_bucket(current, late=False, group=group)
+                    current, size = [], 0
+            if current:
+                self._add_bucket(current, late=False, group=group)
         if late:
-            self._add_bucket(late, late=True)
+            self._add_bucket(late, late=True, group=dp_group)
 
         # fp32 master shard and Adam moments; decay and norm counting by parameter ranges
         self.master = [self._shard_of(b, lambda n, p: p.detach()) for b in self.buckets]
@@ -149,6 +165,9 @@ class DistributedOptimizer:
                         p.register_post_accumulate_grad_hook(self._make_hook(b))
 
     # -- layout -----------------------------------------------------------------------------
+    def _is_expert(self, name) -> bool:
+        return self.ep_group is not None and is_expert_param(name)
+
     def _is_late(self, name, p) -> bool:
         return self._partial_over_tp(p) or name == self.tied_embedding
 
@@ -162,19 +181,20 @@ class DistributedOptimizer:
             return False
         return not getattr(p, "tied_copy", False)
 
-    def _add_bucket(self, named, late: bool) -> None:
+    def _add_bucket(self, named, late: bool, group) -> None:
         offset, entries = 0, []
         for n, p in named:
             entries.append((n, p, offset))
             offset += p.numel()
-        numel = int(math.ceil(offset / self.dp_size) * self.dp_size)
+        size = _group_size(group)
+        numel = int(math.ceil(offset / size) * size)
         device = named[0][1].device
         dtype = named[0][1].dtype
-        b = _Bucket(entries, numel, late)
+        b = _Bucket(entries, numel, late, group=group, size=size, rank=_group_rank(group))
         b.grad_data = torch.zeros(numel, dtype=dtype, device=device)
         for n, p, off in entries:
             p.grad = b.grad_data[off:off + p.numel()].view_as(p)
-        b.shard_grad = torch.zeros(numel // self.dp_size, dtype=torch.float32, device=device)
+        b.shard_grad = torch.zeros(numel // size, dtype=torch.float32, device=device)
         self.buckets.append(b)
 
     def _shard_of(self, b: _Bucket, value_fn) -> torch.Tensor:
@@ -182,13 +202,13 @@ class DistributedOptimizer:
         flat = torch.zeros(b.numel, dtype=torch.float32, device=b.grad_data.device)
         for n, p, off in b.params:
             flat[off:off + p.numel()] = value_fn(n, p).reshape(-1).float().to(flat.device)
-        s, e = b.shard_range(self.dp_rank, self.dp_size)
+        s, e = b.shard_range()
         return flat[s:e].clone()
 
     def _shard_ranges(self, b: _Bucket, predicate) -> list[tuple[int, int]]:
         """(start, end) within this rank's shard of the bucket of the parameters for which
         ``predicate(name, p)`` holds, adjacent ones merged."""
-        s, e = b.shard_range(self.dp_rank, self.dp_size)
+        s, e = b.shard_range()
         out: list[tuple[int, int]] = []
         for n, p, off in b.params:
             lo, hi = max(off, s), min(off + p.numel(), e)
@@ -211,7 +231,7 @@ class DistributedOptimizer:
         return hook
 
     def _launch(self, b: _Bucket) -> None:
-        if self.dp_size == 1:
+        if b.size == 1:
             b.shard_grad.copy_(b.grad_data)  # casts to fp32 in place: no fp32 copy of the bucket
             b.handle = None
             return
@@ -225,7 +245,7 @@ class DistributedOptimizer:
             self._staged.append(b)
         else:
             b.staging = b.grad_data
-        b.handle = _reduce_scatter_single(b.shard_grad, b.staging, group=self.dp_group, async_op=True)
+        b.handle = _reduce_scatter_single(b.shard_grad, b.staging, group=b.group, async_op=True)
 
     @staticmethod
     def _retire(b: _Bucket) -> None:
@@ -296,12 +316,17 @@ class DistributedOptimizer:
             self._publish(b, self.master[i])
         return norm
 
+    @staticmethod
+    def _gather_bucket(b: _Bucket, shard: torch.Tensor) -> torch.Tensor:
+        """The whole bucket-wide flat tensor from every rank's shard (over the bucket's group)."""
+        if b.size == 1:
+            return shard
+        full = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
+        _all_gather_single(full, shard.contiguous(), group=b.group)
+        return full
+
     def _publish(self, b: _Bucket, shard: torch.Tensor) -> None:
-        if self.dp_size > 1:
-            full = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
-            _all_gather_single(full, shard.contiguous(), group=self.dp_group)
-        else:
-            full = shard
+        full = self._gather_bucket(b, shard)
         for _, p, off in b.params:
             p.data.copy_(full[off:off + p.numel()].view_as(p))
 
@@ -309,19 +334,17 @@ class DistributedOptimizer:
     def _full_flat(self, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for b, shard in zip(self.buckets, shards):
-            if self.dp_size > 1:
-                full = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
-                _all_gather_single(full, shard.contiguous(), group=self.dp_group)
-            else:
-                full = shard
+            full = self._gather_bucket(b, shard)
             for n, p, off in b.params:
                 out[n] = full[off:off + p.numel()].view_as(p).detach().cpu().clone()
-        return out
+        device = self.buckets[0].grad_data.device if self.buckets else None
+        return gather_experts(out, self.ep_group, device)
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def state_dict(self, moments: bool = True) -> dict:
-        """Collective over dp: every dp rank gets the full per-parameter state. ``moments=False``
+        """Collective over dp: every dp rank gets the full per-parameter state (all E experts
+        of an expert parameter under expert parallelism). ``moments=False``
         leaves out Adam's moments (two thirds of the bytes) for a run that resets them before
         its next step anyway (RL without --keep-optimizer-state)."""
         state = {"step": self.step_count, "master": self._full_flat(self.master)}
@@ -342,9 +365,15 @@ class DistributedOptimizer:
             if missing:
                 raise KeyError(f"optimizer state '{key}' has no entry for parameters {missing[:3]}")
             for i, b in enumerate(self.buckets):
-                target[i].copy_(self._shard_of(b, lambda n, p: tensors[n]))
+                target[i].copy_(self._shard_of(b, lambda n, p: self._local_experts(n, p, tensors[n])))
         for i, b in enumerate(self.buckets):
             self._publish(b, self.master[i])
+
+    def _local_experts(self, name: str, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t`` for parameter ``p``: this ep rank's experts when ``t`` holds all of them."""
+        if self._is_expert(name) and t.shape[0] != p.shape[0]:
+            return expert_slice(t, _group_size(self.ep_group), _group_rank(self.ep_group))
+        return t
 
     def reset_state(self) -> None:
         """Fresh Adam moments (Kimi's RL resets the optimizer every iteration)."""

@@ -278,7 +278,7 @@ def policy_logprobs(ctx: TrainContext, microbatches: list[dict], model=None) -> 
 
     was_training = model.training
     model.eval()
-    res = forward_only(ctx, microbatches, step)
+    res = forward_only(ctx, microbatches, step, model)
     model.train(was_training)
     return res
 
@@ -604,8 +604,9 @@ class RLIteration:
         # (with --ref-load, the frozen reference's log-probs of the same tokens too)
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # tokens, |diff|, k3, capped (TIS), ref k3
         for chunk, _ in plan:
-            old = policy_logprobs(ctx, chunk) if chunk else []
-            ref = policy_logprobs(ctx, chunk, self.reference) if chunk and self.reference is not None else []
+            # (a rank without samples still runs: under expert parallelism it serves the others' tokens)
+            old = policy_logprobs(ctx, chunk)
+            ref = policy_logprobs(ctx, chunk, self.reference) if self.reference is not None else []
             last = ctx.pc.is_last_stage
             for i, mb in enumerate(chunk):
                 mb["old_logp"] = old[i] if last else None

@@ -21,24 +21,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(9))
 
 
-def ckpt_worker(rank, world_size, tp, pp, phases):
+def ckpt_worker(rank, world_size, tp, pp, phases, ep=1, moe=False):
     """For each (load_dir, save_dir, iters) of ``phases``, with a newly built model and
     optimizer: optionally load, train ``iters`` iterations, optionally save; the losses and the
-    probe's full-vocab logits (from the last stage) of each phase."""
+    probe's full-vocab logits (from the last stage) of each phase. ``moe``: a mixture-of-experts
+    model, its experts split over ``ep`` ranks."""
     from megatron_k15.initialize import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
-    return [_ckpt_phase(*phase) for phase in phases]
+    initialize_model_parallel(tp, pp, ep=ep)
+    return [_ckpt_phase(*phase, moe=moe) for phase in phases]
 
 
-def _ckpt_phase(load_dir, save_dir, iters):
+def _ckpt_phase(load_dir, save_dir, iters, moe=False):
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
     from megatron_k15.data.sft import PackedSFTStream
     from megatron_k15.models.config import preset
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, forward_only, reduce_sums, train_step
 
-    ctx = build_train_context(_args(), preset("tiny", num_layers=4, init_method_std=0.05), seed=11)
+    from test_training_parallel import MOE
+
+    cfg = preset("tiny", num_layers=4, init_method_std=0.05, **(MOE if moe else {}))
+    ctx = build_train_context(_args(), cfg, seed=11)
     start, extra = load_checkpoint(load_dir, ctx) if load_dir else (0, {})
     consumed = extra.get("consumed_rows", 0)
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
@@ -85,6 +89,23 @@ def test_reshard_weights_and_optimizer_both_ways(tmp_path):
     back = _last_stage(run_distributed(ckpt_worker, 4, 2, 2, [(b, None, 0)]), 0)
     assert (back["logits"] - other["logits"]).abs().max() <= 1e-5
     assert torch.equal(reload["logits"], other["logits"])  # same layout: bit-identical
+
+
+def test_expert_parallel_checkpoints_load_at_any_ep(tmp_path):
+    """Saved at ep=2 (dp=2), a shard holds all experts: one rank without expert parallelism
+    loads it and takes the same next step (optimizer state too); its checkpoint loads back at
+    ep=2 with the logits it saved with."""
+    a, b = str(tmp_path / "ep2"), str(tmp_path / "ep1")
+    same = _last_stage(run_distributed(ckpt_worker, 2, 1, 1, [(None, a, 1), (a, None, 1)], 2, True), 1)
+    single = run_distributed(ckpt_worker, 1, 1, 1, [(a, b, 1), (b, None, 0)], 1, True)
+    other = _last_stage(single, 0)
+    assert abs(same["losses"][0] - other["losses"][0]) <= 1e-5 * abs(same["losses"][0])
+    assert (same["logits"] - other["logits"]).abs().max() <= 1e-4
+    back = _last_stage(run_distributed(ckpt_worker, 2, 1, 1, [(b, None, 0)], 2, True), 0)
+    assert (back["logits"] - other["logits"]).abs().max() <= 1e-5
+    shard = torch.load(os.path.join(a, "iter_0000001", "mp_rank_00_000", "model.pt"), weights_only=True)
+    assert shard["model"]["layers.0.mlp.experts.linear_fc1.weight"].shape[0] == 4
+    assert shard["optimizer"]["exp_avg"]["layers.0.mlp.experts.linear_fc2.weight"].shape[0] == 4
 
 
 def _make_sft_data(tmp_path):

@@ -315,3 +315,48 @@ def test_context_parallel_decode_shards_the_cache_and_equals_one_rank():
         for (ids, lps), (ref_ids, ref_lps) in zip(rank_out[3], ref[1]):  # chunked prefill
             assert ids == ref_ids
             assert _close(lps, ref_lps)
+
+
+EP_REQUESTS = [(PROMPTS * 2, 10), (PROMPTS[:3], 3)]  # per dp rank: prompts, budget (rank 1 ends early)
+
+
+def _generate_ep(rank, world_size, pp):
+    """dp=2 ranks (each a pp-stage pipeline when pp=2) with the experts split over them (ep=2),
+    generating different requests: the rank that finishes first serves the other's tokens."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    initialize_model_parallel(pp=pp, ep=2)
+    pp_group = ps.get_pipeline_model_parallel_group() if pp > 1 else None
+    model = gpt_from_hf(tiny_hf_model("qwen3_moe", initializer_range=0.2), pp_size=pp,
+                        pp_rank=ps.get_pipeline_model_parallel_rank(), ep_group=ps.get_expert_model_parallel_group())
+    assert model.ep_size == 2 and all(m.local_experts == 4 for m in model.moe_layers())
+    engine = _engine(model, pp_group=pp_group)
+    prompts, budget = EP_REQUESTS[ps.get_data_parallel_rank()]
+    greedy = engine.generate(prompts, budget, SamplingParams(temperature=0.0), None, EOS)
+    sampled = engine.generate(prompts, budget, SAMPLED, _gens(13, len(prompts)), EOS)
+    dist.barrier()
+    last = ps.get_pipeline_model_parallel_rank() == pp - 1
+    return (ps.get_data_parallel_rank(), last, [(r.output_ids, r.output_logprobs) for r in greedy],
+            [(r.output_ids, r.output_logprobs) for r in sampled], engine.cache.num_used_blocks)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_expert_parallel_generation_equals_one_rank(pp):
+    """Qwen3-MoE with its 8 experts split over two data-parallel ranks (ep=2) that generate
+    different requests (one finishes early and keeps serving): greedy and seeded sampling equal
+    one rank generating each rank's requests with all experts."""
+    model = gpt_from_hf(tiny_hf_model("qwen3_moe", initializer_range=0.2))
+    engine = _engine(model)
+    refs = [(engine.generate(p, b, SamplingParams(temperature=0.0), None, EOS),
+             engine.generate(p, b, SAMPLED, _gens(13, len(p)), EOS)) for p, b in EP_REQUESTS]
+    outs = run_distributed(_generate_ep, 2 * pp, pp)
+    for dp_rank, last, greedy, sampled, used in outs:
+        assert used == 0
+        if not last:
+            continue
+        for got, want in zip((greedy, sampled), refs[dp_rank]):
+            assert len(got) == len(want)
+            for (ids, lps), r in zip(got, want):
+                assert ids == r.output_ids
+                assert _close(lps, r.output_logprobs)

@@ -88,8 +88,9 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     from megatron_k15.rl.trainer import RLIteration
     from megatron_k15.training import build_train_context
 
-    initialize_model_parallel(tp, pp, cp)
     opts = dict(opts or {})
+    moe = opts.pop("moe", None)  # an MoE model's expert fields (test_training_parallel.MOE)
+    initialize_model_parallel(tp, pp, cp, ep=opts.pop("ep", 1))
     reward_fn = opts.pop("reward_fn", "graded_reward")
     shift = opts.pop("shift_rollout_logprobs", 0.0)
     extra_eos = opts.pop("extra_eos_ids", [])
@@ -100,7 +101,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     tasks = opts.pop("tasks", None)  # task names, prompt i gets tasks[i % len] (grading is unchanged)
     poison = opts.pop("nan_grad_at_step", None)  # a NaN in the gradient of that optimizer step (0-based)
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
-    ctx = build_train_context(args, preset("tiny", init_method_std=0.3), seed=7)
+    ctx = build_train_context(args, preset("tiny", init_method_std=0.3, **(moe or {})), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
         from megatron_k15.checkpointing import save_checkpoint
 
@@ -135,7 +136,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     for it in range(iters):
         draw = (lambda n: more.pop(0)) if more else None
         metrics.append(rl.run(it, prompts[it] if prompts else [0, 1, 2, 3][it % 2 * 2: it % 2 * 2 + 2], lr, draw))
-        states.append({k: v.clone() for k, v in ctx.model.checkpoint_state_dict().items()})
+        states.append({k: v.clone() for k, v in ctx.model.checkpoint_state_dict(all_experts=True).items()})
     return {"metrics": metrics, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank, "dp_rank": ctx.pc.dp_rank,
             "cp_rank": ctx.pc.cp_rank, "state": states[-1], "states": states, "buffer": rl.buffer.state_dict()}
 
@@ -206,6 +207,24 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
     world, tp, pp, cp, iters = LAYOUTS[layout]
     got = run_distributed(rl_worker, world, tp, loss, 0, iters, pp, cp, LAYOUT_OPTS)
     _assert_same_update(got, ref, (loss, layout))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rl_with_expert_parallelism_equals_one_rank(packed):
+    """An MoE policy with its experts split over the two dp ranks (ep=2): rollouts (each rank's
+    engine serving the other's tokens once its own requests are done), old log-probs and both
+    updates equal one rank. Each update trains on one prompt group, so one rank has no
+    microbatch of its own and runs empty ones that serve the other's experts (measured: 0 vs 2
+    microbatches per update, also with packed microbatches of at most 20 tokens)."""
+    from test_training_parallel import MOE
+
+    opts = dict(LAYOUT_OPTS, moe=MOE)
+    if packed:
+        opts.update(use_dynamic_batch_size=True, max_tokens_per_gpu=20)
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 2, 1, 1, opts)
+    assert all(m["grad_norm"] > 0 and m["kl_proxy"] > 0 for m in ref[0]["metrics"])
+    got = run_distributed(rl_worker, 2, 1, "omd", 0, 2, 1, 1, dict(opts, ep=2))
+    _assert_same_update(got, ref, ("ep2", packed))
 
 
 @pytest.mark.slow

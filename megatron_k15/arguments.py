@@ -90,10 +90,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="weight of the MoE load-balancing loss (Switch/GShard, per layer, mean over "
                         "microbatches; Qwen3-MoE trained with 0.001); 0 = off")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1,
-                   help="expert parallelism: every MoE layer's experts split over this many of the "
-                        "data x context parallel ranks, tokens sent to them by all-to-all (each expert "
-                        "still split over --tensor-model-parallel-size); divides --num-experts and dp x cp")
     for flag, why in MEGATRON_MODEL_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope",
@@ -124,6 +120,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", choices=["ring", "allgather"], default="ring")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="expert parallelism: every MoE layer's experts split over this many of the "
+                        "data x context parallel ranks, tokens sent to them by all-to-all (each expert "
+                        "still split over --tensor-model-parallel-size); divides --num-experts and dp x cp")
     sp = g.add_mutually_exclusive_group()
     sp.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
                     help="sequence parallelism is on whenever tp > 1; this turns it off")

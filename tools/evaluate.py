@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.context_parallel_size)
-    initialize_model_parallel(tp, pp, cp)
+    initialize_model_parallel(tp, pp, cp, ep=getattr(args, "expert_model_parallel_size", 1) or 1)
     set_seed(args.seed)
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)

@@ -4,7 +4,9 @@ The tp x cp x pp ranks of a replica decode together: each rank builds its pipeli
 (``--decoder-first/last-pipeline-num-layers`` as in training), loads that stage's weights
 (``--load``; resharded when the checkpoint was saved under another layout), and the engine gets
 the pipeline group (stages pass hidden states on) and the context-parallel group (the KV
-cache of every sequence is sharded over it). Requests are split over data-parallel replicas.
+cache of every sequence is sharded over it). Requests are split over data-parallel replicas;
+with ``--expert-model-parallel-size`` the replicas split the experts of an MoE model between
+them (the engine keeps them in step). A judge (``load_dir``) keeps all its experts.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None, sh
     ranges = pipeline_layer_ranges(cfg.num_layers, pp,
                                    getattr(args, "decoder_first_pipeline_num_layers", None) if uneven else None,
                                    getattr(args, "decoder_last_pipeline_num_layers", None) if uneven else None)
+    ep = getattr(args, "expert_model_parallel_size", 1) or 1
+    ep_group = parallel_state.get_expert_model_parallel_group() if ep > 1 and uneven and cfg.is_moe else None
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
-                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges)
+                     device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges,
+                     ep_group=ep_group)
     load_model_checkpoint(model, load_dir or args.load, pp_rank, pp)
     model.eval().requires_grad_(False)
     generator = build_generator(

@@ -43,6 +43,9 @@ TOKENIZER=${TOKENIZER:-}                  # default: the HF model's tokenizer (c
 TP=${TP:-2}
 PP=${PP:-1}
 CP=${CP:-1}
+# mixture-of-experts models only: experts split over EP of the dp x cp ranks (all-to-all);
+# e.g. Qwen3-30B-A3B (128 experts) on 8 GPUs: TP=1 EP=8
+EP=${EP:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 
 # ---- sequence lengths: one trajectory (prompt + response) fits SEQ_LENGTH ---------------------
@@ -114,6 +117,11 @@ if (( WORLD % (TP * PP * CP) )); then
        "TP=$TP x PP=$PP x CP=$CP; change the sizes" >&2
   exit 1
 fi
+if (( (WORLD / (TP * PP)) % EP )); then
+  echo "error: EP=$EP does not divide the $((WORLD / (TP * PP))) data x context parallel ranks" \
+       "(WORLD=$WORLD / (TP=$TP x PP=$PP)); change EP or the sizes" >&2
+  exit 1
+fi
 if (( PROMPT_MAX_TOKENS + ROLLOUT_MAX_TOKENS > SEQ_LENGTH )); then
   echo "error: PROMPT_MAX_TOKENS=$PROMPT_MAX_TOKENS + ROLLOUT_MAX_TOKENS=$ROLLOUT_MAX_TOKENS exceeds" \
        "SEQ_LENGTH=$SEQ_LENGTH; a trajectory must fit the context window" >&2
@@ -149,7 +157,7 @@ need() {  # an input a stage reads must exist (not checked in DRY_RUN)
 }
 
 echo "train_rl_128k: stages=$STAGES nodes=$NNODES node_rank=$NODE_RANK nproc_per_node=$NPROC_PER_NODE" \
-     "tp=$TP pp=$PP cp=$CP dp=$((WORLD / (TP * PP * CP))) seq=$SEQ_LENGTH rollout=$ROLLOUT_MAX_TOKENS out=$OUT"
+     "tp=$TP pp=$PP cp=$CP ep=$EP dp=$((WORLD / (TP * PP * CP))) seq=$SEQ_LENGTH rollout=$ROLLOUT_MAX_TOKENS out=$OUT"
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT"
 
 # ---- 1/4 preprocess prompts -------------------------------------------------------------------
@@ -236,6 +244,7 @@ else
   run "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" -m megatron_k15.train_rl \
     "${LOAD_ARGS[@]}" --prompt-data "$DATA_DIR/prompts" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP" \
+    --expert-model-parallel-size "$EP" \
     --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH_SIZE" \
     --rl-loss "$RL_LOSS" --rl-tau "$RL_TAU" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
     --prompts-per-iter "$PROMPTS_PER_ITER" --updates-per-iter "$UPDATES_PER_ITER" \

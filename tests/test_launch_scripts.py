@@ -23,7 +23,7 @@ SCRIPT = os.path.join(ROOT, "examples", "train_rl_128k.sh")
 SBATCH = os.path.join(ROOT, "examples", "slurm", "train_rl_128k.sbatch")
 # variables the scripts read: never inherited from the developer's shell
 SCRIPT_VARS = {
-    "DRY_RUN", "STAGES", "HF_MODEL", "PROMPTS", "EVAL_PROMPTS", "OUT", "TOKENIZER", "TP", "PP", "CP",
+    "DRY_RUN", "STAGES", "HF_MODEL", "PROMPTS", "EVAL_PROMPTS", "OUT", "TOKENIZER", "TP", "PP", "CP", "EP",
     "NPROC_PER_NODE", "SEQ_LENGTH", "PROMPT_MAX_TOKENS", "ROLLOUT_MAX_TOKENS", "ROLLOUT_SEGMENT_TOKENS",
     "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "KL_COEF", "REWARD_WORKERS", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
     "TRAIN_ITERS", "LR", "MICRO_BATCH_SIZE", "MAX_TOKENS_PER_GPU", "TEMPERATURE", "SAMPLING", "LENGTH_PENALTY_WEIGHT",
@@ -106,6 +106,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert value(rl, "--tensor-model-parallel-size") == "2"
     assert value(rl, "--pipeline-model-parallel-size") == "1"
     assert value(rl, "--context-parallel-size") == "1"
+    assert value(rl, "--expert-model-parallel-size") == "1"
     assert value(rl, "--seq-length") == "131072"
     assert "--exit-signal-handler" in rl  # a requeue checkpoints first
     # rollouts fill the 128K window minus the prompt budget the preprocessing enforces
@@ -175,6 +176,13 @@ def test_bad_layout_fails_before_any_work(tmp_path):
     env = clean_env(DRY_RUN=1, OUT=tmp_path / "o", TP=4, CP=2, NPROC_PER_NODE=4)
     res = subprocess.run(["bash", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode != 0 and "not divisible" in res.stderr and "+ " not in res.stdout
+    # an MoE layout: EP must divide the dp x cp ranks (8 / (TP=2) = 4)
+    env = clean_env(DRY_RUN=1, OUT=tmp_path / "o", TP=2, EP=8, NPROC_PER_NODE=8)
+    res = subprocess.run(["bash", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode != 0 and "EP=8 does not divide the 4" in res.stderr and "+ " not in res.stdout
+    env = clean_env(DRY_RUN=1, OUT=tmp_path / "o", TP=1, EP=8, NPROC_PER_NODE=8)
+    (rl,) = torchruns(commands(run(SCRIPT, env, tmp_path)))
+    assert value(rl, "--expert-model-parallel-size") == "8"
 
 
 @pytest.mark.parametrize("node", [0, 2])

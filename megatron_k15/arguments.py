@@ -419,6 +419,9 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if ep > 1 and not cfg.is_moe:
         raise ArgumentError(f"--expert-model-parallel-size {ep} applies to mixture-of-experts models "
                             "(--num-experts); this model is dense")
+    if ep > 1 and _get(args, "inference_engine") == "recompute":
+        raise ArgumentError(f"--inference-engine recompute does not run expert parallelism "
+                            f"(--expert-model-parallel-size {ep}); use --inference-engine paged")
     if ep > 1 and cfg.num_moe_experts % ep:
         raise ArgumentError(f"--expert-model-parallel-size {ep} must divide --num-experts {cfg.num_moe_experts}")
     aux = _get(args, "moe_aux_loss_coeff") or 0.0

@@ -175,8 +175,9 @@ def validation_loss(ctx, stream, mbs: int, device, max_rows: Optional[int] = Non
 
     was_training = model.training
     model.eval()
+    # called with no rows too: under expert parallelism the rank serves the others' experts
     results = forward_only(ctx, [_local_microbatch(ctx, stream, rows[k:k + mbs], device)
-                                 for k in range(0, len(rows), mbs)], step) if rows else []
+                                 for k in range(0, len(rows), mbs)], step)
     model.train(was_training)
     loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
     return {"valid_loss": loss_sum / max(tokens, 1.0), "valid_tokens": tokens}

@@ -10,7 +10,7 @@ from megatron_k15.arguments import ArgumentError, build_parser, parse_args, vali
 
 
 def _validate(argv, world_size=1):
-    args = build_parser().parse_args(argv)
+    args = build_parser(groups=("model", "parallel", "precision", "training", "checkpoint", "inference")).parse_args(argv)
     validate_args(args, world_size=world_size)
     return args
 
@@ -48,6 +48,8 @@ def _validate(argv, world_size=1):
     (["--num-experts", "4", "--expert-model-parallel-size", "4"], 2, "must divide the data x context parallel size 2"),
     (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2 applies to mixture-of-experts models"),
     (["--num-experts", "4", "--expert-model-parallel-size", "0"], 2, "--expert-model-parallel-size must be >= 1"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "2", "--inference-engine", "recompute"], 2,
+     "--inference-engine recompute does not run expert parallelism"),
     (["--moe-router-topk", "2"], 1, "--moe-router-topk applies to mixture-of-experts models"),
     (["--lr-warmup-fraction", "1.5"], 1, "--lr-warmup-fraction must be in [0, 1]"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], 1, "--lr-warmup-fraction and --lr-warmup-iters"),

@@ -9,6 +9,7 @@ import torch
 from megatron_k15.initialize import initialize_model_parallel
 from megatron_k15.models.config import preset
 from megatron_k15.models.gpt import GPTModel
+from megatron_k15.testing import run_distributed
 
 COEFF, SCALE = 0.3, 0.5
 
@@ -88,3 +89,56 @@ def test_aux_loss_is_one_for_even_routing_and_off_in_eval():
     model.set_moe_aux_loss(COEFF)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     assert model.take_moe_aux_losses() == []
+
+
+def _forced_route(layer):
+    """Every token to experts 0 and 1 (weights from the router's probabilities, so the router
+    still trains): under ep=2 the rank holding experts 2 and 3 receives no rows at all."""
+    def route(tokens):
+        probs = torch.softmax(torch.nn.functional.linear(tokens, layer.router.weight).float(), -1)
+        experts = torch.tensor([[0, 1]], device=tokens.device).expand(tokens.shape[0], 2)
+        weights = probs.gather(1, experts)
+        return (weights / weights.sum(-1, keepdim=True)).to(tokens.dtype), experts, probs
+    return route
+
+
+def _idle_expert_worker(rank, world_size, ep, seeds=None):
+    from megatron.core import parallel_state as ps
+
+    from megatron_k15.parallel.expert import gather_experts
+
+    initialize_model_parallel(1, ep=ep)
+    cfg = preset("tiny", num_layers=2, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                 init_method_std=0.2)
+    group = ps.get_expert_model_parallel_group() if ep > 1 else None
+    model = GPTModel(cfg, attention_backend="sdpa", ep_group=group)
+    model.reset_parameters(3)
+    model.train()
+    for m in model.moe_layers():
+        m.route = _forced_route(m)
+    out = []
+    for seed in seeds or [rank]:
+        model.zero_grad()
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(seed))
+        logp = model(ids, labels=ids)
+        logp.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out.append((logp.detach(), gather_experts(grads, group) if group is not None else grads))
+    return out
+
+
+def test_expert_parallel_rank_without_rows_joins_backward():
+    """ep=2 with every token routed to rank 0's experts: rank 1 receives no rows, yet its
+    backward must run the reverse all-to-alls (else rank 0 waits forever) and give its experts
+    a (zero) gradient. Log-probs, the non-expert gradients of each rank's tokens, and the
+    expert gradients (the sum over both ranks' tokens) equal one rank holding all experts."""
+    (ref,) = run_distributed(_idle_expert_worker, 1, 1, [0, 1], timeout=120)  # both ranks' tokens
+    got = run_distributed(_idle_expert_worker, 2, 2, timeout=120)
+    for rank, [(logp, grads)] in enumerate(got):
+        ref_logp, ref_grads = ref[rank]
+        torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+        for name, g in grads.items():
+            want = ref_grads[name] + ref[1 - rank][1][name] if ".experts." in name else ref_grads[name]
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=name)
+            if ".experts." in name:
+                assert g[2:].abs().max() == 0 and g[:2].abs().max() > 0  # experts 2, 3 got no tokens

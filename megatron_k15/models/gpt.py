@@ -392,12 +392,13 @@ class GPTModel(torch.nn.Module):
     # -- state dict in checkpoint naming ------------------------------------------------
     def checkpoint_state_dict(self, all_experts: bool = False) -> dict[str, torch.Tensor]:
         """This rank's parameters by checkpoint name; ``all_experts`` (a collective over the ep
-        group) gathers every layer's E experts, as checkpoints store them (any ep loads them)."""
+        group) gathers every layer's E experts to the CPU, as checkpoints store them (any ep
+        loads them), one layer's tensor at a time on the device."""
         state = {
             k: v for k, v in self.state_dict().items()
             if not k.endswith("_extra_state") and not k.startswith("rotary.")
         }
-        return gather_experts(state, self.ep_group) if all_experts else state
+        return gather_experts(state, self.ep_group, to_cpu=True) if all_experts else state
 
     def expert_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's experts of ``tensor`` when it is an expert parameter stacked over all E

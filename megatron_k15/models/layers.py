@@ -342,12 +342,13 @@ class MoEMLP(torch.nn.Module):
         w2s = self.experts.linear_fc2.weight.unbind(0)  # gradient is assembled once, not per expert
         outs, start = [], 0
         for e, n in enumerate(counts):
-            if n:
-                gate, up = F.linear(grouped[start:start + n], w1s[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
+            # no rows at all (expert parallelism: none of the group's tokens chose this rank's
+            # experts): expert 0 on the empty rows, so the output still depends on the rows and
+            # the weights and this rank's backward joins the others' all-to-alls and reductions
+            if n or (e == len(counts) - 1 and not outs):
+                gate, up = F.linear(grouped[start:start + n], w1s[0 if not n else e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2s[0 if not n else e]))
                 start += n
-        if not outs:
-            return grouped.new_zeros((0, self.experts.linear_fc2.weight.shape[1]))
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -386,8 +387,10 @@ class MoEMLP(torch.nn.Module):
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self._routing_aux_loss(probs, experts, token_mask)
-            # not a recompute inside backward, nor an empty microbatch (expert-parallel padding)
-            if torch._C._current_graph_task_id() == -1 and (token_mask is None or bool(token_mask.any())):
+            # not a recompute inside backward, nor an empty microbatch (only expert parallelism
+            # pads with those: the check's host sync is paid only there)
+            if torch._C._current_graph_task_id() == -1 and (
+                    self.ep_group is None or token_mask is None or bool(token_mask.any())):
                 self.aux_losses.append(aux.detach())
             out = _AttachAuxLoss.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale / self.tp))
         if self.sp:

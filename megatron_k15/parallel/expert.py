@@ -74,15 +74,16 @@ def run_experts_parallel(grouped: torch.Tensor, per_expert: torch.Tensor, group,
     this rank's experts on rows grouped by local expert (``counts`` a list, E / ep long)."""
     ep = dist.get_world_size(group)
     recv = exchange_counts(per_expert, group)  # [source, local expert]
-    counts = per_expert.tolist()
-    local = len(counts) // ep
+    both = torch.cat([per_expert, recv.reshape(-1)]).tolist()  # one host sync
+    num_experts = per_expert.numel()
+    counts, local = both[:num_experts], num_experts // ep
+    recv_list = [both[num_experts + s * local:num_experts + (s + 1) * local] for s in range(ep)]
     send_splits = [sum(counts[r * local:(r + 1) * local]) for r in range(ep)]
-    recv_list = recv.tolist()
     recv_splits = [sum(row) for row in recv_list]
     received = all_to_all(grouped, send_splits, recv_splits, group)
     # rows arrive grouped by (source, local expert); order them by (local expert, source)
     segment = torch.repeat_interleave(torch.arange(ep * local, device=grouped.device),
-                                      recv.reshape(-1).to(grouped.device))
+                                      recv.reshape(-1).to(grouped.device), output_size=sum(recv_splits))
     order = torch.argsort((segment % local) * ep + segment // local, stable=True)
     out = run_local(received.index_select(0, order), [sum(recv_list[s][e] for s in range(ep)) for e in range(local)])
     out = out.index_select(0, torch.argsort(order))  # back to (source, local expert) order
@@ -100,10 +101,12 @@ def expert_slice(tensor: torch.Tensor, ep_size: int, ep_rank: int) -> torch.Tens
 
 
 @torch.no_grad()
-def gather_experts(state: dict[str, torch.Tensor], group, device: Optional[torch.device] = None) -> dict:
+def gather_experts(state: dict[str, torch.Tensor], group, device: Optional[torch.device] = None,
+                   to_cpu: bool = False) -> dict:
     """Collective over the ep group: ``state`` with every expert tensor (``is_expert_param``)
     gathered to all E experts, in place of this rank's E / ep. Tensors travel on ``device``
-    (the communication device: a GPU under nccl) and come back where they were."""
+    (the communication device: a GPU under nccl) and come back where they were, or to the CPU
+    (``to_cpu``: one tensor of all experts at a time on the device, as for a checkpoint)."""
     if group is None or dist.get_world_size(group) == 1:
         return state
     out = dict(state)
@@ -112,5 +115,6 @@ def gather_experts(state: dict[str, torch.Tensor], group, device: Optional[torch
         src = t.to(device) if device is not None else t
         parts = [torch.empty_like(src) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, src.contiguous(), group=group)
-        out[name] = torch.cat(parts).to(t.device)
+        out[name] = torch.cat(parts).to("cpu" if to_cpu else t.device)
+        del parts
     return out

@@ -227,3 +227,36 @@ def test_float_answers_agree_under_the_records_tolerance():
     rec = dict(res.record, timeout_s=10.0)
     assert code_reward("```python\nprint(round(1 / int(input()), 8))\n```", rec) == 1.0
     assert code_reward("```python\nprint(round(1 / int(input()), 3))\n```", rec) == 0.0
+
+
+def test_call_based_problems_vote_on_returned_values():
+    """fn_name (LeetCode / APPS style): argument lists from test_inputs and from a generator
+    that prints JSON, solutions (a class Solution method and a top-level function) vote on the
+    returned values; a wrong solution loses, inputs on which all return null are no tests, and
+    the built tests reward a new program through the code reward."""
+    from megatron_k15.data.code_tests import BuildSettings, build_problem_tests, validate_code_problem
+
+    ok = ["class Solution:\n    def rev(self, xs):\n        return xs[::-1] or None\n",
+          "def rev(xs):\n    print('debug')\n    return list(reversed(xs)) or None\n",
+          "def rev(xs):\n    out = []\n    for x in xs:\n        out.insert(0, x)\n    return out or None\n"]
+    wrong = "def rev(xs):\n    return sorted(xs, reverse=True) or None\n"
+    gen = ("import json, random\nrandom.seed(int(input()))\n"
+           "print(json.dumps([[random.randint(0, 9) for _ in range(random.randint(1, 4))]]))\n")
+    rec = {"id": "rev", "prompt": "Reverse a list.", "fn_name": "rev", "solutions": ok + [wrong],
+           "test_inputs": [[[1, 2, 3]], [[]]], "input_generator": gen}
+    with pytest.raises(Exception, match="test_inputs\\[0\\]"):  # argument lists, not stdin text
+        validate_code_problem(dict(rec, test_inputs=["1 2 3"]))
+    res = build_problem_tests(validate_code_problem(rec), BuildSettings(num_generated=6, test_agreement=0.7, problem_pass_rate=0.7,
+                                                 timeout_s=30.0))
+    assert res.record is not None, res
+    tests = res.record["tests"]
+    assert tests[0] == {"input": [[1, 2, 3]], "output": [3, 2, 1]}
+    assert all(t["output"] is not None for t in tests)  # [] -> null for all: not a test
+    assert all(t["output"] == t["input"][0][::-1] for t in tests) and len(tests) >= 3
+    rec = dict(res.record, timeout_s=10.0)
+    assert code_reward("```python\ndef rev(xs):\n    return xs[::-1]\n```", rec) == 1.0
+    from megatron_k15.data.code_tests import generator_prompt  # a model writes argument generators
+
+    assert "named rev" in generator_prompt(rec) and "JSON list" in generator_prompt(rec)
+    assert "JSON" not in generator_prompt({"prompt": "Read a and b."})
+    assert code_reward("```python\n" + wrong + "```", rec) == 0.0  # e.g. [9, 8] is no reversal of [9, 8]

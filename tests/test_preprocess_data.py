@@ -184,6 +184,10 @@ BAD_PROMPT_LINES = [
     ({"id": "x", "prompt": "p", "task": "code", "tests": [{"input": "1"}]}, "tests[0].output", "missing"),
     ({"id": "x", "prompt": "p", "task": "code", "tests": "assert f()"}, "tests", "expected a list"),
     ({"id": "x", "prompt": "p", "answer": "1", "difficulty": "hard"}, "difficulty", "expected a number"),
+    ({"id": "x", "prompt": "p", "task": "code", "fn_name": "two sum", "tests": [{"input": [1], "output": 1}]},
+     "fn_name", "expected a Python function name"),
+    ({"id": "x", "prompt": "p", "task": "code", "fn_name": "f", "tests": [{"input": "1", "output": "1"}]},
+     "tests[0].input", "expected a list of the function's arguments"),
     ({"id": "a", "prompt": "p", "answer": "1"}, "id", "duplicate id 'a' (first on line 1)"),
     ('[1, 2]', None, "expected a JSON object"),
 ]

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from megatron_k15.rewards.code import (code_reward, extract_program, normalize_output, run_tests,
-                                      sandbox_report)
+                                      sandbox_report, values_match)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX sandbox")
 
@@ -170,6 +170,60 @@ def test_judges_thread_idiom():
                "t = threading.Thread(target=f)\nt.start()\nt.join()\nprint('after')\n")
     res = run_tests(failing, [{"input": "", "output": "after"}], 10.0)
     assert res["status"] == "ok" and "ValueError: boom" in res["results"][0]["stderr"], res
+
+
+TWO_SUM = """
+from typing import List
+
+class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        print("debug", nums)  # printing is allowed and ignored
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+
+if __name__ == "__main__":  # a module, not the main program: this does not run (stdin is JSON)
+    print(int(input()) + 1)
+"""
+
+
+def test_call_based_tests_call_the_function():
+    """LeetCode / APPS style: the function (a method of class Solution, or at the top level) is
+    called with each test's arguments and its returned value compared as JSON."""
+    tests = [{"input": [[2, 7, 11, 15], 9], "output": [0, 1]}, {"input": [[3, 2, 4], 6], "output": [1, 2]}]
+    res = run_tests(TWO_SUM, tests, T, fn_name="twoSum", keep_output=True)
+    assert res["status"] == "ok", res
+    assert res["results"][0]["returned"] == "[0, 1]" and res["results"][0]["stdout"] == "debug [2, 7, 11, 15]\n"
+    assert run_tests(TWO_SUM, [{"input": [[3, 2, 4], 6], "output": [2, 1]}], T, fn_name="twoSum")["status"] == "failed"
+    third = "def third(x):\n    return x / 3, 'a'\n"  # a tuple returns as a JSON list
+    assert run_tests(third, [{"input": [1], "output": [0.3333, "a"]}], T, fn_name="third")["status"] == "failed"
+    assert run_tests(third, [{"input": [1], "output": [0.3333, "a"]}], T, fn_name="third",
+                     float_tolerance=1e-3)["status"] == "ok"
+    # booleans are not integers, integers are exact, a set is no JSON value, no function is an error
+    truth = "def f(x):\n    return x > 0\n"
+    assert run_tests(truth, [{"input": [2], "output": 1}], T, fn_name="f")["status"] == "failed"
+    assert run_tests(truth, [{"input": [2], "output": True}], T, fn_name="f")["status"] == "ok"
+    assert run_tests("def f():\n    return {1}\n", [{"input": [], "output": [1]}], T, fn_name="f")["status"] == "failed"
+    res = run_tests(truth, [{"input": [2], "output": True}], T, fn_name="g")
+    assert res["status"] == "error" and "defines no function g" in res["results"][0]["stderr"]
+    # malformed: arguments not a list, output not JSON, a name that is no identifier
+    assert run_tests(truth, [{"input": "2", "output": True}], T, fn_name="f")["status"] == "invalid"
+    assert run_tests(truth, [{"input": [2], "output": float("nan")}], T, fn_name="f")["status"] == "invalid"
+    assert run_tests(truth, [{"input": [2], "output": True}], T, fn_name="f x")["status"] == "invalid"
+    rec = {"tests": [{"input": [1, 2], "output": 3}], "fn_name": "add"}
+    assert code_reward("```python\ndef add(a, b):\n    return a + b\n```", rec) == 1.0
+    assert code_reward("```python\ndef add(a, b):\n    print(a + b)\n```", rec) == 0.0  # printed, returned None
+
+
+@pytest.mark.parametrize("got,want,tol,same", [
+    ([1, [2, 3]], [1, [2, 3]], None, True), ({"a": 1}, {"a": 1}, None, True), ({"a": 1}, {"b": 1}, None, False),
+    (1, 1.0, None, True), (1, 2, 0.5, False), (1.2, 1.0, 0.5, True), (True, 1, None, False),
+    ("1", 1, None, False), (None, None, None, True), ([1], [1, 2], None, False),
+])
+def test_values_match(got, want, tol, same):
+    assert values_match(got, want, tol) is same
 
 
 # ---------------------------------------------------------------------------- hostile programs

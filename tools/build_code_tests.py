@@ -10,6 +10,9 @@ believed correct) and candidate inputs (``test_inputs``, an ``input_generator`` 
 reads a seed on stdin and prints one input, and/or ``tests`` whose outputs are then checked),
 e.g. ``{"id": "p1", "prompt": "Read a and b, print a+b.", "solutions": ["..."],
 "input_generator": "import random\\nrandom.seed(int(input()))\\nprint(random.randint(1, 9), 7)"}``.
+Call-based problems (``fn_name``: LeetCode / APPS style, a function called with arguments)
+take ``test_inputs`` as JSON argument lists, generators that print one, and vote on the
+returned values (``megatron_k15/data/code_tests.py``).
 
 Generators written by a model, as Kimi did: --write-generator-prompts FILE writes
 --generator-samples prompts per problem asking for one; run them through the generate CLI
@@ -46,7 +49,7 @@ if importlib.util.find_spec("megatron_k15") is None:  # run from a checkout: too
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_k15.data.code_tests import (DROP_DISAGREE, DROP_FEW_TESTS, DROP_NO_INPUTS,  # noqa: E402
-                                          GENERATOR_PROMPT, BuildSettings, build_problem_tests,
+                                          BuildSettings, build_problem_tests, generator_prompt,
                                           has_input_source, validate_code_problem)
 from megatron_k15.data.prompts import DataError, read_jsonl, read_prompt_records  # noqa: E402
 from megatron_k15.files import atomic_file  # noqa: E402
@@ -125,7 +128,7 @@ def write_generator_prompts(args: argparse.Namespace) -> int:
     records = read_problems(args.input)
     with atomic_file(args.write_generator_prompts) as f:
         for _, rec in records:
-            line = json.dumps({"id": rec["id"], "prompt": GENERATOR_PROMPT.format(problem=rec["prompt"])},
+            line = json.dumps({"id": rec["id"], "prompt": generator_prompt(rec)},
                               ensure_ascii=False)
             f.write((line + "\n") * args.generator_samples)
     return len(records) * args.generator_samples

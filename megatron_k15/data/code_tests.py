@@ -23,6 +23,12 @@ Problem records are prompt records (``data/prompts.py``; ``task`` defaults to ``
 Kimi had the model write the generators: :data:`GENERATOR_PROMPT` asks for one, and the
 programs in the answers (``rewards.code.extract_program``) join the problem's generators.
 
+Call-based problems (``fn_name``, LeetCode / APPS style; ``rewards.code``): an input is the
+JSON list of the function's arguments (``test_inputs`` holds such lists; a generator prints
+one as JSON), an output the returned value, and votes compare values
+(``rewards.code.values_match``). Inputs on which the solutions agree to return nothing (null)
+are not tests either.
+
 Every program runs in the code reward's sandbox (``rewards/code.py``), with the record's
 ``timeout_s`` when it has one.
 """
@@ -30,6 +36,7 @@ Every program runs in the code reward's sandbox (``rewards/code.py``), with the 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import operator
 import random
@@ -38,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
-from megatron_k15.rewards.code import normalize_output, outputs_match, run_tests
+from megatron_k15.rewards.code import normalize_output, outputs_match, run_tests, values_match
 
-__all__ = ["BuildSettings", "GENERATOR_PROMPT", "ProblemResult", "at_least", "build_problem_tests",
+__all__ = ["BuildSettings", "CALL_GENERATOR_PROMPT", "GENERATOR_PROMPT", "ProblemResult", "at_least",
+           "build_problem_tests", "generator_prompt",
            "has_input_source", "select_tests", "solutions_passing", "validate_code_problem"]
 
 PROBLEM_FIELDS = ("solutions", "test_inputs", "input_generator")
@@ -52,6 +60,22 @@ GENERATOR_PROMPT = (
     "within all of its constraints (prefer small and medium sizes, and include edge cases "
     "sometimes). Use only the standard library. Reply with the program in one ```python block."
     "\n\nProblem:\n{problem}")
+
+# a call-based problem's generator prints the function's arguments instead of an input text
+CALL_GENERATOR_PROMPT = (
+    "Below is a programming problem solved by a Python function named {fn_name}. Write a Python 3 "
+    "program that generates the arguments of one random, valid call of it. The program reads one "
+    "integer seed from standard input, calls random.seed with it, and prints one line: a JSON list "
+    "of the positional arguments (json.dumps), within all of the problem's constraints (prefer "
+    "small and medium sizes, and include edge cases sometimes). Use only the standard library. "
+    "Reply with the program in one ```python block.\n\nProblem:\n{problem}")
+
+
+def generator_prompt(rec: Mapping) -> str:
+    """The prompt asking a model for ``rec``'s input generator (stdin text or call arguments)."""
+    if rec.get("fn_name") is not None:
+        return CALL_GENERATOR_PROMPT.format(fn_name=rec["fn_name"], problem=rec["prompt"])
+    return GENERATOR_PROMPT.format(problem=rec["prompt"])
 
 
 def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
@@ -77,7 +101,16 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
     rec["solutions"] = _str_list(obj, "solutions", non_empty_items=True)
     if not rec["solutions"]:
         raise FieldError("solutions", "is empty")
-    if obj.get("test_inputs") is not None:
+    if obj.get("test_inputs") is not None and rec.get("fn_name") is not None:  # argument lists
+        v = obj["test_inputs"]
+        if not isinstance(v, list):
+            raise FieldError("test_inputs", f"expected a list of argument lists, got {_type_name(v)}")
+        for i, item in enumerate(v):
+            if not isinstance(item, list) or not _is_json(item):
+                raise FieldError(f"test_inputs[{i}]", "expected a JSON list of the function's arguments "
+                                 f"(fn_name is set), got {_type_name(item)}")
+        rec["test_inputs"] = list(v)
+    elif obj.get("test_inputs") is not None:
         rec["test_inputs"] = _str_list(obj, "test_inputs", non_empty_items=False)
     gen = obj.get("input_generator")
     if gen is not None:
@@ -88,6 +121,19 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
         else:
             rec["input_generator"] = _str_list(obj, "input_generator", non_empty_items=True)
     return rec
+
+
+def _is_json(x) -> bool:
+    try:
+        json.dumps(x, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _canonical(value) -> str:
+    """One text per JSON value (keys sorted): call-based inputs and outputs vote as strings."""
+    return json.dumps(value, sort_keys=True)
 
 
 def has_input_source(rec: Mapping) -> bool:
@@ -161,15 +207,37 @@ DROP_FEW_TESTS = "fewer than --min-tests inputs the solutions agree on"
 DROP_DISAGREE = "too few solutions pass every selected test (--problem-pass-rate)"
 
 
-def _run_outputs(program: str, inputs: Sequence[str], s: BuildSettings, timeout_s: float) -> list[Optional[str]]:
-    """``program``'s stdout on each input (None where it timed out, crashed or hit a limit)."""
-    res = run_tests(program, [{"input": x, "output": ""} for x in inputs], timeout_s,
-                    memory_mb=s.memory_mb, keep_output=True)
+def _run_outputs(program: str, inputs: Sequence[str], s: BuildSettings, timeout_s: float,
+                 fn_name: Optional[str] = None) -> list[Optional[str]]:
+    """``program``'s stdout on each input (None where it timed out, crashed or hit a limit);
+    with ``fn_name`` the canonical JSON of what the function returned on each (canonical JSON)
+    argument list."""
+    if fn_name is None:
+        tests = [{"input": x, "output": ""} for x in inputs]
+    else:
+        tests = [{"input": json.loads(x), "output": None} for x in inputs]
+    res = run_tests(program, tests, timeout_s, memory_mb=s.memory_mb, keep_output=True, fn_name=fn_name)
     out: list[Optional[str]] = [None] * len(inputs)
     for i, r in enumerate(res["results"][:len(inputs)]):
-        if r["status"] in ("ok", "failed"):  # ran to completion ("failed": not the empty output)
+        if r["status"] not in ("ok", "failed"):  # ran to completion ("failed": not the stated output)
+            continue
+        if fn_name is None:
             out[i] = r.get("stdout", "")
+        elif r.get("returned") is not None:
+            try:
+                out[i] = _canonical(json.loads(r["returned"]))
+            except ValueError:
+                pass
     return out
+
+
+def _generated_arguments(text: Optional[str]) -> Optional[str]:
+    """A generator's output for a call-based problem: a JSON list of arguments, canonical."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return _canonical(value) if isinstance(value, list) and _is_json(value) else None
 
 
 def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
@@ -178,13 +246,19 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     solutions unless ``keep_solutions``)."""
     counts: Counter = Counter()
     timeout_s = float(rec.get("timeout_s", s.timeout_s))
+    fn_name = rec.get("fn_name")  # call-based: inputs and outputs are canonical JSON texts
     given: dict = {}
     for t in rec.get("tests") or []:  # two scraped tests of one input that disagree: neither is trusted
-        out = normalize_output(t["output"])
-        given[t["input"]] = out if given.get(t["input"], out) == out else None
-    inputs = list(rec.get("test_inputs") or []) + list(given)
+        if fn_name is None:
+            inp, out = t["input"], normalize_output(t["output"])
+        else:
+            inp, out = _canonical(t["input"]), _canonical(t["output"])
+        given[inp] = out if given.get(inp, out) == out else None
+    inputs = [x if fn_name is None else _canonical(x) for x in rec.get("test_inputs") or []] + list(given)
     for generator in rec.get("input_generator") or []:
         generated = _run_outputs(generator, [f"{k}\n" for k in range(s.num_generated)], s, timeout_s)
+        if fn_name is not None:
+            generated = [_generated_arguments(g) for g in generated]
         counts["generator runs failed"] += sum(g is None for g in generated)
         inputs += [g for g in generated if g is not None]
     inputs = list(dict.fromkeys(inputs))  # distinct, in order
@@ -195,13 +269,20 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     counts["repeated solutions"] += len(rec["solutions"]) - len(solutions)
     if len(solutions) > s.max_solutions:
         solutions = random.Random(f"{s.seed}:{rec['id']}").sample(solutions, s.max_solutions)
-    outputs = [[None if o is None else normalize_output(o) for o in _run_outputs(p, inputs, s, timeout_s)]
-               for p in solutions]
+    outputs = [_run_outputs(p, inputs, s, timeout_s, fn_name) for p in solutions]
+    if fn_name is None:
+        outputs = [[None if o is None else normalize_output(o) for o in row] for row in outputs]
     counts["solution runs failed"] += sum(o is None for row in outputs for o in row)
     # the checker the code reward will use on this record, so that the votes count what it accepts
-    same = functools.partial(outputs_match, compare=rec.get("compare", "lines"),
-                             float_tolerance=rec.get("float_tolerance"))
+    if fn_name is None:
+        same = functools.partial(outputs_match, compare=rec.get("compare", "lines"),
+                                 float_tolerance=rec.get("float_tolerance"))
+    else:
+        tol = rec.get("float_tolerance")
+        same = lambda got, want: values_match(json.loads(got), json.loads(want), tol)  # noqa: E731
     tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)), same)
+    if fn_name is not None:  # agreed to return nothing: a function that does nothing passes it
+        tests = [t for t in tests if t[1] != "null"]
     contradicted = {i for i, out, _ in tests
                     if inputs[i] in given and (given[inputs[i]] is None or not same(given[inputs[i]], out))}
     counts["given tests contradicted"] += len(contradicted)
@@ -214,5 +295,8 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     if solutions_passing(outputs, tests, same) < at_least(s.problem_pass_rate, len(solutions)):
         return ProblemResult(None, DROP_DISAGREE, counts)
     out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
-    out["tests"] = [{"input": inputs[i], "output": want + "\n"} for i, want, _ in tests]
+    if fn_name is None:
+        out["tests"] = [{"input": inputs[i], "output": want + "\n"} for i, want, _ in tests]
+    else:
+        out["tests"] = [{"input": json.loads(inputs[i]), "output": json.loads(want)} for i, want, _ in tests]
     return ProblemResult(out, None, counts)

@@ -15,7 +15,9 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``task``: str; default ``"math"`` when ``answer`` is given, ``"code"`` when ``tests`` is.
 - ``answer``: required for ``math``; str (int/float accepted and turned into str).
 - ``tests``: required for ``code``; a non-empty list of ``{"input": str (default ""),
-  "output": str}``.
+  "output": str}``, or with ``fn_name`` (the function a call-based test calls: LeetCode /
+  APPS style, top level or a method of ``class Solution``) ``{"input": [arguments],
+  "output": the returned value}`` in JSON.
 - ``difficulty``: a number (not bool); default 0.0.
 - ``pass_rate``: optional, a number in [0, 1] (``tools/curate_prompts.py``).
 - ``timeout_s``: optional, seconds > 0 (the code reward's limit per test).
@@ -126,7 +128,9 @@ def _require_str(obj: Mapping, field: str, *, non_empty: bool = True, label: Opt
     return v
 
 
-def _validate_tests(tests: Any) -> list[dict]:
+def _validate_tests(tests: Any, call_based: bool = False) -> list[dict]:
+    """stdin tests ``{"input": str, "output": str}``, or with ``fn_name`` call-based ones
+    ``{"input": [arguments], "output": returned value}`` (JSON values)."""
     if not isinstance(tests, list):
         raise FieldError("tests", f"expected a list of {{'input','output'}} objects, got {_type_name(tests)}")
     if not tests:
@@ -135,11 +139,22 @@ def _validate_tests(tests: Any) -> list[dict]:
     for i, t in enumerate(tests):
         if not isinstance(t, dict):
             raise FieldError(f"tests[{i}]", f"expected an object with 'input' and 'output', got {_type_name(t)}")
+        if "output" not in t:
+            raise FieldError(f"tests[{i}].output", "missing")
+        if call_based:
+            if not isinstance(t.get("input"), list):
+                raise FieldError(f"tests[{i}].input", "expected a list of the function's arguments (fn_name is "
+                                 f"set), got {_type_name(t.get('input'))}")
+            for key in ("input", "output"):
+                try:
+                    json.dumps(t[key], allow_nan=False)
+                except (TypeError, ValueError):
+                    raise FieldError(f"tests[{i}].{key}", "is not a JSON value (no NaN or infinity)") from None
+            out.append(dict(t))
+            continue
         inp = t.get("input", "")
         if not isinstance(inp, str):
             raise FieldError(f"tests[{i}].input", f"expected a string, got {_type_name(inp)}")
-        if "output" not in t:
-            raise FieldError(f"tests[{i}].output", "missing")
         if not isinstance(t["output"], str):
             raise FieldError(f"tests[{i}].output", f"expected a string, got {_type_name(t['output'])}")
         out.append({**t, "input": inp})
@@ -194,8 +209,13 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     else:
         rec.pop("answer", None)
 
+    from megatron_k15.rewards.code import checker_error, fn_name_error  # the code reward's checker
+
+    fn_error = fn_name_error(obj.get("fn_name"))
+    if fn_error:
+        raise FieldError("fn_name", fn_error)
     if has_tests:
-        rec["tests"] = _validate_tests(obj["tests"])
+        rec["tests"] = _validate_tests(obj["tests"], call_based=obj.get("fn_name") is not None)
     elif task == "code" and tests_required:
         raise FieldError("tests", "missing (required for task 'code')")
     else:
@@ -212,8 +232,6 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     if timeout is not None:  # the code reward's wall-clock limit per test for this prompt
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise FieldError("timeout_s", f"expected seconds (a number > 0), got {timeout!r}")
-    from megatron_k15.rewards.code import checker_error  # the code reward's checker
-
     error = checker_error(obj.get("compare", "lines"), obj.get("float_tolerance"))
     if error:
         raise FieldError(*error)

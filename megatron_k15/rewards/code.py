@@ -5,6 +5,11 @@ on stdin and compares its stdout with ``test["output"]`` (trailing spaces on eac
 trailing blank lines ignored; ``compare="tokens"`` and ``float_tolerance`` give the checkers
 of judges, see :func:`outputs_match`; a prompt record sets them with the same field names).
 
+Call-based tests (LeetCode / APPS / TACO style, ``fn_name``): the program defines a function
+(top level, or a method of ``class Solution``); each test calls it with ``test["input"]``, a
+JSON list of positional arguments, and compares the returned value with ``test["output"]``
+as JSON values (:func:`values_match`; tuples are lists). What the program prints is ignored.
+
 Process layout::
 
     caller (this process)
@@ -62,7 +67,7 @@ import time
 from typing import Any, Optional
 
 __all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "outputs_match",
-           "sandbox_report"]
+           "values_match", "sandbox_report"]
 
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
@@ -186,6 +191,27 @@ sys.path = [p for p in sys.path if p and not p.startswith(os.path.dirname(_prog)
 _code = compile(_src, "solution.py", "exec")
 del _f, _src, _m, _n, _k
 exec(_code, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"})
+'''
+
+# The program of a call-based test (``fn_name``): the solution is executed as a module (so its
+# ``if __name__ == "__main__":`` part does not run), its function is called with the test's
+# arguments (stdin, a JSON list) and the returned value printed as JSON after a marker line.
+_CALL_HARNESS = r'''
+import json, sys
+_args = json.loads(sys.stdin.read())
+with open(%(solution)r, "rb") as _f:
+    _src = _f.read()
+_ns = {"__name__": "solution", "__builtins__": __builtins__, "__file__": "solution.py"}
+exec(compile(_src, "solution.py", "exec"), _ns)
+_fn = _ns.get(%(fn)r)
+if not callable(_fn) and isinstance(_ns.get("Solution"), type):
+    _fn = getattr(_ns["Solution"](), %(fn)r, None)
+if not callable(_fn):
+    sys.stderr.write("the solution defines no function %(fn)s (at the top level or in class Solution)\n")
+    sys.exit(1)
+_out = _fn(*_args)
+sys.stdout.flush()
+sys.stdout.write("\n" + %(marker)r + json.dumps(_out, default=repr) + "\n")
 '''
 
 # ----------------------------------------------------------------------------------------
@@ -497,21 +523,80 @@ def outputs_match(got: str, want: str, compare: str = "lines", float_tolerance: 
     return True
 
 
+def values_match(got: Any, want: Any, float_tolerance: Optional[float] = None) -> bool:
+    """Whether a call-based test's returned value ``got`` (decoded from JSON) equals ``want``:
+    lists element by element, objects key by key, booleans only to booleans, integers
+    exactly; with ``float_tolerance`` a float within ``tol * max(1, |want|)`` of a number."""
+    if isinstance(got, bool) or isinstance(want, bool):
+        return isinstance(got, bool) and isinstance(want, bool) and got == want
+    if isinstance(got, (int, float)) and isinstance(want, (int, float)):
+        if got == want:
+            return True
+        if float_tolerance is None or not (isinstance(got, float) or isinstance(want, float)):
+            return False
+        return math.isfinite(got) and math.isfinite(want) and abs(got - want) <= float_tolerance * max(1.0, abs(want))
+    if isinstance(got, list) and isinstance(want, list):
+        return len(got) == len(want) and all(values_match(a, b, float_tolerance) for a, b in zip(got, want))
+    if isinstance(got, dict) and isinstance(want, dict):
+        return got.keys() == want.keys() and all(values_match(got[k], want[k], float_tolerance) for k in want)
+    return type(got) is type(want) and got == want
+
+
+def split_returned(stdout: str, marker: str) -> tuple[str, Optional[str]]:
+    """A call-based run's output: (what the program printed, the returned value's JSON or
+    None when the call did not return)."""
+    at = stdout.rfind(marker)
+    if at < 0:
+        return stdout, None
+    return stdout[:max(0, at - 1)], stdout[at + len(marker):].strip()
+
+
+def _returned_matches(stdout: str, want: Any, marker: str, float_tolerance: Optional[float]) -> bool:
+    _, text = split_returned(stdout, marker)
+    if text is None:
+        return False
+    try:
+        got = json.loads(text)
+    except ValueError:
+        return False
+    return values_match(got, want, float_tolerance)
+
+
 def _python_prefix() -> str:
     exe = os.path.realpath(sys.executable)
     base = os.path.realpath(sys.base_prefix)
     return base if exe.startswith(base + os.sep) else os.path.dirname(os.path.dirname(exe))
 
 
-def _valid_tests(tests: Any) -> bool:
+def _json_value(x: Any) -> bool:
+    try:
+        json.dumps(x, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _valid_tests(tests: Any, call_based: bool = False) -> bool:
+    """stdin tests: ``{"input": str, "output": str}``; call-based: ``{"input": [args],
+    "output": any JSON value}``."""
     if not isinstance(tests, list) or not tests:
         return False
     for t in tests:
-        if not isinstance(t, dict) or not isinstance(t.get("input", ""), str):
+        if not isinstance(t, dict) or "output" not in t:
             return False
-        if not isinstance(t.get("output"), str):
+        if call_based:
+            if not isinstance(t.get("input"), list) or not _json_value(t["input"]) or not _json_value(t["output"]):
+                return False
+        elif not isinstance(t.get("input", ""), str) or not isinstance(t["output"], str):
             return False
     return True
+
+
+def fn_name_error(fn_name: Any) -> Optional[str]:
+    """Why ``fn_name`` cannot name a call-based test's function, else None."""
+    if fn_name is not None and (not isinstance(fn_name, str) or not fn_name.isidentifier()):
+        return f"expected a Python function name, got {fn_name!r}"
+    return None
 
 
 def run_tests(
@@ -531,16 +616,21 @@ def run_tests(
     python_guards: bool = True,
     compare: str = "lines",
     float_tolerance: Optional[float] = None,
+    fn_name: Optional[str] = None,
 ) -> dict:
     """Run ``program`` on each test; returns ``{"passed", "total", "status", "results"}``.
 
     ``timeout_s`` is the wall-clock limit per test (CPU limit: ``int(timeout_s) + 1`` s).
     ``compare`` / ``float_tolerance``: how an output is judged (:func:`outputs_match`).
+    ``fn_name``: call-based tests (module docstring); the returned values are judged by
+    :func:`values_match` (with ``float_tolerance``); with ``keep_output`` each result holds
+    ``stdout`` (what the program printed) and ``returned`` (the value's JSON, if it returned).
     ``status``: "ok" (all pass), "failed" (some wrong answer), or the first non-answer
     problem among "timeout", "memory", "output_limit", "error" (runtime error, crash or a
     killed supervisor), "invalid" (malformed program/tests). Never raises.
     """
-    if not isinstance(program, str) or not _valid_tests(tests) or checker_error(compare, float_tolerance):
+    if (not isinstance(program, str) or fn_name_error(fn_name) or not _valid_tests(tests, fn_name is not None)
+            or checker_error(compare, float_tolerance)):
         total = len(tests) if isinstance(tests, list) else 0
         return {"passed": 0, "total": total, "status": "invalid", "results": []}
     total = len(tests)
@@ -569,6 +659,11 @@ def run_tests(
             }
             files = {"config.json": json.dumps(cfg), "bootstrap.py": _BOOTSTRAP,
                      "supervisor.py": _SUPERVISOR, "program.py": program}
+            marker = f"\x00k15-returned-{os.urandom(8).hex()}:"
+            if fn_name is not None:  # the harness runs; it executes the solution and calls fn_name
+                files["solution.py"] = program
+                files["program.py"] = _CALL_HARNESS % {"solution": os.path.join(run_dir, "solution.py"),
+                                                       "fn": fn_name, "marker": marker}
             for name, text in files.items():
                 path = os.path.join(run_dir, name)
                 with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
@@ -577,7 +672,7 @@ def run_tests(
             for i, t in enumerate(tests):
                 path = os.path.join(run_dir, f"in{i}")
                 with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-                    f.write(t.get("input", ""))
+                    f.write(json.dumps(t["input"]) if fn_name is not None else t.get("input", ""))
                 os.chmod(path, 0o600)
             budget = total * (timeout_s + 2.0) + 10.0
             with tempfile.TemporaryFile() as errf:
@@ -588,7 +683,10 @@ def run_tests(
                     cwd=run_dir, env={}, start_new_session=True,
                 )
                 try:
-                    judge = lambda got, want: outputs_match(got, want, compare, float_tolerance)  # noqa: E731
+                    if fn_name is not None:
+                        judge = lambda got, want: _returned_matches(got, want, marker, float_tolerance)  # noqa: E731
+                    else:
+                        judge = lambda got, want: outputs_match(got, want, compare, float_tolerance)  # noqa: E731
                     results = _collect(sup, tests, time.monotonic() + budget, stop_on_failure, judge)
                 finally:
                     _killpg(sup.pid)
@@ -611,6 +709,8 @@ def run_tests(
         passed += r["status"] == "ok"
         if not keep_output:
             r.pop("stdout", None)
+        elif fn_name is not None and "stdout" in r:
+            r["stdout"], r["returned"] = split_returned(r["stdout"], marker)
         if r["status"] not in ("ok", "failed") and first_problem is None:
             first_problem = r["status"]
     if sup_failed and len(results) < total:
@@ -688,14 +788,16 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
                 partial_credit: bool = False) -> float:
     """1.0 when the program in ``response`` passes all of ``record["tests"]`` (else 0.0);
     with ``partial_credit`` the fraction of tests passed. The record's ``timeout_s``,
-    ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`)."""
+    ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`);
+    its ``fn_name`` makes the tests call-based (:func:`values_match`)."""
     try:
         tests = record.get("tests") if isinstance(record, dict) else None
         program = extract_program(response)
         if not program.strip() or not tests:
             return 0.0
         res = run_tests(program, tests, record.get("timeout_s", timeout_s), stop_on_failure=not partial_credit,
-                        compare=record.get("compare", "lines"), float_tolerance=record.get("float_tolerance"))
+                        compare=record.get("compare", "lines"), float_tolerance=record.get("float_tolerance"),
+                        fn_name=record.get("fn_name"))
         if res["total"] == 0:
             return 0.0
         if partial_credit:

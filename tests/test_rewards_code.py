@@ -170,6 +170,17 @@ def test_judges_thread_idiom():
                "t = threading.Thread(target=f)\nt.start()\nt.join()\nprint('after')\n")
     res = run_tests(failing, [{"input": "", "output": "after"}], 10.0)
     assert res["status"] == "ok" and "ValueError: boom" in res["results"][0]["stderr"], res
+    if not OS_ISOLATION:
+        return  # threads start for real without the uid drop: nothing below is shimmed
+    # threads that only make sense beside the main one fail at once, as before, not inline
+    # (a daemon loop or a pool worker would run until the timeout)
+    for prog in ("import threading, time\nthreading.Thread(target=time.sleep, args=(100,), daemon=True).start()\n",
+                 "from concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(2) as ex:\n"
+                 "    print(sum(ex.map(abs, [-1, 2])))\n",
+                 "import threading\nthreading.Timer(100, print).start()\n"):
+        res, dt = timed(prog, [{"input": "", "output": ""}], T)
+        assert res["status"] == "error" and "can't start new thread" in res["results"][0]["stderr"], res
+        assert dt < BOUND
 
 
 TWO_SUM = """
@@ -212,6 +223,17 @@ def test_call_based_tests_call_the_function():
     assert run_tests(truth, [{"input": "2", "output": True}], T, fn_name="f")["status"] == "invalid"
     assert run_tests(truth, [{"input": [2], "output": float("nan")}], T, fn_name="f")["status"] == "invalid"
     assert run_tests(truth, [{"input": [2], "output": True}], T, fn_name="f x")["status"] == "invalid"
+    # LeetCode's preamble (List, Optional, deque... without imports), a real module for
+    # dataclasses, a solution that replaces sys.stdout, an expected tuple (a list in JSON)
+    preamble = "class Solution:\n    def f(self, xs: List[int]) -> Optional[int]:\n        return max(xs, default=None)\n"
+    assert run_tests(preamble, [{"input": [[1, 5]], "output": 5}], T, fn_name="f")["status"] == "ok"
+    dc = ("from __future__ import annotations\nfrom dataclasses import dataclass\n@dataclass\nclass P:\n"
+          "    x: int\ndef f(a):\n    return P(a).x\n")
+    assert run_tests(dc, [{"input": [3], "output": 3}], T, fn_name="f")["status"] == "ok"
+    quiet = "import io, sys\nsys.stdout = io.StringIO()\ndef f(a):\n    print(a)\n    return (a, a)\n"
+    assert run_tests(quiet, [{"input": [3], "output": (3, 3)}], T, fn_name="f")["status"] == "ok"
+    # an expected null would pass a function that does nothing
+    assert run_tests("def f(a):\n    pass\n", [{"input": [3], "output": None}], T, fn_name="f")["status"] == "invalid"
     rec = {"tests": [{"input": [1, 2], "output": 3}], "fn_name": "add"}
     assert code_reward("```python\ndef add(a, b):\n    return a + b\n```", rec) == 1.0
     assert code_reward("```python\ndef add(a, b):\n    print(a + b)\n```", rec) == 0.0  # printed, returned None

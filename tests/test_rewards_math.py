@@ -160,6 +160,8 @@ CASES = [
     ("\\boxed{1.2\\overline{36}}", "\\frac{68}{55}", True),
     ("\\boxed{0.1\\dot{6}}", "1/6", True),
     ("\\boxed{0.\\overline{142857}}", "\\frac{1}{7}", True),
+    ("\\boxed{0.\\bar{3}}", "1/3", True),
+    ("\\boxed{0.\\overline 6}", "\\frac23", True),
     # the real line
     ("\\boxed{\\mathbb{R}}", "(-\\infty,\\infty)", True),
     ("\\boxed{(-\\infty, \\infty)}", "\\mathbb R", True),
@@ -167,6 +169,9 @@ CASES = [
     # a fraction with words after it, but not a fraction times a variable
     ("\\boxed{\\frac34\\text{ of the pie}}", "0.75", True),
     ("\\boxed{\\frac{1}{2} x}", "0.5", False),
+    ("\\boxed{\\frac{3}{4} xy}", "0.75", False),
+    ("\\boxed{\\frac12 \\pi}", "0.5", False),
+    ("\\boxed{\\dfrac{3}{4}\\text{ cups}}", "\\frac34", True),
     # --- text and multiple choice --------------------------------------------------------
     ("\\boxed{\\text{(B)}}", "B", True),
     ("\\boxed{(C)}", "C", True),

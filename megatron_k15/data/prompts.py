@@ -150,6 +150,8 @@ def _validate_tests(tests: Any, call_based: bool = False) -> list[dict]:
                     json.dumps(t[key], allow_nan=False)
                 except (TypeError, ValueError):
                     raise FieldError(f"tests[{i}].{key}", "is not a JSON value (no NaN or infinity)") from None
+            if t["output"] is None:  # a function that does nothing would pass it
+                raise FieldError(f"tests[{i}].output", "is null (the returned value a call must match)")
             out.append(dict(t))
             continue
         inp = t.get("input", "")

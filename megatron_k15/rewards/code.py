@@ -47,6 +47,11 @@ OS level, when the caller is root (as on our machines and CI):
   - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
     supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
   As a non-root user the network namespace is attempted through a user namespace.
+Not isolated: the rest of the file system and /proc stay visible (read-only to ``nobody``),
+  so a program could read world-readable files, e.g. find the training data through another
+  process's command line and look up its test's expected output. Keep prompt and test files
+  unreadable to other users (``chmod o-r``); a minimal root (pivot_root) with its own PID
+  namespace and procfs would close this and is not done.
 Python level (best effort, bypassable by a determined program; defence in depth only):
   - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
   - importing socket, ssl, subprocess, multiprocessing, ctypes, pty raises ImportError;
@@ -157,19 +162,21 @@ builtins.exit = builtins.quit = sys.exit
 import _thread, threading
 _thread.stack_size(8 << 20)
 
-# Where no thread can start (RLIMIT_NPROC=0), a Thread runs its target to the end inside
-# start(), on the calling thread; afterwards it is finished: join() returns, is_alive() is
-# False. That is exactly the judges' idiom "threading.stack_size(big);
+# Where no thread can start (RLIMIT_NPROC=0), a plain (non-daemon) Thread runs its target to
+# the end inside start(), on the calling thread; afterwards it is finished: join() returns,
+# is_alive() is False. That is exactly the judges' idiom "threading.stack_size(big);
 # Thread(target=main).start()" for deep recursion (the main thread's stack here is already
-# the memory limit). A program that needs two threads running at once blocks and times out,
-# as it failed before.
+# the memory limit). Threads that only make sense beside the main one (daemon threads, timers,
+# thread-pool workers, which would run forever or out of order inline) still fail at once.
 _real_thread_start = threading.Thread.start
 
 def _thread_start(self):
     try:
         return _real_thread_start(self)
     except RuntimeError as e:
-        if "can't start new thread" not in str(e):
+        target = getattr(self, "_target", None)
+        if ("can't start new thread" not in str(e) or self.daemon or isinstance(self, threading.Timer)
+                or getattr(target, "__module__", "").startswith("concurrent.futures")):
             raise
     self._started.set()
     self.join = lambda timeout=None: None
@@ -197,21 +204,35 @@ exec(_code, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solu
 # ``if __name__ == "__main__":`` part does not run), its function is called with the test's
 # arguments (stdin, a JSON list) and the returned value printed as JSON after a marker line.
 _CALL_HARNESS = r'''
-import json, sys
+import json, os, sys, types
+if hasattr(sys, "set_int_max_str_digits"):
+    sys.set_int_max_str_digits(0)  # a huge integer result still encodes
+_dumps, _write, _out_fd = json.dumps, os.write, os.dup(1)  # before the solution can replace them
 _args = json.loads(sys.stdin.read())
 with open(%(solution)r, "rb") as _f:
     _src = _f.read()
-_ns = {"__name__": "solution", "__builtins__": __builtins__, "__file__": "solution.py"}
-exec(compile(_src, "solution.py", "exec"), _ns)
-_fn = _ns.get(%(fn)r)
-if not callable(_fn) and isinstance(_ns.get("Solution"), type):
-    _fn = getattr(_ns["Solution"](), %(fn)r, None)
+# a real module (dataclasses and pickling look it up in sys.modules), with what LeetCode's
+# Python 3 preamble imports (List, Optional, deque, heapq, ... used without an import)
+_mod = types.ModuleType("solution")
+_mod.__file__ = "solution.py"
+sys.modules["solution"] = _mod
+exec("from typing import *\nimport collections, heapq, bisect, math, functools, itertools, string, re\n"
+     "from collections import *\nfrom heapq import *\nfrom bisect import *\nfrom functools import *\n"
+     "from itertools import *\nfrom math import *", _mod.__dict__)
+exec(compile(_src, "solution.py", "exec"), _mod.__dict__)
+_fn = getattr(_mod, %(fn)r, None)
+if not callable(_fn) and isinstance(getattr(_mod, "Solution", None), type):
+    _fn = getattr(_mod.Solution(), %(fn)r, None)
 if not callable(_fn):
     sys.stderr.write("the solution defines no function %(fn)s (at the top level or in class Solution)\n")
     sys.exit(1)
 _out = _fn(*_args)
-sys.stdout.flush()
-sys.stdout.write("\n" + %(marker)r + json.dumps(_out, default=repr) + "\n")
+for _s in (sys.stdout, sys.__stdout__):
+    try:
+        _s.flush()
+    except Exception:
+        pass
+_write(_out_fd, ("\n" + %(marker)r + _dumps(_out, default=repr) + "\n").encode("utf-8", "surrogatepass"))
 '''
 
 # ----------------------------------------------------------------------------------------
@@ -556,10 +577,9 @@ def _returned_matches(stdout: str, want: Any, marker: str, float_tolerance: Opti
     if text is None:
         return False
     try:
-        got = json.loads(text)
-    except ValueError:
+        return values_match(json.loads(text), want, float_tolerance)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to decode or compare
         return False
-    return values_match(got, want, float_tolerance)
 
 
 def _python_prefix() -> str:
@@ -584,8 +604,9 @@ def _valid_tests(tests: Any, call_based: bool = False) -> bool:
     for t in tests:
         if not isinstance(t, dict) or "output" not in t:
             return False
-        if call_based:
-            if not isinstance(t.get("input"), list) or not _json_value(t["input"]) or not _json_value(t["output"]):
+        if call_based:  # (a None output would pass a function that does nothing)
+            if (not isinstance(t.get("input"), list) or t["output"] is None or not _json_value(t["input"])
+                    or not _json_value(t["output"])):
                 return False
         elif not isinstance(t.get("input", ""), str) or not isinstance(t["output"], str):
             return False
@@ -634,6 +655,8 @@ def run_tests(
         total = len(tests) if isinstance(tests, list) else 0
         return {"passed": 0, "total": total, "status": "invalid", "results": []}
     total = len(tests)
+    if fn_name is not None:  # as JSON sees them: tuples are lists, dict keys strings
+        tests = [{**t, "output": json.loads(json.dumps(t["output"]))} for t in tests]
     timeout_s = float(timeout_s)
     results: list[dict] = []
     sup = None

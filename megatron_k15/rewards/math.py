@@ -234,15 +234,16 @@ def _fix_frac_sqrt(s: str) -> str:
 
 def _repeating_decimals(s: str) -> str:
     """``0.\\overline{3}`` -> ``\\frac{1}{3}``, ``1.2\\overline{36}`` -> ``\\frac{68}{55}`` (exact):
-    I.A(B repeated) = I + (AB - A) / (10^|A| (10^|B| - 1)). ``\\dot{6}`` marks a repetend too."""
+    I.A(B repeated) = I + (AB - A) / (10^|A| (10^|B| - 1)). ``\\bar{3}``, ``\\dot{6}`` and an
+    unbraced single digit (``0.\\overline 3``) mark a repetend too."""
 
     def to_fraction(m: re.Match) -> str:
-        whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3)
+        whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3) or m.group(4)
         num = int(fixed + rep) - (int(fixed) if fixed else 0)
         value = int(whole) + Fraction(num, 10 ** len(fixed) * (10 ** len(rep) - 1))
         return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
-    return re.sub(r"(\d*)\.(\d*)\\(?:overline|dot)\s*\{\s*(\d+)\s*\}", to_fraction, s)
+    return re.sub(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\s*(?:\{\s*(\d+)\s*\}|(\d))", to_fraction, s)
 
 
 def _canon_number_text(s: str) -> str:
@@ -272,6 +273,12 @@ def normalize_answer(ans: str) -> str:
     s = s.replace("{,}", ",")
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
     s = _repeating_decimals(s)
+    # a number or fraction followed by words in \text: "\frac34\text{ of the pie}" (letters in
+    # math mode, "\frac12 x", are a product and stay)
+    m = re.fullmatch(r"\s*([-+]?(?:\\frac\s*(?:\{[^{}]*\}|\d)\s*(?:\{[^{}]*\}|\d)|\d[\d,]*(?:\.\d+)?))\s*"
+                     r"\\(?:text|textrm|mbox|textnormal)\s*\{\s*[A-Za-z][A-Za-z ]*\}\s*", s)
+    if m:
+        s = m.group(1)
     # the real line, as an interval: "\mathbb{R}", "\mathbb R", "ℝ"
     s = re.sub(r"\\mathbb\s*(?:\{\s*R\s*\}|R(?![a-zA-Z]))|\u211d", "(-\\\\infty,\\\\infty)", s)
     s = _unwrap_commands(s)
@@ -301,11 +308,6 @@ def normalize_answer(ans: str) -> str:
     if m:
         s = m.group(1)
     s = _fix_frac_sqrt(s)
-    # a fraction followed by words: "\frac{3}{4} of the pie" (two letters or more, so that
-    # "\frac{1}{2} x" stays a product)
-    m = re.match(r"^([-+]?\\frac\{[^{}]+\}\{[^{}]+\})\s+[a-zA-Z]{2,}[a-zA-Z ]*$", s)
-    if m:
-        s = m.group(1)
     # a logarithm's base: "\log_2 8", "\log_{10}(x)" -> "\log(8,2)", "\log(x,10)" (sympy's log(x, b))
     s = re.sub(r"\\log_\{?([0-9a-zA-Z]+)\}?\s*(\([^()]*\)|\{[^{}]*\}|[A-Za-z0-9.]+)",
                lambda m: "\\log(" + m.group(2).strip("(){}") + "," + m.group(1) + ")", s)

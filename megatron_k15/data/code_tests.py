@@ -215,7 +215,7 @@ def _run_outputs(program: str, inputs: Sequence[str], s: BuildSettings, timeout_
     if fn_name is None:
         tests = [{"input": x, "output": ""} for x in inputs]
     else:
-        tests = [{"input": json.loads(x), "output": None} for x in inputs]
+        tests = [{"input": json.loads(x), "output": ""} for x in inputs]  # output unused: kept, not judged
     res = run_tests(program, tests, timeout_s, memory_mb=s.memory_mb, keep_output=True, fn_name=fn_name)
     out: list[Optional[str]] = [None] * len(inputs)
     for i, r in enumerate(res["results"][:len(inputs)]):

@@ -47,6 +47,16 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     block (N)       full for the stage's first N layers, none for the others (no rerun on top
                     of the last layer's activations: it is not recomputed)
 
+    MoE layers (``MoEMLP``; E experts, top-k, expert ffn fm; routing assumed balanced, so that
+    each rank's experts process N k rows): the dense MLP's e * Ns * h + 4 * e * N * f / tp
+    becomes e * N * h (the router input, gathered under SP) + 2 * e * N * k * h (the token
+    copies grouped by expert and the experts' outputs) + 4 * e * N * k * fm / tp + 4 * N * E
+    (fp32 router probabilities) + 16 * N * k (int64 top-k ids, sort order) + e * N * k
+    (routing weights) [+ 4 * N * k + 4 * N renormalised top-k; + 16 * N * k under expert
+    parallelism]; the backward working set's 2 * e * N * f / tp becomes 3 * e * N * k * h +
+    e * N * k. Experts: E / ep per rank, gradient buckets of their own sharded over D / ep.
+    Unbalanced routing sends a rank more rows than N k: its MLP activations grow with them.
+
 Megatron-LM counts s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, with dropout, GeLU MLP of
 4h, no flash); flash attention removes the 5*a*s/h term, SP divides the rest by tp, and full
 recompute keeps 2*s*b*h (/ tp with SP). Ours is larger per token (qwen2.5-7b, bf16, tp=1:
@@ -113,6 +123,7 @@ class Layout:
     cp: int = 1
     dp: int = 1
     sequence_parallel: bool = True  # effective only when tp > 1 (DESIGN.md section 4)
+    ep: int = 1  # expert parallel (MoE): experts split over ep of the dp x cp ranks
 
     @property
     def world_size(self) -> int:
@@ -123,7 +134,7 @@ class Layout:
         return self.sequence_parallel and self.tp > 1
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} cp={self.cp} dp={self.dp}"
+        return f"tp={self.tp} pp={self.pp} cp={self.cp} dp={self.dp}" + (f" ep={self.ep}" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -156,9 +167,10 @@ class Workload:
 
 # -- parameters ------------------------------------------------------------------------------
 def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
-                     layers: Optional[range] = None) -> list[tuple[str, int]]:
-    """(name, numel) of every parameter one (tp rank, pp stage) holds, in the model's
-    registration order (``GPTModel``: embedding, layers, final norm, output layer)."""
+                     layers: Optional[range] = None, ep: int = 1) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter one (tp rank, pp stage, ep rank) holds, in the model's
+    registration order (``GPTModel``: embedding, layers, final norm, output layer; an MoE
+    layer's router, then its E / ep experts' stacked weights)."""
     if layers is None:
         layers = pipeline_layer_ranges(cfg.num_layers, pp)[pp_rank]
     h, V = cfg.hidden_size, cfg.padded_vocab_size(tp) // tp
@@ -178,6 +190,12 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
             out.append((p + "self_attention.q_layernorm.weight", cfg.head_dim))
             out.append((p + "self_attention.k_layernorm.weight", cfg.head_dim))
         out.append((p + "pre_mlp_layernorm.weight", h))
+        if cfg.is_moe:
+            experts, f = cfg.num_moe_experts // ep, cfg.moe_ffn_hidden_size // tp
+            out.append((p + "mlp.router.weight", cfg.num_moe_experts * h))
+            out.append((p + "mlp.experts.linear_fc1.weight", experts * 2 * f * h))
+            out.append((p + "mlp.experts.linear_fc2.weight", experts * h * f))
+            continue
         out.append((p + "mlp.linear_fc1.weight", 2 * cfg.ffn_hidden_size // tp * h))
         out.append((p + "mlp.linear_fc2.weight", h * cfg.ffn_hidden_size // tp))
     if last:
@@ -187,45 +205,53 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
     return out
 
 
+def is_expert_bucket(names: list[str], ep: int) -> bool:
+    """Whether a bucket holds expert parameters, reduced and sharded over dp x cp / ep ranks."""
+    return ep > 1 and any(".mlp.experts." in n for n in names)
+
+
 def grad_buckets(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
-                 tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL, tp_size: int = 1
-                 ) -> list[tuple[list[str], int, bool]]:
+                 tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL, tp_size: int = 1,
+                 ep: int = 1) -> list[tuple[list[str], int, bool]]:
     """(parameter names, element count, late) of the DistributedOptimizer's gradient buckets
     (``parallel/data.py``) in launch order: parameters in reverse order, a bucket closes once
     it reaches ``bucket_numel``; the grads that are partial sums over tp (norms under SP,
-    QK-norms when tp > 1) and a tied embedding shared over pp go to one late bucket (reduced
-    in ``finish_grad_sync``); each is padded to a multiple of the shard group."""
+    QK-norms and MoE routers when tp > 1) and a tied embedding shared over pp go to one late
+    bucket (reduced in ``finish_grad_sync``); each is padded to a multiple of its shard group.
+    Under expert parallelism (``ep`` > 1) the experts' buckets come after the others', padded
+    to the expert-data-parallel group (``shard_group / ep``)."""
     def late(name):
-        qk_norm = name.endswith(("q_layernorm.weight", "k_layernorm.weight"))
-        return (sequence_parallel and name.endswith("layernorm.weight")) or (qk_norm and tp_size > 1) or (
+        partial = name.endswith(("q_layernorm.weight", "k_layernorm.weight", "router.weight"))
+        return (sequence_parallel and name.endswith("layernorm.weight")) or (partial and tp_size > 1) or (
             tied_embedding and name == "embedding.weight")
 
-    def padded(n):
-        return int(math.ceil(n / shard_group) * shard_group)
-
-    out, names, size = [], [], 0
-    for name, n in reversed(params):
-        if late(name):
-            continue
-        names.append(name)
-        size += n
-        if size >= bucket_numel:
-            out.append((names, padded(size), False))
-            names, size = [], 0
-    if names:
-        out.append((names, padded(size), False))
+    out = []
+    for expert in (False, True):
+        group = shard_group // ep if expert else shard_group
+        names, size = [], 0
+        for name, n in reversed(params):
+            if late(name) or is_expert_bucket([name], ep) != expert:
+                continue
+            names.append(name)
+            size += n
+            if size >= bucket_numel:
+                out.append((names, int(math.ceil(size / group) * group), False))
+                names, size = [], 0
+        if names:
+            out.append((names, int(math.ceil(size / group) * group), False))
     late_params = [(name, n) for name, n in params if late(name)]
     if late_params:
-        out.append(([name for name, _ in late_params], padded(sum(n for _, n in late_params)), True))
+        size = sum(n for _, n in late_params)
+        out.append(([name for name, _ in late_params], int(math.ceil(size / shard_group) * shard_group), True))
     return out
 
 
 def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_parallel: bool,
                       tied_embedding: bool, bucket_numel: int = GRAD_BUCKET_NUMEL,
-                      tp_size: int = 1) -> list[int]:
+                      tp_size: int = 1, ep: int = 1) -> list[int]:
     """Padded element counts of the gradient buckets (see ``grad_buckets``)."""
     return [n for _, n, _ in grad_buckets(params, shard_group, sequence_parallel, tied_embedding,
-                                          bucket_numel, tp_size)]
+                                          bucket_numel, tp_size, ep)]
 
 
 # -- KV cache ------------------------------------------------------------------------------------
@@ -268,6 +294,12 @@ class _Shapes:
     V_fused: int
     vocab_padding: bool
     qk_norm: bool = False
+    # mixture of experts (0 experts: dense): experts E, top-k, expert ffn / tp, renormalised top-k
+    E: int = 0
+    topk: int = 0
+    fm: int = 0
+    norm_topk: bool = False
+    ep: int = 1
 
     @classmethod
     def of(cls, cfg: GPTConfig, layout: Layout, w: Workload) -> "_Shapes":
@@ -279,7 +311,10 @@ class _Shapes:
                    q=cfg.query_projection_size // tp, k=cfg.kv_projection_size // tp,
                    f=cfg.ffn_hidden_size // tp, a=cfg.num_attention_heads // tp, d=cfg.head_dim,
                    V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size,
-                   qk_norm=cfg.qk_layernorm)
+                   qk_norm=cfg.qk_layernorm, E=cfg.num_moe_experts if cfg.is_moe else 0,
+                   topk=cfg.moe_router_topk if cfg.is_moe else 0,
+                   fm=cfg.moe_ffn_hidden_size // tp if cfg.is_moe else 0,
+                   norm_topk=bool(cfg.is_moe and cfg.moe_norm_topk_prob), ep=layout.ep)
 
 
 def norm_saved_bytes(x: _Shapes) -> int:
@@ -300,20 +335,41 @@ def qk_norm_saved_bytes(x: _Shapes) -> int:
     return 4 * qk + per_head + (4 * x.N * x.q if x.k > x.d else 0)
 
 
+def mlp_saved_bytes(x: _Shapes) -> int:
+    """The MLP's saved activations, its input included. Dense SwiGLU: the FC1 input (the
+    local shard under SP) and 4 e N f / tp (fc1 output [gate; up], silu(gate), product).
+    MoE (``MoEMLP``, routing balanced over the experts so that each rank's experts get N k
+    rows): the router's input (gathered to all N tokens under SP), the N k token copies grouped
+    by expert and the experts' N k outputs (2 e N k h), the experts' SwiGLU 4 e N k fm / tp,
+    fp32 router probabilities 4 N E, int64 top-k ids and sort order 16 N k, the routing
+    weights in that order e N k, and with renormalised top-k its fp32 weights and sums
+    4 N k + 4 N; under expert parallelism the received rows' regrouping order and its inverse,
+    int64, 16 N k more."""
+    if not x.E:
+        return x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
+    return (x.e * x.N * x.h + 2 * x.e * x.N * x.topk * x.h + 4 * x.e * x.N * x.topk * x.fm
+            + 4 * x.N * x.E + 16 * x.N * x.topk + x.e * x.N * x.topk
+            + ((4 * x.N * x.topk + 4 * x.N) if x.norm_topk else 0) + (16 * x.N * x.topk if x.ep > 1 else 0))
+
+
 def layer_saved_bytes(x: _Shapes, recompute: str) -> int:
     """Activations one transformer layer keeps for backward, per microbatch."""
     if recompute == "full":
         return x.e * x.Ns * x.h
-    saved = (2 * norm_saved_bytes(x) + 2 * x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
-             + 4 * x.e * x.N * x.f + qk_norm_saved_bytes(x))
+    saved = (2 * norm_saved_bytes(x) + x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
+             + mlp_saved_bytes(x) + qk_norm_saved_bytes(x))
     if recompute == "none":
         saved += 4 * x.N * x.a
     return saved
 
 
 def mlp_backward_bytes(x: _Shapes) -> int:
-    """Gradients alive at the busiest point of a layer's backward (the SwiGLU product):
-    the incoming grad e * Ns * h and net two ffn-sized grads."""
+    """Gradients alive at the busiest point of a layer's backward: the incoming grad e Ns h
+    and, dense, net two ffn-sized grads (the SwiGLU product); MoE, three grads of the N k
+    token copies (e N k h each: the combined output's, the experts' outputs', the grouped
+    inputs') and the routing weights' e N k."""
+    if x.E:
+        return x.e * x.Ns * x.h + 3 * x.e * x.N * x.topk * x.h + x.e * x.N * x.topk
     return x.e * x.Ns * x.h + 2 * x.e * x.N * x.f
 
 
@@ -469,7 +525,7 @@ def _layer_of(name: str) -> Optional[int]:
 
 # the order in which a layer's backward finishes its weight grads (the reverse of the forward
 # order: Qwen3's k and q norms run between the output projection and the QKV projection)
-_BACKWARD_ORDER = ("linear_fc2.weight", "linear_fc1.weight", "pre_mlp_layernorm.weight",
+_BACKWARD_ORDER = ("linear_fc2.weight", "linear_fc1.weight", "router.weight", "pre_mlp_layernorm.weight",
                    "linear_proj.weight", "k_layernorm.weight", "q_layernorm.weight",
                    "linear_qkv.bias", "linear_qkv.weight", "input_layernorm.weight")
 
@@ -525,7 +581,7 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     rerun = rerun_one if n_rec == n_layers else 0  # is the last layer recomputed?
     layers_live = saved - head + rerun
     phases["last layer backward"] = layers_live + grads
-    mlp_part = norm_saved_bytes(x) + x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
+    mlp_part = norm_saved_bytes(x) + mlp_saved_bytes(x)
     phases["attention backward"] = (layers_live - mlp_part + x.e * x.Ns * x.h
                                     + attention_backward_bytes(x, layout.cp) + tied_output_grad)
     if first:
@@ -549,6 +605,8 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
         for names, numel, late in buckets:
             if late:
                 continue
+            if is_expert_bucket(names, layout.ep) and layout.dp * layout.cp == layout.ep:
+                continue  # one rank per expert shard: cast straight into the fp32 shard, no copy
             if "embedding.weight" in names:
                 keys.append((-1, 0, 4 * numel))
                 continue
@@ -575,8 +633,9 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
             # layer j's MLP backward (after fc2's grad) and attention core (after proj's), the
             # layers above it already backpropagated
             drop = sum(sizes[j + 1:])
+            proj = _backward_position("linear_proj.weight")
             mlp = (phases["last layer backward"] - drop + staged_at(j, 0), staged_at(j, 0))
-            att = (phases["attention backward"] - drop + staged_at(j, 3), staged_at(j, 3))
+            att = (phases["attention backward"] - drop + staged_at(j, proj), staged_at(j, proj))
             if j == n - 1:
                 totals["last layer backward"] = max(totals["last layer backward"], mlp)
                 totals["attention backward"] = max(totals["attention backward"], att)
@@ -611,12 +670,16 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     first, last = pp_rank == 0, pp_rank == pp - 1
     m = w.num_microbatches or pp
     in_flight = max(1, min(pp - pp_rank, m))
-    params = stage_parameters(cfg, tp, pp_rank, pp, layers)
+    params = stage_parameters(cfg, tp, pp_rank, pp, layers, layout.ep)
     P = sum(n for _, n in params)
     bucket_list = grad_buckets(params, shard_group, layout.sp, cfg.tie_word_embeddings and pp > 1,
-                               w.grad_bucket_numel, tp)
+                               w.grad_bucket_numel, tp, layout.ep)
     buckets = [n for _, n, _ in bucket_list]
+    # each bucket's ZeRO-1 shard group: dp x cp, or dp x cp / ep for the experts' buckets
+    groups = [shard_group // layout.ep if is_expert_bucket(names, layout.ep) else shard_group
+              for names, _, _ in bucket_list]
     G = sum(buckets)
+    sharded = sum(n // g for n, g in zip(buckets, groups))
     e = w.e
     x = _Shapes.of(cfg, layout, w)
 
@@ -625,8 +688,9 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
                   e * P + 2 * x.d),
         Component("gradients", f"e*P (grad buckets) = {e}*{G:,}", e * G),
         Component("optimizer (ZeRO-1)",
-                  f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}",
-                  16 * G // shard_group),
+                  f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}"
+                  + (f" (experts: D/ep={shard_group // layout.ep})" if layout.ep > 1 else ""),
+                  16 * sharded),
     ]
     if w.reference_model:
         comps.append(Component("reference model (--ref-load)", f"e*P + 2*d = {e}*{P:,} + 2*{x.d} (frozen weights)",
@@ -642,9 +706,11 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
                            "copies": copies_r}
     chosen = by_recompute[w.recompute]
     layer = layer_saved_bytes(x, w.recompute)
+    mlp = ("eNh + 2eNkh + 4eNk*fm/tp + 4NE + 16Nk + eNk (MoE, balanced routing)" if cfg.is_moe
+           else "eNs*h + 4eNf/tp")
     layer_formula = {
-        "none": "2*norm + 2eNs*h + eN(3q+3k)/tp + 4Na/tp + 4eNf/tp",
-        "selective": "2*norm + 2eNs*h + eN(3q+3k)/tp + 4eNf/tp",
+        "none": f"2*norm + eNs*h + eN(3q+3k)/tp + 4Na/tp + {mlp}",
+        "selective": f"2*norm + eNs*h + eN(3q+3k)/tp + {mlp}",
         "full": "e*Ns*h",
     }[w.recompute]
     saved_all = in_flight * chosen["saved_per_microbatch"]
@@ -663,7 +729,7 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
         "log-prob forward/backward": (
             "logits: eNV + 4NV if padded" if w.logprob_impl == "ce"
             else "fused backward: 4Nh + eVh + 4*cV*h + 16*cN*cV"),
-        "last layer backward": "grads e*Ns*h + 2eNf/tp" + (
+        "last layer backward": ("grads e*Ns*h + 3eNkh + eNk (MoE)" if cfg.is_moe else "grads e*Ns*h + 2eNf/tp") + (
             " + one recomputed layer (none's count)" if w.recompute == "full" else ""),
         "attention backward": "d_out, dq, dk, dv, fp32 delta" + (" + ring buffers" if layout.cp > 1 else ""),
         "embedding backward": "embedding grad e*V*h",
@@ -692,11 +758,11 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
             else f"4N + 4Nh + eVh + 4*cV*h + 16*cN*cV, cN={cN} cV={cV}",
             logprob_saved_bytes(x, w.logprob_impl) + logprob_peak_extra_bytes(x, w.logprob_impl),
             "other"))
-    largest = max(buckets) // shard_group
+    largest = max(n // g for n, g in zip(buckets, groups))
     per = 12 if w.adam_impl == "unfused" else 4
     step = per * largest
-    if shard_group > 1:
-        step = max(step, 4 * largest + 4 * max(buckets))
+    if max(groups) > 1:
+        step = max(step, max(4 * (n // g) + 4 * n for n, g in zip(buckets, groups) if g > 1))
     comps.append(Component(f"optimizer step (transient, {w.adam_impl} Adam)",
                            f"{per}*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
     kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w)
@@ -719,9 +785,15 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
 
 def validate_plan_inputs(cfg: GPTConfig, layout: Layout, w: Workload) -> None:
     """Raise ConfigError naming the flag when the layout or the workload cannot run."""
-    if cfg.is_moe:
-        raise ConfigError(f"--num-experts {cfg.num_moe_experts}: mixture-of-experts models are not "
-                          "modelled by the memory planner yet (dense models only)")
+    if layout.ep < 1:
+        raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {layout.ep}")
+    if layout.ep > 1:
+        if not cfg.is_moe:
+            raise ConfigError(f"--expert-model-parallel-size {layout.ep} applies to mixture-of-experts models "
+                              "(--num-experts); this model is dense")
+        if (layout.dp * layout.cp) % layout.ep or cfg.num_moe_experts % layout.ep:
+            raise ConfigError(f"--expert-model-parallel-size {layout.ep} must divide --num-experts "
+                              f"{cfg.num_moe_experts} and the data x context parallel size {layout.dp * layout.cp}")
     for flag, v in (("--tensor-model-parallel-size", layout.tp),
                     ("--pipeline-model-parallel-size", layout.pp),
                     ("--context-parallel-size", layout.cp), ("--data-parallel-size", layout.dp),
@@ -798,14 +870,14 @@ def _divisors(n: int) -> list[int]:
 
 def suggest_layouts(cfg: GPTConfig, world_size: int, w: Workload, gpu_memory_bytes: int,
                     reserved_bytes: int = 0, gpus_per_node: int = 8,
-                    sequence_parallel: bool = True) -> list[Suggestion]:
-    """Every valid (tp, pp, cp, dp) with tp*pp*cp*dp = world_size, fitting ones first, each
-    group ordered by ``layout_cost`` then by headroom."""
+                    sequence_parallel: bool = True, ep: int = 1) -> list[Suggestion]:
+    """Every valid (tp, pp, cp, dp) with tp*pp*cp*dp = world_size (and dp*cp a multiple of
+    ``ep``), fitting ones first, each group ordered by ``layout_cost`` then by headroom."""
     out = []
     for tp in _divisors(world_size):
         for pp in _divisors(world_size // tp):
             for cp in _divisors(world_size // (tp * pp)):
-                layout = Layout(tp, pp, cp, world_size // (tp * pp * cp), sequence_parallel)
+                layout = Layout(tp, pp, cp, world_size // (tp * pp * cp), sequence_parallel, ep)
                 try:
                     plan = plan_memory(cfg, layout, w)
                 except ConfigError:

@@ -84,6 +84,8 @@ def test_meter_counts_storages_once_and_releases_them():
     dict(tie_word_embeddings=False, add_qkv_bias=False, num_attention_heads=8, num_query_groups=2,
          num_layers=3, vocab_size=1000),
     dict(add_qkv_bias=False, qk_layernorm=True, kv_channels=32),  # Qwen3: QK-norm, wide heads
+    dict(add_qkv_bias=False, qk_layernorm=True, num_moe_experts=8, moe_router_topk=2,
+         moe_ffn_hidden_size=48),  # Qwen3-MoE: router and stacked experts
 ])
 def test_parameter_count_equals_built_model(single_rank, overrides):
     from megatron_k15.models.gpt import GPTModel
@@ -140,6 +142,7 @@ def test_kv_cache_bytes_equal_paged_kv_cache(tp, dtype):
 
 # -- predicted vs measured peak of real training steps ------------------------------------------
 QWEN3_SHAPE = dict(num_layers=3, qk_layernorm=True, add_qkv_bias=False, kv_channels=64)
+MOE_SHAPE = dict(num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=48)
 CASES = {
     # name: (model overrides, workload)
     "fp32-none-ce": (dict(num_layers=3), dict(seq_length=256, micro_batch_size=2)),
@@ -168,6 +171,14 @@ CASES = {
     "bf16-none-ce-qknorm": (QWEN3_SHAPE, dict(seq_length=256, micro_batch_size=2, params_dtype="bf16")),
     "bf16-full-ce-qknorm": (QWEN3_SHAPE, dict(seq_length=256, micro_batch_size=2, params_dtype="bf16",
                                               recompute="full")),
+    # MoE: router, grouped token copies, per-expert SwiGLU (the peak of the full-recompute case
+    # is the MoE layer's backward); top-k 6 of 16, renormalised
+    "fp32-none-ce-moe": (dict(num_layers=3, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
+    "fp32-full-ce-moe": (dict(num_layers=4, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2,
+                                                             recompute="full")),
+    "bf16-selective-fused-moe-k6": (
+        dict(num_layers=2, num_moe_experts=16, moe_router_topk=6, moe_ffn_hidden_size=32, moe_norm_topk_prob=True),
+        dict(seq_length=512, micro_batch_size=1, params_dtype="bf16", recompute="selective", logprob_impl="fused")),
 }
 
 
@@ -267,6 +278,38 @@ def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallel
         assert unbounded.train_peak_bytes > 1.03 * peak
 
 
+def _ep_worker(rank, world_size, overrides, kw, ep):
+    from megatron_k15.initialize import initialize_model_parallel
+
+    initialize_model_parallel(1, ep=ep)  # the two ranks are data parallel and split the experts
+    return _measure_training(preset("tiny", **overrides), Workload(**kw), settle=_settle_gloo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,recompute", [("fp32", "none"), ("fp32", "full")])
+def test_expert_parallel_plan_matches_measured(dtype, recompute):
+    """dp = 2 ranks splitting 8 experts (ep = 2): parameters, the experts' own gradient buckets
+    and their optimizer shards (over dp / ep = 1 rank: no fp32 copy for the reduction) are
+    exact. The activations depend on how evenly the tokens are routed (the plan assumes each
+    rank's experts get an equal share of the rows; the two ranks differ): without recompute the
+    peak is within 3% (measured -0.5% and +0.3%); with full recompute the plan is low by 2.5-4.1%
+    (measured over three runs, varying between runs: not explained yet), so 6% there."""
+    overrides = dict(num_layers=4, tie_word_embeddings=False, **MOE_SHAPE)
+    kw = dict(seq_length=256, micro_batch_size=2, params_dtype=dtype, recompute=recompute,
+              logprob_impl="ce", grad_bucket_numel=20_000)
+    from megatron_k15.testing import run_distributed
+
+    stage = plan_memory(preset("tiny", **overrides), Layout(dp=2, ep=2), Workload(**kw)).most_loaded
+    all_experts = plan_memory(preset("tiny", **overrides), Layout(dp=2), Workload(**kw)).most_loaded
+    static = sum(c.bytes for c in stage.components if c.kind == "static")
+    assert static < sum(c.bytes for c in all_experts.components if c.kind == "static")
+    for peak, final in run_distributed(_ep_worker, 2, overrides, kw, 2):
+        print(f"ep=2 {dtype} {recompute}: predicted {stage.train_peak_bytes:,} measured {peak:,} "
+              f"({100 * (stage.train_peak_bytes - peak) / peak:+.2f}%)")
+        assert abs(final - static) <= 64
+        assert stage.train_peak_bytes == pytest.approx(peak, rel=0.03 if recompute == "none" else 0.06)
+
+
 def test_every_recompute_choice_gives_the_same_gradients(single_rank):
     """Recompute changes what is kept, never the arithmetic: none, selective, full and block
     (the first 2 of 4 layers) give bit-identical gradients; the planned peaks are ordered."""
@@ -297,16 +340,19 @@ def test_every_recompute_choice_gives_the_same_gradients(single_rank):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_plans_on_the_usual_layouts(name):
     """Every code path of the planner (16-bit gradient copies at dp > 1, tp shards, pipeline
-    stages) runs for every preset shape."""
+    stages; experts split over ep for the MoE presets) runs for every preset shape."""
     cfg = preset(name)
     w = Workload(seq_length=4096, params_dtype="bf16", recompute="full")
+    layouts = [Layout(dp=2), Layout(tp=2, dp=2), Layout(tp=2, pp=2, cp=2)]
     if cfg.is_moe:
-        with pytest.raises(ConfigError, match="--num-experts 128: mixture-of-experts models are not modelled"):
-            plan_memory(cfg, Layout(dp=2), w)
-        return
-    for layout in (Layout(dp=2), Layout(tp=2, dp=2), Layout(tp=2, pp=2, cp=2)):
+        layouts += [Layout(dp=8, ep=8), Layout(tp=2, pp=2, dp=4, ep=4)]
+    for layout in layouts:
         plan = plan_memory(cfg, layout, w)
         assert 0 < plan.peak_bytes < 2**50
+    if cfg.is_moe:  # ep = 8 keeps 1/8 of the experts on each rank
+        experts = 3 * cfg.num_moe_experts * cfg.moe_ffn_hidden_size * cfg.hidden_size * cfg.num_layers
+        p1, p8 = (plan_memory(cfg, Layout(dp=8, ep=ep), w).stages[0].parameters for ep in (1, 8))
+        assert p1 - p8 == experts - experts // 8
     # the planner's parameters are the model's (the count transformers gives, test_model_hf),
     # plus the rows that pad the vocabulary
     padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.hidden_size
@@ -382,6 +428,27 @@ def test_plan_table_and_json(capsys):
                        Workload(seq_length=32768, params_dtype="bf16", recompute="full", rollout_batch=4))
     assert data["peak_bytes"] == plan.peak_bytes and data["layout"]["dp"] == 2
     assert data["fits"] is True
+
+
+def test_plan_cli_takes_expert_parallelism(capsys):
+    """Qwen3-30B-A3B on 8 GPUs: --expert-model-parallel-size 8 plans each rank with 16 of the
+    128 experts (the JSON layout says ep); --suggest keeps the layouts whose dp x cp it divides."""
+    tool = _tool()
+    argv = ["--model-preset", "qwen3-30b-a3b", "--bf16", "--seq-length", "32768", "--world-size", "8",
+            "--recompute-granularity", "full", "--expert-model-parallel-size", "8"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ep=8" in out and "128 experts (top-8, ffn 768)" in out and "(experts: D/ep=1)" in out
+    assert tool.main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    w = Workload(seq_length=32768, params_dtype="bf16", recompute="full")
+    assert data["layout"]["ep"] == 8
+    assert data["peak_bytes"] == plan_memory(preset("qwen3-30b-a3b"), Layout(dp=8, ep=8), w).peak_bytes
+    assert data["peak_bytes"] < plan_memory(preset("qwen3-30b-a3b"), Layout(dp=8), w).peak_bytes
+    assert tool.main(["--suggest"] + argv) == 0
+    out = capsys.readouterr().out
+    # only tp = pp = 1 leaves dp x cp = 8 for ep = 8 to split: cp = 1, 2, 4, 8
+    assert " of 4 valid layouts" in out and "ep=8" in out.split("chosen:")[1].splitlines()[0]
 
 
 def test_hf_config_gives_the_same_plan_as_the_preset(tmp_path, capsys):

@@ -45,11 +45,16 @@ V = padded vocabulary / tp):
   gradients             e * P
   fp32 grad copies      16-bit with D > 1: each bucket's fp32 copy lives from its launch in
                         backward to finish_grad_sync (up to 4 * P at the end of backward)
-  optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard)
+  optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard); an MoE
+                        model's experts: E / ep per rank, their state sharded over D / ep
   activations / layer   none:      2 * [(4 + e) Ns h + 4 Ns] + 2 e Ns h + e N (3q + 3k) / tp
                                    + 4 N a / tp + 4 e N f / tp
                         selective: the same without 4 N a / tp (flash: no s^2 term to drop)
                         full:      e Ns h (the layer input)
+                        MoE (E experts, top-k, expert ffn fm, routing assumed balanced):
+                        the MLP's e Ns h + 4 e N f / tp becomes e N h + 2 e N k h
+                                   + 4 e N k fm / tp + 4 N E + 16 N k + e N k
+                                   (+ 4 N k + 4 N renormalised top-k, + 16 N k under ep)
      Megatron-LM (Korthikanti et al.): s b h (34 + 5 a s / h) in 16-bit without flash; the
      a s^2 term vanishes with flash attention, sequence parallelism divides by tp, full
      recompute keeps 2 s b h per layer.
@@ -57,7 +62,8 @@ V = padded vocabulary / tp):
   log-probs  ce         4 N V fp32 softmax (+ e N V before the cast, + 4 N V with padding)
              fused      no (N, V): 4 N h + e V h + 4 cV h + 16 cN cV, chunks cN = 2048
                         tokens, cV = 8192 vocabulary rows
-  working set           last layer's backward: e Ns h + 2 e N f / tp (+ one recomputed layer)
+  working set           last layer's backward: e Ns h + 2 e N f / tp (MoE: e Ns h + 3 e N k h
+                        + e N k) (+ one recomputed layer)
   optimizer step        4 * largest grad bucket / D (the clipped fp32 gradient; 12 with
                         --adam-impl unfused; buckets of 40M)
   KV cache              2 * L_stage * (kv_heads / tp) * head_dim * e per token; blocks of
@@ -195,7 +201,8 @@ def layout(args) -> Layout:
         if dp is not None and dp * tp * pp * cp != world:
             raise ConfigError(f"--data-parallel-size {dp} x tp {tp} x pp {pp} x cp {cp} != --world-size {world}")
         dp = world // (tp * pp * cp)
-    return Layout(tp, pp, cp, 1 if dp is None else dp, args.sequence_parallel)
+    return Layout(tp, pp, cp, 1 if dp is None else dp, args.sequence_parallel,
+                  getattr(args, "expert_model_parallel_size", 1) or 1)
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -204,7 +211,9 @@ def _gib(n: int) -> str:
 
 
 def describe(cfg: GPTConfig, w: Workload, name: str) -> str:
-    return (f"{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, "
+    ffn = (f"{cfg.num_moe_experts} experts (top-{cfg.moe_router_topk}, ffn {cfg.moe_ffn_hidden_size})"
+           if cfg.is_moe else f"ffn {cfg.ffn_hidden_size}")
+    return (f"{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {ffn}, "
             f"heads {cfg.num_attention_heads} (kv {cfg.num_query_groups}, head dim {cfg.head_dim}), "
             f"vocab {cfg.vocab_size}; seq {w.seq_length}, "
             + (f"packed microbatches of {w.tokens_per_gpu} tokens per GPU, " if w.tokens_per_gpu
@@ -294,7 +303,8 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
             validate_plan_inputs(cfg, Layout(), w)  # what does not depend on the layout
             suggestions = suggest_layouts(cfg, args.world_size, w, gpu_bytes, reserved,
-                                          args.gpus_per_node, args.sequence_parallel)
+                                          args.gpus_per_node, args.sequence_parallel,
+                                          getattr(args, "expert_model_parallel_size", 1) or 1)
             if not suggestions:
                 raise ConfigError(f"no valid (tp, pp, cp, dp) for --world-size {args.world_size} with this "
                                   "model and --seq-length")

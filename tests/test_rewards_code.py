@@ -403,4 +403,20 @@ def test_extract_program_and_code_reward():
 @pytest.mark.skipif(not OS_ISOLATION, reason="needs root and permission to create namespaces")
 def test_sandbox_report_as_root():
     rep = sandbox_report()
-    assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True}
+    assert rep == {"working": True, "uid": 65534, "private_network": True, "private_tmp": True,
+                   "private_files": rep["private_files"]}
+    assert rep["private_files"] in (True, None)  # None: this package lives under the interpreter's prefix
+
+
+def test_caller_files_and_processes_are_out_of_reach():
+    """The program's root holds the system directories, the interpreter and its own run dir
+    only: this test file (a stand-in for the training data next to it) does not exist there,
+    and /proc lists no other process (the caller's command line would name the data)."""
+    if not OS_ISOLATION:
+        pytest.skip("the minimal root needs the caller to be root")
+    here = os.path.realpath(__file__)
+    prog = (f"import os\nprint(os.path.exists({here!r}), os.path.exists({os.path.dirname(here)!r}))\n"
+            "print(sorted(p for p in os.listdir('/proc') if p.isdigit()) == [str(os.getpid())]"
+            " if os.path.isdir('/proc') else True)\n")
+    res = run_tests(prog, [{"input": "", "output": "False False\nTrue"}], T, python_guards=False)
+    assert res["status"] == "ok", res

@@ -41,17 +41,16 @@ OS level, always (POSIX):
 OS level, when the caller is root (as on our machines and CI):
   - a private network namespace (``unshare(CLONE_NEWNET)``): no interface but a down
     loopback, so no connection can be made anywhere, including 127.0.0.1;
-  - a private mount namespace in which /tmp, /var/tmp, /dev/shm and /run/lock are fresh
-    tmpfs (discarded afterwards) and the directory holding the interpreter is made
-    reachable by bind mounts;
+  - a private mount namespace with a minimal root (``minimal_root``): only the system
+    directories (/usr, /bin, /lib*, /etc) and the interpreter's prefix, read-only, a few
+    devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm, the run dir, and a procfs that
+    shows no other user's process; none of the caller's files (datasets, tests, checkpoints,
+    code) exists there, so no program can look its expected output up. Where that root
+    cannot be built, the older isolation applies: /tmp and friends fresh, the rest of the
+    file system readable (then keep data files ``chmod o-r``);
   - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
     supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
   As a non-root user the network namespace is attempted through a user namespace.
-Not isolated: the rest of the file system and /proc stay visible (read-only to ``nobody``),
-  so a program could read world-readable files, e.g. find the training data through another
-  process's command line and look up its test's expected output. Keep prompt and test files
-  unreadable to other users (``chmod o-r``); a minimal root (pivot_root) with its own PID
-  namespace and procfs would close this and is not done.
 Python level (best effort, bypassable by a determined program; defence in depth only):
   - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
   - importing socket, ssl, subprocess, multiprocessing, ctypes, pty raises ImportError;
@@ -253,6 +252,10 @@ except Exception:
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
+MS_RDONLY, MS_REMOUNT, MS_MOVE = 1, 32, 8192
+# what a Python program needs from the host, read-only: binaries, shared libraries, /etc
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 
 
@@ -270,13 +273,71 @@ def _mount(src, dst, fstype, flags, data):
     return LIBC.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
 
 
+def _bind(src, dst, read_only):
+    """Bind ``src`` at ``dst`` (created: a directory, or an empty file for a device); a
+    symbolic link is copied as a link (merged-/usr systems: /bin -> usr/bin)."""
+    os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return True
+    if os.path.isdir(src):
+        os.makedirs(dst, 0o755, exist_ok=True)
+    else:
+        open(dst, "w").close()
+    if not _mount(src, dst, None, MS_BIND | MS_REC, None):
+        return False
+    return not read_only or _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID, None)
+
+
+def minimal_root():
+    """Switch to a new root holding only the system directories and the interpreter
+    (read-only), a few devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm, procfs showing
+    no other user's processes (when it can be mounted), and the run dir: none of the
+    caller's files (datasets, checkpoints, code) is reachable. Returns True on success."""
+    new = os.path.join(RUN, "root%d" % os.getpid())
+    os.mkdir(new, 0o755)
+    if not _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755"):
+        return False
+    for d in SYSTEM_DIRS:
+        if os.path.lexists(d) and not _bind(d, new + d, True):
+            return False
+    prefix = CFG["python_prefix"]
+    if not any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS):
+        if not _bind(prefix, new + prefix, True):
+            return False
+    for dev in DEVICES:
+        if os.path.exists("/dev/" + dev) and not _bind("/dev/" + dev, new + "/dev/" + dev, False):
+            return False
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        os.makedirs(new + d, 0o755, exist_ok=True)
+        if not _mount("tmpfs", new + d, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=1777"):
+            return False
+    os.makedirs(new + RUN, 0o755, exist_ok=True)
+    if not _mount(RUN, new + RUN, None, MS_BIND, None):  # not recursive: the new root stays out
+        return False
+    os.makedirs(new + "/proc", 0o555, exist_ok=True)
+    _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV, "hidepid=2")  # optional
+    os.chdir(new)
+    if not _mount(new, "/", None, MS_MOVE, None):
+        return False
+    os.chroot(".")
+    os.chdir("/")
+    return True
+
+
 def isolate_fs():
-    """In a private mount namespace: fresh tmpfs over world-writable dirs, the run dir
-    and the interpreter re-attached with bind mounts. Returns True on success."""
+    """In a private mount namespace: a minimal root (``minimal_root``), or where that cannot
+    be built, fresh tmpfs over world-writable dirs with the run dir and the interpreter
+    re-attached with bind mounts. Returns True on success."""
     if not _c("unshare", CLONE_NEWNS):
         return False
     if not _mount(None, "/", None, MS_REC | MS_PRIVATE, None):
         return False
+    try:
+        if minimal_root():
+            return True
+    except OSError:
+        pass
     # 1. the interpreter: overmount its first non-traversable ancestor (e.g. /root, 0700)
     #    with an empty tmpfs and re-bind just the path to the interpreter
     prefix = CFG["python_prefix"]
@@ -833,14 +894,18 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
 def sandbox_report() -> dict:
     """What the sandbox enforces on this machine, probed with a tiny program run without the
     Python-level guards: the uid it runs as, whether it has a private network namespace
-    (only ``lo`` visible), and whether /tmp is a private tmpfs."""
+    (only ``lo`` visible), whether /tmp is a private tmpfs, and whether the caller's files are
+    out of reach (this module's source cannot be seen; None when it is installed under the
+    interpreter's prefix or a system directory, which the sandbox shows)."""
     marker = f"k15-probe-{os.getpid()}-{time.monotonic_ns()}"
+    source = os.path.realpath(__file__)
+    shown = [os.path.realpath(_python_prefix()), "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"]
     probe = (
-        "import os\n"
+        "import os, socket\n"
         "print(os.getuid())\n"
-        "devs = [l.split(':')[0].strip() for l in open('/proc/self/net/dev').read().splitlines()[2:]]\n"
-        "print(int(devs == ['lo']))\n"
+        "print(int([name for _, name in socket.if_nameindex()] == ['lo']))\n"
         f"print(int(not os.path.exists('/tmp/{marker}')))\n"
+        f"print(int(not os.path.exists({source!r})))\n"
     )
     with open(os.path.join(tempfile.gettempdir(), marker), "w"):
         pass
@@ -850,7 +915,8 @@ def sandbox_report() -> dict:
     finally:
         os.remove(os.path.join(tempfile.gettempdir(), marker))
     lines = (res["results"][0].get("stdout", "") if res["results"] else "").split()
-    if len(lines) != 3:
+    if len(lines) != 4:
         return {"working": False, "detail": res}
+    private_files = None if any(source.startswith(d + os.sep) for d in shown) else lines[3] == "1"
     return {"working": True, "uid": int(lines[0]), "private_network": lines[1] == "1",
-            "private_tmp": lines[2] == "1"}
+            "private_tmp": lines[2] == "1", "private_files": private_files}

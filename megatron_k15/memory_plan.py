@@ -54,7 +54,9 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     (fp32 router probabilities) + 16 * N * k (int64 top-k ids, sort order) + e * N * k
     (routing weights) [+ 4 * N * k + 4 * N renormalised top-k; + 16 * N * k under expert
     parallelism]; the backward working set's 2 * e * N * f / tp becomes 3 * e * N * k * h +
-    e * N * k. Experts: E / ep per rank, gradient buckets of their own sharded over D / ep.
+    e * N * k, and a layer recomputed (full) under expert parallelism holds e * N * k * h more
+    (the token copies it sent). Experts: E / ep per rank, gradient buckets of their own sharded
+    over D / ep.
     Unbalanced routing sends a rank more rows than N k: its MLP activations grow with them.
 
 Megatron-LM counts s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, with dropout, GeLU MLP of
@@ -578,6 +580,10 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     # in fp32, where the norm keeps the input itself)
     rerun_one = (layer_saved_bytes(x, "none") - (x.e * x.Ns * x.h if x.e == 4 else 0)
                  if recompute == "full" else 0)
+    if rerun_one and x.E and x.ep > 1:
+        # recomputed under expert parallelism, the layer also holds the N k token copies it
+        # sent by all-to-all until its backward (measured: e N k h more than saved + working set)
+        rerun_one += x.e * x.N * x.topk * x.h
     rerun = rerun_one if n_rec == n_layers else 0  # is the last layer recomputed?
     layers_live = saved - head + rerun
     phases["last layer backward"] = layers_live + grads

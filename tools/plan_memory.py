@@ -63,7 +63,7 @@ V = padded vocabulary / tp):
              fused      no (N, V): 4 N h + e V h + 4 cV h + 16 cN cV, chunks cN = 2048
                         tokens, cV = 8192 vocabulary rows
   working set           last layer's backward: e Ns h + 2 e N f / tp (MoE: e Ns h + 3 e N k h
-                        + e N k) (+ one recomputed layer)
+                        + e N k) (+ one recomputed layer; under ep an MoE one holds e N k h more)
   optimizer step        4 * largest grad bucket / D (the clipped fp32 gradient; 12 with
                         --adam-impl unfused; buckets of 40M)
   KV cache              2 * L_stage * (kv_heads / tp) * head_dim * e per token; blocks of

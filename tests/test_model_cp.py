@@ -16,6 +16,7 @@ tiny (2 layers, hidden 64) and sequences short.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 import pytest
@@ -228,15 +229,16 @@ def _moe_cfg():
                   moe_ffn_hidden_size=32)
 
 
-def _sft_worker(rank, world_size, tp, cp, comm_type):
+def _sft_worker(rank, world_size, tp, cp, comm_type, ep=1):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.parallel.context import split_packed_microbatch
     from megatron_k15.train_sft import sft_forward_step
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
-    initialize_model_parallel(tp, 1, cp)
+    initialize_model_parallel(tp, 1, cp, ep=ep)
     ctx = build_train_context(_args(comm_type), _moe_cfg(), seed=11)
+    assert ctx.model.ep_size == ep
     assert ctx.model.cp_size == cp and (cp == 1 or ctx.model.attention_backend == f"ring-{comm_type}")
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     pc = ctx.pc
@@ -259,12 +261,20 @@ def _sft_worker(rank, world_size, tp, cp, comm_type):
     return {"losses": losses, "norms": norms, "aux": aux, "pads": pads}
 
 
+@functools.lru_cache(maxsize=None)
+def _sft_reference():
+    return run_distributed(_sft_worker, 1, 1, 1, "ring")[0]
+
+
 @pytest.mark.slow
-def test_sft_cp2_equals_one_rank():
-    ref = run_distributed(_sft_worker, 1, 1, 1, "ring")[0]
+@pytest.mark.parametrize("ep", [1, 2])
+def test_sft_cp2_equals_one_rank(ep):
+    """ep=2: the two cp ranks (zigzag shards of the same rows) also split the experts and
+    exchange their tokens."""
+    ref = _sft_reference()
     assert ref["losses"][-1] < ref["losses"][0]
     assert ref["pads"] > 0  # rows with a padding tail: the aux loss must leave it out
-    for r in run_distributed(_sft_worker, 2, 1, 2, "ring"):
+    for r in run_distributed(_sft_worker, 2, 1, 2, "ring", ep):
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b)
         for a, b in zip(r["norms"], ref["norms"]):

@@ -49,6 +49,7 @@ checkpoint (with --save) and exits 0, so a requeued job (Slurm) resumes from ``l
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -98,6 +99,10 @@ def add_rl_args(p) -> None:
     g.add_argument("--length-penalty-start-iter", type=int, default=0)
     g.add_argument("--repeat-penalty", type=float, default=0.0)
     add_grading_args(g)
+    g.add_argument("--overlap-grading", action=argparse.BooleanOptionalAction, default=True,
+                   help="grade each response (with --reward-workers threads) as soon as it is complete, "
+                        "while the engine still decodes the others; --no-overlap-grading grades them all "
+                        "after the rollout (the grades are the same)")
     g.add_argument("--no-repeat-detection", action="store_true")
     g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
     g.add_argument("--curriculum-switch-iter", type=int, default=0)

@@ -31,6 +31,16 @@ def graded_reward(response: str, record: dict) -> float:
     return (sum(ord(c) for c in response) % 97) / 97.0
 
 
+GRADE_TIMES: list = []  # when timed_reward graded (in the rank's process)
+
+
+def timed_reward(response: str, record: dict) -> float:
+    import time
+
+    GRADE_TIMES.append(time.monotonic())
+    return graded_reward(response, record)
+
+
 def half_flat_reward(response: str, record: dict) -> float:
     """Every sample of q0 and q2 scores 1 (flat groups: zero advantage), the others as
     ``graded_reward``."""
@@ -225,6 +235,42 @@ def test_rl_with_expert_parallelism_equals_one_rank(packed):
     assert all(m["grad_norm"] > 0 and m["kl_proxy"] > 0 for m in ref[0]["metrics"])
     got = run_distributed(rl_worker, 2, 1, "omd", 0, 2, 1, 1, dict(opts, ep=2))
     _assert_same_update(got, ref, ("ep2", packed))
+
+
+def _grading_worker(rank, world_size, overlap, tp):
+    import time
+
+    import megatron_k15.generation.engine as engine
+
+    ends, real = [], engine.GenerationEngine.generate
+
+    def generate(self, *a, **k):
+        out = real(self, *a, **k)
+        ends.append(time.monotonic())
+        return out
+
+    engine.GenerationEngine.generate = generate
+    res = rl_worker(rank, world_size, tp, "omd", 0, 1, 1, 1,
+                    dict(LAYOUT_OPTS, reward_fn="timed_reward", overlap_grading=overlap))
+    return res["metrics"], list(GRADE_TIMES), ends
+
+
+def test_overlapped_grading_starts_during_the_rollout_and_changes_nothing():
+    """--overlap-grading (the default) grades a response as soon as it is complete, while the
+    engine decodes the others: the first grade comes before the rollout ends, each response is
+    graded once (tp=2: the two tp ranks split them), and the iteration's metrics are those of
+    grading after the rollout (--no-overlap-grading)."""
+    (after,) = run_distributed(_grading_worker, 1, False, 1)
+    (during,) = run_distributed(_grading_worker, 1, True, 1)
+    metrics_after, times_after, ends_after = after
+    metrics_during, times_during, ends_during = during
+    assert min(times_after) > ends_after[0] and min(times_during) < ends_during[0]
+    assert len(times_during) == len(times_after) == metrics_after[0]["num_finished"]
+    for k in ("reward_mean", "loss", "grad_norm", "num_finished"):
+        assert metrics_during[0][k] == metrics_after[0][k], k
+    split = run_distributed(_grading_worker, 2, True, 2)
+    assert sorted(len(times) for _, times, _ in split) == [2, 2]  # 4 responses, 2 per tp rank
+    assert split[0][0][0]["reward_mean"] == metrics_after[0]["reward_mean"]
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ class GenerationEngine:
         self._sends: deque = deque()  # (work, tensor) of point-to-point sends in flight
         self.cache: Optional[PagedKVCache] = None
         self.stats = EngineStats()
+        self._on_finish = None
         cfg = model.config
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
@@ -232,11 +233,14 @@ class GenerationEngine:
     def generate(self, prompts: list[list[int]], max_new_tokens, params: SamplingParams,
                  generators: Optional[list[Optional[torch.Generator]]], eos_ids: Sequence[int],
                  repeat_detector: Optional[Callable[[], object]] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> list[GenerationResult]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 on_finish: Optional[Callable[[int, GenerationResult], None]] = None) -> list[GenerationResult]:
         """Generate for every prompt. ``max_new_tokens``: one budget or one per request.
         ``generators[i]`` drives request i's sampling (None = global RNG). ``repeat_detector()``
         makes a per-request detector (``push(token) -> bool``; stop reason ``repeat``).
-        ``progress(done, total)`` is called as requests finish."""
+        ``progress(done, total)`` is called as requests finish, ``on_finish(i, result)`` with
+        each request's final result as soon as it has one (e.g. to grade it while others
+        still decode)."""
         params.validate()
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) \
             else [int(max_new_tokens)] * len(prompts)
@@ -251,6 +255,7 @@ class GenerationEngine:
             requests.append(_Request(i, list(p), int(b), generators[i], det, GenerationResult()))
         self._eos = set(eos_ids)
         self._params = params
+        self._on_finish = on_finish
         was_training = self.model.training
         self.model.eval()
         t0 = time.perf_counter()
@@ -283,6 +288,8 @@ class GenerationEngine:
         for r in requests:
             if r.budget <= 0:
                 r.result.stop_reason = "length"
+                if self._on_finish is not None:
+                    self._on_finish(r.index, r.result)
             else:
                 waiting.append(r)
         if not waiting:
@@ -338,6 +345,8 @@ class GenerationEngine:
         if finished:
             for r in finished:
                 self.cache.free_sequence(r.index)
+                if self._on_finish is not None:
+                    self._on_finish(r.index, r.result)
             running[:] = [r for r in running if not r.result.stop_reason]
             self._done += len(finished)
             if self._progress is not None:
@@ -604,10 +613,12 @@ class RecomputeGenerator:
         self.stats = EngineStats()
 
     def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None,
-                 progress=None):
+                 progress=None, on_finish=None):
         t0 = time.perf_counter()
         gens = generators if generators is not None else [None] * len(prompts)
         out = generate_recompute(self.model, prompts, max_new_tokens, params, gens, eos_ids, repeat_detector)
+        for i, res in enumerate(out if on_finish is not None else []):
+            on_finish(i, res)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.generated_tokens += sum(len(r.output_ids) for r in out)
         if progress is not None:

@@ -70,32 +70,54 @@ def _seed_for(traj: Trajectory, iteration: int) -> int:
     return zlib.crc32(f"{traj.group_id}/{traj.sample_index}/{iteration}".encode())
 
 
+def _segment_stop(t: Trajectory, output_ids: list[int], reason: str, s: RolloutSettings) -> str:
+    """A segment's stop reason for its trajectory: "partial" when the segment budget, not the
+    whole response budget, ended it (the trajectory goes on in a later iteration)."""
+    if reason == "length" and t.response_len + len(output_ids) < s.max_tokens:
+        return "partial"
+    return reason
+
+
 @torch.no_grad()
-def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int]) -> None:
+def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int],
+            on_final: Optional[Callable[[int, list[int]], None]] = None) -> None:
     """Extend each trajectory by one segment under the current policy. ``generator``: a
     ``generation.engine.GenerationEngine`` (or ``RecomputeGenerator``) on the policy; it
-    batches the requests itself (continuous batching, prompt prefill shared by the k samples)."""
+    batches the requests itself (continuous batching, prompt prefill shared by the k samples).
+    ``on_final(i, response_ids)``: called as soon as trajectory i has its whole response
+    (not for one that stops partial), while the engine still decodes the others."""
     budgets = []
     for t in trajs:
         left = s.max_tokens - t.response_len
         budgets.append(max(0, min(left, s.segment_tokens or left)))
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
     detector = (lambda: RepeatDetector()) if s.repeat_detection else None
+
+    def on_finish(i, res):
+        if _segment_stop(trajs[i], res.output_ids, res.stop_reason, s) != "partial":
+            on_final(i, trajs[i].response_ids + list(res.output_ids))
+
     results = generator.generate(
         [t.token_ids for t in trajs], budgets, params,
-        [request_generator(s.seed, _seed_for(t, iteration)) for t in trajs], eos_ids, detector)
+        [request_generator(s.seed, _seed_for(t, iteration)) for t in trajs], eos_ids, detector,
+        on_finish=on_finish if on_final is not None else None)
     for t, res in zip(trajs, results):
-        reason = res.stop_reason
-        if reason == "length" and t.response_len + len(res.output_ids) < s.max_tokens:
-            reason = "partial"
-        t.append_segment(res.output_ids, res.output_logprobs, iteration, reason)
+        t.append_segment(res.output_ids, res.output_logprobs, iteration,
+                         _segment_stop(t, res.output_ids, res.stop_reason, s))
+
+
+def response_text(tokenizer, response_ids: list[int]) -> str:
+    """The text a verifier grades: the response without special tokens (EOS...)."""
+    special = set(getattr(tokenizer, "special_ids", []) or [])
+    return tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
           length_penalty_start_iter=0, repeat_penalty=0.0, reasoning_tags: Optional[ReasoningTags] = None,
           prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
           judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None,
-          shard: Optional[tuple[int, int, object]] = None, workers: int = 1) -> tuple[list[float], list[bool]]:
+          shard: Optional[tuple[int, int, object]] = None, workers: int = 1,
+          grades: Optional[list] = None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group (plus DAPO's overlong punishment with ``overlong`` = (response
     budget, buffer tokens, factor)). Returns (rewards, correct). With ``reasoning_tags`` the verifier
@@ -107,19 +129,24 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     on every size-th trajectory only and the grades are all-gathered (a collective), so each
     response is graded once (sandboxed code tests are the slow part of an iteration) and every
     rank holds the same grades. ``workers > 1``: this rank's share is graded by that many
-    threads (``rewards.reasoning.grade_responses``)."""
-    eos = set(getattr(tokenizer, "special_ids", []) or [])
+    threads (``rewards.reasoning.grade_responses``). ``grades``: (graded text, verifier
+    reward) per trajectory already known (graded while the rollout went on), None where not;
+    only those are graded here (the same on every rank)."""
     rank, size, group = shard or (0, 1, None)
-    share = trajs[rank::size]
-    jobs = [(tokenizer.decode([i for i in t.response_ids if i not in eos and i < tokenizer.vocab_size]),
-             records[t.prompt_id], reasoning_tags, bool(prompt_open and prompt_open(t.prompt_id))) for t in share]
+    results = list(grades) if grades is not None else [None] * len(trajs)
+    todo = [i for i, g in enumerate(results) if g is None]
+    share = todo[rank::size]
+    jobs = [(response_text(tokenizer, trajs[i].response_ids), records[trajs[i].prompt_id], reasoning_tags,
+             bool(prompt_open and prompt_open(trajs[i].prompt_id))) for i in share]
     mine = grade_responses(jobs, workers)
-    if size > 1:
+    if size > 1 and todo:
         parts = [None] * size
         dist.all_gather_object(parts, mine, group=group)
-        results = [parts[i % size][i // size] for i in range(len(trajs))]
+        for j, i in enumerate(todo):
+            results[i] = parts[j % size][j // size]
     else:
-        results = mine
+        for i, g in zip(todo, mine):
+            results[i] = g
     graded = [g for g, _ in results]
     verified = [r for _, r in results]
     if judge is not None:
@@ -393,6 +420,12 @@ class RLIteration:
             batch_size=args.rollout_batch_size)
         pc = ctx.pc
         self.gen_rank, self.gen_size, self.gen_group = generation_parallel(pc)
+        # --overlap-grading: a trajectory is graded in a worker thread as soon as its response
+        # is complete, while the engine decodes the others; the tp x pp ranks of a generation
+        # rank (which see the same trajectories) take every (tp * pp)-th one each
+        self.overlap_grading = getattr(args, "overlap_grading", True)
+        self._replica_share = (pc.tp_rank + pc.tp_size * pc.pp_rank, pc.tp_size * pc.pp_size)
+        self._early_grades: dict = {}
         # the policy generates its own rollouts: same weights, KV-cached engine (one pipeline
         # stage per rank: hidden states go stage to stage, tokens come back from the last)
         self.generator = build_generator(ctx.model, args, max_batch_size=args.rollout_batch_size,
@@ -454,17 +487,52 @@ class RLIteration:
                              "generation-parallel (dp x cp) ranks; sample at least that many prompts")
         mine_groups = {g for i, g in enumerate(groups) if i % self.gen_size == self.gen_rank}
         mine = [(i, t) for i, t in enumerate(trajs) if t.group_id in mine_groups]
-        rollout(self.generator, [t for _, t in mine], iteration, self.settings, self.eos_ids)
-        self.generator.release()  # the KV cache's memory goes back to the training step
+        own = [t for _, t in mine]
+        if self.overlap_grading:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from megatron_k15.rewards.reasoning import grade_response
+
+            futures = {}
+            share_rank, share_size = self._replica_share
+            with ThreadPoolExecutor(max(1, getattr(self.args, "reward_workers", 1))) as pool:
+                def on_final(i, response_ids):
+                    if i % share_size == share_rank:
+                        t = own[i]
+                        futures[(t.group_id, t.sample_index)] = pool.submit(
+                            grade_response, *self._grading_job(t.prompt_id, response_ids))
+
+                rollout(self.generator, own, iteration, self.settings, self.eos_ids, on_final)
+                self.generator.release()  # the KV cache's memory goes back to the training step
+                self._early_grades.update({key: f.result() for key, f in futures.items()})
+        else:
+            rollout(self.generator, own, iteration, self.settings, self.eos_ids)
+            self.generator.release()
         return self._gather(mine)
+
+    def _grading_job(self, prompt_id, response_ids: list[int]) -> tuple:
+        """The arguments of ``rewards.reasoning.grade_response`` for one response."""
+        return (response_text(self.tok, response_ids), self.records[prompt_id], self.reasoning_tags,
+                self.prompt_open(prompt_id))
 
     def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:
         """Rewards and correctness of the finished trajectories (every rank holds them all): the
         ranks split the grading and all-gather it, so each response is graded once and every
         rank trains on the same grades (graders with wall-clock limits, sandboxed code and
-        sympy, could disagree under load, and what gets trained must not)."""
+        sympy, could disagree under load, and what gets trained must not). With
+        --overlap-grading most were graded during the rollout already; those grades are
+        all-gathered and the rest graded here."""
         args = self.args
         world = dist.get_world_size() if dist.is_initialized() else 1
+        grades = None
+        if self.overlap_grading:  # graded during the rollout, each on one rank: share them
+            local, self._early_grades = self._early_grades, {}
+            parts = [local]
+            if world > 1:
+                parts = [None] * world
+                dist.all_gather_object(parts, local)
+            known = {key: g for part in parts for key, g in part.items()}
+            grades = [known.get((t.group_id, t.sample_index)) for t in finished]
         return score(finished, self.records, self.tok, iteration,
                      length_penalty_weight=args.length_penalty_weight,
                      length_penalty_start_iter=args.length_penalty_start_iter,
@@ -474,7 +542,7 @@ class RLIteration:
                      overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
                                 args.overlong_penalty_factor) if args.overlong_buffer_tokens else None),
                      shard=(dist.get_rank(), world, None) if world > 1 else None,
-                     workers=getattr(args, "reward_workers", 1))
+                     workers=getattr(args, "reward_workers", 1), grades=grades)
 
     def run(self, iteration: int, prompt_indices: list[int], lr: float,
             draw_prompts: Optional[Callable[[int], list[int]]] = None) -> dict:
@@ -494,7 +562,9 @@ class RLIteration:
             if not t.finished:
                 self.buffer.add(t)
         judgements: list = []
+        t_score = time.time()
         rewards, correct = self._score(finished, iteration, judgements) if finished else ([], [])
+        t_score = time.time() - t_score
         rounds, kept = 1, None
         if args.dynamic_sampling:
             # DAPO's dynamic sampling: more rounds of fresh prompts until the iteration holds as
@@ -515,7 +585,9 @@ class RLIteration:
                 finished, rewards, correct = finished + new, rewards + r_new, correct + c_new
             kept = set(varied[:target])
         rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)
-        metrics = {"rollout_tokens": rollout_tokens, "rollout_time_s": t_rollout,
+        # score_time_s: grading left after the rollout (most of it overlaps it with
+        # --overlap-grading), the grades' all-gather and a judge's regrading
+        metrics = {"rollout_tokens": rollout_tokens, "rollout_time_s": t_rollout, "score_time_s": t_score,
                    "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
                    "replay_buffer_size": len(self.buffer), "num_finished": len(finished)}
         reasons = Counter(t.stop_reason for t in everything)

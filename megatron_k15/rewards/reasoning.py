@@ -78,6 +78,12 @@ def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = 
     return answer, (0.0 if answer is None else float(compute_reward(answer, record)))
 
 
+def response_text(tokenizer, response_ids) -> str:
+    """The text a verifier grades: the response's tokens without special ones (EOS...)."""
+    special = set(getattr(tokenizer, "special_ids", []) or [])
+    return tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
+
+
 def grade_responses(jobs: list[tuple], workers: int = 1) -> list[tuple[Optional[str], float]]:
     """``grade_response(*job)`` for each job (response, record, tags, prompt_open), in order;
     ``workers > 1`` threads share them (code tests wait on their sandbox processes, sympy

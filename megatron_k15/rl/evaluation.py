@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.rewards.judge import Judgement, judge_metrics
-from megatron_k15.rewards.reasoning import ReasoningTags, grade_responses, prompt_opens_reasoning
+from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning, response_text
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 
 
@@ -45,27 +45,36 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     ``judge``: a generative reward model (``rewards.judge``) regrading the replica's answers;
     judged samples carry ``judge_verdict`` / ``judge_text`` and the result has ``judge_*``
     counts. ``reward_workers``: threads grading this replica's responses."""
+    from concurrent.futures import ThreadPoolExecutor
+
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
-    special = set(getattr(tokenizer, "special_ids", []) or [])
     per_problem = []
     requests = [(i, s) for i in mine for s in range(n_samples)]
     if generator is None:
         generator = GenerationEngine(model, max_batch_size=batch_size)
-    res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
-                             [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids)
-    outputs = dict(zip(requests, res))
-    samples, recs, jobs = {}, [], []
-    for i in mine:
-        rec = records[i]
-        prompt_open = prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags)
-        for s in range(n_samples):
-            r = outputs[(i, s)]
-            text = tokenizer.decode([t for t in r.output_ids if t not in special and t < tokenizer.vocab_size])
-            jobs.append((text, rec, reasoning_tags, prompt_open))
-            recs.append(rec)
-            samples[(i, s)] = {"text": text, "length": len(r.output_ids), "stop_reason": r.stop_reason}
-    grades = grade_responses(jobs, reward_workers)
+    prompt_open = {i: prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags) for i in mine}
+    futures = {}
+    # each response is graded (reward_workers threads) as soon as it is complete, while the
+    # engine decodes the others
+    with ThreadPoolExecutor(max(1, reward_workers)) as pool:
+        def on_finish(j, r):
+            i = requests[j][0]
+            futures[j] = pool.submit(grade_response, response_text(tokenizer, r.output_ids), records[i],
+                                     reasoning_tags, prompt_open[i])
+
+        res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
+                                 [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids,
+                                 on_finish=on_finish)
+        # (a generator that does not call on_finish: graded here)
+        grades = [futures[j].result() if j in futures else
+                  grade_response(response_text(tokenizer, r.output_ids), records[requests[j][0]], reasoning_tags,
+                                 prompt_open[requests[j][0]]) for j, r in enumerate(res)]
+    samples, recs = {}, []
+    for (i, s), r in zip(requests, res):
+        recs.append(records[i])
+        samples[(i, s)] = {"text": response_text(tokenizer, r.output_ids), "length": len(r.output_ids),
+                           "stop_reason": r.stop_reason}
     graded, verified = [g for g, _ in grades], [v for _, v in grades]
     if judge is not None:  # every replica judges its own problems
         if hasattr(generator, "release"):

@@ -40,7 +40,7 @@ from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, parse_reasoning_tags,
-                                            prompt_opens_reasoning)
+                                            prompt_opens_reasoning, response_text)
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
@@ -104,12 +104,6 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
     for t, res in zip(trajs, results):
         t.append_segment(res.output_ids, res.output_logprobs, iteration,
                          _segment_stop(t, res.output_ids, res.stop_reason, s))
-
-
-def response_text(tokenizer, response_ids: list[int]) -> str:
-    """The text a verifier grades: the response without special tokens (EOS...)."""
-    special = set(getattr(tokenizer, "special_ids", []) or [])
-    return tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,

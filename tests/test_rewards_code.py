@@ -417,6 +417,11 @@ def test_caller_files_and_processes_are_out_of_reach():
     here = os.path.realpath(__file__)
     prog = (f"import os\nprint(os.path.exists({here!r}), os.path.exists({os.path.dirname(here)!r}))\n"
             "print(sorted(p for p in os.listdir('/proc') if p.isdigit()) == [str(os.getpid())]"
-            " if os.path.isdir('/proc') else True)\n")
-    res = run_tests(prog, [{"input": "", "output": "False False\nTrue"}], T, python_guards=False)
+            " if os.path.isdir('/proc') else True)\n"
+            "print(open('/dev/stdin').read().strip())\n")  # the program's own input, reopened
+    old = os.umask(0o077)  # the caller's umask must not lock nobody out of the new root
+    try:
+        res = run_tests(prog, [{"input": "in", "output": "False False\nTrue\nin"}], T, python_guards=False)
+    finally:
+        os.umask(old)
     assert res["status"] == "ok", res

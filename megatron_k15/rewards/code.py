@@ -41,13 +41,15 @@ OS level, always (POSIX):
 OS level, when the caller is root (as on our machines and CI):
   - a private network namespace (``unshare(CLONE_NEWNET)``): no interface but a down
     loopback, so no connection can be made anywhere, including 127.0.0.1;
+  - a PID namespace of its own, the program being its PID 1: it sees and can signal no other
+    process, and anything it starts dies with it;
   - a private mount namespace with a minimal root (``minimal_root``): only the system
     directories (/usr, /bin, /lib*, /etc) and the interpreter's prefix, read-only, a few
-    devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm, the run dir, and a procfs that
-    shows no other user's process; none of the caller's files (datasets, tests, checkpoints,
-    code) exists there, so no program can look its expected output up. Where that root
-    cannot be built, the older isolation applies: /tmp and friends fresh, the rest of the
-    file system readable (then keep data files ``chmod o-r``);
+    devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm, the run dir, and the procfs of its
+    PID namespace; none of the caller's files (datasets, tests, checkpoints, code) exists
+    there, so no program can look its expected output up. Where that root cannot be built,
+    the older isolation applies: /tmp and friends fresh, the rest of the file system
+    readable (then keep data files ``chmod o-r``);
   - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
     supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
   As a non-root user the network namespace is attempted through a user namespace.
@@ -87,6 +89,9 @@ import sys, os, posix, builtins, io
 def _deny(*a, **k):
     raise PermissionError("operation not permitted in the sandbox")
 
+import signal as _signal
+if hasattr(_signal, "pidfd_send_signal"):
+    _signal.pidfd_send_signal = _deny
 for _m in (os, posix):
     for _n in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl",
                "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl",
@@ -243,6 +248,7 @@ import json, os, select, signal, sys, time, resource
 RUN = sys.argv[1]
 with open(os.path.join(RUN, "config.json")) as f:
     CFG = json.load(f)
+os.umask(0o022)  # the new root's directories must be traversable by nobody whatever the caller's umask
 
 try:
     import ctypes
@@ -250,9 +256,9 @@ try:
 except Exception:
     LIBC = None
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x10000000, 0x40000000, 0x20000000
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
-MS_RDONLY, MS_REMOUNT, MS_MOVE = 1, 32, 8192
+MS_RDONLY, MS_NOEXEC, MS_REMOUNT, MS_MOVE = 1, 8, 32, 8192
 # what a Python program needs from the host, read-only: binaries, shared libraries, /etc
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
@@ -286,14 +292,18 @@ def _bind(src, dst, read_only):
         open(dst, "w").close()
     if not _mount(src, dst, None, MS_BIND | MS_REC, None):
         return False
-    return not read_only or _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID, None)
+    # keep the source's nodev / noexec (locked in a user namespace: dropping them is refused)
+    kept = os.statvfs(src).f_flag & (MS_NODEV | MS_NOEXEC)
+    return not read_only or _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | kept, None)
 
 
-def minimal_root():
+def minimal_root(with_proc):
     """Switch to a new root holding only the system directories and the interpreter
-    (read-only), a few devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm, procfs showing
-    no other user's processes (when it can be mounted), and the run dir: none of the
-    caller's files (datasets, checkpoints, code) is reachable. Returns True on success."""
+    (read-only), a few devices, fresh tmpfs for /tmp, /var/tmp and /dev/shm and the run dir:
+    none of the caller's files (datasets, checkpoints, code) is reachable. ``with_proc`` (the
+    process is PID 1 of its own PID namespace): a procfs of that namespace, which shows no
+    other process (a shared procfs would lead through /proc/<pid>/root of another process
+    of the same uid back to the host's files), and /dev/stdin & co. Returns True on success."""
     new = os.path.join(RUN, "root%d" % os.getpid())
     os.mkdir(new, 0o755)
     if not _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755"):
@@ -315,8 +325,12 @@ def minimal_root():
     os.makedirs(new + RUN, 0o755, exist_ok=True)
     if not _mount(RUN, new + RUN, None, MS_BIND, None):  # not recursive: the new root stays out
         return False
-    os.makedirs(new + "/proc", 0o555, exist_ok=True)
-    _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV, "hidepid=2")  # optional
+    if with_proc:
+        os.makedirs(new + "/proc", 0o555, exist_ok=True)
+        if _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None):
+            for name, target in (("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                                 ("stderr", "/proc/self/fd/2"), ("fd", "/proc/self/fd")):
+                os.symlink(target, new + "/dev/" + name)
     os.chdir(new)
     if not _mount(new, "/", None, MS_MOVE, None):
         return False
@@ -325,7 +339,7 @@ def minimal_root():
     return True
 
 
-def isolate_fs():
+def isolate_fs(own_pid_namespace):
     """In a private mount namespace: a minimal root (``minimal_root``), or where that cannot
     be built, fresh tmpfs over world-writable dirs with the run dir and the interpreter
     re-attached with bind mounts. Returns True on success."""
@@ -334,7 +348,7 @@ def isolate_fs():
     if not _mount(None, "/", None, MS_REC | MS_PRIVATE, None):
         return False
     try:
-        if minimal_root():
+        if minimal_root(own_pid_namespace):
             return True
     except OSError:
         pass
@@ -392,7 +406,24 @@ def child(i, inp_fd, out_w, err_w, work):
     if CFG["require_network_isolation"] and not netns:
         os.write(2, b"SANDBOX: network namespace unavailable\n")
         os._exit(126)
-    fs_iso = root and CFG["isolate_fs"] and isolate_fs()
+    # the program as PID 1 of its own PID namespace: it sees and can signal no other process
+    # (its procfs shows itself only), and whatever it starts dies with it; this process stays
+    # outside, waits, and ends the way the program did
+    pidns = root and CFG["isolate_fs"] and _c("unshare", CLONE_NEWPID)
+    if pidns:
+        pid = os.fork()
+        if pid:
+            for fd in (0, 1, 2):  # the pipes reach EOF when the program ends
+                os.close(fd)
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+                os.kill(os.getpid(), os.WTERMSIG(status))
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    fs_iso = root and CFG["isolate_fs"] and isolate_fs(pidns)
     drop = root and CFG["drop_privileges"] and fs_iso
     os.chdir(work)
     cpu = int(CFG["timeout_s"]) + 1
@@ -431,6 +462,8 @@ def run_one(i):
     os.mkdir(work, 0o700)
     if os.geteuid() == 0 and CFG["drop_privileges"]:
         os.chown(work, CFG["uid"], CFG["uid"])
+        # its own input only (open("/dev/stdin") reopens it as the program's uid)
+        os.chown(os.path.join(RUN, "in%d" % i), CFG["uid"], CFG["uid"])
     inp_fd = os.open(os.path.join(RUN, "in%d" % i), os.O_RDONLY)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -440,8 +473,8 @@ def run_one(i):
         try:
             child(i, inp_fd, out_w, err_w, work)
         except BaseException as e:
-            try:
-                os.write(err_w, ("SANDBOX: setup failed: %r\n" % (e,)).encode())
+            try:  # fd 2 is the stderr pipe (child closes err_w itself)
+                os.write(2, ("SANDBOX: setup failed: %r\n" % (e,)).encode())
             finally:
                 os._exit(126)
         os._exit(126)

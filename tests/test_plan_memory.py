@@ -403,6 +403,10 @@ def test_help_lists_the_formulas():
     (["--hf-config", "/nonexistent/config.json", "--seq-length", "64"], "--hf-config"),
     (["--model-preset", "tiny", "--seq-length", "64", "--recompute-granularity", "most"],
      "--recompute-granularity"),
+    (["--model-preset", "tiny", "--seq-length", "64", "--suggest", "--world-size", "8",
+      "--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 applies to mixture-of-experts"),
+    (["--model-preset", "qwen3-30b-a3b", "--seq-length", "64", "--world-size", "8",
+      "--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be >= 1"),
 ])
 def test_bad_arguments_name_the_flag(capsys, argv, flag):
     with pytest.raises(SystemExit) as exc:

@@ -202,7 +202,7 @@ def layout(args) -> Layout:
             raise ConfigError(f"--data-parallel-size {dp} x tp {tp} x pp {pp} x cp {cp} != --world-size {world}")
         dp = world // (tp * pp * cp)
     return Layout(tp, pp, cp, 1 if dp is None else dp, args.sequence_parallel,
-                  getattr(args, "expert_model_parallel_size", 1) or 1)
+                  getattr(args, "expert_model_parallel_size", 1))
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -301,17 +301,20 @@ def main(argv=None) -> int:
                 raise ConfigError("--suggest needs --world-size (or --gpus)")
             if args.world_size < 1:
                 raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
-            validate_plan_inputs(cfg, Layout(), w)  # what does not depend on the layout
+            ep = getattr(args, "expert_model_parallel_size", 1)
+            # what does not depend on the layout (ep with its own dp, so that only ep's own
+            # problems are named: a dense model, experts it does not divide)
+            validate_plan_inputs(cfg, Layout(dp=max(ep, 1), ep=ep), w)
             suggestions = suggest_layouts(cfg, args.world_size, w, gpu_bytes, reserved,
-                                          args.gpus_per_node, args.sequence_parallel,
-                                          getattr(args, "expert_model_parallel_size", 1) or 1)
+                                          args.gpus_per_node, args.sequence_parallel, ep)
             if not suggestions:
                 raise ConfigError(f"no valid (tp, pp, cp, dp) for --world-size {args.world_size} with this "
                                   "model and --seq-length")
             best = suggestions[0]
             if args.json:
                 print(json.dumps({"suggestions": [
-                    {"layout": {"tp": s.layout.tp, "pp": s.layout.pp, "cp": s.layout.cp, "dp": s.layout.dp},
+                    {"layout": {"tp": s.layout.tp, "pp": s.layout.pp, "cp": s.layout.cp, "dp": s.layout.dp,
+                                "ep": s.layout.ep},
                      "cost": s.cost, "peak_bytes": s.peak_bytes, "fits": s.fits,
                      "headroom_gib": round(s.headroom_bytes / GIB, 4)} for s in suggestions],
                     "chosen": best.plan.to_dict(gpu_bytes, reserved), "notes": notes}, indent=2))

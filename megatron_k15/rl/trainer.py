@@ -100,7 +100,7 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
     results = generator.generate(
         [t.token_ids for t in trajs], budgets, params,
         [request_generator(s.seed, _seed_for(t, iteration)) for t in trajs], eos_ids, detector,
-        on_finish=on_finish if on_final is not None else None)
+        **({"on_finish": on_finish} if on_final is not None else {}))  # (a generator may lack it)
     for t, res in zip(trajs, results):
         t.append_segment(res.output_ids, res.output_logprobs, iteration,
                          _segment_stop(t, res.output_ids, res.stop_reason, s))

@@ -575,7 +575,9 @@ class RLIteration:
                 rounds += 1
                 everything += more
                 new = [t for t in more if t.finished]
+                t_round = time.time()
                 r_new, c_new = self._score(new, iteration, judgements) if new else ([], [])
+                t_score += time.time() - t_round
                 finished, rewards, correct = finished + new, rewards + r_new, correct + c_new
             kept = set(varied[:target])
         rollout_tokens = sum(t.segment_ids.count(iteration) for t in everything)

@@ -172,6 +172,11 @@ CASES = [
     ("\\boxed{\\frac{3}{4} xy}", "0.75", False),
     ("\\boxed{\\frac12 \\pi}", "0.5", False),
     ("\\boxed{\\dfrac{3}{4}\\text{ cups}}", "\\frac34", True),
+    # a number followed by a word drops it ("5 apples"), not a variable or a constant
+    ("\\boxed{5 apples}", "5", True),
+    ("\\boxed{3 x}", "3", False),
+    ("\\boxed{2 pi}", "2\\pi", True),
+    ("\\boxed{2 pi}", "2", False),
     # --- text and multiple choice --------------------------------------------------------
     ("\\boxed{\\text{(B)}}", "B", True),
     ("\\boxed{(C)}", "C", True),

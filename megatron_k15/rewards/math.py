@@ -172,6 +172,9 @@ _UNITS = (
     "kg", "grams", "gram", "g", "pounds", "lbs", "lb", "ounces", "oz", "liters", "litres",
     "liter", "ml", "mph", "kmh", "people", "students", "ways", "points", "percent",
 )
+# words that are math after a number, not units or nouns: "2 pi" is 2*pi
+_MATH_WORDS = {"pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "sinh", "cosh",
+               "tanh", "mod", "i", "e"}
 _UNITS_RE = re.compile(
     r"(?:(?<=[\d}) ])|^)\s*(?:" + "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
     + r")(?:\^\{?[23]\}?|²|³)?\s*$"
@@ -304,8 +307,9 @@ def normalize_answer(ans: str) -> str:
         if new == s or not new:
             break
         s = new
-    m = re.match(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+[a-zA-Z][a-zA-Z ]*$", s)
-    if m:
+    # a number followed by words ("5 apples"), not by a variable or a constant ("3 x", "2 pi")
+    m = re.match(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([a-zA-Z]+)[a-zA-Z ]*$", s)
+    if m and len(m.group(2)) > 1 and m.group(2).lower() not in _MATH_WORDS:
         s = m.group(1)
     s = _fix_frac_sqrt(s)
     # a logarithm's base: "\log_2 8", "\log_{10}(x)" -> "\log(8,2)", "\log(x,10)" (sympy's log(x, b))

@@ -273,6 +273,33 @@ def test_overlapped_grading_starts_during_the_rollout_and_changes_nothing():
     assert split[0][0][0]["reward_mean"] == metrics_after[0]["reward_mean"]
 
 
+def _eval_worker(rank, world_size, tp):
+    from megatron_k15.data.tokenizer import ByteTokenizer
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.models.config import preset
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.rl.evaluation import evaluate
+
+    initialize_model_parallel(tp)
+    model = GPTModel(preset("tiny", init_method_std=0.3), attention_backend="sdpa")
+    model.reset_parameters(7)
+    tok = ByteTokenizer()
+    recs = _records("timed_reward")
+    res = evaluate(model.eval(), tok, recs, [tok.encode(r["prompt"]) for r in recs], max_new_tokens=6,
+                   eos_ids=[], n_samples=2, temperature=1.0, seed=3)
+    return [[s["text"] for s in p["samples"]] for p in res["results"]], len(GRADE_TIMES)
+
+
+def test_evaluation_splits_grading_over_the_replicas_ranks():
+    """tools/evaluate and train_rl's eval: the tp ranks decode the same requests; each grades
+    half of them (as the engine finishes them) and the grades are shared: the same results
+    as one rank, and 8 responses graded 8 times in all, not 16."""
+    (one,) = run_distributed(_eval_worker, 1, 1)
+    two = run_distributed(_eval_worker, 2, 2)
+    assert one[1] == 8 and [n for _, n in two] == [4, 4]
+    assert two[0][0] == two[1][0] == one[0]
+
+
 @pytest.mark.slow
 def test_seq_mean_token_mean_under_cp_matches_one_rank():
     """GRPO with --loss-agg-mode seq-mean-token-mean: each cp rank's partial token sums are

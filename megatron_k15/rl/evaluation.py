@@ -30,6 +30,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob
 
 
+def _replica_share(dp_rank: int) -> tuple[int, int]:
+    """(this rank's index, number of ranks) among the ranks given the same ``dp_rank``."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0, 1
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, dp_rank)
+    members = [r for r, d in enumerate(ranks) if d == dp_rank]
+    return members.index(dist.get_rank()), len(members)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]], *, max_new_tokens: int,
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
@@ -44,8 +54,12 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     ``reasoning_tags``: grade the answer after the reasoning block (``rewards.reasoning``).
     ``judge``: a generative reward model (``rewards.judge``) regrading the replica's answers;
     judged samples carry ``judge_verdict`` / ``judge_text`` and the result has ``judge_*``
-    counts. ``reward_workers``: threads grading this replica's responses."""
+    counts. ``reward_workers``: threads grading this rank's responses. The ranks of a replica
+    (tp, pp, cp: all given the same ``dp_rank``) decode the same requests; each grades every
+    n-th of them and the grades are all-gathered, so no response is graded twice."""
     from concurrent.futures import ThreadPoolExecutor
+
+    share_rank, share_size = _replica_share(dp_rank)
 
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
@@ -59,17 +73,25 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     # engine decodes the others
     with ThreadPoolExecutor(max(1, reward_workers)) as pool:
         def on_finish(j, r):
-            i = requests[j][0]
-            futures[j] = pool.submit(grade_response, response_text(tokenizer, r.output_ids), records[i],
-                                     reasoning_tags, prompt_open[i])
+            if j % share_size == share_rank:
+                i = requests[j][0]
+                futures[j] = pool.submit(grade_response, response_text(tokenizer, r.output_ids), records[i],
+                                         reasoning_tags, prompt_open[i])
 
         res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
                                  [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids,
                                  on_finish=on_finish)
-        # (a generator that does not call on_finish: graded here)
-        grades = [futures[j].result() if j in futures else
-                  grade_response(response_text(tokenizer, r.output_ids), records[requests[j][0]], reasoning_tags,
-                                 prompt_open[requests[j][0]]) for j, r in enumerate(res)]
+        # this rank's share (graded here if the generator does not call on_finish)
+        mine_grades = {requests[j]: futures[j].result() if j in futures else
+                       grade_response(response_text(tokenizer, r.output_ids), records[requests[j][0]],
+                                      reasoning_tags, prompt_open[requests[j][0]])
+                       for j, r in enumerate(res) if j % share_size == share_rank}
+    known = mine_grades
+    if share_size > 1:  # every replica's ranks, one all-gather over all ranks
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine_grades)
+        known = {key: g for part in parts for key, g in part.items()}
+    grades = [known[key] for key in requests]
     samples, recs = {}, []
     for (i, s), r in zip(requests, res):
         recs.append(records[i])

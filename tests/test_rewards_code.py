@@ -408,6 +408,40 @@ def test_sandbox_report_as_root():
     assert rep["private_files"] in (True, None)  # None: this package lives under the interpreter's prefix
 
 
+def _as_nobody(script: str):
+    """Run ``script`` as uid 65534 with an interpreter and this checkout that it can read (a
+    system python3), or None where that is not possible here."""
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    exe = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
+    if os.geteuid() != 0 or exe is None or shutil.which("setpriv") is None:
+        return None
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, "-c",
+           f"import sys; sys.path.insert(0, {root!r})\n" + script]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    return res if "SKIP" not in res.stdout else None
+
+
+def test_non_root_caller_gets_the_same_isolation_through_a_user_namespace():
+    """Training jobs on clusters run as ordinary users: the sandbox then becomes root of a
+    user namespace and builds the same network, PID and mount isolation, minimal root
+    included (this checkout, readable by the caller, is not there for the program)."""
+    prog = f"import os\nprint(os.path.exists({os.path.realpath(__file__)!r}), os.getpid())\n"
+    res = _as_nobody(
+        "try:\n    from megatron_k15.rewards.code import run_tests, sandbox_report\n"
+        "except Exception:\n    print('SKIP'); raise SystemExit\n"
+        "rep = sandbox_report()\n"
+        "print(rep['private_network'], rep['private_tmp'], rep['private_files'])\n"
+        f"print(run_tests({prog!r}, [{{'input': '', 'output': 'False 1'}}], 5.0)['status'])\n")
+    if res is None:
+        pytest.skip("needs root here (to become nobody), setpriv, and a python3 and checkout nobody can read")
+    if "Permission denied" in res.stderr or "No module named" in res.stderr:
+        pytest.skip(f"nobody cannot run this checkout here: {res.stderr[-200:]}")
+    assert res.stdout.split() == ["True", "True", "True", "ok"], (res.stdout, res.stderr[-2000:])
+
+
 def test_caller_files_and_processes_are_out_of_reach():
     """The program's root holds the system directories, the interpreter and its own run dir
     only: this test file (a stand-in for the training data next to it) does not exist there,

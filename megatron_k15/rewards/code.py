@@ -52,7 +52,10 @@ OS level, when the caller is root (as on our machines and CI):
     readable (then keep data files ``chmod o-r``);
   - the program runs as ``nobody`` (uid/gid 65534): it cannot signal the caller or
     supervisor, cannot write files owned by root, and RLIMIT_NPROC applies to it.
-  As a non-root user the network namespace is attempted through a user namespace.
+  A caller that is not root (a training job on a cluster) first becomes root of a user
+  namespace (``enter_user_namespace``, where the kernel allows unprivileged ones) and gets the
+  same network, PID and mount isolation and minimal root; only the drop to ``nobody`` is
+  missing (the program runs as the caller's uid, which RLIMIT_NPROC then limits).
 Python level (best effort, bypassable by a determined program; defence in depth only):
   - os.fork/system/exec*/spawn*/kill/killpg/setsid and friends raise PermissionError;
   - importing socket, ssl, subprocess, multiprocessing, ctypes, pty raises ImportError;
@@ -259,6 +262,7 @@ except Exception:
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x10000000, 0x40000000, 0x20000000
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
 MS_RDONLY, MS_NOEXEC, MS_REMOUNT, MS_MOVE = 1, 8, 32, 8192
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, ST_RELATIME = 1024, 2048, 1 << 21, 4096
 # what a Python program needs from the host, read-only: binaries, shared libraries, /etc
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
@@ -292,8 +296,10 @@ def _bind(src, dst, read_only):
         open(dst, "w").close()
     if not _mount(src, dst, None, MS_BIND | MS_REC, None):
         return False
-    # keep the source's nodev / noexec (locked in a user namespace: dropping them is refused)
-    kept = os.statvfs(src).f_flag & (MS_NODEV | MS_NOEXEC)
+    # keep the source's nodev / noexec / atime flags (locked in a user namespace: a remount
+    # that drops them is refused); statvfs's ST_* bits equal the MS_* ones but for relatime
+    f = os.statvfs(src).f_flag
+    kept = (f & (MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)) | (MS_RELATIME if f & ST_RELATIME else 0)
     return not read_only or _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | kept, None)
 
 
@@ -390,6 +396,23 @@ def isolate_fs(own_pid_namespace):
     return True
 
 
+def enter_user_namespace():
+    """A caller that is not root becomes root of a new user namespace (its uid and gid mapped
+    to 0), which may build the same namespaces and minimal root as a root caller; the program
+    then runs as the caller's own uid (no drop to nobody: unmapped). Returns True on success."""
+    uid, gid = os.getuid(), os.getgid()
+    if not _c("unshare", CLONE_NEWUSER):
+        return False
+    try:
+        for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", "0 %d 1" % uid),
+                           ("/proc/self/gid_map", "0 %d 1" % gid)):
+            with open(path, "w") as f:
+                f.write(text)
+    except OSError:
+        return False
+    return True
+
+
 def child(i, inp_fd, out_w, err_w, work):
     os.dup2(inp_fd, 0)
     os.dup2(out_w, 1)
@@ -397,7 +420,9 @@ def child(i, inp_fd, out_w, err_w, work):
     os.setsid()
     if LIBC is not None:
         LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    root = os.geteuid() == 0
+    real_root = root = os.geteuid() == 0
+    if not root and CFG["isolate_fs"]:
+        root = enter_user_namespace()
     netns = False
     if CFG["isolate_network"]:
         netns = _c("unshare", CLONE_NEWNET)
@@ -424,7 +449,7 @@ def child(i, inp_fd, out_w, err_w, work):
         if LIBC is not None:
             LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     fs_iso = root and CFG["isolate_fs"] and isolate_fs(pidns)
-    drop = root and CFG["drop_privileges"] and fs_iso
+    drop = real_root and CFG["drop_privileges"] and fs_iso
     os.chdir(work)
     cpu = int(CFG["timeout_s"]) + 1
     mem = CFG["memory_mb"] << 20

@@ -416,10 +416,14 @@ def _as_nobody(script: str):
 
     root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     exe = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
-    if os.geteuid() != 0 or exe is None or shutil.which("setpriv") is None:
+    if os.geteuid() != 0 or exe is None or shutil.which("setpriv") is None or shutil.which("unshare") is None:
         return None
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, "-c",
-           f"import sys; sys.path.insert(0, {root!r})\n" + script]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # the kernel must allow unprivileged user namespaces with mounts (else the old isolation applies)
+    probe = subprocess.run(nobody + ["unshare", "-U", "-r", "-m", "-p", "-f", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    cmd = nobody + [exe, "-c", f"import sys; sys.path.insert(0, {root!r})\n" + script]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     return res if "SKIP" not in res.stdout else None
 
@@ -436,7 +440,8 @@ def test_non_root_caller_gets_the_same_isolation_through_a_user_namespace():
         "print(rep['private_network'], rep['private_tmp'], rep['private_files'])\n"
         f"print(run_tests({prog!r}, [{{'input': '', 'output': 'False 1'}}], 5.0)['status'])\n")
     if res is None:
-        pytest.skip("needs root here (to become nobody), setpriv, and a python3 and checkout nobody can read")
+        pytest.skip("needs root here (to become nobody), setpriv, unprivileged user namespaces, and a "
+                    "python3 and checkout nobody can read")
     if "Permission denied" in res.stderr or "No module named" in res.stderr:
         pytest.skip(f"nobody cannot run this checkout here: {res.stderr[-200:]}")
     assert res.stdout.split() == ["True", "True", "True", "ok"], (res.stdout, res.stderr[-2000:])

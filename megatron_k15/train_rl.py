@@ -355,6 +355,12 @@ def main(argv=None) -> int:
         warning = reasoning_tags_warning(tokenizer, rl.reasoning_tags)
         if warning:
             print(f"[train_rl] {warning}", flush=True)
+        if any(r.get("task") == "code" for r in records):  # what the code sandbox can hide here
+            from megatron_k15.rewards.code import sandbox_report, sandbox_warning
+
+            warning = sandbox_warning(sandbox_report())
+            if warning:
+                print(f"[train_rl] {warning}", flush=True)
         print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
               f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "
               f"dp={ctx.pc.dp_size}, start at iteration {iteration}", flush=True)

@@ -447,6 +447,17 @@ def test_non_root_caller_gets_the_same_isolation_through_a_user_namespace():
     assert res.stdout.split() == ["True", "True", "True", "ok"], (res.stdout, res.stderr[-2000:])
 
 
+def test_sandbox_warning_names_what_is_missing():
+    from megatron_k15.rewards.code import sandbox_warning
+
+    full = {"working": True, "uid": 65534, "private_network": True, "private_tmp": True, "private_files": True}
+    assert sandbox_warning(full) is None
+    assert sandbox_warning(dict(full, private_files=None)) is None  # installed under the prefix: unknown
+    msg = sandbox_warning(dict(full, private_network=False, private_files=False))
+    assert "network, your files" in msg and "/tmp" not in msg
+    assert "every code reward will be 0" in sandbox_warning({"working": False})
+
+
 def test_caller_files_and_processes_are_out_of_reach():
     """The program's root holds the system directories, the interpreter and its own run dir
     only: this test file (a stand-in for the training data next to it) does not exist there,

@@ -76,7 +76,7 @@ import time
 from typing import Any, Optional
 
 __all__ = ["run_tests", "code_reward", "extract_program", "normalize_output", "outputs_match",
-           "values_match", "sandbox_report"]
+           "values_match", "sandbox_report", "sandbox_warning"]
 
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of stdout per test
@@ -947,6 +947,20 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
         return 1.0 if res["status"] == "ok" else 0.0
     except Exception:  # noqa: BLE001
         return 0.0
+
+
+def sandbox_warning(report: dict) -> Optional[str]:
+    """A line for the user when the sandbox on this machine lacks an isolation that code
+    rewards rely on (``sandbox_report()``'s result), else None."""
+    if not report.get("working"):
+        return "warning: the code sandbox does not work on this machine; every code reward will be 0"
+    missing = [what for key, what in (("private_network", "network"), ("private_files", "your files"),
+                                      ("private_tmp", "/tmp")) if report.get(key) is False]
+    if not missing:
+        return None
+    return ("warning: sandboxed code-test programs can reach " + ", ".join(missing) + " on this machine "
+            "(no permission for the namespaces the sandbox uses; rewards/code.py): keep prompt and test "
+            "files unreadable to other users")
 
 
 def sandbox_report() -> dict:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
-from megatron_k15.rewards.code import normalize_output, outputs_match, run_tests, values_match
+from megatron_k15.rewards.code import is_json_value, normalize_output, outputs_match, run_tests, values_match
 
 __all__ = ["BuildSettings", "CALL_GENERATOR_PROMPT", "GENERATOR_PROMPT", "ProblemResult", "at_least",
            "build_problem_tests", "generator_prompt",
@@ -106,7 +106,7 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
         if not isinstance(v, list):
             raise FieldError("test_inputs", f"expected a list of argument lists, got {_type_name(v)}")
         for i, item in enumerate(v):
-            if not isinstance(item, list) or not _is_json(item):
+            if not isinstance(item, list) or not is_json_value(item):
                 raise FieldError(f"test_inputs[{i}]", "expected a JSON list of the function's arguments "
                                  f"(fn_name is set), got {_type_name(item)}")
         rec["test_inputs"] = list(v)
@@ -121,14 +121,6 @@ def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dic
         else:
             rec["input_generator"] = _str_list(obj, "input_generator", non_empty_items=True)
     return rec
-
-
-def _is_json(x) -> bool:
-    try:
-        json.dumps(x, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _canonical(value) -> str:
@@ -237,7 +229,7 @@ def _generated_arguments(text: Optional[str]) -> Optional[str]:
         value = json.loads(text) if text is not None else None
     except ValueError:
         return None
-    return _canonical(value) if isinstance(value, list) and _is_json(value) else None
+    return _canonical(value) if isinstance(value, list) and is_json_value(value) else None
 
 
 def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:

@@ -145,11 +145,11 @@ def _validate_tests(tests: Any, call_based: bool = False) -> list[dict]:
             if not isinstance(t.get("input"), list):
                 raise FieldError(f"tests[{i}].input", "expected a list of the function's arguments (fn_name is "
                                  f"set), got {_type_name(t.get('input'))}")
+            from megatron_k15.rewards.code import is_json_value
+
             for key in ("input", "output"):
-                try:
-                    json.dumps(t[key], allow_nan=False)
-                except (TypeError, ValueError):
-                    raise FieldError(f"tests[{i}].{key}", "is not a JSON value (no NaN or infinity)") from None
+                if not is_json_value(t[key]):
+                    raise FieldError(f"tests[{i}].{key}", "is not a JSON value (no NaN or infinity)")
             if t["output"] is None:  # a function that does nothing would pass it
                 raise FieldError(f"tests[{i}].output", "is null (the returned value a call must match)")
             out.append(dict(t))

@@ -657,10 +657,14 @@ def outputs_match(got: str, want: str, compare: str = "lines", float_tolerance: 
         if (float_tolerance is None or _INTEGER.fullmatch(y) or not _DECIMAL.fullmatch(y)
                 or not _DECIMAL.fullmatch(x)):
             return False
-        fx, fy = float(x), float(y)
-        if not (math.isfinite(fx) and math.isfinite(fy)) or abs(fx - fy) > float_tolerance * max(1.0, abs(fy)):
+        if not _within_tolerance(float(x), float(y), float_tolerance):
             return False
     return True
+
+
+def _within_tolerance(got: float, want: float, tol: float) -> bool:
+    """testlib's absolute-or-relative error: |got - want| <= tol * max(1, |want|), both finite."""
+    return math.isfinite(got) and math.isfinite(want) and abs(got - want) <= tol * max(1.0, abs(want))
 
 
 def values_match(got: Any, want: Any, float_tolerance: Optional[float] = None) -> bool:
@@ -674,7 +678,7 @@ def values_match(got: Any, want: Any, float_tolerance: Optional[float] = None) -
             return True
         if float_tolerance is None or not (isinstance(got, float) or isinstance(want, float)):
             return False
-        return math.isfinite(got) and math.isfinite(want) and abs(got - want) <= float_tolerance * max(1.0, abs(want))
+        return _within_tolerance(got, want, float_tolerance)
     if isinstance(got, list) and isinstance(want, list):
         return len(got) == len(want) and all(values_match(a, b, float_tolerance) for a, b in zip(got, want))
     if isinstance(got, dict) and isinstance(want, dict):
@@ -707,7 +711,8 @@ def _python_prefix() -> str:
     return base if exe.startswith(base + os.sep) else os.path.dirname(os.path.dirname(exe))
 
 
-def _json_value(x: Any) -> bool:
+def is_json_value(x: Any) -> bool:
+    """Whether ``x`` is plain JSON (what a call-based test's arguments and result must be)."""
     try:
         json.dumps(x, allow_nan=False)
     except (TypeError, ValueError):
@@ -724,8 +729,8 @@ def _valid_tests(tests: Any, call_based: bool = False) -> bool:
         if not isinstance(t, dict) or "output" not in t:
             return False
         if call_based:  # (a None output would pass a function that does nothing)
-            if (not isinstance(t.get("input"), list) or t["output"] is None or not _json_value(t["input"])
-                    or not _json_value(t["output"])):
+            if (not isinstance(t.get("input"), list) or t["output"] is None or not is_json_value(t["input"])
+                    or not is_json_value(t["output"])):
                 return False
         elif not isinstance(t.get("input", ""), str) or not isinstance(t["output"], str):
             return False

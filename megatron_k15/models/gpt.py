@@ -43,7 +43,7 @@ from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, Transfo
 from megatron_k15.models.rope import RotaryEmbedding
 from megatron_k15.models.sharding import pipeline_layer_ranges
 from megatron_k15.parallel.context import zigzag_position_ids
-from megatron_k15.parallel.expert import expert_slice, gather_experts, is_expert_param
+from megatron_k15.parallel.expert import gather_experts, own_experts
 from megatron_k15.parallel.tensor import all_gather_last_dim, gather_from_sequence_parallel_region
 
 
@@ -211,7 +211,7 @@ class GPTModel(torch.nn.Module):
             full = torch.randn(expected_shape(name, cfg), generator=gen) * std
             if name in VOCAB_PARAMS:
                 full = pad_vocab(full, self.padded_vocab_size)
-            p.copy_(self.expert_slice(name, split_tensor(full, name, self.tp_size, self.tp_rank)).to(p.dtype))
+            p.copy_(self.own_experts(name, split_tensor(full, name, self.tp_size, self.tp_rank)).to(p.dtype))
 
     # -- pieces -------------------------------------------------------------------------
     def output_weight(self) -> torch.Tensor:
@@ -400,12 +400,9 @@ class GPTModel(torch.nn.Module):
         }
         return gather_experts(state, self.ep_group, to_cpu=True) if all_experts else state
 
-    def expert_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's experts of ``tensor`` when it is an expert parameter stacked over all E
-        experts (a checkpoint's); other tensors as they are."""
-        if self.ep_size == 1 or not is_expert_param(name) or tensor.shape[0] != self.config.num_moe_experts:
-            return tensor
-        return expert_slice(tensor, self.ep_size, self.ep_rank)
+    def own_experts(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``parallel.expert.own_experts`` for this model's ep rank."""
+        return own_experts(name, tensor, self.config.num_moe_experts // self.ep_size, self.ep_size, self.ep_rank)
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.checkpoint_state_dict()
@@ -415,7 +412,7 @@ class GPTModel(torch.nn.Module):
             raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name, tensor in own.items():
-                src = self.expert_slice(name, state[name])
+                src = self.own_experts(name, state[name])
                 if tuple(src.shape) != tuple(tensor.shape):
                     raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(tensor.shape)}")
                 tensor.copy_(src.to(tensor.dtype))

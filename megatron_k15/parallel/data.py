@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15.parallel.adam import adamw_step, resolve_adam_impl
-from megatron_k15.parallel.expert import expert_slice, gather_experts, is_expert_param
+from megatron_k15.parallel.expert import gather_experts, is_expert_param, own_experts
 from megatron_k15.parallel.tensor import _all_gather_single, _reduce_scatter_single, grad_is_partial_over_tp
 
 
@@ -365,15 +365,10 @@ class DistributedOptimizer:
             if missing:
                 raise KeyError(f"optimizer state '{key}' has no entry for parameters {missing[:3]}")
             for i, b in enumerate(self.buckets):
-                target[i].copy_(self._shard_of(b, lambda n, p: self._local_experts(n, p, tensors[n])))
+                target[i].copy_(self._shard_of(b, lambda n, p: own_experts(
+                    n, tensors[n], p.shape[0], _group_size(self.ep_group), _group_rank(self.ep_group))))
         for i, b in enumerate(self.buckets):
             self._publish(b, self.master[i])
-
-    def _local_experts(self, name: str, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``t`` for parameter ``p``: this ep rank's experts when ``t`` holds all of them."""
-        if self._is_expert(name) and t.shape[0] != p.shape[0]:
-            return expert_slice(t, _group_size(self.ep_group), _group_rank(self.ep_group))
-        return t
 
     def reset_state(self) -> None:
         """Fresh Adam moments (Kimi's RL resets the optimizer every iteration)."""

@@ -22,7 +22,7 @@ trainers pad with empty microbatches (``training.pad_for_expert_parallel``), the
 engine runs ``MoEMLP.serve_experts`` while another rank still decodes.
 
 Checkpoints stay ep-independent: a saved shard holds all E experts (``gather_experts`` before
-writing) and a model keeps its slice on load (``expert_slice``), so any ep loads any other.
+writing) and a model keeps its slice on load (``own_experts``), so any ep loads any other.
 """
 
 from __future__ import annotations
@@ -90,14 +90,13 @@ def run_experts_parallel(grouped: torch.Tensor, per_expert: torch.Tensor, group,
     return all_to_all(out, recv_splits, send_splits, group)
 
 
-def expert_slice(tensor: torch.Tensor, ep_size: int, ep_rank: int) -> torch.Tensor:
-    """This ep rank's experts of a tensor stacked over all E experts (dim 0)."""
-    if ep_size == 1:
+def own_experts(name: str, tensor: torch.Tensor, local_experts: int, ep_size: int, ep_rank: int) -> torch.Tensor:
+    """``tensor`` for the parameter ``name`` of a rank holding ``local_experts`` experts: this
+    ep rank's slice when it is an expert tensor stacked over all of them (a checkpoint's, or
+    gathered optimizer state), otherwise as it is (this rank's already, or no expert)."""
+    if ep_size == 1 or not is_expert_param(name) or tensor.shape[0] != local_experts * ep_size:
         return tensor
-    if tensor.shape[0] % ep_size:
-        raise ValueError(f"{tensor.shape[0]} experts do not split over --expert-model-parallel-size {ep_size}")
-    n = tensor.shape[0] // ep_size
-    return tensor[ep_rank * n:(ep_rank + 1) * n]
+    return tensor[ep_rank * local_experts:(ep_rank + 1) * local_experts]
 
 
 @torch.no_grad()

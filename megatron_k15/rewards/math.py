@@ -174,7 +174,7 @@ _UNITS = (
 )
 # words that are math after a number, not units or nouns: "2 pi" is 2*pi
 _MATH_WORDS = {"pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "sinh", "cosh",
-               "tanh", "mod", "i", "e"}
+               "tanh", "mod"}
 _UNITS_RE = re.compile(
     r"(?:(?<=[\d}) ])|^)\s*(?:" + "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
     + r")(?:\^\{?[23]\}?|²|³)?\s*$"

@@ -343,3 +343,30 @@ def test_sft_warmup_example_trains_and_validates(tmp_path):
     assert sorted(r["iteration"] for r in records if "valid_loss" in r) == [0, 1, 2]
     assert sorted(r["iteration"] for r in records if "loss" in r) == [1, 2]
     assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_then_skips_them(tmp_path):
+    """examples/quickstart.sh (README's first command) cut to 2 SFT and 1 RL iterations: data,
+    SFT, RL with evaluation before and after, the curves and the result line; a second run
+    finds every stage's output and trains nothing."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "qs"
+    env = clean_env(OUT=out, SFT_ITERS=2, RL_ITERS=1, NPROC=2, MASTER_PORT=port)
+    for k in ("SEED", "RL_LOSS", "NUM_LAYERS", "HIDDEN", "FFN"):  # this script's own knobs: its defaults
+        env.pop(k, None)
+    first = run(os.path.join(ROOT, "examples", "quickstart.sh"), env, tmp_path, timeout=300)
+    assert (out / "sft" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (out / "rl_omd" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    rows = [json.loads(line) for line in open(out / "rl_omd" / "tb" / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if "eval_accuracy" in r] == [0, 1]  # before and after RL
+    assert [r["iteration"] for r in rows if "accuracy" in r] == [1]
+    assert (out / "rl_omd" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = [line for line in first.splitlines() if line.startswith("quickstart: held-out accuracy")]
+    assert len(result) == 1, first
+    second = run(os.path.join(ROOT, "examples", "quickstart.sh"), env, tmp_path, timeout=120)
+    assert "[train_sft]" not in second and "[train_rl]" not in second, second
+    assert [line for line in second.splitlines() if line.startswith("quickstart: held-out")] == result

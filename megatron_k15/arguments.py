@@ -90,6 +90,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
                    help="weight of the MoE load-balancing loss (Switch/GShard, per layer, mean over "
                         "microbatches; Qwen3-MoE trained with 0.001); 0 = off")
+    gg = g.add_mutually_exclusive_group()
+    gg.add_argument("--moe-grouped-gemm", dest="moe_grouped_gemm", action="store_true", default=None,
+                    help="MoE experts as one grouped-GEMM launch per projection (our Triton kernel: no "
+                         "per-expert loop, no host sync of the routing); the default on GPU")
+    gg.add_argument("--no-moe-grouped-gemm", dest="moe_grouped_gemm", action="store_false",
+                    help="MoE experts as a loop of one GEMM pair per expert (the default on CPU)")
     for flag, why in MEGATRON_MODEL_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope",
@@ -412,7 +418,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError(str(e)) from None
     args.model_config = cfg
     if not cfg.is_moe:
-        for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax"):
+        for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm"):
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")

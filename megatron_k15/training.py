@@ -126,6 +126,7 @@ def build_stage_model(args, cfg: GPTConfig, pc: ParallelContext, ranges) -> GPTM
         cp_group=pc.cp_group if pc.cp_size > 1 else None,
         cp_comm_type=getattr(args, "cp_comm_type", "ring"),
         ep_group=pc.ep_group if pc.ep_size > 1 else None,
+        moe_grouped_gemm=getattr(args, "moe_grouped_gemm", None),
     )
 
 

@@ -51,6 +51,7 @@ def _validate(argv, world_size=1):
     (["--num-experts", "4", "--expert-model-parallel-size", "2", "--inference-engine", "recompute"], 2,
      "--inference-engine recompute does not run expert parallelism"),
     (["--moe-router-topk", "2"], 1, "--moe-router-topk applies to mixture-of-experts models"),
+    (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm applies to mixture-of-experts models"),
     (["--lr-warmup-fraction", "1.5"], 1, "--lr-warmup-fraction must be in [0, 1]"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], 1, "--lr-warmup-fraction and --lr-warmup-iters"),
     (["--lr-decay-iters", "0"], 1, "--lr-decay-iters must be >= 1"),

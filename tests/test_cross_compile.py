@@ -17,10 +17,12 @@ TOOL = os.path.join(ROOT, "tools", "compile_kernels.py")
 
 # One case per code path that changes the generated code: bf16 tensor-core dots with GQA and
 # packed sequences (forward, preprocess, dK/dV, dQ), fp16 non-causal, fp32 IEEE dots, the
-# head_dim extremes (256 uses the fallback configs), 64-bit offsets, paged decode, fused log-probs, LSE merge.
+# head_dim extremes (256 uses the fallback configs), 64-bit offsets, paged decode, fused log-probs, LSE merge,
+# the MoE grouped GEMM (forward, input and weight gradients; tensor-core and IEEE dots).
 CASES = ("flash-bf16-d128-causal-varlen$|flash-fp16-d128-causal-varlen-int64$|flash-fp16-d64-full$|flash-fp32-d64-causal$|"
          "flash-bf16-d256-causal$|flash-bf16-d16-causal$|decode-bf16-d128-g7$|decode-fp32-d256|"
-         "logprobs-bf16-h3584$|logprobs-fp32-h896$|merge-d64-varlen$")
+         "logprobs-bf16-h3584$|logprobs-fp32-h896$|merge-d64-varlen$|grouped-gemm-bf16-h2048-f768-e128$|"
+         "grouped-gemm-fp32-h2048-f768-e128$")
 
 
 def _api_missing() -> str:
@@ -62,9 +64,10 @@ def test_every_kernel_compiles_for_sm90(compiler):
     kernels = {line.split("|")[2].strip() for line in rows}
     assert kernels == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
                        "_attn_bwd_dq_kernel", "_decode_split_kernel", "_decode_reduce_kernel",
-                       "_logprob_partials_kernel", "_merge_kernel"}, rows
+                       "_logprob_partials_kernel", "_merge_kernel", "_grouped_gemm_kernel",
+                       "_grouped_wgrad_kernel"}, rows
     cases = {line.split("|")[1].strip() for line in rows}
-    assert len(cases) == 11, cases
+    assert len(cases) == 13, cases
     for line in rows:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert cells[4].startswith("ok"), line

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "run_all_gpu.sh"
 STAGES = ["env", "triton_warmup", "pytest_gpu", "train_step", "attention", "fused_logprobs",
-          "decode_attention", "ring_attention", "generation", "pytest_gpu_legacy"]
+          "decode_attention", "ring_attention", "generation", "moe_experts", "pytest_gpu_legacy"]
 STATUS = re.compile(r"^(ok|skipped( \(.*\))?|failed \(rc -?\d+\)|timeout \(\d+s\))$")
 
 
@@ -267,6 +267,6 @@ def test_gpu_tests_run_at_tiny_sizes_on_cpu(tmp_path):
     modules = {r["test"].split("::")[0] for r in recs}
     assert {f"tests/gpu/test_gpu_{m}.py" for m in
             ("flash_attention", "decode_attention", "fused_logprobs", "model", "generation",
-             "ring_attention")} <= modules
+             "ring_attention", "grouped_gemm")} <= modules
     bad = {r["test"] for r in recs if not r["ok"]}
     assert not bad, bad

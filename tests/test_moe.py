@@ -102,7 +102,7 @@ def _forced_route(layer):
     return route
 
 
-def _idle_expert_worker(rank, world_size, ep, seeds=None):
+def _idle_expert_worker(rank, world_size, ep, seeds=None, grouped_gemm=False):
     from megatron.core import parallel_state as ps
 
     from megatron_k15.parallel.expert import gather_experts
@@ -111,7 +111,7 @@ def _idle_expert_worker(rank, world_size, ep, seeds=None):
     cfg = preset("tiny", num_layers=2, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
                  init_method_std=0.2)
     group = ps.get_expert_model_parallel_group() if ep > 1 else None
-    model = GPTModel(cfg, attention_backend="sdpa", ep_group=group)
+    model = GPTModel(cfg, attention_backend="sdpa", ep_group=group, moe_grouped_gemm=grouped_gemm)
     model.reset_parameters(3)
     model.train()
     for m in model.moe_layers():
@@ -127,18 +127,21 @@ def _idle_expert_worker(rank, world_size, ep, seeds=None):
     return out
 
 
-def test_expert_parallel_rank_without_rows_joins_backward():
+@pytest.mark.parametrize("grouped_gemm", [False, True])
+def test_expert_parallel_rank_without_rows_joins_backward(grouped_gemm):
     """ep=2 with every token routed to rank 0's experts: rank 1 receives no rows, yet its
     backward must run the reverse all-to-alls (else rank 0 waits forever) and give its experts
     a (zero) gradient. Log-probs, the non-expert gradients of each rank's tokens, and the
-    expert gradients (the sum over both ranks' tokens) equal one rank holding all experts."""
+    expert gradients (the sum over both ranks' tokens) equal one rank holding all experts (the
+    per-expert loop), with the experts run by the loop or by the grouped GEMM."""
     (ref,) = run_distributed(_idle_expert_worker, 1, 1, [0, 1], timeout=120)  # both ranks' tokens
-    got = run_distributed(_idle_expert_worker, 2, 2, timeout=120)
+    got = run_distributed(_idle_expert_worker, 2, 2, None, grouped_gemm, timeout=120)
     for rank, [(logp, grads)] in enumerate(got):
         ref_logp, ref_grads = ref[rank]
         torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
         for name, g in grads.items():
             want = ref_grads[name] + ref[1 - rank][1][name] if ".experts." in name else ref_grads[name]
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=name)
+            # fp32 sums in other orders (the grouped GEMM's tiles vs MKL): ~1e-6 of the largest
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=4e-6 * float(want.abs().max()), msg=name)
             if ".experts." in name:
                 assert g[2:].abs().max() == 0 and g[:2].abs().max() > 0  # experts 2, 3 got no tokens

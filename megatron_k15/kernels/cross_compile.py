@@ -250,6 +250,26 @@ def logprob_launches(dtype: str = "bf16", hidden: int = 3584, vocab: int = 15206
     return launches
 
 
+def grouped_gemm_launches(dtype: str = "bf16", hidden: int = 2048, ffn: int = 768, experts: int = 128,
+                          rows: int = 65536) -> List[Launch]:
+    """An MoE layer's grouped GEMMs (Qwen3-30B-A3B shapes: 8 of 128 experts per token, 8K
+    tokens): fc1 forward, its input gradient (transposed weight) and its weight gradient."""
+    import torch
+
+    from . import grouped_gemm as gg
+
+    dt = _dtype(dtype)
+    x = torch.empty(rows, hidden, dtype=dt, device="meta")
+    w = torch.empty(experts, 2 * ffn, hidden, dtype=dt, device="meta")
+    ends = torch.empty(experts, dtype=torch.int64, device="meta")
+    dy = torch.empty(rows, 2 * ffn, dtype=dt, device="meta")
+    with capture_launches() as launches:
+        gg._gemm(x, (w.stride(0), w.stride(1), w.stride(2)), w, ends, 2 * ffn, hidden)
+        gg._gemm(dy, (w.stride(0), w.stride(2), w.stride(1)), w, ends, hidden, 2 * ffn)
+        gg._wgrad(dy, x, ends, ends, tuple(w.shape), dt)
+    return launches
+
+
 def merge_launches(head_dim: int = 128, heads: int = 28, seqlen: int = 16384,
                    varlen: bool = False) -> List[Launch]:
     """Ring attention's in-place LSE merge of block outputs."""
@@ -300,6 +320,8 @@ def standard_cases() -> List[Case]:
         cases.append(Case(f"logprobs-{dt}-h3584", lambda dt=dt: logprob_launches(dt)))
         cases.append(Case(f"logprobs-{dt}-h896", lambda dt=dt: logprob_launches(dt, hidden=896)))
     cases.append(Case("flash-bf16-d128-causal-h32kv8", lambda: flash_launches("bf16", 128, 32, 8)))
+    for dt in ("bf16", "fp16", "fp32"):
+        cases.append(Case(f"grouped-gemm-{dt}-h2048-f768-e128", lambda dt=dt: grouped_gemm_launches(dt)))
     cases.append(Case("merge-d128", lambda: merge_launches()))
     cases.append(Case("merge-d64-varlen", lambda: merge_launches(64, 14, varlen=True)))
     return cases

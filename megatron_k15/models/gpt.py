@@ -88,6 +88,7 @@ class GPTModel(torch.nn.Module):
         cp_group: Optional[dist.ProcessGroup] = None,
         cp_comm_type: str = "ring",
         ep_group: Optional[dist.ProcessGroup] = None,
+        moe_grouped_gemm: Optional[bool] = None,
     ):
         super().__init__()
         if tp_group is None:
@@ -167,6 +168,12 @@ class GPTModel(torch.nn.Module):
                                      cp_group if self.cp_size > 1 else None, self.ep_group)
             for i in self.layer_range
         })
+        # MoE experts: one grouped-GEMM launch per projection (auto: on CUDA, where the kernels
+        # compile; on CPU the per-expert loop is faster than anything interpreted)
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        self.moe_grouped_gemm = bool(config.is_moe and (on_cuda if moe_grouped_gemm is None else moe_grouped_gemm))
+        for m in self.moe_layers():
+            m.grouped_gemm = self.moe_grouped_gemm
         if self.post_process:
             self.final_layernorm = RMSNorm(
                 config.hidden_size, config.norm_epsilon, self.sequence_parallel, params_dtype

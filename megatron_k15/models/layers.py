@@ -30,6 +30,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
+from megatron_k15.kernels.grouped_gemm import grouped_linear
 from megatron_k15.models.attention import AttentionFn
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
@@ -261,7 +262,9 @@ class MoEMLP(torch.nn.Module):
     sequence-parallel shards) with the replicated router, runs its ffn slice of the experts,
     and the partial outputs are reduced (scattered back under SP). A rank's router gradient
     covers only its slice, so it is a partial sum over tp (``tp_partial_grad``).
-    Token copies are grouped by expert (one permutation) so each expert is one GEMM pair.
+    Token copies are grouped by expert (one permutation) so each expert is one GEMM pair: all
+    experts' in one grouped-GEMM launch per projection (``grouped_gemm``, no host sync), or a
+    loop of per-expert GEMMs (which reads the counts on the host).
 
     Expert parallelism (``ep_group`` of more than one rank, ``parallel.expert``): this rank
     holds E / ep of the experts; the grouped copies go to the ranks owning their experts by
@@ -303,6 +306,9 @@ class MoEMLP(torch.nn.Module):
         self.local_experts = self.num_experts // ep
         self.experts.linear_fc1 = ExpertWeights(self.local_experts, 2 * f, h, dtype)  # [gate; up]
         self.experts.linear_fc2 = ExpertWeights(self.local_experts, h, f, dtype)
+        # one grouped-GEMM launch per projection for all experts instead of a loop of GEMM pairs
+        # (GPTModel sets it: --moe-grouped-gemm; on CUDA by default)
+        self.grouped_gemm = False
         self.aux_loss_coeff = 0.0
         self.aux_loss_scale = 1.0
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
@@ -336,11 +342,18 @@ class MoEMLP(torch.nn.Module):
             torch.distributed.all_reduce(stats, group=self.cp_group)
         return self.aux_loss(prob_sums, stats[:-1], stats[-1].clamp(min=1.0))
 
-    def _run_local_experts(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """This rank's experts on rows grouped by (local) expert, ``counts[e]`` rows each."""
-        w1s = self.experts.linear_fc1.weight.unbind(0)  # one view per expert: the weight's
-        w2s = self.experts.linear_fc2.weight.unbind(0)  # gradient is assembled once, not per expert
-        outs, start = [], 0
+    def _run_local_experts(self, grouped: torch.Tensor, counts) -> torch.Tensor:
+        """This rank's experts on rows grouped by (local) expert, ``counts[e]`` rows each (a
+        list, or a tensor on the rows' device: the grouped GEMM then needs no host sync)."""
+        w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
+        if self.grouped_gemm:  # every expert in one launch per GEMM (kernels/grouped_gemm.py)
+            ends = torch.as_tensor(counts, device=grouped.device).cumsum(0)
+            gate, up = grouped_linear(grouped, w1, ends).chunk(2, dim=-1)
+            return grouped_linear(F.silu(gate) * up, w2, ends)
+        if torch.is_tensor(counts):
+            counts = counts.tolist()
+        w1s, w2s = w1.unbind(0), w2.unbind(0)  # one view per expert: the weight's gradient is
+        outs, start = [], 0  # assembled once, not per expert
         for e, n in enumerate(counts):
             # no rows at all (expert parallelism: none of the group's tokens chose this rank's
             # experts): expert 0 on the empty rows, so the output still depends on the rows and
@@ -378,7 +391,7 @@ class MoEMLP(torch.nn.Module):
         t, h = tokens.shape
         grouped = tokens.unsqueeze(1).expand(t, self.topk, h).reshape(-1, h).index_select(0, order)
         if self.ep_group is None:
-            y = self._run_local_experts(grouped, per_expert.tolist())
+            y = self._run_local_experts(grouped, per_expert)
         else:
             y = run_experts_parallel(grouped, per_expert, self.ep_group, self._run_local_experts)
         y = y * weights.reshape(-1)[order].unsqueeze(-1)

@@ -40,7 +40,8 @@ FLASH = {
     "flash-fp32-d64-g7-causal": ("fp32", 64, 14, 2, True, False, False, (512, 500)),  # generation
     "flash-fp32-d64-g7-causal-varlen": ("fp32", 64, 14, 2, True, True, False, (512, 500)),
 }
-OTHER = ("decode-and-logprobs",)  # paged decode (bf16/fp16/fp32) and fused log-probs (bf16/fp16)
+# paged decode (bf16/fp16/fp32) and fused log-probs (bf16/fp16); the MoE grouped GEMM (bf16/fp16)
+OTHER = ("decode-and-logprobs", "grouped-gemm")
 VARIANTS = list(FLASH) + list(OTHER)
 
 
@@ -101,6 +102,23 @@ def warm_other() -> None:
     torch.cuda.synchronize()
 
 
+def warm_grouped_gemm() -> None:
+    """Forward, input and weight gradients of fc1 / fc2 at the shapes of tests/gpu and
+    bench/moe_experts.py (hidden 2048, expert ffn 768, 128 experts; one config list per
+    launch, so few rows suffice)."""
+    import torch
+
+    from megatron_k15.kernels.grouped_gemm import grouped_linear
+
+    ends = torch.arange(1, 129, device="cuda") * 4
+    for dtype in (torch.bfloat16, torch.float16):
+        for out_f, in_f in ((1536, 2048), (2048, 768)):
+            x = torch.randn(512, in_f, device="cuda").to(dtype).requires_grad_()
+            w = torch.randn(128, out_f, in_f, device="cuda").to(dtype).requires_grad_()
+            grouped_linear(x, w, ends, impl="triton").sum().backward()
+    torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", choices=VARIANTS, help="compile one variant (a worker)")
@@ -117,7 +135,9 @@ def main(argv=None) -> int:
         print("warm_triton_cache.py: no CUDA GPU available; nothing to compile.")
         return 0
     if args.variant:
-        if args.variant in OTHER:
+        if args.variant == "grouped-gemm":
+            warm_grouped_gemm()
+        elif args.variant in OTHER:
             warm_other()
         else:
             warm_flash(args.variant)

@@ -99,7 +99,10 @@ CASES = [
     ("\\boxed{2^{10}}", "1000", False),
     ("\\boxed{\\binom{5}{2}}", "10", True),
     ("\\boxed{5!}", "120", True),
-    ("\\boxed{e^{i\\pi}}", "-1", False),
+    ("\\boxed{e^{i\\pi}}", "-1", True),  # a lone e is Euler's number, a lone i the imaginary unit
+    ("\\boxed{(1+i)^2}", "2i", True),
+    ("\\boxed{\\frac{1}{e}}", "e^{-1}", True),
+    ("\\boxed{e^{i\\pi}}", "1", False),
     ("\\boxed{\\infty}", "\\infty", True),
     ("\\boxed{1.5 \\times 10^{3}}", "1500", True),
     ("\\boxed{1.5e3}", "1500", True),
@@ -174,6 +177,9 @@ CASES = [
     ("\\boxed{\\dfrac{3}{4}\\text{ cups}}", "\\frac34", True),
     # a number followed by a word drops it ("5 apples"), not a variable or a constant
     ("\\boxed{5 apples}", "5", True),
+    ("\\boxed{4 ab}", "4ab", True),  # two letters alone are variables
+    ("\\boxed{4 ab}", "4", False),
+    ("\\boxed{4 ox and 3 cows}", "4", False),
     ("\\boxed{3 x}", "3", False),
     ("\\boxed{2 pi}", "2\\pi", True),
     ("\\boxed{2 pi}", "2", False),

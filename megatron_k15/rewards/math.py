@@ -308,8 +308,10 @@ def normalize_answer(ans: str) -> str:
             break
         s = new
     # a number followed by words ("5 apples"), not by a variable or a constant ("3 x", "2 pi")
-    m = re.match(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([a-zA-Z]+)[a-zA-Z ]*$", s)
-    if m and len(m.group(2)) > 1 and m.group(2).lower() not in _MATH_WORDS:
+    # ("4 ab" is 4ab: a two-letter word is taken for variables unless more words follow)
+    m = re.match(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([a-zA-Z]+)([a-zA-Z ]*)$", s)
+    if (m and (len(m.group(2)) > 2 or (len(m.group(2)) == 2 and m.group(3).strip()))
+            and m.group(2).lower() not in _MATH_WORDS):
         s = m.group(1)
     s = _fix_frac_sqrt(s)
     # a logarithm's base: "\log_2 8", "\log_{10}(x)" -> "\log(8,2)", "\log(x,10)" (sympy's log(x, b))
@@ -518,7 +520,8 @@ def _latex_to_py(s: str) -> Optional[str]:
         if s2 is None:
             return None
         s = s2
-    s = s.replace("\\infty", "oo").replace("\\pi", "pi")
+    s = s.replace("\\infty", "oo")
+    s = re.sub(r"\\pi(?![a-zA-Z])", " pi ", s)  # apart from its neighbours: "i\pi" is i*pi, not "ipi"
     s = re.sub(r"\\(arcsin|arccos|arctan)", lambda m: "a" + m.group(1)[3:], s)
     s = re.sub(r"\\(ln|log|exp|sin|cos|tan|cot|sec|csc|sinh|cosh|tanh)(?![a-zA-Z])", r"\1", s)
     s = re.sub(r"\\(" + "|".join(sorted(_GREEK, key=len, reverse=True)) + r")(?![a-zA-Z])", r" \1 ", s)
@@ -570,6 +573,10 @@ def _sympy_equal(a_py: str, b_py: str) -> bool:
                 d[w] = sympy.oo
             elif w in ("E", "I"):
                 d[w] = sympy.Symbol(w)
+            elif w == "e":  # a lone e in an answer is Euler's number ("e^2 - 1", "1/e")
+                d[w] = sympy.E
+            elif w == "i":  # and a lone i the imaginary unit ("(1+i)^2", "e^{i\\pi}")
+                d[w] = sympy.I
             elif w in ("log", "ln"):
                 d[w] = sympy.log
             elif w == "Abs":

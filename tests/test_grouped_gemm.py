@@ -40,9 +40,9 @@ def _check(got, want, dtype, what):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("counts, k, m", [
-    ([5, 0, 37, 1, 16, 0], 48, 40),  # empty groups, one-row group, groups spanning 1-3 row tiles
+    ([5, 0, 70, 1, 16, 0], 48, 40),  # empty groups, one-row group, groups of 1-3 row tiles (32 rows)
     ([0, 0, 33], 16, 8),             # every row in the last group; k and m at one tile or less
-    ([1], 96, 72),                   # one row, one group; k spanning 3 k-steps with a ragged tail
+    ([1], 96, 72),                   # one row, one group; k in 2 steps (64) with a ragged tail
     ([7, 9, 0, 0, 0, 0, 0, 2], 40, 33),  # eight groups, most empty; odd widths
 ])
 def test_matches_float64_loop(dtype, counts, k, m):
@@ -76,15 +76,24 @@ def test_no_rows_still_gives_weight_gradient():
 
 def test_strided_operands_and_reference_impl():
     """A non-contiguous input (a column slice, as the MoE's up/gate chunks are) and a weight
-    seen through a transpose give what contiguous copies give; impl="torch" is the loop."""
+    seen through a transpose give, forward and backward, what contiguous copies give through
+    impl="torch" (the loop)."""
     g = torch.Generator().manual_seed(5)
     wide = torch.randn(20, 64, generator=g).to(DEVICE)
-    x = wide[:, 16:48]
-    w_t = torch.randn(2, 32, 24, generator=g).to(DEVICE).transpose(1, 2)  # (2, 24, 32), strided
+    base = torch.randn(2, 32, 24, generator=g).to(DEVICE)
+    dy = torch.randn(20, 24, generator=g).to(DEVICE)
     ends = torch.tensor([12, 20], device=DEVICE)
-    got = grouped_linear(x, w_t, ends, impl="triton")
-    want = grouped_linear(x.contiguous(), w_t.contiguous(), ends, impl="torch")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    results = []
+    for impl in ("triton", "torch"):
+        w = base.clone().requires_grad_()
+        x = wide.clone().requires_grad_()
+        xs, w_t = x[:, 16:48], w.transpose(1, 2)  # (20, 32) and (2, 24, 32), both strided
+        if impl == "torch":
+            xs, w_t = xs.contiguous(), w_t.contiguous()
+        grouped_linear(xs, w_t, ends, impl=impl).backward(dy)
+        results.append((x.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_are_named():
@@ -97,6 +106,9 @@ def test_bad_inputs_are_named():
         grouped_linear(x, w, torch.tensor([1, 3]), impl="torch")
     with pytest.raises(ValueError, match="one dtype"):
         grouped_linear(x, w.double(), torch.tensor([2, 4]), impl="triton")
+    for short_or_long in ([1, 3], [2, 5]):  # rows left unwritten, or read past x's end
+        with pytest.raises(RuntimeError, match="must stop at x's last row"):
+            grouped_linear(x.to(DEVICE), w.to(DEVICE), torch.tensor(short_or_long, device=DEVICE), impl="triton")
 
 
 def test_moe_layer_with_grouped_gemm_equals_the_loop():

@@ -106,12 +106,15 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """Y[rows of g, cols] = X[rows of g, :] @ W[g, cols, :]^T for one (row tile, col tile)."""
-        g, row0, row_end = _find_row_tile(ENDS, num_groups, tl.program_id(0), BLOCK_M, GROUPS)
+        """Y[rows of g, cols] = X[rows of g, :] @ W[g, cols, :]^T for one (row tile, col tile).
+        Column tiles vary fastest over the program ids, so the programs running together share
+        their X row tiles (and their expert's W) in L2 instead of streaming X once per column."""
+        n_col = tl.cdiv(M, BLOCK_N)
+        g, row0, row_end = _find_row_tile(ENDS, num_groups, tl.program_id(0) // n_col, BLOCK_M, GROUPS)
         if g < 0:  # past the last row tile of this routing
             return
         rows = row0 + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (tl.program_id(0) % n_col) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         row_ok = rows < row_end
         col_ok = cols < M
@@ -177,7 +180,7 @@ if HAVE_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 # Under the interpreter: one small fixed config per kernel (cost is per executed op; the tests'
-# groups are a few rows to a few dozen, so 16-row tiles still leave several tiles per group).
+# groups are a few rows to a few dozen, so 32-row tiles still leave groups of several tiles).
 _INTERP_GEMM = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
 _INTERP_WGRAD = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)
 
@@ -194,10 +197,6 @@ _HOPPER_WGRAD = {
     "tc": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
     "ieee": [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
 }
-
-
-def _dot_kind(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tc"
 
 
 def _make_prune(table):
@@ -220,10 +219,11 @@ if HAVE_TRITON:
     if INTERPRET:
         _gemm_launcher, _wgrad_launcher = _grouped_gemm_kernel, _grouped_wgrad_kernel
     else:
-        # rows_per_group: power-of-two bucket of N / G, so routing changes do not re-tune
+        # rows_per_group: power-of-two bucket of N / G, so routing changes do not re-tune;
+        # stride_wk: the forward (W's K contiguous) and dX (transposed W) tune apart
         _gemm_launcher = triton.autotune(
             _all_configs(_HOPPER_GEMM, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-            key=["K", "M", "num_groups", "rows_per_group", "IEEE"],
+            key=["K", "M", "num_groups", "rows_per_group", "stride_wk", "IEEE"],
             prune_configs_by={"early_config_prune": _make_prune(_HOPPER_GEMM)})(_grouped_gemm_kernel)
         _wgrad_launcher = triton.autotune(
             _all_configs(_HOPPER_WGRAD, ("BLOCK_M", "BLOCK_K", "BLOCK_R")),
@@ -239,10 +239,18 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype != torch.float32
 
 
+def _fixed(spec, names) -> dict:
+    """Launch keywords of one config: a _HOPPER_* tuple (blocks, warps, stages) or a dict of blocks."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    return dict(zip(names, spec[:3]), num_warps=spec[3], num_stages=spec[4])
+
+
 def _gemm(x: torch.Tensor, weight_t_strides, weight: torch.Tensor, ends: torch.Tensor, out_features: int,
-          in_features: int) -> torch.Tensor:
+          in_features: int, config=None) -> torch.Tensor:
     """Launch ``_grouped_gemm_kernel``: y (N, out) from x (N, in) and a weight tensor whose
-    (group, out, in) strides are ``weight_t_strides``."""
+    (group, out, in) strides are ``weight_t_strides``. ``config``: one _HOPPER_GEMM tuple to run
+    instead of autotuning (tests of every candidate)."""
     n, groups = x.shape[0], ends.shape[0]
     y = torch.empty((n, out_features), dtype=x.dtype, device=x.device)
     if n == 0 or out_features == 0:
@@ -251,21 +259,20 @@ def _gemm(x: torch.Tensor, weight_t_strides, weight: torch.Tensor, ends: torch.T
     meta = dict(IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), GROUPS=int(triton.next_power_of_2(groups)))
     args = (x, weight, y, ends, in_features, out_features, groups, _rows_bucket(n, groups),
             x.stride(0), x.stride(1), stride_wg, stride_wm, stride_wk, y.stride(0), y.stride(1))
-    if INTERPRET:
-        bm, bn = _INTERP_GEMM["BLOCK_M"], _INTERP_GEMM["BLOCK_N"]
-        grid = (triton.cdiv(n, bm) + groups, triton.cdiv(out_features, bn))
-        _gemm_launcher[grid](*args, **_INTERP_GEMM, **meta)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(n, cfg["BLOCK_M"]) + groups, triton.cdiv(out_features, cfg["BLOCK_N"]))
+    def grid(cfg):  # every row tile any routing can give (module docstring) x the column tiles
+        return ((triton.cdiv(n, cfg["BLOCK_M"]) + groups) * triton.cdiv(out_features, cfg["BLOCK_N"]),)
 
+    if INTERPRET or config is not None:
+        fixed = _fixed(_INTERP_GEMM if config is None else config, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        _grouped_gemm_kernel[grid(fixed)](*args, **fixed, **meta)
+    else:
         _gemm_launcher[grid](*args, **meta)
     return y
 
 
 def _wgrad(dy: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-           weight_shape, dtype: torch.dtype) -> torch.Tensor:
-    """dW (G, M, K) = per group dY^T @ X, in ``dtype``."""
+           weight_shape, dtype: torch.dtype, config=None) -> torch.Tensor:
+    """dW (G, M, K) = per group dY^T @ X, in ``dtype``; ``config`` as for ``_gemm``."""
     groups, m, k = weight_shape
     dw = torch.empty(weight_shape, dtype=dtype, device=x.device)
     if groups == 0 or m == 0 or k == 0:
@@ -273,13 +280,13 @@ def _wgrad(dy: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, ends: torch.
     meta = dict(IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
     args = (dy, x, dw, starts, ends, m, k, groups, _rows_bucket(x.shape[0], groups), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2))
-    if INTERPRET:
-        grid = (triton.cdiv(m, _INTERP_WGRAD["BLOCK_M"]) * triton.cdiv(k, _INTERP_WGRAD["BLOCK_K"]), groups)
-        _wgrad_launcher[grid](*args, **_INTERP_WGRAD, **meta)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]), groups)
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]), groups)
 
+    if INTERPRET or config is not None:
+        fixed = _fixed(_INTERP_WGRAD if config is None else config, ("BLOCK_M", "BLOCK_K", "BLOCK_R"))
+        _grouped_wgrad_kernel[grid(fixed)](*args, **fixed, **meta)
+    else:
         _wgrad_launcher[grid](*args, **meta)
     return dw
 
@@ -326,6 +333,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
         return grouped_linear_reference(x, weight, group_ends)
     if impl != "triton":
         raise ValueError(f"grouped_linear: impl must be 'triton' or 'torch', got {impl!r}")
+    if not grouped_gemm_available(x.device):
+        raise RuntimeError(f"grouped_linear: the Triton kernels do not run on {x.device} here (they need CUDA, "
+                           "or CPU tensors with TRITON_INTERPRET=1 set before the import, and triton installed)")
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"grouped_linear: fp32/bf16/fp16 inputs of one dtype, got {x.dtype} and {weight.dtype}")
-    return _GroupedLinear.apply(x.contiguous(), weight, group_ends.to(torch.int64).contiguous())
+    ends = group_ends.to(torch.int64).contiguous()
+    if ends.numel():  # on the device, no host sync: the kernels would leave rows unwritten or overrun
+        torch._assert_async(ends[-1] == x.shape[0], "grouped_linear: the group ends must stop at x's last row")
+    return _GroupedLinear.apply(x.contiguous(), weight, ends)

@@ -250,6 +250,14 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux)
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(num_experts,) rows (or summed ``weights``) per expert id of ``experts``: a scatter-add,
+    not ``torch.bincount``, whose CUDA kernel reads the ids' maximum back to the host."""
+    flat = experts.reshape(-1)
+    src = torch.ones_like(flat) if weights is None else weights.reshape(-1)
+    return src.new_zeros(num_experts).scatter_add_(0, flat, src)
+
+
 class MoEMLP(torch.nn.Module):
     """Top-k routed SwiGLU experts (Qwen3-MoE; no shared expert, no token dropping).
 
@@ -336,8 +344,8 @@ class MoEMLP(torch.nn.Module):
         else:  # (b, s) -> the tokens' (s, b) order
             weight = token_mask.transpose(0, 1).reshape(-1).to(probs.dtype)
         prob_sums = (probs * weight[:, None]).sum(dim=0)
-        stats = torch.cat([torch.bincount(experts.reshape(-1), weights=weight.repeat_interleave(self.topk),
-                                          minlength=self.num_experts).to(probs.dtype), weight.sum().view(1)])
+        stats = torch.cat([expert_counts(experts, self.num_experts, weight.repeat_interleave(self.topk).to(probs.dtype)),
+                           weight.sum().view(1)])
         if self.cp_group is not None:  # the whole sequence's counts and T (no gradient flows in stats)
             torch.distributed.all_reduce(stats, group=self.cp_group)
         return self.aux_loss(prob_sums, stats[:-1], stats[-1].clamp(min=1.0))
@@ -384,7 +392,7 @@ class MoEMLP(torch.nn.Module):
         weights, experts, probs = self.route(tokens)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        per_expert = torch.bincount(flat, minlength=self.num_experts)
+        per_expert = expert_counts(flat, self.num_experts)
         # a permutation of the (token, slot) rows both ways: no index collides, so forward and
         # backward are deterministic on GPU too (no atomics), and each token's k expert outputs
         # are summed in slot order

@@ -74,3 +74,40 @@ def test_grouped_gemm_qwen3_moe_experts(dtype, routing, check):
     empty = (counts == 0).nonzero().flatten().tolist()
     check("dW of experts without rows", float(dw[empty].abs().max()) if empty else 0.0, 0.0)
     check.done()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_every_autotune_candidate(dtype, check):
+    """Each Hopper candidate config of both kernels, launched directly (the autotuner runs only
+    its winner): forward, dX (transposed weight) and dW against the fp32 loop, skewed routing
+    with empty experts and groups that end mid-tile. Bound: |err| <= 2 ulp of the dtype x the
+    reference's largest value x sqrt(K) (fp32 accumulation of K products, rounded once)."""
+    from megatron_k15.kernels import grouped_gemm as gg
+
+    h, f2, e = real_or_tiny((1024, 768, 16), (48, 40, 4))
+    gen = torch.Generator().manual_seed(9)
+    counts = torch.tensor(real_or_tiny([0, 2000, 1, 3999] + [0] * 11 + [77], [0, 37, 1, 52]))
+    n = int(counts.sum())
+    x = torch.randn(n, h, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(e, f2, h, generator=gen) / h ** 0.5).to(DEVICE, dtype)
+    dy = torch.randn(n, f2, generator=gen).to(DEVICE, dtype)
+    ends = counts.to(DEVICE).cumsum(0)
+    starts = ends - counts.to(DEVICE)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = _loop(x.float(), w.float(), counts, dy.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[dtype]
+    kind = "ieee" if dtype == torch.float32 else "tc"
+    for spec in gg._HOPPER_GEMM[kind]:
+        name = "x".join(map(str, spec))
+        y = gg._gemm(x, (w.stride(0), w.stride(1), w.stride(2)), w, ends, f2, h, config=spec)
+        dx = gg._gemm(dy, (w.stride(0), w.stride(2), w.stride(1)), w, ends, h, f2, config=spec)
+        check(f"y {name}", max_err(y, ref[0]), 2 * ulp * amax(ref[0]) * h ** 0.5)
+        check(f"dx {name}", max_err(dx, ref[1]), 2 * ulp * amax(ref[1]) * f2 ** 0.5)
+    for spec in gg._HOPPER_WGRAD[kind]:
+        dw = gg._wgrad(dy, x, starts, ends, tuple(w.shape), dtype, config=spec)
+        check(f"dW {'x'.join(map(str, spec))}", max_err(dw, ref[2]), 2 * ulp * amax(ref[2]) * n ** 0.5)
+    check.done()

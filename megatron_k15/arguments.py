@@ -143,6 +143,15 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (GPU)")
     g.add_argument("--fp16", action="store_true", help="fp16 parameters/activations (GPU)")
+    acc = g.add_mutually_exclusive_group()
+    acc.add_argument("--accumulate-allreduce-grads-in-fp32", dest="accumulate_allreduce_grads_in_fp32",
+                     action="store_true", default=True,
+                     help="Megatron-LM's: gradients of 16-bit parameters accumulate over microbatches, "
+                          "and are reduced, in fp32 buffers (the default here, as Megatron forces for bf16)")
+    acc.add_argument("--no-accumulate-allreduce-grads-in-fp32", dest="accumulate_allreduce_grads_in_fp32",
+                     action="store_false",
+                     help="16-bit gradient buffers (half the gradient memory; each microbatch's gradient "
+                          "is added in bf16/fp16, the reduction still sums in fp32)")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:

@@ -17,11 +17,13 @@ Everything is counted for one GPU of one pipeline stage and follows what *our* c
 Static (held for the whole run):
 
     parameters      e * P + 2 * d    (and RoPE's fp32 inverse frequencies, d / 2 of them)
-    gradients       e * P            (bucketed grad buffers, each padded to a multiple of D)
+    gradients       4 * P            (bucketed fp32 grad buffers, each padded to a multiple of D;
+                                      e * P with --no-accumulate-allreduce-grads-in-fp32)
     optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard;
                                       weight decay and norm counting go by parameter ranges)
 
-Transient (in the peak where it is the largest phase): with e < 4 and D > 1 each bucket is
+Transient (in the peak where it is the largest phase): with 16-bit gradient buckets
+(--no-accumulate-allreduce-grads-in-fp32, e < 4) and D > 1 each bucket is
 copied to fp32 for its reduce-scatter (``bucket.staging``) when the last microbatch's backward
 completes it; at most two copies are alive (``MAX_STAGED_BUCKETS``: launching a third waits
 for the oldest reduction), so 4 * (the two largest recent buckets) next to the layers not yet
@@ -161,6 +163,9 @@ class Workload:
     # in every layout) instead of micro_batch_size x seq_length / cp
     tokens_per_gpu: Optional[int] = None
     reference_model: bool = False  # RL GRPO --ref-load: a frozen copy of the weights next to the policy
+    # --accumulate-allreduce-grads-in-fp32 (the default): fp32 gradient buckets for 16-bit
+    # parameters; False: buckets in the parameter dtype, copied to fp32 for the reduction
+    fp32_grads: bool = True
 
     @property
     def e(self) -> int:
@@ -597,7 +602,7 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     # (bytes, of which fp32 gradient copies) of every phase
     totals = {name: (others + v, 0) for name, v in phases.items()}
 
-    if x.e < 4 and layout.dp * layout.cp > 1:
+    if x.e < 4 and not w.fp32_grads and layout.dp * layout.cp > 1:
         # A 16-bit bucket is copied to fp32 when its reduce-scatter is launched: during the last
         # microbatch's backward as soon as its grads are final, the late one in
         # finish_grad_sync; every copy lives until finish_grad_sync's wait. The other
@@ -692,7 +697,8 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     comps = [
         Component("parameters", f"e*P + 2*d (RoPE inverse frequencies, fp32) = {e}*{P:,} + 2*{x.d}",
                   e * P + 2 * x.d),
-        Component("gradients", f"e*P (grad buckets) = {e}*{G:,}", e * G),
+        Component("gradients", (f"4*P (fp32 grad buckets) = 4*{G:,}" if w.fp32_grads or e == 4
+                                else f"e*P (grad buckets) = {e}*{G:,}"), (4 if w.fp32_grads else e) * G),
         Component("optimizer (ZeRO-1)",
                   f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}"
                   + (f" (experts: D/ep={shard_group // layout.ep})" if layout.ep > 1 else ""),

@@ -112,7 +112,8 @@ def sft_forward_step(model, total_loss_tokens: float):
         if not model.post_process:
             return out
         loss_sum = -(out * mb["loss_mask"]).sum()
-        return loss_sum / total_loss_tokens, (float(loss_sum.detach()), float(mb["loss_mask"].sum()))
+        # tensors: train_step / forward_only bring them to the host once per step
+        return loss_sum / total_loss_tokens, (loss_sum.detach(), mb["loss_mask"].sum())
     return step
 
 
@@ -136,8 +137,7 @@ def dpo_forward_step(model, beta: float, total_pairs: float, cp_group=None):
         loss = dpo_loss(s[:, 0], s[:, 1], ref[:, 0], ref[:, 1], beta, reduction="sum")
         rc, rr = dpo_rewards(s[:, 0], s[:, 1], ref[:, 0], ref[:, 1], beta)
         margin = rc - rr
-        return loss / total_pairs, (float(loss.detach()), float(margin.sum()), float((margin > 0).sum()),
-                                    float(rc.sum()), float(rr.sum()), float(n))
+        return loss / total_pairs, (loss.detach(), margin.sum(), (margin > 0).sum(), rc.sum(), rr.sum(), float(n))
     return step
 
 

@@ -151,6 +151,7 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         ep_group=pc.ep_group if pc.ep_size > 1 else None,
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
+        fp32_grad_accumulation=getattr(args, "accumulate_allreduce_grads_in_fp32", True),
     )
     comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(),
                      getattr(args, "params_dtype", torch.float32))
@@ -232,7 +233,21 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
     grad_norm = opt.step(lr)
     if ctx.moe_aux_loss_coeff > 0:
         ctx.moe_aux_loss = _mean_moe_aux_loss(ctx)
-    return results, grad_norm
+    return results_to_host(results), grad_norm
+
+
+def results_to_host(results: list) -> list:
+    """The last stage's per-microbatch results with every 0-d tensor in a result tuple turned
+    into a float, all in one device-to-host copy: forward steps return their logged sums as
+    tensors, so the host never waits for one microbatch's loss before queueing the next."""
+    def scalar(v):
+        return torch.is_tensor(v) and v.dim() == 0
+
+    found = [v.detach().double() for r in results if isinstance(r, tuple) for v in r if scalar(v)]
+    if not found:
+        return list(results)
+    values = iter(torch.stack(found).tolist())
+    return [tuple(next(values) if scalar(v) else v for v in r) if isinstance(r, tuple) else r for r in results]
 
 
 def group_reduce(value: float, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> float:
@@ -256,8 +271,8 @@ def forward_only(ctx: TrainContext, microbatches: Sequence[dict], forward_step, 
     """Forward passes through the pipeline (no grad); ``model``: the stage ``forward_step`` runs
     if not the context's (``pad_for_expert_parallel``)."""
     microbatches, forward_step, real = pad_for_expert_parallel(ctx, microbatches, forward_step, model)
-    return forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
-                            forward_only=True)[:real]
+    return results_to_host(forward_backward(forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
+                                            forward_only=True)[:real])
 
 
 def reduce_sums(values: Sequence[float], ctx: TrainContext, split_over_cp: bool = True,

@@ -91,3 +91,38 @@ def test_resolve_adam_impl():
         with pytest.raises(ValueError, match="apex"):
             resolve_adam_impl("apex", torch.device("cpu"))
     assert set(IMPLS) <= set(ADAM_IMPLS)
+
+
+@pytest.mark.parametrize("fp32_accumulation", [True, False])
+def test_bf16_gradients_accumulate_over_microbatches_in_fp32(fp32_accumulation):
+    """A bf16 model over 16 microbatches: with fp32 accumulation (the default, Megatron's
+    --accumulate-allreduce-grads-in-fp32) the reduced gradient is exactly the fp32 sum of the
+    microbatches' bf16 gradients and no bf16 .grad is left behind; with 16-bit buckets it is
+    their sum rounded to bf16 after every addition, which is off by a visible amount."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(32, 48, generator=gen)
+    xs = [torch.randn(8, 48, generator=gen) * (1 + 10 * (i % 2)) for i in range(16)]  # uneven sizes
+    w = torch.nn.Parameter(w0.to(torch.bfloat16))
+    opt = DistributedOptimizer([("linear.weight", w)], lr=0.0, overlap=True,
+                               fp32_grad_accumulation=fp32_accumulation)
+    opt.zero_grad()
+    per_microbatch = []
+    for i, x in enumerate(xs):
+        opt.prepare_for_backward(i == len(xs) - 1)
+        loss = torch.nn.functional.linear(x.to(torch.bfloat16), w).float().pow(2).mean()
+        per_microbatch.append(torch.autograd.grad(loss, w, retain_graph=True)[0])
+        loss.backward()
+    opt.finish_grad_sync()
+    got = opt.buckets[0].shard_grad[:w.numel()].view_as(w)
+    fp32_sum, bf16_sum = torch.zeros_like(w0), torch.zeros_like(w)
+    for g in per_microbatch:
+        fp32_sum += g.float()
+        bf16_sum += g
+    if fp32_accumulation:
+        assert w.grad is None and w.main_grad.dtype == torch.float32
+        assert torch.equal(got, fp32_sum)
+    else:
+        assert w.grad.dtype == torch.bfloat16
+        assert torch.equal(got, bf16_sum.float())
+    # the two differ by far more than one final bf16 rounding would explain (mean errors)
+    assert (bf16_sum.float() - fp32_sum).abs().mean() > 2 * (fp32_sum.bfloat16().float() - fp32_sum).abs().mean()

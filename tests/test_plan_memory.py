@@ -192,7 +192,8 @@ def _measure_training(cfg, w: Workload, settle=None):
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[w.params_dtype],
         recompute_granularity=None if w.recompute == "none" else w.recompute,
         recompute_method=None if w.recompute_num_layers is None else "block",
-        recompute_num_layers=w.recompute_num_layers, grad_bucket_numel=w.grad_bucket_numel)
+        recompute_num_layers=w.recompute_num_layers, grad_bucket_numel=w.grad_bucket_numel,
+        accumulate_allreduce_grads_in_fp32=w.fp32_grads)
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g),
              "labels": torch.randint(0, cfg.vocab_size, (w.micro_batch_size, w.seq_length), generator=g)}
@@ -261,7 +262,7 @@ def test_fp32_gradient_copies_are_bounded_and_match_measured_under_data_parallel
 
     overrides = {**(QWEN3_SHAPE if qwen3 else {}), "num_layers": 4, "tie_word_embeddings": False}
     kw = dict(seq_length=256, micro_batch_size=2, params_dtype="bf16", recompute="full",
-              logprob_impl="ce", grad_bucket_numel=20_000)
+              logprob_impl="ce", grad_bucket_numel=20_000, fp32_grads=False)  # 16-bit buckets
     stage = plan_memory(preset("tiny", **overrides), Layout(dp=2), Workload(**kw)).most_loaded
     static = sum(c.bytes for c in stage.components if c.kind == "static")
     with monkeypatch.context() as m:

@@ -42,9 +42,9 @@ this tp rank; D = dp * cp; N = micro_batch * seq / cp tokens; Ns = N / tp with s
 parallelism, else N; h hidden, q = heads*head_dim, k = kv_heads*head_dim, f ffn, a heads;
 V = padded vocabulary / tp):
   parameters            e * P
-  gradients             e * P
-  fp32 grad copies      16-bit with D > 1: each bucket's fp32 copy lives from its launch in
-                        backward to finish_grad_sync (up to 4 * P at the end of backward)
+  gradients             4 * P (fp32 buckets; e * P with --no-accumulate-allreduce-grads-in-fp32)
+  fp32 grad copies      16-bit buckets with D > 1: each bucket's fp32 copy lives from its launch
+                        in backward to finish_grad_sync (at most the two latest buckets)
   optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard); an MoE
                         model's experts: E / ep per rank, their state sharded over D / ep
   activations / layer   none:      2 * [(4 + e) Ns h + 4 Ns] + 2 e Ns h + e N (3q + 3k) / tp
@@ -181,7 +181,8 @@ def workload(args) -> Workload:
         kv_block_size=args.kv_block_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers,
         last_stage_layers=args.decoder_last_pipeline_num_layers, tokens_per_gpu=args.max_tokens_per_gpu,
-        reference_model=bool(args.reference_model))
+        reference_model=bool(args.reference_model),
+        fp32_grads=args.accumulate_allreduce_grads_in_fp32)
 
 
 def layout(args) -> Layout:

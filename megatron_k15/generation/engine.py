@@ -179,7 +179,10 @@ class GenerationEngine:
         elif self.device.type == "cuda":
             if self.cache is not None:
                 return
+            # free on the device plus what PyTorch's allocator holds unused (after a training
+            # step its cached activations are not "free" to the driver, yet ours to reuse)
             free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             n = blocks_for_memory(int(free * self.kv_memory_fraction), self._num_layers,
                                   self.block_size, self._kv_heads, self.model.config.head_dim,
                                   self.dtype) - 1

@@ -104,9 +104,11 @@ if HAVE_TRITON:
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
-                h = tl.load(H_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                # 64-bit row offsets: tokens x hidden (or vocabulary x hidden) pass 2**31 at
+                # 256K tokens x 8192 or 152K x 14K
+                h = tl.load(H_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_d[None, :] * stride_hd,
                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                w = tl.load(W_ptr + offs_v[None, :] * stride_wv + offs_d[:, None] * stride_wd,
+                w = tl.load(W_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_d[:, None] * stride_wd,
                             mask=mask_v[None, :] & mask_d[:, None], other=0.0)
                 if UPCAST:  # the interpreter's tl.dot mishandles bf16/fp16 operands
                     h = h.to(tl.float32)
@@ -169,7 +171,7 @@ def _partials_triton(hidden, weight, targets, vocab_start, entropy):
     max_split = triton.cdiv(V, bv)
     if hidden.device.type == "cuda":
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-        n_split = max(1, min(max_split, triton.cdiv(4 * sms, n_blocks)))
+        n_split = max(1, min(max_split, triton.cdiv(4 * sms, max(n_blocks, 1))))
     else:
         n_split = 1
     v_per_split = triton.cdiv(triton.cdiv(V, n_split), bv) * bv
@@ -179,6 +181,8 @@ def _partials_triton(hidden, weight, targets, vocab_start, entropy):
     s = torch.empty((n_split, N), **f32)
     zt = torch.empty((n_split, N), **f32)
     tz = torch.zeros((n_split, N), **f32) if entropy else s  # dummy pointer when unused
+    if N == 0:  # no tokens (an empty microbatch): nothing to launch
+        return _merge_splits(m, s, tz if entropy else None, zt)
     _logprob_partials_kernel[(n_blocks, n_split)](
         hidden, weight, targets, m, s, tz, zt,
         N, V, D, vocab_start, v_per_split,
@@ -314,9 +318,9 @@ class _FusedLogProbs(torch.autograd.Function):
                 del z, p
                 lt = local_t[n0:n1]
                 own = (lt >= v0) & (lt < v1)
-                rows = own.nonzero().squeeze(1)
-                if rows.numel():
-                    gz[rows, lt[rows] - v0] += g[n0:n1][rows]
+                # + g at each token's target column, for the targets in this chunk (no host sync:
+                # the others add 0 at a clamped column)
+                gz.scatter_add_(1, (lt - v0).clamp(0, v1 - v0 - 1)[:, None], (g[n0:n1] * own)[:, None])
                 gz = gz.to(hidden.dtype)
                 if need_h:
                     dh[n0:n1] += (gz @ w).float()

@@ -111,7 +111,10 @@ class GPTModel(torch.nn.Module):
             tensor_model_parallel_size=tp,
             sequence_parallel=False,  # SP communication is done by our layers (device-neutral)
             use_cpu_initialization=device is None or torch.device(device).type == "cpu",
-            perform_initialization=True,
+            # our reset_parameters (layout-independent) or a checkpoint sets every weight; megatron-core's
+            # own init would draw them again, on GPU through an RNG tracker that only a seeded
+            # process has (generate.py is not: "model-parallel-rng is not added")
+            perform_initialization=False,
             params_dtype=params_dtype,
             gradient_accumulation_fusion=False,
         )

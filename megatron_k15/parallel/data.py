@@ -14,6 +14,13 @@ Gradient flow for one optimizer step (dp here is the data x context parallel gro
 Losses are normalised by the global token count before backward, so gradients are *summed*
 over dp and every layout computes the same update as one rank.
 
+Gradients accumulate over a step's microbatches in fp32 (Megatron-LM's
+``--accumulate-allreduce-grads-in-fp32``, which it forces for bf16): a 16-bit parameter's
+``.grad`` is added into its fp32 ``main_grad`` view of the bucket as soon as autograd has it
+and then dropped, so n microbatches do not round n times to 8 (bf16) mantissa bits; the bucket
+is reduced in fp32 as it is. ``fp32_grad_accumulation=False`` keeps 16-bit buckets (half the
+gradient memory): each is then copied to fp32 for its reduce-scatter (``staging``).
+
 Under expert parallelism the expert parameters (``parallel.expert``) have buckets of their own,
 reduced and sharded over the expert-data-parallel group: each rank's expert gradient already
 holds the contributions of the tokens the ep group sent it, so the sum over that group is the
@@ -56,7 +63,7 @@ class _Bucket:
     group: Optional[object] = None  # the reduction / sharding group (dp x cp, or expert-dp)
     size: int = 1
     rank: int = 0
-    grad_data: torch.Tensor = None  # param-dtype buffer the .grad views live in
+    grad_data: torch.Tensor = None  # buffer the .grad (or fp32 .main_grad) views live in
     pending: int = 0
     handle: Optional[object] = None
     shard_grad: torch.Tensor = None  # fp32 (numel / dp,) reduced grad of this rank's shard
@@ -113,7 +120,8 @@ class DistributedOptimizer:
                  dp_group=None, tp_group=None, grad_norm_group=None, embedding_group=None,
                  tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
                  bucket_numel: int = 40_000_000, overlap: bool = True,
-                 adam_impl: str = "auto", expert_dp_group=None, ep_group=None):
+                 adam_impl: str = "auto", expert_dp_group=None, ep_group=None,
+                 fp32_grad_accumulation: bool = True):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
         self.adam_impl = resolve_adam_impl(adam_impl, device)
@@ -132,6 +140,7 @@ class DistributedOptimizer:
         self.step_count = 0
         self._sync_enabled = True
         self._staged: deque = deque()  # buckets whose fp32 staging copy is alive, oldest first
+        self.fp32_grad_accumulation = fp32_grad_accumulation
 
         late = [(n, p) for n, p in self.named_params if self._is_late(n, p)]
         early = [(n, p) for n, p in reversed(self.named_params) if not self._is_late(n, p)]
@@ -189,11 +198,17 @@ class DistributedOptimizer:
         size = _group_size(group)
         numel = int(math.ceil(offset / size) * size)
         device = named[0][1].device
-        dtype = named[0][1].dtype
+        dtype = torch.float32 if self.fp32_grad_accumulation else named[0][1].dtype
         b = _Bucket(entries, numel, late, group=group, size=size, rank=_group_rank(group))
         b.grad_data = torch.zeros(numel, dtype=dtype, device=device)
         for n, p, off in entries:
-            p.grad = b.grad_data[off:off + p.numel()].view_as(p)
+            view = b.grad_data[off:off + p.numel()].view_as(p)
+            if p.dtype == dtype:
+                p.grad = view  # autograd accumulates straight into the bucket
+            else:  # 16-bit parameter: into the fp32 main_grad (registered before the overlap hook)
+                p.main_grad = view
+                p.grad = None
+                p.register_post_accumulate_grad_hook(self._accumulate_main_grad)
         b.shard_grad = torch.zeros(numel // size, dtype=torch.float32, device=device)
         self.buckets.append(b)
 
@@ -221,6 +236,11 @@ class DistributedOptimizer:
         return out
 
     # -- gradient reduction -------------------------------------------------------------------
+    @staticmethod
+    def _accumulate_main_grad(p) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None
+
     def _make_hook(self, b: _Bucket):
         def hook(_p):
             if not self._sync_enabled:
@@ -258,6 +278,9 @@ class DistributedOptimizer:
         for b in self.buckets:
             b.grad_data.zero_()
             b.handle = None
+            for _, p, _ in b.params:
+                if p.grad is not None and p.grad.dtype != b.grad_data.dtype:
+                    p.grad = None  # a 16-bit grad not yet added (a backward cut short)
         self._staged.clear()
 
     def prepare_for_backward(self, is_last_microbatch: bool) -> None:

@@ -754,8 +754,8 @@ class RLIteration:
                 d = ((out.detach().double() - old_logp.double()) * mask).sum(-1)
                 if cp_group is not None:
                     dist.all_reduce(d, group=cp_group)
-                kl = float((d ** 2).sum())
-            loss_log = float(loss.detach()) if (first_cp or not seq_level) else 0.0
+                kl = (d ** 2).sum()  # tensors: train_step brings them to the host once per step
+            loss_log = loss.detach() if (first_cp or not seq_level) else 0.0
             return loss / normalizer, (loss_log, kl if first_cp else 0.0,
                                        float(mask.shape[0]) if first_cp else 0.0)
 

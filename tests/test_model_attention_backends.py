@@ -58,7 +58,23 @@ def test_triton_backend_equals_sdpa(packed):
 def test_auto_backend_resolves_by_device():
     expected = "triton" if torch.cuda.is_available() else "sdpa"
     assert resolve_attention_backend("auto") == expected
+    assert resolve_attention_backend("auto", head_dim=128) == expected
+    assert resolve_attention_backend("auto", head_dim=80) == "sdpa"  # not a power of two: never Triton
     assert resolve_attention_backend("sdpa") == "sdpa"
+
+
+def test_head_dim_the_flash_kernels_cannot_take():
+    """head_dim 80 (five heads of 80 in 400): SDPA builds and runs; the Triton backend is refused
+    when the model is built, naming the flag, not at the first forward."""
+    initialize_model_parallel(1)
+    cfg = preset("tiny", hidden_size=400, num_attention_heads=5, num_query_groups=5, ffn_hidden_size=64)
+    assert cfg.head_dim == 80
+    model = GPTModel(cfg, attention_backend="auto")
+    model.reset_parameters(0)
+    assert model.attention_backend == "sdpa"
+    assert model(torch.tensor([[1, 2, 3]]))[..., :cfg.vocab_size].isfinite().all()  # the padding is -inf
+    with pytest.raises(ValueError, match="head_dim 80.*--attention-backend sdpa"):
+        GPTModel(cfg, attention_backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])

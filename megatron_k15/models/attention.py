@@ -36,17 +36,24 @@ def available_attention_backends() -> list[str]:
     return sorted(_BACKENDS) + ["auto"]
 
 
-def resolve_attention_backend(name: str) -> str:
-    """``auto``: our Triton kernels on GPU, PyTorch SDPA on CPU (where Triton only interprets)."""
+def flash_head_dim_supported(head_dim: int) -> bool:
+    """Our Triton kernels take head dims that are powers of two from 16 to 256."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_attention_backend(name: str, head_dim: Optional[int] = None) -> str:
+    """``auto``: our Triton kernels on GPU, PyTorch SDPA on CPU (where Triton only interprets)
+    and for head dims the kernels do not take (``head_dim``, when given: e.g. 80 or 96)."""
     if name != "auto":
         return name
-    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    if (torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+            and (head_dim is None or flash_head_dim_supported(head_dim))):
         return "triton"
     return "sdpa"
 
 
-def get_attention_backend(name: str) -> AttentionFn:
-    name = resolve_attention_backend(name)
+def get_attention_backend(name: str, head_dim: Optional[int] = None) -> AttentionFn:
+    name = resolve_attention_backend(name, head_dim)
     if name not in _BACKENDS:
         raise ValueError(
             f"--attention-backend {name!r} is unknown; choose one of {available_attention_backends()}"

@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_k15.models.attention import (
     context_parallel_attention,
+    flash_head_dim_supported,
     get_attention_backend,
     resolve_attention_backend,
 )
@@ -111,10 +112,11 @@ class GPTModel(torch.nn.Module):
             tensor_model_parallel_size=tp,
             sequence_parallel=False,  # SP communication is done by our layers (device-neutral)
             use_cpu_initialization=device is None or torch.device(device).type == "cpu",
-            # our reset_parameters (layout-independent) or a checkpoint sets every weight; megatron-core's
-            # own init would draw them again, on GPU through an RNG tracker that only a seeded
-            # process has (generate.py is not: "model-parallel-rng is not added")
-            perform_initialization=False,
+            # on GPU, our reset_parameters (layout-independent) or a checkpoint sets every weight;
+            # megatron-core's own init would draw them first through an RNG tracker that only a
+            # seeded process has (generate.py's is not: "model-parallel-rng is not added"). On CPU
+            # its init is kept: a model built without either still has sane random weights
+            perform_initialization=device is None or torch.device(device).type == "cpu",
             params_dtype=params_dtype,
             gradient_accumulation_fusion=False,
         )
@@ -134,13 +136,18 @@ class GPTModel(torch.nn.Module):
                              "(--num-experts)")
         # the single-device backend; generation prefills with it even under cp (the engine runs
         # whole sequences on every cp rank)
-        self.local_attention_backend = resolve_attention_backend(attention_backend)
+        self.local_attention_backend = resolve_attention_backend(attention_backend, config.head_dim)
+        if (self.local_attention_backend == "triton" or self.cp_size > 1) and not flash_head_dim_supported(
+                config.head_dim):
+            raise ValueError(f"head_dim {config.head_dim}: our Triton flash attention (--attention-backend triton, "
+                             "and context parallelism's ring attention) takes powers of two from 16 to 256; "
+                             "use --attention-backend sdpa without --context-parallel-size")
         if self.cp_size > 1:
             attention_fn = context_parallel_attention(cp_group, cp_comm_type)
             self.attention_backend = f"ring-{cp_comm_type}"
         else:
-            attention_fn = get_attention_backend(attention_backend)
-            self.attention_backend = resolve_attention_backend(attention_backend)
+            attention_fn = get_attention_backend(self.local_attention_backend)
+            self.attention_backend = self.local_attention_backend
         init = normal_init(config.init_method_std)
 
         tied = config.tie_word_embeddings

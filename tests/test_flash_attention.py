@@ -143,6 +143,34 @@ def test_int64_offset_path(monkeypatch, varlen):
     _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_launches_split_over_sequences_past_the_grid_limit(monkeypatch, varlen):
+    """CUDA's grid dimension 1 holds at most 65535 (sequence, head) pairs; past that the
+    launches are split over the sequences. A limit of 5 here (2 heads: two sequences per
+    launch, the dK/dV kernel's one kv head: five) must give the reference's results."""
+    import megatron_k15.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "MAX_GRID_Y", 5)
+    assert fa._batch_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    if not varlen:
+        q, k, v, do, dlse = _make(5, 20, 20, 2, 1, 16, seed=12)
+        _check_fp32(_fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=True),
+                    _reference(q, k, v, do, dlse, causal=True))
+        return
+    q, k, v, do, dlse = _make(1, 60, 60, 2, 1, 16, seed=13)
+    cu = torch.tensor([0, 9, 10, 31, 31, 60], dtype=torch.int32, device=DEVICE)
+    flat = [t[0] for t in (q, k, v, do)]
+
+    def ours(q, k, v, return_lse):
+        return flash_attn_varlen_func(q, k, v, cu, 29, causal=True, return_lse=return_lse)
+
+    def ref(q, k, v, return_lse):
+        return varlen_attention_reference(q, k, v, cu, causal=True, return_lse=return_lse,
+                                          upcast=torch.float64)
+
+    _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
+
+
 def test_bottom_right_causal_semantics():
     """Query i sees keys j <= i + seqlen_k - seqlen_q; rows that see none give 0 and -inf."""
     q, k, v, _, _ = _make(1, 5, 3, 1, 1, 16, seed=3)

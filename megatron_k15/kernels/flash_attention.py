@@ -767,6 +767,26 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+# CUDA caps a grid's second dimension at 65535; the kernels put (sequence, head) pairs there,
+# so a launch takes at most this many of them (a packed batch of 2,400 sequences x 28 heads is
+# launched in two parts)
+MAX_GRID_Y = 65535
+
+
+def _batch_chunks(batch: int, per_sequence: int):
+    """(first, end) sequence ranges whose sequences x ``per_sequence`` fit MAX_GRID_Y."""
+    step = max(1, MAX_GRID_Y // max(per_sequence, 1))
+    return [(b, min(batch, b + step)) for b in range(0, batch, step)]
+
+
+def _part(t, b0, b1, varlen, cu=False):
+    """A launch's share of a tensor: packed tensors are indexed through cu_seqlens' absolute
+    offsets (only cu_seqlens itself is sliced), dense ones along the batch."""
+    if varlen:
+        return t[b0:b1 + 1] if cu else t
+    return t[b0:b1]
+
+
 def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     varlen = cu_seqlens is not None
     if varlen:
@@ -790,16 +810,18 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), VARLEN=varlen, LARGE=large,
                 DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
 
-    def grid(m):
-        return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * n_heads)
+    for b0, b1 in _batch_chunks(batch, n_heads):
+        def grid(m, n=b1 - b0):
+            return (triton.cdiv(seqlen_q, m["BLOCK_M"]), n * n_heads)
 
-    _fwd_launcher[grid](
-        q, k, v, out, lse, cu,
-        *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(out, varlen),
-        *_lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, n_heads, group, qk_scale, _seq_bucket(max(seqlen_q, seqlen_k)),
-        **meta, **_fixed(_INTERP_FWD),
-    )
+        part = [_part(t, b0, b1, varlen) for t in (q, k, v, out, lse)]
+        _fwd_launcher[grid](
+            *part, _part(cu, b0, b1, varlen, cu=True),
+            *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(out, varlen),
+            *_lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, n_heads, group, qk_scale, _seq_bucket(max(seqlen_q, seqlen_k)),
+            **meta, **_fixed(_INTERP_FWD),
+        )
     return out, lse
 
 
@@ -831,29 +853,34 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
         dlse = dlse.to(torch.float32)
         if dlse.stride() != lse.stride():
             dlse = dlse.contiguous()
-    _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, _PREPROCESS_BLOCK_M), batch * n_heads)](
-        out, do, dlse if has_dlse else lse, delta, cu,
-        *_s3(out, varlen), *_s3(do, varlen), *_lse_strides(lse, varlen),
-        seqlen_q, n_heads,
-        HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse, VARLEN=varlen,
-        LARGE=large,
-    )
     meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), VARLEN=varlen, LARGE=large,
                 DOT_PREC=dot_prec, UPCAST=_upcast(q.dtype))
-    _dkdv_launcher[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * n_kv)](
-        q, k, v, do, lse, delta, dk, dv, cu,
-        *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
-        *_s3(dk, varlen), *_s3(dv, varlen), *_lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket,
-        **meta, **_fixed(_INTERP_DKDV),
-    )
-    _dq_launcher[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * n_heads)](
-        q, k, v, do, lse, delta, dq, cu,
-        *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
-        *_s3(dq, varlen), *_lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket,
-        **meta, **_fixed(_INTERP_DQ),
-    )
+    for b0, b1 in _batch_chunks(batch, n_heads):  # (MAX_GRID_Y)
+        n = b1 - b0
+        q_, k_, v_, do_, out_, lse_, delta_, dq_, dk_, dv_ = (
+            _part(t, b0, b1, varlen) for t in (q, k, v, do, out, lse, delta, dq, dk, dv))
+        cu_ = _part(cu, b0, b1, varlen, cu=True)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, _PREPROCESS_BLOCK_M), n * n_heads)](
+            out_, do_, _part(dlse, b0, b1, varlen) if has_dlse else lse_, delta_, cu_,
+            *_s3(out, varlen), *_s3(do, varlen), *_lse_strides(lse, varlen),
+            seqlen_q, n_heads,
+            HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse, VARLEN=varlen,
+            LARGE=large,
+        )
+        _dkdv_launcher[lambda m, n=n: (triton.cdiv(seqlen_k, m["BLOCK_N"]), n * n_kv)](
+            q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_,
+            *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
+            *_s3(dk, varlen), *_s3(dv, varlen), *_lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket,
+            **meta, **_fixed(_INTERP_DKDV),
+        )
+        _dq_launcher[lambda m, n=n: (triton.cdiv(seqlen_q, m["BLOCK_M"]), n * n_heads)](
+            q_, k_, v_, do_, lse_, delta_, dq_, cu_,
+            *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
+            *_s3(dq, varlen), *_lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket,
+            **meta, **_fixed(_INTERP_DQ),
+        )
     return dq, dk, dv
 
 

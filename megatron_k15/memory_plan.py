@@ -83,8 +83,8 @@ The peak of a stage is static + the largest of: (i) forward end / log-prob backw
 backward of the last layer (for full recompute: every layer input + one recomputed layer)
 plus its gradients e * Ns * h + 2 * e * N * f / tp, (iii) the optimizer step, 4 * P_bucket / D
 of fp32 temporaries for the largest bucket (the clipped gradient; 12 with the unfused Adam),
-(iv) with e < 4 and D > 1, the fp32 copies of the two buckets most recently launched for
-their reduce-scatter. With the 1F1B schedule, stage r keeps the saved
+(iv) with 16-bit gradient buckets (--no-accumulate-allreduce-grads-in-fp32) and D > 1, the
+fp32 copies of the two buckets most recently launched for their reduce-scatter. With the 1F1B schedule, stage r keeps the saved
 activations of min(pp - r, m) microbatches, so stage 0 holds pp of them; the schedule drops
 its references to a microbatch's input, output and grads once they are sent.
 
@@ -760,7 +760,7 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
                                chosen["peak"] - saved_all - copies, "activations"))
     if copies:
         comps.append(Component("gradient fp32 copies", copies_formula, copies, "activations"))
-    elif e < 4 and shard_group > 1:
+    elif e < 4 and shard_group > 1 and not w.fp32_grads:
         comps.append(Component(f"{STAGING_PHASE} (at the end)", copies_formula, 4 * G, "other"))
     if last:
         cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)

@@ -20,7 +20,8 @@ Kernels (Triton, fp32 accumulation, read top to bottom):
   ceil(N / BLOCK_M) + G, and programs past the real count exit at once. The backward's
   dX = dY[rows of g] @ weight[g] is the same kernel on the transposed weight (strides only).
 * ``_grouped_wgrad_kernel``: dW[g] = dY[rows of g]^T @ X[rows of g], one program per (group,
-  M tile, K tile) looping over the group's rows; a group with no rows writes zeros.
+  M tile, K tile) looping over the group's rows, the busiest groups dispatched first; a group
+  with no rows writes zeros.
 
 Outputs are rounded to the input dtype once, from the fp32 accumulator, as a 16-bit
 ``F.linear`` does. fp32 inputs use IEEE fp32 dots (like torch's default matmul precision).
@@ -140,14 +141,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _grouped_wgrad_kernel(
-        DY, X, DW, STARTS, ENDS,
+        DY, X, DW, STARTS, ENDS, ORDER,
         M, K, num_groups, rows_per_group,
         stride_dyn, stride_dym, stride_xn, stride_xk, stride_wg, stride_wm, stride_wk,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """DW[g, m tile, k tile] = DY[rows of g, m tile]^T @ X[rows of g, k tile]."""
-        g = tl.program_id(1)
+        """DW[g, m tile, k tile] = DY[rows of g, m tile]^T @ X[rows of g, k tile]. Groups are
+        taken busiest first (``ORDER``): a program's work grows with its group's rows, and the
+        busiest group's programs, dispatched last, would be the step's tail."""
+        g = tl.load(ORDER + tl.program_id(1))
         k_tiles = tl.cdiv(K, BLOCK_K)
         ms = (tl.program_id(0) // k_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
         ks = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -278,7 +281,8 @@ def _wgrad(dy: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, ends: torch.
     if groups == 0 or m == 0 or k == 0:
         return dw
     meta = dict(IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
-    args = (dy, x, dw, starts, ends, m, k, groups, _rows_bucket(x.shape[0], groups), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+    order = torch.argsort(ends - starts, descending=True)  # on the device: no host sync
+    args = (dy, x, dw, starts, ends, order, m, k, groups, _rows_bucket(x.shape[0], groups), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2))
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]), groups)

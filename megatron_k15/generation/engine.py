@@ -508,7 +508,8 @@ class GenerationEngine:
             lens = torch.cat([lens, torch.zeros(padded - n, dtype=lens.dtype)])
         batch = InferenceBatch(cache, slots.to(self.device), decode=True,
                                block_tables=table.to(self.device), seq_lens=lens.to(self.device),
-                               decode_impl=self.decode_impl, cp_group=self.cp_group)
+                               decode_impl=self.decode_impl, cp_group=self.cp_group,
+                               decode_max_len=int(lens.max()) if len(lens) else 0)
         return self._forward(ids, positions, batch, torch.arange(n, device=self.device))
 
     def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,

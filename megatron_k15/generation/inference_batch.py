@@ -52,6 +52,9 @@ class InferenceBatch:
     prefix_seq: Optional[object] = None  # prefill chunk: the sequence whose cache holds the prefix
     context_len: int = 0  # prefill chunk: cached slots to attend over (this rank's, under cp)
     chunk_rows: int = 0  # prefill chunk: real rows of N (the rest is padding)
+    decode_max_len: Optional[int] = None  # decode: max(seq_lens), known on the host
+    validated: bool = False  # decode: the first layer's call checked the shared tables
+    write_slots: Optional[torch.Tensor] = None  # ``slots`` resolved by the first layer, for all
 
     def layer(self, j: int) -> "LayerKVCache":
         return LayerKVCache(self, j)
@@ -67,7 +70,9 @@ class LayerKVCache:
     def attend(self, q, k, v, softmax_scale):
         b = self.batch
         cache = b.cache
-        cache.write_slots(self.index, b.slots, k[0], v[0])
+        if b.write_slots is None:
+            b.write_slots = cache.resolve_slots(b.slots)
+        cache.write_rows(self.index, b.write_slots, k[0], v[0])
         if b.prefix_seq is not None:
             n = b.chunk_rows
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
@@ -82,14 +87,17 @@ class LayerKVCache:
         if not b.decode:
             return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
                                        cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+        validate, b.validated = not b.validated, True
         if b.cp_group is None:
             out = paged_decode_attention(
                 q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables,
-                b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl)
+                b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
+                validate=validate)
             return out.unsqueeze(0)
         out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
-            softmax_scale=softmax_scale, return_lse=True, impl=b.decode_impl)
+            softmax_scale=softmax_scale, return_lse=True, impl=b.decode_impl, max_seq_len=b.decode_max_len,
+            validate=validate)
         return merge_cp_partials(out, lse, b.cp_group).unsqueeze(0)
 
 

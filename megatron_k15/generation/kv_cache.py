@@ -410,16 +410,24 @@ class PagedKVCache:
                     v: torch.Tensor) -> None:
         """Scatter rows ``k[i], v[i]`` ((N, n_kv_heads, head_dim), or any shape whose leading
         dims flatten to N) into flat slots ``slots`` (N,); rows with slot -1 are skipped."""
+        self.write_rows(layer, self.resolve_slots(slots), k, v)
+
+    def resolve_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` as ``write_rows`` takes them: int64 on the cache's device, padding (-1) sent
+        to the scratch block (no host sync, no clash with real slots). Once per step: every
+        layer writes the same slots."""
+        slots = slots.to(self.device, torch.int64).reshape(-1)
+        return torch.where(slots >= 0, slots, torch.full_like(slots, self._scratch_slot))
+
+    def write_rows(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``write_slots`` with slots from ``resolve_slots``."""
         k = k.reshape(-1, self.n_kv_heads, self.head_dim)
         v = v.reshape(-1, self.n_kv_heads, self.head_dim)
-        slots = slots.to(self.device, torch.int64).reshape(-1)
         if not (k.shape[0] == v.shape[0] == slots.shape[0]):
             raise ValueError(f"{slots.shape[0]} slots for {k.shape[0]} K rows and {v.shape[0]} "
                              "V rows")
         kf = self.kv[layer, 0].view(-1, self.n_kv_heads, self.head_dim)
         vf = self.kv[layer, 1].view(-1, self.n_kv_heads, self.head_dim)
-        # padding rows go to the scratch block (no host sync, no clash with real slots)
-        slots = torch.where(slots >= 0, slots, torch.full_like(slots, self._scratch_slot))
         kf.index_copy_(0, slots, k.to(self.dtype))
         vf.index_copy_(0, slots, v.to(self.dtype))
 

@@ -397,13 +397,14 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None,
-                                 return_lse=False, max_seq_len: Optional[int] = None):
+                                 return_lse=False, max_seq_len: Optional[int] = None, validate: bool = True):
     """Vectorised PyTorch fallback with the semantics of ``paged_decode_attention``.
 
     Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``); without
     ``return_lse`` one masked SDPA call (its fused CPU/GPU kernels), otherwise explicit fp32
     scores (float64 stays float64). Memory: O(batch * max_len * n_kv * head_dim)."""
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    if validate:
+        _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv
@@ -476,7 +477,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            softmax_scale: Optional[float] = None,
                            num_splits: Optional[int] = None, return_lse: bool = False,
-                           *, impl: str = "auto"):
+                           *, impl: str = "auto", max_seq_len: Optional[int] = None, validate: bool = True):
     """Attention of one new query token per sequence over a paged KV cache (module docstring).
 
     Args:
@@ -489,6 +490,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return_lse: also return the (batch, n_heads) fp32 log-sum-exp.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``; the environment variable
             ``MEGATRON_K15_DECODE_ATTN_IMPL`` overrides ``"auto"``.
+        max_seq_len: the longest of ``seq_lens`` when the caller knows it on the host (the torch
+            path then reads nothing back from the device).
+        validate: check the arguments (a decode step's layers share the tables and shapes: the
+            engine checks its first layer's call only).
 
     Returns:
         out (batch, n_heads, head_dim) in q's dtype, and lse when ``return_lse``.
@@ -497,12 +502,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "auto":
         impl = os.environ.get("MEGATRON_K15_DECODE_ATTN_IMPL", "auto")
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    if validate:
+        _check(q, k_cache, v_cache, block_tables, seq_lens)
     if impl == "auto":
         impl = "triton" if _triton_ok(q) else "torch"
     if impl == "torch":
         return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens,
-                                            softmax_scale, return_lse)
+                                            softmax_scale, return_lse, max_seq_len, validate=False)
     if not _triton_ok(q):
         raise RuntimeError(
             f"the Triton decode kernel needs triton and CUDA tensors of fp16/bf16/fp32 (got "

@@ -83,9 +83,10 @@ class ColumnLinear(ColumnParallelLinear):
             disable_grad_reduce=sequence_parallel and tp_group.size() > 1, tp_group=tp_group,
         )
         self.sp = sequence_parallel and tp_group.size() > 1
+        self.tp = tp_group.size()
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not self.sp:
+        if not self.sp and self.tp > 1:  # megatron-core's: the input grad all-reduced over tp
             out, _ = super().forward(x, weight=weight)
             return out
         if weight is None:
@@ -97,6 +98,8 @@ class ColumnLinear(ColumnParallelLinear):
             raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
                                f"{(self.output_size_per_partition, self.input_size)} as expected")
         bias = None if self.skip_bias_add else self.bias
+        if not self.sp:  # one rank: a plain GEMM (megatron-core's path costs ~50 us of Python a call)
+            return F.linear(x, weight, bias)
         return linear_with_sequence_parallel_gather(x, weight, bias, self.tp_group)
 
 

@@ -126,3 +126,51 @@ def test_bf16_gradients_accumulate_over_microbatches_in_fp32(fp32_accumulation):
         assert torch.equal(got, bf16_sum.float())
     # the two differ by far more than one final bf16 rounding would explain (mean errors)
     assert (bf16_sum.float() - fp32_sum).abs().mean() > 2 * (fp32_sum.bfloat16().float() - fp32_sum).abs().mean()
+
+
+def _dp2_bf16_worker(rank, world_size):
+    """Rank r trains on microbatches r, r + 2, ...: the reduce-scatter (overlapped with the last
+    backward) must carry every microbatch's bf16 gradient added in fp32."""
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(7)
+    w0 = torch.randn(16, 24, generator=gen)
+    b0 = torch.randn(16, generator=gen)
+    xs = [torch.randn(6, 24, generator=gen) for _ in range(8)]
+    w = torch.nn.Parameter(w0.to(torch.bfloat16))
+    b = torch.nn.Parameter(b0.to(torch.bfloat16))
+    opt = DistributedOptimizer([("linear.weight", w), ("linear.bias", b)], lr=0.0, overlap=True,
+                               dp_group=dist.group.WORLD, bucket_numel=200)  # two buckets
+    opt.zero_grad()
+    mine = xs[rank::world_size]
+    for i, x in enumerate(mine):
+        opt.prepare_for_backward(i == len(mine) - 1)
+        torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float().pow(2).mean().backward()
+    opt.finish_grad_sync()
+    # every microbatch's gradient, as each rank would compute it, summed in fp32 in rank order
+    want = {"linear.weight": torch.zeros(16, 24), "linear.bias": torch.zeros(16)}
+    for x in xs:
+        wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        gw, gb = torch.autograd.grad(torch.nn.functional.linear(x.to(torch.bfloat16), wr, br).float().pow(2).mean(),
+                                     (wr, br))
+        want["linear.weight"] += gw.float()
+        want["linear.bias"] += gb.float()
+    got = []
+    for bucket in opt.buckets:
+        full = torch.zeros(bucket.numel)
+        dist.all_gather_into_tensor(full, bucket.shard_grad)
+        got += [(n, full[off:off + p.numel()].view_as(p)) for n, p, off in bucket.params]
+    return {n: (g, want[n]) for n, g in got}
+
+
+@pytest.mark.slow
+def test_bf16_fp32_accumulation_under_data_parallelism_with_overlap():
+    """dp = 2, bf16 parameters, four microbatches per rank, buckets reduced as soon as the last
+    backward completes them: each reduced gradient equals the fp32 sum of all eight
+    microbatches' bf16 gradients (to fp32 summation order). Were the fp32 accumulation to run
+    after a bucket's reduction is launched, the last microbatch would be missing (~1/4 off)."""
+    from megatron_k15.testing import run_distributed
+
+    for result in run_distributed(_dp2_bf16_worker, 2, timeout=120):
+        for name, (got, want) in result.items():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)

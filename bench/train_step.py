@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     device_name = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if cuda
                    else f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    attention = resolve_attention_backend(args.attention_backend)
+    attention = resolve_attention_backend(args.attention_backend, cfg.head_dim)
     peak = peak_tflops(args, device_name) if cuda else None
     print(header(cfg, args, device_name, peak, attention), flush=True)
     meter = None if cuda else MemoryMeter()

@@ -19,7 +19,8 @@ Static (held for the whole run):
     parameters      e * P + 2 * d    (and RoPE's fp32 inverse frequencies, d / 2 of them)
     gradients       4 * P            (bucketed fp32 grad buffers, each padded to a multiple of D;
                                       e * P with --no-accumulate-allreduce-grads-in-fp32)
-    optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard;
+    optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard, the
+                                      last none for fp32 buckets of one rank's group: 12 * P;
                                       weight decay and norm counting go by parameter ranges)
 
 Transient (in the peak where it is the largest phase): with 16-bit gradient buckets
@@ -690,19 +691,23 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     groups = [shard_group // layout.ep if is_expert_bucket(names, layout.ep) else shard_group
               for names, _, _ in bucket_list]
     G = sum(buckets)
-    sharded = sum(n // g for n, g in zip(buckets, groups))
     e = w.e
+    fp32_buckets = w.fp32_grads or e == 4
+    # a bucket of one rank's group in fp32 is its own reduced-grad shard (no copy): 12 bytes
+    optimizer_bytes = sum((12 if g == 1 and fp32_buckets else 16) * (n // g) for n, g in zip(buckets, groups))
     x = _Shapes.of(cfg, layout, w)
 
     comps = [
         Component("parameters", f"e*P + 2*d (RoPE inverse frequencies, fp32) = {e}*{P:,} + 2*{x.d}",
                   e * P + 2 * x.d),
-        Component("gradients", (f"4*P (fp32 grad buckets) = 4*{G:,}" if w.fp32_grads or e == 4
+        Component("gradients", (f"4*P (fp32 grad buckets) = 4*{G:,}" if fp32_buckets
                                 else f"e*P (grad buckets) = {e}*{G:,}"), (4 if w.fp32_grads else e) * G),
         Component("optimizer (ZeRO-1)",
                   f"16*P/D (4 fp32 shards: master, m, v, reduced grad), D=dp*cp={shard_group}"
-                  + (f" (experts: D/ep={shard_group // layout.ep})" if layout.ep > 1 else ""),
-                  16 * sharded),
+                  + (f" (experts: D/ep={shard_group // layout.ep})" if layout.ep > 1 else "")
+                  + ("; 12*P/D where D = 1 (the fp32 bucket is the reduced grad)" if fp32_buckets
+                     and 1 in groups else ""),
+                  optimizer_bytes),
     ]
     if w.reference_model:
         comps.append(Component("reference model (--ref-load)", f"e*P + 2*d = {e}*{P:,} + 2*{x.d} (frozen weights)",

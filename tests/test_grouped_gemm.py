@@ -112,9 +112,9 @@ def test_bad_inputs_are_named():
 
 
 def test_moe_layer_with_grouped_gemm_equals_the_loop():
-    """A two-layer MoE model built from the flags (``--moe-grouped-gemm`` / the CPU default,
-    the per-expert loop): logits and every gradient equal (fp32), with routing that leaves some
-    of the 8 experts without tokens."""
+    """A two-layer MoE model built from the flags (``--moe-grouped-gemm`` / the default, which
+    on CPU tensors is the per-expert loop): logits and every gradient equal (fp32), with
+    routing that leaves some of the 8 experts without tokens."""
     from megatron_k15.arguments import build_parser, validate_args
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.training import ParallelContext, build_stage_model, stage_layer_ranges
@@ -131,7 +131,8 @@ def test_moe_layer_with_grouped_gemm_equals_the_loop():
         model = build_stage_model(args, cfg, ParallelContext.from_parallel_state(), stage_layer_ranges(cfg, 1))
         model.reset_parameters(3)
         model.train()
-        assert model.moe_grouped_gemm == bool(flag) and all(m.grouped_gemm == bool(flag) for m in model.moe_layers())
+        want = True if flag else None  # None: by device, the loop on CPU tensors
+        assert model.moe_grouped_gemm is want and all(m.grouped_gemm is want for m in model.moe_layers())
         logits = model(ids)
         logits.float().pow(2).mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))

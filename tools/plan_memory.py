@@ -45,7 +45,8 @@ V = padded vocabulary / tp):
   gradients             4 * P (fp32 buckets; e * P with --no-accumulate-allreduce-grads-in-fp32)
   fp32 grad copies      16-bit buckets with D > 1: each bucket's fp32 copy lives from its launch
                         in backward to finish_grad_sync (at most the two latest buckets)
-  optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard); an MoE
+  optimizer (ZeRO-1)    16 * P / D  (fp32 master, Adam m and v, reduced grad shard; 12 * P at
+                        D = 1 with fp32 buckets, which are the reduced grad themselves); an MoE
                         model's experts: E / ep per rank, their state sharded over D / ep
   activations / layer   none:      2 * [(4 + e) Ns h + 4 Ns] + 2 e Ns h + e N (3q + 3k) / tp
                                    + 4 N a / tp + 4 e N f / tp

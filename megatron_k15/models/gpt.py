@@ -178,10 +178,10 @@ class GPTModel(torch.nn.Module):
                                      cp_group if self.cp_size > 1 else None, self.ep_group)
             for i in self.layer_range
         })
-        # MoE experts: one grouped-GEMM launch per projection (auto: on CUDA, where the kernels
-        # compile; on CPU the per-expert loop is faster than anything interpreted)
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        self.moe_grouped_gemm = bool(config.is_moe and (on_cuda if moe_grouped_gemm is None else moe_grouped_gemm))
+        # MoE experts: one grouped-GEMM launch per projection; None (auto): on CUDA tensors,
+        # where the kernels compile (decided per call: a model built on CPU may move), the
+        # per-expert loop on CPU (faster than anything interpreted)
+        self.moe_grouped_gemm = moe_grouped_gemm if config.is_moe else None
         for m in self.moe_layers():
             m.grouped_gemm = self.moe_grouped_gemm
         if self.post_process:

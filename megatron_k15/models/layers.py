@@ -98,8 +98,9 @@ class ColumnLinear(ColumnParallelLinear):
             raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
                                f"{(self.output_size_per_partition, self.input_size)} as expected")
         bias = None if self.skip_bias_add else self.bias
-        if not self.sp:  # one rank: a plain GEMM (megatron-core's path costs ~50 us of Python a call)
-            return F.linear(x, weight, bias)
+        if not self.sp:  # one rank: a plain GEMM (megatron-core's path costs ~50 us of Python a call);
+            out = F.linear(x, weight)  # the bias added apart, rounded as on every other layout
+            return out if bias is None else out + bias
         return linear_with_sequence_parallel_gather(x, weight, bias, self.tp_group)
 
 
@@ -318,8 +319,8 @@ class MoEMLP(torch.nn.Module):
         self.experts.linear_fc1 = ExpertWeights(self.local_experts, 2 * f, h, dtype)  # [gate; up]
         self.experts.linear_fc2 = ExpertWeights(self.local_experts, h, f, dtype)
         # one grouped-GEMM launch per projection for all experts instead of a loop of GEMM pairs
-        # (GPTModel sets it: --moe-grouped-gemm; on CUDA by default)
-        self.grouped_gemm = False
+        # (GPTModel sets it: --moe-grouped-gemm); None: on CUDA tensors, the loop on CPU
+        self.grouped_gemm: Optional[bool] = None
         self.aux_loss_coeff = 0.0
         self.aux_loss_scale = 1.0
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
@@ -353,16 +354,18 @@ class MoEMLP(torch.nn.Module):
             torch.distributed.all_reduce(stats, group=self.cp_group)
         return self.aux_loss(prob_sums, stats[:-1], stats[-1].clamp(min=1.0))
 
-    def _run_local_experts(self, grouped: torch.Tensor, counts) -> torch.Tensor:
-        """This rank's experts on rows grouped by (local) expert, ``counts[e]`` rows each (a
-        list, or a tensor on the rows' device: the grouped GEMM then needs no host sync)."""
+    def _run_local_experts(self, grouped: torch.Tensor, counts: torch.Tensor,
+                           host_counts: Optional[list] = None) -> torch.Tensor:
+        """This rank's experts on rows grouped by (local) expert, ``counts[e]`` rows each (on
+        the rows' device: the grouped GEMM needs no host sync; the loop reads them, or takes
+        ``host_counts`` when the caller already has them on the host)."""
         w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
-        if self.grouped_gemm:  # every expert in one launch per GEMM (kernels/grouped_gemm.py)
-            ends = torch.as_tensor(counts, device=grouped.device).cumsum(0)
+        grouped_gemm = grouped.is_cuda if self.grouped_gemm is None else self.grouped_gemm
+        if grouped_gemm:  # every expert in one launch per GEMM (kernels/grouped_gemm.py)
+            ends = counts.to(grouped.device).cumsum(0)
             gate, up = grouped_linear(grouped, w1, ends).chunk(2, dim=-1)
             return grouped_linear(F.silu(gate) * up, w2, ends)
-        if torch.is_tensor(counts):
-            counts = counts.tolist()
+        counts = counts.tolist() if host_counts is None else host_counts
         w1s, w2s = w1.unbind(0), w2.unbind(0)  # one view per expert: the weight's gradient is
         outs, start = [], 0  # assembled once, not per expert
         for e, n in enumerate(counts):

@@ -209,7 +209,10 @@ class DistributedOptimizer:
                 p.main_grad = view
                 p.grad = None
                 p.register_post_accumulate_grad_hook(self._accumulate_main_grad)
-        b.shard_grad = torch.zeros(numel // size, dtype=torch.float32, device=device)
+        if size == 1 and dtype == torch.float32:  # the bucket is its own (whole) fp32 shard: no copy
+            b.shard_grad = b.grad_data
+        else:
+            b.shard_grad = torch.zeros(numel // size, dtype=torch.float32, device=device)
         self.buckets.append(b)
 
     def _shard_of(self, b: _Bucket, value_fn) -> torch.Tensor:
@@ -238,6 +241,8 @@ class DistributedOptimizer:
     # -- gradient reduction -------------------------------------------------------------------
     @staticmethod
     def _accumulate_main_grad(p) -> None:
+        if p.grad is None:  # taken already (a hook of an earlier optimizer over the same parameters)
+            return
         p.main_grad.add_(p.grad)
         p.grad = None
 
@@ -252,7 +257,8 @@ class DistributedOptimizer:
 
     def _launch(self, b: _Bucket) -> None:
         if b.size == 1:
-            b.shard_grad.copy_(b.grad_data)  # casts to fp32 in place: no fp32 copy of the bucket
+            if b.shard_grad is not b.grad_data:  # a 16-bit bucket: cast into its fp32 shard
+                b.shard_grad.copy_(b.grad_data)
             b.handle = None
             return
         # the reduction is summed in fp32: a 16-bit bucket is copied, and the copy must live

@@ -71,7 +71,8 @@ def exchange_counts(per_expert: torch.Tensor, group) -> torch.Tensor:
 def run_experts_parallel(grouped: torch.Tensor, per_expert: torch.Tensor, group, run_local) -> torch.Tensor:
     """The expert outputs of ``grouped`` (rows sorted by global expert, ``per_expert`` (E,)
     rows each), computed by the ranks that own the experts. ``run_local(rows, counts)`` runs
-    this rank's experts on rows grouped by local expert (``counts`` (E / ep,) on the device)."""
+    this rank's experts on rows grouped by local expert (``counts`` (E / ep,) on the device,
+    ``host_counts`` the same as a list)."""
     ep = dist.get_world_size(group)
     recv = exchange_counts(per_expert, group)  # [source, local expert]
     both = torch.cat([per_expert, recv.reshape(-1)]).tolist()  # one host sync
@@ -85,8 +86,10 @@ def run_experts_parallel(grouped: torch.Tensor, per_expert: torch.Tensor, group,
     segment = torch.repeat_interleave(torch.arange(ep * local, device=grouped.device),
                                       recv.reshape(-1).to(grouped.device), output_size=sum(recv_splits))
     order = torch.argsort((segment % local) * ep + segment // local, stable=True)
-    # rows per local expert, on the device (the grouped GEMM then waits for nothing on the host)
-    out = run_local(received.index_select(0, order), recv.sum(0))
+    # rows per local expert, on the device (the grouped GEMM then waits for nothing on the
+    # host) and, since they were read here anyway, on the host (for the per-expert loop)
+    out = run_local(received.index_select(0, order), recv.sum(0),
+                    [sum(recv_list[s][e] for s in range(ep)) for e in range(local)])
     out = out.index_select(0, torch.argsort(order))  # back to (source, local expert) order
     return all_to_all(out, recv_splits, send_splits, group)
 

@@ -117,6 +117,23 @@ def test_matches_float64_reference(b, sq, sk, h, hkv, d, causal):
     _check_fp32(ours, ref)
 
 
+def _check_packed_causal(q, k, v, do, dlse, bounds):
+    """Batch row 0 of ``_make``'s tensors packed into sequences at ``bounds`` (cu_seqlens):
+    ours against the float64 reference, causal, forward and backward."""
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    flat = [t[0] for t in (q, k, v, do)]
+
+    def ours(q, k, v, return_lse):
+        return flash_attn_varlen_func(q, k, v, cu, longest, causal=True, return_lse=return_lse)
+
+    def ref(q, k, v, return_lse):
+        return varlen_attention_reference(q, k, v, cu, causal=True, return_lse=return_lse,
+                                          upcast=torch.float64)
+
+    _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_int64_offset_path(monkeypatch, varlen):
     """Tensors past 2**31 elements switch the kernels to 64-bit offsets (LARGE); forcing the
@@ -130,17 +147,7 @@ def test_int64_offset_path(monkeypatch, varlen):
         _check_fp32(_fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=True),
                     _reference(q, k, v, do, dlse, causal=True))
         return
-    cu = torch.tensor([0, 70, 71, 150], dtype=torch.int32, device=DEVICE)
-    flat = [t[0] for t in (q, k, v, do)]
-
-    def ours(q, k, v, return_lse):
-        return flash_attn_varlen_func(q, k, v, cu, 79, causal=True, return_lse=return_lse)
-
-    def ref(q, k, v, return_lse):
-        return varlen_attention_reference(q, k, v, cu, causal=True, return_lse=return_lse,
-                                          upcast=torch.float64)
-
-    _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
+    _check_packed_causal(q, k, v, do, dlse, [0, 70, 71, 150])
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -158,17 +165,7 @@ def test_launches_split_over_sequences_past_the_grid_limit(monkeypatch, varlen):
                     _reference(q, k, v, do, dlse, causal=True))
         return
     q, k, v, do, dlse = _make(1, 60, 60, 2, 1, 16, seed=13)
-    cu = torch.tensor([0, 9, 10, 31, 31, 60], dtype=torch.int32, device=DEVICE)
-    flat = [t[0] for t in (q, k, v, do)]
-
-    def ours(q, k, v, return_lse):
-        return flash_attn_varlen_func(q, k, v, cu, 29, causal=True, return_lse=return_lse)
-
-    def ref(q, k, v, return_lse):
-        return varlen_attention_reference(q, k, v, cu, causal=True, return_lse=return_lse,
-                                          upcast=torch.float64)
-
-    _check_fp32(_fwd_bwd(ours, *flat, dlse[0]), _fwd_bwd(ref, *flat, dlse[0]))
+    _check_packed_causal(q, k, v, do, dlse, [0, 9, 10, 31, 31, 60])
 
 
 def test_bottom_right_causal_semantics():

@@ -50,15 +50,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-try:  # Triton is optional: the torch path covers CPU-only installs.
-    import triton
-    import triton.language as tl
+from megatron_k15.kernels.interpreter import import_triton
 
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001 - any import failure means "no triton"
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+triton, tl, HAVE_TRITON = import_triton()  # optional: the torch path covers CPU-only installs
 
 __all__ = ["fused_logprobs", "fused_logprobs_torch", "reference_logprobs", "HAVE_TRITON"]
 

@@ -41,17 +41,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: the reference loop covers CPU-only installs.
-    import triton
-    import triton.language as tl
+from megatron_k15.kernels.interpreter import import_triton, interpreting
 
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001 - any import failure means "no triton"
-    triton = None
-    tl = None
-    HAVE_TRITON = False
-
-from megatron_k15.kernels.interpreter import interpreting
+triton, tl, HAVE_TRITON = import_triton()  # optional: the reference loop covers CPU-only installs
 
 __all__ = ["grouped_linear", "grouped_linear_reference", "grouped_gemm_available", "HAVE_TRITON"]
 
@@ -100,6 +92,17 @@ if HAVE_TRITON:
         return group, row0, row_end
 
     @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b in fp32: IEEE dots for fp32 inputs, 16-bit tiles widened first under the
+        interpreter (which mishandles 16-bit dot operands)."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _grouped_gemm_kernel(
         X, W, Y, ENDS,
         K, M, num_groups, rows_per_group,
@@ -127,13 +130,7 @@ if HAVE_TRITON:
             k_ok = (k0 + ks) < K
             a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter's tl.dot mishandles 16-bit operands
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, IEEE, UPCAST)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_yn + cols[None, :] * stride_ym
@@ -167,13 +164,7 @@ if HAVE_TRITON:
                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
             x = tl.load(X + r[:, None] * stride_xn + ks[None, :] * stride_xk,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
-            if UPCAST:
-                dy_t = dy_t.to(tl.float32)
-                x = x.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(dy_t, x, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dy_t, x, acc)
+            acc = _dot(dy_t, x, acc, IEEE, UPCAST)
         dw_ptrs = DW + g.to(tl.int64) * stride_wg + ms[:, None] * stride_wm + ks[None, :] * stride_wk
         tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 

@@ -14,6 +14,17 @@ import dataclasses
 import os
 
 
+def import_triton():
+    """(triton, triton.language, True), or (None, None, False) where Triton cannot be imported
+    (a CPU-only install: the kernels' callers then take their PyTorch paths)."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - any import failure means "no triton"
+        return None, None, False
+    return triton, tl, True
+
+
 def interpreting() -> bool:
     """Triton's own reading of TRITON_INTERPRET (a boolean knob)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")

@@ -89,20 +89,25 @@ if HAVE_TRITON:
         tz = tl.zeros([BLOCK_N], tl.float32)
         zt = tl.zeros([BLOCK_N], tl.float32)
 
+        # tokens x hidden (or vocabulary x hidden) pass 2**31 elements at 256K tokens x 8192 or
+        # 152K x 14K: each block's first row is a 64-bit scalar offset, the tile's offsets from
+        # it stay 32-bit (a 64-bit offset tile costs registers: it spilled)
+        rows_n = tl.arange(0, BLOCK_N)
+        rows_v = tl.arange(0, BLOCK_V)
+        h_blk = H_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_hn
         v_lo = pid_s * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
         for v0 in range(v_lo, v_hi, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V)
+            offs_v = v0 + rows_v
             mask_v = offs_v < v_hi
+            w_blk = W_ptr + v0.to(tl.int64) * stride_wv
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
-                # 64-bit row offsets: tokens x hidden (or vocabulary x hidden) pass 2**31 at
-                # 256K tokens x 8192 or 152K x 14K
-                h = tl.load(H_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                h = tl.load(h_blk + rows_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                w = tl.load(W_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_d[:, None] * stride_wd,
+                w = tl.load(w_blk + rows_v[None, :] * stride_wv + offs_d[:, None] * stride_wd,
                             mask=mask_v[None, :] & mask_d[:, None], other=0.0)
                 if UPCAST:  # the interpreter's tl.dot mishandles bf16/fp16 operands
                     h = h.to(tl.float32)

@@ -94,13 +94,13 @@ if HAVE_TRITON:
         # it stay 32-bit (a 64-bit offset tile costs registers: it spilled)
         rows_n = tl.arange(0, BLOCK_N)
         rows_v = tl.arange(0, BLOCK_V)
-        h_blk = H_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_hn
+        h_blk = H_ptr + tl.cast(pid_n * BLOCK_N, tl.int64) * stride_hn
         v_lo = pid_s * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
         for v0 in range(v_lo, v_hi, BLOCK_V):
             offs_v = v0 + rows_v
             mask_v = offs_v < v_hi
-            w_blk = W_ptr + v0.to(tl.int64) * stride_wv
+            w_blk = W_ptr + tl.cast(v0, tl.int64) * stride_wv
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)

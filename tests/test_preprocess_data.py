@@ -188,6 +188,12 @@ BAD_PROMPT_LINES = [
      "fn_name", "expected a Python function name"),
     ({"id": "x", "prompt": "p", "task": "code", "fn_name": "f", "tests": [{"input": "1", "output": "1"}]},
      "tests[0].input", "expected a list of the function's arguments"),
+    ({"id": "x", "prompt": "p", "task": "code", "tests": [{"input": "1", "output": "1"}], "checker": "def check(a, b):"},
+     "checker", "does not parse"),
+    ({"id": "x", "prompt": "p", "task": "code", "tests": [{"input": "1", "output": "1"}], "checker": "x = 1"},
+     "checker", "defines no top-level function check"),
+    ({"id": "x", "prompt": "p", "task": "code", "tests": [{"input": "1", "output": "1"}],
+      "checker": "def check(i, o, e): return True", "compare": "tokens"}, "checker", "replaces compare"),
     ({"id": "a", "prompt": "p", "answer": "1"}, "id", "duplicate id 'a' (first on line 1)"),
     ('[1, 2]', None, "expected a JSON object"),
 ]

@@ -475,3 +475,38 @@ def test_caller_files_and_processes_are_out_of_reach():
     finally:
         os.umask(old)
     assert res["status"] == "ok", res
+
+
+PERMUTATION_CHECKER = """
+def check(input, output, expected):
+    n = int(input)
+    return sorted(map(int, output.split())) == list(range(1, n + 1))
+"""
+PERMUTATION_TESTS = [{"input": "3\n", "output": "1 2 3\n"}, {"input": "5\n", "output": "1 2 3 4 5\n"}]
+
+
+def test_custom_checker_accepts_any_right_answer():
+    """'Print any permutation of 1..n': the reference lists one; a program printing another is
+    wrong to the built-in checkers and right to the record's checker, which sees the test's
+    input, the output and the reference; a wrong program stays wrong; a checker that raises
+    fails the tests it judges ("error"); with stop_on_failure the run ends at the first
+    rejected output."""
+    reverse = "n = int(input())\nprint(*range(n, 0, -1))\n"
+    ones = "n = int(input())\nprint(*([1] * n))\n"
+    assert run_tests(reverse, PERMUTATION_TESTS, T)["status"] == "failed"
+    assert run_tests(reverse, PERMUTATION_TESTS, T, checker=PERMUTATION_CHECKER)["passed"] == 2
+    assert run_tests(ones, PERMUTATION_TESTS, T, checker=PERMUTATION_CHECKER)["passed"] == 0
+    sees = "def check(i, o, e):\n    return i == '3\\n' and o.split() == ['3', '2', '1'] and e == '1 2 3\\n'\n"
+    got = run_tests(reverse, PERMUTATION_TESTS, T, checker=sees)
+    assert [r["status"] for r in got["results"]] == ["ok", "failed"]
+    broken = run_tests(reverse, PERMUTATION_TESTS, T, checker="def check(i, o, e):\n    raise ValueError\n")
+    assert broken["status"] == "error" and broken["passed"] == 0
+    stopped = run_tests(ones, PERMUTATION_TESTS, T, checker=PERMUTATION_CHECKER, stop_on_failure=True)
+    assert len(stopped["results"]) == 1 and stopped["status"] == "failed"
+    record = {"tests": PERMUTATION_TESTS, "checker": PERMUTATION_CHECKER}
+    assert code_reward("```python\n" + reverse + "```", record) == 1.0
+    assert code_reward("```python\n" + ones + "```", record) == 0.0
+    for bad in ("def chk(i, o, e): pass", "def check(i, o): pass", "def check(:"):
+        assert run_tests(reverse, PERMUTATION_TESTS, T, checker=bad)["status"] == "invalid"
+    assert run_tests("def f(x): return x", [{"input": [1], "output": 1}], T, fn_name="f",
+                     checker=PERMUTATION_CHECKER)["status"] == "invalid"  # call-based: values, not output

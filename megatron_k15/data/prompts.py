@@ -23,6 +23,8 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``timeout_s``: optional, seconds > 0 (the code reward's limit per test).
 - ``compare`` (``"lines"`` | ``"tokens"``) and ``float_tolerance`` (number >= 0): optional,
   the code reward's checker (``rewards.code.outputs_match``).
+- ``checker``: optional, instead of those: Python source defining ``check(input, output,
+  expected) -> bool`` for problems with several right answers (run in the code sandbox).
 - other fields (``reward_fn``, ...) are kept as they are.
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
@@ -211,7 +213,7 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     else:
         rec.pop("answer", None)
 
-    from megatron_k15.rewards.code import checker_error, fn_name_error  # the code reward's checker
+    from megatron_k15.rewards.code import checker_error, custom_checker_error, fn_name_error  # the code reward's
 
     fn_error = fn_name_error(obj.get("fn_name"))
     if fn_error:
@@ -237,6 +239,15 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     error = checker_error(obj.get("compare", "lines"), obj.get("float_tolerance"))
     if error:
         raise FieldError(*error)
+    if obj.get("checker") is not None:  # a custom checker (problems with several right answers)
+        why = custom_checker_error(obj["checker"])
+        if why:
+            raise FieldError("checker", why)
+        if obj.get("fn_name") is not None:
+            raise FieldError("checker", "judges printed output: call-based tests (fn_name) compare returned values")
+        for field in ("compare", "float_tolerance"):
+            if obj.get(field) is not None:
+                raise FieldError("checker", f"replaces {field}: give one or the other")
     rate = obj.get("pass_rate", None)
     if rate is not None:  # tools/curate_prompts.py: the prioritized sampler starts from it
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:

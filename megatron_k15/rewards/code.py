@@ -5,6 +5,13 @@ on stdin and compares its stdout with ``test["output"]`` (trailing spaces on eac
 trailing blank lines ignored; ``compare="tokens"`` and ``float_tolerance`` give the checkers
 of judges, see :func:`outputs_match`; a prompt record sets them with the same field names).
 
+Problems with more than one right answer (a Codeforces "checker", a judge's "special judge"):
+``checker`` is Python source defining ``check(input, output, expected) -> bool`` (the test's
+stdin, what the program printed, the test's reference output). After the program has run
+on the tests, the checker runs on each output in the same sandbox (it is dataset code, and it
+reads untrusted output); a test passes when it returns True. A checker that raises or runs
+out of time fails the test ("error").
+
 Call-based tests (LeetCode / APPS / TACO style, ``fn_name``): the program defines a function
 (top level, or a method of ``class Solution``); each test calls it with ``test["input"]``, a
 JSON list of positional arguments, and compares the returned value with ``test["output"]``
@@ -618,6 +625,40 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
+# A custom checker runs as the sandboxed program of a second round of tests: its stdin is one
+# JSON object {"input", "output", "expected"}, and it prints 1 (accepted) or 0.
+_CHECKER_HARNESS = r'''
+import json as _json, sys as _sys
+_case = _json.loads(_sys.stdin.read())
+_check_source = %(source)r
+exec(compile(_check_source, "checker.py", "exec"))
+_verdict = check(_case["input"], _case["output"], _case["expected"])
+_sys.stdout.write("1" if _verdict is True or (type(_verdict) is int and _verdict == 1) else "0")
+'''
+
+
+def custom_checker_error(source: Any) -> Optional[str]:
+    """Why ``source`` is not a custom checker (Python defining ``check(input, output,
+    expected)`` at top level), else None."""
+    if source is None:
+        return None
+    if not isinstance(source, str) or not source.strip():
+        return f"expected Python source defining check(input, output, expected), got {source!r:.60}"
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        return f"does not parse: {e.msg} (line {e.lineno})"
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "check":
+            a = node.args
+            if len(a.posonlyargs) + len(a.args) >= 3 or a.vararg is not None:
+                return None
+            return "check() must take (input, output, expected)"
+    return "defines no top-level function check(input, output, expected)"
+
+
 def checker_error(compare: Any, float_tolerance: Any) -> Optional[tuple[str, str]]:
     """``(field, why)`` when ``compare`` / ``float_tolerance`` are not a checker, else None."""
     if compare not in COMPARE_MODES:
@@ -762,6 +803,7 @@ def run_tests(
     compare: str = "lines",
     float_tolerance: Optional[float] = None,
     fn_name: Optional[str] = None,
+    checker: Optional[str] = None,
 ) -> dict:
     """Run ``program`` on each test; returns ``{"passed", "total", "status", "results"}``.
 
@@ -770,12 +812,15 @@ def run_tests(
     ``fn_name``: call-based tests (module docstring); the returned values are judged by
     :func:`values_match` (with ``float_tolerance``); with ``keep_output`` each result holds
     ``stdout`` (what the program printed) and ``returned`` (the value's JSON, if it returned).
+    ``checker``: a custom checker's source (module docstring; stdin tests only), which then
+    judges each output instead of ``compare`` / ``float_tolerance``.
     ``status``: "ok" (all pass), "failed" (some wrong answer), or the first non-answer
     problem among "timeout", "memory", "output_limit", "error" (runtime error, crash or a
     killed supervisor), "invalid" (malformed program/tests). Never raises.
     """
     if (not isinstance(program, str) or fn_name_error(fn_name) or not _valid_tests(tests, fn_name is not None)
-            or checker_error(compare, float_tolerance)):
+            or checker_error(compare, float_tolerance) or custom_checker_error(checker)
+            or (checker is not None and fn_name is not None)):
         total = len(tests) if isinstance(tests, list) else 0
         return {"passed": 0, "total": total, "status": "invalid", "results": []}
     total = len(tests)
@@ -832,6 +877,8 @@ def run_tests(
                 try:
                     if fn_name is not None:
                         judge = lambda got, want: _returned_matches(got, want, marker, float_tolerance)  # noqa: E731
+                    elif checker is not None:  # every finished run passes on to the checker
+                        judge = lambda got, want: True  # noqa: E731
                     else:
                         judge = lambda got, want: outputs_match(got, want, compare, float_tolerance)  # noqa: E731
                     results = _collect(sup, tests, time.monotonic() + budget, stop_on_failure, judge)
@@ -850,6 +897,10 @@ def run_tests(
         if sup is not None and sup.poll() is None:
             _killpg(sup.pid)
 
+    if checker is not None:
+        _apply_checker(checker, tests, results, timeout_s, memory_mb, stop_on_failure,
+                       isolate_network=isolate_network, require_network_isolation=require_network_isolation,
+                       isolate_fs=isolate_fs, drop_privileges=drop_privileges, python_guards=python_guards)
     passed = 0
     first_problem = None
     for r in results:
@@ -872,6 +923,26 @@ def run_tests(
     if sup_failed and sup_err:
         out["supervisor_stderr"] = sup_err
     return out
+
+
+def _apply_checker(checker: str, tests: list[dict], results: list[dict], timeout_s: float, memory_mb: int,
+                   stop_on_failure: bool, **sandbox) -> None:
+    """Judge the finished runs (status "ok" so far) with the custom checker, in the sandbox:
+    "ok" when it accepts, "failed" when it rejects, "error" when it fails itself."""
+    done = [i for i, r in enumerate(results) if r["status"] == "ok"]
+    if not done:
+        return
+    cases = [{"input": json.dumps({"input": tests[i].get("input", ""), "output": results[i].get("stdout", ""),
+                                   "expected": tests[i]["output"]}), "output": "1"} for i in done]
+    verdicts = run_tests(_CHECKER_HARNESS % {"source": checker}, cases, timeout_s, memory_mb=memory_mb,
+                         stop_on_failure=stop_on_failure, keep_output=False, **sandbox)["results"]
+    for k, i in enumerate(done):
+        status = verdicts[k]["status"] if k < len(verdicts) else "error"
+        results[i]["status"] = status if status in ("ok", "failed") else "error"
+    if stop_on_failure:  # as if the run had stopped at the first rejected output
+        bad = next((k for k, i in enumerate(done) if results[i]["status"] != "ok"), None)
+        if bad is not None:
+            del results[done[bad] + 1:]
 
 
 def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_failure: bool, judge):
@@ -935,8 +1006,9 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
                 partial_credit: bool = False) -> float:
     """1.0 when the program in ``response`` passes all of ``record["tests"]`` (else 0.0);
     with ``partial_credit`` the fraction of tests passed. The record's ``timeout_s``,
-    ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`);
-    its ``fn_name`` makes the tests call-based (:func:`values_match`)."""
+    ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`),
+    or its ``checker`` a custom one (module docstring); its ``fn_name`` makes the tests
+    call-based (:func:`values_match`)."""
     try:
         tests = record.get("tests") if isinstance(record, dict) else None
         program = extract_program(response)
@@ -944,7 +1016,7 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
             return 0.0
         res = run_tests(program, tests, record.get("timeout_s", timeout_s), stop_on_failure=not partial_credit,
                         compare=record.get("compare", "lines"), float_tolerance=record.get("float_tolerance"),
-                        fn_name=record.get("fn_name"))
+                        fn_name=record.get("fn_name"), checker=record.get("checker"))
         if res["total"] == 0:
             return 0.0
         if partial_credit:

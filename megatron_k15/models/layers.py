@@ -98,9 +98,8 @@ class ColumnLinear(ColumnParallelLinear):
             raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
                                f"{(self.output_size_per_partition, self.input_size)} as expected")
         bias = None if self.skip_bias_add else self.bias
-        if not self.sp:  # one rank: a plain GEMM (megatron-core's path costs ~50 us of Python a call);
-            out = F.linear(x, weight)  # the bias added apart, rounded as on every other layout
-            return out if bias is None else out + bias
+        if not self.sp:  # one rank: a plain GEMM (megatron-core's path costs ~50 us of Python a call)
+            return F.linear(x, weight, bias)
         return linear_with_sequence_parallel_gather(x, weight, bias, self.tp_group)
 
 

@@ -506,7 +506,15 @@ def test_custom_checker_accepts_any_right_answer():
     record = {"tests": PERMUTATION_TESTS, "checker": PERMUTATION_CHECKER}
     assert code_reward("```python\n" + reverse + "```", record) == 1.0
     assert code_reward("```python\n" + ones + "```", record) == 0.0
-    for bad in ("def chk(i, o, e): pass", "def check(i, o): pass", "def check(:"):
+    # what the checker prints is not its verdict; its names do not clash with the harness's; a
+    # __main__ block does not run; a verdict that is not a bool is an error, with its traceback
+    noisy = "_case = None\n" + PERMUTATION_CHECKER.replace("n = int(input)", "print('debug'); n = int(input)") + \
+        "if __name__ == '__main__':\n    raise SystemExit(3)\n"
+    assert run_tests(reverse, PERMUTATION_TESTS, T, checker=noisy)["passed"] == 2
+    vague = run_tests(reverse, PERMUTATION_TESTS[:1], T, checker="def check(i, o, e):\n    return 'yes'\n")
+    assert vague["status"] == "error" and "must return True or False" in vague["results"][0]["checker"]["stderr"]
+    for bad in ("def chk(i, o, e): pass", "def check(i, o): pass", "def check(:", "def check(i, o, e, f): pass",
+                "def check(i, o, e, *, strict): pass"):
         assert run_tests(reverse, PERMUTATION_TESTS, T, checker=bad)["status"] == "invalid"
     assert run_tests("def f(x): return x", [{"input": [1], "output": 1}], T, fn_name="f",
                      checker=PERMUTATION_CHECKER)["status"] == "invalid"  # call-based: values, not output

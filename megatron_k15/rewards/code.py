@@ -9,8 +9,10 @@ Problems with more than one right answer (a Codeforces "checker", a judge's "spe
 ``checker`` is Python source defining ``check(input, output, expected) -> bool`` (the test's
 stdin, what the program printed, the test's reference output). After the program has run
 on the tests, the checker runs on each output in the same sandbox (it is dataset code, and it
-reads untrusted output); a test passes when it returns True. A checker that raises or runs
-out of time fails the test ("error").
+reads untrusted output; standard library only; its wall limit is at least
+``CHECKER_MIN_TIMEOUT_S``); a test passes when it returns True. A checker that raises, returns
+anything but True/False, or runs out of time fails the test ("error", its traceback in the
+result's ``checker`` entry).
 
 Call-based tests (LeetCode / APPS / TACO style, ``fn_name``): the program defines a function
 (top level, or a method of ``class Solution``); each test calls it with ``test["input"]``, a
@@ -626,15 +628,27 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 # A custom checker runs as the sandboxed program of a second round of tests: its stdin is one
-# JSON object {"input", "output", "expected"}, and it prints 1 (accepted) or 0.
+# JSON object {"input", "output", "expected"}; the verdict, 1 (accepted) or 0, goes to the
+# saved stdout fd, while whatever the checker prints goes to stderr. The checker's source runs
+# in a namespace of its own (as module "checker": no __main__ block runs).
 _CHECKER_HARNESS = r'''
-import json as _json, sys as _sys
+import json as _json, os as _os, sys as _sys
+_verdict_fd = _os.dup(1)
+_sys.stdout = _sys.stderr
 _case = _json.loads(_sys.stdin.read())
-_check_source = %(source)r
-exec(compile(_check_source, "checker.py", "exec"))
-_verdict = check(_case["input"], _case["output"], _case["expected"])
-_sys.stdout.write("1" if _verdict is True or (type(_verdict) is int and _verdict == 1) else "0")
+_ns = {"__name__": "checker", "__builtins__": __builtins__}
+exec(compile(%(source)r, "checker.py", "exec"), _ns)
+_verdict = _ns["check"](_case["input"], _case["output"], _case["expected"])
+if _verdict is True or (type(_verdict) is int and _verdict == 1):
+    _os.write(_verdict_fd, b"1")
+elif _verdict is False or (type(_verdict) is int and _verdict == 0):
+    _os.write(_verdict_fd, b"0")
+else:
+    raise TypeError("check() must return True or False, got %%r" %% (_verdict,))
 '''
+# A checker may take longer than the program (verifying can cost as much as solving), and it
+# also starts Python and decodes up to the output limit of JSON: its wall limit per output.
+CHECKER_MIN_TIMEOUT_S = 5.0
 
 
 def custom_checker_error(source: Any) -> Optional[str]:
@@ -650,13 +664,15 @@ def custom_checker_error(source: Any) -> Optional[str]:
         tree = ast.parse(source)
     except SyntaxError as e:
         return f"does not parse: {e.msg} (line {e.lineno})"
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "check":
-            a = node.args
-            if len(a.posonlyargs) + len(a.args) >= 3 or a.vararg is not None:
-                return None
-            return "check() must take (input, output, expected)"
-    return "defines no top-level function check(input, output, expected)"
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if not defs:
+        return "defines no top-level function check(input, output, expected)"
+    a = defs[-1].args  # the last definition is the one that runs
+    positional = len(a.posonlyargs) + len(a.args)
+    required = positional - len(a.defaults)
+    if (positional < 3 and a.vararg is None) or required > 3 or None in a.kw_defaults:
+        return "check() must take (input, output, expected): three positional arguments, no other required ones"
+    return None
 
 
 def checker_error(compare: Any, float_tolerance: Any) -> Optional[tuple[str, str]]:
@@ -934,11 +950,15 @@ def _apply_checker(checker: str, tests: list[dict], results: list[dict], timeout
         return
     cases = [{"input": json.dumps({"input": tests[i].get("input", ""), "output": results[i].get("stdout", ""),
                                    "expected": tests[i]["output"]}), "output": "1"} for i in done]
-    verdicts = run_tests(_CHECKER_HARNESS % {"source": checker}, cases, timeout_s, memory_mb=memory_mb,
-                         stop_on_failure=stop_on_failure, keep_output=False, **sandbox)["results"]
+    verdicts = run_tests(_CHECKER_HARNESS % {"source": checker}, cases, max(timeout_s, CHECKER_MIN_TIMEOUT_S),
+                         memory_mb=memory_mb, stop_on_failure=stop_on_failure, keep_output=False,
+                         **sandbox)["results"]
     for k, i in enumerate(done):
         status = verdicts[k]["status"] if k < len(verdicts) else "error"
         results[i]["status"] = status if status in ("ok", "failed") else "error"
+        if results[i]["status"] == "error":  # the checker's own failure: its status and traceback
+            results[i]["checker"] = {"status": status, "stderr": verdicts[k].get("stderr", "") if k < len(verdicts)
+                                     else "no verdict"}
     if stop_on_failure:  # as if the run had stopped at the first rejected output
         bad = next((k for k, i in enumerate(done) if results[i]["status"] != "ok"), None)
         if bad is not None:

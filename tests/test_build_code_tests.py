@@ -260,3 +260,41 @@ def test_call_based_problems_vote_on_returned_values():
     assert "named rev" in generator_prompt(rec) and "JSON list" in generator_prompt(rec)
     assert "JSON" not in generator_prompt({"prompt": "Read a and b."})
     assert code_reward("```python\n" + wrong + "```", rec) == 0.0  # e.g. [9, 8] is no reversal of [9, 8]
+
+
+PERM_SOLUTIONS = ["n = int(input())\nprint(*range(1, n + 1))\n",
+                  "n = int(input())\nprint(*range(n, 0, -1))\n",
+                  "n = int(input())\nprint(*(list(range(2, n + 1)) + [1]))\n"]
+PERM_CHECKER = ("def check(input, output, expected):\n"
+                "    n = int(input)\n"
+                "    return sorted(map(int, output.split())) == list(range(1, n + 1))\n")
+
+
+def test_custom_checker_lets_different_right_answers_agree():
+    """'Print any permutation of 1..n': three solutions print three different permutations.
+    Compared exactly only n = 1 gets 3 of 3 votes and the problem is dropped; with the record's
+    checker every output votes for every other, the tests are kept (each input's reference one
+    of the permutations), a wrong fourth solution fails them, and the code reward with the
+    built record accepts all three and rejects the wrong one."""
+    from megatron_k15.data.code_tests import BuildSettings, build_problem_tests
+
+    rec = {"id": "perm", "prompt": "any permutation", "task": "code", "solutions": PERM_SOLUTIONS,
+           "test_inputs": ["3\n", "5\n", "1\n"]}
+    s = BuildSettings(test_agreement=1.0, problem_pass_rate=1.0, min_tests=2)
+    exact = build_problem_tests(dict(rec), s)
+    assert exact.record is None and exact.counts["tests"] == 1  # only n = 1 has one answer
+    built = build_problem_tests(dict(rec, checker=PERM_CHECKER), s)
+    assert built.record is not None, built
+    assert [t["input"] for t in built.record["tests"]] == ["3\n", "5\n", "1\n"]
+    assert built.record["checker"] == PERM_CHECKER and built.counts["tests"] == 3
+    for program in PERM_SOLUTIONS:
+        assert code_reward("```python\n" + program + "```", built.record) == 1.0
+    wrong = "n = int(input())\nprint(*([1] * n))\n"
+    assert code_reward("```python\n" + wrong + "```", built.record) == 0.0
+    # a wrong solution among four: 3 of 4 vote for every kept test, and it fails them
+    four = build_problem_tests(dict(rec, checker=PERM_CHECKER, solutions=PERM_SOLUTIONS + [wrong]),
+                               BuildSettings(test_agreement=0.75, problem_pass_rate=0.75))
+    # (n = 1 too: there the wrong one prints the right answer); without the rule that a candidate
+    # must pass against itself, "1 1 1" would tie with the right answers as a reference
+    assert four.record is not None and len(four.record["tests"]) == 3
+    assert code_reward("```python\n" + wrong + "```", four.record) == 0.0

@@ -4,8 +4,11 @@ Many coding problems come without tests, and scraped tests can be wrong. Kimi's 
 candidate inputs (a generator program, 50 per problem), run ~10 sampled ground-truth
 solutions on each, keep an input as a test when at least 7 of the 10 print the same output
 (that output becomes the expected one), and keep the problem when at least 9 of the 10 pass
-every kept test. Problems that need a special judge (several right answers) mostly drop out:
-their solutions rarely agree, so too few inputs become tests (--min-tests). Inputs on which
+every kept test. Problems with several right answers need the record's own ``checker``
+(``rewards.code``): the votes then count the outputs it accepts against each candidate
+(every pair of an input's distinct outputs, in one sandboxed run per input), and the kept
+test stores the candidate with the most votes as the reference the checker will see; without
+one, their solutions rarely agree and too few inputs become tests (--min-tests). Inputs on which
 the solutions agree to print nothing are not tests (an empty program would pass them).
 Identical solutions count once. Votes use the checker the code reward will apply to the
 record (its ``compare`` and ``float_tolerance``): at a tolerance of 1e-6, "0.333333" and
@@ -140,7 +143,8 @@ def at_least(fraction: float, n: int) -> int:
 
 
 def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]]], min_agree: int,
-                 same: Callable[[str, str], bool] = operator.eq) -> list[tuple[int, str, int]]:
+                 same: Callable[[str, str], bool] = operator.eq,
+                 same_at: Optional[Callable[[int], Callable[[str, str], bool]]] = None) -> list[tuple[int, str, int]]:
     """Tests on which the solutions agree: ``outputs[s][i]`` is solution s's output on
     ``inputs[i]`` (None: it did not run to completion), ``same(got, want)`` the checker. An
     output's votes are the outputs it accepts as expected answer (with a tolerance these need
@@ -154,10 +158,13 @@ def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]
         counts = Counter(o[i] for o in outputs if o[i] is not None)  # distinct outputs, once each
         if not counts:
             continue
-        votes = {c: sum(n for x, n in counts.items() if same(x, c)) for c in counts}
+        sm = same if same_at is None else same_at(i)
+        # a candidate the checker rejects as an answer to itself is no answer (a custom checker
+        # may ignore the reference: a wrong output would collect the right ones' votes)
+        votes = {c: sum(n for x, n in counts.items() if sm(x, c)) if sm(c, c) else 0 for c in counts}
         top = max(votes.values())
         best = max((c for c in counts if votes[c] == top), key=len)  # Counter keeps first-seen order
-        if top < min_agree or any(v == top and not same(c, best) for c, v in votes.items()):
+        if top < min_agree or any(v == top and not sm(c, best) for c, v in votes.items()):
             continue
         if not best.strip():  # agreed on printing nothing: a program that prints nothing passes it
             continue
@@ -166,9 +173,13 @@ def select_tests(inputs: Sequence[str], outputs: Sequence[Sequence[Optional[str]
 
 
 def solutions_passing(outputs: Sequence[Sequence[Optional[str]]], tests: Sequence[tuple[int, str, int]],
-                      same: Callable[[str, str], bool] = operator.eq) -> int:
-    """How many solutions print an accepted output on every selected test."""
-    return sum(all(o[i] is not None and same(o[i], want) for i, want, _ in tests) for o in outputs)
+                      same: Callable[[str, str], bool] = operator.eq,
+                      same_at: Optional[Callable[[int], Callable[[str, str], bool]]] = None) -> int:
+    """How many solutions print an accepted output on every selected test (``same_at(i)``: the
+    checker of input i, for custom checkers whose verdicts depend on the input)."""
+    def ok(i, got, want):
+        return got is not None and (same if same_at is None else same_at(i))(got, want)
+    return sum(all(ok(i, o[i], want) for i, want, _ in tests) for o in outputs)
 
 
 @dataclass
@@ -232,6 +243,26 @@ def _generated_arguments(text: Optional[str]) -> Optional[str]:
     return _canonical(value) if isinstance(value, list) and is_json_value(value) else None
 
 
+def _custom_checker_votes(checker: str, inputs, outputs, given: dict, s: BuildSettings, timeout_s: float):
+    """``same_at(i)`` for a record with a custom checker: its verdict on every pair of the
+    distinct outputs of input i (and on each against a given test's output), asked in one
+    sandboxed run per input; a pair it was not asked about, or an input whose run failed,
+    counts as rejected."""
+    from megatron_k15.rewards.code import checker_verdicts
+
+    cases = []
+    for i, inp in enumerate(inputs):
+        distinct = list(dict.fromkeys(o[i] for o in outputs if o[i] is not None))
+        wants = distinct + ([given[inp]] if given.get(inp) is not None and given[inp] not in distinct else [])
+        cases.append((inp, [(x, w) for w in wants for x in distinct]))
+    # the checker sees what the code reward will give it: outputs as printed and the stored
+    # expected output, each ending in a newline (the votes compare them normalised)
+    verdicts = checker_verdicts(checker, [(inp, [(x + "\n", w + "\n") for x, w in pairs]) for inp, pairs in cases],
+                                timeout_s, s.memory_mb)
+    accepted = [{pair for pair, ok in zip(pairs, v or []) if ok} for (_, pairs), v in zip(cases, verdicts)]
+    return lambda i: (lambda got, want: (got, want) in accepted[i])
+
+
 def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     """Candidate inputs -> sampled solutions' outputs -> agreed tests -> keep or drop (module
     docstring). The kept record is a code prompt record with ``tests`` (and without the
@@ -266,7 +297,10 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
         outputs = [[None if o is None else normalize_output(o) for o in row] for row in outputs]
     counts["solution runs failed"] += sum(o is None for row in outputs for o in row)
     # the checker the code reward will use on this record, so that the votes count what it accepts
-    if fn_name is None:
+    same_at = None
+    if fn_name is None and rec.get("checker") is not None:  # its verdicts on every pair, per input
+        same, same_at = operator.eq, _custom_checker_votes(rec["checker"], inputs, outputs, given, s, timeout_s)
+    elif fn_name is None:
         same = functools.partial(outputs_match, compare=rec.get("compare", "lines"),
                                  float_tolerance=rec.get("float_tolerance"))
     else:
@@ -276,11 +310,14 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
                 return values_match(json.loads(got), json.loads(want), tol)
             except RecursionError:  # nested too deep to compare: no agreement
                 return False
-    tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)), same)
+    tests = select_tests(inputs, outputs, at_least(s.test_agreement, len(solutions)), same, same_at)
     if fn_name is not None:  # agreed to return nothing: a function that does nothing passes it
         tests = [t for t in tests if t[1] != "null"]
-    contradicted = {i for i, out, _ in tests
-                    if inputs[i] in given and (given[inputs[i]] is None or not same(given[inputs[i]], out))}
+    def contradicts(i, out):  # the given test's output against the agreed one (the checker: the
+        want = given[inputs[i]]  # agreed output judged with the given one as the reference)
+        return want is None or not (same(want, out) if same_at is None else same_at(i)(out, want))
+
+    contradicted = {i for i, out, _ in tests if inputs[i] in given and contradicts(i, out)}
     counts["given tests contradicted"] += len(contradicted)
     tests = [t for t in tests if t[0] not in contradicted]
     if s.max_tests is not None:
@@ -288,7 +325,7 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
     counts["tests"] += len(tests)
     if len(tests) < s.min_tests:
         return ProblemResult(None, DROP_FEW_TESTS, counts)
-    if solutions_passing(outputs, tests, same) < at_least(s.problem_pass_rate, len(solutions)):
+    if solutions_passing(outputs, tests, same, same_at) < at_least(s.problem_pass_rate, len(solutions)):
         return ProblemResult(None, DROP_DISAGREE, counts)
     out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
     if fn_name is None:

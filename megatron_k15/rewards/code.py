@@ -646,9 +646,50 @@ elif _verdict is False or (type(_verdict) is int and _verdict == 0):
 else:
     raise TypeError("check() must return True or False, got %%r" %% (_verdict,))
 '''
+# Many (output, expected) pairs of one input in one sandboxed run (tools/build_code_tests.py's
+# votes); a pair whose check raises or returns anything but True counts as rejected.
+_CHECKER_BATCH_HARNESS = r'''
+import json as _json, os as _os, sys as _sys
+_verdict_fd = _os.dup(1)
+_sys.stdout = _sys.stderr
+_case = _json.loads(_sys.stdin.read())
+_ns = {"__name__": "checker", "__builtins__": __builtins__}
+exec(compile(%(source)r, "checker.py", "exec"), _ns)
+_verdicts = []
+for _got, _want in _case["pairs"]:
+    try:
+        _v = _ns["check"](_case["input"], _got, _want)
+    except Exception:
+        _v = None
+    _verdicts.append(_v is True or (type(_v) is int and _v == 1))
+_os.write(_verdict_fd, _json.dumps(_verdicts).encode())
+'''
 # A checker may take longer than the program (verifying can cost as much as solving), and it
 # also starts Python and decodes up to the output limit of JSON: its wall limit per output.
 CHECKER_MIN_TIMEOUT_S = 5.0
+
+
+def checker_verdicts(checker: str, cases: list[tuple[str, list[tuple[str, str]]]], timeout_s: float,
+                     memory_mb: int = DEFAULT_MEMORY_MB) -> list[Optional[list[bool]]]:
+    """For each ``(input, [(output, expected), ...])``: whether ``checker`` accepts each output
+    against its expected one, all pairs of an input in one sandboxed run (wall limit
+    ``timeout_s``, at least ``CHECKER_MIN_TIMEOUT_S``); None for an input whose run failed."""
+    if not cases:
+        return []
+    tests = [{"input": json.dumps({"input": inp, "pairs": [list(p) for p in pairs]}), "output": ""}
+             for inp, pairs in cases]
+    res = run_tests(_CHECKER_BATCH_HARNESS % {"source": checker}, tests, max(timeout_s, CHECKER_MIN_TIMEOUT_S),
+                    memory_mb=memory_mb, keep_output=True)
+    out: list[Optional[list[bool]]] = [None] * len(cases)
+    for k, r in enumerate(res["results"][:len(cases)]):
+        if r["status"] in ("ok", "failed"):  # it ran to the end ("failed": not the unused "" output)
+            try:
+                verdicts = json.loads(r.get("stdout", ""))
+            except ValueError:
+                continue
+            if isinstance(verdicts, list) and len(verdicts) == len(cases[k][1]):
+                out[k] = [v is True for v in verdicts]
+    return out
 
 
 def custom_checker_error(source: Any) -> Optional[str]:

@@ -627,28 +627,14 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-# A custom checker runs as the sandboxed program of a second round of tests: its stdin is one
-# JSON object {"input", "output", "expected"}; the verdict, 1 (accepted) or 0, goes to the
-# saved stdout fd, while whatever the checker prints goes to stderr. The checker's source runs
-# in a namespace of its own (as module "checker": no __main__ block runs).
+# A custom checker runs as the sandboxed program of a second round of tests, one run per test
+# input: its stdin is one JSON object {"input", "pairs": [[output, expected], ...], "strict"},
+# and it writes a JSON list of verdicts (true: accepted) to the saved stdout fd, while whatever
+# the checker prints goes to stderr. The source runs in a namespace of its own (as module
+# "checker": no __main__ block runs). Strict (the reward): a check that raises or returns
+# anything but True/False fails the run, with its traceback; otherwise (build_code_tests'
+# votes) such a pair is only rejected.
 _CHECKER_HARNESS = r'''
-import json as _json, os as _os, sys as _sys
-_verdict_fd = _os.dup(1)
-_sys.stdout = _sys.stderr
-_case = _json.loads(_sys.stdin.read())
-_ns = {"__name__": "checker", "__builtins__": __builtins__}
-exec(compile(%(source)r, "checker.py", "exec"), _ns)
-_verdict = _ns["check"](_case["input"], _case["output"], _case["expected"])
-if _verdict is True or (type(_verdict) is int and _verdict == 1):
-    _os.write(_verdict_fd, b"1")
-elif _verdict is False or (type(_verdict) is int and _verdict == 0):
-    _os.write(_verdict_fd, b"0")
-else:
-    raise TypeError("check() must return True or False, got %%r" %% (_verdict,))
-'''
-# Many (output, expected) pairs of one input in one sandboxed run (tools/build_code_tests.py's
-# votes); a pair whose check raises or returns anything but True counts as rejected.
-_CHECKER_BATCH_HARNESS = r'''
 import json as _json, os as _os, sys as _sys
 _verdict_fd = _os.dup(1)
 _sys.stdout = _sys.stderr
@@ -660,8 +646,13 @@ for _got, _want in _case["pairs"]:
     try:
         _v = _ns["check"](_case["input"], _got, _want)
     except Exception:
+        if _case["strict"]:
+            raise
         _v = None
-    _verdicts.append(_v is True or (type(_v) is int and _v == 1))
+    _ok = _v is True or (type(_v) is int and _v == 1)
+    if _case["strict"] and not _ok and not (_v is False or (type(_v) is int and _v == 0)):
+        raise TypeError("check() must return True or False, got %%r" %% (_v,))
+    _verdicts.append(_ok)
 _os.write(_verdict_fd, _json.dumps(_verdicts).encode())
 '''
 # A checker may take longer than the program (verifying can cost as much as solving), and it
@@ -676,9 +667,9 @@ def checker_verdicts(checker: str, cases: list[tuple[str, list[tuple[str, str]]]
     ``timeout_s``, at least ``CHECKER_MIN_TIMEOUT_S``); None for an input whose run failed."""
     if not cases:
         return []
-    tests = [{"input": json.dumps({"input": inp, "pairs": [list(p) for p in pairs]}), "output": ""}
-             for inp, pairs in cases]
-    res = run_tests(_CHECKER_BATCH_HARNESS % {"source": checker}, tests, max(timeout_s, CHECKER_MIN_TIMEOUT_S),
+    tests = [{"input": json.dumps({"input": inp, "pairs": [list(p) for p in pairs], "strict": False}),
+              "output": ""} for inp, pairs in cases]
+    res = run_tests(_CHECKER_HARNESS % {"source": checker}, tests, max(timeout_s, CHECKER_MIN_TIMEOUT_S),
                     memory_mb=memory_mb, keep_output=True)
     out: list[Optional[list[bool]]] = [None] * len(cases)
     for k, r in enumerate(res["results"][:len(cases)]):
@@ -989,8 +980,9 @@ def _apply_checker(checker: str, tests: list[dict], results: list[dict], timeout
     done = [i for i, r in enumerate(results) if r["status"] == "ok"]
     if not done:
         return
-    cases = [{"input": json.dumps({"input": tests[i].get("input", ""), "output": results[i].get("stdout", ""),
-                                   "expected": tests[i]["output"]}), "output": "1"} for i in done]
+    cases = [{"input": json.dumps({"input": tests[i].get("input", ""), "strict": True,
+                                   "pairs": [[results[i].get("stdout", ""), tests[i]["output"]]]}),
+              "output": "[true]"} for i in done]
     verdicts = run_tests(_CHECKER_HARNESS % {"source": checker}, cases, max(timeout_s, CHECKER_MIN_TIMEOUT_S),
                          memory_mb=memory_mb, stop_on_failure=stop_on_failure, keep_output=False,
                          **sandbox)["results"]

@@ -54,7 +54,7 @@ class InferenceBatch:
     chunk_rows: int = 0  # prefill chunk: real rows of N (the rest is padding)
     decode_max_len: Optional[int] = None  # decode: max(seq_lens), known on the host
     validated: bool = False  # decode: the first layer's call checked the shared tables
-    write_slots: Optional[torch.Tensor] = None  # ``slots`` resolved by the first layer, for all
+    resolved_slots: Optional[torch.Tensor] = None  # ``slots`` resolved once (the first layer), for all
 
     def layer(self, j: int) -> "LayerKVCache":
         return LayerKVCache(self, j)
@@ -70,9 +70,9 @@ class LayerKVCache:
     def attend(self, q, k, v, softmax_scale):
         b = self.batch
         cache = b.cache
-        if b.write_slots is None:
-            b.write_slots = cache.resolve_slots(b.slots)
-        cache.write_rows(self.index, b.write_slots, k[0], v[0])
+        if b.resolved_slots is None:
+            b.resolved_slots = cache.resolve_slots(b.slots)
+        cache.write_rows(self.index, b.resolved_slots, k[0], v[0])
         if b.prefix_seq is not None:
             n = b.chunk_rows
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache

@@ -159,13 +159,16 @@ def test_launches_split_over_sequences_past_the_grid_limit(monkeypatch, varlen):
 
     monkeypatch.setattr(fa, "MAX_GRID_Y", 5)
     assert fa._batch_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    plans, chunks = [], fa._batch_chunks
+    monkeypatch.setattr(fa, "_batch_chunks", lambda *a: plans.append(chunks(*a)) or plans[-1])
     if not varlen:
         q, k, v, do, dlse = _make(5, 20, 20, 2, 1, 16, seed=12)
         _check_fp32(_fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=True),
                     _reference(q, k, v, do, dlse, causal=True))
-        return
-    q, k, v, do, dlse = _make(1, 60, 60, 2, 1, 16, seed=13)
-    _check_packed_causal(q, k, v, do, dlse, [0, 9, 10, 31, 31, 60])
+    else:
+        q, k, v, do, dlse = _make(1, 60, 60, 2, 1, 16, seed=13)
+        _check_packed_causal(q, k, v, do, dlse, [0, 9, 10, 31, 31, 60])
+    assert plans == [[(0, 2), (2, 4), (4, 5)]] * 2  # forward and backward each launched in 3 parts
 
 
 def test_bottom_right_causal_semantics():

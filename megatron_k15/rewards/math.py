@@ -7,8 +7,9 @@ LaTeX on both sides and decides equality in three steps, cheapest first:
 2. exact/numeric equality when both sides are plain numbers (fractions, decimals,
    percentages, scientific notation), with a small relative tolerance;
 3. symbolic equality with sympy (``simplify(a - b) == 0``, then a numeric check at random
-   points), run in a forked worker that is killed after a hard time limit, because sympy
-   (and Python big-integer arithmetic) can run for ever on adversarial input.
+   points), run by a warm helper process in a forked child that is killed after a hard time
+   limit, because sympy (and Python big-integer arithmetic) can run for ever on adversarial
+   input (:mod:`megatron_k15.rewards.deadline`: the trainer itself is never forked).
 
 Structured answers are split first: intervals ``[a,b)``, tuples ``(a,b)`` (ordered),
 sets ``\\{a,b\\}`` and bare lists ``a, b`` / ``a or b`` (order-insensitive), unions ``\\cup``.
@@ -19,13 +20,11 @@ Nothing here raises on junk input: ``verify`` returns False.
 from __future__ import annotations
 
 import math
-import os
 import re
-import select
-import signal
-import threading
 from fractions import Fraction
 from typing import Optional
+
+from megatron_k15.rewards.deadline import DeadlineServerPool
 
 __all__ = ["verify", "extract_answer", "normalize_answer", "math_reward", "SYMBOLIC_TIMEOUT_S"]
 
@@ -617,82 +616,9 @@ def _sympy_equal(a_py: str, b_py: str) -> bool:
     return sympy.simplify(a - b) == 0
 
 
-def _limit_worker_memory(extra_bytes: int = 1 << 30) -> None:
-    try:
-        import resource
-
-        with open("/proc/self/statm") as f:
-            vsz = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        lim = vsz + extra_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _run_with_timeout(fn, args, timeout_s: float) -> Optional[bool]:
-    """Run fn(*args) -> bool with a hard wall-clock limit. Returns None on timeout/error.
-
-    On POSIX, fork a worker (cheap: sympy is already imported in the parent) and SIGKILL it
-    at the deadline: this also stops C-level loops (huge integer powers) that a signal
-    handler could not interrupt. Elsewhere, fall back to a daemon thread (best effort)."""
-    if hasattr(os, "fork"):
-        r, w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(r)
-            os.close(w)
-            return None
-        if pid == 0:  # worker
-            code = b"E"
-            try:
-                os.close(r)
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(max(1, int(math.ceil(timeout_s)) + 1))  # backstop if orphaned
-                _limit_worker_memory()
-                code = b"1" if fn(*args) else b"0"
-            except BaseException:  # noqa: BLE001
-                code = b"E"
-            finally:
-                try:
-                    os.write(w, code)
-                finally:
-                    os._exit(0)
-        os.close(w)
-        try:
-            ready, _, _ = select.select([r], [], [], timeout_s)
-            data = os.read(r, 1) if ready else b""
-        except (OSError, InterruptedError):
-            data = b""
-        finally:
-            os.close(r)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        if data == b"1":
-            return True
-        if data == b"0":
-            return False
-        return None
-
-    box: list = []
-
-    def target():
-        try:
-            box.append(bool(fn(*args)))
-        except BaseException:  # noqa: BLE001
-            box.append(None)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    return box[0] if box else None
-
+# The symbolic checks' servers (started on first use): each runs _sympy_equal in a child
+# forked from a warm sympy image and killed at the deadline.
+SYMBOLIC_SERVERS = DeadlineServerPool(f"{__name__}:_sympy_equal", warm=f"{__name__}:_sympy_available")
 
 _SYMPY_OK: Optional[bool] = None
 
@@ -704,8 +630,8 @@ def _sympy_available() -> bool:
             import sympy  # noqa: F401
             from sympy.parsing import sympy_parser  # noqa: F401
 
-            # warm sympy's lazy imports and caches in the parent, on a fixed harmless input,
-            # so that each forked worker starts hot (~10 ms instead of ~300 ms)
+            # warm sympy's lazy imports and caches in the server, on a fixed harmless input,
+            # so that each forked child starts hot (~10 ms instead of ~300 ms)
             _sympy_equal("(x+1)**2/sqrt(2)+pi", "x**2+2*x+1+pi")
             _sympy_equal("sin(x)**2+cos(x)**2", "1")
             _SYMPY_OK = True
@@ -739,12 +665,12 @@ def _scalar_equal(a: str, b: str, timeout_s: float) -> bool:
     na, nb = _to_number(a), _to_number(b)
     if na is not None and nb is not None:
         return _num_close(na, nb)
-    if timeout_s <= 0 or not _sympy_available():
+    if timeout_s <= 0:
         return False
     pa, pb = _latex_to_py(a), _latex_to_py(b)
     if pa is None or pb is None or _looks_dangerous(pa) or _looks_dangerous(pb):
         return False
-    return _run_with_timeout(_sympy_equal, (pa, pb), timeout_s) is True
+    return SYMBOLIC_SERVERS.call((pa, pb), timeout_s) is True
 
 
 def _match_unordered(xs: list[str], ys: list[str], timeout_s: float) -> bool:

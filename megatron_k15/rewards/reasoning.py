@@ -87,7 +87,7 @@ def response_text(tokenizer, response_ids) -> str:
 def grade_responses(jobs: list[tuple], workers: int = 1) -> list[tuple[Optional[str], float]]:
     """``grade_response(*job)`` for each job (response, record, tags, prompt_open), in order;
     ``workers > 1`` threads share them (code tests wait on their sandbox processes, sympy
-    checks fork their own, so threads run them in parallel)."""
+    checks on the symbolic-check servers, so threads run them in parallel)."""
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor
 

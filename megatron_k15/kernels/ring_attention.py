@@ -182,9 +182,11 @@ def _merge_kernel(
     seqlen, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """In place: (O, L) <- merge((O, L), (OB, LB)); O fp32, L fp32, OB any float dtype."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """In place: (O, L) <- merge((O, L), (OB, LB)); O fp32, L fp32, OB any float dtype.
+    Grid (batch * heads, row blocks): batch x heads may pass CUDA's 65535 limit of grid
+    dimension 1, the row blocks of one rank's chunk (seqlen / 64) do not."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     offs_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
@@ -235,7 +237,7 @@ def merge_inplace(out_acc, lse_acc, out, lse, varlen: bool = False) -> None:
         sm = lse.stride()
     if out_acc.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("merge_inplace needs a contiguous last dim")
-    grid = (triton.cdiv(seqlen, _MERGE_BLOCK_S), batch * n_heads)
+    grid = (batch * n_heads, triton.cdiv(seqlen, _MERGE_BLOCK_S))
     _merge_kernel[grid](out_acc, lse_acc, out, lse, *so, *sb, *sl, *sm, seqlen, n_heads,
                         HEAD_DIM=head_dim, BLOCK_S=_MERGE_BLOCK_S)
 

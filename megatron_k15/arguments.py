@@ -414,11 +414,21 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     backend = _get(args, "attention_backend")
     if backend in MEGATRON_ATTENTION_BACKENDS:
         args.attention_backend = MEGATRON_ATTENTION_BACKENDS[backend]
-    if _get(args, "attention_backend") == "triton":
+    kernel_flags = [flag for flag, on in (("--attention-backend triton", _get(args, "attention_backend") == "triton"),
+                                          (f"--context-parallel-size {cp}", cp > 1)) if on]
+    if kernel_flags:  # what runs our Triton attention kernels
         try:
             import triton  # noqa: F401
         except ImportError:
-            raise ArgumentError("--attention-backend triton needs the triton package; use sdpa") from None
+            raise ArgumentError(f"{' and '.join(kernel_flags)} need(s) the triton package; use "
+                                "--attention-backend sdpa and --context-parallel-size 1") from None
+        from megatron_k15.kernels.interpreter import interpreting
+
+        if not torch.cuda.is_available() and not interpreting():
+            raise ArgumentError(
+                f"{' and '.join(kernel_flags)}: our Triton attention kernels need a GPU, and this process "
+                "sees none; on CPU run them under Triton's interpreter (TRITON_INTERPRET=1 in the "
+                "environment: slow, for tests) or use --attention-backend sdpa and --context-parallel-size 1")
 
     try:
         cfg = resolve_model_config(args)

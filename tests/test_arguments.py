@@ -62,6 +62,26 @@ def test_invalid_combinations_name_the_flag(argv, world, flag):
     assert flag in str(e.value)
 
 
+@pytest.mark.parametrize("argv,world,flag", [
+    (["--context-parallel-size", "2"], 2, "--context-parallel-size 2"),
+    (["--attention-backend", "triton"], 1, "--attention-backend triton"),
+])
+def test_triton_attention_on_a_cpu_machine_needs_the_interpreter(monkeypatch, argv, world, flag):
+    """Without a GPU, cp > 1 and the Triton backend fail at the flags, not in the first forward."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ArgumentError) as e:
+        _validate(argv, world)
+    assert flag in str(e.value) and "TRITON_INTERPRET=1" in str(e.value) and "sdpa" in str(e.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _validate(argv, world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _validate(argv, world)
+
+
 def test_lr_schedule_follows_megatron_flags():
     """Warm-up over a fraction of --lr-decay-iters, decay to --min-lr over --lr-decay-iters
     (not --train-iters), then --min-lr; by hand for lr 1, min 0.1."""

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
+from megatron_k15.profiling import add_profile_args, check_profile_args
 from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
 
 # flag -> GPTConfig field, for the model-shape flags (default None = "not given")
@@ -189,6 +190,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     add_wandb_args(g)
     add_exit_args(g)
     g.add_argument("--seed", type=int, default=1234)
+    add_profile_args(p)
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
@@ -403,7 +405,8 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     prefill = _get(args, "max_prefill_tokens")
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
-    problem = megatron_settings_problem(args) or check_wandb_args(args) or check_exit_args(args)
+    problem = (megatron_settings_problem(args) or check_wandb_args(args) or check_exit_args(args)
+               or check_profile_args(args, world_size))
     if problem:
         raise ArgumentError(problem)
     if _get(args, "finetune") and not _get(args, "load"):

@@ -11,17 +11,14 @@ from typing import IO, Iterator
 
 
 @contextmanager
-def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` when the block
-    ends without an exception, else delete it (``path`` keeps what it held). Creates the
-    parent directory."""
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary sibling of ``path`` for a writer that takes a file name (a profiler's
+    trace export, a memory snapshot); rename it to ``path`` when the block ends without an
+    exception, else delete it (``path`` keeps what it held). Creates the parent directory."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -29,6 +26,18 @@ def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` when the block
+    ends without an exception, else delete it (``path`` keeps what it held). Creates the
+    parent directory."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -299,6 +299,7 @@ def main(argv=None) -> int:
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
+    from megatron_k15.profiling import StepProfiler
     from megatron_k15.rl.evaluation import evaluate
     from megatron_k15.rl.sampling import build_sampler
     from megatron_k15.rl.trainer import RLIteration, generation_parallel
@@ -378,18 +379,20 @@ def main(argv=None) -> int:
                         save_optimizer_moments=args.keep_optimizer_state,
                         retain_interval=args.save_retain_interval)
 
+    profiler = StepProfiler(args, rank)
     while iteration < args.train_iters:
-        t0 = time.time()
-        lr = schedule(iteration)
-        indices = sampler.sample(args.prompts_per_iter, iteration)
-        metrics = rl.run(iteration, indices, lr,
-                         draw_prompts=(lambda n, it=iteration: sampler.sample(n, it)) if args.dynamic_sampling else None)
-        ids_by_prompt = {r["id"]: i for i, r in enumerate(records)}
-        if rl.last_success:
-            pids = [ids_by_prompt[p] for p in rl.last_success]
-            sampler.update(pids, [sum(v) / len(v) for v in rl.last_success.values()])
+        with profiler.iteration(iteration):
+            t0 = time.time()
+            lr = schedule(iteration)
+            indices = sampler.sample(args.prompts_per_iter, iteration)
+            metrics = rl.run(iteration, indices, lr, draw_prompts=(lambda n, it=iteration: sampler.sample(n, it))
+                             if args.dynamic_sampling else None)
+            ids_by_prompt = {r["id"]: i for i, r in enumerate(records)}
+            if rl.last_success:
+                pids = [ids_by_prompt[p] for p in rl.last_success]
+                sampler.update(pids, [sum(v) / len(v) for v in rl.last_success.values()])
+            metrics["iteration_time_s"] = time.time() - t0  # before the profiler writes a finished window
         iteration += 1
-        metrics["iteration_time_s"] = time.time() - t0
         if eval_set is not None and (iteration == args.train_iters or
                                      (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(run_eval())
@@ -410,6 +413,7 @@ def main(argv=None) -> int:
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_rl"):
             break
+    profiler.close()
     if args.save and saved_at != iteration:
         save()
     if args.save and rank == 0:

@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
+    from megatron_k15.profiling import StepProfiler
     from megatron_k15.training import MetricsLogger, build_train_context, reduce_sums, train_step
 
     initialize_megatron(args)
@@ -322,23 +323,26 @@ def main(argv=None) -> int:
             out["dpo_reference"] = reference
         return out
 
+    profiler = StepProfiler(args, rank)
     while iteration < args.train_iters:
-        t0 = time.time()
-        lr = schedule(iteration)
-        if dpo:
-            metrics, grad_norm = dpo_train_step(ctx, stream, reference, consumed, gbs, mbs, args.dpo_beta, lr,
-                                                device)
-        else:
-            rows = stream.rows(consumed, gbs)
-            total_tokens = max(1, sum(stream.loss_tokens(r) for r in rows))
-            mine = rows[ctx.pc.dp_rank * per_rank:(ctx.pc.dp_rank + 1) * per_rank]
-            microbatches = [_local_microbatch(ctx, stream, mine[k:k + mbs], device) for k in range(0, per_rank, mbs)]
-            results, grad_norm = train_step(ctx, microbatches, sft_forward_step(ctx.model, total_tokens), lr)
-            loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
-            metrics = {"loss": loss_sum / max(tokens, 1.0), "loss_tokens": tokens}
+        with profiler.iteration(iteration):
+            t0 = time.time()
+            lr = schedule(iteration)
+            if dpo:
+                metrics, grad_norm = dpo_train_step(ctx, stream, reference, consumed, gbs, mbs, args.dpo_beta, lr,
+                                                    device)
+            else:
+                rows = stream.rows(consumed, gbs)
+                total_tokens = max(1, sum(stream.loss_tokens(r) for r in rows))
+                mine = rows[ctx.pc.dp_rank * per_rank:(ctx.pc.dp_rank + 1) * per_rank]
+                microbatches = [_local_microbatch(ctx, stream, mine[k:k + mbs], device)
+                                for k in range(0, per_rank, mbs)]
+                results, grad_norm = train_step(ctx, microbatches, sft_forward_step(ctx.model, total_tokens), lr)
+                loss_sum, tokens = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results)], ctx)
+                metrics = {"loss": loss_sum / max(tokens, 1.0), "loss_tokens": tokens}
+            elapsed = time.time() - t0  # before the profiler writes a finished window
         consumed += gbs
         iteration += 1
-        elapsed = time.time() - t0
         if valid_stream is not None and (iteration == args.train_iters
                                          or (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(validate(iteration))
@@ -363,6 +367,7 @@ def main(argv=None) -> int:
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
+    profiler.close()
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
     exits.restore()  # only now: a second signal must not interrupt the final save

@@ -23,6 +23,7 @@ from megatron_k15.models.gpt import GPTModel
 from megatron_k15.models.sharding import pipeline_layer_ranges
 from megatron_k15.parallel.data import DistributedOptimizer
 from megatron_k15.parallel.pipeline import StageComm, forward_backward
+from megatron_k15.profiling import phase
 
 
 @dataclass
@@ -229,8 +230,10 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
         forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
         before_backward=lambda i: opt.prepare_for_backward(i == n - 1),
     )[:real]
-    opt.finish_grad_sync()
-    grad_norm = opt.step(lr)
+    with phase("grad sync"):
+        opt.finish_grad_sync()
+    with phase("optimizer"):
+        grad_norm = opt.step(lr)
     if ctx.moe_aux_loss_coeff > 0:
         ctx.moe_aux_loss = _mean_moe_aux_loss(ctx)
     return results_to_host(results), grad_norm

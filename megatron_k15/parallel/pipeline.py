@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_k15.profiling import phase
+
 
 class StageComm:
     """Point-to-point links of one pipeline stage to its neighbours."""
@@ -80,12 +82,13 @@ class StageComm:
         return x.requires_grad_()
 
 
-def _backward(input_tensor, output, grad_output):
-    """Backprop one microbatch through this stage; return the grad of its input activation."""
-    if grad_output is None:  # last stage: ``output`` is the scalar loss
-        torch.autograd.backward(output)
-    else:
-        torch.autograd.backward(output, grad_tensors=grad_output)
+def _backward(input_tensor, output, grad_output, i: int):
+    """Backprop microbatch ``i`` through this stage; return the grad of its input activation."""
+    with phase(f"backward microbatch {i}"):
+        if grad_output is None:  # last stage: ``output`` is the scalar loss
+            torch.autograd.backward(output)
+        else:
+            torch.autograd.backward(output, grad_tensors=grad_output)
     return None if input_tensor is None else input_tensor.grad
 
 
@@ -110,7 +113,8 @@ def forward_backward(
     results: list = []
 
     def run_forward(i, x):
-        out = forward_step(microbatches[i], x)
+        with phase(f"forward microbatch {i}"):
+            out = forward_step(microbatches[i], x)
         if comm.is_last:
             loss, res = out
             results.append(res)
@@ -149,7 +153,7 @@ def forward_backward(
         x = loss_or_act = y = None
         x_in, out = pending.pop(0)
         hook(back_mb)
-        grad_x = _backward(x_in, out, grad_y)
+        grad_x = _backward(x_in, out, grad_y, back_mb)
         del x_in, out, grad_y
         if j == steady - 1:
             comm.send_backward(grad_x)
@@ -162,7 +166,7 @@ def forward_backward(
         grad_y = comm.recv_backward(shape_fn(microbatches[back_mb]))
         x_in, out = pending.pop(0)
         hook(back_mb)
-        grad_x = _backward(x_in, out, grad_y)
+        grad_x = _backward(x_in, out, grad_y, back_mb)
         del x_in, out, grad_y
         comm.send_backward(grad_x)
         del grad_x

@@ -39,6 +39,7 @@ from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
+from megatron_k15.profiling import phase
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, parse_reasoning_tags,
                                             prompt_opens_reasoning, response_text)
 from megatron_k15.rewards.judge import judge_metrics
@@ -547,7 +548,9 @@ class RLIteration:
         # 1. the iteration's trajectories: resumed partial ones first, then k fresh per prompt
         seen: Counter = Counter()
         resumed = self.buffer.pop_for_resume(len(self.buffer), iteration)
-        everything = self._rollout(resumed + self._fresh_trajectories(prompt_indices, iteration, seen), iteration)
+        with phase("rollout"):
+            everything = self._rollout(resumed + self._fresh_trajectories(prompt_indices, iteration, seen),
+                                       iteration)
         t_rollout = time.time() - t0
 
         # 2. partial ones go back to the buffer; finished ones are scored and trained on
@@ -557,7 +560,8 @@ class RLIteration:
                 self.buffer.add(t)
         judgements: list = []
         t_score = time.time()
-        rewards, correct = self._score(finished, iteration, judgements) if finished else ([], [])
+        with phase("score"):
+            rewards, correct = self._score(finished, iteration, judgements) if finished else ([], [])
         t_score = time.time() - t_score
         rounds, kept = 1, None
         if args.dynamic_sampling:
@@ -570,13 +574,15 @@ class RLIteration:
                 if len(varied) >= target or rounds >= args.dynamic_sampling_max_rounds or draw_prompts is None:
                     break
                 t_round = time.time()
-                more = self._rollout(self._fresh_trajectories(draw_prompts(target), iteration, seen), iteration)
+                with phase("rollout"):
+                    more = self._rollout(self._fresh_trajectories(draw_prompts(target), iteration, seen), iteration)
                 t_rollout += time.time() - t_round
                 rounds += 1
                 everything += more
                 new = [t for t in more if t.finished]
                 t_round = time.time()
-                r_new, c_new = self._score(new, iteration, judgements) if new else ([], [])
+                with phase("score"):
+                    r_new, c_new = self._score(new, iteration, judgements) if new else ([], [])
                 t_score += time.time() - t_round
                 finished, rewards, correct = finished + new, rewards + r_new, correct + c_new
             kept = set(varied[:target])
@@ -673,8 +679,9 @@ class RLIteration:
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # tokens, |diff|, k3, capped (TIS), ref k3
         for chunk, _ in plan:
             # (a rank without samples still runs: under expert parallelism it serves the others' tokens)
-            old = policy_logprobs(ctx, chunk)
-            ref = policy_logprobs(ctx, chunk, self.reference) if self.reference is not None else []
+            with phase("logprobs"):
+                old = policy_logprobs(ctx, chunk)
+                ref = policy_logprobs(ctx, chunk, self.reference) if self.reference is not None else []
             last = ctx.pc.is_last_stage
             for i, mb in enumerate(chunk):
                 mb["old_logp"] = old[i] if last else None
@@ -701,7 +708,8 @@ class RLIteration:
             # a dp rank without samples in this update still joins the collective step; then no
             # rank may start bucket reductions from backward hooks (their order would differ)
             ctx.optimizer.overlap = group_reduce(len(chunk), self.gen_group, dist.ReduceOp.MIN, torch.int64) > 0
-            results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
+            with phase("train"):
+                results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
             loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
                                                sum(r[2] for r in results)], ctx)
             losses.append(loss_sum / total)

@@ -149,7 +149,7 @@ def test_rl_trace_has_the_iteration_phases(tmp_path):
     d = tmp_path / "tb" / "profile"
     assert _traces(d) == ["rank0.iterations2-2.pt.trace.json"]
     names = _names(d / "rank0.iterations2-2.pt.trace.json")
-    assert {"iteration 2", "rollout", "score", "logprobs", "train", "optimizer"} <= names
+    assert {"iteration 2", "rollout", "prefill", "decode", "score", "logprobs", "train", "optimizer"} <= names
     assert "iteration 1" not in names
 
 

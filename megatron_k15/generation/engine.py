@@ -65,6 +65,7 @@ from megatron_k15.generation.sampling import SamplingParams, sample_tokens_vocab
 from megatron_k15.initialize import pipeline_token_group
 from megatron_k15.kernels.decode_attention import HAVE_TRITON
 from megatron_k15.models.attention import get_attention_backend
+from megatron_k15.profiling import phase
 
 
 @dataclass
@@ -314,10 +315,12 @@ class GenerationEngine:
                 if not admitted and running:
                     self._make_room(running, waiting, any(lane for i, lane in enumerate(lanes) if i != m))
                 if admitted:
-                    reqs, logits = self._prefill(admitted)
+                    with phase("prefill"):
+                        reqs, logits = self._prefill(admitted)
                     running.extend(admitted)
                 elif running:
-                    reqs, logits = running[:], self._decode(running)
+                    with phase("decode"):
+                        reqs, logits = running[:], self._decode(running)
                 else:
                     if waiting and not any(lanes) and capacity[m] > 0:
                         r = waiting[0]

@@ -13,7 +13,7 @@ the table gives the median of ``--steps`` timed steps.
         L    layers; h_q = heads * head_dim (query width)
         6 * L * s^2 * h_q = causal attention (QK^T and PV, 2 * 2 * s^2 * h_q per layer forward,
              halved by the mask, x 3 for forward + backward)
-    MFU = model FLOPs / step time / peak bf16 dense (989 TFLOP/s for H100 SXM and H200;
+    MFU = model FLOPs / step time / peak bf16 dense (megatron_k15.flops: 989 TFLOP/s for H100 SXM, H200;
           --peak-tflops overrides); the forward that full recompute repeats is not counted.
     peak memory = torch.cuda.max_memory_allocated() over the timed steps, against
           megatron_k15.memory_plan.plan_memory() for the same model, layout (one GPU) and workload
@@ -44,8 +44,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
+from megatron_k15.flops import matmul_parameters, training_flops  # noqa: E402
+from megatron_k15.flops import peak_tflops as device_peak  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DTYPES = ("bf16", "fp16", "fp32")
 MIB = 2 ** 20
 
@@ -79,25 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def matmul_parameters(cfg) -> int:
-    """N of 6*N*s: weight matrices of every layer a token passes (MoE: the router and its
-    top-k experts) plus the output layer (vocab_size x hidden)."""
-    h = cfg.hidden_size
-    q, k = cfg.query_projection_size, cfg.kv_projection_size
-    per_layer = h * (q + 2 * k) + q * h + cfg.active_mlp_parameters()
-    return cfg.num_layers * per_layer + cfg.vocab_size * h
-
-
 def model_flops(cfg, s: int) -> float:
-    return 6.0 * matmul_parameters(cfg) * s + 6.0 * cfg.num_layers * s * s * cfg.query_projection_size
+    return training_flops(cfg, [s])
 
 
 def peak_tflops(args, device_name: str):
-    if args.peak_tflops:
-        return args.peak_tflops
-    if args.dtype == "fp32":
-        return None
-    return next((v for key, v in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+    return args.peak_tflops or device_peak(device_name, args.dtype)
 
 
 def predicted_peak_bytes(cfg, s: int, args):

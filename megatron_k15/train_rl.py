@@ -297,6 +297,7 @@ def main(argv=None) -> int:
     from megatron_k15.data.indexed import load_prompt_dataset
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.exit_conditions import ExitConditions
+    from megatron_k15.flops import format_throughput
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.profiling import StepProfiler
@@ -403,6 +404,8 @@ def main(argv=None) -> int:
                         f"{metrics.get('reward_mean', 0.0):.3f} | accuracy {metrics.get('accuracy', 0.0):.3f} | "
                         f"length {metrics.get('response_length_mean', 0.0):.1f} | loss {metrics['loss']:.4f} | "
                         f"{metrics['rollout_tokens_per_s']:.0f} rollout tokens/s")
+                if "train_tflops_per_gpu" in metrics:
+                    line += f" | train {format_throughput(metrics, 'train_')}"
                 if "eval_accuracy" in metrics:
                     line += f" | eval accuracy {metrics['eval_accuracy']:.3f}"
                 if metrics.get("skipped_updates"):

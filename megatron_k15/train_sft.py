@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     from megatron_k15.data.preference import load_preference_dataset
     from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
     from megatron_k15.exit_conditions import ExitConditions
+    from megatron_k15.flops import device_peak_tflops, format_throughput, throughput_metrics, training_flops
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.profiling import StepProfiler
@@ -324,6 +325,7 @@ def main(argv=None) -> int:
         return out
 
     profiler = StepProfiler(args, rank)
+    world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
     while iteration < args.train_iters:
         with profiler.iteration(iteration):
             t0 = time.time()
@@ -350,6 +352,9 @@ def main(argv=None) -> int:
             metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": gbs * args.seq_length / elapsed,
                             "iteration_time_s": elapsed, "epoch": stream.epoch_of(consumed - 1),
                             "peak_memory_bytes": platform.peak_memory_bytes()})
+            # model FLOPs of the batch's real sequences (padding and recompute not counted)
+            lengths = (stream.positions[i] for row in stream.rows(consumed - gbs, gbs) for i in row)
+            metrics.update(throughput_metrics(training_flops(cfg, lengths), elapsed, world_size, peak))
             if ctx.moe_aux_loss is not None:
                 metrics["moe_aux_loss"] = ctx.moe_aux_loss
             logger.log(iteration, metrics)
@@ -357,8 +362,8 @@ def main(argv=None) -> int:
                 extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
                               f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
                 print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
-                      f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s",
-                      flush=True)
+                      f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s"
+                      f" | {format_throughput(metrics)}", flush=True)
         if not math.isfinite(grad_norm):  # the optimizer skipped the update: the weights are intact
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; lower --lr or check the data)")

@@ -196,6 +196,9 @@ def _assert_same_update(got, ref, what):
                 assert a[k] == b[k], (what, k, a[k], b[k])
             for k, tol in CLOSE.items():
                 assert abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])), (what, k, a[k], b[k])
+            # the model FLOPs of the iteration's training passes: the same samples in every layout
+            flops = [m["train_tflops_per_gpu"] * m["train_time_s"] * n * 1e12 for m, n in ((a, len(got)), (b, 1))]
+            assert flops[0] == pytest.approx(flops[1], rel=1e-9) and flops[1] > 0, (what, flops)
         if iters == len(m0):
             assert r["buffer"] == ref[0]["buffer"], what
     wr, wg = _weights(ref, iters - 1), _weights(got)

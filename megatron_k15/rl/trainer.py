@@ -39,6 +39,7 @@ from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
+from megatron_k15.flops import device_peak_tflops, forward_flops, throughput_metrics
 from megatron_k15.profiling import phase
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, parse_reasoning_tags,
                                             prompt_opens_reasoning, response_text)
@@ -427,6 +428,7 @@ class RLIteration:
                                          pp_group=pc.pp_group if pc.pp_size > 1 else None)
         cfg = ctx.model.config
         self.eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        self.peak_tflops = device_peak_tflops(getattr(args, "params_dtype", None))  # for train_mfu
 
     def prompt_open(self, prompt_id) -> bool:
         """Whether the prompt (its chat template) opens a reasoning block for the response."""
@@ -648,10 +650,12 @@ class RLIteration:
         updates = max(1, args.updates_per_iter)
         order = [i for i, ok in enumerate(trainable) if ok]
         bounds = [round(u * len(order) / updates) for u in range(updates + 1)]
-        plan = []
+        plan, trained_lengths = [], []  # (the global lengths: for the model-FLOPs throughput)
         for u in range(updates):
             span = order[bounds[u]:bounds[u + 1]]
             total = float(len(span)) if per_sample else float(sum(float(n_all[i]) for i in span))
+            if total > 0:
+                trained_lengths += [len(finished[i].token_ids) - 1 for i in span if finished[i].group_id not in skip]
             idx = [i for i in span if dp_of[finished[i].group_id] == pc.dp_rank
                    and finished[i].group_id not in skip]
             sel = torch.tensor(idx, dtype=torch.long)
@@ -726,6 +730,10 @@ class RLIteration:
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,  # incl. logprob_time_s
                        train_tokens_per_s=train_tokens / max(t_train, 1e-9),
                        peak_memory_bytes=platform.peak_memory_bytes())
+        # model FLOPs: the old (and reference) log-prob forwards and forward + backward of the updates
+        passes = 1 + (self.reference is not None) + 3
+        metrics.update(throughput_metrics(passes * forward_flops(ctx.model.config, trained_lengths), t_train,
+                                          dist.get_world_size(), self.peak_tflops, prefix="train_"))
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss
         return metrics

@@ -55,6 +55,7 @@ import sys
 import time
 
 from megatron_k15.arguments import ArgumentError, add_grading_args, check_grading_args, parse_args
+from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
 
 
@@ -99,6 +100,7 @@ def add_rl_args(p) -> None:
     g.add_argument("--length-penalty-start-iter", type=int, default=0)
     g.add_argument("--repeat-penalty", type=float, default=0.0)
     add_grading_args(g)
+    add_rollout_log_args(g)
     g.add_argument("--overlap-grading", action=argparse.BooleanOptionalAction, default=True,
                    help="grade each response (with --reward-workers threads) as soon as it is complete, "
                         "while the engine still decodes the others; --no-overlap-grading grades them all "
@@ -153,6 +155,9 @@ def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load is required: RL starts from a converted or SFT checkpoint "
                             "(add --finetune the first time)")
+    problem = check_rollout_log_args(args)
+    if problem:
+        raise ArgumentError(problem)
     pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
     if getattr(args, "inference_engine", "paged") == "recompute" and (pp > 1 or cp > 1):
         raise ArgumentError("--inference-engine recompute runs without pipeline or context parallelism; "

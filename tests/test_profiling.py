@@ -15,6 +15,10 @@ from megatron_k15.profiling import StepProfiler, phase
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_checkpointing import ROOT, _make_sft_data, _sft_cmd  # noqa: E402
+import test_rl_trainer  # noqa: E402
+from test_rl_trainer import _rl_argv  # noqa: E402
+
+cli_inputs = test_rl_trainer.cli_inputs  # the module's fixture: a checkpoint and prompt sets
 
 
 def _args(tmp_path, start, end, ranks=(0,)):
@@ -137,11 +141,8 @@ def test_sft_on_two_ranks_profiles_the_window_on_the_chosen_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_rl_trace_has_the_iteration_phases(tmp_path):
-    from test_rl_trainer import _rl_argv
-
-    inputs = _rl_inputs(tmp_path)
-    argv = _rl_argv(inputs, "--finetune", "--train-iters", "2", "--profile", "--use-pytorch-profiler",
+def test_rl_trace_has_the_iteration_phases(cli_inputs, tmp_path):
+    argv = _rl_argv(cli_inputs, "--finetune", "--train-iters", "2", "--profile", "--use-pytorch-profiler",
                     "--profile-step-start", "1", "--profile-step-end", "2", "--tensorboard-dir", str(tmp_path / "tb"))
     res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl", *argv], capture_output=True, text=True,
                          env=_env(), cwd=ROOT, timeout=600)
@@ -151,13 +152,3 @@ def test_rl_trace_has_the_iteration_phases(tmp_path):
     names = _names(d / "rank0.iterations2-2.pt.trace.json")
     assert {"iteration 2", "rollout", "prefill", "decode", "score", "logprobs", "train", "optimizer"} <= names
     assert "iteration 1" not in names
-
-
-def _rl_inputs(tmp_path):
-    from test_rl_trainer import _preprocess_prompts, _records, _save_initial_checkpoint
-
-    from megatron_k15.testing import run_distributed
-
-    ckpt = str(tmp_path / "init")
-    run_distributed(_save_initial_checkpoint, 1, ckpt)
-    return {"ckpt": ckpt, "prompts": _preprocess_prompts(tmp_path, "prompts", _records())}

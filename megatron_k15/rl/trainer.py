@@ -47,6 +47,7 @@ from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
 from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
                                     group_normalized_advantages, k3)
+from megatron_k15.rl.rollout_log import rollout_rows, write_rollout_log
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
                                    stage_forward, train_step)
@@ -628,7 +629,12 @@ class RLIteration:
         # sampling only the kept groups are trained on and counted
         trainable = [not (args.overlong_filter and t.stop_reason == "length")
                      and (kept is None or t.group_id in kept) for t in finished]
-        metrics["trained_samples"] = sum(ok and t.group_id not in skip for ok, t in zip(trainable, finished))
+        trained = [ok and t.group_id not in skip for ok, t in zip(trainable, finished)]
+        metrics["trained_samples"] = sum(trained)
+        log_dir = getattr(args, "rollout_log_dir", None)
+        if log_dir and dist.get_rank() == 0 and (iteration + 1) % args.rollout_log_interval == 0:
+            write_rollout_log(log_dir, iteration + 1, rollout_rows(finished, iteration, self.records, self.tok,
+                                                                   rewards, correct, adv.tolist(), trained))
         # dp ranks take whole groups, round robin over the groups that have samples to train on
         # (all of them unless filtered: overlong, dynamic sampling), so none is left idle
         dp_of = {g: i % pc.dp_size for i, g in enumerate(sorted({t.group_id for ok, t in zip(trainable, finished) if ok}))}

@@ -44,15 +44,17 @@ from megatron_k15.arguments import ArgumentError, parse_args
 
 def add_sft_args(p) -> None:
     g = p.add_argument_group("sft data")
-    g.add_argument("--train-data", required=True,
-                   help="prefix written by preprocess_data.py --mode sft (--mode dpo for --loss dpo)")
+    g.add_argument("--train-data", required=True, nargs="+", metavar="[WEIGHT] PREFIX",
+                   help="prefix(es) written by preprocess_data.py --mode sft (--mode dpo for --loss dpo); "
+                        "several are concatenated, WEIGHT PREFIX pairs blended as in Megatron-LM's "
+                        "--data-path (megatron_k15/data/blend.py)")
     g.add_argument("--loss", choices=("sft", "dpo"), default="sft",
                    help="sft: next-token loss on responses; dpo: preference pairs against the "
                         "starting model (long2short)")
     g.add_argument("--dpo-beta", type=float, default=0.1,
                    help="DPO inverse temperature beta in -log sigmoid(beta * (margin of log-ratios))")
-    g.add_argument("--valid-data", default=None,
-                   help="held-out prefix (preprocess_data.py --mode sft): its response-token loss is "
+    g.add_argument("--valid-data", default=None, nargs="+", metavar="PREFIX",
+                   help="held-out prefix(es) (preprocess_data.py --mode sft): their response-token loss is "
                         "logged as valid_loss before training, every --eval-interval iterations and at the end")
     g.add_argument("--eval-interval", type=int, default=0, help="with --valid-data: also every N iterations")
     g.add_argument("--eval-iters", type=int, default=None,
@@ -67,37 +69,49 @@ def _validate(args) -> None:
         raise ArgumentError(f"--train-iters must be >= 1, got {args.train_iters}")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    from megatron_k15.data.blend import BlendError, check_compatible, parse_blend
     from megatron_k15.data.indexed import dataset_files, load_summary
     from megatron_k15.data.preference import DPO_MODE, preference_dataset_files
 
     import os
 
-    if args.loss == "dpo":
-        if not args.dpo_beta > 0:
-            raise ArgumentError(f"--dpo-beta must be > 0, got {args.dpo_beta}")
-        files = preference_dataset_files(args.train_data)
-    else:
-        files = dataset_files(args.train_data, "sft")
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        raise ArgumentError(f"--train-data {args.train_data}: missing {missing[0]} (run tools/preprocess_data.py "
-                            f"--mode {args.loss})")
-    if args.valid_data is not None:
+    if args.loss == "dpo" and not args.dpo_beta > 0:
+        raise ArgumentError(f"--dpo-beta must be > 0, got {args.dpo_beta}")
+    try:
+        args.train_blend = parse_blend(args.train_data, "--train-data")
+        args.valid_blend = (parse_blend(args.valid_data, "--valid-data", allow_weights=False)
+                            if args.valid_data is not None else None)
+    except BlendError as e:
+        raise ArgumentError(str(e)) from None
+    summaries = []
+    for prefix in args.train_blend.prefixes:
+        files = preference_dataset_files(prefix) if args.loss == "dpo" else dataset_files(prefix, "sft")
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise ArgumentError(f"--train-data {prefix}: missing {missing[0]} (run tools/preprocess_data.py "
+                                f"--mode {args.loss})")
+        summaries.append(load_summary(prefix))
+        mode = summaries[-1].get("mode")
+        if mode != args.loss and DPO_MODE in (mode, args.loss):
+            raise ArgumentError(f"--train-data {prefix} holds --mode {mode} data but --loss is {args.loss}; "
+                                f"pass --loss {mode if mode in ('sft', 'dpo') else 'sft'} or preprocess with "
+                                f"--mode {args.loss}")
+    if args.valid_blend is not None:
         if args.loss != "sft":
             raise ArgumentError("--valid-data is for --loss sft (a held-out DPO loss needs its own reference pass)")
-        missing = [f for f in dataset_files(args.valid_data, "sft") if not os.path.exists(f)]
-        if missing:
-            raise ArgumentError(f"--valid-data {args.valid_data}: missing {missing[0]} (run tools/preprocess_data.py "
-                                f"--mode sft)")
+        for prefix in args.valid_blend.prefixes:
+            missing = [f for f in dataset_files(prefix, "sft") if not os.path.exists(f)]
+            if missing:
+                raise ArgumentError(f"--valid-data {prefix}: missing {missing[0]} (run tools/preprocess_data.py "
+                                    f"--mode sft)")
     elif args.eval_interval or args.eval_iters is not None:
         raise ArgumentError("--eval-interval / --eval-iters need --valid-data PREFIX")
     if args.eval_interval < 0 or (args.eval_iters is not None and args.eval_iters < 1):
         raise ArgumentError("--eval-interval must be >= 0 and --eval-iters >= 1")
-    mode = load_summary(args.train_data).get("mode")
-    if mode != args.loss and DPO_MODE in (mode, args.loss):
-        raise ArgumentError(f"--train-data {args.train_data} holds --mode {mode} data but --loss is {args.loss}; "
-                            f"pass --loss {mode if mode in ('sft', 'dpo') else 'sft'} or preprocess with "
-                            f"--mode {args.loss}")
+    try:
+        check_compatible(summaries, args.train_blend.prefixes, "--train-data")
+    except BlendError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def sft_forward_step(model, total_loss_tokens: float):
@@ -250,9 +264,7 @@ def main(argv=None) -> int:
     args = parse_args(argv, "Supervised fine-tuning with megatron_k15", add_sft_args, _validate)
     from megatron_k15 import platform
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
-    from megatron_k15.data.indexed import load_sft_dataset
-    from megatron_k15.data.preference import load_preference_dataset
-    from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
+    from megatron_k15.data.blend import open_packed_stream
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import device_peak_tflops, format_throughput, throughput_metrics, training_flops
     from megatron_k15.initialize import destroy, initialize_megatron
@@ -274,14 +286,14 @@ def main(argv=None) -> int:
     gbs, mbs, dp = args.global_batch_size, args.micro_batch_size, ctx.pc.dp_size
     per_rank = gbs // dp
     device = platform.current_device()
+    stream, sizes = open_packed_stream(args.train_blend, args.seq_length, args.seed, pairs=dpo)
+    what = args.train_blend.describe(sizes, "preference pairs" if dpo else "samples")
     if dpo:
-        dataset = load_preference_dataset(args.train_data)
-        stream = PackedPairStream(dataset.sequences, args.seq_length, seed=args.seed)
-        what = f"{len(dataset)} preference pairs ({stream.dropped} longer than --seq-length left out)"
-    else:
-        dataset = load_sft_dataset(args.train_data)
-        stream = PackedSFTStream(dataset, args.seq_length, seed=args.seed, lengths=dataset.lengths)
-        what = f"{len(dataset)} samples"
+        what += f" ({stream.dropped} longer than --seq-length left out)"
+    blend_state = {"prefixes": args.train_blend.prefixes, "weights": args.train_blend.weights}
+    if iteration and extra.get("data_blend") not in (None, blend_state) and rank == 0:
+        print(f"[train_sft] warning: --train-data differs from the checkpoint's ({extra['data_blend']}); its "
+              f"{consumed} consumed rows now index the new data", flush=True)
     logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:
         print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {what}, loss {args.loss}, "
@@ -291,7 +303,7 @@ def main(argv=None) -> int:
         reference = extra.get("dpo_reference")
         if reference is not None and tuple(reference.shape) != (stream.num_pairs, 2):
             raise ValueError(f"--load {args.load}: its DPO reference log-probs cover {reference.shape[0]} pairs, "
-                             f"--train-data {args.train_data} has {stream.num_pairs}; resume with the same data "
+                             f"--train-data {' '.join(args.train_data)} has {stream.num_pairs}; resume with the same data "
                              f"or start a new run with --finetune")
         if reference is None:
             t0 = time.time()
@@ -304,8 +316,7 @@ def main(argv=None) -> int:
     schedule = lr_schedule(args)
     valid_stream = None
     if args.valid_data:
-        valid_set = load_sft_dataset(args.valid_data)
-        valid_stream = PackedSFTStream(valid_set, args.seq_length, seed=args.seed, lengths=valid_set.lengths)
+        valid_stream, _ = open_packed_stream(args.valid_blend, args.seq_length, args.seed, flag="--valid-data")
     valid_rows = None if args.eval_iters is None else args.eval_iters * gbs
 
     def validate(it: int) -> dict:
@@ -319,7 +330,7 @@ def main(argv=None) -> int:
         logger.log(0, validate(0))
 
     def state() -> dict:
-        out = {"consumed_rows": consumed}
+        out = {"consumed_rows": consumed, "data_blend": blend_state}
         if dpo:
             out["dpo_reference"] = reference
         return out

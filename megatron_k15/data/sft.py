@@ -12,7 +12,7 @@ are packed two sequences at a time by :class:`PackedPairStream`.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,10 +20,14 @@ import torch
 
 class PackedSFTStream:
     def __init__(self, samples: Sequence, seq_length: int, seed: int, pad_id: int = 0,
-                 lengths: Optional[Sequence[int]] = None):
+                 lengths: Optional[Sequence[int]] = None,
+                 epoch_order: Optional[Callable[[int], np.ndarray]] = None):
         """``samples[i]`` has ``.tokens`` and ``.loss_mask`` (as ``data.indexed.SFTSample``);
-        ``lengths`` (token counts, e.g. a dataset's index) saves reading every sample."""
+        ``lengths`` (token counts, e.g. a dataset's index) saves reading every sample;
+        ``epoch_order(epoch)``: the units (samples; pairs) of an epoch in order, instead of a
+        permutation of all of them (a weighted blend: ``data.blend.blended_epoch``)."""
         self.samples = samples
+        self.epoch_order = epoch_order
         self.seq_length = seq_length
         self.seed = seed
         self.pad_id = pad_id
@@ -35,8 +39,13 @@ class PackedSFTStream:
         self._epochs: list[list[list[int]]] = []
         self._starts: list[int] = [0]
 
+    def _order(self, epoch: int, units: int) -> np.ndarray:
+        if self.epoch_order is not None:
+            return self.epoch_order(epoch)
+        return np.random.default_rng(self.seed + epoch).permutation(units)
+
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.samples))
+        order = self._order(epoch, len(self.samples))
         return self._pack([[int(i)] for i in order if self.positions[i] > 0])
 
     def _pack(self, units: list[list[int]]) -> list[list[int]]:
@@ -132,7 +141,8 @@ class PackedPairStream(PackedSFTStream):
     ``pair_index`` (the dataset index of each of its pairs)."""
 
     def __init__(self, sequences: Sequence, seq_length: int, seed: int, pad_id: int = 0,
-                 lengths: Optional[Sequence[int]] = None):
+                 lengths: Optional[Sequence[int]] = None,
+                 epoch_order: Optional[Callable[[int], np.ndarray]] = None):
         if len(sequences) % 2:
             raise ValueError(f"{len(sequences)} sequences: a preference set holds pairs (an even number)")
         if lengths is None:
@@ -148,10 +158,10 @@ class PackedPairStream(PackedSFTStream):
             raise ValueError(f"no preference pair fits in --seq-length {seq_length} (a pair needs "
                              f"len(prompt+chosen) + len(prompt+rejected) - 2 positions; the shortest "
                              f"needs {int(need.min()) if len(need) else 0})")
-        super().__init__(sequences, seq_length, seed, pad_id, lengths=lengths)
+        super().__init__(sequences, seq_length, seed, pad_id, lengths=lengths, epoch_order=epoch_order)
 
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng(self.seed + epoch).permutation(self.num_pairs)
+        order = self._order(epoch, self.num_pairs)
         return self._pack([[2 * int(p), 2 * int(p) + 1] for p in order if self.keep[p]])
 
     def reference_rows(self) -> list[list[int]]:

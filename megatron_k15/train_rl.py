@@ -54,15 +54,19 @@ import os
 import sys
 import time
 
-from megatron_k15.arguments import ArgumentError, add_grading_args, check_grading_args, parse_args
-from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
+from megatron_k15.arguments import ArgumentError, _flag, add_grading_args, check_grading_args, parse_args
+from megatron_k15.data.blend import BlendError, open_prompt_data, parse_blend
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
+from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
 
 
 def add_rl_args(p) -> None:
     g = p.add_argument_group("reinforcement learning")
-    g.add_argument("--prompt-data", required=True, help="prefix from preprocess_data.py --mode prompts")
-    g.add_argument("--eval-data", default=None, help="held-out prompt prefix, evaluated greedily")
+    g.add_argument("--prompt-data", required=True, nargs="+", metavar="PREFIX",
+                   help="prefix(es) from preprocess_data.py --mode prompts (several are concatenated; prompt "
+                        "ids unique across them)")
+    g.add_argument("--eval-data", default=None, nargs="+", metavar="PREFIX",
+                   help="held-out prompt prefix(es), evaluated greedily")
     g.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations")
     g.add_argument("--eval-max-tokens", type=int, default=None, help="default: --rollout-max-tokens")
     g.add_argument("--eval-temperature", type=float, default=0.0, help="0 = greedy")
@@ -237,10 +241,18 @@ def _validate(args) -> None:
     if problem:
         raise ArgumentError(problem)
     for flag in ("prompt_data", "eval_data"):
-        prefix = getattr(args, flag)
-        if prefix and not os.path.exists(prefix + ".json"):
-            raise ArgumentError(f"--{flag.replace('_', '-')} {prefix}: no {prefix}.json "
-                                "(run tools/preprocess_data.py --mode prompts)")
+        prefixes = getattr(args, flag)
+        if prefixes is None:
+            continue
+        try:
+            parse_blend(prefixes, _flag(flag), allow_weights=False)
+        except BlendError as e:
+            raise ArgumentError(f"{e} (the samplers choose among all the prompts; to change the mix, repeat "
+                                "or drop prompts when preprocessing)") from None
+        for prefix in prefixes:
+            if not os.path.exists(prefix + ".json"):
+                raise ArgumentError(f"{_flag(flag)} {prefix}: no {prefix}.json "
+                                    "(run tools/preprocess_data.py --mode prompts)")
     gen_ranks = args.data_parallel_size * cp
     if args.prompts_per_iter < gen_ranks:
         raise ArgumentError(
@@ -254,17 +266,15 @@ def _check_prompt_lengths(args, gen_ranks: int) -> None:
     """Prompt + --rollout-max-tokens must fit max_position_embeddings and --seq-length (when
     given); eval prompts + their budget must fit max_position_embeddings. The prompt lengths
     come from the datasets' index (no token data is read)."""
-    from megatron_k15.data.indexed import load_prompt_dataset
-
     max_pos = args.model_config.max_position_embeddings
     checks = [("prompt_data", args.rollout_max_tokens, "--rollout-max-tokens", True)]
     if args.eval_data:
         checks.append(("eval_data", args.eval_max_tokens or args.rollout_max_tokens,
                        "--eval-max-tokens" if args.eval_max_tokens else "--rollout-max-tokens", False))
     for flag, budget, budget_flag, trained in checks:
-        prefix = getattr(args, flag)
+        prefix = " ".join(getattr(args, flag))
         try:
-            data = load_prompt_dataset(prefix)
+            data = open_prompt_data(getattr(args, flag), _flag(flag))
         except (OSError, ValueError) as e:
             raise ArgumentError(f"--{flag.replace('_', '-')} {prefix}: {e}") from None
         if len(data) == 0:
@@ -299,7 +309,6 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
-    from megatron_k15.data.indexed import load_prompt_dataset
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import format_throughput
@@ -322,7 +331,7 @@ def main(argv=None) -> int:
     tok_spec = args.tokenizer or os.path.join(args.load, "tokenizer")
     tokenizer = load_tokenizer(tok_spec)
 
-    data = load_prompt_dataset(args.prompt_data)
+    data = open_prompt_data(args.prompt_data, "--prompt-data")
     records = [dict(r) for r in data.records]
     prompt_ids = [list(map(int, data[i].prompt_ids)) for i in range(len(data))]
     sampler = build_sampler(args.sampling, records, seed=args.seed, switch_iter=args.curriculum_switch_iter,
@@ -336,7 +345,7 @@ def main(argv=None) -> int:
 
     eval_set = None
     if args.eval_data:
-        ev = load_prompt_dataset(args.eval_data)
+        ev = open_prompt_data(args.eval_data, "--eval-data")
         eval_set = ([dict(r) for r in ev.records], [list(map(int, ev[i].prompt_ids)) for i in range(len(ev))])
 
     def run_eval() -> dict:

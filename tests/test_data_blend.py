@@ -18,6 +18,11 @@ from megatron_k15.data.sft import PackedSFTStream
 from megatron_k15.data.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_rl_trainer  # noqa: E402
+from test_rl_trainer import _env, _parse, _preprocess_prompts, _rl_argv  # noqa: E402
+
+cli_inputs = test_rl_trainer.cli_inputs  # the module's fixture: a checkpoint and prompt sets
 
 
 def test_parse_blend():
@@ -174,3 +179,42 @@ def test_train_sft_on_a_blend_resumes_exactly(two_sets, tmp_path):
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "warning: --train-data differs from the checkpoint's" in changed.stdout
+
+
+@pytest.fixture(scope="module")
+def more_prompts(tmp_path_factory):
+    rows = [{"id": f"m{i}", "prompt": f"{i}+{i}=", "task": "math", "answer": str(2 * i)} for i in range(2)]
+    return _preprocess_prompts(tmp_path_factory.mktemp("more_prompts"), "more", rows)
+
+
+def test_prompt_sets_concatenate(cli_inputs, more_prompts, capsys):
+    from megatron_k15.data.blend import open_prompt_data
+    from megatron_k15.data.indexed import load_prompt_dataset
+
+    both = open_prompt_data([cli_inputs["prompts"], more_prompts], "--prompt-data")
+    a, b = load_prompt_dataset(cli_inputs["prompts"]), load_prompt_dataset(more_prompts)
+    assert [r["id"] for r in both.records] == [r["id"] for r in a.records] + ["m0", "m1"]
+    assert both[len(a)].prompt_ids.tolist() == b[0].prompt_ids.tolist()
+    base = _rl_argv(cli_inputs, "--train-iters", "1", "--finetune")
+    args = _parse(base + ["--prompt-data", cli_inputs["prompts"], more_prompts], 1)
+    assert args.prompt_data == [cli_inputs["prompts"], more_prompts]
+    for extra, message in ((["--prompt-data", cli_inputs["prompts"], cli_inputs["eval"]],
+                            "prompt id 'q0' is in"),
+                           (["--prompt-data", "1", cli_inputs["prompts"]], "takes dataset prefixes only"),
+                           (["--eval-data", cli_inputs["eval"], str(more_prompts) + "_nope"], "_nope.json")):
+        with pytest.raises(SystemExit):
+            _parse(base + extra, 1)
+        assert message in capsys.readouterr().err, extra
+
+
+@pytest.mark.slow
+def test_train_rl_draws_from_every_prompt_set(cli_inputs, more_prompts, tmp_path):
+    argv = _rl_argv(cli_inputs, "--finetune", "--train-iters", "1", "--prompts-per-iter", "6",
+                    "--rollout-log-dir", str(tmp_path / "log"))
+    argv[argv.index("--prompt-data") + 1:argv.index("--prompt-data") + 2] = [cli_inputs["prompts"], more_prompts]
+    res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl", *argv], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 prompts" in res.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "log" / "iter_0000001.jsonl")]
+    assert sorted({r["prompt_id"] for r in rows}) == ["m0", "m1", "q0", "q1", "q2", "q3"]

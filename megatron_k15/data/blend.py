@@ -62,7 +62,7 @@ def parse_blend(values: Sequence[str], flag: str, allow_weights: bool = True) ->
         prefixes, weights = values, None
     else:
         if not allow_weights:
-            raise BlendError(f"{flag} takes dataset prefixes only (no weights): its samples are all used")
+            raise BlendError(f"{flag} takes dataset prefixes only, no weights")
         if len(values) % 2:
             raise BlendError(f"{flag}: {len(values)} values; weights and prefixes come in pairs "
                              "(WEIGHT PREFIX WEIGHT PREFIX ...)")
@@ -169,3 +169,30 @@ def open_packed_stream(blend: Blend, seq_length: int, seed: int, pairs: bool = F
         order = lambda epoch: blended_epoch(sizes, weights, seed, epoch)  # noqa: E731
     stream_cls = PackedPairStream if pairs else PackedSFTStream
     return stream_cls(sequences, seq_length, seed=seed, lengths=sequences.lengths, epoch_order=order), sizes
+
+
+class ConcatPrompts(ConcatSequences):
+    """Prompt datasets end to end, with their records (ids unique across them)."""
+
+    def __init__(self, parts: Sequence, prefixes: Sequence[str], flag: str):
+        super().__init__(parts)
+        self.records = [r for part in parts for r in part.records]
+        where: dict = {}
+        for part, prefix in zip(parts, prefixes):
+            for r in part.records:
+                rid = r.get("id")
+                if rid in where:
+                    raise BlendError(f"{flag}: prompt id {rid!r} is in {where[rid]} and in {prefix}; ids must be "
+                                     "unique across the datasets (they key rewards, groups and the samplers)")
+                where[rid] = prefix
+
+
+def open_prompt_data(prefixes: Sequence[str], flag: str):
+    """One prompt dataset or several concatenated (``ds[i]``, ``ds.lengths``, ``ds.records``)."""
+    from megatron_k15.data.indexed import load_prompt_dataset
+
+    datasets = [load_prompt_dataset(p) for p in prefixes]
+    if len(datasets) == 1:
+        return datasets[0]
+    check_compatible([d.summary for d in datasets], prefixes, flag)
+    return ConcatPrompts(datasets, prefixes, flag)

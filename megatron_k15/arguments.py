@@ -13,6 +13,7 @@ import argparse
 import os
 from typing import Callable, Optional, Sequence
 
+from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
 from megatron_k15.profiling import add_profile_args, check_profile_args
@@ -246,6 +247,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="after each save keep only the newest checkpoint and those at multiples of this "
                         "(a multiple of --save-interval); older ones are deleted")
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
+    add_checkpoint_switches(g)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
@@ -406,7 +408,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
     problem = (megatron_settings_problem(args) or check_wandb_args(args) or check_exit_args(args)
-               or check_profile_args(args, world_size))
+               or check_profile_args(args, world_size) or check_checkpoint_switches(args))
     if problem:
         raise ArgumentError(problem)
     if _get(args, "finetune") and not _get(args, "load"):

@@ -196,7 +196,7 @@ def prune_checkpoints(save_dir: str, iteration: int, retain_interval: int) -> li
 
 def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: Optional[dict] = None,
                     save_optimizer: bool = True, save_optimizer_moments: bool = True,
-                    retain_interval: Optional[int] = None) -> str:
+                    retain_interval: Optional[int] = None, save_rng: bool = True) -> str:
     """Save model shards, optimizer state, every rank's RNG and ``extra_state`` (iteration data
     position, sampler, replay buffer...). Collective over all ranks. ``save_optimizer_moments=
     False`` keeps the fp32 master weights and leaves out Adam's moments (for RL that resets them
@@ -228,7 +228,8 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
         if opt_state is not None:
             payload["optimizer"] = opt_state
         torch.save(payload, os.path.join(d, "model.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    if save_rng:
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -282,18 +283,21 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
     model, pc = ctx.model, ctx.pc
     ckpt = resolve_checkpoint_dir(load_dir)
     layout = load_model_checkpoint(model, ckpt, pc.pp_rank, pc.pp_size)
+    if (finetune or not load_optimizer) and ctx.optimizer is not None:
+        # a fresh optimizer: fp32 master weights follow the loaded parameters, moments zero
+        ctx.optimizer.load_state_dict({
+            "step": 0,
+            **{k: {n: (p.detach() if k == "master" else torch.zeros_like(p, dtype=torch.float32))
+                   for n, p in model.named_parameters()} for k in ("exp_avg", "exp_avg_sq", "master")},
+        })
     if finetune:
-        if ctx.optimizer is not None:  # fp32 master weights follow the loaded parameters
-            ctx.optimizer.load_state_dict({
-                "step": 0,
-                **{k: {n: (p.detach() if k == "master" else torch.zeros_like(p, dtype=torch.float32))
-                       for n, p in model.named_parameters()} for k in ("exp_avg", "exp_avg_sq", "master")},
-            })
         return 0, {}
     if load_optimizer and ctx.optimizer is not None:
         state = _optimizer_state_for_rank(ckpt, layout, model, pc.pp_rank, pc.pp_size)
         if state is None:
-            raise CheckpointError(f"--load {load_dir}: no optimizer state (use --finetune to load weights only)")
+            raise CheckpointError(f"--load {load_dir}: no optimizer state (saved with --no-save-optim); add "
+                                  "--no-load-optim to continue from its weights and iteration with a fresh "
+                                  "optimizer, or --finetune to start from its weights at iteration 0")
         if need_optimizer_moments and not all(k in state for k in ctx.optimizer.MOMENTS):
             raise CheckpointError(f"--load {load_dir}: saved without Adam's moments by an RL run that reset the "
                                   f"optimizer every iteration, so only such a run (train_rl without "
@@ -309,3 +313,35 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
     extra = torch.load(state_file, map_location="cpu", weights_only=False) if os.path.isfile(state_file) else {}
     iteration = layout.get("iteration") or 0
     return int(iteration), extra
+
+
+def add_checkpoint_switches(g) -> None:
+    """Megatron-LM's switches for what a checkpoint holds besides the weights."""
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save without the optimizer state (smaller; a resume then needs --no-load-optim)")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="save without the RNG states (a resume is then not bit-identical)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="with --load: continue from its weights and iteration with a fresh optimizer")
+    g.add_argument("--no-load-rng", action="store_true", help="with --load: do not restore its RNG states")
+
+
+def check_checkpoint_switches(args) -> Optional[str]:
+    for dest in ("no_load_optim", "no_load_rng"):
+        if getattr(args, dest, False) and not getattr(args, "load", None):
+            return f"--{dest.replace('_', '-')} applies to --load DIR; add --load or drop it"
+    return None
+
+
+def save_options(args) -> dict:
+    """``save_checkpoint`` keywords from the command line."""
+    return {"save_optimizer": not getattr(args, "no_save_optim", False),
+            "save_rng": not getattr(args, "no_save_rng", False),
+            "retain_interval": getattr(args, "save_retain_interval", None)}
+
+
+def load_options(args) -> dict:
+    """``load_checkpoint`` keywords from the command line."""
+    return {"finetune": bool(getattr(args, "finetune", False)),
+            "load_optimizer": not getattr(args, "no_load_optim", False),
+            "load_rng": not getattr(args, "no_load_rng", False)}

@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                       groups=("model", "parallel", "precision", "training", "checkpoint", "inference"))
     import torch.distributed as dist
 
-    from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import format_throughput
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     cfg = args.model_config
     ctx = build_train_context(args, cfg, seed=args.seed)
     # Adam's moments are reset every iteration unless --keep-optimizer-state: not saved then
-    iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune,
+    iteration, extra = load_checkpoint(args.load, ctx, **load_options(args),
                                        need_optimizer_moments=args.keep_optimizer_state)
     rank = dist.get_rank()
     tok_spec = args.tokenizer or os.path.join(args.load, "tokenizer")
@@ -391,8 +391,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()},
-                        save_optimizer_moments=args.keep_optimizer_state,
-                        retain_interval=args.save_retain_interval)
+                        save_optimizer_moments=args.keep_optimizer_state, **save_options(args))
 
     profiler = StepProfiler(args, rank)
     while iteration < args.train_iters:

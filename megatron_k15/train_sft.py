@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     start_time = time.time()
     args = parse_args(argv, "Supervised fine-tuning with megatron_k15", add_sft_args, _validate)
     from megatron_k15 import platform
-    from megatron_k15.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
     from megatron_k15.data.blend import open_packed_stream
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import device_peak_tflops, format_throughput, throughput_metrics, training_flops
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     ctx = build_train_context(args, cfg, seed=args.seed)
     iteration, extra = 0, {}
     if args.load:
-        iteration, extra = load_checkpoint(args.load, ctx, finetune=args.finetune)
+        iteration, extra = load_checkpoint(args.load, ctx, **load_options(args))
     consumed = int(extra.get("consumed_rows", 0))
     rank = dist.get_rank()
     dpo = args.loss == "dpo"
@@ -379,13 +379,13 @@ def main(argv=None) -> int:
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; lower --lr or check the data)")
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
+            save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
     profiler.close()
     if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, ctx, state(), retain_interval=args.save_retain_interval)
+        save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
     exits.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()

@@ -240,3 +240,56 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert iteration == 1 and extra == {"consumed_rows": 8}
     for (n, p), (_, q) in zip(fresh.model.named_parameters(), ctx.model.named_parameters()):
         assert torch.allclose(p, q - 1.0, atol=1e-6) and not torch.allclose(p, q), n
+
+
+def test_checkpoint_without_optimizer_or_rng(tmp_path):
+    """--no-save-optim / --no-save-rng leave them out; loading one needs --no-load-optim, which
+    continues from the weights and iteration with a fresh optimizer whose fp32 master weights
+    are the loaded ones (a step with lr 0 leaves the weights as loaded)."""
+    import megatron_k15.checkpointing as ckpt
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.models.config import preset
+    from megatron_k15.training import build_train_context
+
+    initialize_model_parallel(1)
+    ctx = build_train_context(_args(), preset("tiny"), seed=1)
+    ckpt.save_checkpoint(str(tmp_path), 5, ctx, {"consumed_rows": 20}, save_optimizer=False, save_rng=False)
+    d = tmp_path / "iter_0000005"
+    assert "optimizer" not in torch.load(d / ckpt.shard_dir_name(0, 0) / "model.pt", weights_only=True)
+    assert os.listdir(d / "rng") == []
+    fresh = build_train_context(_args(), preset("tiny"), seed=2)
+    with pytest.raises(ckpt.CheckpointError, match="add --no-load-optim"):
+        ckpt.load_checkpoint(str(tmp_path), fresh)
+    assert ckpt.load_checkpoint(str(tmp_path), fresh, load_optimizer=False) == (5, {"consumed_rows": 20})
+    for p in fresh.model.parameters():
+        p.grad = torch.ones_like(p)
+    fresh.optimizer.step(0.0)
+    for (n, p), (_, q) in zip(fresh.model.named_parameters(), ctx.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("flag", ["--no-load-optim", "--no-load-rng"])
+def test_load_switches_need_load(flag, capsys):
+    from megatron_k15.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2", flag], world_size=1)
+    assert f"{flag} applies to --load DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sft_resumes_weights_only_checkpoint_with_a_fresh_optimizer(tmp_path, sft_straight):
+    """Saved with --no-save-optim at iteration 2, resumed with --no-load-optim: iteration 3's
+    loss (the weights after 2, the data position) is the uninterrupted run's; iteration 4's is
+    not (Adam restarted)."""
+    data, straight = sft_straight
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ck, tb = str(tmp_path / "d"), str(tmp_path / "tb_d")
+    subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2", "--no-save-optim"]), check=True,
+                   capture_output=True, env=env)
+    refused = subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck]), capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "add --no-load-optim" in refused.stderr
+    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck, "--no-load-optim", "--train-iters", "4"]), check=True,
+                   capture_output=True, env=env)
+    resumed = _losses(tb)
+    assert resumed[3] == straight[3] and resumed[4] != straight[4]

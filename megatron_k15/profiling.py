@@ -12,9 +12,10 @@ iterations 11 and 12) on the ranks in ``--profile-ranks``:
 - without it (GPU only): the window is bracketed by ``cudaProfilerStart/Stop`` with NVTX
   ranges for every op, for ``nsys profile --capture-range=cudaProfilerApi
   --capture-range-end=stop``.
-- ``--record-memory-history`` (GPU only): the CUDA caching allocator records every
-  allocation with its stack from the first iteration on; the snapshot is dumped after the
-  window's end (or when the run ends first) to ``--memory-snapshot-path``; open it in
+- ``--record-memory-history`` (GPU only, with or without ``--profile``): the CUDA caching
+  allocator records every allocation with its stack from the first iteration on; the snapshot
+  is dumped after the window's end (or when the run ends first, or fails: an out-of-memory
+  error is what one records it for) to ``--memory-snapshot-path``; open it in
   https://pytorch.org/memory_viz.
 
 The counts are absolute iteration numbers: a run resumed inside the window profiles what is
@@ -68,10 +69,12 @@ def check_profile_args(args, world_size: int) -> Optional[str]:
     """The problem with the profiling flags, or None; fills in the window's defaults."""
     if not hasattr(args, "profile"):
         return None
+    window_flags = ("profile_step_start", "profile_step_end", "profile_ranks", "profile_dir")
     if not args.profile:
-        for dest in ("use_pytorch_profiler", "profile_step_start", "profile_step_end", "profile_ranks",
-                     "profile_dir", "pytorch_profiler_collect_shapes", "pytorch_profiler_collect_callstack"):
-            if getattr(args, dest):
+        for dest in ("use_pytorch_profiler", "pytorch_profiler_collect_shapes", "pytorch_profiler_collect_callstack",
+                     *(() if args.record_memory_history else window_flags)):
+            value = getattr(args, dest)
+            if value is not None and value is not False:  # 0 is a value given
                 return f"--{dest.replace('_', '-')} applies to --profile; add --profile or drop it"
     if args.memory_snapshot_path and not args.record_memory_history:
         return "--memory-snapshot-path applies to --record-memory-history; add it or drop the path"
@@ -103,9 +106,16 @@ def check_profile_args(args, world_size: int) -> Optional[str]:
     if args.profile and not args.use_pytorch_profiler and not cuda:
         return ("--profile without --use-pytorch-profiler brackets the window for nsys (CUDA profiler API) "
                 "and this process sees no GPU; add --use-pytorch-profiler")
-    if (args.use_pytorch_profiler or args.record_memory_history) and profile_dir(args) is None:
-        return ("--use-pytorch-profiler and --record-memory-history write files: give --profile-dir DIR "
-                "(or --tensorboard-dir DIR: they go to DIR/profile)")
+    if args.use_pytorch_profiler and profile_dir(args) is None:
+        return ("--use-pytorch-profiler writes a trace per rank: give --profile-dir DIR (or --tensorboard-dir DIR: "
+                "it goes to DIR/profile)")
+    if args.record_memory_history:
+        if args.memory_snapshot_path is None and profile_dir(args) is None:
+            return ("--record-memory-history writes a snapshot per rank: give --memory-snapshot-path FILE, "
+                    "--profile-dir DIR or --tensorboard-dir DIR")
+        if args.memory_snapshot_path and len(set(args.profile_ranks)) > 1 and "{rank}" not in args.memory_snapshot_path:
+            return (f"--memory-snapshot-path {args.memory_snapshot_path}: --profile-ranks has several ranks, which "
+                    "would overwrite one file; put {rank} in the path (e.g. snapshot.rank{rank}.pickle)")
     return None
 
 
@@ -199,19 +209,29 @@ class StepProfiler:
 
     @contextmanager
     def iteration(self, done: int) -> Iterator[None]:
-        """Profile the iteration after ``done`` finished ones if it is in the window."""
+        """Profile the iteration after ``done`` finished ones if it is in the window. An
+        exception (an out-of-memory error, say) still writes what was recorded, then goes on."""
         if self.memory and not self._memory_on and done < self.end:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             self._memory_on = True
         inside = self.profile and self.start <= done < self.end
         if inside and self._first is None:
             self._open(done)
-        if self._prof is None and self._nvtx is None:
-            yield
-        else:
-            with phase(f"iteration {done + 1}"):
+        try:
+            if self._prof is None and self._nvtx is None:
                 yield
-            self._last = done + 1
+            else:
+                with phase(f"iteration {done + 1}"):
+                    yield
+                self._last = done + 1
+        except BaseException:
+            if self._prof is not None or self._nvtx is not None:
+                self._last = done + 1
+            try:
+                self.close()
+            except Exception as e:  # the original error matters more
+                print(f"[profile] rank {self.rank}: could not write the profile: {e}", flush=True)
+            raise
         if done + 1 >= self.end:
             self._close_window()
             self._dump_memory()

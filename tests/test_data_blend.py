@@ -29,15 +29,16 @@ def test_parse_blend():
     assert parse_blend(["a"], "--x") == Blend(["a"], None)
     assert parse_blend(["a", "b"], "--x") == Blend(["a", "b"], None)
     assert parse_blend(["3", "a", "1", "b"], "--x") == Blend(["a", "b"], [0.75, 0.25])
-    assert parse_blend(["0", "a", "2.5e-1", "b"], "--x").weights == [0.0, 1.0]
+    assert parse_blend(["1e-1", "a", "3e-1", "b"], "--x").weights == pytest.approx([0.25, 0.75])
 
 
 @pytest.mark.parametrize("values, message", [
     (["1", "a", "b"], "3 values; weights and prefixes come in pairs"),
     (["a", "0.5", "b"], "'0.5' looks like a weight but the first value is a prefix"),
     (["1", "a", "x", "b"], "'x' before b is not a weight"),
-    (["-1", "a", "2", "b"], "the weight of a must be a finite number >= 0"),
-    (["0", "a", "0", "b"], "the weights add up to 0"),
+    (["-1", "a", "2", "b"], "the weight of a must be a finite number > 0"),
+    (["0", "a", "1", "b"], "the weight of a must be a finite number > 0"),
+    (["nan", "a", "1", "b"], "the weight of a must be a finite number > 0"),
     (["1", "a", "1", "a"], "a is given twice"),
     (["1", "2", "3", "4"], "'2' after weight 1 is a number"),
 ])
@@ -218,3 +219,12 @@ def test_train_rl_draws_from_every_prompt_set(cli_inputs, more_prompts, tmp_path
     assert "6 prompts" in res.stdout
     rows = [json.loads(line) for line in open(tmp_path / "log" / "iter_0000001.jsonl")]
     assert sorted({r["prompt_id"] for r in rows}) == ["m0", "m1", "q0", "q1", "q2", "q3"]
+
+
+def test_an_epoch_without_trainable_units_fails_instead_of_hanging():
+    from megatron_k15.data.indexed import SFTSample
+
+    samples = [SFTSample(np.arange(1), np.ones(1, np.uint8)), SFTSample(np.arange(5), np.ones(5, np.uint8))]
+    stream = PackedSFTStream(samples, 8, seed=0, epoch_order=lambda epoch: np.array([0, 0]))  # only the 1-token one
+    with pytest.raises(ValueError, match="epoch 0 packs no rows"):
+        stream.rows(0, 1)

@@ -77,6 +77,41 @@ def test_a_run_past_the_window_or_another_rank_writes_nothing(tmp_path):
     assert not torch.autograd._profiler_enabled()
 
 
+def test_an_exception_in_the_window_still_writes_the_trace(tmp_path):
+    profiler = StepProfiler(_args(tmp_path, 1, 5), rank=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for done in range(0, 5):
+            with profiler.iteration(done):
+                torch.ones(4, 4).sum()
+                if done == 2:
+                    raise RuntimeError("CUDA out of memory (simulated)")
+    assert _traces(tmp_path) == ["rank0.iterations2-3.pt.trace.json"]
+    assert not torch.autograd._profiler_enabled()
+
+
+def _namespace(**kw):
+    base = dict(profile=False, use_pytorch_profiler=False, profile_step_start=None, profile_step_end=None,
+                profile_ranks=None, profile_dir=None, tensorboard_dir=None, pytorch_profiler_collect_shapes=False,
+                pytorch_profiler_collect_callstack=False, record_memory_history=False, memory_snapshot_path=None,
+                train_iters=20)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_memory_history_takes_the_window_flags(monkeypatch):
+    from megatron_k15.profiling import check_profile_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks of a GPU machine
+    ok = _namespace(record_memory_history=True, profile_ranks=[0, 1], memory_snapshot_path="s.rank{rank}.pickle")
+    assert check_profile_args(ok, 2) is None and (ok.profile_step_start, ok.profile_step_end) == (10, 12)
+    assert check_profile_args(_namespace(record_memory_history=True, profile_step_start=1, profile_step_end=3,
+                                         profile_dir="d"), 2) is None
+    assert "put {rank} in the path" in check_profile_args(
+        _namespace(record_memory_history=True, profile_step_start=0, profile_ranks=[0, 1],
+                   memory_snapshot_path="s.pickle"), 2)
+    assert "give --memory-snapshot-path FILE" in check_profile_args(_namespace(record_memory_history=True), 1)
+    assert "--profile-step-start applies to --profile" in check_profile_args(_namespace(profile_step_start=0), 1)
+
+
 def test_phase_is_free_without_a_profiler():
     assert type(phase("x")).__name__ == "nullcontext"
 

@@ -13,7 +13,9 @@ is subsampled, and over enough epochs every sample is seen. The epoch's units ar
 shuffled together (seeded by (seed, epoch)); everything is a function of the seed, so a
 resumed run sees the same order.
 
-The datasets must have been tokenized alike (tokenizer, vocabulary) and preprocessed in the
+Units that cannot be trained on (a sample under 2 tokens, a pair longer than --seq-length) are
+dropped after the blend is drawn, so a dataset that loses more of them than the others gets a
+little less than its weight. The datasets must have been tokenized alike (tokenizer, vocabulary) and preprocessed in the
 same mode; ``check_compatible`` says which flag and prefix differ.
 """
 
@@ -71,12 +73,11 @@ def parse_blend(values: Sequence[str], flag: str, allow_weights: bool = True) ->
         for w, p, raw in zip(weights, prefixes, values[0::2]):
             if w is None:
                 raise BlendError(f"{flag}: {raw!r} before {p} is not a weight (WEIGHT PREFIX pairs)")
-            if not (np.isfinite(w) and w >= 0):
-                raise BlendError(f"{flag}: the weight of {p} must be a finite number >= 0, got {raw}")
+            if not (np.isfinite(w) and w > 0):
+                raise BlendError(f"{flag}: the weight of {p} must be a finite number > 0, got {raw} (leave a "
+                                 "dataset out of the blend to not train on it)")
             if _number(p) is not None:
                 raise BlendError(f"{flag}: {p!r} after weight {raw} is a number, not a dataset prefix")
-        if not sum(weights) > 0:
-            raise BlendError(f"{flag}: the weights add up to 0; give at least one dataset a positive weight")
         total = sum(weights)
         weights = [w / total for w in weights]
     duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
@@ -160,6 +161,9 @@ def open_packed_stream(blend: Blend, seq_length: int, seed: int, pairs: bool = F
 
     datasets = [(load_preference_dataset if pairs else load_sft_dataset)(p) for p in blend.prefixes]
     check_compatible([d.summary for d in datasets], blend.prefixes, flag)
+    for d, prefix in zip(datasets, blend.prefixes):
+        if len(d) == 0:
+            raise BlendError(f"{flag}: {prefix} holds no {'pairs' if pairs else 'samples'}")
     parts = [d.sequences for d in datasets] if pairs else datasets
     sizes = [len(d) for d in datasets]
     sequences = parts[0] if len(parts) == 1 else ConcatSequences(parts)

@@ -65,6 +65,9 @@ class PackedSFTStream:
     def _row(self, index: int) -> list[int]:
         while index >= self._starts[-1]:
             rows = self._pack_epoch(len(self._epochs))
+            if not rows:  # nothing of this epoch can be trained on: the next would be empty too
+                raise ValueError(f"epoch {len(self._epochs)} packs no rows: none of its samples fits "
+                                 f"--seq-length {self.seq_length} with 2 or more tokens")
             self._epochs.append(rows)
             self._starts.append(self._starts[-1] + len(rows))
         epoch = bisect_right(self._starts, index) - 1

@@ -14,8 +14,8 @@ counting from 1), one object per trajectory that finished in iteration n and was
     resumed from the replay buffer), logprob_mean (the engine's mean log-prob of this iteration's tokens)
 
 in the iteration's order (groups together). Unfinished (partial) trajectories are logged in
-the iteration that finishes them. A file is written atomically, and a resumed run that redoes
-an iteration rewrites its file with the same content.
+the iteration that finishes them; an iteration in which none finished writes no file. A file
+is written atomically, and a resumed run that redoes an iteration rewrites its file.
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def add_rollout_log_args(g) -> None:
 def check_rollout_log_args(args) -> Optional[str]:
     if args.rollout_log_interval < 1:
         return f"--rollout-log-interval must be >= 1, got {args.rollout_log_interval}"
-    if args.rollout_log_dir and os.path.exists(args.rollout_log_dir) and not os.path.isdir(args.rollout_log_dir):
-        return f"--rollout-log-dir {args.rollout_log_dir} is a file; give a directory"
+    d = args.rollout_log_dir
+    if d:  # rank 0 writes alone: a failure there would leave the other ranks waiting in a collective
+        if os.path.exists(d) and not os.path.isdir(d):
+            return f"--rollout-log-dir {d} is a file; give a directory"
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            return f"--rollout-log-dir {d}: cannot create it ({e.strerror})"
+        if not os.access(d, os.W_OK):
+            return f"--rollout-log-dir {d}: not writable"
     return None
 
 

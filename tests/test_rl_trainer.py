@@ -187,7 +187,8 @@ EXACT = ("reward_mean", "accuracy", "response_length_mean", "response_length_max
 CLOSE = {"loss": 1e-5, "entropy": 1e-5, "grad_norm": 1e-4, "kl_proxy": 1e-4}
 
 
-def _assert_same_update(got, ref, what):
+def _assert_same_update(got, ref, what, same_samples=True):
+    """``same_samples``: both trained on the same samples (the model FLOPs agree too)."""
     m0 = ref[0]["metrics"]
     iters = len(got[0]["metrics"])
     for r in got:
@@ -196,6 +197,8 @@ def _assert_same_update(got, ref, what):
                 assert a[k] == b[k], (what, k, a[k], b[k])
             for k, tol in CLOSE.items():
                 assert abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])), (what, k, a[k], b[k])
+            if not same_samples:
+                continue
             # the model FLOPs of the iteration's training passes: the same samples in every layout
             flops = [m["train_tflops_per_gpu"] * m["train_time_s"] * n * 1e12 for m, n in ((a, len(got)), (b, 1))]
             assert flops[0] == pytest.approx(flops[1], rel=1e-9) and flops[1] > 0, (what, flops)
@@ -481,7 +484,7 @@ def test_skipping_zero_advantage_groups_gives_the_same_update():
     got = run_distributed(rl_worker, 2, 1, "omd", 0, 2, 1, 1, dict(SKIP_OPTS, skip_zero_advantage=True))
     for m in got[0]["metrics"]:
         assert m["trained_samples"] == 4 and m["zero_advantage_fraction"] == 0.5
-    _assert_same_update(got, ref, "skip")
+    _assert_same_update(got, ref, "skip", same_samples=False)  # the flat groups are not trained
 
 
 @pytest.mark.slow
@@ -880,7 +883,8 @@ def test_resume_is_bitwise_identical(cli_inputs, tmp_path, optimizer):
     assert sorted(second) == [3, 4]
     for it in (3, 4):
         for k, v in first[it].items():
-            if not (k == "time" or k.endswith("_s") or k.endswith("_per_s") or "memory" in k):
+            if not (k == "time" or k.endswith("_s") or k.endswith("_per_s") or "memory" in k
+                    or "tflops" in k or k.endswith("mfu")):  # timings and rates
                 assert second[it][k] == v, (it, k)
     assert first[2]["replay_buffer_size"] > 0, "no partial rollout crossed the checkpoint"
     assert all(first[it]["grad_norm"] > 0 for it in (3, 4))

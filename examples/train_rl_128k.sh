@@ -79,6 +79,11 @@ SAVE_RETAIN_INTERVAL=${SAVE_RETAIN_INTERVAL-$((SAVE_INTERVAL * 10))}
 SEED=${SEED:-1234}
 BF16=${BF16:-1}                                     # 0 on CPU
 RECOMPUTE=${RECOMPUTE:-full}                        # activation recompute at 128K; empty = off
+# a collective waits this long for the slowest rank (ranks done with their rollouts wait for the
+# others'; a 16K-token segment after a 100K prefix can take many minutes) before the job aborts
+DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-120}
+# every N-th iteration's rollouts (prompt, response, reward, advantage) to rl/rollouts/*.jsonl; empty = off
+ROLLOUT_LOG_INTERVAL=${ROLLOUT_LOG_INTERVAL-10}
 EXTRA_RL_ARGS=${EXTRA_RL_ARGS:-}                    # appended verbatim (split on spaces)
 
 # ---- where the stages write -------------------------------------------------------------------
@@ -226,6 +231,7 @@ else
   [ -n "$SAVE_RETAIN_INTERVAL" ] && OPT_ARGS+=(--save-retain-interval "$SAVE_RETAIN_INTERVAL")
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
   [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
+  [ -n "$ROLLOUT_LOG_INTERVAL" ] && OPT_ARGS+=(--rollout-log-dir "$RL_DIR/rollouts" --rollout-log-interval "$ROLLOUT_LOG_INTERVAL")
   # GRPO's KL reference: the model RL started from (frozen; also when resuming)
   awk -v k="$KL_COEF" 'BEGIN { exit !(k + 0 != 0) }' && OPT_ARGS+=(--kl-coef "$KL_COEF" --ref-load "$CONVERTED")
   read -r -a EXTRA <<< "$EXTRA_RL_ARGS"
@@ -253,6 +259,7 @@ else
     --length-penalty-weight "$LENGTH_PENALTY_WEIGHT" --length-penalty-start-iter "$LENGTH_PENALTY_START_ITER" \
     --train-iters "$TRAIN_ITERS" --lr "$LR" --lr-decay-style constant --clip-grad 1.0 --seed "$SEED" \
     --save "$RL_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler \
+    --distributed-timeout-minutes "$DIST_TIMEOUT_MINUTES" \
     --tensorboard-dir "$RL_DIR/tb" --log-interval 1 \
     "${OPT_ARGS[@]}" "${EXTRA[@]}"
   trap - USR1

@@ -63,6 +63,12 @@ MEGATRON_MODEL_SWITCHES = {
     "--attention-softmax-in-fp32": "the softmax always accumulates in fp32",
     "--no-position-embedding": "there is no learned position embedding (RoPE only)",
 }
+MEGATRON_LOGGING_SWITCHES = {
+    "--log-throughput": "model TFLOP/s per GPU is always logged (tflops_per_gpu; MFU on known GPUs)",
+    "--log-timers-to-tensorboard": "the iteration's time (and RL's per-phase times) are always logged",
+    "--log-validation-ppl-to-tensorboard": "valid_loss is logged with --valid-data (perplexity = exp of it)",
+    "--use-checkpoint-args": "the model shape always comes from --load's checkpoint",
+}
 MEGATRON_TRAINING_SWITCHES = {
     "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
     "--overlap-grad-reduce": "gradient reduction always overlaps backward",
@@ -137,6 +143,11 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                     help="sequence parallelism is on whenever tp > 1; this turns it off")
     sp.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=True,
                     help="accepted for Megatron-LM scripts: on by default here")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with GPUs, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
+                   help="how long a collective may wait for the slowest rank before the run aborts; RL ranks "
+                        "that finish their rollouts wait for the others' (raise it for very long segments)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
 
@@ -251,6 +262,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="accepted for Megatron-LM scripts: HuggingFaceTokenizer (with --tokenizer-model)")
+    g.add_argument("--tokenizer-model", default=None, help="Megatron-LM's name for --tokenizer PATH")
+    for flag, why in MEGATRON_LOGGING_SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
 
 
 def build_parser(description: str = "megatron_k15",
@@ -364,6 +380,22 @@ def megatron_settings_problem(args) -> Optional[str]:
     return None
 
 
+def check_tokenizer_flags(args) -> None:
+    """Megatron-LM's ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH`` is our
+    ``--tokenizer PATH``."""
+    kind, model = _get(args, "tokenizer_type"), _get(args, "tokenizer_model")
+    if kind not in (None, "HuggingFaceTokenizer"):
+        raise ArgumentError(f"--tokenizer-type {kind} is not supported: tokenizers here are Hugging Face's "
+                            "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH, or --tokenizer PATH) "
+                            "or the built-in --tokenizer byte")
+    if model is not None:
+        if _get(args, "tokenizer") not in (None, model):
+            raise ArgumentError(f"--tokenizer-model {model} and --tokenizer {args.tokenizer} disagree; give one")
+        args.tokenizer = model
+    elif kind is not None and _get(args, "tokenizer") is None:
+        raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
+
+
 def validate_args(args, world_size: Optional[int] = None) -> None:
     """Raise ArgumentError for any combination that cannot work. Fills ``args.model_config``,
     ``args.data_parallel_size`` and ``args.params_dtype``."""
@@ -411,6 +443,13 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
                or check_profile_args(args, world_size) or check_checkpoint_switches(args))
     if problem:
         raise ArgumentError(problem)
+    timeout = _get(args, "distributed_timeout_minutes")
+    if timeout is not None and not timeout > 0:
+        raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {timeout}")
+    if _get(args, "distributed_backend") == "nccl" and not torch.cuda.is_available():
+        raise ArgumentError("--distributed-backend nccl needs GPUs and this process sees none; use gloo "
+                            "(or leave the flag out)")
+    check_tokenizer_flags(args)
     if _get(args, "finetune") and not _get(args, "load"):
         raise ArgumentError("--finetune needs --load DIR (the weights to start from)")
     load = _get(args, "load")

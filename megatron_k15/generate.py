@@ -110,12 +110,10 @@ def main(argv=None) -> int:
     from megatron_k15.files import atomic_file
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.generation.sampling import SamplingParams, request_generator
-    from megatron_k15.initialize import destroy, initialize_model_parallel
+    from megatron_k15.initialize import destroy, initialize_parallel_from_args
     from megatron.core import parallel_state
 
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    initialize_model_parallel(tp, pp, cp, ep=getattr(args, "expert_model_parallel_size", 1) or 1)
+    initialize_parallel_from_args(args)
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -154,7 +152,8 @@ def main(argv=None) -> int:
         merged: dict[int, dict] = {}
         for part, _ in gathered:
             merged.update(part)
-        total_tokens = sum(n for _, n in gathered) // (tp * pp * cp)  # each dp rank counted once
+        replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+        total_tokens = sum(n for _, n in gathered) // replica  # each dp rank counted once
         with atomic_file(args.output) as f:
             for i in range(len(requests)):
                 f.write(json.dumps(merged[i], ensure_ascii=False) + "\n")

@@ -48,12 +48,14 @@ def check_world_size(world_size: int, tp: int, pp: int, cp: int, ep: int = 1) ->
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: str | None = None,
-                              ep: int = 1) -> None:
+                              ep: int = 1, timeout_minutes: float = 30.0) -> None:
     """Process groups in Megatron's order (tp fastest, then cp, dp, pp); the expert-parallel
-    groups (``ep``) split the dp x cp ranks of each tp rank and stage (``parallel.expert``)."""
+    groups (``ep``) split the dp x cp ranks of each tp rank and stage (``parallel.expert``).
+    ``timeout_minutes``: how long a collective may wait for the slowest rank (a rank done with
+    its rollouts waits for the others' in the gather) before the run is aborted."""
     from megatron.core import parallel_state
 
-    initialize_distributed(backend)
+    initialize_distributed(backend, timeout_minutes)
     check_world_size(dist.get_world_size(), tp, pp, cp, ep)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -63,14 +65,15 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: st
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
         create_gloo_process_groups=dist.get_backend() != "gloo",
+        distributed_timeout_minutes=max(1, int(round(timeout_minutes))),
     )
-    _create_pipeline_token_groups(pp)
+    _create_pipeline_token_groups(pp, datetime.timedelta(minutes=timeout_minutes))
 
 
 _PIPELINE_TOKEN_GROUP = None
 
 
-def _create_pipeline_token_groups(pp: int) -> None:
+def _create_pipeline_token_groups(pp: int, timeout: datetime.timedelta) -> None:
     """A second communicator per pipeline group, for the generation engine's sampled tokens
     that travel from the last stage back to the others while hidden states travel forward on
     the pipeline group (on one NCCL communicator both directions share a stream per peer
@@ -86,7 +89,7 @@ def _create_pipeline_token_groups(pp: int) -> None:
     own = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     for first in range(stride):
         ranks = list(range(first, world, stride))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             if ranks != own:
                 raise RuntimeError(f"pipeline group {own} is not laid out as expected ({ranks})")
@@ -117,12 +120,19 @@ def set_seed(seed: int) -> None:
             pass
 
 
-def initialize_megatron(args) -> None:
-    """Everything an entry point needs before building the model, from parsed arguments."""
+def initialize_parallel_from_args(args) -> None:
+    """The process groups of the parsed parallelism flags (sizes, backend, timeout)."""
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size,
+        backend=getattr(args, "distributed_backend", None),
         ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+        timeout_minutes=getattr(args, "distributed_timeout_minutes", None) or 30.0,
     )
+
+
+def initialize_megatron(args) -> None:
+    """Everything an entry point needs before building the model, from parsed arguments."""
+    initialize_parallel_from_args(args)
     set_seed(args.seed)
 
 

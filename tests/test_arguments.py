@@ -231,3 +231,40 @@ def test_restating_a_preset_keeps_its_head_size():
     assert cfg.head_dim == 128  # the preset's decoupled head size, not 1024 / 16
     cfg = _validate(["--model-preset", "qwen2.5-0.5b", "--hidden-size", "1792"]).model_config
     assert cfg.head_dim == 1792 // 14  # coupled: follows the hidden size
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer is not supported"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "needs --tokenizer-model PATH"),
+    (["--tokenizer-model", "a", "--tokenizer", "b"], "--tokenizer-model a and --tokenizer b disagree"),
+])
+def test_megatron_distributed_and_tokenizer_flags_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2", *flags], world_size=1)
+    assert message in capsys.readouterr().err
+
+
+def test_megatron_logging_switches_and_tokenizer_model_accepted():
+    args = parse_args(["--num-layers", "2", "--log-throughput", "--log-timers-to-tensorboard", "--use-checkpoint-args",
+                       "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/tok", "--distributed-backend",
+                       "gloo"], world_size=1)
+    assert args.tokenizer == "/tok" and args.distributed_backend == "gloo"
+
+
+def test_distributed_timeout_reaches_every_process_group():
+    """--distributed-timeout-minutes sets the default group's and megatron-core's groups' timeout."""
+    probe = """
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron_k15.arguments import parse_args
+from megatron_k15.initialize import initialize_parallel_from_args
+args = parse_args(["--num-layers", "2", "--distributed-timeout-minutes", "77"], world_size=1)
+initialize_parallel_from_args(args)
+for g in (dist.group.WORLD, parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
+    print(g._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["4620.0"] * 3, out

@@ -93,14 +93,12 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state
 
     from megatron_k15.generation.loading import load_generation_replica
-    from megatron_k15.initialize import destroy, initialize_model_parallel, set_seed
+    from megatron_k15.initialize import destroy, initialize_parallel_from_args, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.files import atomic_file
     from megatron_k15.rl.evaluation import evaluate
 
-    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.context_parallel_size)
-    initialize_model_parallel(tp, pp, cp, ep=getattr(args, "expert_model_parallel_size", 1) or 1)
+    initialize_parallel_from_args(args)
     set_seed(args.seed)
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)

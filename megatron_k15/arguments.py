@@ -202,6 +202,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     add_wandb_args(g)
     add_exit_args(g)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="log the L2 norm of all weights (params_norm) with each logged iteration")
     add_profile_args(p)
 
 

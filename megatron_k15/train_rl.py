@@ -411,6 +411,8 @@ def main(argv=None) -> int:
                                      (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(run_eval())
         if iteration % args.log_interval == 0 or iteration == args.train_iters or "eval_accuracy" in metrics:
+            if args.log_params_norm:
+                metrics["params_norm"] = ctx.optimizer.params_norm()
             logger.log(iteration, metrics)
             if rank == 0:
                 line = (f"[train_rl] iteration {iteration}/{args.train_iters} | reward "

@@ -368,6 +368,8 @@ def main(argv=None) -> int:
             metrics.update(throughput_metrics(training_flops(cfg, lengths), elapsed, world_size, peak))
             if ctx.moe_aux_loss is not None:
                 metrics["moe_aux_loss"] = ctx.moe_aux_loss
+            if args.log_params_norm:
+                metrics["params_norm"] = ctx.optimizer.params_norm()
             logger.log(iteration, metrics)
             if rank == 0:
                 extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "

@@ -74,7 +74,8 @@ def test_sft_logs_the_flops_of_its_samples(tmp_path):
     rows = PackedSFTStream(dataset, 64, seed=1234, lengths=dataset.lengths).rows_in_epoch(0)
     tb = tmp_path / "tb"
     cmd = _sft_cmd(data, str(tmp_path / "ck"), str(tb), ["--train-iters", "1", "--micro-batch-size", "1",
-                                                           "--global-batch-size", str(rows), "--lr-warmup-iters", "0"])
+                                                           "--global-batch-size", str(rows), "--lr-warmup-iters", "0",
+                                                           "--log-params-norm"])
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     (m,) = [json.loads(line) for line in open(tb / "metrics.jsonl")]
@@ -82,3 +83,4 @@ def test_sft_logs_the_flops_of_its_samples(tmp_path):
     expected = training_flops(cfg, [min(len(dataset[i].tokens) - 1, 64) for i in range(len(dataset))])
     assert m["tflops_per_gpu"] * m["iteration_time_s"] * 1e12 == pytest.approx(expected, rel=1e-9)
     assert "TFLOP/s/GPU" in res.stdout and "mfu" not in m  # no GPU: no peak to compare with
+    assert m["params_norm"] > 0  # --log-params-norm (its value: tests/test_training_parallel.py)

@@ -2,6 +2,7 @@
 weights (fp32, relative 1e-5), through the 1F1B schedule, ZeRO-1 Adam and SP."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def train_worker(rank, world_size, tp, pp, qk_layernorm=False, sequence_parallel
     valid = validation_loss(ctx, stream, MBS, torch.device("cpu"), max_rows=GBS + 2)
     return {"losses": losses, "norms": norms, "aux": aux, "tp_rank": ctx.pc.tp_rank, "pp_rank": ctx.pc.pp_rank,
             "dp_rank": dp_rank, "state": ctx.model.checkpoint_state_dict(all_experts=True), "valid": valid,
-            "optimizer": ctx.optimizer.state_dict()["master"]}
+            "optimizer": ctx.optimizer.state_dict()["master"], "params_norm": ctx.optimizer.params_norm()}
 
 
 def _full_weights(results):
@@ -145,6 +146,10 @@ def _assert_equal_to_reference(results, reference):
         assert abs(r["valid"]["valid_loss"] - ref["valid"]["valid_loss"]) <= 1e-5 * ref["valid"]["valid_loss"]
     ref_w, got_w = _full_weights(reference), _full_weights(results)
     assert sorted(ref_w) == sorted(got_w)
+    # --log-params-norm: every weight once, whatever the layout (the full weights' norm)
+    full = math.sqrt(math.fsum(float(w.double().pow(2).sum()) for w in ref_w.values()))
+    for r in reference + results:
+        assert abs(r["params_norm"] - full) <= 1e-5 * full, (r["params_norm"], full)
     for name, w in ref_w.items():
         scale = max(1e-3, w.abs().max().item())
         assert (got_w[name] - w).abs().max().item() <= 1e-5 * scale, name

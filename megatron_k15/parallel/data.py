@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -314,14 +314,24 @@ class DistributedOptimizer:
         self._sync_enabled = False
 
     # -- the update -------------------------------------------------------------------------------
-    def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float32, device=self.buckets[0].shard_grad.device)
-        for b in self.buckets:
+    def _global_norm(self, shards: Sequence[torch.Tensor]) -> float:
+        """L2 norm over every rank's shards, each parameter element counted once."""
+        sq = torch.zeros((), dtype=torch.float32, device=shards[0].device)
+        for b, shard in zip(self.buckets, shards):
             for lo, hi in b.norm_ranges:
-                sq += b.shard_grad[lo:hi].pow(2).sum()
+                sq += shard[lo:hi].float().pow(2).sum()
         if self.grad_norm_group is not None and _group_size(self.grad_norm_group) > 1:
             dist.all_reduce(sq, group=self.grad_norm_group)
         return float(sq.sqrt())
+
+    def grad_norm(self) -> float:
+        return self._global_norm([b.shard_grad for b in self.buckets])
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """The L2 norm of the whole model's (fp32 master) weights: Megatron-LM's
+        ``--log-params-norm``, a drift gauge for long runs. Collective over all ranks."""
+        return self._global_norm(self.master)
 
     @torch.no_grad()
     def step(self, lr: Optional[float] = None) -> float:

@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.profiling import StepProfiler
-    from megatron_k15.training import MetricsLogger, build_train_context, reduce_sums, train_step
+    from megatron_k15.training import MetricsLogger, build_train_context, merge_interval, reduce_sums, train_step
 
     initialize_megatron(args)
     exits = ExitConditions(args, start_time)  # from here on a signal waits for an iteration's end
@@ -337,6 +337,35 @@ def main(argv=None) -> int:
 
     profiler = StepProfiler(args, rank)
     world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
+    window, window_s = [], 0.0  # the iterations since the last log, and their time
+
+    def log_window(lr: float, grad_norm: float, valid: Optional[dict] = None) -> None:
+        """Log the iterations since the last log as one (Megatron-LM's --log-interval): losses
+        over all their tokens (pairs for DPO), throughput over all their time; lr and grad norm
+        of the last one."""
+        nonlocal window, window_s
+        n = len(window)
+        metrics = merge_interval(window, "dpo_pairs" if dpo else "loss_tokens")
+        metrics.update(valid or {})
+        metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n * gbs * args.seq_length / window_s,
+                        "iteration_time_s": window_s / n, "epoch": stream.epoch_of(consumed - 1),
+                        "peak_memory_bytes": platform.peak_memory_bytes()})
+        # model FLOPs of the batches' real sequences (padding and recompute not counted)
+        lengths = (stream.positions[i] for row in stream.rows(consumed - n * gbs, n * gbs) for i in row)
+        metrics.update(throughput_metrics(training_flops(cfg, lengths), window_s, world_size, peak))
+        if ctx.moe_aux_loss is not None:
+            metrics["moe_aux_loss"] = ctx.moe_aux_loss
+        if args.log_params_norm:
+            metrics["params_norm"] = ctx.optimizer.params_norm()
+        logger.log(iteration, metrics)
+        window, window_s = [], 0.0
+        if rank == 0:
+            extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
+                          f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
+            print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
+                  f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s"
+                  f" | {format_throughput(metrics)}", flush=True)
+
     while iteration < args.train_iters:
         with profiler.iteration(iteration):
             t0 = time.time()
@@ -356,27 +385,14 @@ def main(argv=None) -> int:
             elapsed = time.time() - t0  # before the profiler writes a finished window
         consumed += gbs
         iteration += 1
+        window.append(metrics)
+        window_s += elapsed
+        valid = None
         if valid_stream is not None and (iteration == args.train_iters
                                          or (args.eval_interval and iteration % args.eval_interval == 0)):
-            metrics.update(validate(iteration))
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or "valid_loss" in metrics:
-            metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": gbs * args.seq_length / elapsed,
-                            "iteration_time_s": elapsed, "epoch": stream.epoch_of(consumed - 1),
-                            "peak_memory_bytes": platform.peak_memory_bytes()})
-            # model FLOPs of the batch's real sequences (padding and recompute not counted)
-            lengths = (stream.positions[i] for row in stream.rows(consumed - gbs, gbs) for i in row)
-            metrics.update(throughput_metrics(training_flops(cfg, lengths), elapsed, world_size, peak))
-            if ctx.moe_aux_loss is not None:
-                metrics["moe_aux_loss"] = ctx.moe_aux_loss
-            if args.log_params_norm:
-                metrics["params_norm"] = ctx.optimizer.params_norm()
-            logger.log(iteration, metrics)
-            if rank == 0:
-                extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
-                              f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
-                print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
-                      f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s"
-                      f" | {format_throughput(metrics)}", flush=True)
+            valid = validate(iteration)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or valid is not None:
+            log_window(lr, grad_norm, valid)
         if not math.isfinite(grad_norm):  # the optimizer skipped the update: the weights are intact
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; lower --lr or check the data)")
@@ -386,6 +402,8 @@ def main(argv=None) -> int:
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
     profiler.close()
+    if window:  # stopped early between two logs
+        log_window(lr, grad_norm)
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
     exits.restore()  # only now: a second signal must not interrupt the final save

@@ -253,6 +253,17 @@ def results_to_host(results: list) -> list:
     return [tuple(next(values) if scalar(v) else v for v in r) if isinstance(r, tuple) else r for r in results]
 
 
+def merge_interval(window: Sequence[dict], count_key: str) -> dict:
+    """Per-iteration metrics (each a mean over ``count_key`` units: tokens, pairs) as one over
+    all the iterations: the means weighted by the units, the units summed."""
+    total = sum(m[count_key] for m in window)
+    out = {count_key: total}
+    for key in window[-1]:
+        if key != count_key:
+            out[key] = sum(m[key] * m[count_key] for m in window) / total if total else window[-1][key]
+    return out
+
+
 def group_reduce(value: float, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> float:
     """``value`` reduced over ``group`` (None or a group of one: this rank's own value)."""
     t = torch.tensor([value], dtype=dtype, device=platform.current_device())

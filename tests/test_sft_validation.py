@@ -45,3 +45,26 @@ def test_valid_data_flags_are_checked(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(base + extra, "test", add_sft_args, _validate, world_size=1)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_log_interval_logs_the_interval_as_one(tmp_path):
+    """--log-interval 3 over 4 iterations logs iterations 3 and 4: the loss over all response
+    tokens of iterations 1-3 (the per-iteration losses weighted by their tokens), then iteration
+    4's own; the lr is the logged iteration's."""
+    data = _make_sft_data(tmp_path)
+    runs = {}
+    for interval in ("1", "3"):
+        tb = tmp_path / f"tb{interval}"
+        res = subprocess.run(_sft_cmd(data, str(tmp_path / f"ck{interval}"), str(tb),
+                                      ["--train-iters", "4", "--log-interval", interval]),
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[interval] = {r["iteration"]: r for r in map(json.loads, open(tb / "metrics.jsonl"))}
+    each, merged = runs["1"], runs["3"]
+    assert sorted(merged) == [3, 4]
+    tokens = sum(each[i]["loss_tokens"] for i in (1, 2, 3))
+    assert merged[3]["loss_tokens"] == tokens
+    assert merged[3]["loss"] == pytest.approx(sum(each[i]["loss"] * each[i]["loss_tokens"] for i in (1, 2, 3)) / tokens,
+                                              rel=1e-12)
+    assert merged[4]["loss"] == each[4]["loss"] and merged[3]["lr"] == each[3]["lr"]

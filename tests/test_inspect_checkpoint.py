@@ -1,0 +1,66 @@
+"""tools/checkpoint/inspect_checkpoint.py: what a checkpoint holds (layout, optimizer parts, RNG
+files, trainer state), the parts left out by --no-save-optim / --no-save-rng, and a missing
+shard."""
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_training_parallel import _args  # noqa: E402
+
+from megatron_k15.checkpointing import save_checkpoint, shard_dir_name  # noqa: E402
+from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory  # noqa: E402
+from megatron_k15.initialize import initialize_model_parallel  # noqa: E402
+from megatron_k15.models.config import preset  # noqa: E402
+from megatron_k15.training import build_train_context  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("inspect_checkpoint",
+                                               os.path.join(ROOT, "tools", "checkpoint", "inspect_checkpoint.py"))
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+
+def _inspect(capsys, *argv):
+    rc = tool.main([*argv, "--json"])
+    out = capsys.readouterr()
+    return rc, (json.loads(out.out) if out.out else None), out.err
+
+
+def test_inspect_reports_every_part(tmp_path, capsys):
+    initialize_model_parallel(1)
+    cfg = preset("tiny", num_layers=2)
+    ctx = build_train_context(_args(), cfg, seed=1)
+    buffer = ReplayBuffer()
+    buffer.add(Trajectory(prompt_id="p", prompt_ids=[1, 2], response_ids=[3], segment_ids=[0], logprobs=[-0.5]))
+    save_checkpoint(str(tmp_path), 3, ctx, {"consumed_rows": 12, "replay_buffer": buffer.state_dict()})
+    save_checkpoint(str(tmp_path), 6, ctx, {"consumed_rows": 24}, save_optimizer=False, save_rng=False)
+
+    rc, info, _ = _inspect(capsys, "--load", str(tmp_path))
+    assert rc == 0 and info["iteration"] == 6 and info["latest"] == "6" and info["iterations_in_directory"] == [3, 6]
+    assert info["model"]["num_layers"] == 2 and info["model"]["parameters"] == cfg.num_parameters()
+    assert info["layout"]["tensor_model_parallel_size"] == 1 and info["layout"]["world_size"] == 1
+    assert info["optimizer"] == {"saved": False} and info["rng"] == {"files": 0, "ranks": 1, "complete": False}
+    assert info["trainer_state"]["consumed_rows"] == 24
+
+    rc, info, _ = _inspect(capsys, "--load", str(tmp_path / "iter_0000003"))
+    assert rc == 0 and info["iteration"] == 3
+    assert info["optimizer"] == {"saved": True, "master": True, "moments": True, "step": 0}
+    assert info["rng"]["complete"] and info["trainer_state"]["replay_buffer_trajectories"] == 1
+
+    assert tool.main(["--load", str(tmp_path)]) == 0  # the text form
+    text = capsys.readouterr().out
+    assert "optimizer    not saved (--no-save-optim" in text and "rng          0 of 1 ranks" in text
+
+    shutil.rmtree(tmp_path / "iter_0000006" / shard_dir_name(0, 0))
+    rc, info, _ = _inspect(capsys, "--load", str(tmp_path))
+    assert rc == 1 and info["shards"]["missing"] == [shard_dir_name(0, 0)]
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    rc, info, err = _inspect(capsys, "--load", str(tmp_path))
+    assert rc == 1 and info is None and "no latest_checkpointed_iteration.txt" in err

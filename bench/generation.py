@@ -48,6 +48,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from bench._cli import add_profile_ops_arg, profile_ops  # noqa: E402  (the repository root is on sys.path above)
+
 KNOWN_BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
 
 
@@ -73,6 +75,7 @@ def parse_args(argv=None):
                    help="skip transformers for larger rows once one row took longer than this")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    add_profile_ops_arg(p, "after the table, run our engine on the last configuration")
     p.add_argument("--pp", type=int, default=1,
                    help="> 1: compare pipelined (N lanes) with unpipelined decode over N stages")
     p.add_argument("--threads", type=int, default=0,
@@ -279,6 +282,10 @@ def main(argv=None) -> int:
                 speedup = ours_tps / hf_tps if hf_tps == hf_tps else float("nan")
                 print(f"| {workload} | {batch} | {prompt_len} | {ours_tps:,.0f} | {hf_tps:,.0f} | "
                       f"{speedup:.2f}x | {bound:,.0f} |", flush=True)
+    if args.profile_ops:
+        print(profile_ops(lambda: time_ours(ours, prompts, budgets, args, device), args.profile_ops,
+                          f"our engine on {workload} batch {batch} x {prompt_len} + {args.new_tokens} tokens "
+                          f"under torch.profiler, the {args.profile_ops} most expensive ops:"), flush=True)
     return 0
 
 

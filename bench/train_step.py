@@ -43,7 +43,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench._cli import cuda_or_explain, size_arg  # noqa: E402  (the repository root is on sys.path above)
+from bench._cli import add_profile_ops_arg, cuda_or_explain, profile_ops, size_arg  # noqa: E402  (root on sys.path)
 from megatron_k15.flops import matmul_parameters, training_flops  # noqa: E402
 from megatron_k15.flops import peak_tflops as device_peak  # noqa: E402
 
@@ -69,10 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="peak dense TFLOP/s for MFU (default: from the GPU name)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.add_argument("--profile-ops", type=int, default=0, metavar="N",
-                   help="after the timed steps at the first sequence length, one more step under "
-                        "torch.profiler: print its N most expensive ops (self device time; the model's "
-                        "forward/backward/optimizer ranges included)")
+    add_profile_ops_arg(p, "after the timed steps at the first sequence length, run one step")
     p.add_argument("--smoke", action="store_true",
                    help="tiny preset, s = 64, fp32, sdpa, 1 + 1 steps: checks the script on CPU")
     args = p.parse_args(argv)
@@ -144,8 +141,9 @@ def measure(ctx, cfg, s: int, args, device, meter) -> dict:
                    loss=losses[-1],
                    peak_bytes=int(torch.cuda.max_memory_allocated() if cuda else meter.peak_bytes))
         if args.profile_ops and s == args.seq_lengths[0]:
-            row["profile"] = profile_step(lambda: (train_step(ctx, [mb], step, args.lr), sync()), cuda,
-                                          args.profile_ops)
+            row["profile"] = profile_ops(lambda mb=mb: train_step(ctx, [mb], step, args.lr), args.profile_ops,
+                                         f"one step at {s} tokens under torch.profiler, the {args.profile_ops} "
+                                         "most expensive ops:")
     except torch.OutOfMemoryError as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])
     except Exception as e:  # noqa: BLE001 - one failing length must not hide the others
@@ -156,17 +154,6 @@ def measure(ctx, cfg, s: int, args, device, meter) -> dict:
         if cuda:
             torch.cuda.empty_cache()
     return row
-
-
-def profile_step(run, cuda: bool, top: int) -> str:
-    """The ``top`` ops of one ``run()`` by self time on the device (CPU without CUDA)."""
-    import torch
-
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        run()
-    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=top)
 
 
 def header(cfg, args, device_name, peak, attention) -> str:
@@ -249,8 +236,7 @@ def main(argv=None) -> int:
             rows.append(measure(ctx, cfg, s, args, device, meter))
             print(row_line(rows[-1], cfg, peak), flush=True)
             if "profile" in rows[-1]:
-                print(f"# one step at {s} tokens under torch.profiler, the {args.profile_ops} most expensive ops:\n"
-                      + "\n".join("# " + line for line in rows[-1]["profile"].splitlines()), flush=True)
+                print(rows[-1]["profile"], flush=True)
             if args.json:
                 write_json(args.json, rows, cfg, args, device_name, attention)
     finally:

@@ -67,7 +67,8 @@ MEGATRON_LOGGING_SWITCHES = {
     "--log-throughput": "model TFLOP/s per GPU is always logged (tflops_per_gpu; MFU on known GPUs)",
     "--log-timers-to-tensorboard": "the iteration's time (and RL's per-phase times) are always logged",
     "--log-validation-ppl-to-tensorboard": "valid_loss is logged with --valid-data (perplexity = exp of it)",
-    "--use-checkpoint-args": "the model shape always comes from --load's checkpoint",
+    "--use-checkpoint-args": "the model shape always comes from --load's checkpoint; with this switch a "
+                             "contradicting shape flag is ignored with a warning instead of refused",
 }
 MEGATRON_TRAINING_SWITCHES = {
     "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
@@ -356,9 +357,16 @@ def resolve_model_config(args) -> GPTConfig:
             elif getattr(cfg, field) != value:
                 flag = (MODEL_SWITCHES[field] if field in MODEL_SWITCHES
                         else _flag(next(d for d, f in MODEL_FLAGS.items() if f == field)) + f" {value}")
+                if _get(args, "use_checkpoint_args"):  # Megatron-LM's meaning: the checkpoint wins
+                    import sys
+
+                    print(f"warning: {flag} ignored: --use-checkpoint-args takes {field}={getattr(cfg, field)} "
+                          f"from --load {load}", file=sys.stderr)
+                    continue
                 raise ArgumentError(
                     f"{flag} contradicts the checkpoint in --load {load} "
-                    f"({field}={getattr(cfg, field)}); drop the flag"
+                    f"({field}={getattr(cfg, field)}); drop the flag (or add --use-checkpoint-args to let "
+                    "the checkpoint win)"
                 )
         return cfg
     return apply_model_overrides(preset(_get(args, "model_preset") or "tiny"), explicit)
@@ -448,9 +456,13 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     timeout = _get(args, "distributed_timeout_minutes")
     if timeout is not None and not timeout > 0:
         raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {timeout}")
-    if _get(args, "distributed_backend") == "nccl" and not torch.cuda.is_available():
+    backend = _get(args, "distributed_backend")
+    if backend == "nccl" and not torch.cuda.is_available():
         raise ArgumentError("--distributed-backend nccl needs GPUs and this process sees none; use gloo "
                             "(or leave the flag out)")
+    if backend == "gloo" and torch.cuda.is_available():
+        raise ArgumentError("--distributed-backend gloo on GPUs: the model's tensors live on the GPU, and "
+                            "gloo cannot reduce-scatter or send them; use nccl (or leave the flag out)")
     check_tokenizer_flags(args)
     if _get(args, "finetune") and not _get(args, "load"):
         raise ArgumentError("--finetune needs --load DIR (the weights to start from)")

@@ -295,6 +295,9 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
     if load_optimizer and ctx.optimizer is not None:
         state = _optimizer_state_for_rank(ckpt, layout, model, pc.pp_rank, pc.pp_size)
         if state is None:
+            if layout.get("iteration") is None:  # converted (HF -> Megatron) or merged: weights only
+                raise CheckpointError(f"--load {load_dir}: a release checkpoint (converted or merged weights, no "
+                                      "training state); start from it with --finetune")
             raise CheckpointError(f"--load {load_dir}: no optimizer state (saved with --no-save-optim); add "
                                   "--no-load-optim to continue from its weights and iteration with a fresh "
                                   "optimizer, or --finetune to start from its weights at iteration 0")

@@ -65,7 +65,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: st
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
         create_gloo_process_groups=dist.get_backend() != "gloo",
-        distributed_timeout_minutes=max(1, int(round(timeout_minutes))),
+        distributed_timeout_minutes=timeout_minutes,
     )
     _create_pipeline_token_groups(pp, datetime.timedelta(minutes=timeout_minutes))
 

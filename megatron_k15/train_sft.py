@@ -391,8 +391,10 @@ def main(argv=None) -> int:
         if valid_stream is not None and (iteration == args.train_iters
                                          or (args.eval_interval and iteration % args.eval_interval == 0)):
             valid = validate(iteration)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or valid is not None:
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or not math.isfinite(grad_norm):
             log_window(lr, grad_norm, valid)
+        elif valid is not None:  # between two training logs: the held-out loss alone
+            logger.log(iteration, valid)
         if not math.isfinite(grad_norm):  # the optimizer skipped the update: the weights are intact
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; lower --lr or check the data)")

@@ -256,11 +256,12 @@ def results_to_host(results: list) -> list:
 def merge_interval(window: Sequence[dict], count_key: str) -> dict:
     """Per-iteration metrics (each a mean over ``count_key`` units: tokens, pairs) as one over
     all the iterations: the means weighted by the units, the units summed."""
-    total = sum(m[count_key] for m in window)
-    out = {count_key: total}
-    for key in window[-1]:
+    out = {count_key: sum(m[count_key] for m in window)}
+    for key in dict.fromkeys(k for m in window for k in m):  # each key over the iterations that have it
         if key != count_key:
-            out[key] = sum(m[key] * m[count_key] for m in window) / total if total else window[-1][key]
+            have = [m for m in window if key in m]
+            total = sum(m[count_key] for m in have)
+            out[key] = sum(m[key] * m[count_key] for m in have) / total if total else have[-1][key]
     return out
 
 

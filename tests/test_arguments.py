@@ -127,6 +127,8 @@ def test_load_uses_checkpoint_config_and_rejects_contradictions(tmp_path):
     assert _validate(["--load", str(tmp_path)]).model_config.num_layers == 3
     with pytest.raises(ArgumentError, match="--num-layers 5 contradicts the checkpoint"):
         _validate(["--load", str(tmp_path), "--num-layers", "5"])
+    # Megatron-LM's --use-checkpoint-args: the checkpoint wins over the flag, with a warning
+    assert _validate(["--load", str(tmp_path), "--num-layers", "5", "--use-checkpoint-args"]).model_config.num_layers == 3
 
 
 def _error_line(stderr: str) -> str:

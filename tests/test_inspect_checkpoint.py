@@ -64,3 +64,27 @@ def test_inspect_reports_every_part(tmp_path, capsys):
 def test_not_a_checkpoint(tmp_path, capsys):
     rc, info, err = _inspect(capsys, "--load", str(tmp_path))
     assert rc == 1 and info is None and "no latest_checkpointed_iteration.txt" in err
+
+
+def test_release_checkpoint_is_weights_only(tmp_path, capsys):
+    """A converted / merged checkpoint (``release``, no training state): the tool and --load
+    both point to --finetune."""
+    import pytest
+
+    from megatron_k15.checkpointing import CheckpointError, load_checkpoint, read_full_state_dict, write_full_state_dict
+
+    initialize_model_parallel(1)
+    cfg = preset("tiny", num_layers=2)
+    ctx = build_train_context(_args(), cfg, seed=1)
+    save_checkpoint(str(tmp_path / "a"), 1, ctx)
+    full, _ = read_full_state_dict(str(tmp_path / "a"))
+    write_full_state_dict(str(tmp_path / "release"), full, cfg, 1, 1)  # as the HF converter writes it
+    root = tmp_path / "conv"
+    root.mkdir()
+    (tmp_path / "release").rename(root / "release")
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    assert tool.main(["--load", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer    none: a release checkpoint" in text and "rng          none (release checkpoint)" in text
+    with pytest.raises(CheckpointError, match="a release checkpoint .* with --finetune"):
+        load_checkpoint(str(root), build_train_context(_args(), cfg, seed=2))

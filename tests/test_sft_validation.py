@@ -51,18 +51,20 @@ def test_valid_data_flags_are_checked(tmp_path, capsys):
 def test_log_interval_logs_the_interval_as_one(tmp_path):
     """--log-interval 3 over 4 iterations logs iterations 3 and 4: the loss over all response
     tokens of iterations 1-3 (the per-iteration losses weighted by their tokens), then iteration
-    4's own; the lr is the logged iteration's."""
+    4's own; the lr is the logged iteration's. Validation at 2 is logged on its own."""
     data = _make_sft_data(tmp_path)
     runs = {}
     for interval in ("1", "3"):
         tb = tmp_path / f"tb{interval}"
+        valid = ["--valid-data", data, "--eval-interval", "2", "--eval-iters", "1"] if interval == "3" else []
         res = subprocess.run(_sft_cmd(data, str(tmp_path / f"ck{interval}"), str(tb),
-                                      ["--train-iters", "4", "--log-interval", interval]),
+                                      ["--train-iters", "4", "--log-interval", interval, *valid]),
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         assert res.returncode == 0, res.stdout + res.stderr
         runs[interval] = {r["iteration"]: r for r in map(json.loads, open(tb / "metrics.jsonl"))}
     each, merged = runs["1"], runs["3"]
-    assert sorted(merged) == [3, 4]
+    # the held-out loss at 2 is logged alone, without cutting the training window 1-3
+    assert sorted(merged) == [0, 2, 3, 4] and "loss" not in merged[2] and "valid_loss" in merged[2]
     tokens = sum(each[i]["loss_tokens"] for i in (1, 2, 3))
     assert merged[3]["loss_tokens"] == tokens
     assert merged[3]["loss"] == pytest.approx(sum(each[i]["loss"] * each[i]["loss_tokens"] for i in (1, 2, 3)) / tokens,

@@ -71,7 +71,7 @@ def inspect(load: str) -> dict:
     tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
     root = os.path.dirname(os.path.abspath(ckpt))
     latest = os.path.join(root, LATEST_FILE)
-    iterations = sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", d)))
+    iterations = sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7,})", d)))
     shards, missing, optimizer = [], [], None
     for t in range(tp):
         for p in range(pp):
@@ -115,23 +115,28 @@ def inspect(load: str) -> dict:
 
 def _text(info: dict) -> str:
     m, lay, opt, rng = info["model"], info["layout"], info["optimizer"], info["rng"]
+    release = info["iteration"] is None  # converted from HF or merged: weights only
     lines = [f"checkpoint   {info['path']} (iteration {info['iteration']}; latest: {info['latest']}; "
              f"{len(info['iterations_in_directory'])} iteration(s) in the directory)",
              f"model        {m['architecture']}, {m['parameters'] / 1e6:.1f}M parameters: {m['num_layers']} layers, "
              f"hidden {m['hidden_size']}, ffn {m['ffn_hidden_size']}, {m['num_attention_heads']} heads / "
              f"{m['num_query_groups']} kv, vocab {m['vocab_size']}, {m['max_position_embeddings']} positions"
              + (f", {m['num_experts']} experts" if m["num_experts"] else ""),
-             f"saved at     tp={lay['tensor_model_parallel_size']} pp={lay['pipeline_model_parallel_size']} "
-             f"cp={lay['context_parallel_size']} dp={lay['data_parallel_size']} ep={lay['expert_model_parallel_size']} "
-             f"({lay['world_size']} ranks); loads at any tp/pp",
+             f"saved at     tp={lay['tensor_model_parallel_size']} pp={lay['pipeline_model_parallel_size']}"
+             + ("" if lay["world_size"] is None else
+                f" cp={lay['context_parallel_size']} dp={lay['data_parallel_size']} "
+                f"ep={lay['expert_model_parallel_size']} ({lay['world_size']} ranks)") + "; loads at any tp/pp",
              f"shards       {info['shards']['present']}/{info['shards']['expected']}"
              + (f" (missing {', '.join(info['shards']['missing'])})" if info["shards"]["missing"] else ""),
-             "optimizer    " + ("not saved (--no-save-optim: resume with --no-load-optim or --finetune)"
+             "optimizer    " + ("none: a release checkpoint (converted or merged weights); train from it with "
+                                "--finetune" if release and not opt["saved"] else
+                                "not saved (--no-save-optim: resume with --no-load-optim or --finetune)"
                                 if not opt["saved"] else
                                 f"step {opt['step']}, fp32 master weights {'yes' if opt['master'] else 'no'}, "
                                 f"Adam moments {'yes' if opt['moments'] else 'no (an RL run that resets them)'}"),
-             f"rng          {rng['files']} of {rng['ranks']} ranks"
-             + ("" if rng["complete"] else " (a resume is not bit-identical; --no-save-rng)"),
+             ("rng          none (release checkpoint)" if release and not rng["files"] else
+              f"rng          {rng['files']} of {rng['ranks']} ranks"
+              + ("" if rng["complete"] else " (a resume is not bit-identical; --no-save-rng)")),
              f"trainer      {json.dumps({k: v for k, v in info['trainer_state'].items() if k != 'keys'})}",
              f"tokenizer    {'saved' if info['tokenizer'] else 'none (pass --tokenizer)'}",
              f"size         {info['bytes'] / 2**30:.2f} GiB"]

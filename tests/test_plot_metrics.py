@@ -185,3 +185,10 @@ def test_cli_help_and_missing_matplotlib(tmp_path):
     assert "pip install matplotlib" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_default_keys_put_what_a_run_is_judged_by_first(tool):
+    runs = [[{"iteration": 1, "rollout_time_s": 1.0, "rollout_tokens": 5, "grad_norm": 0.1, "reward_mean": 0.5,
+              "accuracy": 0.2, "zeta": 3.0}]]
+    assert tool.default_keys(runs) == ["reward_mean", "accuracy", "grad_norm", "rollout_time_s", "rollout_tokens",
+                                       "zeta"]

@@ -11,8 +11,9 @@ subplot with the iteration on the x axis; several files are overlaid, each label
 its directory name. When an iteration appears more than once in a file (a resumed run), the
 last record wins.
 
-Default keys: every numeric key except iteration/time/timestamp, in order of first
-appearance, at most 12 subplots. A key given with --keys that no file has is skipped with a
+Default keys: every numeric key except iteration/time/timestamp, the ones a run is judged
+by first (reward, accuracy, length, loss, KL, entropy, grad norm: ``FIRST_KEYS``), then the
+others in order of first appearance, at most 12 subplots. A key given with --keys that no file has is skipped with a
 warning. A malformed line stops the run with ``FILE:LINE: ...`` on stderr and exit code 1.
 
 Needs matplotlib (``pip install matplotlib``); it draws with the Agg backend (no display).
@@ -88,6 +89,11 @@ def read_metrics(path: str) -> list[dict]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
+# what a run is judged by, drawn first when present (the trainers log timings and counts first)
+FIRST_KEYS = ("reward_mean", "reward", "accuracy", "eval_accuracy", "response_length_mean", "loss", "valid_loss",
+              "kl_proxy", "entropy", "grad_norm", "dpo_reward_margin", "dpo_accuracy")
+
+
 def default_keys(runs: list[list[dict]]) -> list[str]:
     keys: list[str] = []
     seen = set()
@@ -98,7 +104,7 @@ def default_keys(runs: list[list[dict]]) -> list[str]:
                     continue
                 seen.add(k)
                 keys.append(k)
-    return keys
+    return [k for k in FIRST_KEYS if k in seen] + [k for k in keys if k not in FIRST_KEYS]
 
 
 def run_labels(paths: list[str]) -> list[str]:

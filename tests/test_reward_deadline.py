@@ -154,3 +154,29 @@ def test_a_forked_child_starts_its_own_servers(predicates):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert _server_pids(pool) == parent_pids and pool.call(("c", "c"), 5.0) is True
+
+
+def test_descriptors_numbered_past_1024(predicates):
+    """A trainer holding many files (datasets, checkpoints, sockets) gets pipe descriptors past
+    select()'s 1024 limit: deadline checks, the server pool and the code sandbox still answer."""
+    import resource
+
+    from megatron_k15.rewards.code import run_tests
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1200:
+        pytest.skip(f"the descriptor limit ({soft}/{hard}) is too low to go past 1024")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        assert run_with_deadline(lambda: True, (), 5.0) is True
+        assert predicates("equal", max_servers=1).call(("a", "a"), 5.0) is True
+        assert run_tests("print(int(input()) + 1)", [{"input": "1", "output": "2"}], 10.0)["status"] == "ok"
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft != resource.RLIM_INFINITY and soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1000,7 +1000,7 @@ def _apply_checker(checker: str, tests: list[dict], results: list[dict], timeout
 
 def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_failure: bool, judge):
     """Read the supervisor's JSON lines as they come, judging each test's output."""
-    import select
+    from megatron_k15.rewards.deadline import wait_readable
 
     results: list[dict] = []
     fd = sup.stdout.fileno()
@@ -1009,8 +1009,7 @@ def _collect(sup: subprocess.Popen, tests: list[dict], deadline: float, stop_on_
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
+        if not wait_readable(fd, remaining):
             break
         chunk = os.read(fd, 1 << 20)
         if not chunk:

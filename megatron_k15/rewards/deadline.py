@@ -41,6 +41,17 @@ _REPLY_SLACK_S = 10.0  # beyond a request's own deadline, before its server is d
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def wait_readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` has data (or its end) within ``timeout_s``. ``poll``, not ``select``:
+    select() cannot watch a descriptor numbered 1024 or more, which a trainer holding datasets,
+    checkpoints, sockets and sandbox pipes reaches."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([fd], [], [], max(0.0, timeout_s))[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(max(0.0, timeout_s) * 1000.0))
+
+
 def limit_memory(extra_bytes: int = 1 << 30) -> None:
     """Cap this process's address space at its current size plus ``extra_bytes`` (best effort)."""
     try:
@@ -84,8 +95,7 @@ def run_with_deadline(fn: Callable[..., bool], args: Sequence, timeout_s: float)
                     os._exit(0)
         os.close(w)
         try:
-            ready, _, _ = select.select([r], [], [], timeout_s)
-            data = os.read(r, 1) if ready else b""
+            data = os.read(r, 1) if wait_readable(r, timeout_s) else b""
         except (OSError, InterruptedError):
             data = b""
         finally:
@@ -167,7 +177,7 @@ class _Server:
         deadline = time.monotonic() + timeout_s
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not wait_readable(fd, left):
                 return None
             chunk = os.read(fd, 4096)
             if not chunk:

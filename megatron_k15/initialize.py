@@ -58,7 +58,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: st
     initialize_distributed(backend, timeout_minutes)
     check_world_size(dist.get_world_size(), tp, pp, cp, ep)
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -136,12 +136,30 @@ def initialize_megatron(args) -> None:
     set_seed(args.seed)
 
 
-def destroy() -> None:
+def destroy_model_parallel_groups() -> None:
+    """Forget megatron-core's groups and ours, and destroy them: megatron-core's
+    ``destroy_model_parallel`` only drops its references, and each forgotten group keeps its
+    sockets (68 descriptors per re-initialisation of one rank under gloo)."""
     from megatron.core import parallel_state
 
     global _PIPELINE_TOKEN_GROUP
+    groups = [g for g in (getattr(parallel_state, "_global_process_group_list", None) or []) if g is not None]
+    if _PIPELINE_TOKEN_GROUP is not None:
+        groups.append(_PIPELINE_TOKEN_GROUP)
     _PIPELINE_TOKEN_GROUP = None
+    parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    live = dist.distributed_c10d._world.pg_map
+    for group in dict.fromkeys(groups):  # once each
+        if group is not dist.group.WORLD and group in live:
+            dist.destroy_process_group(group)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
+from megatron_k15.initialize import DEFAULT_TIMEOUT_MINUTES
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
 from megatron_k15.profiling import add_profile_args, check_profile_args
 from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
@@ -146,7 +147,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                     help="accepted for Megatron-LM scripts: on by default here")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with GPUs, gloo without")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
+    g.add_argument("--distributed-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                    help="how long a collective may wait for the slowest rank before the run aborts; RL ranks "
                         "that finish their rollouts wait for the others' (raise it for very long segments)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)

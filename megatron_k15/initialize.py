@@ -17,7 +17,11 @@ import torch.distributed as dist
 from megatron_k15 import platform
 
 
-def initialize_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> None:
+# how long a collective may wait for the slowest rank (--distributed-timeout-minutes)
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def initialize_distributed(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     if dist.is_initialized():
         return
     backend = backend or platform.default_backend()
@@ -48,7 +52,7 @@ def check_world_size(world_size: int, tp: int, pp: int, cp: int, ep: int = 1) ->
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, backend: str | None = None,
-                              ep: int = 1, timeout_minutes: float = 30.0) -> None:
+                              ep: int = 1, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Process groups in Megatron's order (tp fastest, then cp, dp, pp); the expert-parallel
     groups (``ep``) split the dp x cp ranks of each tp rank and stage (``parallel.expert``).
     ``timeout_minutes``: how long a collective may wait for the slowest rank (a rank done with
@@ -126,7 +130,7 @@ def initialize_parallel_from_args(args) -> None:
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size,
         backend=getattr(args, "distributed_backend", None),
         ep=getattr(args, "expert_model_parallel_size", 1) or 1,
-        timeout_minutes=getattr(args, "distributed_timeout_minutes", None) or 30.0,
+        timeout_minutes=getattr(args, "distributed_timeout_minutes", None) or DEFAULT_TIMEOUT_MINUTES,
     )
 
 

@@ -156,7 +156,6 @@ class StepProfiler:
         self._first = None     # the first profiled iteration (as logged)
         self._last = None
         self._memory_on = False
-        self.written: list[str] = []
 
     def _open(self, done: int) -> None:
         self._first = done + 1
@@ -186,7 +185,6 @@ class StepProfiler:
             table = prof.key_averages().table(sort_by=sort, row_limit=40)
             write_text_atomic(stem + ".summary.txt", f"rank {self.rank}, iterations {self._first}-{self._last}\n"
                               + table + "\n")
-            self.written += [stem + ".pt.trace.json", stem + ".summary.txt"]
             print(f"[profile] rank {self.rank}: iterations {self._first}-{self._last} -> {stem}.pt.trace.json",
                   flush=True)
         if self._nvtx is not None:
@@ -204,7 +202,6 @@ class StepProfiler:
         with atomic_path(path) as tmp:
             torch.cuda.memory._dump_snapshot(tmp)
         torch.cuda.memory._record_memory_history(enabled=None)
-        self.written.append(path)
         print(f"[profile] rank {self.rank}: CUDA memory snapshot -> {path}", flush=True)
 
     @contextmanager

@@ -15,8 +15,9 @@ resumed run sees the same order.
 
 Units that cannot be trained on (a sample under 2 tokens, a pair longer than --seq-length) are
 dropped after the blend is drawn, so a dataset that loses more of them than the others gets a
-little less than its weight. The datasets must have been tokenized alike (tokenizer, vocabulary) and preprocessed in the
-same mode; ``check_compatible`` says which flag and prefix differ.
+little less than its weight. The datasets must have been tokenized alike (tokenizer,
+vocabulary) and preprocessed in the same mode; ``check_compatible`` says which flag and prefix
+differ.
 """
 
 from __future__ import annotations

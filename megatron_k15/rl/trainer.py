@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15 import platform
+from megatron_k15.flops import device_peak_tflops, forward_flops, throughput_metrics
 from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
-from megatron_k15.flops import device_peak_tflops, forward_flops, throughput_metrics
 from megatron_k15.profiling import phase
 from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, parse_reasoning_tags,
                                             prompt_opens_reasoning, response_text)

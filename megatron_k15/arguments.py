@@ -157,7 +157,17 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 def add_precision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters/activations (GPU)")
-    g.add_argument("--fp16", action="store_true", help="fp16 parameters/activations (GPU)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 parameters/activations (GPU) with loss scaling (dynamic unless --loss-scale)")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="--fp16: a constant loss scale (a power of two) instead of the dynamic one")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="--fp16: the dynamic loss scale's start")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="--fp16: the dynamic loss scale's floor")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="--fp16: clean steps before the dynamic loss scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="--fp16: overflowing steps before the dynamic loss scale halves")
     acc = g.add_mutually_exclusive_group()
     acc.add_argument("--accumulate-allreduce-grads-in-fp32", dest="accumulate_allreduce_grads_in_fp32",
                      action="store_true", default=True,
@@ -407,6 +417,25 @@ def check_tokenizer_flags(args) -> None:
         raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH")
 
 
+def check_loss_scale_args(args) -> Optional[str]:
+    """Loss scaling is fp16's; its flags elsewhere are a mistake worth naming."""
+    fp16 = bool(_get(args, "fp16"))
+    if _get(args, "loss_scale") is not None:
+        if not fp16:
+            return "--loss-scale applies to --fp16 training only (bf16 and fp32 need no loss scaling); drop it"
+        if not _get(args, "loss_scale") > 0:
+            return f"--loss-scale must be > 0, got {_get(args, 'loss_scale')}"
+    initial, floor = _get(args, "initial_loss_scale", 2.0 ** 32), _get(args, "min_loss_scale", 1.0)
+    if initial is not None and floor is not None and not 0 < floor <= initial:
+        return (f"--min-loss-scale {floor} must be > 0 and <= --initial-loss-scale {initial}; "
+                f"lower --min-loss-scale or raise --initial-loss-scale")
+    for flag in ("loss_scale_window", "hysteresis"):
+        value = _get(args, flag)
+        if value is not None and value < 1:
+            return f"{_flag(flag)} must be >= 1, got {value}"
+    return None
+
+
 def validate_args(args, world_size: Optional[int] = None) -> None:
     """Raise ArgumentError for any combination that cannot work. Fills ``args.model_config``,
     ``args.data_parallel_size`` and ``args.params_dtype``."""
@@ -441,6 +470,9 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if _get(args, "bf16") and _get(args, "fp16"):
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive; pick one")
     args.params_dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
+    problem = check_loss_scale_args(args)
+    if problem:
+        raise ArgumentError(problem)
     block = _get(args, "kv_cache_block_size")
     if block is not None and block < 1:
         raise ArgumentError(f"--kv-cache-block-size must be >= 1, got {block}")

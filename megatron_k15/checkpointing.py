@@ -265,6 +265,8 @@ def _optimizer_state_for_rank(ckpt: str, layout: dict, model, pp_rank: int, pp_s
     cfg = model.config
     ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
     out = {"step": payloads[(0, 0)]["optimizer"]["step"]}
+    if "loss_scaler" in payloads[(0, 0)]["optimizer"]:  # fp16: the same on every rank
+        out["loss_scaler"] = payloads[(0, 0)]["optimizer"]["loss_scaler"]
     for key in ("exp_avg", "exp_avg_sq", "master"):
         if any(key not in v["optimizer"] for v in payloads.values()):
             continue  # saved without moments

@@ -31,7 +31,6 @@ group before the loss).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Optional
@@ -338,15 +337,19 @@ def main(argv=None) -> int:
     profiler = StepProfiler(args, rank)
     world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
     window, window_s = [], 0.0  # the iterations since the last log, and their time
+    skipped = 0  # of those, the updates skipped for an overflow (fp16 loss scaling backs off)
+    shown_norm = float("nan")  # the grad norm of the last update made
 
     def log_window(lr: float, grad_norm: float, valid: Optional[dict] = None) -> None:
         """Log the iterations since the last log as one (Megatron-LM's --log-interval): losses
         over all their tokens (pairs for DPO), throughput over all their time; lr and grad norm
         of the last one."""
-        nonlocal window, window_s
+        nonlocal window, window_s, skipped
         n = len(window)
         metrics = merge_interval(window, "dpo_pairs" if dpo else "loss_tokens")
         metrics.update(valid or {})
+        if ctx.optimizer.loss_scaler is not None:  # --fp16: the scale now, and the overflowing steps skipped
+            metrics.update(loss_scale=ctx.optimizer.loss_scale, skipped_iterations=skipped)
         metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n * gbs * args.seq_length / window_s,
                         "iteration_time_s": window_s / n, "epoch": stream.epoch_of(consumed - 1),
                         "peak_memory_bytes": platform.peak_memory_bytes()})
@@ -358,10 +361,12 @@ def main(argv=None) -> int:
         if args.log_params_norm:
             metrics["params_norm"] = ctx.optimizer.params_norm()
         logger.log(iteration, metrics)
-        window, window_s = [], 0.0
+        window, window_s, skipped = [], 0.0, 0
         if rank == 0:
             extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
                           f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
+            if "loss_scale" in metrics:
+                extra_text += f" | loss scale {metrics['loss_scale']:.6g} | skipped {metrics['skipped_iterations']}"
             print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
                   f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s"
                   f" | {format_throughput(metrics)}", flush=True)
@@ -391,13 +396,23 @@ def main(argv=None) -> int:
         if valid_stream is not None and (iteration == args.train_iters
                                          or (args.eval_interval and iteration % args.eval_interval == 0)):
             valid = validate(iteration)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or not math.isfinite(grad_norm):
-            log_window(lr, grad_norm, valid)
+        fatal = ctx.optimizer.unrecoverable_overflow  # skipped, and skipping again would not help
+        if ctx.optimizer.last_step_skipped:
+            skipped += 1
+        if fatal or not ctx.optimizer.last_step_skipped:  # logged: the last update's norm
+            shown_norm = grad_norm
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or fatal:
+            log_window(lr, shown_norm, valid)
         elif valid is not None:  # between two training logs: the held-out loss alone
             logger.log(iteration, valid)
-        if not math.isfinite(grad_norm):  # the optimizer skipped the update: the weights are intact
+        if fatal:  # the optimizer skipped the update: the weights are intact
+            hint = "lower --lr or check the data"
+            if args.fp16 and args.loss_scale is not None:
+                hint = "the constant --loss-scale overflows; lower it, or drop it for the dynamic scale"
+            elif args.fp16:
+                hint = f"it overflowed at --min-loss-scale {args.min_loss_scale}; {hint}"
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
-                                     f"checkpoint is clean; lower --lr or check the data)")
+                                     f"checkpoint is clean; {hint})")
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
             saved_at = iteration
@@ -405,7 +420,7 @@ def main(argv=None) -> int:
             break
     profiler.close()
     if window:  # stopped early between two logs
-        log_window(lr, grad_norm)
+        log_window(lr, shown_norm)
     if args.save and saved_at != iteration:
         save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
     exits.restore()  # only now: a second signal must not interrupt the final save

@@ -22,6 +22,7 @@ from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.gpt import GPTModel
 from megatron_k15.models.sharding import pipeline_layer_ranges
 from megatron_k15.parallel.data import DistributedOptimizer
+from megatron_k15.parallel.loss_scaler import loss_scaler_from_args
 from megatron_k15.parallel.pipeline import StageComm, forward_backward
 from megatron_k15.profiling import phase
 
@@ -153,6 +154,7 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
         embedding_group=pc.embedding_group, tied_embedding=model.tied_embedding_name,
         bucket_numel=getattr(args, "grad_bucket_numel", 40_000_000),
         fp32_grad_accumulation=getattr(args, "accumulate_allreduce_grads_in_fp32", True),
+        loss_scaler=loss_scaler_from_args(args),
     )
     comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(),
                      getattr(args, "params_dtype", torch.float32))
@@ -218,17 +220,20 @@ def pad_for_expert_parallel(ctx: TrainContext, microbatches: Sequence[dict], for
 
 def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr: float) -> tuple[list, float]:
     """Zero grads, run 1F1B over the microbatches (grads reduced over dp during the last
-    backward), step the optimizer. Returns (last-stage results, grad norm)."""
+    backward), step the optimizer. Returns (last-stage results, grad norm). Under fp16 the
+    losses are multiplied by the optimizer's loss scale before backward (it divides it out)."""
     opt = ctx.optimizer
     opt.zero_grad()
+    scale = opt.loss_scale
     if ctx.moe_aux_loss_coeff > 0:  # coeff x the mean over the step's microbatches (all dp ranks)
         total = group_reduce(float(len(microbatches)), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
-        ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, 1.0 / max(total, 1.0))
+        # the load-balancing gradient enters backward on its own: it takes the loss scale too
+        ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, scale / max(total, 1.0))
     microbatches, forward_step, real = pad_for_expert_parallel(ctx, microbatches, forward_step)
     n = len(microbatches)
     results = forward_backward(
         forward_step, microbatches, ctx.comm, hidden_shape_fn(ctx.model),
-        before_backward=lambda i: opt.prepare_for_backward(i == n - 1),
+        before_backward=lambda i: opt.prepare_for_backward(i == n - 1), loss_scale=scale,
     )[:real]
     with phase("grad sync"):
         opt.finish_grad_sync()

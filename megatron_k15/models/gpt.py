@@ -387,7 +387,8 @@ class GPTModel(torch.nn.Module):
 
     def set_moe_aux_loss(self, coeff: float, scale: float = 1.0) -> None:
         """The load-balancing loss weight of every MoE layer, and the step's scale of it
-        (1 / microbatches, so the step adds coeff x the mean over microbatches)."""
+        (1 / microbatches, so the step adds coeff x the mean over microbatches; times the fp16
+        loss scale, as the gradient enters backward apart from the loss)."""
         for m in self.moe_layers():
             m.aux_loss_coeff, m.aux_loss_scale = coeff, scale
 

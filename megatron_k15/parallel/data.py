@@ -121,7 +121,7 @@ class DistributedOptimizer:
                  tied_embedding: Optional[str] = None, count_tied_in_norm: bool = True,
                  bucket_numel: int = 40_000_000, overlap: bool = True,
                  adam_impl: str = "auto", expert_dp_group=None, ep_group=None,
-                 fp32_grad_accumulation: bool = True):
+                 fp32_grad_accumulation: bool = True, loss_scaler=None):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
         self.adam_impl = resolve_adam_impl(adam_impl, device)
@@ -141,6 +141,10 @@ class DistributedOptimizer:
         self._sync_enabled = True
         self._staged: deque = deque()  # buckets whose fp32 staging copy is alive, oldest first
         self.fp32_grad_accumulation = fp32_grad_accumulation
+        # fp16: the loss was multiplied by ``loss_scaler.scale`` before backward (parallel.loss_scaler)
+        self.loss_scaler = loss_scaler
+        self.last_step_skipped = False
+        self.unrecoverable_overflow = False  # the last step overflowed and the scale cannot back off
 
         late = [(n, p) for n, p in self.named_params if self._is_late(n, p)]
         early = [(n, p) for n, p in reversed(self.named_params) if not self._is_late(n, p)]
@@ -333,15 +337,32 @@ class DistributedOptimizer:
         ``--log-params-norm``, a drift gauge for long runs. Collective over all ranks."""
         return self._global_norm(self.master)
 
+    @property
+    def loss_scale(self) -> float:
+        """What the caller multiplies the loss by before backward (1 without a loss scaler)."""
+        return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+
     @torch.no_grad()
     def step(self, lr: Optional[float] = None) -> float:
-        """Clip by the global norm, AdamW on the local master shard, all-gather the parameters.
-        Returns the grad norm before clipping. A non-finite norm (a NaN or inf gradient, the
-        same on every rank) skips the update: it would poison the master weights and Adam's
-        moments for good; the caller sees the norm and decides what to do."""
+        """Unscale (fp16), clip by the global norm, AdamW on the local master shard, all-gather
+        the parameters. Returns the (unscaled) grad norm before clipping. A non-finite norm (a
+        NaN or inf gradient, the same on every rank) skips the update (``last_step_skipped``):
+        it would poison the master weights and Adam's moments for good; the loss scaler backs
+        off, and the caller sees the norm and decides what to do."""
         lr = self.lr if lr is None else lr
+        if self.loss_scaler is not None and self.loss_scaler.scale != 1.0:
+            inv = 1.0 / self.loss_scaler.scale  # unscaled before the norm: its squares stay in range
+            for b in self.buckets:
+                b.shard_grad.mul_(inv)
         norm = self.grad_norm()
-        if not math.isfinite(norm):
+        finite = math.isfinite(norm)
+        self.last_step_skipped = not finite
+        if self.loss_scaler is not None:
+            self.unrecoverable_overflow = not finite and not self.loss_scaler.can_back_off
+            self.loss_scaler.update(found_inf=not finite)
+        else:
+            self.unrecoverable_overflow = not finite
+        if not finite:
             return norm
         coef = 1.0
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
@@ -387,6 +408,8 @@ class DistributedOptimizer:
         leaves out Adam's moments (two thirds of the bytes) for a run that resets them before
         its next step anyway (RL without --keep-optimizer-state)."""
         state = {"step": self.step_count, "master": self._full_flat(self.master)}
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
         if moments:
             state.update(exp_avg=self._full_flat(self.exp_avg), exp_avg_sq=self._full_flat(self.exp_avg_sq))
         return state
@@ -396,6 +419,8 @@ class DistributedOptimizer:
         if not all(k in state for k in self.MOMENTS):
             self.reset_state()
         self.step_count = int(state["step"])
+        if self.loss_scaler is not None and "loss_scaler" in state:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
         for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq), ("master", self.master)):
             if key in self.MOMENTS and key not in state:
                 continue
@@ -410,7 +435,8 @@ class DistributedOptimizer:
             self._publish(b, self.master[i])
 
     def reset_state(self) -> None:
-        """Fresh Adam moments (Kimi's RL resets the optimizer every iteration)."""
+        """Fresh Adam moments (Kimi's RL resets the optimizer every iteration); the loss scale,
+        a property of the gradients' range, carries on."""
         self.step_count = 0
         for m, v in zip(self.exp_avg, self.exp_avg_sq):
             m.zero_()

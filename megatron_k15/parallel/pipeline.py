@@ -99,6 +99,7 @@ def forward_backward(
     shape_fn: Callable[[Any], Sequence[int]],
     forward_only: bool = False,
     before_backward: Optional[Callable[[int], None]] = None,
+    loss_scale: float = 1.0,
 ) -> list:
     """Run the 1F1B schedule (or forward-only).
 
@@ -107,6 +108,8 @@ def forward_backward(
     the caller) and ``result`` is anything to hand back. Returns the last stage's results in
     microbatch order (empty on other stages). ``before_backward(i)`` runs before microbatch
     i's backward (the data-parallel optimizer starts reducing grads on the last one).
+    ``loss_scale``: the last stage backprops ``loss * loss_scale`` (fp16 loss scaling; the
+    gradients other stages receive carry the factor with them).
     """
     hook = before_backward or (lambda i: None)
     m = len(microbatches)
@@ -118,7 +121,7 @@ def forward_backward(
         if comm.is_last:
             loss, res = out
             results.append(res)
-            return loss, None
+            return (loss * loss_scale if loss_scale != 1.0 else loss), None
         return out, out
 
     if forward_only:

@@ -732,6 +732,8 @@ class RLIteration:
         # a NaN/inf gradient (e.g. a token the training forward finds impossible) skips that
         # update (DistributedOptimizer.step); the run goes on, and the count is logged
         metrics["skipped_updates"] = sum(not math.isfinite(n) for n in norms)
+        if ctx.optimizer.loss_scaler is not None:  # --fp16: overflowing updates back the scale off
+            metrics["loss_scale"] = ctx.optimizer.loss_scale
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,  # incl. logprob_time_s
                        train_tokens_per_s=train_tokens / max(t_train, 1e-9),

@@ -17,7 +17,7 @@
 # (tests/gpu/warm_triton_cache.py: compiles the kernel variants of all later stages in
 # parallel processes into Triton's disk cache), pytest_gpu (tests/gpu: every Triton kernel, the model, the engine, one RL iteration,
 # at real sizes), train_step (bench/train_step.py at 32K/64K/128K), attention, fused_logprobs,
-# decode_attention, ring_attention, generation, moe_experts (bench/*.py), pytest_gpu_legacy (the other
+# decode_attention, ring_attention, generation, moe_experts, checkpoint_save (bench/*.py), pytest_gpu_legacy (the other
 # gpu-marked tests in tests/, with what time is left). A failing or timed-out stage is recorded
 # and the next one runs.
 #
@@ -94,10 +94,10 @@ fi
 LEGACY_TESTS=$(grep -l "^@pytest.mark.gpu" tests/test_*.py 2>/dev/null | tr '\n' ' ')
 
 STAGES=(env triton_warmup pytest_gpu train_step attention fused_logprobs decode_attention
-        ring_attention generation moe_experts pytest_gpu_legacy)
+        ring_attention generation moe_experts checkpoint_save pytest_gpu_legacy)
 declare -A LIMIT=([env]=60 [triton_warmup]=150 [pytest_gpu]=240 [train_step]=150 [attention]=90
                   [fused_logprobs]=75 [decode_attention]=60 [ring_attention]=75 [generation]=120
-                  [moe_experts]=60 [pytest_gpu_legacy]=150)
+                  [moe_experts]=60 [checkpoint_save]=60 [pytest_gpu_legacy]=150)
 declare -A GPU_CMD SMOKE_CMD
 GPU_CMD[env]="(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo 'nvidia-smi: not available'); \"$PY\" -c \"\$ENV_PY\""
 GPU_CMD[triton_warmup]="\"$PY\" tests/gpu/warm_triton_cache.py --jobs 10 --timeout 140"
@@ -109,12 +109,14 @@ GPU_CMD[decode_attention]="\"$PY\" bench/decode_attention.py --batch 1 64 256 --
 GPU_CMD[generation]="\"$PY\" bench/generation.py --batch 1 64 256 --prompt 2048 --new-tokens 256 --hidden 896 --layers 24 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --workload uniform rl --max-hf-seconds 30 --profile-ops 25"
 GPU_CMD[ring_attention]="\"$PY\" bench/ring_attention.py --seqlen 128k --cp 2 4 8 --iters 2 --warmup 1"
 GPU_CMD[moe_experts]="\"$PY\" bench/moe_experts.py --tokens 64 1024 4096 16384 --iters 5 --warmup 2"
+GPU_CMD[checkpoint_save]="\"$PY\" bench/checkpoint_save.py --num-layers 0 --dtype bf16 --seq-length 4096 --steps 3"
 GPU_CMD[pytest_gpu_legacy]="\"$PY\" -m pytest -m gpu $LEGACY_TESTS $PYTEST_OPTS"
 SMOKE_CMD[train_step]="\"$PY\" bench/train_step.py --smoke --profile-ops 10 --json \"$LOG_DIR/train_step.json\""
 SMOKE_CMD[fused_logprobs]="\"$PY\" bench/fused_logprobs.py --sizes 256x4096x64 --repeat 1"
 SMOKE_CMD[generation]="\"$PY\" bench/generation.py --batch 1 2 --prompt 8 --new-tokens 4 --hidden 64 --layers 1 --heads 4 --kv-heads 2 --ffn 128 --vocab 512 --workload uniform --threads 1 --profile-ops 5"
 SMOKE_CMD[ring_attention]="${GPU_CMD[ring_attention]} --smoke --no-steps"
 SMOKE_CMD[moe_experts]="\"$PY\" bench/moe_experts.py --smoke"
+SMOKE_CMD[checkpoint_save]="\"$PY\" bench/checkpoint_save.py --smoke"
 SMOKE_CMD[pytest_gpu_legacy]="echo 'SMOKE: skipped (these tests skip without CUDA; pytest_gpu shows the same mechanism)'"
 # attention, decode_attention: the GPU flags are parsed, then the scripts exit 0 without CUDA
 

@@ -76,6 +76,7 @@ LENGTH_PENALTY_START_ITER=${LENGTH_PENALTY_START_ITER:-0}
 SAVE_INTERVAL=${SAVE_INTERVAL:-5}                   # also bounds the work lost to a preemption
 # keep the newest checkpoint and those at multiples of this (7B: ~42 GB each); empty = keep all
 SAVE_RETAIN_INTERVAL=${SAVE_RETAIN_INTERVAL-$((SAVE_INTERVAL * 10))}
+ASYNC_SAVE=${ASYNC_SAVE:-0}                         # 1: checkpoints written while training goes on
 SEED=${SEED:-1234}
 BF16=${BF16:-1}                                     # 0 on CPU
 RECOMPUTE=${RECOMPUTE:-full}                        # activation recompute at 128K; empty = off
@@ -229,6 +230,7 @@ else
   [ "$BF16" = 1 ] && OPT_ARGS+=(--bf16)
   [ -n "$RECOMPUTE" ] && OPT_ARGS+=(--recompute-granularity "$RECOMPUTE")
   [ -n "$SAVE_RETAIN_INTERVAL" ] && OPT_ARGS+=(--save-retain-interval "$SAVE_RETAIN_INTERVAL")
+  [ "$ASYNC_SAVE" = 1 ] && OPT_ARGS+=(--async-save)
   (( ROLLOUT_SEGMENT_TOKENS > 0 )) && OPT_ARGS+=(--rollout-segment-tokens "$ROLLOUT_SEGMENT_TOKENS")
   [ -n "$MAX_TOKENS_PER_GPU" ] && OPT_ARGS+=(--use-dynamic-batch-size --max-tokens-per-gpu "$MAX_TOKENS_PER_GPU")
   [ -n "$ROLLOUT_LOG_INTERVAL" ] && OPT_ARGS+=(--rollout-log-dir "$RL_DIR/rollouts" --rollout-log-interval "$ROLLOUT_LOG_INTERVAL")

@@ -271,6 +271,10 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-retain-interval", type=int, default=None,
                    help="after each save keep only the newest checkpoint and those at multiples of this "
                         "(a multiple of --save-interval); older ones are deleted")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background: a save stalls training only to copy the "
+                        "shard to host memory (which it then holds twice while writing); the checkpoint "
+                        "becomes current once every rank has written it")
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     add_checkpoint_switches(g)
     g.add_argument("--tensorboard-dir", default=None)
@@ -603,6 +607,8 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError(f"--save-interval must be >= 1, got {save_interval}")
     if save_interval is not None and not _get(args, "save"):
         raise ArgumentError("--save-interval needs --save DIR")
+    if _get(args, "async_save") and not _get(args, "save"):
+        raise ArgumentError("--async-save needs --save DIR")
     retain = _get(args, "save_retain_interval")
     if retain is not None:
         if retain < 1:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from typing import Callable, Optional
 
@@ -196,7 +197,8 @@ def prune_checkpoints(save_dir: str, iteration: int, retain_interval: int) -> li
 
 def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: Optional[dict] = None,
                     save_optimizer: bool = True, save_optimizer_moments: bool = True,
-                    retain_interval: Optional[int] = None, save_rng: bool = True) -> str:
+                    retain_interval: Optional[int] = None, save_rng: bool = True,
+                    async_saver=None) -> str:
     """Save model shards, optimizer state, every rank's RNG and ``extra_state`` (iteration data
     position, sampler, replay buffer...). Collective over all ranks. ``save_optimizer_moments=
     False`` keeps the fp32 master weights and leaves out Adam's moments (for RL that resets them
@@ -204,7 +206,12 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
 
     Written into ``SAVE/.tmp-<tag>``; rank 0 renames it to ``SAVE/<tag>`` and only then
     rewrites ``latest``, so a crash at any point leaves the previous checkpoint current. Then,
-    with ``retain_interval``, rank 0 deletes older checkpoints (``prune_checkpoints``)."""
+    with ``retain_interval``, rank 0 deletes older checkpoints (``prune_checkpoints``).
+
+    With an ``async_saver`` (``--async-save``, ``async_save.py``) this returns once the model
+    and optimizer shard are copied to host memory; a thread writes them, and the rename
+    happens in a later ``async_saver.maybe_finalize()``. Everything small (config, RNG,
+    ``extra_state``) is written before returning, so it is the state of this moment."""
     model, pc = ctx.model, ctx.pc
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -212,6 +219,9 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
     tag = iteration_tag(iteration)
     final = os.path.join(save_dir, tag)
     tmp = os.path.join(save_dir, f".tmp-{tag}")
+    t0 = time.time()
+    if async_saver is not None:  # the previous save must be current before this one starts
+        async_saver.maybe_finalize(blocking=True)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
@@ -221,29 +231,50 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
                  if (save_optimizer and ctx.optimizer is not None) else None)
     # all E experts of every MoE layer (a collective over the ep group), so any ep loads it
     weights = model.checkpoint_state_dict(all_experts=True)
+    payload = None
     if pc.writes_model_shard:
-        d = os.path.join(tmp, shard_dir_name(pc.tp_rank, pc.pp_rank))
-        os.makedirs(d, exist_ok=True)
         payload = {"model": weights}
         if opt_state is not None:
             payload["optimizer"] = opt_state
-        torch.save(payload, os.path.join(d, "model.pt"))
     if save_rng:
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-    if distributed:
-        dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(layout_dict(model.config, pc.tp_size, pc.pp_size, ctx.layer_ranges,
                                   iteration=iteration, world_size=world, cp_size=pc.cp_size,
                                   dp_size=pc.dp_size, ep_size=pc.ep_size), f, indent=2)
         torch.save(extra_state or {}, os.path.join(tmp, "trainer_state.pt"))
+
+    def write_shard() -> None:
+        if payload is not None:
+            d = os.path.join(tmp, shard_dir_name(pc.tp_rank, pc.pp_rank))
+            os.makedirs(d, exist_ok=True)
+            # through a Python file object: its writes release the GIL, so the training thread
+            # runs during an --async-save write (torch.save(obj, path) holds it in C++ throughout)
+            with open(os.path.join(d, "model.pt"), "wb") as f:
+                torch.save(payload, f)
+
+    def make_current() -> None:
+        if rank != 0:
+            return
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(os.path.join(save_dir, LATEST_FILE), "release" if iteration is None else str(iteration))
         if retain_interval and iteration is not None:
             prune_checkpoints(save_dir, iteration, retain_interval)
+
+    if async_saver is not None:
+        from megatron_k15.async_save import snapshot_to_cpu
+
+        if payload is not None:  # the optimizer's state_dict is a host copy already
+            payload["model"] = snapshot_to_cpu(payload["model"])
+        async_saver.submit(write_shard, make_current, tag, stalled_s=time.time() - t0)
+        return final
+    write_shard()
+    if distributed:
+        dist.barrier()
+    make_current()
     if distributed:
         dist.barrier()
     return final

@@ -61,6 +61,10 @@ from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_
 
 
 def add_rl_args(p) -> None:
+    # --fp16: Megatron-LM's 2^32 start costs about two skipped updates per halving (hysteresis 2)
+    # on the way down to a usable scale; SFT takes hundreds of updates, RL makes a few per
+    # iteration of costly rollouts. Start where torch's GradScaler does.
+    p.set_defaults(initial_loss_scale=2.0 ** 16)
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--prompt-data", required=True, nargs="+", metavar="PREFIX",
                    help="prefix(es) from preprocess_data.py --mode prompts (several are concatenated; prompt "
@@ -308,6 +312,7 @@ def main(argv=None) -> int:
                       groups=("model", "parallel", "precision", "training", "checkpoint", "inference"))
     import torch.distributed as dist
 
+    from megatron_k15.async_save import AsyncCheckpointSaver
     from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.exit_conditions import ExitConditions
@@ -391,7 +396,9 @@ def main(argv=None) -> int:
 
     def save() -> None:
         save_checkpoint(args.save, iteration, ctx, {"sampler": sampler.state_dict(), **rl.state_dict()},
-                        save_optimizer_moments=args.keep_optimizer_state, **save_options(args))
+                        save_optimizer_moments=args.keep_optimizer_state, async_saver=saver, **save_options(args))
+
+    saver = AsyncCheckpointSaver() if args.async_save else None
 
     profiler = StepProfiler(args, rank)
     while iteration < args.train_iters:
@@ -424,8 +431,12 @@ def main(argv=None) -> int:
                 if "eval_accuracy" in metrics:
                     line += f" | eval accuracy {metrics['eval_accuracy']:.3f}"
                 if metrics.get("skipped_updates"):
-                    line += f" | {metrics['skipped_updates']} update(s) skipped: non-finite gradient"
+                    why = (f"fp16 overflow, loss scale now {metrics['loss_scale']:g}" if "loss_scale" in metrics
+                           else "non-finite gradient")
+                    line += f" | {metrics['skipped_updates']} update(s) skipped: {why}"
                 print(line, flush=True)
+        if saver is not None:
+            saver.maybe_finalize()  # a background save becomes current once every rank has written it
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save()
             saved_at = iteration
@@ -434,6 +445,8 @@ def main(argv=None) -> int:
     profiler.close()
     if args.save and saved_at != iteration:
         save()
+    if saver is not None:
+        saver.maybe_finalize(blocking=True)
     if args.save and rank == 0:
         from megatron_k15.data.tokenizer import save_tokenizer
 

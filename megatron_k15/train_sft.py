@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     start_time = time.time()
     args = parse_args(argv, "Supervised fine-tuning with megatron_k15", add_sft_args, _validate)
     from megatron_k15 import platform
+    from megatron_k15.async_save import AsyncCheckpointSaver
     from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
     from megatron_k15.data.blend import open_packed_stream
     from megatron_k15.exit_conditions import ExitConditions
@@ -328,11 +329,13 @@ def main(argv=None) -> int:
     if valid_stream is not None and iteration == 0:
         logger.log(0, validate(0))
 
-    def state() -> dict:
-        out = {"consumed_rows": consumed, "data_blend": blend_state}
+    def save() -> None:
+        state = {"consumed_rows": consumed, "data_blend": blend_state}
         if dpo:
-            out["dpo_reference"] = reference
-        return out
+            state["dpo_reference"] = reference
+        save_checkpoint(args.save, iteration, ctx, state, async_saver=saver, **save_options(args))
+
+    saver = AsyncCheckpointSaver() if args.async_save else None
 
     profiler = StepProfiler(args, rank)
     world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
@@ -413,8 +416,10 @@ def main(argv=None) -> int:
                 hint = f"it overflowed at --min-loss-scale {args.min_loss_scale}; {hint}"
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; {hint})")
+        if saver is not None:
+            saver.maybe_finalize()  # a background save becomes current once every rank has written it
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
+            save()
             saved_at = iteration
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
@@ -422,7 +427,9 @@ def main(argv=None) -> int:
     if window:  # stopped early between two logs
         log_window(lr, shown_norm)
     if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, ctx, state(), **save_options(args))
+        save()
+    if saver is not None:
+        saver.maybe_finalize(blocking=True)
     exits.restore()  # only now: a second signal must not interrupt the final save
     logger.close()
     destroy()

@@ -141,11 +141,14 @@ def sft_straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill9_and_resume_is_bitwise_identical(tmp_path, sft_straight):
+@pytest.mark.parametrize("saving", [[], ["--async-save"]], ids=["sync", "async"])
+def test_kill9_and_resume_is_bitwise_identical(tmp_path, sft_straight, saving):
+    """--async-save: iteration 3's checkpoint is written while iteration 4 trains and becomes
+    current after it; the kill may land before that, never on a half-written one."""
     data, straight = sft_straight
     env = dict(os.environ, PYTHONPATH=ROOT)
     ck, tb = str(tmp_path / "b"), str(tmp_path / "tb_b")
-    proc = subprocess.Popen(_sft_cmd(data, ck, tb, ["--save-interval", "3"]), env=env,
+    proc = subprocess.Popen(_sft_cmd(data, ck, tb, ["--save-interval", "3", *saving]), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = os.path.join(ck, "latest_checkpointed_iteration.txt")
     deadline = time.time() + 300
@@ -154,11 +157,12 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path, sft_straight):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert open(latest).read() == "3", "the run finished before it could be killed"
-    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck, "--save-interval", "3"]), check=True,
+    subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck, "--save-interval", "3", *saving]), check=True,
                    capture_output=True, env=env)
     resumed = _losses(tb)
     for it in (4, 5, 6):
         assert resumed[it] == straight[it], it  # bitwise: same float in the JSON
+    assert open(latest).read() == "6" and not [d for d in os.listdir(ck) if d.startswith(".tmp")]
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "run_all_gpu.sh"
 STAGES = ["env", "triton_warmup", "pytest_gpu", "train_step", "attention", "fused_logprobs",
-          "decode_attention", "ring_attention", "generation", "moe_experts", "pytest_gpu_legacy"]
+          "decode_attention", "ring_attention", "generation", "moe_experts", "checkpoint_save",
+          "pytest_gpu_legacy"]
 STATUS = re.compile(r"^(ok|skipped( \(.*\))?|failed \(rc -?\d+\)|timeout \(\d+s\))$")
 
 

@@ -27,7 +27,7 @@ SCRIPT_VARS = {
     "NPROC_PER_NODE", "SEQ_LENGTH", "PROMPT_MAX_TOKENS", "ROLLOUT_MAX_TOKENS", "ROLLOUT_SEGMENT_TOKENS",
     "ROLLOUT_BATCH_SIZE", "RL_LOSS", "RL_TAU", "KL_COEF", "REWARD_WORKERS", "SAMPLES_PER_PROMPT", "PROMPTS_PER_ITER", "UPDATES_PER_ITER",
     "TRAIN_ITERS", "LR", "MICRO_BATCH_SIZE", "MAX_TOKENS_PER_GPU", "TEMPERATURE", "SAMPLING", "LENGTH_PENALTY_WEIGHT",
-    "LENGTH_PENALTY_START_ITER", "SAVE_INTERVAL", "SAVE_RETAIN_INTERVAL", "SEED", "BF16", "RECOMPUTE", "EXTRA_RL_ARGS", "NNODES",
+    "LENGTH_PENALTY_START_ITER", "SAVE_INTERVAL", "SAVE_RETAIN_INTERVAL", "ASYNC_SAVE", "SEED", "BF16", "RECOMPUTE", "EXTRA_RL_ARGS", "NNODES",
     "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_BACKEND", "RDZV_ID", "LOG_DIR", "REPO", "PYTHON",
 }
 HOSTS = ["node-a7", "node-b2", "node-c9", "node-d4"]  # what the fake scontrol expands the list to
@@ -116,6 +116,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert "--kl-coef" not in rl and "--ref-load" not in rl  # OMD: its KL is to the iteration's start
     assert value(rl, "--reward-workers") == "4"
     assert value(rl, "--save-interval") == "5" and value(rl, "--save-retain-interval") == "50"
+    assert "--async-save" not in rl
     assert export[1].endswith("convert_megatron_to_hf.py") and value(export, "--load") == value(rl, "--save")
 
 
@@ -124,10 +125,11 @@ def test_single_node_dry_run_overrides(tmp_path):
                     PROMPT_MAX_TOKENS=1024, ROLLOUT_MAX_TOKENS=30000, ROLLOUT_SEGMENT_TOKENS=4096,
                     SAMPLES_PER_PROMPT=4, PROMPTS_PER_ITER=16, TRAIN_ITERS=7, LR="3e-7", RL_TAU=0.5,
                     TOKENIZER="byte", EVAL_PROMPTS="/d/eval.jsonl", EXTRA_RL_ARGS="--top-p 0.95 --exact-logz",
-                    SAVE_RETAIN_INTERVAL="")
+                    SAVE_RETAIN_INTERVAL="", ASYNC_SAVE=1)
     cmds = commands(run(SCRIPT, env, tmp_path))
     (rl,) = torchruns(cmds)
     assert "--save-retain-interval" not in rl  # empty: every checkpoint stays
+    assert "--async-save" in rl
     expect = {"--nproc-per-node": "4", "--tensor-model-parallel-size": "2", "--context-parallel-size": "1",
               "--seq-length": "32768", "--rollout-max-tokens": "30000", "--rollout-segment-tokens": "4096",
               "--samples-per-prompt": "4", "--prompts-per-iter": "16", "--train-iters": "7", "--lr": "3e-7",

@@ -66,6 +66,19 @@ def test_flags_choose_the_scaler_and_bad_combinations_name_the_flag():
             _parse(*flags)
 
 
+def test_rl_starts_the_dynamic_scale_lower_than_sft():
+    """Megatron-LM's 2^32 for SFT; 2^16 for RL, where each skipped step drops an update of
+    rollouts (about two per halving on the way down from 2^32); an explicit flag wins."""
+    from megatron_k15.arguments import build_parser
+    from megatron_k15.train_rl import add_rl_args
+
+    rl = build_parser(extra_args_provider=add_rl_args)
+    assert loss_scaler_from_args(rl.parse_args(["--prompt-data", "p", "--fp16"])).scale == 2.0 ** 16
+    assert loss_scaler_from_args(rl.parse_args(["--prompt-data", "p", "--fp16", "--initial-loss-scale",
+                                                "1024"])).scale == 1024.0
+    assert loss_scaler_from_args(_parse("--fp16")).scale == 2.0 ** 32
+
+
 SEQ, GBS = 32, 4
 
 

@@ -396,7 +396,7 @@ class DistributedOptimizer:
         for b, shard in zip(self.buckets, shards):
             full = self._gather_bucket(b, shard)
             for n, p, off in b.params:
-                out[n] = full[off:off + p.numel()].view_as(p).detach().cpu().clone()
+                out[n] = full[off:off + p.numel()].view_as(p).detach().to("cpu", copy=True)  # one copy
         device = self.buckets[0].grad_data.device if self.buckets else None
         return gather_experts(out, self.ep_group, device)
 
@@ -404,7 +404,8 @@ class DistributedOptimizer:
 
     def state_dict(self, moments: bool = True) -> dict:
         """Collective over dp: every dp rank gets the full per-parameter state (all E experts
-        of an expert parameter under expert parallelism). ``moments=False``
+        of an expert parameter under expert parallelism), as host copies that later steps do
+        not change (``--async-save`` writes them while training goes on). ``moments=False``
         leaves out Adam's moments (two thirds of the bytes) for a run that resets them before
         its next step anyway (RL without --keep-optimizer-state)."""
         state = {"step": self.step_count, "master": self._full_flat(self.master)}

@@ -4,6 +4,9 @@ a power-of-two scale that changes nothing in fp32 (MoE load-balancing gradient i
 the scale carried through checkpoints, and the flags' checks."""
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,3 +213,8 @@ def test_loss_scale_survives_a_checkpoint(tmp_path):
     saved, loaded = run_distributed(_checkpoint_worker, 1, str(tmp_path))[0]
     assert saved["scale"] < 2.0 ** 40  # it moved
     assert loaded == saved
+    # and the checkpoint inspector shows it
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "checkpoint",
+                        "inspect_checkpoint.py")
+    out = subprocess.run([sys.executable, tool, "--load", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert f"fp16 loss scale {saved['scale']:g}" in out.stdout

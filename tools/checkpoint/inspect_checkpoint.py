@@ -87,6 +87,8 @@ def inspect(load: str) -> dict:
                 if opt is not None:
                     optimizer.update(master="master" in opt, moments=all(k in opt for k in ("exp_avg", "exp_avg_sq")),
                                      step=int(opt.get("step", 0)))
+                    if "loss_scaler" in opt:  # --fp16: where the dynamic loss scale resumes
+                        optimizer["loss_scale"] = float(opt["loss_scaler"]["scale"])
     rng_dir = os.path.join(ckpt, "rng")
     rng_files = len([f for f in os.listdir(rng_dir) if f.endswith(".pt")]) if os.path.isdir(rng_dir) else 0
     world = layout.get("world_size")
@@ -133,7 +135,8 @@ def _text(info: dict) -> str:
                                 "not saved (--no-save-optim: resume with --no-load-optim or --finetune)"
                                 if not opt["saved"] else
                                 f"step {opt['step']}, fp32 master weights {'yes' if opt['master'] else 'no'}, "
-                                f"Adam moments {'yes' if opt['moments'] else 'no (an RL run that resets them)'}"),
+                                f"Adam moments {'yes' if opt['moments'] else 'no (an RL run that resets them)'}"
+                                + (f", fp16 loss scale {opt['loss_scale']:g}" if "loss_scale" in opt else "")),
              ("rng          none (release checkpoint)" if release and not rng["files"] else
               f"rng          {rng['files']} of {rng['ranks']} ranks"
               + ("" if rng["complete"] else " (a resume is not bit-identical; --no-save-rng)")),

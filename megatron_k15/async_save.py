@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_k15.checkpointing import CheckpointError
+
 
 def snapshot_to_cpu(obj):
     """A deep copy of a tree of dicts/lists/tuples whose tensors are copied to CPU memory, so
@@ -71,6 +73,18 @@ class AsyncCheckpointSaver:
         self._thread = threading.Thread(target=run, name=f"async-save-{label}", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _agree(*flags: bool):
+        """Each flag AND-ed over the world (one MIN all-reduce)."""
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            from megatron_k15 import platform
+
+            t = t.to(platform.current_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        values = [bool(v) for v in t.tolist()]
+        return values if len(values) > 1 else values[0]
+
     def maybe_finalize(self, blocking: bool = False) -> bool:
         """Make the pending checkpoint current if every rank has written its part (with
         ``blocking``, wait for that). Collective. Returns whether a checkpoint was finalised;
@@ -80,29 +94,28 @@ class AsyncCheckpointSaver:
         if blocking:
             self._thread.join()
         # [all written, none failed] by one MIN over the world
-        state = torch.tensor([0 if self._thread.is_alive() else 1, 0 if self._error is not None else 1],
-                             dtype=torch.int32)
         distributed = dist.is_available() and dist.is_initialized()
+        written, clean = not self._thread.is_alive(), self._error is None
         if distributed:
-            if dist.get_backend() == "nccl":
-                from megatron_k15 import platform
-
-                state = state.to(platform.current_device())
-            dist.all_reduce(state, op=dist.ReduceOp.MIN)
-            state = state.cpu()
-        if not state[0]:
+            written, clean = self._agree(written, clean)
+        if not written:
             return False
         self._thread.join()
         finalize, self._finalize, self._thread = self._finalize, None, None
-        if not state[1]:
-            from megatron_k15.checkpointing import CheckpointError
-
+        if not clean:
             reason = f": {self._error!r}" if self._error is not None else " on another rank"
             raise CheckpointError(f"--async-save: writing checkpoint {self._label} failed{reason}; the previous "
                                   "checkpoint stays current") from self._error
-        finalize()
-        if distributed:
-            dist.barrier()  # every rank sees the checkpoint current when this returns
+        failure = None
+        try:
+            finalize()
+        except OSError as e:  # rank 0's rename failed: every rank must hear it, not wait in a barrier
+            failure = e
+        # every rank hears of a failure, and sees the checkpoint current when this returns
+        ok = self._agree(failure is None) if distributed else failure is None
+        if not ok:
+            where = f": {failure!r}" if failure is not None else " on rank 0"
+            raise CheckpointError(f"--async-save: making checkpoint {self._label} current failed{where}") from failure
         if not distributed or dist.get_rank() == 0:
             print(f"[checkpointing] {self._label} written in the background in {self.write_seconds:.2f} s "
                   f"(training stalled {self._stalled:.2f} s for it)", flush=True)

@@ -414,6 +414,8 @@ def main(argv=None) -> int:
                 hint = "the constant --loss-scale overflows; lower it, or drop it for the dynamic scale"
             elif args.fp16:
                 hint = f"it overflowed at --min-loss-scale {args.min_loss_scale}; {hint}"
+            if saver is not None:  # a save in flight is clean too: make it current first
+                saver.maybe_finalize(blocking=True)
             raise FloatingPointError(f"iteration {iteration}: grad norm is {grad_norm} (update skipped; the last "
                                      f"checkpoint is clean; {hint})")
         if saver is not None:

@@ -143,6 +143,26 @@ def test_a_failed_background_write_keeps_the_previous_checkpoint(tmp_path, ctx, 
     assert saver.maybe_finalize(blocking=True) and (tmp_path / LATEST_FILE).read_text() == "3"
 
 
+def test_a_failed_rename_is_raised_and_keeps_the_previous_checkpoint(tmp_path, ctx, monkeypatch):
+    from megatron_k15.async_save import AsyncCheckpointSaver
+    from megatron_k15.checkpointing import LATEST_FILE, CheckpointError, save_checkpoint
+
+    save_checkpoint(str(tmp_path), 1, ctx, {})
+    saver = AsyncCheckpointSaver()
+    save_checkpoint(str(tmp_path), 2, ctx, {}, async_saver=saver)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp-iter_0000002"):
+            raise OSError("read-only file system (simulated)")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CheckpointError, match=r"making checkpoint iter_0000002 current failed: OSError"):
+        saver.maybe_finalize(blocking=True)
+    assert (tmp_path / LATEST_FILE).read_text() == "1" and not saver.pending
+
+
 def test_a_new_save_first_finishes_the_one_in_flight(tmp_path, ctx):
     from megatron_k15.async_save import AsyncCheckpointSaver
     from megatron_k15.checkpointing import LATEST_FILE, save_checkpoint

@@ -55,7 +55,7 @@ import sys
 import time
 
 from megatron_k15.arguments import ArgumentError, _flag, add_grading_args, check_grading_args, parse_args
-from megatron_k15.data.blend import BlendError, open_prompt_data, parse_blend
+from megatron_k15.data.blend import Blend, BlendError, open_prompt_data, parse_blend
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
 from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
 
@@ -68,7 +68,8 @@ def add_rl_args(p) -> None:
     g = p.add_argument_group("reinforcement learning")
     g.add_argument("--prompt-data", required=True, nargs="+", metavar="PREFIX",
                    help="prefix(es) from preprocess_data.py --mode prompts (several are concatenated; prompt "
-                        "ids unique across them)")
+                        "ids unique across them), or WEIGHT PREFIX pairs: each set then gets that share of "
+                        "every iteration's prompts, with its own --sampling state")
     g.add_argument("--eval-data", default=None, nargs="+", metavar="PREFIX",
                    help="held-out prompt prefix(es), evaluated greedily")
     g.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N iterations")
@@ -244,15 +245,20 @@ def _validate(args) -> None:
     problem = check_judge_args(args)
     if problem:
         raise ArgumentError(problem)
+    args.prompt_weights = None
     for flag in ("prompt_data", "eval_data"):
-        prefixes = getattr(args, flag)
-        if prefixes is None:
+        values = getattr(args, flag)
+        if values is None:
             continue
         try:
-            parse_blend(prefixes, _flag(flag), allow_weights=False)
+            blend = parse_blend(values, _flag(flag), allow_weights=flag == "prompt_data")
         except BlendError as e:
-            raise ArgumentError(f"{e} (the samplers choose among all the prompts; to change the mix, repeat "
-                                "or drop prompts when preprocessing)") from None
+            why = " (evaluation covers every prompt once)" if flag == "eval_data" else ""
+            raise ArgumentError(f"{e}{why}") from None
+        setattr(args, flag, blend.prefixes)  # WEIGHT PREFIX pairs: the weights go to the sampler
+        if flag == "prompt_data" and blend.weights is not None and len(blend.prefixes) > 1:
+            args.prompt_weights = blend.weights
+        prefixes = blend.prefixes
         for prefix in prefixes:
             if not os.path.exists(prefix + ".json"):
                 raise ArgumentError(f"{_flag(flag)} {prefix}: no {prefix}.json "
@@ -339,8 +345,10 @@ def main(argv=None) -> int:
     data = open_prompt_data(args.prompt_data, "--prompt-data")
     records = [dict(r) for r in data.records]
     prompt_ids = [list(map(int, data[i].prompt_ids)) for i in range(len(data))]
+    sizes = [b - a for a, b in zip(data.offsets, data.offsets[1:])] if hasattr(data, "offsets") else [len(data)]
     sampler = build_sampler(args.sampling, records, seed=args.seed, switch_iter=args.curriculum_switch_iter,
-                            threshold=args.curriculum_threshold, floor=args.prioritized_floor)
+                            threshold=args.curriculum_threshold, floor=args.prioritized_floor,
+                            sizes=sizes, weights=args.prompt_weights)
     gen_rank, gen_size, gen_group = generation_parallel(ctx.pc)
     judge = judge_from_args(args, rank=gen_rank, size=gen_size, group=gen_group)
     rl = RLIteration(ctx, args, tokenizer, records, prompt_ids, judge=judge)
@@ -382,7 +390,9 @@ def main(argv=None) -> int:
             warning = sandbox_warning(sandbox_report())
             if warning:
                 print(f"[train_rl] {warning}", flush=True)
-        print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts, "
+        mix = "" if args.prompt_weights is None else \
+            f" ({Blend(args.prompt_data, args.prompt_weights).describe(sizes, 'prompts')})"
+        print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts{mix}, "
               f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "
               f"dp={ctx.pc.dp_size}, start at iteration {iteration}", flush=True)
     if eval_set is not None and iteration == 0:

@@ -198,10 +198,14 @@ def test_prompt_sets_concatenate(cli_inputs, more_prompts, capsys):
     assert both[len(a)].prompt_ids.tolist() == b[0].prompt_ids.tolist()
     base = _rl_argv(cli_inputs, "--train-iters", "1", "--finetune")
     args = _parse(base + ["--prompt-data", cli_inputs["prompts"], more_prompts], 1)
-    assert args.prompt_data == [cli_inputs["prompts"], more_prompts]
+    assert args.prompt_data == [cli_inputs["prompts"], more_prompts] and args.prompt_weights is None
+    args = _parse(base + ["--prompt-data", "3", cli_inputs["prompts"], "1", more_prompts], 1)
+    assert args.prompt_data == [cli_inputs["prompts"], more_prompts] and args.prompt_weights == [0.75, 0.25]
     for extra, message in ((["--prompt-data", cli_inputs["prompts"], cli_inputs["eval"]],
                             "prompt id 'q0' is in"),
-                           (["--prompt-data", "1", cli_inputs["prompts"]], "takes dataset prefixes only"),
+                           (["--eval-data", "1", cli_inputs["eval"]],
+                            "takes dataset prefixes only, no weights (evaluation covers every prompt once)"),
+                           (["--prompt-data", "1", cli_inputs["prompts"], more_prompts], "come in pairs"),
                            (["--eval-data", cli_inputs["eval"], str(more_prompts) + "_nope"], "_nope.json")):
         with pytest.raises(SystemExit):
             _parse(base + extra, 1)
@@ -219,6 +223,23 @@ def test_train_rl_draws_from_every_prompt_set(cli_inputs, more_prompts, tmp_path
     assert "6 prompts" in res.stdout
     rows = [json.loads(line) for line in open(tmp_path / "log" / "iter_0000001.jsonl")]
     assert sorted({r["prompt_id"] for r in rows}) == ["m0", "m1", "q0", "q1", "q2", "q3"]
+
+
+@pytest.mark.slow
+def test_train_rl_gives_weighted_prompt_sets_their_share(cli_inputs, more_prompts, tmp_path):
+    """Sets of 4 and 2 prompts weighted 1:1, 6 prompts an iteration: 3 from each (the small
+    set's own epochs wrap), where unweighted concatenation draws them 4:2."""
+    argv = _rl_argv(cli_inputs, "--finetune", "--train-iters", "1", "--prompts-per-iter", "6",
+                    "--rollout-log-dir", str(tmp_path / "log"))
+    at = argv.index("--prompt-data") + 1
+    argv[at:at + 1] = ["1", cli_inputs["prompts"], "1", more_prompts]
+    res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl", *argv], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 prompts (50.0% " in res.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "log" / "iter_0000001.jsonl")]
+    per_set = Counter(r["prompt_id"][0] for r in rows)
+    assert per_set["q"] == per_set["m"] > 0, per_set
 
 
 def test_an_epoch_without_trainable_units_fails_instead_of_hanging():

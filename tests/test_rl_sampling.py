@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron_k15.rl.sampling import (CurriculumSampler, PrioritizedSampler, UniformSampler,
+from megatron_k15.rl.sampling import (CurriculumSampler, MixtureSampler, PrioritizedSampler, UniformSampler,
                                       build_sampler)
 
 RECORDS = [{"id": str(i), "difficulty": d} for i, d in enumerate([3, 1, 2, 5, 1, 4, 2, 3, 5, 1])]
@@ -21,8 +21,12 @@ def _draw(s, iters, n=4, feedback=False):
     return out
 
 
+MIX = {"sizes": [6, 4], "weights": [0.7, 0.3]}  # RECORDS as two weighted prompt sets
+
+
 @pytest.mark.parametrize("name,kw", [("uniform", {}), ("curriculum", {"switch_iter": 3}),
-                                     ("prioritized", {"floor": 0.1})])
+                                     ("prioritized", {"floor": 0.1}), ("uniform", MIX),
+                                     ("curriculum", {"switch_iter": 3, **MIX}), ("prioritized", {"floor": 0.1, **MIX})])
 def test_seeded_determinism_and_exact_resume(name, kw):
     a = build_sampler(name, RECORDS, seed=11, **kw)
     b = build_sampler(name, RECORDS, seed=11, **kw)
@@ -111,3 +115,53 @@ def test_factory_and_state_checks():
         UniformSampler(RECORDS).load_state_dict(PrioritizedSampler(RECORDS).state_dict())
     with pytest.raises(ValueError):
         UniformSampler(5).load_state_dict(UniformSampler(RECORDS).state_dict())
+
+
+def test_mixture_shares_are_exact_at_every_draw():
+    """0.7 / 0.3 over sets of 6 and 4 prompts, 3 prompts a draw: after T prompts each set has
+    had within one prompt of T * w, and exactly 42 / 18 after 60."""
+    s = build_sampler("uniform", RECORDS, seed=3, **MIX)
+    assert isinstance(s, MixtureSampler)
+    got = [0, 0]
+    for t in range(1, 21):
+        for i in s.sample(3, t):
+            got[i >= 6] += 1
+        assert all(abs(got[k] - 3 * t * w) < 1 for k, w in enumerate(MIX["weights"])), (t, got)
+    assert got == [42, 18]
+
+
+def test_mixture_keeps_each_sets_sampler_and_shuffles_the_draw():
+    s = build_sampler("uniform", RECORDS, seed=0, sizes=[6, 4], weights=[1, 1])
+    draws = [s.sample(4, t) for t in range(6)]  # 12 of each set: two epochs of set 1, three of set 2
+    first, second = [i for d in draws for i in d if i < 6], [i for d in draws for i in d if i >= 6]
+    assert sorted(first[:6]) == list(range(6)) and sorted(first[6:]) == list(range(6))
+    for e in range(3):
+        assert sorted(second[4 * e:4 * e + 4]) == [6, 7, 8, 9]
+    assert len({tuple(i >= 6 for i in d) for d in draws}) > 1  # the sets' order varies
+
+
+def test_mixture_routes_feedback_to_the_prompts_set():
+    s = build_sampler("prioritized", RECORDS, seed=0, floor=0.0, sizes=[6, 4], weights=[0.5, 0.5])
+    s.update([7, 7, 2], [1.0, 1.0, 0.0])
+    assert s.parts[1].success.tolist() == [0.0, 0.5, 0.0, 0.0]  # global 7 = set 2's prompt 1 (ema 0.5)
+    assert s.parts[0].success.tolist() == [0.0] * 6 and s.parts[0].counts[2] == 1
+    # floor 0: a set's solved prompt is no longer drawn by it; the other set draws as before
+    s.update([6, 8, 9], [1.0, 1.0, 1.0])
+    s.update([6, 7, 8, 9], [1.0] * 4)
+    assert s.parts[1].success.tolist() == [0.75, 0.75, 0.75, 0.75]
+    s.update([6], [1.0] * 1)
+    s.update([6], [1.0] * 1)
+    assert s.parts[1].probabilities()[0] < s.parts[1].probabilities()[1] / 3
+    assert s.parts[0].probabilities().tolist() == [1 / 6] * 6
+
+
+def test_mixture_errors_name_the_set_and_the_state():
+    with pytest.raises(ValueError, match="prompt set 2 of 2: no prompt has difficulty <= 1"):
+        build_sampler("curriculum", RECORDS[:4] + [{"difficulty": 9}] * 3, threshold=1, sizes=[4, 3], weights=[1, 1])
+    mixed, plain = build_sampler("uniform", RECORDS, **MIX), build_sampler("uniform", RECORDS)
+    with pytest.raises(ValueError, match="not a weighted mixture"):
+        mixed.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=r"prompt sets of \[5, 5\] prompts, these have \[6, 4\]"):
+        mixed.load_state_dict(build_sampler("uniform", RECORDS, sizes=[5, 5], weights=[1, 1]).state_dict())
+    with pytest.raises(ValueError, match="sizes of its prompt sets"):
+        build_sampler("uniform", RECORDS, sizes=[6, 3], weights=[1, 1])

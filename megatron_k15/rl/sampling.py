@@ -21,6 +21,7 @@ per-sample correctness (a no-op except for the prioritised sampler).
   record's ``pass_rate`` (``tools/curate_prompts.py``), else at ``initial_success``; the
   running mean replaces that start with the first outcomes, the moving average blends it
   out. n <= #prompts are drawn without replacement.
+* ``MixtureSampler``: weighted prompt sets, one of the above per set (see its docstring).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["PromptSampler", "UniformSampler", "CurriculumSampler", "PrioritizedSampler",
-           "build_sampler", "SAMPLERS"]
+           "MixtureSampler", "build_sampler", "SAMPLERS"]
 
 
 def _field(records, name: str, default: float) -> list[float]:
@@ -254,11 +255,103 @@ SAMPLERS = {"uniform": UniformSampler, "curriculum": CurriculumSampler,
             "prioritized": PrioritizedSampler}
 
 
-def build_sampler(name: str, records, seed: int = 0, **kw) -> PromptSampler:
+class MixtureSampler:
+    """Weighted prompt sets (``--prompt-data 0.7 math 0.3 code``): one sampler of the chosen
+    kind per set, over that set's prompts (its curriculum pools, its success rates), and a
+    fixed share of every draw for each set.
+
+    The n prompts of a draw are dealt one at a time to the set furthest behind its share of
+    everything drawn so far, ``argmax_k (T * w_k - drawn_k)`` with T the running total, so the
+    shares are exact over time (off by less than one prompt per set at any moment), however
+    small n is. The draw is then shuffled, so each generation rank gets a mix. Indices are
+    global (set k's prompt j is ``offsets[k] + j``), as for one concatenated set."""
+
+    name = "mixture"
+
+    def __init__(self, parts: Sequence[PromptSampler], weights: Sequence[float], seed: int = 0):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("a mixture needs one weight per prompt set")
+        w = np.asarray([float(x) for x in weights], dtype=np.float64)
+        if not (np.all(np.isfinite(w)) and np.all(w > 0)):
+            raise ValueError(f"mixture weights must be finite and > 0, got {list(weights)}")
+        self.parts, self.weights = list(parts), (w / w.sum()).tolist()
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+        self.num_prompts = self.offsets[-1]
+        self.seed = int(seed)
+        self.rng = np.random.default_rng([self.seed, len(self.parts)])
+        self.drawn = [0] * len(self.parts)
+
+    def __len__(self) -> int:
+        return self.num_prompts
+
+    def counts(self, n: int) -> list[int]:
+        """How many of the next ``n`` prompts each set gets (advances the running totals)."""
+        out = [0] * len(self.parts)
+        for _ in range(int(n)):
+            total = sum(self.drawn) + 1
+            k = max(range(len(self.parts)), key=lambda j: (total * self.weights[j] - self.drawn[j], -j))
+            self.drawn[k] += 1
+            out[k] += 1
+        return out
+
+    def sample(self, n: int, iteration: int = 0) -> list[int]:
+        picks = [self.offsets[k] + i for k, c in enumerate(self.counts(n)) if c
+                 for i in self.parts[k].sample(c, iteration)]
+        return [picks[i] for i in self.rng.permutation(len(picks)).tolist()]
+
+    def update(self, prompt_ids: Sequence[int], successes: Sequence[float]) -> None:
+        ids, succ = list(prompt_ids), list(successes)
+        if len(ids) != len(succ):
+            raise ValueError("prompt_ids and successes must have the same length")
+        sets = np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
+        for k, part in enumerate(self.parts):
+            mine = [j for j, s in enumerate(sets.tolist()) if s == k]
+            if mine:
+                part.update([ids[j] - self.offsets[k] for j in mine], [succ[j] for j in mine])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_prompts": self.num_prompts, "seed": self.seed,
+                "sizes": [len(p) for p in self.parts], "weights": list(self.weights),
+                "rng": self.rng.bit_generator.state, "drawn": list(self.drawn),
+                "parts": [p.state_dict() for p in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"sampler state is for {state.get('name')!r} (one prompt set or unweighted ones), "
+                             "not a weighted mixture")
+        sizes = [len(p) for p in self.parts]
+        if list(state["sizes"]) != sizes:
+            raise ValueError(f"sampler state is for prompt sets of {state['sizes']} prompts, these have {sizes}")
+        self.seed = int(state["seed"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        # changed weights take effect from here: the running totals steer towards the new shares
+        self.drawn = [int(d) for d in state["drawn"]]
+        for part, s in zip(self.parts, state["parts"]):
+            part.load_state_dict(s)
+
+
+def build_sampler(name: str, records, seed: int = 0, sizes: Sequence[int] | None = None,
+                  weights: Sequence[float] | None = None, **kw):
     """Sampler for ``--sampling {uniform,curriculum,prioritized}``; ``kw`` go to its
     constructor (curriculum: switch_iter, threshold, easy_fraction, after; prioritized:
     floor, alpha, initial_success). Keywords meant for another sampler are ignored, so a
-    caller can pass every sampler option; a keyword no sampler takes raises."""
+    caller can pass every sampler option; a keyword no sampler takes raises. With
+    ``weights``, ``records`` are prompt sets of ``sizes`` end to end, mixed by a
+    ``MixtureSampler`` (one sampler of this kind per set, each seeded on its own)."""
+    if weights is not None:
+        if sizes is None or sum(sizes) != (records if isinstance(records, int) else len(records)):
+            raise ValueError("a weighted mixture needs the sizes of its prompt sets, adding up to the records")
+        parts, start = [], 0
+        for k, size in enumerate(sizes):
+            part = records if isinstance(records, int) else records[start:start + size]
+            try:
+                parts.append(build_sampler(name, size if isinstance(records, int) else part,
+                                           seed=seed + 1000003 * (k + 1), **kw))
+            except ValueError as e:
+                raise ValueError(f"prompt set {k + 1} of {len(sizes)}: {e}") from None
+            start += size
+        return MixtureSampler(parts, weights, seed=seed)
     name = {"prioritised": "prioritized"}.get(name, name)
     try:
         cls = SAMPLERS[name]

@@ -16,6 +16,7 @@ from megatron_k15.checkpointing import save_checkpoint, shard_dir_name  # noqa: 
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory  # noqa: E402
 from megatron_k15.initialize import initialize_model_parallel  # noqa: E402
 from megatron_k15.models.config import preset  # noqa: E402
+from megatron_k15.rl.sampling import build_sampler  # noqa: E402
 from megatron_k15.training import build_train_context  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,10 @@ def test_inspect_reports_every_part(tmp_path, capsys):
     ctx = build_train_context(_args(), cfg, seed=1)
     buffer = ReplayBuffer()
     buffer.add(Trajectory(prompt_id="p", prompt_ids=[1, 2], response_ids=[3], segment_ids=[0], logprobs=[-0.5]))
-    save_checkpoint(str(tmp_path), 3, ctx, {"consumed_rows": 12, "replay_buffer": buffer.state_dict()})
+    sampler = build_sampler("uniform", 10, sizes=[6, 4], weights=[0.7, 0.3])
+    sampler.sample(5)  # dealt 4 / 1 (the tie at the fifth goes to the first set)
+    save_checkpoint(str(tmp_path), 3, ctx, {"consumed_rows": 12, "replay_buffer": buffer.state_dict(),
+                                            "sampler": sampler.state_dict()})
     save_checkpoint(str(tmp_path), 6, ctx, {"consumed_rows": 24}, save_optimizer=False, save_rng=False)
 
     rc, info, _ = _inspect(capsys, "--load", str(tmp_path))
@@ -51,6 +55,8 @@ def test_inspect_reports_every_part(tmp_path, capsys):
     assert rc == 0 and info["iteration"] == 3
     assert info["optimizer"] == {"saved": True, "master": True, "moments": True, "step": 0}
     assert info["rng"]["complete"] and info["trainer_state"]["replay_buffer_trajectories"] == 1
+    assert info["trainer_state"]["sampler"] == {"name": "mixture", "num_prompts": 10, "sizes": [6, 4],
+                                                "weights": [0.7, 0.3], "drawn": [4, 1]}
 
     assert tool.main(["--load", str(tmp_path)]) == 0  # the text form
     text = capsys.readouterr().out

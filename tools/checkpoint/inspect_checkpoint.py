@@ -54,6 +54,8 @@ def _trainer_state(path: str) -> dict:
     sampler = state.get("sampler")
     if isinstance(sampler, dict):
         out["sampler"] = {"name": sampler.get("name"), "num_prompts": sampler.get("num_prompts")}
+        if "weights" in sampler:  # weighted prompt sets: their sizes, shares and prompts drawn so far
+            out["sampler"].update(sizes=sampler["sizes"], weights=sampler["weights"], drawn=sampler["drawn"])
     buffer = state.get("replay_buffer")
     if isinstance(buffer, dict):
         out["replay_buffer_trajectories"] = len(buffer.get("trajectories", []))

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.initialize import DEFAULT_TIMEOUT_MINUTES
+from megatron_k15.manual_gc import add_manual_gc_args, check_manual_gc_args
 from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
 from megatron_k15.profiling import add_profile_args, check_profile_args
 from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
@@ -189,7 +190,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warm-up over this fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
-    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="cosine")
+    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear", "inverse-square-root", "WSD"],
+                   default="cosine", help="WSD: warmup-stable-decay, constant until the last "
+                                          "--lr-wsd-decay-iters of --lr-decay-iters")
+    g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   default=None, help="WSD's decay shape (default exponential)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: iterations of the decay phase, which ends at --lr-decay-iters")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="iterations over which the lr decays to --min-lr (default: --train-iters); "
                         "it stays at --min-lr after them")
@@ -213,6 +220,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
     add_wandb_args(g)
     add_exit_args(g)
+    add_manual_gc_args(g)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params_norm) with each logged iteration")
@@ -361,7 +369,7 @@ def resolve_model_config(args) -> GPTConfig:
         from megatron_k15.checkpointing import CheckpointError, load_config
 
         try:
-            cfg = load_config(load)
+            cfg = load_config(load, step=_get(args, "ckpt_step"))
         except (CheckpointError, OSError) as e:
             raise ArgumentError(str(e)) from None
         if _get(args, "model_preset"):
@@ -487,7 +495,8 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     if prefill is not None and prefill < 1:
         raise ArgumentError(f"--max-prefill-tokens must be >= 1, got {prefill}")
     problem = (megatron_settings_problem(args) or check_wandb_args(args) or check_exit_args(args)
-               or check_profile_args(args, world_size) or check_checkpoint_switches(args))
+               or check_profile_args(args, world_size) or check_checkpoint_switches(args)
+               or check_manual_gc_args(args))
     if problem:
         raise ArgumentError(problem)
     timeout = _get(args, "distributed_timeout_minutes")
@@ -597,6 +606,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters both set the warm-up; give one")
     if decay_iters is not None and decay_iters < 1:
         raise ArgumentError(f"--lr-decay-iters must be >= 1, got {decay_iters}")
+    _check_wsd_args(args)
     lr, min_lr = _get(args, "lr"), _get(args, "min_lr")
     if lr is not None and lr < 0:
         raise ArgumentError(f"--lr must be >= 0, got {lr}")
@@ -619,6 +629,29 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             raise ArgumentError(f"--save-retain-interval {retain} is not a multiple of --save-interval "
                                 f"{save_interval}: only iterations that are multiples of both would be kept; "
                                 f"use a multiple of {save_interval}")
+
+
+def _check_wsd_args(args) -> None:
+    """WSD needs its decay length, inside the iterations after warm-up; its flags need WSD."""
+    style, wsd_iters = _get(args, "lr_decay_style"), _get(args, "lr_wsd_decay_iters")
+    if style != "WSD":
+        for dest in ("lr_wsd_decay_iters", "lr_wsd_decay_style"):
+            if _get(args, dest) is not None:
+                raise ArgumentError(f"--{dest.replace('_', '-')} applies to --lr-decay-style WSD; add it or drop "
+                                    "the flag")
+        return
+    if wsd_iters is None:
+        raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters N (the decay phase's length)")
+    if wsd_iters < 1:
+        raise ArgumentError(f"--lr-wsd-decay-iters must be >= 1, got {wsd_iters}")
+    decay = _get(args, "lr_decay_iters") or _get(args, "train_iters")
+    fraction = _get(args, "lr_warmup_fraction")
+    if decay is not None:
+        warmup = int(round(fraction * decay)) if fraction is not None else (_get(args, "lr_warmup_iters") or 0)
+        if wsd_iters > decay - warmup:
+            raise ArgumentError(f"--lr-wsd-decay-iters {wsd_iters} is longer than the {decay - warmup} iterations "
+                                f"between warm-up ({warmup}) and the end of the decay ({decay}); use at most "
+                                f"{decay - warmup}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_k15",

@@ -80,9 +80,19 @@ def write_full_state_dict(ckpt_dir: str, full: dict[str, torch.Tensor], cfg: GPT
 
 
 # -- reading ----------------------------------------------------------------------------------
-def resolve_checkpoint_dir(load_dir: str, flag: str = "--load") -> str:
+def resolve_checkpoint_dir(load_dir: str, flag: str = "--load", step: Optional[int] = None) -> str:
     """``--load`` may name a checkpoint root (with the latest pointer) or one iteration dir;
-    errors name ``flag``."""
+    ``step`` (``--ckpt-step``) picks an iteration of a root instead of the latest; errors
+    name ``flag``."""
+    if step is not None:
+        path = os.path.join(load_dir, iteration_tag(step))
+        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            found = sorted(int(m.group(1)) for name in (os.listdir(load_dir) if os.path.isdir(load_dir) else [])
+                           if (m := re.fullmatch(r"iter_(\d{7,})", name))
+                           and os.path.isfile(os.path.join(load_dir, name, CONFIG_FILE)))
+            raise CheckpointError(f"{flag} {load_dir} --ckpt-step {step}: no complete checkpoint of iteration "
+                                  f"{step}; complete ones: {found or 'none'}")
+        return path
     if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)):
         return load_dir
     latest = os.path.join(load_dir, LATEST_FILE)
@@ -105,8 +115,8 @@ def read_layout(ckpt_dir: str) -> dict:
     return layout
 
 
-def load_config(load_dir: str) -> GPTConfig:
-    return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir))["model"])
+def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:
+    return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir, step=step))["model"])
 
 
 def read_shard(ckpt_dir: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -308,13 +318,15 @@ def _optimizer_state_for_rank(ckpt: str, layout: dict, model, pp_rank: int, pp_s
 
 
 def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: bool = True,
-                    load_rng: bool = True, need_optimizer_moments: bool = True) -> tuple[int, dict]:
+                    load_rng: bool = True, need_optimizer_moments: bool = True,
+                    step: Optional[int] = None) -> tuple[int, dict]:
     """Load into a TrainContext, resharding across tp/pp if needed. Returns (iteration,
     extra_state); with ``finetune`` only the weights are loaded and the iteration is 0. A
     checkpoint saved without Adam's moments loads them as zeros, and is refused when
-    ``need_optimizer_moments`` (a run that continues its moments)."""
+    ``need_optimizer_moments`` (a run that continues its moments). ``step``: that iteration
+    of ``load_dir`` rather than the latest (a rollback)."""
     model, pc = ctx.model, ctx.pc
-    ckpt = resolve_checkpoint_dir(load_dir)
+    ckpt = resolve_checkpoint_dir(load_dir, step=step)
     layout = load_model_checkpoint(model, ckpt, pc.pp_rank, pc.pp_size)
     if (finetune or not load_optimizer) and ctx.optimizer is not None:
         # a fresh optimizer: fp32 master weights follow the loaded parameters, moments zero
@@ -360,12 +372,18 @@ def add_checkpoint_switches(g) -> None:
     g.add_argument("--no-load-optim", action="store_true",
                    help="with --load: continue from its weights and iteration with a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="with --load: do not restore its RNG states")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="with --load DIR: load iteration N of DIR instead of the latest (e.g. to roll back "
+                        "before a divergence; later saves then supersede the newer checkpoints)")
 
 
 def check_checkpoint_switches(args) -> Optional[str]:
-    for dest in ("no_load_optim", "no_load_rng"):
-        if getattr(args, dest, False) and not getattr(args, "load", None):
+    for dest in ("no_load_optim", "no_load_rng", "ckpt_step"):
+        if getattr(args, dest, None) not in (None, False) and not getattr(args, "load", None):
             return f"--{dest.replace('_', '-')} applies to --load DIR; add --load or drop it"
+    step = getattr(args, "ckpt_step", None)
+    if step is not None and step < 0:
+        return f"--ckpt-step must be >= 0, got {step}"
     return None
 
 
@@ -380,4 +398,5 @@ def load_options(args) -> dict:
     """``load_checkpoint`` keywords from the command line."""
     return {"finetune": bool(getattr(args, "finetune", False)),
             "load_optimizer": not getattr(args, "no_load_optim", False),
-            "load_rng": not getattr(args, "no_load_rng", False)}
+            "load_rng": not getattr(args, "no_load_rng", False),
+            "step": getattr(args, "ckpt_step", None)}

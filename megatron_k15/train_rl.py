@@ -325,6 +325,7 @@ def main(argv=None) -> int:
     from megatron_k15.flops import format_throughput
     from megatron_k15.initialize import destroy, initialize_megatron
     from megatron_k15.parallel.data import lr_schedule
+    from megatron_k15.manual_gc import ManualGC
     from megatron_k15.profiling import StepProfiler
     from megatron_k15.rl.evaluation import evaluate
     from megatron_k15.rl.sampling import build_sampler
@@ -361,9 +362,15 @@ def main(argv=None) -> int:
         ev = open_prompt_data(args.eval_data, "--eval-data")
         eval_set = ([dict(r) for r in ev.records], [list(map(int, ev[i].prompt_ids)) for i in range(len(ev))])
 
+    collector = ManualGC(args)
+
     def run_eval() -> dict:
         # prompts split over the generation-parallel (dp x cp) ranks; tp ranks and pp stages
         # decode together through rl.generator (its pp group), so every rank gets the results
+        with collector.around_eval():
+            return _eval_metrics()
+
+    def _eval_metrics() -> dict:
         res = evaluate(ctx.model, tokenizer, eval_set[0], eval_set[1],
                        max_new_tokens=args.eval_max_tokens or args.rollout_max_tokens, eos_ids=rl.eos_ids,
                        dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
@@ -411,6 +418,7 @@ def main(argv=None) -> int:
     saver = AsyncCheckpointSaver() if args.async_save else None
 
     profiler = StepProfiler(args, rank)
+    collector.start()
     while iteration < args.train_iters:
         with profiler.iteration(iteration):
             t0 = time.time()
@@ -424,6 +432,7 @@ def main(argv=None) -> int:
                 sampler.update(pids, [sum(v) / len(v) for v in rl.last_success.values()])
             metrics["iteration_time_s"] = time.time() - t0  # before the profiler writes a finished window
         iteration += 1
+        collector.after_iteration(iteration)
         if eval_set is not None and (iteration == args.train_iters or
                                      (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(run_eval())
@@ -453,6 +462,7 @@ def main(argv=None) -> int:
         if exits.stop_after(iteration, args.train_iters, args.save, "train_rl"):
             break
     profiler.close()
+    collector.close()
     if args.save and saved_at != iteration:
         save()
     if saver is not None:

@@ -268,6 +268,7 @@ def main(argv=None) -> int:
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import device_peak_tflops, format_throughput, throughput_metrics, training_flops
     from megatron_k15.initialize import destroy, initialize_megatron
+    from megatron_k15.manual_gc import ManualGC
     from megatron_k15.parallel.data import lr_schedule
     from megatron_k15.profiling import StepProfiler
     from megatron_k15.training import MetricsLogger, build_train_context, merge_interval, reduce_sums, train_step
@@ -319,8 +320,11 @@ def main(argv=None) -> int:
         valid_stream, _ = open_packed_stream(args.valid_blend, args.seq_length, args.seed, flag="--valid-data")
     valid_rows = None if args.eval_iters is None else args.eval_iters * gbs
 
+    collector = ManualGC(args)
+
     def validate(it: int) -> dict:
-        m = validation_loss(ctx, valid_stream, mbs, device, valid_rows)
+        with collector.around_eval():
+            m = validation_loss(ctx, valid_stream, mbs, device, valid_rows)
         if rank == 0:
             print(f"[train_sft] validation at iteration {it}: loss {m['valid_loss']:.6f} over "
                   f"{m['valid_tokens']:.0f} response tokens", flush=True)
@@ -338,6 +342,7 @@ def main(argv=None) -> int:
     saver = AsyncCheckpointSaver() if args.async_save else None
 
     profiler = StepProfiler(args, rank)
+    collector.start()
     world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
     window, window_s = [], 0.0  # the iterations since the last log, and their time
     skipped = 0  # of those, the updates skipped for an overflow (fp16 loss scaling backs off)
@@ -393,6 +398,7 @@ def main(argv=None) -> int:
             elapsed = time.time() - t0  # before the profiler writes a finished window
         consumed += gbs
         iteration += 1
+        collector.after_iteration(iteration)
         window.append(metrics)
         window_s += elapsed
         valid = None
@@ -426,6 +432,7 @@ def main(argv=None) -> int:
         if exits.stop_after(iteration, args.train_iters, args.save, "train_sft"):
             break
     profiler.close()
+    collector.close()
     if window:  # stopped early between two logs
         log_window(lr, shown_norm)
     if args.save and saved_at != iteration:

@@ -100,6 +100,35 @@ def test_lr_schedule_follows_megatron_flags():
     assert cosine(99) > 0.1 and cosine(100) == pytest.approx(0.1)
 
 
+def test_wsd_and_inverse_square_root_schedules_by_hand():
+    """Megatron-LM's WSD (constant, then the last --lr-wsd-decay-iters decay in the chosen
+    shape) and inverse-square-root; lr 1, min 0.1, 100 iterations, by hand."""
+    from megatron_k15.parallel.data import lr_schedule
+
+    def schedule(*flags):
+        return lr_schedule(parse_args(["--num-layers", "2", "--lr", "1", "--min-lr", "0.1", "--train-iters", "100",
+                                       *flags], world_size=1))
+
+    wsd = schedule("--lr-warmup-iters", "10", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20")
+    assert [wsd(i) for i in (9, 50, 80)] == [1.0, 1.0, 1.0]  # stable until iteration 100 - 20
+    assert wsd(90) == pytest.approx(0.1 + 0.9 * (2 * 0.5 ** 0.5 - 1))  # exponential by default
+    assert wsd(100) == wsd(150) == pytest.approx(0.1)
+    for style, at, expected in (("linear", 90, 0.55), ("cosine", 90, 0.55), ("cosine", 85, 0.1 + 0.9 * 0.8535534),
+                                ("minus_sqrt", 95, 0.1 + 0.9 * (1 - 0.75 ** 0.5))):
+        shaped = schedule("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20", "--lr-wsd-decay-style", style)
+        assert shaped(at) == pytest.approx(expected, abs=1e-6), style
+    isr = schedule("--lr-warmup-iters", "4", "--lr-decay-style", "inverse-square-root")
+    assert [isr(i) for i in (0, 3, 4)] == [0.25, 1.0, 1.0]
+    assert isr(16) == pytest.approx(0.5) and isr(400) == isr(10_000) == pytest.approx(0.1)
+    for flags, message in ((["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters"),
+                           (["--lr-decay-style", "WSD", "--lr-warmup-iters", "20", "--lr-wsd-decay-iters", "81"],
+                            "use at most 80"),
+                           (["--lr-wsd-decay-iters", "5"], "--lr-wsd-decay-iters applies to --lr-decay-style WSD"),
+                           (["--lr-wsd-decay-style", "linear"], "--lr-wsd-decay-style applies to")):
+        with pytest.raises(ArgumentError, match=message):
+            _validate(["--lr", "1", "--train-iters", "100", *flags], 1)
+
+
 def test_valid_layout_and_derived_values():
     args = _validate(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
                       "--seq-length", "64", "--global-batch-size", "8", "--micro-batch-size", "2",

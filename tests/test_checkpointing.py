@@ -173,7 +173,9 @@ def test_exit_interval_saves_and_the_resumed_run_is_bitwise_identical(tmp_path, 
     env = dict(os.environ, PYTHONPATH=ROOT)
     ck, tb = str(tmp_path / "c"), str(tmp_path / "tb_c")
     retain = ["--save-interval", "1", "--save-retain-interval", "2"]  # and keep only even iterations
-    first = subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2", *retain]), capture_output=True,
+    # and Python's garbage collector by hand: it changes no number
+    manual_gc = ["--manual-gc", "--manual-gc-interval", "1"]
+    first = subprocess.run(_sft_cmd(data, ck, tb, ["--exit-interval", "2", *retain, *manual_gc]), capture_output=True,
                            text=True, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"[train_sft] --exit-interval 2: stopping after iteration 2, checkpoint in {ck}" in first.stdout
@@ -186,6 +188,29 @@ def test_exit_interval_saves_and_the_resumed_run_is_bitwise_identical(tmp_path, 
         assert resumed[it] == straight[it], it
     assert sorted(os.listdir(ck)) == ["iter_0000002", "iter_0000004", "iter_0000006",
                                       "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.slow
+def test_ckpt_step_rolls_back_to_an_earlier_iteration(tmp_path, sft_straight):
+    """--ckpt-step 2 of a directory whose latest is 4: iterations 3-4 repeat the uninterrupted
+    run bit for bit (same lr schedule through --lr-decay-iters 6); a missing step names those
+    there are."""
+    data, straight = sft_straight
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ck = str(tmp_path / "e")
+    four = ["--train-iters", "4", "--lr-decay-iters", "6"]
+    subprocess.run(_sft_cmd(data, ck, str(tmp_path / "tb_a"), [*four, "--save-interval", "2"]), check=True,
+                   capture_output=True, env=env)
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "4"
+    tb = str(tmp_path / "tb_b")
+    subprocess.run(_sft_cmd(data, ck, tb, [*four, "--load", ck, "--ckpt-step", "2"]), check=True,
+                   capture_output=True, env=env)
+    rolled = _losses(tb)
+    assert sorted(rolled) == [3, 4] and all(rolled[it] == straight[it] for it in (3, 4)), rolled
+    bad = subprocess.run(_sft_cmd(data, ck, tb, ["--load", ck, "--ckpt-step", "3"]), capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode != 0 and "--ckpt-step 3: no complete checkpoint of iteration 3; complete ones: [2, 4]" \
+        in bad.stderr, bad.stderr
 
 
 def test_prune_keeps_the_newest_and_the_retained(tmp_path):
@@ -272,12 +297,12 @@ def test_checkpoint_without_optimizer_or_rng(tmp_path):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("flag", ["--no-load-optim", "--no-load-rng"])
+@pytest.mark.parametrize("flag", ["--no-load-optim", "--no-load-rng", "--ckpt-step"])
 def test_load_switches_need_load(flag, capsys):
     from megatron_k15.arguments import parse_args
 
     with pytest.raises(SystemExit):
-        parse_args(["--num-layers", "2", flag], world_size=1)
+        parse_args(["--num-layers", "2", flag, *(["5"] if flag == "--ckpt-step" else [])], world_size=1)
     assert f"{flag} applies to --load DIR" in capsys.readouterr().err
 
 

@@ -914,7 +914,7 @@ def _checkpoint_weights(path, iteration, pp):
 def test_cli_pipeline_parallel_with_eval_matches_one_process(cli_inputs, tmp_path):
     """``torchrun -m megatron_k15.train_rl --pipeline-model-parallel-size 2`` with --eval-data
     (the engine decoding through both stages) logs the same metrics and saves the same weights
-    as one process."""
+    as one process (which also collects garbage by hand: --manual-gc changes no number)."""
     argv = _rl_argv(cli_inputs, "--finetune", "--train-iters", "2", "--eval-data", cli_inputs["eval"],
                     "--eval-max-tokens", "4")
     runs = {}
@@ -922,7 +922,8 @@ def test_cli_pipeline_parallel_with_eval_matches_one_process(cli_inputs, tmp_pat
         save = str(tmp_path / f"pp{pp}")
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
             if pp > 1 else [sys.executable]
-        res = subprocess.run([*launch, "-m", "megatron_k15.train_rl", *argv, "--save", save,
+        gc_flags = ["--manual-gc", "--manual-gc-interval", "1"] if pp == 1 else []
+        res = subprocess.run([*launch, "-m", "megatron_k15.train_rl", *argv, *gc_flags, "--save", save,
                               "--tensorboard-dir", os.path.join(save, "tb"),
                               "--pipeline-model-parallel-size", str(pp)],
                              capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=400)

@@ -80,14 +80,38 @@ class _Bucket:
         return self.rank * n, (self.rank + 1) * n
 
 
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
 def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-          style: str = "cosine") -> float:
-    """Linear warm-up to ``lr`` over ``warmup_iters``, then decay to ``min_lr`` at ``decay_iters``."""
+          style: str = "cosine", wsd_decay_iters: int = 0, wsd_decay_style: str = "exponential") -> float:
+    """Linear warm-up to ``lr`` over ``warmup_iters``, then (Megatron-LM's styles) to ``min_lr``
+    at ``decay_iters`` and ``min_lr`` after:
+
+        constant               lr
+        linear / cosine        over decay_iters - warmup_iters, progress p in [0, 1]
+        inverse-square-root    max(min_lr, lr * sqrt(max(warmup_iters, 1) / max(iteration, 1)))
+        WSD                    lr until decay_iters - wsd_decay_iters, then min_lr + c * (lr - min_lr)
+                               with r the fraction of the wsd_decay_iters gone and c = 2 * 0.5^r - 1
+                               (exponential), 1 - r (linear), (1 + cos(pi r)) / 2 (cosine) or
+                               1 - sqrt(r) (minus_sqrt)"""
     if warmup_iters > 0 and iteration < warmup_iters:
         return lr * (iteration + 1) / warmup_iters
-    if style == "constant" or decay_iters <= warmup_iters:
+    if style == "constant":
         return lr
-    progress = min(1.0, (iteration - warmup_iters) / max(1, decay_iters - warmup_iters))
+    if style == "inverse-square-root":
+        return max(min_lr, lr * math.sqrt(max(warmup_iters, 1) / max(iteration, 1)))
+    if iteration >= decay_iters:
+        return min_lr if decay_iters > warmup_iters else lr
+    if style == "WSD":
+        anneal_start = decay_iters - wsd_decay_iters
+        if iteration <= anneal_start:
+            return lr
+        r = (iteration - anneal_start) / wsd_decay_iters
+        c = {"exponential": 2.0 * 0.5 ** r - 1.0, "linear": 1.0 - r, "cosine": 0.5 * (1.0 + math.cos(math.pi * r)),
+             "minus_sqrt": 1.0 - math.sqrt(r)}[wsd_decay_style]
+        return min_lr + (lr - min_lr) * c
+    progress = (iteration - warmup_iters) / max(1, decay_iters - warmup_iters)
     if style == "linear":
         return min_lr + (lr - min_lr) * (1.0 - progress)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -96,11 +120,15 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
 def lr_schedule(args):
     """``iteration -> lr`` from Megatron-LM's flags: --lr, --min-lr, --lr-decay-style, decay over
     --lr-decay-iters (default --train-iters), warm-up over --lr-warmup-iters or
-    --lr-warmup-fraction of the decay iterations."""
+    --lr-warmup-fraction of the decay iterations; WSD's last --lr-wsd-decay-iters in
+    --lr-wsd-decay-style."""
     decay = args.lr_decay_iters if getattr(args, "lr_decay_iters", None) is not None else args.train_iters
     fraction = getattr(args, "lr_warmup_fraction", None)
     warmup = int(round(fraction * decay)) if fraction is not None else args.lr_warmup_iters
-    return lambda iteration: lr_at(iteration, args.lr, args.min_lr, warmup, decay, args.lr_decay_style)
+    wsd_iters = getattr(args, "lr_wsd_decay_iters", None) or 0
+    wsd_style = getattr(args, "lr_wsd_decay_style", None) or "exponential"
+    return lambda iteration: lr_at(iteration, args.lr, args.min_lr, warmup, decay, args.lr_decay_style,
+                                   wsd_iters, wsd_style)
 
 
 class DistributedOptimizer:

@@ -55,6 +55,10 @@ def add_sft_args(p) -> None:
     g.add_argument("--valid-data", default=None, nargs="+", metavar="PREFIX",
                    help="held-out prefix(es) (preprocess_data.py --mode sft): their response-token loss is "
                         "logged as valid_loss before training, every --eval-interval iterations and at the end")
+    g.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
+                   help="Megatron-LM's: shares of every --train-data dataset, in dataset order (e.g. 98,2,0); "
+                        "training uses the first, the second is held out and logged as valid_loss like "
+                        "--valid-data, the third is left out")
     g.add_argument("--eval-interval", type=int, default=0, help="with --valid-data: also every N iterations")
     g.add_argument("--eval-iters", type=int, default=None,
                    help="with --valid-data: at most N global batches of it (default: all of it)")
@@ -68,7 +72,7 @@ def _validate(args) -> None:
         raise ArgumentError(f"--train-iters must be >= 1, got {args.train_iters}")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
-    from megatron_k15.data.blend import BlendError, check_compatible, parse_blend
+    from megatron_k15.data.blend import BlendError, check_compatible, parse_blend, parse_split
     from megatron_k15.data.indexed import dataset_files, load_summary
     from megatron_k15.data.preference import DPO_MODE, preference_dataset_files
 
@@ -80,8 +84,14 @@ def _validate(args) -> None:
         args.train_blend = parse_blend(args.train_data, "--train-data")
         args.valid_blend = (parse_blend(args.valid_data, "--valid-data", allow_weights=False)
                             if args.valid_data is not None else None)
+        args.split_shares = parse_split(args.split) if args.split is not None else None
     except BlendError as e:
         raise ArgumentError(str(e)) from None
+    if args.split_shares is not None:
+        if args.valid_data is not None:
+            raise ArgumentError("--split and --valid-data both give held-out data; give one")
+        if args.loss != "sft":
+            raise ArgumentError("--split is for --loss sft (a held-out DPO loss needs its own reference pass)")
     summaries = []
     for prefix in args.train_blend.prefixes:
         files = preference_dataset_files(prefix) if args.loss == "dpo" else dataset_files(prefix, "sft")
@@ -103,14 +113,28 @@ def _validate(args) -> None:
             if missing:
                 raise ArgumentError(f"--valid-data {prefix}: missing {missing[0]} (run tools/preprocess_data.py "
                                     f"--mode sft)")
-    elif args.eval_interval or args.eval_iters is not None:
-        raise ArgumentError("--eval-interval / --eval-iters need --valid-data PREFIX")
+    elif (args.eval_interval or args.eval_iters is not None) and not (args.split_shares and args.split_shares[1]):
+        raise ArgumentError("--eval-interval / --eval-iters need held-out data: --valid-data PREFIX or a --split "
+                            "with a validation share")
     if args.eval_interval < 0 or (args.eval_iters is not None and args.eval_iters < 1):
         raise ArgumentError("--eval-interval must be >= 0 and --eval-iters >= 1")
     try:
         check_compatible(summaries, args.train_blend.prefixes, "--train-data")
     except BlendError as e:
         raise ArgumentError(str(e)) from None
+    if args.split_shares is not None:  # each dataset keeps training samples; some held-out ones exist
+        from megatron_k15.data.blend import split_range
+
+        sizes = [int(s.get("num_samples", 0)) for s in summaries]
+        parts = {part: [len(split_range(n, args.split_shares, part)) for n in sizes]
+                 for part in ("train", "valid")}
+        for prefix, n, kept in zip(args.train_blend.prefixes, sizes, parts["train"]):
+            if kept == 0:
+                raise ArgumentError(f"--split {args.split}: {prefix} keeps no training sample of its {n}; "
+                                    "raise the train share")
+        if args.split_shares[1] and not any(parts["valid"]):
+            raise ArgumentError(f"--split {args.split}: no dataset of --train-data ({', '.join(map(str, sizes))} "
+                                "samples) has a sample in the validation share; raise it")
 
 
 def sft_forward_step(model, total_loss_tokens: float):
@@ -264,7 +288,7 @@ def main(argv=None) -> int:
     from megatron_k15 import platform
     from megatron_k15.async_save import AsyncCheckpointSaver
     from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
-    from megatron_k15.data.blend import open_packed_stream
+    from megatron_k15.data.blend import Blend, open_packed_stream
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import device_peak_tflops, format_throughput, throughput_metrics, training_flops
     from megatron_k15.initialize import destroy, initialize_megatron
@@ -287,11 +311,14 @@ def main(argv=None) -> int:
     gbs, mbs, dp = args.global_batch_size, args.micro_batch_size, ctx.pc.dp_size
     per_rank = gbs // dp
     device = platform.current_device()
-    stream, sizes = open_packed_stream(args.train_blend, args.seq_length, args.seed, pairs=dpo)
+    stream, sizes = open_packed_stream(args.train_blend, args.seq_length, args.seed, pairs=dpo,
+                                       split=args.split_shares)
     what = args.train_blend.describe(sizes, "preference pairs" if dpo else "samples")
     if dpo:
         what += f" ({stream.dropped} longer than --seq-length left out)"
     blend_state = {"prefixes": args.train_blend.prefixes, "weights": args.train_blend.weights}
+    if args.split_shares is not None:  # the training part is another set of samples
+        blend_state["split"] = list(args.split_shares)
     if iteration and extra.get("data_blend") not in (None, blend_state) and rank == 0:
         print(f"[train_sft] warning: --train-data differs from the checkpoint's ({extra['data_blend']}); its "
               f"{consumed} consumed rows now index the new data", flush=True)
@@ -318,6 +345,11 @@ def main(argv=None) -> int:
     valid_stream = None
     if args.valid_data:
         valid_stream, _ = open_packed_stream(args.valid_blend, args.seq_length, args.seed, flag="--valid-data")
+    elif args.split_shares is not None and args.split_shares[1]:  # the held-out share, each sample once
+        valid_stream, held_out = open_packed_stream(Blend(args.train_blend.prefixes, None), args.seq_length,
+                                                    args.seed, split=args.split_shares, part="valid")
+        if rank == 0:
+            print(f"[train_sft] --split {args.split}: {sum(held_out)} samples held out for validation", flush=True)
     valid_rows = None if args.eval_iters is None else args.eval_iters * gbs
 
     collector = ManualGC(args)

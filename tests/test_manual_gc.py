@@ -61,4 +61,5 @@ def test_flags_are_checked(flags, message):
     args = build_parser().parse_args(["--num-layers", "2", *flags])
     with pytest.raises(ArgumentError, match=message):
         validate_args(args, world_size=1)
-    assert parse_args(["--num-layers", "2", "--manual-gc", "--manual-gc-interval", "5"], world_size=1).manual_gc_interval == 5
+    ok = parse_args(["--num-layers", "2", "--manual-gc", "--manual-gc-interval", "5"], world_size=1)
+    assert ok.manual_gc and ok.manual_gc_interval == 5

@@ -1,6 +1,7 @@
 """train_sft --valid-data: the held-out loss before training, every --eval-interval iterations
 and at the end; on the training rows themselves, before any update, it is the first
-iteration's training loss (the same forward on the same rows)."""
+iteration's training loss (the same forward on the same rows). --split: the same as training on
+the first share and validating on the next, preprocessed as datasets of their own."""
 
 import json
 import os
@@ -39,7 +40,14 @@ def test_valid_data_flags_are_checked(tmp_path, capsys):
 
     data = _make_sft_data(tmp_path)
     base = ["--train-data", data, "--seq-length", "64", "--train-iters", "2", "--lr", "1e-3", "--num-layers", "2"]
-    for extra, message in ((["--eval-interval", "2"], "--eval-interval / --eval-iters need --valid-data"),
+    for extra, message in ((["--eval-interval", "2"], "--eval-interval / --eval-iters need held-out data"),
+                           (["--split", "100,0,0", "--eval-interval", "2"], "need held-out data"),
+                           (["--split", "98,2", "--valid-data", data], "--split and --valid-data both"),
+                           (["--split", "0,1"], "the train share must be > 0"),
+                           (["--split", "9,1,x"], "give up to three non-negative shares"),
+                           (["--split", "999,1"], "no dataset of --train-data (60 samples) has a sample in the "
+                                                 "validation share"),
+                           (["--split", "1,999"], "keeps no training sample of its 60"),
                            (["--valid-data", str(tmp_path / "nope")], "--valid-data"),
                            (["--valid-data", data, "--eval-iters", "0"], "--eval-iters >= 1")):
         with pytest.raises(SystemExit):
@@ -70,3 +78,43 @@ def test_log_interval_logs_the_interval_as_one(tmp_path):
     assert merged[3]["loss"] == pytest.approx(sum(each[i]["loss"] * each[i]["loss_tokens"] for i in (1, 2, 3)) / tokens,
                                               rel=1e-12)
     assert merged[4]["loss"] == each[4]["loss"] and merged[3]["lr"] == each[3]["lr"]
+
+
+def test_split_shares_and_ranges():
+    from megatron_k15.data.blend import parse_split, split_range
+
+    assert parse_split("98,2,0") == pytest.approx((0.98, 0.02, 0.0))
+    assert parse_split("969/30/1") == pytest.approx((0.969, 0.030, 0.001))
+    assert parse_split("1") == (1.0, 0.0, 0.0)
+    parts = [split_range(10, parse_split("7,2,1"), p) for p in ("train", "valid", "test")]
+    assert parts == [range(0, 7), range(7, 9), range(9, 10)]
+    assert [len(split_range(60, parse_split("90,10"), p)) for p in ("train", "valid", "test")] == [54, 6, 0]
+
+
+@pytest.mark.slow
+def test_split_equals_separately_preprocessed_train_and_valid_sets(tmp_path):
+    """--split 90,10 of 60 samples trains and validates exactly as --train-data of the first 54
+    lines with --valid-data of the last 6, each preprocessed on its own: every logged loss and
+    held-out loss bitwise equal."""
+    full = _make_sft_data(tmp_path)
+    lines = open(tmp_path / "sft.jsonl").read().splitlines()
+    prefixes = {}
+    for name, part in (("head", lines[:54]), ("tail", lines[54:])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--mode", "sft",
+                        "--input", str(tmp_path / f"{name}.jsonl"), "--output-prefix", str(tmp_path / name),
+                        "--tokenizer", "byte", "--no-progress"], check=True, capture_output=True)
+        prefixes[name] = str(tmp_path / name)
+    held_out = ["--eval-interval", "2", "--train-iters", "4"]
+    runs, out = {}, {}
+    for key, data, extra in (("split", full, ["--split", "90,10,0"]),
+                             ("files", prefixes["head"], ["--valid-data", prefixes["tail"]])):
+        tb = tmp_path / f"tb_{key}"
+        res = subprocess.run(_sft_cmd(data, str(tmp_path / f"ck_{key}"), str(tb), [*extra, *held_out]),
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert res.returncode == 0, res.stdout + res.stderr
+        out[key] = res.stdout
+        runs[key] = [(r["iteration"], r.get("loss"), r.get("valid_loss"))
+                     for r in map(json.loads, open(tb / "metrics.jsonl"))]
+    assert runs["split"] == runs["files"] and len(runs["split"]) >= 5
+    assert "--split 90,10,0: 6 samples held out for validation" in out["split"]

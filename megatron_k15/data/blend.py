@@ -153,18 +153,81 @@ def blended_epoch(sizes: Sequence[int], weights: Sequence[float], seed: int, epo
     return units[np.random.default_rng([seed, epoch]).permutation(len(units))]
 
 
-def open_packed_stream(blend: Blend, seq_length: int, seed: int, pairs: bool = False, flag: str = "--train-data"):
+SPLIT_PARTS = ("train", "valid", "test")
+
+
+def parse_split(text: str, flag: str = "--split") -> tuple[float, float, float]:
+    """Megatron-LM's ``--split 969,30,1`` (or ``969/30/1``; missing shares are 0): the train,
+    validation and test shares of every dataset, normalised to sum 1."""
+    raw = [t.strip() for t in text.replace("/", ",").split(",")]
+    values = [_number(t) for t in raw]
+    if not 1 <= len(raw) <= 3 or any(v is None or not np.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise BlendError(f"{flag} {text!r}: give up to three non-negative shares TRAIN,VALID,TEST (e.g. 98,2,0)")
+    values += [0.0] * (3 - len(values))
+    if values[0] <= 0:
+        raise BlendError(f"{flag} {text!r}: the train share must be > 0")
+    total = sum(values)
+    return tuple(v / total for v in values)
+
+
+class SliceSequences:
+    """Items ``[start, stop)`` of a dataset, re-indexed from 0 (one part of a ``--split``)."""
+
+    def __init__(self, base, start: int, stop: int):
+        self.base, self.start, self.stop = base, int(start), int(stop)
+        self.summary = getattr(base, "summary", None)
+        self.lengths = np.asarray(base.lengths, dtype=np.int64)[self.start:self.stop]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} out of range for {len(self)}")
+        return self.base[self.start + i]
+
+
+def split_range(n: int, shares: Sequence[float], part: str) -> range:
+    """Indices of the ``part`` (train, valid, test) of ``n`` items under ``--split`` shares:
+    contiguous ranges in dataset order, boundaries at round(cumulative share * n) as in
+    Megatron-LM."""
+    bounds = [0, int(round(shares[0] * n)), int(round((shares[0] + shares[1]) * n)), n]
+    bounds = [min(max(b, 0), n) for b in bounds]
+    k = SPLIT_PARTS.index(part)
+    return range(bounds[k], max(bounds[k], bounds[k + 1]))
+
+
+def split_part(dataset, shares: Sequence[float], part: str) -> SliceSequences:
+    """``split_range`` of a dataset, as a dataset."""
+    r = split_range(len(dataset), shares, part)
+    return SliceSequences(dataset, r.start, r.stop)
+
+
+def open_packed_stream(blend: Blend, seq_length: int, seed: int, pairs: bool = False, flag: str = "--train-data",
+                       split: Optional[Sequence[float]] = None, part: str = "train"):
     """The packed training stream over a blend of ``--mode sft`` datasets (``pairs``: ``--mode
-    dpo``, blended by pairs). Returns (stream, units per dataset)."""
+    dpo``, blended by pairs). ``split``: only each dataset's ``part`` of those shares (a
+    held-out ``valid`` part leaves out datasets too small to have one). Returns (stream, units
+    per dataset)."""
     from megatron_k15.data.indexed import load_sft_dataset
     from megatron_k15.data.preference import load_preference_dataset
     from megatron_k15.data.sft import PackedPairStream, PackedSFTStream
 
     datasets = [(load_preference_dataset if pairs else load_sft_dataset)(p) for p in blend.prefixes]
     check_compatible([d.summary for d in datasets], blend.prefixes, flag)
+    if split is not None:
+        datasets = [split_part(d, split, part) for d in datasets]
+        if part != "train":
+            if not any(len(d) for d in datasets):
+                raise BlendError(f"--split: no dataset of {flag} has a sample in its {part} share "
+                                 f"({', '.join(str(len(d.base)) for d in datasets)} samples); raise the share")
+            kept = [(d, p) for d, p in zip(datasets, blend.prefixes) if len(d)]
+            datasets, blend = [d for d, _ in kept], Blend([p for _, p in kept], None)
     for d, prefix in zip(datasets, blend.prefixes):
         if len(d) == 0:
-            raise BlendError(f"{flag}: {prefix} holds no {'pairs' if pairs else 'samples'}")
+            where = f" in its {part} share of --split" if split is not None else ""
+            raise BlendError(f"{flag}: {prefix} holds no {'pairs' if pairs else 'samples'}{where}")
     parts = [d.sequences for d in datasets] if pairs else datasets
     sizes = [len(d) for d in datasets]
     sequences = parts[0] if len(parts) == 1 else ConcatSequences(parts)

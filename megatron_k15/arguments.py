@@ -68,7 +68,9 @@ MEGATRON_MODEL_SWITCHES = {
 MEGATRON_LOGGING_SWITCHES = {
     "--log-throughput": "model TFLOP/s per GPU is always logged (tflops_per_gpu; MFU on known GPUs)",
     "--log-timers-to-tensorboard": "the iteration's time (and RL's per-phase times) are always logged",
-    "--log-validation-ppl-to-tensorboard": "valid_loss is logged with --valid-data (perplexity = exp of it)",
+    "--log-validation-ppl-to-tensorboard": "valid_loss is logged with --valid-data or --split (perplexity = "
+                                           "exp of it)",
+    "--log-memory-to-tensorboard": "peak memory is always logged (peak_memory_bytes)",
     "--use-checkpoint-args": "the model shape always comes from --load's checkpoint; with this switch a "
                              "contradicting shape flag is ignored with a warning instead of refused",
 }
@@ -76,6 +78,10 @@ MEGATRON_TRAINING_SWITCHES = {
     "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
     "--overlap-grad-reduce": "gradient reduction always overlaps backward",
     "--no-gradient-accumulation-fusion": "no such fusion here",
+    "--check-for-nan-in-loss-and-grad": "a non-finite gradient always stops train_sft (with --fp16 once the loss "
+                                        "scale cannot back off) and is skipped and counted by train_rl",
+    "--cross-entropy-loss-fusion": "on GPU the loss is always the fused hidden-states-to-log-prob kernel "
+                                   "(--logprob-impl)",
 }
 
 
@@ -293,6 +299,10 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-model", default=None, help="Megatron-LM's name for --tokenizer PATH")
     for flag, why in MEGATRON_LOGGING_SWITCHES.items():
         g.add_argument(flag, action="store_true", help=f"accepted for Megatron-LM scripts: {why}")
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default=None,
+                   help="accepted for Megatron-LM scripts: checkpoints are always this project's sharded "
+                        "format, which loads at any tp/pp as torch_dist does (Megatron-LM checkpoints "
+                        "themselves go through Hugging Face: tools/checkpoint/convert_hf_to_megatron.py)")
 
 
 def build_parser(description: str = "megatron_k15",

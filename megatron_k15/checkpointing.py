@@ -103,8 +103,22 @@ def resolve_checkpoint_dir(load_dir: str, flag: str = "--load", step: Optional[i
         tag = iteration_tag(int(tag))
     path = os.path.join(load_dir, tag)
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        if _is_megatron_lm_checkpoint(path):
+            raise CheckpointError(f"{flag} {load_dir}: {tag} is a Megatron-LM checkpoint, not this project's; "
+                                  "export it to Hugging Face with Megatron-LM's converter, then run "
+                                  "tools/checkpoint/convert_hf_to_megatron.py")
         raise CheckpointError(f"{flag} {load_dir}: {LATEST_FILE} points to {tag}, which is incomplete")
     return path
+
+
+def _is_megatron_lm_checkpoint(path: str) -> bool:
+    """Megatron-LM's own formats: torch_dist (a ``.metadata`` file and ``*.distcp`` shards) or
+    the legacy torch one (``mp_rank_*/model_optim_rng.pt``)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return ".metadata" in names or any(n.endswith(".distcp") for n in names) or any(
+        os.path.isfile(os.path.join(path, n, "model_optim_rng.pt")) for n in names if n.startswith("mp_rank_"))
 
 
 def read_layout(ckpt_dir: str) -> dict:

@@ -201,7 +201,8 @@ MEGATRON_LM_QWEN25_7B = """
     --transformer-impl local --seq-length 4096 --bf16 --tensor-model-parallel-size 4
     --sequence-parallel --use-distributed-optimizer --overlap-grad-reduce
     --no-gradient-accumulation-fusion --recompute-granularity full --recompute-method uniform
-    --recompute-num-layers 1
+    --recompute-num-layers 1 --check-for-nan-in-loss-and-grad --cross-entropy-loss-fusion
+    --log-memory-to-tensorboard --manual-gc --manual-gc-interval 10 --ckpt-format torch_dist
 """.split()
 
 

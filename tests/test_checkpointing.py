@@ -213,6 +213,24 @@ def test_ckpt_step_rolls_back_to_an_earlier_iteration(tmp_path, sft_straight):
         in bad.stderr, bad.stderr
 
 
+@pytest.mark.parametrize("layout", [
+    {".metadata": "", "__0_0.distcp": "", "common.pt": ""},      # Megatron-LM torch_dist
+    {"mp_rank_00/model_optim_rng.pt": ""},                        # Megatron-LM legacy torch
+    {"mp_rank_00_000/model.pt": ""},                              # ours, half written
+])
+def test_loading_a_megatron_lm_checkpoint_says_how_to_convert_it(tmp_path, layout):
+    from megatron_k15.checkpointing import CheckpointError, resolve_checkpoint_dir
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1000")
+    for rel, text in layout.items():
+        (tmp_path / "iter_0001000" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "iter_0001000" / rel).write_text(text)
+    ours = "mp_rank_00_000/model.pt" in layout
+    with pytest.raises(CheckpointError, match="which is incomplete" if ours else
+                       "iter_0001000 is a Megatron-LM checkpoint.*convert_hf_to_megatron.py"):
+        resolve_checkpoint_dir(str(tmp_path))
+
+
 def test_prune_keeps_the_newest_and_the_retained(tmp_path):
     from megatron_k15.checkpointing import prune_checkpoints
 

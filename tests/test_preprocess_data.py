@@ -222,7 +222,36 @@ BAD_SFT_LINES = [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "is not one of"),
     ({"messages": "hi"}, "messages", "expected a list"),
     ({"text": "hi"}, "prompt", "missing"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from", "is not one of"),
+    ({"conversations": "hi"}, "conversations", "expected a list"),
+    ({"conversations": [{"from": "human", "value": "hi"}]}, "conversations", "no gpt/assistant turn"),
+    ({"conversations": [{"from": "gpt"}]}, "conversations[0].value", "missing"),
+    ({"instruction": "i"}, "output", "missing"),
+    ({"instruction": "i", "input": 3, "output": "o"}, "input", "expected a string"),
 ]
+
+
+def test_sharegpt_and_alpaca_lines_read_as_their_canonical_forms(tmp_path):
+    """ShareGPT conversations (with a top-level system prompt) and Alpaca records (with and
+    without input) give the same samples as the same data in our own fields."""
+    theirs = [{"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"},
+                                                        {"from": "gpt", "value": "4"},
+                                                        {"from": "human", "value": "and 3+3?"},
+                                                        {"from": "gpt", "value": "6"}]},
+              {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+              {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    ours = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                          {"role": "assistant", "content": "6"}]},
+            {"prompt": "Translate to French.\n\ncat", "response": "chat"},
+            {"prompt": "Say hi.", "response": "hi"}]
+    samples = {}
+    for name, rows in (("theirs", theirs), ("ours", ours)):
+        res = run_tool("--mode", "sft", "--input", write_jsonl(tmp_path / f"{name}.jsonl", rows),
+                       "--output-prefix", tmp_path / name, "--tokenizer", "byte", "--append-eos")
+        assert res.returncode == 0, res.stderr
+        samples[name] = [(s.tokens.tolist(), s.loss_mask.tolist()) for s in load_sft_dataset(str(tmp_path / name))]
+    assert samples["theirs"] == samples["ours"] and len(samples["ours"]) == 3
 
 
 @pytest.mark.parametrize("bad,field,msg", BAD_SFT_LINES)

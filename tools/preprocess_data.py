@@ -18,7 +18,10 @@ Outputs (see megatron_k15/data/indexed.py for the format and the readers):
 - prompts: PREFIX.bin/.idx (prompt token ids), PREFIX.meta.jsonl (each sample's validated
            record: id, prompt, task, answer/tests, difficulty, ...), PREFIX.json (summary)
 
-SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}.
+SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}; ShareGPT's
+{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]} is read as "messages"
+and Alpaca's {"instruction", "input", "output"} as a pair (prompt = instruction, a blank line,
+input).
 Without --chat-template a prompt/response pair is tokenized as the prompt text followed by
 the response text; "messages" lines are always rendered with a chat template (the
 tokenizer's with --chat-template, else the simple built-in one: "<|role|>\\ncontent\\n" per

@@ -29,7 +29,9 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
 ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` with at
-least one assistant message.
+least one assistant message; ShareGPT's ``{"conversations": [{"from", "value"}, ...]}`` (an
+optional top-level ``system``) and Alpaca's ``{"instruction", "input", "output"}`` are read as
+those.
 """
 
 from __future__ import annotations
@@ -256,10 +258,54 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     return rec
 
 
+# ShareGPT's speaker names -> our roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant", "tool": "tool",
+                  "observation": "tool", "function": "tool"}
+
+
+def _sharegpt_messages(obj: Mapping) -> dict:
+    """ShareGPT's ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}], "system"?}``
+    as ``{"messages": [...]}``."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise FieldError("conversations", f"expected a list of {{'from','value'}} objects, got {_type_name(turns)}")
+    msgs = []
+    if obj.get("system") is not None:
+        msgs.append({"role": "system", "content": _require_str(obj, "system", non_empty=False)})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise FieldError(f"conversations[{i}]", f"expected an object with 'from' and 'value', got {_type_name(t)}")
+        speaker = _require_str(t, "from", label=f"conversations[{i}].from")
+        if speaker not in SHAREGPT_ROLES:
+            raise FieldError(f"conversations[{i}].from", f"{speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+        msgs.append({"role": SHAREGPT_ROLES[speaker],
+                     "content": _require_str(t, "value", non_empty=False, label=f"conversations[{i}].value")})
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise FieldError("conversations", "has no gpt/assistant turn (nothing to train on)")
+    return {"messages": msgs}
+
+
+def _alpaca_pair(obj: Mapping) -> dict:
+    """Alpaca's ``{"instruction", "input"?, "output"}`` as ``{"prompt", "response"}``: the
+    prompt is the instruction, then a blank line and the input when there is one."""
+    instruction = _require_str(obj, "instruction", non_empty=False)
+    extra = obj.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise FieldError("input", f"expected a string, got {_type_name(extra)}")
+    return {"prompt": f"{instruction}\n\n{extra}" if extra else instruction,
+            "response": _require_str(obj, "output")}
+
+
 def validate_sft_record(obj: Mapping) -> dict:
-    """``{"prompt", "response"}`` or ``{"messages": [...]}``, returned as
-    ``{"messages": [...]}`` (a prompt/response pair becomes one user and one assistant
-    message, and keeps ``"pair": True``); FieldError if bad."""
+    """``{"prompt", "response"}`` or ``{"messages": [...]}`` (also ShareGPT's
+    ``{"conversations": [{"from", "value"}]}`` and Alpaca's ``{"instruction", "input"?,
+    "output"}``), returned as ``{"messages": [...]}`` (a prompt/response pair becomes one
+    user and one assistant message, and keeps ``"pair": True``); FieldError if bad."""
+    if "messages" not in obj and "conversations" in obj:
+        obj = _sharegpt_messages(obj)
+    elif "prompt" not in obj and "response" not in obj and ("instruction" in obj or "output" in obj):
+        obj = _alpaca_pair(obj)
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list):
@@ -279,7 +325,8 @@ def validate_sft_record(obj: Mapping) -> dict:
             raise FieldError("messages", "has no assistant message (nothing to train on)")
         return {"messages": out}
     if "prompt" not in obj and "response" not in obj:
-        raise FieldError("prompt", "missing (an SFT line needs 'prompt' and 'response', or 'messages')")
+        raise FieldError("prompt", "missing (an SFT line needs 'prompt' and 'response', or 'messages'; "
+                                   "ShareGPT 'conversations' and Alpaca 'instruction'/'output' are read too)")
     prompt = _require_str(obj, "prompt", non_empty=False)
     response = _require_str(obj, "response")
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],

@@ -13,7 +13,7 @@ import argparse
 import os
 from typing import Callable, Optional, Sequence
 
-from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches
+from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches, start_fresh_if_nothing_saved
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.initialize import DEFAULT_TIMEOUT_MINUTES
 from megatron_k15.manual_gc import add_manual_gc_args, check_manual_gc_args
@@ -520,6 +520,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError("--distributed-backend gloo on GPUs: the model's tensors live on the GPU, and "
                             "gloo cannot reduce-scatter or send them; use nccl (or leave the flag out)")
     check_tokenizer_flags(args)
+    start_fresh_if_nothing_saved(args)
     if _get(args, "finetune") and not _get(args, "load"):
         raise ArgumentError("--finetune needs --load DIR (the weights to start from)")
     load = _get(args, "load")

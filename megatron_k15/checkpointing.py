@@ -121,6 +121,27 @@ def _is_megatron_lm_checkpoint(path: str) -> bool:
         os.path.isfile(os.path.join(path, n, "model_optim_rng.pt")) for n in names if n.startswith("mp_rank_"))
 
 
+def has_checkpoint(load_dir: str) -> bool:
+    """Whether ``load_dir`` is a checkpoint root with a ``latest`` pointer or one checkpoint
+    (complete or not: an incomplete one is an error to report, not a fresh start)."""
+    return os.path.isfile(os.path.join(load_dir, LATEST_FILE)) or os.path.isfile(os.path.join(load_dir, CONFIG_FILE))
+
+
+def start_fresh_if_nothing_saved(args) -> None:
+    """Megatron-LM's resume idiom: ``--load DIR --save DIR`` resumes from DIR, or starts from
+    scratch while DIR holds no checkpoint yet (``args.load`` becomes None and
+    ``args.load_missing`` keeps DIR, for the trainers' notice). Not with --finetune (weights are
+    needed) or --exit-on-missing-checkpoint; any other --load without a checkpoint stays an
+    error."""
+    load, save = getattr(args, "load", None), getattr(args, "save", None)
+    args.load_missing = None
+    if not load or not save or os.path.abspath(load) != os.path.abspath(save):
+        return
+    if has_checkpoint(load) or getattr(args, "finetune", False) or getattr(args, "exit_on_missing_checkpoint", False):
+        return
+    args.load_missing, args.load = load, None
+
+
 def read_layout(ckpt_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
         layout = json.load(f)
@@ -386,6 +407,9 @@ def add_checkpoint_switches(g) -> None:
     g.add_argument("--no-load-optim", action="store_true",
                    help="with --load: continue from its weights and iteration with a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="with --load: do not restore its RNG states")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load DIR --save DIR: stop if DIR holds no checkpoint instead of starting "
+                        "from scratch")
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="with --load DIR: load iteration N of DIR instead of the latest (e.g. to roll back "
                         "before a divergence; later saves then supersede the newer checkpoints)")

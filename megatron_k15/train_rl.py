@@ -162,7 +162,8 @@ def _validate(args) -> None:
     if args.lr is None:
         raise ArgumentError("--lr is required")
     if not args.load:
-        raise ArgumentError("--load is required: RL starts from a converted or SFT checkpoint "
+        where = f" (--load {args.load_missing} holds no checkpoint yet)" if getattr(args, "load_missing", None) else ""
+        raise ArgumentError(f"--load is required{where}: RL starts from a converted or SFT checkpoint "
                             "(add --finetune the first time)")
     problem = check_rollout_log_args(args)
     if problem:

@@ -324,6 +324,9 @@ def main(argv=None) -> int:
               f"{consumed} consumed rows now index the new data", flush=True)
     logger = MetricsLogger.for_run(args, rank == 0, iteration)
     if rank == 0:
+        if args.load_missing:
+            print(f"[train_sft] --load {args.load_missing}: no checkpoint yet, starting from scratch (the "
+                  "directory is also --save: the next launch resumes from it)", flush=True)
         print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {what}, loss {args.loss}, "
               f"tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} dp={dp}, start at iteration {iteration}", flush=True)
     reference = None

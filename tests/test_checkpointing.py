@@ -231,6 +231,44 @@ def test_loading_a_megatron_lm_checkpoint_says_how_to_convert_it(tmp_path, layou
         resolve_checkpoint_dir(str(tmp_path))
 
 
+def test_load_equal_to_save_starts_fresh_only_while_nothing_is_saved(tmp_path, capsys):
+    """Megatron-LM's resume idiom (--load DIR --save DIR): no checkpoint yet means a fresh start;
+    never with --finetune or --exit-on-missing-checkpoint, nor for a --load that is not --save."""
+    from megatron_k15.arguments import parse_args
+
+    d = str(tmp_path / "run")
+    args = parse_args(["--num-layers", "2", "--load", d, "--save", d], world_size=1)
+    assert args.load is None and args.load_missing == d
+    for extra, message in ((["--save", d + "_other"], "directory does not exist"),
+                           (["--save", d, "--exit-on-missing-checkpoint"], "directory does not exist"),
+                           (["--save", d, "--finetune"], "directory does not exist")):
+        with pytest.raises(SystemExit):
+            parse_args(["--num-layers", "2", "--load", d, *extra], world_size=1)
+        assert message in capsys.readouterr().err, extra
+    os.makedirs(os.path.join(d, "iter_0000002"))
+    open(os.path.join(d, "latest_checkpointed_iteration.txt"), "w").write("2")  # saved, but incomplete
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2", "--load", d, "--save", d], world_size=1)
+    assert "points to iter_0000002, which is incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_idiom_starts_then_resumes_bit_for_bit(tmp_path, sft_straight):
+    data, straight = sft_straight
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ck, tb = str(tmp_path / "f"), str(tmp_path / "tb_f")
+    same = ["--load", ck, "--lr-decay-iters", "6"]  # _sft_cmd saves to ck too
+    first = subprocess.run(_sft_cmd(data, ck, tb, [*same, "--train-iters", "2"]), capture_output=True, text=True,
+                           env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"--load {ck}: no checkpoint yet, starting from scratch" in first.stdout
+    second = subprocess.run(_sft_cmd(data, ck, tb, [*same, "--train-iters", "4"]), capture_output=True, text=True,
+                            env=env)
+    assert second.returncode == 0 and "start at iteration 2" in second.stdout, second.stdout + second.stderr
+    losses = _losses(tb)
+    assert all(losses[it] == straight[it] for it in (1, 2, 3, 4)), losses
+
+
 def test_prune_keeps_the_newest_and_the_retained(tmp_path):
     from megatron_k15.checkpointing import prune_checkpoints
 

@@ -560,3 +560,32 @@ def test_indexed_format_matches_megatron_core(tmp_path):
         w.add([70000])
     w.abort()
     assert not (tmp_path / "o.bin").exists()
+
+
+def test_a_json_array_file_reads_like_jsonl_and_errors_name_the_elements_line(tmp_path, capsys):
+    """Alpaca's alpaca_data.json is one pretty-printed JSON array: its elements are the records
+    (the same samples as the JSONL form); a bad element is reported at the line it starts on,
+    a syntax error at its own line."""
+    rows = [{"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Translate.", "input": "chat\nchien", "output": "cat dog é"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
+    write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    samples = {}
+    for name in ("alpaca.json", "alpaca.jsonl"):
+        rc, err = run_inproc(capsys, "--mode", "sft", "--input", tmp_path / name, "--output-prefix",
+                             tmp_path / name.replace(".", "_"), "--tokenizer", "byte")
+        assert rc == 0, err
+        ds = load_sft_dataset(str(tmp_path / name.replace(".", "_")))
+        samples[name] = [(x.tokens.tolist(), x.loss_mask.tolist()) for x in ds]
+    assert samples["alpaca.json"] == samples["alpaca.jsonl"] and len(samples["alpaca.json"]) == 2
+
+    bad = rows + [{"instruction": "no output"}]
+    (tmp_path / "in_bad.json").write_text(json.dumps(bad, indent=4), encoding="utf-8")
+    start = json.dumps(bad, indent=4).splitlines().index("    {", 10) + 1  # the third element's first line
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", tmp_path / "in_bad.json", "--output-prefix",
+                         tmp_path / "bad", "--tokenizer", "byte")
+    assert rc != 0 and f"in_bad.json:{start}: field 'output'" in err and existing_outputs(tmp_path / "bad") == []
+    (tmp_path / "syntax.json").write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": }\n]')
+    rc, err = run_inproc(capsys, "--mode", "sft", "--input", tmp_path / "syntax.json", "--output-prefix",
+                         tmp_path / "syntax", "--tokenizer", "byte")
+    assert rc != 0 and "syntax.json:3: invalid JSON" in err

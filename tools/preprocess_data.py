@@ -21,7 +21,8 @@ Outputs (see megatron_k15/data/indexed.py for the format and the readers):
 SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}; ShareGPT's
 {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]} is read as "messages"
 and Alpaca's {"instruction", "input", "output"} as a pair (prompt = instruction, a blank line,
-input).
+input). The input may also be one JSON array of records (as alpaca_data.json is); errors then
+give the line each record starts on.
 Without --chat-template a prompt/response pair is tokenized as the prompt text followed by
 the response text; "messages" lines are always rendered with a chat template (the
 tokenizer's with --chat-template, else the simple built-in one: "<|role|>\\ncontent\\n" per
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("sft", "dpo", "prompts"), required=True,
                    help="sft: {prompt,response} or {messages} lines; dpo: {prompt,chosen,rejected} "
                         "preference pairs; prompts: RL prompt records")
-    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="input JSONL file")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="input JSONL file, or a file holding one JSON array of records")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
     p.add_argument("--tokenizer", required=True, metavar="PATH|byte",

@@ -86,10 +86,60 @@ class DataError(ValueError):
 
 # -- raw lines ---------------------------------------------------------------------------
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """``(line_number, raw_bytes)`` for every line (1-based), newline stripped."""
+    """``(line_number, raw_bytes)`` for every line (1-based), newline stripped. A file that is
+    one JSON array (``[{...}, {...}]``, as Alpaca's and many ShareGPT dumps are) gives each
+    element instead, as one compact JSON line numbered by the line it starts on."""
+    if _is_json_array(path):
+        yield from _iter_json_array(path)
+        return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             yield lineno, raw.rstrip(b"\r\n")
+
+
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[int, bytes]]:
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, raw.count(b"\n", 0, e.start) + 1, None,
+                        f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    decoder, n = json.JSONDecoder(), len(text)
+    pos, line, counted = text.index("[") + 1, 1, 0
+
+    def line_at(p: int) -> int:  # newlines counted incrementally: positions only grow
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    def skip_ws(p: int) -> int:
+        while p < n and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip_ws(pos)
+    if pos < n and text[pos] == "]":
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        yield line_at(pos), json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        pos = skip_ws(end)
+        if pos < n and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < n and text[pos] == "]" and not text[pos + 1:].strip():
+            return
+        raise DataError(path, line_at(min(pos, n)), None, "invalid JSON array (expected ',' or a final ']')")
 
 
 def parse_json_line(path: str, lineno: int, raw: Union[bytes, str]) -> Optional[dict]:

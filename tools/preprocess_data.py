@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("sft", "dpo", "prompts"), required=True,
                    help="sft: {prompt,response} or {messages} lines; dpo: {prompt,chosen,rejected} "
                         "preference pairs; prompts: RL prompt records")
-    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="input JSONL file, or a file holding one JSON array of records")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl",
+                   help="input JSONL file, or a file holding one JSON array of records")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
     p.add_argument("--tokenizer", required=True, metavar="PATH|byte",

@@ -131,13 +131,14 @@ def start_fresh_if_nothing_saved(args) -> None:
     """Megatron-LM's resume idiom: ``--load DIR --save DIR`` resumes from DIR, or starts from
     scratch while DIR holds no checkpoint yet (``args.load`` becomes None and
     ``args.load_missing`` keeps DIR, for the trainers' notice). Not with --finetune (weights are
-    needed) or --exit-on-missing-checkpoint; any other --load without a checkpoint stays an
-    error."""
+    needed), --ckpt-step or --exit-on-missing-checkpoint; any other --load without a checkpoint
+    stays an error."""
     load, save = getattr(args, "load", None), getattr(args, "save", None)
     args.load_missing = None
     if not load or not save or os.path.abspath(load) != os.path.abspath(save):
         return
-    if has_checkpoint(load) or getattr(args, "finetune", False) or getattr(args, "exit_on_missing_checkpoint", False):
+    if has_checkpoint(load) or getattr(args, "finetune", False) or getattr(args, "exit_on_missing_checkpoint", False) \
+            or getattr(args, "ckpt_step", None) is not None:  # a rollback needs what it rolls back to
         return
     args.load_missing, args.load = load, None
 

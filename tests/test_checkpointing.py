@@ -241,7 +241,8 @@ def test_load_equal_to_save_starts_fresh_only_while_nothing_is_saved(tmp_path, c
     assert args.load is None and args.load_missing == d
     for extra, message in ((["--save", d + "_other"], "directory does not exist"),
                            (["--save", d, "--exit-on-missing-checkpoint"], "directory does not exist"),
-                           (["--save", d, "--finetune"], "directory does not exist")):
+                           (["--save", d, "--finetune"], "directory does not exist"),
+                           (["--save", d, "--ckpt-step", "2"], "directory does not exist")):
         with pytest.raises(SystemExit):
             parse_args(["--num-layers", "2", "--load", d, *extra], world_size=1)
         assert message in capsys.readouterr().err, extra

@@ -589,3 +589,29 @@ def test_a_json_array_file_reads_like_jsonl_and_errors_name_the_elements_line(tm
     rc, err = run_inproc(capsys, "--mode", "sft", "--input", tmp_path / "syntax.json", "--output-prefix",
                          tmp_path / "syntax", "--tokenizer", "byte")
     assert rc != 0 and "syntax.json:3: invalid JSON" in err
+
+
+def test_gsm8k_and_math_records_become_prompt_and_answer(tmp_path):
+    """GSM8K's question / "... #### N" answer and MATH's problem / boxed solution preprocess to
+    prompt + answer, which the math reward then grades; our own fields are left as given."""
+    from megatron_k15.rewards.math import math_reward
+
+    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+            {"problem": "Solve 2x = 1.", "solution": "Divide: $x = \\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
+            {"question": "A big sum?", "answer": "It is 1,000.\n#### 1,000"},
+            {"prompt": "Keep mine.", "answer": "a #### b"}]
+    prefix = tmp_path / "math"
+    res = run_tool("--mode", "prompts", "--input", write_jsonl(tmp_path / "in.jsonl", rows), "--output-prefix",
+                   prefix, "--tokenizer", "byte", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    recs = load_prompt_dataset(str(prefix)).records
+    assert [(r["prompt"], r["answer"], r["task"]) for r in recs] == [
+        ("Tom has 3 apples and buys 4. How many?", "7", "math"), ("Solve 2x = 1.", "\\frac{1}{2}", "math"),
+        ("A big sum?", "1,000", "math"), ("Keep mine.", "a #### b", "math")]
+    assert recs[1]["level"] == "Level 1" and "question" not in recs[0]
+    assert math_reward("So the answer is \\boxed{7}.", recs[0]) == 1.0
+    assert math_reward("x = \\boxed{0.5}", recs[1]) == 1.0 and math_reward("\\boxed{1000}", recs[2]) == 1.0
+    bad_input = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "solution": "no box"}])
+    bad = run_tool("--mode", "prompts", "--input", bad_input, "--output-prefix", tmp_path / "b", "--tokenizer",
+                   "byte", "--no-progress")
+    assert bad.returncode != 0 and "bad.jsonl:1: field 'solution': has no \\boxed{} answer" in bad.stderr

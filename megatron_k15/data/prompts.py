@@ -26,6 +26,8 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``checker``: optional, instead of those: Python source defining ``check(input, output,
   expected) -> bool`` for problems with several right answers (run in the code sandbox).
 - other fields (``reward_fn``, ...) are kept as they are.
+- GSM8K (``question``, ``answer`` ending ``#### N``) and MATH (``problem``, ``solution`` with a
+  ``\\boxed{}`` answer) records are read as prompt + answer (``_math_dataset_fields``).
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
 ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` with at
@@ -217,11 +219,35 @@ def _validate_tests(tests: Any, call_based: bool = False) -> list[dict]:
     return out
 
 
+def _math_dataset_fields(obj: Mapping) -> Mapping:
+    """GSM8K's ``{"question", "answer": "<reasoning> #### 72"}`` and MATH's ``{"problem",
+    "solution": "... \\boxed{x}"}`` in our fields: prompt = question / problem; answer = what
+    follows GSM8K's last ``####``, or the content of the solution's last ``\\boxed{}`` when
+    there is no answer. Only for records without a ``prompt`` of their own."""
+    source = "question" if "question" in obj else "problem" if "problem" in obj else None
+    if "prompt" in obj or source is None:
+        return obj
+    rec = {k: v for k, v in obj.items() if k != source}
+    rec["prompt"] = obj[source]
+    answer = obj.get("answer")
+    if isinstance(answer, str) and "####" in answer:
+        rec["answer"] = answer.rsplit("####", 1)[1].strip()
+    elif answer is None and isinstance(obj.get("solution"), str):
+        from megatron_k15.rewards.math import last_boxed
+
+        boxed = last_boxed(obj["solution"])
+        if boxed is None or not boxed.strip():
+            raise FieldError("solution", "has no \\boxed{} answer (give the record an 'answer')")
+        rec["answer"] = boxed.strip()
+    return rec
+
+
 def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
                            tests_required: bool = True) -> dict:
     """A normalised copy of one prompt record (see the module docstring); FieldError if bad.
     ``tests_required=False``: a code prompt may come without tests (one whose tests are still
     to be built, ``tools/build_code_tests.py``)."""
+    obj = _math_dataset_fields(obj)
     rec = dict(obj)
     rec["prompt"] = _require_str(obj, "prompt")
 

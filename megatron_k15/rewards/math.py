@@ -92,7 +92,8 @@ _NUMBER_RE = re.compile(
 )
 
 
-def _last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> Optional[str]:
+    """The content of the last ``\\boxed{...}`` (balanced braces) or ``\\boxed x`` in ``text``."""
     matches = list(_BOX_RE.finditer(text))
     for m in reversed(matches):
         i = m.end()
@@ -140,7 +141,7 @@ def extract_answer(response: str) -> Optional[str]:
     try:
         if not isinstance(response, str) or not response.strip():
             return None
-        boxed = _last_boxed(response)
+        boxed = last_boxed(response)
         if boxed is not None:
             return boxed.strip()
         for rx in (_ANSWER_IS_RE, _ANSWER_COLON_RE):
@@ -259,7 +260,7 @@ def _canon_number_text(s: str) -> str:
 def normalize_answer(ans: str) -> str:
     """Canonical text form of an answer (no structure splitting)."""
     s = ans.strip()
-    inner = _last_boxed(s)
+    inner = last_boxed(s)
     if inner is not None:
         s = inner
     s = s.replace("\n", " ").replace("\u2212", "-").replace("\u00d7", "\\times ")

@@ -59,12 +59,18 @@ def add_sft_args(p) -> None:
                    help="Megatron-LM's: shares of every --train-data dataset, in dataset order (e.g. 98,2,0); "
                         "training uses the first, the second is held out and logged as valid_loss like "
                         "--valid-data, the third is left out")
+    g.add_argument("--skip-train", action="store_true",
+                   help="Megatron-LM's: log the held-out loss (--valid-data or --split) of the --load weights "
+                        "and stop without training")
     g.add_argument("--eval-interval", type=int, default=0, help="with --valid-data: also every N iterations")
     g.add_argument("--eval-iters", type=int, default=None,
                    help="with --valid-data: at most N global batches of it (default: all of it)")
 
 
 def _validate(args) -> None:
+    if args.skip_train:  # nothing trains: no schedule to give
+        args.train_iters = args.train_iters or 1
+        args.lr = 0.0 if args.lr is None else args.lr
     for flag, value in (("--train-iters", args.train_iters), ("--lr", args.lr), ("--seq-length", args.seq_length)):
         if value is None:
             raise ArgumentError(f"{flag} is required for training")
@@ -116,6 +122,9 @@ def _validate(args) -> None:
     elif (args.eval_interval or args.eval_iters is not None) and not (args.split_shares and args.split_shares[1]):
         raise ArgumentError("--eval-interval / --eval-iters need held-out data: --valid-data PREFIX or a --split "
                             "with a validation share")
+    if args.skip_train and args.valid_blend is None and not (args.split_shares and args.split_shares[1]):
+        raise ArgumentError("--skip-train only evaluates: give held-out data (--valid-data PREFIX or a --split "
+                            "with a validation share)")
     if args.eval_interval < 0 or (args.eval_iters is not None and args.eval_iters < 1):
         raise ArgumentError("--eval-interval must be >= 0 and --eval-iters >= 1")
     try:
@@ -365,6 +374,11 @@ def main(argv=None) -> int:
                   f"{m['valid_tokens']:.0f} response tokens", flush=True)
         return m
 
+    if args.skip_train:  # Megatron-LM's: the held-out loss of the loaded weights, then stop
+        logger.log(iteration, validate(iteration))
+        logger.close()
+        destroy()
+        return 0
     if valid_stream is not None and iteration == 0:
         logger.log(0, validate(0))
 

@@ -32,6 +32,15 @@ def test_validation_loss_is_logged_and_matches_the_training_forward(tmp_path):
     assert valid[0] == pytest.approx(train[1], rel=1e-6)
     assert valid[4] < valid[0]  # it trained on exactly those rows
     assert "[train_sft] validation at iteration 2: loss" in res.stdout
+    # --skip-train on the saved weights: the same held-out loss, logged at the loaded iteration
+    tb_only = tmp_path / "tb_only"
+    only = subprocess.run([sys.executable, "-m", "megatron_k15.train_sft", "--train-data", data, "--seq-length", "64",
+                           "--micro-batch-size", "2", "--global-batch-size", "4", "--load", str(tmp_path / "ck"),
+                           "--skip-train", "--valid-data", data, "--eval-iters", "1", "--tensorboard-dir", str(tb_only)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert only.returncode == 0, only.stdout + only.stderr
+    logged = [json.loads(line) for line in open(tb_only / "metrics.jsonl")]
+    assert [(r["iteration"], r["valid_loss"]) for r in logged] == [(4, valid[4])]
 
 
 def test_valid_data_flags_are_checked(tmp_path, capsys):
@@ -43,6 +52,7 @@ def test_valid_data_flags_are_checked(tmp_path, capsys):
     for extra, message in ((["--eval-interval", "2"], "--eval-interval / --eval-iters need held-out data"),
                            (["--split", "100,0,0", "--eval-interval", "2"], "need held-out data"),
                            (["--split", "98,2", "--valid-data", data], "--split and --valid-data both"),
+                           (["--skip-train"], "--skip-train only evaluates"),
                            (["--split", "0,1"], "the train share must be > 0"),
                            (["--split", "9,1,x"], "give up to three non-negative shares"),
                            (["--split", "999,1"], "no dataset of --train-data (60 samples) has a sample in the "

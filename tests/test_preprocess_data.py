@@ -615,3 +615,24 @@ def test_gsm8k_and_math_records_become_prompt_and_answer(tmp_path):
     bad = run_tool("--mode", "prompts", "--input", bad_input, "--output-prefix", tmp_path / "b", "--tokenizer",
                    "byte", "--no-progress")
     assert bad.returncode != 0 and "bad.jsonl:1: field 'solution': has no \\boxed{} answer" in bad.stderr
+
+
+def test_our_fields_win_and_one_line_arrays_get_positional_ids(tmp_path, capsys):
+    """A line with our own fields is read by them even when it also carries ShareGPT/Alpaca
+    keys; an empty ShareGPT system prompt adds no message; a JSON array written on one line
+    (json.dump's default) gets ids by position, not the shared line."""
+    from megatron_k15.data.prompts import validate_sft_record
+
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert validate_sft_record({"messages": msgs, "output": "x", "instruction": "y"}) == {"messages": msgs}
+    both = validate_sft_record({"prompt": "q", "response": "a", "conversations": [{"from": "human", "value": "z"}]})
+    assert both["messages"] == msgs and both["pair"]
+    assert validate_sft_record({"system": "", "conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]}) == {"messages": msgs}
+    rows = [{"question": "1+1?", "answer": "2\n#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
+    (tmp_path / "gsm.json").write_text(json.dumps(rows))  # one line
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "gsm.json", "--output-prefix",
+                         tmp_path / "out", "--tokenizer", "byte")
+    assert rc == 0, err
+    assert [(r["id"], r["answer"]) for r in load_prompt_dataset(str(tmp_path / "out")).records] == [
+        ("gsm.json:1", "2"), ("gsm.json:2", "4")]

@@ -165,3 +165,19 @@ def test_mixture_errors_name_the_set_and_the_state():
         mixed.load_state_dict(build_sampler("uniform", RECORDS, sizes=[5, 5], weights=[1, 1]).state_dict())
     with pytest.raises(ValueError, match="sizes of its prompt sets"):
         build_sampler("uniform", RECORDS, sizes=[6, 3], weights=[1, 1])
+
+
+def test_mixture_resumed_with_new_weights_uses_them_at_once():
+    """A resume with changed weights does not first make up the old draws' 'shortfall' (which
+    would starve a set for hundreds of iterations): the next draw already has the new shares."""
+    old = build_sampler("uniform", RECORDS, seed=1, sizes=[6, 4], weights=[0.5, 0.5])
+    for t in range(30):
+        old.sample(64, t)
+    new = build_sampler("uniform", RECORDS, seed=1, sizes=[6, 4], weights=[0.9, 0.1])
+    new.load_state_dict(old.state_dict())
+    draw = new.sample(64, 30)
+    second = sum(i >= 6 for i in draw)
+    assert abs(second - 6.4) < 1 and sum(new.drawn) == 30 * 64 + 64
+    same = build_sampler("uniform", RECORDS, seed=1, sizes=[6, 4], weights=[0.5, 0.5])
+    same.load_state_dict(old.state_dict())
+    assert same.drawn == old.drawn  # unchanged weights: the running totals carry on

@@ -99,6 +99,9 @@ def test_split_shares_and_ranges():
     parts = [split_range(10, parse_split("7,2,1"), p) for p in ("train", "valid", "test")]
     assert parts == [range(0, 7), range(7, 9), range(9, 10)]
     assert [len(split_range(60, parse_split("90,10"), p)) for p in ("train", "valid", "test")] == [54, 6, 0]
+    # Megatron-LM's rule: shares rounded one by one (4.5 -> 4, 4.5 -> 4, 1), then shifted to end at n
+    assert [split_range(10, parse_split("45,45,10"), p) for p in ("train", "valid", "test")] == [
+        range(0, 5), range(5, 9), range(9, 10)]
 
 
 @pytest.mark.slow

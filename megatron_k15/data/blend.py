@@ -190,10 +190,13 @@ class SliceSequences:
 
 def split_range(n: int, shares: Sequence[float], part: str) -> range:
     """Indices of the ``part`` (train, valid, test) of ``n`` items under ``--split`` shares:
-    contiguous ranges in dataset order, boundaries at round(cumulative share * n) as in
-    Megatron-LM."""
-    bounds = [0, int(round(shares[0] * n)), int(round((shares[0] + shares[1]) * n)), n]
-    bounds = [min(max(b, 0), n) for b in bounds]
+    contiguous ranges in dataset order with Megatron-LM's boundaries (each share's
+    round(share * n), accumulated, then all shifted so the last is n)."""
+    bounds = [0]
+    for share in shares:
+        bounds.append(bounds[-1] + int(round(share * n)))
+    shift = bounds[-1] - n
+    bounds = [0] + [min(max(b - shift, 0), n) for b in bounds[1:]]
     k = SPLIT_PARTS.index(part)
     return range(bounds[k], max(bounds[k], bounds[k + 1]))
 

@@ -90,7 +90,9 @@ class DataError(ValueError):
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """``(line_number, raw_bytes)`` for every line (1-based), newline stripped. A file that is
     one JSON array (``[{...}, {...}]``, as Alpaca's and many ShareGPT dumps are) gives each
-    element instead, as one compact JSON line numbered by the line it starts on."""
+    element instead, as one compact JSON line numbered by the line it starts on (for errors;
+    an element without an ``id`` gets ``FILE:K``, K its position, as several may share a
+    line)."""
     if _is_json_array(path):
         yield from _iter_json_array(path)
         return
@@ -113,7 +115,7 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, bytes]]:
         raise DataError(path, raw.count(b"\n", 0, e.start) + 1, None,
                         f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     decoder, n = json.JSONDecoder(), len(text)
-    pos, line, counted = text.index("[") + 1, 1, 0
+    pos, line, counted, index, base = text.index("[") + 1, 1, 0, 0, os.path.basename(path)
 
     def line_at(p: int) -> int:  # newlines counted incrementally: positions only grow
         nonlocal line, counted
@@ -134,6 +136,9 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, bytes]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(path, e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        index += 1
+        if isinstance(obj, dict) and obj.get("id") is None:  # default ids by position: lines may repeat
+            obj = {**obj, "id": f"{base}:{index}"}
         yield line_at(pos), json.dumps(obj, ensure_ascii=False).encode("utf-8")
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":
@@ -347,8 +352,8 @@ def _sharegpt_messages(obj: Mapping) -> dict:
     if not isinstance(turns, list):
         raise FieldError("conversations", f"expected a list of {{'from','value'}} objects, got {_type_name(turns)}")
     msgs = []
-    if obj.get("system") is not None:
-        msgs.append({"role": "system", "content": _require_str(obj, "system", non_empty=False)})
+    if obj.get("system") is not None and _require_str(obj, "system", non_empty=False):  # "" in many dumps
+        msgs.append({"role": "system", "content": obj["system"]})
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
             raise FieldError(f"conversations[{i}]", f"expected an object with 'from' and 'value', got {_type_name(t)}")
@@ -378,9 +383,10 @@ def validate_sft_record(obj: Mapping) -> dict:
     ``{"conversations": [{"from", "value"}]}`` and Alpaca's ``{"instruction", "input"?,
     "output"}``), returned as ``{"messages": [...]}`` (a prompt/response pair becomes one
     user and one assistant message, and keeps ``"pair": True``); FieldError if bad."""
-    if "messages" not in obj and "conversations" in obj:
+    ours = any(k in obj for k in ("messages", "prompt", "response"))  # our fields win over any others
+    if not ours and "conversations" in obj:
         obj = _sharegpt_messages(obj)
-    elif "prompt" not in obj and "response" not in obj and ("instruction" in obj or "output" in obj):
+    elif not ours and "instruction" in obj:
         obj = _alpaca_pair(obj)
     if "messages" in obj:
         msgs = obj["messages"]

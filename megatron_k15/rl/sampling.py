@@ -325,8 +325,13 @@ class MixtureSampler:
         self.seed = int(state["seed"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
-        # changed weights take effect from here: the running totals steer towards the new shares
-        self.drawn = [int(d) for d in state["drawn"]]
+        drawn = [int(d) for d in state["drawn"]]
+        if np.allclose(state["weights"], self.weights, rtol=0.0, atol=1e-12):
+            self.drawn = drawn
+        else:  # new weights take effect now: as if everything so far had been drawn at them
+            total = sum(drawn)
+            self.drawn = [0] * len(self.parts)
+            self.counts(total)
         for part, s in zip(self.parts, state["parts"]):
             part.load_state_dict(s)
 

@@ -345,23 +345,32 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "observation": "tool", "function": "tool"}
 
 
+def _turns(obj: Mapping, field: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> list[dict]:
+    """``obj[field]``, a list of ``{role_key, content_key}`` objects, as ``[{"role", "content"}]``
+    with each role mapped through ``roles`` (whose keys are the accepted names)."""
+    turns = obj[field]
+    if not isinstance(turns, list):
+        raise FieldError(field, f"expected a list of {{'{role_key}','{content_key}'}} objects, got {_type_name(turns)}")
+    out = []
+    for i, t in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(t, dict):
+            raise FieldError(where, f"expected an object with '{role_key}' and '{content_key}', got {_type_name(t)}")
+        role = _require_str(t, role_key, label=f"{where}.{role_key}")
+        if role not in roles:
+            raise FieldError(f"{where}.{role_key}", f"{role!r} is not one of {', '.join(roles)}")
+        out.append({"role": roles[role],
+                    "content": _require_str(t, content_key, non_empty=False, label=f"{where}.{content_key}")})
+    return out
+
+
 def _sharegpt_messages(obj: Mapping) -> dict:
     """ShareGPT's ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}], "system"?}``
     as ``{"messages": [...]}``."""
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        raise FieldError("conversations", f"expected a list of {{'from','value'}} objects, got {_type_name(turns)}")
     msgs = []
     if obj.get("system") is not None and _require_str(obj, "system", non_empty=False):  # "" in many dumps
         msgs.append({"role": "system", "content": obj["system"]})
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise FieldError(f"conversations[{i}]", f"expected an object with 'from' and 'value', got {_type_name(t)}")
-        speaker = _require_str(t, "from", label=f"conversations[{i}].from")
-        if speaker not in SHAREGPT_ROLES:
-            raise FieldError(f"conversations[{i}].from", f"{speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
-        msgs.append({"role": SHAREGPT_ROLES[speaker],
-                     "content": _require_str(t, "value", non_empty=False, label=f"conversations[{i}].value")})
+    msgs += _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
     if not any(m["role"] == "assistant" for m in msgs):
         raise FieldError("conversations", "has no gpt/assistant turn (nothing to train on)")
     return {"messages": msgs}
@@ -389,20 +398,9 @@ def validate_sft_record(obj: Mapping) -> dict:
     elif not ours and "instruction" in obj:
         obj = _alpaca_pair(obj)
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list):
-            raise FieldError("messages", f"expected a list of {{'role','content'}} objects, got {_type_name(msgs)}")
-        if not msgs:
+        out = _turns(obj, "messages", "role", "content", {r: r for r in SFT_ROLES})
+        if not out:
             raise FieldError("messages", "is empty")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise FieldError(f"messages[{i}]", f"expected an object with 'role' and 'content', got {_type_name(m)}")
-            role = _require_str(m, "role", label=f"messages[{i}].role")
-            if role not in SFT_ROLES:
-                raise FieldError(f"messages[{i}].role", f"{role!r} is not one of {', '.join(SFT_ROLES)}")
-            content = _require_str(m, "content", non_empty=False, label=f"messages[{i}].content")
-            out.append({"role": role, "content": content})
         if not any(m["role"] == "assistant" for m in out):
             raise FieldError("messages", "has no assistant message (nothing to train on)")
         return {"messages": out}

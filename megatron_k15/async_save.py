@@ -73,36 +73,29 @@ class AsyncCheckpointSaver:
         self._thread = threading.Thread(target=run, name=f"async-save-{label}", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _agree(*flags: bool):
-        """Each flag AND-ed over the world (one MIN all-reduce)."""
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-        if dist.get_backend() == "nccl":
-            from megatron_k15 import platform
-
-            t = t.to(platform.current_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        values = [bool(v) for v in t.tolist()]
-        return values if len(values) > 1 else values[0]
-
     def maybe_finalize(self, blocking: bool = False) -> bool:
         """Make the pending checkpoint current if every rank has written its part (with
         ``blocking``, wait for that). Collective. Returns whether a checkpoint was finalised;
         raises on every rank if a write failed (the previous checkpoint stays current)."""
         if self._finalize is None:
             return False
+        from megatron_k15.training import group_reduce
+
         if blocking:
             self._thread.join()
-        # [all written, none failed] by one MIN over the world
         distributed = dist.is_available() and dist.is_initialized()
-        written, clean = not self._thread.is_alive(), self._error is None
-        if distributed:
-            written, clean = self._agree(written, clean)
-        if not written:
+        world = dist.group.WORLD if distributed else None
+
+        def least(value: int) -> int:  # over every rank: one MIN all-reduce
+            return int(group_reduce(value, world, dist.ReduceOp.MIN, torch.int64))
+
+        # 0: still writing somewhere; 1: all written, some failed; 2: all written
+        state = least(0 if self._thread.is_alive() else 1 if self._error is not None else 2)
+        if state == 0:
             return False
         self._thread.join()
         finalize, self._finalize, self._thread = self._finalize, None, None
-        if not clean:
+        if state == 1:
             reason = f": {self._error!r}" if self._error is not None else " on another rank"
             raise CheckpointError(f"--async-save: writing checkpoint {self._label} failed{reason}; the previous "
                                   "checkpoint stays current") from self._error
@@ -112,8 +105,7 @@ class AsyncCheckpointSaver:
         except OSError as e:  # rank 0's rename failed: every rank must hear it, not wait in a barrier
             failure = e
         # every rank hears of a failure, and sees the checkpoint current when this returns
-        ok = self._agree(failure is None) if distributed else failure is None
-        if not ok:
+        if not least(1 if failure is None else 0):
             where = f": {failure!r}" if failure is not None else " on rank 0"
             raise CheckpointError(f"--async-save: making checkpoint {self._label} current failed{where}") from failure
         if not distributed or dist.get_rank() == 0:

@@ -41,6 +41,17 @@ class CheckpointError(RuntimeError):
     pass
 
 
+ITERATION_DIR = re.compile(r"iter_(\d{7,})")  # what iteration_tag names
+
+
+def saved_iterations(save_dir: str, complete: bool = False) -> list[int]:
+    """The iterations with an ``iter_*`` directory in ``save_dir`` (``complete``: with its
+    config written, i.e. renamed from the temporary name after every part was written)."""
+    names = os.listdir(save_dir) if os.path.isdir(save_dir) else []
+    return sorted(int(m.group(1)) for name in names if (m := ITERATION_DIR.fullmatch(name))
+                  and (not complete or os.path.isfile(os.path.join(save_dir, name, CONFIG_FILE))))
+
+
 def iteration_tag(iteration: Optional[int]) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 
@@ -87,11 +98,8 @@ def resolve_checkpoint_dir(load_dir: str, flag: str = "--load", step: Optional[i
     if step is not None:
         path = os.path.join(load_dir, iteration_tag(step))
         if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            found = sorted(int(m.group(1)) for name in (os.listdir(load_dir) if os.path.isdir(load_dir) else [])
-                           if (m := re.fullmatch(r"iter_(\d{7,})", name))
-                           and os.path.isfile(os.path.join(load_dir, name, CONFIG_FILE)))
             raise CheckpointError(f"{flag} {load_dir} --ckpt-step {step}: no complete checkpoint of iteration "
-                                  f"{step}; complete ones: {found or 'none'}")
+                                  f"{step}; complete ones: {saved_iterations(load_dir, complete=True) or 'none'}")
         return path
     if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)):
         return load_dir
@@ -227,7 +235,7 @@ def prune_checkpoints(save_dir: str, iteration: int, retain_interval: int) -> li
     deleted = []
     for name in sorted(os.listdir(save_dir)):
         path = os.path.join(save_dir, name)
-        m = re.fullmatch(r"iter_(\d{7,})", name)
+        m = ITERATION_DIR.fullmatch(name)
         try:
             if name.startswith(".deleting-"):
                 shutil.rmtree(path)

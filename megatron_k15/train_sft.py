@@ -93,6 +93,8 @@ def _validate(args) -> None:
         args.split_shares = parse_split(args.split) if args.split is not None else None
     except BlendError as e:
         raise ArgumentError(str(e)) from None
+    # held-out data to validate on: --valid-data, or --split's validation share
+    args.held_out = args.valid_blend is not None or bool(args.split_shares and args.split_shares[1])
     if args.split_shares is not None:
         if args.valid_data is not None:
             raise ArgumentError("--split and --valid-data both give held-out data; give one")
@@ -119,10 +121,10 @@ def _validate(args) -> None:
             if missing:
                 raise ArgumentError(f"--valid-data {prefix}: missing {missing[0]} (run tools/preprocess_data.py "
                                     f"--mode sft)")
-    elif (args.eval_interval or args.eval_iters is not None) and not (args.split_shares and args.split_shares[1]):
+    elif (args.eval_interval or args.eval_iters is not None) and not args.held_out:
         raise ArgumentError("--eval-interval / --eval-iters need held-out data: --valid-data PREFIX or a --split "
                             "with a validation share")
-    if args.skip_train and args.valid_blend is None and not (args.split_shares and args.split_shares[1]):
+    if args.skip_train and not args.held_out:
         raise ArgumentError("--skip-train only evaluates: give held-out data (--valid-data PREFIX or a --split "
                             "with a validation share)")
     if args.eval_interval < 0 or (args.eval_iters is not None and args.eval_iters < 1):
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
     valid_stream = None
     if args.valid_data:
         valid_stream, _ = open_packed_stream(args.valid_blend, args.seq_length, args.seed, flag="--valid-data")
-    elif args.split_shares is not None and args.split_shares[1]:  # the held-out share, each sample once
+    elif args.held_out:  # --split's held-out share, each sample once
         valid_stream, held_out = open_packed_stream(Blend(args.train_blend.prefixes, None), args.seq_length,
                                                     args.seed, split=args.split_shares, part="valid")
         if rank == 0:

@@ -122,7 +122,12 @@ class ConcatSequences:
 
 def blend_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     """Units per epoch of each dataset: its share of sum(sizes), rounded by largest remainders."""
-    total = int(sum(sizes))
+    return largest_remainders(int(sum(sizes)), weights)
+
+
+def largest_remainders(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` split by ``weights`` (summing to 1) into integers: floors, and one more each for
+    the largest fractional parts until they add up (ties to the lower index)."""
     exact = [w * total for w in weights]
     counts = [int(np.floor(x)) for x in exact]
     order = sorted(range(len(exact)), key=lambda k: (-(exact[k] - counts[k]), k))
@@ -175,7 +180,6 @@ class SliceSequences:
 
     def __init__(self, base, start: int, stop: int):
         self.base, self.start, self.stop = base, int(start), int(stop)
-        self.summary = getattr(base, "summary", None)
         self.lengths = np.asarray(base.lengths, dtype=np.int64)[self.start:self.stop]
 
     def __len__(self) -> int:

@@ -380,9 +380,7 @@ def _alpaca_pair(obj: Mapping) -> dict:
     """Alpaca's ``{"instruction", "input"?, "output"}`` as ``{"prompt", "response"}``: the
     prompt is the instruction, then a blank line and the input when there is one."""
     instruction = _require_str(obj, "instruction", non_empty=False)
-    extra = obj.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise FieldError("input", f"expected a string, got {_type_name(extra)}")
+    extra = _require_str(obj, "input", non_empty=False) if obj.get("input") is not None else ""
     return {"prompt": f"{instruction}\n\n{extra}" if extra else instruction,
             "response": _require_str(obj, "output")}
 

@@ -80,9 +80,6 @@ class _Bucket:
         return self.rank * n, (self.rank + 1) * n
 
 
-WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-
-
 def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
           style: str = "cosine", wsd_decay_iters: int = 0, wsd_decay_style: str = "exponential") -> float:
     """Linear warm-up to ``lr`` over ``warmup_iters``, then (Megatron-LM's styles) to ``min_lr``

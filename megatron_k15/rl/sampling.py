@@ -329,9 +329,9 @@ class MixtureSampler:
         if np.allclose(state["weights"], self.weights, rtol=0.0, atol=1e-12):
             self.drawn = drawn
         else:  # new weights take effect now: as if everything so far had been drawn at them
-            total = sum(drawn)
-            self.drawn = [0] * len(self.parts)
-            self.counts(total)
+            from megatron_k15.data.blend import largest_remainders
+
+            self.drawn = largest_remainders(sum(drawn), self.weights)
         for part, s in zip(self.parts, state["parts"]):
             part.load_state_dict(s)
 
@@ -349,10 +349,9 @@ def build_sampler(name: str, records, seed: int = 0, sizes: Sequence[int] | None
             raise ValueError("a weighted mixture needs the sizes of its prompt sets, adding up to the records")
         parts, start = [], 0
         for k, size in enumerate(sizes):
-            part = records if isinstance(records, int) else records[start:start + size]
+            part = size if isinstance(records, int) else records[start:start + size]
             try:
-                parts.append(build_sampler(name, size if isinstance(records, int) else part,
-                                           seed=seed + 1000003 * (k + 1), **kw))
+                parts.append(build_sampler(name, part, seed=seed + 1000003 * (k + 1), **kw))
             except ValueError as e:
                 raise ValueError(f"prompt set {k + 1} of {len(sizes)}: {e}") from None
             start += size

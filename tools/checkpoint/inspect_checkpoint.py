@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +27,7 @@ import _bootstrap  # noqa: F401,E402
 import torch  # noqa: E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, read_layout, resolve_checkpoint_dir, shard_dir_name,
+    LATEST_FILE, CheckpointError, read_layout, resolve_checkpoint_dir, saved_iterations, shard_dir_name,
 )
 from megatron_k15.models.config import GPTConfig  # noqa: E402
 
@@ -73,7 +72,7 @@ def inspect(load: str) -> dict:
     tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
     root = os.path.dirname(os.path.abspath(ckpt))
     latest = os.path.join(root, LATEST_FILE)
-    iterations = sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7,})", d)))
+    iterations = saved_iterations(root)
     shards, missing, optimizer = [], [], None
     for t in range(tp):
         for p in range(pp):

@@ -12,7 +12,9 @@ e.g. ``{"id": "p1", "prompt": "Read a and b, print a+b.", "solutions": ["..."],
 "input_generator": "import random\\nrandom.seed(int(input()))\\nprint(random.randint(1, 9), 7)"}``.
 Call-based problems (``fn_name``: LeetCode / APPS style, a function called with arguments)
 take ``test_inputs`` as JSON argument lists, generators that print one, and vote on the
-returned values (``megatron_k15/data/code_tests.py``).
+returned values (``megatron_k15/data/code_tests.py``). APPS / TACO and CodeContests lines are
+read as they are (``megatron_k15/data/public_formats.py``): their scraped tests become
+candidate inputs, kept only where the solutions agree with the stated output.
 
 Generators written by a model, as Kimi did: --write-generator-prompts FILE writes
 --generator-samples prompts per problem asking for one; run them through the generate CLI

@@ -22,7 +22,8 @@ SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}
 {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]} is read as "messages"
 and Alpaca's {"instruction", "input", "output"} as a pair (prompt = instruction, a blank line,
 input). The input may also be one JSON array of records (as alpaca_data.json is); errors then
-give the line each record starts on.
+give the line each record starts on. Prompt lines may also be GSM8K, MATH, APPS / TACO or
+CodeContests records, read as prompt records (megatron_k15/data/public_formats.py).
 Without --chat-template a prompt/response pair is tokenized as the prompt text followed by
 the response text; "messages" lines are always rendered with a chat template (the
 tokenizer's with --chat-template, else the simple built-in one: "<|role|>\\ncontent\\n" per

@@ -48,7 +48,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from megatron_k15.data.prompts import FieldError, _type_name, validate_prompt_record
-from megatron_k15.rewards.code import is_json_value, normalize_output, outputs_match, run_tests, values_match
+from megatron_k15.data.public_formats import prompt_dataset_fields
+from megatron_k15.rewards.code import (is_json_value, normalize_output, outputs_match, returned_value_matches,
+                                       run_tests, values_match)
 
 __all__ = ["BuildSettings", "CALL_GENERATOR_PROMPT", "GENERATOR_PROMPT", "ProblemResult", "at_least",
            "build_problem_tests", "generator_prompt",
@@ -95,6 +97,7 @@ def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
 
 def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dict:
     """A normalised copy of one problem record (module docstring); FieldError if bad."""
+    obj = prompt_dataset_fields(obj)  # APPS / TACO / CodeContests: solutions as a list of programs
     obj = {**obj, "task": obj.get("task") or "code"}
     if obj.get("tests") == []:  # no scraped tests: the same as none given
         obj.pop("tests")
@@ -315,7 +318,17 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
         tests = [t for t in tests if t[1] != "null"]
     def contradicts(i, out):  # the given test's output against the agreed one (the checker: the
         want = given[inputs[i]]  # agreed output judged with the given one as the reference)
-        return want is None or not (same(want, out) if same_at is None else same_at(i)(out, want))
+        if want is None:
+            return True
+        if same_at is not None:
+            return not same_at(i)(out, want)
+        if fn_name is not None:  # APPS / TACO's stated [v] stands for v (wrapped_outputs)
+            try:
+                return not returned_value_matches(json.loads(out), json.loads(want), rec.get("float_tolerance"),
+                                                  bool(rec.get("wrapped_outputs")))
+            except RecursionError:
+                return True
+        return not same(want, out)
 
     contradicted = {i for i, out, _ in tests if inputs[i] in given and contradicts(i, out)}
     counts["given tests contradicted"] += len(contradicted)
@@ -327,7 +340,9 @@ def build_problem_tests(rec: dict, s: BuildSettings) -> ProblemResult:
         return ProblemResult(None, DROP_FEW_TESTS, counts)
     if solutions_passing(outputs, tests, same, same_at) < at_least(s.problem_pass_rate, len(solutions)):
         return ProblemResult(None, DROP_DISAGREE, counts)
-    out = {k: v for k, v in rec.items() if k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions")}
+    # the kept tests hold what the solutions returned, unwrapped: wrapped_outputs no longer applies
+    out = {k: v for k, v in rec.items() if (k not in PROBLEM_FIELDS or (s.keep_solutions and k == "solutions"))
+           and k != "wrapped_outputs"}
     if fn_name is None:
         out["tests"] = [{"input": inputs[i], "output": want + "\n"} for i, want, _ in tests]
     else:

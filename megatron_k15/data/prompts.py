@@ -26,8 +26,10 @@ Prompt records (DESIGN.md section 5), normalised by :func:`validate_prompt_recor
 - ``checker``: optional, instead of those: Python source defining ``check(input, output,
   expected) -> bool`` for problems with several right answers (run in the code sandbox).
 - other fields (``reward_fn``, ...) are kept as they are.
-- GSM8K (``question``, ``answer`` ending ``#### N``) and MATH (``problem``, ``solution`` with a
-  ``\\boxed{}`` answer) records are read as prompt + answer (``_math_dataset_fields``).
+- ``wrapped_outputs``: optional bool, with ``fn_name``: an expected ``[v]`` also accepts ``v``
+  (APPS / TACO's convention, ``rewards.code``).
+- GSM8K and MATH records (prompt + answer), APPS / TACO and CodeContests records (code
+  prompts with tests) are read in these fields (``data/public_formats.py``).
 
 SFT records (:func:`validate_sft_record`): ``{"prompt": str, "response": str}`` or
 ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` with at
@@ -224,35 +226,14 @@ def _validate_tests(tests: Any, call_based: bool = False) -> list[dict]:
     return out
 
 
-def _math_dataset_fields(obj: Mapping) -> Mapping:
-    """GSM8K's ``{"question", "answer": "<reasoning> #### 72"}`` and MATH's ``{"problem",
-    "solution": "... \\boxed{x}"}`` in our fields: prompt = question / problem; answer = what
-    follows GSM8K's last ``####``, or the content of the solution's last ``\\boxed{}`` when
-    there is no answer. Only for records without a ``prompt`` of their own."""
-    source = "question" if "question" in obj else "problem" if "problem" in obj else None
-    if "prompt" in obj or source is None:
-        return obj
-    rec = {k: v for k, v in obj.items() if k != source}
-    rec["prompt"] = obj[source]
-    answer = obj.get("answer")
-    if isinstance(answer, str) and "####" in answer:
-        rec["answer"] = answer.rsplit("####", 1)[1].strip()
-    elif answer is None and isinstance(obj.get("solution"), str):
-        from megatron_k15.rewards.math import last_boxed
-
-        boxed = last_boxed(obj["solution"])
-        if boxed is None or not boxed.strip():
-            raise FieldError("solution", "has no \\boxed{} answer (give the record an 'answer')")
-        rec["answer"] = boxed.strip()
-    return rec
-
-
 def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
                            tests_required: bool = True) -> dict:
     """A normalised copy of one prompt record (see the module docstring); FieldError if bad.
     ``tests_required=False``: a code prompt may come without tests (one whose tests are still
     to be built, ``tools/build_code_tests.py``)."""
-    obj = _math_dataset_fields(obj)
+    from megatron_k15.data.public_formats import prompt_dataset_fields  # (it imports this module)
+
+    obj = prompt_dataset_fields(obj)
     rec = dict(obj)
     rec["prompt"] = _require_str(obj, "prompt")
 
@@ -301,6 +282,9 @@ def validate_prompt_record(obj: Mapping, default_id: Optional[str] = None, *,
     fn_error = fn_name_error(obj.get("fn_name"))
     if fn_error:
         raise FieldError("fn_name", fn_error)
+    wrapped = obj.get("wrapped_outputs")
+    if wrapped is not None and (not isinstance(wrapped, bool) or (wrapped and obj.get("fn_name") is None)):
+        raise FieldError("wrapped_outputs", f"expected true or false, with fn_name set, got {wrapped!r}")
     if has_tests:
         rec["tests"] = _validate_tests(obj["tests"], call_based=obj.get("fn_name") is not None)
     elif task == "code" and tests_required:

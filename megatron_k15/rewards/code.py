@@ -18,6 +18,9 @@ Call-based tests (LeetCode / APPS / TACO style, ``fn_name``): the program define
 (top level, or a method of ``class Solution``); each test calls it with ``test["input"]``, a
 JSON list of positional arguments, and compares the returned value with ``test["output"]``
 as JSON values (:func:`values_match`; tuples are lists). What the program prints is ignored.
+APPS and TACO store most expected values wrapped in a one-element list; their records carry
+``wrapped_outputs``, and a test whose output is ``[v]`` then also passes on ``v`` (their
+checker's rule, kept to one-element lists: ``[1, 2]`` never accepts ``1``).
 
 Process layout::
 
@@ -784,12 +787,22 @@ def split_returned(stdout: str, marker: str) -> tuple[str, Optional[str]]:
     return stdout[:max(0, at - 1)], stdout[at + len(marker):].strip()
 
 
-def _returned_matches(stdout: str, want: Any, marker: str, float_tolerance: Optional[float]) -> bool:
+def returned_value_matches(got: Any, want: Any, float_tolerance: Optional[float] = None,
+                           wrapped_outputs: bool = False) -> bool:
+    """:func:`values_match`, and with ``wrapped_outputs`` (APPS / TACO records) a ``want`` of
+    ``[v]`` also accepts ``v``."""
+    if values_match(got, want, float_tolerance):
+        return True
+    return wrapped_outputs and isinstance(want, list) and len(want) == 1 and values_match(got, want[0], float_tolerance)
+
+
+def _returned_matches(stdout: str, want: Any, marker: str, float_tolerance: Optional[float],
+                      wrapped_outputs: bool) -> bool:
     _, text = split_returned(stdout, marker)
     if text is None:
         return False
     try:
-        return values_match(json.loads(text), want, float_tolerance)
+        return returned_value_matches(json.loads(text), want, float_tolerance, wrapped_outputs)
     except (ValueError, RecursionError):  # not JSON, or nested too deep to decode or compare
         return False
 
@@ -851,6 +864,7 @@ def run_tests(
     compare: str = "lines",
     float_tolerance: Optional[float] = None,
     fn_name: Optional[str] = None,
+    wrapped_outputs: bool = False,
     checker: Optional[str] = None,
 ) -> dict:
     """Run ``program`` on each test; returns ``{"passed", "total", "status", "results"}``.
@@ -858,7 +872,8 @@ def run_tests(
     ``timeout_s`` is the wall-clock limit per test (CPU limit: ``int(timeout_s) + 1`` s).
     ``compare`` / ``float_tolerance``: how an output is judged (:func:`outputs_match`).
     ``fn_name``: call-based tests (module docstring); the returned values are judged by
-    :func:`values_match` (with ``float_tolerance``); with ``keep_output`` each result holds
+    :func:`values_match` (with ``float_tolerance``; ``wrapped_outputs``: an output ``[v]`` also
+    accepts ``v``, see :func:`returned_value_matches`); with ``keep_output`` each result holds
     ``stdout`` (what the program printed) and ``returned`` (the value's JSON, if it returned).
     ``checker``: a custom checker's source (module docstring; stdin tests only), which then
     judges each output instead of ``compare`` / ``float_tolerance``.
@@ -924,7 +939,8 @@ def run_tests(
                 )
                 try:
                     if fn_name is not None:
-                        judge = lambda got, want: _returned_matches(got, want, marker, float_tolerance)  # noqa: E731
+                        judge = lambda got, want: _returned_matches(got, want, marker, float_tolerance,  # noqa: E731
+                                                                     bool(wrapped_outputs))
                     elif checker is not None:  # every finished run passes on to the checker
                         judge = lambda got, want: True  # noqa: E731
                     else:
@@ -1060,7 +1076,7 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
     with ``partial_credit`` the fraction of tests passed. The record's ``timeout_s``,
     ``compare`` and ``float_tolerance`` set the limit and the checker (:func:`outputs_match`),
     or its ``checker`` a custom one (module docstring); its ``fn_name`` makes the tests
-    call-based (:func:`values_match`)."""
+    call-based (:func:`returned_value_matches`, with its ``wrapped_outputs``)."""
     try:
         tests = record.get("tests") if isinstance(record, dict) else None
         program = extract_program(response)
@@ -1068,7 +1084,8 @@ def code_reward(response: str, record: dict, *, timeout_s: float = 4.0,
             return 0.0
         res = run_tests(program, tests, record.get("timeout_s", timeout_s), stop_on_failure=not partial_credit,
                         compare=record.get("compare", "lines"), float_tolerance=record.get("float_tolerance"),
-                        fn_name=record.get("fn_name"), checker=record.get("checker"))
+                        fn_name=record.get("fn_name"), wrapped_outputs=bool(record.get("wrapped_outputs")),
+                        checker=record.get("checker"))
         if res["total"] == 0:
             return 0.0
         if partial_credit:

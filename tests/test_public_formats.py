@@ -40,7 +40,8 @@ def test_apps_record_fields():
     assert rec["tests"] == [{"input": "1 2\n", "output": "3\n"}, {"input": "3 4", "output": "7"}]
     assert rec["compare"] == "tokens" and "fn_name" not in rec and "wrapped_outputs" not in rec
     assert rec["difficulty"] == 2.0 and rec["difficulty_label"] == "interview"
-    assert rec["solutions"] == [SUM] and rec["url"] == APPS["url"] and "input_output" not in rec
+    assert rec["url"] == APPS["url"] and "input_output" not in rec
+    assert "solutions" not in rec and validate_code_problem(APPS, "x")["solutions"] == [SUM]  # build_code_tests'
     assert validate_prompt_record(rec, "x") == rec  # already ours: unchanged
 
 
@@ -59,7 +60,9 @@ def test_codecontests_record_fields():
     rec = validate_prompt_record(CODECONTESTS, "cc:1")
     assert rec["id"] == "1_A. Sum" and rec["prompt"] == "Print a + b." and rec["compare"] == "tokens"
     assert [t["input"] for t in rec["tests"]] == ["1 2\n", "5 5\n", "0 0\n"]  # public, private, generated
-    assert rec["solutions"] == [SUM]  # Python 3 only (not C++, not Python 2)
+    assert "solutions" not in rec and "incorrect_solutions" not in validate_prompt_record(
+        dict(CODECONTESTS, incorrect_solutions={"language": [3], "solution": ["print(0)"]}), "cc:1")
+    assert validate_code_problem(CODECONTESTS, "cc:1")["solutions"] == [SUM]  # Python 3 only (not C++, not Python 2)
     assert rec["difficulty"] == 7.0 and rec["cf_rating"] == 800
 
 

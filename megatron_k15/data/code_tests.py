@@ -97,7 +97,7 @@ def _str_list(obj: Mapping, name: str, *, non_empty_items: bool) -> list[str]:
 
 def validate_code_problem(obj: Mapping, default_id: Optional[str] = None) -> dict:
     """A normalised copy of one problem record (module docstring); FieldError if bad."""
-    obj = prompt_dataset_fields(obj)  # APPS / TACO / CodeContests: solutions as a list of programs
+    obj = prompt_dataset_fields(obj, with_solutions=True)  # APPS / TACO / CodeContests: solutions as a list of programs
     obj = {**obj, "task": obj.get("task") or "code"}
     if obj.get("tests") == []:  # no scraped tests: the same as none given
         obj.pop("tests")

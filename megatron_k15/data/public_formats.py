@@ -12,15 +12,17 @@ A record that has a ``prompt`` of its own is ours and passes unchanged. Otherwis
   ``inputs`` / ``outputs`` (a list of lines is one text joined by newlines, as APPS's
   checker does); ``fn_name`` makes them call-based, with ``wrapped_outputs`` (an expected
   ``[v]`` also accepts ``v``: ``rewards.code``); stdin tests are compared by tokens (their
-  checker ignores whitespace); ``solutions`` a list of programs (``tools/build_code_tests.py``
-  re-checks the scraped tests with them); ``id`` = ``problem_id``; ``difficulty`` a number
+  checker ignores whitespace); ``solutions`` a list of programs (for
+  ``tools/build_code_tests.py``, which re-checks the scraped tests with them); ``id`` = ``problem_id``; ``difficulty`` a number
   (:data:`CODE_DIFFICULTY`; the label stays in ``difficulty_label``).
 - CodeContests ``{"name", "description", "public_tests", "private_tests", "generated_tests",
   "solutions": {"language", "solution"}, ...}``: prompt = description, ``id`` = name,
   ``tests`` = public + private + generated (stdin, compared by tokens), ``solutions`` = the
   Python 3 ones.
 
-Fields the conversion does not use are kept, as for our own records. Errors are
+Fields the conversion does not use are kept, as for our own records, except the reference
+programs (``solutions``, ``incorrect_solutions``), which only ``tools/build_code_tests.py``
+keeps. Errors are
 :class:`FieldError` naming the dataset's own field (``input_output.outputs[3]``), so the
 reader's ``FILE:LINE:`` message points at what is in the file.
 """
@@ -41,18 +43,27 @@ CODE_DIFFICULTY = {"introductory": 1.0, "interview": 2.0, "competition": 3.0,
                    "UNKNOWN_DIFFICULTY": None}
 
 CODECONTESTS_TEST_FIELDS = ("public_tests", "private_tests", "generated_tests")
+SOLUTION_FIELDS = ("solutions", "incorrect_solutions")
 CODECONTESTS_PYTHON3 = 3  # CodeContests' Language enum: UNKNOWN, PYTHON (2), CPP, PYTHON3, JAVA
 
 
-def prompt_dataset_fields(obj: Mapping) -> Mapping:
+def prompt_dataset_fields(obj: Mapping, *, with_solutions: bool = False) -> Mapping:
     """``obj`` in our prompt-record fields when it is a GSM8K, MATH, APPS/TACO or CodeContests
-    record (module docstring); unchanged otherwise, and always when it has a ``prompt``."""
+    record (module docstring); unchanged otherwise, and always when it has a ``prompt``.
+    A code dataset's reference programs (often hundreds of kB a problem) are dropped unless
+    ``with_solutions`` (``tools/build_code_tests.py``): RL prompt sets do not need them."""
     if "prompt" in obj:
         return obj
+    code = None
     if "input_output" in obj and "question" in obj:
-        return _apps_fields(obj)
-    if "description" in obj and any(f in obj for f in CODECONTESTS_TEST_FIELDS):
-        return _codecontests_fields(obj)
+        code = _apps_fields(obj)
+    elif "description" in obj and any(f in obj for f in CODECONTESTS_TEST_FIELDS):
+        code = _codecontests_fields(obj)
+    if code is not None:
+        if not with_solutions:
+            for field in SOLUTION_FIELDS:
+                code.pop(field, None)
+        return code
     if "question" in obj or "problem" in obj:
         return _math_fields(obj)
     return obj

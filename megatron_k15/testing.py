@@ -143,11 +143,13 @@ def _collect(queue, procs, results: dict, errors: list, deadline: float) -> None
 def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings), ``llama``
     (tied embeddings, rope theta 500000, GQA 2:1) or ``qwen3`` (QK-norm, head_dim 32 with
-    hidden 64 and 4 heads, so the head size is not hidden / heads; GQA 2:1, untied) or
-    ``qwen3_moe`` (Qwen3 attention, 8 experts of ffn 48, top-2 renormalised). Biases and norm
+    hidden 64 and 4 heads, so the head size is not hidden / heads; GQA 2:1, untied),
+    ``qwen3_moe`` (Qwen3 attention, 8 experts of ffn 48, top-2 renormalised) or ``mistral``
+    (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window). Biases and norm
     weights get random values so they matter."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     if kind == "qwen2":
@@ -177,6 +179,13 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
                   bos_token_id=1, eos_token_id=2)
         kw.update(overrides)
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
+    elif kind == "mistral":
+        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=None,
+                  tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        model = MistralForCausalLM(MistralConfig(**kw))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     with torch.no_grad():

@@ -38,6 +38,7 @@ to_hf = _load_tool(TO_HF)
     ("llama", torch.float16, None, 2, 1),
     ("qwen3", torch.bfloat16, None, 2, 1),      # QK-norm weights (replicated over tp)
     ("qwen3_moe", torch.bfloat16, None, 2, 2),  # per-expert tensors, experts split over tp
+    ("mistral", torch.bfloat16, None, 2, 1),    # head_dim != hidden / heads
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
@@ -94,6 +95,8 @@ def _corrupt_config(hf_dir, **changes):
     ({}, 4, "--tensor-model-parallel-size 4 does not divide --num-attention-heads 6"),
     ({}, 3, "--tensor-model-parallel-size 3 does not divide --num-query-groups 2"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, 1, "yarn"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 256}, 1,  # Mistral 7B v0.1's window
+     "sliding_window=256 is not supported"),
 ])
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, changes, tp, expected):
     hf_dir, ck = tmp_path / "hf", tmp_path / "ck"

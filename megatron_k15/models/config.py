@@ -55,7 +55,7 @@ class GPTConfig:
     moe_norm_topk_prob: bool = False
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
-    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama": the HF class conversion targets
+    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama" | "mistral": the HF class conversion targets
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Any] = None  # int or list of ints
     extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
@@ -242,6 +242,16 @@ def _qwen3_moe(hidden, layers, heads, experts, moe_ffn):
             "moe_norm_topk_prob": True, "architecture": "qwen3_moe"}
 
 
+def _mistral(hidden, layers, vocab, max_positions):
+    """Mistral (7B v0.3, Nemo): Llama's layers without sliding window, 32 heads, 8 KV heads."""
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=14336, num_layers=layers,
+        num_attention_heads=32, num_query_groups=8, max_position_embeddings=max_positions,
+        rotary_base=1000000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False,
+        architecture="mistral", bos_token_id=1, eos_token_id=2,
+    )
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -268,6 +278,8 @@ PRESETS: dict[str, dict] = {
         rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False,
         architecture="llama", bos_token_id=128000, eos_token_id=128001,
     ),
+    "mistral-7b": _mistral(4096, 32, 32768, 32768),  # v0.3
+    "mistral-nemo-12b": {**_mistral(5120, 40, 131072, 1024000), "kv_channels": 128},
 }
 
 

@@ -33,7 +33,8 @@ import torch
 from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                           "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                           "MistralForCausalLM": "mistral"}
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
@@ -84,6 +85,10 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
         raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
+    window = hf.get("sliding_window")  # Mistral's: attention limited to it whenever it is set
+    if arch == "mistral" and window is not None and int(window) < int(hf.get("max_position_embeddings", 4096)):
+        raise HFCheckpointError(f"{where}: sliding_window={window} is not supported (full causal attention "
+                                "only; Mistral 7B v0.2 and later have none)")
     theta, scaling = _rope_settings(hf, where)
     heads = int(hf["num_attention_heads"])
     moe = {}
@@ -143,10 +148,10 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
     if cfg.is_moe != (arch == "qwen3_moe"):
         raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM), "
-                          "dense ones as 'qwen2', 'qwen3' or 'llama'")
+                          "dense ones as 'qwen2', 'qwen3', 'llama' or 'mistral'")
     if cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
-                          "'qwen3' (or 'qwen3_moe'), one without as 'qwen2' or 'llama'")
+                          "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama' or 'mistral'")
     hf = {
         "architectures": [HF_CLASS[arch]],
         "model_type": arch,
@@ -173,6 +178,10 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["mlp_bias"] = False
     elif arch in QK_NORM_ARCHITECTURES:
         hf["attention_bias"] = cfg.add_qkv_bias
+    elif arch == "mistral":
+        if cfg.add_qkv_bias:
+            raise ConfigError("Mistral has no QKV bias; export a model with it as architecture 'qwen2' or 'llama'")
+        hf["sliding_window"] = None
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
     if arch == "qwen3_moe":

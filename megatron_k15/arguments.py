@@ -292,7 +292,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     add_checkpoint_switches(g)
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-interval", type=int, default=1,
+                   help="iterations per console line; train_sft also merges their metrics into one record "
+                        "(Megatron-LM's averaging), train_rl records every iteration (each is a rollout batch)")
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
     g.add_argument("--tokenizer-type", default=None,
                    help="accepted for Megatron-LM scripts: HuggingFaceTokenizer (with --tokenizer-model)")

@@ -437,10 +437,10 @@ def main(argv=None) -> int:
         if eval_set is not None and (iteration == args.train_iters or
                                      (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(run_eval())
+        if args.log_params_norm:
+            metrics["params_norm"] = ctx.optimizer.params_norm()
+        logger.log(iteration, metrics)  # every iteration: each is a whole rollout batch, too costly to drop
         if iteration % args.log_interval == 0 or iteration == args.train_iters or "eval_accuracy" in metrics:
-            if args.log_params_norm:
-                metrics["params_norm"] = ctx.optimizer.params_norm()
-            logger.log(iteration, metrics)
             if rank == 0:
                 line = (f"[train_rl] iteration {iteration}/{args.train_iters} | reward "
                         f"{metrics.get('reward_mean', 0.0):.3f} | accuracy {metrics.get('accuracy', 0.0):.3f} | "

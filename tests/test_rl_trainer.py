@@ -872,15 +872,17 @@ def test_resume_is_bitwise_identical(cli_inputs, tmp_path, optimizer):
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
         assert res.returncode == 0, res.stdout + res.stderr
         with open(os.path.join(save, "tb", "metrics.jsonl")) as f:
-            return {m["iteration"]: m for m in map(json.loads, f)}
+            return {m["iteration"]: m for m in map(json.loads, f)}, res.stdout
 
-    first = train(straight, ["--load", cli_inputs["ckpt"], "--finetune", "--save-interval", "2"])
+    first, _ = train(straight, ["--load", cli_inputs["ckpt"], "--finetune", "--save-interval", "2"])
     shutil.copytree(os.path.join(straight, "iter_0000002"), os.path.join(resumed, "iter_0000002"))
     with open(os.path.join(resumed, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("2")
-    second = train(resumed, ["--load", resumed])
+    second, console = train(resumed, ["--load", resumed, "--log-interval", "4"])
 
+    # --log-interval thins the console only: every RL iteration (a rollout batch) is recorded
     assert sorted(second) == [3, 4]
+    assert "iteration 3/4" not in console and "iteration 4/4" in console
     for it in (3, 4):
         for k, v in first[it].items():
             if not (k == "time" or k.endswith("_s") or k.endswith("_per_s") or "memory" in k

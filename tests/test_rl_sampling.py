@@ -181,3 +181,41 @@ def test_mixture_resumed_with_new_weights_uses_them_at_once():
     same = build_sampler("uniform", RECORDS, seed=1, sizes=[6, 4], weights=[0.5, 0.5])
     same.load_state_dict(old.state_dict())
     assert same.drawn == old.drawn  # unchanged weights: the running totals carry on
+
+
+def test_state_names_its_prompts():
+    """A resume with other prompts of the same count is refused (the prioritized success rates
+    would land on the wrong prompts); states without a fingerprint (older checkpoints) load."""
+    saved = build_sampler("prioritized", RECORDS, seed=0)
+    saved.update([1, 2], [1.0, 0.0])
+    other = [dict(r, id=f"x{r['id']}") for r in RECORDS]
+    with pytest.raises(ValueError, match="other prompts .* --finetune"):
+        build_sampler("prioritized", other).load_state_dict(saved.state_dict())
+    reordered = RECORDS[1:] + RECORDS[:1]
+    with pytest.raises(ValueError, match="other prompts"):
+        build_sampler("prioritized", reordered).load_state_dict(saved.state_dict())
+    old_format = {k: v for k, v in saved.state_dict().items() if k != "fingerprint"}
+    build_sampler("prioritized", other).load_state_dict(old_format)
+    with pytest.raises(ValueError, match="prompt set 2 of 2: sampler state is for other prompts"):
+        build_sampler("uniform", RECORDS[:6] + other[6:], **MIX).load_state_dict(
+            build_sampler("uniform", RECORDS, **MIX).state_dict())
+
+
+def test_mixture_sets_given_in_another_order_keep_their_own_state():
+    """Two sets of 5 given in swapped order (their weights with them): each set's sampler
+    resumes from its own saved state (its success rates and its share), not the other's."""
+    a, b = RECORDS[:5], RECORDS[5:]
+    saved = build_sampler("prioritized", a + b, seed=0, sizes=[5, 5], weights=[0.8, 0.2])
+    for t in range(5):
+        ids = saved.sample(5, t)
+        saved.update(ids, [float(i < 5) for i in ids])  # set a's prompts all solved
+    swapped = build_sampler("prioritized", b + a, seed=0, sizes=[5, 5], weights=[0.2, 0.8])
+    swapped.load_state_dict(json.loads(json.dumps(saved.state_dict())))
+    assert swapped.parts[0].success.tolist() == saved.parts[1].success.tolist()
+    assert swapped.parts[1].success.tolist() == saved.parts[0].success.tolist() != [0.0] * 5
+    assert swapped.drawn == saved.drawn[::-1]
+    got = [0, 0]
+    for t in range(5, 25):
+        for i in swapped.sample(5, t):
+            got[i >= 5] += 1
+    assert got == [20, 80]  # the weights followed their sets: b 0.2, a 0.8

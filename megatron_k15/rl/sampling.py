@@ -4,7 +4,10 @@ Every sampler draws ``sample(n, iteration) -> list[int]`` (indices into the prom
 from a ``numpy.random.Generator`` seeded once; ``state_dict()`` captures the generator state
 plus everything else that influences future draws (plain Python types: picklable and
 JSON-serialisable), so ``load_state_dict`` on a fresh sampler built with the same records
-continues exactly where the saved one stopped. ``update(prompt_ids, successes)`` feeds back
+continues exactly where the saved one stopped. The state names its prompts by a fingerprint
+of their ids, so a resume with another prompt set of the same size is refused instead of
+giving its prompts the saved ones' success rates, and weighted sets given in another order
+are matched to their own states. ``update(prompt_ids, successes)`` feeds back
 per-sample correctness (a no-op except for the prioritised sampler).
 
 * ``UniformSampler``: epochs of random permutations; each prompt is seen once per epoch.
@@ -26,8 +29,9 @@ per-sample correctness (a no-op except for the prioritised sampler).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -44,6 +48,23 @@ def _field(records, name: str, default: float) -> list[float]:
         d = r.get(name, default) if isinstance(r, dict) else getattr(r, name, default)
         out.append(float(d if d is not None else default))
     return out
+
+
+def prompts_fingerprint(records) -> Optional[str]:
+    """A short hash of the records' ids in order (None for a bare count of prompts)."""
+    if isinstance(records, int):
+        return None
+    h = hashlib.sha256()
+    for r in records:
+        h.update(str(r.get("id", "")).encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _check_fingerprint(state: dict, fingerprint: Optional[str]) -> None:
+    saved = state.get("fingerprint")
+    if saved is not None and fingerprint is not None and saved != fingerprint:
+        raise ValueError("sampler state is for other prompts (same count, different ids or order): resume "
+                         "with the checkpoint's --prompt-data, or start from its weights with --finetune")
 
 
 def _difficulties(records) -> list[float]:
@@ -63,6 +84,7 @@ class PromptSampler:
             raise ValueError("sampler needs at least one prompt")
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
+        self.fingerprint = prompts_fingerprint(records)
 
     def __len__(self) -> int:
         return self.num_prompts
@@ -82,13 +104,14 @@ class PromptSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_prompts": self.num_prompts, "seed": self.seed,
-                "rng": self.rng.bit_generator.state, **self._extra_state()}
+                "fingerprint": self.fingerprint, "rng": self.rng.bit_generator.state, **self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"sampler state is for {state.get('name')!r}, not {self.name!r}")
         if int(state["num_prompts"]) != self.num_prompts:
             raise ValueError(f"sampler state has {state['num_prompts']} prompts, this one {self.num_prompts}")
+        _check_fingerprint(state, self.fingerprint)
         self.seed = int(state["seed"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
@@ -319,21 +342,36 @@ class MixtureSampler:
         if state.get("name") != self.name:
             raise ValueError(f"sampler state is for {state.get('name')!r} (one prompt set or unweighted ones), "
                              "not a weighted mixture")
+        order = self._saved_order(state)  # current set k was saved as set order[k]
+        saved_sizes = [state["sizes"][j] for j in order]
         sizes = [len(p) for p in self.parts]
-        if list(state["sizes"]) != sizes:
+        if saved_sizes != sizes:
             raise ValueError(f"sampler state is for prompt sets of {state['sizes']} prompts, these have {sizes}")
         self.seed = int(state["seed"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
-        drawn = [int(d) for d in state["drawn"]]
-        if np.allclose(state["weights"], self.weights, rtol=0.0, atol=1e-12):
+        drawn = [int(state["drawn"][j]) for j in order]
+        if np.allclose([state["weights"][j] for j in order], self.weights, rtol=0.0, atol=1e-12):
             self.drawn = drawn
         else:  # new weights take effect now: as if everything so far had been drawn at them
             from megatron_k15.data.blend import largest_remainders
 
             self.drawn = largest_remainders(sum(drawn), self.weights)
-        for part, s in zip(self.parts, state["parts"]):
-            part.load_state_dict(s)
+        for k, part in enumerate(self.parts):
+            try:
+                part.load_state_dict(state["parts"][order[k]])
+            except ValueError as e:
+                raise ValueError(f"prompt set {k + 1} of {len(self.parts)}: {e}") from None
+
+    def _saved_order(self, state: dict) -> list[int]:
+        """The saved set of each current one: by fingerprint when the same sets come in
+        another order (each continues from its own state and share; the mix's ties now break
+        in the new order), else by position."""
+        saved = [p.get("fingerprint") for p in state["parts"]]
+        mine = [p.fingerprint for p in self.parts]
+        if None not in saved + mine and sorted(saved) == sorted(mine) and len(set(mine)) == len(mine):
+            return [saved.index(f) for f in mine]
+        return list(range(len(self.parts)))
 
 
 def build_sampler(name: str, records, seed: int = 0, sizes: Sequence[int] | None = None,

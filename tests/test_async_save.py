@@ -220,3 +220,52 @@ def test_async_save_needs_save(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--num-layers", "2", "--async-save"], world_size=1)
     assert "--async-save needs --save DIR" in capsys.readouterr().err
+
+
+# Run by the test below in a fresh interpreter: train_sft with the model shard's background
+# write held back until a second, unrecoverable step (a non-finite gradient) has stopped the run.
+_FATAL_WHILE_WRITING = r'''
+import sys, threading
+import torch
+from megatron_k15.parallel import data as pdata
+
+release, real_save, real_step, calls = threading.Event(), torch.save, pdata.DistributedOptimizer.step, [0]
+
+def save(obj, f, *a, **k):
+    if str(getattr(f, "name", f)).endswith("model.pt"):
+        assert release.wait(60)
+    return real_save(obj, f, *a, **k)
+
+def step(self, *a, **k):
+    norm = real_step(self, *a, **k)
+    calls[0] += 1
+    if calls[0] == 2:  # as a non-finite gradient leaves it; the write is let go a second later
+        self.unrecoverable_overflow = self.last_step_skipped = True
+        threading.Timer(1.0, release.set).start()
+    return norm
+
+torch.save, pdata.DistributedOptimizer.step = save, step
+from megatron_k15.train_sft import main
+try:
+    main(sys.argv[1:])
+except FloatingPointError as e:
+    print("stopped:", e)
+'''
+
+
+def test_train_sft_stopping_on_a_bad_step_first_makes_the_pending_save_current(tmp_path):
+    """train_sft stops at an update it cannot make; a checkpoint still being written in the
+    background then is finished and made current before the error, so the run resumes from it."""
+    import subprocess
+
+    from megatron_k15.checkpointing import LATEST_FILE
+    from test_checkpointing import ROOT, _make_sft_data, _sft_cmd
+
+    data, save = _make_sft_data(tmp_path), str(tmp_path / "ckpt")
+    cmd = _sft_cmd(data, save, str(tmp_path / "tb"), ["--num-layers", "2", "--save-interval", "1", "--async-save"])
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", _FATAL_WHILE_WRITING, *cmd[3:]], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert "stopped: iteration 2: grad norm" in res.stdout, res.stdout + res.stderr
+    assert open(os.path.join(save, LATEST_FILE)).read() == "1"
+    assert os.path.isfile(os.path.join(save, "iter_0000001", "mp_rank_00_000", "model.pt"))

@@ -33,7 +33,9 @@ setup(
     packages=find_packages(include=["megatron_k15", "megatron_k15.*"]),
     install_requires=read_requirements(),
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pyarrow>=14"],
+        # Parquet inputs (Hugging Face datasets' format) for every JSONL reader
+        "data": ["pyarrow>=14"],
         # GPU accelerators, optional: transformer-engine. NVIDIA apex: build from source.
         "gpu": ["transformer-engine[pytorch]>=1.10"],
     },

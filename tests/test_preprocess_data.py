@@ -636,3 +636,40 @@ def test_our_fields_win_and_one_line_arrays_get_positional_ids(tmp_path, capsys)
     assert rc == 0, err
     assert [(r["id"], r["answer"]) for r in load_prompt_dataset(str(tmp_path / "out")).records] == [
         ("gsm.json:1", "2"), ("gsm.json:2", "4")]
+
+
+def test_parquet_rows_read_as_jsonl_lines(tmp_path, capsys, monkeypatch):
+    """A Parquet file (Hugging Face datasets' format) preprocesses to the same files as the
+    same rows in JSONL; errors name the row; without pyarrow the message says what to do."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from megatron_k15.data.prompts import input_size, read_prompt_records
+
+    rows = [{"id": f"q{i}", "question": f"{i} + {i}?", "answer": f"so\n#### {2 * i}", "level": i % 3}
+            for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet", row_group_size=16)
+    write_jsonl(tmp_path / "gsm.jsonl", rows)
+    for name in ("gsm.parquet", "gsm.jsonl"):
+        rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / name, "--output-prefix",
+                             tmp_path / name.replace(".", "_"), "--tokenizer", "byte")
+        assert rc == 0, err
+    for suffix in (".bin", ".idx", ".meta.jsonl"):
+        assert (tmp_path / f"gsm_parquet{suffix}").read_bytes() == (tmp_path / f"gsm_jsonl{suffix}").read_bytes()
+    assert input_size(str(tmp_path / "gsm.parquet")) == (40, "rows")
+
+    bad = [dict(r) for r in rows[:5]]
+    bad[2]["answer"] = None  # row 3: a math prompt without an answer
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet:3: field 'task': missing \(and no 'answer'"):
+        list(read_prompt_records(str(tmp_path / "bad.parquet")))
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "bad.parquet", "--output-prefix",
+                         tmp_path / "out" / "bad", "--tokenizer", "byte")
+    assert rc != 0 and "bad.parquet:3: field 'task'" in err and existing_outputs(tmp_path / "out" / "bad") == []
+
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1" + b"\0" * 64)
+    with pytest.raises(DataError, match="broken.parquet: is not a readable Parquet file"):
+        list(read_prompt_records(str(tmp_path / "broken.parquet")))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(DataError, match="reading it needs pyarrow"):
+        list(read_prompt_records(str(tmp_path / "gsm.parquet")))

@@ -22,7 +22,8 @@ SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}
 {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]} is read as "messages"
 and Alpaca's {"instruction", "input", "output"} as a pair (prompt = instruction, a blank line,
 input). The input may also be one JSON array of records (as alpaca_data.json is); errors then
-give the line each record starts on. Prompt lines may also be GSM8K, MATH, APPS / TACO or
+give the line each record starts on. A Parquet file (Hugging Face datasets' format; needs
+pyarrow) is read row by row, errors naming the row. Prompt lines may also be GSM8K, MATH, APPS / TACO or
 CodeContests records, read as prompt records (megatron_k15/data/public_formats.py).
 Without --chat-template a prompt/response pair is tokenized as the prompt text followed by
 the response text; "messages" lines are always rendered with a chat template (the
@@ -78,6 +79,7 @@ from megatron_k15.data.prompts import (  # noqa: E402
     DataError,
     DuplicateIdChecker,
     FieldError,
+    input_size,
     iter_raw_lines,
     parse_json_line,
     validate_prompt_record,
@@ -389,14 +391,14 @@ def _remove(path: str) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------
-def _progress(total: int, enabled: bool):
+def _progress(total: int, unit: str, enabled: bool):
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
+    return tqdm(total=total, unit=unit, unit_scale=True, desc="preprocess", file=sys.stderr,
                 dynamic_ncols=True)
 
 
@@ -440,7 +442,8 @@ def run(args: argparse.Namespace) -> dict:
     show = not getattr(args, "no_progress", False) and sys.stderr.isatty()
     try:
         outputs = _Outputs(args.output_prefix, args.mode, dtype)
-        bar = _progress(os.path.getsize(path), show)
+        total, unit = input_size(path)  # bytes of the file; rows of a Parquet file
+        bar = _progress(total, unit, show)
         if args.workers > 1:
             import multiprocessing as mp
 
@@ -508,8 +511,10 @@ def run(args: argparse.Namespace) -> dict:
                     else:
                         outputs.meta.write(json.dumps(extra, ensure_ascii=False) + "\n")
                 stats["split_conversations"] += int(split and written > 0)
-            if bar is not None:
-                bar.update(nbytes)
+            if bar is not None:  # a JSON array's elements are re-encoded: their sizes only estimate it
+                bar.update(len(chunk_result) if unit == "rows" else min(nbytes, bar.total - bar.n))
+        if bar is not None:
+            bar.update(bar.total - bar.n)
         if stats["lines"] == 0:
             raise DataError(path, max(1, last_line), None, "file is empty (no records)")
         if stats["samples"] == 0:

@@ -56,6 +56,7 @@ __all__ = [
     "validate_generation_record",
     "parse_json_line",
     "iter_raw_lines",
+    "input_size",
     "DuplicateIdChecker",
     "SFT_ROLES",
 ]
@@ -94,13 +95,59 @@ def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
     one JSON array (``[{...}, {...}]``, as Alpaca's and many ShareGPT dumps are) gives each
     element instead, as one compact JSON line numbered by the line it starts on (for errors;
     an element without an ``id`` gets ``FILE:K``, K its position, as several may share a
-    line)."""
+    line). A Parquet file (as Hugging Face datasets are published) gives each row as a JSON
+    line numbered by its row (1-based); it needs ``pyarrow``."""
+    if _is_parquet(path):
+        yield from _iter_parquet(path)
+        return
     if _is_json_array(path):
         yield from _iter_json_array(path)
         return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             yield lineno, raw.rstrip(b"\r\n")
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def _is_parquet(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
+def _parquet_file(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(path, None, None, "is a Parquet file; reading it needs pyarrow (pip install pyarrow, "
+                        "or convert it to JSONL)") from None
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+        raise DataError(path, None, None, f"is not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def _json_value(v: Any) -> Any:
+    """What ``json.dumps`` cannot write, from a Parquet cell: bytes as UTF-8 text, the rest
+    (dates, decimals) as their str."""
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, bytes]]:
+    row = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, json.dumps(rec, ensure_ascii=False, default=_json_value).encode("utf-8")
+
+
+def input_size(path: str) -> tuple[int, str]:
+    """How much there is to read, for a progress bar: (rows, "rows") of a Parquet file, else
+    (bytes, "B")."""
+    if _is_parquet(path):
+        return _parquet_file(path).metadata.num_rows, "rows"
+    return os.path.getsize(path), "B"
 
 
 def _is_json_array(path: str) -> bool:

@@ -673,3 +673,38 @@ def test_parquet_rows_read_as_jsonl_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     with pytest.raises(DataError, match="reading it needs pyarrow"):
         list(read_prompt_records(str(tmp_path / "gsm.parquet")))
+
+
+def test_several_inputs_make_one_dataset(tmp_path, capsys):
+    """--input A B C (a dataset's Parquet shards, JSONL, mixed) gives the files of their lines
+    concatenated; a repeated id names the file it first came from; an empty file is named."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"id": f"q{i}", "prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows[:10]), tmp_path / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:20]), tmp_path / "train-00001-of-00002.parquet")
+    write_jsonl(tmp_path / "extra.jsonl", rows[20:])
+    write_jsonl(tmp_path / "all.jsonl", rows)
+    shards = [tmp_path / "train-00000-of-00002.parquet", tmp_path / "train-00001-of-00002.parquet",
+              tmp_path / "extra.jsonl"]
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", *shards, "--output-prefix", tmp_path / "many",
+                         "--tokenizer", "byte")
+    assert rc == 0, err
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "all.jsonl", "--output-prefix",
+                         tmp_path / "one", "--tokenizer", "byte")
+    assert rc == 0, err
+    for suffix in (".bin", ".idx", ".meta.jsonl"):
+        assert (tmp_path / f"many{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes()
+    summary = json.loads((tmp_path / "many.json").read_text())
+    assert summary["input"] == [str(p) for p in shards] and summary["lines"] == 30
+
+    write_jsonl(tmp_path / "again.jsonl", [rows[3]])
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", shards[0], tmp_path / "again.jsonl",
+                         "--output-prefix", tmp_path / "dup" / "d", "--tokenizer", "byte")
+    assert rc != 0 and f"again.jsonl:1: field 'id': duplicate id 'q3' (first on {shards[0]}:4)" in err
+    assert existing_outputs(tmp_path / "dup" / "d") == []
+    (tmp_path / "empty.jsonl").write_text("\n")
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "all.jsonl", tmp_path / "empty.jsonl",
+                         "--output-prefix", tmp_path / "e" / "e", "--tokenizer", "byte")
+    assert rc != 0 and "empty.jsonl:1: file is empty" in err and existing_outputs(tmp_path / "e" / "e") == []

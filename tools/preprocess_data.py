@@ -7,6 +7,8 @@
         --tokenizer byte --append-eos --seq-length 8192
     python tools/preprocess_data.py --mode prompts --input prompts.jsonl \\
         --output-prefix data/prompts --tokenizer /models/Qwen2.5-7B-Instruct --chat-template
+    python tools/preprocess_data.py --mode prompts --input taco/data/train-*.parquet \
+        --output-prefix data/taco --tokenizer /models/Qwen2.5-7B-Instruct --chat-template
 
 Outputs (see megatron_k15/data/indexed.py for the format and the readers):
 
@@ -116,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("sft", "dpo", "prompts"), required=True,
                    help="sft: {prompt,response} or {messages} lines; dpo: {prompt,chosen,rejected} "
                         "preference pairs; prompts: RL prompt records")
-    p.add_argument("--input", required=True, metavar="FILE.jsonl",
-                   help="input JSONL file, or a file holding one JSON array of records")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="input JSONL file(s), files holding one JSON array of records, or Parquet files "
+                        "(e.g. a Hugging Face dataset's shards); several are read one after the other "
+                        "into one dataset")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
     p.add_argument("--tokenizer", required=True, metavar="PATH|byte",
@@ -289,10 +293,11 @@ def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
     return ids, rec
 
 
-def _process_chunk(chunk: list[tuple[int, bytes]]):
-    """[(lineno, kind, payload)], kind "ok" | "bad" | "blank"; plus the chunk's byte size."""
+def _process_chunk(item: tuple[str, list[tuple[int, bytes]]]):
+    """One chunk of one input file: [(lineno, kind, payload)], kind "ok" | "bad" | "blank";
+    plus the chunk's byte size and the file."""
+    path, chunk = item
     tok, opts = _STATE["tok"], _STATE["opts"]
-    path = opts["path"]
     out = []
     nbytes = 0
     for lineno, raw in chunk:
@@ -314,16 +319,18 @@ def _process_chunk(chunk: list[tuple[int, bytes]]):
             out.append((lineno, "ok", payload))
         except DataError as e:
             out.append((lineno, "bad", e))
-    return out, nbytes
+    return out, nbytes, path
 
 
-def _chunks(path: str) -> Iterator[list[tuple[int, bytes]]]:
-    it = iter_raw_lines(path)
-    while True:
-        chunk = list(itertools.islice(it, _CHUNK_LINES))
-        if not chunk:
-            return
-        yield chunk
+def _chunks(paths: list[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    """(file, lines) chunks of each input file in turn (a chunk never spans two files)."""
+    for path in paths:
+        it = iter_raw_lines(path)
+        while True:
+            chunk = list(itertools.islice(it, _CHUNK_LINES))
+            if not chunk:
+                break
+            yield path, chunk
 
 
 # -- output files ------------------------------------------------------------------------
@@ -412,9 +419,12 @@ def _log(msg: str, bar) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Preprocess per ``args`` (the parsed CLI); returns the summary. Raises DataError for a
     bad line, TokenizerError / PreprocessError for bad options; no output files then."""
-    path = args.input
-    if not os.path.isfile(path):
-        raise PreprocessError(f"--input {path}: no such file")
+    paths = list(args.input)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise PreprocessError(f"--input {path}: no such file")
+    if len(set(map(os.path.realpath, paths))) < len(paths):
+        raise PreprocessError("--input names a file twice")
     tok = load_tokenizer(args.tokenizer)
     if args.mode in ("sft", "dpo") and args.append_eos and tok.eos_id is None:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
@@ -423,7 +433,7 @@ def run(args: argparse.Namespace) -> dict:
         raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
             "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
-            "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn, "path": path}
+            "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn}
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -442,26 +452,34 @@ def run(args: argparse.Namespace) -> dict:
     show = not getattr(args, "no_progress", False) and sys.stderr.isatty()
     try:
         outputs = _Outputs(args.output_prefix, args.mode, dtype)
-        total, unit = input_size(path)  # bytes of the file; rows of a Parquet file
-        bar = _progress(total, unit, show)
+        sizes = [input_size(path) for path in paths]  # bytes of a file; rows of a Parquet file
+        unit = sizes[0][1] if len({u for _, u in sizes}) == 1 else "file"  # mixed: files done
+        bar = _progress(sum(n for n, _ in sizes) if unit != "file" else len(paths), unit, show)
         if args.workers > 1:
             import multiprocessing as mp
 
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
             pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer, opts))
-            results = pool.imap(_process_chunk, _chunks(path), chunksize=1)
+            results = pool.imap(_process_chunk, _chunks(paths), chunksize=1)
         else:
             _STATE["tok"], _STATE["opts"] = tok, opts
-            results = map(_process_chunk, _chunks(path))
+            results = map(_process_chunk, _chunks(paths))
 
-        last_line = 0
-        for chunk_result, nbytes in results:
+        last_line = {p: 0 for p in paths}  # per file: the last line seen, and its records
+        lines = {p: 0 for p in paths}
+        file_done = 0
+        for chunk_result, nbytes, path in results:
+            while unit == "file" and paths[file_done] != path:  # the files before this one are done
+                file_done += 1
+                if bar is not None:
+                    bar.update(1)
             for lineno, kind, payload in chunk_result:
-                last_line = lineno
+                last_line[path] = lineno
                 if kind == "blank":
                     continue
                 stats["lines"] += 1
+                lines[path] += 1
                 if kind == "ok" and args.mode == "prompts":
                     try:
                         ids_seen.check(path, lineno, payload[1]["id"])
@@ -511,22 +529,23 @@ def run(args: argparse.Namespace) -> dict:
                     else:
                         outputs.meta.write(json.dumps(extra, ensure_ascii=False) + "\n")
                 stats["split_conversations"] += int(split and written > 0)
-            if bar is not None:  # a JSON array's elements are re-encoded: their sizes only estimate it
+            if bar is not None and unit != "file":  # a JSON array's elements are re-encoded: sizes estimate
                 bar.update(len(chunk_result) if unit == "rows" else min(nbytes, bar.total - bar.n))
         if bar is not None:
             bar.update(bar.total - bar.n)
-        if stats["lines"] == 0:
-            raise DataError(path, max(1, last_line), None, "file is empty (no records)")
+        for path in paths:
+            if lines[path] == 0:
+                raise DataError(path, max(1, last_line[path]), None, "file is empty (no records)")
         if stats["samples"] == 0:
             raise PreprocessError(
-                f"{path}: no samples left ({stats['bad']} bad lines skipped, "
+                f"{', '.join(paths)}: no samples left ({stats['bad']} bad lines skipped, "
                 f"{stats['dropped_overlong']} over-long dropped); nothing written")
 
         summary = {
             "format": SUMMARY_FORMAT,
             "version": SUMMARY_VERSION,
             "mode": args.mode,
-            "input": os.path.abspath(path),
+            "input": [os.path.abspath(path) for path in paths],
             "tokenizer": args.tokenizer,
             "tokenizer_name": tok.name,
             "vocab_size": tok.vocab_size,

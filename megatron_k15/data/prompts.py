@@ -480,13 +480,14 @@ class DuplicateIdChecker:
     """Remembers ids with their line; ``check(path, line, id)`` raises DataError on a repeat."""
 
     def __init__(self):
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, tuple[str, int]] = {}
 
     def check(self, path: str, line: int, rid: str) -> None:
         first = self._seen.get(rid)
         if first is not None:
-            raise DataError(path, line, "id", f"duplicate id {rid!r} (first on line {first})")
-        self._seen[rid] = line
+            where = f"line {first[1]}" if first[0] == path else f"{first[0]}:{first[1]}"
+            raise DataError(path, line, "id", f"duplicate id {rid!r} (first on {where})")
+        self._seen[rid] = (path, line)
 
 
 class JsonlReader:

@@ -93,6 +93,27 @@ def test_evaluate_reports_pass_at_k_through_the_registry(tmp_path):
     assert summary["alpha/accuracy"] == summary["alpha/pass@3"] == pytest.approx(2 / 3)
     assert summary["beta/accuracy"] == summary["beta/pass@3"] == 0.0
     assert summary["alpha/problems"] == 3 and summary["beta/problems"] == 1
+    assert "maj@3" not in summary  # no math problem to vote on
+
+
+def test_majority_vote_pools_equal_answers():
+    """maj@n by hand: equal answers in other forms pool their votes; ties go to the answer
+    given first; samples without an answer do not vote; votes only for math responses."""
+    from megatron_k15.rl.evaluation import majority_correct, vote_key
+
+    def samples(*pairs):
+        return [{"answer": a, "correct": c} for a, c in pairs]
+
+    # 1/2 three times in three forms (right) against 3 twice (wrong): pass@1 0.6, maj right
+    assert majority_correct(samples(("3", False), ("1/2", True), ("3", False), ("\\frac{1}{2}", True),
+                                    ("0.5", True)))
+    assert not majority_correct(samples(("3", False), ("3", False), ("1/2", True), (None, False)))
+    assert majority_correct(samples(("7", True), ("8", False)))  # a tie: the first given
+    assert not majority_correct(samples(("8", False), ("7", True)))
+    assert not majority_correct(samples((None, False), (None, False)))
+    math = {"task": "math", "answer": "2"}
+    assert vote_key("so \\boxed{\\dfrac12}.", math) == "\\dfrac12"
+    assert vote_key(None, math) is None and vote_key("\\boxed{2}", {"task": "code", "tests": []}) is None
 
 
 def test_evaluate_rejects_greedy_with_many_samples(tmp_path):
@@ -176,3 +197,28 @@ def test_evaluate_rejects_recompute_engine_under_pp_or_cp(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--inference-engine recompute supports tensor parallelism only" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_reports_majority_vote_for_math():
+    """evaluate() on scripted responses: maj@3 counts the problems whose pooled majority answer
+    is right (2 of 3), next to pass@1 (5/9); each math sample records its answer."""
+    from types import SimpleNamespace
+
+    from megatron_k15.data.tokenizer import ByteTokenizer
+    from megatron_k15.rl.evaluation import evaluate
+
+    responses = [["\\boxed{3}", "so \\boxed{0.5}", "\\boxed{\\frac12}"],  # 1/2: right 2 of 3, majority right
+                 ["\\boxed{5}", "\\boxed{5}", "\\boxed{4}"],              # 4: right 1 of 3, majority wrong
+                 ["The answer is 9", "\\boxed{9}", "no idea"]]            # 9: right 2 of 3, majority right
+    tok = ByteTokenizer()
+
+    class Scripted:  # the engine's generate(), answering each (problem, sample) request from the script
+        def generate(self, prompts, max_new_tokens, params, generators, eos_ids, on_finish=None):
+            return [SimpleNamespace(output_ids=tok.encode(responses[i][s]), stop_reason="eos")
+                    for i in range(3) for s in range(3)]
+
+    recs = [{"id": f"m{i}", "prompt": "?", "task": "math", "answer": a} for i, a in enumerate(["1/2", "4", "9"])]
+    res = evaluate(None, tok, recs, [tok.encode("?")] * 3, max_new_tokens=8, eos_ids=[], n_samples=3,
+                   temperature=1.0, generator=Scripted())
+    assert res["pass@1"] == pytest.approx(5 / 9) and res["maj@3"] == pytest.approx(2 / 3)
+    assert [s.get("answer") for s in res["results"][2]["samples"]] == ["9", "9", None]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on a prompt JSONL with verifiable rewards: pass@1 and pass@k.
+"""Evaluate a checkpoint on a prompt JSONL with verifiable rewards: pass@1, pass@k and maj@k.
 
     python tools/evaluate.py --load ckpt/rl --input eval.jsonl --output results.jsonl \
         --n-samples 8 --temperature 1.0 --max-new-tokens 1024
@@ -8,7 +8,8 @@
 
 Prompt records follow DESIGN.md section 5 (``task`` picks the reward; ``answer`` for math,
 ``tests`` for code). Every problem gets ``--n-samples`` responses; pass@k is the unbiased
-estimator 1 - C(n-c, k)/C(n, k). Per-problem results (responses, correctness, lengths) go to
+estimator 1 - C(n-c, k)/C(n, k); math sets also get maj@n (self-consistency: the most common
+final answer, equal answers pooled by the verifier, is right). Per-problem results (responses, correctness, lengths) go to
 ``--output``; the summary (pass@k, mean response length) is printed and written next to it.
 
 ``--reward-model-load DIR``: a generative reward model (``megatron_k15/rewards/judge.py``)

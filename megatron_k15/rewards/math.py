@@ -715,11 +715,20 @@ def _equal(a: str, b: str, timeout_s: float) -> bool:
 
 def verify(response: str, reference: str, *, timeout_s: float = SYMBOLIC_TIMEOUT_S) -> bool:
     """True when the final answer in ``response`` equals ``reference``. Never raises."""
+    if not isinstance(response, str):
+        return False
+    ans = extract_answer(response)
+    return ans is not None and answers_equal(ans, reference, timeout_s=timeout_s)
+
+
+def answers_equal(ans: str, reference: str, *, timeout_s: float = SYMBOLIC_TIMEOUT_S) -> bool:
+    """True when two final answers (as :func:`extract_answer` gives them) are the same: equal
+    after normalisation, symbolically or numerically, as percent and decimal, or as a choice
+    letter and the choice with its content. Never raises."""
     try:
-        if not isinstance(response, str) or not isinstance(reference, str):
+        if not isinstance(ans, str) or not isinstance(reference, str):
             return False
-        ans = extract_answer(response)
-        if ans is None or not reference.strip():
+        if not ans.strip() or not reference.strip():
             return False
         a = normalize_answer(ans[:_MAX_ANSWER_CHARS])
         b = normalize_answer(reference[:_MAX_ANSWER_CHARS])

@@ -1,4 +1,6 @@
-"""Accuracy of the current policy on a held-out prompt set (greedy, or pass@k with n samples).
+"""Accuracy of the current policy on a held-out prompt set (greedy, or pass@k with n samples;
+with n > 1 also maj@n, self-consistency: a math problem counts when its most common final
+answer is right).
 
 Prompts are split over data-parallel replicas (``dp_rank``/``dp_size``); the ranks of a
 replica (tp, and pp / cp when the generator was built with those groups) decode together and
@@ -8,6 +10,7 @@ every ``--eval-interval``) and by ``tools/evaluate.py``.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -30,6 +33,37 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob
 
 
+def vote_key(graded: Optional[str], record: dict) -> Optional[str]:
+    """A math response's vote for maj@n: its final answer (``rewards.math.extract_answer``);
+    None for other tasks and responses without an answer."""
+    if graded is None or task_of(record) != "math":
+        return None
+    from megatron_k15.rewards.math import extract_answer
+
+    return extract_answer(graded)
+
+
+def majority_correct(samples: list[dict]) -> bool:
+    """maj@n of one problem: answers that the math verifier finds equal (``1/2``,
+    ``\\frac{1}{2}``, ``0.5``) pool their votes, and the first sample holding the most voted
+    answer (ties: the answer given first) is correct. Samples without an ``answer`` do not vote;
+    no vote at all counts as wrong."""
+    from megatron_k15.rewards.math import answers_equal
+
+    counts = Counter(s["answer"] for s in samples if s.get("answer") is not None)
+    clusters: list[list[str]] = []  # distinct answers, pooled, in the order first given
+    for answer in counts:
+        home = next((c for c in clusters if answers_equal(answer, c[0])), None)
+        if home is None:
+            clusters.append([answer])
+        else:
+            home.append(answer)
+    if not clusters:
+        return False
+    best = max(clusters, key=lambda c: sum(counts[a] for a in c))  # max keeps the first of a tie
+    return next(s for s in samples if s.get("answer") in best)["correct"]
+
+
 def _replica_share(dp_rank: int) -> tuple[int, int]:
     """(this rank's index, number of ranks) among the ranks given the same ``dp_rank``."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -47,7 +81,9 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
              generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
              reward_workers: int = 1) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
-    "results": per-problem dicts (on every rank)}, and for a set of several tasks
+    "results": per-problem dicts (on every rank; a math sample's final answer in ``answer``)},
+    with n_samples > 1 "maj@{n_samples}" over the math problems (:func:`majority_correct`),
+    and for a set of several tasks
     "{task}/accuracy", "{task}/pass@{n_samples}", "{task}/response_length_mean", "{task}/problems"
     (``rl.task_metrics``). ``generator``: a generation engine on
     ``model`` (default: a ``GenerationEngine`` decoding ``batch_size`` requests at a time).
@@ -106,8 +142,11 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         for j in judgements:
             samples[keys[j.index]].update(judge_verdict=j.verdict, judge_text=j.text,
                                           judge_truncated=j.truncated, rule_correct=j.before >= 1.0)
-    for sample, reward in zip(samples.values(), verified):
+    for sample, reward, text, rec in zip(samples.values(), verified, graded, recs):
         sample["correct"] = reward >= 1.0
+        key = vote_key(text, rec)
+        if key is not None:
+            sample["answer"] = key
     for i in mine:
         per_problem.append({"id": records[i].get("id", str(i)), "index": i,
                             "samples": [samples[(i, s)] for s in range(n_samples)]})
@@ -121,6 +160,9 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     for k in range(1, n_samples + 1):
         out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in correct) / n
     out["accuracy"] = out["pass@1"]
+    voted = [p for p in per_problem if task_of(records[p["index"]]) == "math"]
+    if n_samples > 1 and voted:  # self-consistency over the math problems
+        out[f"maj@{n_samples}"] = sum(majority_correct(p["samples"]) for p in voted) / len(voted)
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
     out["response_length_mean"] = sum(lengths) / max(1, len(lengths))
     per_task = {"accuracy": [c / n_samples for c in correct],

@@ -295,6 +295,10 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=int, default=1,
                    help="iterations per console line; train_sft also merges their metrics into one record "
                         "(Megatron-LM's averaging), train_rl records every iteration (each is a rollout batch)")
+    g.add_argument("--tensorboard-log-interval", type=int, default=None,
+                   help="iterations per record in metrics.jsonl / TensorBoard / W&B (train_sft: merged over "
+                        "them; default: --log-interval for train_sft, 1 for train_rl), so curves can be "
+                        "finer than the console")
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
     g.add_argument("--tokenizer-type", default=None,
                    help="accepted for Megatron-LM scripts: HuggingFaceTokenizer (with --tokenizer-model)")
@@ -625,6 +629,10 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError(f"--lr must be >= 0, got {lr}")
     if lr is not None and min_lr is not None and min_lr > lr:
         raise ArgumentError(f"--min-lr {min_lr} is larger than --lr {lr}")
+    for dest in ("log_interval", "tensorboard_log_interval"):
+        value = _get(args, dest)
+        if value is not None and value < 1:
+            raise ArgumentError(f"{_flag(dest)} must be >= 1, got {value}")
     save_interval = _get(args, "save_interval")
     if save_interval is not None and save_interval < 1:
         raise ArgumentError(f"--save-interval must be >= 1, got {save_interval}")

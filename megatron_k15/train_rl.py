@@ -439,8 +439,10 @@ def main(argv=None) -> int:
             metrics.update(run_eval())
         if args.log_params_norm:
             metrics["params_norm"] = ctx.optimizer.params_norm()
-        logger.log(iteration, metrics)  # every iteration: each is a whole rollout batch, too costly to drop
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or "eval_accuracy" in metrics:
+        last = iteration == args.train_iters or "eval_accuracy" in metrics
+        if last or iteration % (args.tensorboard_log_interval or 1) == 0:  # by default every iteration: each
+            logger.log(iteration, metrics)  # is a whole rollout batch, too costly to drop
+        if last or iteration % args.log_interval == 0:
             if rank == 0:
                 line = (f"[train_rl] iteration {iteration}/{args.train_iters} | reward "
                         f"{metrics.get('reward_mean', 0.0):.3f} | accuracy {metrics.get('accuracy', 0.0):.3f} | "

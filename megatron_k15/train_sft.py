@@ -395,33 +395,44 @@ def main(argv=None) -> int:
     profiler = StepProfiler(args, rank)
     collector.start()
     world_size, peak = dist.get_world_size(), device_peak_tflops(args.params_dtype)
-    window, window_s = [], 0.0  # the iterations since the last log, and their time
-    skipped = 0  # of those, the updates skipped for an overflow (fp16 loss scaling backs off)
+    # each iteration's (metrics, seconds, update skipped) since the last record (metrics.jsonl,
+    # TensorBoard, W&B: every --tensorboard-log-interval) and since the last console line
+    # (every --log-interval); the same list when the two intervals are equal
+    record_interval = args.tensorboard_log_interval or args.log_interval
+    since_record: list = []
+    since_line: list = since_record if record_interval == args.log_interval else []
     shown_norm = float("nan")  # the grad norm of the last update made
 
-    def log_window(lr: float, grad_norm: float, valid: Optional[dict] = None) -> None:
-        """Log the iterations since the last log as one (Megatron-LM's --log-interval): losses
-        over all their tokens (pairs for DPO), throughput over all their time; lr and grad norm
-        of the last one."""
-        nonlocal window, window_s, skipped
-        n = len(window)
-        metrics = merge_interval(window, "dpo_pairs" if dpo else "loss_tokens")
-        metrics.update(valid or {})
+    def merged(window: list, lr: float, grad_norm: float) -> dict:
+        """The iterations of ``window`` as one (Megatron-LM's --log-interval): losses over all
+        their tokens (pairs for DPO), throughput over all their time; lr and grad norm of the last."""
+        n, seconds = len(window), sum(w[1] for w in window)
+        metrics = merge_interval([w[0] for w in window], "dpo_pairs" if dpo else "loss_tokens")
         if ctx.optimizer.loss_scaler is not None:  # --fp16: the scale now, and the overflowing steps skipped
-            metrics.update(loss_scale=ctx.optimizer.loss_scale, skipped_iterations=skipped)
-        metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n * gbs * args.seq_length / window_s,
-                        "iteration_time_s": window_s / n, "epoch": stream.epoch_of(consumed - 1),
+            metrics.update(loss_scale=ctx.optimizer.loss_scale, skipped_iterations=sum(w[2] for w in window))
+        metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n * gbs * args.seq_length / seconds,
+                        "iteration_time_s": seconds / n, "epoch": stream.epoch_of(consumed - 1),
                         "peak_memory_bytes": platform.peak_memory_bytes()})
         # model FLOPs of the batches' real sequences (padding and recompute not counted)
         lengths = (stream.positions[i] for row in stream.rows(consumed - n * gbs, n * gbs) for i in row)
-        metrics.update(throughput_metrics(training_flops(cfg, lengths), window_s, world_size, peak))
+        metrics.update(throughput_metrics(training_flops(cfg, lengths), seconds, world_size, peak))
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss
-        if args.log_params_norm:
-            metrics["params_norm"] = ctx.optimizer.params_norm()
-        logger.log(iteration, metrics)
-        window, window_s, skipped = [], 0.0, 0
-        if rank == 0:
+        return metrics
+
+    def log_windows(lr: float, grad_norm: float, record: bool, line: bool, valid: Optional[dict] = None) -> None:
+        """Write the record and/or print the console line that are due; a held-out loss goes
+        with a record, or alone."""
+        params_norm = ctx.optimizer.params_norm() if args.log_params_norm and record and since_record else None
+        if record and since_record:
+            metrics = {**merged(since_record, lr, grad_norm), **(valid or {})}
+            if params_norm is not None:
+                metrics["params_norm"] = params_norm
+            logger.log(iteration, metrics)
+        elif valid is not None:
+            logger.log(iteration, valid)
+        if line and since_line and rank == 0:
+            metrics = merged(since_line, lr, grad_norm)
             extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
                           f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
             if "loss_scale" in metrics:
@@ -429,6 +440,10 @@ def main(argv=None) -> int:
             print(f"[train_sft] iteration {iteration}/{args.train_iters} | loss {metrics['loss']:.6f}"
                   f"{extra_text} | lr {lr:.3g} | grad norm {grad_norm:.4f} | {metrics['tokens_per_s']:.0f} tokens/s"
                   f" | {format_throughput(metrics)}", flush=True)
+        if record:
+            since_record.clear()
+        if line:
+            since_line.clear()
 
     while iteration < args.train_iters:
         with profiler.iteration(iteration):
@@ -450,21 +465,19 @@ def main(argv=None) -> int:
         consumed += gbs
         iteration += 1
         collector.after_iteration(iteration)
-        window.append(metrics)
-        window_s += elapsed
         valid = None
         if valid_stream is not None and (iteration == args.train_iters
                                          or (args.eval_interval and iteration % args.eval_interval == 0)):
             valid = validate(iteration)
         fatal = ctx.optimizer.unrecoverable_overflow  # skipped, and skipping again would not help
-        if ctx.optimizer.last_step_skipped:
-            skipped += 1
+        since_record.append((metrics, elapsed, ctx.optimizer.last_step_skipped))
+        if since_line is not since_record:
+            since_line.append(since_record[-1])
         if fatal or not ctx.optimizer.last_step_skipped:  # logged: the last update's norm
             shown_norm = grad_norm
-        if iteration % args.log_interval == 0 or iteration == args.train_iters or fatal:
-            log_window(lr, shown_norm, valid)
-        elif valid is not None:  # between two training logs: the held-out loss alone
-            logger.log(iteration, valid)
+        last = iteration == args.train_iters or fatal
+        log_windows(lr, shown_norm, record=last or iteration % record_interval == 0,
+                    line=last or iteration % args.log_interval == 0, valid=valid)
         if fatal:  # the optimizer skipped the update: the weights are intact
             hint = "lower --lr or check the data"
             if args.fp16 and args.loss_scale is not None:
@@ -484,8 +497,8 @@ def main(argv=None) -> int:
             break
     profiler.close()
     collector.close()
-    if window:  # stopped early between two logs
-        log_window(lr, shown_norm)
+    if since_record or since_line:  # stopped early between two logs
+        log_windows(lr, shown_norm, record=True, line=True)
     if args.save and saved_at != iteration:
         save()
     if saver is not None:

@@ -31,6 +31,8 @@ def _validate(argv, world_size=1):
     (["--num-attention-heads", "5"], 1, "--num-attention-heads 5 is not divisible by --num-query-groups 2"),
     (["--lr", "1e-5", "--min-lr", "1e-4"], 1, "--min-lr"),
     (["--save-interval", "10"], 1, "--save-interval needs --save"),
+    (["--tensorboard-log-interval", "0"], 1, "--tensorboard-log-interval must be >= 1, got 0"),
+    (["--log-interval", "-1"], 1, "--log-interval must be >= 1, got -1"),
     (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"], 2, "--decoder-first"),
     (["--attention-dropout", "0.1"], 1, "--attention-dropout 0.1 is not supported"),

@@ -71,16 +71,24 @@ def test_log_interval_logs_the_interval_as_one(tmp_path):
     tokens of iterations 1-3 (the per-iteration losses weighted by their tokens), then iteration
     4's own; the lr is the logged iteration's. Validation at 2 is logged on its own."""
     data = _make_sft_data(tmp_path)
-    runs = {}
-    for interval in ("1", "3"):
-        tb = tmp_path / f"tb{interval}"
-        valid = ["--valid-data", data, "--eval-interval", "2", "--eval-iters", "1"] if interval == "3" else []
-        res = subprocess.run(_sft_cmd(data, str(tmp_path / f"ck{interval}"), str(tb),
-                                      ["--train-iters", "4", "--log-interval", interval, *valid]),
+    runs, console = {}, {}
+    for name, flags in (("1", ["--log-interval", "1"]),
+                        ("3", ["--log-interval", "3", "--valid-data", data, "--eval-interval", "2", "--eval-iters", "1"]),
+                        ("3tb1", ["--log-interval", "3", "--tensorboard-log-interval", "1"])):
+        tb = tmp_path / f"tb{name}"
+        res = subprocess.run(_sft_cmd(data, str(tmp_path / f"ck{name}"), str(tb), ["--train-iters", "4", *flags]),
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         assert res.returncode == 0, res.stdout + res.stderr
-        runs[interval] = {r["iteration"]: r for r in map(json.loads, open(tb / "metrics.jsonl"))}
+        runs[name] = {r["iteration"]: r for r in map(json.loads, open(tb / "metrics.jsonl"))}
+        console[name] = [line for line in res.stdout.splitlines() if line.startswith("[train_sft] iteration")]
     each, merged = runs["1"], runs["3"]
+    # --tensorboard-log-interval 1: every iteration recorded as with --log-interval 1, while the
+    # console prints at 3 and 4 (iterations 1-3 merged there)
+    assert sorted(runs["3tb1"]) == [1, 2, 3, 4]
+    assert all(runs["3tb1"][i]["loss"] == each[i]["loss"] for i in (1, 2, 3, 4))
+    assert [line.split(" | ")[0] for line in console["3tb1"]] == ["[train_sft] iteration 3/4",
+                                                                  "[train_sft] iteration 4/4"]
+    assert f"loss {merged[3]['loss']:.6f}" in console["3tb1"][0]
     # the held-out loss at 2 is logged alone, without cutting the training window 1-3
     assert sorted(merged) == [0, 2, 3, 4] and "loss" not in merged[2] and "valid_loss" in merged[2]
     tokens = sum(each[i]["loss_tokens"] for i in (1, 2, 3))

@@ -191,6 +191,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="Megatron-LM's sample-based length: --train-iters = N // --global-batch-size; the "
+                        "schedule then takes --lr-warmup-samples / --lr-decay-samples / --lr-wsd-decay-samples")
+    g.add_argument("--lr-warmup-samples", type=int, default=None, help="with --train-samples: warm-up length")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="with --train-samples: decay length (default: --train-samples)")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="with --train-samples: WSD's decay phase")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCR", "SAMPLES"),
+                   help="refused: the global batch is constant here")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -615,6 +625,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel "
             f"size {dp}; use a multiple of {mbs * dp}"
         )
+    _samples_to_iterations(args, gbs if gbs is not None else (mbs or 1) * dp)
     warmup_fraction, decay_iters = _get(args, "lr_warmup_fraction"), _get(args, "lr_decay_iters")
     if warmup_fraction is not None:
         if not 0.0 <= warmup_fraction <= 1.0:
@@ -650,6 +661,42 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             raise ArgumentError(f"--save-retain-interval {retain} is not a multiple of --save-interval "
                                 f"{save_interval}: only iterations that are multiples of both would be kept; "
                                 f"use a multiple of {save_interval}")
+
+
+SAMPLE_FLAGS = {"lr_warmup_samples": "lr_warmup_iters", "lr_decay_samples": "lr_decay_iters",
+                "lr_wsd_decay_samples": "lr_wsd_decay_iters"}
+
+
+def _samples_to_iterations(args, gbs: int) -> None:
+    """Megatron-LM's sample-based flags as iterations of ``gbs`` samples: --train-iters =
+    --train-samples // gbs; the schedule's lengths may end mid-iteration (fractional
+    iterations: the lr is then the one at that many samples)."""
+    if _get(args, "rampup_batch_size") is not None:
+        raise ArgumentError("--rampup-batch-size is not supported: the global batch is constant; drop it (or "
+                            "train a first stage at the smaller --global-batch-size and --load it)")
+    samples = _get(args, "train_samples")
+    given = [dest for dest in SAMPLE_FLAGS if _get(args, dest) is not None]
+    if samples is None:
+        if given:
+            raise ArgumentError(f"{_flag(given[0])} needs --train-samples (with --train-iters use "
+                                f"{_flag(SAMPLE_FLAGS[given[0]])})")
+        return
+    if _get(args, "train_iters") is not None:
+        raise ArgumentError("--train-samples and --train-iters both set the length; give one")
+    if samples < gbs:
+        raise ArgumentError(f"--train-samples {samples} is less than one global batch ({gbs} samples)")
+    args.train_iters = samples // gbs
+    for dest, iters_dest in SAMPLE_FLAGS.items():
+        value = _get(args, dest)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and dest != "lr_warmup_samples"):
+            raise ArgumentError(f"{_flag(dest)} must be > 0, got {value}")
+        if _get(args, iters_dest) not in (None, 0):
+            raise ArgumentError(f"{_flag(dest)} and {_flag(iters_dest)} both set it; give one")
+        setattr(args, iters_dest, value / gbs)
+    if _get(args, "lr_decay_samples") is None:  # Megatron-LM: decay over all the samples
+        args.lr_decay_iters = samples / gbs
 
 
 def _check_wsd_args(args) -> None:

@@ -157,6 +157,9 @@ def add_rl_args(p) -> None:
 
 
 def _validate(args) -> None:
+    if args.train_samples is not None:
+        raise ArgumentError("--train-samples: RL iterations are rollout batches (--prompts-per-iter x "
+                            "--samples-per-prompt); give --train-iters")
     if args.train_iters is None or args.train_iters < 1:
         raise ArgumentError("--train-iters (the number of RL iterations) must be >= 1")
     if args.lr is None:

@@ -102,6 +102,37 @@ def test_lr_schedule_follows_megatron_flags():
     assert cosine(99) > 0.1 and cosine(100) == pytest.approx(0.1)
 
 
+def test_sample_based_flags_by_hand():
+    """Megatron-LM's --train-samples / --lr-*-samples with a global batch of 4: 1000 samples are
+    250 iterations; a warm-up of 10 samples ends within iteration 2 (the lr at 4, 8 samples,
+    then decaying, never above --lr); the decay runs over --lr-decay-samples (default: all)."""
+    from megatron_k15.parallel.data import lr_schedule
+
+    def parsed(*flags, world=1):
+        return parse_args(["--num-layers", "2", "--lr", "1", "--min-lr", "0.1", "--global-batch-size", "4",
+                           *flags], world_size=world)
+
+    args = parsed("--train-samples", "1002", "--lr-warmup-samples", "10", "--lr-decay-style", "linear")
+    assert args.train_iters == 250 and args.lr_decay_iters == pytest.approx(250.5)
+    lr = lr_schedule(args)
+    assert [lr(0), lr(1)] == [pytest.approx(0.4), pytest.approx(0.8)]
+    assert lr(2) == pytest.approx(1.0) and lr(3) == pytest.approx(1.0 - 0.9 * 0.5 / 248)  # 10 samples -> 2.5 its
+    assert lr(250) == pytest.approx(0.1 + 0.9 * 0.5 / 248)
+    decays = lr_schedule(parsed("--train-samples", "1000", "--lr-decay-samples", "400", "--lr-decay-style", "linear"))
+    assert decays(50) == pytest.approx(0.55) and decays(100) == decays(249) == pytest.approx(0.1)
+    wsd = lr_schedule(parsed("--train-samples", "400", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "80",
+                             "--lr-wsd-decay-style", "linear"))
+    assert wsd(80) == 1.0 and wsd(90) == pytest.approx(0.55)
+    for flags, message in ((["--train-samples", "40", "--train-iters", "5"], "both set the length"),
+                           (["--train-samples", "3"], "less than one global batch"),
+                           (["--train-iters", "5", "--lr-warmup-samples", "8"], "--lr-warmup-samples needs --train-samples"),
+                           (["--train-samples", "40", "--lr-warmup-samples", "8", "--lr-warmup-iters", "2"],
+                            "both set it"),
+                           (["--train-iters", "5", "--rampup-batch-size", "2", "2", "100"], "--rampup-batch-size is not")):
+        with pytest.raises(ArgumentError, match=message):
+            _validate(["--lr", "1", "--global-batch-size", "4", *flags], 1)
+
+
 def test_wsd_and_inverse_square_root_schedules_by_hand():
     """Megatron-LM's WSD (constant, then the last --lr-wsd-decay-iters decay in the chosen
     shape) and inverse-square-root; lr 1, min 0.1, 100 iterations, by hand."""

@@ -92,7 +92,7 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
                                with r the fraction of the wsd_decay_iters gone and c = 2 * 0.5^r - 1
                                (exponential), 1 - r (linear), (1 + cos(pi r)) / 2 (cosine) or
                                1 - sqrt(r) (minus_sqrt)"""
-    if warmup_iters > 0 and iteration < warmup_iters:
+    if warmup_iters > 0 and iteration + 1 <= warmup_iters:  # (lengths from samples may be fractional)
         return lr * (iteration + 1) / warmup_iters
     if style == "constant":
         return lr
@@ -108,7 +108,7 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
         c = {"exponential": 2.0 * 0.5 ** r - 1.0, "linear": 1.0 - r, "cosine": 0.5 * (1.0 + math.cos(math.pi * r)),
              "minus_sqrt": 1.0 - math.sqrt(r)}[wsd_decay_style]
         return min_lr + (lr - min_lr) * c
-    progress = (iteration - warmup_iters) / max(1, decay_iters - warmup_iters)
+    progress = max(0.0, (iteration - warmup_iters) / max(1, decay_iters - warmup_iters))
     if style == "linear":
         return min_lr + (lr - min_lr) * (1.0 - progress)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -118,7 +118,8 @@ def lr_schedule(args):
     """``iteration -> lr`` from Megatron-LM's flags: --lr, --min-lr, --lr-decay-style, decay over
     --lr-decay-iters (default --train-iters), warm-up over --lr-warmup-iters or
     --lr-warmup-fraction of the decay iterations; WSD's last --lr-wsd-decay-iters in
-    --lr-wsd-decay-style."""
+    --lr-wsd-decay-style. Lengths given in samples (--train-samples) arrive as fractional
+    iterations (``arguments``)."""
     decay = args.lr_decay_iters if getattr(args, "lr_decay_iters", None) is not None else args.train_iters
     fraction = getattr(args, "lr_warmup_fraction", None)
     warmup = int(round(fraction * decay)) if fraction is not None else args.lr_warmup_iters

@@ -77,6 +77,8 @@ MEGATRON_LOGGING_SWITCHES = {
 MEGATRON_TRAINING_SWITCHES = {
     "--use-distributed-optimizer": "the optimizer is always ZeRO-1 sharded over data parallelism",
     "--overlap-grad-reduce": "gradient reduction always overlaps backward",
+    "--overlap-param-gather": "the updated parameters are all-gathered right after the optimizer step "
+                              "(not overlapped with the next forward)",
     "--no-gradient-accumulation-fusion": "no such fusion here",
     "--check-for-nan-in-loss-and-grad": "a non-finite gradient always stops train_sft (with --fp16 once the loss "
                                         "scale cannot back off) and is skipped and counted by train_rl",
@@ -199,6 +201,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="with --train-samples: decay length (default: --train-samples)")
     g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
                    help="with --train-samples: WSD's decay phase")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="accepted for Megatron-LM scripts: samples are read from memory-mapped indexed "
+                        "datasets in the training process (no loader workers)")
+    g.add_argument("--data-cache-path", default=None,
+                   help="accepted for Megatron-LM scripts: blend and packing indices are built in memory at "
+                        "start (nothing is cached)")
     g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCR", "SAMPLES"),
                    help="refused: the global batch is constant here")
     g.add_argument("--lr", type=float, default=None)

@@ -236,6 +236,7 @@ MEGATRON_LM_QWEN25_7B = """
     --no-gradient-accumulation-fusion --recompute-granularity full --recompute-method uniform
     --recompute-num-layers 1 --check-for-nan-in-loss-and-grad --cross-entropy-loss-fusion
     --log-memory-to-tensorboard --manual-gc --manual-gc-interval 10 --ckpt-format torch_dist
+    --overlap-param-gather --num-workers 8 --data-cache-path /tmp/cache --tensorboard-log-interval 1
 """.split()
 
 

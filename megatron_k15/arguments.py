@@ -71,6 +71,7 @@ MEGATRON_LOGGING_SWITCHES = {
     "--log-validation-ppl-to-tensorboard": "valid_loss is logged with --valid-data or --split (perplexity = "
                                            "exp of it)",
     "--log-memory-to-tensorboard": "peak memory is always logged (peak_memory_bytes)",
+    "--log-world-size-to-tensorboard": "the layout is printed at start and kept in every checkpoint",
     "--use-checkpoint-args": "the model shape always comes from --load's checkpoint; with this switch a "
                              "contradicting shape flag is ignored with a warning instead of refused",
 }
@@ -84,6 +85,12 @@ MEGATRON_TRAINING_SWITCHES = {
                                         "scale cannot back off) and is skipped and counted by train_rl",
     "--cross-entropy-loss-fusion": "on GPU the loss is always the fused hidden-states-to-log-prob kernel "
                                    "(--logprob-impl)",
+    "--calculate-per-token-loss": "the SFT loss is always the mean over every response token of the global "
+                                  "batch (not a mean of microbatch means)",
+    "--no-mmap-bin-files": "indexed datasets are always memory-mapped",
+    "--no-async-tensor-model-parallel-allreduce": "tensor-parallel all-reduces are megatron-core's layers' own",
+    "--tp-comm-overlap": "transformer-engine's communication overlap is not used (its flag is accepted so a "
+                         "launch script runs)",
 }
 
 
@@ -201,6 +208,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="with --train-samples: decay length (default: --train-samples)")
     g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
                    help="with --train-samples: WSD's decay phase")
+    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default=None,
+                   help="accepted for Megatron-LM scripts: samples are drawn in a seeded shuffle, epoch after "
+                        "epoch (as cyclic), resumed exactly from the checkpoint's position")
+    g.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0,
+                   help="accepted for Megatron-LM scripts: the caching allocator is left alone")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="refused: the 1F1B schedule here is not interleaved")
+    g.add_argument("--main-grads-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="gradients are reduced and accumulated in fp32 (bf16 is refused)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="accepted for Megatron-LM scripts: samples are read from memory-mapped indexed "
                         "datasets in the training process (no loader workers)")
@@ -212,6 +228,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0,
+                   help="Megatron-LM's: the warm-up rises linearly from this lr to --lr")
+    g.add_argument("--optimizer", choices=["adam"], default="adam",
+                   help="Megatron-LM's: AdamW (decoupled --weight-decay), the only optimizer here")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warm-up over this fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear", "inverse-square-root", "WSD"],
@@ -310,6 +330,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, iteration 0")
     add_checkpoint_switches(g)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-queue-size", type=int, default=None,
+                   help="accepted for Megatron-LM scripts: scalars are flushed at every record")
+    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=None,
+                   help="accepted for Megatron-LM scripts: the iteration's time (RL: per phase) is always "
+                        "logged; --profile gives kernel-level timings")
     g.add_argument("--log-interval", type=int, default=1,
                    help="iterations per console line; train_sft also merges their metrics into one record "
                         "(Megatron-LM's averaging), train_rl records every iteration (each is a rollout batch)")
@@ -435,11 +460,15 @@ def megatron_settings_problem(args) -> Optional[str]:
     for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
                                 ("attention_dropout", 0.0, "the model has no dropout"),
                                 ("hidden_dropout", 0.0, "the model has no dropout"),
+                                ("main_grads_dtype", "fp32", "gradients are reduced and accumulated in fp32"),
                                 ("recompute_num_layers", None if block else 1,
                                  "uniform recompute checkpoints each layer; use --recompute-method block")):
         value = _get(args, dest)
         if value is not None and required is not None and value != required:
             return f"{_flag(dest)} {value} is not supported ({why}); drop it or use {required}"
+    if _get(args, "num_layers_per_virtual_pipeline_stage") is not None:
+        return ("--num-layers-per-virtual-pipeline-stage is not supported (the 1F1B schedule here is not "
+                "interleaved); drop it")
     if _get(args, "recompute_method") and _get(args, "recompute_granularity") != "full":
         return "--recompute-method applies to --recompute-granularity full"
     if block and (_get(args, "recompute_num_layers") is None or args.recompute_num_layers < 0):

@@ -43,16 +43,18 @@ from megatron_k15.arguments import ArgumentError, parse_args
 
 def add_sft_args(p) -> None:
     g = p.add_argument_group("sft data")
-    g.add_argument("--train-data", required=True, nargs="+", metavar="[WEIGHT] PREFIX",
+    g.add_argument("--train-data", "--data-path", "--train-data-path", dest="train_data", required=True,
+                   nargs="+", metavar="[WEIGHT] PREFIX",
                    help="prefix(es) written by preprocess_data.py --mode sft (--mode dpo for --loss dpo); "
                         "several are concatenated, WEIGHT PREFIX pairs blended as in Megatron-LM's "
-                        "--data-path (megatron_k15/data/blend.py)")
+                        "--data-path (megatron_k15/data/blend.py); Megatron-LM's --data-path and "
+                        "--train-data-path are other names for it")
     g.add_argument("--loss", choices=("sft", "dpo"), default="sft",
                    help="sft: next-token loss on responses; dpo: preference pairs against the "
                         "starting model (long2short)")
     g.add_argument("--dpo-beta", type=float, default=0.1,
                    help="DPO inverse temperature beta in -log sigmoid(beta * (margin of log-ratios))")
-    g.add_argument("--valid-data", default=None, nargs="+", metavar="PREFIX",
+    g.add_argument("--valid-data", "--valid-data-path", dest="valid_data", default=None, nargs="+", metavar="PREFIX",
                    help="held-out prefix(es) (preprocess_data.py --mode sft): their response-token loss is "
                         "logged as valid_loss before training, every --eval-interval iterations and at the end")
     g.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",

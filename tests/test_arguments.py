@@ -36,6 +36,9 @@ def _validate(argv, world_size=1):
     (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"], 2, "--decoder-first"),
     (["--attention-dropout", "0.1"], 1, "--attention-dropout 0.1 is not supported"),
+    (["--main-grads-dtype", "bf16"], 1, "--main-grads-dtype bf16 is not supported"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+     "--num-layers-per-virtual-pipeline-stage is not supported"),
     (["--hidden-dropout", "0.1"], 1, "--hidden-dropout 0.1"),
     (["--rotary-percent", "0.5"], 1, "--rotary-percent 0.5"),
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4"], 1,
@@ -97,6 +100,8 @@ def test_lr_schedule_follows_megatron_flags():
     assert [linear(i) for i in (0, 4, 5)] == [pytest.approx(0.2), 1.0, 1.0]  # 5 warm-up iterations
     assert linear(20) == pytest.approx(0.1 + 0.9 * (1 - 15 / 45))
     assert linear(50) == linear(99) == pytest.approx(0.1)
+    warm = schedule("--lr-warmup-iters", "4", "--lr-warmup-init", "0.2", "--lr-decay-style", "constant")
+    assert [warm(i) for i in (0, 1, 3, 4)] == [pytest.approx(0.4), pytest.approx(0.6), 1.0, 1.0]  # 0.2 + 0.8 (i+1)/4
     cosine = schedule("--lr-warmup-iters", "10")  # decays over --train-iters by default
     assert cosine(55) == pytest.approx(0.1 + 0.9 * 0.5)
     assert cosine(99) > 0.1 and cosine(100) == pytest.approx(0.1)
@@ -237,6 +242,9 @@ MEGATRON_LM_QWEN25_7B = """
     --recompute-num-layers 1 --check-for-nan-in-loss-and-grad --cross-entropy-loss-fusion
     --log-memory-to-tensorboard --manual-gc --manual-gc-interval 10 --ckpt-format torch_dist
     --overlap-param-gather --num-workers 8 --data-cache-path /tmp/cache --tensorboard-log-interval 1
+    --optimizer adam --lr-warmup-init 0.0 --calculate-per-token-loss --no-mmap-bin-files
+    --dataloader-type cyclic --tensorboard-queue-size 1 --timing-log-level 2 --log-world-size-to-tensorboard
+    --empty-unused-memory-level 0 --main-grads-dtype fp32 --no-async-tensor-model-parallel-allreduce
 """.split()
 
 

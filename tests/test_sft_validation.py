@@ -63,6 +63,12 @@ def test_valid_data_flags_are_checked(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(base + extra, "test", add_sft_args, _validate, world_size=1)
         assert message in capsys.readouterr().err
+    # Megatron-LM's names for the same flags
+    args = parse_args(["--data-path", "1", data, "--valid-data-path", data] + base[2:], "test", add_sft_args,
+                      _validate, world_size=1)
+    assert args.train_data == ["1", data] and args.valid_data == [data]
+    assert parse_args(["--train-data-path", data] + base[2:], "test", add_sft_args, _validate,
+                      world_size=1).train_data == [data]
 
 
 @pytest.mark.slow

@@ -81,9 +81,11 @@ class _Bucket:
 
 
 def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-          style: str = "cosine", wsd_decay_iters: int = 0, wsd_decay_style: str = "exponential") -> float:
-    """Linear warm-up to ``lr`` over ``warmup_iters``, then (Megatron-LM's styles) to ``min_lr``
-    at ``decay_iters`` and ``min_lr`` after:
+          style: str = "cosine", wsd_decay_iters: int = 0, wsd_decay_style: str = "exponential",
+          warmup_init: float = 0.0) -> float:
+    """Linear warm-up from ``warmup_init`` to ``lr`` over ``warmup_iters`` (iteration i gets
+    ``warmup_init + (lr - warmup_init) * (i + 1) / warmup_iters``), then (Megatron-LM's styles)
+    to ``min_lr`` at ``decay_iters`` and ``min_lr`` after:
 
         constant               lr
         linear / cosine        over decay_iters - warmup_iters, progress p in [0, 1]
@@ -93,7 +95,7 @@ def lr_at(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_ite
                                (exponential), 1 - r (linear), (1 + cos(pi r)) / 2 (cosine) or
                                1 - sqrt(r) (minus_sqrt)"""
     if warmup_iters > 0 and iteration + 1 <= warmup_iters:  # (lengths from samples may be fractional)
-        return lr * (iteration + 1) / warmup_iters
+        return warmup_init + (lr - warmup_init) * (iteration + 1) / warmup_iters
     if style == "constant":
         return lr
     if style == "inverse-square-root":
@@ -125,8 +127,9 @@ def lr_schedule(args):
     warmup = int(round(fraction * decay)) if fraction is not None else args.lr_warmup_iters
     wsd_iters = getattr(args, "lr_wsd_decay_iters", None) or 0
     wsd_style = getattr(args, "lr_wsd_decay_style", None) or "exponential"
+    init = getattr(args, "lr_warmup_init", None) or 0.0
     return lambda iteration: lr_at(iteration, args.lr, args.min_lr, warmup, decay, args.lr_decay_style,
-                                   wsd_iters, wsd_style)
+                                   wsd_iters, wsd_style, init)
 
 
 class DistributedOptimizer:

@@ -144,12 +144,13 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings), ``llama``
     (tied embeddings, rope theta 500000, GQA 2:1) or ``qwen3`` (QK-norm, head_dim 32 with
     hidden 64 and 4 heads, so the head size is not hidden / heads; GQA 2:1, untied),
-    ``qwen3_moe`` (Qwen3 attention, 8 experts of ffn 48, top-2 renormalised) or ``mistral``
-    (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window). Biases and norm
+    ``qwen3_moe`` (Qwen3 attention, 8 experts of ffn 48, top-2 renormalised), ``mistral``
+    (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window)
+    or ``phi3`` (Phi-4's layout: fused qkv_proj and gate_up_proj tensors, GQA 2:1). Biases and norm
     weights get random values so they matter."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     if kind == "qwen2":
@@ -186,6 +187,13 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
                   bos_token_id=1, eos_token_id=2)
         kw.update(overrides)
         model = MistralForCausalLM(MistralConfig(**kw))
+    elif kind == "phi3":
+        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=None, rope_theta=250000.0,
+                  tie_word_embeddings=False, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+        kw.update(overrides)
+        model = Phi3ForCausalLM(Phi3Config(**kw))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     with torch.no_grad():

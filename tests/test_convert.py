@@ -39,6 +39,7 @@ to_hf = _load_tool(TO_HF)
     ("qwen3", torch.bfloat16, None, 2, 1),      # QK-norm weights (replicated over tp)
     ("qwen3_moe", torch.bfloat16, None, 2, 2),  # per-expert tensors, experts split over tp
     ("mistral", torch.bfloat16, None, 2, 1),    # head_dim != hidden / heads
+    ("phi3", torch.bfloat16, "100KB", 2, 2),    # fused qkv_proj / gate_up_proj, split over tp
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
@@ -97,6 +98,8 @@ def _corrupt_config(hf_dir, **changes):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, 1, "yarn"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 256}, 1,  # Mistral 7B v0.1's window
      "sliding_window=256 is not supported"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75}, 1,  # Phi-4-mini's
+     "partial_rotary_factor=0.75 is not supported"),
 ])
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, changes, tp, expected):
     hf_dir, ck = tmp_path / "hf", tmp_path / "ck"

@@ -1,4 +1,4 @@
-"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE, Llama and Mistral models (fp32)."""
+"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral and Phi-3 models (fp32)."""
 
 import pytest
 import torch
@@ -30,6 +30,7 @@ def _single_rank():
     ("llama", {"rope_scaling": LLAMA3_SCALING}),     # Llama-3 frequency scaling
     ("mistral", {}),                                 # head_dim 32 != hidden / heads, GQA 2:1
     ("mistral", {"sliding_window": 512}),            # a window as long as the context: full attention
+    ("phi3", {}),                                    # fused qkv_proj / gate_up_proj tensors
     ("qwen2", {"rope_scaling": YARN_SCALING}),       # YaRN (Qwen2.5 at 128K), attention factor
     ("qwen2", {"rope_scaling": {**YARN_SCALING, "beta_fast": 16, "mscale": 0.9, "mscale_all_dim": 0.5}}),
 ])
@@ -44,6 +45,8 @@ def test_logits_match_transformers(kind, overrides):
         assert cfg.num_attention_heads // cfg.num_query_groups == 3
     elif kind == "qwen3":
         assert not cfg.add_qkv_bias and cfg.head_dim == 32 != cfg.hidden_size // cfg.num_attention_heads
+    elif kind == "phi3":
+        assert not cfg.add_qkv_bias and cfg.architecture == "phi3" and cfg.rotary_base == 250000.0
     elif kind == "mistral":
         assert not cfg.add_qkv_bias and not cfg.tie_word_embeddings and cfg.architecture == "mistral"
         assert cfg.head_dim == 32 and cfg.num_query_groups == 2
@@ -99,6 +102,7 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
+    "phi-4": 14.7e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
 }
 # activated parameters per token of the MoE presets, as published

@@ -55,7 +55,7 @@ class GPTConfig:
     moe_norm_topk_prob: bool = False
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
-    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama" | "mistral": the HF class conversion targets
+    architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama" | "mistral" | "phi3": the HF class conversion targets
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Any] = None  # int or list of ints
     extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
@@ -280,6 +280,12 @@ PRESETS: dict[str, dict] = {
     ),
     "mistral-7b": _mistral(4096, 32, 32768, 32768),  # v0.3
     "mistral-nemo-12b": {**_mistral(5120, 40, 131072, 1024000), "kv_channels": 128},
+    "phi-4": dict(  # Phi3ForCausalLM: fused qkv / gate_up tensors in HF's checkpoint, full RoPE
+        vocab_size=100352, hidden_size=5120, ffn_hidden_size=17920, num_layers=40, num_attention_heads=40,
+        num_query_groups=10, max_position_embeddings=16384, rotary_base=250000.0, norm_epsilon=1e-5,
+        add_qkv_bias=False, tie_word_embeddings=False, architecture="phi3", bos_token_id=100257,
+        eos_token_id=100265,
+    ),
 }
 
 

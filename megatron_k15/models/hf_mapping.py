@@ -34,7 +34,8 @@ from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                           "MistralForCausalLM": "mistral"}
+                           "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3"}
+FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
@@ -85,10 +86,15 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
         raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
-    window = hf.get("sliding_window")  # Mistral's: attention limited to it whenever it is set
-    if arch == "mistral" and window is not None and int(window) < int(hf.get("max_position_embeddings", 4096)):
+    window = hf.get("sliding_window")  # Mistral's and Phi-3's: attention limited to it whenever it is set
+    if arch in ("mistral", "phi3") and window is not None and int(window) < int(hf.get("max_position_embeddings",
+                                                                                       4096)):
         raise HFCheckpointError(f"{where}: sliding_window={window} is not supported (full causal attention "
-                                "only; Mistral 7B v0.2 and later have none)")
+                                "only; Mistral 7B v0.2 and later and Phi-4 have none)")
+    rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if rotary is not None and float(rotary) != 1.0:
+        raise HFCheckpointError(f"{where}: partial_rotary_factor={rotary} is not supported (RoPE covers the "
+                                "whole head here)")
     theta, scaling = _rope_settings(hf, where)
     heads = int(hf["num_attention_heads"])
     moe = {}
@@ -148,10 +154,10 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
     if cfg.is_moe != (arch == "qwen3_moe"):
         raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM), "
-                          "dense ones as 'qwen2', 'qwen3', 'llama' or 'mistral'")
+                          "dense ones as 'qwen2', 'qwen3', 'llama', 'mistral' or 'phi3'")
     if cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
-                          "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama' or 'mistral'")
+                          "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama', 'mistral' or 'phi3'")
     hf = {
         "architectures": [HF_CLASS[arch]],
         "model_type": arch,
@@ -178,10 +184,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["mlp_bias"] = False
     elif arch in QK_NORM_ARCHITECTURES:
         hf["attention_bias"] = cfg.add_qkv_bias
-    elif arch == "mistral":
+    elif arch in ("mistral", "phi3"):
         if cfg.add_qkv_bias:
-            raise ConfigError("Mistral has no QKV bias; export a model with it as architecture 'qwen2' or 'llama'")
+            raise ConfigError(f"{HF_CLASS[arch]} has no QKV bias; export a model with it as architecture "
+                              "'qwen2' or 'llama'")
         hf["sliding_window"] = None
+        if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
+            hf.update(pad_token_id=None, partial_rotary_factor=1.0)
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
     if arch == "qwen3_moe":
@@ -227,8 +236,12 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         o = f"layers.{i}."
         out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
         a = p + "self_attn."
-        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(
-            take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), cfg)
+        if cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
+            q, k, v = take(a + "qkv_proj.weight").split(
+                [cfg.query_projection_size, cfg.kv_projection_size, cfg.kv_projection_size], dim=0)
+        else:
+            q, k, v = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
+        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(q, k, v, cfg)
         if cfg.add_qkv_bias:
             out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
                 take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
@@ -239,6 +252,9 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
         if cfg.is_moe:
             out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
+        elif cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # [gate; up], as our fc1
+            out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
+            out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
         else:
             out[o + "mlp.linear_fc1.weight"] = torch.cat(
                 [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
@@ -277,8 +293,12 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
         o = f"layers.{i}."
         out[p + "input_layernorm.weight"] = sd[o + "input_layernorm.weight"]
         q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
-        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                    p + "self_attn.v_proj.weight": v})
+        fused = cfg.architecture in FUSED_PROJECTION_ARCHITECTURES
+        if fused:
+            out[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=0)
+        else:
+            out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                        p + "self_attn.v_proj.weight": v})
         if cfg.add_qkv_bias:
             q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.bias"], cfg)
             out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k,
@@ -297,9 +317,12 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
                 out.update({q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous(),
                             q + "down_proj.weight": fc2[e].contiguous()})
             continue
-        gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        if fused:
+            out[p + "mlp.gate_up_proj.weight"] = sd[o + "mlp.linear_fc1.weight"]
+        else:
+            gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+            out[p + "mlp.up_proj.weight"] = up.contiguous()
         out[p + "mlp.down_proj.weight"] = sd[o + "mlp.linear_fc2.weight"]
     out["model.norm.weight"] = sd["final_layernorm.weight"]
     if not cfg.tie_word_embeddings:

@@ -96,6 +96,44 @@ def test_evaluate_reports_pass_at_k_through_the_registry(tmp_path):
     assert "maj@3" not in summary  # no math problem to vote on
 
 
+def test_evaluate_resumes_an_interrupted_run(tmp_path):
+    """A run cut after two problems (its OUTPUT.partial: two whole lines and one cut short)
+    resumes with --resume in chunks of one and writes the very results of one uninterrupted
+    pass: every sample is seeded by its problem's place in the file. Without --resume the
+    partial results are not overwritten; a partial file from another input is refused."""
+    ck = _convert(tmp_path, "a", 1)
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"id": f"e{i}", "prompt": f"{i}*{i}=", "task": "t",
+                                "reward_fn": "test_tools_eval_merge:always_right"}) + "\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]))
+
+    def run(out, *extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", ck,
+                               "--tokenizer", "byte", "--input", str(tmp_path / "eval.jsonl"), "--output", str(out),
+                               "--n-samples", "2", "--temperature", "1.0", "--max-new-tokens", "6", *extra],
+                              capture_output=True, text=True, env=env)
+
+    whole = run(tmp_path / "whole.jsonl")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    lines = open(tmp_path / "whole.jsonl").read().splitlines(keepends=True)
+    partial = tmp_path / "resumed.jsonl.partial"
+    partial.write_text(lines[0] + lines[1] + lines[2][:25])  # killed while writing problem 3
+    refused = run(tmp_path / "resumed.jsonl")
+    assert refused.returncode != 0 and "pass --resume" in refused.stderr
+    resumed = run(tmp_path / "resumed.jsonl", "--resume", "--chunk-size", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: 2 of 4 problems done" in resumed.stdout
+    assert open(tmp_path / "resumed.jsonl").read() == "".join(lines) and not partial.exists()
+    summaries = [json.load(open(tmp_path / f"{name}.summary.json")) for name in ("whole", "resumed")]
+    for k, v in summaries[0].items():
+        if k != "generation_tokens_per_s":
+            assert summaries[1][k] == v, k
+    (tmp_path / "other.jsonl.partial").write_text(lines[1].replace('"e1"', '"x1"'))
+    other = run(tmp_path / "other.jsonl", "--resume")
+    assert other.returncode != 0 and "other.jsonl.partial:1: field 'id'" in other.stderr
+
+
 def test_majority_vote_pools_equal_answers():
     """maj@n by hand: equal answers in other forms pool their votes; ties go to the answer
     given first; samples without an answer do not vote; votes only for math responses."""

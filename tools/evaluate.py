@@ -12,6 +12,11 @@ estimator 1 - C(n-c, k)/C(n, k); math sets also get maj@n (self-consistency: the
 final answer, equal answers pooled by the verifier, is right). Per-problem results (responses, correctness, lengths) go to
 ``--output``; the summary (pass@k, mean response length) is printed and written next to it.
 
+Long evaluations survive preemption: problems go through the engine ``--chunk-size`` at a time
+and each finished chunk is appended to ``OUTPUT.partial``; ``--resume`` skips the problems
+already there (a rerun without it refuses to overwrite them). Every sample is seeded by its
+problem's place in the file, so a resumed or chunked run gives the samples one pass gives.
+
 ``--reward-model-load DIR``: a generative reward model (``megatron_k15/rewards/judge.py``)
 regrades what the rule-based verifier rejects (or every answer: ``--reward-model-mode
 replace``); judged samples carry the verdict and the judge's text, the summary its counts.
@@ -49,6 +54,10 @@ def add_eval_args(p) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--chunk-size", type=int, default=256,
+                   help="problems per pass of the engine; each finished pass is kept in OUTPUT.partial")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: skip the problems already in OUTPUT.partial")
     add_grading_args(g)
     add_chat_template_args(g)
     add_judge_args(p.add_argument_group("generative reward model (judge)"))
@@ -65,6 +74,12 @@ def _validate(args) -> None:
         raise ArgumentError(problem)
     if args.n_samples < 1:
         raise ArgumentError("--n-samples must be >= 1")
+    if args.chunk_size < 1:
+        raise ArgumentError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    partial = partial_path(args.output)
+    if os.path.exists(partial) and not args.resume:
+        raise ArgumentError(f"{partial} holds the problems an interrupted run finished: pass --resume to "
+                            "continue it, or delete it to start over")
     if args.n_samples > 1 and args.temperature == 0:
         raise ArgumentError("--n-samples > 1 needs --temperature > 0 (greedy samples are identical)")
     if args.inference_engine == "recompute" and (args.pipeline_model_parallel_size > 1
@@ -72,6 +87,42 @@ def _validate(args) -> None:
         raise ArgumentError("--inference-engine recompute supports tensor parallelism only; use "
                             "--inference-engine paged with --pipeline-model-parallel-size > 1 or "
                             "--context-parallel-size > 1")
+
+
+def partial_path(output: str) -> str:
+    return output + ".partial"
+
+
+def read_partial(path: str, records: list[dict], n_samples: int) -> tuple[dict[int, dict], int]:
+    """The results an interrupted run kept, by problem number, and the bytes of its whole lines
+    (a line cut short by the interruption is not counted: the run appends after the last whole
+    one). Each result must be the same problem (id) of the input as then."""
+    from megatron_k15.data.prompts import DataError, parse_json_line
+
+    done: dict[int, dict] = {}
+    if not os.path.exists(path):
+        return done, 0
+    with open(path, "rb") as f:
+        data = f.read()
+    whole = data[:data.rfind(b"\n") + 1]
+    for line, raw in enumerate(whole.splitlines(), start=1):
+        r = parse_json_line(path, line, raw)
+        if r is None:
+            continue
+        i = r.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(records) or records[i]["id"] != r.get("id"):
+            raise DataError(path, line, "id", f"problem {i} is {r.get('id')!r} there but not in --input: the "
+                            "input changed since; delete the file to start over")
+        if not isinstance(r.get("samples"), list) or len(r["samples"]) != n_samples:
+            raise DataError(path, line, "samples", f"not {n_samples} samples: the run had another --n-samples; "
+                            "resume with it, or delete the file to start over")
+        done[i] = r
+    return done, len(whole)
+
+
+def result_line(rec: dict, p: dict) -> str:
+    return json.dumps({"id": rec["id"], "index": p["index"], "task": rec.get("task"), "prompt": rec["prompt"],
+                       "samples": p["samples"], "num_correct": sum(s["correct"] for s in p["samples"])}) + "\n"
 
 
 def main(argv=None) -> int:
@@ -97,7 +148,8 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import destroy, initialize_parallel_from_args, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.files import atomic_file
-    from megatron_k15.rl.evaluation import evaluate
+    from megatron_k15.rl.evaluation import evaluate, evaluation_metrics
+    from megatron_k15.rl.task_metrics import task_of, tasks_of
 
     initialize_parallel_from_args(args)
     set_seed(args.seed)
@@ -112,23 +164,49 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr)
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas only (the data-parallel rank/group below exclude cp)
-    res = evaluate(model, tokenizer, records, prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos,
-                   dp_rank=parallel_state.get_data_parallel_rank(),
-                   dp_size=parallel_state.get_data_parallel_world_size(),
-                   dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                   generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers)
+    partial = partial_path(args.output)
+    try:
+        done, kept = read_partial(partial, records, args.n_samples)  # every rank reads it (a shared file system, as checkpoints)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        destroy()
+        return 2
+    if dist.get_rank() == 0 and os.path.exists(partial) and os.path.getsize(partial) > kept:
+        os.truncate(partial, kept)  # drop a line the interruption cut short
+    todo = [i for i in range(len(records)) if i not in done]
+    if done and dist.get_rank() == 0:
+        print(f"[evaluate] resuming: {len(done)} of {len(records)} problems done in {partial}", flush=True)
+    for start in range(0, len(todo), args.chunk_size):
+        chunk = todo[start:start + args.chunk_size]
+        res = evaluate(model, tokenizer, [records[i] for i in chunk], [prompt_ids[i] for i in chunk],
+                       max_new_tokens=args.max_new_tokens, eos_ids=eos,
+                       dp_rank=parallel_state.get_data_parallel_rank(),
+                       dp_size=parallel_state.get_data_parallel_world_size(),
+                       dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                       generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers,
+                       numbers=chunk)
+        if dist.get_rank() == 0:
+            with open(partial, "a") as f:  # whole lines, flushed to disk before the next chunk starts
+                f.writelines(result_line(records[p["index"]], p) for p in res["results"])
+                f.flush()
+                os.fsync(f.fileno())
+        for p in res["results"]:
+            done[p["index"]] = p
+        if dist.get_rank() == 0:
+            print(f"[evaluate] {len(done)}/{len(records)} problems", flush=True)
     if dist.get_rank() == 0:
+        results = [done[i] for i in range(len(records))]
         with atomic_file(args.output) as f:
-            for rec, p in zip(records, res["results"]):
-                f.write(json.dumps({"id": rec["id"], "task": rec.get("task"), "prompt": rec["prompt"],
-                                    "samples": p["samples"],
-                                    "num_correct": sum(s["correct"] for s in p["samples"])}) + "\n")
-        summary = {k: v for k, v in res.items() if k != "results"}
+            f.writelines(result_line(rec, p) for rec, p in zip(records, results))
+        summary = evaluation_metrics([{**p, "task": task_of(rec)} for rec, p in zip(records, results)],
+                                     args.n_samples, tasks_of(records), judge is not None)
         summary.update(n_problems=len(records), n_samples=args.n_samples, checkpoint=args.load,
                        generation_tokens_per_s=generator.stats.tokens_per_second)
         with atomic_file(os.path.splitext(args.output)[0] + ".summary.json") as f:
             json.dump(summary, f, indent=2)
+        if os.path.exists(partial):  # after the output: an interruption before this resumes with nothing to do
+            os.remove(partial)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     destroy()
     return 0

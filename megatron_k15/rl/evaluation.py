@@ -79,7 +79,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
              generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
-             reward_workers: int = 1) -> dict:
+             reward_workers: int = 1, numbers: Optional[list[int]] = None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank; a math sample's final answer in ``answer``)},
     with n_samples > 1 "maj@{n_samples}" over the math problems (:func:`majority_correct`),
@@ -92,11 +92,14 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     judged samples carry ``judge_verdict`` / ``judge_text`` and the result has ``judge_*``
     counts. ``reward_workers``: threads grading this rank's responses. The ranks of a replica
     (tp, pp, cp: all given the same ``dp_rank``) decode the same requests; each grades every
-    n-th of them and the grades are all-gathered, so no response is graded twice."""
+    n-th of them and the grades are all-gathered, so no response is graded twice.
+    ``numbers``: each record's number in the whole set (default 0, 1, ...), which seeds its
+    samples and is its result's ``index``: a set evaluated in parts gets the samples it gets whole."""
     from concurrent.futures import ThreadPoolExecutor
 
     share_rank, share_size = _replica_share(dp_rank)
 
+    numbers = list(range(len(records))) if numbers is None else list(numbers)
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
     params = SamplingParams(temperature, top_p)
     per_problem = []
@@ -115,7 +118,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
                                          reasoning_tags, prompt_open[i])
 
         res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
-                                 [request_generator(seed, i * 1000 + s) for i, s in requests], eos_ids,
+                                 [request_generator(seed, numbers[i] * 1000 + s) for i, s in requests], eos_ids,
                                  on_finish=on_finish)
         # this rank's share (graded here if the generator does not call on_finish)
         mine_grades = {requests[j]: futures[j].result() if j in futures else
@@ -148,19 +151,25 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         if key is not None:
             sample["answer"] = key
     for i in mine:
-        per_problem.append({"id": records[i].get("id", str(i)), "index": i,
-                            "samples": [samples[(i, s)] for s in range(n_samples)]})
+        per_problem.append({"id": records[i].get("id", str(numbers[i])), "index": numbers[i],
+                            "task": task_of(records[i]), "samples": [samples[(i, s)] for s in range(n_samples)]})
     if dp_size > 1:
         parts = [None] * dp_size
         dist.all_gather_object(parts, per_problem, group=dp_group)
         per_problem = sorted((p for part in parts for p in part), key=lambda p: p["index"])
-    out = {"results": per_problem}
+    return {"results": per_problem, **evaluation_metrics(per_problem, n_samples, tasks_of(records), judge is not None)}
+
+
+def evaluation_metrics(per_problem: list[dict], n_samples: int, all_tasks, judged: bool = False) -> dict:
+    """The metrics :func:`evaluate` reports, from its per-problem results (each with ``task``
+    and ``samples``; e.g. the parts of a set evaluated in several calls, put together)."""
+    out = {}
     n = max(1, len(per_problem))
     correct = [sum(s["correct"] for s in p["samples"]) for p in per_problem]
     for k in range(1, n_samples + 1):
         out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in correct) / n
     out["accuracy"] = out["pass@1"]
-    voted = [p for p in per_problem if task_of(records[p["index"]]) == "math"]
+    voted = [p for p in per_problem if p["task"] == "math"]
     if n_samples > 1 and voted:  # self-consistency over the math problems
         out[f"maj@{n_samples}"] = sum(majority_correct(p["samples"]) for p in voted) / len(voted)
     lengths = [s["length"] for p in per_problem for s in p["samples"]]
@@ -169,9 +178,8 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
                 "response_length_mean": [sum(s["length"] for s in p["samples"]) / n_samples for p in per_problem]}
     if n_samples > 1:
         per_task[f"pass@{n_samples}"] = [pass_at_k(n_samples, c, n_samples) for c in correct]
-    out.update(by_task([task_of(records[p["index"]]) for p in per_problem], per_task, "problems",
-                       all_tasks=tasks_of(records)))
-    if judge is not None:
+    out.update(by_task([p["task"] for p in per_problem], per_task, "problems", all_tasks=all_tasks))
+    if judged:
         everything = [s for p in per_problem for s in p["samples"]]
         out.update(judge_metrics([
             Judgement(k, s["judge_verdict"], s["judge_text"], float(s["rule_correct"]), float(s["correct"]),

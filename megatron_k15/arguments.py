@@ -722,15 +722,18 @@ def _samples_to_iterations(args, gbs: int) -> None:
         raise ArgumentError("--train-samples and --train-iters both set the length; give one")
     if samples < gbs:
         raise ArgumentError(f"--train-samples {samples} is less than one global batch ({gbs} samples)")
+    for dest, iters_dest in SAMPLE_FLAGS.items():  # Megatron-LM: a schedule in samples, or none
+        if _get(args, iters_dest) not in (None, 0):
+            raise ArgumentError(f"{_flag(iters_dest)} counts iterations; with --train-samples give {_flag(dest)}")
+    if _get(args, "lr_warmup_samples") and _get(args, "lr_warmup_fraction") is not None:
+        raise ArgumentError("--lr-warmup-fraction and --lr-warmup-samples both set the warm-up; give one")
     args.train_iters = samples // gbs
     for dest, iters_dest in SAMPLE_FLAGS.items():
         value = _get(args, dest)
         if value is None:
             continue
-        if value < 0 or (value == 0 and dest != "lr_warmup_samples"):
-            raise ArgumentError(f"{_flag(dest)} must be > 0, got {value}")
-        if _get(args, iters_dest) not in (None, 0):
-            raise ArgumentError(f"{_flag(dest)} and {_flag(iters_dest)} both set it; give one")
+        if value < 0 or (value < gbs and dest != "lr_warmup_samples"):
+            raise ArgumentError(f"{_flag(dest)} {value} is less than one global batch ({gbs} samples)")
         setattr(args, iters_dest, value / gbs)
     if _get(args, "lr_decay_samples") is None:  # Megatron-LM: decay over all the samples
         args.lr_decay_iters = samples / gbs

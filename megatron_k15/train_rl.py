@@ -383,7 +383,7 @@ def main(argv=None) -> int:
                        reasoning_tags=rl.reasoning_tags, judge=judge, reward_workers=args.reward_workers)
         rl.generator.release()
         m = {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
-        m.update({f"eval_{k}": v for k, v in res.items() if k.startswith("judge_") or k.startswith("pass@")})
+        m.update({f"eval_{k}": v for k, v in res.items() if k.startswith(("judge_", "pass@", "maj@"))})
         # per task: {task}/eval_accuracy, next to the task's training metrics in TensorBoard
         m.update({k.replace("/", "/eval_", 1): v for k, v in res.items() if "/" in k})
         return m

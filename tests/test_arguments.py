@@ -131,8 +131,13 @@ def test_sample_based_flags_by_hand():
     for flags, message in ((["--train-samples", "40", "--train-iters", "5"], "both set the length"),
                            (["--train-samples", "3"], "less than one global batch"),
                            (["--train-iters", "5", "--lr-warmup-samples", "8"], "--lr-warmup-samples needs --train-samples"),
-                           (["--train-samples", "40", "--lr-warmup-samples", "8", "--lr-warmup-iters", "2"],
-                            "both set it"),
+                           (["--train-samples", "40", "--lr-warmup-iters", "2"], "--lr-warmup-iters counts "
+                                                                                  "iterations; with --train-samples"),
+                           (["--train-samples", "40", "--lr-decay-iters", "5"], "give --lr-decay-samples"),
+                           (["--train-samples", "40", "--lr-warmup-samples", "8", "--lr-warmup-fraction", "0.1"],
+                            "--lr-warmup-fraction and --lr-warmup-samples both"),
+                           (["--train-samples", "400", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "2"],
+                            "--lr-wsd-decay-samples 2 is less than one global batch"),
                            (["--train-iters", "5", "--rampup-batch-size", "2", "2", "100"], "--rampup-batch-size is not")):
         with pytest.raises(ArgumentError, match=message):
             _validate(["--lr", "1", "--global-batch-size", "4", *flags], 1)

@@ -98,6 +98,8 @@ def _corrupt_config(hf_dir, **changes):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, 1, "yarn"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 256}, 1,  # Mistral 7B v0.1's window
      "sliding_window=256 is not supported"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": None, "max_position_embeddings": 8192}, 1,
+     "sliding_window=4096 is not supported"),  # no key: MistralConfig's default window
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75}, 1,  # Phi-4-mini's
      "partial_rotary_factor=0.75 is not supported"),
 ])

@@ -704,6 +704,20 @@ def test_several_inputs_make_one_dataset(tmp_path, capsys):
                          "--output-prefix", tmp_path / "dup" / "d", "--tokenizer", "byte")
     assert rc != 0 and f"again.jsonl:1: field 'id': duplicate id 'q3' (first on {shards[0]}:4)" in err
     assert existing_outputs(tmp_path / "dup" / "d") == []
+    # id-less records in same-named shards of two folders (Hugging Face's layout) get ids by
+    # their path from the common folder, not one shared file name
+    for sub, n in (("main", 2), ("socratic", 3)):
+        (tmp_path / sub).mkdir()
+        pq.write_table(pa.Table.from_pylist([{"question": f"{sub} {i}?", "answer": f"#### {i}"} for i in range(n)]),
+                       tmp_path / sub / "train-00000-of-00001.parquet")
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "main" / "train-00000-of-00001.parquet",
+                         tmp_path / "socratic" / "train-00000-of-00001.parquet", "--output-prefix", tmp_path / "gsm",
+                         "--tokenizer", "byte")
+    assert rc == 0, err
+    ids = [json.loads(line)["id"] for line in open(tmp_path / "gsm.meta.jsonl")]
+    assert ids == ["main/train-00000-of-00001.parquet:1", "main/train-00000-of-00001.parquet:2",
+                   "socratic/train-00000-of-00001.parquet:1", "socratic/train-00000-of-00001.parquet:2",
+                   "socratic/train-00000-of-00001.parquet:3"]
     (tmp_path / "empty.jsonl").write_text("\n")
     rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "all.jsonl", tmp_path / "empty.jsonl",
                          "--output-prefix", tmp_path / "e" / "e", "--tokenizer", "byte")

@@ -38,7 +38,8 @@ def test_apps_record_fields():
     rec = validate_prompt_record(APPS, "apps.jsonl:1")
     assert rec["id"] == "4021" and rec["task"] == "code" and rec["prompt"] == APPS["question"]
     assert rec["tests"] == [{"input": "1 2\n", "output": "3\n"}, {"input": "3 4", "output": "7"}]
-    assert rec["compare"] == "tokens" and "fn_name" not in rec and "wrapped_outputs" not in rec
+    assert rec["compare"] == "tokens" and rec["float_tolerance"] == 1e-5
+    assert "fn_name" not in rec and "wrapped_outputs" not in rec
     assert rec["difficulty"] == 2.0 and rec["difficulty_label"] == "interview"
     assert rec["url"] == APPS["url"] and "input_output" not in rec
     assert "solutions" not in rec and validate_code_problem(APPS, "x")["solutions"] == [SUM]  # build_code_tests'
@@ -63,7 +64,9 @@ def test_codecontests_record_fields():
     assert "solutions" not in rec and "incorrect_solutions" not in validate_prompt_record(
         dict(CODECONTESTS, incorrect_solutions={"language": [3], "solution": ["print(0)"]}), "cc:1")
     assert validate_code_problem(CODECONTESTS, "cc:1")["solutions"] == [SUM]  # Python 3 only (not C++, not Python 2)
-    assert rec["difficulty"] == 7.0 and rec["cf_rating"] == 800
+    assert rec["difficulty"] == 800.0 and rec["difficulty_label"] == "A"  # the rating, where there is one
+    atcoder = validate_prompt_record(dict(CODECONTESTS, cf_rating=0, difficulty=2), "cc:2")
+    assert atcoder["difficulty"] == 0.0 and atcoder["difficulty_label"] == "MEDIUM"  # no common scale
 
 
 def test_wrapped_outputs_rule():
@@ -85,6 +88,10 @@ def test_code_reward_judges_converted_records():
     spaced = "a, b = map(int, input().split())\nprint(' ', a + b, ' ')\n"  # tokens: spaces do not count
     assert code_reward(f"```python\n{spaced}```", apps) == 1.0
     assert code_reward("```python\nprint(3)\n```", apps) == 0.0
+    thirds = validate_prompt_record(dict(APPS, input_output=json.dumps({"inputs": ["3\n"], "outputs": ["0.3333333333\n"]})),
+                                    "a")
+    assert code_reward("```python\nprint(round(1 / int(input()), 9))\n```", thirds) == 1.0  # np.allclose's 1e-5
+    assert code_reward("```python\nprint(round(1 / int(input()), 3))\n```", thirds) == 0.0
     taco = validate_prompt_record(TACO, "t")
     assert code_reward(f"```python\n{ADD}```", taco) == 1.0  # returns v for [v], and [1, 2] for [[1, 2]]
     assert code_reward("```python\ndef add(a, b):\n    return [a + b]\n```", taco) == 1.0  # APPS accepts it too
@@ -132,4 +139,8 @@ def test_build_code_tests_rechecks_scraped_tests():
     assert res.record is not None, res
     assert res.record["tests"] == [{"input": [1, 2], "output": 3}, {"input": [3, 4], "output": 7}]
     assert res.counts["given tests contradicted"] == 1 and "wrapped_outputs" not in res.record
+    cc = build_problem_tests(validate_code_problem(dict(CODECONTESTS, incorrect_solutions={"language": [3],
+                                                                                          "solution": ["print(0)"]}),
+                                                   "cc"), BuildSettings(min_tests=1, timeout_s=30.0))
+    assert cc.record is not None and "incorrect_solutions" not in cc.record and "solutions" not in cc.record
     assert code_reward(f"```python\n{ADD}```", dict(res.record, timeout_s=10.0)) == 1.0

@@ -918,7 +918,7 @@ def test_cli_pipeline_parallel_with_eval_matches_one_process(cli_inputs, tmp_pat
     (the engine decoding through both stages) logs the same metrics and saves the same weights
     as one process (which also collects garbage by hand: --manual-gc changes no number)."""
     argv = _rl_argv(cli_inputs, "--finetune", "--train-iters", "2", "--eval-data", cli_inputs["eval"],
-                    "--eval-max-tokens", "4")
+                    "--eval-max-tokens", "4", "--eval-samples", "2", "--eval-temperature", "1.0")
     runs = {}
     for pp in (1, 2):
         save = str(tmp_path / f"pp{pp}")
@@ -936,11 +936,13 @@ def test_cli_pipeline_parallel_with_eval_matches_one_process(cli_inputs, tmp_pat
     (m1, w1), (m2, w2) = runs[1], runs[2]
     assert [m["iteration"] for m in m2] == [0, 1, 2] and "eval_accuracy" in m2[0] and "eval_accuracy" in m2[-1]
     for a, b in zip(m2, m1):
-        for k in ("reward_mean", "response_length_mean", "eval_accuracy", "eval_response_length_mean"):
+        for k in ("reward_mean", "response_length_mean", "eval_accuracy", "eval_response_length_mean",
+                  "eval_pass@2", "eval_maj@2"):
             assert a.get(k) == b.get(k), k
         for k in ("loss", "kl_proxy", "entropy", "grad_norm"):
             if k in b:
                 assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), k
+    assert "eval_maj@2" in m2[0] and "eval_maj@2" in m1[-1]  # math eval set, 2 samples: self-consistency
     assert sorted(w1) == sorted(w2)
     for name, w in w1.items():
         assert (w2[name] - w).abs().max() <= 1e-5 * max(0.1, w.abs().max().item()), name

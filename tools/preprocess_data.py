@@ -97,7 +97,7 @@ from megatron_k15.data.tokenizer import (  # noqa: E402
 )
 
 SUMMARY_FORMAT = "megatron_k15.preprocess_data"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2  # 2: "input" is the list of input files
 _MAX_REPORTED = 20  # bad lines printed / kept in the summary
 _CHUNK_LINES = 256
 
@@ -280,7 +280,7 @@ def _process_dpo(obj: dict, tok, opts: dict):
 
 
 def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
-    rec = validate_prompt_record(obj, default_id=f"{os.path.basename(path)}:{lineno}")
+    rec = validate_prompt_record(obj, default_id=f"{opts['labels'][path]}:{lineno}")
     text = rec["prompt"]
     if opts["chat_template"]:
         try:
@@ -322,10 +322,20 @@ def _process_chunk(item: tuple[str, list[tuple[int, bytes]]]):
     return out, nbytes, path
 
 
-def _chunks(paths: list[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+def input_labels(paths: list[str]) -> dict[str, str]:
+    """The name each input's default ids (``NAME:LINE``) use: its file name, or, when inputs
+    share one (a dataset's shards in folders of their own), its path from their common folder."""
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) == len(names):
+        return dict(zip(paths, names))
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return {p: os.path.relpath(os.path.abspath(p), common) for p in paths}
+
+
+def _chunks(paths: list[str], labels: dict[str, str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
     """(file, lines) chunks of each input file in turn (a chunk never spans two files)."""
     for path in paths:
-        it = iter_raw_lines(path)
+        it = iter_raw_lines(path, labels[path])
         while True:
             chunk = list(itertools.islice(it, _CHUNK_LINES))
             if not chunk:
@@ -433,7 +443,7 @@ def run(args: argparse.Namespace) -> dict:
         raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
             "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
-            "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn}
+            "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn, "labels": input_labels(paths)}
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -461,10 +471,10 @@ def run(args: argparse.Namespace) -> dict:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
             pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.tokenizer, opts))
-            results = pool.imap(_process_chunk, _chunks(paths), chunksize=1)
+            results = pool.imap(_process_chunk, _chunks(paths, opts["labels"]), chunksize=1)
         else:
             _STATE["tok"], _STATE["opts"] = tok, opts
-            results = map(_process_chunk, _chunks(paths))
+            results = map(_process_chunk, _chunks(paths, opts["labels"]))
 
         last_line = {p: 0 for p in paths}  # per file: the last line seen, and its records
         lines = {p: 0 for p in paths}

@@ -56,7 +56,7 @@ __all__ = ["BuildSettings", "CALL_GENERATOR_PROMPT", "GENERATOR_PROMPT", "Proble
            "build_problem_tests", "generator_prompt",
            "has_input_source", "select_tests", "solutions_passing", "validate_code_problem"]
 
-PROBLEM_FIELDS = ("solutions", "test_inputs", "input_generator")
+PROBLEM_FIELDS = ("solutions", "incorrect_solutions", "test_inputs", "input_generator")
 
 GENERATOR_PROMPT = (
     "Below is a programming problem. Write a Python 3 program that generates one random, valid "

@@ -90,18 +90,18 @@ class DataError(ValueError):
 
 
 # -- raw lines ---------------------------------------------------------------------------
-def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+def iter_raw_lines(path: str, label: Optional[str] = None) -> Iterator[tuple[int, bytes]]:
     """``(line_number, raw_bytes)`` for every line (1-based), newline stripped. A file that is
     one JSON array (``[{...}, {...}]``, as Alpaca's and many ShareGPT dumps are) gives each
     element instead, as one compact JSON line numbered by the line it starts on (for errors;
     an element without an ``id`` gets ``FILE:K``, K its position, as several may share a
-    line). A Parquet file (as Hugging Face datasets are published) gives each row as a JSON
-    line numbered by its row (1-based); it needs ``pyarrow``."""
+    line; ``label`` replaces the file name there). A Parquet file (as Hugging Face datasets are
+    published) gives each row as a JSON line numbered by its row (1-based); it needs ``pyarrow``."""
     if _is_parquet(path):
         yield from _iter_parquet(path)
         return
     if _is_json_array(path):
-        yield from _iter_json_array(path)
+        yield from _iter_json_array(path, label)
         return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -156,7 +156,7 @@ def _is_json_array(path: str) -> bool:
     return head.startswith(b"[")
 
 
-def _iter_json_array(path: str) -> Iterator[tuple[int, bytes]]:
+def _iter_json_array(path: str, label: Optional[str] = None) -> Iterator[tuple[int, bytes]]:
     raw = open(path, "rb").read()
     try:
         text = raw.decode("utf-8")
@@ -164,7 +164,7 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, bytes]]:
         raise DataError(path, raw.count(b"\n", 0, e.start) + 1, None,
                         f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     decoder, n = json.JSONDecoder(), len(text)
-    pos, line, counted, index, base = text.index("[") + 1, 1, 0, 0, os.path.basename(path)
+    pos, line, counted, index, base = text.index("[") + 1, 1, 0, 0, label or os.path.basename(path)
 
     def line_at(p: int) -> int:  # newlines counted incrementally: positions only grow
         nonlocal line, counted

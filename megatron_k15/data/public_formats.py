@@ -11,14 +11,16 @@ A record that has a ``prompt`` of its own is ours and passes unchanged. Otherwis
   prompt = question, followed by the starter code when there is one; ``tests`` from
   ``inputs`` / ``outputs`` (a list of lines is one text joined by newlines, as APPS's
   checker does); ``fn_name`` makes them call-based, with ``wrapped_outputs`` (an expected
-  ``[v]`` also accepts ``v``: ``rewards.code``); stdin tests are compared by tokens (their
-  checker ignores whitespace); ``solutions`` a list of programs (for
+  ``[v]`` also accepts ``v``: ``rewards.code``); stdin tests are compared by tokens, decimals
+  within 1e-5 (their checker ignores whitespace and compares floats with ``np.allclose``); ``solutions`` a list of programs (for
   ``tools/build_code_tests.py``, which re-checks the scraped tests with them); ``id`` = ``problem_id``; ``difficulty`` a number
   (:data:`CODE_DIFFICULTY`; the label stays in ``difficulty_label``).
 - CodeContests ``{"name", "description", "public_tests", "private_tests", "generated_tests",
   "solutions": {"language", "solution"}, ...}``: prompt = description, ``id`` = name,
   ``tests`` = public + private + generated (stdin, compared by tokens), ``solutions`` = the
-  Python 3 ones.
+  Python 3 ones; ``difficulty`` = ``cf_rating`` where the problem has one (Codeforces), else
+  unknown (0.0), the dataset's own level (an enum: EASY..HARDEST, A..V) kept in
+  ``difficulty_label``.
 
 Fields the conversion does not use are kept, as for our own records, except the reference
 programs (``solutions``, ``incorrect_solutions``), which only ``tools/build_code_tests.py``
@@ -42,7 +44,11 @@ CODE_DIFFICULTY = {"introductory": 1.0, "interview": 2.0, "competition": 3.0,
                    "EASY": 1.0, "MEDIUM": 2.0, "MEDIUM_HARD": 3.0, "HARD": 4.0, "VERY_HARD": 5.0,
                    "UNKNOWN_DIFFICULTY": None}
 
+APPS_FLOAT_TOLERANCE = 1e-5  # APPS's checker: np.allclose (rtol 1e-5) on float tokens
 CODECONTESTS_TEST_FIELDS = ("public_tests", "private_tests", "generated_tests")
+# CodeContests' Difficulty enum: levels of other sites, then Codeforces' problem letters A..V
+CODECONTESTS_LEVELS = (["UNKNOWN_DIFFICULTY", "EASY", "MEDIUM", "HARD", "HARDER", "HARDEST", "EXTERNAL"]
+                       + [chr(ord("A") + k) for k in range(22)])
 SOLUTION_FIELDS = ("solutions", "incorrect_solutions")
 CODECONTESTS_PYTHON3 = 3  # CodeContests' Language enum: UNKNOWN, PYTHON (2), CPP, PYTHON3, JAVA
 
@@ -135,6 +141,7 @@ def _apps_fields(obj: Mapping) -> dict:
         tests = [{"input": _lines_text(x, f"input_output.inputs[{i}]"),
                   "output": _lines_text(y, f"input_output.outputs[{i}]")} for i, (x, y) in enumerate(zip(inputs, outputs))]
         rec.setdefault("compare", "tokens")
+        rec.setdefault("float_tolerance", APPS_FLOAT_TOLERANCE)
     else:
         for i, x in enumerate(inputs):
             if not isinstance(x, list):
@@ -186,6 +193,11 @@ def _codecontests_fields(obj: Mapping) -> dict:
     if tests:
         rec["tests"] = tests
     rec.setdefault("compare", "tokens")
+    level = obj.get("difficulty")
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(CODECONTESTS_LEVELS):
+        rec["difficulty_label"] = CODECONTESTS_LEVELS[level]  # no common scale with the rating: not a number
+        rating = obj.get("cf_rating")
+        rec["difficulty"] = float(rating) if isinstance(rating, (int, float)) and rating > 0 else 0.0
     solutions = _codecontests_python3(obj.get("solutions"))
     if solutions is None:
         rec.pop("solutions", None)

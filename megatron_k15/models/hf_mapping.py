@@ -86,7 +86,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
         raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
-    window = hf.get("sliding_window")  # Mistral's and Phi-3's: attention limited to it whenever it is set
+    # Mistral's and Phi-3's: attention limited to it whenever it is set (MistralConfig's default: 4096)
+    window = hf.get("sliding_window", 4096 if arch == "mistral" else None)
     if arch in ("mistral", "phi3") and window is not None and int(window) < int(hf.get("max_position_embeddings",
                                                                                        4096)):
         raise HFCheckpointError(f"{where}: sliding_window={window} is not supported (full causal attention "

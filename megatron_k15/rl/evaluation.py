@@ -43,25 +43,37 @@ def vote_key(graded: Optional[str], record: dict) -> Optional[str]:
     return extract_answer(graded)
 
 
-def majority_correct(samples: list[dict]) -> bool:
-    """maj@n of one problem: answers that the math verifier finds equal (``1/2``,
-    ``\\frac{1}{2}``, ``0.5``) pool their votes, and the first sample holding the most voted
-    answer (ties: the answer given first) is correct. Samples without an ``answer`` do not vote;
-    no vote at all counts as wrong."""
-    from megatron_k15.rewards.math import answers_equal
+# distinct (normalised) answers of one problem whose equality is checked symbolically; the
+# rest vote by their normalised text alone (sympy checks cost milliseconds each, pairwise)
+MAJORITY_SYMBOLIC_ANSWERS = 4
 
-    counts = Counter(s["answer"] for s in samples if s.get("answer") is not None)
-    clusters: list[list[str]] = []  # distinct answers, pooled, in the order first given
-    for answer in counts:
-        home = next((c for c in clusters if answers_equal(answer, c[0])), None)
-        if home is None:
-            clusters.append([answer])
-        else:
-            home.append(answer)
-    if not clusters:
+
+def majority_correct(samples: list[dict]) -> bool:
+    """maj@n of one problem: the first sample holding the most voted answer (ties: the answer
+    given first) is correct. Answers vote by their text normalised as the math verifier
+    normalises it; the :data:`MAJORITY_SYMBOLIC_ANSWERS` most voted of those also pool with
+    the ones the verifier finds equal (``1/2``, ``\\frac{1}{2}``, ``0.5``). Samples without an
+    ``answer`` do not vote; no vote at all counts as wrong."""
+    from megatron_k15.rewards.math import answers_equal, normalize_answer
+
+    given = [s for s in samples if s.get("answer") is not None]
+    if not given:
         return False
-    best = max(clusters, key=lambda c: sum(counts[a] for a in c))  # max keeps the first of a tie
-    return next(s for s in samples if s.get("answer") in best)["correct"]
+    votes: dict[str, list[dict]] = {}  # normalised text -> its samples, in the order first given
+    for s in given:
+        votes.setdefault(normalize_answer(s["answer"]), []).append(s)
+    order = sorted(votes, key=lambda k: -len(votes[k]))  # most voted first (stable: ties keep order)
+    pools: list[list[str]] = []
+    for key in order[:MAJORITY_SYMBOLIC_ANSWERS]:
+        home = next((p for p in pools if answers_equal(key, p[0])), None)
+        if home is None:
+            pools.append([key])
+        else:
+            home.append(key)
+    pools += [[key] for key in order[MAJORITY_SYMBOLIC_ANSWERS:]]
+    first = {key: given.index(votes[key][0]) for key in votes}
+    best = max(pools, key=lambda p: (sum(len(votes[k]) for k in p), -min(first[k] for k in p)))
+    return min((s for k in best for s in votes[k]), key=given.index)["correct"]
 
 
 def _replica_share(dp_rank: int) -> tuple[int, int]:

@@ -6,8 +6,9 @@
 
 Input lines are ``{"prompt": str}`` or ``{"prompt_ids": [int, ...]}``; other keys are carried
 through. Each output line adds ``output_ids`` (prompt excluded), ``output_logprobs`` (fp32
-log-prob of each generated token before temperature), ``stop_reason`` (``eos`` | ``length``)
-and ``text`` when a tokenizer is known (``--tokenizer`` or the checkpoint's ``tokenizer/``).
+log-prob of each generated token before temperature), ``stop_reason`` (``eos`` | ``length`` |
+``stop``: a ``--stop`` string appeared) and ``text`` when a tokenizer is known (``--tokenizer``
+or the checkpoint's ``tokenizer/``; it ends before the stop string, the ids keep its tokens).
 Requests are spread over data-parallel ranks; rank 0 writes the output file atomically.
 """
 
@@ -35,6 +36,9 @@ def add_generate_args(p) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--batch-size", type=int, default=64, help="most requests decoded together")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to text prompts")
+    g.add_argument("--stop", nargs="+", default=None, metavar="STRING",
+                   help="end a generation once its text contains one of these (e.g. '\\n\\nQuestion:' after "
+                        "few-shot prompts); needs a tokenizer")
     add_chat_template_args(g)
 
 
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
         problem = chat_template_problem(args, tokenizer)
         if problem:
             raise TokenizerError(problem)
+        if args.stop and tokenizer is None:
+            raise TokenizerError("--stop matches text: give --tokenizer (the checkpoint has no tokenizer/)")
         requests = load_requests(args, tokenizer, cfg.vocab_size)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -131,17 +137,21 @@ def main(argv=None) -> int:
             print(f"[generate] {done}/{total} requests ({generator.stats.tokens_per_second:.1f} tokens/s)",
                   file=sys.stderr, flush=True)
 
+    from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
+
     t0, n_tokens = time.time(), 0
     results = generator.generate(
         [requests[i][1] for i in mine], args.max_new_tokens, params,
-        [request_generator(args.seed, i) for i in mine], eos_ids, progress=progress)
+        [request_generator(args.seed, i) for i in mine], eos_ids,
+        repeat_detector=StopStrings(tokenizer, args.stop) if args.stop else None, progress=progress)
     for i, res in zip(mine, results):
         rec = dict(requests[i][0])
         rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
                    stop_reason=res.stop_reason)
         if tokenizer is not None:
             # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
-            rec["text"] = tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size])
+            rec["text"] = cut_at_stop(tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size]),
+                                      args.stop if res.stop_reason == "stop" else None)
         outputs[i] = rec
         n_tokens += len(res.output_ids)
     elapsed = time.time() - t0

@@ -54,6 +54,9 @@ def add_eval_args(p) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=32, help="most requests decoded together")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--stop", nargs="+", default=None, metavar="STRING",
+                   help="end a response once its text contains one of these (few-shot prompts of a base "
+                        "model: e.g. '\\n\\nQuestion:'); the response is graded up to it")
     g.add_argument("--chunk-size", type=int, default=256,
                    help="problems per pass of the engine; each finished pass is kept in OUTPUT.partial")
     g.add_argument("--resume", action="store_true",
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
                        dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                        generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers,
-                       numbers=chunk)
+                       numbers=chunk, stop_strings=args.stop)
         if dist.get_rank() == 0:
             with open(partial, "a") as f:  # whole lines, flushed to disk before the next chunk starts
                 f.writelines(result_line(records[p["index"]], p) for p in res["results"])

@@ -241,7 +241,8 @@ class GenerationEngine:
                  on_finish: Optional[Callable[[int, GenerationResult], None]] = None) -> list[GenerationResult]:
         """Generate for every prompt. ``max_new_tokens``: one budget or one per request.
         ``generators[i]`` drives request i's sampling (None = global RNG). ``repeat_detector()``
-        makes a per-request detector (``push(token) -> bool``; stop reason ``repeat``).
+        makes a per-request detector (``push(token)``: True stops with ``repeat``, a string
+        with that stop reason, e.g. ``stop_strings.StopStrings``' ``"stop"``).
         ``progress(done, total)`` is called as requests finish, ``on_finish(i, result)`` with
         each request's final result as soon as it has one (e.g. to grade it while others
         still decode)."""
@@ -601,10 +602,11 @@ class GenerationEngine:
             res = r.result
             res.output_ids.append(tok)
             res.output_logprobs.append(lp)
+            why = r.detector.push(tok) if r.detector is not None and tok not in self._eos else None
             if tok in self._eos:
                 res.stop_reason = "eos"
-            elif r.detector is not None and r.detector.push(tok):
-                res.stop_reason = "repeat"
+            elif why:
+                res.stop_reason = why if isinstance(why, str) else "repeat"
             elif len(res.output_ids) >= r.budget:
                 res.stop_reason = "length"
             if res.stop_reason:

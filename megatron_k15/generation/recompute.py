@@ -38,7 +38,7 @@ def generate_recompute(model, prompts: list[list[int]], max_new_tokens, params: 
                        repeat_detector: Optional[Callable[[], object]] = None) -> list[GenerationResult]:
     """``max_new_tokens``: one budget for all, or one per request. ``repeat_detector()`` makes a
     per-request detector whose ``push(token)`` returns True when the tail repeats (stop
-    reason ``repeat``)."""
+    reason ``repeat``) or a stop reason of its own (a string)."""
     device = next(model.parameters()).device
     budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
     detectors = [repeat_detector() for _ in prompts] if repeat_detector is not None else None
@@ -71,10 +71,11 @@ def generate_recompute(model, prompts: list[list[int]], max_new_tokens, params: 
             r = results[i]
             r.output_ids.append(tok)
             r.output_logprobs.append(logprob_list[row])
+            why = detectors[i].push(tok) if detectors is not None and tok not in eos else None
             if tok in eos:
                 r.stop_reason = "eos"
-            elif detectors is not None and detectors[i].push(tok):
-                r.stop_reason = "repeat"
+            elif why:
+                r.stop_reason = why if isinstance(why, str) else "repeat"
             elif len(r.output_ids) >= budgets[i]:
                 r.stop_reason = "length"
     for r in results:

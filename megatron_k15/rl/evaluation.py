@@ -10,7 +10,6 @@ every ``--eval-interval``) and by ``tools/evaluate.py``.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Optional
 
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
 from megatron_k15.rewards.judge import Judgement, judge_metrics
 from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning, response_text
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
@@ -91,7 +91,8 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
              eos_ids: list[int], dp_rank: int = 0, dp_size: int = 1, dp_group=None, n_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
              generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
-             reward_workers: int = 1, numbers: Optional[list[int]] = None) -> dict:
+             reward_workers: int = 1, numbers: Optional[list[int]] = None,
+             stop_strings: Optional[list[str]] = None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank; a math sample's final answer in ``answer``)},
     with n_samples > 1 "maj@{n_samples}" over the math problems (:func:`majority_correct`),
@@ -106,7 +107,9 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     (tp, pp, cp: all given the same ``dp_rank``) decode the same requests; each grades every
     n-th of them and the grades are all-gathered, so no response is graded twice.
     ``numbers``: each record's number in the whole set (default 0, 1, ...), which seeds its
-    samples and is its result's ``index``: a set evaluated in parts gets the samples it gets whole."""
+    samples and is its result's ``index``: a set evaluated in parts gets the samples it gets whole.
+    ``stop_strings``: a response ends once its text contains one (``generation.stop_strings``);
+    its text, graded and recorded, ends before it."""
     from concurrent.futures import ThreadPoolExecutor
 
     share_rank, share_size = _replica_share(dp_rank)
@@ -119,6 +122,11 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     if generator is None:
         generator = GenerationEngine(model, max_batch_size=batch_size)
     prompt_open = {i: prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags) for i in mine}
+    stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
+
+    def text_of(r) -> str:  # what is graded and recorded: the response before a stop string
+        return cut_at_stop(response_text(tokenizer, r.output_ids), stop_strings if r.stop_reason == "stop" else None)
+
     futures = {}
     # each response is graded (reward_workers threads) as soon as it is complete, while the
     # engine decodes the others
@@ -126,16 +134,15 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         def on_finish(j, r):
             if j % share_size == share_rank:
                 i = requests[j][0]
-                futures[j] = pool.submit(grade_response, response_text(tokenizer, r.output_ids), records[i],
-                                         reasoning_tags, prompt_open[i])
+                futures[j] = pool.submit(grade_response, text_of(r), records[i], reasoning_tags, prompt_open[i])
 
         res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
                                  [request_generator(seed, numbers[i] * 1000 + s) for i, s in requests], eos_ids,
-                                 on_finish=on_finish)
+                                 repeat_detector=stop, on_finish=on_finish)
         # this rank's share (graded here if the generator does not call on_finish)
         mine_grades = {requests[j]: futures[j].result() if j in futures else
-                       grade_response(response_text(tokenizer, r.output_ids), records[requests[j][0]],
-                                      reasoning_tags, prompt_open[requests[j][0]])
+                       grade_response(text_of(r), records[requests[j][0]], reasoning_tags,
+                                      prompt_open[requests[j][0]])
                        for j, r in enumerate(res) if j % share_size == share_rank}
     known = mine_grades
     if share_size > 1:  # every replica's ranks, one all-gather over all ranks
@@ -146,7 +153,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     samples, recs = {}, []
     for (i, s), r in zip(requests, res):
         recs.append(records[i])
-        samples[(i, s)] = {"text": response_text(tokenizer, r.output_ids), "length": len(r.output_ids),
+        samples[(i, s)] = {"text": text_of(r), "length": len(r.output_ids),
                            "stop_reason": r.stop_reason}
     graded, verified = [g for g, _ in grades], [v for _, v in grades]
     if judge is not None:  # every replica judges its own problems

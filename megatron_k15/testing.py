@@ -140,6 +140,21 @@ def _collect(queue, procs, results: dict, errors: list, deadline: float) -> None
 
 
 # -- tiny random Hugging Face models, built offline --------------------------------------------
+_TINY_COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+# kind -> (transformers class name, its config's settings beyond _TINY_COMMON)
+TINY_HF_MODELS = {
+    "qwen2": ("Qwen2", dict(hidden_size=96, intermediate_size=160, num_attention_heads=6)),
+    "llama": ("Llama", dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    "qwen3": ("Qwen3", dict(head_dim=32, rope_theta=1000000.0)),
+    "qwen3_moe": ("Qwen3Moe", dict(moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                                   norm_topk_prob=True, head_dim=16, rope_theta=1000000.0)),
+    "mistral": ("Mistral", dict(head_dim=32, sliding_window=None, rope_theta=1000000.0)),
+    "phi3": ("Phi3", dict(sliding_window=None, rope_theta=250000.0, pad_token_id=0)),
+}
+
+
 def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     """A random-weight HF model: ``qwen2`` (QKV bias, GQA 3:1, untied embeddings), ``llama``
     (tied embeddings, rope theta 500000, GQA 2:1) or ``qwen3`` (QK-norm, head_dim 32 with
@@ -148,59 +163,19 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window)
     or ``phi3`` (Phi-4's layout: fused qkv_proj and gate_up_proj tensors, GQA 2:1). Biases and norm
     weights get random values so they matter."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
-                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    import transformers
 
-    torch.manual_seed(seed)
-    if kind == "qwen2":
-        kw = dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
-                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-        kw.update(overrides)
-        model = Qwen2ForCausalLM(Qwen2Config(**kw))
-    elif kind == "llama":
-        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                  rope_theta=500000.0, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-        kw.update(overrides)
-        model = LlamaForCausalLM(LlamaConfig(**kw))
-    elif kind == "qwen3":
-        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2)
-        kw.update(overrides)
-        model = Qwen3ForCausalLM(Qwen3Config(**kw))
-    elif kind == "qwen3_moe":
-        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
-                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2)
-        kw.update(overrides)
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
-    elif kind == "mistral":
-        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=None,
-                  tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2)
-        kw.update(overrides)
-        model = MistralForCausalLM(MistralConfig(**kw))
-    elif kind == "phi3":
-        kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, sliding_window=None, rope_theta=250000.0,
-                  tie_word_embeddings=False, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2)
-        kw.update(overrides)
-        model = Phi3ForCausalLM(Phi3Config(**kw))
-    else:
+    if kind not in TINY_HF_MODELS:
         raise ValueError(f"unknown tiny model kind {kind!r}")
+    name, settings = TINY_HF_MODELS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{name}Config")(**{**_TINY_COMMON, **settings, **overrides})
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
                 p.normal_(0.0, 0.1)
-            elif "norm" in name:
+            elif "norm" in pname:
                 p.uniform_(0.5, 1.5)
     return model.eval()
 

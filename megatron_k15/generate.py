@@ -9,7 +9,11 @@ through. Each output line adds ``output_ids`` (prompt excluded), ``output_logpro
 log-prob of each generated token before temperature), ``stop_reason`` (``eos`` | ``length`` |
 ``stop``: a ``--stop`` string appeared) and ``text`` when a tokenizer is known (``--tokenizer``
 or the checkpoint's ``tokenizer/``; it ends before the stop string, the ids keep its tokens).
-Requests are spread over data-parallel ranks; rank 0 writes the output file atomically.
+Requests are spread over data-parallel ranks; rank 0 writes the output file atomically. A long
+run survives preemption: requests go through the engine ``--chunk-size`` at a time, each finished
+chunk is appended to ``OUTPUT.partial`` and ``--resume`` skips what is there
+(``megatron_k15/partial_results.py``); every request is seeded by its line, so the result is the
+same as one pass.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ def add_generate_args(p) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--batch-size", type=int, default=64, help="most requests decoded together")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to text prompts")
+    g.add_argument("--chunk-size", type=int, default=1024,
+                   help="requests per pass of the engine; each finished pass is kept in OUTPUT.partial")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: skip the requests already in OUTPUT.partial")
     g.add_argument("--stop", nargs="+", default=None, metavar="STRING",
                    help="end a generation once its text contains one of these (e.g. '\\n\\nQuestion:' after "
                         "few-shot prompts); needs a tokenizer")
@@ -53,6 +61,13 @@ def _validate(args) -> None:
         raise ArgumentError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise ArgumentError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_size < 1:
+        raise ArgumentError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    from megatron_k15.partial_results import resume_problem
+
+    problem = resume_problem(args.output, args.resume)
+    if problem:
+        raise ArgumentError(problem)
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k).validate()
     except ValueError as e:
@@ -115,6 +130,8 @@ def main(argv=None) -> int:
 
     from megatron_k15.files import atomic_file
     from megatron_k15.generation.loading import load_generation_replica
+    from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
+    from megatron_k15.partial_results import append_lines, drop_cut_line, finish, partial_path, read_partial
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_parallel_from_args
     from megatron.core import parallel_state
@@ -124,51 +141,70 @@ def main(argv=None) -> int:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    mine = [i for i in range(len(requests)) if i % dp_size == dp_rank]
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
     eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
-    outputs: dict[int, dict] = {}
+    stop = StopStrings(tokenizer, args.stop) if args.stop else None
     last_report = [0.0]
 
     def progress(done, total):
         now = time.time()
         if dist.get_rank() == 0 and (done == total or now - last_report[0] > 5):
             last_report[0] = now
-            print(f"[generate] {done}/{total} requests ({generator.stats.tokens_per_second:.1f} tokens/s)",
-                  file=sys.stderr, flush=True)
+            print(f"[generate] {done}/{total} requests of this pass ({generator.stats.tokens_per_second:.1f} "
+                  "tokens/s)", file=sys.stderr, flush=True)
 
-    from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
+    def mismatch(i: int, line: dict):  # a kept output carries its input line's keys, unchanged
+        out = line.get("output")
+        if not isinstance(out, dict):
+            return "output", "missing"
+        key = next((k for k, v in requests[i][0].items() if out.get(k) != v), None)
+        return None if key is None else (key, f"differs from line {i + 1} of --input: the input changed since; "
+                                              "delete the file to start over")
 
-    t0, n_tokens = time.time(), 0
-    results = generator.generate(
-        [requests[i][1] for i in mine], args.max_new_tokens, params,
-        [request_generator(args.seed, i) for i in mine], eos_ids,
-        repeat_detector=StopStrings(tokenizer, args.stop) if args.stop else None, progress=progress)
-    for i, res in zip(mine, results):
-        rec = dict(requests[i][0])
-        rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
-                   stop_reason=res.stop_reason)
-        if tokenizer is not None:
-            # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
-            rec["text"] = cut_at_stop(tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size]),
-                                      args.stop if res.stop_reason == "stop" else None)
-        outputs[i] = rec
-        n_tokens += len(res.output_ids)
-    elapsed = time.time() - t0
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (outputs, n_tokens))
+    partial = partial_path(args.output)
+    try:  # every rank reads it (a shared file system, as for checkpoints)
+        done, kept = read_partial(partial, len(requests), mismatch)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        destroy()
+        return 2
     if dist.get_rank() == 0:
-        merged: dict[int, dict] = {}
-        for part, _ in gathered:
-            merged.update(part)
-        replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
-        total_tokens = sum(n for _, n in gathered) // replica  # each dp rank counted once
+        drop_cut_line(partial, kept)
+        if done:
+            print(f"[generate] resuming: {len(done)} of {len(requests)} requests done in {partial}", file=sys.stderr)
+    todo = [i for i in range(len(requests)) if i not in done]
+    t0, n_tokens = time.time(), 0
+    replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    for start in range(0, len(todo), args.chunk_size):
+        mine = [i for i in todo[start:start + args.chunk_size] if i % dp_size == dp_rank]
+        results = generator.generate(
+            [requests[i][1] for i in mine], args.max_new_tokens, params,
+            [request_generator(args.seed, i) for i in mine], eos_ids, repeat_detector=stop, progress=progress)
+        outputs: dict[int, dict] = {}
+        for i, res in zip(mine, results):
+            rec = dict(requests[i][0])
+            rec.update(output_ids=res.output_ids, output_logprobs=res.output_logprobs,
+                       stop_reason=res.stop_reason)
+            if tokenizer is not None:
+                # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
+                rec["text"] = cut_at_stop(tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size]),
+                                          args.stop if res.stop_reason == "stop" else None)
+            outputs[i] = rec
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (outputs, sum(len(r.output_ids) for r in results)))
+        chunk = {i: {"index": i, "output": rec} for part, _ in gathered for i, rec in part.items()}
+        n_tokens += sum(n for _, n in gathered) // replica  # each dp rank counted once
+        if dist.get_rank() == 0:
+            append_lines(partial, [json.dumps(chunk[i], ensure_ascii=False) + "\n" for i in sorted(chunk)])
+        done.update(chunk)
+    elapsed = time.time() - t0
+    if dist.get_rank() == 0:
         with atomic_file(args.output) as f:
             for i in range(len(requests)):
-                f.write(json.dumps(merged[i], ensure_ascii=False) + "\n")
-        print(f"[generate] {len(requests)} requests, {total_tokens} tokens in {elapsed:.1f}s "
-              f"({total_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {args.output}", file=sys.stderr)
+                f.write(json.dumps(done[i]["output"], ensure_ascii=False) + "\n")
+        finish(partial)
+        print(f"[generate] {len(requests)} requests ({len(todo)} this run), {n_tokens} tokens in {elapsed:.1f}s "
+              f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {args.output}", file=sys.stderr)
     destroy()
     return 0
 

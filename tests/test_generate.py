@@ -184,3 +184,40 @@ def test_torchrun_expert_parallel_equals_one_rank(tmp_path):
     for x, y in zip(one, two):
         assert x["output_ids"] == y["output_ids"]
         assert max(abs(a - b) for a, b in zip(x["output_logprobs"], y["output_logprobs"])) <= 1e-5
+
+
+def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, capsys):
+    """Cut after 2 of 5 requests (OUTPUT.partial: two whole lines and one cut short), a run
+    with --resume in chunks of 2 writes the output of one pass (each request is seeded by its
+    line): the same tokens, log-probs to fp32 rounding (other batch shapes); without --resume it
+    refuses to overwrite; a changed input is refused."""
+    hf = save_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2", initializer_range=0.2)
+    del hf
+    _convert(tmp_path / "hf", tmp_path / "ck")
+    prompts = PROMPTS + [[3, 1, 4, 1, 5]]
+    _write_prompts(tmp_path / "in.jsonl", prompts)
+
+    def run(out, *extra):
+        return generate.main(["--load", str(tmp_path / "ck"), "--input", str(tmp_path / "in.jsonl"),
+                              "--output", str(tmp_path / out), "--max-new-tokens", "6", "--temperature", "1.0",
+                              "--seed", "5", *extra])
+
+    assert run("whole.jsonl") == 0
+    lines = open(tmp_path / "whole.jsonl").read().splitlines()
+    kept = [json.dumps({"index": i, "output": json.loads(lines[i])}) + "\n" for i in (0, 1, 2)]
+    (tmp_path / "resumed.jsonl.partial").write_text(kept[0] + kept[1] + kept[2][:30])
+    with pytest.raises(SystemExit):
+        run("resumed.jsonl")
+    assert "pass --resume" in capsys.readouterr().err
+    assert run("resumed.jsonl", "--resume", "--chunk-size", "2") == 0
+    assert "resuming: 2 of 5 requests done" in capsys.readouterr().err
+    whole, resumed = _read(tmp_path / "whole.jsonl"), _read(tmp_path / "resumed.jsonl")
+    assert resumed[:2] == whole[:2]  # kept as they were
+    for a, b in zip(resumed, whole):
+        assert {k: v for k, v in a.items() if k != "output_logprobs"} == \
+            {k: v for k, v in b.items() if k != "output_logprobs"}
+        assert a["output_logprobs"] == pytest.approx(b["output_logprobs"], abs=1e-5)
+    assert not (tmp_path / "resumed.jsonl.partial").exists()
+    (tmp_path / "other.jsonl.partial").write_text(kept[1].replace('"p1"', '"q1"'))
+    assert run("other.jsonl", "--resume") == 2
+    assert "other.jsonl.partial:1: field 'id': differs from line 2 of --input" in capsys.readouterr().err

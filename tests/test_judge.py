@@ -174,7 +174,7 @@ class _ScriptedPolicy:
     def __init__(self, tok, answers):
         self.tok, self.answers = tok, answers
 
-    def generate(self, prompts, max_new_tokens, params, generators, eos_ids, on_finish=None):
+    def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None, on_finish=None):
         return [SimpleNamespace(output_ids=self.tok.encode(self.answers[self.tok.decode(p)]), stop_reason="eos")
                 for p in prompts]  # never calls on_finish: evaluate grades those after
 

@@ -59,8 +59,8 @@ def test_matcher_stops_at_the_completing_token():
         StopStrings(tok, [""])
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture
+def model():  # per test: the CLI test's run ends by destroying the process groups
     from megatron_k15.models.config import preset
     from megatron_k15.models.gpt import GPTModel
 

@@ -251,7 +251,8 @@ def test_evaluate_reports_majority_vote_for_math():
     tok = ByteTokenizer()
 
     class Scripted:  # the engine's generate(), answering each (problem, sample) request from the script
-        def generate(self, prompts, max_new_tokens, params, generators, eos_ids, on_finish=None):
+        def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None,
+                     on_finish=None):
             return [SimpleNamespace(output_ids=tok.encode(responses[i][s]), stop_reason="eos")
                     for i in range(3) for s in range(3)]
 

@@ -41,6 +41,7 @@ from megatron_k15.arguments import (  # noqa: E402
     ArgumentError, add_grading_args, check_grading_args, parse_args,
 )
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
+from megatron_k15.partial_results import resume_problem  # noqa: E402
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args  # noqa: E402
 
 
@@ -79,10 +80,9 @@ def _validate(args) -> None:
         raise ArgumentError("--n-samples must be >= 1")
     if args.chunk_size < 1:
         raise ArgumentError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    partial = partial_path(args.output)
-    if os.path.exists(partial) and not args.resume:
-        raise ArgumentError(f"{partial} holds the problems an interrupted run finished: pass --resume to "
-                            "continue it, or delete it to start over")
+    problem = resume_problem(args.output, args.resume)
+    if problem:
+        raise ArgumentError(problem)
     if args.n_samples > 1 and args.temperature == 0:
         raise ArgumentError("--n-samples > 1 needs --temperature > 0 (greedy samples are identical)")
     if args.inference_engine == "recompute" and (args.pipeline_model_parallel_size > 1
@@ -92,35 +92,17 @@ def _validate(args) -> None:
                             "--context-parallel-size > 1")
 
 
-def partial_path(output: str) -> str:
-    return output + ".partial"
-
-
-def read_partial(path: str, records: list[dict], n_samples: int) -> tuple[dict[int, dict], int]:
-    """The results an interrupted run kept, by problem number, and the bytes of its whole lines
-    (a line cut short by the interruption is not counted: the run appends after the last whole
-    one). Each result must be the same problem (id) of the input as then."""
-    from megatron_k15.data.prompts import DataError, parse_json_line
-
-    done: dict[int, dict] = {}
-    if not os.path.exists(path):
-        return done, 0
-    with open(path, "rb") as f:
-        data = f.read()
-    whole = data[:data.rfind(b"\n") + 1]
-    for line, raw in enumerate(whole.splitlines(), start=1):
-        r = parse_json_line(path, line, raw)
-        if r is None:
-            continue
-        i = r.get("index")
-        if not isinstance(i, int) or not 0 <= i < len(records) or records[i]["id"] != r.get("id"):
-            raise DataError(path, line, "id", f"problem {i} is {r.get('id')!r} there but not in --input: the "
-                            "input changed since; delete the file to start over")
+def partial_mismatch(records: list[dict], n_samples: int):
+    """How a kept result differs from the input's problem at its index (``partial_results``)."""
+    def mismatch(i: int, r: dict):
+        if records[i]["id"] != r.get("id"):
+            return "id", f"problem {i} is {r.get('id')!r} there, {records[i]['id']!r} in --input: the input " \
+                         "changed since; delete the file to start over"
         if not isinstance(r.get("samples"), list) or len(r["samples"]) != n_samples:
-            raise DataError(path, line, "samples", f"not {n_samples} samples: the run had another --n-samples; "
-                            "resume with it, or delete the file to start over")
-        done[i] = r
-    return done, len(whole)
+            return "samples", f"not {n_samples} samples: the run had another --n-samples; resume with it, or " \
+                              "delete the file to start over"
+        return None
+    return mismatch
 
 
 def result_line(rec: dict, p: dict) -> str:
@@ -151,6 +133,7 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import destroy, initialize_parallel_from_args, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.files import atomic_file
+    from megatron_k15.partial_results import append_lines, drop_cut_line, finish, partial_path, read_partial
     from megatron_k15.rl.evaluation import evaluate, evaluation_metrics
     from megatron_k15.rl.task_metrics import task_of, tasks_of
 
@@ -168,14 +151,14 @@ def main(argv=None) -> int:
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas only (the data-parallel rank/group below exclude cp)
     partial = partial_path(args.output)
-    try:
-        done, kept = read_partial(partial, records, args.n_samples)  # every rank reads it (a shared file system, as checkpoints)
+    try:  # every rank reads it (a shared file system, as for checkpoints)
+        done, kept = read_partial(partial, len(records), partial_mismatch(records, args.n_samples))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         destroy()
         return 2
-    if dist.get_rank() == 0 and os.path.exists(partial) and os.path.getsize(partial) > kept:
-        os.truncate(partial, kept)  # drop a line the interruption cut short
+    if dist.get_rank() == 0:
+        drop_cut_line(partial, kept)
     todo = [i for i in range(len(records)) if i not in done]
     if done and dist.get_rank() == 0:
         print(f"[evaluate] resuming: {len(done)} of {len(records)} problems done in {partial}", flush=True)
@@ -190,10 +173,7 @@ def main(argv=None) -> int:
                        generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers,
                        numbers=chunk, stop_strings=args.stop)
         if dist.get_rank() == 0:
-            with open(partial, "a") as f:  # whole lines, flushed to disk before the next chunk starts
-                f.writelines(result_line(records[p["index"]], p) for p in res["results"])
-                f.flush()
-                os.fsync(f.fileno())
+            append_lines(partial, [result_line(records[p["index"]], p) for p in res["results"]])
         for p in res["results"]:
             done[p["index"]] = p
         if dist.get_rank() == 0:
@@ -208,8 +188,7 @@ def main(argv=None) -> int:
                        generation_tokens_per_s=generator.stats.tokens_per_second)
         with atomic_file(os.path.splitext(args.output)[0] + ".summary.json") as f:
             json.dump(summary, f, indent=2)
-        if os.path.exists(partial):  # after the output: an interruption before this resumes with nothing to do
-            os.remove(partial)
+        finish(partial)  # after the output: an interruption before this resumes with nothing to do
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     destroy()
     return 0

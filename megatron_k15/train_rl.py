@@ -115,6 +115,10 @@ def add_rl_args(p) -> None:
                         "while the engine still decodes the others; --no-overlap-grading grades them all "
                         "after the rollout (the grades are the same)")
     g.add_argument("--no-repeat-detection", action="store_true")
+    g.add_argument("--stop-strings", nargs="+", default=None, metavar="STRING",
+                   help="end a rollout once its text contains one of these (R1-Zero-style templates from a "
+                        "base model: '</answer>'); it is finished (stop reason 'stop'), trained on with the "
+                        "tokens that spelt it, and graded on the text before it")
     g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
     g.add_argument("--curriculum-switch-iter", type=int, default=0)
     g.add_argument("--curriculum-threshold", type=float, default=None)
@@ -157,6 +161,8 @@ def add_rl_args(p) -> None:
 
 
 def _validate(args) -> None:
+    if args.stop_strings is not None and any(not s for s in args.stop_strings):
+        raise ArgumentError("--stop-strings: every stop string must be non-empty")
     if args.train_samples is not None:
         raise ArgumentError("--train-samples: RL iterations are rollout batches (--prompts-per-iter x "
                             "--samples-per-prompt); give --train-iters")

@@ -47,6 +47,15 @@ def half_flat_reward(response: str, record: dict) -> float:
     return 1.0 if record["id"] in ("q0", "q2") else graded_reward(response, record)
 
 
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def no_letter_reward(response: str, record: dict) -> float:
+    """1 when the graded text holds no lowercase ASCII letter (with every letter a stop string,
+    the text before the first one never does)."""
+    return float(not any(c in LETTERS for c in response))
+
+
 def parity_reward(response: str, record: dict) -> float:
     """The fraction of the response's characters whose byte value has the parity of the
     prompt's index: learnable only by conditioning on the prompt, ~0.5 for a random policy."""
@@ -412,6 +421,20 @@ def test_partial_rollouts_resume_from_the_buffer():
     assert m[0]["response_length_mean"] <= 2 if m[0]["num_finished"] else True
     # by iteration 2, trajectories started in iteration 0 finish with 3 segments (6 tokens)
     assert m[2]["num_finished"] > 0 and m[2]["response_length_max"] > 2
+
+
+def test_stop_strings_end_rollouts_and_grading_sees_the_text_before_them():
+    """--stop-strings (every lowercase letter, 8-token rollouts of a random byte model): some
+    rollouts stop on a letter (stop reason 'stop', the letter's token kept in the response),
+    and the verifier, grading the text before the first stop string, never sees a letter;
+    without stop strings it does."""
+    opts = {"reward_fn": "no_letter_reward", "rollout_max_tokens": 8, "samples_per_prompt": 8}
+    free = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, opts)[0]["metrics"][0]
+    stopped = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, {**opts, "stop_strings": LETTERS})[0]
+    m = stopped["metrics"][0]
+    assert free["accuracy"] < 1.0 and free["stop_stop_fraction"] == 0.0
+    assert m["accuracy"] == 1.0 and 0.0 < m["stop_stop_fraction"] <= 1.0
+    assert m["response_length_mean"] < free["response_length_mean"]
 
 
 LEARN_OPTS = {"reward_fn": "parity_reward", "samples_per_prompt": 8, "micro_batch_size": 16,

@@ -46,7 +46,7 @@ __all__ = [
     "loss_mask",
 ]
 
-FINISHED_STOP_REASONS = ("eos", "length", "repeat")
+FINISHED_STOP_REASONS = ("eos", "length", "repeat", "stop")  # stop: a --stop-strings string
 STOP_REASONS = FINISHED_STOP_REASONS + ("partial", "evicted")
 
 

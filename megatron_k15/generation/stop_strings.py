@@ -16,9 +16,9 @@ before it (what ``text`` fields and verifiers see, as in vLLM's default).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-__all__ = ["STOP_REASON_STOP", "StopStrings", "cut_at_stop"]
+__all__ = ["STOP_REASON_STOP", "StopStrings", "combine_detectors", "cut_at_stop"]
 
 STOP_REASON_STOP = "stop"
 
@@ -60,3 +60,22 @@ def cut_at_stop(text: str, strings: Optional[Sequence[str]]) -> str:
     """``text`` before the first occurrence of any of ``strings`` (all of it without one)."""
     cut = min((i for i in (text.find(s) for s in strings or ()) if i >= 0), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+def combine_detectors(*factories: Optional[Callable[[], object]]) -> Optional[Callable[[], object]]:
+    """One per-request detector factory from several (None entries skipped), e.g. RL's repeat
+    detector and stop strings: its ``push`` feeds every detector and returns the first stop
+    reason (True, as the repeat detector returns it, is ``"repeat"`` to the engines)."""
+    live = [f for f in factories if f is not None]
+    if len(live) <= 1:
+        return live[0] if live else None
+    return lambda: _Combined([f() for f in live])
+
+
+class _Combined:
+    def __init__(self, detectors: list):
+        self.detectors = detectors
+
+    def push(self, token: int):
+        reasons = [d.push(token) for d in self.detectors]  # every detector sees every token
+        return next((r for r in reasons if r), None)

@@ -6,7 +6,7 @@ answer, a formatting trick the verifier lets through, a loop cut by repeat detec
 counting from 1), one object per trajectory that finished in iteration n and was scored:
 
     iteration, prompt_id, group_id, sample_index, task, prompt, response (decoded, special
-    tokens kept), response_tokens, stop_reason (eos / length / repeat), reward (the trained
+    tokens kept), response_tokens, stop_reason (eos / length / repeat / stop), reward (the trained
     one: verifier, repeat, length and overlong terms), correct (the verifier's verdict),
     advantage (the loss's: reward - baseline for OMD, group-normalised for GRPO / GSPO),
     trained (false when filtered: overlong, dynamic sampling, zero-advantage skipping),

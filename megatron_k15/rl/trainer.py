@@ -38,6 +38,7 @@ from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
+from megatron_k15.generation.stop_strings import StopStrings, combine_detectors, cut_at_stop
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
 from megatron_k15.profiling import phase
@@ -64,6 +65,7 @@ class RolloutSettings:
     seed: int = 1234
     repeat_detection: bool = True
     batch_size: int = 64  # requests decoded together
+    stop: Optional[Callable[[], object]] = None  # --stop-strings (generation.stop_strings.StopStrings)
 
 
 def _seed_for(traj: Trajectory, iteration: int) -> int:
@@ -94,7 +96,7 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
         left = s.max_tokens - t.response_len
         budgets.append(max(0, min(left, s.segment_tokens or left)))
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
-    detector = (lambda: RepeatDetector()) if s.repeat_detection else None
+    detector = combine_detectors((lambda: RepeatDetector()) if s.repeat_detection else None, s.stop)
 
     def on_finish(i, res):
         if _segment_stop(trajs[i], res.output_ids, res.stop_reason, s) != "partial":
@@ -114,7 +116,7 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
           prompt_open: Optional[Callable[[str], bool]] = None, judge=None,
           judgements: Optional[list] = None, overlong: Optional[tuple[int, int, float]] = None,
           shard: Optional[tuple[int, int, object]] = None, workers: int = 1,
-          grades: Optional[list] = None) -> tuple[list[float], list[bool]]:
+          grades: Optional[list] = None, stop_strings=None) -> tuple[list[float], list[bool]]:
     """Task reward (0/1 by the prompt's verifier), minus a repeat penalty, plus Kimi's length
     reward within each group (plus DAPO's overlong punishment with ``overlong`` = (response
     budget, buffer tokens, factor)). Returns (rewards, correct). With ``reasoning_tags`` the verifier
@@ -128,12 +130,14 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     rank holds the same grades. ``workers > 1``: this rank's share is graded by that many
     threads (``rewards.reasoning.grade_responses``). ``grades``: (graded text, verifier
     reward) per trajectory already known (graded while the rollout went on), None where not;
+    ``stop_strings``: the verifier grades each response before the first of them (``--stop-strings``);
     only those are graded here (the same on every rank)."""
     rank, size, group = shard or (0, 1, None)
     results = list(grades) if grades is not None else [None] * len(trajs)
     todo = [i for i, g in enumerate(results) if g is None]
     share = todo[rank::size]
-    jobs = [(response_text(tokenizer, trajs[i].response_ids), records[trajs[i].prompt_id], reasoning_tags,
+    jobs = [(cut_at_stop(response_text(tokenizer, trajs[i].response_ids), stop_strings),
+             records[trajs[i].prompt_id], reasoning_tags,
              bool(prompt_open and prompt_open(trajs[i].prompt_id))) for i in share]
     mine = grade_responses(jobs, workers)
     if size > 1 and todo:
@@ -414,7 +418,8 @@ class RLIteration:
             samples_per_prompt=args.samples_per_prompt, max_tokens=args.rollout_max_tokens,
             segment_tokens=args.rollout_segment_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, repeat_detection=not args.no_repeat_detection,
-            batch_size=args.rollout_batch_size)
+            batch_size=args.rollout_batch_size,
+            stop=StopStrings(tokenizer, args.stop_strings) if getattr(args, "stop_strings", None) else None)
         pc = ctx.pc
         self.gen_rank, self.gen_size, self.gen_group = generation_parallel(pc)
         # --overlap-grading: a trajectory is graded in a worker thread as soon as its response
@@ -510,8 +515,8 @@ class RLIteration:
 
     def _grading_job(self, prompt_id, response_ids: list[int]) -> tuple:
         """The arguments of ``rewards.reasoning.grade_response`` for one response."""
-        return (response_text(self.tok, response_ids), self.records[prompt_id], self.reasoning_tags,
-                self.prompt_open(prompt_id))
+        return (cut_at_stop(response_text(self.tok, response_ids), getattr(self.args, "stop_strings", None)),
+                self.records[prompt_id], self.reasoning_tags, self.prompt_open(prompt_id))
 
     def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:
         """Rewards and correctness of the finished trajectories (every rank holds them all): the
@@ -540,7 +545,8 @@ class RLIteration:
                      overlong=((args.rollout_max_tokens, args.overlong_buffer_tokens,
                                 args.overlong_penalty_factor) if args.overlong_buffer_tokens else None),
                      shard=(dist.get_rank(), world, None) if world > 1 else None,
-                     workers=getattr(args, "reward_workers", 1), grades=grades)
+                     workers=getattr(args, "reward_workers", 1), grades=grades,
+                     stop_strings=getattr(args, "stop_strings", None))
 
     def run(self, iteration: int, prompt_indices: list[int], lr: float,
             draw_prompts: Optional[Callable[[int], list[int]]] = None) -> dict:
@@ -596,7 +602,7 @@ class RLIteration:
                    "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
                    "replay_buffer_size": len(self.buffer), "num_finished": len(finished)}
         reasons = Counter(t.stop_reason for t in everything)
-        for r in ("eos", "length", "repeat", "partial"):
+        for r in ("eos", "length", "repeat", "partial", "stop"):
             metrics[f"stop_{r}_fraction"] = reasons.get(r, 0) / max(1, len(everything))
         if args.dynamic_sampling:
             metrics.update(sampling_rounds=rounds, kept_groups=len(kept))

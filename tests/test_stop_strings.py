@@ -153,3 +153,39 @@ def test_evaluation_grades_the_text_before_the_stop_string(model):
     assert unstopped["accuracy"] < 1.0 and stopped["accuracy"] == 1.0
     hit = [s for r in stopped["results"] for s in r["samples"] if s["stop_reason"] == "stop"]
     assert hit and all(marker not in s["text"] for s in hit)
+
+
+def test_partial_rollouts_see_a_stop_string_across_segments(model):
+    """Greedy rollouts in segments of 2 tokens over several iterations stop where one
+    uninterrupted rollout stops, also when the stop string spans a segment boundary: resumed
+    trajectories' detectors are fed their earlier segments (rl.trainer._primed_detectors)."""
+    from megatron_k15.generation.replay_buffer import Trajectory
+    from megatron_k15.rl.trainer import RolloutSettings, rollout
+
+    tok = ByteTokenizer()
+    engine = GenerationEngine(model, block_size=4)
+    prompts = ["abc", "hello", "12", "xyz", "The", "Once", "def f", "Q:"]
+
+    def trajectories():
+        return [Trajectory(prompt_id=f"p{i}", prompt_ids=tok.encode(p), group_id=f"g{i}")
+                for i, p in enumerate(prompts)]
+
+    def run(segment, stop=None):
+        s = RolloutSettings(max_tokens=12, segment_tokens=segment, temperature=0.0, repeat_detection=True,
+                            stop=StopStrings(tok, [stop]) if stop else None)
+        trajs = trajectories()
+        for it in range(12):
+            live = [t for t in trajs if not t.finished]
+            if not live:
+                break
+            rollout(engine, live, it, s, [257])
+        return trajs
+
+    free = run(0)
+    # a stop string of two printable characters that segments of 2 split: tokens j, j + 1, j odd
+    stop = next(tok.decode(t.response_ids[j:j + 2]) for t in free for j in range(1, len(t.response_ids) - 1, 2)
+                if all(32 <= c < 127 for c in t.response_ids[j:j + 2]))
+    whole, parts = run(0, stop), run(2, stop)
+    assert any(t.stop_reason == "stop" for t in whole)
+    for a, b in zip(parts, whole):
+        assert (a.response_ids, a.stop_reason) == (b.response_ids, b.stop_reason)

@@ -83,6 +83,28 @@ def _segment_stop(t: Trajectory, output_ids: list[int], reason: str, s: RolloutS
     return reason
 
 
+# response tokens of earlier segments fed to a resumed trajectory's detectors: the repeat
+# detector's window (the longest span any period needs) and more than any stop string's
+PRIMING_TOKENS = 1024
+
+
+def _primed_detectors(trajs: list[Trajectory], factory: Optional[Callable[[], object]]):
+    """The engines' per-request detector factory, each detector already fed the tail of its
+    trajectory's earlier segments: a loop or a stop string that spans a segment boundary is
+    seen where one uninterrupted generation sees it (the engines call the factory once per
+    request, in order)."""
+    if factory is None or not any(t.response_ids for t in trajs):
+        return factory
+    detectors = []
+    for t in trajs:
+        d = factory()
+        for tok in t.response_ids[-PRIMING_TOKENS:]:  # (their verdicts were given when generated)
+            d.push(tok)
+        detectors.append(d)
+    pending = iter(detectors)
+    return lambda: next(pending)
+
+
 @torch.no_grad()
 def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettings, eos_ids: list[int],
             on_final: Optional[Callable[[int, list[int]], None]] = None) -> None:
@@ -96,7 +118,8 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
         left = s.max_tokens - t.response_len
         budgets.append(max(0, min(left, s.segment_tokens or left)))
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
-    detector = combine_detectors((lambda: RepeatDetector()) if s.repeat_detection else None, s.stop)
+    detector = _primed_detectors(trajs, combine_detectors((lambda: RepeatDetector()) if s.repeat_detection
+                                                          else None, s.stop))
 
     def on_finish(i, res):
         if _segment_stop(trajs[i], res.output_ids, res.stop_reason, s) != "partial":

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from megatron_k15.files import atomic_file
     from megatron_k15.generation.loading import load_generation_replica
     from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
-    from megatron_k15.partial_results import append_lines, drop_cut_line, finish, partial_path, read_partial
+    from megatron_k15.partial_results import append_lines, finish, resume_from
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_parallel_from_args
     from megatron.core import parallel_state
@@ -161,17 +161,14 @@ def main(argv=None) -> int:
         return None if key is None else (key, f"differs from line {i + 1} of --input: the input changed since; "
                                               "delete the file to start over")
 
-    partial = partial_path(args.output)
-    try:  # every rank reads it (a shared file system, as for checkpoints)
-        done, kept = read_partial(partial, len(requests), mismatch)
+    try:
+        partial, done = resume_from(args.output, len(requests), mismatch, writer=dist.get_rank() == 0)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         destroy()
         return 2
-    if dist.get_rank() == 0:
-        drop_cut_line(partial, kept)
-        if done:
-            print(f"[generate] resuming: {len(done)} of {len(requests)} requests done in {partial}", file=sys.stderr)
+    if done and dist.get_rank() == 0:
+        print(f"[generate] resuming: {len(done)} of {len(requests)} requests done in {partial}", file=sys.stderr)
     todo = [i for i in range(len(requests)) if i not in done]
     t0, n_tokens = time.time(), 0
     replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size

@@ -58,6 +58,18 @@ def read_partial(path: str, count: int,
     return done, len(whole)
 
 
+def resume_from(output: str, count: int, mismatch: Callable[[int, dict], Optional[tuple[str, str]]],
+                writer: bool) -> tuple[str, dict[int, dict]]:
+    """(the partial file of ``output``, its kept results by index): :func:`read_partial` on
+    every rank (a shared file system, as for checkpoints), and on the ``writer`` rank a line
+    the interruption cut short is cut off the file."""
+    path = partial_path(output)
+    done, whole_bytes = read_partial(path, count, mismatch)
+    if writer:
+        drop_cut_line(path, whole_bytes)
+    return path, done
+
+
 def drop_cut_line(path: str, whole_bytes: int) -> None:
     """Cut a line the interruption left half-written off the file (call on one rank)."""
     if os.path.exists(path) and os.path.getsize(path) > whole_bytes:

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import destroy, initialize_parallel_from_args, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.files import atomic_file
-    from megatron_k15.partial_results import append_lines, drop_cut_line, finish, partial_path, read_partial
+    from megatron_k15.partial_results import append_lines, finish, resume_from
     from megatron_k15.rl.evaluation import evaluate, evaluation_metrics
     from megatron_k15.rl.task_metrics import task_of, tasks_of
 
@@ -150,15 +150,13 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr)
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas only (the data-parallel rank/group below exclude cp)
-    partial = partial_path(args.output)
-    try:  # every rank reads it (a shared file system, as for checkpoints)
-        done, kept = read_partial(partial, len(records), partial_mismatch(records, args.n_samples))
+    try:
+        partial, done = resume_from(args.output, len(records), partial_mismatch(records, args.n_samples),
+                                    writer=dist.get_rank() == 0)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         destroy()
         return 2
-    if dist.get_rank() == 0:
-        drop_cut_line(partial, kept)
     todo = [i for i in range(len(records)) if i not in done]
     if done and dist.get_rank() == 0:
         print(f"[evaluate] resuming: {len(done)} of {len(records)} problems done in {partial}", flush=True)

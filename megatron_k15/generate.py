@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             if tokenizer is not None:
                 # a model's (padded) vocabulary can be larger than its tokenizer's: skip the extras
                 rec["text"] = cut_at_stop(tokenizer.decode([t for t in res.output_ids if t < tokenizer.vocab_size]),
-                                          args.stop if res.stop_reason == "stop" else None)
+                                          args.stop)
             outputs[i] = rec
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (outputs, sum(len(r.output_ids) for r in results)))

@@ -446,11 +446,11 @@ def main(argv=None) -> int:
         if eval_set is not None and (iteration == args.train_iters or
                                      (args.eval_interval and iteration % args.eval_interval == 0)):
             metrics.update(run_eval())
-        if args.log_params_norm:
-            metrics["params_norm"] = ctx.optimizer.params_norm()
         last = iteration == args.train_iters or "eval_accuracy" in metrics
         if last or iteration % (args.tensorboard_log_interval or 1) == 0:  # by default every iteration: each
-            logger.log(iteration, metrics)  # is a whole rollout batch, too costly to drop
+            if args.log_params_norm:  # is a whole rollout batch, too costly to drop
+                metrics["params_norm"] = ctx.optimizer.params_norm()
+            logger.log(iteration, metrics)
         if last or iteration % args.log_interval == 0:
             if rank == 0:
                 line = (f"[train_rl] iteration {iteration}/{args.train_iters} | reward "

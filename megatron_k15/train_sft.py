@@ -425,16 +425,15 @@ def main(argv=None) -> int:
     def log_windows(lr: float, grad_norm: float, record: bool, line: bool, valid: Optional[dict] = None) -> None:
         """Write the record and/or print the console line that are due; a held-out loss goes
         with a record, or alone."""
-        params_norm = ctx.optimizer.params_norm() if args.log_params_norm and record and since_record else None
-        if record and since_record:
-            metrics = {**merged(since_record, lr, grad_norm), **(valid or {})}
-            if params_norm is not None:
-                metrics["params_norm"] = params_norm
-            logger.log(iteration, metrics)
+        recorded = merged(since_record, lr, grad_norm) if record and since_record else None
+        if recorded is not None:
+            extra = {"params_norm": ctx.optimizer.params_norm()} if args.log_params_norm else {}
+            logger.log(iteration, {**recorded, **(valid or {}), **extra})
         elif valid is not None:
             logger.log(iteration, valid)
-        if line and since_line and rank == 0:
-            metrics = merged(since_line, lr, grad_norm)
+        if line and since_line and rank == 0:  # (one window for both: its record's numbers)
+            metrics = recorded if since_line is since_record and recorded is not None else \
+                merged(since_line, lr, grad_norm)
             extra_text = (f" | reward margin {metrics['dpo_reward_margin']:.4f} | accuracy "
                           f"{metrics['dpo_accuracy']:.3f}" if dpo else "")
             if "loss_scale" in metrics:

@@ -7,7 +7,7 @@
         --tokenizer byte --append-eos --seq-length 8192
     python tools/preprocess_data.py --mode prompts --input prompts.jsonl \\
         --output-prefix data/prompts --tokenizer /models/Qwen2.5-7B-Instruct --chat-template
-    python tools/preprocess_data.py --mode prompts --input taco/data/train-*.parquet \
+    python tools/preprocess_data.py --mode prompts --input taco/data/train-*.parquet \\
         --output-prefix data/taco --tokenizer /models/Qwen2.5-7B-Instruct --chat-template
 
 Outputs (see megatron_k15/data/indexed.py for the format and the readers):
@@ -25,8 +25,8 @@ SFT lines are {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}
 and Alpaca's {"instruction", "input", "output"} as a pair (prompt = instruction, a blank line,
 input). The input may also be one JSON array of records (as alpaca_data.json is); errors then
 give the line each record starts on. A Parquet file (Hugging Face datasets' format; needs
-pyarrow) is read row by row, errors naming the row. Prompt lines may also be GSM8K, MATH, APPS / TACO or
-CodeContests records, read as prompt records (megatron_k15/data/public_formats.py).
+pyarrow) is read row by row, errors naming the row. Prompt lines may also be GSM8K, MATH,
+APPS / TACO or CodeContests records, read as prompt records (megatron_k15/data/public_formats.py).
 Without --chat-template a prompt/response pair is tokenized as the prompt text followed by
 the response text; "messages" lines are always rendered with a chat template (the
 tokenizer's with --chat-template, else the simple built-in one: "<|role|>\\ncontent\\n" per

@@ -44,6 +44,7 @@ class StopStrings:
 class _StopMatcher:
     def __init__(self, spec: StopStrings):
         self.spec = spec
+        self.window = spec.window  # the most tokens a match looks back over
         self.tail: list[int] = []
 
     def push(self, token: int) -> Optional[str]:
@@ -75,6 +76,7 @@ def combine_detectors(*factories: Optional[Callable[[], object]]) -> Optional[Ca
 class _Combined:
     def __init__(self, detectors: list):
         self.detectors = detectors
+        self.window = max(d.window for d in detectors)
 
     def push(self, token: int):
         reasons = [d.push(token) for d in self.detectors]  # every detector sees every token

@@ -78,10 +78,14 @@ def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = 
     return answer, (0.0 if answer is None else float(compute_reward(answer, record)))
 
 
-def response_text(tokenizer, response_ids) -> str:
-    """The text a verifier grades: the response's tokens without special ones (EOS...)."""
+def response_text(tokenizer, response_ids, stop_strings=None) -> str:
+    """The text a verifier grades: the response's tokens without special ones (EOS...), and
+    with ``stop_strings`` (``--stop`` / ``--stop-strings``) the text before the first of them."""
+    from megatron_k15.generation.stop_strings import cut_at_stop
+
     special = set(getattr(tokenizer, "special_ids", []) or [])
-    return tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
+    text = tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
+    return cut_at_stop(text, stop_strings)
 
 
 def grade_responses(jobs: list[tuple], workers: int = 1) -> list[tuple[Optional[str], float]]:

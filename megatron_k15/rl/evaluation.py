@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
+from megatron_k15.generation.stop_strings import StopStrings
 from megatron_k15.rewards.judge import Judgement, judge_metrics
 from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning, response_text
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
@@ -56,13 +56,13 @@ def majority_correct(samples: list[dict]) -> bool:
     ``answer`` do not vote; no vote at all counts as wrong."""
     from megatron_k15.rewards.math import answers_equal, normalize_answer
 
-    given = [s for s in samples if s.get("answer") is not None]
-    if not given:
+    votes: dict[str, list[int]] = {}  # normalised text -> the positions of its samples
+    for k, s in enumerate(samples):
+        if s.get("answer") is not None:
+            votes.setdefault(normalize_answer(s["answer"]), []).append(k)
+    if not votes:
         return False
-    votes: dict[str, list[dict]] = {}  # normalised text -> its samples, in the order first given
-    for s in given:
-        votes.setdefault(normalize_answer(s["answer"]), []).append(s)
-    order = sorted(votes, key=lambda k: -len(votes[k]))  # most voted first (stable: ties keep order)
+    order = sorted(votes, key=lambda a: -len(votes[a]))  # most voted first (stable: ties keep order)
     pools: list[list[str]] = []
     for key in order[:MAJORITY_SYMBOLIC_ANSWERS]:
         home = next((p for p in pools if answers_equal(key, p[0])), None)
@@ -71,9 +71,8 @@ def majority_correct(samples: list[dict]) -> bool:
         else:
             home.append(key)
     pools += [[key] for key in order[MAJORITY_SYMBOLIC_ANSWERS:]]
-    first = {key: given.index(votes[key][0]) for key in votes}
-    best = max(pools, key=lambda p: (sum(len(votes[k]) for k in p), -min(first[k] for k in p)))
-    return min((s for k in best for s in votes[k]), key=given.index)["correct"]
+    best = max(pools, key=lambda p: (sum(len(votes[a]) for a in p), -min(votes[a][0] for a in p)))
+    return samples[min(votes[a][0] for a in best)]["correct"]
 
 
 def _replica_share(dp_rank: int) -> tuple[int, int]:
@@ -125,7 +124,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
 
     def text_of(r) -> str:  # what is graded and recorded: the response before a stop string
-        return cut_at_stop(response_text(tokenizer, r.output_ids), stop_strings if r.stop_reason == "stop" else None)
+        return response_text(tokenizer, r.output_ids, stop_strings)
 
     futures = {}
     # each response is graded (reward_workers threads) as soon as it is complete, while the

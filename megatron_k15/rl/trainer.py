@@ -38,7 +38,7 @@ from megatron_k15.generation.engine import build_generator
 from megatron_k15.generation.replay_buffer import ReplayBuffer, Trajectory, loss_mask
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
-from megatron_k15.generation.stop_strings import StopStrings, combine_detectors, cut_at_stop
+from megatron_k15.generation.stop_strings import StopStrings, combine_detectors
 from megatron_k15.parallel.context import (pad_to_multiple, split_packed_microbatch, zigzag_position_ids,
                                            zigzag_split)
 from megatron_k15.profiling import phase
@@ -83,22 +83,17 @@ def _segment_stop(t: Trajectory, output_ids: list[int], reason: str, s: RolloutS
     return reason
 
 
-# response tokens of earlier segments fed to a resumed trajectory's detectors: the repeat
-# detector's window (the longest span any period needs) and more than any stop string's
-PRIMING_TOKENS = 1024
-
-
 def _primed_detectors(trajs: list[Trajectory], factory: Optional[Callable[[], object]]):
-    """The engines' per-request detector factory, each detector already fed the tail of its
-    trajectory's earlier segments: a loop or a stop string that spans a segment boundary is
-    seen where one uninterrupted generation sees it (the engines call the factory once per
-    request, in order)."""
+    """The engines' per-request detector factory, each detector already fed its window (the
+    most tokens it looks back over) of its trajectory's earlier segments: a loop or a stop
+    string that spans a segment boundary is seen where one uninterrupted generation sees it
+    (the engines call the factory once per request, in order)."""
     if factory is None or not any(t.response_ids for t in trajs):
         return factory
     detectors = []
     for t in trajs:
         d = factory()
-        for tok in t.response_ids[-PRIMING_TOKENS:]:  # (their verdicts were given when generated)
+        for tok in t.response_ids[-d.window:]:  # (their verdicts were given when generated)
             d.push(tok)
         detectors.append(d)
     pending = iter(detectors)
@@ -159,8 +154,8 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     results = list(grades) if grades is not None else [None] * len(trajs)
     todo = [i for i, g in enumerate(results) if g is None]
     share = todo[rank::size]
-    jobs = [(cut_at_stop(response_text(tokenizer, trajs[i].response_ids), stop_strings),
-             records[trajs[i].prompt_id], reasoning_tags,
+    jobs = [(response_text(tokenizer, trajs[i].response_ids, stop_strings), records[trajs[i].prompt_id],
+             reasoning_tags,
              bool(prompt_open and prompt_open(trajs[i].prompt_id))) for i in share]
     mine = grade_responses(jobs, workers)
     if size > 1 and todo:
@@ -538,7 +533,7 @@ class RLIteration:
 
     def _grading_job(self, prompt_id, response_ids: list[int]) -> tuple:
         """The arguments of ``rewards.reasoning.grade_response`` for one response."""
-        return (cut_at_stop(response_text(self.tok, response_ids), getattr(self.args, "stop_strings", None)),
+        return (response_text(self.tok, response_ids, getattr(self.args, "stop_strings", None)),
                 self.records[prompt_id], self.reasoning_tags, self.prompt_open(prompt_id))
 
     def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:

@@ -225,6 +225,77 @@ def test_gradient_paths_without_lse_grad_and_lse_only():
 
 
 # ---------------------------------------------------------------------------------------------
+# sliding window (Mistral v0.1, Qwen2 with use_sliding_window, OLMo 3, Gemma's local layers)
+# ---------------------------------------------------------------------------------------------
+
+# (b, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, left): windows inside one block, over
+# several blocks (the unmasked middle loop runs), of the whole sequence and beyond it (== plain
+# causal), and seqlen_q != seqlen_k (a chunk over a cached prefix; rows seeing no key)
+WINDOW_CASES = [
+    (1, 17, 17, 4, 2, 16, 0),  # each row sees only itself
+    (1, 127, 127, 4, 1, 64, 5),
+    (1, 300, 300, 2, 1, 16, 100),
+    (2, 300, 300, 4, 2, 32, 64),
+    (1, 300, 300, 2, 2, 16, 299),
+    (1, 50, 130, 4, 1, 16, 20),
+    (1, 130, 50, 2, 1, 16, 7),
+]
+
+
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,left", WINDOW_CASES)
+def test_sliding_window_matches_float64_reference(b, sq, sk, h, hkv, d, left):
+    q, k, v, do, dlse = _make(b, sq, sk, h, hkv, d, seed=sq + sk + left)
+    ours = _fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=True, window_size=(left, 0))
+    ref = _reference(q, k, v, do, dlse, causal=True, window_size=(left, 0))
+    _check_fp32(ours, ref)
+    if left + 1 < sk:  # the window changes the result (the test would catch it being ignored)
+        plain = _reference(q, k, v, do, dlse, causal=True)
+        assert _max_err(plain[0], ref[0]) > 1e-2
+
+
+def test_sliding_window_reference_by_hand():
+    """The reference's window, checked on its definition: with left = 2, row i averages the
+    values of keys i-2..i when all scores are equal."""
+    v = torch.arange(6, dtype=torch.float64).view(1, 6, 1, 1).expand(1, 6, 1, 16)
+    q = torch.zeros(1, 6, 1, 16, dtype=torch.float64)
+    out = attention_reference(q, q.clone(), v.contiguous(), causal=True, window_size=(2, 0))
+    want = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(out[0, :, 0, 0], want, atol=1e-12, rtol=0)
+
+
+def test_sliding_window_varlen():
+    lengths = [1, 17, 130, 64, 3]
+    g = torch.Generator().manual_seed(5)
+    total = sum(lengths)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    q, do = _randn(total, 4, 32, gen=g), _randn(total, 4, 32, gen=g)
+    k, v = _randn(total, 2, 32, gen=g), _randn(total, 2, 32, gen=g)
+    dlse = _randn(4, total, gen=g)
+
+    def ours(q, k, v, return_lse):
+        return flash_attn_varlen_func(q, k, v, cu, max(lengths), return_lse=return_lse,
+                                      window_size=(9, 0))
+
+    def ref(q, k, v, return_lse):
+        return varlen_attention_reference(q, k, v, cu, return_lse=return_lse, upcast=torch.float64,
+                                          window_size=(9, 0))
+
+    _check_fp32(_fwd_bwd(ours, q, k, v, do, dlse), _fwd_bwd(ref, q, k, v, do, dlse))
+
+
+@pytest.mark.parametrize("window_size,exc,match", [
+    ((4, 0), NotImplementedError, "causal=True"),  # called with causal=False below
+    ((4, 2), ValueError, "-1 or 0"),
+    ((-2, 0), ValueError, ">= -1"),
+    (4, ValueError, "pair"),
+])
+def test_sliding_window_validation(window_size, exc, match):
+    causal = match != "causal=True"
+    with pytest.raises(exc, match=match):
+        flash_attn_func(*_qkv(), causal=causal, window_size=window_size)
+
+
+# ---------------------------------------------------------------------------------------------
 # varlen
 # ---------------------------------------------------------------------------------------------
 
@@ -413,6 +484,22 @@ def test_gpu_low_precision_large(dtype, causal, s, h, hkv, d):
     ours = _fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=causal)
     ref = _reference(q, k, v, do, dlse, dtype=torch.float32, causal=causal)
     low = _reference(q, k, v, do, dlse, dtype=dtype, causal=causal)
+    for name, o, r, lo in zip(NAMES, ours, ref, low):
+        err = _max_err(o, r)
+        bound = 1e-2 if name == "lse" else 2 * _max_err(lo, r) + 1e-2
+        assert err <= bound, f"{name}: error {err} > {bound}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s,left,d", [(4096, 1023, 128), (3000, 127, 64), (1000, 4095, 128)])
+def test_gpu_sliding_window_low_precision(dtype, s, left, d):
+    q, k, v, do, dlse = _make(1, s, s, 8, 2, d, dtype=dtype, seed=left)
+    kw = dict(causal=True, window_size=(left, 0))
+    ours = _fwd_bwd(flash_attn_func, q, k, v, do, dlse, **kw)
+    ref = _reference(q, k, v, do, dlse, dtype=torch.float32, **kw)
+    low = _reference(q, k, v, do, dlse, dtype=dtype, **kw)
     for name, o, r, lo in zip(NAMES, ours, ref, low):
         err = _max_err(o, r)
         bound = 1e-2 if name == "lse" else 2 * _max_err(lo, r) + 1e-2

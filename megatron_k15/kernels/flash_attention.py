@@ -109,13 +109,30 @@ def _block_start(start, LARGE: tl.constexpr):
 
 
 @triton.jit
+def _window_key_range(start_m, causal_shift, window_left, n_full,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sliding window, for the query rows [start_m, start_m + BLOCK_M): (n_lo, n_mid) with
+    [n_lo, n_mid) the block-aligned keys inside some rows' windows but not all (a masked
+    loop) and [n_mid, n_full) the keys every row sees (unmasked). Row i sees key j iff
+    i' - window_left <= j <= i' with i' = i + causal_shift; the first row's window starts
+    lowest, the last row's highest."""
+    first = tl.maximum(start_m + causal_shift - window_left, 0)
+    n_lo = (first // BLOCK_N) * BLOCK_N
+    every = tl.maximum(start_m + BLOCK_M - 1 + causal_shift - window_left, 0)
+    n_mid = ((every + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    n_mid = tl.minimum(tl.maximum(n_mid, n_lo), n_full)
+    n_lo = tl.minimum(n_lo, n_mid)
+    return n_lo, n_mid
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_ks, stride_vs,
-    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale,
+    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -137,6 +154,8 @@ def _fwd_inner(
             valid = offs_n[None, :] < seqlen_k
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if WINDOW:  # sliding window: only the window_left keys before the diagonal
+                valid = valid & (offs_n[None, :] >= offs_m[:, None] + causal_shift - window_left)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -170,10 +189,10 @@ def _attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale, seq_bucket,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, seq_bucket, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heavy (late, for causal) query blocks first: better tail balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -234,15 +253,25 @@ def _attn_fwd_kernel(
     else:
         n_full = (seqlen_k // BLOCK_N) * BLOCK_N
         n_end = seqlen_k
+    n_mid = 0
+    if WINDOW:
+        n_lo, n_mid = _window_key_range(start_m, causal_shift, window_left, n_full,
+                                        BLOCK_M, BLOCK_N)
+        # masked: the window's lower band (keys left of some rows' windows)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        offs_m, 0, n_full, seqlen_k, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
     )
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -304,10 +333,10 @@ def _attn_bwd_preprocess_kernel(
 def _bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-    offs_n, lo, hi, seqlen_q, seqlen_k, causal_shift, qk_scale,
+    offs_n, lo, hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -338,6 +367,8 @@ def _bwd_dkdv_inner(
             valid = offs_n[:, None] < seqlen_k
             if CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+            if WINDOW:
+                valid = valid & (offs_n[:, None] >= offs_m[None, :] + causal_shift - window_left)
             p_t = tl.where(valid, p_t, 0.0)
         if MASKED:
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
@@ -369,10 +400,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, sm_scale, seq_bucket,
+    seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, sm_scale, seq_bucket, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -435,6 +466,15 @@ def _attn_bwd_dkdv_kernel(
         m_mid = 0
         band_end = 0
         tail_start = m_full_end
+    m_hi = seqlen_q
+    unmasked_end = m_full_end
+    if WINDOW:
+        # rows below m_win hold this block's first key (so all of it) in their windows; rows
+        # from m_hi on hold none of it
+        m_win = (tl.maximum(start_n + window_left - causal_shift + 1, 0) // BLOCK_M) * BLOCK_M
+        m_hi = tl.minimum(tl.maximum(start_n + BLOCK_N + window_left - causal_shift, 0), seqlen_q)
+        unmasked_end = tl.minimum(tl.maximum(m_win, m_mid), m_full_end)
+        tail_start = tl.maximum(m_mid, unmasked_end)
 
     for g in range(0, group):
         h64 = (hk * group + g).to(tl.int64)
@@ -445,20 +485,21 @@ def _attn_bwd_dkdv_kernel(
         # masked: the diagonal band
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, m_lo, band_end, seqlen_q, seqlen_k, causal_shift, qk_scale,
-            HEAD_DIM, BLOCK_M, True, CAUSAL, LARGE, DOT_PREC, UPCAST,
+            offs_n, m_lo, band_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
         )
         # unmasked: whole query blocks that see every key of this block
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, m_mid, m_full_end, seqlen_q, seqlen_k, causal_shift, qk_scale,
-            HEAD_DIM, BLOCK_M, False, CAUSAL, LARGE, DOT_PREC, UPCAST,
+            offs_n, m_mid, unmasked_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
+            HEAD_DIM, BLOCK_M, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
         )
-        # masked: the ragged last query block
+        # masked: the ragged last query block (and, with a window, the rows whose windows
+        # leave this block)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, tail_start, seqlen_q, seqlen_q, seqlen_k, causal_shift, qk_scale,
-            HEAD_DIM, BLOCK_M, True, CAUSAL, LARGE, DOT_PREC, UPCAST,
+            offs_n, tail_start, m_hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
         )
     dk = dk * sm_scale
     tl.store(DK + dk_off + hk64 * stride_dkh + (rows_n * stride_dks)[:, None]
@@ -471,10 +512,10 @@ def _attn_bwd_dkdv_kernel(
 def _bwd_dq_inner(
     dq, q, do, lse, delta,
     k_base, v_base, stride_ks, stride_vs,
-    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale,
+    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -501,6 +542,8 @@ def _bwd_dq_inner(
             valid = col_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if WINDOW:
+                valid = valid & (offs_n[None, :] >= offs_m[:, None] + causal_shift - window_left)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -520,10 +563,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, seq_bucket,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, seq_bucket, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -583,15 +626,24 @@ def _attn_bwd_dq_kernel(
     else:
         n_full = (seqlen_k // BLOCK_N) * BLOCK_N
         n_end = seqlen_k
+    n_mid = 0
+    if WINDOW:
+        n_lo, n_mid = _window_key_range(start_m, causal_shift, window_left, n_full,
+                                        BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        )
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-        offs_m, 0, n_full, seqlen_k, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
     )
     dq = dq * sm_scale
     tl.store(DQ + dq_off + h64 * stride_dqh + (rows_m * stride_dqs)[:, None]
@@ -703,7 +755,7 @@ def _all_candidates(kernel: str):
     return _configs(sorted({c for table in _HOPPER[kernel].values() for c in table}, reverse=True))
 
 
-_AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "VARLEN", "DOT_PREC"]
+_AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "WINDOW", "VARLEN", "DOT_PREC"]
 
 if INTERPRET:
     _fwd_launcher = _attn_fwd_kernel
@@ -787,7 +839,7 @@ def _part(t, b0, b1, varlen, cu=False):
     return t[b0:b1]
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left=-1):
     varlen = cu_seqlens is not None
     if varlen:
         total, n_heads, head_dim = q.shape
@@ -807,8 +859,8 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     qk_scale = softmax_scale * LOG2E
     large = _needs_int64(max(seqlen_q, seqlen_k), q, k, v, out, varlen=varlen)
     cu = cu_seqlens if varlen else q  # dummy pointer when not varlen
-    meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), VARLEN=varlen, LARGE=large,
-                DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
+    meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), WINDOW=window_left >= 0, VARLEN=varlen,
+                LARGE=large, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
 
     for b0, b1 in _batch_chunks(batch, n_heads):
         def grid(m, n=b1 - b0):
@@ -820,12 +872,13 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(out, varlen),
             *_lse_strides(lse, varlen),
             seqlen_q, seqlen_k, n_heads, group, qk_scale, _seq_bucket(max(seqlen_q, seqlen_k)),
-            **meta, **_fixed(_INTERP_FWD),
+            max(window_left, 0), **meta, **_fixed(_INTERP_FWD),
         )
     return out, lse
 
 
-def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale):
+def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
+              window_left=-1):
     varlen = cu_seqlens is not None
     if varlen:
         total, n_heads, head_dim = q.shape
@@ -853,8 +906,8 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
         dlse = dlse.to(torch.float32)
         if dlse.stride() != lse.stride():
             dlse = dlse.contiguous()
-    meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), VARLEN=varlen, LARGE=large,
-                DOT_PREC=dot_prec, UPCAST=_upcast(q.dtype))
+    meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), WINDOW=window_left >= 0, VARLEN=varlen,
+                LARGE=large, DOT_PREC=dot_prec, UPCAST=_upcast(q.dtype))
     for b0, b1 in _batch_chunks(batch, n_heads):  # (MAX_GRID_Y)
         n = b1 - b0
         q_, k_, v_, do_, out_, lse_, delta_, dq_, dk_, dv_ = (
@@ -871,14 +924,14 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
             q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_,
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
             *_s3(dk, varlen), *_s3(dv, varlen), *_lse_strides(lse, varlen),
-            seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket,
+            seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket, max(window_left, 0),
             **meta, **_fixed(_INTERP_DKDV),
         )
         _dq_launcher[lambda m, n=n: (triton.cdiv(seqlen_q, m["BLOCK_M"]), n * n_heads)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_,
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
             *_s3(dq, varlen), *_lse_strides(lse, varlen),
-            seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket,
+            seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket, max(window_left, 0),
             **meta, **_fixed(_INTERP_DQ),
         )
     return dq, dk, dv
@@ -886,12 +939,13 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
 
 class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left):
+        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
+        ctx.window_left = window_left
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -902,8 +956,8 @@ class _FlashAttnFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dout = _last_dim_contiguous(dout)
         dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                               ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None
+                               ctx.causal, ctx.softmax_scale, ctx.window_left)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,24 +1000,49 @@ def _check_common(q, k, v, softmax_scale, ndim, layout):
     return softmax_scale
 
 
+def window_left_of(window_size, causal: bool) -> int:
+    """flash-attn's ``window_size=(left, right)`` (-1: unbounded) -> the left window, -1 for
+    none. Only causal sliding windows are supported: right must be -1 or 0."""
+    if window_size is None:
+        return -1
+    try:
+        left, right = (int(x) for x in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    if left >= 0 or right >= 0:
+        if not causal:
+            raise NotImplementedError("a sliding window (window_size != (-1, -1)) needs causal=True")
+        if right > 0:
+            raise ValueError(f"causal attention sees no keys to the right: window_size[1] must be "
+                             f"-1 or 0, got {right}")
+    return left
+
+
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: Optional[float] = None, return_lse: bool = False):
+                    softmax_scale: Optional[float] = None, return_lse: bool = False,
+                    window_size: tuple = (-1, -1)):
     """Attention over (batch, seqlen, heads, head_dim) tensors; see the module docstring.
 
     Returns ``out`` shaped like q, and with ``return_lse`` also ``lse`` (batch, n_heads, seqlen_q)
     fp32 natural log. Causal masking with seqlen_q != seqlen_k is bottom-right aligned.
+    ``window_size=(left, 0)``: a causal sliding window, query i sees keys i' - left .. i'
+    (i' = i + seqlen_k - seqlen_q; Hugging Face's ``sliding_window`` W is left = W - 1).
     """
     softmax_scale = _check_common(q, k, v, softmax_scale, 4, "(batch, seqlen, heads, head_dim)")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k/v batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    window_left = window_left_of(window_size, causal)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _FlashAttnFunction.apply(q, k, v, None, 0, bool(causal), softmax_scale)
+    out, lse = _FlashAttnFunction.apply(q, k, v, None, 0, bool(causal), softmax_scale, window_left)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True,
-                           softmax_scale: Optional[float] = None, return_lse: bool = False):
+                           softmax_scale: Optional[float] = None, return_lse: bool = False,
+                           window_size: tuple = (-1, -1)):
     """Attention over packed sequences (total_tokens, heads, head_dim); see the module docstring.
 
     ``cu_seqlens`` int32 (batch + 1,) holds the sequence boundaries (first 0, last total_tokens),
@@ -971,6 +1050,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``return_lse`` also ``lse`` (n_heads, total_tokens) fp32.
     """
     softmax_scale = _check_common(q, k, v, softmax_scale, 3, "(total_tokens, heads, head_dim)")
+    window_left = window_left_of(window_size, causal)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k/v total_tokens differ: {q.shape[0]} vs {k.shape[0]}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -997,7 +1077,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              f"({int(lengths.max())})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _FlashAttnFunction.apply(q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal),
-                                        softmax_scale)
+                                        softmax_scale, window_left)
     return (out, lse) if return_lse else out
 
 
@@ -1008,7 +1088,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         softmax_scale: Optional[float] = None, return_lse: bool = False,
-                        upcast: Optional[torch.dtype] = None):
+                        upcast: Optional[torch.dtype] = None, window_size: tuple = (-1, -1)):
     """Plain PyTorch attention with flash_attn_func's layout and semantics (GQA, bottom-right
     causal, empty rows -> output 0 and lse -inf). Computes in ``upcast`` (default: the input
     dtype; pass torch.float64 for a reference) and returns that dtype; differentiable."""
@@ -1022,10 +1102,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     kk = k.repeat_interleave(group, dim=2)
     vv = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale
+    window_left = window_left_of(window_size, causal)
     if causal:
         i = torch.arange(sq, device=q.device)[:, None]
         j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+        hidden = j > i + (sk - sq)
+        if window_left >= 0:
+            hidden = hidden | (j < i + (sk - sq) - window_left)
+        s = s.masked_fill(hidden, float("-inf"))
     # log-sum-exp by hand so rows without keys give lse = -inf, output 0 and finite gradients
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -1041,7 +1125,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, causal=True, softmax_scale=None,
-                               return_lse=False, upcast=None):
+                               return_lse=False, upcast=None, window_size=(-1, -1)):
     """attention_reference applied per packed sequence; lse (n_heads, total_tokens)."""
     outs, lses = [], []
     bounds = [int(x) for x in cu_seqlens.tolist()]
@@ -1052,7 +1136,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens, causal=True, softmax_scale=N
             lses.append(q.new_zeros((q.shape[1], 0), dtype=dtype))
             continue
         o, l = attention_reference(q[None, s:e], k[None, s:e], v[None, s:e], causal=causal,
-                                   softmax_scale=softmax_scale, return_lse=True, upcast=upcast)
+                                   softmax_scale=softmax_scale, return_lse=True, upcast=upcast,
+                                   window_size=window_size)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs, 0)

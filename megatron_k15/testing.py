@@ -152,6 +152,9 @@ TINY_HF_MODELS = {
                                    norm_topk_prob=True, head_dim=16, rope_theta=1000000.0)),
     "mistral": ("Mistral", dict(head_dim=32, sliding_window=None, rope_theta=1000000.0)),
     "phi3": ("Phi3", dict(sliding_window=None, rope_theta=250000.0, pad_token_id=0)),
+    "olmo2": ("Olmo2", dict(rope_theta=500000.0, pad_token_id=0)),
+    # 4 layers: three sliding (window 24) and one full, OLMo 3's pattern
+    "olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=24, rope_theta=500000.0, pad_token_id=0)),
 }
 
 
@@ -161,8 +164,10 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     hidden 64 and 4 heads, so the head size is not hidden / heads; GQA 2:1, untied),
     ``qwen3_moe`` (Qwen3 attention, 8 experts of ffn 48, top-2 renormalised), ``mistral``
     (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window)
-    or ``phi3`` (Phi-4's layout: fused qkv_proj and gate_up_proj tensors, GQA 2:1). Biases and norm
-    weights get random values so they matter."""
+    ``phi3`` (Phi-4's layout: fused qkv_proj and gate_up_proj tensors, GQA 2:1), ``olmo2`` (norms
+    after the sublayers, q/k norms over all heads) or ``olmo3`` (OLMo 2's block, 4 layers of which
+    3 attend through a 24-token sliding window). Biases and norm weights get random values so
+    they matter."""
     import transformers
 
     if kind not in TINY_HF_MODELS:

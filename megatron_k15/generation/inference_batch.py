@@ -67,8 +67,16 @@ class LayerKVCache:
         self.batch = batch
         self.index = layer
 
-    def attend(self, q, k, v, softmax_scale):
+    def attend(self, q, k, v, softmax_scale, window_size=(-1, -1)):
+        """``window_size=(left, 0)``: the layer's sliding window (its queries see their last
+        left + 1 tokens)."""
         b = self.batch
+        window_left = window_size[0]
+        win = {} if window_left < 0 else {"window_size": window_size}
+        if window_left >= 0 and b.cp_group is not None:
+            raise NotImplementedError("context-parallel decode of sliding-window layers is not supported "
+                                      "(the cache shards hold every cp-th position): generate without "
+                                      "--context-parallel-size")
         cache = b.cache
         if b.resolved_slots is None:
             b.resolved_slots = cache.resolve_slots(b.slots)
@@ -78,7 +86,7 @@ class LayerKVCache:
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
                 k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
                 out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
-                                          softmax_scale=softmax_scale)
+                                          softmax_scale=softmax_scale, **win)
             else:
                 out = self._chunk_attention_cp(q[0, :n], k[0, :n], v[0, :n], softmax_scale)[None]
             if n < q.shape[1]:  # padding rows
@@ -86,13 +94,13 @@ class LayerKVCache:
             return out
         if not b.decode:
             return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
-                                       cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+                                       cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, **win)
         validate, b.validated = not b.validated, True
         if b.cp_group is None:
             out = paged_decode_attention(
                 q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables,
                 b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
-                validate=validate)
+                validate=validate, window_left=window_left)
             return out.unsqueeze(0)
         out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,

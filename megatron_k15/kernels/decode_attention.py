@@ -116,11 +116,11 @@ if HAVE_TRITON:
         stride_btb,
         stride_mob, stride_moh, stride_mos,
         stride_mlb, stride_mlh,
-        n_kv_heads, num_splits, qk_scale,
+        n_kv_heads, num_splits, qk_scale, window_left,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WINDOW: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -128,9 +128,12 @@ if HAVE_TRITON:
         kvh = pid % n_kv_heads
 
         seq_len = tl.load(SL + b)
-        per_split = (seq_len + num_splits - 1) // num_splits
+        first = 0
+        if WINDOW:  # sliding window: the splits share the last window_left + 1 keys only
+            first = tl.maximum(seq_len - 1 - window_left, 0)
+        per_split = (seq_len - first + num_splits - 1) // num_splits
         chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        start = split * chunk
+        start = first + split * chunk
         end = tl.minimum(start + chunk, seq_len)
 
         offs_g = tl.arange(0, GROUP_PAD)
@@ -324,7 +327,7 @@ def _launch_cfg(head_dim: int, dtype: torch.dtype):
 
 
 def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
-                         return_lse):
+                         return_lse, window_left=-1):
     batch, n_heads, head_dim = q.shape
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
@@ -338,7 +341,10 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
     seq_lens = seq_lens.to(torch.int32).contiguous()
 
     if num_splits is None:
-        num_splits = default_num_splits(batch, n_kv, block_tables.shape[1] * page, q.device)
+        context = block_tables.shape[1] * page
+        if window_left >= 0:
+            context = min(context, window_left + 1)
+        num_splits = default_num_splits(batch, n_kv, context, q.device)
     num_splits = int(num_splits)
     if not 1 <= num_splits <= 4096:
         raise ValueError(f"num_splits must be in [1, 4096], got {num_splits}")
@@ -361,11 +367,11 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        n_kv, num_splits, scale * LOG2E,
+        n_kv, num_splits, scale * LOG2E, max(window_left, 0),
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=hd_pad, PAGE=page,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype != torch.float32,
+        UPCAST=INTERPRET and q.dtype != torch.float32, WINDOW=window_left >= 0,
         **meta, **launch,
     )
     n_rows = batch * n_heads
@@ -397,7 +403,8 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None,
-                                 return_lse=False, max_seq_len: Optional[int] = None, validate: bool = True):
+                                 return_lse=False, max_seq_len: Optional[int] = None, validate: bool = True,
+                                 window_left: int = -1):
     """Vectorised PyTorch fallback with the semantics of ``paged_decode_attention``.
 
     Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``); without
@@ -413,13 +420,17 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item()) if batch else 0
     max_len = max(1, int(max_seq_len))
-    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+    pos = torch.arange(max_len, device=q.device)[None, :]
+    lens = seq_lens.to(q.device)[:, None]
+    valid = pos < lens
+    if window_left >= 0:
+        valid = valid & (pos >= lens - 1 - window_left)
     if not return_lse and q.dtype != torch.float64:
         # one fused SDPA call over the gathered, padded K/V; GQA without repeating kv heads:
         # the query heads of a group are the query "rows" of their kv head, (b, kv, group, d)
         k = _gather_padded(k_cache, block_tables, max_len).transpose(1, 2)  # (b, kv, n, d)
         v = _gather_padded(v_cache, block_tables, max_len).transpose(1, 2)
-        padded = bool((seq_lens < max_len).any()) if batch else False
+        padded = window_left >= 0 or (bool((seq_lens < max_len).any()) if batch else False)
         out = torch.nn.functional.scaled_dot_product_attention(
             q.reshape(batch, n_kv, group, head_dim), k.to(q.dtype), v.to(q.dtype),
             attn_mask=valid[:, None, None, :] if padded else None, scale=scale)
@@ -442,12 +453,12 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     softmax_scale=None, return_lse=False):
+                                     softmax_scale=None, return_lse=False, window_left: int = -1):
     """Plain per-sequence PyTorch reference (computes in fp32, or float64 for float64 inputs).
 
-    For each sequence: gather its ``seq_len`` K/V rows through the block table, repeat the kv
-    heads over their query group, softmax(q k^T * scale) v. Returns (out[, lse]) like
-    ``paged_decode_attention``."""
+    For each sequence: gather its ``seq_len`` K/V rows (the last ``window_left + 1`` with a
+    sliding window) through the block table, repeat the kv heads over their query group,
+    softmax(q k^T * scale) v. Returns (out[, lse]) like ``paged_decode_attention``."""
     _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, n_heads, head_dim = q.shape
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -460,7 +471,7 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
         n = int(seq_lens[b])
         if n == 0:
             continue
-        pos = torch.arange(n, device=q.device)
+        pos = torch.arange(max(n - 1 - window_left, 0) if window_left >= 0 else 0, n, device=q.device)
         blocks = block_tables[b].long()[pos // page]
         k = k_cache[blocks, pos % page].to(cdt).repeat_interleave(group, dim=1)  # (n, h, d)
         v = v_cache[blocks, pos % page].to(cdt).repeat_interleave(group, dim=1)
@@ -477,7 +488,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            softmax_scale: Optional[float] = None,
                            num_splits: Optional[int] = None, return_lse: bool = False,
-                           *, impl: str = "auto", max_seq_len: Optional[int] = None, validate: bool = True):
+                           *, impl: str = "auto", max_seq_len: Optional[int] = None, validate: bool = True,
+                           window_left: int = -1):
     """Attention of one new query token per sequence over a paged KV cache (module docstring).
 
     Args:
@@ -494,6 +506,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             path then reads nothing back from the device).
         validate: check the arguments (a decode step's layers share the tables and shapes: the
             engine checks its first layer's call only).
+        window_left: a sliding window (>= 0): the query sees only the last ``window_left + 1``
+            tokens of its sequence (itself included); -1: all of them.
 
     Returns:
         out (batch, n_heads, head_dim) in q's dtype, and lse when ``return_lse``.
@@ -508,12 +522,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         impl = "triton" if _triton_ok(q) else "torch"
     if impl == "torch":
         return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens,
-                                            softmax_scale, return_lse, max_seq_len, validate=False)
+                                            softmax_scale, return_lse, max_seq_len, validate=False,
+                                            window_left=window_left)
     if not _triton_ok(q):
         raise RuntimeError(
             f"the Triton decode kernel needs triton and CUDA tensors of fp16/bf16/fp32 (got "
             f"{q.dtype} on {q.device}); on CPU set TRITON_INTERPRET=1 before importing triton")
     scale = _scale(softmax_scale, q.shape[-1])
     out, lse = _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                    num_splits, return_lse)
+                                    num_splits, return_lse, int(window_left))
     return (out, lse) if return_lse else out

@@ -411,7 +411,7 @@ class _RingAttnFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _allgather_attn(q, k, v, group, causal, scale, cu_seqlens):
+def _allgather_attn(q, k, v, group, causal, scale, cu_seqlens, window_size=(-1, -1)):
     cp = dist.get_world_size(group)
     rank = dist.get_rank(group)
     varlen = cu_seqlens is not None
@@ -439,7 +439,8 @@ def _allgather_attn(q, k, v, group, causal, scale, cu_seqlens):
             qh = qq[:, half * c_len:(half + 1) * c_len]
             n_keys = (m + 1) * c_len
             o, l = _fa.flash_attn_func(qh, kvf[0][:, :n_keys], kvf[1][:, :n_keys], causal=True,
-                                       softmax_scale=scale, return_lse=True)
+                                       softmax_scale=scale, return_lse=True,
+                                       window_size=window_size)
             outs.append(o)
             lses.append(l)
         return torch.cat(outs, 1), torch.cat(lses, 2)
@@ -473,7 +474,8 @@ def _allgather_attn(q, k, v, group, causal, scale, cu_seqlens):
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
                    causal: bool = True, softmax_scale: Optional[float] = None,
                    comm_type: str = "ring", cu_seqlens: Optional[torch.Tensor] = None,
-                   max_seqlen: Optional[int] = None, return_lse: bool = False):
+                   max_seqlen: Optional[int] = None, return_lse: bool = False,
+                   window_size: tuple = (-1, -1)):
     """Context-parallel attention of this rank's zigzag shard against the whole sequence.
 
     q (batch, 2c, heads, head_dim), k/v (batch, 2c, kv_heads, head_dim): chunks ``r`` and
@@ -482,9 +484,11 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     (``parallel_state.get_context_parallel_group()``); ``None`` means the default group when
     torch.distributed is initialised, else no cp. Returns ``out`` like q (and ``lse`` fp32 with
     ``return_lse``), equal to full attention of the gathered sequence, restricted to the local
-    rows. Differentiable in q, k, v (and through lse).
+    rows. Differentiable in q, k, v (and through lse). ``window_size=(left, 0)``: a causal
+    sliding window as in ``flash_attn_func`` (``comm_type="allgather"`` only under cp > 1).
     """
     varlen = cu_seqlens is not None
+    window = _fa.window_left_of(window_size, causal) >= 0
     if varlen:
         softmax_scale = _fa._check_common(q, k, v, softmax_scale, 3,
                                           "(total_tokens, heads, head_dim)")
@@ -513,10 +517,11 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
                 lengths = cu_seqlens[1:] - cu_seqlens[:-1]
                 max_seqlen = int(lengths.max()) if lengths.numel() else 0
             res = _fa.flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                             softmax_scale=softmax_scale, return_lse=True)
+                                             softmax_scale=softmax_scale, return_lse=True,
+                                             window_size=window_size)
         else:
             res = _fa.flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                      return_lse=True)
+                                      return_lse=True, window_size=window_size)
         return res if return_lse else res[0]
 
     if comm_type == "allgather":
@@ -525,7 +530,12 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         elif q.shape[1] % 2:
             raise ValueError(f"the local sequence length {q.shape[1]} is odd: q, k, v must hold "
                              "two zigzag chunks of equal length (see zigzag_split)")
-        out, lse = _allgather_attn(q, k, v, group, bool(causal), softmax_scale, cu_seqlens)
+        out, lse = _allgather_attn(q, k, v, group, bool(causal), softmax_scale, cu_seqlens,
+                                   window_size)
+    elif window:
+        raise NotImplementedError("a sliding window under context parallelism needs "
+                                  "--cp-comm-type allgather (the ring does not skip the blocks "
+                                  "outside the window)")
     else:
         q, k, v = (t.contiguous() for t in (q, k, v))
         out, lse = _RingAttnFunction.apply(q, k, v, group, bool(causal), softmax_scale,

@@ -2,14 +2,17 @@
 
 Every backend is a function
 
-    attn(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None) -> out
+    attn(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+         window_size=(-1, -1)) -> out
 
 with flash-attn's layout: q (b, s, n_heads, d), k/v (b, s, n_kv_heads, d), out like q.
 ``cu_seqlens`` (int32, boundaries of packed sequences along s, only with b == 1) keeps
 attention inside each packed sequence. Without it q may be shorter than k/v (a chunk of new
 tokens over a cached prefix): causal masking is then aligned bottom-right, as in flash-attn,
-query i sees key j iff j <= i + s_k - s_q. GQA is handled by the backend, never by repeating K/V
-in the model. New backends register with ``register_attention_backend``.
+query i sees key j iff j <= i + s_k - s_q. ``window_size=(left, 0)`` (flash-attn's convention)
+is a causal sliding window: query i also needs j >= i + s_k - s_q - left (the local layers of
+Mistral v0.1, OLMo 3 or Qwen2 with ``use_sliding_window``). GQA is handled by the backend, never
+by repeating K/V in the model. New backends register with ``register_attention_backend``.
 
 Under context parallelism the model uses ``context_parallel_attention(cp_group, comm_type)``
 instead (ring attention over the cp group, same interface, on this rank's zigzag shard).
@@ -61,15 +64,18 @@ def get_attention_backend(name: str, head_dim: Optional[int] = None) -> Attentio
     return _BACKENDS[name]()
 
 
-def _sdpa_dense(q, k, v, causal, softmax_scale):
+def _sdpa_dense(q, k, v, causal, softmax_scale, window_left=-1):
     # (b, s, h, d) -> (b, h, s, d)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
     mask = None
-    if causal and sq != sk:  # bottom-right aligned; SDPA's is_causal is top-left
-        i = torch.arange(sq, device=q.device)[:, None]
-        mask = torch.arange(sk, device=q.device)[None, :] <= i + (sk - sq)
+    if causal and (sq != sk or window_left >= 0):  # bottom-right aligned; SDPA's is_causal is top-left
+        diag = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        j = torch.arange(sk, device=q.device)[None, :]
+        mask = j <= diag
+        if window_left >= 0:
+            mask = mask & (j >= diag - window_left)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and sq > 1 and mask is None, scale=softmax_scale,
         enable_gqa=gqa,
@@ -77,15 +83,19 @@ def _sdpa_dense(q, k, v, causal, softmax_scale):
     return out.transpose(1, 2)
 
 
-def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None):
+def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                   window_size=(-1, -1)):
     """PyTorch scaled_dot_product_attention; packed sequences are attended one at a time."""
+    from megatron_k15.kernels.flash_attention import window_left_of
+
+    window_left = window_left_of(window_size, causal)
     if cu_seqlens is None:
-        return _sdpa_dense(q, k, v, causal, softmax_scale)
+        return _sdpa_dense(q, k, v, causal, softmax_scale, window_left)
     if q.shape[0] != 1:
         raise ValueError("packed sequences (cu_seqlens) need batch size 1")
     bounds = cu_seqlens.tolist()
     outs = [
-        _sdpa_dense(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale)
+        _sdpa_dense(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale, window_left)
         for s, e in zip(bounds[:-1], bounds[1:]) if e > s
     ]
     return torch.cat(outs, dim=1)
@@ -95,16 +105,17 @@ def _triton_factory() -> AttentionFn:
     from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
 
     def triton_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                         max_seqlen: Optional[int] = None):
+                         max_seqlen: Optional[int] = None, window_size=(-1, -1)):
         if cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale)
+            return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                   window_size=window_size)
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         out = flash_attn_varlen_func(
             q[0], k[0], v[0], cu_seqlens.to(torch.int32), max_seqlen,
-            causal=causal, softmax_scale=softmax_scale,
+            causal=causal, softmax_scale=softmax_scale, window_size=window_size,
         )
         return out.unsqueeze(0)
 
@@ -130,15 +141,15 @@ def context_parallel_attention(group, comm_type: str = "ring") -> AttentionFn:
         raise ValueError(f"--cp-comm-type must be one of {COMM_TYPES}, got {comm_type!r}")
 
     def cp_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                     max_seqlen: Optional[int] = None):
+                     max_seqlen: Optional[int] = None, window_size=(-1, -1)):
         if cu_seqlens is None:
             return ring_attn_func(q, k, v, group, causal=causal, softmax_scale=softmax_scale,
-                                  comm_type=comm_type)
+                                  comm_type=comm_type, window_size=window_size)
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
         out = ring_attn_func(q[0], k[0], v[0], group, causal=causal, softmax_scale=softmax_scale,
                              comm_type=comm_type, cu_seqlens=cu_seqlens.to(torch.int32),
-                             max_seqlen=max_seqlen)
+                             max_seqlen=max_seqlen, window_size=window_size)
         return out.unsqueeze(0)
 
     return cp_attention

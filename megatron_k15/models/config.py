@@ -44,6 +44,24 @@ class GPTConfig:
     add_qkv_bias: bool = False
     # RMSNorm over each head's q and k before RoPE (Qwen3; Megatron-LM's --qk-layernorm)
     qk_layernorm: bool = False
+    # what the q/k norm spans: "head" (Qwen3: each head's head_dim, one weight shared by the
+    # heads) or "all" (OLMo 2/3: all heads of a token at once, one weight per channel)
+    qk_layernorm_scope: str = "head"
+    # where the block's norms sit: "pre" (Llama/Qwen: x + f(norm(x))) or "post" (OLMo 2/3:
+    # x + norm(f(x)), no norm on the sublayer's input)
+    norm_placement: str = "pre"
+    # RMSNorm's weight multiplies the fp32 normalised values before the cast back (OLMo); Llama
+    # and Qwen cast first, then multiply in the activations' dtype
+    norm_in_fp32: bool = False
+    # Sliding-window attention (Hugging Face's ``sliding_window`` W): a query of a sliding layer
+    # sees its W most recent tokens, itself included. ``layer_types`` names every layer
+    # "full_attention" or "sliding_attention" (OLMo 3: three sliding, one full); None with a
+    # window: every layer slides (Mistral v0.1).
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None
+    # RoPE of the sliding layers when it differs from the full layers' (OLMo 3 scales only the
+    # full layers' RoPE): {"rotary_base": theta, "rope_scaling": dict or None}
+    sliding_rope: Optional[dict] = None
     tie_word_embeddings: bool = False
     # Mixture of experts (Qwen3-MoE; Megatron-LM's --num-experts / --moe-router-topk /
     # --moe-ffn-hidden-size): every layer's MLP is num_moe_experts SwiGLU experts of
@@ -69,6 +87,20 @@ class GPTConfig:
     @property
     def is_moe(self) -> bool:
         return bool(self.num_moe_experts)
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based, of the whole model) attends through the window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def window_left(self, layer: int) -> int:
+        """Keys before the diagonal layer ``layer`` sees (flash-attn's window_size[0]); -1: all."""
+        return int(self.sliding_window) - 1 if self.is_sliding_layer(layer) else -1
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return any(self.is_sliding_layer(i) for i in range(self.num_layers))
 
     # -- derived sizes ------------------------------------------------------------------
     @property
@@ -102,7 +134,8 @@ class GPTConfig:
         if self.add_qkv_bias:
             attn += self.query_projection_size + 2 * self.kv_projection_size
         if self.qk_layernorm:
-            attn += 2 * self.head_dim
+            attn += (self.query_projection_size + self.kv_projection_size
+                     if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
         per_layer = attn + self._mlp_parameters(self.num_moe_experts) + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
@@ -183,15 +216,34 @@ class GPTConfig:
                 f"--pipeline-model-parallel-size {pp} exceeds --num-layers {self.num_layers}; "
                 "every stage needs at least one layer"
             )
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", "llama3")
-            needed = ROPE_SCALING_FIELDS.get(kind)
-            if needed is None:
-                raise ConfigError(f"rope_scaling rope_type {kind!r} is not supported ({sorted(ROPE_SCALING_FIELDS)})")
-            missing = [k for k in needed if k not in self.rope_scaling]
-            if missing:
-                raise ConfigError(f"rope_scaling is missing {missing} ({kind} scaling needs {list(needed)})")
+        _check_rope_scaling(self.rope_scaling, "rope_scaling")
+        if self.qk_layernorm_scope not in ("head", "all"):
+            raise ConfigError(f"qk_layernorm_scope must be 'head' or 'all', got {self.qk_layernorm_scope!r}")
+        if self.norm_placement not in ("pre", "post"):
+            raise ConfigError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ConfigError(f"--sliding-window must be a positive number of tokens, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for --num-layers "
+                                  f"{self.num_layers}")
+            bad = sorted({t for t in self.layer_types} - {"full_attention", "sliding_attention"})
+            if bad:
+                raise ConfigError(f"layer_types may hold 'full_attention' and 'sliding_attention', got {bad}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("layer_types names sliding_attention layers but sliding_window is not set")
+        if self.sliding_rope is not None:
+            unknown = sorted(set(self.sliding_rope) - {"rotary_base", "rope_scaling"})
+            if unknown or "rotary_base" not in self.sliding_rope:
+                raise ConfigError(f"sliding_rope holds rotary_base and rope_scaling, got {sorted(self.sliding_rope)}")
+            _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling")
         return self
+
+    def rope_for_layer(self, layer: int) -> tuple[float, Optional[dict]]:
+        """(theta, scaling) of layer ``layer``'s RoPE."""
+        if self.sliding_rope is not None and self.is_sliding_layer(layer):
+            return float(self.sliding_rope["rotary_base"]), self.sliding_rope.get("rope_scaling")
+        return self.rotary_base, self.rope_scaling
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -213,6 +265,18 @@ class GPTConfig:
     def load(cls, path: str) -> "GPTConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _check_rope_scaling(scaling: Optional[dict], name: str) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", "llama3")
+    needed = ROPE_SCALING_FIELDS.get(kind)
+    if needed is None:
+        raise ConfigError(f"{name} rope_type {kind!r} is not supported ({sorted(ROPE_SCALING_FIELDS)})")
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise ConfigError(f"{name} is missing {missing} ({kind} scaling needs {list(needed)})")
 
 
 def _qwen25(hidden, ffn, layers, heads, groups, tied, vocab=151936):

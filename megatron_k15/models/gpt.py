@@ -173,9 +173,17 @@ class GPTModel(torch.nn.Module):
         # vocab-parallel cross-entropy, which is faster there
         self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
+        # the sliding layers' own RoPE, where it differs (OLMo 3: unscaled)
+        self.rotary_sliding = None
+        if config.sliding_rope is not None and config.has_sliding_layers:
+            self.rotary_sliding = RotaryEmbedding(config.head_dim, *config.rope_for_layer(
+                next(i for i in range(config.num_layers) if config.is_sliding_layer(i))))
+        if config.has_sliding_layers and self.cp_size > 1 and cp_comm_type != "allgather":
+            raise ValueError("sliding-window layers under --context-parallel-size need --cp-comm-type "
+                             "allgather (the ring does not skip the blocks outside the window)")
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn,
-                                     cp_group if self.cp_size > 1 else None, self.ep_group)
+                                     cp_group if self.cp_size > 1 else None, self.ep_group, layer_number=i)
             for i in self.layer_range
         })
         # MoE experts: one grouped-GEMM launch per projection; None (auto): on CUDA tensors,
@@ -186,7 +194,8 @@ class GPTModel(torch.nn.Module):
             m.grouped_gemm = self.moe_grouped_gemm
         if self.post_process:
             self.final_layernorm = RMSNorm(
-                config.hidden_size, config.norm_epsilon, self.sequence_parallel, params_dtype
+                config.hidden_size, config.norm_epsilon, self.sequence_parallel, params_dtype,
+                weight_in_fp32=config.norm_in_fp32,
             )
             self.output_layer = ColumnLinear(
                 config.hidden_size, self.padded_vocab_size, mp_config=mp_config, init_method=init,
@@ -279,9 +288,13 @@ class GPTModel(torch.nn.Module):
                 position_ids = positions_from_cu_seqlens(cu_seqlens.to(device), s)
             else:
                 position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        cos, sin = self.rotary(position_ids.to(device), hidden.dtype)
+        cos_full, sin_full = self.rotary(position_ids.to(device), hidden.dtype)
+        rope_sliding = (None if self.rotary_sliding is None
+                        else self.rotary_sliding(position_ids.to(device), hidden.dtype))
         recompute = self.recompute_granularity if (self.training and torch.is_grad_enabled()) else None
-        for j, layer in enumerate(self.layers.values()):
+        for j, (i, layer) in enumerate(zip(self.layer_range, self.layers.values())):
+            cos, sin = (rope_sliding if rope_sliding is not None and self.config.is_sliding_layer(i)
+                        else (cos_full, sin_full))
             if inference is not None:
                 hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, kv_cache=inference.layer(j))
             elif recompute == "full" and (self.recompute_num_layers is None or j < self.recompute_num_layers):

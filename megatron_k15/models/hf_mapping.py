@@ -1,4 +1,5 @@
-"""Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE <-> our GPT: configs, parameter names and safetensors files.
+"""Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Qwen3-MoE/OLMo 2/OLMo 3 <-> our GPT: configs, parameter
+names and safetensors files.
 
 Name mapping (i = layer):
     model.embed_tokens.weight                       -> embedding.weight
@@ -17,6 +18,10 @@ Name mapping (i = layer):
     model.layers.i.mlp.experts.e.down_proj.weight   -> layers.i.mlp.experts.linear_fc2.weight[e]
                                                        (transformers 5's in-memory stacked
                                                        experts.gate_up_proj / down_proj read too)
+    OLMo 2/3 (norms after the sublayers, q/k norms over all heads):
+    model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
+    model.layers.i.post_feedforward_layernorm.weight -> layers.i.post_mlp_layernorm.weight
+    model.layers.i.self_attn.{q,k}_norm.weight      -> layers.i.self_attention.{q,k}_norm_all_heads.weight
     model.norm.weight                               -> final_layernorm.weight
     lm_head.weight                                  -> output_layer.weight (absent when tied)
 Every mapping is a pure reshuffle of values, so HF -> ours -> HF is bit-exact.
@@ -34,9 +39,14 @@ from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                           "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3"}
+                           "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
+                           "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3"}
 FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
-QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3")
+OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
+# Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
+# layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
+QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe")
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
 
@@ -47,6 +57,8 @@ class HFCheckpointError(ValueError):
 
 # -- configs --------------------------------------------------------------------------------
 def _rope_settings(hf: dict, where: str) -> tuple[float, Optional[dict]]:
+    """(theta, our rope_scaling) from an HF config's rope_theta / rope_scaling (transformers 4)
+    or rope_parameters (transformers 5)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or None
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -67,6 +79,60 @@ def _rope_settings(hf: dict, where: str) -> tuple[float, Optional[dict]]:
     return float(theta), out
 
 
+def _layer_type_rope(hf: dict, arch: str, where: str) -> tuple[tuple, Optional[dict]]:
+    """((theta, scaling) of the full-attention layers, our ``sliding_rope`` or None). Per layer
+    type: transformers 5 nests rope_parameters by layer type; OLMo 3's older configs scale
+    (rope_scaling) the full-attention layers only."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        full = _rope_settings({"rope_parameters": params["full_attention"]}, where)
+        sliding_params = params.get("sliding_attention")
+        sliding = full if not isinstance(sliding_params, dict) else _rope_settings(
+            {"rope_parameters": sliding_params}, where)
+    else:
+        full = _rope_settings(hf, where)
+        sliding = (full[0], None) if arch == "olmo3" else full
+    if sliding == full:
+        return full, None
+    return full, {"rotary_base": sliding[0], "rope_scaling": sliding[1]}
+
+
+def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
+    """Our ``sliding_window`` and ``layer_types`` fields from an HF config ({} for none)."""
+    n = int(hf["num_hidden_layers"])
+    window = hf.get("sliding_window", 4096 if arch == "mistral" else None)
+    types = hf.get("layer_types")
+    if arch in QWEN_ARCHITECTURES:
+        if not hf.get("use_sliding_window"):
+            window = None
+        elif types is None:  # Qwen2Config's rule
+            first = int(hf.get("max_window_layers", n))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif arch in ("mistral", "phi3"):
+        # every layer slides; a window as long as the context never binds inside it (Phi-4,
+        # Phi-3-128K), so it is dropped and those models keep the ring for context parallelism
+        if window is not None and int(window) >= int(hf.get("max_position_embeddings", 4096)):
+            window = None
+        types = None
+    elif arch == "olmo3":
+        if window is None:
+            raise HFCheckpointError(f"{where}: Olmo3ForCausalLM without sliding_window")
+        if types is None:  # Olmo3Config's default: every fourth layer full
+            types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)]
+    else:
+        window = None
+    if window is None or (types is not None and "sliding_attention" not in types):
+        if any(t != "full_attention" for t in types or []):
+            raise HFCheckpointError(f"{where}: layer_types={types!r} name sliding layers but no "
+                                    "sliding_window is set")
+        return {}
+    if types is not None and len(types) != n:
+        raise HFCheckpointError(f"{where}: layer_types has {len(types)} entries for num_hidden_layers={n}")
+    if int(window) < 1:
+        raise HFCheckpointError(f"{where}: sliding_window={window} must be a positive number of tokens")
+    return {"sliding_window": int(window), "layer_types": None if types is None else list(types)}
+
+
 def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     """Our config from an HF ``config.json`` dict; unsupported models fail with the field named."""
     archs = hf.get("architectures") or []
@@ -84,19 +150,14 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
     if hf.get("mlp_bias"):
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
-    if hf.get("use_sliding_window"):
-        raise HFCheckpointError(f"{where}: use_sliding_window=true is not supported")
-    # Mistral's and Phi-3's: attention limited to it whenever it is set (MistralConfig's default: 4096)
-    window = hf.get("sliding_window", 4096 if arch == "mistral" else None)
-    if arch in ("mistral", "phi3") and window is not None and int(window) < int(hf.get("max_position_embeddings",
-                                                                                       4096)):
-        raise HFCheckpointError(f"{where}: sliding_window={window} is not supported (full causal attention "
-                                "only; Mistral 7B v0.2 and later and Phi-4 have none)")
+    sliding = _sliding_layout(hf, arch, where)
     rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if rotary is not None and float(rotary) != 1.0:
         raise HFCheckpointError(f"{where}: partial_rotary_factor={rotary} is not supported (RoPE covers the "
                                 "whole head here)")
-    theta, scaling = _rope_settings(hf, where)
+    (theta, scaling), sliding_rope = _layer_type_rope(hf, arch, where)
+    if not sliding:
+        sliding_rope = None
     heads = int(hf["num_attention_heads"])
     moe = {}
     if arch == "qwen3_moe":
@@ -113,9 +174,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
-    if any(t != "full_attention" for t in hf.get("layer_types") or []):
-        raise HFCheckpointError(f"{where}: layer_types={hf['layer_types']!r}: only full_attention "
-                                "layers are supported")
+    olmo = arch in OLMO_ARCHITECTURES
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -132,6 +191,11 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
         qk_layernorm=arch in QK_NORM_ARCHITECTURES,
+        qk_layernorm_scope="all" if olmo else "head",
+        norm_placement="post" if olmo else "pre",
+        norm_in_fp32=olmo,
+        sliding_rope=sliding_rope,
+        **sliding,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
@@ -156,7 +220,12 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if cfg.is_moe != (arch == "qwen3_moe"):
         raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM), "
                           "dense ones as 'qwen2', 'qwen3', 'llama', 'mistral' or 'phi3'")
-    if cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
+    olmo = arch in OLMO_ARCHITECTURES
+    if olmo != (cfg.norm_placement == "post" and cfg.qk_layernorm and cfg.qk_layernorm_scope == "all"
+                and cfg.norm_in_fp32):
+        raise ConfigError("OLMo's blocks (norms after the sublayers, q/k norms over all heads) export only as "
+                          "architecture 'olmo2' or 'olmo3', and those need exactly that block")
+    if not olmo and cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
                           "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama', 'mistral' or 'phi3'")
     hf = {
@@ -180,6 +249,7 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     }
     if cfg.rope_scaling:
         hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}  # older configs lack the type
+    hf.update(_hf_sliding_fields(cfg))
     if arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
         hf["mlp_bias"] = False
@@ -189,9 +259,11 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         if cfg.add_qkv_bias:
             raise ConfigError(f"{HF_CLASS[arch]} has no QKV bias; export a model with it as architecture "
                               "'qwen2' or 'llama'")
-        hf["sliding_window"] = None
+        hf.setdefault("sliding_window", None)
         if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
             hf.update(pad_token_id=None, partial_rotary_factor=1.0)
+    elif olmo:
+        hf["attention_bias"] = cfg.add_qkv_bias
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
     if arch == "qwen3_moe":
@@ -200,6 +272,42 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0,
                   output_router_logits=False)
     return hf
+
+
+def _hf_sliding_fields(cfg: GPTConfig) -> dict:
+    """The HF config fields of our sliding window (Qwen: sliding layers after the first
+    max_window_layers; Mistral / Phi-3: all layers; OLMo 3: layer_types and a RoPE per type)."""
+    arch = cfg.architecture
+    if not cfg.has_sliding_layers:
+        if cfg.sliding_rope is not None:
+            raise ConfigError("sliding_rope is set but no layer slides")
+        return {"use_sliding_window": False} if arch in QWEN_ARCHITECTURES else {}
+    types = ["sliding_attention" if cfg.is_sliding_layer(i) else "full_attention" for i in range(cfg.num_layers)]
+    if cfg.sliding_rope is not None and arch != "olmo3":
+        raise ConfigError(f"a separate RoPE for the sliding layers (sliding_rope) exports only as 'olmo3', not {arch!r}")
+    if arch in QWEN_ARCHITECTURES:
+        first = types.index("sliding_attention")
+        if "full_attention" in types[first:]:
+            raise ConfigError(f"{HF_CLASS[arch]} slides on the layers from max_window_layers on; layer_types "
+                              f"{types} is not of that form")
+        return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": first,
+                "layer_types": types}
+    if arch in ("mistral", "phi3"):
+        if "full_attention" in types:
+            raise ConfigError(f"{HF_CLASS[arch]} slides on every layer; export mixed layer_types as 'olmo3' or "
+                              "a Qwen architecture")
+        return {"sliding_window": cfg.sliding_window}
+    if arch == "olmo3":
+        out = {"sliding_window": cfg.sliding_window, "layer_types": types}
+        if cfg.sliding_rope is not None:
+            if cfg.sliding_rope.get("rope_scaling") or cfg.sliding_rope["rotary_base"] != cfg.rotary_base:
+                raise ConfigError("Olmo3ForCausalLM's sliding layers use the full layers' theta without scaling")
+        elif cfg.rope_scaling:
+            raise ConfigError("Olmo3ForCausalLM scales only the full layers' RoPE: set sliding_rope to "
+                              "{'rotary_base': theta, 'rope_scaling': None}")
+        return out
+    raise ConfigError(f"{HF_CLASS[arch]} has no sliding-window layers; export as 'olmo3', 'mistral' or a Qwen "
+                      "architecture")
 
 
 # -- tensors --------------------------------------------------------------------------------
@@ -235,7 +343,13 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         o = f"layers.{i}."
-        out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        post_norm = cfg.norm_placement == "post"
+        if post_norm:  # OLMo
+            out[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+            out[o + "post_mlp_layernorm.weight"] = take(p + "post_feedforward_layernorm.weight")
+        else:
+            out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+            out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
         a = p + "self_attn."
         if cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
             q, k, v = take(a + "qkv_proj.weight").split(
@@ -248,9 +362,8 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
                 take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
         out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
         if cfg.qk_layernorm:
-            out[o + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
-            out[o + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
-        out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+            out[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"] = take(a + "q_norm.weight")
+            out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
         if cfg.is_moe:
             out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
         elif cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # [gate; up], as our fc1
@@ -268,6 +381,10 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         if tuple(t.shape) != expected:
             raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
     return out
+
+
+def _qk_norm_name(cfg: GPTConfig) -> str:
+    return "norm_all_heads" if cfg.qk_layernorm_scope == "all" else "layernorm"
 
 
 def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, hf_sd: dict) -> dict:
@@ -292,7 +409,12 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         o = f"layers.{i}."
-        out[p + "input_layernorm.weight"] = sd[o + "input_layernorm.weight"]
+        if cfg.norm_placement == "post":
+            out[p + "post_attention_layernorm.weight"] = sd[o + "post_attention_layernorm.weight"]
+            out[p + "post_feedforward_layernorm.weight"] = sd[o + "post_mlp_layernorm.weight"]
+        else:
+            out[p + "input_layernorm.weight"] = sd[o + "input_layernorm.weight"]
+            out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
         q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
         fused = cfg.architecture in FUSED_PROJECTION_ARCHITECTURES
         if fused:
@@ -306,9 +428,8 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
                         p + "self_attn.v_proj.bias": v})
         out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
         if cfg.qk_layernorm:
-            out[p + "self_attn.q_norm.weight"] = sd[o + "self_attention.q_layernorm.weight"]
-            out[p + "self_attn.k_norm.weight"] = sd[o + "self_attention.k_layernorm.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
+            out[p + "self_attn.q_norm.weight"] = sd[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"]
+            out[p + "self_attn.k_norm.weight"] = sd[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"]
         if cfg.is_moe:
             out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
             fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
@@ -336,6 +457,9 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
     qkv = cfg.query_projection_size + 2 * cfg.kv_projection_size
     table = {
         "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,), "post_mlp_layernorm.weight": (h,),
+        "self_attention.q_norm_all_heads.weight": (cfg.query_projection_size,),
+        "self_attention.k_norm_all_heads.weight": (cfg.kv_projection_size,),
         "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_qkv.bias": (qkv,),
         "self_attention.linear_proj.weight": (h, cfg.query_projection_size),
         "self_attention.q_layernorm.weight": (cfg.head_dim,),

@@ -36,6 +36,7 @@ from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
 from megatron_k15.parallel.expert import run_experts_parallel
 from megatron_k15.parallel.tensor import (
+    all_reduce_sum,
     gather_from_sequence_parallel_region,
     linear_with_sequence_parallel_gather,
     reduce_scatter_to_sequence_parallel_region,
@@ -51,9 +52,11 @@ class RMSNorm(torch.nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF)."""
 
     def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False,
-                 dtype: torch.dtype = torch.float32, tp_partial_grad: bool = False):
+                 dtype: torch.dtype = torch.float32, tp_partial_grad: bool = False,
+                 weight_in_fp32: bool = False):
         super().__init__()
         self.eps = eps
+        self.weight_in_fp32 = weight_in_fp32  # OLMo: w * x in fp32, then cast
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         # Replicated on every tp rank (counted once in the grad norm); under SP each rank sees a
         # different slice of the sequence, so its grads are partial sums to all-reduce over tp.
@@ -67,7 +70,29 @@ class RMSNorm(torch.nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.weight.float() * x32).to(dtype)
         return self.weight * x32.to(dtype)
+
+
+class AllHeadsRMSNorm(torch.nn.Module):
+    """OLMo 2/3's q/k norm: RMSNorm over all heads of a token at once (one weight per channel
+    of the projection), y = w * x / sqrt(sum_heads,d x^2 / (heads * d) + eps). Under tp a rank
+    holds its heads' channels (the weight is split like the projection's rows) and the sum of
+    squares is all-reduced over tp, differentiably (every rank uses the total)."""
+
+    def __init__(self, local_size: int, full_size: int, eps: float, tp_group, dtype: torch.dtype):
+        super().__init__()
+        self.eps, self.full_size, self.tp_group = eps, full_size, tp_group
+        self.weight = torch.nn.Parameter(torch.ones(local_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., local heads, head_dim)."""
+        dtype, shape = x.dtype, x.shape
+        x32 = x.float().flatten(-2)
+        sum_sq = all_reduce_sum(x32.pow(2).sum(-1, keepdim=True), self.tp_group)
+        x32 = x32 * torch.rsqrt(sum_sq / self.full_size + self.eps)
+        return (self.weight.float() * x32).to(dtype).view(shape)
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -147,12 +172,16 @@ class SelfAttention(torch.nn.Module):
     """GQA self-attention. The fused QKV weight is grouped per KV head:
     [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...], so a contiguous tp
     shard holds whole groups. With ``qk_layernorm`` (Qwen3) each head's q and k are
-    RMS-normalised over head_dim (one weight shared by all heads) before RoPE."""
+    RMS-normalised over head_dim (one weight shared by all heads) before RoPE; with
+    ``qk_layernorm_scope == "all"`` (OLMo) over all heads of a token (``AllHeadsRMSNorm``).
+    A sliding layer (``cfg.is_sliding_layer(layer_number)``) attends through its window."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
-                 attention_fn: AttentionFn):
+                 attention_fn: AttentionFn, layer_number: int = 0):
         super().__init__()
         tp = tp_group.size()
+        left = cfg.window_left(layer_number)
+        self.window_size = (left, 0) if left >= 0 else (-1, -1)
         self.head_dim = cfg.head_dim
         self.groups_local = cfg.num_query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
@@ -170,7 +199,14 @@ class SelfAttention(torch.nn.Module):
             bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
         self.q_layernorm = self.k_layernorm = None
-        if cfg.qk_layernorm:
+        self.q_norm_all_heads = self.k_norm_all_heads = None
+        if cfg.qk_layernorm and cfg.qk_layernorm_scope == "all":
+            dtype = mp_config.params_dtype
+            self.q_norm_all_heads = AllHeadsRMSNorm(cfg.query_projection_size // tp, cfg.query_projection_size,
+                                                    cfg.norm_epsilon, tp_group, dtype)
+            self.k_norm_all_heads = AllHeadsRMSNorm(cfg.kv_projection_size // tp, cfg.kv_projection_size,
+                                                    cfg.norm_epsilon, tp_group, dtype)
+        elif cfg.qk_layernorm:
             dtype = mp_config.params_dtype
             self.q_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
             self.k_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
@@ -188,11 +224,13 @@ class SelfAttention(torch.nn.Module):
         v = qkv[:, :, :, self.heads_per_group + 1]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
+        elif self.q_norm_all_heads is not None:
+            q, k = self.q_norm_all_heads(q), self.k_norm_all_heads(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, self.softmax_scale)
+            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size)
         elif recompute_attention:
             # selective recompute: drop the attention core's saved activations, keep the GEMMs'
             out = torch.utils.checkpoint.checkpoint(
@@ -203,8 +241,11 @@ class SelfAttention(torch.nn.Module):
         return self.linear_proj(out)
 
     def _core(self, q, k, v, cu_seqlens, max_seqlen):
+        if self.window_size[0] < 0:  # backends without window support work as before
+            return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window_size=self.window_size)
 
 
 class SwiGLUMLP(torch.nn.Module):
@@ -427,15 +468,26 @@ class MoEMLP(torch.nn.Module):
 
 
 class TransformerLayer(torch.nn.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    ``norm_placement == "post"`` (OLMo 2/3) x + norm(attn(x)), then x + norm(mlp(x)), the norms
+    named ``post_attention_layernorm`` / ``post_mlp_layernorm``."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
-                 attention_fn: AttentionFn, cp_group=None, ep_group=None):
+                 attention_fn: AttentionFn, cp_group=None, ep_group=None, layer_number: int = 0):
         super().__init__()
         dtype = mp_config.params_dtype
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
-        self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn)
-        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype)
+
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype,
+                           weight_in_fp32=cfg.norm_in_fp32)
+
+        self.post_norm = cfg.norm_placement == "post"
+        if self.post_norm:
+            self.post_attention_layernorm, self.post_mlp_layernorm = norm(), norm()
+        else:
+            self.input_layernorm, self.pre_mlp_layernorm = norm(), norm()
+        self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn,
+                                            layer_number)
         if cfg.is_moe:
             self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group, ep_group)
         else:
@@ -443,8 +495,15 @@ class TransformerLayer(torch.nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None, token_mask=None):
-        """``token_mask`` (b, s), 0 on padding: only an MoE layer's load-balancing loss uses it."""
+        """``token_mask`` (b, s), 0 on padding: only an MoE layer's load-balancing loss uses it.
+        ``cos``/``sin`` are this layer's (a sliding layer may have its own RoPE)."""
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(
+                self.self_attention(x, cos, sin, cu_seqlens, max_seqlen, recompute_attention, kv_cache))
+            return x + self.post_mlp_layernorm(self._mlp(x, token_mask))
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
                                     recompute_attention, kv_cache)
-        h = self.pre_mlp_layernorm(x)
-        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoEMLP) else self.mlp(h))
+        return x + self._mlp(self.pre_mlp_layernorm(x), token_mask)
+
+    def _mlp(self, h, token_mask):
+        return self.mlp(h, token_mask) if isinstance(self.mlp, MoEMLP) else self.mlp(h)

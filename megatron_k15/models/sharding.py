@@ -8,7 +8,8 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
     linear_proj.weight, linear_fc2.weight                 columns split in tp chunks
     mlp.experts.linear_fc1.weight (E, 2f, h)              per expert [gate_r; up_r] (dim 1)
     mlp.experts.linear_fc2.weight (E, h, f)               per expert columns (dim 2)
-    norms, mlp.router.weight                              replicated
+    q_norm_all_heads / k_norm_all_heads.weight (OLMo)     split in tp chunks (a rank's heads)
+    other norms, mlp.router.weight                        replicated
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
 the last the final norm and the output layer. Checkpoint conversion and resharding use only
@@ -34,6 +35,8 @@ def shard_rule(name: str) -> tuple[Optional[int], int]:
     if name.endswith("linear_fc1.weight"):
         return 0, 2
     if name in ("embedding.weight", "output_layer.weight") or ".linear_qkv." in name:
+        return 0, 1
+    if name.endswith("_norm_all_heads.weight"):
         return 0, 1
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         return 1, 1

@@ -122,6 +122,30 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.chunk(world, dim=-1)[_rank(ctx.group)].contiguous(), None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the group of x, where every rank goes on to use y: the gradient of each
+    rank's x is the sum of all ranks' gradients of y (an all-reduce both ways, unlike
+    megatron-core's reduce-from-region whose backward is the identity)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x, group):
+    """Differentiable sum over ``group`` of a value each rank uses afterwards."""
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
 class _LinearWithSequenceParallelGather(torch.autograd.Function):
     """out = all_gather(x, dim 0) @ W^T (+ b), saving x's local shard instead of the gathered
     input: e * (N - N / tp) * h bytes less per column layer, paid with a second all-gather in

@@ -40,6 +40,7 @@ to_hf = _load_tool(TO_HF)
     ("qwen3_moe", torch.bfloat16, None, 2, 2),  # per-expert tensors, experts split over tp
     ("mistral", torch.bfloat16, None, 2, 1),    # head_dim != hidden / heads
     ("phi3", torch.bfloat16, "100KB", 2, 2),    # fused qkv_proj / gate_up_proj, split over tp
+    ("olmo3", torch.bfloat16, None, 2, 2),      # post-norms; q/k norms over all heads, split over tp
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"

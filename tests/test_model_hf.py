@@ -1,4 +1,5 @@
-"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral and Phi-3 models (fp32)."""
+"""Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Phi-3, OLMo 2
+and OLMo 3 models (fp32), sliding windows included."""
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_logits_match_transformers(kind, overrides):
     hf = tiny_hf_model(kind, **overrides)
     model = build_from_hf(hf)
     cfg = model.config
+    assert cfg.sliding_window is None
     assert cfg.qk_layernorm == kind.startswith("qwen3")
     assert cfg.is_moe == (kind == "qwen3_moe")
     if kind == "qwen2":
@@ -102,7 +104,7 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
-    "phi-4": 14.7e9,
+    "phi-4": 14.7e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
 }
 # activated parameters per token of the MoE presets, as published
@@ -133,8 +135,95 @@ def test_preset_is_the_published_model(name):
     for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                   "num_query_groups", "kv_channels", "rotary_base", "add_qkv_bias", "qk_layernorm",
                   "tie_word_embeddings", "architecture", "eos_token_id", "num_moe_experts",
-                  "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob"):
+                  "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob", "rope_scaling",
+                  "qk_layernorm_scope", "norm_placement", "norm_in_fp32", "sliding_window", "sliding_rope"):
         assert getattr(back, field) == getattr(cfg, field), field
+    assert [back.is_sliding_layer(i) for i in range(cfg.num_layers)] == [
+        cfg.is_sliding_layer(i) for i in range(cfg.num_layers)]
+
+
+# Sliding windows of 24 tokens (30 for Phi-3) over 150-token sequences, so they bind:
+# (kind, overrides, the layers that slide)
+SLIDING_CASES = [
+    ("mistral", {"sliding_window": 24}, [0, 1]),  # Mistral 7B v0.1: every layer
+    ("phi3", {"sliding_window": 30}, [0, 1]),  # Phi-3-mini-4k's window
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}, [1]),
+    ("olmo3", {}, [0, 1, 2]),  # three sliding layers, then a full one
+    ("olmo3", {"rope_scaling": YARN_SCALING}, [0, 1, 2]),  # YaRN on the full layer only
+]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("kind,overrides,sliding", SLIDING_CASES)
+def test_sliding_window_models_match_transformers(kind, overrides, sliding, backend):
+    hf = tiny_hf_model(kind, **overrides)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert [i for i in range(cfg.num_layers) if cfg.is_sliding_layer(i)] == sliding
+    assert (cfg.sliding_rope is not None) == ("rope_scaling" in overrides and kind == "olmo3")
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = model.gather_logits(model(ids))
+        assert (ours - ref).abs().max().item() <= 1e-4
+        # the window matters: without it (every layer full) the logits move
+        for layer in model.layers.values():
+            layer.self_attention.window_size = (-1, -1)
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("kind,overrides,sliding", SLIDING_CASES)
+def test_sliding_window_config_exports_without_the_original(kind, overrides, sliding):
+    """A model whose config did not come from HF (a preset, flags) exports windows, layer types
+    and per-type RoPE that transformers reads back into the same model."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    hf = tiny_hf_model(kind, **overrides)
+    cfg = dataclasses.replace(build_from_hf(hf).config, extra={})
+    d = dict(hf_config_from_gpt(cfg))
+    d.pop("architectures")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    rebuilt.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
+
+
+def test_olmo2_matches_transformers_and_its_block():
+    hf = tiny_hf_model("olmo2")
+    model = build_from_hf(hf)
+    cfg = model.config
+    assert (cfg.architecture, cfg.norm_placement, cfg.qk_layernorm_scope) == ("olmo2", "post", "all")
+    assert cfg.norm_in_fp32 and cfg.sliding_window is None and not cfg.add_qkv_bias
+    layer = model.layers["0"]
+    assert not hasattr(layer, "input_layernorm") and layer.post_mlp_layernorm.weight.shape == (64,)
+    assert layer.self_attention.q_norm_all_heads.weight.shape == (cfg.query_projection_size,)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (3, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind,change,match", [
+    ("qwen2", lambda d: d.update(layer_types=["sliding_attention"] * 2, use_sliding_window=False),
+     "no sliding_window"),
+    ("olmo3", lambda d: d.update(sliding_window=None), "without sliding_window"),
+    ("olmo3", lambda d: d.update(layer_types=["full_attention", "sliding_attention", "full_attention"]),
+     "entries"),
+    ("olmo3", lambda d: d.update(sliding_window=0), "positive"),
+])
+def test_sliding_window_config_errors_name_the_field(kind, change, match):
+    from megatron_k15.models.hf_mapping import HFCheckpointError, gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict
+
+    d = hf_config_dict(tiny_hf_model(kind, num_hidden_layers=2))
+    change(d)
+    with pytest.raises(HFCheckpointError, match=match):
+        gpt_config_from_hf(d)
 
 
 def test_qwen3_config_without_head_dim_follows_transformers():

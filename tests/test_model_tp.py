@@ -13,6 +13,8 @@ from megatron_k15.parallel.tensor import allreduce_sequence_parallel_grads
 from megatron_k15.testing import hf_config_dict, run_distributed, tiny_hf_model
 
 SEQ = 24
+# OLMo 3's window made shorter than SEQ so it binds
+OVERRIDES = {"olmo3": {"sliding_window": 8}}
 
 
 def _inputs(vocab):
@@ -33,7 +35,7 @@ def _run(model, ids, labels, weights):
 
 
 def _build(kind, tp, sequence_parallel=None):
-    hf = tiny_hf_model(kind)
+    hf = tiny_hf_model(kind, **OVERRIDES.get(kind, {}))
     cfg = gpt_config_from_hf(hf_config_dict(hf))
     full = hf_to_megatron(hf.state_dict(), cfg)
     model = GPTModel(cfg, sequence_parallel=sequence_parallel)
@@ -64,6 +66,8 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
 @pytest.mark.parametrize("kind,sequence_parallel", [
     ("qwen2", True), ("llama", True), ("qwen3", True), ("qwen3_moe", True),
     ("qwen3_moe", False),  # the MoE layer's own tp communication without SP
+    ("olmo2", True),  # q/k norms over all heads: the sum of squares all-reduced over tp
+    ("olmo3", False),  # + sliding-window layers
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)
@@ -81,4 +85,6 @@ def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
             if name in ("embedding.weight", "output_layer.weight"):
                 r = r[: ref.config.vocab_size]
             assert g.shape == r.shape, name
-            assert (g - r).abs().max().item() <= 1e-5, name
+            # fp32, relative to the gradient's scale (OLMo 3 has 4 layers: larger embedding grads)
+            scale = max(1.0, r.abs().max().item())
+            assert (g - r).abs().max().item() <= 1e-5 * scale, (name, scale)

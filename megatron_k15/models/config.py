@@ -316,6 +316,25 @@ def _mistral(hidden, layers, vocab, max_positions):
     )
 
 
+def _olmo(version: int):
+    """OLMo 2 / OLMo 3 7B: multi-head attention (32 KV heads), norms after the sublayers, q/k
+    norms over all heads; OLMo 3 adds 4096-token sliding windows on three of every four layers
+    and YaRN (x8 of 8192) on the full layers only."""
+    shape = dict(
+        hidden_size=4096, ffn_hidden_size=11008, num_layers=32, num_attention_heads=32,
+        num_query_groups=32, rotary_base=500000.0, norm_epsilon=1e-6, add_qkv_bias=False,
+        qk_layernorm=True, qk_layernorm_scope="all", norm_placement="post", norm_in_fp32=True,
+        tie_word_embeddings=False, eos_token_id=100257,
+    )
+    if version == 2:
+        return {**shape, "vocab_size": 100352, "max_position_embeddings": 4096, "architecture": "olmo2"}
+    return {**shape, "vocab_size": 100278, "max_position_embeddings": 65536, "architecture": "olmo3",
+            "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                             "attention_factor": 1.2079441541679836, "beta_fast": 32.0, "beta_slow": 1.0},
+            "sliding_window": 4096, "sliding_rope": {"rotary_base": 500000.0, "rope_scaling": None},
+            "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(32)]}
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -350,6 +369,8 @@ PRESETS: dict[str, dict] = {
         add_qkv_bias=False, tie_word_embeddings=False, architecture="phi3", bos_token_id=100257,
         eos_token_id=100265,
     ),
+    "olmo2-7b": _olmo(2),
+    "olmo3-7b": _olmo(3),
 }
 
 

@@ -98,6 +98,34 @@ MEGATRON_TRAINING_SWITCHES = {
 MEGATRON_ATTENTION_BACKENDS = {"flash": "triton", "fused": "sdpa", "unfused": "sdpa", "local": "sdpa"}
 
 
+def _window_size(text: str) -> int:
+    """Megatron-LM's --window-size "LEFT,RIGHT" (or "(LEFT, RIGHT)") -> LEFT."""
+    parts = [x.strip() for x in text.strip().strip("()").split(",")]
+    try:
+        left, right = (int(x) for x in parts) if len(parts) == 2 else (int(parts[0]), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT integers, got {text!r}") from None
+    if left < 0:
+        raise argparse.ArgumentTypeError(f"LEFT must be >= 0 keys, got {left}")
+    if right not in (0, -1):
+        raise argparse.ArgumentTypeError(f"RIGHT must be 0 (causal attention sees no later keys), got {right}")
+    return left
+
+
+def window_fields(args, num_layers: int) -> dict:
+    """The config fields --window-size / --window-attn-skip-freq set ({} without them)."""
+    left, freq = _get(args, "window_size"), _get(args, "window_attn_skip_freq")
+    if left is None:
+        if freq is not None:
+            raise ArgumentError("--window-attn-skip-freq needs --window-size (the window of the other layers)")
+        return {}
+    if freq is not None and freq < 1:
+        raise ArgumentError(f"--window-attn-skip-freq must be >= 1, got {freq}")
+    types = None if freq is None else [
+        "full_attention" if (i + 1) % freq == 0 else "sliding_attention" for i in range(num_layers)]
+    return {"sliding_window": left + 1, "layer_types": types}
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
@@ -136,6 +164,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--add-qkv-bias", action="store_true", default=None)
     g.add_argument("--qk-layernorm", action="store_true", default=None,
                    help="RMSNorm over each head's query and key before RoPE (Qwen3)")
+    g.add_argument("--window-size", type=_window_size, default=None, metavar="LEFT,RIGHT",
+                   help="Megatron-LM's sliding-window attention: each query sees the LEFT keys before it "
+                        "and itself (RIGHT must be 0: causal); Hugging Face's sliding_window = LEFT + 1")
+    g.add_argument("--window-attn-skip-freq", type=int, default=None, metavar="N",
+                   help="with --window-size: every N-th layer attends to everything (OLMo 3: 4); "
+                        "default: every layer slides")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--seq-length", type=int, default=None, help="training/packing sequence length")
     g.add_argument("--logprob-impl", choices=["auto", "fused", "ce"], default="auto",
@@ -412,7 +446,7 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
         cfg.bos_token_id = cfg.eos_token_id = None
     for field, value in explicit.items():
         setattr(cfg, field, value)
-    if cfg.qk_layernorm:
+    if cfg.qk_layernorm and cfg.qk_layernorm_scope == "head":
         cfg.architecture = "qwen3_moe" if cfg.num_moe_experts else "qwen3"
     elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
         cfg.architecture = "llama"
@@ -450,8 +484,16 @@ def resolve_model_config(args) -> GPTConfig:
                     f"({field}={getattr(cfg, field)}); drop the flag (or add --use-checkpoint-args to let "
                     "the checkpoint win)"
                 )
+        window = window_fields(args, cfg.num_layers)
+        if window and any(getattr(cfg, f) != v for f, v in window.items()) and not _get(args, "use_checkpoint_args"):
+            raise ArgumentError(
+                f"--window-size / --window-attn-skip-freq contradict the checkpoint in --load {load} "
+                f"(sliding_window={cfg.sliding_window}, layer_types={cfg.layer_types}); drop them")
         return cfg
-    return apply_model_overrides(preset(_get(args, "model_preset") or "tiny"), explicit)
+    cfg = apply_model_overrides(preset(_get(args, "model_preset") or "tiny"), explicit)
+    for field, value in window_fields(args, cfg.num_layers).items():
+        setattr(cfg, field, value)
+    return cfg
 
 
 def megatron_settings_problem(args) -> Optional[str]:
@@ -609,6 +651,10 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")
+    if cp > 1 and cfg.has_sliding_layers and _get(args, "cp_comm_type", "ring") != "allgather":
+        raise ArgumentError(f"--context-parallel-size {cp} with sliding-window layers (sliding_window="
+                            f"{cfg.sliding_window}) needs --cp-comm-type allgather (the ring does not skip the "
+                            "blocks outside the window)")
     if ep > 1 and not cfg.is_moe:
         raise ArgumentError(f"--expert-model-parallel-size {ep} applies to mixture-of-experts models "
                             "(--num-experts); this model is dense")
@@ -760,6 +806,16 @@ def _check_wsd_args(args) -> None:
             raise ArgumentError(f"--lr-wsd-decay-iters {wsd_iters} is longer than the {decay - warmup} iterations "
                                 f"between warm-up ({warmup}) and the end of the decay ({decay}); use at most "
                                 f"{decay - warmup}")
+
+
+def check_decode_layout(args) -> None:
+    """For programs that generate: layouts the engine cannot decode with."""
+    cp = _get(args, "context_parallel_size", 1)
+    cfg = args.model_config
+    if cp > 1 and cfg.has_sliding_layers:
+        raise ArgumentError(f"--context-parallel-size {cp}: context-parallel decode shards the KV cache by "
+                            f"position and does not run sliding-window layers (sliding_window={cfg.sliding_window}); "
+                            "use --context-parallel-size 1 for this model")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_k15",

@@ -11,7 +11,8 @@ needs, not what recompute or padding adds):
          and a tied embedding counts once)
     L    layers; h_q = heads * head_dim (the query width)
     2 * L * s^2 * h_q: causal attention (QK^T and PV, 2 * 2 * s^2 * h_q per layer, halved by
-         the mask)
+         the mask); a sliding-window layer (window W < s) attends W^2 / 2 + (s - W) W query-key
+         pairs instead of s^2 / 2
 
 A packed row of several sequences costs the sum over its sequences (attention stops at the
 boundaries); padding costs nothing. MFU divides the achieved rate by the GPU's dense bf16/fp16
@@ -36,11 +37,21 @@ def matmul_parameters(cfg) -> int:
     return cfg.num_layers * per_layer + cfg.vocab_size * h
 
 
+def attended_pairs(s: int, window: Optional[int] = None) -> float:
+    """Query-key pairs a causal layer computes over s tokens (s^2 / 2, the convention), or
+    through a sliding window of ``window`` tokens."""
+    if window is None or s <= window:
+        return s * s / 2.0
+    return window * window / 2.0 + (s - window) * window
+
+
 def forward_flops(cfg, seq_lengths: Iterable[int]) -> float:
     """Model FLOPs of one forward pass over independent causal sequences of these lengths."""
     lengths = [int(s) for s in seq_lengths]
-    return (2.0 * matmul_parameters(cfg) * sum(lengths)
-            + 2.0 * cfg.num_layers * cfg.query_projection_size * sum(s * s for s in lengths))
+    sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_layers))
+    pairs = sum((cfg.num_layers - sliding) * attended_pairs(s) + sliding * attended_pairs(s, cfg.sliding_window)
+                for s in lengths)
+    return 2.0 * matmul_parameters(cfg) * sum(lengths) + 4.0 * cfg.query_projection_size * pairs
 
 
 def training_flops(cfg, seq_lengths: Iterable[int]) -> float:

@@ -25,7 +25,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron_k15.arguments import ArgumentError, parse_args
+from megatron_k15.arguments import ArgumentError, check_decode_layout, parse_args
 from megatron_k15.data.tokenizer import add_chat_template_args, encode_prompt
 
 
@@ -55,6 +55,7 @@ def _validate(args) -> None:
 
     if not args.load:
         raise ArgumentError("--load CKPT is required (a converted checkpoint)")
+    check_decode_layout(args)
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     if args.max_new_tokens < 0:

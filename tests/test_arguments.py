@@ -347,3 +347,42 @@ for g in (dist.group.WORLD, parallel_state.get_tensor_model_parallel_group(), pa
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["4620.0"] * 3, out
+
+
+def test_window_flags_build_sliding_layers_like_megatron_lm():
+    """--window-size LEFT,0 is Hugging Face's sliding_window LEFT + 1; --window-attn-skip-freq N
+    makes every N-th layer (1-based, Megatron-LM's rule) a full-attention layer."""
+    cfg = _validate(["--num-layers", "8", "--window-size", "4095,0", "--window-attn-skip-freq", "4"]).model_config
+    assert cfg.sliding_window == 4096
+    assert [cfg.window_left(i) for i in range(8)] == [4095, 4095, 4095, -1] * 2
+    every = _validate(["--window-size", "(127, 0)"]).model_config
+    assert every.layer_types is None and every.window_left(0) == every.window_left(1) == 127
+    assert _validate([]).model_config.sliding_window is None
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--window-size", "16,4"], 1, "RIGHT must be 0"),
+    (["--window-size", "a,0"], 1, "LEFT,RIGHT integers"),
+    (["--window-attn-skip-freq", "4"], 1, "needs --window-size"),
+    (["--window-size", "16,0", "--context-parallel-size", "2", "--seq-length", "64"], 2, "--cp-comm-type allgather"),
+])
+def test_window_flag_errors_name_the_flag(argv, world, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv, world_size=world)
+    assert message in capsys.readouterr().err
+
+
+def test_sliding_window_context_parallel_training_needs_allgather_and_decode_refuses():
+    args = _validate(["--window-size", "16,0", "--context-parallel-size", "2", "--cp-comm-type", "allgather"],
+                     world_size=2)
+    from megatron_k15.arguments import check_decode_layout
+
+    with pytest.raises(ArgumentError, match="context-parallel decode"):
+        check_decode_layout(args)
+    check_decode_layout(_validate(["--window-size", "16,0"]))  # cp = 1 decodes
+
+
+def test_olmo_preset_keeps_its_architecture_with_megatron_switches():
+    cfg = _validate(["--model-preset", "olmo3-7b", "--qk-layernorm", "--disable-bias-linear"]).model_config
+    assert cfg.architecture == "olmo3" and cfg.qk_layernorm_scope == "all" and cfg.norm_placement == "post"
+    assert sum(cfg.is_sliding_layer(i) for i in range(cfg.num_layers)) == 24

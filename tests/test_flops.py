@@ -52,6 +52,17 @@ def test_forward_flops_equal_the_counted_forward(moe, lengths):
     assert training_flops(cfg, lengths) == 3 * expected
 
 
+def test_sliding_window_layers_count_the_pairs_in_their_window():
+    """By hand: 48 tokens through a 16-token window attend 16^2/2 + 32*16 = 640 query-key pairs
+    instead of 48^2/2 = 1152; each pair costs 4 * h_q FLOPs (QK^T and PV). Only the sliding
+    layer changes; a window longer than the sequence changes nothing."""
+    full = preset("tiny", num_layers=2)
+    mixed = preset("tiny", num_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    h_q = full.query_projection_size
+    assert forward_flops(full, [48]) - forward_flops(mixed, [48]) == 4 * h_q * (1152 - 640)
+    assert forward_flops(mixed, [16, 10]) == forward_flops(full, [16, 10])
+
+
 def test_throughput_and_peaks():
     m = throughput_metrics(4e12, 2.0, 2, 989.4, prefix="train_")
     assert m == {"train_tflops_per_gpu": 1.0, "train_mfu": 1.0 / 989.4}

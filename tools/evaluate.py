@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.arguments import (  # noqa: E402
-    ArgumentError, add_grading_args, check_grading_args, parse_args,
+    ArgumentError, add_grading_args, check_decode_layout, check_grading_args, parse_args,
 )
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
 from megatron_k15.partial_results import resume_problem  # noqa: E402
@@ -70,6 +70,7 @@ def add_eval_args(p) -> None:
 def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load CKPT is required")
+    check_decode_layout(args)
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     check_grading_args(args)

@@ -155,6 +155,12 @@ TINY_HF_MODELS = {
     "olmo2": ("Olmo2", dict(rope_theta=500000.0, pad_token_id=0)),
     # 4 layers: three sliding (window 24) and one full, OLMo 3's pattern
     "olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=24, rope_theta=500000.0, pad_token_id=0)),
+    # gpt-oss: a sliding (24) and a full layer, sinks, 4 biased experts with the clamped SwiGLU,
+    # YaRN as gpt-oss's (beta 32/1, no truncation) at x4 of 128
+    "gpt_oss": ("GptOss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                               sliding_window=24, pad_token_id=0, rope_theta=150000.0,
+                               rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                             "truncate": False, "original_max_position_embeddings": 128})),
 }
 
 
@@ -166,7 +172,8 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     (Mistral-Nemo's shape: head_dim 32 with hidden 64 and 4 heads, GQA 2:1, no sliding window)
     ``phi3`` (Phi-4's layout: fused qkv_proj and gate_up_proj tensors, GQA 2:1), ``olmo2`` (norms
     after the sublayers, q/k norms over all heads) or ``olmo3`` (OLMo 2's block, 4 layers of which
-    3 attend through a 24-token sliding window). Biases and norm weights get random values so
+    3 attend through a 24-token sliding window) or ``gpt_oss`` (attention sinks, a sliding and a
+    full layer, 4 biased experts, top-2). Biases, sinks and norm weights get random values so
     they matter."""
     import transformers
 
@@ -180,6 +187,8 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.normal_(0.0, 0.1)
+            elif pname.endswith("sinks"):
+                p.uniform_(-1.0, 2.0)
             elif "norm" in pname:
                 p.uniform_(0.5, 1.5)
     return model.eval()

@@ -41,6 +41,7 @@ to_hf = _load_tool(TO_HF)
     ("mistral", torch.bfloat16, None, 2, 1),    # head_dim != hidden / heads
     ("phi3", torch.bfloat16, "100KB", 2, 2),    # fused qkv_proj / gate_up_proj, split over tp
     ("olmo3", torch.bfloat16, None, 2, 2),      # post-norms; q/k norms over all heads, split over tp
+    ("gpt_oss", torch.bfloat16, None, 2, 2),    # sinks, interleaved gate/up with biases, experts over tp
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
@@ -97,10 +98,9 @@ def _corrupt_config(hf_dir, **changes):
     ({}, 4, "--tensor-model-parallel-size 4 does not divide --num-attention-heads 6"),
     ({}, 3, "--tensor-model-parallel-size 3 does not divide --num-query-groups 2"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, 1, "yarn"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 256}, 1,  # Mistral 7B v0.1's window
-     "sliding_window=256 is not supported"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": None, "max_position_embeddings": 8192}, 1,
-     "sliding_window=4096 is not supported"),  # no key: MistralConfig's default window
+    ({"use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0, "layer_types": None}, 1,
+     "sliding_window=0 must be a positive"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, 1, "no sliding_window is set"),
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75}, 1,  # Phi-4-mini's
      "partial_rotary_factor=0.75 is not supported"),
 ])

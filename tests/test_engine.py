@@ -64,9 +64,11 @@ def test_qwen3_moe_greedy_equals_transformers():
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
-@pytest.mark.parametrize("kind,decode_impl", [("olmo3", "triton"), ("mistral", "torch")])
+@pytest.mark.parametrize("kind,decode_impl", [("olmo3", "triton"), ("mistral", "torch"), ("gpt_oss", "torch"),
+                                              ("gpt_oss", "triton")])
 def test_sliding_window_generation_equals_transformers_and_recompute(kind, decode_impl):
-    """8-token windows (OLMo 3: three sliding layers and one full; Mistral v0.1: every layer):
+    """8-token windows (OLMo 3: three sliding layers and one full; Mistral v0.1: every layer;
+    gpt-oss: a sliding and a full layer, with attention sinks through prefill, chunks and decode):
     greedy equals transformers, with the decode kernel (interpreted) or the torch path;
     prompts prefilled in chunks of 8 over their cached prefix give the same tokens; seeded
     sampling equals the recompute generator (full forwards through the window mask)."""

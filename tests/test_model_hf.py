@@ -104,11 +104,11 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
-    "phi-4": 14.7e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9,
+    "phi-4": 14.7e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
 }
 # activated parameters per token of the MoE presets, as published
-PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9}
+PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
@@ -129,14 +129,17 @@ def test_preset_is_the_published_model(name):
     assert type(hf).__name__ == architecture
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
     assert abs(cfg.num_parameters() / PUBLISHED_PARAMETERS[name] - 1) <= 0.015
-    if name in PUBLISHED_ACTIVE:
-        assert abs(cfg.num_active_parameters() / PUBLISHED_ACTIVE[name] - 1) <= 0.02
+    if name in PUBLISHED_ACTIVE:  # OpenAI's gpt-oss card leaves the input embedding out of "active"
+        active = cfg.num_active_parameters() - (cfg.vocab_size * cfg.hidden_size if name.startswith("gpt-oss") else 0)
+        assert abs(active / PUBLISHED_ACTIVE[name] - 1) <= 0.02
     back = gpt_config_from_hf(hf_config_from_gpt(cfg))
     for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                   "num_query_groups", "kv_channels", "rotary_base", "add_qkv_bias", "qk_layernorm",
                   "tie_word_embeddings", "architecture", "eos_token_id", "num_moe_experts",
                   "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob", "rope_scaling",
-                  "qk_layernorm_scope", "norm_placement", "norm_in_fp32", "sliding_window", "sliding_rope"):
+                  "qk_layernorm_scope", "norm_placement", "norm_in_fp32", "sliding_window", "sliding_rope",
+                  "attention_sinks", "add_attention_output_bias", "moe_router_bias", "moe_expert_bias",
+                  "activation", "swiglu_alpha", "swiglu_limit"):
         assert getattr(back, field) == getattr(cfg, field), field
     assert [back.is_sliding_layer(i) for i in range(cfg.num_layers)] == [
         cfg.is_sliding_layer(i) for i in range(cfg.num_layers)]
@@ -191,6 +194,76 @@ def test_sliding_window_config_exports_without_the_original(kind, overrides, sli
     ids = torch.randint(0, cfg.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_gpt_oss_matches_transformers(backend, monkeypatch):
+    """gpt-oss: attention sinks, biased output projection, a sliding and a full layer, 4 biased
+    experts (top-2, softmax over the chosen logits) with the clamped SwiGLU (the larger init
+    drives gates past the clamp at 7), YaRN without truncation. The sinks and the clamp matter:
+    without either the logits move."""
+    from megatron_k15.models import layers
+
+    hf = tiny_hf_model("gpt_oss", initializer_range=0.3)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.architecture, cfg.activation, cfg.num_moe_experts, cfg.moe_router_topk) == ("gpt_oss", "swiglu_clamped", 4, 2)
+    assert cfg.attention_sinks and cfg.moe_expert_bias and cfg.moe_router_bias and cfg.add_attention_output_bias
+    assert [cfg.is_sliding_layer(i) for i in range(2)] == [True, False]
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    gates = []
+    real = layers.gated_activation
+    monkeypatch.setattr(layers, "gated_activation", lambda g, u, c: gates.append(g.max().item()) or real(g, u, c))
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        assert max(gates) > cfg.swiglu_limit
+        unclamped = dict(cfg.__dict__, swiglu_limit=1e9)
+        for m in model.moe_layers():
+            m.cfg = type(cfg)(**unclamped)
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
+        for m in model.moe_layers():
+            m.cfg = cfg
+        for layer in model.layers.values():
+            layer.self_attention.sinks.fill_(-1e4)  # no sink: plain softmax
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
+
+
+def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
+    """The hub ships gpt-oss's experts as MXFP4 blocks and scales: our dequantization equals
+    transformers' on random codes, and a checkpoint holding the experts that way gives the
+    logits of the model holding them dequantized."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from megatron_k15.models.hf_mapping import dequantize_mxfp4, gpt_config_from_hf, hf_to_megatron
+    from megatron_k15.models.sharding import split_for_rank
+    from megatron_k15.testing import hf_config_dict
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 2, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.randint(120, 131, (3, 10, 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    ours = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert torch.equal(ours.transpose(1, 2), convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+
+    hf = tiny_hf_model("gpt_oss", initializer_range=0.3, intermediate_size=64)  # MXFP4 rows: 32s
+    sd = dict(hf.state_dict())
+    for i in range(2):
+        e = f"model.layers.{i}.mlp.experts."
+        for name, (rows, cols) in (("gate_up_proj", (128, 64)), ("down_proj", (64, 64))):
+            blk = torch.randint(0, 256, (4, rows, cols // 32, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+            sc = torch.randint(118, 124, (4, rows, cols // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+            with torch.no_grad():  # the HF model holds them dequantized (E, in, out)
+                getattr(hf.model.layers[i].mlp.experts, name).copy_(convert_moe_packed_tensors(blk, sc, dtype=torch.float32))
+            del sd[e + name]
+            sd[e + name + "_blocks"], sd[e + name + "_scales"] = blk, sc
+    cfg = gpt_config_from_hf(hf_config_dict(hf))
+    model = build_from_hf(hf)
+    model.load_checkpoint_state_dict(split_for_rank(hf_to_megatron(sd, cfg), 1, 0, 1, 0, cfg.num_layers,
+                                                    cfg.tie_word_embeddings, model.padded_vocab_size))
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_olmo2_matches_transformers_and_its_block():

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from megatron_k15.kernels.decode_attention import paged_decode_attention
-from megatron_k15.models.attention import AttentionFn, sdpa_attention
+from megatron_k15.models.attention import AttentionFn, apply_attention_sinks, sdpa_attention
 
 
 @dataclass
@@ -67,16 +67,25 @@ class LayerKVCache:
         self.batch = batch
         self.index = layer
 
-    def attend(self, q, k, v, softmax_scale, window_size=(-1, -1)):
+    def attend(self, q, k, v, softmax_scale, window_size=(-1, -1), sinks=None):
         """``window_size=(left, 0)``: the layer's sliding window (its queries see their last
-        left + 1 tokens)."""
+        left + 1 tokens); ``sinks``: the layer's attention sinks (gpt-oss, this rank's heads)."""
+        out_lse = self._attend(q, k, v, softmax_scale, window_size, sinks is not None)
+        if sinks is None:
+            return out_lse
+        out, lse = out_lse  # lse laid out like out without head_dim
+        return apply_attention_sinks(out, lse, sinks)
+
+    def _attend(self, q, k, v, softmax_scale, window_size, with_lse: bool):
         b = self.batch
         window_left = window_size[0]
-        win = {} if window_left < 0 else {"window_size": window_size}
-        if window_left >= 0 and b.cp_group is not None:
-            raise NotImplementedError("context-parallel decode of sliding-window layers is not supported "
-                                      "(the cache shards hold every cp-th position): generate without "
-                                      "--context-parallel-size")
+        kw = {} if window_left < 0 else {"window_size": window_size}
+        if with_lse:
+            kw["return_lse"] = True
+        if (window_left >= 0 or with_lse) and b.cp_group is not None:
+            raise NotImplementedError("context-parallel decode of sliding-window layers or attention sinks is "
+                                      "not supported (the cache shards hold every cp-th position): generate "
+                                      "without --context-parallel-size")
         cache = b.cache
         if b.resolved_slots is None:
             b.resolved_slots = cache.resolve_slots(b.slots)
@@ -86,22 +95,27 @@ class LayerKVCache:
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
                 k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
                 out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
-                                          softmax_scale=softmax_scale, **win)
+                                          softmax_scale=softmax_scale, **kw)
+                if with_lse:
+                    out, lse = out[0], out[1].transpose(1, 2)
+                    if n < q.shape[1]:
+                        lse = torch.cat([lse, lse.new_full((1, q.shape[1] - n, lse.shape[2]), float("-inf"))], 1)
             else:
                 out = self._chunk_attention_cp(q[0, :n], k[0, :n], v[0, :n], softmax_scale)[None]
             if n < q.shape[1]:  # padding rows
                 out = torch.cat([out, out.new_zeros(1, q.shape[1] - n, *out.shape[2:])], dim=1)
-            return out
+            return (out, lse) if with_lse else out
         if not b.decode:
-            return b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
-                                       cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, **win)
+            res = b.prefill_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
+                                      cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, **kw)
+            return (res[0], res[1].transpose(1, 2)) if with_lse else res
         validate, b.validated = not b.validated, True
         if b.cp_group is None:
-            out = paged_decode_attention(
+            res = paged_decode_attention(
                 q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables,
                 b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
-                validate=validate, window_left=window_left)
-            return out.unsqueeze(0)
+                validate=validate, window_left=window_left, return_lse=with_lse)
+            return (res[0].unsqueeze(0), res[1].unsqueeze(0)) if with_lse else res.unsqueeze(0)
         out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
             softmax_scale=softmax_scale, return_lse=True, impl=b.decode_impl, max_seq_len=b.decode_max_len,

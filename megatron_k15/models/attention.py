@@ -3,7 +3,7 @@
 Every backend is a function
 
     attn(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-         window_size=(-1, -1)) -> out
+         window_size=(-1, -1)[, return_lse=True]) -> out[, lse]
 
 with flash-attn's layout: q (b, s, n_heads, d), k/v (b, s, n_kv_heads, d), out like q.
 ``cu_seqlens`` (int32, boundaries of packed sequences along s, only with b == 1) keeps
@@ -12,7 +12,9 @@ tokens over a cached prefix): causal masking is then aligned bottom-right, as in
 query i sees key j iff j <= i + s_k - s_q. ``window_size=(left, 0)`` (flash-attn's convention)
 is a causal sliding window: query i also needs j >= i + s_k - s_q - left (the local layers of
 Mistral v0.1, OLMo 3 or Qwen2 with ``use_sliding_window``). GQA is handled by the backend, never
-by repeating K/V in the model. New backends register with ``register_attention_backend``.
+by repeating K/V in the model. ``return_lse=True`` (only passed when needed: attention sinks)
+also returns the natural-log log-sum-exp of each row's scaled scores, (b, n_heads, s) fp32.
+New backends register with ``register_attention_backend``.
 
 Under context parallelism the model uses ``context_parallel_attention(cp_group, comm_type)``
 instead (ring attention over the cp group, same interface, on this rank's zigzag shard).
@@ -83,12 +85,41 @@ def _sdpa_dense(q, k, v, causal, softmax_scale, window_left=-1):
     return out.transpose(1, 2)
 
 
+def apply_attention_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention whose softmax also holds a per-head sink logit (gpt-oss): the keys' share of
+    the probability is Z / (Z + e^sink) with Z = e^lse, so out_sink = out * sigmoid(lse - sink).
+    ``lse`` is laid out like ``out`` without its last (head_dim) axis, heads last; rows with no
+    keys (lse = -inf) stay 0. Differentiable in out, lse and sinks."""
+    scale = torch.sigmoid(lse.float() - sinks.float())
+    return out * scale.unsqueeze(-1).to(out.dtype)
+
+
+def _explicit_attention(q, k, v, causal, softmax_scale, window_size):
+    """(out, lse (b, h, s)) by explicit scores in fp32 (the reference's semantics), for the
+    callers that need the lse on CPU (attention sinks)."""
+    from megatron_k15.kernels.flash_attention import attention_reference
+
+    out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
+                                   upcast=torch.float32, window_size=window_size)
+    return out.to(q.dtype), lse
+
+
 def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                   window_size=(-1, -1)):
-    """PyTorch scaled_dot_product_attention; packed sequences are attended one at a time."""
+                   window_size=(-1, -1), return_lse=False):
+    """PyTorch scaled_dot_product_attention; packed sequences are attended one at a time.
+    With ``return_lse`` (which SDPA does not give) explicit fp32 scores instead."""
     from megatron_k15.kernels.flash_attention import window_left_of
 
     window_left = window_left_of(window_size, causal)
+    if return_lse:
+        if cu_seqlens is None:
+            return _explicit_attention(q, k, v, causal, softmax_scale, window_size)
+        if q.shape[0] != 1:
+            raise ValueError("packed sequences (cu_seqlens) need batch size 1")
+        bounds = cu_seqlens.tolist()
+        parts = [_explicit_attention(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale, window_size)
+                 for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=2)
     if cu_seqlens is None:
         return _sdpa_dense(q, k, v, causal, softmax_scale, window_left)
     if q.shape[0] != 1:
@@ -105,19 +136,21 @@ def _triton_factory() -> AttentionFn:
     from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
 
     def triton_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                         max_seqlen: Optional[int] = None, window_size=(-1, -1)):
+                         max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False):
         if cu_seqlens is None:
             return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                   window_size=window_size)
+                                   window_size=window_size, return_lse=return_lse)
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        out = flash_attn_varlen_func(
+        res = flash_attn_varlen_func(
             q[0], k[0], v[0], cu_seqlens.to(torch.int32), max_seqlen,
-            causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+            causal=causal, softmax_scale=softmax_scale, window_size=window_size, return_lse=return_lse,
         )
-        return out.unsqueeze(0)
+        if return_lse:  # lse (h, t) -> (1, h, t)
+            return res[0].unsqueeze(0), res[1].unsqueeze(0)
+        return res.unsqueeze(0)
 
     return triton_attention
 
@@ -141,15 +174,17 @@ def context_parallel_attention(group, comm_type: str = "ring") -> AttentionFn:
         raise ValueError(f"--cp-comm-type must be one of {COMM_TYPES}, got {comm_type!r}")
 
     def cp_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                     max_seqlen: Optional[int] = None, window_size=(-1, -1)):
+                     max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False):
         if cu_seqlens is None:
             return ring_attn_func(q, k, v, group, causal=causal, softmax_scale=softmax_scale,
-                                  comm_type=comm_type, window_size=window_size)
+                                  comm_type=comm_type, window_size=window_size, return_lse=return_lse)
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
-        out = ring_attn_func(q[0], k[0], v[0], group, causal=causal, softmax_scale=softmax_scale,
+        res = ring_attn_func(q[0], k[0], v[0], group, causal=causal, softmax_scale=softmax_scale,
                              comm_type=comm_type, cu_seqlens=cu_seqlens.to(torch.int32),
-                             max_seqlen=max_seqlen, window_size=window_size)
-        return out.unsqueeze(0)
+                             max_seqlen=max_seqlen, window_size=window_size, return_lse=return_lse)
+        if return_lse:  # lse (h, t) -> (1, h, t)
+            return res[0].unsqueeze(0), res[1].unsqueeze(0)
+        return res.unsqueeze(0)
 
     return cp_attention

@@ -50,6 +50,11 @@ class GPTConfig:
     # where the block's norms sit: "pre" (Llama/Qwen: x + f(norm(x))) or "post" (OLMo 2/3:
     # x + norm(f(x)), no norm on the sublayer's input)
     norm_placement: str = "pre"
+    # A learned logit per query head that joins every softmax and takes probability from the
+    # keys without contributing a value (gpt-oss's attention sinks): out *= sigmoid(lse - sink)
+    attention_sinks: bool = False
+    # a bias on the attention output projection (gpt-oss)
+    add_attention_output_bias: bool = False
     # RMSNorm's weight multiplies the fp32 normalised values before the cast back (OLMo); Llama
     # and Qwen cast first, then multiply in the activations' dtype
     norm_in_fp32: bool = False
@@ -71,6 +76,13 @@ class GPTConfig:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
     moe_norm_topk_prob: bool = False
+    # gpt-oss's experts: a router bias, biases on every expert projection, and the clamped
+    # SwiGLU (gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate))
+    moe_router_bias: bool = False
+    moe_expert_bias: bool = False
+    activation: str = "swiglu"  # "swiglu" | "swiglu_clamped"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     architecture: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_moe" | "llama" | "mistral" | "phi3": the HF class conversion targets
@@ -136,6 +148,7 @@ class GPTConfig:
         if self.qk_layernorm:
             attn += (self.query_projection_size + self.kv_projection_size
                      if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
+        attn += self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
         per_layer = attn + self._mlp_parameters(self.num_moe_experts) + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
@@ -156,7 +169,9 @@ class GPTConfig:
         h = self.hidden_size
         if not self.is_moe:
             return 3 * h * self.ffn_hidden_size
-        return experts * 3 * h * self.moe_ffn_hidden_size + h * self.num_moe_experts  # + router
+        f = self.moe_ffn_hidden_size
+        bias = experts * (2 * f + h) * self.moe_expert_bias + self.num_moe_experts * self.moe_router_bias
+        return experts * 3 * h * f + h * self.num_moe_experts + bias  # + router
 
     # -- validation ---------------------------------------------------------------------
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
@@ -217,6 +232,8 @@ class GPTConfig:
                 "every stage needs at least one layer"
             )
         _check_rope_scaling(self.rope_scaling, "rope_scaling")
+        if self.activation not in ("swiglu", "swiglu_clamped"):
+            raise ConfigError(f"activation must be 'swiglu' or 'swiglu_clamped', got {self.activation!r}")
         if self.qk_layernorm_scope not in ("head", "all"):
             raise ConfigError(f"qk_layernorm_scope must be 'head' or 'all', got {self.qk_layernorm_scope!r}")
         if self.norm_placement not in ("pre", "post"):
@@ -335,6 +352,23 @@ def _olmo(version: int):
             "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(32)]}
 
 
+def _gpt_oss(layers: int, experts: int):
+    """gpt-oss: 64 query heads of 64 over 8 KV heads with sinks and biases, every other layer a
+    128-token sliding window (the first slides), experts of 2880 (top-4, biased, clamped
+    SwiGLU), YaRN x32 of 4096 on every layer."""
+    return dict(
+        vocab_size=201088, hidden_size=2880, ffn_hidden_size=2880, num_layers=layers, num_attention_heads=64,
+        num_query_groups=8, kv_channels=64, max_position_embeddings=131072, rotary_base=150000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+        norm_epsilon=1e-5, add_qkv_bias=True, add_attention_output_bias=True, attention_sinks=True,
+        tie_word_embeddings=False, num_moe_experts=experts, moe_router_topk=4, moe_ffn_hidden_size=2880,
+        moe_norm_topk_prob=True, moe_router_bias=True, moe_expert_bias=True, activation="swiglu_clamped",
+        sliding_window=128, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        architecture="gpt_oss", eos_token_id=200002,
+    )
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -369,6 +403,8 @@ PRESETS: dict[str, dict] = {
         add_qkv_bias=False, tie_word_embeddings=False, architecture="phi3", bos_token_id=100257,
         eos_token_id=100265,
     ),
+    "gpt-oss-20b": _gpt_oss(24, 32),
+    "gpt-oss-120b": _gpt_oss(36, 128),
     "olmo2-7b": _olmo(2),
     "olmo3-7b": _olmo(3),
 }

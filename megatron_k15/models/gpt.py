@@ -224,10 +224,10 @@ class GPTModel(torch.nn.Module):
 
         cfg = self.config
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight"):
+            if name.endswith("layernorm.weight") or name.endswith("_norm_all_heads.weight"):
                 p.fill_(1.0)
                 continue
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or name.endswith(".sinks"):
                 p.zero_()
                 continue
             std = cfg.init_method_std

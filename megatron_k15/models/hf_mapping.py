@@ -1,5 +1,5 @@
-"""Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Qwen3-MoE/OLMo 2/OLMo 3 <-> our GPT: configs, parameter
-names and safetensors files.
+"""Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Qwen3-MoE/OLMo 2/OLMo 3/gpt-oss <-> our GPT: configs,
+parameter names and safetensors files.
 
 Name mapping (i = layer):
     model.embed_tokens.weight                       -> embedding.weight
@@ -22,6 +22,16 @@ Name mapping (i = layer):
     model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
     model.layers.i.post_feedforward_layernorm.weight -> layers.i.post_mlp_layernorm.weight
     model.layers.i.self_attn.{q,k}_norm.weight      -> layers.i.self_attention.{q,k}_norm_all_heads.weight
+    gpt-oss (attention sinks, biased output projection and experts):
+    model.layers.i.self_attn.sinks                  -> layers.i.self_attention.sinks
+    model.layers.i.self_attn.o_proj.bias            -> layers.i.self_attention.linear_proj.bias
+    model.layers.i.mlp.router.{weight,bias}         -> layers.i.mlp.router.{weight,bias}
+    model.layers.i.mlp.experts.gate_up_proj (E, h, 2f), gate and up interleaved
+                                                    -> layers.i.mlp.experts.linear_fc1.weight (E, 2f, h) [gate; up]
+    model.layers.i.mlp.experts.gate_up_proj_bias    -> layers.i.mlp.experts.linear_fc1.bias [gate; up]
+    model.layers.i.mlp.experts.down_proj (E, f, h)  -> layers.i.mlp.experts.linear_fc2.weight (E, h, f)
+    model.layers.i.mlp.experts.down_proj_bias       -> layers.i.mlp.experts.linear_fc2.bias
+    (the hub's MXFP4 ``*_blocks`` / ``*_scales`` are dequantized on import; export writes them unquantized)
     model.norm.weight                               -> final_layernorm.weight
     lm_head.weight                                  -> output_layer.weight (absent when tied)
 Every mapping is a pure reshuffle of values, so HF -> ours -> HF is bit-exact.
@@ -40,7 +50,9 @@ from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
-                           "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3"}
+                           "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
+                           "GptOssForCausalLM": "gpt_oss"}
+MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
 FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3")
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
@@ -114,11 +126,12 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
         if window is not None and int(window) >= int(hf.get("max_position_embeddings", 4096)):
             window = None
         types = None
-    elif arch == "olmo3":
+    elif arch in ("olmo3", "gpt_oss"):
         if window is None:
-            raise HFCheckpointError(f"{where}: Olmo3ForCausalLM without sliding_window")
-        if types is None:  # Olmo3Config's default: every fourth layer full
-            types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)]
+            raise HFCheckpointError(f"{where}: {HF_CLASS[arch]} without sliding_window")
+        if types is None:  # the configs' defaults: OLMo 3 every fourth layer full, gpt-oss every second
+            every = 4 if arch == "olmo3" else 2
+            types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
     else:
         window = None
     if window is None or (types is not None and "sliding_attention" not in types):
@@ -146,7 +159,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     for key in required:
         if key not in hf or hf[key] is None:
             raise HFCheckpointError(f"{where}: missing required field {key!r}")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") != "silu" and arch != "gpt_oss":
         raise HFCheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
     if hf.get("mlp_bias"):
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
@@ -173,7 +186,16 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         moe = dict(num_moe_experts=int(experts), moe_router_topk=int(hf["num_experts_per_tok"]),
                    moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
-    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
+    if arch == "gpt_oss":  # softmax over the top-k router logits == renormalised top-k probabilities
+        for key in ("num_local_experts", "num_experts_per_tok"):
+            if hf.get(key) is None:
+                raise HFCheckpointError(f"{where}: missing required field {key!r}")
+        moe = dict(num_moe_experts=int(hf["num_local_experts"]), moe_router_topk=int(hf["num_experts_per_tok"]),
+                   moe_ffn_hidden_size=int(hf["intermediate_size"]), moe_norm_topk_prob=True,
+                   moe_router_bias=True, moe_expert_bias=True, activation="swiglu_clamped",
+                   swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                   attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
+    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch == "gpt_oss"))
     olmo = arch in OLMO_ARCHITECTURES
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
@@ -212,14 +234,19 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
 
 def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     """An HF config dict; the original one when the model came from HF (exact round trip)."""
-    if "hf_config" in cfg.extra:
-        return cfg.extra["hf_config"]
+    if "hf_config" in cfg.extra:  # less a quantization: the weights export dequantized
+        return {k: v for k, v in cfg.extra["hf_config"].items() if k != "quantization_config"}
     arch = cfg.architecture
     if arch not in HF_CLASS:
         raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
-    if cfg.is_moe != (arch == "qwen3_moe"):
-        raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM), "
-                          "dense ones as 'qwen2', 'qwen3', 'llama', 'mistral' or 'phi3'")
+    if cfg.is_moe != (arch in MOE_ARCHITECTURES):
+        raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM) or "
+                          "'gpt_oss', dense ones as 'qwen2', 'qwen3', 'llama', 'mistral', 'phi3' or 'olmo2/3'")
+    gpt_oss = (cfg.attention_sinks, cfg.moe_router_bias, cfg.moe_expert_bias, cfg.activation == "swiglu_clamped",
+               cfg.add_attention_output_bias == cfg.add_qkv_bias, cfg.moe_norm_topk_prob)
+    if (arch == "gpt_oss") != all(gpt_oss) or (arch != "gpt_oss" and any(gpt_oss[:4])):
+        raise ConfigError("gpt-oss's layers (attention sinks, biased router and experts, clamped SwiGLU) export only "
+                          "as architecture 'gpt_oss', and it needs all of them")
     olmo = arch in OLMO_ARCHITECTURES
     if olmo != (cfg.norm_placement == "post" and cfg.qk_layernorm and cfg.qk_layernorm_scope == "all"
                 and cfg.norm_in_fp32):
@@ -262,10 +289,17 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf.setdefault("sliding_window", None)
         if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
             hf.update(pad_token_id=None, partial_rotary_factor=1.0)
-    elif olmo:
-        hf["attention_bias"] = cfg.add_qkv_bias
+    elif arch == "gpt_oss":
+        pass  # attention_bias below
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
+    if arch == "gpt_oss":
+        hf.update(num_local_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
+                  intermediate_size=cfg.moe_ffn_hidden_size, swiglu_alpha=cfg.swiglu_alpha,
+                  swiglu_limit=cfg.swiglu_limit, attention_bias=cfg.add_qkv_bias, router_aux_loss_coef=0.0,
+                  output_router_logits=False)
+        if cfg.rope_scaling:  # YaRN's fields as they are (no llama3 default type)
+            hf["rope_scaling"] = dict(cfg.rope_scaling)
     if arch == "qwen3_moe":
         hf.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
                   moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.moe_norm_topk_prob,
@@ -279,6 +313,9 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
     max_window_layers; Mistral / Phi-3: all layers; OLMo 3: layer_types and a RoPE per type)."""
     arch = cfg.architecture
     if not cfg.has_sliding_layers:
+        if arch == "gpt_oss":  # GptOssConfig would otherwise slide every other layer
+            return {"sliding_window": cfg.max_position_embeddings,
+                    "layer_types": ["full_attention"] * cfg.num_layers}
         if cfg.sliding_rope is not None:
             raise ConfigError("sliding_rope is set but no layer slides")
         return {"use_sliding_window": False} if arch in QWEN_ARCHITECTURES else {}
@@ -292,6 +329,8 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
                               f"{types} is not of that form")
         return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": first,
                 "layer_types": types}
+    if arch == "gpt_oss":
+        return {"sliding_window": cfg.sliding_window, "layer_types": types}
     if arch in ("mistral", "phi3"):
         if "full_attention" in types:
             raise ConfigError(f"{HF_CLASS[arch]} slides on every layer; export mixed layer_types as 'olmo3' or "
@@ -361,10 +400,16 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
                 take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
         out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+        if cfg.add_attention_output_bias:
+            out[o + "self_attention.linear_proj.bias"] = take(a + "o_proj.bias")
+        if cfg.attention_sinks:
+            out[o + "self_attention.sinks"] = take(a + "sinks")
         if cfg.qk_layernorm:
             out[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"] = take(a + "q_norm.weight")
             out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
-        if cfg.is_moe:
+        if cfg.architecture == "gpt_oss":
+            out.update(_gpt_oss_experts_to_megatron(take, p + "mlp.", o + "mlp.", hf_sd))
+        elif cfg.is_moe:
             out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
         elif cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # [gate; up], as our fc1
             out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
@@ -381,6 +426,68 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         if tuple(t.shape) != expected:
             raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
     return out
+
+
+# e2m1 (FP4) values of the 16 nibble codes; an MXFP4 block is 32 of them (16 bytes, low nibble
+# first) sharing one power-of-two scale stored as a biased exponent (127 = 2^0)
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """MXFP4 (OCP microscaling, as gpt-oss ships its experts): ``blocks`` uint8 (..., G, 16),
+    ``scales`` uint8 (..., G) -> (..., G * 32) values v = e2m1(code) * 2^(scale - 127)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise HFCheckpointError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != 16:
+        raise HFCheckpointError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], 32).long()
+    values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return values.reshape(*scales.shape[:-1], scales.shape[-1] * 32).to(dtype)
+
+
+def _gpt_oss_expert_tensor(take, hf_sd: dict, name: str) -> torch.Tensor:
+    """An expert projection in HF's in-memory layout (E, in, out): stored so, or as MXFP4
+    blocks / scales of the (E, out, in) matrix (the hub's checkpoints)."""
+    if name + "_blocks" in hf_sd:
+        dtype = hf_sd[name + "_bias"].dtype if hf_sd[name + "_bias"].is_floating_point() else torch.bfloat16
+        return dequantize_mxfp4(take(name + "_blocks"), take(name + "_scales"), dtype).transpose(1, 2)
+    return take(name)
+
+
+def _gpt_oss_experts_to_megatron(take, hf_prefix: str, prefix: str, hf_sd: dict) -> dict:
+    """gpt-oss's router and experts: gate and up interleaved along the last axis of
+    gate_up_proj (E, h, 2f) become our [gate; up] rows (E, 2f, h); down_proj (E, f, h) -> (E, h, f)."""
+    e = hf_prefix + "experts."
+    gate_up = _gpt_oss_expert_tensor(take, hf_sd, e + "gate_up_proj")
+    gate_up_bias = take(e + "gate_up_proj_bias")
+    return {
+        prefix + "router.weight": take(hf_prefix + "router.weight"),
+        prefix + "router.bias": take(hf_prefix + "router.bias"),
+        prefix + "experts.linear_fc1.weight": torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], -1)
+        .transpose(1, 2).contiguous(),
+        prefix + "experts.linear_fc1.bias": torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], -1).contiguous(),
+        prefix + "experts.linear_fc2.weight": _gpt_oss_expert_tensor(take, hf_sd, e + "down_proj")
+        .transpose(1, 2).contiguous(),
+        prefix + "experts.linear_fc2.bias": take(e + "down_proj_bias"),
+    }
+
+
+def _gpt_oss_experts_to_hf(sd: dict, prefix: str, hf_prefix: str) -> dict:
+    """Inverse of ``_gpt_oss_experts_to_megatron`` (unquantized)."""
+    def interleave(t):  # [gate; up] halves along the last axis -> gate, up, gate, up, ...
+        gate, up = t.chunk(2, dim=-1)
+        return torch.stack([gate, up], dim=-1).reshape(t.shape).contiguous()
+
+    e = hf_prefix + "experts."
+    return {
+        hf_prefix + "router.weight": sd[prefix + "router.weight"],
+        hf_prefix + "router.bias": sd[prefix + "router.bias"],
+        e + "gate_up_proj": interleave(sd[prefix + "experts.linear_fc1.weight"].transpose(1, 2)),
+        e + "gate_up_proj_bias": interleave(sd[prefix + "experts.linear_fc1.bias"]),
+        e + "down_proj": sd[prefix + "experts.linear_fc2.weight"].transpose(1, 2).contiguous(),
+        e + "down_proj_bias": sd[prefix + "experts.linear_fc2.bias"],
+    }
 
 
 def _qk_norm_name(cfg: GPTConfig) -> str:
@@ -427,9 +534,16 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
             out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k,
                         p + "self_attn.v_proj.bias": v})
         out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
+        if cfg.add_attention_output_bias:
+            out[p + "self_attn.o_proj.bias"] = sd[o + "self_attention.linear_proj.bias"]
+        if cfg.attention_sinks:
+            out[p + "self_attn.sinks"] = sd[o + "self_attention.sinks"]
         if cfg.qk_layernorm:
             out[p + "self_attn.q_norm.weight"] = sd[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"]
             out[p + "self_attn.k_norm.weight"] = sd[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"]
+        if cfg.architecture == "gpt_oss":
+            out.update(_gpt_oss_experts_to_hf(sd, o + "mlp.", p + "mlp."))
+            continue
         if cfg.is_moe:
             out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
             fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
@@ -459,6 +573,11 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
         "post_attention_layernorm.weight": (h,), "post_mlp_layernorm.weight": (h,),
         "self_attention.q_norm_all_heads.weight": (cfg.query_projection_size,),
+        "self_attention.sinks": (cfg.num_attention_heads,),
+        "self_attention.linear_proj.bias": (h,),
+        "mlp.router.bias": (cfg.num_moe_experts,),
+        "mlp.experts.linear_fc1.bias": (cfg.num_moe_experts, 2 * (cfg.moe_ffn_hidden_size or 0)),
+        "mlp.experts.linear_fc2.bias": (cfg.num_moe_experts, h),
         "self_attention.k_norm_all_heads.weight": (cfg.kv_projection_size,),
         "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_qkv.bias": (qkv,),
         "self_attention.linear_proj.weight": (h, cfg.query_projection_size),

@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_k15.kernels.grouped_gemm import grouped_linear
-from megatron_k15.models.attention import AttentionFn
+from megatron_k15.models.attention import AttentionFn, apply_attention_sinks
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.rope import apply_rotary
 from megatron_k15.parallel.expert import run_experts_parallel
@@ -138,6 +138,9 @@ class RowLinear(RowParallelLinear):
             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
         self.sp = sequence_parallel and tp_group.size() > 1
+        if self.bias is not None:  # added once, after the reduction: the same on every tp rank
+            self.bias.tp_replicated = True
+            self.bias.sequence_parallel = self.sp  # under SP each rank's grad covers its slice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
@@ -196,8 +199,12 @@ class SelfAttention(torch.nn.Module):
         )
         self.linear_proj = RowLinear(
             cfg.query_projection_size, cfg.hidden_size, mp_config=mp_config, init_method=out_init,
-            bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
+            bias=cfg.add_attention_output_bias, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
+        # gpt-oss: one sink logit per query head (this rank's heads under tp)
+        self.sinks = None
+        if cfg.attention_sinks:
+            self.sinks = torch.nn.Parameter(torch.zeros(cfg.num_attention_heads // tp, dtype=mp_config.params_dtype))
         self.q_layernorm = self.k_layernorm = None
         self.q_norm_all_heads = self.k_norm_all_heads = None
         if cfg.qk_layernorm and cfg.qk_layernorm_scope == "all":
@@ -230,7 +237,7 @@ class SelfAttention(torch.nn.Module):
         k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size)
+            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks)
         elif recompute_attention:
             # selective recompute: drop the attention core's saved activations, keep the GEMMs'
             out = torch.utils.checkpoint.checkpoint(
@@ -241,16 +248,29 @@ class SelfAttention(torch.nn.Module):
         return self.linear_proj(out)
 
     def _core(self, q, k, v, cu_seqlens, max_seqlen):
-        if self.window_size[0] < 0:  # backends without window support work as before
+        # only what the layer uses is passed: backends without windows or lse work as before
+        kw = {} if self.window_size[0] < 0 else {"window_size": self.window_size}
+        if self.sinks is None:
             return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window_size=self.window_size)
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
+        out, lse = self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_lse=True, **kw)
+        return apply_attention_sinks(out, lse.transpose(1, 2), self.sinks)
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """silu(gate) * up (SwiGLU), or gpt-oss's clamped variant: gate <= limit, |up| <= limit,
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    if cfg.activation == "swiglu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=cfg.swiglu_limit)
+    up = up.clamp(min=-cfg.swiglu_limit, max=cfg.swiglu_limit)
+    return (up + 1) * gate * torch.sigmoid(gate * cfg.swiglu_alpha)
 
 
 class SwiGLUMLP(torch.nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up fused in one column-parallel weight whose
-    per-rank shard is [gate_shard; up_shard]."""
+    """down(act(gate(x), up(x))) (``gated_activation``: SwiGLU); gate and up fused in one
+    column-parallel weight whose per-rank shard is [gate_shard; up_shard]."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool):
         super().__init__()
@@ -264,18 +284,22 @@ class SwiGLUMLP(torch.nn.Module):
             cfg.ffn_hidden_size, cfg.hidden_size, mp_config=mp_config, init_method=out_init,
             bias=False, tp_group=tp_group, sequence_parallel=sequence_parallel,
         )
+        self.cfg = cfg
 
     def forward(self, x):
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(gated_activation(gate, up, self.cfg))
 
 
 class ExpertWeights(torch.nn.Module):
-    """One linear weight per expert, stacked: (experts, out, in)."""
+    """One linear weight per expert, stacked: (experts, out, in); with ``bias`` one bias per
+    expert, (experts, out) (gpt-oss)."""
 
-    def __init__(self, experts: int, out_features: int, in_features: int, dtype: torch.dtype):
+    def __init__(self, experts: int, out_features: int, in_features: int, dtype: torch.dtype,
+                 bias: bool = False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(experts, out_features, in_features, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(experts, out_features, dtype=dtype)) if bias else None
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -351,13 +375,20 @@ class MoEMLP(torch.nn.Module):
         self.num_experts = cfg.num_moe_experts
         dtype = mp_config.params_dtype
         h, f = cfg.hidden_size, cfg.moe_ffn_hidden_size // tp
-        self.router = torch.nn.Linear(h, self.num_experts, bias=False, dtype=dtype)
-        self.router.weight.tp_replicated = True
-        self.router.weight.tp_partial_grad = tp > 1
+        self.cfg = cfg
+        self.tp_rank = tp_group.rank()
+        self.router = torch.nn.Linear(h, self.num_experts, bias=cfg.moe_router_bias, dtype=dtype)
+        for p in self.router.parameters():
+            p.tp_replicated = True
+            p.tp_partial_grad = tp > 1
         self.experts = torch.nn.Module()
         self.local_experts = self.num_experts // ep
-        self.experts.linear_fc1 = ExpertWeights(self.local_experts, 2 * f, h, dtype)  # [gate; up]
-        self.experts.linear_fc2 = ExpertWeights(self.local_experts, h, f, dtype)
+        bias = cfg.moe_expert_bias
+        self.experts.linear_fc1 = ExpertWeights(self.local_experts, 2 * f, h, dtype, bias)  # [gate; up]
+        self.experts.linear_fc2 = ExpertWeights(self.local_experts, h, f, dtype, bias)
+        if bias:  # fc2's bias is whole on every tp rank; rank 0 adds it (its grad is summed over tp)
+            self.experts.linear_fc2.bias.tp_replicated = True
+            self.experts.linear_fc2.bias.tp_partial_grad = tp > 1
         # one grouped-GEMM launch per projection for all experts instead of a loop of GEMM pairs
         # (GPTModel sets it: --moe-grouped-gemm); None: on CUDA tensors, the loop on CPU
         self.grouped_gemm: Optional[bool] = None
@@ -367,7 +398,7 @@ class MoEMLP(torch.nn.Module):
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E))."""
-        probs = F.softmax(F.linear(tokens, self.router.weight).float(), dim=-1)
+        probs = F.softmax(self.router(tokens).float(), dim=-1)
         weights, experts = probs.topk(self.topk, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -400,21 +431,36 @@ class MoEMLP(torch.nn.Module):
         the rows' device: the grouped GEMM needs no host sync; the loop reads them, or takes
         ``host_counts`` when the caller already has them on the host)."""
         w1, w2 = self.experts.linear_fc1.weight, self.experts.linear_fc2.weight
+        b1, b2 = self.experts.linear_fc1.bias, self.experts.linear_fc2.bias
+        if b2 is not None and self.tp_rank != 0:  # partial sums over tp: the bias enters once
+            b2 = b2 * 0.0
         grouped_gemm = grouped.is_cuda if self.grouped_gemm is None else self.grouped_gemm
         if grouped_gemm:  # every expert in one launch per GEMM (kernels/grouped_gemm.py)
             ends = counts.to(grouped.device).cumsum(0)
-            gate, up = grouped_linear(grouped, w1, ends).chunk(2, dim=-1)
-            return grouped_linear(F.silu(gate) * up, w2, ends)
+            row_expert = None
+            if b1 is not None:  # each row's expert, without reading the counts on the host
+                rows = torch.arange(grouped.shape[0], device=grouped.device)
+                row_expert = torch.searchsorted(ends, rows, right=True)
+            h1 = grouped_linear(grouped, w1, ends)
+            if b1 is not None:
+                h1 = h1 + b1.index_select(0, row_expert)
+            gate, up = h1.chunk(2, dim=-1)
+            out = grouped_linear(gated_activation(gate, up, self.cfg), w2, ends)
+            return out if b2 is None else out + b2.index_select(0, row_expert)
         counts = counts.tolist() if host_counts is None else host_counts
         w1s, w2s = w1.unbind(0), w2.unbind(0)  # one view per expert: the weight's gradient is
-        outs, start = [], 0  # assembled once, not per expert
+        b1s = b2s = [None] * len(counts)  # assembled once, not per expert
+        if b1 is not None:
+            b1s, b2s = b1.unbind(0), b2.unbind(0)
+        outs, start = [], 0
         for e, n in enumerate(counts):
             # no rows at all (expert parallelism: none of the group's tokens chose this rank's
             # experts): expert 0 on the empty rows, so the output still depends on the rows and
             # the weights and this rank's backward joins the others' all-to-alls and reductions
             if n or (e == len(counts) - 1 and not outs):
-                gate, up = F.linear(grouped[start:start + n], w1s[0 if not n else e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w2s[0 if not n else e]))
+                i = 0 if not n else e
+                gate, up = F.linear(grouped[start:start + n], w1s[i], b1s[i]).chunk(2, dim=-1)
+                outs.append(F.linear(gated_activation(gate, up, self.cfg), w2s[i], b2s[i]))
                 start += n
         return torch.cat(outs)
 

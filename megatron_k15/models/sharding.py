@@ -9,7 +9,10 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
     mlp.experts.linear_fc1.weight (E, 2f, h)              per expert [gate_r; up_r] (dim 1)
     mlp.experts.linear_fc2.weight (E, h, f)               per expert columns (dim 2)
     q_norm_all_heads / k_norm_all_heads.weight (OLMo)     split in tp chunks (a rank's heads)
-    other norms, mlp.router.weight                        replicated
+    self_attention.sinks (gpt-oss)                        split in tp chunks (a rank's heads)
+    mlp.experts.linear_fc1.bias (E, 2f)                   per expert [gate_r; up_r] (dim 1)
+    other norms, mlp.router.*, linear_proj.bias,
+    mlp.experts.linear_fc2.bias                           replicated
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
 the last the final norm and the output layer. Checkpoint conversion and resharding use only
@@ -28,7 +31,7 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 def shard_rule(name: str) -> tuple[Optional[int], int]:
     """(dim split across tp or None if replicated, number of fused parts interleaved)."""
-    if name.endswith("experts.linear_fc1.weight"):
+    if name.endswith("experts.linear_fc1.weight") or name.endswith("experts.linear_fc1.bias"):
         return 1, 2
     if name.endswith("experts.linear_fc2.weight"):
         return 2, 1
@@ -36,7 +39,7 @@ def shard_rule(name: str) -> tuple[Optional[int], int]:
         return 0, 2
     if name in ("embedding.weight", "output_layer.weight") or ".linear_qkv." in name:
         return 0, 1
-    if name.endswith("_norm_all_heads.weight"):
+    if name.endswith("_norm_all_heads.weight") or name.endswith("self_attention.sinks"):
         return 0, 1
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         return 1, 1

@@ -17,6 +17,7 @@ code.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
@@ -181,7 +182,8 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
         raise ValueError(f"unknown tiny model kind {kind!r}")
     name, settings = TINY_HF_MODELS[kind]
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{name}Config")(**{**_TINY_COMMON, **settings, **overrides})
+    # a copy: transformers' configs may write into dicts they are given (rope settings)
+    config = getattr(transformers, f"{name}Config")(**copy.deepcopy({**_TINY_COMMON, **settings, **overrides}))
     model = getattr(transformers, f"{name}ForCausalLM")(config)
     with torch.no_grad():
         for pname, p in model.named_parameters():

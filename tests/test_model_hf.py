@@ -196,6 +196,31 @@ def test_sliding_window_config_exports_without_the_original(kind, overrides, sli
         assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
 
 
+def test_olmo3_with_its_own_sliding_theta_exports_nested_rope_parameters():
+    """A RoPE per layer type that the old flat fields cannot say (another theta for the sliding
+    layers) exports as transformers 5's nested rope_parameters, which rebuild our model."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt, megatron_to_hf
+
+    cfg = dataclasses.replace(build_from_hf(tiny_hf_model("olmo3", rope_scaling=YARN_SCALING)).config, extra={},
+                              sliding_rope={"rotary_base": 10000.0, "rope_scaling": None})
+    ours = GPTModel(cfg, attention_backend="sdpa").eval()
+    ours.reset_parameters(5)
+    d = dict(hf_config_from_gpt(cfg))
+    d.pop("architectures")
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    full = {k: v[: cfg.vocab_size] if k in ("embedding.weight", "output_layer.weight") else v
+            for k, v in ours.checkpoint_state_dict().items()}
+    hf.load_state_dict(megatron_to_hf(full, cfg))
+    ids = torch.randint(0, cfg.vocab_size, (1, 100), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours.gather_logits(ours(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_gpt_oss_matches_transformers(backend, monkeypatch):
     """gpt-oss: attention sinks, biased output projection, a sliding and a full layer, 4 biased

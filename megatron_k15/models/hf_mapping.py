@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
+from megatron_k15.models.rope import rope_type as scaling_type
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -336,15 +337,14 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
             raise ConfigError(f"{HF_CLASS[arch]} slides on every layer; export mixed layer_types as 'olmo3' or "
                               "a Qwen architecture")
         return {"sliding_window": cfg.sliding_window}
-    if arch == "olmo3":
-        out = {"sliding_window": cfg.sliding_window, "layer_types": types}
-        if cfg.sliding_rope is not None:
-            if cfg.sliding_rope.get("rope_scaling") or cfg.sliding_rope["rotary_base"] != cfg.rotary_base:
-                raise ConfigError("Olmo3ForCausalLM's sliding layers use the full layers' theta without scaling")
-        elif cfg.rope_scaling:
-            raise ConfigError("Olmo3ForCausalLM scales only the full layers' RoPE: set sliding_rope to "
-                              "{'rotary_base': theta, 'rope_scaling': None}")
-        return out
+    if arch == "olmo3":  # a RoPE per layer type: transformers 5's nested rope_parameters
+        def params(theta, scaling):
+            return {**(scaling or {}), "rope_type": scaling_type(scaling), "rope_theta": theta}
+
+        sliding = cfg.rope_for_layer(types.index("sliding_attention"))
+        return {"sliding_window": cfg.sliding_window, "layer_types": types,
+                "rope_parameters": {"full_attention": params(cfg.rotary_base, cfg.rope_scaling),
+                                    "sliding_attention": params(*sliding)}}
     raise ConfigError(f"{HF_CLASS[arch]} has no sliding-window layers; export as 'olmo3', 'mistral' or a Qwen "
                       "architecture")
 

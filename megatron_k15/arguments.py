@@ -321,6 +321,7 @@ def add_reasoning_tags_arg(g) -> None:
     """``--reasoning-tags`` for the commands that grade responses (train_rl, evaluate)."""
     g.add_argument("--reasoning-tags", default="auto",
                    help="grade only the answer after a reasoning block: auto = <think>,</think>; "
+                        "harmony = gpt-oss's final channel after its analysis channel; "
                         "OPEN,CLOSE for other tags; none = grade the whole response. A response "
                         "that ends inside its reasoning scores 0 (megatron_k15/rewards/reasoning.py)")
 

@@ -97,3 +97,47 @@ def test_cli_rejects_a_bad_spec_naming_the_flag():
     with pytest.raises(ArgumentError, match="--reasoning-tags"):
         check_reasoning_tags(argparse.Namespace(reasoning_tags="<think>"))
     check_reasoning_tags(argparse.Namespace(reasoning_tags="none"))
+
+
+HARMONY_MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>"]
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("<|channel|>analysis<|message|>2+2 is \\boxed{5}? no<|end|><|start|>assistant<|channel|>final<|message|>"
+     "\\boxed{4}<|return|>", "\\boxed{4}"),                                         # analysis, then final
+    ("<|channel|>final<|message|>4<|end|>", "4"),                                  # straight to the answer
+    ("<|channel|>analysis<|message|>so \\boxed{4}", None),                         # still analysing
+    ("The answer is 4", "The answer is 4"),                                        # no channels at all
+])
+def test_harmony_grades_the_final_channel(response, expected):
+    assert graded_text(response, parse_reasoning_tags("harmony")) == expected
+
+
+def test_harmony_tokens_are_special_yet_the_grader_sees_them(tmp_path):
+    """gpt-oss's channel markers are special tokens: decoding drops them, so harmony responses
+    are decoded with them kept (only EOS and padding go), and RL grades the final channel."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_k15.data.tokenizer import load_tokenizer
+    from megatron_k15.rewards.reasoning import HARMONY, response_text
+
+    vocab = {c: i for i, c in enumerate("0123456789+=\\{}abcdefghijklmnopqrstuvwxyz ?")}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="?", eos_token="<|return|>", pad_token="<|pad|>")
+    fast.add_special_tokens({"additional_special_tokens": [m for m in HARMONY_MARKERS if m != "<|return|>"]})
+    fast.save_pretrained(str(tmp_path / "tok"))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    text = ("<|channel|>analysis<|message|>maybe \\boxed{5}<|end|><|start|>assistant<|channel|>final<|message|>"
+            "\\boxed{4}<|return|>")
+    ids = tok.encode(text)
+    assert "<|channel|>" not in tok.decode(ids)  # what a plain decode gives the grader
+    assert response_text(tok, ids, None, HARMONY) == text[:-len("<|return|>")]
+    analysing = tok.encode("<|channel|>analysis<|message|>so \\boxed{4}")
+    trajs = [Trajectory(prompt_id="p", prompt_ids=tok.encode("2+2="), response_ids=r, segment_ids=[0] * len(r),
+                        logprobs=[0.0] * len(r), group_id="g", stop_reason="eos") for r in (ids, analysing)]
+    assert score(trajs, {"p": FOUR}, tok, 0, reasoning_tags=HARMONY)[1] == [True, False]
+    # <think> tags: the markers vanish, responses are graded whole and the unfinished analysis scores
+    assert score(trajs, {"p": FOUR}, tok, 0, reasoning_tags=THINK)[1] == [True, True]

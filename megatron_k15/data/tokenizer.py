@@ -144,7 +144,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``keep_special`` (harmony's
+        channel markers are special tokens a grader must see)."""
         raise NotImplementedError
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
@@ -186,7 +188,7 @@ class ByteTokenizer(Tokenizer):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
         out = bytearray()
         for i in ids:
             i = int(i)
@@ -273,11 +275,11 @@ class HFTokenizer(Tokenizer):
             return [int(i) for i in self._hf.encode(text, add_special_tokens=False)]
         return [int(i) for i in self._tk.encode(text, add_special_tokens=False).ids]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
         ids = [int(i) for i in ids]
         if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=True)
-        return self._tk.decode(ids, skip_special_tokens=True)
+            return self._hf.decode(ids, skip_special_tokens=not keep_special)
+        return self._tk.decode(ids, skip_special_tokens=not keep_special)
 
     @property
     def has_chat_template(self) -> bool:

@@ -13,6 +13,13 @@ instruction, does not).
     the response closes a block                -> the text after its last closing tag
     a block is open at the end of the response -> None: no answer (reward 0)
     no tags anywhere                           -> the whole response (a plain model)
+
+gpt-oss speaks OpenAI's harmony format (``--reasoning-tags harmony``): it reasons in the
+analysis channel and answers in the final one,
+``<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>ANSWER<|return|>``.
+Those markers are special tokens, so such responses are decoded with special tokens kept;
+the answer is the text after the last ``<|channel|>final<|message|>`` up to the next marker
+that ends a message, and a response still in its analysis channel has no answer.
 """
 
 from __future__ import annotations
@@ -25,17 +32,28 @@ from typing import Optional
 class ReasoningTags:
     open: str = "<think>"
     close: str = "</think>"
+    # the tags are special tokens: decode responses with special tokens kept (harmony)
+    keep_special: bool = False
+    # markers that end the answer after the closing tag (harmony's end of a message)
+    answer_end: tuple = ()
+
+
+HARMONY = ReasoningTags("<|channel|>analysis<|message|>", "<|channel|>final<|message|>", keep_special=True,
+                        answer_end=("<|end|>", "<|return|>", "<|call|>", "<|start|>"))
 
 
 def parse_reasoning_tags(spec: str, flag: str = "--reasoning-tags") -> Optional[ReasoningTags]:
-    """``auto`` (``<think>`` / ``</think>``), ``none``, or ``OPEN,CLOSE``."""
+    """``auto`` (``<think>`` / ``</think>``), ``harmony`` (gpt-oss's channels), ``none``, or
+    ``OPEN,CLOSE``."""
     if spec == "auto":
         return ReasoningTags()
+    if spec == "harmony":
+        return HARMONY
     if spec == "none":
         return None
     parts = spec.split(",")
     if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
-        raise ValueError(f"{flag} {spec!r}: give auto, none, or two different tags as OPEN,CLOSE "
+        raise ValueError(f"{flag} {spec!r}: give auto, harmony, none, or two different tags as OPEN,CLOSE "
                          "(e.g. '<think>,</think>')")
     return ReasoningTags(parts[0].strip(), parts[1].strip())
 
@@ -49,7 +67,7 @@ def prompt_opens_reasoning(prompt: str, tags: Optional[ReasoningTags]) -> bool:
 def tags_survive_decoding(tok, tags: Optional[ReasoningTags]) -> bool:
     """False when the tokenizer drops the tags on decoding (special tokens): grading would then
     never see them and fall back to whole responses."""
-    if tags is None:
+    if tags is None or tags.keep_special:
         return True
     return all(t in tok.decode(tok.encode(f"a{t}b")) for t in (tags.open, tags.close))
 
@@ -63,9 +81,11 @@ def graded_text(response: str, tags: Optional[ReasoningTags], prompt_open: bool 
     close = response.rfind(tags.close)
     if response.rfind(tags.open) > close:
         return None
-    if close >= 0:
-        return response[close + len(tags.close):]
-    return None if prompt_open else response
+    if close < 0:
+        return None if prompt_open else response
+    answer = response[close + len(tags.close):]
+    ends = [i for i in (answer.find(m) for m in tags.answer_end) if i >= 0]
+    return answer[:min(ends)] if ends else answer
 
 
 def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = None,
@@ -78,13 +98,19 @@ def grade_response(response: str, record: dict, tags: Optional[ReasoningTags] = 
     return answer, (0.0 if answer is None else float(compute_reward(answer, record)))
 
 
-def response_text(tokenizer, response_ids, stop_strings=None) -> str:
+def response_text(tokenizer, response_ids, stop_strings=None, tags: Optional[ReasoningTags] = None) -> str:
     """The text a verifier grades: the response's tokens without special ones (EOS...), and
-    with ``stop_strings`` (``--stop`` / ``--stop-strings``) the text before the first of them."""
+    with ``stop_strings`` (``--stop`` / ``--stop-strings``) the text before the first of them.
+    With tags that are special tokens (harmony) those are kept; only EOS and padding go."""
     from megatron_k15.generation.stop_strings import cut_at_stop
 
-    special = set(getattr(tokenizer, "special_ids", []) or [])
-    text = tokenizer.decode([i for i in response_ids if i not in special and i < tokenizer.vocab_size])
+    keep = tags is not None and tags.keep_special
+    if keep:
+        drop = {i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None}
+    else:
+        drop = set(getattr(tokenizer, "special_ids", []) or [])
+    ids = [i for i in response_ids if i not in drop and i < tokenizer.vocab_size]
+    text = tokenizer.decode(ids, keep_special=True) if keep else tokenizer.decode(ids)
     return cut_at_stop(text, stop_strings)
 
 

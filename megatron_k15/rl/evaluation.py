@@ -120,11 +120,12 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     requests = [(i, s) for i in mine for s in range(n_samples)]
     if generator is None:
         generator = GenerationEngine(model, max_batch_size=batch_size)
-    prompt_open = {i: prompt_opens_reasoning(tokenizer.decode(list(prompt_ids[i])), reasoning_tags) for i in mine}
+    prompt_open = {i: prompt_opens_reasoning(response_text(tokenizer, list(prompt_ids[i]), None, reasoning_tags),
+                                             reasoning_tags) for i in mine}
     stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
 
     def text_of(r) -> str:  # what is graded and recorded: the response before a stop string
-        return response_text(tokenizer, r.output_ids, stop_strings)
+        return response_text(tokenizer, r.output_ids, stop_strings, reasoning_tags)
 
     futures = {}
     # each response is graded (reward_workers threads) as soon as it is complete, while the

@@ -154,7 +154,7 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
     results = list(grades) if grades is not None else [None] * len(trajs)
     todo = [i for i, g in enumerate(results) if g is None]
     share = todo[rank::size]
-    jobs = [(response_text(tokenizer, trajs[i].response_ids, stop_strings), records[trajs[i].prompt_id],
+    jobs = [(response_text(tokenizer, trajs[i].response_ids, stop_strings, reasoning_tags), records[trajs[i].prompt_id],
              reasoning_tags,
              bool(prompt_open and prompt_open(trajs[i].prompt_id))) for i in share]
     mine = grade_responses(jobs, workers)
@@ -458,7 +458,7 @@ class RLIteration:
         """Whether the prompt (its chat template) opens a reasoning block for the response."""
         if prompt_id not in self._prompt_open:
             self._prompt_open[prompt_id] = prompt_opens_reasoning(
-                self.tok.decode(self.prompt_ids[prompt_id]), self.reasoning_tags)
+                response_text(self.tok, self.prompt_ids[prompt_id], None, self.reasoning_tags), self.reasoning_tags)
         return self._prompt_open[prompt_id]
 
     def _gather(self, mine: list[tuple[int, Trajectory]]) -> list[Trajectory]:
@@ -533,7 +533,7 @@ class RLIteration:
 
     def _grading_job(self, prompt_id, response_ids: list[int]) -> tuple:
         """The arguments of ``rewards.reasoning.grade_response`` for one response."""
-        return (response_text(self.tok, response_ids, getattr(self.args, "stop_strings", None)),
+        return (response_text(self.tok, response_ids, getattr(self.args, "stop_strings", None), self.reasoning_tags),
                 self.records[prompt_id], self.reasoning_tags, self.prompt_open(prompt_id))
 
     def _score(self, finished: list[Trajectory], iteration: int, judgements: list) -> tuple[list, list]:

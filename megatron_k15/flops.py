@@ -33,7 +33,7 @@ def matmul_parameters(cfg) -> int:
     """N of 2*N*s: the weight matrices a token passes."""
     h = cfg.hidden_size
     q, k = cfg.query_projection_size, cfg.kv_projection_size
-    per_layer = h * (q + 2 * k) + q * h + cfg.active_mlp_parameters()
+    per_layer = h * (q + 2 * k) + q * h + cfg.active_mlp_parameters(biases=False)
     return cfg.num_layers * per_layer + cfg.vocab_size * h
 
 

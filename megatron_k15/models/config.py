@@ -161,17 +161,18 @@ class GPTConfig:
         skipped = self._mlp_parameters(self.num_moe_experts) - self.active_mlp_parameters()
         return self.num_parameters() - self.num_layers * skipped
 
-    def active_mlp_parameters(self) -> int:
-        """One layer's MLP weights a token passes through (MoE: the router and k experts)."""
-        return self._mlp_parameters(self.moe_router_topk if self.is_moe else 0)
+    def active_mlp_parameters(self, biases: bool = True) -> int:
+        """One layer's MLP weights a token passes through (MoE: the router and k experts);
+        ``biases=False``: the matrices only (what the FLOPs count)."""
+        return self._mlp_parameters(self.moe_router_topk if self.is_moe else 0, biases)
 
-    def _mlp_parameters(self, experts: int) -> int:
+    def _mlp_parameters(self, experts: int, biases: bool = True) -> int:
         h = self.hidden_size
         if not self.is_moe:
             return 3 * h * self.ffn_hidden_size
         f = self.moe_ffn_hidden_size
         bias = experts * (2 * f + h) * self.moe_expert_bias + self.num_moe_experts * self.moe_router_bias
-        return experts * 3 * h * f + h * self.num_moe_experts + bias  # + router
+        return experts * 3 * h * f + h * self.num_moe_experts + bias * biases  # + router
 
     # -- validation ---------------------------------------------------------------------
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):

@@ -194,8 +194,9 @@ def _dtype(name: str):
 
 def flash_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv_heads: int = 4,
                    seqlen: int = 16384, causal: bool = True, varlen: bool = False,
-                   backward: bool = True) -> List[Launch]:
-    """Forward (and backward: preprocess, dK/dV, dQ) launches of the flash-attention kernels."""
+                   backward: bool = True, window_left: int = -1) -> List[Launch]:
+    """Forward (and backward: preprocess, dK/dV, dQ) launches of the flash-attention kernels
+    (``window_left`` >= 0: the sliding-window variants)."""
     import torch
 
     from . import flash_attention as fa
@@ -210,16 +211,17 @@ def flash_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv
     q, k, v = torch.empty(shape_q, **meta), torch.empty(shape_kv, **meta), torch.empty(shape_kv, **meta)
     scale = head_dim ** -0.5
     with capture_launches() as launches:
-        out, lse = fa._forward(q, k, v, cu, seqlen if varlen else None, causal, scale)
+        out, lse = fa._forward(q, k, v, cu, seqlen if varlen else None, causal, scale, window_left)
         if backward:
             fa._backward(torch.empty_like(out), None, q, k, v, out, lse, cu,
-                         seqlen if varlen else None, causal, scale)
+                         seqlen if varlen else None, causal, scale, window_left)
     return launches
 
 
 def decode_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv_heads: int = 4,
-                    batch: int = 64, page: int = 16, max_blocks: int = 2048) -> List[Launch]:
-    """The split-KV paged decode kernel and its reduction."""
+                    batch: int = 64, page: int = 16, max_blocks: int = 2048,
+                    window_left: int = -1) -> List[Launch]:
+    """The split-KV paged decode kernel and its reduction (``window_left``: sliding window)."""
     import torch
 
     from . import decode_attention as da
@@ -230,7 +232,7 @@ def decode_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, k
     tables = torch.empty(batch, max_blocks, dtype=torch.int32, device="meta")
     lens = torch.empty(batch, dtype=torch.int32, device="meta")
     with capture_launches() as launches:
-        da._paged_decode_triton(q, cache, cache, tables, lens, head_dim ** -0.5, None, True)
+        da._paged_decode_triton(q, cache, cache, tables, lens, head_dim ** -0.5, None, True, window_left)
     return launches
 
 
@@ -320,6 +322,11 @@ def standard_cases() -> List[Case]:
         cases.append(Case(f"logprobs-{dt}-h3584", lambda dt=dt: logprob_launches(dt)))
         cases.append(Case(f"logprobs-{dt}-h896", lambda dt=dt: logprob_launches(dt, hidden=896)))
     cases.append(Case("flash-bf16-d128-causal-h32kv8", lambda: flash_launches("bf16", 128, 32, 8)))
+    # sliding windows: gpt-oss's 128 tokens (64 / 8 heads, d64), OLMo 3's 4096 (32 / 32, d128)
+    cases.append(Case("flash-bf16-d64-causal-window128", lambda: flash_launches("bf16", 64, 64, 8, window_left=127)))
+    cases.append(Case("flash-bf16-d128-causal-varlen-window4096",
+                      lambda: flash_launches("bf16", 128, 32, 32, varlen=True, window_left=4095)))
+    cases.append(Case("decode-bf16-d64-g8-window128", lambda: decode_launches("bf16", 64, 64, 8, window_left=127)))
     for dt in ("bf16", "fp16", "fp32"):
         cases.append(Case(f"grouped-gemm-{dt}-h2048-f768-e128", lambda dt=dt: grouped_gemm_launches(dt)))
     cases.append(Case("merge-d128", lambda: merge_launches()))

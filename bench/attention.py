@@ -12,6 +12,11 @@ Examples:
     python bench/attention.py                                  # 1K..128K, head_dim 64 and 128
     python bench/attention.py --seqlens 16384 --head-dims 128 --causal on --modes fwd fwd_bwd
     python bench/attention.py --backends ours sdpa_cudnn --kv-heads 4 --dtype fp16
+    python bench/attention.py --window 4096 --causal on --backends ours   # sliding window (OLMo 3)
+
+With ``--window W`` (causal only) each query sees its W most recent keys; FLOPs count the
+pairs inside the window (W^2/2 + (s - W) W per sequence), so a kernel that skips the blocks
+outside it shows the rate of the work done. SDPA has no sliding window: its columns read n/a.
 
 Needs a CUDA GPU; without one it prints a message and exits with status 0.
 """
@@ -62,9 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     p.add_argument("--warmup", type=size_arg, default=25, help="warm-up time, ms")
     p.add_argument("--rep", type=size_arg, default=100, help="measurement time, ms")
+    p.add_argument("--window", type=size_arg, default=None,
+                   help="causal sliding window of W keys (Hugging Face's sliding_window); ours only")
     p.add_argument("--check", action="store_true",
                    help="also report max |ours - sdpa| of the forward output per row")
     args = p.parse_args(argv)
+    if args.window is not None and (args.window < 1 or args.causal != "on"):
+        p.error("--window needs --causal on and at least 1 key")
     for d in args.head_dims:
         if args.hidden % d:
             p.error(f"--hidden {args.hidden} is not a multiple of head_dim {d}")
@@ -75,19 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def attention_flops(batch, seqlen, heads, head_dim, causal, mode) -> float:
-    f = 4.0 * batch * seqlen * seqlen * heads * head_dim
-    if causal:
-        f /= 2
-    return f * (3.5 if mode == "fwd_bwd" else 1.0)
+def attention_flops(batch, seqlen, heads, head_dim, causal, mode, window=None) -> float:
+    from megatron_k15.flops import attended_pairs
+
+    pairs = attended_pairs(seqlen, window) if causal else float(seqlen) * seqlen
+    return 4.0 * batch * pairs * heads * head_dim * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
-def _make_fn(backend, q, k, v, causal):
+def _make_fn(backend, q, k, v, causal, window=None):
     """A closure computing the output of ``backend`` on (b, s, h, d) tensors."""
     if backend == "ours":
         from megatron_k15.kernels.flash_attention import flash_attn_func
 
-        return lambda: flash_attn_func(q, k, v, causal=causal)
+        window_size = (-1, -1) if window is None else (window - 1, 0)
+        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    if window is not None:
+        raise RuntimeError("not supported: SDPA has no sliding window")
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -104,11 +116,14 @@ def _make_fn(backend, q, k, v, causal):
     return run
 
 
-def bench_one(backend, mode, q, k, v, causal, warmup, rep):
+def bench_one(backend, mode, q, k, v, causal, warmup, rep, window=None):
     """Milliseconds per call, or an error string."""
     import triton.testing
 
-    fn = _make_fn(backend, q, k, v, causal)
+    try:
+        fn = _make_fn(backend, q, k, v, causal, window)
+    except RuntimeError:
+        return "n/a"
     try:
         if mode == "fwd":
             with torch.no_grad():
@@ -145,7 +160,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
     print(f"# {gpu}, torch {torch.__version__}, dtype {args.dtype}, tokens/batch {args.tokens}, "
-          f"hidden {args.hidden}, kv_heads {args.kv_heads or 'MHA'}")
+          f"hidden {args.hidden}, kv_heads {args.kv_heads or 'MHA'}"
+          + (f", sliding window {args.window}" if args.window else ""))
     print("# TFLOP/s; forward = 4*b*s^2*h*d (/2 causal), fwd_bwd = 3.5x forward")
 
     cols = [f"{b}:{m}" for m in args.modes for b in args.backends]
@@ -176,16 +192,16 @@ def main(argv=None) -> int:
                 cells = []
                 for mode in args.modes:
                     for backend in args.backends:
-                        ms = bench_one(backend, mode, q, k, v, causal, args.warmup, args.rep)
+                        ms = bench_one(backend, mode, q, k, v, causal, args.warmup, args.rep, args.window)
                         if isinstance(ms, str):
                             cells.append(ms)
                         else:
-                            flops = attention_flops(batch, s, heads, d, causal, mode)
+                            flops = attention_flops(batch, s, heads, d, causal, mode, args.window)
                             tflops = flops / (ms * 1e-3) / 1e12
                             cells.append(f"{tflops:.1f}")
                 line = f"{d:>4} {str(causal):>6} {s:>7} {batch:>5} "
                 line += " ".join(f"{c:>16}" for c in cells)
-                if args.check:
+                if args.check and args.window is None:
                     with torch.no_grad():
                         try:
                             ours = _make_fn("ours", q, k, v, causal)()

@@ -103,7 +103,7 @@ GPU_CMD[env]="(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.ma
 GPU_CMD[triton_warmup]="\"$PY\" tests/gpu/warm_triton_cache.py --jobs 10 --timeout 140"
 GPU_CMD[pytest_gpu]="\"$PY\" -m pytest -m gpu tests/gpu $PYTEST_OPTS"
 GPU_CMD[train_step]="\"$PY\" bench/train_step.py --seq-lengths 32k 64k 128k --steps 1 --warmup 1 --profile-ops 25 --json \"$LOG_DIR/train_step.json\""
-GPU_CMD[attention]="\"$PY\" bench/attention.py --seqlens 1k 4k 16k 64k --head-dims 128 --causal on --modes fwd fwd_bwd --check"
+GPU_CMD[attention]="\"$PY\" bench/attention.py --seqlens 1k 4k 16k 64k --head-dims 128 --causal on --modes fwd fwd_bwd --check && \"$PY\" bench/attention.py --seqlens 16k 64k --head-dims 128 --causal on --modes fwd fwd_bwd --backends ours --window 4096"
 GPU_CMD[fused_logprobs]="\"$PY\" bench/fused_logprobs.py --sizes 8192x151936x3584 32768x151936x3584 --repeat 3"
 GPU_CMD[decode_attention]="\"$PY\" bench/decode_attention.py --batch 1 64 256 --contexts 4k 32k 128k --heads 28 --kv-heads 4 --check"
 GPU_CMD[generation]="\"$PY\" bench/generation.py --batch 1 64 256 --prompt 2048 --new-tokens 256 --hidden 896 --layers 24 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --workload uniform rl --max-hf-seconds 30 --profile-ops 25"

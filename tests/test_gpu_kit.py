@@ -69,24 +69,25 @@ def test_gpu_commands_pass_real_flags():
     # run, wheel install and summary included, under the device tool's 10 minutes per command
     budget = int(re.search(r"BUDGET=\$\{GPU_KIT_BUDGET_S:-(\d+)\}", SCRIPT.read_text()).group(1))
     assert budget <= 560 and all(0 < int(limit) <= budget for _, limit, _ in lines)
-    for name, _, cmd in lines:
-        argv = shlex.split(cmd.split(";")[-1])
-        if "pytest" in argv:
-            i = argv.index("pytest")
-            assert argv[i - 1:i + 3] == ["-m", "pytest", "-m", "gpu"], argv
-            continue
-        scripts = [a for a in argv if a.startswith(("bench/", "tests/gpu/"))]
-        if not scripts:
-            continue
-        script, args = scripts[0], argv[argv.index(scripts[0]) + 1:]
-        source = (ROOT / script).read_text()
-        if "from bench._cli import" in source:  # flags shared by the bench scripts
-            source += (ROOT / "bench" / "_cli.py").read_text()
-        for flag in (a for a in args if a.startswith("--")):
-            assert f'"{flag}"' in source, f"{script} has no flag {flag}"
-        mod = _load(ROOT / script, "bench_" + Path(script).stem)
-        if hasattr(mod, "parse_args"):
-            mod.parse_args(args)  # SystemExit on a bad value
+    for name, _, line in lines:
+        for cmd in line.split(";")[-1].split(" && "):  # a stage may run several commands
+            argv = shlex.split(cmd)
+            if "pytest" in argv:
+                i = argv.index("pytest")
+                assert argv[i - 1:i + 3] == ["-m", "pytest", "-m", "gpu"], argv
+                continue
+            scripts = [a for a in argv if a.startswith(("bench/", "tests/gpu/"))]
+            if not scripts:
+                continue
+            script, args = scripts[0], argv[argv.index(scripts[0]) + 1:]
+            source = (ROOT / script).read_text()
+            if "from bench._cli import" in source:  # flags shared by the bench scripts
+                source += (ROOT / "bench" / "_cli.py").read_text()
+            for flag in (a for a in args if a.startswith("--")):
+                assert f'"{flag}"' in source, f"{script} has no flag {flag}"
+            mod = _load(ROOT / script, "bench_" + Path(script).stem)
+            if hasattr(mod, "parse_args"):
+                mod.parse_args(args)  # SystemExit on a bad value
     legacy = next(cmd for name, _, cmd in lines if name == "pytest_gpu_legacy")
     for path in (ROOT / "tests").glob("test_*.py"):
         if re.search(r"^@pytest\.mark\.gpu", path.read_text(), re.M):

@@ -1,7 +1,9 @@
 """The model (``GPTModel``) on GPU in bf16: ``--attention-backend triton`` against ``sdpa``.
 
 Three models hold the same weights (a Qwen2.5-0.5B-shaped stack cut to 2 layers: hidden 896,
-14 heads / 2 kv heads, head_dim 64, vocabulary 151936, tied embeddings, QKV bias): triton in
+14 heads / 2 kv heads, head_dim 64, vocabulary 151936, tied embeddings, QKV bias; or gpt-oss-20b's
+attention cut to 2 layers, a 128-token sliding layer and a full one, with sinks, and 4 of its
+experts): triton in
 bf16, sdpa in bf16 and sdpa in fp32 (the reference, with the plain cross-entropy log-probs).
 Per-token log-probs and every parameter gradient of ``sum(w * logp)`` (random w) are compared
 with the fp32 model's, for a packed batch (varlen attention, as SFT/RL training packs) and a
@@ -23,13 +25,20 @@ from gpu_refs import DEVICE, amax, gpu_marks, low_precision_bound, max_err, real
 pytestmark = gpu_marks()
 
 
-def _models():
+def _models(arch="qwen2.5"):
     from megatron_k15.models.config import preset
     from megatron_k15.models.gpt import GPTModel
 
-    cfg = preset("qwen2.5-0.5b", num_layers=2, **real_or_tiny(
-        {}, dict(hidden_size=112, num_attention_heads=7, num_query_groups=1, ffn_hidden_size=64,
-             vocab_size=500)))
+    if arch == "gpt-oss":
+        cfg = preset("gpt-oss-20b", num_layers=2, num_moe_experts=4, moe_router_topk=2,
+                     layer_types=["sliding_attention", "full_attention"], **real_or_tiny(
+                         dict(vocab_size=32000), dict(hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                                                      kv_channels=32, moe_ffn_hidden_size=64, vocab_size=500,
+                                                      sliding_window=16)))
+    else:
+        cfg = preset("qwen2.5-0.5b", num_layers=2, **real_or_tiny(
+            {}, dict(hidden_size=112, num_attention_heads=7, num_query_groups=1, ffn_hidden_size=64,
+                 vocab_size=500)))
     dev = torch.device(DEVICE)
     triton = GPTModel(cfg, attention_backend="triton", params_dtype=torch.bfloat16, device=dev,
                       logprob_impl="fused")
@@ -53,9 +62,9 @@ def _run(model, batch, weights):
     return logp.detach().float(), grads
 
 
-@pytest.mark.parametrize("layout", ["packed", "dense"])
-def test_triton_backend_matches_sdpa_in_bf16(single_rank, layout, check):
-    cfg, triton, sdpa, ref = _models()
+@pytest.mark.parametrize("arch,layout", [("qwen2.5", "packed"), ("qwen2.5", "dense"), ("gpt-oss", "packed")])
+def test_triton_backend_matches_sdpa_in_bf16(single_rank, arch, layout, check):
+    cfg, triton, sdpa, ref = _models(arch)
     gen = torch.Generator(device=DEVICE).manual_seed(9)
     if layout == "packed":
         lengths = real_or_tiny([1000, 2000, 1096], [30, 50, 16])

@@ -27,7 +27,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-# name: (dtype, head_dim, heads, kv_heads, causal, varlen, backward, lengths) -- who uses it.
+# name: (dtype, head_dim, heads, kv_heads, causal, varlen, backward, lengths[, window_left]) -- who
+# uses it (a sliding window is another specialisation of the kernels).
 # Lengths: Triton specialises integer arguments on "divisible by 16", so a variant met with
 # ragged lengths (generation's prompts, RL's short padded batches) is warmed with both kinds.
 FLASH = {
@@ -39,6 +40,10 @@ FLASH = {
     "flash-bf16-d128-mha16-causal": ("bf16", 128, 16, 16, True, False, True, (512,)),  # attention
     "flash-fp32-d64-g7-causal": ("fp32", 64, 14, 2, True, False, False, (512, 500)),  # generation
     "flash-fp32-d64-g7-causal-varlen": ("fp32", 64, 14, 2, True, True, False, (512, 500)),
+    "flash-bf16-d128-mha16-causal-window": ("bf16", 128, 16, 16, True, False, True, (512,), 4095),  # attention
+    "flash-bf16-d128-g4-causal-window": ("bf16", 128, 8, 2, True, False, True, (512,), 1023),  # tests
+    "flash-bf16-d64-g4-causal-window": ("bf16", 64, 8, 2, True, False, True, (512,), 127),  # tests
+    "flash-bf16-d64-g8-causal-varlen-window": ("bf16", 64, 64, 8, True, True, True, (512, 500), 127),  # gpt-oss
 }
 # paged decode (bf16/fp16/fp32) and fused log-probs (bf16/fp16); the MoE grouped GEMM (bf16/fp16)
 OTHER = ("decode-and-logprobs", "grouped-gemm")
@@ -56,7 +61,8 @@ def warm_flash(name: str) -> None:
 
     from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
 
-    dt, d, h, hkv, causal, varlen, backward, lengths = FLASH[name]
+    dt, d, h, hkv, causal, varlen, backward, lengths, *window = FLASH[name]
+    kw = {"window_size": (window[0], 0)} if window else {}
     dtype = _dtype(dt)
     g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -67,10 +73,10 @@ def warm_flash(name: str) -> None:
         if varlen:  # two sequences; max_seqlen (s + 112) in the same class as s
             q, k, v = randn(2 * s, h, d), randn(2 * s, hkv, d), randn(2 * s, hkv, d)
             cu = torch.tensor([0, s - 112, 2 * s], dtype=torch.int32, device="cuda")
-            out = flash_attn_varlen_func(q, k, v, cu, s + 112, causal=causal)
+            out = flash_attn_varlen_func(q, k, v, cu, s + 112, causal=causal, **kw)
         else:
             q, k, v = randn(2, s, h, d), randn(2, s, hkv, d), randn(2, s, hkv, d)
-            out = flash_attn_func(q, k, v, causal=causal)
+            out = flash_attn_func(q, k, v, causal=causal, **kw)
         if backward:
             out.backward(torch.randn_like(out))
     torch.cuda.synchronize()

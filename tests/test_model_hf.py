@@ -261,7 +261,7 @@ def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
     logits of the model holding them dequantized."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from megatron_k15.models.hf_mapping import dequantize_mxfp4, gpt_config_from_hf, hf_to_megatron
+    from megatron_k15.models.hf_mapping import dequantize_mxfp4, gpt_config_from_hf, hf_config_from_gpt, hf_to_megatron
     from megatron_k15.models.sharding import split_for_rank
     from megatron_k15.testing import hf_config_dict
 
@@ -282,7 +282,8 @@ def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
                 getattr(hf.model.layers[i].mlp.experts, name).copy_(convert_moe_packed_tensors(blk, sc, dtype=torch.float32))
             del sd[e + name]
             sd[e + name + "_blocks"], sd[e + name + "_scales"] = blk, sc
-    cfg = gpt_config_from_hf(hf_config_dict(hf))
+    cfg = gpt_config_from_hf({**hf_config_dict(hf), "quantization_config": {"quant_method": "mxfp4"}})
+    assert "quantization_config" not in hf_config_from_gpt(cfg)  # exported weights are dequantized
     model = build_from_hf(hf)
     model.load_checkpoint_state_dict(split_for_rank(hf_to_megatron(sd, cfg), 1, 0, 1, 0, cfg.num_layers,
                                                     cfg.tie_word_embeddings, model.padded_vocab_size))

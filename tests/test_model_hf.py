@@ -196,6 +196,20 @@ def test_sliding_window_config_exports_without_the_original(kind, overrides, sli
         assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
 
 
+def test_olmo3_hub_config_scales_only_the_full_layers():
+    """The hub's OLMo 3 configs (transformers 4) give one flat rope_scaling, which Olmo3Config
+    applies to the full-attention layers only: read as transformers 5's nested form is."""
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict
+
+    nested = hf_config_dict(tiny_hf_model("olmo3", rope_scaling=YARN_SCALING))
+    flat = {k: v for k, v in nested.items() if k != "rope_parameters"}
+    flat.update(rope_theta=500000.0, rope_scaling=dict(YARN_SCALING))
+    a, b = gpt_config_from_hf(nested), gpt_config_from_hf(flat)
+    assert (a.rotary_base, a.rope_scaling, a.sliding_rope) == (b.rotary_base, b.rope_scaling, b.sliding_rope)
+    assert b.sliding_rope == {"rotary_base": 500000.0, "rope_scaling": None} and b.rope_scaling["factor"] == 4.0
+
+
 def test_olmo3_with_its_own_sliding_theta_exports_nested_rope_parameters():
     """A RoPE per layer type that the old flat fields cannot say (another theta for the sliding
     layers) exports as transformers 5's nested rope_parameters, which rebuild our model."""

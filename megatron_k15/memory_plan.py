@@ -187,25 +187,42 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
     out = []
     if first or (tied and last):
         out.append(("embedding.weight", V * h))
+    post = cfg.norm_placement == "post"  # OLMo: the norms follow the sublayers
     for i in layers:
         p = f"layers.{i}."
-        out.append((p + "input_layernorm.weight", h))
+        if not post:
+            out.append((p + "input_layernorm.weight", h))
+        if cfg.attention_sinks:  # the attention module's own parameter comes before its children's
+            out.append((p + "self_attention.sinks", cfg.num_attention_heads // tp))
         out.append((p + "self_attention.linear_qkv.weight", qkv * h))
         if cfg.add_qkv_bias:
             out.append((p + "self_attention.linear_qkv.bias", qkv))
         out.append((p + "self_attention.linear_proj.weight", h * cfg.query_projection_size // tp))
-        if cfg.qk_layernorm:
+        if cfg.add_attention_output_bias:
+            out.append((p + "self_attention.linear_proj.bias", h))
+        if cfg.qk_layernorm and cfg.qk_layernorm_scope == "all":
+            out.append((p + "self_attention.q_norm_all_heads.weight", cfg.query_projection_size // tp))
+            out.append((p + "self_attention.k_norm_all_heads.weight", cfg.kv_projection_size // tp))
+        elif cfg.qk_layernorm:
             out.append((p + "self_attention.q_layernorm.weight", cfg.head_dim))
             out.append((p + "self_attention.k_layernorm.weight", cfg.head_dim))
-        out.append((p + "pre_mlp_layernorm.weight", h))
+        out.append((p + ("post_attention_layernorm.weight" if post else "pre_mlp_layernorm.weight"), h))
         if cfg.is_moe:
             experts, f = cfg.num_moe_experts // ep, cfg.moe_ffn_hidden_size // tp
             out.append((p + "mlp.router.weight", cfg.num_moe_experts * h))
+            if cfg.moe_router_bias:
+                out.append((p + "mlp.router.bias", cfg.num_moe_experts))
             out.append((p + "mlp.experts.linear_fc1.weight", experts * 2 * f * h))
+            if cfg.moe_expert_bias:
+                out.append((p + "mlp.experts.linear_fc1.bias", experts * 2 * f))
             out.append((p + "mlp.experts.linear_fc2.weight", experts * h * f))
-            continue
-        out.append((p + "mlp.linear_fc1.weight", 2 * cfg.ffn_hidden_size // tp * h))
-        out.append((p + "mlp.linear_fc2.weight", h * cfg.ffn_hidden_size // tp))
+            if cfg.moe_expert_bias:
+                out.append((p + "mlp.experts.linear_fc2.bias", experts * h))
+        else:
+            out.append((p + "mlp.linear_fc1.weight", 2 * cfg.ffn_hidden_size // tp * h))
+            out.append((p + "mlp.linear_fc2.weight", h * cfg.ffn_hidden_size // tp))
+        if post:
+            out.append((p + "post_mlp_layernorm.weight", h))
     if last:
         out.append(("final_layernorm.weight", h))
         if not tied:
@@ -533,8 +550,10 @@ def _layer_of(name: str) -> Optional[int]:
 
 # the order in which a layer's backward finishes its weight grads (the reverse of the forward
 # order: Qwen3's k and q norms run between the output projection and the QKV projection)
-_BACKWARD_ORDER = ("linear_fc2.weight", "linear_fc1.weight", "router.weight", "pre_mlp_layernorm.weight",
-                   "linear_proj.weight", "k_layernorm.weight", "q_layernorm.weight",
+_BACKWARD_ORDER = ("post_mlp_layernorm.weight", "linear_fc2.weight", "linear_fc2.bias", "linear_fc1.weight",
+                   "linear_fc1.bias", "router.weight", "router.bias", "pre_mlp_layernorm.weight",
+                   "post_attention_layernorm.weight", "linear_proj.weight", "linear_proj.bias", "sinks",
+                   "k_layernorm.weight", "q_layernorm.weight", "k_norm_all_heads.weight", "q_norm_all_heads.weight",
                    "linear_qkv.bias", "linear_qkv.weight", "input_layernorm.weight")
 
 

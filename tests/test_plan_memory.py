@@ -86,6 +86,11 @@ def test_meter_counts_storages_once_and_releases_them():
     dict(add_qkv_bias=False, qk_layernorm=True, kv_channels=32),  # Qwen3: QK-norm, wide heads
     dict(add_qkv_bias=False, qk_layernorm=True, num_moe_experts=8, moe_router_topk=2,
          moe_ffn_hidden_size=48),  # Qwen3-MoE: router and stacked experts
+    dict(add_qkv_bias=False, qk_layernorm=True, qk_layernorm_scope="all", norm_placement="post",
+         architecture="olmo3", sliding_window=8),  # OLMo: norms after the sublayers, all-heads q/k norms
+    dict(attention_sinks=True, add_attention_output_bias=True, num_moe_experts=4, moe_router_topk=2,
+         moe_ffn_hidden_size=48, moe_router_bias=True, moe_expert_bias=True,
+         activation="swiglu_clamped"),  # gpt-oss: sinks, biases
 ])
 def test_parameter_count_equals_built_model(single_rank, overrides):
     from megatron_k15.models.gpt import GPTModel

@@ -516,7 +516,8 @@ class MoEMLP(torch.nn.Module):
 class TransformerLayer(torch.nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)); with
     ``norm_placement == "post"`` (OLMo 2/3) x + norm(attn(x)), then x + norm(mlp(x)), the norms
-    named ``post_attention_layernorm`` / ``post_mlp_layernorm``."""
+    named ``post_attention_layernorm`` / ``post_mlp_layernorm``. Modules are registered in the
+    order they run (the parameters' order: gradient buckets, ``memory_plan.stage_parameters``)."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
                  attention_fn: AttentionFn, cp_group=None, ep_group=None, layer_number: int = 0):
@@ -528,16 +529,20 @@ class TransformerLayer(torch.nn.Module):
                            weight_in_fp32=cfg.norm_in_fp32)
 
         self.post_norm = cfg.norm_placement == "post"
-        if self.post_norm:
-            self.post_attention_layernorm, self.post_mlp_layernorm = norm(), norm()
-        else:
-            self.input_layernorm, self.pre_mlp_layernorm = norm(), norm()
+        if not self.post_norm:
+            self.input_layernorm = norm()
         self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn,
                                             layer_number)
+        if self.post_norm:
+            self.post_attention_layernorm = norm()
+        else:
+            self.pre_mlp_layernorm = norm()
         if cfg.is_moe:
             self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group, ep_group)
         else:
             self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)
+        if self.post_norm:
+            self.post_mlp_layernorm = norm()
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None, token_mask=None):

@@ -550,9 +550,9 @@ def _layer_of(name: str) -> Optional[int]:
 
 # the order in which a layer's backward finishes its weight grads (the reverse of the forward
 # order: Qwen3's k and q norms run between the output projection and the QKV projection)
-_BACKWARD_ORDER = ("post_mlp_layernorm.weight", "linear_fc2.weight", "linear_fc2.bias", "linear_fc1.weight",
-                   "linear_fc1.bias", "router.weight", "router.bias", "pre_mlp_layernorm.weight",
-                   "post_attention_layernorm.weight", "linear_proj.weight", "linear_proj.bias", "sinks",
+_BACKWARD_ORDER = ("post_mlp_layernorm.weight", "linear_fc2.bias", "linear_fc2.weight", "linear_fc1.bias",
+                   "linear_fc1.weight", "router.bias", "router.weight", "pre_mlp_layernorm.weight",
+                   "post_attention_layernorm.weight", "linear_proj.bias", "linear_proj.weight", "sinks",
                    "k_layernorm.weight", "q_layernorm.weight", "k_norm_all_heads.weight", "q_norm_all_heads.weight",
                    "linear_qkv.bias", "linear_qkv.weight", "input_layernorm.weight")
 
@@ -664,8 +664,8 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
             # layer j's MLP backward (after fc2's grad) and attention core (after proj's), the
             # layers above it already backpropagated
             drop = sum(sizes[j + 1:])
-            proj = _backward_position("linear_proj.weight")
-            mlp = (phases["last layer backward"] - drop + staged_at(j, 0), staged_at(j, 0))
+            proj, fc2 = _backward_position("linear_proj.weight"), _backward_position("linear_fc2.weight")
+            mlp = (phases["last layer backward"] - drop + staged_at(j, fc2), staged_at(j, fc2))
             att = (phases["attention backward"] - drop + staged_at(j, proj), staged_at(j, proj))
             if j == n - 1:
                 totals["last layer backward"] = max(totals["last layer backward"], mlp)

@@ -359,7 +359,9 @@ def test_every_preset_plans_on_the_usual_layouts(name):
         plan = plan_memory(cfg, layout, w)
         assert 0 < plan.peak_bytes < 2**50
     if cfg.is_moe:  # ep = 8 keeps 1/8 of the experts on each rank
-        experts = 3 * cfg.num_moe_experts * cfg.moe_ffn_hidden_size * cfg.hidden_size * cfg.num_layers
+        per_expert = 3 * cfg.moe_ffn_hidden_size * cfg.hidden_size  # + gpt-oss's biases
+        per_expert += (2 * cfg.moe_ffn_hidden_size + cfg.hidden_size) * cfg.moe_expert_bias
+        experts = cfg.num_moe_experts * per_expert * cfg.num_layers
         p1, p8 = (plan_memory(cfg, Layout(dp=8, ep=ep), w).stages[0].parameters for ep in (1, 8))
         assert p1 - p8 == experts - experts // 8
     # the planner's parameters are the model's (the count transformers gives, test_model_hf),

@@ -187,10 +187,11 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
     out = []
     if first or (tied and last):
         out.append(("embedding.weight", V * h))
-    post = cfg.norm_placement == "post"  # OLMo: the norms follow the sublayers
+    pre = cfg.norm_placement in ("pre", "sandwich")  # norms on the sublayers' inputs
+    post = cfg.norm_placement in ("post", "sandwich")  # on their outputs (OLMo; both: Gemma 3)
     for i in layers:
         p = f"layers.{i}."
-        if not post:
+        if pre:
             out.append((p + "input_layernorm.weight", h))
         if cfg.attention_sinks:  # the attention module's own parameter comes before its children's
             out.append((p + "self_attention.sinks", cfg.num_attention_heads // tp))
@@ -206,7 +207,10 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
         elif cfg.qk_layernorm:
             out.append((p + "self_attention.q_layernorm.weight", cfg.head_dim))
             out.append((p + "self_attention.k_layernorm.weight", cfg.head_dim))
-        out.append((p + ("post_attention_layernorm.weight" if post else "pre_mlp_layernorm.weight"), h))
+        if post:
+            out.append((p + "post_attention_layernorm.weight", h))
+        if pre:
+            out.append((p + "pre_mlp_layernorm.weight", h))
         if cfg.is_moe:
             experts, f = cfg.num_moe_experts // ep, cfg.moe_ffn_hidden_size // tp
             out.append((p + "mlp.router.weight", cfg.num_moe_experts * h))

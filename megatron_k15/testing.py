@@ -158,6 +158,11 @@ TINY_HF_MODELS = {
     "olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=24, rope_theta=500000.0, pad_token_id=0)),
     # gpt-oss: a sliding (24) and a full layer, sinks, 4 biased experts with the clamped SwiGLU,
     # YaRN as gpt-oss's (beta 32/1, no truncation) at x4 of 128
+    # Gemma 3 (text): 6 layers, five sliding (window 24, local RoPE base 10000) then a global one
+    # (theta 1e6, linear scaling x8), head_dim 32 with query_pre_attn_scalar 24, GeGLU, tied
+    "gemma3": (("Gemma3TextConfig", "Gemma3ForCausalLM"), dict(
+        num_hidden_layers=6, head_dim=32, sliding_window=24, query_pre_attn_scalar=24, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
     "gpt_oss": ("GptOss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                                sliding_window=24, pad_token_id=0, rope_theta=150000.0,
                                rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -183,16 +188,17 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
     name, settings = TINY_HF_MODELS[kind]
     torch.manual_seed(seed)
     # a copy: transformers' configs may write into dicts they are given (rope settings)
-    config = getattr(transformers, f"{name}Config")(**copy.deepcopy({**_TINY_COMMON, **settings, **overrides}))
-    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    config_class, model_class = name if isinstance(name, tuple) else (f"{name}Config", f"{name}ForCausalLM")
+    config = getattr(transformers, config_class)(**copy.deepcopy({**_TINY_COMMON, **settings, **overrides}))
+    model = getattr(transformers, model_class)(config)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.normal_(0.0, 0.1)
             elif pname.endswith("sinks"):
                 p.uniform_(-1.0, 2.0)
-            elif "norm" in pname:
-                p.uniform_(0.5, 1.5)
+            elif "norm" in pname:  # scales of 0.5-1.5 (Gemma stores the scale less 1)
+                p.uniform_(0.5, 1.5).sub_(1.0 if kind == "gemma3" else 0.0)
     return model.eval()
 
 

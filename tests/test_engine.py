@@ -65,7 +65,7 @@ def test_qwen3_moe_greedy_equals_transformers():
 
 
 @pytest.mark.parametrize("kind,decode_impl", [("olmo3", "triton"), ("mistral", "torch"), ("gpt_oss", "torch"),
-                                              ("gpt_oss", "triton")])
+                                              ("gpt_oss", "triton"), ("gemma3", "torch")])
 def test_sliding_window_generation_equals_transformers_and_recompute(kind, decode_impl):
     """8-token windows (OLMo 3: three sliding layers and one full; Mistral v0.1: every layer;
     gpt-oss: a sliding and a full layer, with attention sinks through prefill, chunks and decode):

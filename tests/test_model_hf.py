@@ -104,7 +104,7 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
-    "phi-4": 14.7e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
+    "phi-4": 14.7e9, "gemma3-1b": 1.0e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
 }
 # activated parameters per token of the MoE presets, as published
@@ -139,7 +139,8 @@ def test_preset_is_the_published_model(name):
                   "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob", "rope_scaling",
                   "qk_layernorm_scope", "norm_placement", "norm_in_fp32", "sliding_window", "sliding_rope",
                   "attention_sinks", "add_attention_output_bias", "moe_router_bias", "moe_expert_bias",
-                  "activation", "swiglu_alpha", "swiglu_limit"):
+                  "activation", "swiglu_alpha", "swiglu_limit", "norm_weight_offset", "embedding_multiplier",
+                  "attention_softmax_scale"):
         assert getattr(back, field) == getattr(cfg, field), field
     assert [back.is_sliding_layer(i) for i in range(cfg.num_layers)] == [
         cfg.is_sliding_layer(i) for i in range(cfg.num_layers)]
@@ -153,6 +154,7 @@ SLIDING_CASES = [
     ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}, [1]),
     ("olmo3", {}, [0, 1, 2]),  # three sliding layers, then a full one
     ("olmo3", {"rope_scaling": YARN_SCALING}, [0, 1, 2]),  # YaRN on the full layer only
+    ("gemma3", {}, [0, 1, 2, 3, 4]),  # five local layers (RoPE base 1e4), a global one (1e6, linear x8)
 ]
 
 
@@ -163,7 +165,7 @@ def test_sliding_window_models_match_transformers(kind, overrides, sliding, back
     model = build_from_hf(hf, backend)
     cfg = model.config
     assert [i for i in range(cfg.num_layers) if cfg.is_sliding_layer(i)] == sliding
-    assert (cfg.sliding_rope is not None) == ("rope_scaling" in overrides and kind == "olmo3")
+    assert (cfg.sliding_rope is not None) == (("rope_scaling" in overrides and kind == "olmo3") or kind == "gemma3")
     ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits
@@ -304,6 +306,21 @@ def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
     ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
     with torch.no_grad():
         assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_gemma3_reads_its_block_from_the_config():
+    """Gemma 3 (text): the block's pieces come from the config (the logits tests above need
+    every one of them: (1 + w) norms before and after each sublayer, sqrt(hidden)-scaled
+    embeddings, query_pre_attn_scalar's softmax scale, GeGLU, per-head q/k norms, local/global RoPE)."""
+    hf = tiny_hf_model("gemma3")
+    cfg = build_from_hf(hf).config
+    assert (cfg.architecture, cfg.norm_placement, cfg.norm_weight_offset, cfg.activation) == (
+        "gemma3", "sandwich", 1.0, "geglu_tanh")
+    assert cfg.embedding_multiplier == 64 ** 0.5 and cfg.attention_softmax_scale == 24 ** -0.5
+    assert cfg.qk_layernorm and cfg.qk_layernorm_scope == "head" and cfg.tie_word_embeddings
+    assert cfg.rope_scaling == {"factor": 8.0, "rope_type": "linear"}
+    assert cfg.sliding_rope == {"rotary_base": 10000.0, "rope_scaling": None}
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
 def test_olmo2_matches_transformers_and_its_block():

@@ -14,7 +14,7 @@ from megatron_k15.testing import hf_config_dict, run_distributed, tiny_hf_model
 
 SEQ = 24
 # OLMo 3's window made shorter than SEQ so it binds
-OVERRIDES = {"olmo3": {"sliding_window": 8}, "gpt_oss": {"sliding_window": 8}}
+OVERRIDES = {"olmo3": {"sliding_window": 8}, "gpt_oss": {"sliding_window": 8}, "gemma3": {"sliding_window": 8}}
 
 
 def _inputs(vocab):
@@ -69,6 +69,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("olmo2", True),  # q/k norms over all heads: the sum of squares all-reduced over tp
     ("olmo3", False),  # + sliding-window layers
     ("gpt_oss", True),  # sinks split over tp; biased router, experts and output projection
+    ("gemma3", True),  # (1 + w) norms around the sublayers, GeGLU, scaled embeddings, local/global RoPE
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 ROPE_SCALING_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "linear": ("factor",),  # positions divided by factor (Gemma 3's global layers)
 }
 YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
@@ -47,9 +48,15 @@ class GPTConfig:
     # what the q/k norm spans: "head" (Qwen3: each head's head_dim, one weight shared by the
     # heads) or "all" (OLMo 2/3: all heads of a token at once, one weight per channel)
     qk_layernorm_scope: str = "head"
-    # where the block's norms sit: "pre" (Llama/Qwen: x + f(norm(x))) or "post" (OLMo 2/3:
-    # x + norm(f(x)), no norm on the sublayer's input)
+    # where the block's norms sit: "pre" (Llama/Qwen: x + f(norm(x))), "post" (OLMo 2/3:
+    # x + norm(f(x)), no norm on the sublayer's input) or "sandwich" (Gemma 3: x + norm(f(norm(x))))
     norm_placement: str = "pre"
+    # RMSNorm scales by (offset + w): Gemma stores w around 0 (offset 1)
+    norm_weight_offset: float = 0.0
+    # the attention's softmax scale (Gemma 3: query_pre_attn_scalar^-1/2); None: head_dim^-1/2
+    attention_softmax_scale: Optional[float] = None
+    # the embedding's output is multiplied by this (Gemma: sqrt(hidden), in the weights' dtype)
+    embedding_multiplier: float = 1.0
     # A learned logit per query head that joins every softmax and takes probability from the
     # keys without contributing a value (gpt-oss's attention sinks): out *= sigmoid(lse - sink)
     attention_sinks: bool = False
@@ -80,7 +87,7 @@ class GPTConfig:
     # SwiGLU (gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate))
     moe_router_bias: bool = False
     moe_expert_bias: bool = False
-    activation: str = "swiglu"  # "swiglu" | "swiglu_clamped"
+    activation: str = "swiglu"  # "swiglu" | "swiglu_clamped" | "geglu_tanh" (Gemma: gelu_pytorch_tanh)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     init_method_std: float = 0.02
@@ -149,7 +156,8 @@ class GPTConfig:
             attn += (self.query_projection_size + self.kv_projection_size
                      if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
         attn += self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
-        per_layer = attn + self._mlp_parameters(self.num_moe_experts) + 2 * h
+        norms = 4 if self.norm_placement == "sandwich" else 2
+        per_layer = attn + self._mlp_parameters(self.num_moe_experts) + norms * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
 
@@ -233,12 +241,12 @@ class GPTConfig:
                 "every stage needs at least one layer"
             )
         _check_rope_scaling(self.rope_scaling, "rope_scaling")
-        if self.activation not in ("swiglu", "swiglu_clamped"):
-            raise ConfigError(f"activation must be 'swiglu' or 'swiglu_clamped', got {self.activation!r}")
+        if self.activation not in ("swiglu", "swiglu_clamped", "geglu_tanh"):
+            raise ConfigError(f"activation must be 'swiglu', 'swiglu_clamped' or 'geglu_tanh', got {self.activation!r}")
         if self.qk_layernorm_scope not in ("head", "all"):
             raise ConfigError(f"qk_layernorm_scope must be 'head' or 'all', got {self.qk_layernorm_scope!r}")
-        if self.norm_placement not in ("pre", "post"):
-            raise ConfigError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
+        if self.norm_placement not in ("pre", "post", "sandwich"):
+            raise ConfigError(f"norm_placement must be 'pre', 'post' or 'sandwich', got {self.norm_placement!r}")
         if self.sliding_window is not None and int(self.sliding_window) < 1:
             raise ConfigError(f"--sliding-window must be a positive number of tokens, got {self.sliding_window!r}")
         if self.layer_types is not None:
@@ -406,6 +414,16 @@ PRESETS: dict[str, dict] = {
     ),
     "gpt-oss-20b": _gpt_oss(24, 32),
     "gpt-oss-120b": _gpt_oss(36, 128),
+    "gemma3-1b": dict(  # Gemma3ForCausalLM: five 512-token sliding layers per global one
+        vocab_size=262144, hidden_size=1152, ffn_hidden_size=6912, num_layers=26, num_attention_heads=4,
+        num_query_groups=1, kv_channels=256, max_position_embeddings=32768, rotary_base=1000000.0,
+        norm_epsilon=1e-6, add_qkv_bias=False, qk_layernorm=True, norm_placement="sandwich",
+        norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh", embedding_multiplier=1152 ** 0.5,
+        attention_softmax_scale=256 ** -0.5, sliding_window=512,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+        sliding_rope={"rotary_base": 10000.0, "rope_scaling": None}, tie_word_embeddings=True,
+        architecture="gemma3", bos_token_id=2, eos_token_id=1,
+    ),
     "olmo2-7b": _olmo(2),
     "olmo3-7b": _olmo(3),
 }

@@ -195,7 +195,7 @@ class GPTModel(torch.nn.Module):
         if self.post_process:
             self.final_layernorm = RMSNorm(
                 config.hidden_size, config.norm_epsilon, self.sequence_parallel, params_dtype,
-                weight_in_fp32=config.norm_in_fp32,
+                weight_in_fp32=config.norm_in_fp32, offset=config.norm_weight_offset,
             )
             self.output_layer = ColumnLinear(
                 config.hidden_size, self.padded_vocab_size, mp_config=mp_config, init_method=init,
@@ -225,7 +225,7 @@ class GPTModel(torch.nn.Module):
         cfg = self.config
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("_norm_all_heads.weight"):
-                p.fill_(1.0)
+                p.fill_(1.0 - cfg.norm_weight_offset)  # a scale of 1
                 continue
             if name.endswith(".bias") or name.endswith(".sinks"):
                 p.zero_()
@@ -259,6 +259,8 @@ class GPTModel(torch.nn.Module):
                 raise ValueError("the first pipeline stage needs input_ids")
             b, s = input_ids.shape
             hidden = self.embedding(input_ids)
+            if self.config.embedding_multiplier != 1.0:  # Gemma: x sqrt(hidden), rounded to the dtype
+                hidden = hidden * torch.tensor(self.config.embedding_multiplier, dtype=hidden.dtype)
         else:
             if hidden is None:
                 raise ValueError("a later pipeline stage needs the previous stage's hidden states")

@@ -1,5 +1,5 @@
-"""Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Qwen3-MoE/OLMo 2/OLMo 3/gpt-oss <-> our GPT: configs,
-parameter names and safetensors files.
+"""Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Qwen3-MoE/OLMo 2/OLMo 3/Gemma 3/gpt-oss <-> our GPT:
+configs, parameter names and safetensors files.
 
 Name mapping (i = layer):
     model.embed_tokens.weight                       -> embedding.weight
@@ -18,6 +18,10 @@ Name mapping (i = layer):
     model.layers.i.mlp.experts.e.down_proj.weight   -> layers.i.mlp.experts.linear_fc2.weight[e]
                                                        (transformers 5's in-memory stacked
                                                        experts.gate_up_proj / down_proj read too)
+    Gemma 3 (norms before and after each sublayer):
+    model.layers.i.pre_feedforward_layernorm.weight -> layers.i.pre_mlp_layernorm.weight
+    model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
+    model.layers.i.post_feedforward_layernorm.weight -> layers.i.post_mlp_layernorm.weight
     OLMo 2/3 (norms after the sublayers, q/k norms over all heads):
     model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
     model.layers.i.post_feedforward_layernorm.weight -> layers.i.post_mlp_layernorm.weight
@@ -52,10 +56,11 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
-                           "GptOssForCausalLM": "gpt_oss"}
+                           "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
 FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
-QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3")
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3")
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
 # layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
@@ -105,6 +110,8 @@ def _layer_type_rope(hf: dict, arch: str, where: str) -> tuple[tuple, Optional[d
     else:
         full = _rope_settings(hf, where)
         sliding = (full[0], None) if arch == "olmo3" else full
+        if arch == "gemma3":  # the hub's Gemma 3: rope_scaling for the global layers, a local base
+            sliding = (float(hf.get("rope_local_base_freq", 10000.0)), None)
     if sliding == full:
         return full, None
     return full, {"rotary_base": sliding[0], "rope_scaling": sliding[1]}
@@ -127,11 +134,13 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
         if window is not None and int(window) >= int(hf.get("max_position_embeddings", 4096)):
             window = None
         types = None
-    elif arch in ("olmo3", "gpt_oss"):
+    elif arch in ("olmo3", "gpt_oss", "gemma3"):
         if window is None:
             raise HFCheckpointError(f"{where}: {HF_CLASS[arch]} without sliding_window")
-        if types is None:  # the configs' defaults: OLMo 3 every fourth layer full, gpt-oss every second
-            every = 4 if arch == "olmo3" else 2
+        if types is None:  # the configs' defaults: OLMo 3 every fourth layer full, gpt-oss every
+            # second, Gemma 3 every sliding_window_pattern-th (6)
+            every = {"olmo3": 4, "gpt_oss": 2}.get(arch) or int(
+                hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
             types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
     else:
         window = None
@@ -160,7 +169,14 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     for key in required:
         if key not in hf or hf[key] is None:
             raise HFCheckpointError(f"{where}: missing required field {key!r}")
-    if hf.get("hidden_act", "silu") != "silu" and arch != "gpt_oss":
+    if arch == "gemma3":
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise HFCheckpointError(f"{where}: hidden_activation={act!r} is not supported (gelu_pytorch_tanh)")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+            if hf.get(key):
+                raise HFCheckpointError(f"{where}: {key}={hf[key]!r} is not supported")
+    elif hf.get("hidden_act", "silu") != "silu" and arch != "gpt_oss":
         raise HFCheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
     if hf.get("mlp_bias"):
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
@@ -198,6 +214,11 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch == "gpt_oss"))
     olmo = arch in OLMO_ARCHITECTURES
+    gemma = {}
+    if arch == "gemma3":  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
+        gemma = dict(norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh",
+                     embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
+                     attention_softmax_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5)
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -215,11 +236,10 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         add_qkv_bias=qkv_bias,
         qk_layernorm=arch in QK_NORM_ARCHITECTURES,
         qk_layernorm_scope="all" if olmo else "head",
-        norm_placement="post" if olmo else "pre",
-        norm_in_fp32=olmo,
+        **({"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo} if not gemma else gemma),
         sliding_rope=sliding_rope,
         **sliding,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -253,12 +273,17 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                 and cfg.norm_in_fp32):
         raise ConfigError("OLMo's blocks (norms after the sublayers, q/k norms over all heads) export only as "
                           "architecture 'olmo2' or 'olmo3', and those need exactly that block")
+    gemma = (cfg.norm_placement == "sandwich", cfg.norm_weight_offset == 1.0, cfg.activation == "geglu_tanh",
+             cfg.embedding_multiplier == cfg.hidden_size ** 0.5, cfg.norm_in_fp32, cfg.qk_layernorm)
+    if (arch == "gemma3") != all(gemma) or (arch != "gemma3" and any(gemma[:4])):
+        raise ConfigError("Gemma 3's block ((1 + w) norms around each sublayer, GeGLU, scaled embeddings, "
+                          "per-head q/k norms) exports only as architecture 'gemma3', and it needs all of it")
     if not olmo and cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
                           "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama', 'mistral' or 'phi3'")
     hf = {
         "architectures": [HF_CLASS[arch]],
-        "model_type": arch,
+        "model_type": MODEL_TYPES.get(arch, arch),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -278,7 +303,14 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if cfg.rope_scaling:
         hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}  # older configs lack the type
     hf.update(_hf_sliding_fields(cfg))
-    if arch == "llama":
+    if arch == "gemma3":
+        scalar = (cfg.attention_softmax_scale or cfg.head_dim ** -0.5) ** -2  # Gemma3TextConfig takes an int
+        hf.update(attention_bias=cfg.add_qkv_bias, hidden_activation="gelu_pytorch_tanh",
+                  query_pre_attn_scalar=int(round(scalar)) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                  attn_logit_softcapping=None,
+                  final_logit_softcapping=None)
+        hf.pop("hidden_act")
+    elif arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
         hf["mlp_bias"] = False
     elif arch in QK_NORM_ARCHITECTURES:
@@ -314,15 +346,16 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
     max_window_layers; Mistral / Phi-3: all layers; OLMo 3: layer_types and a RoPE per type)."""
     arch = cfg.architecture
     if not cfg.has_sliding_layers:
-        if arch == "gpt_oss":  # GptOssConfig would otherwise slide every other layer
+        if arch in ("gpt_oss", "gemma3"):  # their configs would otherwise slide some layers
             return {"sliding_window": cfg.max_position_embeddings,
                     "layer_types": ["full_attention"] * cfg.num_layers}
         if cfg.sliding_rope is not None:
             raise ConfigError("sliding_rope is set but no layer slides")
         return {"use_sliding_window": False} if arch in QWEN_ARCHITECTURES else {}
     types = ["sliding_attention" if cfg.is_sliding_layer(i) else "full_attention" for i in range(cfg.num_layers)]
-    if cfg.sliding_rope is not None and arch != "olmo3":
-        raise ConfigError(f"a separate RoPE for the sliding layers (sliding_rope) exports only as 'olmo3', not {arch!r}")
+    if cfg.sliding_rope is not None and arch not in ("olmo3", "gemma3"):
+        raise ConfigError(f"a separate RoPE for the sliding layers (sliding_rope) exports only as 'olmo3' or "
+                          f"'gemma3', not {arch!r}")
     if arch in QWEN_ARCHITECTURES:
         first = types.index("sliding_attention")
         if "full_attention" in types[first:]:
@@ -337,7 +370,7 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
             raise ConfigError(f"{HF_CLASS[arch]} slides on every layer; export mixed layer_types as 'olmo3' or "
                               "a Qwen architecture")
         return {"sliding_window": cfg.sliding_window}
-    if arch == "olmo3":  # a RoPE per layer type: transformers 5's nested rope_parameters
+    if arch in ("olmo3", "gemma3"):  # a RoPE per layer type: transformers 5's nested rope_parameters
         def params(theta, scaling):
             return {**(scaling or {}), "rope_type": scaling_type(scaling), "rope_theta": theta}
 
@@ -382,13 +415,8 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         o = f"layers.{i}."
-        post_norm = cfg.norm_placement == "post"
-        if post_norm:  # OLMo
-            out[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-            out[o + "post_mlp_layernorm.weight"] = take(p + "post_feedforward_layernorm.weight")
-        else:
-            out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
-            out[o + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        for ours, theirs in _block_norm_names(cfg):
+            out[o + ours] = take(p + theirs)
         a = p + "self_attn."
         if cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
             q, k, v = take(a + "qkv_proj.weight").split(
@@ -490,6 +518,20 @@ def _gpt_oss_experts_to_hf(sd: dict, prefix: str, hf_prefix: str) -> dict:
     }
 
 
+def _block_norm_names(cfg: GPTConfig) -> list[tuple[str, str]]:
+    """(our name, HF's) of a layer's norms: Llama's post_attention_layernorm is our pre-MLP norm."""
+    if cfg.norm_placement == "post":  # OLMo
+        return [("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+                ("post_mlp_layernorm.weight", "post_feedforward_layernorm.weight")]
+    if cfg.norm_placement == "sandwich":  # Gemma 3
+        return [("input_layernorm.weight", "input_layernorm.weight"),
+                ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+                ("pre_mlp_layernorm.weight", "pre_feedforward_layernorm.weight"),
+                ("post_mlp_layernorm.weight", "post_feedforward_layernorm.weight")]
+    return [("input_layernorm.weight", "input_layernorm.weight"),
+            ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight")]
+
+
 def _qk_norm_name(cfg: GPTConfig) -> str:
     return "norm_all_heads" if cfg.qk_layernorm_scope == "all" else "layernorm"
 
@@ -516,12 +558,8 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         o = f"layers.{i}."
-        if cfg.norm_placement == "post":
-            out[p + "post_attention_layernorm.weight"] = sd[o + "post_attention_layernorm.weight"]
-            out[p + "post_feedforward_layernorm.weight"] = sd[o + "post_mlp_layernorm.weight"]
-        else:
-            out[p + "input_layernorm.weight"] = sd[o + "input_layernorm.weight"]
-            out[p + "post_attention_layernorm.weight"] = sd[o + "pre_mlp_layernorm.weight"]
+        for ours, theirs in _block_norm_names(cfg):
+            out[p + theirs] = sd[o + ours]
         q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
         fused = cfg.architecture in FUSED_PROJECTION_ARCHITECTURES
         if fused:

@@ -49,14 +49,16 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class RMSNorm(torch.nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF)."""
+    """y = (offset + w) * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF;
+    ``offset`` 1 for Gemma, whose weights sit around 0)."""
 
     def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False,
                  dtype: torch.dtype = torch.float32, tp_partial_grad: bool = False,
-                 weight_in_fp32: bool = False):
+                 weight_in_fp32: bool = False, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight_in_fp32 = weight_in_fp32  # OLMo: w * x in fp32, then cast
+        self.offset = float(offset)
+        self.weight_in_fp32 = weight_in_fp32  # OLMo, Gemma: w * x in fp32, then cast
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         # Replicated on every tp rank (counted once in the grad norm); under SP each rank sees a
         # different slice of the sequence, so its grads are partial sums to all-reduce over tp.
@@ -71,8 +73,9 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_fp32:
-            return (self.weight.float() * x32).to(dtype)
-        return self.weight * x32.to(dtype)
+            return ((self.weight.float() + self.offset) * x32).to(dtype)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return weight * x32.to(dtype)
 
 
 class AllHeadsRMSNorm(torch.nn.Module):
@@ -188,7 +191,7 @@ class SelfAttention(torch.nn.Module):
         self.head_dim = cfg.head_dim
         self.groups_local = cfg.num_query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
-        self.softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.softmax_scale = cfg.attention_softmax_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.attention_fn = attention_fn
         qkv_size = cfg.query_projection_size + 2 * cfg.kv_projection_size
         init = normal_init(cfg.init_method_std)
@@ -215,8 +218,9 @@ class SelfAttention(torch.nn.Module):
                                                     cfg.norm_epsilon, tp_group, dtype)
         elif cfg.qk_layernorm:
             dtype = mp_config.params_dtype
-            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
-            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, dtype=dtype, tp_partial_grad=tp > 1)
+            kw = dict(dtype=dtype, tp_partial_grad=tp > 1, weight_in_fp32=cfg.norm_in_fp32, offset=cfg.norm_weight_offset)
+            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, **kw)
+            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.norm_epsilon, **kw)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None):
@@ -263,6 +267,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: GPTConfig) -> to
     (up + 1) * gate * sigmoid(alpha * gate)."""
     if cfg.activation == "swiglu":
         return F.silu(gate) * up
+    if cfg.activation == "geglu_tanh":  # Gemma's gelu_pytorch_tanh
+        return F.gelu(gate, approximate="tanh") * up
     gate = gate.clamp(max=cfg.swiglu_limit)
     up = up.clamp(min=-cfg.swiglu_limit, max=cfg.swiglu_limit)
     return (up + 1) * gate * torch.sigmoid(gate * cfg.swiglu_alpha)
@@ -516,7 +522,8 @@ class MoEMLP(torch.nn.Module):
 class TransformerLayer(torch.nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)); with
     ``norm_placement == "post"`` (OLMo 2/3) x + norm(attn(x)), then x + norm(mlp(x)), the norms
-    named ``post_attention_layernorm`` / ``post_mlp_layernorm``. Modules are registered in the
+    named ``post_attention_layernorm`` / ``post_mlp_layernorm``; ``"sandwich"`` (Gemma 3) both,
+    x + norm(attn(norm(x))), then x + norm(mlp(norm(x))). Modules are registered in the
     order they run (the parameters' order: gradient buckets, ``memory_plan.stage_parameters``)."""
 
     def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
@@ -526,16 +533,17 @@ class TransformerLayer(torch.nn.Module):
 
         def norm():
             return RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sequence_parallel, dtype,
-                           weight_in_fp32=cfg.norm_in_fp32)
+                           weight_in_fp32=cfg.norm_in_fp32, offset=cfg.norm_weight_offset)
 
-        self.post_norm = cfg.norm_placement == "post"
-        if not self.post_norm:
+        self.pre_norm = cfg.norm_placement in ("pre", "sandwich")  # norms on the sublayers' inputs
+        self.post_norm = cfg.norm_placement in ("post", "sandwich")  # and / or on their outputs
+        if self.pre_norm:
             self.input_layernorm = norm()
         self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn,
                                             layer_number)
         if self.post_norm:
             self.post_attention_layernorm = norm()
-        else:
+        if self.pre_norm:
             self.pre_mlp_layernorm = norm()
         if cfg.is_moe:
             self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group, ep_group)
@@ -548,13 +556,17 @@ class TransformerLayer(torch.nn.Module):
                 kv_cache=None, token_mask=None):
         """``token_mask`` (b, s), 0 on padding: only an MoE layer's load-balancing loss uses it.
         ``cos``/``sin`` are this layer's (a sliding layer may have its own RoPE)."""
-        if self.post_norm:
-            x = x + self.post_attention_layernorm(
-                self.self_attention(x, cos, sin, cu_seqlens, max_seqlen, recompute_attention, kv_cache))
-            return x + self.post_mlp_layernorm(self._mlp(x, token_mask))
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
-                                    recompute_attention, kv_cache)
-        return x + self._mlp(self.pre_mlp_layernorm(x), token_mask)
+        # each branch in its own function: its intermediates are freed when it returns, not
+        # held through the other branch (the memory planner counts on that)
+        x = x + self._attention_branch(x, cos, sin, cu_seqlens, max_seqlen, recompute_attention, kv_cache)
+        return x + self._mlp_branch(x, token_mask)
 
-    def _mlp(self, h, token_mask):
-        return self.mlp(h, token_mask) if isinstance(self.mlp, MoEMLP) else self.mlp(h)
+    def _attention_branch(self, x, cos, sin, cu_seqlens, max_seqlen, recompute_attention, kv_cache):
+        h = self.self_attention(self.input_layernorm(x) if self.pre_norm else x, cos, sin, cu_seqlens,
+                                max_seqlen, recompute_attention, kv_cache)
+        return self.post_attention_layernorm(h) if self.post_norm else h
+
+    def _mlp_branch(self, x, token_mask):
+        h = self.pre_mlp_layernorm(x) if self.pre_norm else x
+        h = self.mlp(h, token_mask) if isinstance(self.mlp, MoEMLP) else self.mlp(h)
+        return self.post_mlp_layernorm(h) if self.post_norm else h

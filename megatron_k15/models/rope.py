@@ -32,6 +32,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
         return inv_freq
     if rope_type(scaling) == "yarn":
         return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
+    if rope_type(scaling) == "linear":  # position interpolation: every frequency / factor
+        return inv_freq / float(scaling["factor"])
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     original = float(scaling["original_max_position_embeddings"])
@@ -45,7 +47,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
 
 
 def rope_type(scaling: Optional[dict]) -> str:
-    """``default``, ``llama3`` (also for older configs without a type) or ``yarn``."""
+    """``default``, ``llama3`` (also for older configs without a type), ``yarn`` or ``linear``."""
     if not scaling:
         return "default"
     return scaling.get("rope_type", "llama3")

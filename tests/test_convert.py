@@ -138,3 +138,41 @@ def test_cli_exit_code_and_existing_output(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
     assert os.listdir(tmp_path / "ck") == ["keep.txt"]
+
+
+def test_image_text_gemma3_converts_its_language_model(tmp_path):
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: the language model converts (its
+    text_config, tensors under model.language_model.*), the vision tower is left out, and the
+    export is the text-only Gemma3ForCausalLM. Logits on text equal the image-text model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                max_position_embeddings=512, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.uniform_(-0.5, 0.5)
+    hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
+    hf.save_pretrained(str(hf_dir))
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck), "--tensor-model-parallel-size", "2"]) == 0
+    initialize_model_parallel(1)
+    from megatron_k15.checkpointing import load_config
+
+    cfg = load_config(str(ck))
+    assert cfg.architecture == "gemma3" and cfg.num_layers == 6 and cfg.tie_word_embeddings
+    model = GPTModel(cfg)
+    load_model_checkpoint(model, str(ck))
+    ids = torch.randint(0, 290, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+    assert to_hf.main(["--load", str(ck), "--save", str(back)]) == 0
+    exported = json.load(open(back / "config.json"))
+    assert exported["architectures"] == ["Gemma3ForCausalLM"] and exported["model_type"] == "gemma3_text"
+    assert not [k for k in read_hf_state_dict(str(back)) if "vision" in k or "language_model" in k]

@@ -58,6 +58,11 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
+# image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
+# 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
+MULTIMODAL_TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                       ("language_model.lm_head.", "lm_head."))
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
 FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3")
@@ -156,9 +161,50 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
     return {"sliding_window": int(window), "layer_types": None if types is None else list(types)}
 
 
-def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
-    """Our config from an HF ``config.json`` dict; unsupported models fail with the field named."""
+def _text_model_config(hf: dict, where: str) -> dict:
+    """An image-text model's language model as a causal LM's config (its ``text_config``, with
+    the defaults of its transformers class filled in when transformers is installed: the hub's
+    text configs hold only what differs)."""
     archs = hf.get("architectures") or []
+    text = dict(hf.get("text_config") or {})
+    if not text:
+        raise HFCheckpointError(f"{where}: {archs} without text_config")
+    try:
+        import transformers
+
+        cls = getattr(transformers, MULTIMODAL_TEXT_MODELS[archs[0]].replace("ForCausalLM", "TextConfig"))
+        text = {k: v for k, v in cls(**text).to_dict().items() if k not in ("id2label", "label2id")}
+    except (ImportError, AttributeError):
+        pass
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+    text["architectures"] = [MULTIMODAL_TEXT_MODELS[archs[0]]]
+    return text
+
+
+def text_model_state_dict(hf_sd: dict) -> dict:
+    """The language model's tensors of an image-text checkpoint under a causal LM's names
+    (others, the vision tower's, dropped); a causal LM's state dict as it is."""
+    if "model.embed_tokens.weight" in hf_sd:
+        return hf_sd
+    out = {}
+    for name, t in hf_sd.items():
+        for old, new in TEXT_MODEL_PREFIXES:
+            if name.startswith(old):
+                out[new + name[len(old):]] = t
+                break
+        else:
+            if name == "lm_head.weight":
+                out[name] = t
+    return out
+
+
+def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
+    """Our config from an HF ``config.json`` dict; unsupported models fail with the field named.
+    An image-text model (``MULTIMODAL_TEXT_MODELS``) gives its language model's."""
+    archs = hf.get("architectures") or []
+    if archs and archs[0] in MULTIMODAL_TEXT_MODELS:
+        hf = _text_model_config(hf, where)
+        archs = hf["architectures"]
     arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise HFCheckpointError(
@@ -405,7 +451,10 @@ def _ungroup_qkv(qkv, cfg: GPTConfig):
 
 def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
                    where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """HF state dict -> our full (tp=1, pp=1, unpadded) state dict."""
+    """HF state dict -> our full (tp=1, pp=1, unpadded) state dict (an image-text checkpoint's
+    language model: ``text_model_state_dict``)."""
+    hf_sd = text_model_state_dict(hf_sd)
+
     def take(name):
         if name not in hf_sd:
             raise HFCheckpointError(f"{where}: tensor {name!r} is missing")

@@ -17,7 +17,7 @@ from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.initialize import DEFAULT_TIMEOUT_MINUTES
 from megatron_k15.manual_gc import add_manual_gc_args, check_manual_gc_args
-from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, preset
+from megatron_k15.models.config import PRESETS, ConfigError, GPTConfig, every_nth_full, preset
 from megatron_k15.profiling import add_profile_args, check_profile_args
 from megatron_k15.wandb_logging import add_wandb_args, check_wandb_args
 
@@ -121,8 +121,7 @@ def window_fields(args, num_layers: int) -> dict:
         return {}
     if freq is not None and freq < 1:
         raise ArgumentError(f"--window-attn-skip-freq must be >= 1, got {freq}")
-    types = None if freq is None else [
-        "full_attention" if (i + 1) % freq == 0 else "sliding_attention" for i in range(num_layers)]
+    types = None if freq is None else every_nth_full(num_layers, freq)
     return {"sliding_window": left + 1, "layer_types": types}
 
 

@@ -132,6 +132,13 @@ def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
     return torch.cat(outs, dim=1)
 
 
+def _packed_as_batch(res, return_lse: bool):
+    """A packed kernel's out (t, h, d) [and lse (h, t)] as the interface's batch of one."""
+    if return_lse:
+        return res[0].unsqueeze(0), res[1].unsqueeze(0)
+    return res.unsqueeze(0)
+
+
 def _triton_factory() -> AttentionFn:
     from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
 
@@ -148,9 +155,7 @@ def _triton_factory() -> AttentionFn:
             q[0], k[0], v[0], cu_seqlens.to(torch.int32), max_seqlen,
             causal=causal, softmax_scale=softmax_scale, window_size=window_size, return_lse=return_lse,
         )
-        if return_lse:  # lse (h, t) -> (1, h, t)
-            return res[0].unsqueeze(0), res[1].unsqueeze(0)
-        return res.unsqueeze(0)
+        return _packed_as_batch(res, return_lse)
 
     return triton_attention
 
@@ -183,8 +188,6 @@ def context_parallel_attention(group, comm_type: str = "ring") -> AttentionFn:
         res = ring_attn_func(q[0], k[0], v[0], group, causal=causal, softmax_scale=softmax_scale,
                              comm_type=comm_type, cu_seqlens=cu_seqlens.to(torch.int32),
                              max_seqlen=max_seqlen, window_size=window_size, return_lse=return_lse)
-        if return_lse:  # lse (h, t) -> (1, h, t)
-            return res[0].unsqueeze(0), res[1].unsqueeze(0)
-        return res.unsqueeze(0)
+        return _packed_as_batch(res, return_lse)
 
     return cp_attention

@@ -293,6 +293,12 @@ class GPTConfig:
             return cls.from_dict(json.load(f))
 
 
+def every_nth_full(num_layers: int, n: int) -> list[str]:
+    """``layer_types`` where every n-th layer (1-based: n, 2n, ...) attends to everything and the
+    others slide (Megatron-LM's --window-attn-skip-freq; OLMo 3: 4, Gemma 3: 6, gpt-oss: 2)."""
+    return ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(num_layers)]
+
+
 def _check_rope_scaling(scaling: Optional[dict], name: str) -> None:
     if scaling is None:
         return
@@ -358,7 +364,7 @@ def _olmo(version: int):
             "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
                              "attention_factor": 1.2079441541679836, "beta_fast": 32.0, "beta_slow": 1.0},
             "sliding_window": 4096, "sliding_rope": {"rotary_base": 500000.0, "rope_scaling": None},
-            "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(32)]}
+            "layer_types": every_nth_full(32, 4)}
 
 
 def _gpt_oss(layers: int, experts: int):
@@ -373,7 +379,7 @@ def _gpt_oss(layers: int, experts: int):
         norm_epsilon=1e-5, add_qkv_bias=True, add_attention_output_bias=True, attention_sinks=True,
         tie_word_embeddings=False, num_moe_experts=experts, moe_router_topk=4, moe_ffn_hidden_size=2880,
         moe_norm_topk_prob=True, moe_router_bias=True, moe_expert_bias=True, activation="swiglu_clamped",
-        sliding_window=128, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        sliding_window=128, layer_types=every_nth_full(layers, 2),
         architecture="gpt_oss", eos_token_id=200002,
     )
 
@@ -420,7 +426,7 @@ PRESETS: dict[str, dict] = {
         norm_epsilon=1e-6, add_qkv_bias=False, qk_layernorm=True, norm_placement="sandwich",
         norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh", embedding_multiplier=1152 ** 0.5,
         attention_softmax_scale=256 ** -0.5, sliding_window=512,
-        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+        layer_types=every_nth_full(26, 6),
         sliding_rope={"rotary_base": 10000.0, "rope_scaling": None}, tie_word_embeddings=True,
         architecture="gemma3", bos_token_id=2, eos_token_id=1,
     ),

@@ -49,7 +49,8 @@ from typing import Optional
 
 import torch
 
-from megatron_k15.models.config import ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig
+from megatron_k15.models.config import (ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig,
+                                        every_nth_full)
 from megatron_k15.models.rope import rope_type as scaling_type
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -146,7 +147,7 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
             # second, Gemma 3 every sliding_window_pattern-th (6)
             every = {"olmo3": 4, "gpt_oss": 2}.get(arch) or int(
                 hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
-            types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+            types = every_nth_full(n, every)
     else:
         window = None
     if window is None or (types is not None and "sliding_attention" not in types):

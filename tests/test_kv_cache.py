@@ -9,6 +9,7 @@ from megatron_k15.generation.kv_cache import (
     PagedKVCache,
     blocks_for_memory,
     bytes_per_block,
+    page_layout,
 )
 from megatron_k15.kernels.decode_attention import (
     paged_decode_attention,
@@ -202,3 +203,92 @@ def test_memory_helpers():
                                  torch.float16)
     assert c.num_blocks == 9 and c.memory_bytes <= 10 * c.bytes_per_block
     assert c.k_cache(1).shape == (9, 4, 2, 8) and "blocks=9x4" in repr(c)
+
+
+def test_page_layout_groups_layers_by_window():
+    assert page_layout([-1] * 5) == (5, [-1], [(0, i) for i in range(5)])
+    assert page_layout([7] * 3) == (3, [7], [(0, 0), (0, 1), (0, 2)])  # one window everywhere
+    per, groups, place = page_layout([127, -1] * 12)  # gpt-oss-20b
+    assert (per, groups) == (12, [-1, 127])
+    assert place[:4] == [(1, 0), (0, 0), (1, 1), (0, 1)] and place[-1] == (0, 11)
+    per, groups, place = page_layout([-1 if (i + 1) % 6 == 0 else 511 for i in range(26)])  # Gemma 3 1B
+    assert (per, groups) == (4, [-1] + [511] * 6)  # the last sliding group has 2 of 4 slots used
+    assert place[5] == (0, 0) and place[0] == (1, 0) and place[25] == (6, 1)
+    assert page_layout([-1] * 6 + [3] * 4)[:2] == (3, [-1, -1, 3, 3])  # full groups never padded
+    assert page_layout([4, 4, 8, 8, 8])[:2] == (1, [4, 4, 8, 8, 8])  # the widest window is the reference
+    with pytest.raises(ValueError):
+        page_layout([])
+
+
+def _write_positions(caches, seq, positions, kv_of):
+    for c in caches:
+        slots = c.slot_mapping([seq], [positions])
+        for layer in range(c.num_layers):
+            k, v = kv_of(layer, positions)
+            c.write_slots(layer, slots, k, v)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_window_cache_holds_the_window_and_decodes_like_a_full_cache(impl):
+    """Layer 0 slides (left 5: six tokens), layer 1 attends to all. The sliding group holds at
+    most the window's blocks while the full one grows; prefill over fresh K/V takes no block
+    before the window; released blocks (filled with NaN once free) are never read: decode
+    equals the reference over a cache that keeps everything."""
+    bs, left, n_kv, d = 4, 5, 2, 8
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(2, 2, 64, n_kv, d, generator=g)  # (layer, k/v, position, kv, d)
+
+    def kv_of(layer, positions):
+        idx = torch.as_tensor(list(positions))
+        return table[layer, 0, idx], table[layer, 1, idx]
+
+    win = PagedKVCache(2, 40, bs, n_kv, d, dtype=torch.float32, layer_windows=[left, -1])
+    full = PagedKVCache(2, 40, bs, n_kv, d, dtype=torch.float32)
+    assert (win.num_groups, win.layers_per_block, win.bytes_per_block * 2) == (2, 1, full.bytes_per_block)
+    # packed prefill of 10 tokens: the full group needs 3 blocks, the sliding one 2 (from 10 - 5)
+    assert win.new_blocks(None, 10, attend_from=10) == 5 and win.new_blocks(None, 10) == 6
+    for c in (win, full):
+        c.add_sequence("a")
+        c.ensure_capacity("a", 10, attend_from=10)
+    assert win.num_used_blocks == 5
+    slots = win.slot_mapping(["a"], [range(10)])
+    sliding, full_attn = win.for_layer(slots, 0), win.for_layer(slots, 1)
+    assert slots.shape == (2, 10) and (sliding[:4] == -1).all() and (sliding[4:] >= 0).all()
+    assert (full_attn >= 0).all()
+    _write_positions((win, full), "a", range(10), kv_of)
+    k, v = win.gather(0, "a", 10, start=4)
+    assert torch.equal(k, table[0, 0, 4:10]) and torch.equal(v, table[0, 1, 4:10])
+    assert torch.equal(win.gather(1, "a")[0], table[1, 0, :10])
+    with pytest.raises(ValueError, match="sliding window"):
+        win.gather(0, "a", 10)
+    # decode to 40 tokens: the sliding group never holds more than the window's blocks
+    for t in range(10, 40):
+        for c in (win, full):
+            c.ensure_capacity("a", t + 1)
+        _write_positions((win, full), "a", [t], kv_of)
+        sliding_held = len(win.blocks("a")) - win.blocks_needed(t + 1)  # the full group holds them all
+        assert sliding_held <= -(-(left + 1) // bs) + 1
+    win.kv[:, :, win.allocator._free] = float("nan")  # what a released block may hold
+    q = torch.randn(1, 4, d, generator=g)
+    lens = torch.tensor([40], dtype=torch.int32)
+    for layer, w in ((0, left), (1, -1)):
+        bt = win.for_layer(win.block_table(["a"]), layer)
+        out, lse = paged_decode_attention(q, win.k_cache(layer), win.v_cache(layer), bt, lens,
+                                          return_lse=True, impl=impl, window_left=w)
+        ref, ref_lse = paged_decode_attention_reference(q, full.k_cache(layer), full.v_cache(layer),
+                                                        full.block_table(["a"]), lens, return_lse=True,
+                                                        window_left=w)
+        assert torch.allclose(out, ref, atol=2e-6) and torch.allclose(lse, ref_lse, atol=2e-6)
+        if impl == "torch":  # and without the LSE: the SDPA path
+            out = paged_decode_attention(q, win.k_cache(layer), win.v_cache(layer), bt, lens,
+                                         impl="torch", window_left=w)
+            assert torch.allclose(out, ref, atol=2e-6)
+    # forks share what is held; truncation cannot go back before the released blocks
+    win.fork("a", "b")
+    assert win.gather(0, "b", 40, start=34)[0].equal(table[0, 0, 34:40])
+    with pytest.raises(ValueError, match="gave back"):
+        win.truncate("a", 20)
+    win.truncate("a", 38)
+    for sid in ("a", "b"):
+        win.free_sequence(sid)
+    assert win.num_used_blocks == 0

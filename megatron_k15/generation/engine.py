@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -59,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15.generation.inference_batch import InferenceBatch
-from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory
+from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_for_memory, page_layout
 from megatron_k15.generation.recompute import GenerationResult, generate_recompute
 from megatron_k15.generation.sampling import SamplingParams, sample_tokens_vocab_parallel
 from megatron_k15.initialize import pipeline_token_group
@@ -85,6 +86,7 @@ class EngineStats:
     steps: int = 0  # lane turns that ran a forward (prefill or decode of one lane)
     preemptions: int = 0
     seconds: float = 0.0
+    peak_cache_bytes: int = 0  # most KV-cache memory sequences held at once (blocks in use x their size)
 
     @property
     def tokens_per_second(self) -> float:
@@ -110,12 +112,16 @@ class GenerationEngine:
             PyTorch version on CPU (where Triton would only interpret).
         num_lanes: the running requests are split into this many lanes that take turns (decode
             microbatches); default: the number of pipeline stages, which keeps every stage busy.
+        window_cache: sliding-window layers keep only their window's blocks (``PagedKVCache``
+            with ``layer_windows``); False keeps every token of every layer (as before, and
+            for comparison). Not under cp decode, which refuses windows.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 16384,
                  kv_memory_fraction: float = 0.5, pp_group=None, cp_group=None,
-                 decode_impl: str = "auto", num_lanes: Optional[int] = None):
+                 decode_impl: str = "auto", num_lanes: Optional[int] = None,
+                 window_cache: bool = True):
         if max_batch_size < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_prefill_tokens and block_size must be >= 1")
         if num_lanes is not None and num_lanes < 1:
@@ -149,12 +155,46 @@ class GenerationEngine:
         cfg = model.config
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
+        windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
+        self._layer_windows = windows if window_cache and self.cp_group is None and max(windows, default=-1) >= 0 \
+            else None
+        self._layout_agreed = self.pp_size == 1
         self._pad_to = model.tp_size if model.sequence_parallel else 1
         self.ep_group = getattr(model, "ep_group", None)
 
     # ------------------------------------------------------------------ cache
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def _agree_layout(self) -> None:
+        """Pipeline stages schedule alike only if their caches count blocks alike: keep the
+        sliding layers' windows only when every stage has the same layout of groups (e.g.
+        gpt-oss's alternating layers split evenly), else every stage keeps every token."""
+        if self._layout_agreed:
+            return
+        self._layout_agreed = True
+        layout = None if self._layer_windows is None else page_layout(self._layer_windows)[:2]
+        sig = zlib.crc32(repr(layout).encode())
+        t = torch.tensor([sig, -sig], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pp_group)
+        if int(t[0]) != -int(t[1]):
+            self._layer_windows = None
+
+    def _groups(self) -> int:
+        """Cache groups (block tables) of this stage's layers: a block of every group makes
+        room for ``block_size`` more tokens of a sequence."""
+        return 1 if self._layer_windows is None else len(page_layout(self._layer_windows)[1])
+
+    def _layers_per_block(self) -> int:
+        return self._num_layers if self._layer_windows is None else page_layout(self._layer_windows)[0]
+
+    def _prefill_attend_from(self, length: int) -> int:
+        """The first position of a ``length``-token prompt whose prefill reads the cache:
+        none of a packed prefill's (they attend over their fresh K/V); a chunked one's last
+        full chunk. Sliding layers need blocks from its window on (``PagedKVCache``)."""
+        if length <= self.max_prefill_tokens:
+            return length
+        return max(0, length - self._chunk_step() - self.block_size)
 
     def _local_len(self, length: int, rank: Optional[int] = None) -> int:
         """Cached positions of a length-``length`` sequence that cp rank ``rank`` holds
@@ -175,6 +215,7 @@ class GenerationEngine:
         return int(-t[0]), int(t[1])
 
     def _ensure_cache(self, requests: Sequence[_Request]) -> None:
+        self._agree_layout()
         if self.fixed_num_blocks is not None:
             n = self.fixed_num_blocks
         elif self.device.type == "cuda":
@@ -184,19 +225,20 @@ class GenerationEngine:
             # step its cached activations are not "free" to the driver, yet ours to reuse)
             free, _ = torch.cuda.mem_get_info(self.device)
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            n = blocks_for_memory(int(free * self.kv_memory_fraction), self._num_layers,
+            n = blocks_for_memory(int(free * self.kv_memory_fraction), self._layers_per_block(),
                                   self.block_size, self._kv_heads, self.model.config.head_dim,
                                   self.dtype) - 1
         else:
             longest = self._local_len(max((len(r.tokens) + r.budget for r in requests), default=1), 0)
             concurrent = min(len(requests), self.max_batch_size)
-            n = concurrent * (self._blocks_for(longest) + 1)
+            n = concurrent * (self._blocks_for(longest) + 1) * self._groups()
         n = self._agree_min(max(1, n))
         if self.cache is not None and self.cache.num_blocks >= n:
             return
         self.cache = None  # free the old tensor before allocating the new one
         self.cache = PagedKVCache(self._num_layers, n, self.block_size, self._kv_heads,
-                                  self.model.config.head_dim, self.dtype, self.device)
+                                  self.model.config.head_dim, self.dtype, self.device,
+                                  layer_windows=self._layer_windows)
 
     def _agree_min(self, n: int) -> int:
         """The ranks that run one schedule (tp, pp and cp decode groups) must see the same
@@ -326,7 +368,7 @@ class GenerationEngine:
                     if waiting and not any(lanes) and capacity[m] > 0:
                         r = waiting[0]
                         raise OutOfBlocks(
-                            f"request {r.index} needs {self._blocks_for(self._local_len(len(r.tokens) + 1, 0))} KV-cache "
+                            f"request {r.index} needs {self._new_request_blocks(r)} KV-cache "
                             f"blocks but the cache has {cache.num_blocks} (block size {self.block_size}); "
                             "give the engine more memory (num_blocks / kv_memory_fraction) or shorter "
                             "requests")
@@ -334,6 +376,8 @@ class GenerationEngine:
                     continue
                 inflight[m] = (reqs, *self._emit_tokens(reqs, logits))
                 self.stats.steps += 1
+                self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes,
+                                                  cache.num_used_blocks * cache.bytes_per_block)
                 m = (m + 1) % self.num_lanes
         except BaseException:
             # the engine stays usable: no sequence keeps its blocks, and sends the peer will
@@ -367,7 +411,8 @@ class GenerationEngine:
         samples of a prompt are not split over lanes and prefilled twice."""
         free, _ = self._cp_agree(self.cache.num_free_blocks, 0)
         admitted, tokens, prompts = [], 0, set()
-        reserve = total
+        per_step = self.cache.num_groups  # a decode step may start a block in every group
+        reserve = total * per_step
         while waiting and total + len(admitted) < self.max_batch_size:
             r = waiting[0]
             key = tuple(r.tokens)
@@ -375,7 +420,7 @@ class GenerationEngine:
             if len(running) + len(admitted) >= capacity and not fork:
                 break
             n = 0 if fork else len(r.tokens)  # a fork is not prefilled again
-            need = self._blocks_for(self._local_len(len(r.tokens) + 1, 0))
+            need = self._new_request_blocks(r)
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if free - need < reserve:
@@ -384,8 +429,15 @@ class GenerationEngine:
             prompts.add(key)
             free -= need
             tokens += n
-            reserve += 1
+            reserve += per_step
         return admitted
+
+    def _new_request_blocks(self, r: _Request) -> int:
+        """Blocks a waiting request needs for its prefill and first decode step (on cp rank
+        0, which holds the most)."""
+        length = len(r.tokens)
+        return self.cache.new_blocks(None, self._local_len(length + 1, 0),
+                                     attend_from=self._local_len(self._prefill_attend_from(length), 0))
 
     def _make_room(self, running: list[_Request], waiting: deque, others_running: bool) -> None:
         """Preempt the lane's newest requests until every one left has room for its next token.
@@ -393,8 +445,7 @@ class GenerationEngine:
         only a request that cannot fit on its own is an error."""
         cache = self.cache
         while running:
-            need = sum(1 for r in running
-                       if self._blocks_for(self._local_len(len(r.tokens))) > len(cache.blocks(r.index)))
+            need = sum(cache.new_blocks(r.index, self._local_len(len(r.tokens))) for r in running)
             free, need = self._cp_agree(cache.num_free_blocks, need)
             if need <= free:
                 return
@@ -419,10 +470,12 @@ class GenerationEngine:
         heads = [g[0] for g in groups.values()]
         for r in heads:
             cache.add_sequence(r.index)
-            cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
         if len(heads) == 1 and len(heads[0].tokens) > self.max_prefill_tokens:
-            logits = self._prefill_chunks(heads[0])
+            logits = self._prefill_chunks(heads[0])  # allocates chunk by chunk
         else:
+            for r in heads:  # attends over its fresh K/V: sliding layers keep only the window
+                n = self._local_len(len(r.tokens))
+                cache.ensure_capacity(r.index, n, attend_from=n)
             logits = self._prefill_packed(heads)
         # forks share the prompt's full blocks; each samples its own first token
         rows, reqs = [], []
@@ -442,8 +495,12 @@ class GenerationEngine:
         if extra:
             ids = ids + [0] * extra
             positions = positions + list(range(extra))
-            slots = torch.cat([slots, torch.full((extra,), -1, dtype=torch.int64)])
+            slots = torch.cat([slots, torch.full((*slots.shape[:-1], extra), -1, dtype=torch.int64)], -1)
         return ids, positions, slots, extra
+
+    def _chunk_step(self) -> int:
+        """Tokens per chunk of a chunked prefill (a multiple of the tp size)."""
+        return max(self._pad_to, self.max_prefill_tokens - self.max_prefill_tokens % self._pad_to)
 
     def _prefill_packed(self, heads: list[_Request]) -> Optional[torch.Tensor]:
         """All prompts in one packed forward (varlen attention keeps them apart)."""
@@ -473,9 +530,12 @@ class GenerationEngine:
         the chunks before it, so activation memory is bounded by the chunk, not the prompt.
         Returns the last chunk's logits at its last token."""
         n = len(r.tokens)
-        step = max(self._pad_to, self.max_prefill_tokens - self.max_prefill_tokens % self._pad_to)
+        step = self._chunk_step()
         for start in range(0, n, step):
             end = min(n, start + step)
+            # the chunk's queries read the cache from `start` on: sliding layers give back
+            # the blocks before their window of it
+            self.cache.ensure_capacity(r.index, self._local_len(end), attend_from=self._local_len(start))
             if self.cp_group is None:  # the chunk attends over cache slots [0, end)
                 local, context = range(start, end), end
             else:  # over this rank's prefix shard (and its own K/V, which every rank has)
@@ -507,8 +567,9 @@ class GenerationEngine:
         table = cache.block_table(seq_ids, device="cpu")
         lens = cache.seq_lens(seq_ids, device="cpu")
         if padded > n:
-            slots = torch.cat([slots, torch.full((padded - n,), -1, dtype=torch.int64)])
-            table = torch.cat([table, torch.zeros(padded - n, table.shape[1], dtype=table.dtype)])
+            slots = torch.cat([slots, torch.full((*slots.shape[:-1], padded - n), -1, dtype=torch.int64)], -1)
+            table = torch.cat([table, torch.zeros(*table.shape[:-2], padded - n, table.shape[-1],
+                                                  dtype=table.dtype)], -2)
             lens = torch.cat([lens, torch.zeros(padded - n, dtype=lens.dtype)])
         batch = InferenceBatch(cache, slots.to(self.device), decode=True,
                                block_tables=table.to(self.device), seq_lens=lens.to(self.device),

@@ -40,11 +40,11 @@ from megatron_k15.models.attention import AttentionFn, apply_attention_sinks, sd
 @dataclass
 class InferenceBatch:
     cache: object  # generation.kv_cache.PagedKVCache of this pipeline stage's layers
-    slots: torch.Tensor  # (N,) int64 flat cache slot of every token, -1 for padding
+    slots: torch.Tensor  # (N,) int64 flat cache slot of every token, -1 for padding; (groups, N) with several cache groups
     decode: bool
     cu_seqlens: Optional[torch.Tensor] = None  # prefill: (n_seqs + 1,) int32
     max_seqlen: Optional[int] = None
-    block_tables: Optional[torch.Tensor] = None  # decode: (N, max_blocks) int32
+    block_tables: Optional[torch.Tensor] = None  # decode: (N, max_blocks) int32; (groups, N, max_blocks) with several cache groups
     seq_lens: Optional[torch.Tensor] = None  # decode: (N,) int32, current token included
     decode_impl: str = "auto"
     prefill_attention: AttentionFn = sdpa_attention
@@ -93,7 +93,11 @@ class LayerKVCache:
         if b.prefix_seq is not None:
             n = b.chunk_rows
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
-                k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len)
+                # a sliding layer reads from its first query's window on (its cache holds no
+                # more); the keys still end at the chunk's last token, so the bottom-right
+                # alignment of q and k is unchanged
+                start = 0 if window_left < 0 else max(0, b.context_len - n - window_left)
+                k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len, start)
                 out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
                                           softmax_scale=softmax_scale, **kw)
                 if with_lse:
@@ -112,8 +116,8 @@ class LayerKVCache:
         validate, b.validated = not b.validated, True
         if b.cp_group is None:
             res = paged_decode_attention(
-                q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables,
-                b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
+                q[0], cache.k_cache(self.index), cache.v_cache(self.index),
+                cache.for_layer(b.block_tables, self.index), b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
                 validate=validate, window_left=window_left, return_lse=with_lse)
             return (res[0].unsqueeze(0), res[1].unsqueeze(0)) if with_lse else res.unsqueeze(0)
         out, lse = paged_decode_attention(

@@ -420,8 +420,19 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item()) if batch else 0
     max_len = max(1, int(max_seq_len))
-    pos = torch.arange(max_len, device=q.device)[None, :]
     lens = seq_lens.to(q.device)[:, None]
+    page = k_cache.shape[1]
+    if 0 <= window_left and -(-(window_left + 1) // page) + 1 < -(-max_len // page):
+        # only the blocks a window can touch, from each row's first one: a sliding layer costs
+        # O(window), and the blocks it gave back (``PagedKVCache`` with layer windows) are not read
+        n_win = -(-(window_left + 1) // page) + 1
+        first = (lens - 1 - window_left).clamp(min=0) // page  # (b, 1)
+        cols = (first + torch.arange(n_win, device=q.device)).clamp(max=block_tables.shape[1] - 1)
+        block_tables = block_tables.gather(1, cols.long())
+        max_len = n_win * page
+        pos = first * page + torch.arange(max_len, device=q.device)[None, :]
+    else:
+        pos = torch.arange(max_len, device=q.device)[None, :]
     valid = pos < lens
     if window_left >= 0:
         valid = valid & (pos >= lens - 1 - window_left)

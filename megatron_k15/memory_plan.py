@@ -296,13 +296,27 @@ def kv_bytes_per_token(cfg: GPTConfig, num_layers: int, tp: int, dtype_bytes: in
     return 2 * num_layers * (cfg.num_query_groups // tp) * cfg.head_dim * dtype_bytes
 
 
-def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload) -> int:
+def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload,
+                           layers: Optional[list] = None) -> int:
+    """The cache for ``rollout_batch`` sequences of ``rollout_max_tokens``. With sliding-window
+    layers among ``layers`` (the stage's global layer numbers), blocks hold one group of
+    ``page_layout``'s: full-attention groups keep every token, sliding ones at most the
+    blocks their window spans, ceil((left + 1) / block) + 1 per sequence."""
     if w.rollout_batch == 0:
         return 0
     tokens = w.rollout_max_tokens or w.seq_length
-    blocks = w.rollout_batch * -(-tokens // w.kv_block_size)
-    return kv_cache_bytes(num_layers, blocks, w.kv_block_size, cfg.num_query_groups // tp,
-                          cfg.head_dim, w.e)
+    per_seq = -(-tokens // w.kv_block_size)
+    windows = [] if layers is None else [cfg.window_left(i) for i in layers]
+    if max(windows, default=-1) < 0:
+        per_block, held = num_layers, per_seq
+    else:
+        from megatron_k15.generation.kv_cache import page_layout
+
+        per_block, groups, _ = page_layout(windows)
+        held = sum(per_seq if left < 0 else min(per_seq, -(-(left + 1) // w.kv_block_size) + 1)
+                   for left in groups)
+    return kv_cache_bytes(per_block, w.rollout_batch * held, w.kv_block_size,
+                          cfg.num_query_groups // tp, cfg.head_dim, w.e)
 
 
 # -- activations ---------------------------------------------------------------------------------
@@ -805,12 +819,14 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
         step = max(step, max(4 * (n // g) + 4 * n for n, g in zip(buckets, groups) if g > 1))
     comps.append(Component(f"optimizer step (transient, {w.adam_impl} Adam)",
                            f"{per}*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
-    kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w)
+    kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w, list(layers))
     tokens = w.rollout_max_tokens or w.seq_length
+    sliding = sum(1 for i in layers if cfg.is_sliding_layer(i))
     comps.append(Component(
         "KV cache",
         f"{kv_bytes_per_token(cfg, len(layers), tp, e):,} B/token x {w.rollout_batch} seq x "
-        f"{tokens:,} tokens (blocks of {w.kv_block_size})", kv, "rollout"))
+        f"{tokens:,} tokens (blocks of {w.kv_block_size})"
+        + (f"; {sliding} sliding layers hold their window only" if sliding else ""), kv, "rollout"))
 
     if chosen["peak"] >= step:
         train_peak, phase = static + chosen["peak"], chosen["phase"]

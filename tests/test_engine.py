@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_k15.generation.engine import GenerationEngine
-from megatron_k15.generation.kv_cache import OutOfBlocks
+from megatron_k15.generation.kv_cache import OutOfBlocks, page_layout
 from megatron_k15.generation.recompute import generate_recompute
 from megatron_k15.generation.repetition import RepeatDetector
 from megatron_k15.generation.sampling import SamplingParams, request_generator
@@ -81,6 +81,43 @@ def test_sliding_window_generation_equals_transformers_and_recompute(kind, decod
     chunked = _engine(model, max_prefill_tokens=8).generate(prompts, 12, SAMPLED, _gens(4, len(prompts)), EOS)
     ref = generate_recompute(model, prompts, 12, SAMPLED, _gens(4, len(prompts)), EOS)
     for a, b, c in zip(whole, chunked, ref):
+        assert a.output_ids == b.output_ids == c.output_ids
+        assert _close(a.output_logprobs, c.output_logprobs) and _close(b.output_logprobs, c.output_logprobs)
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "gemma3"])
+def test_window_cache_changes_no_token_and_holds_less(kind):
+    """Sliding layers that give back the blocks their window left behind (the default) generate
+    what an engine keeping every token generates: seeded sampling, prompts prefilled whole or
+    in chunks of 8 over their cached prefix, 3 samples of one prompt sharing its blocks. The
+    cache peak is smaller, and in the same fixed memory (too little for every request at
+    once) fewer requests are preempted."""
+    hf = tiny_hf_model(kind, initializer_range=0.2, sliding_window=8)
+    model = gpt_from_hf(hf)
+    prompts = [list(range(3, 60)), [5, 6, 7], list(range(100, 140))] + [[9, 10, 11, 12, 13]] * 3
+    budget = 40
+
+    def run(window_cache, **kw):
+        engine = _engine(model, window_cache=window_cache, **kw)
+        out = engine.generate(prompts, budget, SAMPLED, _gens(4, len(prompts)), EOS)
+        assert engine.cache.num_used_blocks == 0
+        assert (engine.cache.num_groups > 1) == window_cache
+        return out, engine.stats
+
+    ref, ref_stats = run(False)
+    for kw in ({}, {"max_prefill_tokens": 8}):
+        got, stats = run(True, **kw)
+        for a, b in zip(got, ref):
+            assert a.output_ids == b.output_ids and _close(a.output_logprobs, b.output_logprobs)
+        assert stats.peak_cache_bytes < 0.75 * ref_stats.peak_cache_bytes
+    # a fixed memory of 24 blocks of every layer (6 requests of up to 97 tokens need 108 at once)
+    windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
+    per_block = page_layout(windows)[0]
+    small_ref, small_ref_stats = run(False, num_blocks=24)
+    small, small_stats = run(True, num_blocks=24 * len(windows) // per_block)
+    assert small_ref_stats.preemptions > 0 and small_stats.preemptions < small_ref_stats.preemptions
+    chunked, _ = run(True, num_blocks=24 * len(windows) // per_block, max_prefill_tokens=8)
+    for a, b, c in zip(small, chunked, small_ref):
         assert a.output_ids == b.output_ids == c.output_ids
         assert _close(a.output_logprobs, c.output_logprobs) and _close(b.output_logprobs, c.output_logprobs)
 
@@ -294,6 +331,39 @@ def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_k
             assert rank_out[2] > 0  # the tiny cache did preempt
         if tp > 1:  # the global RNG: tp rank 0's draws, as one rank seeded alike
             assert rank_out[4] == ref[2]
+
+
+def _generate_pp_windows(rank, world_size, layers):
+    import warnings
+
+    from megatron.core import parallel_state
+
+    initialize_model_parallel(tp=1, pp=2)
+    hf = tiny_hf_model("gpt_oss", initializer_range=0.2, sliding_window=8, num_hidden_layers=layers)
+    model = gpt_from_hf(hf, pp_size=2, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    engine = _engine(model, pp_group=parallel_state.get_pipeline_model_parallel_group())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = engine.generate(PROMPTS, 24, SAMPLED, _gens(4, len(PROMPTS)), EOS)
+    warned = any("laid out differently" in str(w.message) for w in caught)
+    return [(r.output_ids, r.output_logprobs) for r in out], engine.cache.num_groups, warned, \
+        engine.cache.num_used_blocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers,groups", [(4, 2), (2, 1)])
+def test_pipeline_stages_keep_windows_only_with_equal_layouts(layers, groups):
+    """gpt-oss at pp=2: with 4 layers each stage holds a sliding and a full layer (the same
+    layout: both keep only the window); with 2 one stage slides and the other does not, so
+    both keep every token (the sliding stage says so). Either way the tokens equal one rank's."""
+    hf = tiny_hf_model("gpt_oss", initializer_range=0.2, sliding_window=8, num_hidden_layers=layers)
+    ref = _engine(gpt_from_hf(hf)).generate(PROMPTS, 24, SAMPLED, _gens(4, len(PROMPTS)), EOS)
+    ranks = run_distributed(_generate_pp_windows, 2, layers)
+    for got, num_groups, _, used in ranks:
+        assert (num_groups, used) == (groups, 0)
+        for (ids, lps), r in zip(got, ref):
+            assert ids == r.output_ids and _close(lps, r.output_logprobs)
+    assert [warned for *_, warned, _ in ranks] == ([True, False] if groups == 1 else [False, False])
 
 
 def _generate_cp(rank, world_size, kind):

@@ -147,6 +147,30 @@ def test_kv_cache_bytes_equal_paged_kv_cache(tp, dtype):
                           cache.kv.element_size()) == cache.memory_bytes
 
 
+@pytest.mark.parametrize("tokens", [5, 64, 100])
+def test_kv_cache_bytes_with_sliding_layers_bound_what_the_cache_holds(tokens):
+    """gpt-oss's pattern (sliding, full, ...; window 12, blocks of 8): the predicted cache holds
+    every full layer's token and the blocks a window spans; decoding 3 sequences to ``tokens``
+    in a ``PagedKVCache`` of that size never needs more, and at some step exactly that."""
+    cfg = preset("tiny", num_attention_heads=8, num_query_groups=4, hidden_size=128, num_layers=4,
+                 sliding_window=12, layer_types=["sliding_attention", "full_attention"] * 2)
+    w = Workload(seq_length=tokens, rollout_batch=3, kv_block_size=8, params_dtype="fp32")
+    predicted = rollout_kv_cache_bytes(cfg, 4, 1, w, [0, 1, 2, 3])
+    everything = rollout_kv_cache_bytes(cfg, 4, 1, w)
+    cache = PagedKVCache(4, 1000, 8, 4, cfg.head_dim, dtype=torch.float32,
+                         layer_windows=[cfg.window_left(i) for i in range(4)])
+    peak = 0
+    for t in range(1, tokens + 1):
+        for seq in range(3):
+            if t == 1:
+                cache.add_sequence(seq)
+            cache.ensure_capacity(seq, t)
+        peak = max(peak, cache.num_used_blocks)
+    assert predicted == (peak + 1) * cache.bytes_per_block  # + the scratch block
+    if tokens == 100:  # 3 x (13 + 3) blocks of 2 layers + scratch, against 3 x 13 + 1 of 4 layers
+        assert predicted * 160 == everything * 98
+
+
 # -- predicted vs measured peak of real training steps ------------------------------------------
 QWEN3_SHAPE = dict(num_layers=3, qk_layernorm=True, add_qkv_bias=False, kv_channels=64)
 MOE_SHAPE = dict(num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=48)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -178,6 +179,10 @@ class GenerationEngine:
         t = torch.tensor([sig, -sig], dtype=torch.int64, device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pp_group)
         if int(t[0]) != -int(t[1]):
+            if self._layer_windows is not None:
+                warnings.warn("the pipeline stages' sliding-window layers are laid out differently, so "
+                              "their KV caches keep every token (an even split of the layer pattern "
+                              "over the stages, e.g. with --decoder-first-pipeline-num-layers, avoids it)")
             self._layer_windows = None
 
     def _groups(self) -> int:

@@ -35,6 +35,7 @@ MODEL_FLAGS = {
     "vocab_size": "vocab_size",
     "max_position_embeddings": "max_position_embeddings",
     "rotary_base": "rotary_base",
+    "rotary_percent": "rotary_percent",
     "norm_epsilon": "norm_epsilon",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "init_method_std": "init_method_std",
@@ -157,7 +158,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for Megatron-LM scripts: RMSNorm is the only normalization")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="accepted for Megatron-LM scripts: the layers are always ours")
-    g.add_argument("--rotary-percent", type=float, default=1.0, help="must be 1.0 (RoPE on the whole head)")
+    g.add_argument("--rotary-percent", type=float, default=None,
+                   help="RoPE rotates this fraction of each head's channels, the first ones (GLM-4: 0.5; "
+                        "default 1.0)")
     g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
     g.add_argument("--hidden-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
     g.add_argument("--add-qkv-bias", action="store_true", default=None)
@@ -499,8 +502,7 @@ def resolve_model_config(args) -> GPTConfig:
 def megatron_settings_problem(args) -> Optional[str]:
     """A Megatron-LM setting this model cannot honour (dropout, partial RoPE, ...), or None."""
     block = _get(args, "recompute_method") == "block"
-    for dest, required, why in (("rotary_percent", 1.0, "RoPE covers the whole head"),
-                                ("attention_dropout", 0.0, "the model has no dropout"),
+    for dest, required, why in (("attention_dropout", 0.0, "the model has no dropout"),
                                 ("hidden_dropout", 0.0, "the model has no dropout"),
                                 ("main_grads_dtype", "fp32", "gradients are reduced and accumulated in fp32"),
                                 ("recompute_num_layers", None if block else 1,

@@ -156,6 +156,10 @@ TINY_HF_MODELS = {
     "olmo2": ("Olmo2", dict(rope_theta=500000.0, pad_token_id=0)),
     # 4 layers: three sliding (window 24) and one full, OLMo 3's pattern
     "olmo3": ("Olmo3", dict(num_hidden_layers=4, sliding_window=24, rope_theta=500000.0, pad_token_id=0)),
+    # GLM-4 (glm-4-9b-chat-hf) and GLM-4-0414 (+ norms after each sublayer): QKV bias, RoPE on
+    # interleaved pairs of the first half of each head (head_dim 32 with hidden 64 / 4 heads)
+    "glm": ("Glm", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
+    "glm4": ("Glm4", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
     # gpt-oss: a sliding (24) and a full layer, sinks, 4 biased experts with the clamped SwiGLU,
     # YaRN as gpt-oss's (beta 32/1, no truncation) at x4 of 128
     # Gemma 3 (text): 6 layers, five sliding (window 24, local RoPE base 10000) then a global one

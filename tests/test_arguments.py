@@ -40,7 +40,7 @@ def _validate(argv, world_size=1):
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
      "--num-layers-per-virtual-pipeline-stage is not supported"),
     (["--hidden-dropout", "0.1"], 1, "--hidden-dropout 0.1"),
-    (["--rotary-percent", "0.5"], 1, "--rotary-percent 0.5"),
+    (["--rotary-percent", "0.3"], 1, "--rotary-percent 0.3 must be in (0, 1]"),
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4"], 1,
      "--recompute-num-layers 4"),
     (["--recompute-method", "uniform"], 1, "--recompute-method applies to --recompute-granularity full"),
@@ -186,6 +186,11 @@ def test_model_preset_and_overrides():
     cfg = args.model_config
     assert cfg.num_layers == 4 and cfg.hidden_size == 3584 and cfg.num_query_groups == 4
     assert cfg.add_qkv_bias and cfg.rotary_base == 1e6
+
+
+def test_rotary_percent_sets_the_rotated_channels():
+    cfg = _validate(["--model-preset", "qwen2.5-7b", "--num-layers", "2", "--rotary-percent", "0.5"]).model_config
+    assert (cfg.rotary_percent, cfg.rotary_dim, cfg.head_dim) == (0.5, 64, 128)
 
 
 def test_load_uses_checkpoint_config_and_rejects_contradictions(tmp_path):

@@ -57,6 +57,13 @@ def test_qwen3_greedy_equals_transformers():
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_glm_greedy_equals_transformers(kind):
+    """Partial RoPE: the cached keys are rotated on the first half of their channels only."""
+    hf = tiny_hf_model(kind, initializer_range=0.2)
+    _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
+
+
 def test_qwen3_moe_greedy_equals_transformers():
     """Qwen3-MoE: prefill routes the whole prompt, decode one token per request; both through
     the same experts as transformers."""

@@ -365,3 +365,37 @@ def test_qwen3_config_without_head_dim_follows_transformers():
     d = hf_config_dict(tiny_hf_model("qwen3"))
     del d["head_dim"]
     assert gpt_config_from_hf(d).head_dim == Qwen3Config(**d).head_dim == 128
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_glm_matches_transformers_with_partial_interleaved_rope(kind, backend):
+    """GLM-4 and GLM-4-0414: RoPE on the first half of each head's channels, in GLM's
+    interleaved pairs (reordered on conversion), QKV bias, fused gate_up; GLM-4-0414 adds a
+    norm after each sublayer. Logits equal transformers; rotating whole heads moves them; a
+    config written without the original rebuilds the same HF model."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    hf = tiny_hf_model(kind)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.architecture, cfg.rotary_percent, cfg.rotary_dim, cfg.add_qkv_bias) == (kind, 0.5, 16, True)
+    assert cfg.norm_placement == ("sandwich" if kind == "glm4" else "pre") and cfg.norm_weight_offset == 0.0
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        whole = build_from_hf(hf, backend)
+        whole.rotary = type(whole.rotary)(cfg.head_dim, cfg.rotary_base)  # RoPE over the whole head
+        assert (whole.gather_logits(whole(ids)) - ref).abs().max().item() > 1e-3
+    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
+    d.pop("architectures")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    rebuilt.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, ref)

@@ -38,6 +38,9 @@ class GPTConfig:
     kv_channels: Optional[int] = None  # head dim; defaults to hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
+    # RoPE rotates the first head_dim * rotary_percent channels of every head and passes the
+    # rest through (GLM-4: 0.5; Megatron-LM's --rotary-percent)
+    rotary_percent: float = 1.0
     # Llama-3 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}; None for plain RoPE.
     rope_scaling: Optional[dict] = None
@@ -127,6 +130,11 @@ class GPTConfig:
         return int(self.kv_channels)
 
     @property
+    def rotary_dim(self) -> int:
+        """Channels of a head that RoPE rotates (the first ones)."""
+        return int(round(self.head_dim * self.rotary_percent))
+
+    @property
     def query_projection_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -207,6 +215,10 @@ class GPTConfig:
             raise ConfigError(f"--kv-channels {self.head_dim} must be even for rotary embeddings")
         if self.rotary_base <= 0:
             raise ConfigError(f"--rotary-base must be > 0, got {self.rotary_base}")
+        if not 0 < self.rotary_percent <= 1 or self.rotary_dim % 2 or self.rotary_dim < 2 \
+                or abs(self.rotary_dim - self.head_dim * self.rotary_percent) > 1e-6:
+            raise ConfigError(f"--rotary-percent {self.rotary_percent} must be in (0, 1] and rotate an even "
+                              f"number of the head's {self.head_dim} channels")
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -172,11 +172,11 @@ class GPTModel(torch.nn.Module):
         # auto: the fused kernel (never materialises [tokens, vocab] logits) on GPU; on CPU the
         # vocab-parallel cross-entropy, which is faster there
         self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
-        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, config.rope_scaling)
         # the sliding layers' own RoPE, where it differs (OLMo 3: unscaled)
         self.rotary_sliding = None
         if config.sliding_rope is not None and config.has_sliding_layers:
-            self.rotary_sliding = RotaryEmbedding(config.head_dim, *config.rope_for_layer(
+            self.rotary_sliding = RotaryEmbedding(config.rotary_dim, *config.rope_for_layer(
                 next(i for i in range(config.num_layers) if config.is_sliding_layer(i))))
         if config.has_sliding_layers and self.cp_size > 1 and cp_comm_type != "allgather":
             raise ValueError("sliding-window layers under --context-parallel-size need --cp-comm-type "

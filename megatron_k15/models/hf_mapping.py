@@ -57,7 +57,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
-                           "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3"}
+                           "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
+                           "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
@@ -65,7 +66,12 @@ MULTIMODAL_TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."))
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
-FUSED_PROJECTION_ARCHITECTURES = ("phi3",)  # one qkv_proj and one gate_up_proj tensor per layer
+FUSED_QKV_ARCHITECTURES = ("phi3",)  # one qkv_proj tensor per layer
+FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor per layer
+# GLM rotates channel pairs (2i, 2i+1) of the first partial_rotary_factor of each head; the
+# rows of q and k are reordered on conversion to our rotate-half pairs (i, i + r/2)
+INTERLEAVED_ROPE_ARCHITECTURES = ("glm", "glm4")
+SANDWICH_ARCHITECTURES = ("gemma3", "glm4")  # a norm before and after each sublayer
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3")
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
@@ -228,10 +234,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     if hf.get("mlp_bias"):
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
     sliding = _sliding_layout(hf, arch, where)
-    rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if rotary is not None and float(rotary) != 1.0:
-        raise HFCheckpointError(f"{where}: partial_rotary_factor={rotary} is not supported (RoPE covers the "
-                                "whole head here)")
+    rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    rotary = float(rotary if rotary is not None else (0.5 if arch in INTERLEAVED_ROPE_ARCHITECTURES else 1.0))
     (theta, scaling), sliding_rope = _layer_type_rope(hf, arch, where)
     if not sliding:
         sliding_rope = None
@@ -259,13 +263,15 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    moe_router_bias=True, moe_expert_bias=True, activation="swiglu_clamped",
                    swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
-    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch == "gpt_oss"))
+    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
     olmo = arch in OLMO_ARCHITECTURES
     gemma = {}
     if arch == "gemma3":  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
         gemma = dict(norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh",
                      embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
                      attention_softmax_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5)
+    elif arch == "glm4":  # plain RMSNorms before and after each sublayer
+        gemma = dict(norm_placement="sandwich")
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -278,6 +284,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         kv_channels=int(hf.get("head_dim") or (128 if arch == "qwen3" else hf["hidden_size"] // heads)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rotary_base=theta,
+        rotary_percent=rotary,
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
@@ -322,9 +329,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                           "architecture 'olmo2' or 'olmo3', and those need exactly that block")
     gemma = (cfg.norm_placement == "sandwich", cfg.norm_weight_offset == 1.0, cfg.activation == "geglu_tanh",
              cfg.embedding_multiplier == cfg.hidden_size ** 0.5, cfg.norm_in_fp32, cfg.qk_layernorm)
-    if (arch == "gemma3") != all(gemma) or (arch != "gemma3" and any(gemma[:4])):
+    if (arch == "gemma3") != all(gemma) or (arch != "gemma3" and any(gemma[1:4])):
         raise ConfigError("Gemma 3's block ((1 + w) norms around each sublayer, GeGLU, scaled embeddings, "
                           "per-head q/k norms) exports only as architecture 'gemma3', and it needs all of it")
+    if gemma[0] != (arch in SANDWICH_ARCHITECTURES):
+        raise ConfigError("norms before and after each sublayer export only as architecture 'gemma3' (with "
+                          "Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
+    if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4"):
+        raise ConfigError(f"partial RoPE (--rotary-percent {cfg.rotary_percent}) exports only as architecture "
+                          f"'glm', 'glm4' (interleaved pairs) or 'phi3', not {arch!r}")
     if not olmo and cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
                           "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama', 'mistral' or 'phi3'")
@@ -362,13 +375,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["mlp_bias"] = False
     elif arch in QK_NORM_ARCHITECTURES:
         hf["attention_bias"] = cfg.add_qkv_bias
+    elif arch in ("glm", "glm4"):
+        hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
     elif arch in ("mistral", "phi3"):
         if cfg.add_qkv_bias:
             raise ConfigError(f"{HF_CLASS[arch]} has no QKV bias; export a model with it as architecture "
                               "'qwen2' or 'llama'")
         hf.setdefault("sliding_window", None)
         if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
-            hf.update(pad_token_id=None, partial_rotary_factor=1.0)
+            hf.update(pad_token_id=None, partial_rotary_factor=cfg.rotary_percent)
     elif arch == "gpt_oss":
         pass  # attention_bias below
     elif not cfg.add_qkv_bias:
@@ -450,6 +465,22 @@ def _ungroup_qkv(qkv, cfg: GPTConfig):
     return q, k, v
 
 
+def _rope_rows(t: torch.Tensor, heads: int, cfg: GPTConfig, to_ours: bool) -> torch.Tensor:
+    """Rows of a q or k projection (weight or bias, ``heads`` heads): GLM's interleaved RoPE
+    pairs (2i, 2i+1) among each head's first ``rotary_dim`` rows <-> our rotate-half pairs
+    (i, i + r/2). Both sides rotate pair i by the same angle, so q.k is unchanged."""
+    if cfg.architecture not in INTERLEAVED_ROPE_ARCHITECTURES:
+        return t
+    d, r, rest = cfg.head_dim, cfg.rotary_dim, tuple(t.shape[1:])
+    x = t.reshape((heads, d) + rest)
+    rot = x[:, :r]
+    if to_ours:
+        rot = torch.cat([rot[:, 0::2], rot[:, 1::2]], dim=1)
+    else:
+        rot = torch.stack([rot[:, :r // 2], rot[:, r // 2:]], dim=2).reshape((heads, r) + rest)
+    return torch.cat([rot, x[:, r:]], dim=1).reshape(t.shape).contiguous()
+
+
 def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
                    where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF state dict -> our full (tp=1, pp=1, unpadded) state dict (an image-text checkpoint's
@@ -468,15 +499,18 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         for ours, theirs in _block_norm_names(cfg):
             out[o + ours] = take(p + theirs)
         a = p + "self_attn."
-        if cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
+        if cfg.architecture in FUSED_QKV_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
             q, k, v = take(a + "qkv_proj.weight").split(
                 [cfg.query_projection_size, cfg.kv_projection_size, cfg.kv_projection_size], dim=0)
         else:
             q, k, v = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
-        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(q, k, v, cfg)
+        heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(
+            _rope_rows(q, heads, cfg, True), _rope_rows(k, groups, cfg, True), v, cfg)
         if cfg.add_qkv_bias:
             out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
-                take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), cfg)
+                _rope_rows(take(a + "q_proj.bias"), heads, cfg, True),
+                _rope_rows(take(a + "k_proj.bias"), groups, cfg, True), take(a + "v_proj.bias"), cfg)
         out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
         if cfg.add_attention_output_bias:
             out[o + "self_attention.linear_proj.bias"] = take(a + "o_proj.bias")
@@ -489,7 +523,7 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             out.update(_gpt_oss_experts_to_megatron(take, p + "mlp.", o + "mlp.", hf_sd))
         elif cfg.is_moe:
             out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
-        elif cfg.architecture in FUSED_PROJECTION_ARCHITECTURES:  # [gate; up], as our fc1
+        elif cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:  # [gate; up], as our fc1
             out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
             out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
         else:
@@ -573,6 +607,11 @@ def _block_norm_names(cfg: GPTConfig) -> list[tuple[str, str]]:
     if cfg.norm_placement == "post":  # OLMo
         return [("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
                 ("post_mlp_layernorm.weight", "post_feedforward_layernorm.weight")]
+    if cfg.norm_placement == "sandwich" and cfg.architecture == "glm4":  # GLM-4-0414's names
+        return [("input_layernorm.weight", "input_layernorm.weight"),
+                ("post_attention_layernorm.weight", "post_self_attn_layernorm.weight"),
+                ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+                ("post_mlp_layernorm.weight", "post_mlp_layernorm.weight")]
     if cfg.norm_placement == "sandwich":  # Gemma 3
         return [("input_layernorm.weight", "input_layernorm.weight"),
                 ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
@@ -610,16 +649,18 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
         o = f"layers.{i}."
         for ours, theirs in _block_norm_names(cfg):
             out[p + theirs] = sd[o + ours]
+        heads, groups = cfg.num_attention_heads, cfg.num_query_groups
         q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
-        fused = cfg.architecture in FUSED_PROJECTION_ARCHITECTURES
-        if fused:
+        q, k = _rope_rows(q, heads, cfg, False), _rope_rows(k, groups, cfg, False)
+        if cfg.architecture in FUSED_QKV_ARCHITECTURES:
             out[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=0)
         else:
             out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                         p + "self_attn.v_proj.weight": v})
         if cfg.add_qkv_bias:
             q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.bias"], cfg)
-            out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": k,
+            out.update({p + "self_attn.q_proj.bias": _rope_rows(q, heads, cfg, False),
+                        p + "self_attn.k_proj.bias": _rope_rows(k, groups, cfg, False),
                         p + "self_attn.v_proj.bias": v})
         out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
         if cfg.add_attention_output_bias:
@@ -641,7 +682,7 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
                 out.update({q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous(),
                             q + "down_proj.weight": fc2[e].contiguous()})
             continue
-        if fused:
+        if cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:
             out[p + "mlp.gate_up_proj.weight"] = sd[o + "mlp.linear_fc1.weight"]
         else:
             gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)

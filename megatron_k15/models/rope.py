@@ -115,5 +115,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (s, b, heads, d); cos/sin (s, b, 1, d)."""
-    return x * cos + rotate_half(x) * sin
+    """x (s, b, heads, d); cos/sin (s, b, 1, r): the first r channels of each head rotate
+    (partial RoPE when r < d, as GLM-4's), the others pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., r:]], dim=-1)

@@ -86,11 +86,19 @@ def add_rl_args(p) -> None:
                    help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
     g.add_argument("--clip-eps-high", type=float, default=None,
                    help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
-    g.add_argument("--loss-agg-mode", choices=["token-mean", "seq-mean-token-mean"], default="token-mean",
+    g.add_argument("--loss-agg-mode", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+                   default="token-mean",
                    help="grpo/ppo: how token terms are averaged; token-mean: over all response tokens of the update "
                         "(DAPO's; long responses weigh more); seq-mean-token-mean: each response's token mean, then "
                         "the mean over responses (the GRPO paper's; with partial rollouts a response's tokens are "
-                        "those trained on in this iteration, its last segment unless --include-old-segments)")
+                        "those trained on in this iteration, its last segment unless --include-old-segments); "
+                        "seq-mean-token-sum-norm: each response's token sum over --rollout-max-tokens, then the mean "
+                        "over responses (Dr. GRPO's: no length bias)")
+    g.add_argument("--advantage-estimator", choices=["auto", "group-norm", "group-mean", "rloo"], default="auto",
+                   help="grpo/ppo/gspo: advantages from the samples of a prompt; group-norm: (r - mean) / std "
+                        "(GRPO's); group-mean: r - mean (Dr. GRPO's, with --loss-agg-mode seq-mean-token-sum-norm); "
+                        "rloo: r minus the mean of the others (REINFORCE leave-one-out); auto: group-norm for grpo "
+                        "and gspo, group-mean for ppo")
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="GRPO's per-token k3 KL weight (e.g. 0.04 in DeepSeekMath, 0.001 in verl's examples); "
                         "the KL is to --ref-load's model, or to the iteration's starting policy without it")
@@ -217,6 +225,9 @@ def _validate(args) -> None:
     if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
         raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
                             f"{args.rl_loss} averages over responses already: drop the flag")
+    if args.advantage_estimator != "auto" and args.rl_loss == "omd":
+        raise ArgumentError(f"--advantage-estimator {args.advantage_estimator} applies to grpo/ppo/gspo; OMD's "
+                            "baseline is the group mean (or --exact-logz): drop the flag")
     if args.exact_logz and args.rl_loss != "omd":
         raise ArgumentError(f"--exact-logz sets OMD's baseline (tau log mean exp(r / tau)); --rl-loss {args.rl_loss} "
                             "uses the group mean: drop the flag")

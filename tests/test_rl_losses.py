@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_k15.rl.losses import (clip_range, get_loss_fn, group_baseline, group_mean,
+from megatron_k15.rl.losses import (clip_range, get_loss_fn, group_advantages, group_baseline, group_mean,
                                     group_normalized_advantages, group_std, grpo_loss, gspo_loss, omd_loss,
                                     ppo_loss, rollout_is_weights)
 
@@ -335,3 +335,35 @@ def test_seq_mean_token_mean_equals_the_mean_of_per_sample_losses_and_splits_int
                        seq_lengths=n, reduction="sum", clip_eps=0.2, kl_coef=0.1, ref_logp=ref[:, c], advantages=adv)
              for c in shards]
     assert sum(p.item() for p in parts) / 4 == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_advantage_estimators_by_hand():
+    """group-norm is GRPO's; group-mean r - mean; rloo r_i minus the mean of the group's other
+    rewards (a loop), and 0 for a group of one."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
+    gid = torch.tensor([7, 7, 7, 3, 3, 9])
+    torch.testing.assert_close(group_advantages(rewards, gid), group_normalized_advantages(rewards, gid))
+    torch.testing.assert_close(group_advantages(rewards, gid, "group-mean"),
+                               torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]))
+    loo = []
+    for i in range(6):
+        others = [float(rewards[j]) for j in range(6) if j != i and gid[j] == gid[i]]
+        loo.append(float(rewards[i]) - sum(others) / len(others) if others else 0.0)
+    torch.testing.assert_close(group_advantages(rewards, gid, "rloo"), torch.tensor(loo))
+    assert loo[0] == 1.0 and loo[1] == -0.5  # 1 - (0 + 0) / 2 and 0 - (1 + 0) / 2
+    with pytest.raises(ValueError, match="advantage estimator"):
+        group_advantages(rewards, gid, "gae")
+
+
+def test_seq_mean_token_sum_norm_by_hand():
+    """Dr. GRPO's aggregation on the ``test_seq_mean_token_mean_by_hand`` example: each sample's
+    token sum over the constant budget L = 4, (2.4 + 1.0) / 4 and -1.1 / 4, then the mean over
+    the two samples; every token weighs 1 / (G L), whatever its response's length."""
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss = ppo_loss(logp, torch.zeros(2, 2), mask, adv, clip_eps=0.2, loss_agg_mode="seq-mean-token-sum-norm",
+                    norm_tokens=4)
+    assert loss.item() == pytest.approx(-((2.4 + 1.0) / 4 - 1.1 / 4) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="norm_tokens"):
+        ppo_loss(logp, torch.zeros(2, 2), mask, adv, loss_agg_mode="seq-mean-token-sum-norm")

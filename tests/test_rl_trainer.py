@@ -347,6 +347,29 @@ def test_seq_mean_token_mean_under_cp_matches_one_rank():
         assert m[k] == pytest.approx(t[k], rel=1e-5), k
 
 
+@pytest.mark.slow
+def test_dr_grpo_and_rloo_updates():
+    """Dr. GRPO (group-mean advantages, --loss-agg-mode seq-mean-token-sum-norm): with every
+    response at the budget (12 tokens) its loss is token-mean's over the same advantages, which
+    pins the normaliser (samples) and the divisor (the budget); with early stops dp=2 takes the
+    one-rank update. RLOO with 2 samples per prompt is group-mean times 2: twice the gradient."""
+    one = dict(LAYOUT_OPTS, updates_per_iter=1)  # one update: the logged loss is the first forward's
+    dr = dict(one, advantage_estimator="group-mean")
+    token_mean = run_distributed(rl_worker, 1, 1, "ppo", 0, 1, 1, 1, one)[0]["metrics"][0]
+    full = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, dict(dr, loss_agg_mode="seq-mean-token-sum-norm"))
+    m = full[0]["metrics"][0]
+    assert m["response_length_max"] == m["response_length_mean"] == 12
+    # ppo's advantages are group-mean, its aggregation token-mean (the losses at ratio 1 are the
+    # mean advantage, 0 up to rounding: the gradients tell)
+    assert m["grad_norm"] == pytest.approx(token_mean["grad_norm"], rel=1e-5) and token_mean["grad_norm"] > 1e-3
+    rloo = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, dict(one, advantage_estimator="rloo"))
+    assert rloo[0]["metrics"][0]["grad_norm"] == pytest.approx(2 * token_mean["grad_norm"], rel=1e-5)
+    opts = dict(dr, loss_agg_mode="seq-mean-token-sum-norm", extra_eos_ids=list(range(100, 140)))
+    ref = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, opts)
+    assert ref[0]["metrics"][0]["response_length_max"] > ref[0]["metrics"][0]["response_length_mean"]
+    _assert_same_update(run_distributed(rl_worker, 2, 1, "grpo", 0, 1, 1, 1, opts), ref, "dr-grpo dp2")
+
+
 # --use-dynamic-batch-size: the iteration's trajectories packed into microbatches of at most
 # 40 tokens per rank (two trajectories of <= 16 tokens share one), against the padded reference
 PACKED_OPTS = dict(LAYOUT_OPTS, use_dynamic_batch_size=True, max_tokens_per_gpu=40)
@@ -811,6 +834,7 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
                            (["--dynamic-sampling-max-rounds", "2"], "only applies with --dynamic-sampling"),
                            (["--loss-agg-mode", "seq-mean-token-mean"], "--loss-agg-mode applies to the token-level"),
                            (["--rl-loss", "grpo", "--exact-logz"], "--exact-logz sets OMD's baseline"),
+                           (["--advantage-estimator", "rloo"], "--advantage-estimator rloo applies to grpo/ppo/gspo"),
                            (["--reward-workers", "0"], "--reward-workers must be >= 1"),
                            (["--rl-loss", "grpo", "--kl-coef", "0.1", "--ref-load", cli_inputs["ckpt"],
                              "--skip-zero-advantage"], "the KL to the fixed reference pulls on every group"),

@@ -67,6 +67,8 @@ __all__ = [
     "group_logmeanexp",
     "group_baseline",
     "group_normalized_advantages",
+    "group_advantages",
+    "ADVANTAGE_ESTIMATORS",
     "sequence_logprob",
     "k3",
     "omd_loss",
@@ -150,6 +152,32 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
     return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids, unbiased_std) + eps)
 
 
+ADVANTAGE_ESTIMATORS = ("group-norm", "group-mean", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str = "group-norm",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Value-free advantages from each sample's group of G samples of one prompt:
+
+    - ``group-norm`` (GRPO): ``(r - mean) / (std + eps)``, population std;
+    - ``group-mean`` (Dr. GRPO, and PPO here): ``r - mean``, no division by the std, which
+      weighs prompts that are almost always (or never) solved up;
+    - ``rloo`` (REINFORCE leave-one-out): ``r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean)``,
+      an unbiased baseline; 0 in a group of one."""
+    rewards = torch.as_tensor(rewards)
+    if estimator == "group-norm":
+        return group_normalized_advantages(rewards, group_ids, eps)
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    centred = rewards - group_mean(rewards, group_ids)
+    if estimator == "group-mean":
+        return centred
+    idx, n_groups = group_index(torch.as_tensor(group_ids))
+    size = _group_sum(torch.ones_like(rewards, dtype=torch.float64), idx, n_groups)[idx]
+    return torch.where(size > 1, centred * (size / (size - 1).clamp(min=1)).to(centred.dtype),
+                       torch.zeros_like(centred))
+
+
 def k3(log_ratio: torch.Tensor) -> torch.Tensor:
     """Per token exp(x) - 1 - x, x = log(pi_other / pi_sampled) on tokens pi_sampled drew:
     Schulman's unbiased, non-negative estimator of KL(pi_sampled || pi_other)."""
@@ -193,19 +221,27 @@ def _reduce(x: torch.Tensor, reduction: str, count: torch.Tensor | float | None 
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# the modes whose update normaliser counts samples (the others count response tokens)
+PER_SAMPLE_AGG_MODES = frozenset({"seq-mean-token-mean", "seq-mean-token-sum-norm"})
 
 
 def _aggregate_tokens(per_tok: torch.Tensor, maskf: torch.Tensor, reduction: str, mode: str,
-                      seq_lengths: torch.Tensor | None) -> torch.Tensor:
+                      seq_lengths: torch.Tensor | None, norm_tokens: float | None = None) -> torch.Tensor:
     """Sum or mean of the masked per-token terms of the token-level losses. ``token-mean``
     (DAPO's, the default): every token of the batch weighs the same, mean over all of them.
     ``seq-mean-token-mean`` (the GRPO paper's 1/G sum_i 1/|o_i| sum_t): each sample's tokens are
     averaged first, then the samples; ``seq_lengths`` (B,) are the samples' whole loss-token
     counts (default: the row's, which is wrong for a cp shard of a row), and "mean" divides by
-    the samples."""
+    the samples. ``seq-mean-token-sum-norm`` (Dr. GRPO's 1/G sum_i 1/L sum_t): each sample's
+    token sum over one constant ``norm_tokens`` L (the rollout budget), so a token weighs the
+    same in a short and a long response; "mean" divides by the samples."""
     if mode == "token-mean":
         return _reduce(per_tok * maskf, reduction, maskf.sum().clamp(min=1.0))
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_tokens or norm_tokens <= 0:
+            raise ValueError(f"loss_agg_mode {mode!r} needs norm_tokens > 0 (the rollout budget), got {norm_tokens!r}")
+        return _reduce((per_tok * maskf).sum(-1) / float(norm_tokens), reduction)
     if mode != "seq-mean-token-mean":
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
     lengths = maskf.sum(-1) if seq_lengths is None else torch.as_tensor(seq_lengths, device=maskf.device)
@@ -334,7 +370,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, adv
              clip_eps: float = 0.2, clip_eps_high: float | None = None, *, reduction: str = "mean",
              return_metrics: bool = False, rollout_logp: torch.Tensor | None = None,
              is_cap: float | None = None, loss_agg_mode: str = "token-mean",
-             seq_lengths: torch.Tensor | None = None):
+             seq_lengths: torch.Tensor | None = None, norm_tokens: float | None = None):
     """Token-level PPO-clip: ``-mean_{masked tokens} min(rho A, clip(rho, 1-eps, 1+eps_high) A)``,
     rho = exp(logp - old_logp). ``advantages`` is (B,) (broadcast over tokens; for our
     value-free setting r - r_bar) or (B, T). The mean is over all masked tokens of the batch
@@ -349,7 +385,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, adv
     maskf = mask.float()
     surr, stats = _clipped_surrogate(logp, old_logp, mask, adv, clip_eps, clip_eps_high,
                                      rollout_is_weights(old_logp, rollout_logp, is_cap))
-    loss = _aggregate_tokens(-surr, maskf, reduction, loss_agg_mode, seq_lengths)
+    loss = _aggregate_tokens(-surr, maskf, reduction, loss_agg_mode, seq_lengths, norm_tokens)
     if not return_metrics:
         return loss
     stats["advantage_mean"] = adv[:, 0].mean() if adv.shape[1] else adv.new_zeros(())
@@ -362,7 +398,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
               advantages: torch.Tensor | None = None, reduction: str = "mean",
               return_metrics: bool = False, clip_eps_high: float | None = None,
               rollout_logp: torch.Tensor | None = None, is_cap: float | None = None,
-              loss_agg_mode: str = "token-mean", seq_lengths: torch.Tensor | None = None):
+              loss_agg_mode: str = "token-mean", seq_lengths: torch.Tensor | None = None,
+              norm_tokens: float | None = None):
     """GRPO: PPO-clip with group-normalised advantages ``(r - mean) / (std + eps)`` (population
     std within the group), token-level ratio clipping, averaged over all masked tokens of the
     batch (DAPO-style token mean; ``loss_agg_mode="seq-mean-token-mean"``: the GRPO paper's mean
@@ -384,7 +421,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
         per_tok = per_tok + kl_coef * kl
         with torch.no_grad():
             stats["kl_k3"] = (kl.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
-    loss = _aggregate_tokens(per_tok, maskf, reduction, loss_agg_mode, seq_lengths)
+    loss = _aggregate_tokens(per_tok, maskf, reduction, loss_agg_mode, seq_lengths, norm_tokens)
     if not return_metrics:
         return loss
     stats["advantage_mean"] = adv.mean()
@@ -438,7 +475,8 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
 def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2,
                       clip_eps_high: float | None = None, *, advantages=None, baseline=None,
                       reduction: str = "mean", return_metrics: bool = False, rollout_logp=None,
-                      is_cap: float | None = None, loss_agg_mode: str = "token-mean", seq_lengths=None):
+                      is_cap: float | None = None, loss_agg_mode: str = "token-mean", seq_lengths=None,
+                      norm_tokens: float | None = None):
     """PPO-clip with value-free advantages r - r_bar (group mean) unless given."""
     if advantages is None:
         r = torch.as_tensor(rewards, device=logp.device).float()
@@ -447,7 +485,7 @@ def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float 
         advantages = r - torch.as_tensor(baseline, device=logp.device).float()
     return ppo_loss(logp, old_logp, mask, advantages, clip_eps, clip_eps_high, reduction=reduction,
                     return_metrics=return_metrics, rollout_logp=rollout_logp, is_cap=is_cap,
-                    loss_agg_mode=loss_agg_mode, seq_lengths=seq_lengths)
+                    loss_agg_mode=loss_agg_mode, seq_lengths=seq_lengths, norm_tokens=norm_tokens)
 
 
 LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards, "gspo": gspo_loss}

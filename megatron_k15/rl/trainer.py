@@ -46,8 +46,8 @@ from megatron_k15.rewards.reasoning import (ReasoningTags, grade_responses, pars
                                             prompt_opens_reasoning, response_text)
 from megatron_k15.rewards.judge import judge_metrics
 from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalty
-from megatron_k15.rl.losses import (SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn, group_baseline,
-                                    group_normalized_advantages, k3)
+from megatron_k15.rl.losses import (PER_SAMPLE_AGG_MODES, SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn,
+                                    group_advantages, group_baseline, k3)
 from megatron_k15.rl.rollout_log import rollout_rows, write_rollout_log
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
@@ -355,12 +355,16 @@ def load_reference_model(ctx: TrainContext, args, load_dir: str):
 
 
 def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, tau: float = 1.0,
-                   exact_logz: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(baseline, advantages) per sample from its whole group (never one microbatch of it)."""
+                   exact_logz: bool = False, estimator: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(baseline, advantages) per sample from its whole group (never one microbatch of it).
+    ``estimator`` (``--advantage-estimator``; auto: GRPO's and GSPO's group-norm, PPO's
+    group-mean; OMD uses its baseline) is one of ``losses.ADVANTAGE_ESTIMATORS``."""
     baseline = group_baseline(rewards, group_ids, tau, exact_logz if loss == "omd" else False)
-    if loss in ("grpo", "gspo"):
-        return baseline, group_normalized_advantages(rewards, group_ids)
-    return baseline, rewards - baseline
+    if estimator == "auto":
+        estimator = "group-norm" if loss in ("grpo", "gspo") else "group-mean"
+    if loss == "omd":
+        return baseline, rewards - baseline
+    return baseline, group_advantages(rewards, group_ids, estimator)
 
 
 def varied_groups(finished: list[Trajectory], rewards: list[float]) -> list:
@@ -645,7 +649,8 @@ class RLIteration:
         gindex = {g: i for i, g in enumerate(gids)}
         r_all = torch.tensor(rewards, dtype=torch.float32)
         g_all = torch.tensor([gindex[t.group_id] for t in finished])
-        baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz)
+        baseline, adv = advantages_for(args.rl_loss, r_all, g_all, args.rl_tau, args.exact_logz,
+                                       getattr(args, "advantage_estimator", "auto"))
         flat = flat_groups(finished, rewards, correct, metrics)
         skip = flat if args.skip_zero_advantage else set()
         # DAPO's overlong filtering: responses cut off by the budget are not trained on (they
@@ -665,7 +670,7 @@ class RLIteration:
         # the per-update normaliser counts samples (OMD, GSPO, and the token-level losses under
         # --loss-agg-mode seq-mean-token-mean) or response tokens (token-mean)
         per_sample = (args.rl_loss in SEQUENCE_LEVEL_LOSSES
-                      or getattr(args, "loss_agg_mode", "token-mean") == "seq-mean-token-mean")
+                      or getattr(args, "loss_agg_mode", "token-mean") in PER_SAMPLE_AGG_MODES)
         # each sample's loss tokens in all its cp shards (seq-mean-token-mean divides by them)
         n_all = torch.tensor([float(loss_mask(t, iteration, args.include_old_segments).sum()) for t in finished])
         device = platform.current_device()
@@ -797,6 +802,7 @@ class RLIteration:
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
                            loss_agg_mode=getattr(args, "loss_agg_mode", "token-mean"), seq_lengths=mb["loss_tokens"],
+                           norm_tokens=args.rollout_max_tokens,
                            cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap)
             with torch.no_grad():
                 d = ((out.detach().double() - old_logp.double()) * mask).sum(-1)

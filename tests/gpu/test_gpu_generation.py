@@ -31,13 +31,15 @@ GAP = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # relative to max |z|
 LOGP_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.2}
 
 
-def _model(dtype):
+def _model(dtype, window=None):
     from megatron_k15.models.config import preset
     from megatron_k15.models.gpt import GPTModel
 
     shape = real_or_tiny(dict(vocab_size=4096, ffn_hidden_size=1024),
                          dict(hidden_size=112, num_attention_heads=7, num_query_groups=1,
                               vocab_size=300, ffn_hidden_size=64))
+    if window:  # gpt-oss's pattern: a sliding layer, then a full one
+        shape.update(sliding_window=window, layer_types=["sliding_attention", "full_attention"])
     cfg = preset("qwen2.5-0.5b", num_layers=2, init_method_std=0.2, eos_token_id=None,
                  bos_token_id=None, **shape)
     model = GPTModel(cfg, attention_backend="triton", params_dtype=dtype,
@@ -54,19 +56,23 @@ def _prompts(vocab):
     return prompts
 
 
+@pytest.mark.parametrize("window", [None, real_or_tiny(128, 8)], ids=["full", "window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_engine_greedy_equals_recompute(single_rank, dtype, check):
+def test_engine_greedy_equals_recompute(single_rank, dtype, window, check):
+    """``window``: the sliding layer's KV cache keeps only its window's blocks (the decode
+    kernel never reads the released ones)."""
     from megatron_k15.generation.engine import GenerationEngine
     from megatron_k15.generation.recompute import generate_recompute
     from megatron_k15.generation.sampling import SamplingParams
 
-    model = _model(dtype)
+    model = _model(dtype, window)
     prompts = _prompts(model.config.vocab_size)
     greedy = SamplingParams(temperature=0.0)
     engine = GenerationEngine(model, block_size=16, num_blocks=2048, max_batch_size=8,
                               decode_impl="triton")  # the default on GPU; interpreted on CPU
     assert engine.decode_impl == "triton"
     ours = engine.generate(prompts, NEW_TOKENS, greedy, None, [])
+    assert engine.cache.num_groups == (2 if window else 1)
     ref = generate_recompute(model, prompts, NEW_TOKENS, greedy, [None] * len(prompts), [])
     assert engine.cache.num_used_blocks == 0
     worst_tf_gap = worst_tf_lp = worst_tie = 0.0

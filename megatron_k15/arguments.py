@@ -304,6 +304,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params_norm) with each logged iteration")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="log how many gradient elements are exactly 0 (num_zeros_in_grad: parameters the step "
+                        "does not reach, e.g. unused embedding rows or experts)")
     add_profile_args(p)
 
 

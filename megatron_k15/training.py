@@ -95,6 +95,9 @@ class TrainContext:
     moe_aux_loss_coeff: float = 0.0
     # the last step's load-balancing loss, mean per MoE layer and microbatch (None without one)
     moe_aux_loss: Optional[float] = None
+    # --log-num-zeros-in-grad: the last step's count of gradient elements equal to 0
+    log_num_zeros_in_grad: bool = False
+    num_zeros_in_grad: Optional[int] = None
 
 
 def stage_layer_ranges(cfg: GPTConfig, pp: int, first: Optional[int] = None, last: Optional[int] = None):
@@ -159,7 +162,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
     comm = StageComm(pc.pp_group if pc.pp_size > 1 else None, platform.current_device(),
                      getattr(args, "params_dtype", torch.float32))
     coeff = float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if cfg.is_moe else 0.0
-    return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff)
+    return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff,
+                        log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)))
 
 
 def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
@@ -239,6 +243,8 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
         opt.finish_grad_sync()
     with phase("optimizer"):
         grad_norm = opt.step(lr)
+    if ctx.log_num_zeros_in_grad:
+        ctx.num_zeros_in_grad = opt.grad_num_zeros()
     if ctx.moe_aux_loss_coeff > 0:
         ctx.moe_aux_loss = _mean_moe_aux_loss(ctx)
     return results_to_host(results), grad_norm

@@ -174,3 +174,25 @@ def test_bf16_fp32_accumulation_under_data_parallelism_with_overlap():
     for result in run_distributed(_dp2_bf16_worker, 2, timeout=120):
         for name, (got, want) in result.items():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+
+
+def test_grad_num_zeros_counts_every_element_once():
+    """--log-num-zeros-in-grad: the zeros of the gradient the step used (set by hand here: one
+    whole parameter, a few scattered elements), each counted once however the buckets and shards
+    cut the parameters; clipping keeps them."""
+    params = {n: torch.nn.Parameter(p.clone()) for n, p in _params("cpu").items()}
+    opt = DistributedOptimizer(list(params.items()), lr=0.01, clip_grad=1e-3, bucket_numel=40, overlap=False)
+    grads = _grads(0, params)
+    first = next(iter(grads))
+    grads[first].zero_()
+    grads["linear.bias"][:2] = 0.0
+    want = sum(int((g == 0).sum()) for g in grads.values())
+    assert want >= grads[first].numel() + 2
+    opt.zero_grad()
+    opt.prepare_for_backward(True)
+    for n, p in params.items():
+        p.grad.copy_(grads[n])
+    opt.finish_grad_sync()
+    assert opt.grad_num_zeros() == want
+    opt.step()  # clipped hard: the zeros stay, nothing else becomes 0
+    assert opt.grad_num_zeros() == want

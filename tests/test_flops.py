@@ -86,7 +86,7 @@ def test_sft_logs_the_flops_of_its_samples(tmp_path):
     tb = tmp_path / "tb"
     cmd = _sft_cmd(data, str(tmp_path / "ck"), str(tb), ["--train-iters", "1", "--micro-batch-size", "1",
                                                            "--global-batch-size", str(rows), "--lr-warmup-iters", "0",
-                                                           "--log-params-norm"])
+                                                           "--log-params-norm", "--log-num-zeros-in-grad"])
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     (m,) = [json.loads(line) for line in open(tb / "metrics.jsonl")]
@@ -95,3 +95,5 @@ def test_sft_logs_the_flops_of_its_samples(tmp_path):
     assert m["tflops_per_gpu"] * m["iteration_time_s"] * 1e12 == pytest.approx(expected, rel=1e-9)
     assert "TFLOP/s/GPU" in res.stdout and "mfu" not in m  # no GPU: no peak to compare with
     assert m["params_norm"] > 0  # --log-params-norm (its value: tests/test_training_parallel.py)
+    # --log-num-zeros-in-grad: at least the padded vocabulary rows (260 -> 384) of the tied embedding
+    assert m["num_zeros_in_grad"] >= (cfg.padded_vocab_size(1) - cfg.vocab_size) * cfg.hidden_size > 0

@@ -347,18 +347,30 @@ class DistributedOptimizer:
         self._sync_enabled = False
 
     # -- the update -------------------------------------------------------------------------------
-    def _global_norm(self, shards: Sequence[torch.Tensor]) -> float:
-        """L2 norm over every rank's shards, each parameter element counted once."""
-        sq = torch.zeros((), dtype=torch.float32, device=shards[0].device)
+    def _global_sum(self, shards: Sequence[torch.Tensor], term, dtype=torch.float32) -> float:
+        """sum of ``term(elements)`` over every rank's shards, each parameter element counted once."""
+        total = torch.zeros((), dtype=dtype, device=shards[0].device)
         for b, shard in zip(self.buckets, shards):
             for lo, hi in b.norm_ranges:
-                sq += shard[lo:hi].float().pow(2).sum()
+                total += term(shard[lo:hi])
         if self.grad_norm_group is not None and _group_size(self.grad_norm_group) > 1:
-            dist.all_reduce(sq, group=self.grad_norm_group)
-        return float(sq.sqrt())
+            dist.all_reduce(total, group=self.grad_norm_group)
+        return float(total)
+
+    def _global_norm(self, shards: Sequence[torch.Tensor]) -> float:
+        """L2 norm over every rank's shards, each parameter element counted once."""
+        return math.sqrt(self._global_sum(shards, lambda x: x.float().pow(2).sum()))
 
     def grad_norm(self) -> float:
         return self._global_norm([b.shard_grad for b in self.buckets])
+
+    @torch.no_grad()
+    def grad_num_zeros(self) -> int:
+        """Gradient elements that are exactly 0 over the whole model (Megatron-LM's
+        ``--log-num-zeros-in-grad``: parameters a step does not reach, e.g. unused embedding
+        rows or experts no token chose). Collective over all ranks; call before ``zero_grad``."""
+        return int(self._global_sum([b.shard_grad for b in self.buckets], lambda x: (x == 0).sum(),
+                                    torch.float64))
 
     @torch.no_grad()
     def params_norm(self) -> float:

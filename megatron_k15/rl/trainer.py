@@ -739,7 +739,7 @@ class RLIteration:
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
-        ctx.moe_aux_loss = None  # set by this iteration's updates, if any
+        ctx.moe_aux_loss = ctx.num_zeros_in_grad = None  # set by this iteration's updates, if any
         losses, norms, kls = [], [], []
         for chunk, total in plan:
             if total <= 0:
@@ -773,6 +773,8 @@ class RLIteration:
                                           dist.get_world_size(), self.peak_tflops, prefix="train_"))
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss
+        if ctx.num_zeros_in_grad is not None:  # the iteration's last update
+            metrics["num_zeros_in_grad"] = ctx.num_zeros_in_grad
         return metrics
 
     def _forward_step(self, normalizer: float):

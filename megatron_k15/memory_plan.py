@@ -299,9 +299,12 @@ def kv_bytes_per_token(cfg: GPTConfig, num_layers: int, tp: int, dtype_bytes: in
 def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload,
                            layers: Optional[list] = None) -> int:
     """The cache for ``rollout_batch`` sequences of ``rollout_max_tokens``. With sliding-window
-    layers among ``layers`` (the stage's global layer numbers), blocks hold one group of
-    ``page_layout``'s: full-attention groups keep every token, sliding ones at most the
-    blocks their window spans, ceil((left + 1) / block) + 1 per sequence."""
+    layers among ``layers`` (the stage's global layer numbers; None: the engine keeps every
+    token, ``rollout_windows_kept``), blocks hold one group of ``page_layout``'s:
+    full-attention groups keep every token, sliding ones at most the blocks their window spans,
+    ceil((left + 1) / block) + 1 per sequence. Not counted: a prompt longer than the engine's
+    ``max_prefill_tokens`` holds (chunk + left) / block + 2 blocks per sliding group while it is
+    prefilled chunk by chunk."""
     if w.rollout_batch == 0:
         return 0
     tokens = w.rollout_max_tokens or w.seq_length
@@ -317,6 +320,20 @@ def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload
                    for left in groups)
     return kv_cache_bytes(per_block, w.rollout_batch * held, w.kv_block_size,
                           cfg.num_query_groups // tp, cfg.head_dim, w.e)
+
+
+def rollout_windows_kept(cfg: GPTConfig, layout: Layout, w: Workload) -> bool:
+    """Whether the engine keeps only a window's blocks of the sliding layers: only when every
+    pipeline stage lays its cache groups out alike (``GenerationEngine._agree_layout``)."""
+    from megatron_k15.generation.kv_cache import page_layout
+
+    ranges = pipeline_layer_ranges(cfg.num_layers, layout.pp, w.first_stage_layers, w.last_stage_layers)
+    layouts = set()
+    for r in ranges:
+        windows = [cfg.window_left(i) for i in r]
+        layouts.add(None if max(windows, default=-1) < 0 else
+                    (page_layout(windows)[0], tuple(page_layout(windows)[1])))
+    return len(layouts) == 1 and None not in layouts
 
 
 # -- activations ---------------------------------------------------------------------------------
@@ -819,9 +836,10 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
         step = max(step, max(4 * (n // g) + 4 * n for n, g in zip(buckets, groups) if g > 1))
     comps.append(Component(f"optimizer step (transient, {w.adam_impl} Adam)",
                            f"{per}*P_bucket/D, largest bucket {max(buckets):,}", step, "other"))
-    kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w, list(layers))
+    kept = rollout_windows_kept(cfg, layout, w)
+    kv = rollout_kv_cache_bytes(cfg, len(layers), tp, w, list(layers) if kept else None)
     tokens = w.rollout_max_tokens or w.seq_length
-    sliding = sum(1 for i in layers if cfg.is_sliding_layer(i))
+    sliding = sum(1 for i in layers if cfg.is_sliding_layer(i)) if kept else 0
     comps.append(Component(
         "KV cache",
         f"{kv_bytes_per_token(cfg, len(layers), tp, e):,} B/token x {w.rollout_batch} seq x "

@@ -104,8 +104,10 @@ def _corrupt_config(hf_dir, **changes):
     ({"use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0, "layer_types": None}, 1,
      "sliding_window=0 must be a positive"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, 1, "no sliding_window is set"),
-    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75}, 1,  # Phi-4-mini's
-     "partial_rotary_factor=0.75 is not supported"),
+    ({"partial_rotary_factor": 0.3}, 1, "--rotary-percent 0.3 must be in (0, 1]"),  # 4.8 of 16 channels
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75, "rope_parameters": None,  # Phi-4-mini's
+      "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}}, 1,
+     "rope type 'longrope' is not supported"),
 ])
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, changes, tp, expected):
     hf_dir, ck = tmp_path / "hf", tmp_path / "ck"

@@ -214,8 +214,10 @@ def test_page_layout_groups_layers_by_window():
     per, groups, place = page_layout([-1 if (i + 1) % 6 == 0 else 511 for i in range(26)])  # Gemma 3 1B
     assert (per, groups) == (4, [-1] + [511] * 6)  # the last sliding group has 2 of 4 slots used
     assert place[5] == (0, 0) and place[0] == (1, 0) and place[25] == (6, 1)
-    assert page_layout([-1] * 6 + [3] * 4)[:2] == (3, [-1, -1, 3, 3])  # full groups never padded
-    assert page_layout([4, 4, 8, 8, 8])[:2] == (1, [4, 4, 8, 8, 8])  # the widest window is the reference
+    assert page_layout([-1] * 6 + [3] * 4)[:2] == (6, [-1, 3])  # full groups never padded
+    assert page_layout([-1] * 21 + [3] * 7)[:2] == (7, [-1, -1, -1, 3])  # not 14 unused sliding slots
+    assert page_layout([-1] * 7 + [3] * 6)[:2] == (7, [-1, 3])  # not 13 groups of one layer
+    assert page_layout([4, 4, 8, 8, 8])[:2] == (3, [4, 8])  # the widest window is the reference
     with pytest.raises(ValueError):
         page_layout([])
 

@@ -33,7 +33,7 @@ import torch
 from megatron_k15.generation.kv_cache import PagedKVCache
 from megatron_k15.memory_plan import (
     Layout, MemoryMeter, Workload, grad_bucket_sizes, kv_cache_bytes, measure_peak_bytes,
-    plan_memory, rollout_kv_cache_bytes, stage_parameters, suggest_layouts,
+    plan_memory, rollout_kv_cache_bytes, rollout_windows_kept, stage_parameters, suggest_layouts,
 )
 from megatron_k15.models.config import PRESETS, ConfigError, preset
 
@@ -169,6 +169,25 @@ def test_kv_cache_bytes_with_sliding_layers_bound_what_the_cache_holds(tokens):
     assert predicted == (peak + 1) * cache.bytes_per_block  # + the scratch block
     if tokens == 100:  # 3 x (13 + 3) blocks of 2 layers + scratch, against 3 x 13 + 1 of 4 layers
         assert predicted * 160 == everything * 98
+
+
+def test_plan_keeps_windows_only_when_the_stages_agree():
+    """gpt-oss-20b at pp=2: split 12/12 every stage has the same cache groups (the engine keeps
+    only the sliding layers' windows); split 11/13 they differ and it keeps every token, and so
+    does the plan."""
+    cfg = preset("gpt-oss-20b")
+    plans = {}
+    for first in (None, 11):
+        w = Workload(seq_length=32768, rollout_batch=4, kv_block_size=16, params_dtype="bf16",
+                     first_stage_layers=first)
+        layout = Layout(tp=1, pp=2, cp=1, dp=1)
+        kept = rollout_windows_kept(cfg, layout, w)
+        assert kept == (first is None)
+        kv = [c.bytes for c in plan_memory(cfg, layout, w).stages[1].components if c.name == "KV cache"][0]
+        layers = list(range(12 if first is None else 11, 24))
+        assert kv == rollout_kv_cache_bytes(cfg, len(layers), 1, w, layers if kept else None)
+        plans[first] = kv
+    assert plans[None] < plans[11] * 12 / 13 * 0.6  # half the layers hold 128 tokens of 32K
 
 
 # -- predicted vs measured peak of real training steps ------------------------------------------

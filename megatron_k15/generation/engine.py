@@ -156,7 +156,8 @@ class GenerationEngine:
         cfg = model.config
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
-        windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
+        layers = model.layers.values() if hasattr(model.layers, "values") else model.layers
+        windows = [getattr(getattr(layer, "self_attention", None), "window_size", (-1, -1))[0] for layer in layers]
         self._layer_windows = windows if window_cache and self.cp_group is None and max(windows, default=-1) >= 0 \
             else None
         self._layout_agreed = self.pp_size == 1

@@ -159,11 +159,13 @@ def page_layout(layer_windows: Sequence[int]) -> Tuple[int, List[int], List[Tupl
     has its own block table: a sliding group gives back the blocks its window has left behind
     while a full-attention group keeps all of its own. Without windows, or with the same
     window everywhere, there is one group of all layers. With several kinds,
-    ``layers_per_block`` is the largest divisor of the full-attention layer count (of the
-    widest window's, when every layer slides) that is no larger than any kind's count, so
-    full-attention groups fill their blocks; a sliding kind's last group may leave slots
-    unused (it holds few blocks). E.g. gpt-oss-20b (12 full, 12 sliding): two groups of 12;
-    Gemma 3 1B (4 full, 22 sliding): one group of 4 full layers and six of sliding ones.
+    ``layers_per_block`` is a divisor of the full-attention layer count (of the widest
+    window's, when every layer slides), so full-attention groups fill their blocks: the one
+    giving the fewest groups (each is a block table per decode step) among those that leave
+    no sliding kind more unused slots than it has layers (its blocks are few, but not free).
+    E.g. gpt-oss-20b (12 full, 12 sliding): two groups of 12; Gemma 3 1B (4 full, 22 sliding):
+    one group of the 4 full layers and six of sliding ones (two slots unused); 7 full and 6
+    sliding: two groups of 7.
 
     Returns (layers_per_block, group_windows, place): group g's window and layer i's
     (group, slot in the block).
@@ -176,9 +178,14 @@ def page_layout(layer_windows: Sequence[int]) -> Tuple[int, List[int], List[Tupl
     if len(kinds) == 1:
         per_block = len(windows)
     else:
-        ref = counts[-1] if -1 in counts else counts[max(kinds)]
-        smallest = min(counts.values())
-        per_block = max(d for d in range(1, smallest + 1) if ref % d == 0)
+        ref = -1 if -1 in counts else max(kinds)
+
+        def groups(d):
+            return sum(-(-n // d) for n in counts.values())
+
+        fits = [d for d in range(1, counts[ref] + 1) if counts[ref] % d == 0
+                and all(-(-n // d) * d - n <= n for w, n in counts.items() if w != ref)]
+        per_block = min(fits, key=lambda d: (groups(d), -d))  # d = 1 always fits
     group_windows: List[int] = []
     place: List[Tuple[int, int]] = [(0, 0)] * len(windows)
     for w in kinds:

@@ -656,10 +656,6 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")
-    if cp > 1 and cfg.has_sliding_layers and _get(args, "cp_comm_type", "ring") != "allgather":
-        raise ArgumentError(f"--context-parallel-size {cp} with sliding-window layers (sliding_window="
-                            f"{cfg.sliding_window}) needs --cp-comm-type allgather (the ring does not skip the "
-                            "blocks outside the window)")
     if ep > 1 and not cfg.is_moe:
         raise ArgumentError(f"--expert-model-parallel-size {ep} applies to mixture-of-experts models "
                             "(--num-experts); this model is dense")

@@ -40,8 +40,14 @@ DENSE = (2, 16)  # batch, sequence
 LENGTHS = [5, 14, 9]  # packed, uneven: padded to [8, 16, 12] for cp=2
 
 
-def _cfg():
-    return preset("tiny", num_layers=2, init_method_std=0.05)
+def _cfg(window=None):
+    """``window``: gpt-oss's pattern (a sliding layer, then a full one) with that window; on
+    the dense rows (chunks of 4 under cp=2) window 4 takes the ring's neighbour exchange, on
+    the packed ones (chunks of 2-4) it gathers every chunk."""
+    if window is None:
+        return preset("tiny", num_layers=2, init_method_std=0.05)
+    return preset("tiny", num_layers=2, init_method_std=0.05, sliding_window=window,
+                  layer_types=["sliding_attention", "full_attention"])
 
 
 def _cu(lengths):
@@ -70,12 +76,15 @@ def _reference():
     from megatron_k15.models.gpt import GPTModel
 
     initialize_model_parallel(tp=1)
-    model = GPTModel(_cfg(), attention_backend="sdpa")
-    model.reset_parameters(SEED)
-    inp = _inputs(model.config.vocab_size)
-    cu = _cu(LENGTHS)
-    return {"dense": _grads_and_logp(model, *inp["dense"]),
-            "packed": _grads_and_logp(model, *inp["packed"], cu=cu, max_seqlen=max(LENGTHS))}
+    out = {}
+    for suffix, window in (("", None), ("_window", 4)):
+        model = GPTModel(_cfg(window), attention_backend="sdpa")
+        model.reset_parameters(SEED)
+        inp = _inputs(model.config.vocab_size)
+        out["dense" + suffix] = _grads_and_logp(model, *inp["dense"])
+        out["packed" + suffix] = _grads_and_logp(model, *inp["packed"], cu=_cu(LENGTHS), max_seqlen=max(LENGTHS))
+    assert not torch.allclose(out["dense"][0], out["dense_window"][0])  # the window matters
+    return out
 
 
 def _model_worker(rank, world_size, tp, cp):
@@ -138,6 +147,16 @@ def _model_worker(rank, world_size, tp, cp):
                                   max_seqlen=max_local)
     results["packed_allgather"] = (zigzag_gather_varlen(logp[0], cu, cp, cp_group)[None],
                                    full_grads(grads))
+
+    # sliding-window layers under the ring (neighbour exchange on the dense rows)
+    model = GPTModel(_cfg(4), tp_group=tp_group, cp_group=cp_group)
+    model.reset_parameters(SEED)
+    logp, grads = _grads_and_logp(model, *local, position_ids=pos)
+    results["dense_window"] = (zigzag_gather(logp, 1, cp, cp_group), full_grads(grads))
+    logp, grads = _grads_and_logp(model, sh_ids.x[None], sh_lab.x[None], sh_w.x[None],
+                                  position_ids=sh_ids.position_ids[None], cu=local_cu,
+                                  max_seqlen=max_local)
+    results["packed_window"] = (zigzag_gather_varlen(logp[0], cu, cp, cp_group)[None], full_grads(grads))
     return results
 
 
@@ -193,8 +212,8 @@ def test_model_cp2_tp2_equals_one_rank():
     ref = _reference()
     results = run_distributed(_model_worker, 4, 2, 2)
     for res in results:
-        for key in ("dense", "packed", "packed_allgather"):
-            ref_logp, ref_grads = ref[key.split("_")[0]]
+        for key in ("dense", "packed", "packed_allgather", "dense_window", "packed_window"):
+            ref_logp, ref_grads = ref[key.replace("_allgather", "")]
             logp, grads = res[key]
             _assert_close(logp, ref_logp, f"{key} logp")
             assert set(grads) == set(ref_grads)

@@ -33,7 +33,10 @@ TOL = 1e-5
 D = 16
 VARLEN_LENGTHS = [5, 16, 11]  # uneven; padded per sequence to multiples of 2 * cp
 
-# name: (varlen, causal, batch, seqlen (dense), heads, kv_heads, comm_type, with lse)
+# name: (varlen, causal, batch, seqlen (dense), heads, kv_heads, comm_type, with lse[, window left])
+# Windows: dense 32 tokens have chunks of 4 (cp=4) / 8 (cp=2), so left 3 takes the neighbour
+# exchange under "ring"; packed chunks are 1-2 (cp=4) / 2-4 (cp=2): left 1 exchanges, left 3
+# falls back to gathering everything.
 CASES = {
     "dense_causal_gqa_ring": (False, True, 1, 32, 4, 2, "ring", True),
     "dense_causal_gqa_allgather": (False, True, 1, 32, 4, 2, "allgather", True),
@@ -41,7 +44,17 @@ CASES = {
     "dense_full_mqa_allgather": (False, False, 2, 16, 2, 1, "allgather", False),
     "varlen_causal_gqa_ring": (True, True, 1, None, 2, 1, "ring", True),
     "varlen_causal_gqa_allgather": (True, True, 1, None, 2, 1, "allgather", False),
+    "dense_window3_gqa_ring": (False, True, 2, 32, 4, 2, "ring", True, 3),
+    "dense_window3_gqa_allgather": (False, True, 1, 32, 4, 2, "allgather", True, 3),
+    "varlen_window1_ring": (True, True, 1, None, 2, 1, "ring", True, 1),
+    "varlen_window3_ring": (True, True, 1, None, 2, 1, "ring", False, 3),
+    "varlen_window3_allgather": (True, True, 1, None, 2, 1, "allgather", True, 3),
 }
+
+
+def _window(name):
+    left = CASES[name][8] if len(CASES[name]) > 8 else -1
+    return (left, 0) if left >= 0 else (-1, -1)
 
 
 def _cu(lengths):
@@ -49,7 +62,7 @@ def _cu(lengths):
 
 
 def _full_inputs(name):
-    varlen, causal, b, s, h, hkv, comm, with_lse = CASES[name]
+    varlen, causal, b, s, h, hkv, comm, with_lse = CASES[name][:8]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     if varlen:
         t = sum(VARLEN_LENGTHS)
@@ -81,14 +94,14 @@ def _merge(name, per_rank, what):
 
 
 def _reference(name):
-    varlen, causal, *_rest, with_lse = CASES[name]
+    varlen, causal, *_rest, with_lse = CASES[name][:8]
     q, k, v, do, dl = _full_inputs(name)
     q, k, v = (x.double().requires_grad_() for x in (q, k, v))
     if varlen:
         out, lse = varlen_attention_reference(q, k, v, _cu(VARLEN_LENGTHS), causal=causal,
-                                              return_lse=True)
+                                              return_lse=True, window_size=_window(name))
     else:
-        out, lse = attention_reference(q, k, v, causal=causal, return_lse=True)
+        out, lse = attention_reference(q, k, v, causal=causal, return_lse=True, window_size=_window(name))
     loss = (out * do.double()).sum()
     if with_lse:
         loss = loss + (lse * dl.double()).sum()
@@ -97,12 +110,19 @@ def _reference(name):
 
 
 def _run_case(name, group):
-    varlen, causal, b, s, h, hkv, comm, with_lse = CASES[name]
+    varlen, causal, b, s, h, hkv, comm, with_lse = CASES[name][:8]
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     (q, k, v, do, dl), cu_local = _shard(name, _full_inputs(name), cp, r)
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = ring_attn_func(q, k, v, group, causal=causal, comm_type=comm,
-                              cu_seqlens=cu_local, return_lse=True)
+    import megatron_k15.kernels.ring_attention as ra
+
+    halo_calls, halo = [], ra._halo_attn
+    ra._halo_attn = lambda *a: halo_calls.append(1) or halo(*a)  # which path the window took
+    try:
+        out, lse = ring_attn_func(q, k, v, group, causal=causal, comm_type=comm,
+                                  cu_seqlens=cu_local, return_lse=True, window_size=_window(name))
+    finally:
+        ra._halo_attn = halo
     loss = (out * do).sum()
     if with_lse:
         loss = loss + (lse * dl).sum()
@@ -110,7 +130,11 @@ def _run_case(name, group):
     # numpy, not tensors: torch's queue shares tensors through file descriptors that can vanish
     # when the worker exits before the parent reads them
     return {"out": out.detach().numpy(), "lse": lse.detach().numpy(), "dq": q.grad.numpy(),
-            "dk": k.grad.numpy(), "dv": v.grad.numpy()}
+            "dk": k.grad.numpy(), "dv": v.grad.numpy(), "halo": bool(halo_calls)}
+
+
+# the window cases that exchange only the neighbours' chunks (the others gather everything)
+HALO = {"dense_window3_gqa_ring", "varlen_window1_ring"}
 
 
 def _ring_worker(rank, world_size):
@@ -141,6 +165,7 @@ def ring_results():
 def test_ring_attention_matches_full(ring_results, name, gname, members):
     ref = _reference(name)
     per_rank = [ring_results[m][f"{gname}/{name}"] for m in members]
+    assert [p["halo"] for p in per_rank] == [name in HALO] * len(members)
     for what in ("out", "lse", "dq", "dk", "dv"):
         got = _merge(name, [torch.from_numpy(p[what]) for p in per_rank], what)
         assert got.shape == ref[what].shape, what

@@ -467,6 +467,102 @@ def _allgather_attn(q, k, v, group, causal, scale, cu_seqlens, window_size=(-1, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Sliding windows: a neighbour (halo) exchange instead of the ring
+# ----------------------------------------------------------------------------------------------
+# A causal window of left <= c (the zigzag chunk length) reaches back at most one chunk: rank r's
+# chunk r needs chunk r - 1 (rank r - 1's first) and its chunk 2cp-1-r needs chunk 2cp-2-r (rank
+# r + 1's second, or its own first on the last rank). So each rank sends its first chunk to the
+# next rank and its second to the previous one: 2c tokens of K/V moved per rank whatever cp is,
+# and each chunk attends over [previous chunk; itself] with the window (q shorter than k,
+# bottom-right causal), instead of cp ring steps over the whole sequence.
+
+
+def _neighbour_exchange(to_next: torch.Tensor, to_prev: torch.Tensor, group):
+    """Send ``to_next`` to rank r + 1 and ``to_prev`` to rank r - 1 (no wrap around); returns
+    (what rank r - 1 sent, what rank r + 1 sent), None at the ends."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    ops, from_prev, from_next = [], None, None
+    if rank + 1 < size:
+        nxt = dist.get_global_rank(group, rank + 1)
+        from_next = torch.empty_like(to_prev)
+        ops += [dist.P2POp(dist.isend, to_next.contiguous(), nxt, group, tag=_TAG_HALO),
+                dist.P2POp(dist.irecv, from_next, nxt, group, tag=_TAG_HALO + 1)]
+    if rank > 0:
+        prv = dist.get_global_rank(group, rank - 1)
+        from_prev = torch.empty_like(to_next)
+        ops += [dist.P2POp(dist.isend, to_prev.contiguous(), prv, group, tag=_TAG_HALO + 1),
+                dist.P2POp(dist.irecv, from_prev, prv, group, tag=_TAG_HALO)]
+    _wait(dist.batch_isend_irecv(ops) if ops else None)
+    return from_prev, from_next
+
+
+class _HaloExchange(torch.autograd.Function):
+    """(chunk r - 1, chunk 2cp-2-r) of the neighbours from this rank's (first, second) chunks;
+    a missing neighbour gives zeros (the caller does not read them). Backward returns each
+    received chunk's gradient to its owner."""
+
+    @staticmethod
+    def forward(ctx, first, second, group):
+        ctx.group = group
+        from_prev, from_next = _neighbour_exchange(first, second, group)
+        ctx.ends = (from_prev is None, from_next is None)
+        return (torch.zeros_like(first) if from_prev is None else from_prev,
+                torch.zeros_like(second) if from_next is None else from_next)
+
+    @staticmethod
+    def backward(ctx, d_prev, d_next):
+        # what rank r - 1 sent me (its first chunk) goes back to it, and so on
+        d_prev = torch.zeros_like(d_next) if d_prev is None else d_prev
+        d_next = torch.zeros_like(d_prev) if d_next is None else d_next
+        back_from_prev, back_from_next = _neighbour_exchange(d_next, d_prev, ctx.group)
+        d_first = torch.zeros_like(d_prev) if back_from_next is None else back_from_next
+        d_second = torch.zeros_like(d_next) if back_from_prev is None else back_from_prev
+        return d_first, d_second, None
+
+
+_TAG_HALO = 4
+
+
+def halo_fits(window_left: int, chunk_lengths) -> bool:
+    """Whether the neighbour exchange covers a window: every chunk at least ``left`` long."""
+    return window_left >= 0 and all(int(c) >= max(window_left, 1) for c in chunk_lengths)
+
+
+def _halo_attn(q, k, v, group, scale, cu_seqlens, window_size):
+    """Sliding-window attention of this rank's zigzag shard (module comment above); returns
+    (out, lse) in the caller's layout."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    varlen = cu_seqlens is not None
+    sd = 0 if varlen else 1  # sequence dim
+    if varlen:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        spans = [(a, (b - a) // 2) for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        spans = [(0, q.shape[1] // 2)]
+    kv = torch.stack([k, v])  # (2, ...): one exchange for both
+    first = torch.cat([kv.narrow(sd + 1, a, c) for a, c in spans], sd + 1)
+    second = torch.cat([kv.narrow(sd + 1, a + c, c) for a, c in spans], sd + 1)
+    prev_first, next_second = _HaloExchange.apply(first, second, group)
+    outs, lses, off = [], [], 0
+    for a, c in spans:
+        own = kv.narrow(sd + 1, a, 2 * c)
+        halo = (prev_first.narrow(sd + 1, off, c) if rank > 0 else None,
+                next_second.narrow(sd + 1, off, c) if rank + 1 < cp else own.narrow(sd + 1, 0, c))
+        off += c
+        for half in (0, 1):  # chunk r over [chunk r - 1; chunk r], chunk 2cp-1-r likewise
+            mine = own.narrow(sd + 1, half * c, c)
+            keys = mine if halo[half] is None else torch.cat([halo[half], mine], sd + 1)
+            qh = q.narrow(sd, a + half * c, c)
+            if varlen:
+                qh, keys = qh[None], keys[:, None]
+            o, l = _fa.flash_attn_func(qh, keys[0], keys[1], causal=True, softmax_scale=scale,
+                                       return_lse=True, window_size=window_size)
+            outs.append(o[0] if varlen else o)
+            lses.append(l[0] if varlen else l)
+    return torch.cat(outs, sd), torch.cat(lses, -1)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 
@@ -485,7 +581,9 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     torch.distributed is initialised, else no cp. Returns ``out`` like q (and ``lse`` fp32 with
     ``return_lse``), equal to full attention of the gathered sequence, restricted to the local
     rows. Differentiable in q, k, v (and through lse). ``window_size=(left, 0)``: a causal
-    sliding window as in ``flash_attn_func`` (``comm_type="allgather"`` only under cp > 1).
+    sliding window as in ``flash_attn_func``; under ``comm_type="ring"`` the neighbours' chunks
+    are exchanged instead of passing K/V around the ring (``_halo_attn``; when a chunk is
+    shorter than ``left``, all of them are gathered).
     """
     varlen = cu_seqlens is not None
     window = _fa.window_left_of(window_size, causal) >= 0
@@ -532,10 +630,15 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
                              "two zigzag chunks of equal length (see zigzag_split)")
         out, lse = _allgather_attn(q, k, v, group, bool(causal), softmax_scale, cu_seqlens,
                                    window_size)
-    elif window:
-        raise NotImplementedError("a sliding window under context parallelism needs "
-                                  "--cp-comm-type allgather (the ring does not skip the blocks "
-                                  "outside the window)")
+    elif window:  # the neighbours' chunks when the window reaches no further, else all of them
+        if varlen:
+            _Parts(True, q.shape[0], cu_seqlens, max_seqlen, q.device)
+            chunks = ((cu_seqlens[1:] - cu_seqlens[:-1]) // 2).tolist()
+        else:
+            chunks = [q.shape[1] // 2]
+        attend = _halo_attn if halo_fits(_fa.window_left_of(window_size, causal), chunks) else _allgather_attn
+        out, lse = attend(q, k, v, group, softmax_scale, cu_seqlens, window_size) \
+            if attend is _halo_attn else attend(q, k, v, group, True, softmax_scale, cu_seqlens, window_size)
     else:
         q, k, v = (t.contiguous() for t in (q, k, v))
         out, lse = _RingAttnFunction.apply(q, k, v, group, bool(causal), softmax_scale,

@@ -178,9 +178,6 @@ class GPTModel(torch.nn.Module):
         if config.sliding_rope is not None and config.has_sliding_layers:
             self.rotary_sliding = RotaryEmbedding(config.rotary_dim, *config.rope_for_layer(
                 next(i for i in range(config.num_layers) if config.is_sliding_layer(i))))
-        if config.has_sliding_layers and self.cp_size > 1 and cp_comm_type != "allgather":
-            raise ValueError("sliding-window layers under --context-parallel-size need --cp-comm-type "
-                             "allgather (the ring does not skip the blocks outside the window)")
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn,
                                      cp_group if self.cp_size > 1 else None, self.ep_group, layer_number=i)

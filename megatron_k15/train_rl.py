@@ -54,7 +54,7 @@ import os
 import sys
 import time
 
-from megatron_k15.arguments import (ArgumentError, _flag, add_grading_args, check_decode_layout, check_grading_args,
+from megatron_k15.arguments import (ArgumentError, _flag, add_grading_args, check_grading_args,
                                     parse_args)
 from megatron_k15.data.blend import Blend, BlendError, open_prompt_data, parse_blend
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
@@ -187,7 +187,8 @@ def _validate(args) -> None:
     if problem:
         raise ArgumentError(problem)
     pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
-    check_decode_layout(args)
+    # (no check_decode_layout: the cp ranks generate their own requests, each with a whole KV
+    # cache, so sliding windows and sinks decode under any cp size)
     if getattr(args, "inference_engine", "paged") == "recompute" and (pp > 1 or cp > 1):
         raise ArgumentError("--inference-engine recompute runs without pipeline or context parallelism; "
                             "use --inference-engine paged")

@@ -234,6 +234,20 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
     _assert_same_update(got, ref, (loss, layout))
 
 
+@pytest.mark.slow
+def test_rl_with_sliding_window_and_sinks_under_cp_equals_one_rank():
+    """gpt-oss's attention (a sliding layer of window 4, then a full one; attention sinks) at
+    cp=2: every cp rank generates its own requests with a whole KV cache (the window cache on
+    the sliding layer), and the ring trains the sliding layer on the neighbours' chunks (rows
+    of 16 tokens: chunks of 4). One iteration equals one rank's."""
+    opts = dict(LAYOUT_OPTS, moe={"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                                  "attention_sinks": True})
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 1, 1, 1, opts)
+    assert ref[0]["metrics"][0]["grad_norm"] > 0
+    world, tp, pp, cp, _ = LAYOUTS["cp2"]
+    _assert_same_update(run_distributed(rl_worker, world, tp, "omd", 0, 1, pp, cp, opts), ref, "window cp2")
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_rl_with_expert_parallelism_equals_one_rank(packed):
     """An MoE policy with its experts split over the two dp ranks (ep=2): rollouts (each rank's

@@ -809,17 +809,6 @@ def _check_wsd_args(args) -> None:
                                 f"{decay - warmup}")
 
 
-def check_decode_layout(args) -> None:
-    """For programs that generate: layouts the engine cannot decode with."""
-    cp = _get(args, "context_parallel_size", 1)
-    cfg = args.model_config
-    if cp > 1 and (cfg.has_sliding_layers or cfg.attention_sinks):
-        what = f"sliding-window layers (sliding_window={cfg.sliding_window})" if cfg.has_sliding_layers else \
-            "attention sinks"
-        raise ArgumentError(f"--context-parallel-size {cp}: context-parallel decode shards the KV cache by "
-                            f"position and does not run {what}; use --context-parallel-size 1 for this model")
-
-
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "megatron_k15",
                extra_args_provider=None, extra_validation=None, groups=None, world_size=None):
     """Parse and validate; on a bad combination print ``error: <message>`` and exit 2."""

@@ -25,7 +25,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron_k15.arguments import ArgumentError, check_decode_layout, parse_args
+from megatron_k15.arguments import ArgumentError, parse_args
 from megatron_k15.data.tokenizer import add_chat_template_args, encode_prompt
 
 
@@ -55,7 +55,6 @@ def _validate(args) -> None:
 
     if not args.load:
         raise ArgumentError("--load CKPT is required (a converted checkpoint)")
-    check_decode_layout(args)
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     if args.max_new_tokens < 0:
@@ -130,18 +129,16 @@ def main(argv=None) -> int:
         return 2
 
     from megatron_k15.files import atomic_file
-    from megatron_k15.generation.loading import load_generation_replica
+    from megatron_k15.generation.loading import cp_decodes_together, load_generation_replica, request_split
     from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
     from megatron_k15.partial_results import append_lines, finish, resume_from
     from megatron_k15.generation.sampling import SamplingParams, request_generator
     from megatron_k15.initialize import destroy, initialize_parallel_from_args
-    from megatron.core import parallel_state
 
     initialize_parallel_from_args(args)
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank, dp_size, _ = request_split(args, cfg)  # replicas (and cp ranks that decode apart)
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
     eos_ids = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer and tokenizer.eos_id is not None else [])
     stop = StopStrings(tokenizer, args.stop) if args.stop else None
@@ -172,7 +169,9 @@ def main(argv=None) -> int:
         print(f"[generate] resuming: {len(done)} of {len(requests)} requests done in {partial}", file=sys.stderr)
     todo = [i for i in range(len(requests)) if i not in done]
     t0, n_tokens = time.time(), 0
-    replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    # ranks that hold the same results (each request's tokens counted once)
+    replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * \
+        (args.context_parallel_size if cp_decodes_together(cfg, args.context_parallel_size) else 1)
     for start in range(0, len(todo), args.chunk_size):
         mine = [i for i in todo[start:start + args.chunk_size] if i % dp_size == dp_rank]
         results = generator.generate(

@@ -376,15 +376,11 @@ def test_window_flag_errors_name_the_flag(argv, world, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_sliding_window_context_parallel_trains_with_either_comm_type_and_decode_refuses():
-    _validate(["--window-size", "16,0", "--context-parallel-size", "2"], world_size=2)  # the ring: neighbours
-    args = _validate(["--window-size", "16,0", "--context-parallel-size", "2", "--cp-comm-type", "allgather"],
-                     world_size=2)
-    from megatron_k15.arguments import check_decode_layout
-
-    with pytest.raises(ArgumentError, match="context-parallel decode"):
-        check_decode_layout(args)
-    check_decode_layout(_validate(["--window-size", "16,0"]))  # cp = 1 decodes
+def test_sliding_window_context_parallel_trains_with_either_comm_type():
+    for comm in ("ring", "allgather"):  # the ring: the neighbours' chunks
+        args = _validate(["--window-size", "16,0", "--context-parallel-size", "2", "--cp-comm-type", comm],
+                         world_size=2)
+        assert args.model_config.sliding_window == 17
 
 
 def test_olmo_preset_keeps_its_architecture_with_megatron_switches():

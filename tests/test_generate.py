@@ -110,6 +110,34 @@ def test_torchrun_two_ranks_equal_one_rank(converted, layout):
         assert max(abs(a - b) for a, b in zip(x["output_logprobs"], y["output_logprobs"])) <= 1e-5
 
 
+@pytest.mark.slow
+def test_torchrun_cp2_sliding_window_and_sinks_split_requests(tmp_path):
+    """gpt-oss (a sliding layer of window 8, attention sinks) cannot decode with the KV cache
+    sharded over cp, so at --context-parallel-size 2 the two cp ranks take different requests
+    (like data-parallel replicas), each with a whole cache: the same tokens and log-probs as
+    one rank, each request generated once (tokens counted once)."""
+    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "gpt_oss", initializer_range=0.2, sliding_window=8)
+    _convert(tmp_path / "hf", tmp_path / "ck")
+    prompts = PROMPTS + [list(range(3, 30))]  # longer than the window
+    _write_prompts(tmp_path / "in.jsonl", prompts)
+    args = ["--load", str(tmp_path / "ck"), "--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "10",
+            "--temperature", "0.8", "--seed", "3"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_k15.generate",
+         "--context-parallel-size", "2", "--output", str(tmp_path / "cp2.jsonl")] + args,
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert generate.main(args + ["--output", str(tmp_path / "one.jsonl")]) == 0
+    one, two = _read(tmp_path / "one.jsonl"), _read(tmp_path / "cp2.jsonl")
+    assert len(one) == len(two) == len(prompts)
+    for x, y in zip(one, two):
+        assert x["output_ids"] == y["output_ids"]
+        assert max(abs(a - b) for a, b in zip(x["output_logprobs"], y["output_logprobs"])) <= 1e-5
+    total = sum(len(x["output_ids"]) for x in one)
+    assert f"{total} tokens in" in proc.stderr  # each request counted once, not once per cp rank
+
+
 def test_text_prompts_with_tokenizer(converted):
     _, tmp = converted
     with open(tmp / "t.jsonl", "w") as f:

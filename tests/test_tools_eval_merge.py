@@ -224,6 +224,30 @@ def test_evaluate_pipeline_and_context_parallel_equal_one_rank(layout_eval, flag
     assert not [f for f in os.listdir(tmp) if ".tmp-" in f]
 
 
+@pytest.mark.slow
+def test_evaluate_cp2_of_a_sliding_window_model_splits_problems(tmp_path):
+    """gpt-oss (a sliding layer of window 8, attention sinks) at cp=2: its cp ranks cannot
+    decode one sequence together, so they take different problems, each with a whole KV cache;
+    results and summary equal one rank's."""
+    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "gpt_oss", seed=5, initializer_range=0.2, sliding_window=8)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")], check=True, capture_output=True)
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        for i, prompt in enumerate(EVAL_PROMPTS):
+            f.write(json.dumps({"id": f"e{i}", "prompt": prompt, "task": "custom",
+                                "reward_fn": "test_tools_eval_merge:even_length"}) + "\n")
+    common = ["--load", str(tmp_path / "ck"), "--tokenizer", "byte", "--input", str(tmp_path / "eval.jsonl"),
+              "--temperature", "0", "--max-new-tokens", "12", "--batch-size", "3", "--kv-cache-block-size", "4"]
+    proc = _run_evaluate(tmp_path, [], common + ["--output", str(tmp_path / "one.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_evaluate(tmp_path, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+                         common + ["--context-parallel-size", "2", "--output", str(tmp_path / "cp2.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _eval_outputs(tmp_path, "cp2") == _eval_outputs(tmp_path, "one")
+    rows = _eval_outputs(tmp_path, "one")[0]
+    assert sum(s["length"] for r in rows for s in r["samples"]) > len(EVAL_PROMPTS)  # it did generate
+
+
 @pytest.mark.parametrize("flag", ["--pipeline-model-parallel-size", "--context-parallel-size"])
 def test_evaluate_rejects_recompute_engine_under_pp_or_cp(tmp_path, monkeypatch, capsys, flag):
     ck = _convert(tmp_path, "a", 1)

@@ -25,7 +25,8 @@ Layouts: tp x cp x pp ranks form one model replica (each rank builds its pipelin
 loads that stage's weights, resharding the checkpoint when it was saved under another layout);
 the replica decodes together (pp stages pass hidden states on, cp ranks shard the KV cache) and
 every rank of it gets the same generated tokens. Problems are split over the data-parallel
-replicas; global rank 0 writes the files.
+replicas (a model with sliding-window layers or attention sinks: over its cp ranks too, which
+then decode apart with whole KV caches); global rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
 from megatron_k15.arguments import (  # noqa: E402
-    ArgumentError, add_grading_args, check_decode_layout, check_grading_args, parse_args,
+    ArgumentError, add_grading_args, check_grading_args, parse_args,
 )
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
 from megatron_k15.partial_results import resume_problem  # noqa: E402
@@ -70,7 +71,6 @@ def add_eval_args(p) -> None:
 def _validate(args) -> None:
     if not args.load:
         raise ArgumentError("--load CKPT is required")
-    check_decode_layout(args)
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     check_grading_args(args)
@@ -128,9 +128,8 @@ def main(argv=None) -> int:
         return 2
 
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from megatron_k15.generation.loading import load_generation_replica
+    from megatron_k15.generation.loading import cp_decodes_together, load_generation_replica, request_split
     from megatron_k15.initialize import destroy, initialize_parallel_from_args, set_seed
     from megatron_k15.rewards.reasoning import parse_reasoning_tags, reasoning_tags_warning
     from megatron_k15.files import atomic_file
@@ -142,7 +141,9 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     cfg = args.model_config
     model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
-    judge = judge_from_args(args, max_batch_size=args.batch_size, shard_kv_over_cp=True)
+    # the judge decodes as the policy does: cp-sharded when its cp ranks share the requests
+    judge = judge_from_args(args, max_batch_size=args.batch_size,
+                            shard_kv_over_cp=cp_decodes_together(cfg, args.context_parallel_size))
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
     tags = parse_reasoning_tags(args.reasoning_tags)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     if warning and dist.get_rank() == 0:
         print(warning, file=sys.stderr)
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
-    # replicas only (the data-parallel rank/group below exclude cp)
+    # replicas (and over their cp ranks when a sliding-window or sinks model decodes them apart)
+    split_rank, split_size, split_group = request_split(args, cfg)
     try:
         partial, done = resume_from(args.output, len(records), partial_mismatch(records, args.n_samples),
                                     writer=dist.get_rank() == 0)
@@ -165,9 +167,7 @@ def main(argv=None) -> int:
         chunk = todo[start:start + args.chunk_size]
         res = evaluate(model, tokenizer, [records[i] for i in chunk], [prompt_ids[i] for i in chunk],
                        max_new_tokens=args.max_new_tokens, eos_ids=eos,
-                       dp_rank=parallel_state.get_data_parallel_rank(),
-                       dp_size=parallel_state.get_data_parallel_world_size(),
-                       dp_group=parallel_state.get_data_parallel_group(), n_samples=args.n_samples,
+                       dp_rank=split_rank, dp_size=split_size, dp_group=split_group, n_samples=args.n_samples,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                        generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers,
                        numbers=chunk, stop_strings=args.stop)

@@ -4,21 +4,45 @@ The tp x cp x pp ranks of a replica decode together: each rank builds its pipeli
 (``--decoder-first/last-pipeline-num-layers`` as in training), loads that stage's weights
 (``--load``; resharded when the checkpoint was saved under another layout), and the engine gets
 the pipeline group (stages pass hidden states on) and the context-parallel group (the KV
-cache of every sequence is sharded over it). Requests are split over data-parallel replicas;
+cache of every sequence is sharded over it). A model with sliding-window layers or attention
+sinks does not decode cp-sharded (``cp_decodes_together``): its cp ranks then take requests of
+their own, like data-parallel replicas (``request_split``). Requests are split over data-parallel replicas;
 with ``--expert-model-parallel-size`` the replicas split the experts of an MoE model between
 them (the engine keeps them in step). A judge (``load_dir``) keeps all its experts.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron_k15.generation.engine import build_generator
 
 
-def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None, shard_kv_over_cp: bool = True):
+def cp_decodes_together(cfg, cp: int) -> bool:
+    """Whether a replica's cp ranks decode the same requests with the KV cache sharded over
+    them: not with sliding-window layers or attention sinks (a shard holds every cp-th
+    position; windows and sinks are not done there), nor without cp."""
+    return cp > 1 and not (cfg.has_sliding_layers or cfg.attention_sinks)
+
+
+def request_split(args, cfg):
+    """(rank, size, group) among the ranks that take different requests: the data-parallel
+    replicas, and their cp ranks too when those do not decode together."""
+    from megatron.core import parallel_state
+
+    with_cp = not cp_decodes_together(cfg, args.context_parallel_size)
+    return (parallel_state.get_data_parallel_rank(with_context_parallel=with_cp),
+            parallel_state.get_data_parallel_world_size(with_context_parallel=with_cp),
+            parallel_state.get_data_parallel_group(with_context_parallel=with_cp))
+
+
+def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None,
+                            shard_kv_over_cp: Optional[bool] = None):
     """(model stage in eval mode, generator) for this rank; model parallel is initialised.
     ``load_dir``: another checkpoint than ``--load`` (a judge; its layers split evenly over the
     stages, the --decoder-*-pipeline-num-layers flags describe the policy).
-    ``shard_kv_over_cp=False``: each cp rank decodes its own requests (RL's generation ranks)."""
+    ``shard_kv_over_cp``: the cp ranks decode together (default: ``cp_decodes_together``);
+    False: each cp rank decodes its own requests (RL's generation ranks)."""
     from megatron.core import parallel_state
 
     from megatron_k15 import platform
@@ -27,6 +51,8 @@ def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None, sh
     from megatron_k15.models.sharding import pipeline_layer_ranges
 
     pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
+    if shard_kv_over_cp is None:
+        shard_kv_over_cp = cp_decodes_together(cfg, cp)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     uneven = load_dir is None
     ranges = pipeline_layer_ranges(cfg.num_layers, pp,

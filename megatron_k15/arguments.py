@@ -113,17 +113,24 @@ def _window_size(text: str) -> int:
     return left
 
 
-def window_fields(args, num_layers: int) -> dict:
-    """The config fields --window-size / --window-attn-skip-freq set ({} without them)."""
+def layer_pattern_fields(args, num_layers: int) -> dict:
+    """The config fields --window-size / --window-attn-skip-freq and --no-rope-freq set ({}
+    without them)."""
     left, freq = _get(args, "window_size"), _get(args, "window_attn_skip_freq")
+    nope = _get(args, "no_rope_freq")
+    out = {}
+    if nope is not None:  # Megatron-LM's: RoPE on N - 1 layers, then one without (SmolLM3: 4)
+        if nope < 1:
+            raise ArgumentError(f"--no-rope-freq must be >= 1, got {nope}")
+        out["nope_layers"] = [i for i in range(num_layers) if (i + 1) % nope == 0] or None
     if left is None:
         if freq is not None:
             raise ArgumentError("--window-attn-skip-freq needs --window-size (the window of the other layers)")
-        return {}
+        return out
     if freq is not None and freq < 1:
         raise ArgumentError(f"--window-attn-skip-freq must be >= 1, got {freq}")
     types = None if freq is None else every_nth_full(num_layers, freq)
-    return {"sliding_window": left + 1, "layer_types": types}
+    return {**out, "sliding_window": left + 1, "layer_types": types}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -169,6 +176,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window-size", type=_window_size, default=None, metavar="LEFT,RIGHT",
                    help="Megatron-LM's sliding-window attention: each query sees the LEFT keys before it "
                         "and itself (RIGHT must be 0: causal); Hugging Face's sliding_window = LEFT + 1")
+    g.add_argument("--no-rope-freq", type=int, default=None, metavar="N",
+                   help="Megatron-LM's: every N-th layer (N, 2N, ...) has no position embedding (NoPE; "
+                        "SmolLM3: 4), the others RoPE")
     g.add_argument("--window-attn-skip-freq", type=int, default=None, metavar="N",
                    help="with --window-size: every N-th layer attends to everything (OLMo 3: 4); "
                         "default: every layer slides")
@@ -490,14 +500,15 @@ def resolve_model_config(args) -> GPTConfig:
                     f"({field}={getattr(cfg, field)}); drop the flag (or add --use-checkpoint-args to let "
                     "the checkpoint win)"
                 )
-        window = window_fields(args, cfg.num_layers)
+        window = layer_pattern_fields(args, cfg.num_layers)
         if window and any(getattr(cfg, f) != v for f, v in window.items()) and not _get(args, "use_checkpoint_args"):
             raise ArgumentError(
-                f"--window-size / --window-attn-skip-freq contradict the checkpoint in --load {load} "
-                f"(sliding_window={cfg.sliding_window}, layer_types={cfg.layer_types}); drop them")
+                f"--window-size / --window-attn-skip-freq / --no-rope-freq contradict the checkpoint in --load "
+                f"{load} (sliding_window={cfg.sliding_window}, layer_types={cfg.layer_types}, nope_layers="
+                f"{cfg.nope_layers}); drop them")
         return cfg
     cfg = apply_model_overrides(preset(_get(args, "model_preset") or "tiny"), explicit)
-    for field, value in window_fields(args, cfg.num_layers).items():
+    for field, value in layer_pattern_fields(args, cfg.num_layers).items():
         setattr(cfg, field, value)
     return cfg
 

@@ -160,6 +160,9 @@ TINY_HF_MODELS = {
     # interleaved pairs of the first half of each head (head_dim 32 with hidden 64 / 4 heads)
     "glm": ("Glm", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
     "glm4": ("Glm4", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
+    # SmolLM3: Llama's block, tied embeddings, no RoPE on every fourth layer (4 layers: the last)
+    "smollm3": ("SmolLM3", dict(num_hidden_layers=4, tie_word_embeddings=True, rope_theta=2000000.0,
+                                pad_token_id=0)),
     # gpt-oss: a sliding (24) and a full layer, sinks, 4 biased experts with the clamped SwiGLU,
     # YaRN as gpt-oss's (beta 32/1, no truncation) at x4 of 128
     # Gemma 3 (text): 6 layers, five sliding (window 24, local RoPE base 10000) then a global one

@@ -188,6 +188,14 @@ def test_model_preset_and_overrides():
     assert cfg.add_qkv_bias and cfg.rotary_base == 1e6
 
 
+def test_no_rope_freq_sets_the_nope_layers(capsys):
+    cfg = _validate(["--num-layers", "8", "--no-rope-freq", "4"]).model_config
+    assert cfg.nope_layers == [3, 7] and [cfg.uses_rope(i) for i in range(4)] == [True, True, True, False]
+    with pytest.raises(SystemExit):
+        parse_args(["--no-rope-freq", "0"], world_size=1)
+    assert "--no-rope-freq must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_rotary_percent_sets_the_rotated_channels():
     cfg = _validate(["--model-preset", "qwen2.5-7b", "--num-layers", "2", "--rotary-percent", "0.5"]).model_config
     assert (cfg.rotary_percent, cfg.rotary_dim, cfg.head_dim) == (0.5, 64, 128)

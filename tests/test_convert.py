@@ -45,6 +45,7 @@ to_hf = _load_tool(TO_HF)
     ("gemma3", torch.bfloat16, None, 2, 2),     # four norms per layer, tied, a RoPE per layer type
     ("glm4", torch.bfloat16, None, 2, 2),       # interleaved partial RoPE rows reordered and back, four norms
     ("glm", torch.float32, None, 2, 1),         # the same RoPE, QKV bias, fused gate_up_proj
+    ("smollm3", torch.bfloat16, None, 2, 2),    # a layer without RoPE, tied embeddings
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"

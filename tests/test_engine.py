@@ -57,9 +57,10 @@ def test_qwen3_greedy_equals_transformers():
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
-@pytest.mark.parametrize("kind", ["glm", "glm4"])
-def test_glm_greedy_equals_transformers(kind):
-    """Partial RoPE: the cached keys are rotated on the first half of their channels only."""
+@pytest.mark.parametrize("kind", ["glm", "glm4", "smollm3"])
+def test_partial_or_no_rope_greedy_equals_transformers(kind):
+    """Partial RoPE (GLM): the cached keys are rotated on the first half of their channels only;
+    SmolLM3's NoPE layer caches them unrotated."""
     hf = tiny_hf_model(kind, initializer_range=0.2)
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 

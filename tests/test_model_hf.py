@@ -399,3 +399,34 @@ def test_glm_matches_transformers_with_partial_interleaved_rope(kind, backend):
     rebuilt.load_state_dict(hf.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, ref)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_smollm3_matches_transformers_with_nope_layers(backend):
+    """SmolLM3: Llama's block with no position embedding on every fourth layer (the config's
+    no_rope_layers). Logits equal transformers; rotating that layer too moves them; a config
+    written without the original rebuilds the same HF model."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    hf = tiny_hf_model("smollm3")
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.architecture, cfg.nope_layers, cfg.tie_word_embeddings) == ("smollm3", [3], True)
+    assert [layer.self_attention.use_rope for layer in model.layers.values()] == [True, True, True, False]
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        model.layers["3"].self_attention.use_rope = True
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
+    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
+    d.pop("architectures")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    rebuilt.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, ref)

@@ -71,6 +71,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("gpt_oss", True),  # sinks split over tp; biased router, experts and output projection
     ("gemma3", True),  # (1 + w) norms around the sublayers, GeGLU, scaled embeddings, local/global RoPE
     ("glm4", True),  # partial RoPE (the reordered rows split over tp by head), norms around the sublayers
+    ("smollm3", True),  # a layer without RoPE
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)

@@ -77,6 +77,9 @@ class GPTConfig:
     # RoPE of the sliding layers when it differs from the full layers' (OLMo 3 scales only the
     # full layers' RoPE): {"rotary_base": theta, "rope_scaling": dict or None}
     sliding_rope: Optional[dict] = None
+    # layers without any position embedding (NoPE; SmolLM3: every fourth): their q and k are
+    # not rotated, so they see positions only through causality
+    nope_layers: Optional[list] = None
     tie_word_embeddings: bool = False
     # Mixture of experts (Qwen3-MoE; Megatron-LM's --num-experts / --moe-router-topk /
     # --moe-ffn-hidden-size): every layer's MLP is num_moe_experts SwiGLU experts of
@@ -270,12 +273,21 @@ class GPTConfig:
                 raise ConfigError(f"layer_types may hold 'full_attention' and 'sliding_attention', got {bad}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ConfigError("layer_types names sliding_attention layers but sliding_window is not set")
+        if self.nope_layers is not None:
+            bad = [i for i in self.nope_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+            if bad or len(set(self.nope_layers)) != len(self.nope_layers):
+                raise ConfigError(f"nope_layers must list distinct layer numbers in [0, {self.num_layers}), "
+                                  f"got {self.nope_layers}")
         if self.sliding_rope is not None:
             unknown = sorted(set(self.sliding_rope) - {"rotary_base", "rope_scaling"})
             if unknown or "rotary_base" not in self.sliding_rope:
                 raise ConfigError(f"sliding_rope holds rotary_base and rope_scaling, got {sorted(self.sliding_rope)}")
             _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling")
         return self
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based, of the whole model) rotates its q and k."""
+        return not self.nope_layers or layer not in self.nope_layers
 
     def rope_for_layer(self, layer: int) -> tuple[float, Optional[dict]]:
         """(theta, scaling) of layer ``layer``'s RoPE."""

@@ -58,7 +58,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
-                           "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4"}
+                           "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
@@ -77,6 +77,7 @@ OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all 
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
 # layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
 QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe")
+USE_SLIDING_WINDOW_ARCHITECTURES = QWEN_ARCHITECTURES + ("smollm3",)  # use_sliding_window + layer_types
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
 
@@ -134,7 +135,7 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
     n = int(hf["num_hidden_layers"])
     window = hf.get("sliding_window", 4096 if arch == "mistral" else None)
     types = hf.get("layer_types")
-    if arch in QWEN_ARCHITECTURES:
+    if arch in USE_SLIDING_WINDOW_ARCHITECTURES:
         if not hf.get("use_sliding_window"):
             window = None
         elif types is None:  # Qwen2Config's rule
@@ -264,6 +265,16 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
+    nope = None
+    if arch == "smollm3":  # no_rope_layers[i] == 0: layer i has no RoPE (default: every fourth)
+        flags = hf.get("no_rope_layers")
+        if flags is None:
+            every = int(hf.get("no_rope_layer_interval") or 4)
+            flags = [int((i + 1) % every != 0) for i in range(int(hf["num_hidden_layers"]))]
+        if len(flags) != int(hf["num_hidden_layers"]):
+            raise HFCheckpointError(f"{where}: no_rope_layers has {len(flags)} entries for num_hidden_layers="
+                                    f"{hf['num_hidden_layers']}")
+        nope = [i for i, f in enumerate(flags) if not f] or None
     olmo = arch in OLMO_ARCHITECTURES
     gemma = {}
     if arch == "gemma3":  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
@@ -292,8 +303,9 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         qk_layernorm_scope="all" if olmo else "head",
         **({"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo} if not gemma else gemma),
         sliding_rope=sliding_rope,
+        nope_layers=nope,
         **sliding,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma3", "smollm3"))),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -335,6 +347,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if gemma[0] != (arch in SANDWICH_ARCHITECTURES):
         raise ConfigError("norms before and after each sublayer export only as architecture 'gemma3' (with "
                           "Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
+    if cfg.nope_layers and arch != "smollm3":
+        raise ConfigError(f"layers without RoPE (nope_layers {cfg.nope_layers}) export only as architecture "
+                          f"'smollm3', not {arch!r}")
     if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4"):
         raise ConfigError(f"partial RoPE (--rotary-percent {cfg.rotary_percent}) exports only as architecture "
                           f"'glm', 'glm4' (interleaved pairs) or 'phi3', not {arch!r}")
@@ -377,6 +392,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif arch in ("glm", "glm4"):
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
+    elif arch == "smollm3":
+        hf.update(attention_bias=cfg.add_qkv_bias, mlp_bias=False, pad_token_id=None,
+                  no_rope_layers=[int(cfg.uses_rope(i)) for i in range(cfg.num_layers)])
     elif arch in ("mistral", "phi3"):
         if cfg.add_qkv_bias:
             raise ConfigError(f"{HF_CLASS[arch]} has no QKV bias; export a model with it as architecture "
@@ -413,12 +431,12 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
                     "layer_types": ["full_attention"] * cfg.num_layers}
         if cfg.sliding_rope is not None:
             raise ConfigError("sliding_rope is set but no layer slides")
-        return {"use_sliding_window": False} if arch in QWEN_ARCHITECTURES else {}
+        return {"use_sliding_window": False} if arch in USE_SLIDING_WINDOW_ARCHITECTURES else {}
     types = ["sliding_attention" if cfg.is_sliding_layer(i) else "full_attention" for i in range(cfg.num_layers)]
     if cfg.sliding_rope is not None and arch not in ("olmo3", "gemma3"):
         raise ConfigError(f"a separate RoPE for the sliding layers (sliding_rope) exports only as 'olmo3' or "
                           f"'gemma3', not {arch!r}")
-    if arch in QWEN_ARCHITECTURES:
+    if arch in USE_SLIDING_WINDOW_ARCHITECTURES:
         first = types.index("sliding_attention")
         if "full_attention" in types[first:]:
             raise ConfigError(f"{HF_CLASS[arch]} slides on the layers from max_window_layers on; layer_types "

@@ -188,6 +188,7 @@ class SelfAttention(torch.nn.Module):
         tp = tp_group.size()
         left = cfg.window_left(layer_number)
         self.window_size = (left, 0) if left >= 0 else (-1, -1)
+        self.use_rope = cfg.uses_rope(layer_number)
         self.head_dim = cfg.head_dim
         self.groups_local = cfg.num_query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
@@ -237,8 +238,9 @@ class SelfAttention(torch.nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         elif self.q_norm_all_heads is not None:
             q, k = self.q_norm_all_heads(q), self.k_norm_all_heads(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if self.use_rope:
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if kv_cache is not None:
             out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks)

@@ -160,6 +160,9 @@ TINY_HF_MODELS = {
     # interleaved pairs of the first half of each head (head_dim 32 with hidden 64 / 4 heads)
     "glm": ("Glm", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
     "glm4": ("Glm4", dict(head_dim=32, partial_rotary_factor=0.5, pad_token_id=0)),
+    # EXAONE 4.0 (32B's form): norms after the sublayers, per-head q/k norms, three sliding layers
+    # (window 24) with RoPE per global one without
+    "exaone4": ("Exaone4", dict(num_hidden_layers=4, sliding_window=24, sliding_window_pattern=4, pad_token_id=0)),
     # SmolLM3: Llama's block, tied embeddings, no RoPE on every fourth layer (4 layers: the last)
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4, tie_word_embeddings=True, rope_theta=2000000.0,
                                 pad_token_id=0)),

@@ -46,6 +46,7 @@ to_hf = _load_tool(TO_HF)
     ("glm4", torch.bfloat16, None, 2, 2),       # interleaved partial RoPE rows reordered and back, four norms
     ("glm", torch.float32, None, 2, 1),         # the same RoPE, QKV bias, fused gate_up_proj
     ("smollm3", torch.bfloat16, None, 2, 2),    # a layer without RoPE, tied embeddings
+    ("exaone4", torch.bfloat16, None, 2, 2),    # post-norms, per-head q/k norms, sliding + NoPE global layers
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"

@@ -430,3 +430,33 @@ def test_smollm3_matches_transformers_with_nope_layers(backend):
     rebuilt.load_state_dict(hf.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, ref)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("hybrid", [True, False], ids=["32b-hybrid", "1.2b-global"])
+def test_exaone4_matches_transformers(hybrid, backend):
+    """EXAONE 4.0: norms after the sublayers, per-head q/k norms; the 32B form slides three
+    layers in four (with RoPE) and leaves the global ones without RoPE, the 1.2B form has only
+    global layers with RoPE. Logits equal transformers; the exported config rebuilds the model."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    hf = tiny_hf_model("exaone4", **({} if hybrid else {"sliding_window": None, "layer_types": ["full_attention"] * 4}))
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.norm_placement, cfg.qk_layernorm, cfg.qk_layernorm_scope, cfg.norm_in_fp32) == ("post", True, "head", False)
+    assert (cfg.nope_layers, cfg.sliding_window) == (([3], 24) if hybrid else (None, None))
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
+    d.pop("architectures")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    rebuilt.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, ref)

@@ -58,7 +58,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
-                           "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3"}
+                           "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3",
+                           "Exaone4ForCausalLM": "exaone4"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
@@ -72,7 +73,7 @@ FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor
 # rows of q and k are reordered on conversion to our rotate-half pairs (i, i + r/2)
 INTERLEAVED_ROPE_ARCHITECTURES = ("glm", "glm4")
 SANDWICH_ARCHITECTURES = ("gemma3", "glm4")  # a norm before and after each sublayer
-QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3")
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3", "exaone4")
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
 # layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
@@ -147,6 +148,9 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
         if window is not None and int(window) >= int(hf.get("max_position_embeddings", 4096)):
             window = None
         types = None
+    elif arch == "exaone4":  # EXAONE 4.0 32B: three sliding layers per global one; 1.2B: all global
+        if window is not None and types is None:
+            types = every_nth_full(n, int(hf.get("sliding_window_pattern") or 4))
     elif arch in ("olmo3", "gpt_oss", "gemma3"):
         if window is None:
             raise HFCheckpointError(f"{where}: {HF_CLASS[arch]} without sliding_window")
@@ -275,7 +279,13 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
             raise HFCheckpointError(f"{where}: no_rope_layers has {len(flags)} entries for num_hidden_layers="
                                     f"{hf['num_hidden_layers']}")
         nope = [i for i, f in enumerate(flags) if not f] or None
+    if arch == "exaone4" and sliding:  # the hybrid model's global layers have no RoPE
+        nope = [i for i, t in enumerate(sliding["layer_types"]) if t == "full_attention"] or None
     olmo = arch in OLMO_ARCHITECTURES
+    if arch == "exaone4":  # norms after the sublayers as OLMo's, per-head q/k norms, Llama's RMSNorm
+        placement = {"norm_placement": "post", "norm_in_fp32": False}
+    else:
+        placement = {"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo}
     gemma = {}
     if arch == "gemma3":  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
         gemma = dict(norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh",
@@ -301,7 +311,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         add_qkv_bias=qkv_bias,
         qk_layernorm=arch in QK_NORM_ARCHITECTURES,
         qk_layernorm_scope="all" if olmo else "head",
-        **({"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo} if not gemma else gemma),
+        **(placement if not gemma else gemma),
         sliding_rope=sliding_rope,
         nope_layers=nope,
         **sliding,
@@ -339,6 +349,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                 and cfg.norm_in_fp32):
         raise ConfigError("OLMo's blocks (norms after the sublayers, q/k norms over all heads) export only as "
                           "architecture 'olmo2' or 'olmo3', and those need exactly that block")
+    if cfg.norm_placement == "post" and not (olmo or arch == "exaone4"):
+        raise ConfigError("norms after the sublayers export only as architecture 'olmo2', 'olmo3' or 'exaone4'")
     gemma = (cfg.norm_placement == "sandwich", cfg.norm_weight_offset == 1.0, cfg.activation == "geglu_tanh",
              cfg.embedding_multiplier == cfg.hidden_size ** 0.5, cfg.norm_in_fp32, cfg.qk_layernorm)
     if (arch == "gemma3") != all(gemma) or (arch != "gemma3" and any(gemma[1:4])):
@@ -347,9 +359,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if gemma[0] != (arch in SANDWICH_ARCHITECTURES):
         raise ConfigError("norms before and after each sublayer export only as architecture 'gemma3' (with "
                           "Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
-    if cfg.nope_layers and arch != "smollm3":
+    full_layers = [i for i in range(cfg.num_layers) if not cfg.is_sliding_layer(i)]
+    if cfg.nope_layers and not (arch == "smollm3" or (arch == "exaone4" and cfg.has_sliding_layers
+                                                      and sorted(cfg.nope_layers) == full_layers)):
         raise ConfigError(f"layers without RoPE (nope_layers {cfg.nope_layers}) export only as architecture "
-                          f"'smollm3', not {arch!r}")
+                          f"'smollm3', or as 'exaone4' when they are exactly the full-attention layers among "
+                          f"sliding ones; not {arch!r}")
+    if arch == "exaone4" and cfg.has_sliding_layers and sorted(cfg.nope_layers or []) != full_layers:
+        raise ConfigError("Exaone4ForCausalLM's full-attention layers have no RoPE when others slide: "
+                          f"nope_layers must be {full_layers}")
     if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4"):
         raise ConfigError(f"partial RoPE (--rotary-percent {cfg.rotary_percent}) exports only as architecture "
                           f"'glm', 'glm4' (interleaved pairs) or 'phi3', not {arch!r}")
@@ -392,6 +410,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif arch in ("glm", "glm4"):
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
+    elif arch == "exaone4":
+        hf.update(attention_bias=cfg.add_qkv_bias, pad_token_id=None)
     elif arch == "smollm3":
         hf.update(attention_bias=cfg.add_qkv_bias, mlp_bias=False, pad_token_id=None,
                   no_rope_layers=[int(cfg.uses_rope(i)) for i in range(cfg.num_layers)])
@@ -429,6 +449,8 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
         if arch in ("gpt_oss", "gemma3"):  # their configs would otherwise slide some layers
             return {"sliding_window": cfg.max_position_embeddings,
                     "layer_types": ["full_attention"] * cfg.num_layers}
+        if arch == "exaone4":  # (EXAONE 4.0 1.2B's form: every layer global, with RoPE)
+            return {"sliding_window": None, "layer_types": ["full_attention"] * cfg.num_layers}
         if cfg.sliding_rope is not None:
             raise ConfigError("sliding_rope is set but no layer slides")
         return {"use_sliding_window": False} if arch in USE_SLIDING_WINDOW_ARCHITECTURES else {}
@@ -443,7 +465,7 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
                               f"{types} is not of that form")
         return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": first,
                 "layer_types": types}
-    if arch == "gpt_oss":
+    if arch in ("gpt_oss", "exaone4"):
         return {"sliding_window": cfg.sliding_window, "layer_types": types}
     if arch in ("mistral", "phi3"):
         if "full_attention" in types:

@@ -33,6 +33,15 @@ def _read(path):
     return [json.loads(line) for line in open(path)]
 
 
+def _torchrun_generate(argv):
+    """The generate CLI on two ranks (torchrun); the finished process."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "megatron_k15.generate"] + argv, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def converted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
@@ -93,14 +102,9 @@ def test_torchrun_two_ranks_equal_one_rank(converted, layout):
         _convert(tmp / "hf", tmp / "ck2", tp=2)
         load = tmp / "ck2"
     _write_prompts(tmp / "in2.jsonl", PROMPTS)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["--input", str(tmp / "in2.jsonl"), "--max-new-tokens", "8", "--temperature", "0.8", "--seed", "3"]
     out = tmp / f"{layout}2.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_k15.generate",
-         "--load", str(load), flag, "2", "--output", str(out)] + args,
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_generate(["--load", str(load), flag, "2", "--output", str(out)] + args)
     assert "tokens/s" in proc.stderr
     if not os.path.exists(tmp / "tp1.jsonl"):
         assert generate.main(["--load", str(tmp / "ck1"), "--output", str(tmp / "tp1.jsonl")] + args) == 0
@@ -122,12 +126,7 @@ def test_torchrun_cp2_sliding_window_and_sinks_split_requests(tmp_path):
     _write_prompts(tmp_path / "in.jsonl", prompts)
     args = ["--load", str(tmp_path / "ck"), "--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "10",
             "--temperature", "0.8", "--seed", "3"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_k15.generate",
-         "--context-parallel-size", "2", "--output", str(tmp_path / "cp2.jsonl")] + args,
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_generate(["--context-parallel-size", "2", "--output", str(tmp_path / "cp2.jsonl")] + args)
     assert generate.main(args + ["--output", str(tmp_path / "one.jsonl")]) == 0
     one, two = _read(tmp_path / "one.jsonl"), _read(tmp_path / "cp2.jsonl")
     assert len(one) == len(two) == len(prompts)

@@ -16,6 +16,23 @@ def build_from_hf(hf, attention_backend="sdpa"):
     return gpt_from_hf(hf, attention_backend)
 
 
+def assert_export_rebuilds(hf, cfg, ids):
+    """A config written without the original (``extra`` cleared: as for a preset or flags)
+    makes transformers build the same model: equal logits on ``ids`` with ``hf``'s weights."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
+    d.pop("architectures")
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+    rebuilt.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _single_rank():
     initialize_model_parallel(1)
@@ -181,21 +198,9 @@ def test_sliding_window_models_match_transformers(kind, overrides, sliding, back
 def test_sliding_window_config_exports_without_the_original(kind, overrides, sliding):
     """A model whose config did not come from HF (a preset, flags) exports windows, layer types
     and per-type RoPE that transformers reads back into the same model."""
-    import dataclasses
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_k15.models.hf_mapping import hf_config_from_gpt
-
     hf = tiny_hf_model(kind, **overrides)
-    cfg = dataclasses.replace(build_from_hf(hf).config, extra={})
-    d = dict(hf_config_from_gpt(cfg))
-    d.pop("architectures")
-    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
-    rebuilt.load_state_dict(hf.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(rebuilt(ids).logits, hf(ids).logits)
+    cfg = build_from_hf(hf).config
+    assert_export_rebuilds(hf, cfg, torch.randint(0, cfg.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3)))
 
 
 def test_olmo3_hub_config_scales_only_the_full_layers():
@@ -374,12 +379,6 @@ def test_glm_matches_transformers_with_partial_interleaved_rope(kind, backend):
     interleaved pairs (reordered on conversion), QKV bias, fused gate_up; GLM-4-0414 adds a
     norm after each sublayer. Logits equal transformers; rotating whole heads moves them; a
     config written without the original rebuilds the same HF model."""
-    import dataclasses
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_k15.models.hf_mapping import hf_config_from_gpt
-
     hf = tiny_hf_model(kind)
     model = build_from_hf(hf, backend)
     cfg = model.config
@@ -393,12 +392,7 @@ def test_glm_matches_transformers_with_partial_interleaved_rope(kind, backend):
         whole = build_from_hf(hf, backend)
         whole.rotary = type(whole.rotary)(cfg.head_dim, cfg.rotary_base)  # RoPE over the whole head
         assert (whole.gather_logits(whole(ids)) - ref).abs().max().item() > 1e-3
-    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
-    d.pop("architectures")
-    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
-    rebuilt.load_state_dict(hf.state_dict())
-    with torch.no_grad():
-        assert torch.equal(rebuilt(ids).logits, ref)
+    assert_export_rebuilds(hf, cfg, ids)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -406,12 +400,6 @@ def test_smollm3_matches_transformers_with_nope_layers(backend):
     """SmolLM3: Llama's block with no position embedding on every fourth layer (the config's
     no_rope_layers). Logits equal transformers; rotating that layer too moves them; a config
     written without the original rebuilds the same HF model."""
-    import dataclasses
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_k15.models.hf_mapping import hf_config_from_gpt
-
     hf = tiny_hf_model("smollm3")
     model = build_from_hf(hf, backend)
     cfg = model.config
@@ -424,12 +412,7 @@ def test_smollm3_matches_transformers_with_nope_layers(backend):
         assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
         model.layers["3"].self_attention.use_rope = True
         assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
-    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
-    d.pop("architectures")
-    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
-    rebuilt.load_state_dict(hf.state_dict())
-    with torch.no_grad():
-        assert torch.equal(rebuilt(ids).logits, ref)
+    assert_export_rebuilds(hf, cfg, ids)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -438,12 +421,6 @@ def test_exaone4_matches_transformers(hybrid, backend):
     """EXAONE 4.0: norms after the sublayers, per-head q/k norms; the 32B form slides three
     layers in four (with RoPE) and leaves the global ones without RoPE, the 1.2B form has only
     global layers with RoPE. Logits equal transformers; the exported config rebuilds the model."""
-    import dataclasses
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_k15.models.hf_mapping import hf_config_from_gpt
-
     hf = tiny_hf_model("exaone4", **({} if hybrid else {"sliding_window": None, "layer_types": ["full_attention"] * 4}))
     model = build_from_hf(hf, backend)
     cfg = model.config
@@ -454,9 +431,4 @@ def test_exaone4_matches_transformers(hybrid, backend):
     with torch.no_grad():
         ref = hf(ids).logits
         assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
-    d = dict(hf_config_from_gpt(dataclasses.replace(cfg, extra={})))
-    d.pop("architectures")
-    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
-    rebuilt.load_state_dict(hf.state_dict())
-    with torch.no_grad():
-        assert torch.equal(rebuilt(ids).logits, ref)
+    assert_export_rebuilds(hf, cfg, ids)

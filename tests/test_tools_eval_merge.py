@@ -176,20 +176,25 @@ def layout_eval(tmp_path_factory):
     """A tied-embedding checkpoint saved at pp=2 (so pp=2 loads it as saved and one rank or cp=2
     reshard it), a prompt file, and the single-rank greedy results of evaluate on it."""
     tmp = tmp_path_factory.mktemp("eval_layouts")
+    common = _eval_setup(tmp, "llama", ["--pipeline-model-parallel-size", "2"], max_new_tokens=10)
+    proc = _run_evaluate(tmp, [], common + ["--output", str(tmp / "one.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, common, _eval_outputs(tmp, "one")
+
+
+def _eval_setup(tmp, kind, convert_args, max_new_tokens, **hf_overrides):
+    """A converted tiny ``kind`` checkpoint, the EVAL_PROMPTS file, and evaluate's greedy arguments."""
     # a larger init makes the random model's distribution peaked, so greedy has clear winners
-    save_tiny_hf_checkpoint(str(tmp / "hf"), "llama", seed=5, initializer_range=0.2)
+    save_tiny_hf_checkpoint(str(tmp / "hf"), kind, seed=5, initializer_range=0.2, **hf_overrides)
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
-                    "--hf-dir", str(tmp / "hf"), "--save", str(tmp / "ck"),
-                    "--pipeline-model-parallel-size", "2"], check=True, capture_output=True)
+                    "--hf-dir", str(tmp / "hf"), "--save", str(tmp / "ck")] + convert_args, check=True,
+                   capture_output=True)
     with open(tmp / "eval.jsonl", "w") as f:
         for i, prompt in enumerate(EVAL_PROMPTS):
             f.write(json.dumps({"id": f"e{i}", "prompt": prompt, "task": "custom",
                                 "reward_fn": "test_tools_eval_merge:even_length"}) + "\n")
-    common = ["--load", str(tmp / "ck"), "--tokenizer", "byte", "--input", str(tmp / "eval.jsonl"),
-              "--temperature", "0", "--max-new-tokens", "10", "--batch-size", "3", "--kv-cache-block-size", "4"]
-    proc = _run_evaluate(tmp, [], common + ["--output", str(tmp / "one.jsonl")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, common, _eval_outputs(tmp, "one")
+    return ["--load", str(tmp / "ck"), "--tokenizer", "byte", "--input", str(tmp / "eval.jsonl"), "--temperature",
+            "0", "--max-new-tokens", str(max_new_tokens), "--batch-size", "3", "--kv-cache-block-size", "4"]
 
 
 def _run_evaluate(tmp, launch, argv):
@@ -229,15 +234,7 @@ def test_evaluate_cp2_of_a_sliding_window_model_splits_problems(tmp_path):
     """gpt-oss (a sliding layer of window 8, attention sinks) at cp=2: its cp ranks cannot
     decode one sequence together, so they take different problems, each with a whole KV cache;
     results and summary equal one rank's."""
-    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "gpt_oss", seed=5, initializer_range=0.2, sliding_window=8)
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
-                    "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")], check=True, capture_output=True)
-    with open(tmp_path / "eval.jsonl", "w") as f:
-        for i, prompt in enumerate(EVAL_PROMPTS):
-            f.write(json.dumps({"id": f"e{i}", "prompt": prompt, "task": "custom",
-                                "reward_fn": "test_tools_eval_merge:even_length"}) + "\n")
-    common = ["--load", str(tmp_path / "ck"), "--tokenizer", "byte", "--input", str(tmp_path / "eval.jsonl"),
-              "--temperature", "0", "--max-new-tokens", "12", "--batch-size", "3", "--kv-cache-block-size", "4"]
+    common = _eval_setup(tmp_path, "gpt_oss", [], max_new_tokens=12, sliding_window=8)
     proc = _run_evaluate(tmp_path, [], common + ["--output", str(tmp_path / "one.jsonl")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run_evaluate(tmp_path, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],

@@ -325,7 +325,7 @@ def _wait(reqs):
         r.wait()
 
 
-_TAG_KV, _TAG_DKV = 0, 2
+_TAG_KV, _TAG_DKV, _TAG_HALO = 0, 2, 4
 
 
 def _ring_forward(q, k, v, parts: _Parts, ring: _Ring, causal: bool, scale: float):
@@ -518,9 +518,6 @@ class _HaloExchange(torch.autograd.Function):
         d_first = torch.zeros_like(d_prev) if back_from_next is None else back_from_next
         d_second = torch.zeros_like(d_next) if back_from_prev is None else back_from_prev
         return d_first, d_second, None
-
-
-_TAG_HALO = 4
 
 
 def halo_fits(window_left: int, chunk_lengths) -> bool:

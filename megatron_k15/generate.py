@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
 
     from megatron_k15.files import atomic_file
-    from megatron_k15.generation.loading import cp_decodes_together, load_generation_replica, request_split
+    from megatron_k15.generation.loading import load_generation_replica, request_split
     from megatron_k15.generation.stop_strings import StopStrings, cut_at_stop
     from megatron_k15.partial_results import append_lines, finish, resume_from
     from megatron_k15.generation.sampling import SamplingParams, request_generator
@@ -169,9 +169,7 @@ def main(argv=None) -> int:
         print(f"[generate] resuming: {len(done)} of {len(requests)} requests done in {partial}", file=sys.stderr)
     todo = [i for i in range(len(requests)) if i not in done]
     t0, n_tokens = time.time(), 0
-    # ranks that hold the same results (each request's tokens counted once)
-    replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * \
-        (args.context_parallel_size if cp_decodes_together(cfg, args.context_parallel_size) else 1)
+    replica = dist.get_world_size() // dp_size  # ranks holding the same results: count them once
     for start in range(0, len(todo), args.chunk_size):
         mine = [i for i in todo[start:start + args.chunk_size] if i % dp_size == dp_rank]
         results = generator.generate(

@@ -331,8 +331,11 @@ def rollout_windows_kept(cfg: GPTConfig, layout: Layout, w: Workload) -> bool:
     layouts = set()
     for r in ranges:
         windows = [cfg.window_left(i) for i in r]
-        layouts.add(None if max(windows, default=-1) < 0 else
-                    (page_layout(windows)[0], tuple(page_layout(windows)[1])))
+        if max(windows, default=-1) < 0:
+            layouts.add(None)
+        else:
+            per_block, group_windows, _ = page_layout(windows)
+            layouts.add((per_block, tuple(group_windows)))
     return len(layouts) == 1 and None not in layouts
 
 

@@ -58,6 +58,7 @@ from megatron_k15.arguments import (ArgumentError, _flag, add_grading_args, chec
                                     parse_args)
 from megatron_k15.data.blend import Blend, BlendError, open_prompt_data, parse_blend
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
+from megatron_k15.rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
 from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
 
 
@@ -86,15 +87,14 @@ def add_rl_args(p) -> None:
                    help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
     g.add_argument("--clip-eps-high", type=float, default=None,
                    help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
-    g.add_argument("--loss-agg-mode", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-                   default="token-mean",
+    g.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, default="token-mean",
                    help="grpo/ppo: how token terms are averaged; token-mean: over all response tokens of the update "
                         "(DAPO's; long responses weigh more); seq-mean-token-mean: each response's token mean, then "
                         "the mean over responses (the GRPO paper's; with partial rollouts a response's tokens are "
                         "those trained on in this iteration, its last segment unless --include-old-segments); "
                         "seq-mean-token-sum-norm: each response's token sum over --rollout-max-tokens, then the mean "
                         "over responses (Dr. GRPO's: no length bias)")
-    g.add_argument("--advantage-estimator", choices=["auto", "group-norm", "group-mean", "rloo"], default="auto",
+    g.add_argument("--advantage-estimator", choices=("auto",) + ADVANTAGE_ESTIMATORS, default="auto",
                    help="grpo/ppo/gspo: advantages from the samples of a prompt; group-norm: (r - mean) / std "
                         "(GRPO's); group-mean: r - mean (Dr. GRPO's, with --loss-agg-mode seq-mean-token-sum-norm); "
                         "rloo: r minus the mean of the others (REINFORCE leave-one-out); auto: group-norm for grpo "

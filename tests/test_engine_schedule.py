@@ -7,6 +7,7 @@ pp=2 x cp=2, with no block left allocated. (The real model is covered in test_en
 this isolates the scheduling, which must be identical on every rank.)"""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ class StandInModel(torch.nn.Module):
         self.tp_rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
         self.vocab_per_rank = VOCAB // self.tp_size
         self.sequence_parallel = False
-        self.layers = [None]
+        # one layer as the engine sees it: its attention's window (none)
+        self.layers = {"0": SimpleNamespace(self_attention=SimpleNamespace(window_size=(-1, -1)))}
         self.local_attention_backend = "sdpa"
         self.pre_process, self.post_process = pp_rank == 0, pp_rank == pp - 1
 

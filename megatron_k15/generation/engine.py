@@ -156,8 +156,7 @@ class GenerationEngine:
         cfg = model.config
         self._kv_heads = cfg.num_query_groups // model.tp_size
         self._num_layers = len(model.layers)
-        layers = model.layers.values() if hasattr(model.layers, "values") else model.layers
-        windows = [getattr(getattr(layer, "self_attention", None), "window_size", (-1, -1))[0] for layer in layers]
+        windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
         self._layer_windows = windows if window_cache and self.cp_group is None and max(windows, default=-1) >= 0 \
             else None
         self._layout_agreed = self.pp_size == 1
@@ -185,14 +184,6 @@ class GenerationEngine:
                               "their KV caches keep every token (an even split of the layer pattern "
                               "over the stages, e.g. with --decoder-first-pipeline-num-layers, avoids it)")
             self._layer_windows = None
-
-    def _groups(self) -> int:
-        """Cache groups (block tables) of this stage's layers: a block of every group makes
-        room for ``block_size`` more tokens of a sequence."""
-        return 1 if self._layer_windows is None else len(page_layout(self._layer_windows)[1])
-
-    def _layers_per_block(self) -> int:
-        return self._num_layers if self._layer_windows is None else page_layout(self._layer_windows)[0]
 
     def _prefill_attend_from(self, length: int) -> int:
         """The first position of a ``length``-token prompt whose prefill reads the cache:
@@ -222,6 +213,12 @@ class GenerationEngine:
 
     def _ensure_cache(self, requests: Sequence[_Request]) -> None:
         self._agree_layout()
+        # layers a block holds, and groups (block tables): a block of each makes room for
+        # block_size more tokens of a sequence
+        per_block, groups = self._num_layers, 1
+        if self._layer_windows is not None:
+            per_block, group_windows, _ = page_layout(self._layer_windows)
+            groups = len(group_windows)
         if self.fixed_num_blocks is not None:
             n = self.fixed_num_blocks
         elif self.device.type == "cuda":
@@ -231,13 +228,13 @@ class GenerationEngine:
             # step its cached activations are not "free" to the driver, yet ours to reuse)
             free, _ = torch.cuda.mem_get_info(self.device)
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            n = blocks_for_memory(int(free * self.kv_memory_fraction), self._layers_per_block(),
+            n = blocks_for_memory(int(free * self.kv_memory_fraction), per_block,
                                   self.block_size, self._kv_heads, self.model.config.head_dim,
                                   self.dtype) - 1
         else:
             longest = self._local_len(max((len(r.tokens) + r.budget for r in requests), default=1), 0)
             concurrent = min(len(requests), self.max_batch_size)
-            n = concurrent * (self._blocks_for(longest) + 1) * self._groups()
+            n = concurrent * (self._blocks_for(longest) + 1) * groups
         n = self._agree_min(max(1, n))
         if self.cache is not None and self.cache.num_blocks >= n:
             return
@@ -349,6 +346,7 @@ class GenerationEngine:
             return
         self._ensure_cache(list(waiting))
         cache = self.cache
+        block_bytes = cache.bytes_per_block  # (for the peak, once: the property builds a tensor)
         lanes: list[list[_Request]] = [[] for _ in range(self.num_lanes)]
         inflight: list[Optional[tuple]] = [None] * self.num_lanes  # (requests, tokens, log-probs)
         capacity = self._lane_capacities()
@@ -383,7 +381,7 @@ class GenerationEngine:
                 inflight[m] = (reqs, *self._emit_tokens(reqs, logits))
                 self.stats.steps += 1
                 self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes,
-                                                  cache.num_used_blocks * cache.bytes_per_block)
+                                                  cache.num_used_blocks * block_bytes)
                 m = (m + 1) % self.num_lanes
         except BaseException:
             # the engine stays usable: no sequence keeps its blocks, and sends the peer will

@@ -313,9 +313,6 @@ class PagedKVCache:
         """(num_blocks, block_size, n_kv_heads, head_dim) view of layer's V."""
         return self.kv[self._place[layer][1], 1, :self.num_blocks]
 
-    def group_of(self, layer: int) -> int:
-        return self._place[layer][0]
-
     def for_layer(self, t: torch.Tensor, layer: int) -> torch.Tensor:
         """``layer``'s part of a slot mapping or block table: ``t[group]`` when the cache has
         several groups (those have a leading group dimension), ``t`` itself otherwise."""

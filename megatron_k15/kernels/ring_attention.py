@@ -505,15 +505,13 @@ class _HaloExchange(torch.autograd.Function):
     def forward(ctx, first, second, group):
         ctx.group = group
         from_prev, from_next = _neighbour_exchange(first, second, group)
-        ctx.ends = (from_prev is None, from_next is None)
         return (torch.zeros_like(first) if from_prev is None else from_prev,
                 torch.zeros_like(second) if from_next is None else from_next)
 
     @staticmethod
     def backward(ctx, d_prev, d_next):
-        # what rank r - 1 sent me (its first chunk) goes back to it, and so on
-        d_prev = torch.zeros_like(d_next) if d_prev is None else d_prev
-        d_next = torch.zeros_like(d_prev) if d_next is None else d_next
+        # what rank r - 1 sent me (its first chunk) goes back to it, and so on (autograd
+        # materialises the gradient of an unused output as zeros)
         back_from_prev, back_from_next = _neighbour_exchange(d_next, d_prev, ctx.group)
         d_first = torch.zeros_like(d_prev) if back_from_next is None else back_from_next
         d_second = torch.zeros_like(d_next) if back_from_prev is None else back_from_prev
@@ -619,23 +617,21 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
                                       return_lse=True, window_size=window_size)
         return res if return_lse else res[0]
 
-    if comm_type == "allgather":
+    if comm_type == "allgather" or window:
         if varlen:  # validate local lengths (even) the same way as the ring
             _Parts(True, q.shape[0], cu_seqlens, max_seqlen, q.device)
+            chunks = ((cu_seqlens[1:] - cu_seqlens[:-1]) // 2).tolist()
         elif q.shape[1] % 2:
             raise ValueError(f"the local sequence length {q.shape[1]} is odd: q, k, v must hold "
                              "two zigzag chunks of equal length (see zigzag_split)")
-        out, lse = _allgather_attn(q, k, v, group, bool(causal), softmax_scale, cu_seqlens,
-                                   window_size)
-    elif window:  # the neighbours' chunks when the window reaches no further, else all of them
-        if varlen:
-            _Parts(True, q.shape[0], cu_seqlens, max_seqlen, q.device)
-            chunks = ((cu_seqlens[1:] - cu_seqlens[:-1]) // 2).tolist()
         else:
             chunks = [q.shape[1] // 2]
-        attend = _halo_attn if halo_fits(_fa.window_left_of(window_size, causal), chunks) else _allgather_attn
-        out, lse = attend(q, k, v, group, softmax_scale, cu_seqlens, window_size) \
-            if attend is _halo_attn else attend(q, k, v, group, True, softmax_scale, cu_seqlens, window_size)
+        # a window under the ring: the neighbours' chunks when it reaches no further back
+        if comm_type == "ring" and halo_fits(_fa.window_left_of(window_size, causal), chunks):
+            out, lse = _halo_attn(q, k, v, group, softmax_scale, cu_seqlens, window_size)
+        else:
+            out, lse = _allgather_attn(q, k, v, group, bool(causal), softmax_scale, cu_seqlens,
+                                       window_size)
     else:
         q, k, v = (t.contiguous() for t in (q, k, v))
         out, lse = _RingAttnFunction.apply(q, k, v, group, bool(causal), softmax_scale,

@@ -284,6 +284,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     olmo = arch in OLMO_ARCHITECTURES
     if arch == "exaone4":  # norms after the sublayers as OLMo's, per-head q/k norms, Llama's RMSNorm
         placement = {"norm_placement": "post", "norm_in_fp32": False}
+    elif arch == "glm4":  # plain RMSNorms before and after each sublayer
+        placement = {"norm_placement": "sandwich", "norm_in_fp32": False}
     else:
         placement = {"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo}
     gemma = {}
@@ -291,8 +293,6 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         gemma = dict(norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh",
                      embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
                      attention_softmax_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5)
-    elif arch == "glm4":  # plain RMSNorms before and after each sublayer
-        gemma = dict(norm_placement="sandwich")
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -359,15 +359,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if gemma[0] != (arch in SANDWICH_ARCHITECTURES):
         raise ConfigError("norms before and after each sublayer export only as architecture 'gemma3' (with "
                           "Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
-    full_layers = [i for i in range(cfg.num_layers) if not cfg.is_sliding_layer(i)]
-    if cfg.nope_layers and not (arch == "smollm3" or (arch == "exaone4" and cfg.has_sliding_layers
-                                                      and sorted(cfg.nope_layers) == full_layers)):
+    nope = sorted(cfg.nope_layers or [])
+    if arch == "exaone4":  # its layers without RoPE are the global ones, when others slide
+        want = [i for i in range(cfg.num_layers) if not cfg.is_sliding_layer(i)] if cfg.has_sliding_layers else []
+        if nope != want:
+            raise ConfigError(f"Exaone4ForCausalLM leaves exactly its global layers without RoPE when others "
+                              f"slide (and none otherwise): nope_layers must be {want or None}, got {cfg.nope_layers}")
+    elif nope and arch != "smollm3":
         raise ConfigError(f"layers without RoPE (nope_layers {cfg.nope_layers}) export only as architecture "
-                          f"'smollm3', or as 'exaone4' when they are exactly the full-attention layers among "
-                          f"sliding ones; not {arch!r}")
-    if arch == "exaone4" and cfg.has_sliding_layers and sorted(cfg.nope_layers or []) != full_layers:
-        raise ConfigError("Exaone4ForCausalLM's full-attention layers have no RoPE when others slide: "
-                          f"nope_layers must be {full_layers}")
+                          f"'smollm3' or 'exaone4', not {arch!r}")
     if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4"):
         raise ConfigError(f"partial RoPE (--rotary-percent {cfg.rotary_percent}) exports only as architecture "
                           f"'glm', 'glm4' (interleaved pairs) or 'phi3', not {arch!r}")

@@ -33,8 +33,9 @@ def matmul_parameters(cfg) -> int:
     """N of 2*N*s: the weight matrices a token passes."""
     h = cfg.hidden_size
     q, k = cfg.query_projection_size, cfg.kv_projection_size
-    per_layer = h * (q + 2 * k) + q * h + cfg.active_mlp_parameters(biases=False)
-    return cfg.num_layers * per_layer + cfg.vocab_size * h
+    attention = h * (q + 2 * k) + q * h
+    return sum(attention + cfg.active_mlp_parameters(i, biases=False)
+               for i in range(cfg.num_layers)) + cfg.vocab_size * h
 
 
 def attended_pairs(s: int, window: Optional[int] = None) -> float:

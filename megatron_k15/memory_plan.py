@@ -211,11 +211,15 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
             out.append((p + "post_attention_layernorm.weight", h))
         if pre:
             out.append((p + "pre_mlp_layernorm.weight", h))
-        if cfg.is_moe:
+        if cfg.is_moe_layer(i):
             experts, f = cfg.num_moe_experts // ep, cfg.moe_ffn_hidden_size // tp
             out.append((p + "mlp.router.weight", cfg.num_moe_experts * h))
             if cfg.moe_router_bias:
                 out.append((p + "mlp.router.bias", cfg.num_moe_experts))
+            if cfg.moe_shared_expert_intermediate_size:
+                fs = cfg.moe_shared_expert_intermediate_size // tp
+                out.append((p + "mlp.shared_experts.linear_fc1.weight", 2 * fs * h))
+                out.append((p + "mlp.shared_experts.linear_fc2.weight", h * fs))
             out.append((p + "mlp.experts.linear_fc1.weight", experts * 2 * f * h))
             if cfg.moe_expert_bias:
                 out.append((p + "mlp.experts.linear_fc1.bias", experts * 2 * f))

@@ -173,6 +173,13 @@ TINY_HF_MODELS = {
     "gemma3": (("Gemma3TextConfig", "Gemma3ForCausalLM"), dict(
         num_hidden_layers=6, head_dim=32, sliding_window=24, query_pre_attn_scalar=24, tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
+    # GLM-4.5 (DeepSeek-V3's MoE with GQA attention): the first of 3 layers dense, then 8 experts
+    # of 32 in 2 groups (top-1 group), top-2 by sigmoid score + correction bias, scaled x2.5, a
+    # shared expert; QKV bias, per-head q/k norms, RoPE on the first half of each head
+    "glm4_moe": ("Glm4Moe", dict(num_hidden_layers=3, head_dim=32, partial_rotary_factor=0.5, attention_bias=True,
+                                 use_qk_norm=True, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
+                                 routed_scaling_factor=2.5, norm_topk_prob=True, pad_token_id=0)),
     "gpt_oss": ("GptOss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                                sliding_window=24, pad_token_id=0, rope_theta=150000.0,
                                rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -209,6 +216,9 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
                 p.uniform_(-1.0, 2.0)
             elif "norm" in pname:  # scales of 0.5-1.5 (Gemma stores the scale less 1)
                 p.uniform_(0.5, 1.5).sub_(1.0 if kind == "gemma3" else 0.0)
+        for bname, b in model.named_buffers():  # DeepSeek's router bias: comparable to the scores' spread
+            if bname.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.05)
     return model.eval()
 
 

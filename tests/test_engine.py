@@ -65,10 +65,12 @@ def test_partial_or_no_rope_greedy_equals_transformers(kind):
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
-def test_qwen3_moe_greedy_equals_transformers():
-    """Qwen3-MoE: prefill routes the whole prompt, decode one token per request; both through
-    the same experts as transformers."""
-    hf = tiny_hf_model("qwen3_moe", initializer_range=0.2)
+@pytest.mark.parametrize("kind", ["qwen3_moe", "glm4_moe"])
+def test_moe_greedy_equals_transformers(kind):
+    """Qwen3-MoE, GLM-4.5 (dense first layer, grouped sigmoid routing, shared expert): prefill
+    routes the whole prompt, decode one token per request; both through the same experts as
+    transformers."""
+    hf = tiny_hf_model(kind, initializer_range=0.2)
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 

@@ -432,3 +432,38 @@ def test_exaone4_matches_transformers(hybrid, backend):
         ref = hf(ids).logits
         assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
     assert_export_rebuilds(hf, cfg, ids)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_glm4_moe_matches_transformers_with_deepseek_routing(backend):
+    """GLM-4.5 (DeepSeek-V3's MoE): a dense first layer, then experts chosen by sigmoid score +
+    correction bias within the best group, weighted by the renormalised scores x 2.5, plus a
+    shared expert; partial (rotate-half) RoPE, QKV bias, per-head q/k norms. Logits equal
+    transformers; each routing piece matters (changing it moves them); the exported config
+    rebuilds the same HF model."""
+    from megatron_k15.models.layers import MoEMLP, SwiGLUMLP
+
+    hf = tiny_hf_model("glm4_moe")
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.moe_layer_freq, cfg.moe_router_score_function, cfg.moe_router_num_groups,
+            cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
+            cfg.moe_shared_expert_intermediate_size) == ([0, 1, 1], "sigmoid", 2, 1, 2.5, 32)
+    assert (cfg.rotary_dim, cfg.add_qkv_bias, cfg.qk_layernorm) == (16, True, True)
+    assert [type(layer.mlp) for layer in model.layers.values()] == [SwiGLUMLP, MoEMLP, MoEMLP]
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        for change in ("expert_bias", "groups", "scaling"):
+            other = build_from_hf(hf, backend)
+            for m in other.moe_layers():
+                if change == "expert_bias":
+                    m.router.expert_bias.zero_()
+                elif change == "groups":
+                    m.groups = 1
+                else:
+                    m.scaling = 1.0
+            assert (other.gather_logits(other(ids)) - ref).abs().max().item() > 1e-3, change
+    assert_export_rebuilds(hf, cfg, ids)

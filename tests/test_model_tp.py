@@ -74,6 +74,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("glm4", True),  # partial RoPE (the reordered rows split over tp by head), norms around the sublayers
     ("smollm3", True),  # a layer without RoPE
     ("exaone4", True),  # norms after the sublayers, per-head q/k norms, sliding layers and a NoPE one
+    ("glm4_moe", True),  # a dense layer then MoE ones: grouped sigmoid routing, shared expert split over tp
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)

@@ -93,6 +93,24 @@ class GPTConfig:
     # SwiGLU (gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate))
     moe_router_bias: bool = False
     moe_expert_bias: bool = False
+    # DeepSeek-V3-style routing (DeepSeek-V3, Moonlight, Kimi K2, GLM-4.5; Megatron-LM's flags of
+    # the same names): scores sigmoid(x W_r^T) instead of a softmax; with the expert bias b
+    # (a buffer, aux-loss-free balancing) experts are *chosen* by score + b but weighted by the
+    # score; with groups, only experts of the group_topk groups whose two best scores sum
+    # highest are chosen; the k weights (renormalised when moe_norm_topk_prob) are multiplied
+    # by the scaling factor
+    moe_router_score_function: str = "softmax"  # "softmax" | "sigmoid"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # an always-on SwiGLU expert of this ffn size next to the routed ones (DeepSeek: n_shared x
+    # moe_intermediate_size); None: none
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    # which layers are MoE (Megatron-LM's --moe-layer-freq): N, every N-th layer from the first
+    # (i % N == 0); or one 0/1 per layer (DeepSeek's first_k_dense_replace k: k zeros, then
+    # ones). The dense layers' MLP has ffn_hidden_size.
+    moe_layer_freq: Any = 1
     activation: str = "swiglu"  # "swiglu" | "swiglu_clamped" | "geglu_tanh" (Gemma: gelu_pytorch_tanh)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -111,7 +129,20 @@ class GPTConfig:
 
     @property
     def is_moe(self) -> bool:
+        """Whether the model has experts (some of its layers may still be dense)."""
         return bool(self.num_moe_experts)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based, of the whole model) has routed experts."""
+        if not self.is_moe:
+            return False
+        if isinstance(self.moe_layer_freq, (list, tuple)):
+            return bool(self.moe_layer_freq[layer])
+        return layer % int(self.moe_layer_freq) == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     def is_sliding_layer(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based, of the whole model) attends through the window."""
@@ -168,30 +199,30 @@ class GPTConfig:
                      if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
         attn += self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
         norms = 4 if self.norm_placement == "sandwich" else 2
-        per_layer = attn + self._mlp_parameters(self.num_moe_experts) + norms * h
+        mlps = sum(self._mlp_parameters(i, self.num_moe_experts) for i in range(L))
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return L * per_layer + emb + h
+        return L * (attn + norms * h) + mlps + emb + h
 
     def num_active_parameters(self) -> int:
-        """Parameters a token passes through (MoE: the router and its top-k experts); the
-        FLOPs per token are 6x this in training."""
-        if not self.is_moe:
-            return self.num_parameters()
-        skipped = self._mlp_parameters(self.num_moe_experts) - self.active_mlp_parameters()
-        return self.num_parameters() - self.num_layers * skipped
+        """Parameters a token passes through (MoE: the router, its top-k experts and the
+        shared expert); the FLOPs per token are 6x this in training."""
+        skipped = sum(self._mlp_parameters(i, self.num_moe_experts) - self.active_mlp_parameters(i)
+                      for i in range(self.num_layers))
+        return self.num_parameters() - skipped
 
-    def active_mlp_parameters(self, biases: bool = True) -> int:
-        """One layer's MLP weights a token passes through (MoE: the router and k experts);
-        ``biases=False``: the matrices only (what the FLOPs count)."""
-        return self._mlp_parameters(self.moe_router_topk if self.is_moe else 0, biases)
+    def active_mlp_parameters(self, layer: int, biases: bool = True) -> int:
+        """Layer ``layer``'s MLP weights a token passes through (MoE: the router, k experts and
+        the shared expert); ``biases=False``: the matrices only (what the FLOPs count)."""
+        return self._mlp_parameters(layer, self.moe_router_topk, biases)
 
-    def _mlp_parameters(self, experts: int, biases: bool = True) -> int:
+    def _mlp_parameters(self, layer: int, experts: int, biases: bool = True) -> int:
         h = self.hidden_size
-        if not self.is_moe:
+        if not self.is_moe_layer(layer):
             return 3 * h * self.ffn_hidden_size
         f = self.moe_ffn_hidden_size
         bias = experts * (2 * f + h) * self.moe_expert_bias + self.num_moe_experts * self.moe_router_bias
-        return experts * 3 * h * f + h * self.num_moe_experts + bias * biases  # + router
+        shared = 3 * h * (self.moe_shared_expert_intermediate_size or 0)
+        return experts * 3 * h * f + h * self.num_moe_experts + shared + bias * biases  # + router
 
     # -- validation ---------------------------------------------------------------------
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
@@ -250,6 +281,7 @@ class GPTConfig:
             if self.moe_ffn_hidden_size % tp:
                 raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide --moe-ffn-hidden-size "
                                   f"{self.moe_ffn_hidden_size} (each expert is split over tp)")
+            self._validate_deepseek_moe(tp)
         if self.num_layers < pp:
             raise ConfigError(
                 f"--pipeline-model-parallel-size {pp} exceeds --num-layers {self.num_layers}; "
@@ -284,6 +316,40 @@ class GPTConfig:
                 raise ConfigError(f"sliding_rope holds rotary_base and rope_scaling, got {sorted(self.sliding_rope)}")
             _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling")
         return self
+
+    def _validate_deepseek_moe(self, tp: int) -> None:
+        """The routing, shared-expert and layer-pattern fields of an MoE model."""
+        E = self.num_moe_experts
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ConfigError(f"--moe-router-score-function must be softmax or sigmoid, got "
+                              f"{self.moe_router_score_function!r}")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
+        if groups is not None:
+            if groups < 1 or E % groups or (groups > 1 and E // groups < 2):
+                raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {E} into groups "
+                                  "of at least 2 experts (a group scores by its two best)")
+            if not 1 <= group_topk <= groups or self.moe_router_topk > group_topk * E // groups:
+                raise ConfigError(f"--moe-router-group-topk {group_topk} must be in [1, {groups}] and its groups "
+                                  f"hold at least --moe-router-topk {self.moe_router_topk} experts")
+        if self.moe_router_topk_scaling_factor is not None and not self.moe_router_topk_scaling_factor > 0:
+            raise ConfigError(f"--moe-router-topk-scaling-factor must be > 0, got "
+                              f"{self.moe_router_topk_scaling_factor}")
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and (shared <= 0 or shared % tp):
+            raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} must be positive and divisible by "
+                              f"--tensor-model-parallel-size {tp}")
+        freq = self.moe_layer_freq
+        if isinstance(freq, (list, tuple)):
+            if len(freq) != self.num_layers or any(v not in (0, 1) for v in freq) or not any(freq):
+                raise ConfigError(f"--moe-layer-freq as a list needs one 0/1 per layer ({self.num_layers}) and at "
+                                  f"least one 1, got {list(freq)}")
+        elif not (isinstance(freq, int) and freq >= 1):
+            raise ConfigError(f"--moe-layer-freq must be a positive integer or a 0/1 list, got {freq!r}")
+        if self.num_moe_layers < self.num_layers and self.ffn_hidden_size % tp:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size "
+                              f"{self.ffn_hidden_size} (the dense layers' MLP)")
 
     def uses_rope(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based, of the whole model) rotates its q and k."""

@@ -18,6 +18,11 @@ Name mapping (i = layer):
     model.layers.i.mlp.experts.e.down_proj.weight   -> layers.i.mlp.experts.linear_fc2.weight[e]
                                                        (transformers 5's in-memory stacked
                                                        experts.gate_up_proj / down_proj read too)
+    GLM-4.5 / DeepSeek-V3 (layers from first_k_dense_replace on are MoE; the first ones dense):
+    model.layers.i.mlp.gate.e_score_correction_bias -> layers.i.mlp.router.expert_bias
+    model.layers.i.mlp.shared_experts.{gate,up}_proj.weight -> layers.i.mlp.shared_experts.linear_fc1.weight
+    model.layers.i.mlp.shared_experts.down_proj.weight -> layers.i.mlp.shared_experts.linear_fc2.weight
+    (the hub's multi-token-prediction layers, numbered from num_hidden_layers, are not read)
     Gemma 3 (norms before and after each sublayer):
     model.layers.i.pre_feedforward_layernorm.weight -> layers.i.pre_mlp_layernorm.weight
     model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
@@ -59,14 +64,17 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
                            "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3",
-                           "Exaone4ForCausalLM": "exaone4"}
+                           "Exaone4ForCausalLM": "exaone4", "Glm4MoeForCausalLM": "glm4_moe"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
 MULTIMODAL_TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."))
-MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
+# DeepSeek-V3-style MoE: sigmoid router with a score-correction bias and groups, shared experts,
+# the first layers dense (``_deepseek_moe_fields``)
+DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe",)
+MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss") + DEEPSEEK_MOE_ARCHITECTURES
 FUSED_QKV_ARCHITECTURES = ("phi3",)  # one qkv_proj tensor per layer
 FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor per layer
 # GLM rotates channel pairs (2i, 2i+1) of the first partial_rotary_factor of each head; the
@@ -240,7 +248,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
     sliding = _sliding_layout(hf, arch, where)
     rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    rotary = float(rotary if rotary is not None else (0.5 if arch in INTERLEAVED_ROPE_ARCHITECTURES else 1.0))
+    half = INTERLEAVED_ROPE_ARCHITECTURES + ("glm4_moe",)  # GLM's default: RoPE on half of each head
+    rotary = float(rotary if rotary is not None else (0.5 if arch in half else 1.0))
     (theta, scaling), sliding_rope = _layer_type_rope(hf, arch, where)
     if not sliding:
         sliding_rope = None
@@ -268,6 +277,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    moe_router_bias=True, moe_expert_bias=True, activation="swiglu_clamped",
                    swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
+    if arch in DEEPSEEK_MOE_ARCHITECTURES:
+        moe = _deepseek_moe_fields(hf, where)
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
     nope = None
     if arch == "smollm3":  # no_rope_layers[i] == 0: layer i has no RoPE (default: every fourth)
@@ -309,7 +320,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
-        qk_layernorm=arch in QK_NORM_ARCHITECTURES,
+        qk_layernorm=arch in QK_NORM_ARCHITECTURES or (arch == "glm4_moe" and bool(hf.get("use_qk_norm"))),
         qk_layernorm_scope="all" if olmo else "head",
         **(placement if not gemma else gemma),
         sliding_rope=sliding_rope,
@@ -327,6 +338,52 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     except ConfigError as e:
         raise HFCheckpointError(f"{where}: {e}") from None
     return cfg
+
+
+def _deepseek_moe_fields(hf: dict, where: str) -> dict:
+    """Our MoE fields from a DeepSeek-V3 / GLM-4.5 config: sigmoid scores (``scoring_func``)
+    with the score-correction bias choosing (``topk_method`` noaux_tc), n_group / topk_group,
+    routed_scaling_factor, n_shared_experts shared experts of moe_intermediate_size, and layer
+    i MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if hf.get(key) is None:
+            raise HFCheckpointError(f"{where}: missing required field {key!r}")
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if hf.get(key, want) != want:
+            raise HFCheckpointError(f"{where}: {key}={hf[key]!r} is not supported ({want})")
+    n, first = int(hf["num_hidden_layers"]), int(hf.get("first_k_dense_replace") or 0)
+    every = int(hf.get("moe_layer_freq") or 1)
+    pattern = [int(i >= first and i % every == 0) for i in range(n)]
+    if not any(pattern):
+        raise HFCheckpointError(f"{where}: first_k_dense_replace={first} leaves no MoE layer of {n}")
+    f, shared = int(hf["moe_intermediate_size"]), int(hf.get("n_shared_experts") or 0)
+    groups = int(hf.get("n_group") or 1)
+    return dict(num_moe_experts=int(hf["n_routed_experts"]), moe_router_topk=int(hf["num_experts_per_tok"]),
+                moe_ffn_hidden_size=f, moe_norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_num_groups=groups if groups > 1 else None,
+                moe_router_group_topk=int(hf.get("topk_group") or 1) if groups > 1 else None,
+                moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                moe_shared_expert_intermediate_size=shared * f if shared else None,
+                moe_layer_freq=1 if all(pattern) else pattern)
+
+
+def _hf_deepseek_moe_fields(cfg: GPTConfig) -> dict:
+    """Inverse of ``_deepseek_moe_fields``; refuses what DeepSeek's config cannot say."""
+    pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    first = pattern.index(1)
+    shared = cfg.moe_shared_expert_intermediate_size or 0
+    if (cfg.moe_router_score_function != "sigmoid" or not cfg.moe_router_enable_expert_bias
+            or pattern != [0] * first + [1] * (cfg.num_layers - first) or shared % cfg.moe_ffn_hidden_size):
+        raise ConfigError(f"{HF_CLASS[cfg.architecture]}'s experts are routed by sigmoid scores with an expert "
+                          "bias, every layer from the first MoE one on is MoE, and the shared expert is a whole "
+                          "number of experts (--moe-router-score-function sigmoid --moe-router-enable-expert-bias, "
+                          f"--moe-layer-freq {pattern})")
+    return {"n_routed_experts": cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk,
+            "moe_intermediate_size": cfg.moe_ffn_hidden_size, "n_shared_experts": shared // cfg.moe_ffn_hidden_size,
+            "first_k_dense_replace": first, "n_group": cfg.moe_router_num_groups or 1,
+            "topk_group": cfg.moe_router_group_topk or 1, "norm_topk_prob": cfg.moe_norm_topk_prob,
+            "routed_scaling_factor": cfg.moe_router_topk_scaling_factor or 1.0, "num_nextn_predict_layers": 0}
 
 
 def hf_config_from_gpt(cfg: GPTConfig) -> dict:
@@ -368,10 +425,17 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     elif nope and arch != "smollm3":
         raise ConfigError(f"layers without RoPE (nope_layers {cfg.nope_layers}) export only as architecture "
                           f"'smollm3' or 'exaone4', not {arch!r}")
-    if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4"):
+    if cfg.rotary_percent != 1.0 and arch not in ("phi3", "glm", "glm4", "glm4_moe"):
         raise ConfigError(f"partial RoPE (--rotary-percent {cfg.rotary_percent}) exports only as architecture "
-                          f"'glm', 'glm4' (interleaved pairs) or 'phi3', not {arch!r}")
-    if not olmo and cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
+                          f"'glm', 'glm4' (interleaved pairs), 'glm4_moe' or 'phi3', not {arch!r}")
+    deepseek_routing = (cfg.moe_router_score_function != "softmax", cfg.moe_router_enable_expert_bias,
+                        cfg.moe_router_num_groups is not None, cfg.moe_router_topk_scaling_factor is not None,
+                        bool(cfg.moe_shared_expert_intermediate_size), cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
+    if any(deepseek_routing) and arch not in DEEPSEEK_MOE_ARCHITECTURES:
+        raise ConfigError(f"DeepSeek-style experts (sigmoid router, expert bias, groups, scaling, shared experts, "
+                          f"dense layers among MoE ones) export only as {list(DEEPSEEK_MOE_ARCHITECTURES)}, "
+                          f"not {arch!r}")
+    if not olmo and arch != "glm4_moe" and cfg.qk_layernorm != (arch in QK_NORM_ARCHITECTURES):
         raise ConfigError("QK layernorm is Qwen3's: export a model with --qk-layernorm as architecture "
                           "'qwen3' (or 'qwen3_moe'), one without as 'qwen2', 'llama', 'mistral' or 'phi3'")
     hf = {
@@ -410,6 +474,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif arch in ("glm", "glm4"):
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
+    elif arch == "glm4_moe":
+        hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None,
+                  use_qk_norm=cfg.qk_layernorm, **_hf_deepseek_moe_fields(cfg))
     elif arch == "exaone4":
         hf.update(attention_bias=cfg.add_qkv_bias, pad_token_id=None)
     elif arch == "smollm3":
@@ -561,7 +628,7 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
         if cfg.architecture == "gpt_oss":
             out.update(_gpt_oss_experts_to_megatron(take, p + "mlp.", o + "mlp.", hf_sd))
-        elif cfg.is_moe:
+        elif cfg.is_moe_layer(i):
             out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
         elif cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:  # [gate; up], as our fc1
             out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
@@ -666,9 +733,17 @@ def _qk_norm_name(cfg: GPTConfig) -> str:
 
 
 def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, hf_sd: dict) -> dict:
-    """One MoE layer's router and stacked experts from the hub's per-expert tensors (or from
-    transformers 5's stacked ``experts.gate_up_proj`` (E, 2f, h) / ``experts.down_proj`` (E, h, f))."""
+    """One MoE layer's router (with DeepSeek's score-correction bias), shared expert and stacked
+    experts from the hub's per-expert tensors (or from transformers 5's stacked
+    ``experts.gate_up_proj`` (E, 2f, h) / ``experts.down_proj`` (E, h, f))."""
     out = {prefix + "router.weight": take(hf_prefix + "gate.weight")}
+    if cfg.moe_router_enable_expert_bias:
+        out[prefix + "router.expert_bias"] = take(hf_prefix + "gate.e_score_correction_bias")
+    if cfg.moe_shared_expert_intermediate_size:
+        s = hf_prefix + "shared_experts."
+        out[prefix + "shared_experts.linear_fc1.weight"] = torch.cat(
+            [take(s + "gate_proj.weight"), take(s + "up_proj.weight")], dim=0)
+        out[prefix + "shared_experts.linear_fc2.weight"] = take(s + "down_proj.weight")
     stacked = hf_prefix + "experts.gate_up_proj"
     if stacked in hf_sd:
         out[prefix + "experts.linear_fc1.weight"] = take(stacked)
@@ -713,8 +788,15 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
         if cfg.architecture == "gpt_oss":
             out.update(_gpt_oss_experts_to_hf(sd, o + "mlp.", p + "mlp."))
             continue
-        if cfg.is_moe:
+        if cfg.is_moe_layer(i):
             out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
+            if cfg.moe_router_enable_expert_bias:
+                out[p + "mlp.gate.e_score_correction_bias"] = sd[o + "mlp.router.expert_bias"]
+            if cfg.moe_shared_expert_intermediate_size:
+                gate, up = sd[o + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
+                out.update({p + "mlp.shared_experts.gate_proj.weight": gate.contiguous(),
+                            p + "mlp.shared_experts.up_proj.weight": up.contiguous(),
+                            p + "mlp.shared_experts.down_proj.weight": sd[o + "mlp.shared_experts.linear_fc2.weight"]})
             fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
             for e in range(cfg.num_moe_experts):
                 gate, up = fc1[e].chunk(2, dim=0)
@@ -755,6 +837,9 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
         "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
         "mlp.router.weight": (cfg.num_moe_experts, h),
+        "mlp.router.expert_bias": (cfg.num_moe_experts,),
+        "mlp.shared_experts.linear_fc1.weight": (2 * (cfg.moe_shared_expert_intermediate_size or 0), h),
+        "mlp.shared_experts.linear_fc2.weight": (h, cfg.moe_shared_expert_intermediate_size or 0),
         "mlp.experts.linear_fc1.weight": (cfg.num_moe_experts, 2 * (cfg.moe_ffn_hidden_size or 0), h),
         "mlp.experts.linear_fc2.weight": (cfg.num_moe_experts, h, cfg.moe_ffn_hidden_size or 0),
     }

@@ -310,6 +310,15 @@ class ExpertWeights(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(experts, out_features, dtype=dtype)) if bias else None
 
 
+class DenseWeight(torch.nn.Module):
+    """A plain (out, in) weight for a GEMM whose input already went through the layer's tp
+    communication (the shared expert inside ``MoEMLP``), drawn as normal(0, std)."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, std: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype).normal_(0.0, std))
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``x``; its backward also starts ``aux``'s backward with gradient 1. So a
     layer's auxiliary loss trains the router without travelling with the activations (or
@@ -335,11 +344,16 @@ def expert_counts(experts: torch.Tensor, num_experts: int, weights: Optional[tor
 
 
 class MoEMLP(torch.nn.Module):
-    """Top-k routed SwiGLU experts (Qwen3-MoE; no shared expert, no token dropping).
+    """Top-k routed SwiGLU experts (Qwen3-MoE, gpt-oss, DeepSeek-V3; no token dropping).
 
     Router: p = softmax(x W_r^T) in fp32 over the E experts; token t goes to its k most
     probable experts e with weight p_e (renormalised over the k when ``moe_norm_topk_prob``):
     out_t = sum_e p_e * down_e(silu(gate_e(x_t)) * up_e(x_t)).
+    DeepSeek-V3's router (``route``): p = sigmoid(x W_r^T); experts chosen by p + b (b the
+    ``expert_bias`` buffer, aux-loss-free balancing), only among the best groups when grouped,
+    weighted by p (renormalised) times the scaling factor. A shared expert (DeepSeek, GLM-4.5)
+    adds a dense SwiGLU of every token to the routed sum; under tp it is split like the dense
+    MLP and its partial output joins the experts' reduction.
 
     Tensor parallelism splits every expert's ffn like the dense MLP (Megatron's expert tensor
     parallelism with its size = tp): each rank routes all tokens (gathered from the
@@ -389,6 +403,18 @@ class MoEMLP(torch.nn.Module):
         for p in self.router.parameters():
             p.tp_replicated = True
             p.tp_partial_grad = tp > 1
+        self.sigmoid = cfg.moe_router_score_function == "sigmoid"
+        self.groups = cfg.moe_router_num_groups or 1
+        self.group_topk = cfg.moe_router_group_topk or 1
+        self.scaling = cfg.moe_router_topk_scaling_factor
+        if cfg.moe_router_enable_expert_bias:  # in the state dict, not trained by the optimizer
+            self.router.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self.shared_experts = None
+        if cfg.moe_shared_expert_intermediate_size:  # [gate_r; up_r] rows and down_r columns of this rank
+            fs = cfg.moe_shared_expert_intermediate_size // tp
+            self.shared_experts = torch.nn.Module()
+            self.shared_experts.linear_fc1 = DenseWeight(2 * fs, h, dtype, cfg.init_method_std)
+            self.shared_experts.linear_fc2 = DenseWeight(h, fs, dtype, cfg.init_method_std)
         self.experts = torch.nn.Module()
         self.local_experts = self.num_experts // ep
         bias = cfg.moe_expert_bias
@@ -405,11 +431,31 @@ class MoEMLP(torch.nn.Module):
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E))."""
-        probs = F.softmax(self.router(tokens).float(), dim=-1)
-        weights, experts = probs.topk(self.topk, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E):
+        the scores normalised over the experts, what the load-balancing loss weighs)."""
+        logits = self.router(tokens).float()
+        if not self.sigmoid:
+            probs = F.softmax(logits, dim=-1)
+            weights, experts = probs.topk(self.topk, dim=-1)
+            if self.norm_topk:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            scores = torch.sigmoid(logits)
+            choice = scores.detach()  # the choice is not differentiable; the weights are
+            if hasattr(self.router, "expert_bias"):
+                choice = choice + self.router.expert_bias
+            if self.groups > 1:  # keep the group_topk groups whose two best choice scores sum highest
+                grouped = choice.view(choice.shape[0], self.groups, -1)
+                best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.group_topk, dim=-1).indices
+                keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+                choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+            experts = choice.topk(self.topk, dim=-1).indices
+            weights = scores.gather(1, experts)
+            if self.norm_topk:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.scaling is not None:
+            weights = weights * self.scaling
         return weights.to(tokens.dtype), experts, probs
 
     def aux_loss(self, prob_sums: torch.Tensor, counts: torch.Tensor, num_tokens) -> torch.Tensor:
@@ -506,6 +552,9 @@ class MoEMLP(torch.nn.Module):
         slots = torch.empty_like(y)
         slots[order] = y
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
+        if self.shared_experts is not None:  # this rank's ffn slice: a partial sum over tp, as the experts'
+            gate, up = F.linear(x, self.shared_experts.linear_fc1.weight).chunk(2, dim=-1)
+            out = out + F.linear(gated_activation(gate, up, self.cfg), self.shared_experts.linear_fc2.weight)
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self._routing_aux_loss(probs, experts, token_mask)
             # not a recompute inside backward, nor an empty microbatch (only expert parallelism
@@ -547,7 +596,7 @@ class TransformerLayer(torch.nn.Module):
             self.post_attention_layernorm = norm()
         if self.pre_norm:
             self.pre_mlp_layernorm = norm()
-        if cfg.is_moe:
+        if cfg.is_moe_layer(layer_number):
             self.mlp = MoEMLP(cfg, mp_config, tp_group, sequence_parallel, cp_group, ep_group)
         else:
             self.mlp = SwiGLUMLP(cfg, mp_config, tp_group, sequence_parallel)

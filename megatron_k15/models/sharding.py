@@ -5,13 +5,14 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
 
     embedding.weight, output_layer.weight, linear_qkv.*   rows split in tp contiguous chunks
     linear_fc1.weight                                     [gate; up]: each rank gets [gate_r; up_r]
+                                                          (the dense MLP's and the shared expert's)
     linear_proj.weight, linear_fc2.weight                 columns split in tp chunks
     mlp.experts.linear_fc1.weight (E, 2f, h)              per expert [gate_r; up_r] (dim 1)
     mlp.experts.linear_fc2.weight (E, h, f)               per expert columns (dim 2)
     q_norm_all_heads / k_norm_all_heads.weight (OLMo)     split in tp chunks (a rank's heads)
     self_attention.sinks (gpt-oss)                        split in tp chunks (a rank's heads)
     mlp.experts.linear_fc1.bias (E, 2f)                   per expert [gate_r; up_r] (dim 1)
-    other norms, mlp.router.*, linear_proj.bias,
+    other norms, mlp.router.* (with DeepSeek's expert_bias), linear_proj.bias,
     mlp.experts.linear_fc2.bias                           replicated
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
@@ -31,9 +32,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 def shard_rule(name: str) -> tuple[Optional[int], int]:
     """(dim split across tp or None if replicated, number of fused parts interleaved)."""
-    if name.endswith("experts.linear_fc1.weight") or name.endswith("experts.linear_fc1.bias"):
+    if name.endswith(".experts.linear_fc1.weight") or name.endswith(".experts.linear_fc1.bias"):
         return 1, 2
-    if name.endswith("experts.linear_fc2.weight"):
+    if name.endswith(".experts.linear_fc2.weight"):
         return 2, 1
     if name.endswith("linear_fc1.weight"):
         return 0, 2

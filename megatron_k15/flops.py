@@ -9,7 +9,8 @@ needs, not what recompute or padding adds):
     N    parameters in matmuls: every layer's weight matrices (MoE: the router and the top-k
          experts a token passes) and the output layer (V x h; the input embedding is a lookup,
          and a tied embedding counts once)
-    L    layers; h_q = heads * head_dim (the query width)
+    L    layers; h_q = heads * head_dim (the query width; MLA: QK^T spans heads * (qk_head_dim
+         + qk_pos_emb_head_dim) and PV heads * v_head_dim, so 2 * h_q is their sum)
     2 * L * s^2 * h_q: causal attention (QK^T and PV, 2 * 2 * s^2 * h_q per layer, halved by
          the mask); a sliding-window layer (window W < s) attends W^2 / 2 + (s - W) W query-key
          pairs instead of s^2 / 2
@@ -31,11 +32,9 @@ PEAK_HALF_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
 
 def matmul_parameters(cfg) -> int:
     """N of 2*N*s: the weight matrices a token passes."""
-    h = cfg.hidden_size
-    q, k = cfg.query_projection_size, cfg.kv_projection_size
-    attention = h * (q + 2 * k) + q * h
+    attention = cfg.attention_parameters(matrices_only=True)
     return sum(attention + cfg.active_mlp_parameters(i, biases=False)
-               for i in range(cfg.num_layers)) + cfg.vocab_size * h
+               for i in range(cfg.num_layers)) + cfg.vocab_size * cfg.hidden_size
 
 
 def attended_pairs(s: int, window: Optional[int] = None) -> float:
@@ -52,7 +51,14 @@ def forward_flops(cfg, seq_lengths: Iterable[int]) -> float:
     sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_layers))
     pairs = sum((cfg.num_layers - sliding) * attended_pairs(s) + sliding * attended_pairs(s, cfg.sliding_window)
                 for s in lengths)
-    return 2.0 * matmul_parameters(cfg) * sum(lengths) + 4.0 * cfg.query_projection_size * pairs
+    return 2.0 * matmul_parameters(cfg) * sum(lengths) + 2.0 * (qk_width(cfg) + cfg.value_projection_size) * pairs
+
+
+def qk_width(cfg) -> int:
+    """Channels of all heads that a query-key product spans (MLA: without the v padding)."""
+    if cfg.multi_latent_attention:
+        return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.qk_pos_emb_head_dim)
+    return cfg.query_projection_size
 
 
 def training_flops(cfg, seq_lengths: Iterable[int]) -> float:

@@ -48,6 +48,7 @@ to_hf = _load_tool(TO_HF)
     ("smollm3", torch.bfloat16, None, 2, 2),    # a layer without RoPE, tied embeddings
     ("exaone4", torch.bfloat16, None, 2, 2),    # post-norms, per-head q/k norms, sliding + NoPE global layers
     ("glm4_moe", torch.bfloat16, None, 2, 2),   # dense + MoE layers, router bias, shared expert over tp
+    ("deepseek_v3", torch.bfloat16, None, 2, 2),  # MLA: interleaved RoPE rows reordered and back, heads over tp
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"
@@ -70,7 +71,7 @@ def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3_moe", "glm4_moe", "deepseek_v3"])
 def test_checkpoint_loads_under_another_tp_layout(tmp_path, kind):
     """Saved at tp=2/pp=2, loaded by a tp=1 model: logits still equal transformers' (for MoE
     through the hub's per-expert tensors on disk)."""

@@ -65,11 +65,12 @@ def test_partial_or_no_rope_greedy_equals_transformers(kind):
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "glm4_moe", "deepseek_v3"])
 def test_moe_greedy_equals_transformers(kind):
-    """Qwen3-MoE, GLM-4.5 (dense first layer, grouped sigmoid routing, shared expert): prefill
-    routes the whole prompt, decode one token per request; both through the same experts as
-    transformers."""
+    """Qwen3-MoE, GLM-4.5 (dense first layer, grouped sigmoid routing, shared expert),
+    DeepSeek-V3 (+ multi-latent attention: the cache holds every head's K and zero-padded V):
+    prefill routes the whole prompt, decode one token per request; both through the same
+    experts as transformers."""
     hf = tiny_hf_model(kind, initializer_range=0.2)
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 

@@ -64,17 +64,37 @@ def test_auto_backend_resolves_by_device():
 
 
 def test_head_dim_the_flash_kernels_cannot_take():
-    """head_dim 80 (five heads of 80 in 400): SDPA builds and runs; the Triton backend is refused
-    when the model is built, naming the flag, not at the first forward."""
+    """head_dim 80 (five heads of 80 in 400): auto picks SDPA; the Triton backend zero-pads the
+    heads to 128 for its kernels and gives SDPA's logits, LSE and gradients; a head above 256
+    is refused when the model is built, naming the flag, not at the first forward."""
+    from megatron_k15.models.attention import get_attention_backend
+
     initialize_model_parallel(1)
     cfg = preset("tiny", hidden_size=400, num_attention_heads=5, num_query_groups=5, ffn_hidden_size=64)
     assert cfg.head_dim == 80
     model = GPTModel(cfg, attention_backend="auto")
     model.reset_parameters(0)
     assert model.attention_backend == "sdpa"
-    assert model(torch.tensor([[1, 2, 3]]))[..., :cfg.vocab_size].isfinite().all()  # the padding is -inf
-    with pytest.raises(ValueError, match="head_dim 80.*--attention-backend sdpa"):
-        GPTModel(cfg, attention_backend="triton")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    assert model(ids)[..., :cfg.vocab_size].isfinite().all()  # the padding is -inf
+    triton = GPTModel(cfg, attention_backend="triton")
+    triton.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (triton(ids) - model(ids))[..., :cfg.vocab_size].abs().max() <= 1e-5
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 5, 80, generator=gen, requires_grad=True) for _ in range(3))
+    grads = []
+    for name in ("sdpa", "triton"):
+        fn = get_attention_backend(name, 80)
+        out, lse = fn(q, k, v, causal=True, softmax_scale=0.1, return_lse=True)
+        assert out.shape == q.shape
+        grads.append((out, lse, torch.autograd.grad(out.square().sum(), (q, k, v))))
+    (o1, l1, g1), (o2, l2, g2) = grads
+    assert (o1 - o2).abs().max() <= 1e-5 and (l1 - l2).abs().max() <= 1e-5
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(g1, g2))
+    big = preset("tiny", hidden_size=320, num_attention_heads=1, num_query_groups=1, ffn_hidden_size=64)
+    with pytest.raises(ValueError, match="head_dim 320.*--attention-backend sdpa"):
+        GPTModel(big, attention_backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])

@@ -1,6 +1,8 @@
 """Our GPT reproduces transformers' logits for random Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Phi-3, OLMo 2
 and OLMo 3 models (fp32), sliding windows included."""
 
+import math
+
 import pytest
 import torch
 
@@ -466,4 +468,39 @@ def test_glm4_moe_matches_transformers_with_deepseek_routing(backend):
                 else:
                     m.scaling = 1.0
             assert (other.gather_logits(other(ids)) - ref).abs().max().item() > 1e-3, change
+    assert_export_rebuilds(hf, cfg, ids)
+
+
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale": 1.0,
+                 "mscale_all_dim": 1.0, "beta_fast": 1.0, "beta_slow": 1.0}  # Kimi K2's form at x4
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("variant", ["q-lora", "no-q-lora", "yarn"])
+def test_deepseek_v3_matches_transformers(variant, backend):
+    """DeepSeek-V3 / Moonlight / Kimi K2: multi-latent attention (q through a latent or not;
+    heads of 16 + 8 interleaved-RoPE channels, v of 16: the core runs at 24, Triton pads it to
+    32) and DeepSeek's MoE. Logits equal transformers; under YaRN the softmax scale carries
+    mscale(factor, mscale_all_dim)^2; the exported config rebuilds the same HF model."""
+    from megatron_k15.models.layers import MultiLatentAttention
+
+    over = {"no-q-lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": DEEPSEEK_YARN}}.get(variant, {})
+    hf = tiny_hf_model("deepseek_v3", **over)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.multi_latent_attention, cfg.head_dim, cfg.rotary_dim, cfg.num_query_groups) == (True, 24, 8, 4)
+    assert cfg.q_lora_rank == (None if variant == "no-q-lora" else 32)
+    attn = model.layers["0"].self_attention
+    assert isinstance(attn, MultiLatentAttention)
+    mscale = (0.1 * math.log(4.0) + 1.0) ** 2 if variant == "yarn" else 1.0
+    assert attn.softmax_scale == pytest.approx(24 ** -0.5 * mscale)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        if variant == "yarn":  # without the mscale^2 the logits move
+            for layer in model.layers.values():
+                layer.self_attention.softmax_scale = 24 ** -0.5
+            assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
     assert_export_rebuilds(hf, cfg, ids)

@@ -75,6 +75,8 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("smollm3", True),  # a layer without RoPE
     ("exaone4", True),  # norms after the sublayers, per-head q/k norms, sliding layers and a NoPE one
     ("glm4_moe", True),  # a dense layer then MoE ones: grouped sigmoid routing, shared expert split over tp
+    ("deepseek_v3", True),  # MLA: heads split, the latent projections replicated over the gathered sequence
+    ("deepseek_v3", False),  # MLA's own tp communication without SP
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)

@@ -138,7 +138,7 @@ class GenerationEngine:
         if decode_impl == "auto":
             decode_impl = "triton" if self.device.type == "cuda" and HAVE_TRITON else "torch"
         self.decode_impl = decode_impl
-        self.prefill_attention = get_attention_backend(model.local_attention_backend)
+        self.prefill_attention = get_attention_backend(model.local_attention_backend, model.config.head_dim)
         self.pp_group = pp_group
         self.pp_size = 1 if pp_group is None else dist.get_world_size(pp_group)
         self.pp_rank = 0 if pp_group is None else dist.get_rank(pp_group)

@@ -58,12 +58,34 @@ def resolve_attention_backend(name: str, head_dim: Optional[int] = None) -> str:
 
 
 def get_attention_backend(name: str, head_dim: Optional[int] = None) -> AttentionFn:
+    """The backend's function; Triton's zero-pads head sizes it does not take (``head_dim``)."""
     name = resolve_attention_backend(name, head_dim)
     if name not in _BACKENDS:
         raise ValueError(
             f"--attention-backend {name!r} is unknown; choose one of {available_attention_backends()}"
         )
-    return _BACKENDS[name]()
+    fn = _BACKENDS[name]()
+    return pad_head_dim(fn, head_dim) if name == "triton" and head_dim is not None else fn
+
+
+def pad_head_dim(fn: AttentionFn, head_dim: int) -> AttentionFn:
+    """``fn`` (a kernel that takes powers of two from 16 to 256) for another head size (MLA's
+    192, Phi-3-mini's 96): q, k, v zero-padded to the next power of two, the output cut back.
+    Zero channels add nothing to a score or an output channel kept, and the LSE is unchanged;
+    the cost is the padding's FLOPs. ``fn`` itself when the size needs no padding."""
+    target = max(16, 1 << (int(head_dim) - 1).bit_length())
+    if flash_head_dim_supported(head_dim) or target > 256:
+        return fn
+
+    def padded(q, k, v, *, softmax_scale=None, **kw):
+        d = q.shape[-1]
+        scale = softmax_scale if softmax_scale is not None else d ** -0.5
+        res = fn(*(F.pad(t, (0, target - d)) for t in (q, k, v)), softmax_scale=scale, **kw)
+        if isinstance(res, tuple):
+            return (res[0][..., :d],) + tuple(res[1:])
+        return res[..., :d]
+
+    return padded
 
 
 def _sdpa_dense(q, k, v, causal, softmax_scale, window_left=-1):

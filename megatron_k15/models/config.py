@@ -80,6 +80,20 @@ class GPTConfig:
     # layers without any position embedding (NoPE; SmolLM3: every fourth): their q and k are
     # not rotated, so they see positions only through causality
     nope_layers: Optional[list] = None
+    # Multi-head latent attention (DeepSeek-V2/V3, Moonlight, Kimi K2; Megatron-LM's
+    # --multi-latent-attention --q-lora-rank --kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim
+    # --v-head-dim): K and V come up from a kv_lora_rank latent of the token, q from a
+    # q_lora_rank one (None: straight from x); each head's q and k are qk_head_dim channels
+    # without position and qk_pos_emb_head_dim rotated ones (k's shared by all heads), and its
+    # v has v_head_dim. No GQA (num_query_groups = heads). The attention core and KV cache see
+    # every head at kv_channels = max(qk_head_dim + qk_pos_emb_head_dim, v_head_dim) (v
+    # zero-padded); RoPE rotates the qk_pos_emb_head_dim channels.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
     tie_word_embeddings: bool = False
     # Mixture of experts (Qwen3-MoE; Megatron-LM's --num-experts / --moe-router-topk /
     # --moe-ffn-hidden-size): every layer's MLP is num_moe_experts SwiGLU experts of
@@ -122,6 +136,9 @@ class GPTConfig:
     extra: dict = field(default_factory=dict)  # carried through (e.g. the original HF config)
 
     def __post_init__(self):
+        if self.multi_latent_attention:  # derived: the attention core's head size, no GQA
+            self.kv_channels = max(self.qk_head_dim + self.qk_pos_emb_head_dim, self.v_head_dim)
+            self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None and self.num_attention_heads:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.num_moe_experts and self.moe_ffn_hidden_size is None:
@@ -166,7 +183,47 @@ class GPTConfig:
     @property
     def rotary_dim(self) -> int:
         """Channels of a head that RoPE rotates (the first ones)."""
+        if self.multi_latent_attention:
+            return int(self.qk_pos_emb_head_dim)
         return int(round(self.head_dim * self.rotary_percent))
+
+    @property
+    def value_projection_size(self) -> int:
+        """Width of the attention output that enters the output projection (heads * v head)."""
+        if self.multi_latent_attention:
+            return self.num_attention_heads * self.v_head_dim
+        return self.query_projection_size
+
+    def attention_parameters(self, matrices_only: bool = False) -> int:
+        """One layer's attention parameters (``matrices_only``: the GEMM weights, what the
+        FLOPs count)."""
+        h = self.hidden_size
+        if self.multi_latent_attention:
+            heads, dqk = self.num_attention_heads, self.qk_head_dim + self.qk_pos_emb_head_dim
+            ql, kvl = self.q_lora_rank, self.kv_lora_rank
+            q = h * ql + ql * heads * dqk + (0 if matrices_only else ql) if ql else h * heads * dqk
+            kv = h * (kvl + self.qk_pos_emb_head_dim) + kvl * heads * (self.qk_head_dim + self.v_head_dim)
+            return q + kv + (0 if matrices_only else kvl) + self.value_projection_size * h
+        attn = h * (self.query_projection_size + 2 * self.kv_projection_size) + self.query_projection_size * h
+        if matrices_only:
+            return attn
+        if self.add_qkv_bias:
+            attn += self.query_projection_size + 2 * self.kv_projection_size
+        if self.qk_layernorm:
+            attn += (self.query_projection_size + self.kv_projection_size
+                     if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
+        return attn + self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
+
+    def mla_softmax_scale(self) -> float:
+        """MLA's softmax scale: (qk_head_dim + qk_pos_emb_head_dim)^-1/2, times YaRN's
+        mscale(factor, mscale_all_dim)^2 = (0.1 mscale_all_dim ln(factor) + 1)^2 under YaRN
+        scaling with mscale_all_dim (DeepSeek-V3, Kimi K2)."""
+        scale = (self.qk_head_dim + self.qk_pos_emb_head_dim) ** -0.5
+        scaling = self.rope_scaling or {}
+        factor, all_dim = float(scaling.get("factor", 1.0)), scaling.get("mscale_all_dim")
+        if scaling.get("rope_type") == "yarn" and all_dim and factor > 1:
+            scale *= (0.1 * float(all_dim) * math.log(factor) + 1.0) ** 2
+        return scale
 
     @property
     def query_projection_size(self) -> int:
@@ -189,15 +246,8 @@ class GPTConfig:
         return [int(self.eos_token_id)]
 
     def num_parameters(self) -> int:
-        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        attn = h * (self.query_projection_size + 2 * self.kv_projection_size)
-        attn += self.query_projection_size * h
-        if self.add_qkv_bias:
-            attn += self.query_projection_size + 2 * self.kv_projection_size
-        if self.qk_layernorm:
-            attn += (self.query_projection_size + self.kv_projection_size
-                     if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
-        attn += self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
+        h, L = self.hidden_size, self.num_layers
+        attn = self.attention_parameters()
         norms = 4 if self.norm_placement == "sandwich" else 2
         mlps = sum(self._mlp_parameters(i, self.num_moe_experts) for i in range(L))
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -240,6 +290,8 @@ class GPTConfig:
         for flag, value in positive.items():
             if value is None or int(value) <= 0:
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.multi_latent_attention:
+            self._validate_mla()
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
@@ -249,8 +301,9 @@ class GPTConfig:
             raise ConfigError(f"--kv-channels {self.head_dim} must be even for rotary embeddings")
         if self.rotary_base <= 0:
             raise ConfigError(f"--rotary-base must be > 0, got {self.rotary_base}")
-        if not 0 < self.rotary_percent <= 1 or self.rotary_dim % 2 or self.rotary_dim < 2 \
-                or abs(self.rotary_dim - self.head_dim * self.rotary_percent) > 1e-6:
+        if not self.multi_latent_attention and (
+                not 0 < self.rotary_percent <= 1 or self.rotary_dim % 2 or self.rotary_dim < 2
+                or abs(self.rotary_dim - self.head_dim * self.rotary_percent) > 1e-6):
             raise ConfigError(f"--rotary-percent {self.rotary_percent} must be in (0, 1] and rotate an even "
                               f"number of the head's {self.head_dim} channels")
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
@@ -316,6 +369,27 @@ class GPTConfig:
                 raise ConfigError(f"sliding_rope holds rotary_base and rope_scaling, got {sorted(self.sliding_rope)}")
             _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling")
         return self
+
+    def _validate_mla(self) -> None:
+        for flag, value in (("--kv-lora-rank", self.kv_lora_rank), ("--qk-head-dim", self.qk_head_dim),
+                            ("--qk-pos-emb-head-dim", self.qk_pos_emb_head_dim), ("--v-head-dim", self.v_head_dim)):
+            if value is None or int(value) <= 0:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"--q-lora-rank must be a positive integer (or unset), got {self.q_lora_rank!r}")
+        if self.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"--qk-pos-emb-head-dim {self.qk_pos_emb_head_dim} must be even for rotary embeddings")
+        want = max(self.qk_head_dim + self.qk_pos_emb_head_dim, self.v_head_dim)
+        if self.kv_channels != want or self.num_query_groups != self.num_attention_heads:
+            raise ConfigError(f"multi-latent attention derives --kv-channels ({want}) and --num-query-groups "
+                              f"(= heads, {self.num_attention_heads}); got {self.kv_channels} and "
+                              f"{self.num_query_groups}")
+        unsupported = [name for name, on in (
+            ("--add-qkv-bias", self.add_qkv_bias), ("--qk-layernorm", self.qk_layernorm),
+            ("attention sinks", self.attention_sinks), ("--rotary-percent", self.rotary_percent != 1.0),
+            ("layers without RoPE", bool(self.nope_layers))) if on]
+        if unsupported:
+            raise ConfigError(f"multi-latent attention does not take {', '.join(unsupported)}")
 
     def _validate_deepseek_moe(self, tp: int) -> None:
         """The routing, shared-expert and layer-pattern fields of an MoE model."""

@@ -35,8 +35,8 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_k15.models.attention import (
     context_parallel_attention,
-    flash_head_dim_supported,
     get_attention_backend,
+    pad_head_dim,
     resolve_attention_backend,
 )
 from megatron_k15.models.config import GPTConfig
@@ -137,16 +137,16 @@ class GPTModel(torch.nn.Module):
         # the single-device backend; generation prefills with it even under cp (the engine runs
         # whole sequences on every cp rank)
         self.local_attention_backend = resolve_attention_backend(attention_backend, config.head_dim)
-        if (self.local_attention_backend == "triton" or self.cp_size > 1) and not flash_head_dim_supported(
-                config.head_dim):
+        if (self.local_attention_backend == "triton" or self.cp_size > 1) and config.head_dim > 256:
             raise ValueError(f"head_dim {config.head_dim}: our Triton flash attention (--attention-backend triton, "
-                             "and context parallelism's ring attention) takes powers of two from 16 to 256; "
+                             "and context parallelism's ring attention) takes head sizes up to 256; "
                              "use --attention-backend sdpa without --context-parallel-size")
+        # other head sizes than powers of two are zero-padded to the next one for our kernels
         if self.cp_size > 1:
-            attention_fn = context_parallel_attention(cp_group, cp_comm_type)
+            attention_fn = pad_head_dim(context_parallel_attention(cp_group, cp_comm_type), config.head_dim)
             self.attention_backend = f"ring-{cp_comm_type}"
         else:
-            attention_fn = get_attention_backend(self.local_attention_backend)
+            attention_fn = get_attention_backend(self.local_attention_backend, config.head_dim)
             self.attention_backend = self.local_attention_backend
         init = normal_init(config.init_method_std)
 

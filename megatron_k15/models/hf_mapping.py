@@ -23,6 +23,16 @@ Name mapping (i = layer):
     model.layers.i.mlp.shared_experts.{gate,up}_proj.weight -> layers.i.mlp.shared_experts.linear_fc1.weight
     model.layers.i.mlp.shared_experts.down_proj.weight -> layers.i.mlp.shared_experts.linear_fc2.weight
     (the hub's multi-token-prediction layers, numbered from num_hidden_layers, are not read)
+    DeepSeek-V3 / Moonlight / Kimi K2 (multi-latent attention; a head's rows [nope; rope], the
+    rope rows interleaved pairs when rope_interleave, become our [rope (rotate-half); nope]):
+    model.layers.i.self_attn.q_proj.weight          -> layers.i.self_attention.linear_q_proj.weight
+    model.layers.i.self_attn.q_a_proj.weight        -> layers.i.self_attention.linear_q_down_proj.weight
+    model.layers.i.self_attn.q_a_layernorm.weight   -> layers.i.self_attention.q_a_layernorm.weight
+    model.layers.i.self_attn.q_b_proj.weight        -> layers.i.self_attention.linear_q_up_proj.weight
+    model.layers.i.self_attn.kv_a_proj_with_mqa.weight -> layers.i.self_attention.linear_kv_down_proj.weight
+                                                       ([latent; k_rope], k_rope's rows reordered)
+    model.layers.i.self_attn.kv_a_layernorm.weight  -> layers.i.self_attention.kv_a_layernorm.weight
+    model.layers.i.self_attn.kv_b_proj.weight       -> layers.i.self_attention.linear_kv_up_proj.weight
     Gemma 3 (norms before and after each sublayer):
     model.layers.i.pre_feedforward_layernorm.weight -> layers.i.pre_mlp_layernorm.weight
     model.layers.i.post_attention_layernorm.weight  -> layers.i.post_attention_layernorm.weight
@@ -64,7 +74,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
                            "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3",
-                           "Exaone4ForCausalLM": "exaone4", "Glm4MoeForCausalLM": "glm4_moe"}
+                           "Exaone4ForCausalLM": "exaone4", "Glm4MoeForCausalLM": "glm4_moe",
+                           "DeepseekV3ForCausalLM": "deepseek_v3"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
@@ -73,7 +84,7 @@ TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.mod
                        ("language_model.lm_head.", "lm_head."))
 # DeepSeek-V3-style MoE: sigmoid router with a score-correction bias and groups, shared experts,
 # the first layers dense (``_deepseek_moe_fields``)
-DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe",)
+DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe", "deepseek_v3")
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss") + DEEPSEEK_MOE_ARCHITECTURES
 FUSED_QKV_ARCHITECTURES = ("phi3",)  # one qkv_proj tensor per layer
 FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor per layer
@@ -279,6 +290,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
     if arch in DEEPSEEK_MOE_ARCHITECTURES:
         moe = _deepseek_moe_fields(hf, where)
+    mla = _mla_fields(hf, where) if arch == "deepseek_v3" else {}
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
     nope = None
     if arch == "smollm3":  # no_rope_layers[i] == 0: layer i has no RoPE (default: every fourth)
@@ -332,6 +344,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         eos_token_id=hf.get("eos_token_id"),
         extra={"hf_config": hf},
         **moe,
+        **mla,
     )
     try:
         cfg.validate()
@@ -366,6 +379,18 @@ def _deepseek_moe_fields(hf: dict, where: str) -> dict:
                 moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
                 moe_shared_expert_intermediate_size=shared * f if shared else None,
                 moe_layer_freq=1 if all(pattern) else pattern)
+
+
+def _mla_fields(hf: dict, where: str) -> dict:
+    """Our multi-latent attention fields from a DeepSeek-V3 config."""
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if hf.get(key) is None:
+            raise HFCheckpointError(f"{where}: missing required field {key!r}")
+    if hf.get("attention_bias"):
+        raise HFCheckpointError(f"{where}: attention_bias=true is not supported with multi-latent attention")
+    return dict(multi_latent_attention=True, q_lora_rank=int(hf["q_lora_rank"]) if hf.get("q_lora_rank") else None,
+                kv_lora_rank=int(hf["kv_lora_rank"]), qk_head_dim=int(hf["qk_nope_head_dim"]),
+                qk_pos_emb_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]))
 
 
 def _hf_deepseek_moe_fields(cfg: GPTConfig) -> dict:
@@ -431,6 +456,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     deepseek_routing = (cfg.moe_router_score_function != "softmax", cfg.moe_router_enable_expert_bias,
                         cfg.moe_router_num_groups is not None, cfg.moe_router_topk_scaling_factor is not None,
                         bool(cfg.moe_shared_expert_intermediate_size), cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
+    if cfg.multi_latent_attention != (arch == "deepseek_v3"):
+        raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' "
+                          "(DeepseekV3ForCausalLM), and that needs it")
     if any(deepseek_routing) and arch not in DEEPSEEK_MOE_ARCHITECTURES:
         raise ConfigError(f"DeepSeek-style experts (sigmoid router, expert bias, groups, scaling, shared experts, "
                           f"dense layers among MoE ones) export only as {list(DEEPSEEK_MOE_ARCHITECTURES)}, "
@@ -474,6 +502,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif arch in ("glm", "glm4"):
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
+    elif arch == "deepseek_v3":
+        hf.update(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_head_dim,
+                  qk_rope_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
+                  head_dim=cfg.qk_pos_emb_head_dim, attention_bias=False, rope_interleave=True, pad_token_id=None,
+                  **_hf_deepseek_moe_fields(cfg))
+        if cfg.rope_scaling:  # YaRN's fields as they are (no llama3 default type)
+            hf["rope_scaling"] = dict(cfg.rope_scaling)
     elif arch == "glm4_moe":
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None,
                   use_qk_norm=cfg.qk_layernorm, **_hf_deepseek_moe_fields(cfg))
@@ -606,6 +641,10 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         for ours, theirs in _block_norm_names(cfg):
             out[o + ours] = take(p + theirs)
         a = p + "self_attn."
+        if cfg.multi_latent_attention:
+            out.update(_mla_to_megatron(take, a, o + "self_attention.", cfg))
+            _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
+            continue
         if cfg.architecture in FUSED_QKV_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
             q, k, v = take(a + "qkv_proj.weight").split(
                 [cfg.query_projection_size, cfg.kv_projection_size, cfg.kv_projection_size], dim=0)
@@ -626,17 +665,7 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         if cfg.qk_layernorm:
             out[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"] = take(a + "q_norm.weight")
             out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
-        if cfg.architecture == "gpt_oss":
-            out.update(_gpt_oss_experts_to_megatron(take, p + "mlp.", o + "mlp.", hf_sd))
-        elif cfg.is_moe_layer(i):
-            out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
-        elif cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:  # [gate; up], as our fc1
-            out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
-            out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
-        else:
-            out[o + "mlp.linear_fc1.weight"] = torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
-            out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
+        _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
     out["final_layernorm.weight"] = take("model.norm.weight")
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = take("lm_head.weight")
@@ -644,6 +673,91 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
         expected = expected_shape(name, cfg)
         if tuple(t.shape) != expected:
             raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
+    return out
+
+
+def _mlp_to_megatron(take, p: str, o: str, layer: int, cfg: GPTConfig, hf_sd: dict, out: dict) -> None:
+    """Layer ``layer``'s MLP (HF prefix ``p``, ours ``o``) into ``out``."""
+    if cfg.architecture == "gpt_oss":
+        out.update(_gpt_oss_experts_to_megatron(take, p + "mlp.", o + "mlp.", hf_sd))
+    elif cfg.is_moe_layer(layer):
+        out.update(_hf_experts_to_megatron(take, p + "mlp.", o + "mlp.", cfg, hf_sd))
+    elif cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:  # [gate; up], as our fc1
+        out[o + "mlp.linear_fc1.weight"] = take(p + "mlp.gate_up_proj.weight")
+        out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
+    else:
+        out[o + "mlp.linear_fc1.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+        out[o + "mlp.linear_fc2.weight"] = take(p + "mlp.down_proj.weight")
+
+
+def _mla_rope_interleaved(cfg: GPTConfig) -> bool:
+    """Whether the HF side lays a head's rope rows out in interleaved pairs (DeepSeek-V3's
+    ``rope_interleave``, true for the hub's checkpoints and what we export)."""
+    return bool(cfg.extra.get("hf_config", {}).get("rope_interleave", True))
+
+
+def _rope_tail_to_ours(t: torch.Tensor, groups: int, keep: int, cfg: GPTConfig, to_ours: bool,
+                       rope_first: bool) -> torch.Tensor:
+    """Rows of ``groups`` blocks [other (keep rows); rope (dr rows, HF's order)] <-> ours: the
+    rope rows in rotate-half order, moved first (``rope_first``: a q head, [rope; nope]) or
+    left last (the kv down projection, one block: [latent; rope])."""
+    dr, rest = cfg.qk_pos_emb_head_dim, tuple(t.shape[1:])
+    x = t.reshape((groups, keep + dr) + rest)
+    if to_ours:
+        other, rope = x[:, :keep], x[:, keep:]
+        if _mla_rope_interleaved(cfg):
+            rope = torch.cat([rope[:, 0::2], rope[:, 1::2]], dim=1)
+        parts = [rope, other] if rope_first else [other, rope]
+    else:
+        rope, other = (x[:, :dr], x[:, dr:]) if rope_first else (x[:, keep:], x[:, :keep])
+        if _mla_rope_interleaved(cfg):
+            rope = torch.stack([rope[:, :dr // 2], rope[:, dr // 2:]], dim=2).reshape((groups, dr) + rest)
+        parts = [other, rope]
+    return torch.cat(parts, dim=1).reshape(t.shape).contiguous()
+
+
+def _mla_to_megatron(take, a: str, o: str, cfg: GPTConfig) -> dict:
+    """One layer's multi-latent attention (HF prefix ``a`` = ...self_attn.)."""
+    heads = cfg.num_attention_heads
+
+    def q_rows(t):
+        return _rope_tail_to_ours(t, heads, cfg.qk_head_dim, cfg, True, rope_first=True)
+
+    out = {}
+    if cfg.q_lora_rank:
+        out[o + "linear_q_down_proj.weight"] = take(a + "q_a_proj.weight")
+        out[o + "q_a_layernorm.weight"] = take(a + "q_a_layernorm.weight")
+        out[o + "linear_q_up_proj.weight"] = q_rows(take(a + "q_b_proj.weight"))
+    else:
+        out[o + "linear_q_proj.weight"] = q_rows(take(a + "q_proj.weight"))
+    out[o + "linear_kv_down_proj.weight"] = _rope_tail_to_ours(
+        take(a + "kv_a_proj_with_mqa.weight"), 1, cfg.kv_lora_rank, cfg, True, rope_first=False)
+    out[o + "kv_a_layernorm.weight"] = take(a + "kv_a_layernorm.weight")
+    out[o + "linear_kv_up_proj.weight"] = take(a + "kv_b_proj.weight")
+    out[o + "linear_proj.weight"] = take(a + "o_proj.weight")
+    return out
+
+
+def _mla_to_hf(sd: dict, o: str, a: str, cfg: GPTConfig) -> dict:
+    """Inverse of ``_mla_to_megatron``."""
+    heads = cfg.num_attention_heads
+
+    def q_rows(t):
+        return _rope_tail_to_ours(t, heads, cfg.qk_head_dim, cfg, False, rope_first=True)
+
+    out = {}
+    if cfg.q_lora_rank:
+        out[a + "q_a_proj.weight"] = sd[o + "linear_q_down_proj.weight"]
+        out[a + "q_a_layernorm.weight"] = sd[o + "q_a_layernorm.weight"]
+        out[a + "q_b_proj.weight"] = q_rows(sd[o + "linear_q_up_proj.weight"])
+    else:
+        out[a + "q_proj.weight"] = q_rows(sd[o + "linear_q_proj.weight"])
+    out[a + "kv_a_proj_with_mqa.weight"] = _rope_tail_to_ours(
+        sd[o + "linear_kv_down_proj.weight"], 1, cfg.kv_lora_rank, cfg, False, rope_first=False)
+    out[a + "kv_a_layernorm.weight"] = sd[o + "kv_a_layernorm.weight"]
+    out[a + "kv_b_proj.weight"] = sd[o + "linear_kv_up_proj.weight"]
+    out[a + "o_proj.weight"] = sd[o + "linear_proj.weight"]
     return out
 
 
@@ -764,6 +878,10 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
         o = f"layers.{i}."
         for ours, theirs in _block_norm_names(cfg):
             out[p + theirs] = sd[o + ours]
+        if cfg.multi_latent_attention:
+            out.update(_mla_to_hf(sd, o + "self_attention.", p + "self_attn.", cfg))
+            _mlp_to_hf(sd, o, p, i, cfg, out)
+            continue
         heads, groups = cfg.num_attention_heads, cfg.num_query_groups
         q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
         q, k = _rope_rows(q, heads, cfg, False), _rope_rows(k, groups, cfg, False)
@@ -785,41 +903,46 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
         if cfg.qk_layernorm:
             out[p + "self_attn.q_norm.weight"] = sd[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"]
             out[p + "self_attn.k_norm.weight"] = sd[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"]
-        if cfg.architecture == "gpt_oss":
-            out.update(_gpt_oss_experts_to_hf(sd, o + "mlp.", p + "mlp."))
-            continue
-        if cfg.is_moe_layer(i):
-            out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
-            if cfg.moe_router_enable_expert_bias:
-                out[p + "mlp.gate.e_score_correction_bias"] = sd[o + "mlp.router.expert_bias"]
-            if cfg.moe_shared_expert_intermediate_size:
-                gate, up = sd[o + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
-                out.update({p + "mlp.shared_experts.gate_proj.weight": gate.contiguous(),
-                            p + "mlp.shared_experts.up_proj.weight": up.contiguous(),
-                            p + "mlp.shared_experts.down_proj.weight": sd[o + "mlp.shared_experts.linear_fc2.weight"]})
-            fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
-            for e in range(cfg.num_moe_experts):
-                gate, up = fc1[e].chunk(2, dim=0)
-                q = f"{p}mlp.experts.{e}."
-                out.update({q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous(),
-                            q + "down_proj.weight": fc2[e].contiguous()})
-            continue
-        if cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:
-            out[p + "mlp.gate_up_proj.weight"] = sd[o + "mlp.linear_fc1.weight"]
-        else:
-            gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out[p + "mlp.gate_proj.weight"] = gate.contiguous()
-            out[p + "mlp.up_proj.weight"] = up.contiguous()
-        out[p + "mlp.down_proj.weight"] = sd[o + "mlp.linear_fc2.weight"]
+        _mlp_to_hf(sd, o, p, i, cfg, out)
     out["model.norm.weight"] = sd["final_layernorm.weight"]
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["output_layer.weight"]
     return out
 
 
+def _mlp_to_hf(sd: dict, o: str, p: str, layer: int, cfg: GPTConfig, out: dict) -> None:
+    """Inverse of ``_mlp_to_megatron``."""
+    if cfg.architecture == "gpt_oss":
+        out.update(_gpt_oss_experts_to_hf(sd, o + "mlp.", p + "mlp."))
+    elif cfg.is_moe_layer(layer):
+        out[p + "mlp.gate.weight"] = sd[o + "mlp.router.weight"]
+        if cfg.moe_router_enable_expert_bias:
+            out[p + "mlp.gate.e_score_correction_bias"] = sd[o + "mlp.router.expert_bias"]
+        if cfg.moe_shared_expert_intermediate_size:
+            gate, up = sd[o + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
+            out.update({p + "mlp.shared_experts.gate_proj.weight": gate.contiguous(),
+                        p + "mlp.shared_experts.up_proj.weight": up.contiguous(),
+                        p + "mlp.shared_experts.down_proj.weight": sd[o + "mlp.shared_experts.linear_fc2.weight"]})
+        fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
+        for e in range(cfg.num_moe_experts):
+            gate, up = fc1[e].chunk(2, dim=0)
+            q = f"{p}mlp.experts.{e}."
+            out.update({q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous(),
+                        q + "down_proj.weight": fc2[e].contiguous()})
+    elif cfg.architecture in FUSED_GATE_UP_ARCHITECTURES:
+        out[p + "mlp.gate_up_proj.weight"] = sd[o + "mlp.linear_fc1.weight"]
+        out[p + "mlp.down_proj.weight"] = sd[o + "mlp.linear_fc2.weight"]
+    else:
+        gate, up = sd[o + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        out[p + "mlp.down_proj.weight"] = sd[o + "mlp.linear_fc2.weight"]
+
+
 def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
     h = cfg.hidden_size
     qkv = cfg.query_projection_size + 2 * cfg.kv_projection_size
+    dqk = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
     table = {
         "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
         "post_attention_layernorm.weight": (h,), "post_mlp_layernorm.weight": (h,),
@@ -831,7 +954,15 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "mlp.experts.linear_fc2.bias": (cfg.num_moe_experts, h),
         "self_attention.k_norm_all_heads.weight": (cfg.kv_projection_size,),
         "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_qkv.bias": (qkv,),
-        "self_attention.linear_proj.weight": (h, cfg.query_projection_size),
+        "self_attention.linear_proj.weight": (h, cfg.value_projection_size),
+        "self_attention.linear_q_proj.weight": (cfg.num_attention_heads * dqk, h),
+        "self_attention.linear_q_down_proj.weight": (cfg.q_lora_rank or 0, h),
+        "self_attention.q_a_layernorm.weight": (cfg.q_lora_rank or 0,),
+        "self_attention.linear_q_up_proj.weight": (cfg.num_attention_heads * dqk, cfg.q_lora_rank or 0),
+        "self_attention.linear_kv_down_proj.weight": (cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, h),
+        "self_attention.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+        "self_attention.linear_kv_up_proj.weight": (cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim),
+                                                    cfg.kv_lora_rank),
         "self_attention.q_layernorm.weight": (cfg.head_dim,),
         "self_attention.k_layernorm.weight": (cfg.head_dim,),
         "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),

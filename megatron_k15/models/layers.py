@@ -174,7 +174,37 @@ class Embedding(VocabParallelEmbedding):
         return out
 
 
-class SelfAttention(torch.nn.Module):
+class AttentionCore(torch.nn.Module):
+    """What every attention variant shares once it has q, k, v of its local heads: the core
+    (training and log-prob passes: the backend, selective recompute, windows, sinks) or the
+    KV cache (generation). Subclasses set ``attention_fn``, ``softmax_scale``,
+    ``window_size`` and ``sinks``."""
+
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache) -> torch.Tensor:
+        """q, k, v [s, b, heads, d] -> the attention output [s, b, heads, d]."""
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if kv_cache is not None:
+            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks)
+        elif recompute_attention:
+            # selective recompute: drop the attention core's saved activations, keep the GEMMs'
+            out = torch.utils.checkpoint.checkpoint(
+                self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, cu_seqlens, max_seqlen)
+        return out.transpose(0, 1)
+
+    def _core(self, q, k, v, cu_seqlens, max_seqlen):
+        # only what the layer uses is passed: backends without windows or lse work as before
+        kw = {} if self.window_size[0] < 0 else {"window_size": self.window_size}
+        if self.sinks is None:
+            return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
+        out, lse = self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_lse=True, **kw)
+        return apply_attention_sinks(out, lse.transpose(1, 2), self.sinks)
+
+
+class SelfAttention(AttentionCore):
     """GQA self-attention. The fused QKV weight is grouped per KV head:
     [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...], so a contiguous tp
     shard holds whole groups. With ``qk_layernorm`` (Qwen3) each head's q and k are
@@ -241,27 +271,89 @@ class SelfAttention(torch.nn.Module):
         if self.use_rope:
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks)
-        elif recompute_attention:
-            # selective recompute: drop the attention core's saved activations, keep the GEMMs'
-            out = torch.utils.checkpoint.checkpoint(
-                self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
-        else:
-            out = self._core(q, k, v, cu_seqlens, max_seqlen)
-        out = out.transpose(0, 1).reshape(s, b, -1)
-        return self.linear_proj(out)
+        out = self._attend(q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache)
+        return self.linear_proj(out.reshape(s, b, -1))
 
-    def _core(self, q, k, v, cu_seqlens, max_seqlen):
-        # only what the layer uses is passed: backends without windows or lse work as before
-        kw = {} if self.window_size[0] < 0 else {"window_size": self.window_size}
-        if self.sinks is None:
-            return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
-        out, lse = self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_lse=True, **kw)
-        return apply_attention_sinks(out, lse.transpose(1, 2), self.sinks)
+
+class MultiLatentAttention(AttentionCore):
+    """DeepSeek-V2/V3's multi-head latent attention (MLA), per token x (shapes per head):
+
+        q = up_q(norm(down_q(x)))  (or q_proj(x) without --q-lora-rank)   [q_rope dr; q_nope dn]
+        [c; k_rope] = down_kv(x);  [k_nope dn; v dv] = up_kv(norm(c))    (c: kv_lora_rank)
+        k = [rope(k_rope) (one for all heads); k_nope],  q = [rope(q_rope); q_nope]
+        out = o_proj(softmax(q k^T * scale) v)
+
+    The rotated channels come first in q and k (our RoPE rotates a head's first ones; the
+    conversion reorders HF's [nope; rope] rows), so q.k is HF's. The core and the KV cache see
+    every head at one size d = max(dn + dr, dv): v (or q, k) zero-padded, which changes no
+    score and no output channel kept. Tensor parallelism splits the heads (up_q, up_kv, o_proj);
+    the down projections and their norms are replicated and see the whole sequence: the input
+    is gathered (SP) or entered with an all-reduce of its gradient, as in ``MoEMLP``, so every
+    GEMM after it gives partial input gradients, summed there, and the replicated weights get
+    partial gradients (``tp_partial_grad``)."""
+
+    def __init__(self, cfg: GPTConfig, mp_config, tp_group, sequence_parallel: bool,
+                 attention_fn: AttentionFn, layer_number: int = 0):
+        super().__init__()
+        tp = tp_group.size()
+        self.tp_group, self.tp = tp_group, tp
+        self.sp = sequence_parallel and tp > 1
+        left = cfg.window_left(layer_number)
+        self.window_size = (left, 0) if left >= 0 else (-1, -1)
+        self.sinks = None
+        self.attention_fn = attention_fn
+        self.softmax_scale = cfg.attention_softmax_scale or cfg.mla_softmax_scale()
+        self.heads = cfg.num_attention_heads // tp
+        self.dr, self.dn, self.dv = cfg.qk_pos_emb_head_dim, cfg.qk_head_dim, cfg.v_head_dim
+        self.head_dim, self.kv_lora_rank = cfg.head_dim, cfg.kv_lora_rank
+        h, dtype, std = cfg.hidden_size, mp_config.params_dtype, cfg.init_method_std
+        dqk = self.dr + self.dn
+
+        def replicated(module):
+            for p in module.parameters():
+                p.tp_replicated = True
+                p.tp_partial_grad = tp > 1
+            return module
+
+        def norm(size):
+            return replicated(RMSNorm(size, cfg.norm_epsilon, dtype=dtype))
+
+        if cfg.q_lora_rank:
+            self.linear_q_down_proj = replicated(DenseWeight(cfg.q_lora_rank, h, dtype, std))
+            self.q_a_layernorm = norm(cfg.q_lora_rank)
+            self.linear_q_up_proj = DenseWeight(self.heads * dqk, cfg.q_lora_rank, dtype, std)
+        else:
+            self.linear_q_proj = DenseWeight(self.heads * dqk, h, dtype, std)
+        self.linear_kv_down_proj = replicated(DenseWeight(cfg.kv_lora_rank + self.dr, h, dtype, std))
+        self.kv_a_layernorm = norm(cfg.kv_lora_rank)
+        self.linear_kv_up_proj = DenseWeight(self.heads * (self.dn + self.dv), cfg.kv_lora_rank, dtype, std)
+        self.linear_proj = RowLinear(
+            cfg.value_projection_size, h, mp_config=mp_config,
+            init_method=normal_init(std / math.sqrt(2.0 * cfg.num_layers)), bias=False, tp_group=tp_group,
+            sequence_parallel=sequence_parallel)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
+                kv_cache=None):
+        if self.sp:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)
+        elif self.tp > 1:
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        s, b = x.shape[:2]
+        if hasattr(self, "linear_q_proj"):
+            q = F.linear(x, self.linear_q_proj.weight)
+        else:
+            q = F.linear(self.q_a_layernorm(F.linear(x, self.linear_q_down_proj.weight)),
+                         self.linear_q_up_proj.weight)
+        q = apply_rotary(q.view(s, b, self.heads, self.dr + self.dn), cos, sin)
+        latent, k_rope = F.linear(x, self.linear_kv_down_proj.weight).split([self.kv_lora_rank, self.dr], dim=-1)
+        kv = F.linear(self.kv_a_layernorm(latent), self.linear_kv_up_proj.weight)
+        k_nope, v = kv.view(s, b, self.heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, self.dr)
+        k = torch.cat([k_rope, k_nope], dim=-1)
+        d = self.head_dim  # one head size for the core: zero channels added where short
+        q, k, v = (t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
+        out = self._attend(q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache)
+        return self.linear_proj(out[..., :self.dv].reshape(s, b, -1))
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
@@ -590,8 +682,8 @@ class TransformerLayer(torch.nn.Module):
         self.post_norm = cfg.norm_placement in ("post", "sandwich")  # and / or on their outputs
         if self.pre_norm:
             self.input_layernorm = norm()
-        self.self_attention = SelfAttention(cfg, mp_config, tp_group, sequence_parallel, attention_fn,
-                                            layer_number)
+        attention = MultiLatentAttention if cfg.multi_latent_attention else SelfAttention
+        self.self_attention = attention(cfg, mp_config, tp_group, sequence_parallel, attention_fn, layer_number)
         if self.post_norm:
             self.post_attention_layernorm = norm()
         if self.pre_norm:

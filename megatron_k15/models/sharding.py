@@ -4,6 +4,7 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
 (``layers.{i}.…``). Each tp rank's shard of a parameter follows from one rule per name:
 
     embedding.weight, output_layer.weight, linear_qkv.*   rows split in tp contiguous chunks
+    linear_q_proj, linear_q_up_proj, linear_kv_up_proj    (MLA) rows split: a rank's heads
     linear_fc1.weight                                     [gate; up]: each rank gets [gate_r; up_r]
                                                           (the dense MLP's and the shared expert's)
     linear_proj.weight, linear_fc2.weight                 columns split in tp chunks
@@ -13,6 +14,7 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
     self_attention.sinks (gpt-oss)                        split in tp chunks (a rank's heads)
     mlp.experts.linear_fc1.bias (E, 2f)                   per expert [gate_r; up_r] (dim 1)
     other norms, mlp.router.* (with DeepSeek's expert_bias), linear_proj.bias,
+    MLA's down projections and their norms,
     mlp.experts.linear_fc2.bias                           replicated
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
@@ -40,6 +42,8 @@ def shard_rule(name: str) -> tuple[Optional[int], int]:
         return 0, 2
     if name in ("embedding.weight", "output_layer.weight") or ".linear_qkv." in name:
         return 0, 1
+    if name.endswith((".linear_q_proj.weight", ".linear_q_up_proj.weight", ".linear_kv_up_proj.weight")):
+        return 0, 1  # MLA: rows by head
     if name.endswith("_norm_all_heads.weight") or name.endswith("self_attention.sinks"):
         return 0, 1
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):

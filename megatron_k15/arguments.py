@@ -26,6 +26,17 @@ MODEL_FLAGS = {
     "num_experts": "num_moe_experts",
     "moe_router_topk": "moe_router_topk",
     "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_router_score_function": "moe_router_score_function",
+    "moe_router_num_groups": "moe_router_num_groups",
+    "moe_router_group_topk": "moe_router_group_topk",
+    "moe_router_topk_scaling_factor": "moe_router_topk_scaling_factor",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+    "moe_layer_freq": "moe_layer_freq",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_head_dim": "qk_head_dim",
+    "qk_pos_emb_head_dim": "qk_pos_emb_head_dim",
+    "v_head_dim": "v_head_dim",
     "num_layers": "num_layers",
     "hidden_size": "hidden_size",
     "ffn_hidden_size": "ffn_hidden_size",
@@ -113,6 +124,30 @@ def _window_size(text: str) -> int:
     return left
 
 
+def moe_layer_freq(text: str):
+    """Megatron-LM's --moe-layer-freq: N (every N-th layer is MoE) or a 0/1 list per layer,
+    written as a list or a sum of repeated lists ("[0]*3+[1]*58"); parsed, never evaluated."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+
+    try:
+        out = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected N or a 0/1 list such as [0]*3+[1]*58, got {text!r}") from None
+    if isinstance(out, list) and any(v not in (0, 1) for v in out):
+        raise argparse.ArgumentTypeError(f"a --moe-layer-freq list holds 0 (dense) and 1 (MoE), got {out}")
+    return out
+
+
 def layer_pattern_fields(args, num_layers: int) -> dict:
     """The config fields --window-size / --window-attn-skip-freq and --no-rope-freq set ({}
     without them)."""
@@ -144,6 +179,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("init_method_std", float), ("num_experts", int), ("moe_router_topk", int),
                        ("moe_ffn_hidden_size", int)]:
         g.add_argument(_flag(dest), type=kind, default=None)
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
+                   help="router scores: softmax over the experts (Qwen3-MoE) or a sigmoid per expert "
+                        "(DeepSeek-V3, Moonlight, Kimi K2, GLM-4.5)")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true", default=None,
+                   help="a per-expert bias added to the scores only to choose the experts (DeepSeek-V3's "
+                        "aux-loss-free balancing; the checkpoint's e_score_correction_bias)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=0.0,
+                   help="after each step the expert bias moves by this much towards balance: + rate for "
+                        "experts under the mean load, - rate above it (DeepSeek-V3: 1e-3 in pre-training); "
+                        "0 (default) keeps the checkpoint's bias")
+    for dest, kind, why in (
+            ("moe_router_num_groups", int, "experts split into this many groups; tokens choose among the "
+                                           "best --moe-router-group-topk groups (DeepSeek-V3: 8)"),
+            ("moe_router_group_topk", int, "groups a token's experts may come from (DeepSeek-V3: 4)"),
+            ("moe_router_topk_scaling_factor", float, "the routed experts' weights are multiplied by this "
+                                                      "(DeepSeek's routed_scaling_factor)"),
+            ("moe_shared_expert_intermediate_size", int, "ffn size of an expert every token passes (DeepSeek: "
+                                                         "n_shared_experts x --moe-ffn-hidden-size)"),
+            ("q_lora_rank", int, "multi-latent attention: q comes up from a latent of this size (unset: from x)"),
+            ("kv_lora_rank", int, "multi-latent attention: K and V come up from a latent of this size"),
+            ("qk_head_dim", int, "multi-latent attention: a head's q/k channels without position"),
+            ("qk_pos_emb_head_dim", int, "multi-latent attention: a head's rotated q/k channels"),
+            ("v_head_dim", int, "multi-latent attention: a head's v channels")):
+        g.add_argument(_flag(dest), type=kind, default=None, help=why)
+    g.add_argument("--moe-layer-freq", type=moe_layer_freq, default=None,
+                   help="which layers are MoE: N (every N-th from the first) or a 0/1 list such as "
+                        "[0]*1+[1]*26 (DeepSeek's first dense layers); the dense ones use --ffn-hidden-size")
+    g.add_argument("--multi-latent-attention", action="store_true", default=None,
+                   help="DeepSeek-V2/V3's multi-latent attention (--q-lora-rank, --kv-lora-rank, "
+                        "--qk-head-dim, --qk-pos-emb-head-dim, --v-head-dim)")
     g.add_argument("--moe-router-pre-softmax", action="store_true", default=None,
                    help="Megatron-LM's: the top-k experts' weights are their softmax probabilities over "
                         "all experts, not renormalised over the k (Qwen3-MoE's norm_topk_prob false); "
@@ -427,14 +492,16 @@ def _get(args, name, default=None):
 # config field -> the switch that sets it (value flags are MODEL_FLAGS)
 MODEL_SWITCHES = {"add_qkv_bias": "--add-qkv-bias", "qk_layernorm": "--qk-layernorm",
                   "tie_word_embeddings": "--untie-embeddings-and-output-weights",
-                  "moe_norm_topk_prob": "--moe-router-pre-softmax"}
+                  "moe_norm_topk_prob": "--moe-router-pre-softmax",
+                  "moe_router_enable_expert_bias": "--moe-router-enable-expert-bias",
+                  "multi_latent_attention": "--multi-latent-attention"}
 
 
 def explicit_model_fields(args) -> dict:
     """The model-config fields the command line sets explicitly (value flags and switches;
     Megatron-LM's ``--disable-bias-linear`` without ``--add-qkv-bias`` means no QKV bias)."""
     explicit = {field: _get(args, dest) for dest, field in MODEL_FLAGS.items() if _get(args, dest) is not None}
-    for switch in ("add_qkv_bias", "qk_layernorm"):
+    for switch in ("add_qkv_bias", "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention"):
         if _get(args, switch):
             explicit[switch] = True
     if _get(args, "disable_bias_linear") and not _get(args, "add_qkv_bias"):
@@ -462,7 +529,12 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
         cfg.bos_token_id = cfg.eos_token_id = None
     for field, value in explicit.items():
         setattr(cfg, field, value)
-    if cfg.qk_layernorm and cfg.qk_layernorm_scope == "head":
+    deepseek_moe = cfg.is_moe and (cfg.moe_router_score_function == "sigmoid" or cfg.moe_shared_expert_intermediate_size)
+    if cfg.multi_latent_attention:
+        cfg.architecture = "deepseek_v3"
+    elif deepseek_moe:  # DeepSeek's experts behind GQA attention: GLM-4.5's class
+        cfg.architecture = "glm4_moe"
+    elif cfg.qk_layernorm and cfg.qk_layernorm_scope == "head":
         cfg.architecture = "qwen3_moe" if cfg.num_moe_experts else "qwen3"
     elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
         cfg.architecture = "llama"
@@ -663,7 +735,10 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         raise ArgumentError(str(e)) from None
     args.model_config = cfg
     if not cfg.is_moe:
-        for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm"):
+        for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm",
+                     "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",
+                     "moe_router_group_topk", "moe_router_topk_scaling_factor",
+                     "moe_shared_expert_intermediate_size", "moe_layer_freq"):
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")
@@ -675,6 +750,14 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
                             f"(--expert-model-parallel-size {ep}); use --inference-engine paged")
     if ep > 1 and cfg.num_moe_experts % ep:
         raise ArgumentError(f"--expert-model-parallel-size {ep} must divide --num-experts {cfg.num_moe_experts}")
+    rate = _get(args, "moe_router_bias_update_rate") or 0.0
+    if rate < 0 or (rate > 0 and not cfg.moe_router_enable_expert_bias):
+        raise ArgumentError(f"--moe-router-bias-update-rate {rate} must be >= 0 and needs a router with an expert "
+                            "bias (--moe-router-enable-expert-bias, or a DeepSeek-V3 / GLM-4.5 checkpoint)")
+    if not cfg.multi_latent_attention:
+        for dest in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            if _get(args, dest) is not None:
+                raise ArgumentError(f"{_flag(dest)} applies to multi-latent attention; add --multi-latent-attention")
     aux = _get(args, "moe_aux_loss_coeff") or 0.0
     if aux < 0:
         raise ArgumentError(f"--moe-aux-loss-coeff must be >= 0, got {aux}")

@@ -98,6 +98,8 @@ class TrainContext:
     # --log-num-zeros-in-grad: the last step's count of gradient elements equal to 0
     log_num_zeros_in_grad: bool = False
     num_zeros_in_grad: Optional[int] = None
+    # --moe-router-bias-update-rate: the expert biases move towards balance after every step
+    moe_bias_update_rate: float = 0.0
 
 
 def stage_layer_ranges(cfg: GPTConfig, pp: int, first: Optional[int] = None, last: Optional[int] = None):
@@ -163,7 +165,8 @@ def build_train_context(args, cfg: GPTConfig, seed: Optional[int] = None) -> Tra
                      getattr(args, "params_dtype", torch.float32))
     coeff = float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if cfg.is_moe else 0.0
     return TrainContext(model, optimizer, comm, pc, ranges, moe_aux_loss_coeff=coeff,
-                        log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)))
+                        log_num_zeros_in_grad=bool(getattr(args, "log_num_zeros_in_grad", False)),
+                        moe_bias_update_rate=float(getattr(args, "moe_router_bias_update_rate", 0.0) or 0.0))
 
 
 def hidden_shape_fn(model: GPTModel) -> Callable[[dict], tuple]:
@@ -233,6 +236,8 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
         total = group_reduce(float(len(microbatches)), ctx.pc.dp_group if ctx.pc.dp_size > 1 else None)
         # the load-balancing gradient enters backward on its own: it takes the loss scale too
         ctx.model.set_moe_aux_loss(ctx.moe_aux_loss_coeff, scale / max(total, 1.0))
+    if ctx.moe_bias_update_rate > 0:
+        ctx.model.count_expert_tokens(True)
     microbatches, forward_step, real = pad_for_expert_parallel(ctx, microbatches, forward_step)
     n = len(microbatches)
     results = forward_backward(
@@ -243,6 +248,8 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
         opt.finish_grad_sync()
     with phase("optimizer"):
         grad_norm = opt.step(lr)
+    if ctx.moe_bias_update_rate > 0:  # the step's loads over every dp x cp rank, then the biases move
+        ctx.model.update_expert_bias(ctx.moe_bias_update_rate, ctx.pc.dp_cp_group)
     if ctx.log_num_zeros_in_grad:
         ctx.num_zeros_in_grad = opt.grad_num_zeros()
     if ctx.moe_aux_loss_coeff > 0:

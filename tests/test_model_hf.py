@@ -125,9 +125,16 @@ PUBLISHED_PARAMETERS = {
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
     "phi-4": 14.7e9, "gemma3-1b": 1.0e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
+    # DeepSeek-V3 without its multi-token-prediction module (685B with it); Kimi K2: "1.03T" on
+    # its Hugging Face page ("1T" on the card); GLM-4.5's card
+    "moonlight-16b-a3b": 16e9, "kimi-k2": 1.03e12, "deepseek-v3": 671e9, "glm-4.5-air": 106e9, "glm-4.5": 355e9,
 }
 # activated parameters per token of the MoE presets, as published
-PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9}
+PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9,
+                    "kimi-k2": 32e9, "deepseek-v3": 37e9, "glm-4.5-air": 12e9, "glm-4.5": 32e9}
+# what a card's "active" leaves out: gpt-oss, DeepSeek-V3 and Kimi K2 the input embedding, GLM-4.5
+# both embeddings
+ACTIVE_WITHOUT = {"gpt-oss": 1, "kimi-k2": 1, "deepseek-v3": 1, "glm-4.5": 2}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
@@ -148,8 +155,9 @@ def test_preset_is_the_published_model(name):
     assert type(hf).__name__ == architecture
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
     assert abs(cfg.num_parameters() / PUBLISHED_PARAMETERS[name] - 1) <= 0.015
-    if name in PUBLISHED_ACTIVE:  # OpenAI's gpt-oss card leaves the input embedding out of "active"
-        active = cfg.num_active_parameters() - (cfg.vocab_size * cfg.hidden_size if name.startswith("gpt-oss") else 0)
+    if name in PUBLISHED_ACTIVE:
+        left_out = next((n for prefix, n in ACTIVE_WITHOUT.items() if name.startswith(prefix)), 0)
+        active = cfg.num_active_parameters() - left_out * cfg.vocab_size * cfg.hidden_size
         assert abs(active / PUBLISHED_ACTIVE[name] - 1) <= 0.02
     back = gpt_config_from_hf(hf_config_from_gpt(cfg))
     for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -159,8 +167,12 @@ def test_preset_is_the_published_model(name):
                   "qk_layernorm_scope", "norm_placement", "norm_in_fp32", "sliding_window", "sliding_rope",
                   "attention_sinks", "add_attention_output_bias", "moe_router_bias", "moe_expert_bias",
                   "activation", "swiglu_alpha", "swiglu_limit", "norm_weight_offset", "embedding_multiplier",
-                  "attention_softmax_scale"):
+                  "attention_softmax_scale", "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                  "qk_pos_emb_head_dim", "v_head_dim", "moe_router_score_function", "moe_router_enable_expert_bias",
+                  "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+                  "moe_shared_expert_intermediate_size", "rotary_percent"):
         assert getattr(back, field) == getattr(cfg, field), field
+    assert [back.is_moe_layer(i) for i in range(cfg.num_layers)] == [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
     assert [back.is_sliding_layer(i) for i in range(cfg.num_layers)] == [
         cfg.is_sliding_layer(i) for i in range(cfg.num_layers)]
 

@@ -166,3 +166,87 @@ def test_biased_experts_grouped_gemm_equals_per_expert_loop():
     assert loop_grads["layers.0.mlp.experts.linear_fc1.bias"].abs().sum() > 0
     for name, g in loop_grads.items():
         assert (gg_grads[name] - g).abs().max().item() <= 1e-4 * max(1.0, g.abs().max().item()), name
+
+
+def _deepseek_model(**overrides):
+    cfg = preset("tiny", num_layers=3, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+                 init_method_std=0.2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                 moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0,
+                 moe_norm_topk_prob=True, moe_shared_expert_intermediate_size=16, moe_layer_freq=[0, 1, 1],
+                 architecture="glm4_moe", **overrides)
+    model = GPTModel(cfg.validate(), attention_backend="sdpa")
+    model.reset_parameters(5)
+    for m in model.moe_layers():
+        m.router.expert_bias.normal_(0.0, 0.3)
+    return model.train()
+
+
+def test_deepseek_routing_equals_the_formula_written_out():
+    """Sigmoid scores s; a group's score is the sum of its two best s + b; only experts of the
+    two best groups are chosen, the k largest s + b among them; their weights are s over the
+    sum of the k s, times the scaling factor. Checked token by token with plain Python."""
+    model = _deepseek_model()
+    m = model.moe_layers()[0]
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    weights, experts, probs = m.route(x)
+    scores = torch.sigmoid(x @ m.router.weight.T).tolist()
+    bias = m.router.expert_bias.tolist()
+    for t in range(40):
+        choice = [s + b for s, b in zip(scores[t], bias)]
+        group_score = [sum(sorted(choice[g * 2:g * 2 + 2], reverse=True)[:2]) for g in range(4)]
+        groups = sorted(range(4), key=lambda g: -group_score[g])[:2]
+        allowed = [e for e in range(8) if e // 2 in groups]
+        chosen = sorted(allowed, key=lambda e: -choice[e])[:2]
+        assert sorted(experts[t].tolist()) == sorted(chosen)
+        total = sum(scores[t][e] for e in chosen)
+        for w, e in zip(weights[t].tolist(), experts[t].tolist()):
+            assert w == pytest.approx(2.0 * scores[t][e] / total, rel=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(40))  # what the load-balancing loss weighs
+
+
+def test_dense_layers_and_shared_expert_take_their_sizes():
+    from megatron_k15.memory_plan import stage_parameters
+    from megatron_k15.models.layers import MoEMLP, SwiGLUMLP
+
+    model = _deepseek_model()
+    assert [type(layer.mlp) for layer in model.layers.values()] == [SwiGLUMLP, MoEMLP, MoEMLP]
+    shared = model.layers["1"].mlp.shared_experts
+    assert tuple(shared.linear_fc1.weight.shape) == (32, 64) and tuple(shared.linear_fc2.weight.shape) == (64, 16)
+    params = dict(model.named_parameters())
+    assert stage_parameters(model.config, 1, 0, 1) == [(n, p.numel()) for n, p in params.items()]
+    assert model.config.num_parameters() == sum(p.numel() for n, p in params.items()) - (
+        model.padded_vocab_size - model.config.vocab_size) * 64
+    assert "layers.1.mlp.router.expert_bias" in model.checkpoint_state_dict()  # saved, not trained
+    assert "layers.1.mlp.router.expert_bias" not in params
+
+
+def test_expert_bias_update_moves_towards_balance():
+    """count_expert_tokens + update_expert_bias: each expert's real tokens of the training
+    forwards (padding left out), then b += rate * sign(mean load - load) and the counts restart."""
+    model = _deepseek_model()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12)
+    mask[1, 7:] = 0
+    mlps = model.moe_layers()
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in mlps]
+    before = [m.router.expert_bias.clone() for m in mlps]
+    model.count_expert_tokens(True)
+    model(ids, token_mask=mask)
+    model(ids, token_mask=mask)
+    for h in hooks:
+        h.remove()
+    loads = []
+    for j, m in enumerate(mlps):  # before the update: the biases the forwards chose with
+        expected = torch.zeros(8)
+        for x in inputs[j::2]:  # this layer's input in both forwards
+            _, experts, _ = m.route(x.transpose(0, 1)[mask.bool()])
+            expected += torch.bincount(experts.reshape(-1), minlength=8).float()
+        assert expected.sum() == 2 * 19 * 2
+        loads.append(expected)
+    model.update_expert_bias(0.01)
+    for j, m in enumerate(mlps):
+        expected = loads[j]
+        delta = m.router.expert_bias - before[j]
+        assert torch.allclose(delta, 0.01 * torch.sign(expected.mean() - expected))
+        assert not m.tokens_per_expert.any() and not m.count_tokens

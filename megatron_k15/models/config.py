@@ -548,6 +548,33 @@ def _gpt_oss(layers: int, experts: int):
     )
 
 
+def _deepseek_v3(hidden, ffn, layers, heads, experts, topk, moe_ffn, shared, dense, scaling, vocab, **rest):
+    """DeepSeek-V3's block (Moonlight, Kimi K2): multi-latent attention (kv latent 512, heads of
+    128 + 64 rotated channels, v of 128), the first ``dense`` layers dense, then experts chosen
+    by sigmoid score + correction bias, weighted by the renormalised scores x ``scaling``, and
+    ``shared`` shared experts of ``moe_ffn``."""
+    return dict(vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
+                num_attention_heads=heads, multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128,
+                qk_pos_emb_head_dim=64, v_head_dim=128, tie_word_embeddings=False,
+                num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=moe_ffn, moe_norm_topk_prob=True,
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_topk_scaling_factor=scaling, moe_shared_expert_intermediate_size=shared * moe_ffn,
+                moe_layer_freq=[0] * dense + [1] * (layers - dense), architecture="deepseek_v3", **rest)
+
+
+def _glm45(hidden, ffn, layers, experts, moe_ffn, dense, scaling, qk_norm):
+    """GLM-4.5: GQA (96 heads of 128 over 8 KV heads, QKV bias, RoPE on half of each head) and
+    DeepSeek-V3's experts (one shared, top-8, the first ``dense`` layers dense)."""
+    return dict(vocab_size=151552, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=96,
+                num_query_groups=8, kv_channels=128, rotary_percent=0.5, max_position_embeddings=131072,
+                rotary_base=1000000.0, norm_epsilon=1e-5, add_qkv_bias=True, qk_layernorm=qk_norm,
+                tie_word_embeddings=False, num_moe_experts=experts, moe_router_topk=8, moe_ffn_hidden_size=moe_ffn,
+                moe_norm_topk_prob=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_topk_scaling_factor=scaling, moe_shared_expert_intermediate_size=moe_ffn,
+                moe_layer_freq=[0] * dense + [1] * (layers - dense), architecture="glm4_moe",
+                eos_token_id=[151329, 151336, 151338])
+
+
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the quickstart; byte-level vocabulary (256 bytes + specials).
     "tiny": dict(
@@ -596,6 +623,24 @@ PRESETS: dict[str, dict] = {
     ),
     "olmo2-7b": _olmo(2),
     "olmo3-7b": _olmo(3),
+    # Moonshot's Moonlight-16B-A3B (Muon-trained, DeepSeek-V3's block), Kimi K2 and DeepSeek-V3
+    "moonlight-16b-a3b": _deepseek_v3(2048, 11264, 27, 16, 64, 6, 1408, 2, 1, 2.446, 163840,
+                                      max_position_embeddings=8192, rotary_base=50000.0, norm_epsilon=1e-5,
+                                      bos_token_id=163584, eos_token_id=163585),
+    "kimi-k2": _deepseek_v3(7168, 18432, 61, 64, 384, 8, 2048, 1, 1, 2.827, 163840, q_lora_rank=1536,
+                            max_position_embeddings=131072, rotary_base=50000.0, norm_epsilon=1e-6,
+                            rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                          "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                            bos_token_id=163584, eos_token_id=163585),
+    "deepseek-v3": _deepseek_v3(7168, 18432, 61, 128, 256, 8, 2048, 1, 3, 2.5, 129280, q_lora_rank=1536,
+                                moe_router_num_groups=8, moe_router_group_topk=4, max_position_embeddings=163840,
+                                rotary_base=10000.0, norm_epsilon=1e-6,
+                                rope_scaling={"rope_type": "yarn", "factor": 40.0,
+                                              "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                                              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                                bos_token_id=0, eos_token_id=1),
+    "glm-4.5-air": _glm45(4096, 10944, 46, 128, 1408, 1, 1.0, False),
+    "glm-4.5": _glm45(5120, 12288, 92, 160, 1536, 3, 2.5, True),
 }
 
 

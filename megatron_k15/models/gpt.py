@@ -413,6 +413,29 @@ class GPTModel(torch.nn.Module):
             m.aux_losses = []
         return torch.stack(values).tolist() if values else []  # one device sync
 
+    def count_expert_tokens(self, on: bool) -> None:
+        """Whether MoE layers count the real tokens routed to each expert in training forwards
+        (for ``update_expert_bias``)."""
+        for m in self.moe_layers():
+            m.count_tokens = on
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float, group=None) -> None:
+        """DeepSeek-V3's aux-loss-free balancing after a step: the loads counted since the last
+        update are summed over ``group`` (the data x context ranks: tp ranks route the same
+        tokens) and each expert's bias moves by rate * sign(mean load - load), so an overloaded
+        expert is chosen less often. The counts restart; counting stops until switched on."""
+        layers = [m for m in self.moe_layers() if hasattr(m.router, "expert_bias")]
+        if not layers:
+            return
+        loads = torch.stack([m.tokens_per_expert for m in layers])
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(loads, group=group)
+        for m, load in zip(layers, loads):
+            m.router.expert_bias.add_(rate * torch.sign(load.mean() - load))
+            m.tokens_per_expert.zero_()
+        self.count_expert_tokens(False)
+
     def serve_experts(self) -> None:
         """Every MoE layer of this stage, in order, serves the other ranks of the ep group one
         forward's tokens without any of its own (``MoEMLP.serve_experts``)."""

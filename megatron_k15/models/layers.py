@@ -520,6 +520,10 @@ class MoEMLP(torch.nn.Module):
         self.grouped_gemm: Optional[bool] = None
         self.aux_loss_coeff = 0.0
         self.aux_loss_scale = 1.0
+        # real tokens routed to each expert in training forwards, while ``count_tokens``
+        # (GPTModel.update_expert_bias); not state: a step's counts are used in the step
+        self.count_tokens = False
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float32)
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -647,6 +651,11 @@ class MoEMLP(torch.nn.Module):
         if self.shared_experts is not None:  # this rank's ffn slice: a partial sum over tp, as the experts'
             gate, up = F.linear(x, self.shared_experts.linear_fc1.weight).chunk(2, dim=-1)
             out = out + F.linear(gated_activation(gate, up, self.cfg), self.shared_experts.linear_fc2.weight)
+        if self.count_tokens and self.training and torch._C._current_graph_task_id() == -1:
+            weight = None if token_mask is None else token_mask.transpose(0, 1).reshape(-1, 1).expand(
+                -1, self.topk).to(torch.float32)
+            self.tokens_per_expert = self.tokens_per_expert.to(experts.device) + expert_counts(
+                experts, self.num_experts, None if weight is None else weight).float()
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self._routing_aux_loss(probs, experts, token_mask)
             # not a recompute inside backward, nor an empty microbatch (only expert parallelism

@@ -16,7 +16,8 @@ Everything is counted for one GPU of one pipeline stage and follows what *our* c
 
 Static (held for the whole run):
 
-    parameters      e * P + 2 * d    (and RoPE's fp32 inverse frequencies, d / 2 of them)
+    parameters      e * P + 2 * r    (and RoPE's fp32 inverse frequencies, r / 2 of them for the
+                                      r rotated channels of a head)
     gradients       4 * P            (bucketed fp32 grad buffers, each padded to a multiple of D;
                                       e * P with --no-accumulate-allreduce-grads-in-fp32)
     optimizer       16 * P / D       (fp32 master shard, Adam m and v, reduced-grad shard, the
@@ -61,13 +62,21 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     (the token copies it sent). Experts: E / ep per rank, gradient buckets of their own sharded
     over D / ep.
     Unbalanced routing sends a rank more rows than N k: its MLP activations grow with them.
+    A shared expert (DeepSeek) adds its SwiGLU 4 * e * N * fs / tp (2 * e * N * fs / tp to
+    the backward working set); dense layers among MoE ones (--moe-layer-freq) count as dense.
+
+    Multi-latent attention (``MultiLatentAttention``, a = heads / tp, d the core's head size,
+    dv v's, q/kv latents ql and kvl) replaces the attention's e * Ns * h + e * N * (3q + 3k)
+    with e * N * h (the input, gathered under SP) + (4 + 2e) * N * r + 4 * N per latent r
+    (norm and up-GEMM input; fp32 keeps 4 * N * dr of the kv down projection more) +
+    e * N * (4 a d + a dv) (q, k, zero-padded v, output, and the output cut to dv).
 
 Megatron-LM counts s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, with dropout, GeLU MLP of
 4h, no flash); flash attention removes the 5*a*s/h term, SP divides the rest by tp, and full
 recompute keeps 2*s*b*h (/ tp with SP). Ours is larger per token (qwen2.5-7b, bf16, tp=1:
 about 65*s*b*h) mostly for the SwiGLU ffn (f = 5.3 h, 8 * f bytes) and the fp32 norm copies.
 
-Per microbatch besides the layers: RoPE cos/sin 2 * e * N * head_dim; on the last stage the
+Per microbatch besides the layers: RoPE cos/sin 2 * e * N * r; on the last stage the
 final norm, its output kept for the output layer (ce: the local e * Ns * h; fused: the
 full-length e * N * h the kernel keeps), and the log-prob path:
 
@@ -182,7 +191,6 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
     if layers is None:
         layers = pipeline_layer_ranges(cfg.num_layers, pp)[pp_rank]
     h, V = cfg.hidden_size, cfg.padded_vocab_size(tp) // tp
-    qkv = (cfg.query_projection_size + 2 * cfg.kv_projection_size) // tp
     first, last, tied = pp_rank == 0, pp_rank == pp - 1, cfg.tie_word_embeddings
     out = []
     if first or (tied and last):
@@ -195,18 +203,8 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
             out.append((p + "input_layernorm.weight", h))
         if cfg.attention_sinks:  # the attention module's own parameter comes before its children's
             out.append((p + "self_attention.sinks", cfg.num_attention_heads // tp))
-        out.append((p + "self_attention.linear_qkv.weight", qkv * h))
-        if cfg.add_qkv_bias:
-            out.append((p + "self_attention.linear_qkv.bias", qkv))
-        out.append((p + "self_attention.linear_proj.weight", h * cfg.query_projection_size // tp))
-        if cfg.add_attention_output_bias:
-            out.append((p + "self_attention.linear_proj.bias", h))
-        if cfg.qk_layernorm and cfg.qk_layernorm_scope == "all":
-            out.append((p + "self_attention.q_norm_all_heads.weight", cfg.query_projection_size // tp))
-            out.append((p + "self_attention.k_norm_all_heads.weight", cfg.kv_projection_size // tp))
-        elif cfg.qk_layernorm:
-            out.append((p + "self_attention.q_layernorm.weight", cfg.head_dim))
-            out.append((p + "self_attention.k_layernorm.weight", cfg.head_dim))
+        attention = _mla_parameters if cfg.multi_latent_attention else _gqa_parameters
+        out += attention(cfg, tp, p + "self_attention.")
         if post:
             out.append((p + "post_attention_layernorm.weight", h))
         if pre:
@@ -236,6 +234,37 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
         if not tied:
             out.append(("output_layer.weight", V * h))
     return out
+
+
+def _gqa_parameters(cfg: GPTConfig, tp: int, p: str) -> list[tuple[str, int]]:
+    """``SelfAttention``'s parameters on one tp rank (the sinks aside), in registration order."""
+    h = cfg.hidden_size
+    qkv = (cfg.query_projection_size + 2 * cfg.kv_projection_size) // tp
+    out = [(p + "linear_qkv.weight", qkv * h)]
+    if cfg.add_qkv_bias:
+        out.append((p + "linear_qkv.bias", qkv))
+    out.append((p + "linear_proj.weight", h * cfg.query_projection_size // tp))
+    if cfg.add_attention_output_bias:
+        out.append((p + "linear_proj.bias", h))
+    if cfg.qk_layernorm and cfg.qk_layernorm_scope == "all":
+        out.append((p + "q_norm_all_heads.weight", cfg.query_projection_size // tp))
+        out.append((p + "k_norm_all_heads.weight", cfg.kv_projection_size // tp))
+    elif cfg.qk_layernorm:
+        out.append((p + "q_layernorm.weight", cfg.head_dim))
+        out.append((p + "k_layernorm.weight", cfg.head_dim))
+    return out
+
+
+def _mla_parameters(cfg: GPTConfig, tp: int, p: str) -> list[tuple[str, int]]:
+    """``MultiLatentAttention``'s parameters on one tp rank, in registration order."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads // tp
+    dqk, ql, kvl = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+    out = ([(p + "linear_q_down_proj.weight", ql * h), (p + "q_a_layernorm.weight", ql),
+            (p + "linear_q_up_proj.weight", heads * dqk * ql)] if ql else [(p + "linear_q_proj.weight", heads * dqk * h)])
+    return out + [(p + "linear_kv_down_proj.weight", (kvl + cfg.qk_pos_emb_head_dim) * h),
+                  (p + "kv_a_layernorm.weight", kvl),
+                  (p + "linear_kv_up_proj.weight", heads * (cfg.qk_head_dim + cfg.v_head_dim) * kvl),
+                  (p + "linear_proj.weight", h * cfg.value_projection_size // tp)]
 
 
 def is_expert_bucket(names: list[str], ep: int) -> bool:
@@ -367,21 +396,34 @@ class _Shapes:
     fm: int = 0
     norm_topk: bool = False
     ep: int = 1
+    fs: int = 0  # the shared expert's ffn / tp (DeepSeek)
+    # multi-latent attention (kvl = 0: none): q and kv latents, a head's v channels
+    ql: int = 0
+    kvl: int = 0
+    dv: int = 0
+    dr: int = 0
+    r: int = 0  # channels RoPE rotates (cos / sin tables)
 
     @classmethod
-    def of(cls, cfg: GPTConfig, layout: Layout, w: Workload) -> "_Shapes":
+    def of(cls, cfg: GPTConfig, layout: Layout, w: Workload, layer: Optional[int] = None) -> "_Shapes":
+        """The sizes of layer ``layer`` (dense or MoE); None: an MoE layer when the model has any."""
         tp = layout.tp
         N = w.tokens_per_gpu or w.micro_batch_size * w.seq_length // layout.cp
         padded = cfg.padded_vocab_size(tp)
         V = padded // tp
+        moe = cfg.is_moe if layer is None else cfg.is_moe_layer(layer)
+        mla = cfg.multi_latent_attention
         return cls(e=w.e, N=N, Ns=N // tp if layout.sp else N, h=cfg.hidden_size,
                    q=cfg.query_projection_size // tp, k=cfg.kv_projection_size // tp,
                    f=cfg.ffn_hidden_size // tp, a=cfg.num_attention_heads // tp, d=cfg.head_dim,
                    V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size,
-                   qk_norm=cfg.qk_layernorm, E=cfg.num_moe_experts if cfg.is_moe else 0,
-                   topk=cfg.moe_router_topk if cfg.is_moe else 0,
-                   fm=cfg.moe_ffn_hidden_size // tp if cfg.is_moe else 0,
-                   norm_topk=bool(cfg.is_moe and cfg.moe_norm_topk_prob), ep=layout.ep)
+                   qk_norm=cfg.qk_layernorm, E=cfg.num_moe_experts if moe else 0,
+                   topk=cfg.moe_router_topk if moe else 0,
+                   fm=cfg.moe_ffn_hidden_size // tp if moe else 0,
+                   norm_topk=bool(moe and cfg.moe_norm_topk_prob), ep=layout.ep,
+                   fs=(cfg.moe_shared_expert_intermediate_size or 0) // tp if moe else 0,
+                   ql=(cfg.q_lora_rank or 0) if mla else 0, kvl=cfg.kv_lora_rank if mla else 0,
+                   dv=cfg.v_head_dim if mla else 0, dr=cfg.qk_pos_emb_head_dim if mla else 0, r=cfg.rotary_dim)
 
 
 def norm_saved_bytes(x: _Shapes) -> int:
@@ -416,15 +458,32 @@ def mlp_saved_bytes(x: _Shapes) -> int:
         return x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
     return (x.e * x.N * x.h + 2 * x.e * x.N * x.topk * x.h + 4 * x.e * x.N * x.topk * x.fm
             + 4 * x.N * x.E + 16 * x.N * x.topk + x.e * x.N * x.topk
-            + ((4 * x.N * x.topk + 4 * x.N) if x.norm_topk else 0) + (16 * x.N * x.topk if x.ep > 1 else 0))
+            + ((4 * x.N * x.topk + 4 * x.N) if x.norm_topk else 0) + (16 * x.N * x.topk if x.ep > 1 else 0)
+            + 4 * x.e * x.N * x.fs)  # the shared expert's SwiGLU, on the routed tokens' input
+
+
+def attention_saved_bytes(x: _Shapes) -> int:
+    """The attention's saved activations, its input included, without the core's fp32 LSE.
+    GQA: the QKV GEMM's input (the local shard under SP), then e N (3q + 3k) / tp (qkv output,
+    rotated q and k, attention output) and the q/k norms. MLA (``MultiLatentAttention``): the
+    input gathered to all N tokens (every projection reads it), the latent norms, the core's
+    q, k and zero-padded v and its output (e N a d each), and the output cut to v's channels
+    (e N a dv) that the output projection keeps. A latent costs its norm and the up GEMM's
+    input (the norm's output), (4 + 2e) N r + 4 N; in fp32 the kv latent's norm keeps the down
+    projection's whole output alive (its input is a view of it): 4 N dr more."""
+    if not x.kvl:
+        return x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k) + qk_norm_saved_bytes(x)
+    latents = sum((4 + 2 * x.e) * x.N * r + 4 * x.N for r in (x.ql, x.kvl) if r)
+    if x.e == 4:
+        latents += 4 * x.N * x.dr
+    return x.e * x.N * x.h + latents + x.e * x.N * (4 * x.a * x.d + x.a * x.dv)
 
 
 def layer_saved_bytes(x: _Shapes, recompute: str) -> int:
     """Activations one transformer layer keeps for backward, per microbatch."""
     if recompute == "full":
         return x.e * x.Ns * x.h
-    saved = (2 * norm_saved_bytes(x) + x.e * x.Ns * x.h + x.e * x.N * (3 * x.q + 3 * x.k)
-             + mlp_saved_bytes(x) + qk_norm_saved_bytes(x))
+    saved = 2 * norm_saved_bytes(x) + attention_saved_bytes(x) + mlp_saved_bytes(x)
     if recompute == "none":
         saved += 4 * x.N * x.a
     return saved
@@ -436,7 +495,7 @@ def mlp_backward_bytes(x: _Shapes) -> int:
     token copies (e N k h each: the combined output's, the experts' outputs', the grouped
     inputs') and the routing weights' e N k."""
     if x.E:
-        return x.e * x.Ns * x.h + 3 * x.e * x.N * x.topk * x.h + x.e * x.N * x.topk
+        return x.e * x.Ns * x.h + 3 * x.e * x.N * x.topk * x.h + x.e * x.N * x.topk + 2 * x.e * x.N * x.fs
     return x.e * x.Ns * x.h + 2 * x.e * x.N * x.f
 
 
@@ -611,14 +670,15 @@ def _stage_activation_peak(cfg: GPTConfig, layout: Layout, w: Workload, recomput
     gradient copies in that peak): the largest of the phases of the microbatch being run,
     plus what the other in-flight microbatches keep; with the fp32 copies of the gradient
     buckets (16-bit, D > 1) during and after the last microbatch's backward."""
-    x = _Shapes.of(cfg, layout, w)
+    shapes = [_Shapes.of(cfg, layout, w, i) for i in layer_ids]  # dense and MoE layers differ
+    x = shapes[-1]  # the stage's last layer: its backward runs first
     n_layers = len(layer_ids)
-    rope = 2 * x.e * x.N * x.d
+    rope = 2 * x.e * x.N * x.r
     # block recompute: the first n_rec layers keep only their input, the others everything;
     # the last layer is then not recomputed, so no rerun sits on top of the saved activations
     n_rec = n_layers if recompute != "full" or w.recompute_num_layers is None else min(
         n_layers, w.recompute_num_layers)
-    sizes = [layer_saved_bytes(x, recompute if j < n_rec else "none") for j in range(n_layers)]
+    sizes = [layer_saved_bytes(shapes[j], recompute if j < n_rec else "none") for j in range(n_layers)]
     saved = sum(sizes) + rope
     # 1F1B keeps each in-flight microbatch's received input and sent output referenced
     input_aliased = (recompute == "full" and n_rec > 0) or x.e == 4  # kept anyway by the checkpoint / norm
@@ -759,8 +819,8 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     x = _Shapes.of(cfg, layout, w)
 
     comps = [
-        Component("parameters", f"e*P + 2*d (RoPE inverse frequencies, fp32) = {e}*{P:,} + 2*{x.d}",
-                  e * P + 2 * x.d),
+        Component("parameters", f"e*P + 2*r (RoPE inverse frequencies, fp32) = {e}*{P:,} + 2*{x.r}",
+                  e * P + 2 * x.r),
         Component("gradients", (f"4*P (fp32 grad buckets) = 4*{G:,}" if fp32_buckets
                                 else f"e*P (grad buckets) = {e}*{G:,}"), (4 if w.fp32_grads else e) * G),
         Component("optimizer (ZeRO-1)",
@@ -771,8 +831,8 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
                   optimizer_bytes),
     ]
     if w.reference_model:
-        comps.append(Component("reference model (--ref-load)", f"e*P + 2*d = {e}*{P:,} + 2*{x.d} (frozen weights)",
-                               e * P + 2 * x.d))
+        comps.append(Component("reference model (--ref-load)", f"e*P + 2*r = {e}*{P:,} + 2*{x.r} (frozen weights)",
+                               e * P + 2 * x.r))
     static = sum(c.bytes for c in comps)
 
     tied_output_grad = e * x.V * x.h if (cfg.tie_word_embeddings and first and last) else 0
@@ -783,12 +843,17 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
         by_recompute[r] = {"saved_per_microbatch": saved_r, "peak": peak_r, "phase": phase_r,
                            "copies": copies_r}
     chosen = by_recompute[w.recompute]
-    layer = layer_saved_bytes(x, w.recompute)
-    mlp = ("eNh + 2eNkh + 4eNk*fm/tp + 4NE + 16Nk + eNk (MoE, balanced routing)" if cfg.is_moe
+    layer_bytes = sum(layer_saved_bytes(_Shapes.of(cfg, layout, w, i), w.recompute) for i in layers)
+    mlp = ("eNh + 2eNkh + 4eNk*fm/tp + 4NE + 16Nk + eNk" + (" + 4eNfs/tp (shared expert)"
+           if cfg.moe_shared_expert_intermediate_size else "") + " (MoE, balanced routing)" if cfg.is_moe
            else "eNs*h + 4eNf/tp")
+    if cfg.is_moe and cfg.num_moe_layers < cfg.num_layers:
+        mlp += "; dense layers eNs*h + 4eNf/tp"
+    attn = ("eNh + latent norms + eN(4ad + a*dv)/tp (MLA)" if cfg.multi_latent_attention
+            else "eNs*h + eN(3q+3k)/tp")
     layer_formula = {
-        "none": f"2*norm + eNs*h + eN(3q+3k)/tp + 4Na/tp + {mlp}",
-        "selective": f"2*norm + eNs*h + eN(3q+3k)/tp + {mlp}",
+        "none": f"2*norm + {attn} + 4Na/tp + {mlp}",
+        "selective": f"2*norm + {attn} + {mlp}",
         "full": "e*Ns*h",
     }[w.recompute]
     saved_all = in_flight * chosen["saved_per_microbatch"]
@@ -800,7 +865,7 @@ def plan_stage(cfg: GPTConfig, layout: Layout, w: Workload, pp_rank: int,
     comps.append(Component(
         "activations (saved)",
         f"{in_flight} microbatch(es) x ({len(layers)} layers x {layer_formula} = "
-        f"{len(layers)} x {layer / 2**20:.1f} MiB, + RoPE, final norm, log-prob state), "
+        f"{layer_bytes / 2**20:.1f} MiB, + RoPE, final norm, log-prob state), "
         f"N={x.N:,}" + (f" Ns={x.Ns:,}" if layout.sp else ""), saved_all,
         "other" if staging_peak else "activations"))
     work_formula = {

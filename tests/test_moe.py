@@ -249,4 +249,4 @@ def test_expert_bias_update_moves_towards_balance():
         expected = loads[j]
         delta = m.router.expert_bias - before[j]
         assert torch.allclose(delta, 0.01 * torch.sign(expected.mean() - expected))
-        assert not m.tokens_per_expert.any() and not m.count_tokens
+        assert m.tokens_per_expert is None and not m.count_tokens

@@ -79,6 +79,14 @@ def test_meter_counts_storages_once_and_releases_them():
 
 
 # -- parameters, buckets, KV cache: exact ----------------------------------------------------
+DEEPSEEK_SHAPE = dict(
+    add_qkv_bias=False, multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16,
+    qk_pos_emb_head_dim=8, v_head_dim=16, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+    moe_norm_topk_prob=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+    moe_router_num_groups=2, moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+    moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1], architecture="deepseek_v3")
+
+
 @pytest.mark.parametrize("overrides", [
     {},  # tied, QKV bias
     dict(tie_word_embeddings=False, add_qkv_bias=False, num_attention_heads=8, num_query_groups=2,
@@ -93,6 +101,8 @@ def test_meter_counts_storages_once_and_releases_them():
          activation="swiglu_clamped"),  # gpt-oss: sinks, biases
     dict(add_qkv_bias=False, qk_layernorm=True, norm_placement="sandwich", norm_weight_offset=1.0,
          activation="geglu_tanh"),  # Gemma 3: four norms per layer
+    dict(num_layers=3, **DEEPSEEK_SHAPE),  # DeepSeek-V3: MLA, a dense layer, shared expert
+    dict(num_layers=3, **{**DEEPSEEK_SHAPE, "q_lora_rank": None}),  # MLA without the q latent
 ])
 def test_parameter_count_equals_built_model(single_rank, overrides):
     from megatron_k15.models.gpt import GPTModel
@@ -107,11 +117,18 @@ def test_parameter_count_equals_built_model(single_rank, overrides):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_shards_follow_the_sharding_rules(tp):
+    gqa = preset("tiny", tie_word_embeddings=False, num_attention_heads=8, num_query_groups=4,
+                 vocab_size=1000, qk_layernorm=True)
+    mla = preset("tiny", tie_word_embeddings=False, num_attention_heads=8, vocab_size=1000, num_layers=3,
+                 **{**DEEPSEEK_SHAPE, "moe_shared_expert_intermediate_size": 64})
+    for cfg in (gqa, mla):
+        _check_shards(cfg, tp)
+
+
+def _check_shards(cfg, tp):
     from megatron_k15.models.hf_mapping import expected_shape
     from megatron_k15.models.sharding import VOCAB_PARAMS, pad_vocab, split_tensor
 
-    cfg = preset("tiny", tie_word_embeddings=False, num_attention_heads=8, num_query_groups=4,
-                 vocab_size=1000, qk_layernorm=True)
     full_names = [n for n, _ in stage_parameters(cfg, 1, 0, 1)]
     for rank in range(tp):
         expected = []
@@ -226,6 +243,13 @@ CASES = {
     "fp32-none-ce-moe": (dict(num_layers=3, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
     "fp32-full-ce-moe": (dict(num_layers=4, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2,
                                                              recompute="full")),
+    # DeepSeek-V3's block: multi-latent attention (q and kv latents, heads of 16 + 8 rotated
+    # channels, v of 16 zero-padded to 24), a dense first layer, sigmoid-routed experts and a shared one
+    "fp32-none-ce-deepseek": (dict(num_layers=3, **DEEPSEEK_SHAPE), dict(seq_length=256, micro_batch_size=2)),
+    "bf16-none-ce-deepseek": (dict(num_layers=3, **DEEPSEEK_SHAPE), dict(seq_length=256, micro_batch_size=2,
+                                                                        params_dtype="bf16")),
+    "bf16-full-ce-deepseek": (dict(num_layers=3, **DEEPSEEK_SHAPE), dict(seq_length=256, micro_batch_size=2,
+                                                                        params_dtype="bf16", recompute="full")),
     "bf16-selective-fused-moe-k6": (
         dict(num_layers=2, num_moe_experts=16, moe_router_topk=6, moe_ffn_hidden_size=32, moe_norm_topk_prob=True),
         dict(seq_length=512, micro_batch_size=1, params_dtype="bf16", recompute="selective", logprob_impl="fused")),
@@ -410,7 +434,7 @@ def test_every_preset_plans_on_the_usual_layouts(name):
         per_expert += (2 * cfg.moe_ffn_hidden_size + cfg.hidden_size) * cfg.moe_expert_bias
         experts = cfg.num_moe_experts * per_expert * cfg.num_layers
         p1, p8 = (plan_memory(cfg, Layout(dp=8, ep=ep), w).stages[0].parameters for ep in (1, 8))
-        assert p1 - p8 == experts - experts // 8
+        assert p1 - p8 == (experts - experts // 8) * cfg.num_moe_layers // cfg.num_layers
     # the planner's parameters are the model's (the count transformers gives, test_model_hf),
     # plus the rows that pad the vocabulary
     padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.hidden_size

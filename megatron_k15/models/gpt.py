@@ -428,12 +428,14 @@ class GPTModel(torch.nn.Module):
         layers = [m for m in self.moe_layers() if hasattr(m.router, "expert_bias")]
         if not layers:
             return
-        loads = torch.stack([m.tokens_per_expert for m in layers])
+        bias = layers[0].router.expert_bias
+        loads = torch.stack([bias.new_zeros(m.num_experts) if m.tokens_per_expert is None
+                             else m.tokens_per_expert.to(bias.device) for m in layers])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(loads, group=group)
         for m, load in zip(layers, loads):
             m.router.expert_bias.add_(rate * torch.sign(load.mean() - load))
-            m.tokens_per_expert.zero_()
+            m.tokens_per_expert = None
         self.count_expert_tokens(False)
 
     def serve_experts(self) -> None:

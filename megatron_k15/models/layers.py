@@ -523,7 +523,7 @@ class MoEMLP(torch.nn.Module):
         # real tokens routed to each expert in training forwards, while ``count_tokens``
         # (GPTModel.update_expert_bias); not state: a step's counts are used in the step
         self.count_tokens = False
-        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float32)
+        self.tokens_per_expert: Optional[torch.Tensor] = None
         self.aux_losses: list[torch.Tensor] = []  # detached, one per training forward (metrics)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -654,8 +654,8 @@ class MoEMLP(torch.nn.Module):
         if self.count_tokens and self.training and torch._C._current_graph_task_id() == -1:
             weight = None if token_mask is None else token_mask.transpose(0, 1).reshape(-1, 1).expand(
                 -1, self.topk).to(torch.float32)
-            self.tokens_per_expert = self.tokens_per_expert.to(experts.device) + expert_counts(
-                experts, self.num_experts, None if weight is None else weight).float()
+            counts = expert_counts(experts, self.num_experts, weight).float()
+            self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
             aux = self._routing_aux_loss(probs, experts, token_mask)
             # not a recompute inside backward, nor an empty microbatch (only expert parallelism

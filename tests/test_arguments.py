@@ -1,6 +1,7 @@
 """Every invalid flag combination fails before any work, naming the flag."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -395,3 +396,49 @@ def test_olmo_preset_keeps_its_architecture_with_megatron_switches():
     cfg = _validate(["--model-preset", "olmo3-7b", "--qk-layernorm", "--disable-bias-linear"]).model_config
     assert cfg.architecture == "olmo3" and cfg.qk_layernorm_scope == "all" and cfg.norm_placement == "post"
     assert sum(cfg.is_sliding_layer(i) for i in range(cfg.num_layers)) == 24
+
+
+def test_deepseek_v3_from_megatron_lm_flags():
+    """Megatron-LM's MLA and DeepSeek-MoE flags build the model DeepseekV3ForCausalLM exports."""
+    flags = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
+             "--multi-latent-attention", "--q-lora-rank", "32", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+             "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--num-experts", "8", "--moe-router-topk", "2",
+             "--moe-ffn-hidden-size", "32", "--moe-router-score-function", "sigmoid",
+             "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+             "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "32",
+             "--moe-layer-freq", "[0]*1+[1]*3", "--disable-bias-linear"]
+    cfg = _validate(flags).model_config
+    assert (cfg.architecture, cfg.head_dim, cfg.num_query_groups, cfg.rotary_dim) == ("deepseek_v3", 24, 4, 8)
+    assert cfg.moe_layer_freq == [0, 1, 1, 1] and cfg.num_moe_layers == 3
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor) == (4, 2, 2.5)
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf, hf_config_from_gpt
+
+    back = gpt_config_from_hf(hf_config_from_gpt(cfg))
+    assert (back.moe_layer_freq, back.q_lora_rank, back.moe_shared_expert_intermediate_size) == ([0, 1, 1, 1], 32, 32)
+    glm = _validate(["--num-experts", "8", "--moe-router-score-function", "sigmoid",
+                     "--moe-router-enable-expert-bias", "--moe-layer-freq", "2"]).model_config
+    assert glm.architecture == "glm4_moe" and [glm.is_moe_layer(i) for i in range(2)] == [True, False]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--moe-layer-freq", "[0]*2+[2]"], "0 \\(dense\\) and 1 \\(MoE\\)"),
+    (["--moe-layer-freq", "__import__('os')"], "expected N or a 0/1 list"),
+    (["--num-experts", "8", "--moe-layer-freq", "[0, 1, 1]"], "one 0/1 per layer \\(2\\)"),
+    (["--num-experts", "8", "--moe-router-num-groups", "3", "--moe-router-group-topk", "1"],
+     "--moe-router-num-groups 3 must divide --num-experts 8"),
+    (["--num-experts", "8", "--moe-router-num-groups", "4"], "go together"),
+    (["--num-experts", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "1",
+      "--moe-router-topk", "3"], "hold at least --moe-router-topk 3"),
+    (["--moe-router-score-function", "sigmoid"], "applies to mixture-of-experts models"),
+    (["--num-experts", "8", "--moe-router-bias-update-rate", "0.001"], "needs a router with an expert bias"),
+    (["--kv-lora-rank", "16"], "add --multi-latent-attention"),
+    (["--multi-latent-attention", "--add-qkv-bias"], "does not take --add-qkv-bias"),
+    (["--num-experts", "8", "--moe-shared-expert-intermediate-size", "33", "--tensor-model-parallel-size", "2"],
+     "divisible by --tensor-model-parallel-size 2"),
+])
+def test_deepseek_flag_errors_name_the_flag(argv, message, capsys):
+    world = 2 if "--tensor-model-parallel-size" in argv else 1
+    with pytest.raises((ArgumentError, SystemExit)) as e:
+        _validate(argv, world_size=world)
+    text = capsys.readouterr().err if e.type is SystemExit else str(e.value)  # argparse's own errors
+    assert re.search(message, text), text

@@ -236,19 +236,28 @@ def _samples():
     return random_sft_samples(12, 20)
 
 
-def _args(comm_type):
+def _args(comm_type, model="qwen3_moe"):
     return argparse.Namespace(lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4,
                               clip_grad=0.5, attention_backend="sdpa", params_dtype=torch.float32,
                               sequence_parallel=True, recompute_granularity=None, grad_bucket_numel=5000,
-                              cp_comm_type=comm_type, moe_aux_loss_coeff=0.5)
+                              cp_comm_type=comm_type, moe_aux_loss_coeff=0.5,
+                              moe_router_bias_update_rate=0.01 if model == "deepseek" else 0.0)
 
 
-def _moe_cfg():
+def _moe_cfg(model="qwen3_moe"):
+    if model == "deepseek":  # MLA (heads of 24: the ring's kernels pad them to 32), a dense layer, sigmoid
+        # routing with a bias that moves after every step, a shared expert
+        return preset("tiny", num_layers=3, init_method_std=0.05, add_qkv_bias=False, multi_latent_attention=True,
+                      q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
+                      num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_norm_topk_prob=True,
+                      moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                      moe_router_num_groups=2, moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+                      moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1], architecture="deepseek_v3")
     return preset("tiny", num_layers=2, init_method_std=0.05, num_moe_experts=4, moe_router_topk=2,
                   moe_ffn_hidden_size=32)
 
 
-def _sft_worker(rank, world_size, tp, cp, comm_type, ep=1):
+def _sft_worker(rank, world_size, tp, cp, comm_type, ep=1, model="qwen3_moe"):
     from megatron_k15.initialize import initialize_model_parallel
     from megatron_k15.parallel.data import lr_at
     from megatron_k15.parallel.context import split_packed_microbatch
@@ -256,13 +265,13 @@ def _sft_worker(rank, world_size, tp, cp, comm_type, ep=1):
     from megatron_k15.training import build_train_context, reduce_sums, train_step
 
     initialize_model_parallel(tp, 1, cp, ep=ep)
-    ctx = build_train_context(_args(comm_type), _moe_cfg(), seed=11)
+    ctx = build_train_context(_args(comm_type, model), _moe_cfg(model), seed=11)
     assert ctx.model.ep_size == ep
     assert ctx.model.cp_size == cp and (cp == 1 or ctx.model.attention_backend == f"ring-{comm_type}")
     stream = PackedSFTStream(_samples(), SEQ, seed=3)
     pc = ctx.pc
     per = GBS // pc.dp_size
-    losses, norms, aux, pads = [], [], [], 0
+    losses, norms, aux, pads, biases = [], [], [], 0, []
     for it in range(ITERS):
         rows = stream.rows(it * GBS, GBS)
         total = sum(stream.loss_tokens(r) for r in rows)
@@ -277,23 +286,31 @@ def _sft_worker(rank, world_size, tp, cp, comm_type, ep=1):
         losses.append(loss_sum / tokens)
         norms.append(norm)
         aux.append(ctx.moe_aux_loss)
-    return {"losses": losses, "norms": norms, "aux": aux, "pads": pads}
+        biases.append([m.router.expert_bias.clone() for m in ctx.model.moe_layers()
+                       if hasattr(m.router, "expert_bias")])
+    return {"losses": losses, "norms": norms, "aux": aux, "pads": pads, "biases": biases}
 
 
 @functools.lru_cache(maxsize=None)
-def _sft_reference():
-    return run_distributed(_sft_worker, 1, 1, 1, "ring")[0]
+def _sft_reference(model="qwen3_moe"):
+    return run_distributed(_sft_worker, 1, 1, 1, "ring", 1, model)[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep", [1, 2])
-def test_sft_cp2_equals_one_rank(ep):
+@pytest.mark.parametrize("ep,model", [(1, "qwen3_moe"), (2, "qwen3_moe"), (2, "deepseek")])
+def test_sft_cp2_equals_one_rank(ep, model):
     """ep=2: the two cp ranks (zigzag shards of the same rows) also split the experts and
-    exchange their tokens."""
-    ref = _sft_reference()
+    exchange their tokens. DeepSeek's block: MLA through the ring, and the expert biases
+    moved by the loads of both ranks' tokens equal the one-rank run's."""
+    ref = _sft_reference(model)
     assert ref["losses"][-1] < ref["losses"][0]
     assert ref["pads"] > 0  # rows with a padding tail: the aux loss must leave it out
-    for r in run_distributed(_sft_worker, 2, 1, 2, "ring", ep):
+    # after each step (the sign rule may move a bias back the next step)
+    assert [len(step) for step in ref["biases"]] == [2 if model == "deepseek" else 0] * ITERS
+    assert all(b.abs().max() > 0 for b in ref["biases"][0])  # the first step moved them
+    for r in run_distributed(_sft_worker, 2, 1, 2, "ring", ep, model):
+        for step, ref_step in zip(r["biases"], ref["biases"]):
+            assert all(torch.equal(a, b) for a, b in zip(step, ref_step))
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * abs(b)
         for a, b in zip(r["norms"], ref["norms"]):

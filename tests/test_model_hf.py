@@ -516,3 +516,51 @@ def test_deepseek_v3_matches_transformers(variant, backend):
                 layer.self_attention.softmax_scale = 24 ** -0.5
             assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
     assert_export_rebuilds(hf, cfg, ids)
+
+
+def test_fp8_block_checkpoint_dequantizes_to_the_model_it_encodes():
+    """DeepSeek-V3 / Kimi K2 ship their linear weights as float8 e4m3 with one fp32 scale per
+    block (``weight_scale_inv``; 16 x 16 here, so the tiny matrices hold several blocks and some
+    cut at the edge). Conversion dequantizes them: the model equals transformers holding
+    q * s, block by block; a wrong block mapping would not."""
+    from megatron_k15.models.gpt import GPTModel
+    from megatron_k15.models.hf_mapping import (HFCheckpointError, dequantize_fp8_blocks, gpt_config_from_hf,
+                                                hf_config_from_gpt, hf_to_megatron)
+    from megatron_k15.testing import hf_config_dict
+
+    block = (16, 16)
+    hf = tiny_hf_model("deepseek_v3")
+    quantized, dequantized = {}, {}
+    for name, t in hf.state_dict().items():
+        if name.endswith("proj.weight") and t.dim() == 2 and "layernorm" not in name:
+            rows, cols = t.shape
+            tiles = (-(-rows // 16), -(-cols // 16))
+            gen = torch.Generator().manual_seed(len(name))
+            scale = torch.rand(tiles, generator=gen) * 0.01 + 0.001
+            full = scale.repeat_interleave(16, 0)[:rows].repeat_interleave(16, 1)[:, :cols]
+            q = (t / full).to(torch.float8_e4m3fn)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale
+            dequantized[name] = (q.float() * full).to(torch.bfloat16).float()
+        else:
+            quantized[name] = t
+    assert len(dequantized) > 10
+    d = hf_config_dict(hf)
+    d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    cfg = gpt_config_from_hf(d)
+    ours = hf_to_megatron(quantized, cfg)
+    hf.load_state_dict({**hf.state_dict(), **dequantized})
+    model = GPTModel(cfg, attention_backend="sdpa")
+    from megatron_k15.models.sharding import split_for_rank
+
+    model.load_checkpoint_state_dict(split_for_rank({k: v.float() for k, v in ours.items()}, 1, 0, 1, 0,
+                                                    cfg.num_layers, cfg.tie_word_embeddings, model.padded_vocab_size))
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert "quantization_config" not in hf_config_from_gpt(cfg)  # exports unquantized
+    with pytest.raises(HFCheckpointError, match=r"needs \(2, 2\) scales"):
+        dequantize_fp8_blocks(torch.zeros(32, 32).to(torch.float8_e4m3fn), torch.ones(2, 3), block)
+    bad = {k: v for k, v in quantized.items()}
+    bad["model.layers.0.self_attn.missing.weight_scale_inv"] = torch.ones(1, 1)
+    with pytest.raises(HFCheckpointError, match="has no weight"):
+        hf_to_megatron(bad, cfg)

@@ -51,6 +51,8 @@ Name mapping (i = layer):
     model.layers.i.mlp.experts.down_proj (E, f, h)  -> layers.i.mlp.experts.linear_fc2.weight (E, h, f)
     model.layers.i.mlp.experts.down_proj_bias       -> layers.i.mlp.experts.linear_fc2.bias
     (the hub's MXFP4 ``*_blocks`` / ``*_scales`` are dequantized on import; export writes them unquantized)
+    FP8 checkpoints (DeepSeek-V3, Kimi K2: ``X.weight`` in float8 e4m3 with ``X.weight_scale_inv``
+    per 128 x 128 block) are dequantized to bf16 on import and export unquantized.
     model.norm.weight                               -> final_layernorm.weight
     lm_head.weight                                  -> output_layer.weight (absent when tied)
 Every mapping is a pure reshuffle of values, so HF -> ours -> HF is bit-exact.
@@ -626,8 +628,8 @@ def _rope_rows(t: torch.Tensor, heads: int, cfg: GPTConfig, to_ours: bool) -> to
 def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
                    where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF state dict -> our full (tp=1, pp=1, unpadded) state dict (an image-text checkpoint's
-    language model: ``text_model_state_dict``)."""
-    hf_sd = text_model_state_dict(hf_sd)
+    language model: ``text_model_state_dict``; FP8 block-quantized weights dequantized)."""
+    hf_sd = dequantize_fp8_state_dict(text_model_state_dict(hf_sd), _fp8_block_size(cfg, where), where)
 
     def take(name):
         if name not in hf_sd:
@@ -758,6 +760,50 @@ def _mla_to_hf(sd: dict, o: str, a: str, cfg: GPTConfig) -> dict:
     out[a + "kv_a_layernorm.weight"] = sd[o + "kv_a_layernorm.weight"]
     out[a + "kv_b_proj.weight"] = sd[o + "linear_kv_up_proj.weight"]
     out[a + "o_proj.weight"] = sd[o + "linear_proj.weight"]
+    return out
+
+
+def _fp8_block_size(cfg: GPTConfig, where: str) -> tuple[int, int]:
+    """The (rows, columns) of one FP8 scale block from the config's ``quantization_config``
+    (DeepSeek-V3, Kimi K2: fp8 e4m3 in 128 x 128 blocks)."""
+    quant = cfg.extra.get("hf_config", {}).get("quantization_config") or {}
+    block = quant.get("weight_block_size") or [128, 128]
+    if quant and quant.get("quant_method") not in (None, "fp8", "mxfp4"):
+        raise HFCheckpointError(f"{where}: quantization_config.quant_method={quant['quant_method']!r} is not "
+                                "supported (fp8 block scales, gpt-oss's mxfp4)")
+    if len(block) != 2 or min(int(b) for b in block) < 1:
+        raise HFCheckpointError(f"{where}: quantization_config.weight_block_size={block!r} must be two positive sizes")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          dtype=torch.bfloat16) -> torch.Tensor:
+    """A weight stored as float8 (e4m3) with one fp32 factor per (block[0] x block[1]) tile
+    (DeepSeek-V3's ``weight_scale_inv``, the last tiles cut at the edges): w = q * s[i // b0, j // b1]."""
+    rows, cols = weight.shape
+    tiles = (-(-rows // block[0]), -(-cols // block[1]))
+    if weight.dim() != 2 or tuple(scale_inv.shape) != tiles:
+        raise HFCheckpointError(f"FP8 weight {tuple(weight.shape)} needs {tiles} scales of {block} blocks, "
+                                f"got {tuple(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (weight.float() * scale).to(dtype)
+
+
+def dequantize_fp8_state_dict(hf_sd: dict, block: tuple[int, int], where: str = "checkpoint") -> dict:
+    """Every ``X.weight`` with an ``X.weight_scale_inv`` dequantized (``dequantize_fp8_blocks``),
+    the scales dropped; the state dict as it is without any."""
+    scales = [k for k in hf_sd if k.endswith(".weight_scale_inv")]
+    if not scales:
+        return hf_sd
+    out = {k: v for k, v in hf_sd.items() if not k.endswith(".weight_scale_inv")}
+    for key in scales:
+        name = key[: -len("_scale_inv")]
+        if name not in out:
+            raise HFCheckpointError(f"{where}: {key} has no weight {name!r}")
+        try:
+            out[name] = dequantize_fp8_blocks(out[name], hf_sd[key], block)
+        except HFCheckpointError as e:
+            raise HFCheckpointError(f"{where}: {name}: {e}") from None
     return out
 
 

@@ -99,7 +99,8 @@ activations of min(pp - r, m) microbatches, so stage 0 holds pp of them; the sch
 its references to a microbatch's input, output and grads once they are sent.
 
 Rollout (paged KV cache, ``PagedKVCache``): 2 * L_stage * (kv_heads / tp) * head_dim * e
-bytes per token; the cache holds ``batch * ceil(tokens / block)`` blocks plus one scratch
+bytes per token (MLA's latent cache: L_stage * (kv_lora_rank + qk_pos_emb_head_dim) * e on every
+tp rank); the cache holds ``batch * ceil(tokens / block)`` blocks plus one scratch
 block. The rollout peak is static + KV cache (the generator and trainer share the GPU).
 """
 
@@ -318,15 +319,28 @@ def grad_bucket_sizes(params: list[tuple[str, int]], shard_group: int, sequence_
 
 # -- KV cache ------------------------------------------------------------------------------------
 def kv_cache_bytes(num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
-                   head_dim: int, dtype_bytes: int) -> int:
+                   head_dim: int, dtype_bytes: int, keys_only: bool = False) -> int:
     """``PagedKVCache`` memory: (layers, 2, num_blocks + 1, block, kv_heads, head_dim) elements
-    (the extra block is its scratch target for padding rows); ``n_kv_heads`` is per tp rank."""
-    return num_layers * 2 * (num_blocks + 1) * block_size * n_kv_heads * head_dim * dtype_bytes
+    (the extra block is its scratch target for padding rows; 1 for 2 with ``keys_only``);
+    ``n_kv_heads`` is per tp rank."""
+    kv = 1 if keys_only else 2
+    return num_layers * kv * (num_blocks + 1) * block_size * n_kv_heads * head_dim * dtype_bytes
+
+
+def kv_row_geometry(cfg: GPTConfig, tp: int) -> tuple[int, int, bool]:
+    """(kv heads per tp rank, values per head, keys only) of the engine's cache rows: MLA caches
+    one latent of kv_lora_rank + qk_pos_emb_head_dim per token on every tp rank
+    (``GenerationEngine(latent_cache=True)``), the others each kv head's K and V."""
+    if cfg.multi_latent_attention:
+        return 1, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, True
+    return cfg.num_query_groups // tp, cfg.head_dim, False
 
 
 def kv_bytes_per_token(cfg: GPTConfig, num_layers: int, tp: int, dtype_bytes: int) -> int:
-    """2 * layers * (kv_heads / tp) * head_dim * dtype bytes."""
-    return 2 * num_layers * (cfg.num_query_groups // tp) * cfg.head_dim * dtype_bytes
+    """2 * layers * (kv_heads / tp) * head_dim * dtype bytes (MLA: layers * (kv_lora_rank +
+    qk_pos_emb_head_dim) * dtype bytes, on every tp rank)."""
+    heads, dim, keys_only = kv_row_geometry(cfg, tp)
+    return (1 if keys_only else 2) * num_layers * heads * dim * dtype_bytes
 
 
 def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload,
@@ -351,8 +365,8 @@ def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload
         per_block, groups, _ = page_layout(windows)
         held = sum(per_seq if left < 0 else min(per_seq, -(-(left + 1) // w.kv_block_size) + 1)
                    for left in groups)
-    return kv_cache_bytes(per_block, w.rollout_batch * held, w.kv_block_size,
-                          cfg.num_query_groups // tp, cfg.head_dim, w.e)
+    heads, dim, keys_only = kv_row_geometry(cfg, tp)
+    return kv_cache_bytes(per_block, w.rollout_batch * held, w.kv_block_size, heads, dim, w.e, keys_only)
 
 
 def rollout_windows_kept(cfg: GPTConfig, layout: Layout, w: Workload) -> bool:

@@ -133,6 +133,36 @@ def test_window_cache_changes_no_token_and_holds_less(kind):
         assert _close(a.output_logprobs, c.output_logprobs) and _close(b.output_logprobs, c.output_logprobs)
 
 
+@pytest.mark.parametrize("decode_impl", ["torch", "triton"])
+def test_mla_latent_cache_equals_the_expanded_cache(decode_impl):
+    """DeepSeek-V3's MLA with the latent cache (the default: kvl + dr = 24 values per token and
+    layer, decode with queries absorbed into the latent) generates what the cache of expanded
+    heads (2 x 4 heads x 24) generates: seeded sampling, whole and chunked prefill (a chunk
+    expands its cached prefix), 3 samples sharing a prompt, and preemption in a small cache;
+    log-probs within fp32 tolerance of a full recompute. Its blocks take 1/8 of the bytes."""
+    hf = tiny_hf_model("deepseek_v3", initializer_range=0.2)
+    model = gpt_from_hf(hf)
+    prompts = [list(range(3, 40)), [5, 6, 7], list(range(100, 125))] + [[9, 10, 11, 12, 13]] * 3
+
+    def run(latent, **kw):
+        engine = _engine(model, latent_cache=latent, decode_impl=decode_impl, **kw)
+        out = engine.generate(prompts, 16, SAMPLED, _gens(4, len(prompts)), EOS)
+        assert engine.cache.keys_only == latent and engine.cache.num_used_blocks == 0
+        return out, engine
+
+    ref, ref_engine = run(False)
+    recomputed = generate_recompute(model, prompts, 16, SAMPLED, _gens(4, len(prompts)), EOS)
+    for a, b in zip(ref, recomputed):
+        assert a.output_ids == b.output_ids and _close(a.output_logprobs, b.output_logprobs)
+    for kw in ({}, {"max_prefill_tokens": 8}, {"num_blocks": 16, "max_prefill_tokens": 8}):
+        got, engine = run(True, **kw)
+        for a, b in zip(got, ref):
+            assert a.output_ids == b.output_ids and _close(a.output_logprobs, b.output_logprobs)
+        if "num_blocks" in kw:
+            assert engine.stats.preemptions > 0
+    assert engine.cache.bytes_per_block * 8 == ref_engine.cache.bytes_per_block
+
+
 def _assert_greedy_equals_transformers(hf, model, decode_impl):
     engine = GenerationEngine(model, block_size=4, decode_impl=decode_impl)
     results = engine.generate(PROMPTS, 12, SamplingParams(temperature=0.0), None, EOS)

@@ -32,7 +32,7 @@ import torch
 
 from megatron_k15.generation.kv_cache import PagedKVCache
 from megatron_k15.memory_plan import (
-    Layout, MemoryMeter, Workload, grad_bucket_sizes, kv_cache_bytes, measure_peak_bytes,
+    Layout, MemoryMeter, Workload, grad_bucket_sizes, kv_bytes_per_token, kv_cache_bytes, measure_peak_bytes,
     plan_memory, rollout_kv_cache_bytes, rollout_windows_kept, stage_parameters, suggest_layouts,
 )
 from megatron_k15.models.config import PRESETS, ConfigError, preset
@@ -622,3 +622,22 @@ def test_plan_cli_takes_max_tokens_per_gpu(capsys):
     assert _tool().main(["--model-preset", "qwen2.5-0.5b", "--seq-length", "32768", "--bf16",
                      "--max-tokens-per-gpu", "8192"]) == 0
     assert "packed microbatches of 8192 tokens per GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mla_kv_cache_bytes_equal_the_engines_latent_cache(single_rank, tp):
+    """MLA: the planned rollout cache is the engine's latent cache (one row of kv_lora_rank +
+    qk_pos_emb_head_dim per token and layer, the same on every tp rank)."""
+    from megatron_k15.generation.engine import GenerationEngine
+    from megatron_k15.models.gpt import GPTModel
+
+    cfg = preset("tiny", num_layers=3, **DEEPSEEK_SHAPE)
+    w = Workload(seq_length=100, rollout_batch=3, kv_block_size=8, params_dtype="fp32")
+    engine = GenerationEngine(GPTModel(cfg, tp_group=single_rank, attention_backend="sdpa"), block_size=8,
+                              num_blocks=3 * math.ceil(100 / 8))
+    engine._ensure_cache([])
+    assert engine.cache.keys_only and (engine.cache.n_kv_heads, engine.cache.head_dim) == (1, 16 + 8)
+    assert rollout_kv_cache_bytes(cfg, 3, tp, w) == engine.cache.memory_bytes
+    # Moonlight at 128K tokens: 30 KiB of latent per token instead of 324 KiB of heads
+    moon = preset("moonlight-16b-a3b")
+    assert kv_bytes_per_token(moon, moon.num_layers, tp, 2) == 27 * 576 * 2

@@ -116,13 +116,17 @@ class GenerationEngine:
         window_cache: sliding-window layers keep only their window's blocks (``PagedKVCache``
             with ``layer_windows``); False keeps every token of every layer (as before, and
             for comparison). Not under cp decode, which refuses windows.
+        latent_cache: a multi-latent-attention model caches each token's latent (kv_lora_rank +
+            qk_pos_emb_head_dim values per layer, ``PagedKVCache(keys_only=True)``) and decodes
+            with queries absorbed into it; False caches every head's K and V (2 x heads x
+            head_dim values), as other models do.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 256, max_prefill_tokens: int = 16384,
                  kv_memory_fraction: float = 0.5, pp_group=None, cp_group=None,
                  decode_impl: str = "auto", num_lanes: Optional[int] = None,
-                 window_cache: bool = True):
+                 window_cache: bool = True, latent_cache: bool = True):
         if max_batch_size < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_prefill_tokens and block_size must be >= 1")
         if num_lanes is not None and num_lanes < 1:
@@ -154,7 +158,11 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._on_finish = None
         cfg = model.config
-        self._kv_heads = cfg.num_query_groups // model.tp_size
+        # (kv heads, values per head, keys only) of a cache row
+        self.latent_cache = bool(latent_cache and cfg.multi_latent_attention)
+        self._kv_heads, self._head_dim = cfg.num_query_groups // model.tp_size, cfg.head_dim
+        if self.latent_cache:
+            self._kv_heads, self._head_dim = 1, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim
         self._num_layers = len(model.layers)
         windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
         self._layer_windows = windows if window_cache and self.cp_group is None and max(windows, default=-1) >= 0 \
@@ -229,8 +237,8 @@ class GenerationEngine:
             free, _ = torch.cuda.mem_get_info(self.device)
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             n = blocks_for_memory(int(free * self.kv_memory_fraction), per_block,
-                                  self.block_size, self._kv_heads, self.model.config.head_dim,
-                                  self.dtype) - 1
+                                  self.block_size, self._kv_heads, self._head_dim,
+                                  self.dtype, self.latent_cache) - 1
         else:
             longest = self._local_len(max((len(r.tokens) + r.budget for r in requests), default=1), 0)
             concurrent = min(len(requests), self.max_batch_size)
@@ -240,8 +248,8 @@ class GenerationEngine:
             return
         self.cache = None  # free the old tensor before allocating the new one
         self.cache = PagedKVCache(self._num_layers, n, self.block_size, self._kv_heads,
-                                  self.model.config.head_dim, self.dtype, self.device,
-                                  layer_windows=self._layer_windows)
+                                  self._head_dim, self.dtype, self.device,
+                                  layer_windows=self._layer_windows, keys_only=self.latent_cache)
 
     def _agree_min(self, n: int) -> int:
         """The ranks that run one schedule (tp, pp and cp decode groups) must see the same

@@ -76,7 +76,25 @@ class LayerKVCache:
         out, lse = out_lse  # lse laid out like out without head_dim
         return apply_attention_sinks(out, lse, sinks)
 
-    def _attend(self, q, k, v, softmax_scale, window_size, with_lse: bool):
+    @property
+    def latent(self) -> bool:
+        """MLA's latent cache (``PagedKVCache(keys_only=True)``): one row per token, which the
+        layer expands to K/V (prefill over a cached prefix) or absorbs its queries into (decode)."""
+        return self.batch.cache.keys_only
+
+    @property
+    def decoding(self) -> bool:
+        return self.batch.decode
+
+    def attend_latent(self, q, latent, softmax_scale, k=None, v=None, expand=None):
+        """Attention through a latent cache. ``latent`` (1, N, 1, r): the new tokens' rows, written
+        to the cache. Decode: ``q`` (1, N, heads, r) holds queries absorbed into the latent space
+        and attends over the cached rows as keys and values (out (1, N, heads, r)). Prefill:
+        ``q, k, v`` are the expanded heads of the new tokens; a chunk over a cached prefix also
+        attends over ``expand(rows)`` -> (K, V) of the prefix's rows (T, 1, r)."""
+        return self._attend(q, k, v, softmax_scale, (-1, -1), False, latent=latent, expand=expand)
+
+    def _attend(self, q, k, v, softmax_scale, window_size, with_lse: bool, latent=None, expand=None):
         b = self.batch
         window_left = window_size[0]
         kw = {} if window_left < 0 else {"window_size": window_size}
@@ -89,7 +107,10 @@ class LayerKVCache:
         cache = b.cache
         if b.resolved_slots is None:
             b.resolved_slots = cache.resolve_slots(b.slots)
-        cache.write_rows(self.index, b.resolved_slots, k[0], v[0])
+        if latent is None:
+            cache.write_rows(self.index, b.resolved_slots, k[0], v[0])
+        else:
+            cache.write_rows(self.index, b.resolved_slots, latent[0], None)
         if b.prefix_seq is not None:
             n = b.chunk_rows
             if b.cp_group is None:  # the prefix and the chunk's own K/V are all in the cache
@@ -98,6 +119,8 @@ class LayerKVCache:
                 # alignment of q and k is unchanged
                 start = 0 if window_left < 0 else max(0, b.context_len - n - window_left)
                 k_all, v_all = cache.gather(self.index, b.prefix_seq, b.context_len, start)
+                if expand is not None:
+                    k_all, v_all = expand(k_all)
                 out = b.prefill_attention(q[:, :n], k_all[None], v_all[None], causal=True,
                                           softmax_scale=softmax_scale, **kw)
                 if with_lse:
@@ -105,7 +128,7 @@ class LayerKVCache:
                     if n < q.shape[1]:
                         lse = torch.cat([lse, lse.new_full((1, q.shape[1] - n, lse.shape[2]), float("-inf"))], 1)
             else:
-                out = self._chunk_attention_cp(q[0, :n], k[0, :n], v[0, :n], softmax_scale)[None]
+                out = self._chunk_attention_cp(q[0, :n], k[0, :n], v[0, :n], softmax_scale, expand)[None]
             if n < q.shape[1]:  # padding rows
                 out = torch.cat([out, out.new_zeros(1, q.shape[1] - n, *out.shape[2:])], dim=1)
             return (out, lse) if with_lse else out
@@ -127,13 +150,15 @@ class LayerKVCache:
         return merge_cp_partials(out, lse, b.cp_group).unsqueeze(0)
 
 
-    def _chunk_attention_cp(self, q, k, v, softmax_scale):
+    def _chunk_attention_cp(self, q, k, v, softmax_scale, expand=None):
         """A prefill chunk under context-parallel decode: every cp rank runs the chunk, but
         each holds only its share of the cached prefix (positions p % cp == rank). The chunk
         attends causally over its own K/V (the same on every rank) and without a mask over each
         rank's prefix shard (all earlier positions); the partials merge by their LSE."""
         b = self.batch
         kp, vp = b.cache.gather(self.index, b.prefix_seq, b.context_len)
+        if expand is not None:
+            kp, vp = expand(kp)
         out_self, lse_self = attention_with_lse(q, k, v, causal=True, softmax_scale=softmax_scale)
         out_pre, lse_pre = attention_with_lse(q, kp, vp, causal=False, softmax_scale=softmax_scale)
         return merge_cp_partials(out_pre, lse_pre, b.cp_group, extra=(out_self, lse_self))

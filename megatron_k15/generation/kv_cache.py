@@ -80,16 +80,16 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 
 def bytes_per_block(num_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one block takes across all layers, K and V together."""
-    return 2 * num_layers * block_size * n_kv_heads * head_dim * _dtype_size(dtype)
+                    dtype: torch.dtype = torch.bfloat16, keys_only: bool = False) -> int:
+    """Bytes one block takes across all layers, K and V together (K alone with ``keys_only``)."""
+    return (1 if keys_only else 2) * num_layers * block_size * n_kv_heads * head_dim * _dtype_size(dtype)
 
 
 def blocks_for_memory(memory_bytes: int, num_layers: int, block_size: int, n_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
+                      head_dim: int, dtype: torch.dtype = torch.bfloat16, keys_only: bool = False) -> int:
     """How many blocks fit in ``memory_bytes`` (e.g. free GPU memory times a utilisation
     fraction, after weights and activations)."""
-    per = bytes_per_block(num_layers, block_size, n_kv_heads, head_dim, dtype)
+    per = bytes_per_block(num_layers, block_size, n_kv_heads, head_dim, dtype, keys_only)
     return max(0, int(memory_bytes) // per)
 
 
@@ -257,12 +257,15 @@ class PagedKVCache:
             or None for full attention). Sliding layers then hold only their window's blocks
             (``page_layout``): a block holds ``layers_per_block`` layers, and slot mappings and
             block tables get a leading group dimension when there is more than one group.
+        keys_only: one row per token that serves as key and value (``v_cache`` is
+            ``k_cache``): MLA's latent cache, whose decode attends over the latent rows with
+            queries absorbed into them and keeps the values' channels of the output.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: Union[str, torch.device] = "cpu",
-                 layer_windows: Optional[Sequence[Optional[int]]] = None):
+                 layer_windows: Optional[Sequence[Optional[int]]] = None, keys_only: bool = False):
         if min(num_layers, block_size, n_kv_heads, head_dim) < 1 or num_blocks < 0:
             raise ValueError("num_layers, block_size, n_kv_heads, head_dim must be >= 1 and "
                              "num_blocks >= 0")
@@ -288,8 +291,10 @@ class PagedKVCache:
             self._group_loc.append((len(self._kinds) - 1, len(self._kinds[-1][1])))
             self._kinds[-1][1].append(g)
         # one extra, never allocated, scratch block at the end receives padding rows' writes
-        self.kv = torch.zeros(self.layers_per_block, 2, self.num_blocks + 1, self.block_size,
-                              self.n_kv_heads, self.head_dim, dtype=dtype, device=self.device)
+        self.keys_only = bool(keys_only)
+        self._v = 0 if self.keys_only else 1  # where V lives in the second dimension
+        self.kv = torch.zeros(self.layers_per_block, 1 if self.keys_only else 2, self.num_blocks + 1,
+                              self.block_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=self.device)
         self._scratch_slot = self.num_blocks * self.block_size
         self.allocator = BlockAllocator(self.num_blocks)
         self._seqs: Dict[Hashable, _Seq] = {}
@@ -297,12 +302,12 @@ class PagedKVCache:
     @classmethod
     def from_memory(cls, memory_bytes: int, num_layers: int, block_size: int, n_kv_heads: int,
                     head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                    layer_windows: Optional[Sequence[Optional[int]]] = None):
+                    layer_windows: Optional[Sequence[Optional[int]]] = None, keys_only: bool = False):
         """A cache with as many blocks as fit in ``memory_bytes``."""
         per_block = num_layers if layer_windows is None else page_layout(layer_windows)[0]
-        n = blocks_for_memory(memory_bytes, per_block, block_size, n_kv_heads, head_dim, dtype)
+        n = blocks_for_memory(memory_bytes, per_block, block_size, n_kv_heads, head_dim, dtype, keys_only)
         n = max(0, n - 1)  # the scratch block
-        return cls(num_layers, n, block_size, n_kv_heads, head_dim, dtype, device, layer_windows)
+        return cls(num_layers, n, block_size, n_kv_heads, head_dim, dtype, device, layer_windows, keys_only)
 
     # ------------------------------------------------------------------ tensors
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -311,7 +316,7 @@ class PagedKVCache:
 
     def v_cache(self, layer: int) -> torch.Tensor:
         """(num_blocks, block_size, n_kv_heads, head_dim) view of layer's V."""
-        return self.kv[self._place[layer][1], 1, :self.num_blocks]
+        return self.kv[self._place[layer][1], self._v, :self.num_blocks]
 
     def for_layer(self, t: torch.Tensor, layer: int) -> torch.Tensor:
         """``layer``'s part of a slot mapping or block table: ``t[group]`` when the cache has
@@ -321,7 +326,7 @@ class PagedKVCache:
     @property
     def bytes_per_block(self) -> int:
         return bytes_per_block(self.layers_per_block, self.block_size, self.n_kv_heads,
-                               self.head_dim, self.dtype)
+                               self.head_dim, self.dtype, self.keys_only)
 
     @property
     def memory_bytes(self) -> int:
@@ -625,19 +630,18 @@ class PagedKVCache:
         slots = slots.reshape(-1) if self.num_groups == 1 else slots.reshape(self.num_groups, -1)
         return torch.where(slots >= 0, slots, torch.full_like(slots, self._scratch_slot))
 
-    def write_rows(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``write_slots`` with slots from ``resolve_slots``."""
+    def write_rows(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor]) -> None:
+        """``write_slots`` with slots from ``resolve_slots`` (``v`` None for a keys-only cache)."""
         slots = self.for_layer(slots, layer)
         k = k.reshape(-1, self.n_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.n_kv_heads, self.head_dim)
-        if not (k.shape[0] == v.shape[0] == slots.shape[0]):
-            raise ValueError(f"{slots.shape[0]} slots for {k.shape[0]} K rows and {v.shape[0]} "
-                             "V rows")
+        if (v is None) != self.keys_only:
+            raise ValueError("a keys-only cache takes no V rows; any other needs them")
+        rows = [k] if v is None else [k, v.reshape(-1, self.n_kv_heads, self.head_dim)]
+        if any(t.shape[0] != slots.shape[0] for t in rows):
+            raise ValueError(f"{slots.shape[0]} slots for {[t.shape[0] for t in rows]} K/V rows")
         j = self._place[layer][1]
-        kf = self.kv[j, 0].view(-1, self.n_kv_heads, self.head_dim)
-        vf = self.kv[j, 1].view(-1, self.n_kv_heads, self.head_dim)
-        kf.index_copy_(0, slots, k.to(self.dtype))
-        vf.index_copy_(0, slots, v.to(self.dtype))
+        for i, t in enumerate(rows):
+            self.kv[j, i].view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, slots, t.to(self.dtype))
 
     def write(self, layer: int, seq_ids: Sequence[Hashable], positions: PositionsLike,
               k: torch.Tensor, v: torch.Tensor) -> None:
@@ -669,6 +673,8 @@ class PagedKVCache:
         j = self._place[layer][1]
         lo, hi = start - first * self.block_size, n - first * self.block_size
         k = self.kv[j, 0].index_select(0, idx).view(-1, self.n_kv_heads, self.head_dim)[lo:hi]
+        if self.keys_only:
+            return k, k
         v = self.kv[j, 1].index_select(0, idx).view(-1, self.n_kv_heads, self.head_dim)[lo:hi]
         return k, v
 
@@ -683,4 +689,4 @@ class PagedKVCache:
         return (f"PagedKVCache(layers={self.num_layers}, blocks={self.num_blocks}x"
                 f"{self.block_size}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype}, device={self.device}, free={self.num_free_blocks}, "
-                f"sequences={len(self._seqs)}{groups})")
+                f"sequences={len(self._seqs)}{groups}{', keys only' if self.keys_only else ''})")

@@ -346,14 +346,52 @@ class MultiLatentAttention(AttentionCore):
                          self.linear_q_up_proj.weight)
         q = apply_rotary(q.view(s, b, self.heads, self.dr + self.dn), cos, sin)
         latent, k_rope = F.linear(x, self.linear_kv_down_proj.weight).split([self.kv_lora_rank, self.dr], dim=-1)
-        kv = F.linear(self.kv_a_layernorm(latent), self.linear_kv_up_proj.weight)
-        k_nope, v = kv.view(s, b, self.heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, self.dr)
-        k = torch.cat([k_rope, k_nope], dim=-1)
-        d = self.head_dim  # one head size for the core: zero channels added where short
-        q, k, v = (t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
-        out = self._attend(q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache)
+        latent = self.kv_a_layernorm(latent)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)  # (s, b, 1, dr): one for all heads
+        if kv_cache is not None and kv_cache.latent and kv_cache.decoding:
+            out = self._decode_latent(q, latent, k_rope, kv_cache)
+        else:
+            k, v = self._expand(latent.unsqueeze(2), k_rope)
+            q = self._pad(q)
+            if kv_cache is not None and kv_cache.latent:  # prefill: fresh heads, the latent cached
+                rows = torch.cat([latent.unsqueeze(2), k_rope], dim=-1).transpose(0, 1)
+                out = kv_cache.attend_latent(q.transpose(0, 1), rows, self.softmax_scale, k.transpose(0, 1),
+                                             v.transpose(0, 1), expand=self._expand_rows).transpose(0, 1)
+            else:
+                out = self._attend(q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache)
         return self.linear_proj(out[..., :self.dv].reshape(s, b, -1))
+
+    def _pad(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero channels up to the core's head size (``head_dim``)."""
+        return t if t.shape[-1] == self.head_dim else F.pad(t, (0, self.head_dim - t.shape[-1]))
+
+    def _expand(self, latent: torch.Tensor, k_rope: torch.Tensor):
+        """K, V of every head, padded to the core's size, from normalised latents (..., 1, kvl)
+        and rotated shared keys (..., 1, dr)."""
+        kv = F.linear(latent, self.linear_kv_up_proj.weight)
+        k_nope, v = kv.view(*kv.shape[:-2], self.heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
+        k = torch.cat([k_rope.expand(*k_nope.shape[:-1], self.dr), k_nope], dim=-1)
+        return self._pad(k), self._pad(v)
+
+    def _expand_rows(self, rows: torch.Tensor):
+        """``_expand`` of cached latent rows (T, 1, kvl + dr) = [latent; rotated shared key]."""
+        latent, k_rope = rows.split([self.kv_lora_rank, self.dr], dim=-1)
+        return self._expand(latent.to(self.linear_kv_up_proj.weight.dtype), k_rope)
+
+    def _decode_latent(self, q, latent, k_rope, kv_cache) -> torch.Tensor:
+        """Decode over the latent cache (DeepSeek's absorbed MLA): q_nope . k_nope =
+        (q_nope W_uk) . latent per head, so each head's query moves into the latent space and
+        attends over the cached rows [latent; k_rope] as its keys, and their latent channels
+        as its values; the result comes back through W_uv. The cache holds kvl + dr values per
+        token and layer instead of 2 x heads x head_dim. Returns (s, b, heads, dv)."""
+        w = self.linear_kv_up_proj.weight.view(self.heads, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
+        q_rope, q_nope = q.split([self.dr, self.dn], dim=-1)
+        q_latent = torch.einsum("sbhn,hnc->sbhc", q_nope, w_uk)
+        rows = torch.cat([latent.unsqueeze(2), k_rope], dim=-1).transpose(0, 1)
+        out = kv_cache.attend_latent(torch.cat([q_latent, q_rope], dim=-1).transpose(0, 1), rows,
+                                     self.softmax_scale).transpose(0, 1)
+        return torch.einsum("sbhc,hvc->sbhv", out[..., :self.kv_lora_rank], w_uv)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:

@@ -38,7 +38,12 @@ def _model(dtype, window=None):
     shape = real_or_tiny(dict(vocab_size=4096, ffn_hidden_size=1024),
                          dict(hidden_size=112, num_attention_heads=7, num_query_groups=1,
                               vocab_size=300, ffn_hidden_size=64))
-    if window:  # gpt-oss's pattern: a sliding layer, then a full one
+    if window == "mla":  # Moonlight's multi-latent attention: heads of 128 + 64 (192, padded to 256
+        # for the flash kernels), v of 128; decode over the 576-wide latent cache
+        shape.update(multi_latent_attention=True, kv_lora_rank=real_or_tiny(512, 16),
+                     qk_head_dim=real_or_tiny(128, 16), qk_pos_emb_head_dim=real_or_tiny(64, 8),
+                     v_head_dim=real_or_tiny(128, 16), add_qkv_bias=False, architecture="deepseek_v3")
+    elif window:  # gpt-oss's pattern: a sliding layer, then a full one
         shape.update(sliding_window=window, layer_types=["sliding_attention", "full_attention"])
     cfg = preset("qwen2.5-0.5b", num_layers=2, init_method_std=0.2, eos_token_id=None,
                  bos_token_id=None, **shape)
@@ -56,11 +61,12 @@ def _prompts(vocab):
     return prompts
 
 
-@pytest.mark.parametrize("window", [None, real_or_tiny(128, 8)], ids=["full", "window"])
+@pytest.mark.parametrize("window", [None, real_or_tiny(128, 8), "mla"], ids=["full", "window", "mla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_engine_greedy_equals_recompute(single_rank, dtype, window, check):
     """``window``: the sliding layer's KV cache keeps only its window's blocks (the decode
-    kernel never reads the released ones)."""
+    kernel never reads the released ones); ``mla``: the latent cache, decoded with absorbed
+    queries through the paged kernel (one kv head of kv_lora_rank + 64 channels)."""
     from megatron_k15.generation.engine import GenerationEngine
     from megatron_k15.generation.recompute import generate_recompute
     from megatron_k15.generation.sampling import SamplingParams
@@ -72,7 +78,8 @@ def test_engine_greedy_equals_recompute(single_rank, dtype, window, check):
                               decode_impl="triton")  # the default on GPU; interpreted on CPU
     assert engine.decode_impl == "triton"
     ours = engine.generate(prompts, NEW_TOKENS, greedy, None, [])
-    assert engine.cache.num_groups == (2 if window else 1)
+    assert engine.cache.num_groups == (2 if window and window != "mla" else 1)
+    assert engine.cache.keys_only == (window == "mla")
     ref = generate_recompute(model, prompts, NEW_TOKENS, greedy, [None] * len(prompts), [])
     assert engine.cache.num_used_blocks == 0
     worst_tf_gap = worst_tf_lp = worst_tie = 0.0

@@ -359,6 +359,8 @@ def _one_rank_reference(kind, engine_kw=None):
     (2, 1, {"max_prefill_tokens": 7}, "qwen3_moe"),
     (1, 2, None, "qwen2"),  # two lanes overlapping across the two stages
     (1, 2, {"num_lanes": 3, "num_blocks": 20, "max_batch_size": 7, "max_prefill_tokens": 8}, "qwen2"),
+    # MLA's latent cache whole on both tp ranks (their heads absorb into it), chunks of 6 over it
+    (2, 1, {"max_prefill_tokens": 7}, "deepseek_v3"),
 ])
 def test_tensor_and_pipeline_parallel_generation_equal_one_rank(tp, pp, engine_kw, kind):
     ref = _one_rank_reference(kind, engine_kw)
@@ -434,11 +436,13 @@ def _generate_cp(rank, world_size, kind):
 
 
 @pytest.mark.slow
-def test_context_parallel_decode_shards_the_cache_and_equals_one_rank():
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_context_parallel_decode_shards_the_cache_and_equals_one_rank(kind):
     """cp=2: each rank caches every other position; merged by LSE the tokens and log-probs
-    equal one rank's, also when long prompts are prefilled in chunks over the sharded cache."""
-    ref = _one_rank_reference("qwen2")
-    for rank_out in run_distributed(_generate_cp, 2, "qwen2"):
+    equal one rank's, also when long prompts are prefilled in chunks over the sharded cache
+    (DeepSeek-V3: a shard of latents, absorbed queries, chunks expanding each rank's shard)."""
+    ref = _one_rank_reference(kind)
+    for rank_out in run_distributed(_generate_cp, 2, kind):
         for got_runs, ref_runs in zip(rank_out[:2], ref):
             for (ids, lps), (ref_ids, ref_lps) in zip(got_runs, ref_runs):
                 assert ids == ref_ids

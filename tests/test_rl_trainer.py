@@ -248,6 +248,33 @@ def test_rl_with_sliding_window_and_sinks_under_cp_equals_one_rank():
     _assert_same_update(run_distributed(rl_worker, world, tp, "omd", 0, 1, pp, cp, opts), ref, "window cp2")
 
 
+DEEPSEEK = dict(add_qkv_bias=False, multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16,
+                qk_pos_emb_head_dim=8, v_head_dim=16, num_layers=3, num_moe_experts=4, moe_router_topk=2,
+                moe_ffn_hidden_size=32, moe_norm_topk_prob=True, moe_router_score_function="sigmoid",
+                moe_router_enable_expert_bias=True, moe_router_num_groups=2, moe_router_group_topk=1,
+                moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32,
+                moe_layer_freq=[0, 1, 1], architecture="deepseek_v3")
+
+
+@pytest.mark.slow
+def test_rl_on_deepseek_v3_block_under_tp_equals_one_rank():
+    """Kimi's own architecture (Moonlight / K2: MLA, DeepSeek's experts) through a whole RL
+    iteration at tp=2: rollouts from the latent KV cache (whole on both tp ranks, absorbed
+    queries), the update through MLA's replicated latent projections (partial gradients summed
+    over tp) and the expert biases moved after each step. Two iterations equal one rank's,
+    biases included."""
+    opts = dict(LAYOUT_OPTS, moe=DEEPSEEK, moe_router_bias_update_rate=0.01)
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 2, 1, 1, opts)
+    assert all(m["grad_norm"] > 0 and m["kl_proxy"] > 0 for m in ref[0]["metrics"])
+    biases = [k for k in ref[0]["state"] if k.endswith("router.expert_bias")]
+    assert len(biases) == 2 and all(ref[0]["states"][0][k].abs().max() > 0 for k in biases)
+    got = run_distributed(rl_worker, 2, 2, "omd", 0, 2, 1, 1, opts)
+    _assert_same_update(got, ref, "deepseek tp2")
+    for r in got:
+        for step in range(2):
+            assert all(torch.equal(r["states"][step][k], ref[0]["states"][step][k]) for k in biases)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_rl_with_expert_parallelism_equals_one_rank(packed):
     """An MoE policy with its experts split over the two dp ranks (ep=2): rollouts (each rank's

@@ -90,11 +90,9 @@ def peak_tflops(args, device_name: str):
 
 
 def predicted_peak_bytes(cfg, s: int, args):
-    """The planner's training peak; None for MoE models (not modelled by the planner yet)."""
+    """The planner's training peak (MoE: tokens assumed evenly routed)."""
     from megatron_k15.memory_plan import Layout, Workload, plan_memory
 
-    if cfg.is_moe:
-        return None
     w = Workload(seq_length=s, micro_batch_size=1, params_dtype=args.dtype,
                  recompute=args.recompute_granularity, logprob_impl=args.logprob_impl)
     return plan_memory(cfg, Layout(), w).train_peak_bytes

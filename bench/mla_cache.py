@@ -1,0 +1,128 @@
+"""KV-cache memory and decode speed of multi-latent attention (DeepSeek-V3, Moonlight, Kimi K2):
+the latent cache (``GenerationEngine(latent_cache=True)``, the default: kv_lora_rank +
+qk_pos_emb_head_dim values per token and layer, decode with queries absorbed into the latent)
+vs every head's K and zero-padded V (2 x heads x head_dim values).
+
+A random MLA model (Moonlight's proportions scaled down: ``--hidden``, ``--heads``,
+``--kv-lora-rank``, heads of ``--qk-head-dim`` + ``--rope-dim`` channels and v of
+``--v-head-dim``; dense MLPs) generates an RL-shaped batch (``bench/window_cache.py``'s
+requests) with both caches: in ample memory (the memory the batch needs) and in a fixed
+``--kv-mib``. Printed: the needed MiB, the preemptions in the fixed memory, generated tokens per
+second (per CPU-second on CPU), and how many requests gave the same tokens in both runs.
+
+Examples:
+    python bench/mla_cache.py --threads 1                                      # CPU-sized
+    python bench/mla_cache.py --hidden 2048 --heads 16 --kv-lora-rank 512 --qk-head-dim 128 \\
+        --rope-dim 64 --v-head-dim 128 --layers 8 --prompt 2048 --new-tokens 2048 --kv-mib 2048   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
+from bench.window_cache import make_requests  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--prompt", type=size_arg, default=256)
+    p.add_argument("--new-tokens", type=size_arg, default=256)
+    p.add_argument("--kv-mib", type=float, default=8.0, help="KV-cache memory of the fixed-memory runs")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-lora-rank", type=int, default=64)
+    p.add_argument("--qk-head-dim", type=int, default=32)
+    p.add_argument("--rope-dim", type=int, default=16)
+    p.add_argument("--v-head-dim", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_model(args, device, dtype):
+    from megatron.core import parallel_state
+
+    from megatron_k15.models.config import GPTConfig
+    from megatron_k15.models.gpt import GPTModel
+
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                    ffn_hidden_size=args.ffn, vocab_size=args.vocab, init_method_std=0.2,
+                    max_position_embeddings=args.prompt + args.new_tokens + 16, multi_latent_attention=True,
+                    kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.rope_dim,
+                    v_head_dim=args.v_head_dim, architecture="deepseek_v3").validate()
+    model = GPTModel(cfg, tp_group=parallel_state.get_tensor_model_parallel_group(), attention_backend="auto")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def run(model, prompts, budgets, args, latent: bool, device, kv_mib: float):
+    from megatron_k15.generation.engine import GenerationEngine
+    from megatron_k15.generation.sampling import SamplingParams, request_generator
+
+    probe = GenerationEngine(model, block_size=args.block_size, num_blocks=1, latent_cache=latent)
+    probe._ensure_cache([])
+    num_blocks = max(1, int(kv_mib * 2**20) // probe.cache.bytes_per_block - 1)
+    engine = GenerationEngine(model, block_size=args.block_size, num_blocks=num_blocks,
+                              max_batch_size=len(prompts), latent_cache=latent)
+    gens = [request_generator(args.seed, i) for i in range(len(prompts))]
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = clock()
+    out = engine.generate(prompts, budgets, SamplingParams(temperature=1.0), gens, [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return [r.output_ids for r in out], engine.stats, clock() - t0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_k15.initialize import initialize_model_parallel
+
+    initialize_model_parallel(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompts, budgets = make_requests(args, torch.Generator().manual_seed(args.seed))
+    model = build_model(args, device, dtype)
+    d = model.config.head_dim
+    unit = "tokens/s" if device.type == "cuda" else "tokens/CPU-s"
+    print(f"# {len(prompts)} requests ({args.prompts} prompts x {args.samples_per_prompt}), prompts <= "
+          f"{args.prompt}, budgets <= {args.new_tokens} ({sum(budgets):,} tokens); {args.layers} layers, "
+          f"{args.heads} heads of {d} (v {args.v_head_dim}), latent {args.kv_lora_rank} + {args.rope_dim}; "
+          f"blocks of {args.block_size}, {dtype}, {device}")
+    print(f"| cache | values / token / layer | needed MiB | preempted in {args.kv_mib:g} MiB | {unit} | same tokens |")
+    print("|---|---|---|---|---|---|")
+    ample = 4 * len(prompts) * (args.prompt + args.new_tokens + args.block_size) * 2 * args.layers * args.heads \
+        * d * torch.finfo(dtype).bits / 8 / 2**20
+    ids = {}
+    for latent in (False, True):
+        needed = run(model, prompts, budgets, args, latent, device, ample)[1].peak_cache_bytes
+        ids[latent], stats, seconds = run(model, prompts, budgets, args, latent, device, args.kv_mib)
+        same = sum(a == b for a, b in zip(ids[latent], ids[False]))
+        values = args.kv_lora_rank + args.rope_dim if latent else 2 * args.heads * d
+        print(f"| {'latent' if latent else 'heads'} | {values} | {needed / 2**20:.2f} | {stats.preemptions} | "
+              f"{sum(budgets) / seconds:,.0f} | {same}/{len(prompts)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -327,19 +327,10 @@ def kv_cache_bytes(num_layers: int, num_blocks: int, block_size: int, n_kv_heads
     return num_layers * kv * (num_blocks + 1) * block_size * n_kv_heads * head_dim * dtype_bytes
 
 
-def kv_row_geometry(cfg: GPTConfig, tp: int) -> tuple[int, int, bool]:
-    """(kv heads per tp rank, values per head, keys only) of the engine's cache rows: MLA caches
-    one latent of kv_lora_rank + qk_pos_emb_head_dim per token on every tp rank
-    (``GenerationEngine(latent_cache=True)``), the others each kv head's K and V."""
-    if cfg.multi_latent_attention:
-        return 1, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim, True
-    return cfg.num_query_groups // tp, cfg.head_dim, False
-
-
 def kv_bytes_per_token(cfg: GPTConfig, num_layers: int, tp: int, dtype_bytes: int) -> int:
     """2 * layers * (kv_heads / tp) * head_dim * dtype bytes (MLA: layers * (kv_lora_rank +
     qk_pos_emb_head_dim) * dtype bytes, on every tp rank)."""
-    heads, dim, keys_only = kv_row_geometry(cfg, tp)
+    heads, dim, keys_only = cfg.kv_cache_row(tp)
     return (1 if keys_only else 2) * num_layers * heads * dim * dtype_bytes
 
 
@@ -365,7 +356,7 @@ def rollout_kv_cache_bytes(cfg: GPTConfig, num_layers: int, tp: int, w: Workload
         per_block, groups, _ = page_layout(windows)
         held = sum(per_seq if left < 0 else min(per_seq, -(-(left + 1) // w.kv_block_size) + 1)
                    for left in groups)
-    heads, dim, keys_only = kv_row_geometry(cfg, tp)
+    heads, dim, keys_only = cfg.kv_cache_row(tp)
     return kv_cache_bytes(per_block, w.rollout_batch * held, w.kv_block_size, heads, dim, w.e, keys_only)
 
 

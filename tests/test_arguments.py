@@ -431,6 +431,8 @@ def test_deepseek_v3_from_megatron_lm_flags():
       "--moe-router-topk", "3"], "hold at least --moe-router-topk 3"),
     (["--moe-router-score-function", "sigmoid"], "applies to mixture-of-experts models"),
     (["--num-experts", "8", "--moe-router-bias-update-rate", "0.001"], "needs a router with an expert bias"),
+    (["--num-experts", "8", "--moe-router-enable-expert-bias"], "needs --moe-router-score-function sigmoid"),
+    (["--multi-latent-attention", "--disable-bias-linear", "--window-size", "8,0"], "sliding windows"),
     (["--kv-lora-rank", "16"], "add --multi-latent-attention"),
     (["--multi-latent-attention", "--add-qkv-bias"], "does not take --add-qkv-bias"),
     (["--num-experts", "8", "--moe-shared-expert-intermediate-size", "33", "--tensor-model-parallel-size", "2"],

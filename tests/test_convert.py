@@ -184,3 +184,16 @@ def test_image_text_gemma3_converts_its_language_model(tmp_path):
     exported = json.load(open(back / "config.json"))
     assert exported["architectures"] == ["Gemma3ForCausalLM"] and exported["model_type"] == "gemma3_text"
     assert not [k for k in read_hf_state_dict(str(back)) if "vision" in k or "language_model" in k]
+
+
+def test_target_dtype_keeps_the_router_bias_in_fp32():
+    """--target-dtype casts the weights, not DeepSeek's expert bias (it chooses experts by small
+    differences; transformers keeps it fp32 too)."""
+    from megatron_k15.models.hf_mapping import cast_state_dict
+
+    sd = {"layers.1.mlp.router.expert_bias": torch.tensor([1e-3, 1.0001]),
+          "model.layers.1.mlp.gate.e_score_correction_bias": torch.tensor([1e-3, 1.0001]),
+          "layers.1.mlp.router.weight": torch.ones(2, 2)}
+    out = cast_state_dict(sd, torch.bfloat16)
+    assert [out[k].dtype for k in sd] == [torch.float32, torch.float32, torch.bfloat16]
+    assert torch.equal(out["layers.1.mlp.router.expert_bias"], sd["layers.1.mlp.router.expert_bias"])

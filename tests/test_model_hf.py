@@ -488,7 +488,7 @@ DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embe
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-@pytest.mark.parametrize("variant", ["q-lora", "no-q-lora", "yarn"])
+@pytest.mark.parametrize("variant", ["q-lora", "no-q-lora", "yarn", "moonlight-eps"])
 def test_deepseek_v3_matches_transformers(variant, backend):
     """DeepSeek-V3 / Moonlight / Kimi K2: multi-latent attention (q through a latent or not;
     heads of 16 + 8 interleaved-RoPE channels, v of 16: the core runs at 24, Triton pads it to
@@ -496,12 +496,16 @@ def test_deepseek_v3_matches_transformers(variant, backend):
     mscale(factor, mscale_all_dim)^2; the exported config rebuilds the same HF model."""
     from megatron_k15.models.layers import MultiLatentAttention
 
-    over = {"no-q-lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": DEEPSEEK_YARN}}.get(variant, {})
+    # moonlight-eps: the model's norms take rms_norm_eps (1e-2 here, to be seen; Moonlight's 1e-5),
+    # the latent norms transformers' fixed 1e-6
+    over = {"no-q-lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": DEEPSEEK_YARN},
+            "moonlight-eps": {"q_lora_rank": None, "rms_norm_eps": 1e-2}}.get(variant, {})
     hf = tiny_hf_model("deepseek_v3", **over)
     model = build_from_hf(hf, backend)
     cfg = model.config
     assert (cfg.multi_latent_attention, cfg.head_dim, cfg.rotary_dim, cfg.num_query_groups) == (True, 24, 8, 4)
-    assert cfg.q_lora_rank == (None if variant == "no-q-lora" else 32)
+    assert cfg.q_lora_rank == (None if variant in ("no-q-lora", "moonlight-eps") else 32)
+    assert (cfg.norm_epsilon, cfg.mla_latent_norm_epsilon) == ((1e-2 if variant == "moonlight-eps" else 1e-6), 1e-6)
     attn = model.layers["0"].self_attention
     assert isinstance(attn, MultiLatentAttention)
     mscale = (0.1 * math.log(4.0) + 1.0) ** 2 if variant == "yarn" else 1.0
@@ -564,3 +568,14 @@ def test_fp8_block_checkpoint_dequantizes_to_the_model_it_encodes():
     bad["model.layers.0.self_attn.missing.weight_scale_inv"] = torch.ones(1, 1)
     with pytest.raises(HFCheckpointError, match="has no weight"):
         hf_to_megatron(bad, cfg)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(sliding_window=8), "sliding windows"), (dict(norm_weight_offset=1.0), "offset"),
+    (dict(qk_layernorm=True), "--qk-layernorm"), (dict(kv_lora_rank=0), "--kv-lora-rank"),
+])
+def test_mla_refuses_what_it_does_not_implement(change, match):
+    from megatron_k15.models.config import ConfigError, GPTConfig
+
+    with pytest.raises(ConfigError, match=match):
+        GPTConfig(multi_latent_attention=True, num_attention_heads=4, **change).validate()

@@ -169,28 +169,50 @@ def test_biased_experts_grouped_gemm_equals_per_expert_loop():
 
 
 def _deepseek_model(**overrides):
-    cfg = preset("tiny", num_layers=3, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
-                 init_method_std=0.2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                 moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0,
-                 moe_norm_topk_prob=True, moe_shared_expert_intermediate_size=16, moe_layer_freq=[0, 1, 1],
-                 architecture="glm4_moe", **overrides)
+    fields = dict(num_layers=3, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+                  init_method_std=0.2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                  moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0,
+                  moe_norm_topk_prob=True, moe_shared_expert_intermediate_size=16, moe_layer_freq=[0, 1, 1],
+                  architecture="glm4_moe")
+    cfg = preset("tiny", **{**fields, **overrides})
     model = GPTModel(cfg.validate(), attention_backend="sdpa")
     model.reset_parameters(5)
     for m in model.moe_layers():
-        m.router.expert_bias.normal_(0.0, 0.3)
+        if hasattr(m.router, "expert_bias"):
+            m.router.expert_bias.normal_(0.0, 0.3)
     return model.train()
 
 
-def test_deepseek_routing_equals_the_formula_written_out():
-    """Sigmoid scores s; a group's score is the sum of its two best s + b; only experts of the
-    two best groups are chosen, the k largest s + b among them; their weights are s over the
-    sum of the k s, times the scaling factor. Checked token by token with plain Python."""
-    model = _deepseek_model()
+def test_sigmoid_router_runs_in_fp32_in_a_bf16_model():
+    """DeepSeek's router scores in fp32 (as transformers' gate) even when the model is bf16:
+    the experts chosen are those of the fp32 scores of the same bf16 weights and tokens."""
+    model = _deepseek_model().to(torch.bfloat16)
+    m = model.moe_layers()[0]
+    m.router.expert_bias.copy_(m.router.expert_bias.float())  # (the buffer stays fp32 in the model)
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    _, experts, _ = m.route(x)
+    choice = torch.sigmoid(x.float() @ m.router.weight.float().T) + m.router.expert_bias.float()
+    grouped = choice.view(200, 4, 2)
+    best = grouped.topk(2, -1).values.sum(-1).topk(2, -1).indices
+    keep = torch.zeros(200, 4, dtype=torch.bool).scatter_(1, best, True)
+    want = grouped.masked_fill(~keep[..., None], float("-inf")).view(200, 8).topk(2, -1).indices
+    assert torch.equal(experts.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_deepseek_routing_equals_the_formula_written_out(score):
+    """Sigmoid scores s (softmax: no bias); a group's score is the sum of its two best s + b;
+    only experts of the two best groups are chosen, the k largest s + b among them; their
+    weights are s over the sum of the k s, times the scaling factor. Checked token by token
+    with plain Python."""
+    model = _deepseek_model(**({} if score == "sigmoid" else {"moe_router_score_function": "softmax",
+                                                                 "moe_router_enable_expert_bias": False}))
     m = model.moe_layers()[0]
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
     weights, experts, probs = m.route(x)
-    scores = torch.sigmoid(x @ m.router.weight.T).tolist()
-    bias = m.router.expert_bias.tolist()
+    logits = x @ m.router.weight.T
+    scores = (torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)).tolist()
+    bias = m.router.expert_bias.tolist() if score == "sigmoid" else [0.0] * 8
     for t in range(40):
         choice = [s + b for s, b in zip(scores[t], bias)]
         group_score = [sum(sorted(choice[g * 2:g * 2 + 2], reverse=True)[:2]) for g in range(4)]

@@ -159,10 +159,7 @@ class GenerationEngine:
         self._on_finish = None
         cfg = model.config
         # (kv heads, values per head, keys only) of a cache row
-        self.latent_cache = bool(latent_cache and cfg.multi_latent_attention)
-        self._kv_heads, self._head_dim = cfg.num_query_groups // model.tp_size, cfg.head_dim
-        if self.latent_cache:
-            self._kv_heads, self._head_dim = 1, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim
+        self._kv_heads, self._head_dim, self.latent_cache = cfg.kv_cache_row(model.tp_size, latent_cache)
         self._num_layers = len(model.layers)
         windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
         self._layer_windows = windows if window_cache and self.cp_group is None and max(windows, default=-1) >= 0 \

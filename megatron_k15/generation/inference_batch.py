@@ -167,13 +167,15 @@ class LayerKVCache:
 def attention_with_lse(q, k, v, *, causal: bool, softmax_scale: float):
     """(out (S_q, H, D) in q's dtype, lse (S_q, H) fp32) of q (S_q, H, D) over k/v (S_k, KV, D),
     GQA, causal aligned bottom-right; no keys: out 0, lse -inf. Our Triton kernel on GPU; on
-    CPU the PyTorch reference in fp32 (O(S_q * S_k) memory: what CPU-sized tests need)."""
+    CPU the PyTorch reference in fp32 (O(S_q * S_k) memory: what CPU-sized tests need). Head
+    sizes the kernel does not take (MLA's 192) are zero-padded for it."""
     from megatron_k15.kernels.flash_attention import attention_reference, flash_attn_func
+    from megatron_k15.models.attention import pad_head_dim
 
-    sq, h, _ = q.shape
+    sq, h, d = q.shape
     if k.shape[0] == 0:
         return torch.zeros_like(q), torch.full((sq, h), float("-inf"), device=q.device)
-    attend = flash_attn_func if q.is_cuda else partial(attention_reference, upcast=torch.float32)
+    attend = pad_head_dim(flash_attn_func, d) if q.is_cuda else partial(attention_reference, upcast=torch.float32)
     out, lse = attend(q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale,
                       return_lse=True)
     return out[0].to(q.dtype), lse[0].transpose(0, 1).float()

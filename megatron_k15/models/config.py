@@ -94,6 +94,9 @@ class GPTConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    # the q and kv latents' RMSNorm epsilon (DeepSeek's code and transformers: 1e-6 whatever the
+    # model's rms_norm_eps; Moonlight's is 1e-5)
+    mla_latent_norm_epsilon: float = 1e-6
     tie_word_embeddings: bool = False
     # Mixture of experts (Qwen3-MoE; Megatron-LM's --num-experts / --moe-router-topk /
     # --moe-ffn-hidden-size): every layer's MLP is num_moe_experts SwiGLU experts of
@@ -214,15 +217,22 @@ class GPTConfig:
                      if self.qk_layernorm_scope == "all" else 2 * self.head_dim)
         return attn + self.num_attention_heads * self.attention_sinks + h * self.add_attention_output_bias
 
+    def kv_cache_row(self, tp: int, latent: bool = True) -> tuple[int, int, bool]:
+        """(kv heads per tp rank, values per head, keys only) of a generation KV-cache row: with
+        MLA and ``latent`` one latent of kv_lora_rank + qk_pos_emb_head_dim per token, whole on
+        every tp rank (``GenerationEngine(latent_cache=True)``); otherwise each kv head's K and V."""
+        if latent and self.multi_latent_attention:
+            return 1, self.kv_lora_rank + self.qk_pos_emb_head_dim, True
+        return self.num_query_groups // tp, self.head_dim, False
+
     def mla_softmax_scale(self) -> float:
         """MLA's softmax scale: (qk_head_dim + qk_pos_emb_head_dim)^-1/2, times YaRN's
         mscale(factor, mscale_all_dim)^2 = (0.1 mscale_all_dim ln(factor) + 1)^2 under YaRN
         scaling with mscale_all_dim (DeepSeek-V3, Kimi K2)."""
         scale = (self.qk_head_dim + self.qk_pos_emb_head_dim) ** -0.5
         scaling = self.rope_scaling or {}
-        factor, all_dim = float(scaling.get("factor", 1.0)), scaling.get("mscale_all_dim")
-        if scaling.get("rope_type") == "yarn" and all_dim and factor > 1:
-            scale *= (0.1 * float(all_dim) * math.log(factor) + 1.0) ** 2
+        if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+            scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
         return scale
 
     @property
@@ -387,7 +397,8 @@ class GPTConfig:
         unsupported = [name for name, on in (
             ("--add-qkv-bias", self.add_qkv_bias), ("--qk-layernorm", self.qk_layernorm),
             ("attention sinks", self.attention_sinks), ("--rotary-percent", self.rotary_percent != 1.0),
-            ("layers without RoPE", bool(self.nope_layers))) if on]
+            ("layers without RoPE", bool(self.nope_layers)), ("sliding windows (--window-size)", self.has_sliding_layers),
+            ("norm weights offset from 1 (Gemma's)", self.norm_weight_offset != 0.0)) if on]
         if unsupported:
             raise ConfigError(f"multi-latent attention does not take {', '.join(unsupported)}")
 
@@ -397,6 +408,9 @@ class GPTConfig:
         if self.moe_router_score_function not in ("softmax", "sigmoid"):
             raise ConfigError(f"--moe-router-score-function must be softmax or sigmoid, got "
                               f"{self.moe_router_score_function!r}")
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (the bias "
+                              "shifts sigmoid scores; Megatron-LM refuses it with softmax too)")
         groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
         if (groups is None) != (group_topk is None):
             raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
@@ -455,6 +469,12 @@ class GPTConfig:
     def load(cls, path: str) -> "GPTConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``factor`` times: 0.1 m ln(factor) + 1
+    (1 without stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 def every_nth_full(num_layers: int, n: int) -> list[str]:

@@ -461,6 +461,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if cfg.multi_latent_attention != (arch == "deepseek_v3"):
         raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' "
                           "(DeepseekV3ForCausalLM), and that needs it")
+    if cfg.multi_latent_attention and cfg.mla_latent_norm_epsilon != 1e-6:
+        raise ConfigError(f"DeepseekV3ForCausalLM's latent norms have epsilon 1e-6; mla_latent_norm_epsilon is "
+                          f"{cfg.mla_latent_norm_epsilon}")
     if any(deepseek_routing) and arch not in DEEPSEEK_MOE_ARCHITECTURES:
         raise ConfigError(f"DeepSeek-style experts (sigmoid router, expert bias, groups, scaling, shared experts, "
                           f"dense layers among MoE ones) export only as {list(DEEPSEEK_MOE_ARCHITECTURES)}, "
@@ -615,21 +618,26 @@ def _rope_rows(t: torch.Tensor, heads: int, cfg: GPTConfig, to_ours: bool) -> to
     (i, i + r/2). Both sides rotate pair i by the same angle, so q.k is unchanged."""
     if cfg.architecture not in INTERLEAVED_ROPE_ARCHITECTURES:
         return t
-    d, r, rest = cfg.head_dim, cfg.rotary_dim, tuple(t.shape[1:])
-    x = t.reshape((heads, d) + rest)
-    rot = x[:, :r]
+    d, r = cfg.head_dim, cfg.rotary_dim
+    x = t.reshape((heads, d) + tuple(t.shape[1:]))
+    return torch.cat([_pairs_to_halves(x[:, :r], to_ours), x[:, r:]], dim=1).reshape(t.shape).contiguous()
+
+
+def _pairs_to_halves(rot: torch.Tensor, to_ours: bool) -> torch.Tensor:
+    """Rows (dim 1, r of them) of interleaved RoPE pairs (2i, 2i+1) <-> rotate-half pairs
+    (i, i + r/2)."""
     if to_ours:
-        rot = torch.cat([rot[:, 0::2], rot[:, 1::2]], dim=1)
-    else:
-        rot = torch.stack([rot[:, :r // 2], rot[:, r // 2:]], dim=2).reshape((heads, r) + rest)
-    return torch.cat([rot, x[:, r:]], dim=1).reshape(t.shape).contiguous()
+        return torch.cat([rot[:, 0::2], rot[:, 1::2]], dim=1)
+    r = rot.shape[1]
+    return torch.stack([rot[:, :r // 2], rot[:, r // 2:]], dim=2).reshape(rot.shape)
 
 
 def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
                    where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF state dict -> our full (tp=1, pp=1, unpadded) state dict (an image-text checkpoint's
     language model: ``text_model_state_dict``; FP8 block-quantized weights dequantized)."""
-    hf_sd = dequantize_fp8_state_dict(text_model_state_dict(hf_sd), _fp8_block_size(cfg, where), where)
+    hf_sd = dequantize_fp8_state_dict(_without_extra_layers(text_model_state_dict(hf_sd), cfg.num_layers),
+                                      _fp8_block_size(cfg, where), where)
 
     def take(name):
         if name not in hf_sd:
@@ -704,18 +712,15 @@ def _rope_tail_to_ours(t: torch.Tensor, groups: int, keep: int, cfg: GPTConfig, 
     """Rows of ``groups`` blocks [other (keep rows); rope (dr rows, HF's order)] <-> ours: the
     rope rows in rotate-half order, moved first (``rope_first``: a q head, [rope; nope]) or
     left last (the kv down projection, one block: [latent; rope])."""
-    dr, rest = cfg.qk_pos_emb_head_dim, tuple(t.shape[1:])
-    x = t.reshape((groups, keep + dr) + rest)
+    dr = cfg.qk_pos_emb_head_dim
+    x = t.reshape((groups, keep + dr) + tuple(t.shape[1:]))
     if to_ours:
         other, rope = x[:, :keep], x[:, keep:]
-        if _mla_rope_interleaved(cfg):
-            rope = torch.cat([rope[:, 0::2], rope[:, 1::2]], dim=1)
-        parts = [rope, other] if rope_first else [other, rope]
     else:
         rope, other = (x[:, :dr], x[:, dr:]) if rope_first else (x[:, keep:], x[:, :keep])
-        if _mla_rope_interleaved(cfg):
-            rope = torch.stack([rope[:, :dr // 2], rope[:, dr // 2:]], dim=2).reshape((groups, dr) + rest)
-        parts = [other, rope]
+    if _mla_rope_interleaved(cfg):
+        rope = _pairs_to_halves(rope, to_ours)
+    parts = [rope, other] if to_ours and rope_first else [other, rope]
     return torch.cat(parts, dim=1).reshape(t.shape).contiguous()
 
 
@@ -761,6 +766,16 @@ def _mla_to_hf(sd: dict, o: str, a: str, cfg: GPTConfig) -> dict:
     out[a + "kv_b_proj.weight"] = sd[o + "linear_kv_up_proj.weight"]
     out[a + "o_proj.weight"] = sd[o + "linear_proj.weight"]
     return out
+
+
+def _without_extra_layers(hf_sd: dict, num_layers: int) -> dict:
+    """The state dict without layers numbered from ``num_layers`` on (DeepSeek-V3's and
+    GLM-4.5's multi-token-prediction modules), which the model does not read."""
+    def layer(name):
+        parts = name.split(".")
+        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
+
+    return {k: v for k, v in hf_sd.items() if layer(k) < num_layers}
 
 
 def _fp8_block_size(cfg: GPTConfig, where: str) -> tuple[int, int]:
@@ -1025,6 +1040,16 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
     if name == "final_layernorm.weight":
         return (h,)
     return table[name.split(".", 2)[2]]
+
+
+# tensors that stay fp32 whatever the weights' dtype (DeepSeek's router bias, which chooses
+# experts by small differences; transformers keeps it fp32 too)
+FP32_TENSOR_SUFFIXES = ("router.expert_bias", "gate.e_score_correction_bias")
+
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor in ``dtype`` (--target-dtype), but those of ``FP32_TENSOR_SUFFIXES``."""
+    return {k: v if k.endswith(FP32_TENSOR_SUFFIXES) else v.to(dtype) for k, v in sd.items()}
 
 
 # -- files ----------------------------------------------------------------------------------

@@ -48,6 +48,26 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: torch.nn.init.normal_(w, mean=0.0, std=std)
 
 
+def enter_tp_region(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """The whole sequence on every tp rank, for a block whose GEMMs then give partial input
+    gradients (``MoEMLP``, ``MultiLatentAttention``): gathered under SP (backward: the partial
+    gradients reduce-scattered), else the same tensor with its gradient all-reduced over tp."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tp_group)
+    if tp_group.size() > 1:
+        return copy_to_tensor_model_parallel_region(x, group=tp_group)
+    return x
+
+
+def mark_partial_over_tp(module: torch.nn.Module, tp: int) -> torch.nn.Module:
+    """Mark ``module``'s parameters as replicated over tp with partial gradients there (each
+    rank's covers its heads' or ffn slice's part; summed over tp before the step)."""
+    for p in module.parameters():
+        p.tp_replicated = True
+        p.tp_partial_grad = tp > 1
+    return module
+
+
 class RMSNorm(torch.nn.Module):
     """y = (offset + w) * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as in HF;
     ``offset`` 1 for Gemma, whose weights sit around 0)."""
@@ -309,22 +329,16 @@ class MultiLatentAttention(AttentionCore):
         h, dtype, std = cfg.hidden_size, mp_config.params_dtype, cfg.init_method_std
         dqk = self.dr + self.dn
 
-        def replicated(module):
-            for p in module.parameters():
-                p.tp_replicated = True
-                p.tp_partial_grad = tp > 1
-            return module
-
         def norm(size):
-            return replicated(RMSNorm(size, cfg.norm_epsilon, dtype=dtype))
+            return mark_partial_over_tp(RMSNorm(size, cfg.mla_latent_norm_epsilon, dtype=dtype), tp)
 
         if cfg.q_lora_rank:
-            self.linear_q_down_proj = replicated(DenseWeight(cfg.q_lora_rank, h, dtype, std))
+            self.linear_q_down_proj = mark_partial_over_tp(DenseWeight(cfg.q_lora_rank, h, dtype, std), tp)
             self.q_a_layernorm = norm(cfg.q_lora_rank)
             self.linear_q_up_proj = DenseWeight(self.heads * dqk, cfg.q_lora_rank, dtype, std)
         else:
             self.linear_q_proj = DenseWeight(self.heads * dqk, h, dtype, std)
-        self.linear_kv_down_proj = replicated(DenseWeight(cfg.kv_lora_rank + self.dr, h, dtype, std))
+        self.linear_kv_down_proj = mark_partial_over_tp(DenseWeight(cfg.kv_lora_rank + self.dr, h, dtype, std), tp)
         self.kv_a_layernorm = norm(cfg.kv_lora_rank)
         self.linear_kv_up_proj = DenseWeight(self.heads * (self.dn + self.dv), cfg.kv_lora_rank, dtype, std)
         self.linear_proj = RowLinear(
@@ -334,10 +348,7 @@ class MultiLatentAttention(AttentionCore):
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, recompute_attention=False,
                 kv_cache=None):
-        if self.sp:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        elif self.tp > 1:
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = enter_tp_region(x, self.tp_group, self.sp)
         s, b = x.shape[:2]
         if hasattr(self, "linear_q_proj"):
             q = F.linear(x, self.linear_q_proj.weight)
@@ -404,6 +415,14 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: GPTConfig) -> to
     gate = gate.clamp(max=cfg.swiglu_limit)
     up = up.clamp(min=-cfg.swiglu_limit, max=cfg.swiglu_limit)
     return (up + 1) * gate * torch.sigmoid(gate * cfg.swiglu_alpha)
+
+
+def gated_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, cfg: GPTConfig,
+              b1: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """down(act(gate, up)) with [gate; up] = x w1^T (+ b1) and down = . w2^T (+ b2): one expert,
+    or the shared expert, on rows that already went through the layer's tp communication."""
+    gate, up = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(gated_activation(gate, up, cfg), w2, b2)
 
 
 class SwiGLUMLP(torch.nn.Module):
@@ -529,10 +548,7 @@ class MoEMLP(torch.nn.Module):
         h, f = cfg.hidden_size, cfg.moe_ffn_hidden_size // tp
         self.cfg = cfg
         self.tp_rank = tp_group.rank()
-        self.router = torch.nn.Linear(h, self.num_experts, bias=cfg.moe_router_bias, dtype=dtype)
-        for p in self.router.parameters():
-            p.tp_replicated = True
-            p.tp_partial_grad = tp > 1
+        self.router = mark_partial_over_tp(torch.nn.Linear(h, self.num_experts, bias=cfg.moe_router_bias, dtype=dtype), tp)
         self.sigmoid = cfg.moe_router_score_function == "sigmoid"
         self.groups = cfg.moe_router_num_groups or 1
         self.group_topk = cfg.moe_router_group_topk or 1
@@ -567,27 +583,24 @@ class MoEMLP(torch.nn.Module):
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E):
         the scores normalised over the experts, what the load-balancing loss weighs)."""
-        logits = self.router(tokens).float()
-        if not self.sigmoid:
-            probs = F.softmax(logits, dim=-1)
-            weights, experts = probs.topk(self.topk, dim=-1)
-            if self.norm_topk:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        else:
-            scores = torch.sigmoid(logits)
-            choice = scores.detach()  # the choice is not differentiable; the weights are
-            if hasattr(self.router, "expert_bias"):
-                choice = choice + self.router.expert_bias
-            if self.groups > 1:  # keep the group_topk groups whose two best choice scores sum highest
-                grouped = choice.view(choice.shape[0], self.groups, -1)
-                best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.group_topk, dim=-1).indices
-                keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
-                choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
-            experts = choice.topk(self.topk, dim=-1).indices
-            weights = scores.gather(1, experts)
-            if self.norm_topk:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if not self.sigmoid:  # logits in the tokens' dtype (as Qwen3-MoE's), probabilities in fp32
+            scores = probs = F.softmax(self.router(tokens).float(), dim=-1)
+        else:  # DeepSeek's router in fp32 (transformers keeps its weight and bias in fp32)
+            bias = None if self.router.bias is None else self.router.bias.float()
+            scores = torch.sigmoid(F.linear(tokens.float(), self.router.weight.float(), bias))
             probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        choice = scores.detach()  # the choice is not differentiable; the weights are
+        if hasattr(self.router, "expert_bias"):
+            choice = choice + self.router.expert_bias
+        if self.groups > 1:  # keep the group_topk groups whose two best choice scores sum highest
+            grouped = choice.view(choice.shape[0], self.groups, -1)
+            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.group_topk, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        experts = choice.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if self.sigmoid else 0.0))
         if self.scaling is not None:
             weights = weights * self.scaling
         return weights.to(tokens.dtype), experts, probs
@@ -647,8 +660,7 @@ class MoEMLP(torch.nn.Module):
             # the weights and this rank's backward joins the others' all-to-alls and reductions
             if n or (e == len(counts) - 1 and not outs):
                 i = 0 if not n else e
-                gate, up = F.linear(grouped[start:start + n], w1s[i], b1s[i]).chunk(2, dim=-1)
-                outs.append(F.linear(gated_activation(gate, up, self.cfg), w2s[i], b2s[i]))
+                outs.append(gated_mlp(grouped[start:start + n], w1s[i], w2s[i], self.cfg, b1s[i], b2s[i]))
                 start += n
         return torch.cat(outs)
 
@@ -664,10 +676,7 @@ class MoEMLP(torch.nn.Module):
                              device=w.device), self.ep_group, self._run_local_experts)
 
     def forward(self, x, token_mask=None):
-        if self.sp:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        elif self.tp > 1:
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = enter_tp_region(x, self.tp_group, self.sp)
         tokens = x.reshape(-1, x.shape[-1])
         weights, experts, probs = self.route(tokens)
         flat = experts.reshape(-1)
@@ -687,8 +696,8 @@ class MoEMLP(torch.nn.Module):
         slots[order] = y
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.shared_experts is not None:  # this rank's ffn slice: a partial sum over tp, as the experts'
-            gate, up = F.linear(x, self.shared_experts.linear_fc1.weight).chunk(2, dim=-1)
-            out = out + F.linear(gated_activation(gate, up, self.cfg), self.shared_experts.linear_fc2.weight)
+            out = out + gated_mlp(x, self.shared_experts.linear_fc1.weight, self.shared_experts.linear_fc2.weight,
+                                  self.cfg)
         if self.count_tokens and self.training and torch._C._current_graph_task_id() == -1:
             weight = None if token_mask is None else token_mask.transpose(0, 1).reshape(-1, 1).expand(
                 -1, self.topk).to(torch.float32)

@@ -29,7 +29,7 @@ from megatron_k15.checkpointing import (  # noqa: E402
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
-    HFCheckpointError, gpt_config_from_hf, hf_to_megatron, read_hf_config, read_hf_state_dict,
+    HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, read_hf_config, read_hf_state_dict,
 )
 from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         full = hf_to_megatron(hf_sd, cfg, where=args.hf_dir)
         del hf_sd
         if args.target_dtype:
-            full = {k: v.to(DTYPES[args.target_dtype]) for k, v in full.items()}
+            full = cast_state_dict(full, DTYPES[args.target_dtype])
         n_params = sum(v.numel() for v in full.values())
         print(f"[convert] {cfg.architecture}: {cfg.num_layers} layers, {n_params / 1e6:.1f}M parameters, "
               f"{next(iter(full.values())).dtype}; writing tp={tp} pp={pp} to {args.save}", flush=True)

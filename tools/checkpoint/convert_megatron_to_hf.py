@@ -24,7 +24,9 @@ import torch  # noqa: E402
 from megatron_k15.checkpointing import CheckpointError, read_full_state_dict  # noqa: E402
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
-from megatron_k15.models.hf_mapping import hf_config_from_gpt, megatron_to_hf, write_hf_state_dict  # noqa: E402
+from megatron_k15.models.hf_mapping import (  # noqa: E402
+    cast_state_dict, hf_config_from_gpt, megatron_to_hf, write_hf_state_dict,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
         full, cfg = read_full_state_dict(args.load)
         hf_sd = megatron_to_hf(full, cfg)
         if args.target_dtype:
-            hf_sd = {k: v.to(DTYPES[args.target_dtype]) for k, v in hf_sd.items()}
+            hf_sd = cast_state_dict(hf_sd, DTYPES[args.target_dtype])
         root = args.load
         with atomic_directory(args.save) as tmp:
             write_hf_state_dict(hf_sd, tmp, parse_size(args.max_shard_size))

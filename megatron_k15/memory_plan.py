@@ -63,7 +63,8 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     over D / ep.
     Unbalanced routing sends a rank more rows than N k: its MLP activations grow with them.
     A shared expert (DeepSeek) adds its SwiGLU 4 * e * N * fs / tp (2 * e * N * fs / tp to
-    the backward working set); dense layers among MoE ones (--moe-layer-freq) count as dense.
+    the backward working set), and the sigmoid router, run in fp32, keeps an fp32 copy of its
+    input (4 * N * h when e < 4); dense layers among MoE ones (--moe-layer-freq) count as dense.
 
     Multi-latent attention (``MultiLatentAttention``, a = heads / tp, d the core's head size,
     dv v's, q/kv latents ql and kvl) replaces the attention's e * Ns * h + e * N * (3q + 3k)
@@ -408,6 +409,7 @@ class _Shapes:
     dv: int = 0
     dr: int = 0
     r: int = 0  # channels RoPE rotates (cos / sin tables)
+    fp32_router: bool = False  # DeepSeek's sigmoid router: an fp32 copy of its input
 
     @classmethod
     def of(cls, cfg: GPTConfig, layout: Layout, w: Workload, layer: Optional[int] = None) -> "_Shapes":
@@ -428,7 +430,8 @@ class _Shapes:
                    norm_topk=bool(moe and cfg.moe_norm_topk_prob), ep=layout.ep,
                    fs=(cfg.moe_shared_expert_intermediate_size or 0) // tp if moe else 0,
                    ql=(cfg.q_lora_rank or 0) if mla else 0, kvl=cfg.kv_lora_rank if mla else 0,
-                   dv=cfg.v_head_dim if mla else 0, dr=cfg.qk_pos_emb_head_dim if mla else 0, r=cfg.rotary_dim)
+                   dv=cfg.v_head_dim if mla else 0, dr=cfg.qk_pos_emb_head_dim if mla else 0, r=cfg.rotary_dim,
+                   fp32_router=moe and cfg.moe_router_score_function == "sigmoid")
 
 
 def norm_saved_bytes(x: _Shapes) -> int:
@@ -464,7 +467,8 @@ def mlp_saved_bytes(x: _Shapes) -> int:
     return (x.e * x.N * x.h + 2 * x.e * x.N * x.topk * x.h + 4 * x.e * x.N * x.topk * x.fm
             + 4 * x.N * x.E + 16 * x.N * x.topk + x.e * x.N * x.topk
             + ((4 * x.N * x.topk + 4 * x.N) if x.norm_topk else 0) + (16 * x.N * x.topk if x.ep > 1 else 0)
-            + 4 * x.e * x.N * x.fs)  # the shared expert's SwiGLU, on the routed tokens' input
+            + 4 * x.e * x.N * x.fs  # the shared expert's SwiGLU, on the routed tokens' input
+            + (4 * x.N * x.h if x.fp32_router and x.e < 4 else 0))  # the fp32 router's input copy
 
 
 def attention_saved_bytes(x: _Shapes) -> int:

@@ -20,8 +20,11 @@ VOCAB = 40
 CASES = range(14)
 
 
-class _Config:
-    num_query_groups, head_dim, vocab_size, hidden_size = 2, 4, VOCAB, 2
+def _config():
+    """The shapes the engine reads (2 KV heads of 4, the vocabulary, hidden 2)."""
+    from megatron_k15.models.config import GPTConfig
+
+    return GPTConfig(vocab_size=VOCAB, hidden_size=2, num_attention_heads=2, num_query_groups=2, kv_channels=4)
 
 
 class StandInModel(torch.nn.Module):
@@ -31,7 +34,7 @@ class StandInModel(torch.nn.Module):
     def __init__(self, pp_rank=0, pp=1, tp_group=None):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # device and dtype for the engine
-        self.config = _Config()
+        self.config = _config()
         self.tp_group = tp_group
         self.tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         self.tp_rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)

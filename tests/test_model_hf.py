@@ -579,3 +579,21 @@ def test_mla_refuses_what_it_does_not_implement(change, match):
 
     with pytest.raises(ConfigError, match=match):
         GPTConfig(multi_latent_attention=True, num_attention_heads=4, **change).validate()
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"num_hidden_layers": 3, "mlp_only_layers": [1]}, [1, 0, 1]),
+    ({"num_hidden_layers": 4, "decoder_sparse_step": 2}, [0, 1, 0, 1]),
+])
+def test_qwen3_moe_with_dense_layers_matches_transformers(overrides, pattern):
+    """Qwen3-MoE's mlp_only_layers / decoder_sparse_step: those layers keep a dense MLP
+    (intermediate_size); logits equal transformers, and the export rebuilds the same model."""
+    hf = tiny_hf_model("qwen3_moe", **overrides)
+    model = build_from_hf(hf)
+    cfg = model.config
+    assert [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)] == pattern
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert_export_rebuilds(hf, cfg, ids)

@@ -269,10 +269,13 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     heads = int(hf["num_attention_heads"])
     moe = {}
     if arch == "qwen3_moe":
-        if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
-            raise HFCheckpointError(f"{where}: decoder_sparse_step={hf.get('decoder_sparse_step')} / "
-                                    f"mlp_only_layers={hf.get('mlp_only_layers')}: only models whose every "
-                                    "layer is MoE are supported")
+        # layer i is MoE iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+        n, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step") or 1)
+        dense = set(hf.get("mlp_only_layers") or [])
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
+        if not any(pattern):
+            raise HFCheckpointError(f"{where}: decoder_sparse_step={step} / mlp_only_layers={sorted(dense)} leave "
+                                    f"no MoE layer of {n}")
         experts = hf.get("num_experts", hf.get("num_local_experts"))
         for key, value in (("num_experts", experts), ("num_experts_per_tok", hf.get("num_experts_per_tok")),
                            ("moe_intermediate_size", hf.get("moe_intermediate_size"))):
@@ -280,7 +283,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                 raise HFCheckpointError(f"{where}: missing required field {key!r}")
         moe = dict(num_moe_experts=int(experts), moe_router_topk=int(hf["num_experts_per_tok"]),
                    moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
-                   moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+                   moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   moe_layer_freq=1 if all(pattern) else pattern)
     if arch == "gpt_oss":  # softmax over the top-k router logits == renormalised top-k probabilities
         for key in ("num_local_experts", "num_experts_per_tok"):
             if hf.get(key) is None:
@@ -457,7 +461,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                           f"'glm', 'glm4' (interleaved pairs), 'glm4_moe' or 'phi3', not {arch!r}")
     deepseek_routing = (cfg.moe_router_score_function != "softmax", cfg.moe_router_enable_expert_bias,
                         cfg.moe_router_num_groups is not None, cfg.moe_router_topk_scaling_factor is not None,
-                        bool(cfg.moe_shared_expert_intermediate_size), cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
+                        bool(cfg.moe_shared_expert_intermediate_size),
+                        arch != "qwen3_moe" and cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
     if cfg.multi_latent_attention != (arch == "deepseek_v3"):
         raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' "
                           "(DeepseekV3ForCausalLM), and that needs it")
@@ -543,8 +548,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if arch == "qwen3_moe":
         hf.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
                   moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.moe_norm_topk_prob,
-                  decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0,
-                  output_router_logits=False)
+                  decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
+                  router_aux_loss_coef=0.0, output_router_logits=False)
     return hf
 
 

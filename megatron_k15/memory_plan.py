@@ -1000,12 +1000,15 @@ def layout_cost(layout: Layout, gpus_per_node: int, num_microbatches: Optional[i
     expensive (its collectives sit on the critical path of every layer), the pipeline bubble
     (pp - 1) / (m + pp - 1) idles GPUs, tp and ring attention cost communication that is only
     partly hidden; pure data parallelism is cheapest."""
-    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    tp, pp, cp, ep = layout.tp, layout.pp, layout.cp, layout.ep
     m = num_microbatches or pp
     cost = 0.0
     cost += 0.15 * math.log2(tp) + (4.0 if tp > gpus_per_node else 0.0)
     cost += (pp - 1) / (m + pp - 1) + 0.05 * (pp - 1)
     cost += 0.1 * math.log2(cp) + (1.0 if tp * cp > gpus_per_node else 0.0)
+    # expert parallelism: two all-to-alls per MoE layer, cheap inside a node (its group is
+    # tp * ep consecutive ranks), not across
+    cost += 0.05 * math.log2(ep) + (1.0 if tp * ep > gpus_per_node else 0.0)
     return round(cost, 4)
 
 
@@ -1025,22 +1028,27 @@ def _divisors(n: int) -> list[int]:
 
 def suggest_layouts(cfg: GPTConfig, world_size: int, w: Workload, gpu_memory_bytes: int,
                     reserved_bytes: int = 0, gpus_per_node: int = 8,
-                    sequence_parallel: bool = True, ep: int = 1) -> list[Suggestion]:
+                    sequence_parallel: bool = True, ep: Optional[int] = 1) -> list[Suggestion]:
     """Every valid (tp, pp, cp, dp) with tp*pp*cp*dp = world_size (and dp*cp a multiple of
-    ``ep``), fitting ones first, each group ordered by ``layout_cost`` then by headroom."""
+    ``ep``), fitting ones first, each group ordered by ``layout_cost`` then by headroom.
+    ``ep=None`` (an MoE model): every expert-parallel size that divides dp*cp and the experts,
+    too."""
     out = []
     for tp in _divisors(world_size):
         for pp in _divisors(world_size // tp):
             for cp in _divisors(world_size // (tp * pp)):
-                layout = Layout(tp, pp, cp, world_size // (tp * pp * cp), sequence_parallel, ep)
-                try:
-                    plan = plan_memory(cfg, layout, w)
-                except ConfigError:
-                    continue
-                need = plan.peak_bytes + reserved_bytes
-                out.append(Suggestion(layout, layout_cost(layout, gpus_per_node, w.num_microbatches),
-                                      plan.peak_bytes, gpu_memory_bytes - need,
-                                      need <= gpu_memory_bytes, plan))
+                dp = world_size // (tp * pp * cp)
+                eps = [ep] if ep is not None else [e for e in _divisors(dp * cp) if cfg.num_moe_experts % e == 0]
+                for e in eps:
+                    layout = Layout(tp, pp, cp, dp, sequence_parallel, e)
+                    try:
+                        plan = plan_memory(cfg, layout, w)
+                    except ConfigError:
+                        continue
+                    need = plan.peak_bytes + reserved_bytes
+                    out.append(Suggestion(layout, layout_cost(layout, gpus_per_node, w.num_microbatches),
+                                          plan.peak_bytes, gpu_memory_bytes - need,
+                                          need <= gpu_memory_bytes, plan))
     out.sort(key=lambda s: (not s.fits, s.cost if s.fits else 0.0, -s.headroom_bytes))
     return out
 

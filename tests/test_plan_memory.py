@@ -575,6 +575,29 @@ def test_suggest_enumerates_valid_layouts(capsys):
     assert "none fits" in capsys.readouterr().out
 
 
+def test_suggest_enumerates_expert_parallelism_for_moe_models(capsys):
+    """An MoE model without --expert-model-parallel-size: every ep that divides dp x cp and the
+    experts is tried (its all-to-alls cost a little, more across nodes); with it, only that ep."""
+    cfg = preset("moonlight-16b-a3b")  # 64 experts
+    w = Workload(seq_length=8192, params_dtype="bf16", recompute="full", logprob_impl="fused")
+    found = suggest_layouts(cfg, 8, w, 80 * 2**30, ep=None)
+    assert {s.layout.ep for s in found} == {1, 2, 4, 8}
+    assert all((s.layout.dp * s.layout.cp) % s.layout.ep == 0 for s in found)
+    by_ep = {s.layout.ep: s for s in found if (s.layout.tp, s.layout.pp, s.layout.cp) == (1, 1, 1)}
+    assert by_ep[8].peak_bytes < by_ep[4].peak_bytes < by_ep[1].peak_bytes  # experts spread over more ranks
+    assert not by_ep[1].fits and by_ep[8].fits
+    assert found[0].fits and found[0].layout.ep > 1
+    assert {s.layout.ep for s in suggest_layouts(cfg, 8, w, 80 * 2**30, ep=2)} == {2}
+    tool = _tool()
+    argv = ["--suggest", "--model-preset", "moonlight-16b-a3b", "--bf16", "--seq-length", "8192",
+            "--recompute-granularity", "full", "--logprob-impl", "fused", "--gpus", "8"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"chosen: {found[0].layout}" in out and " ep " in out
+    assert tool.main(argv + ["--expert-model-parallel-size", "8"]) == 0
+    assert "ep=8" in capsys.readouterr().out.split("chosen:")[1].splitlines()[0]
+
+
 def test_packed_tokens_per_gpu_plan_like_one_sequence_of_that_many_tokens_per_rank():
     """RL's packed microbatches (--max-tokens-per-gpu N) take, in every layout, the activation
     memory of one sequence of N tokens per rank: the plan at cp=2 equals that of

@@ -12,7 +12,8 @@ Prints, for the most loaded pipeline stage, the bytes per GPU of parameters, gra
 optimizer state, saved activations, the backward working set, the log-prob path and the
 rollout KV cache, each with its formula, then whether it fits in --gpu-memory-gb. --suggest
 lists every valid (tp, pp, cp, dp) for --world-size GPUs, the fitting ones first, cheapest
-first. The formulas live in ``megatron_k15/memory_plan.py`` and are checked against measured
+first; for a mixture-of-experts model every expert-parallel size too, unless
+--expert-model-parallel-size fixes it. The formulas live in ``megatron_k15/memory_plan.py`` and are checked against measured
 peaks in ``tests/test_plan_memory.py``; docs/memory_planning.md explains them.
 """
 
@@ -274,13 +275,15 @@ def render_suggestions(suggestions, top: int, gpu_bytes: int) -> str:
     shown = (fitting or suggestions)[:top]
     head = (f"{len(fitting)} of {len(suggestions)} valid layouts fit in {gpu_bytes / GIB:.0f} GiB"
             + ("" if fitting else "; none fits, the smallest peaks are") + ":")
-    lines = [head, f"{'#':>2}  {'tp':>3} {'pp':>3} {'cp':>3} {'dp':>3}  {'train GiB':>9} "
-             f"{'rollout GiB':>11} {'headroom':>9}  cost"]
+    with_ep = any(s.layout.ep > 1 for s in suggestions)
+    lines = [head, f"{'#':>2}  {'tp':>3} {'pp':>3} {'cp':>3} {'dp':>3}" + (f" {'ep':>3}" if with_ep else "")
+             + f"  {'train GiB':>9} {'rollout GiB':>11} {'headroom':>9}  cost"]
     if not fitting:
         shown = sorted(suggestions, key=lambda s: s.peak_bytes)[:top]
     for i, s in enumerate(shown, 1):
-        lines.append(f"{i:>2}  {s.layout.tp:>3} {s.layout.pp:>3} {s.layout.cp:>3} {s.layout.dp:>3}  "
-                     f"{_gib(s.plan.train_peak_bytes):>9} {_gib(s.plan.rollout_peak_bytes):>11} "
+        lines.append(f"{i:>2}  {s.layout.tp:>3} {s.layout.pp:>3} {s.layout.cp:>3} {s.layout.dp:>3}"
+                     + (f" {s.layout.ep:>3}" if with_ep else "")
+                     + f"  {_gib(s.plan.train_peak_bytes):>9} {_gib(s.plan.rollout_peak_bytes):>11} "
                      f"{s.headroom_bytes / GIB:>+9.2f}  {s.cost:.3f}")
     return "\n".join(lines)
 
@@ -307,8 +310,9 @@ def main(argv=None) -> int:
             # what does not depend on the layout (ep with its own dp, so that only ep's own
             # problems are named: a dense model, experts it does not divide)
             validate_plan_inputs(cfg, Layout(dp=max(ep, 1), ep=ep), w)
-            suggestions = suggest_layouts(cfg, args.world_size, w, gpu_bytes, reserved,
-                                          args.gpus_per_node, args.sequence_parallel, ep)
+            given = any(a.split("=")[0] == "--expert-model-parallel-size" for a in (argv or sys.argv[1:]))
+            suggestions = suggest_layouts(cfg, args.world_size, w, gpu_bytes, reserved, args.gpus_per_node,
+                                          args.sequence_parallel, ep if given or not cfg.is_moe else None)
             if not suggestions:
                 raise ConfigError(f"no valid (tp, pp, cp, dp) for --world-size {args.world_size} with this "
                                   "model and --seq-length")

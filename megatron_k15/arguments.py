@@ -14,6 +14,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from megatron_k15.checkpointing import add_checkpoint_switches, check_checkpoint_switches, start_fresh_if_nothing_saved
+from megatron_k15.data.tokenizer import add_trust_remote_code_arg, allow_remote_code
 from megatron_k15.exit_conditions import add_exit_args, check_exit_args
 from megatron_k15.initialize import DEFAULT_TIMEOUT_MINUTES
 from megatron_k15.manual_gc import add_manual_gc_args, check_manual_gc_args
@@ -458,6 +459,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                         "them; default: --log-interval for train_sft, 1 for train_rl), so curves can be "
                         "finer than the console")
     g.add_argument("--tokenizer", default=None, help="'byte' or an HF tokenizer path (default: the checkpoint's)")
+    add_trust_remote_code_arg(g)
     g.add_argument("--tokenizer-type", default=None,
                    help="accepted for Megatron-LM scripts: HuggingFaceTokenizer (with --tokenizer-model)")
     g.add_argument("--tokenizer-model", default=None, help="Megatron-LM's name for --tokenizer PATH")
@@ -648,6 +650,8 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if _get(args, "trust_remote_code"):
+        allow_remote_code()
     tp = _get(args, "tensor_model_parallel_size", 1)
     pp = _get(args, "pipeline_model_parallel_size", 1)
     cp = _get(args, "context_parallel_size", 1)

@@ -722,3 +722,74 @@ def test_several_inputs_make_one_dataset(tmp_path, capsys):
     rc, err = run_inproc(capsys, "--mode", "prompts", "--input", tmp_path / "all.jsonl", tmp_path / "empty.jsonl",
                          "--output-prefix", tmp_path / "e" / "e", "--tokenizer", "byte")
     assert rc != 0 and "empty.jsonl:1: file is empty" in err and existing_outputs(tmp_path / "e" / "e") == []
+
+
+TOY_TOKENIZER_CODE = '''
+from transformers import PreTrainedTokenizer
+
+
+class ToyTokenizer(PreTrainedTokenizer):
+    """Letters and space as ids 3.., </s> 2: a tokenizer only its own code can load."""
+
+    def __init__(self, **kwargs):
+        self._vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+        self._vocab.update({c: 3 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")})
+        self._inv = {v: k for k, v in self._vocab.items()}
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self._vocab)
+
+    def get_vocab(self):
+        return dict(self._vocab)
+
+    def _tokenize(self, text, **kwargs):
+        return [c for c in text.lower() if c in self._vocab]
+
+    def _convert_token_to_id(self, token):
+        return self._vocab.get(token, 0)
+
+    def _convert_id_to_token(self, index):
+        return self._inv.get(index, "<pad>")
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        return ()
+'''
+
+
+def test_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, capsys, monkeypatch):
+    """Moonlight's and Kimi K2's tokenizers ship their own code (tokenizer_config.json's
+    auto_map). Without --trust-remote-code the tool stops and names the flag; with it the
+    prompts are tokenized by that code, with several workers too (they inherit the permission),
+    and a checkpoint's copy of the tokenizer carries the code."""
+    from megatron_k15.data.tokenizer import TRUST_REMOTE_CODE_ENV, load_tokenizer, save_tokenizer
+
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "0")  # not trusted; restored (unset) after the test
+    tok_dir = tmp_path / "toy"
+    tok_dir.mkdir()
+    (tok_dir / "tokenization_toy.py").write_text(TOY_TOKENIZER_CODE)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_toy.ToyTokenizer", None]}, "tokenizer_class": "ToyTokenizer",
+        "eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>"}))
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hello world", "answer": "1"},
+                                              {"id": "b", "prompt": "abc", "answer": "2"}])
+    prefix = tmp_path / "out" / "pr"
+    rc, err = run_inproc(capsys, "--mode", "prompts", "--input", inp, "--output-prefix", prefix,
+                         "--tokenizer", tok_dir)
+    assert rc != 0 and "--trust-remote-code" in err and existing_outputs(prefix) == []
+    for workers in ("1", "2"):  # 2 worker processes: the CLI in a process of its own
+        out = tmp_path / f"out{workers}" / "pr"
+        args = ("--mode", "prompts", "--input", inp, "--output-prefix", out, "--tokenizer", tok_dir,
+                "--trust-remote-code", "--workers", workers)
+        if workers == "1":
+            rc, err = run_inproc(capsys, *args)
+        else:
+            res = run_tool(*args)
+            rc, err = res.returncode, res.stderr
+        assert rc == 0, err
+        prompts = load_prompt_dataset(str(out))
+        assert [list(prompts.tokens[i]) for i in range(2)] == [[10, 7, 14, 14, 17, 29, 25, 17, 20, 14, 6], [3, 4, 5]]
+    saved = save_tokenizer(load_tokenizer(str(tok_dir)), str(tmp_path / "ckpt" / "tokenizer"))
+    assert "tokenization_toy.py" in os.listdir(saved)
+    assert load_tokenizer(str(tmp_path / "ckpt")).encode("hello") == [10, 7, 14, 14, 17]

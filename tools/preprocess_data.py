@@ -90,6 +90,8 @@ from megatron_k15.data.prompts import (  # noqa: E402
 from megatron_k15.data.tokenizer import (  # noqa: E402
     TokenizerError,
     add_chat_template_args,
+    add_trust_remote_code_arg,
+    allow_remote_code,
     chat_template_problem,
     load_tokenizer,
     render_user_prompt,
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write PREFIX.bin, PREFIX.idx, ... (directories are created)")
     p.add_argument("--tokenizer", required=True, metavar="PATH|byte",
                    help="'byte' (built-in) or an HF tokenizer directory / tokenizer.json")
+    add_trust_remote_code_arg(p)
     add_chat_template_args(p)
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes (default 1); the output does not depend on N")
@@ -605,6 +608,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(args, parser)
+    allow_remote_code(args.trust_remote_code)
     t0 = time.time()
     try:
         summary = run(args)

@@ -17,6 +17,8 @@ megatron-core nor transformers (those are loaded only when a spec needs them).
 Every tokenizer has ``encode(text) -> list[int]`` (no special tokens added),
 ``decode(ids) -> str`` (special tokens skipped), ``vocab_size``, ``eos_id``, ``bos_id``,
 ``pad_id``, ``name`` and ``apply_chat_template(messages, add_generation_prompt=True) -> str``.
+A tokenizer that ships its own code (``auto_map``: Moonlight's, Kimi K2's) loads only after
+``allow_remote_code()`` (``--trust-remote-code``); checkpoints carry that code with it.
 
 The simple chat template (used by the byte tokenizer and by HF tokenizers without a chat
 template of their own) renders each message as ``"<|{role}|>\\n{content}\\n"`` and, when
@@ -57,7 +59,25 @@ _HF_TOKENIZER_FILES = (
     "spiece.model",
     "chat_template.jinja",
     "chat_template.json",
+    "tiktoken.model",  # Moonlight / Kimi K2's tiktoken vocabulary (with tokenization_*.py code)
 )
+# --trust-remote-code: an environment variable, so processes started from this one (tokenizer
+# workers) inherit it
+TRUST_REMOTE_CODE_ENV = "MEGATRON_K15_TRUST_REMOTE_CODE"
+
+
+def add_trust_remote_code_arg(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run a tokenizer's own Python code (tokenizer_config.json's auto_map: "
+                        "Moonlight's and Kimi K2's tiktoken tokenizers); only for tokenizers you trust")
+
+
+def allow_remote_code(on: bool = True) -> None:
+    """Whether HF tokenizers may run their directory's own code (``--trust-remote-code``)."""
+    if on:
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
+    else:
+        os.environ.pop(TRUST_REMOTE_CODE_ENV, None)
 
 # For a bare tokenizer.json (no tokenizer_config.json) the special tokens are guessed by name.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>",
@@ -234,10 +254,13 @@ class HFTokenizer(Tokenizer):
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise TokenizerError(f"--tokenizer {path}: loading a tokenizer_config.json directory "
                                  f"needs transformers ({e})") from e
+        trust = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
         except Exception as e:  # noqa: BLE001 - report any loader failure with the path
-            raise TokenizerError(f"--tokenizer {path}: transformers could not load it: {e}") from e
+            hint = ("; its tokenizer_config.json names code of its own (auto_map): add --trust-remote-code if you "
+                    "trust it" if not trust and "trust_remote_code" in str(e) else "")
+            raise TokenizerError(f"--tokenizer {path}: transformers could not load it: {e}{hint}") from e
         self._hf = tok
         self.vocab_size = int(len(tok))
         self.eos_id = tok.eos_token_id
@@ -377,7 +400,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str) -> str:
         copied = 0
         for fname in sorted(os.listdir(src)):
             full = os.path.join(src, fname)
-            if os.path.isfile(full) and (fname in _HF_TOKENIZER_FILES or fname.startswith("tokenizer")):
+            if os.path.isfile(full) and (fname in _HF_TOKENIZER_FILES or fname.startswith("tokenizer")
+                                         or (fname.startswith("tokenization_") and fname.endswith(".py"))):
                 if os.path.abspath(os.path.join(out_dir, fname)) != full:
                     shutil.copyfile(full, os.path.join(out_dir, fname))
                 copied += 1

@@ -86,6 +86,8 @@ DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-120}
 # every N-th iteration's rollouts (prompt, response, reward, advantage) to rl/rollouts/*.jsonl; empty = off
 ROLLOUT_LOG_INTERVAL=${ROLLOUT_LOG_INTERVAL-10}
 EXTRA_RL_ARGS=${EXTRA_RL_ARGS:-}                    # appended verbatim (split on spaces)
+# 1: the tokenizer may run its own code (Moonlight's and Kimi K2's tiktoken tokenizers): --trust-remote-code
+TRUST_REMOTE_CODE=${TRUST_REMOTE_CODE:-0}
 
 # ---- where the stages write -------------------------------------------------------------------
 DATA_DIR="$OUT/data"
@@ -175,8 +177,10 @@ prep_one() {  # JSONL, PREFIX
     wait_for "$2.json"
   else
     need "$1" "prompts file"
+    TRUST=()
+    [ "$TRUST_REMOTE_CODE" = 1 ] && TRUST=(--trust-remote-code)
     run "$PYTHON" "$REPO/tools/preprocess_data.py" --mode prompts --input "$1" --output-prefix "$2" \
-      --tokenizer "${TOKENIZER:-$HF_MODEL}" --seq-length "$PROMPT_MAX_TOKENS" --no-progress
+      --tokenizer "${TOKENIZER:-$HF_MODEL}" --seq-length "$PROMPT_MAX_TOKENS" --no-progress "${TRUST[@]}"
   fi
 }
 if want prep; then
@@ -226,6 +230,7 @@ else
   fi
   OPT_ARGS=()
   [ -n "$TOKENIZER" ] && OPT_ARGS+=(--tokenizer "$TOKENIZER")
+  [ "$TRUST_REMOTE_CODE" = 1 ] && OPT_ARGS+=(--trust-remote-code)
   [ -n "$EVAL_PROMPTS" ] && OPT_ARGS+=(--eval-data "$DATA_DIR/eval_prompts")
   [ "$BF16" = 1 ] && OPT_ARGS+=(--bf16)
   [ -n "$RECOMPUTE" ] && OPT_ARGS+=(--recompute-granularity "$RECOMPUTE")

@@ -117,6 +117,7 @@ def test_single_node_dry_run_defaults(tmp_path):
     assert value(rl, "--reward-workers") == "4"
     assert value(rl, "--save-interval") == "5" and value(rl, "--save-retain-interval") == "50"
     assert "--async-save" not in rl
+    assert "--trust-remote-code" not in rl + prep  # only when asked
     assert export[1].endswith("convert_megatron_to_hf.py") and value(export, "--load") == value(rl, "--save")
 
 
@@ -125,7 +126,7 @@ def test_single_node_dry_run_overrides(tmp_path):
                     PROMPT_MAX_TOKENS=1024, ROLLOUT_MAX_TOKENS=30000, ROLLOUT_SEGMENT_TOKENS=4096,
                     SAMPLES_PER_PROMPT=4, PROMPTS_PER_ITER=16, TRAIN_ITERS=7, LR="3e-7", RL_TAU=0.5,
                     TOKENIZER="byte", EVAL_PROMPTS="/d/eval.jsonl", EXTRA_RL_ARGS="--top-p 0.95 --exact-logz",
-                    SAVE_RETAIN_INTERVAL="", ASYNC_SAVE=1)
+                    SAVE_RETAIN_INTERVAL="", ASYNC_SAVE=1, TRUST_REMOTE_CODE=1)
     cmds = commands(run(SCRIPT, env, tmp_path))
     (rl,) = torchruns(cmds)
     assert "--save-retain-interval" not in rl  # empty: every checkpoint stays
@@ -139,6 +140,7 @@ def test_single_node_dry_run_overrides(tmp_path):
     assert rl[-3:] == ["--top-p", "0.95", "--exact-logz"]  # passthrough goes last, so it wins
     prep, prep_eval = with_script(cmds, "preprocess_data.py")
     assert value(prep, "--tokenizer") == "byte" and value(prep, "--seq-length") == "1024"
+    assert all("--trust-remote-code" in c for c in (rl, prep, prep_eval))  # TRUST_REMOTE_CODE=1
     assert value(prep_eval, "--input") == "/d/eval.jsonl"
     assert value(rl, "--eval-data") == value(prep_eval, "--output-prefix")
 

@@ -327,6 +327,9 @@ def standard_cases() -> List[Case]:
     cases.append(Case("flash-bf16-d128-causal-varlen-window4096",
                       lambda: flash_launches("bf16", 128, 32, 32, varlen=True, window_left=4095)))
     cases.append(Case("decode-bf16-d64-g8-window128", lambda: decode_launches("bf16", 64, 64, 8, window_left=127)))
+    # MLA's latent cache (Moonlight: 16 heads absorbed into one 512 + 64 latent row; fp32 too)
+    for dt in ("bf16", "fp32"):
+        cases.append(Case(f"decode-{dt}-d576-g16-mla", lambda dt=dt: decode_launches(dt, 576, 16, 1)))
     for dt in ("bf16", "fp16", "fp32"):
         cases.append(Case(f"grouped-gemm-{dt}-h2048-f768-e128", lambda dt=dt: grouped_gemm_launches(dt)))
     cases.append(Case("merge-d128", lambda: merge_launches()))

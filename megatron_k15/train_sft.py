@@ -420,6 +420,8 @@ def main(argv=None) -> int:
         metrics.update(throughput_metrics(training_flops(cfg, lengths), seconds, world_size, peak))
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss
+        if ctx.moe_max_load_ratio is not None:
+            metrics["moe_max_load_ratio"] = ctx.moe_max_load_ratio
         if ctx.num_zeros_in_grad is not None:
             metrics["num_zeros_in_grad"] = ctx.num_zeros_in_grad
         return metrics

@@ -98,8 +98,10 @@ class TrainContext:
     # --log-num-zeros-in-grad: the last step's count of gradient elements equal to 0
     log_num_zeros_in_grad: bool = False
     num_zeros_in_grad: Optional[int] = None
-    # --moe-router-bias-update-rate: the expert biases move towards balance after every step
+    # --moe-router-bias-update-rate: the expert biases move towards balance after every step;
+    # the last step's most loaded expert's tokens over the mean (max over layers and stages)
     moe_bias_update_rate: float = 0.0
+    moe_max_load_ratio: Optional[float] = None
 
 
 def stage_layer_ranges(cfg: GPTConfig, pp: int, first: Optional[int] = None, last: Optional[int] = None):
@@ -249,7 +251,9 @@ def train_step(ctx: TrainContext, microbatches: Sequence[dict], forward_step, lr
     with phase("optimizer"):
         grad_norm = opt.step(lr)
     if ctx.moe_bias_update_rate > 0:  # the step's loads over every dp x cp rank, then the biases move
-        ctx.model.update_expert_bias(ctx.moe_bias_update_rate, ctx.pc.dp_cp_group)
+        ratio = ctx.model.update_expert_bias(ctx.moe_bias_update_rate, ctx.pc.dp_cp_group)
+        ctx.moe_max_load_ratio = group_reduce(ratio, ctx.pc.pp_group if ctx.pc.pp_size > 1 else None,
+                                              dist.ReduceOp.MAX)
     if ctx.log_num_zeros_in_grad:
         ctx.num_zeros_in_grad = opt.grad_num_zeros()
     if ctx.moe_aux_loss_coeff > 0:

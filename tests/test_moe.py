@@ -266,7 +266,8 @@ def test_expert_bias_update_moves_towards_balance():
             expected += torch.bincount(experts.reshape(-1), minlength=8).float()
         assert expected.sum() == 2 * 19 * 2
         loads.append(expected)
-    model.update_expert_bias(0.01)
+    ratio = model.update_expert_bias(0.01)
+    assert ratio == pytest.approx(max(float(x.max() / x.mean()) for x in loads))
     for j, m in enumerate(mlps):
         expected = loads[j]
         delta = m.router.expert_bias - before[j]

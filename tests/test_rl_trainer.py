@@ -265,12 +265,13 @@ def test_rl_on_deepseek_v3_block_under_tp_equals_one_rank():
     biases included."""
     opts = dict(LAYOUT_OPTS, moe=DEEPSEEK, moe_router_bias_update_rate=0.01)
     ref = run_distributed(rl_worker, 1, 1, "omd", 0, 2, 1, 1, opts)
-    assert all(m["grad_norm"] > 0 and m["kl_proxy"] > 0 for m in ref[0]["metrics"])
+    assert all(m["grad_norm"] > 0 and m["kl_proxy"] > 0 and m["moe_max_load_ratio"] > 1 for m in ref[0]["metrics"])
     biases = [k for k in ref[0]["state"] if k.endswith("router.expert_bias")]
     assert len(biases) == 2 and all(ref[0]["states"][0][k].abs().max() > 0 for k in biases)
     got = run_distributed(rl_worker, 2, 2, "omd", 0, 2, 1, 1, opts)
     _assert_same_update(got, ref, "deepseek tp2")
     for r in got:
+        assert [m["moe_max_load_ratio"] for m in r["metrics"]] == [m["moe_max_load_ratio"] for m in ref[0]["metrics"]]
         for step in range(2):
             assert all(torch.equal(r["states"][step][k], ref[0]["states"][step][k]) for k in biases)
 

@@ -420,14 +420,16 @@ class GPTModel(torch.nn.Module):
             m.count_tokens = on
 
     @torch.no_grad()
-    def update_expert_bias(self, rate: float, group=None) -> None:
+    def update_expert_bias(self, rate: float, group=None) -> float:
         """DeepSeek-V3's aux-loss-free balancing after a step: the loads counted since the last
         update are summed over ``group`` (the data x context ranks: tp ranks route the same
         tokens) and each expert's bias moves by rate * sign(mean load - load), so an overloaded
-        expert is chosen less often. The counts restart; counting stops until switched on."""
+        expert is chosen less often. The counts restart; counting stops until switched on.
+        Returns the most loaded expert's tokens over the mean, the largest of this stage's
+        layers (1: balanced; 0 without layers or tokens)."""
         layers = [m for m in self.moe_layers() if hasattr(m.router, "expert_bias")]
         if not layers:
-            return
+            return 0.0
         bias = layers[0].router.expert_bias
         loads = torch.stack([bias.new_zeros(m.num_experts) if m.tokens_per_expert is None
                              else m.tokens_per_expert.to(bias.device) for m in layers])
@@ -437,6 +439,8 @@ class GPTModel(torch.nn.Module):
             m.router.expert_bias.add_(rate * torch.sign(load.mean() - load))
             m.tokens_per_expert = None
         self.count_expert_tokens(False)
+        mean = loads.mean(dim=1)
+        return float(torch.where(mean > 0, loads.amax(dim=1) / mean.clamp(min=1e-9), 0.0).max())
 
     def serve_experts(self) -> None:
         """Every MoE layer of this stage, in order, serves the other ranks of the ep group one

@@ -739,7 +739,7 @@ class RLIteration:
 
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
-        ctx.moe_aux_loss = ctx.num_zeros_in_grad = None  # set by this iteration's updates, if any
+        ctx.moe_aux_loss = ctx.num_zeros_in_grad = ctx.moe_max_load_ratio = None  # set by this iteration's updates
         losses, norms, kls = [], [], []
         for chunk, total in plan:
             if total <= 0:
@@ -773,6 +773,8 @@ class RLIteration:
                                           dist.get_world_size(), self.peak_tflops, prefix="train_"))
         if ctx.moe_aux_loss is not None:
             metrics["moe_aux_loss"] = ctx.moe_aux_loss
+        if ctx.moe_max_load_ratio is not None:  # the iteration's last update
+            metrics["moe_max_load_ratio"] = ctx.moe_max_load_ratio
         if ctx.num_zeros_in_grad is not None:  # the iteration's last update
             metrics["num_zeros_in_grad"] = ctx.num_zeros_in_grad
         return metrics

@@ -33,6 +33,7 @@ MODEL_FLAGS = {
     "moe_router_topk_scaling_factor": "moe_router_topk_scaling_factor",
     "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
     "moe_layer_freq": "moe_layer_freq",
+    "moe_router_dtype": "moe_router_dtype",
     "q_lora_rank": "q_lora_rank",
     "kv_lora_rank": "kv_lora_rank",
     "qk_head_dim": "qk_head_dim",
@@ -183,6 +184,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
                    help="router scores: softmax over the experts (Qwen3-MoE) or a sigmoid per expert "
                         "(DeepSeek-V3, Moonlight, Kimi K2, GLM-4.5)")
+    g.add_argument("--moe-router-dtype", choices=["fp32"], default=None,
+                   help="the router's GEMM and scores in fp32 whatever the parameters' dtype (DeepSeek's and "
+                        "GLM-4.5's routers; their presets and checkpoints set it)")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true", default=None,
                    help="a per-expert bias added to the scores only to choose the experts (DeepSeek-V3's "
                         "aux-loss-free balancing; the checkpoint's e_score_correction_bias)")
@@ -532,8 +536,9 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
     for field, value in explicit.items():
         setattr(cfg, field, value)
     deepseek_moe = cfg.is_moe and (cfg.moe_router_score_function == "sigmoid" or cfg.moe_shared_expert_intermediate_size)
-    if cfg.multi_latent_attention:
-        cfg.architecture = "deepseek_v3"
+    if cfg.multi_latent_attention:  # V2's router: softmax scores without a bias
+        v2 = cfg.is_moe and cfg.moe_router_score_function == "softmax" and not cfg.moe_router_enable_expert_bias
+        cfg.architecture = "deepseek_v2" if v2 else "deepseek_v3"
     elif deepseek_moe:  # DeepSeek's experts behind GQA attention: GLM-4.5's class
         cfg.architecture = "glm4_moe"
     elif cfg.qk_layernorm and cfg.qk_layernorm_scope == "head":
@@ -742,7 +747,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm",
                      "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",
                      "moe_router_group_topk", "moe_router_topk_scaling_factor",
-                     "moe_shared_expert_intermediate_size", "moe_layer_freq"):
+                     "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_router_dtype"):
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")

@@ -63,8 +63,8 @@ for this model: no dropout, flash-style attention so no a * s^2 term):
     over D / ep.
     Unbalanced routing sends a rank more rows than N k: its MLP activations grow with them.
     A shared expert (DeepSeek) adds its SwiGLU 4 * e * N * fs / tp (2 * e * N * fs / tp to
-    the backward working set), and the sigmoid router, run in fp32, keeps an fp32 copy of its
-    input (4 * N * h when e < 4); dense layers among MoE ones (--moe-layer-freq) count as dense.
+    the backward working set), and a router run in fp32 (--moe-router-dtype fp32, DeepSeek's)
+    keeps an fp32 copy of its input (4 * N * h when e < 4); dense layers among MoE ones (--moe-layer-freq) count as dense.
 
     Multi-latent attention (``MultiLatentAttention``, a = heads / tp, d the core's head size,
     dv v's, q/kv latents ql and kvl) replaces the attention's e * Ns * h + e * N * (3q + 3k)
@@ -409,7 +409,7 @@ class _Shapes:
     dv: int = 0
     dr: int = 0
     r: int = 0  # channels RoPE rotates (cos / sin tables)
-    fp32_router: bool = False  # DeepSeek's sigmoid router: an fp32 copy of its input
+    fp32_router: bool = False  # --moe-router-dtype fp32 (DeepSeek's): an fp32 copy of its input
 
     @classmethod
     def of(cls, cfg: GPTConfig, layout: Layout, w: Workload, layer: Optional[int] = None) -> "_Shapes":
@@ -431,7 +431,7 @@ class _Shapes:
                    fs=(cfg.moe_shared_expert_intermediate_size or 0) // tp if moe else 0,
                    ql=(cfg.q_lora_rank or 0) if mla else 0, kvl=cfg.kv_lora_rank if mla else 0,
                    dv=cfg.v_head_dim if mla else 0, dr=cfg.qk_pos_emb_head_dim if mla else 0, r=cfg.rotary_dim,
-                   fp32_router=moe and cfg.moe_router_score_function == "sigmoid")
+                   fp32_router=moe and cfg.moe_router_dtype == "fp32")
 
 
 def norm_saved_bytes(x: _Shapes) -> int:

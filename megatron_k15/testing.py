@@ -187,6 +187,14 @@ TINY_HF_MODELS = {
                                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                        n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                        norm_topk_prob=True, pad_token_id=0)),
+    # DeepSeek-V2 (V2-Lite's form: q straight from x): MLA as V3's, softmax-routed experts (top-2 of
+    # 8 in the best of 2 groups by their best expert, not renormalised, x1.5), a shared expert
+    "deepseek_v2": ("DeepseekV2", dict(num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                                       first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, n_shared_experts=1, topk_method="group_limited_greedy",
+                                       n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+                                       pad_token_id=0)),
     "gpt_oss": ("GptOss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                                sliding_window=24, pad_token_id=0, rope_theta=150000.0,
                                rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,

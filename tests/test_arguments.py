@@ -406,8 +406,9 @@ def test_deepseek_v3_from_megatron_lm_flags():
              "--moe-ffn-hidden-size", "32", "--moe-router-score-function", "sigmoid",
              "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
              "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "32",
-             "--moe-layer-freq", "[0]*1+[1]*3", "--disable-bias-linear"]
+             "--moe-layer-freq", "[0]*1+[1]*3", "--disable-bias-linear", "--moe-router-dtype", "fp32"]
     cfg = _validate(flags).model_config
+    assert cfg.moe_router_dtype == "fp32"
     assert (cfg.architecture, cfg.head_dim, cfg.num_query_groups, cfg.rotary_dim) == ("deepseek_v3", 24, 4, 8)
     assert cfg.moe_layer_freq == [0, 1, 1, 1] and cfg.num_moe_layers == 3
     assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor) == (4, 2, 2.5)

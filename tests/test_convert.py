@@ -49,6 +49,7 @@ to_hf = _load_tool(TO_HF)
     ("exaone4", torch.bfloat16, None, 2, 2),    # post-norms, per-head q/k norms, sliding + NoPE global layers
     ("glm4_moe", torch.bfloat16, None, 2, 2),   # dense + MoE layers, router bias, shared expert over tp
     ("deepseek_v3", torch.bfloat16, None, 2, 2),  # MLA: interleaved RoPE rows reordered and back, heads over tp
+    ("deepseek_v2", torch.bfloat16, None, 2, 2),  # V2's MLA (no q latent) and softmax-routed experts
 ])
 def test_round_trip_is_bit_exact(tmp_path, kind, dtype, shard, tp, pp):
     hf_dir, ck, back = tmp_path / "hf", tmp_path / "ck", tmp_path / "back"

@@ -128,6 +128,7 @@ PUBLISHED_PARAMETERS = {
     # DeepSeek-V3 without its multi-token-prediction module (685B with it); Kimi K2: "1.03T" on
     # its Hugging Face page ("1T" on the card); GLM-4.5's card
     "moonlight-16b-a3b": 16e9, "kimi-k2": 1.03e12, "deepseek-v3": 671e9, "glm-4.5-air": 106e9, "glm-4.5": 355e9,
+    "deepseek-v2-lite": 15.7e9,
 }
 # activated parameters per token of the MoE presets, as published
 PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9,
@@ -596,4 +597,32 @@ def test_qwen3_moe_with_dense_layers_matches_transformers(overrides, pattern):
     ids = torch.randint(0, cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert_export_rebuilds(hf, cfg, ids)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("topk_method", ["group_limited_greedy", "greedy"])
+def test_deepseek_v2_matches_transformers(topk_method, backend):
+    """DeepSeek-V2 (V2-Lite's form): V3's multi-latent attention, experts by softmax scores in
+    fp32 (group_limited_greedy: only in the best group, a group scoring by its best expert),
+    weights not renormalised, x1.5. Logits equal transformers; the groups matter; the exported
+    config rebuilds the same HF model."""
+    over = {} if topk_method == "group_limited_greedy" else {"topk_method": "greedy", "n_group": None, "topk_group": None}
+    hf = tiny_hf_model("deepseek_v2", **over)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    grouped = topk_method == "group_limited_greedy"
+    assert (cfg.architecture, cfg.multi_latent_attention, cfg.q_lora_rank, cfg.moe_router_score_function) == (
+        "deepseek_v2", True, None, "softmax")
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_score_topk, cfg.moe_norm_topk_prob,
+            cfg.moe_router_enable_expert_bias, cfg.moe_router_dtype) == ((2 if grouped else None), 1, False, False, "fp32")
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        if grouped:
+            for m in model.moe_layers():
+                m.groups = 1
+            assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
     assert_export_rebuilds(hf, cfg, ids)

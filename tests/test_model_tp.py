@@ -77,6 +77,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("glm4_moe", True),  # a dense layer then MoE ones: grouped sigmoid routing, shared expert split over tp
     ("deepseek_v3", True),  # MLA: heads split, the latent projections replicated over the gathered sequence
     ("deepseek_v3", False),  # MLA's own tp communication without SP
+    ("deepseek_v2", True),  # MLA with q straight from x, fp32 softmax routing by groups
 ])
 def test_tp2_sequence_parallel_equals_tp1(kind, sequence_parallel):
     initialize_model_parallel(tp=1)

@@ -173,7 +173,7 @@ def _deepseek_model(**overrides):
                   init_method_std=0.2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                   moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0,
                   moe_norm_topk_prob=True, moe_shared_expert_intermediate_size=16, moe_layer_freq=[0, 1, 1],
-                  architecture="glm4_moe")
+                  moe_router_dtype="fp32", architecture="glm4_moe")
     cfg = preset("tiny", **{**fields, **overrides})
     model = GPTModel(cfg.validate(), attention_backend="sdpa")
     model.reset_parameters(5)
@@ -183,9 +183,10 @@ def _deepseek_model(**overrides):
     return model.train()
 
 
-def test_sigmoid_router_runs_in_fp32_in_a_bf16_model():
-    """DeepSeek's router scores in fp32 (as transformers' gate) even when the model is bf16:
-    the experts chosen are those of the fp32 scores of the same bf16 weights and tokens."""
+def test_fp32_router_in_a_bf16_model():
+    """--moe-router-dtype fp32 (DeepSeek's router, as transformers' gate) scores in fp32 even
+    when the model is bf16: the experts chosen are those of the fp32 scores of the same bf16
+    weights and tokens."""
     model = _deepseek_model().to(torch.bfloat16)
     m = model.moe_layers()[0]
     m.router.expert_bias.copy_(m.router.expert_bias.float())  # (the buffer stays fp32 in the model)

@@ -84,7 +84,7 @@ DEEPSEEK_SHAPE = dict(
     qk_pos_emb_head_dim=8, v_head_dim=16, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
     moe_norm_topk_prob=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
     moe_router_num_groups=2, moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
-    moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1], architecture="deepseek_v3")
+    moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1], moe_router_dtype="fp32", architecture="deepseek_v3")
 
 
 @pytest.mark.parametrize("overrides", [

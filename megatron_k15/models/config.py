@@ -120,7 +120,12 @@ class GPTConfig:
     moe_router_enable_expert_bias: bool = False
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
+    # a group scores by the sum of its best this-many experts (DeepSeek-V3: 2; V2: 1, its best)
+    moe_router_group_score_topk: int = 2
     moe_router_topk_scaling_factor: Optional[float] = None
+    # the router's GEMM and scores in fp32 whatever the parameters' dtype (Megatron-LM's
+    # --moe-router-dtype fp32; DeepSeek's and GLM-4.5's routers); None: the parameters' dtype
+    moe_router_dtype: Optional[str] = None
     # an always-on SwiGLU expert of this ffn size next to the routed ones (DeepSeek: n_shared x
     # moe_intermediate_size); None: none
     moe_shared_expert_intermediate_size: Optional[int] = None
@@ -414,10 +419,13 @@ class GPTConfig:
         groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
         if (groups is None) != (group_topk is None):
             raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
+        best = self.moe_router_group_score_topk
+        if self.moe_router_dtype not in (None, "fp32"):
+            raise ConfigError(f"--moe-router-dtype must be fp32 (or unset), got {self.moe_router_dtype!r}")
         if groups is not None:
-            if groups < 1 or E % groups or (groups > 1 and E // groups < 2):
-                raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {E} into groups "
-                                  "of at least 2 experts (a group scores by its two best)")
+            if groups < 1 or E % groups or (groups > 1 and not 1 <= best <= E // groups):
+                raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {E} into groups of "
+                                  f"at least {best} experts (a group scores by its best {best})")
             if not 1 <= group_topk <= groups or self.moe_router_topk > group_topk * E // groups:
                 raise ConfigError(f"--moe-router-group-topk {group_topk} must be in [1, {groups}] and its groups "
                                   f"hold at least --moe-router-topk {self.moe_router_topk} experts")
@@ -577,7 +585,7 @@ def _deepseek_v3(hidden, ffn, layers, heads, experts, topk, moe_ffn, shared, den
                 num_attention_heads=heads, multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128,
                 qk_pos_emb_head_dim=64, v_head_dim=128, tie_word_embeddings=False,
                 num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=moe_ffn, moe_norm_topk_prob=True,
-                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_dtype="fp32",
                 moe_router_topk_scaling_factor=scaling, moe_shared_expert_intermediate_size=shared * moe_ffn,
                 moe_layer_freq=[0] * dense + [1] * (layers - dense), architecture="deepseek_v3", **rest)
 
@@ -590,7 +598,7 @@ def _glm45(hidden, ffn, layers, experts, moe_ffn, dense, scaling, qk_norm):
                 rotary_base=1000000.0, norm_epsilon=1e-5, add_qkv_bias=True, qk_layernorm=qk_norm,
                 tie_word_embeddings=False, num_moe_experts=experts, moe_router_topk=8, moe_ffn_hidden_size=moe_ffn,
                 moe_norm_topk_prob=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                moe_router_topk_scaling_factor=scaling, moe_shared_expert_intermediate_size=moe_ffn,
+                moe_router_dtype="fp32", moe_router_topk_scaling_factor=scaling, moe_shared_expert_intermediate_size=moe_ffn,
                 moe_layer_freq=[0] * dense + [1] * (layers - dense), architecture="glm4_moe",
                 eos_token_id=[151329, 151336, 151338])
 
@@ -659,6 +667,15 @@ PRESETS: dict[str, dict] = {
                                               "original_max_position_embeddings": 4096, "beta_fast": 32.0,
                                               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
                                 bos_token_id=0, eos_token_id=1),
+    # DeepSeek-V2-Lite: V3's attention without the q latent; softmax-routed experts, not renormalised
+    "deepseek-v2-lite": {**_deepseek_v3(2048, 10944, 27, 16, 64, 6, 1408, 2, 1, 1.0, 102400,
+                                        max_position_embeddings=163840, rotary_base=10000.0, norm_epsilon=1e-6,
+                                        rope_scaling={"rope_type": "yarn", "factor": 40.0,
+                                                      "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+                                        bos_token_id=100000, eos_token_id=100001),
+                         "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
+                         "moe_norm_topk_prob": False, "moe_router_group_score_topk": 1, "architecture": "deepseek_v2"},
     "glm-4.5-air": _glm45(4096, 10944, 46, 128, 1408, 1, 1.0, False),
     "glm-4.5": _glm45(5120, 12288, 92, 160, 1536, 3, 2.5, True),
 }

@@ -77,7 +77,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
                            "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3",
                            "Exaone4ForCausalLM": "exaone4", "Glm4MoeForCausalLM": "glm4_moe",
-                           "DeepseekV3ForCausalLM": "deepseek_v3"}
+                           "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the architecture's name
 # image-text checkpoints whose language model converts (the vision tower is left out): Gemma 3
 # 4B-27B ship only as these; their text config is ``text_config``, their tensors' prefixes below
@@ -86,7 +86,8 @@ TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.mod
                        ("language_model.lm_head.", "lm_head."))
 # DeepSeek-V3-style MoE: sigmoid router with a score-correction bias and groups, shared experts,
 # the first layers dense (``_deepseek_moe_fields``)
-DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe", "deepseek_v3")
+DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe", "deepseek_v3", "deepseek_v2")
+MLA_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")  # multi-latent attention
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss") + DEEPSEEK_MOE_ARCHITECTURES
 FUSED_QKV_ARCHITECTURES = ("phi3",)  # one qkv_proj tensor per layer
 FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor per layer
@@ -295,8 +296,8 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                    attention_sinks=True, add_attention_output_bias=bool(hf.get("attention_bias", True)))
     if arch in DEEPSEEK_MOE_ARCHITECTURES:
-        moe = _deepseek_moe_fields(hf, where)
-    mla = _mla_fields(hf, where) if arch == "deepseek_v3" else {}
+        moe = _deepseek_moe_fields(hf, where, arch)
+    mla = _mla_fields(hf, where) if arch in MLA_ARCHITECTURES else {}
     qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
     nope = None
     if arch == "smollm3":  # no_rope_layers[i] == 0: layer i has no RoPE (default: every fourth)
@@ -359,27 +360,34 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     return cfg
 
 
-def _deepseek_moe_fields(hf: dict, where: str) -> dict:
+def _deepseek_moe_fields(hf: dict, where: str, arch: str) -> dict:
     """Our MoE fields from a DeepSeek-V3 / GLM-4.5 config: sigmoid scores (``scoring_func``)
     with the score-correction bias choosing (``topk_method`` noaux_tc), n_group / topk_group,
     routed_scaling_factor, n_shared_experts shared experts of moe_intermediate_size, and layer
-    i MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    i MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0; the router in fp32.
+    DeepSeek-V2: softmax scores, greedy or group_limited_greedy (a group scores by its best),
+    the k weights not renormalised."""
     for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
         if hf.get(key) is None:
             raise HFCheckpointError(f"{where}: missing required field {key!r}")
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
-        if hf.get(key, want) != want:
-            raise HFCheckpointError(f"{where}: {key}={hf[key]!r} is not supported ({want})")
+    v2 = arch == "deepseek_v2"  # softmax scores, no bias, never renormalised, a group scores by its best
+    methods = ("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)
+    if hf.get("scoring_func", "softmax" if v2 else "sigmoid") != ("softmax" if v2 else "sigmoid"):
+        raise HFCheckpointError(f"{where}: scoring_func={hf['scoring_func']!r} is not supported")
+    if hf.get("topk_method", methods[0]) not in methods:
+        raise HFCheckpointError(f"{where}: topk_method={hf['topk_method']!r} is not supported ({', '.join(methods)})")
     n, first = int(hf["num_hidden_layers"]), int(hf.get("first_k_dense_replace") or 0)
-    every = int(hf.get("moe_layer_freq") or 1)
+    every = 1 if v2 else int(hf.get("moe_layer_freq") or 1)  # (transformers' V2 reads no moe_layer_freq)
     pattern = [int(i >= first and i % every == 0) for i in range(n)]
     if not any(pattern):
         raise HFCheckpointError(f"{where}: first_k_dense_replace={first} leaves no MoE layer of {n}")
     f, shared = int(hf["moe_intermediate_size"]), int(hf.get("n_shared_experts") or 0)
-    groups = int(hf.get("n_group") or 1)
+    grouped = hf.get("topk_method") == "group_limited_greedy" if v2 else True
+    groups = int(hf.get("n_group") or 1) if grouped else 1
     return dict(num_moe_experts=int(hf["n_routed_experts"]), moe_router_topk=int(hf["num_experts_per_tok"]),
-                moe_ffn_hidden_size=f, moe_norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_ffn_hidden_size=f, moe_norm_topk_prob=False if v2 else bool(hf.get("norm_topk_prob", True)),
+                moe_router_score_function="softmax" if v2 else "sigmoid", moe_router_enable_expert_bias=not v2,
+                moe_router_dtype="fp32", moe_router_group_score_topk=1 if v2 else 2,
                 moe_router_num_groups=groups if groups > 1 else None,
                 moe_router_group_topk=int(hf.get("topk_group") or 1) if groups > 1 else None,
                 moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
@@ -404,13 +412,17 @@ def _hf_deepseek_moe_fields(cfg: GPTConfig) -> dict:
     pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
     first = pattern.index(1)
     shared = cfg.moe_shared_expert_intermediate_size or 0
-    if (cfg.moe_router_score_function != "sigmoid" or not cfg.moe_router_enable_expert_bias
-            or pattern != [0] * first + [1] * (cfg.num_layers - first) or shared % cfg.moe_ffn_hidden_size):
-        raise ConfigError(f"{HF_CLASS[cfg.architecture]}'s experts are routed by sigmoid scores with an expert "
-                          "bias, every layer from the first MoE one on is MoE, and the shared expert is a whole "
-                          "number of experts (--moe-router-score-function sigmoid --moe-router-enable-expert-bias, "
-                          f"--moe-layer-freq {pattern})")
-    return {"n_routed_experts": cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk,
+    v2 = cfg.architecture == "deepseek_v2"
+    router = ((cfg.moe_router_score_function, cfg.moe_router_enable_expert_bias, cfg.moe_router_group_score_topk)
+              == (("softmax", False, 1) if v2 else ("sigmoid", True, 2))) and not (v2 and cfg.moe_norm_topk_prob)
+    if (not router or pattern != [0] * first + [1] * (cfg.num_layers - first) or shared % cfg.moe_ffn_hidden_size):
+        raise ConfigError(f"{HF_CLASS[cfg.architecture]}'s experts are routed by "
+                          + ("softmax scores, not renormalised, groups scored by their best expert"
+                             if v2 else "sigmoid scores with an expert bias, groups scored by their best two")
+                          + ", every layer from the first MoE one on is MoE, and the shared expert is a whole "
+                          f"number of experts (--moe-layer-freq {pattern})")
+    out = {} if not v2 else {"topk_method": "group_limited_greedy" if cfg.moe_router_num_groups else "greedy"}
+    return out | {"n_routed_experts": cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk,
             "moe_intermediate_size": cfg.moe_ffn_hidden_size, "n_shared_experts": shared // cfg.moe_ffn_hidden_size,
             "first_k_dense_replace": first, "n_group": cfg.moe_router_num_groups or 1,
             "topk_group": cfg.moe_router_group_topk or 1, "norm_topk_prob": cfg.moe_norm_topk_prob,
@@ -463,9 +475,9 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                         cfg.moe_router_num_groups is not None, cfg.moe_router_topk_scaling_factor is not None,
                         bool(cfg.moe_shared_expert_intermediate_size),
                         arch != "qwen3_moe" and cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
-    if cfg.multi_latent_attention != (arch == "deepseek_v3"):
-        raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' "
-                          "(DeepseekV3ForCausalLM), and that needs it")
+    if cfg.multi_latent_attention != (arch in MLA_ARCHITECTURES):
+        raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' or 'deepseek_v2' "
+                          "(DeepseekV3ForCausalLM, DeepseekV2ForCausalLM), and those need it")
     if cfg.multi_latent_attention and cfg.mla_latent_norm_epsilon != 1e-6:
         raise ConfigError(f"DeepseekV3ForCausalLM's latent norms have epsilon 1e-6; mla_latent_norm_epsilon is "
                           f"{cfg.mla_latent_norm_epsilon}")
@@ -512,11 +524,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf["attention_bias"] = cfg.add_qkv_bias
     elif arch in ("glm", "glm4"):
         hf.update(attention_bias=cfg.add_qkv_bias, partial_rotary_factor=cfg.rotary_percent, pad_token_id=None)
-    elif arch == "deepseek_v3":
+    elif arch in MLA_ARCHITECTURES:
         hf.update(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_head_dim,
                   qk_rope_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
-                  head_dim=cfg.qk_pos_emb_head_dim, attention_bias=False, rope_interleave=True, pad_token_id=None,
+                  head_dim=cfg.qk_pos_emb_head_dim, attention_bias=False, pad_token_id=None,
                   **_hf_deepseek_moe_fields(cfg))
+        if arch == "deepseek_v3":  # (V2's pairs are always interleaved)
+            hf["rope_interleave"] = True
         if cfg.rope_scaling:  # YaRN's fields as they are (no llama3 default type)
             hf["rope_scaling"] = dict(cfg.rope_scaling)
     elif arch == "glm4_moe":
@@ -708,7 +722,7 @@ def _mlp_to_megatron(take, p: str, o: str, layer: int, cfg: GPTConfig, hf_sd: di
 
 def _mla_rope_interleaved(cfg: GPTConfig) -> bool:
     """Whether the HF side lays a head's rope rows out in interleaved pairs (DeepSeek-V3's
-    ``rope_interleave``, true for the hub's checkpoints and what we export)."""
+    ``rope_interleave``, true for the hub's checkpoints and what we export; V2's always are)."""
     return bool(cfg.extra.get("hf_config", {}).get("rope_interleave", True))
 
 

@@ -498,9 +498,10 @@ class MoEMLP(torch.nn.Module):
     Router: p = softmax(x W_r^T) in fp32 over the E experts; token t goes to its k most
     probable experts e with weight p_e (renormalised over the k when ``moe_norm_topk_prob``):
     out_t = sum_e p_e * down_e(silu(gate_e(x_t)) * up_e(x_t)).
-    DeepSeek-V3's router (``route``): p = sigmoid(x W_r^T); experts chosen by p + b (b the
-    ``expert_bias`` buffer, aux-loss-free balancing), only among the best groups when grouped,
-    weighted by p (renormalised) times the scaling factor. A shared expert (DeepSeek, GLM-4.5)
+    DeepSeek-V3's router (``route``): p = sigmoid(x W_r^T) in fp32; experts chosen by p + b (b
+    the ``expert_bias`` buffer, aux-loss-free balancing), only among the best groups when
+    grouped (a group scores by its best 2; DeepSeek-V2's softmax router by its best 1), weighted
+    by p (renormalised) times the scaling factor. A shared expert (DeepSeek, GLM-4.5)
     adds a dense SwiGLU of every token to the routed sum; under tp it is split like the dense
     MLP and its partial output joins the experts' reduction.
 
@@ -550,8 +551,10 @@ class MoEMLP(torch.nn.Module):
         self.tp_rank = tp_group.rank()
         self.router = mark_partial_over_tp(torch.nn.Linear(h, self.num_experts, bias=cfg.moe_router_bias, dtype=dtype), tp)
         self.sigmoid = cfg.moe_router_score_function == "sigmoid"
+        self.router_fp32 = cfg.moe_router_dtype == "fp32"
         self.groups = cfg.moe_router_num_groups or 1
         self.group_topk = cfg.moe_router_group_topk or 1
+        self.group_score_topk = cfg.moe_router_group_score_topk
         self.scaling = cfg.moe_router_topk_scaling_factor
         if cfg.moe_router_enable_expert_bias:  # in the state dict, not trained by the optimizer
             self.router.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
@@ -583,18 +586,23 @@ class MoEMLP(torch.nn.Module):
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (T, k) in the tokens' dtype, expert ids (T, k), fp32 probabilities (T, E):
         the scores normalised over the experts, what the load-balancing loss weighs)."""
-        if not self.sigmoid:  # logits in the tokens' dtype (as Qwen3-MoE's), probabilities in fp32
-            scores = probs = F.softmax(self.router(tokens).float(), dim=-1)
-        else:  # DeepSeek's router in fp32 (transformers keeps its weight and bias in fp32)
+        if self.router_fp32:  # DeepSeek's and GLM-4.5's (transformers keeps their gate in fp32)
             bias = None if self.router.bias is None else self.router.bias.float()
-            scores = torch.sigmoid(F.linear(tokens.float(), self.router.weight.float(), bias))
+            logits = F.linear(tokens.float(), self.router.weight.float(), bias)
+        else:  # in the tokens' dtype (as Qwen3-MoE's), scores in fp32
+            logits = self.router(tokens).float()
+        if not self.sigmoid:
+            scores = probs = F.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
             probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
         choice = scores.detach()  # the choice is not differentiable; the weights are
         if hasattr(self.router, "expert_bias"):
             choice = choice + self.router.expert_bias
-        if self.groups > 1:  # keep the group_topk groups whose two best choice scores sum highest
+        if self.groups > 1:  # keep the group_topk groups whose best choice scores sum highest
             grouped = choice.view(choice.shape[0], self.groups, -1)
-            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.group_topk, dim=-1).indices
+            group_score = grouped.topk(self.group_score_topk, dim=-1).values.sum(dim=-1)
+            best = group_score.topk(self.group_topk, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
         experts = choice.topk(self.topk, dim=-1).indices

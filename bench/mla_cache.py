@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -29,19 +28,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench._cli import size_arg  # noqa: E402  (the repository root is on sys.path above)
-from bench.window_cache import make_requests  # noqa: E402
+from bench.window_cache import add_request_args, generate_timed, setup  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--samples-per-prompt", type=int, default=4)
-    p.add_argument("--prompt", type=size_arg, default=256)
-    p.add_argument("--new-tokens", type=size_arg, default=256)
-    p.add_argument("--kv-mib", type=float, default=8.0, help="KV-cache memory of the fixed-memory runs")
-    p.add_argument("--block-size", type=int, default=16)
+    add_request_args(p, new_tokens=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -74,37 +67,20 @@ def build_model(args, device, dtype):
 
 def run(model, prompts, budgets, args, latent: bool, device, kv_mib: float):
     from megatron_k15.generation.engine import GenerationEngine
-    from megatron_k15.generation.sampling import SamplingParams, request_generator
 
     probe = GenerationEngine(model, block_size=args.block_size, num_blocks=1, latent_cache=latent)
     probe._ensure_cache([])
     num_blocks = max(1, int(kv_mib * 2**20) // probe.cache.bytes_per_block - 1)
     engine = GenerationEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                               max_batch_size=len(prompts), latent_cache=latent)
-    gens = [request_generator(args.seed, i) for i in range(len(prompts))]
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = clock()
-    out = engine.generate(prompts, budgets, SamplingParams(temperature=1.0), gens, [])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return [r.output_ids for r in out], engine.stats, clock() - t0
+    return generate_timed(engine, prompts, budgets, args.seed, device)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_k15.initialize import initialize_model_parallel
-
-    initialize_model_parallel(1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    prompts, budgets = make_requests(args, torch.Generator().manual_seed(args.seed))
+    device, dtype, prompts, budgets, unit = setup(args)
     model = build_model(args, device, dtype)
     d = model.config.head_dim
-    unit = "tokens/s" if device.type == "cuda" else "tokens/CPU-s"
     print(f"# {len(prompts)} requests ({args.prompts} prompts x {args.samples_per_prompt}), prompts <= "
           f"{args.prompt}, budgets <= {args.new_tokens} ({sum(budgets):,} tokens); {args.layers} layers, "
           f"{args.heads} heads of {d} (v {args.v_head_dim}), latent {args.kv_lora_rank} + {args.rope_dim}; "

@@ -41,12 +41,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pattern", choices=sorted(FULL_EVERY), nargs="+", default=["gpt-oss", "olmo3", "gemma3"])
     p.add_argument("--window", type=size_arg, default=64, help="sliding window W (tokens a query sees)")
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--samples-per-prompt", type=int, default=4)
-    p.add_argument("--prompt", type=size_arg, default=256)
-    p.add_argument("--new-tokens", type=size_arg, default=512)
-    p.add_argument("--kv-mib", type=float, default=8.0, help="KV-cache memory of both runs")
-    p.add_argument("--block-size", type=int, default=16)
+    add_request_args(p, new_tokens=512)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=4)
@@ -56,6 +51,33 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def add_request_args(p, new_tokens: int) -> None:
+    """The RL-shaped batch (``make_requests``) and the fixed KV-cache memory; shared with
+    bench/mla_cache.py."""
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--prompt", type=size_arg, default=256)
+    p.add_argument("--new-tokens", type=size_arg, default=new_tokens)
+    p.add_argument("--kv-mib", type=float, default=8.0, help="KV-cache memory of the fixed-memory runs")
+    p.add_argument("--block-size", type=int, default=16)
+
+
+def generate_timed(engine, prompts, budgets, seed: int, device):
+    """(output ids, engine stats, seconds: wall on GPU, CPU time of the process on CPU) of one
+    seeded sampling run."""
+    from megatron_k15.generation.sampling import SamplingParams, request_generator
+
+    gens = [request_generator(seed, i) for i in range(len(prompts))]
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = clock()
+    out = engine.generate(prompts, budgets, SamplingParams(temperature=1.0), gens, [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return [r.output_ids for r in out], engine.stats, clock() - t0
 
 
 def build_model(args, pattern: str, device, dtype):
@@ -88,7 +110,6 @@ def make_requests(args, gen):
 def run(model, prompts, budgets, args, window_cache: bool, device, dtype, kv_mib=None):
     from megatron_k15.generation.engine import GenerationEngine
     from megatron_k15.generation.kv_cache import bytes_per_block, page_layout
-    from megatron_k15.generation.sampling import SamplingParams, request_generator
 
     windows = [layer.self_attention.window_size[0] for layer in model.layers.values()]
     per_block = page_layout(windows)[0] if window_cache else len(windows)
@@ -96,20 +117,12 @@ def run(model, prompts, budgets, args, window_cache: bool, device, dtype, kv_mib
     num_blocks = int((kv_mib or args.kv_mib) * 2**20) // block_bytes - 1
     engine = GenerationEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                               max_batch_size=len(prompts), window_cache=window_cache)
-    gens = [request_generator(args.seed, i) for i in range(len(prompts))]
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = clock()
-    out = engine.generate(prompts, budgets, SamplingParams(temperature=1.0), gens, [])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = clock() - t0
-    return [r.output_ids for r in out], engine.stats, seconds
+    return generate_timed(engine, prompts, budgets, args.seed, device)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup(args):
+    """One rank, the threads, the device and dtype (bf16 on GPU, fp32 on CPU), the requests and
+    the rate's unit: (device, dtype, prompts, budgets, unit)."""
     from megatron_k15.initialize import initialize_model_parallel
 
     initialize_model_parallel(1)
@@ -118,7 +131,12 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts, budgets = make_requests(args, torch.Generator().manual_seed(args.seed))
-    unit = "tokens/s" if device.type == "cuda" else "tokens/CPU-s"
+    return device, dtype, prompts, budgets, "tokens/s" if device.type == "cuda" else "tokens/CPU-s"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype, prompts, budgets, unit = setup(args)
     print(f"# {len(prompts)} requests ({args.prompts} prompts x {args.samples_per_prompt}), prompts <= "
           f"{args.prompt}, budgets <= {args.new_tokens} ({sum(budgets):,} tokens), window {args.window}, "
           f"{args.layers} layers, KV cache {args.kv_mib:g} MiB, blocks of {args.block_size}, {dtype}, {device}")

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         needed = run(model, prompts, budgets, args, latent, device, ample)[1].peak_cache_bytes
         ids[latent], stats, seconds = run(model, prompts, budgets, args, latent, device, args.kv_mib)
         same = sum(a == b for a, b in zip(ids[latent], ids[False]))
-        values = args.kv_lora_rank + args.rope_dim if latent else 2 * args.heads * d
+        heads, dim, keys_only = model.config.kv_cache_row(1, latent)
+        values = (1 if keys_only else 2) * heads * dim
         print(f"| {'latent' if latent else 'heads'} | {values} | {needed / 2**20:.2f} | {stats.preemptions} | "
               f"{sum(budgets) / seconds:,.0f} | {same}/{len(prompts)} |", flush=True)
     return 0

@@ -26,6 +26,9 @@ PROMPTS=${PROMPTS:?set PROMPTS to a prompt JSONL (id, prompt, task, answer|tests
 OUT=${OUT:-outputs/long2short}
 L2S_LOSS=${L2S_LOSS:-sft}                  # sft (shortest rejection sampling) | dpo
 TOKENIZER=${TOKENIZER:-}                   # default: the checkpoint's tokenizer/, else byte
+# 1: the tokenizer may run its own code (Moonlight's and Kimi K2's tiktoken tokenizers)
+TRUST=()
+if [ "${TRUST_REMOTE_CODE:-0}" = 1 ]; then TRUST=(--trust-remote-code); fi
 TP=${TP:-1}; NPROC=${NPROC:-1}
 # sampling (data) and evaluation (before / after)
 N_SAMPLES=${N_SAMPLES:-8}; TEMPERATURE=${TEMPERATURE:-1.0}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
@@ -52,7 +55,7 @@ launch() {
 evaluate() {  # evaluate CKPT PROMPTS N OUTPUT
   launch tools/evaluate.py --load "$1" --tokenizer "$TOKENIZER" --input "$2" --output "$4" \
     --n-samples "$3" --temperature "$TEMPERATURE" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --batch-size "$EVAL_BATCH" --seed "$SEED" --tensor-model-parallel-size "$TP"
+    --batch-size "$EVAL_BATCH" --seed "$SEED" --tensor-model-parallel-size "$TP" "${TRUST[@]}"
 }
 
 echo "== 1/6 sample $N_SAMPLES responses per prompt from $CKPT"
@@ -69,13 +72,13 @@ fi
 echo "== 3/6 preprocess"
 if [ ! -f "$DATA.json" ]; then
   python tools/preprocess_data.py --mode "$L2S_LOSS" --input "$DATA.jsonl" --output-prefix "$DATA" \
-    --tokenizer "$TOKENIZER" --append-eos --seq-length "$SEQ_LENGTH" --no-progress
+    --tokenizer "$TOKENIZER" --append-eos --seq-length "$SEQ_LENGTH" --no-progress "${TRUST[@]}"
 fi
 
 echo "== 4/6 $L2S_LOSS from $CKPT"
 TUNED="$OUT/$L2S_LOSS"
 if [ ! -f "$TUNED/latest_checkpointed_iteration.txt" ]; then
-  launch -m megatron_k15.train_sft --load "$CKPT" --finetune --loss "$L2S_LOSS" --dpo-beta "$DPO_BETA" \
+  launch -m megatron_k15.train_sft --load "$CKPT" --finetune --loss "$L2S_LOSS" --dpo-beta "$DPO_BETA" "${TRUST[@]}" \
     --train-data "$DATA" --seed "$SEED" \
     --tensor-model-parallel-size "$TP" --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" \
     --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" \

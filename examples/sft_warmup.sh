@@ -19,6 +19,9 @@ SEQ_LENGTH=${SEQ_LENGTH:-128}
 MICRO_BATCH=${MICRO_BATCH:-2}; GLOBAL_BATCH=${GLOBAL_BATCH:-8}
 TRAIN_ITERS=${TRAIN_ITERS:-20}; LR=${LR:-1e-3}; MIN_LR=${MIN_LR:-1e-4}; WARMUP=${WARMUP:-2}
 SAVE_INTERVAL=${SAVE_INTERVAL:-10}
+# 1: the tokenizer may run its own code (Moonlight's and Kimi K2's tiktoken tokenizers)
+TRUST=()
+if [ "${TRUST_REMOTE_CODE:-0}" = 1 ]; then TRUST=(--trust-remote-code); fi
 mkdir -p "$OUT"
 
 if [ -z "$SFT_DATA" ]; then  # a small synthetic set (and a held-out one) so the script runs anywhere
@@ -36,7 +39,7 @@ PY
 fi
 preprocess() {  # JSONL, PREFIX (skipped when PREFIX.json, written last, exists)
   if [ ! -f "$2.json" ]; then
-    python tools/preprocess_data.py --mode sft --input "$1" --output-prefix "$2" --tokenizer "$TOKENIZER" --append-eos
+    python tools/preprocess_data.py --mode sft --input "$1" --output-prefix "$2" --tokenizer "$TOKENIZER" --append-eos "${TRUST[@]}"
   fi
 }
 preprocess "$SFT_DATA" "$OUT/data/sft"
@@ -51,7 +54,7 @@ if [ -n "$LOAD" ]; then LOAD_ARGS=(--load "$LOAD" --finetune); fi
 if [ -f "$OUT/ckpt/latest_checkpointed_iteration.txt" ]; then LOAD_ARGS=(--load "$OUT/ckpt"); fi  # resume
 
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python -m torch.distributed.run --nproc-per-node "$NPROC" \
-  -m megatron_k15.train_sft --train-data "$OUT/data/sft" "${LOAD_ARGS[@]}" "${VALID_ARGS[@]}" \
+  -m megatron_k15.train_sft --train-data "$OUT/data/sft" "${LOAD_ARGS[@]}" "${VALID_ARGS[@]}" "${TRUST[@]}" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --clip-grad 1.0 \

@@ -539,8 +539,11 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
     if cfg.multi_latent_attention:  # V2's router: softmax scores without a bias
         v2 = cfg.is_moe and cfg.moe_router_score_function == "softmax" and not cfg.moe_router_enable_expert_bias
         cfg.architecture = "deepseek_v2" if v2 else "deepseek_v3"
+        cfg.moe_router_group_score_topk = 1 if v2 else 2  # their rules for a group's score
     elif deepseek_moe:  # DeepSeek's experts behind GQA attention: GLM-4.5's class
         cfg.architecture = "glm4_moe"
+    if (cfg.multi_latent_attention or deepseek_moe) and cfg.is_moe and "moe_router_dtype" not in explicit:
+        cfg.moe_router_dtype = "fp32"  # these classes route in fp32 (transformers keeps their gate fp32)
     elif cfg.qk_layernorm and cfg.qk_layernorm_scope == "head":
         cfg.architecture = "qwen3_moe" if cfg.num_moe_experts else "qwen3"
     elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
@@ -655,8 +658,7 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if _get(args, "trust_remote_code"):
-        allow_remote_code()
+    allow_remote_code(bool(_get(args, "trust_remote_code")))  # (cleared without the flag, as in preprocess_data)
     tp = _get(args, "tensor_model_parallel_size", 1)
     pp = _get(args, "pipeline_model_parallel_size", 1)
     cp = _get(args, "context_parallel_size", 1)

@@ -1038,7 +1038,8 @@ def suggest_layouts(cfg: GPTConfig, world_size: int, w: Workload, gpu_memory_byt
         for pp in _divisors(world_size // tp):
             for cp in _divisors(world_size // (tp * pp)):
                 dp = world_size // (tp * pp * cp)
-                eps = [ep] if ep is not None else [e for e in _divisors(dp * cp) if cfg.num_moe_experts % e == 0]
+                eps = ([ep or 1] if ep is not None or not cfg.is_moe
+                       else [e for e in _divisors(dp * cp) if cfg.num_moe_experts % e == 0])
                 for e in eps:
                     layout = Layout(tp, pp, cp, dp, sequence_parallel, e)
                     try:

@@ -398,6 +398,12 @@ def test_olmo_preset_keeps_its_architecture_with_megatron_switches():
     assert sum(cfg.is_sliding_layer(i) for i in range(cfg.num_layers)) == 24
 
 
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
 def test_deepseek_v3_from_megatron_lm_flags():
     """Megatron-LM's MLA and DeepSeek-MoE flags build the model DeepseekV3ForCausalLM exports."""
     flags = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
@@ -419,6 +425,17 @@ def test_deepseek_v3_from_megatron_lm_flags():
     glm = _validate(["--num-experts", "8", "--moe-router-score-function", "sigmoid",
                      "--moe-router-enable-expert-bias", "--moe-layer-freq", "2"]).model_config
     assert glm.architecture == "glm4_moe" and [glm.is_moe_layer(i) for i in range(2)] == [True, False]
+    assert glm.moe_router_dtype == "fp32"  # the class's router, unless --moe-router-dtype says otherwise
+    # MLA with softmax routing and no bias: DeepSeek-V2, which exports without groups too
+    v2_flags = [f for f in flags if f not in ("--moe-router-enable-expert-bias",)]
+    v2_flags[v2_flags.index("sigmoid")] = "softmax"
+    for drop in ("--moe-router-num-groups", "--moe-router-group-topk"):
+        i = v2_flags.index(drop)
+        del v2_flags[i:i + 2]
+    v2 = _validate(v2_flags).model_config
+    assert (v2.architecture, v2.moe_router_group_score_topk, v2.moe_router_num_groups) == ("deepseek_v2", 1, None)
+    back = gpt_config_from_hf(hf_config_from_gpt(dataclasses_replace(v2, moe_norm_topk_prob=False)))
+    assert (back.architecture, back.moe_router_score_function, back.moe_router_dtype) == ("deepseek_v2", "softmax", "fp32")
 
 
 @pytest.mark.parametrize("argv,message", [

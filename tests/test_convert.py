@@ -198,3 +198,17 @@ def test_target_dtype_keeps_the_router_bias_in_fp32():
     out = cast_state_dict(sd, torch.bfloat16)
     assert [out[k].dtype for k in sd] == [torch.float32, torch.float32, torch.bfloat16]
     assert torch.equal(out["layers.1.mlp.router.expert_bias"], sd["layers.1.mlp.router.expert_bias"])
+
+
+def test_converter_puts_a_tokenizers_own_code_in_the_checkpoints_tokenizer(tmp_path):
+    """Moonlight's tokenizer is tokenizer_config.json + tiktoken.model + tokenization_moonshot.py:
+    all three go to the checkpoint's tokenizer/ (loading it runs that code), the rest to hf_files/."""
+    src, out = tmp_path / "hf", tmp_path / "ck"
+    src.mkdir()
+    for name in ("tokenizer_config.json", "tiktoken.model", "tokenization_moonshot.py", "configuration_deepseek.py",
+                 "generation_config.json", "config.json", "model.safetensors"):
+        (src / name).write_text("x")
+    to_megatron.copy_side_files(str(src), str(out))
+    assert sorted(os.listdir(out / "tokenizer")) == ["tiktoken.model", "tokenization_moonshot.py",
+                                                     "tokenizer_config.json"]
+    assert sorted(os.listdir(out / "hf_files")) == ["configuration_deepseek.py", "generation_config.json"]

@@ -626,3 +626,15 @@ def test_deepseek_v2_matches_transformers(topk_method, backend):
                 m.groups = 1
             assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
     assert_export_rebuilds(hf, cfg, ids)
+
+
+def test_deepseek_v2_with_renormalised_weights_is_refused():
+    """transformers' V2 never renormalises the k weights while DeepSeek's own code does when
+    norm_topk_prob is true: such a checkpoint is refused, naming the field."""
+    from megatron_k15.models.hf_mapping import HFCheckpointError, gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict
+
+    d = hf_config_dict(tiny_hf_model("deepseek_v2"))
+    d["norm_topk_prob"] = True
+    with pytest.raises(HFCheckpointError, match="norm_topk_prob"):
+        gpt_config_from_hf(d)

@@ -588,6 +588,8 @@ def test_suggest_enumerates_expert_parallelism_for_moe_models(capsys):
     assert not by_ep[1].fits and by_ep[8].fits
     assert found[0].fits and found[0].layout.ep > 1
     assert {s.layout.ep for s in suggest_layouts(cfg, 8, w, 80 * 2**30, ep=2)} == {2}
+    dense = suggest_layouts(preset("qwen2.5-0.5b"), 8, w, 80 * 2**30, ep=None)  # a dense model: ep 1
+    assert dense and {s.layout.ep for s in dense} == {1}
     tool = _tool()
     argv = ["--suggest", "--model-preset", "moonlight-16b-a3b", "--bf16", "--seq-length", "8192",
             "--recompute-granularity", "full", "--logprob-impl", "fused", "--gpus", "8"]

@@ -290,7 +290,10 @@ def render_suggestions(suggestions, top: int, gpu_bytes: int) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    parser.set_defaults(expert_model_parallel_size=None)  # None: not given (--suggest then tries every ep)
     args = parser.parse_args(argv)
+    given_ep, args.expert_model_parallel_size = args.expert_model_parallel_size is not None, \
+        args.expert_model_parallel_size or 1
     try:
         cfg = model_config(args)
         w = workload(args)
@@ -310,9 +313,8 @@ def main(argv=None) -> int:
             # what does not depend on the layout (ep with its own dp, so that only ep's own
             # problems are named: a dense model, experts it does not divide)
             validate_plan_inputs(cfg, Layout(dp=max(ep, 1), ep=ep), w)
-            given = any(a.split("=")[0] == "--expert-model-parallel-size" for a in (argv or sys.argv[1:]))
             suggestions = suggest_layouts(cfg, args.world_size, w, gpu_bytes, reserved, args.gpus_per_node,
-                                          args.sequence_parallel, ep if given or not cfg.is_moe else None)
+                                          args.sequence_parallel, ep if given_ep or not cfg.is_moe else None)
             if not suggestions:
                 raise ConfigError(f"no valid (tp, pp, cp, dp) for --world-size {args.world_size} with this "
                                   "model and --seq-length")

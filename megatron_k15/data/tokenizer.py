@@ -66,6 +66,13 @@ _HF_TOKENIZER_FILES = (
 TRUST_REMOTE_CODE_ENV = "MEGATRON_K15_TRUST_REMOTE_CODE"
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a model directory's file belongs to its tokenizer (what a checkpoint's
+    ``tokenizer/`` gets: its vocabulary, configs, templates and its own code)."""
+    return (name in _HF_TOKENIZER_FILES or name == BYTE_TOKENIZER_FILE or name.startswith("tokenizer")
+            or (name.startswith("tokenization_") and name.endswith(".py")))
+
+
 def add_trust_remote_code_arg(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run a tokenizer's own Python code (tokenizer_config.json's auto_map: "
@@ -400,8 +407,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str) -> str:
         copied = 0
         for fname in sorted(os.listdir(src)):
             full = os.path.join(src, fname)
-            if os.path.isfile(full) and (fname in _HF_TOKENIZER_FILES or fname.startswith("tokenizer")
-                                         or (fname.startswith("tokenization_") and fname.endswith(".py"))):
+            if os.path.isfile(full) and is_tokenizer_file(fname):
                 if os.path.abspath(os.path.join(out_dir, fname)) != full:
                     shutil.copyfile(full, os.path.join(out_dir, fname))
                 copied += 1

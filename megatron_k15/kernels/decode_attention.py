@@ -320,10 +320,11 @@ def _triton_ok(q: torch.Tensor) -> bool:
 def _launch_cfg(head_dim: int, dtype: torch.dtype):
     if INTERPRET:
         return dict(BLOCK_N=INTERPRET_BLOCK_N), dict(num_warps=1, num_stages=1)
-    if head_dim > 256 and dtype == torch.float32:
+    if head_dim > 256:
         # MLA's latent rows (512 + 64, padded to 1024): 32-key fp32 tiles in two stages took
-        # 323 KiB of shared memory on sm_90 and spilled (tools/compile_kernels.py)
-        return dict(BLOCK_N=16), dict(num_warps=8, num_stages=1)
+        # 323 KiB of shared memory on sm_90 and spilled, bf16 162 KiB (more than an L40S or an
+        # A10 has); 16-key tiles (tools/compile_kernels.py)
+        return dict(BLOCK_N=16), dict(num_warps=8, num_stages=1 if dtype == torch.float32 else 2)
     if head_dim > 128 or dtype == torch.float32:
         # 8 warps: with 4, fp32 at d256 spilled 5.4 KB per thread on sm_90 (compile_kernels.py)
         return dict(BLOCK_N=32), dict(num_warps=8, num_stages=2)

@@ -371,6 +371,9 @@ def _deepseek_moe_fields(hf: dict, where: str, arch: str) -> dict:
         if hf.get(key) is None:
             raise HFCheckpointError(f"{where}: missing required field {key!r}")
     v2 = arch == "deepseek_v2"  # softmax scores, no bias, never renormalised, a group scores by its best
+    if v2 and hf.get("norm_topk_prob"):  # transformers' V2 ignores it, DeepSeek's own code renormalises
+        raise HFCheckpointError(f"{where}: norm_topk_prob=true is not supported for DeepseekV2ForCausalLM "
+                                "(transformers never renormalises its weights; DeepSeek's code does)")
     methods = ("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)
     if hf.get("scoring_func", "softmax" if v2 else "sigmoid") != ("softmax" if v2 else "sigmoid"):
         raise HFCheckpointError(f"{where}: scoring_func={hf['scoring_func']!r} is not supported")
@@ -413,7 +416,9 @@ def _hf_deepseek_moe_fields(cfg: GPTConfig) -> dict:
     first = pattern.index(1)
     shared = cfg.moe_shared_expert_intermediate_size or 0
     v2 = cfg.architecture == "deepseek_v2"
-    router = ((cfg.moe_router_score_function, cfg.moe_router_enable_expert_bias, cfg.moe_router_group_score_topk)
+    # (a group's score rule matters only with groups)
+    group_score = cfg.moe_router_group_score_topk if (cfg.moe_router_num_groups or 1) > 1 else (1 if v2 else 2)
+    router = ((cfg.moe_router_score_function, cfg.moe_router_enable_expert_bias, group_score)
               == (("softmax", False, 1) if v2 else ("sigmoid", True, 2))) and not (v2 and cfg.moe_norm_topk_prob)
     if (not router or pattern != [0] * first + [1] * (cfg.num_layers - first) or shared % cfg.moe_ffn_hidden_size):
         raise ConfigError(f"{HF_CLASS[cfg.architecture]}'s experts are routed by "

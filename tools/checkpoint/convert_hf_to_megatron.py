@@ -31,12 +31,11 @@ from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
     HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, read_hf_config, read_hf_state_dict,
 )
+from megatron_k15.data.tokenizer import is_tokenizer_file  # noqa: E402
 from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "byte_tokenizer.json")
 
 
 def copy_side_files(hf_dir: str, out_dir: str) -> None:
@@ -45,7 +44,7 @@ def copy_side_files(hf_dir: str, out_dir: str) -> None:
         src = os.path.join(hf_dir, name)
         if not os.path.isfile(src) or name == "config.json" or name.endswith(WEIGHT_SUFFIXES):
             continue
-        sub = "tokenizer" if name in TOKENIZER_FILES else "hf_files"
+        sub = "tokenizer" if is_tokenizer_file(name) else "hf_files"
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
         shutil.copy2(src, os.path.join(out_dir, sub, name))
 

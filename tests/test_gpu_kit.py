@@ -59,6 +59,16 @@ def test_script_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+def _with_bench_imports(source: str, seen=None) -> str:
+    """A bench script's source and that of the bench modules it imports (flags they share)."""
+    seen = set() if seen is None else seen
+    for name in re.findall(r"^from bench\.(\w+) import", source, re.M):
+        if name not in seen:
+            seen.add(name)
+            source += _with_bench_imports((ROOT / "bench" / f"{name}.py").read_text(), seen)
+    return source
+
+
 def test_gpu_commands_pass_real_flags():
     """Every GPU-mode command (DRY_RUN lists them) parses with its script's own argparse."""
     res = subprocess.run(["bash", str(SCRIPT)], env=_env(DRY_RUN=1), capture_output=True,
@@ -80,9 +90,7 @@ def test_gpu_commands_pass_real_flags():
             if not scripts:
                 continue
             script, args = scripts[0], argv[argv.index(scripts[0]) + 1:]
-            source = (ROOT / script).read_text()
-            if "from bench._cli import" in source:  # flags shared by the bench scripts
-                source += (ROOT / "bench" / "_cli.py").read_text()
+            source = _with_bench_imports((ROOT / script).read_text())
             for flag in (a for a in args if a.startswith("--")):
                 assert f'"{flag}"' in source, f"{script} has no flag {flag}"
             mod = _load(ROOT / script, "bench_" + Path(script).stem)

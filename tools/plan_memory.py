@@ -292,8 +292,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     parser.set_defaults(expert_model_parallel_size=None)  # None: not given (--suggest then tries every ep)
     args = parser.parse_args(argv)
-    given_ep, args.expert_model_parallel_size = args.expert_model_parallel_size is not None, \
-        args.expert_model_parallel_size or 1
+    given_ep = args.expert_model_parallel_size is not None
+    if not given_ep:
+        args.expert_model_parallel_size = 1
     try:
         cfg = model_config(args)
         w = workload(args)

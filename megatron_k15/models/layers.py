@@ -316,10 +316,9 @@ class MultiLatentAttention(AttentionCore):
                  attention_fn: AttentionFn, layer_number: int = 0):
         super().__init__()
         tp = tp_group.size()
-        self.tp_group, self.tp = tp_group, tp
+        self.tp_group = tp_group
         self.sp = sequence_parallel and tp > 1
-        left = cfg.window_left(layer_number)
-        self.window_size = (left, 0) if left >= 0 else (-1, -1)
+        self.window_size = (-1, -1)  # (GPTConfig refuses sliding windows and sinks with MLA)
         self.sinks = None
         self.attention_fn = attention_fn
         self.softmax_scale = cfg.attention_softmax_scale or cfg.mla_softmax_scale()

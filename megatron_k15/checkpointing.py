@@ -10,8 +10,10 @@
 
 A checkpoint directory is first written under a hidden temporary name and renamed when
 complete, so a crash never leaves a directory that looks finished. Loading under a different
-tp/pp layout merges the shards into the full state dict and splits it again
-(``models/sharding.py``). Shards hold every expert of an MoE layer whatever the expert-parallel
+tp/pp layout cuts each parameter of the rank out of the saved shards, which are memory-mapped,
+so a rank reads and holds its own part only (``models/sharding.py`` ``reshard_tensor``). Writers
+take the state dict a piece at a time and write a pipeline stage's shards once its last layer
+has come (``StageShardWriter``): converting a model needs the memory of one stage. Shards hold every expert of an MoE layer whatever the expert-parallel
 size was; a model keeps its own experts when it loads (``parallel/expert.py``).
 """
 
@@ -23,14 +25,17 @@ import re
 import shutil
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_k15.files import write_text_atomic
 from megatron_k15.models.config import GPTConfig
-from megatron_k15.models.sharding import merge_shards, pipeline_layer_ranges, split_for_rank
+from megatron_k15.models.lazy_state_dict import LazyStateDict, load_torch_file
+from megatron_k15.models.sharding import (
+    VOCAB_PARAMS, layer_number, merge_unpadded, pad_vocab, pipeline_layer_ranges, reshard_tensor, split_tensor, stage_owns,
+)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.json"
@@ -71,23 +76,73 @@ def layout_dict(cfg: GPTConfig, tp: int, pp: int, layer_ranges: list[range], **e
     }
 
 
+class StageShardWriter:
+    """Takes our state dict in pieces that arrive in layer order (the embedding, layers, the
+    final norm and head: ``hf_to_megatron_units``) and writes a pipeline stage's shards as soon
+    as a later layer shows its last one has come, one tp rank's split at a time. Memory holds
+    the stage being filled (a tied embedding also kept for the last stage) and one rank's part."""
+
+    def __init__(self, ckpt_dir: str, cfg: GPTConfig, tp: int, pp: int,
+                 layer_ranges: Optional[list[range]] = None, progress: Optional[Callable] = None):
+        self.ckpt_dir, self.cfg, self.tp, self.pp, self.progress = ckpt_dir, cfg, tp, pp, progress
+        self.ranges = layer_ranges or pipeline_layer_ranges(cfg.num_layers, pp)
+        self.padded = cfg.padded_vocab_size(tp)
+        self.pending: dict[int, dict[str, torch.Tensor]] = {p: {} for p in range(pp)}
+
+    def add(self, unit: dict[str, torch.Tensor]) -> None:
+        for p, stage in self.pending.items():
+            for name, tensor in unit.items():
+                if stage_owns(name, p, self.pp, self.ranges[p], self.cfg.tie_word_embeddings):
+                    stage[name] = pad_vocab(tensor, self.padded) if name in VOCAB_PARAMS else tensor
+        last = max((n for n in map(layer_number, unit) if n is not None), default=-1)
+        for p in [p for p in self.pending if p < self.pp - 1 and last >= self.ranges[p].stop - 1]:
+            self._write_stage(p)
+
+    def _write_stage(self, p: int) -> None:
+        stage = self.pending.pop(p)
+        for t in range(self.tp):
+            d = os.path.join(self.ckpt_dir, shard_dir_name(t, p))
+            os.makedirs(d, exist_ok=True)
+            shard = {name: split_tensor(tensor, name, self.tp, t) for name, tensor in stage.items()}
+            torch.save({"model": shard}, os.path.join(d, "model.pt"))
+            del shard
+            if self.progress:
+                self.progress(t, p)
+
+    def close(self, **extra) -> None:
+        """Writes the stages left and the config (with ``extra`` in its layout)."""
+        for p in sorted(self.pending):
+            self._write_stage(p)
+        with open(os.path.join(self.ckpt_dir, CONFIG_FILE), "w") as f:
+            json.dump(layout_dict(self.cfg, self.tp, self.pp, self.ranges, **extra), f, indent=2)
+
+
+def write_state_dict_units(ckpt_dir: str, units: Iterable[dict[str, torch.Tensor]], cfg: GPTConfig, tp: int,
+                           pp: int, layer_ranges: Optional[list[range]] = None,
+                           progress: Optional[Callable] = None, **extra) -> None:
+    """Shards + config from a state dict given in layer-ordered pieces (``StageShardWriter``)."""
+    writer = StageShardWriter(ckpt_dir, cfg, tp, pp, layer_ranges, progress)
+    for unit in units:
+        writer.add(unit)
+    writer.close(**extra)
+
+
+def names_by_layer(names: Iterable[str]) -> list[list[str]]:
+    """State-dict names grouped in the order ``StageShardWriter`` takes them: the embedding,
+    each layer, then the rest (final norm, head)."""
+    names = list(names)
+    layers = sorted({n for n in map(layer_number, names) if n is not None})
+    groups = [[n for n in names if n == "embedding.weight"]]
+    groups += [[n for n in names if layer_number(n) == i] for i in layers]
+    groups.append([n for n in names if layer_number(n) is None and n != "embedding.weight"])
+    return [g for g in groups if g]
+
+
 def write_full_state_dict(ckpt_dir: str, full: dict[str, torch.Tensor], cfg: GPTConfig, tp: int, pp: int,
                           layer_ranges: Optional[list[range]] = None, progress: Optional[Callable] = None,
                           **extra) -> None:
     """Split ``full`` for every (tp, pp) rank and write the shards + config into ``ckpt_dir``."""
-    ranges = layer_ranges or pipeline_layer_ranges(cfg.num_layers, pp)
-    padded = cfg.padded_vocab_size(tp)
-    for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            shard = split_for_rank(full, tp, tp_rank, pp, pp_rank, cfg.num_layers,
-                                   cfg.tie_word_embeddings, padded, ranges)
-            d = os.path.join(ckpt_dir, shard_dir_name(tp_rank, pp_rank))
-            os.makedirs(d, exist_ok=True)
-            torch.save({"model": shard}, os.path.join(d, "model.pt"))
-            if progress:
-                progress(tp_rank, pp_rank)
-    with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
-        json.dump(layout_dict(cfg, tp, pp, ranges, **extra), f, indent=2)
+    write_state_dict_units(ckpt_dir, [full], cfg, tp, pp, layer_ranges, progress, **extra)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -163,19 +218,67 @@ def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:
     return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir, step=step))["model"])
 
 
+def _shard_file(ckpt_dir: str, tp_rank: int, pp_rank: int) -> str:
+    return os.path.join(ckpt_dir, shard_dir_name(tp_rank, pp_rank), "model.pt")
+
+
 def read_shard(ckpt_dir: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-    path = os.path.join(ckpt_dir, shard_dir_name(tp_rank, pp_rank), "model.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    """One rank's parameters, memory-mapped (read from disk as they are used)."""
+    return load_torch_file(_shard_file(ckpt_dir, tp_rank, pp_rank))["model"]
+
+
+def _saved_payloads(ckpt_dir: str, layout: dict) -> dict[tuple[int, int], dict]:
+    """Every rank's file of a checkpoint, memory-mapped: {(tp_rank, pp_rank): payload}."""
+    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
+    return {(t, p): load_torch_file(_shard_file(ckpt_dir, t, p)) for t in range(tp) for p in range(pp)}
+
+
+def lazy_full_state_dict(load_dir: str, meta: bool = False) -> tuple[LazyStateDict, GPTConfig]:
+    """The full tp=1, pp=1 state dict of a checkpoint, each tensor merged from the
+    memory-mapped shards when it is read (``merge_shards`` one name at a time); ``meta``: as
+    tensors on the meta device (names, shapes and dtypes; no data read)."""
+    ckpt = resolve_checkpoint_dir(load_dir)
+    layout = read_layout(ckpt)
+    cfg = GPTConfig.from_dict(layout["model"])
+    saved = {k: v["model"] for k, v in _saved_payloads(ckpt, layout).items()}
+    if meta:
+        saved = {k: {n: torch.empty_like(t, device="meta") for n, t in v.items()} for k, v in saved.items()}
+    tp = layout["tensor_model_parallel_size"]
+    loaders = {}
+    for p in sorted({p for _, p in saved}):
+        for name in saved[(0, p)]:
+            loaders.setdefault(name, lambda name=name, p=p: merge_unpadded(
+                [saved[(t, p)][name] for t in range(tp)], name, cfg.vocab_size))
+    return LazyStateDict(loaders), cfg
 
 
 def read_full_state_dict(load_dir: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     """All shards of a checkpoint merged into the full tp=1, pp=1 state dict."""
-    ckpt = resolve_checkpoint_dir(load_dir)
-    layout = read_layout(ckpt)
-    cfg = GPTConfig.from_dict(layout["model"])
-    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
-    shards = {(t, p): read_shard(ckpt, t, p) for t in range(tp) for p in range(pp)}
-    return merge_shards(shards, cfg.vocab_size), cfg
+    lazy, cfg = lazy_full_state_dict(load_dir)
+    return dict(lazy), cfg
+
+
+def reshard_for_rank(saved: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: GPTConfig, tp_size: int,
+                     tp_rank: int, pp_size: int, pp_rank: int, layer_range: range,
+                     padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """What (tp_rank, pp_rank) of a (tp_size, pp_size) layout owning ``layer_range`` holds,
+    from the saved {(tp_rank, pp_rank): state} of another layout; each tensor is cut out of
+    the saved shards (``reshard_tensor``), never the full model built (equal to
+    ``split_for_rank(merge_shards(saved))``)."""
+    saved_tp = 1 + max(t for t, _ in saved)
+    out = {}
+    for p in sorted({p for _, p in saved}):
+        for name in saved[(0, p)]:
+            if name not in out and stage_owns(name, pp_rank, pp_size, layer_range, cfg.tie_word_embeddings):
+                out[name] = reshard_tensor([saved[(t, p)][name] for t in range(saved_tp)], name, tp_size, tp_rank,
+                                           cfg.vocab_size, padded_vocab_size)
+    return out
+
+
+def _same_layout(layout: dict, model, pp_rank: int, pp_size: int) -> bool:
+    return (layout["tensor_model_parallel_size"] == model.tp_size
+            and layout["pipeline_model_parallel_size"] == pp_size
+            and range(*layout["layer_ranges"][pp_rank]) == model.layer_range)
 
 
 def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int = 1) -> dict:
@@ -183,20 +286,12 @@ def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int =
     layout differs. Returns the checkpoint's layout dict."""
     ckpt = resolve_checkpoint_dir(load_dir)
     layout = read_layout(ckpt)
-    cfg = model.config
-    saved_ranges = [range(a, b) for a, b in layout["layer_ranges"]]
-    same_layout = (
-        layout["tensor_model_parallel_size"] == model.tp_size
-        and layout["pipeline_model_parallel_size"] == pp_size
-        and saved_ranges[pp_rank] == model.layer_range
-    )
-    if same_layout:
+    if _same_layout(layout, model, pp_rank, pp_size):
         state = read_shard(ckpt, model.tp_rank, pp_rank)
     else:
-        full, _ = read_full_state_dict(ckpt)
-        ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
-        state = split_for_rank(full, model.tp_size, model.tp_rank, pp_size, pp_rank, cfg.num_layers,
-                               cfg.tie_word_embeddings, model.padded_vocab_size, ranges)
+        saved = {k: v["model"] for k, v in _saved_payloads(ckpt, layout).items()}
+        state = reshard_for_rank(saved, model.config, model.tp_size, model.tp_rank, pp_size, pp_rank,
+                                 model.layer_range, model.padded_vocab_size)
     model.load_checkpoint_state_dict(state)
     return layout
 
@@ -335,29 +430,21 @@ def save_checkpoint(save_dir: str, iteration: Optional[int], ctx, extra_state: O
 
 
 def _optimizer_state_for_rank(ckpt: str, layout: dict, model, pp_rank: int, pp_size: int) -> Optional[dict]:
-    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
-    same = tp == model.tp_size and pp == pp_size and \
-        [range(a, b) for a, b in layout["layer_ranges"]][pp_rank] == model.layer_range
-    if same:
-        payload = torch.load(os.path.join(ckpt, shard_dir_name(model.tp_rank, pp_rank), "model.pt"),
-                             map_location="cpu", weights_only=True)
-        return payload.get("optimizer")
-    payloads = {(t, p): torch.load(os.path.join(ckpt, shard_dir_name(t, p), "model.pt"),
-                                   map_location="cpu", weights_only=True)
-                for t in range(tp) for p in range(pp)}
+    if _same_layout(layout, model, pp_rank, pp_size):
+        return load_torch_file(_shard_file(ckpt, model.tp_rank, pp_rank)).get("optimizer")
+    payloads = _saved_payloads(ckpt, layout)
     if any("optimizer" not in v for v in payloads.values()):
         return None
-    cfg = model.config
-    ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
-    out = {"step": payloads[(0, 0)]["optimizer"]["step"]}
-    if "loss_scaler" in payloads[(0, 0)]["optimizer"]:  # fp16: the same on every rank
-        out["loss_scaler"] = payloads[(0, 0)]["optimizer"]["loss_scaler"]
+    first = payloads[(0, 0)]["optimizer"]
+    out = {"step": first["step"]}
+    if "loss_scaler" in first:  # fp16: the same on every rank
+        out["loss_scaler"] = first["loss_scaler"]
     for key in ("exp_avg", "exp_avg_sq", "master"):
         if any(key not in v["optimizer"] for v in payloads.values()):
             continue  # saved without moments
-        full = merge_shards({k: v["optimizer"][key] for k, v in payloads.items()}, cfg.vocab_size)
-        out[key] = split_for_rank(full, model.tp_size, model.tp_rank, pp_size, pp_rank, cfg.num_layers,
-                                  cfg.tie_word_embeddings, model.padded_vocab_size, ranges)
+        out[key] = reshard_for_rank({k: v["optimizer"][key] for k, v in payloads.items()}, model.config,
+                                    model.tp_size, model.tp_rank, pp_size, pp_rank, model.layer_range,
+                                    model.padded_vocab_size)
     return out
 
 

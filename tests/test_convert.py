@@ -138,6 +138,32 @@ def test_missing_tensor_leaves_no_output(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
+@pytest.mark.parametrize("change", ["missing", "shape"])
+def test_a_bad_last_layer_fails_before_any_tensor_is_read(tmp_path, capsys, monkeypatch, change):
+    """The converter streams layer by layer, so it first runs the whole conversion on the
+    files' headers (meta tensors): a tensor missing or misshapen in the last layer stops it
+    before any weight is read or shard written."""
+    hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
+    save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    sd = load_file(hf_dir / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    if change == "missing":
+        del sd[name]
+    else:
+        sd[name] = sd[name][:, :-1].contiguous()
+    from safetensors.torch import save_file
+
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    from safetensors import safe_open
+
+    handle = safe_open(str(hf_dir / "model.safetensors"), framework="pt")
+    monkeypatch.setattr(type(handle), "get_tensor", lambda *a: pytest.fail("a tensor was read"), raising=False)
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck)]) != 0
+    err = capsys.readouterr().err
+    assert name in err or "layers.1.mlp.linear_fc2.weight" in err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def test_cli_exit_code_and_existing_output(tmp_path):
     hf_dir = tmp_path / "hf"
     save_tiny_hf_checkpoint(str(hf_dir), "qwen2")

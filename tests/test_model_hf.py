@@ -291,6 +291,18 @@ def test_gpt_oss_matches_transformers(backend, monkeypatch):
         assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
 
 
+def _assert_meta_conversion_matches(sd, cfg, converted):
+    """The converter's dry run on meta tensors (no data read) sees the names, shapes and
+    dtypes the real conversion makes, dequantization included."""
+    from megatron_k15.models.hf_mapping import hf_to_megatron
+    from megatron_k15.models.lazy_state_dict import meta_state_dict
+
+    meta = hf_to_megatron(meta_state_dict(sd), cfg)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in meta.items()} == \
+        {k: (tuple(v.shape), v.dtype) for k, v in converted.items()}
+    assert all(v.is_meta for v in meta.values())
+
+
 def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
     """The hub ships gpt-oss's experts as MXFP4 blocks and scales: our dequantization equals
     transformers' on random codes, and a checkpoint holding the experts that way gives the
@@ -321,7 +333,9 @@ def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():
     cfg = gpt_config_from_hf({**hf_config_dict(hf), "quantization_config": {"quant_method": "mxfp4"}})
     assert "quantization_config" not in hf_config_from_gpt(cfg)  # exported weights are dequantized
     model = build_from_hf(hf)
-    model.load_checkpoint_state_dict(split_for_rank(hf_to_megatron(sd, cfg), 1, 0, 1, 0, cfg.num_layers,
+    ours = hf_to_megatron(sd, cfg)
+    _assert_meta_conversion_matches(sd, cfg, ours)
+    model.load_checkpoint_state_dict(split_for_rank(ours, 1, 0, 1, 0, cfg.num_layers,
                                                     cfg.tie_word_embeddings, model.padded_vocab_size))
     ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
     with torch.no_grad():
@@ -553,6 +567,7 @@ def test_fp8_block_checkpoint_dequantizes_to_the_model_it_encodes():
     d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
     cfg = gpt_config_from_hf(d)
     ours = hf_to_megatron(quantized, cfg)
+    _assert_meta_conversion_matches(quantized, cfg, ours)
     hf.load_state_dict({**hf.state_dict(), **dequantized})
     model = GPTModel(cfg, attention_backend="sdpa")
     from megatron_k15.models.sharding import split_for_rank

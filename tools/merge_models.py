@@ -6,7 +6,9 @@
 
 theta = w * theta_a + (1 - w) * theta_b for every parameter (Kimi k1.5's long2short merge).
 Inputs may have any tp/pp layouts; the output is written at the requested one, atomically,
-with the tokenizer of the first checkpoint.
+with the tokenizer of the first checkpoint. Both inputs are read (memory-mapped) one layer at a
+time and each pipeline stage of the output is written when complete: memory holds about one
+output stage.
 """
 
 from __future__ import annotations
@@ -19,10 +21,24 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bootstrap  # noqa: F401,E402
 
+import torch  # noqa: E402
+
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, iteration_tag, read_full_state_dict, write_full_state_dict,
+    LATEST_FILE, CheckpointError, iteration_tag, lazy_full_state_dict, names_by_layer, write_state_dict_units,
 )
 from megatron_k15.files import atomic_directory  # noqa: E402
+
+
+def weighted_average(ta: torch.Tensor, tb: torch.Tensor, w: float, chunk_elems: int = 2 ** 24) -> torch.Tensor:
+    """w * ta + (1 - w) * tb computed in fp32, in row blocks of about ``chunk_elems`` values
+    (the fp32 temporaries of a 152K-row head would otherwise be several times its size)."""
+    out = torch.empty_like(ta)
+    if ta.dim() == 0:
+        return (w * ta.float() + (1.0 - w) * tb.float()).to(ta.dtype)
+    rows = max(1, chunk_elems // max(1, ta[0].numel()))
+    for i in range(0, ta.shape[0], rows):
+        out[i:i + rows] = (w * ta[i:i + rows].float() + (1.0 - w) * tb[i:i + rows].float()).to(ta.dtype)
+    return out
 
 
 def main(argv=None) -> int:
@@ -39,23 +55,26 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.save) and os.listdir(args.save):
             raise FileExistsError(f"--save {args.save} exists and is not empty")
-        a, cfg_a = read_full_state_dict(args.load_a)
-        b, cfg_b = read_full_state_dict(args.load_b)
-        shape_a = {k: tuple(v.shape) for k, v in a.items()}
-        shape_b = {k: tuple(v.shape) for k, v in b.items()}
+        a, cfg_a = lazy_full_state_dict(args.load_a)
+        b, cfg_b = lazy_full_state_dict(args.load_b)
+        shape_a = {k: tuple(v.shape) for k, v in lazy_full_state_dict(args.load_a, meta=True)[0].items()}
+        shape_b = {k: tuple(v.shape) for k, v in lazy_full_state_dict(args.load_b, meta=True)[0].items()}
         if shape_a != shape_b:
             diff = sorted(set(shape_a.items()) ^ set(shape_b.items()))[:3]
             raise ValueError(f"--load-a and --load-b have different architectures (e.g. {diff})")
         w = args.weight_a
-        merged = {k: (w * a[k].float() + (1.0 - w) * b[k].float()).to(a[k].dtype) for k in a}
+
+        def merged(names):
+            return {k: weighted_average(a[k], b[k], w) for k in names}
+
         cfg_a.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         with atomic_directory(args.save) as tmp:
             ckpt = os.path.join(tmp, iteration_tag(None))
             os.makedirs(ckpt)
-            write_full_state_dict(ckpt, merged, cfg_a, args.tensor_model_parallel_size,
-                                  args.pipeline_model_parallel_size, iteration=None,
-                                  merged_from=[os.path.abspath(args.load_a), os.path.abspath(args.load_b)],
-                                  weight_a=w)
+            write_state_dict_units(ckpt, map(merged, names_by_layer(a)), cfg_a, args.tensor_model_parallel_size,
+                                   args.pipeline_model_parallel_size, iteration=None,
+                                   merged_from=[os.path.abspath(args.load_a), os.path.abspath(args.load_b)],
+                                   weight_a=w)
             with open(os.path.join(tmp, LATEST_FILE), "w") as f:
                 f.write("release")
             tok = os.path.join(args.load_a, "tokenizer")
@@ -64,7 +83,7 @@ def main(argv=None) -> int:
     except (CheckpointError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"[merge_models] {len(merged)} tensors, w={w} -> {args.save}")
+    print(f"[merge_models] {len(a)} tensors, w={w} -> {args.save}")
     return 0
 
 

@@ -62,12 +62,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from collections.abc import Mapping
+from typing import Iterator, Optional
 
 import torch
 
 from megatron_k15.models.config import (ROPE_SCALING_FIELDS, YARN_OPTIONAL_FIELDS, ConfigError, GPTConfig,
                                         every_nth_full)
+from megatron_k15.models.lazy_state_dict import LazyStateDict, SafetensorsFiles, load_torch_file, safetensors_index_files
 from megatron_k15.models.rope import rope_type as scaling_type
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -215,21 +217,21 @@ def _text_model_config(hf: dict, where: str) -> dict:
     return text
 
 
-def text_model_state_dict(hf_sd: dict) -> dict:
+def text_model_state_dict(hf_sd: Mapping) -> Mapping:
     """The language model's tensors of an image-text checkpoint under a causal LM's names
-    (others, the vision tower's, dropped); a causal LM's state dict as it is."""
+    (others, the vision tower's, dropped; nothing is read); a causal LM's state dict as it is."""
     if "model.embed_tokens.weight" in hf_sd:
         return hf_sd
-    out = {}
-    for name, t in hf_sd.items():
+    names = {}
+    for name in hf_sd:
         for old, new in TEXT_MODEL_PREFIXES:
             if name.startswith(old):
-                out[new + name[len(old):]] = t
+                names[new + name[len(old):]] = name
                 break
         else:
             if name == "lm_head.weight":
-                out[name] = t
-    return out
+                names[name] = name
+    return LazyStateDict.view(hf_sd, names)
 
 
 def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
@@ -656,10 +658,19 @@ def _pairs_to_halves(rot: torch.Tensor, to_ours: bool) -> torch.Tensor:
     return torch.stack([rot[:, :r // 2], rot[:, r // 2:]], dim=2).reshape(rot.shape)
 
 
-def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
-                   where: str = "checkpoint") -> dict[str, torch.Tensor]:
+def hf_to_megatron(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF state dict -> our full (tp=1, pp=1, unpadded) state dict (an image-text checkpoint's
     language model: ``text_model_state_dict``; FP8 block-quantized weights dequantized)."""
+    out = {}
+    for unit in hf_to_megatron_units(hf_sd, cfg, where):
+        out.update(unit)
+    return out
+
+
+def hf_to_megatron_units(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") -> Iterator[dict]:
+    """``hf_to_megatron`` one piece at a time, in layer order: the embedding, each layer, then
+    the final norm (and untied output layer). Only a piece's own tensors are read from ``hf_sd``
+    (a ``LazyStateDict`` then never holds more than one layer), and each is shape-checked."""
     hf_sd = dequantize_fp8_state_dict(_without_extra_layers(text_model_state_dict(hf_sd), cfg.num_layers),
                                       _fp8_block_size(cfg, where), where)
 
@@ -668,45 +679,55 @@ def hf_to_megatron(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig,
             raise HFCheckpointError(f"{where}: tensor {name!r} is missing")
         return hf_sd[name]
 
-    out = {"embedding.weight": take("model.embed_tokens.weight")}
+    def checked(unit: dict) -> dict:
+        for name, t in unit.items():
+            expected = expected_shape(name, cfg)
+            if tuple(t.shape) != expected:
+                raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
+        return unit
+
+    yield checked({"embedding.weight": take("model.embed_tokens.weight")})
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        o = f"layers.{i}."
-        for ours, theirs in _block_norm_names(cfg):
-            out[o + ours] = take(p + theirs)
-        a = p + "self_attn."
-        if cfg.multi_latent_attention:
-            out.update(_mla_to_megatron(take, a, o + "self_attention.", cfg))
-            _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
-            continue
-        if cfg.architecture in FUSED_QKV_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
-            q, k, v = take(a + "qkv_proj.weight").split(
-                [cfg.query_projection_size, cfg.kv_projection_size, cfg.kv_projection_size], dim=0)
-        else:
-            q, k, v = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
-        heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-        out[o + "self_attention.linear_qkv.weight"] = _group_qkv(
-            _rope_rows(q, heads, cfg, True), _rope_rows(k, groups, cfg, True), v, cfg)
-        if cfg.add_qkv_bias:
-            out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
-                _rope_rows(take(a + "q_proj.bias"), heads, cfg, True),
-                _rope_rows(take(a + "k_proj.bias"), groups, cfg, True), take(a + "v_proj.bias"), cfg)
-        out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
-        if cfg.add_attention_output_bias:
-            out[o + "self_attention.linear_proj.bias"] = take(a + "o_proj.bias")
-        if cfg.attention_sinks:
-            out[o + "self_attention.sinks"] = take(a + "sinks")
-        if cfg.qk_layernorm:
-            out[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"] = take(a + "q_norm.weight")
-            out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
-        _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
-    out["final_layernorm.weight"] = take("model.norm.weight")
+        yield checked(_layer_to_megatron(take, hf_sd, i, cfg))
+    tail = {"final_layernorm.weight": take("model.norm.weight")}
     if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = take("lm_head.weight")
-    for name, t in out.items():
-        expected = expected_shape(name, cfg)
-        if tuple(t.shape) != expected:
-            raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
+        tail["output_layer.weight"] = take("lm_head.weight")
+    yield checked(tail)
+
+
+def _layer_to_megatron(take, hf_sd: Mapping, i: int, cfg: GPTConfig) -> dict:
+    """Layer ``i``'s tensors under our names."""
+    p = f"model.layers.{i}."
+    o = f"layers.{i}."
+    out = {}
+    for ours, theirs in _block_norm_names(cfg):
+        out[o + ours] = take(p + theirs)
+    a = p + "self_attn."
+    if cfg.multi_latent_attention:
+        out.update(_mla_to_megatron(take, a, o + "self_attention.", cfg))
+        _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
+        return out
+    if cfg.architecture in FUSED_QKV_ARCHITECTURES:  # Phi-3: [q; k; v] in one tensor
+        q, k, v = take(a + "qkv_proj.weight").split(
+            [cfg.query_projection_size, cfg.kv_projection_size, cfg.kv_projection_size], dim=0)
+    else:
+        q, k, v = take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    out[o + "self_attention.linear_qkv.weight"] = _group_qkv(
+        _rope_rows(q, heads, cfg, True), _rope_rows(k, groups, cfg, True), v, cfg)
+    if cfg.add_qkv_bias:
+        out[o + "self_attention.linear_qkv.bias"] = _group_qkv(
+            _rope_rows(take(a + "q_proj.bias"), heads, cfg, True),
+            _rope_rows(take(a + "k_proj.bias"), groups, cfg, True), take(a + "v_proj.bias"), cfg)
+    out[o + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+    if cfg.add_attention_output_bias:
+        out[o + "self_attention.linear_proj.bias"] = take(a + "o_proj.bias")
+    if cfg.attention_sinks:
+        out[o + "self_attention.sinks"] = take(a + "sinks")
+    if cfg.qk_layernorm:
+        out[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"] = take(a + "q_norm.weight")
+        out[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"] = take(a + "k_norm.weight")
+    _mlp_to_megatron(take, p, o, i, cfg, hf_sd, out)
     return out
 
 
@@ -792,14 +813,15 @@ def _mla_to_hf(sd: dict, o: str, a: str, cfg: GPTConfig) -> dict:
     return out
 
 
-def _without_extra_layers(hf_sd: dict, num_layers: int) -> dict:
+def _without_extra_layers(hf_sd: Mapping, num_layers: int) -> Mapping:
     """The state dict without layers numbered from ``num_layers`` on (DeepSeek-V3's and
-    GLM-4.5's multi-token-prediction modules), which the model does not read."""
+    GLM-4.5's multi-token-prediction modules), which the model does not read; nothing is read."""
     def layer(name):
         parts = name.split(".")
         return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
 
-    return {k: v for k, v in hf_sd.items() if layer(k) < num_layers}
+    extra = [k for k in hf_sd if layer(k) >= num_layers]
+    return LazyStateDict.view(hf_sd, {k: k for k in hf_sd if layer(k) < num_layers}) if extra else hf_sd
 
 
 def _fp8_block_size(cfg: GPTConfig, where: str) -> tuple[int, int]:
@@ -828,22 +850,25 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     return (weight.float() * scale).to(dtype)
 
 
-def dequantize_fp8_state_dict(hf_sd: dict, block: tuple[int, int], where: str = "checkpoint") -> dict:
-    """Every ``X.weight`` with an ``X.weight_scale_inv`` dequantized (``dequantize_fp8_blocks``),
-    the scales dropped; the state dict as it is without any."""
+def dequantize_fp8_state_dict(hf_sd: Mapping, block: tuple[int, int], where: str = "checkpoint") -> Mapping:
+    """Every ``X.weight`` with an ``X.weight_scale_inv`` dequantized (``dequantize_fp8_blocks``)
+    when it is read, the scales dropped; the state dict as it is without any."""
     scales = [k for k in hf_sd if k.endswith(".weight_scale_inv")]
     if not scales:
         return hf_sd
-    out = {k: v for k, v in hf_sd.items() if not k.endswith(".weight_scale_inv")}
+    loaders = {k: (lambda k=k: hf_sd[k]) for k in hf_sd if not k.endswith(".weight_scale_inv")}
     for key in scales:
         name = key[: -len("_scale_inv")]
-        if name not in out:
+        if name not in loaders:
             raise HFCheckpointError(f"{where}: {key} has no weight {name!r}")
-        try:
-            out[name] = dequantize_fp8_blocks(out[name], hf_sd[key], block)
-        except HFCheckpointError as e:
-            raise HFCheckpointError(f"{where}: {name}: {e}") from None
-    return out
+
+        def dequantized(name=name, key=key):
+            try:
+                return dequantize_fp8_blocks(hf_sd[name], hf_sd[key], block)
+            except HFCheckpointError as e:
+                raise HFCheckpointError(f"{where}: {name}: {e}") from None
+        loaders[name] = dequantized
+    return LazyStateDict(loaders)
 
 
 # e2m1 (FP4) values of the 16 nibble codes; an MXFP4 block is 32 of them (16 bytes, low nibble
@@ -858,7 +883,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
         raise HFCheckpointError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != 16:
         raise HFCheckpointError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=blocks.device)
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], 32).long()
     values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127).unsqueeze(-1))
     return values.reshape(*scales.shape[:-1], scales.shape[-1] * 32).to(dtype)
@@ -955,43 +980,59 @@ def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, h
     return out
 
 
-def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def megatron_to_hf(sd: Mapping, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Our full state dict -> HF names (inverse of ``hf_to_megatron``)."""
-    out = {"model.embed_tokens.weight": sd["embedding.weight"]}
+    out = {}
+    for unit in megatron_to_hf_units(sd, cfg):
+        out.update(unit)
+    return out
+
+
+def megatron_to_hf_units(sd: Mapping, cfg: GPTConfig) -> Iterator[dict]:
+    """``megatron_to_hf`` one piece at a time (the embedding, each layer, the final norm and
+    output layer), reading only that piece's names from ``sd``."""
+    yield {"model.embed_tokens.weight": sd["embedding.weight"]}
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        o = f"layers.{i}."
-        for ours, theirs in _block_norm_names(cfg):
-            out[p + theirs] = sd[o + ours]
-        if cfg.multi_latent_attention:
-            out.update(_mla_to_hf(sd, o + "self_attention.", p + "self_attn.", cfg))
-            _mlp_to_hf(sd, o, p, i, cfg, out)
-            continue
-        heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-        q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
-        q, k = _rope_rows(q, heads, cfg, False), _rope_rows(k, groups, cfg, False)
-        if cfg.architecture in FUSED_QKV_ARCHITECTURES:
-            out[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=0)
-        else:
-            out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                        p + "self_attn.v_proj.weight": v})
-        if cfg.add_qkv_bias:
-            q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.bias"], cfg)
-            out.update({p + "self_attn.q_proj.bias": _rope_rows(q, heads, cfg, False),
-                        p + "self_attn.k_proj.bias": _rope_rows(k, groups, cfg, False),
-                        p + "self_attn.v_proj.bias": v})
-        out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
-        if cfg.add_attention_output_bias:
-            out[p + "self_attn.o_proj.bias"] = sd[o + "self_attention.linear_proj.bias"]
-        if cfg.attention_sinks:
-            out[p + "self_attn.sinks"] = sd[o + "self_attention.sinks"]
-        if cfg.qk_layernorm:
-            out[p + "self_attn.q_norm.weight"] = sd[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"]
-            out[p + "self_attn.k_norm.weight"] = sd[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"]
-        _mlp_to_hf(sd, o, p, i, cfg, out)
-    out["model.norm.weight"] = sd["final_layernorm.weight"]
+        yield _layer_to_hf(sd, i, cfg)
+    tail = {"model.norm.weight": sd["final_layernorm.weight"]}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"]
+        tail["lm_head.weight"] = sd["output_layer.weight"]
+    yield tail
+
+
+def _layer_to_hf(sd: Mapping, i: int, cfg: GPTConfig) -> dict:
+    """Inverse of ``_layer_to_megatron``."""
+    p = f"model.layers.{i}."
+    o = f"layers.{i}."
+    out = {}
+    for ours, theirs in _block_norm_names(cfg):
+        out[p + theirs] = sd[o + ours]
+    if cfg.multi_latent_attention:
+        out.update(_mla_to_hf(sd, o + "self_attention.", p + "self_attn.", cfg))
+        _mlp_to_hf(sd, o, p, i, cfg, out)
+        return out
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.weight"], cfg)
+    q, k = _rope_rows(q, heads, cfg, False), _rope_rows(k, groups, cfg, False)
+    if cfg.architecture in FUSED_QKV_ARCHITECTURES:
+        out[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=0)
+    else:
+        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                    p + "self_attn.v_proj.weight": v})
+    if cfg.add_qkv_bias:
+        q, k, v = _ungroup_qkv(sd[o + "self_attention.linear_qkv.bias"], cfg)
+        out.update({p + "self_attn.q_proj.bias": _rope_rows(q, heads, cfg, False),
+                    p + "self_attn.k_proj.bias": _rope_rows(k, groups, cfg, False),
+                    p + "self_attn.v_proj.bias": v})
+    out[p + "self_attn.o_proj.weight"] = sd[o + "self_attention.linear_proj.weight"]
+    if cfg.add_attention_output_bias:
+        out[p + "self_attn.o_proj.bias"] = sd[o + "self_attention.linear_proj.bias"]
+    if cfg.attention_sinks:
+        out[p + "self_attn.sinks"] = sd[o + "self_attention.sinks"]
+    if cfg.qk_layernorm:
+        out[p + "self_attn.q_norm.weight"] = sd[o + f"self_attention.q_{_qk_norm_name(cfg)}.weight"]
+        out[p + "self_attn.k_norm.weight"] = sd[o + f"self_attention.k_{_qk_norm_name(cfg)}.weight"]
+    _mlp_to_hf(sd, o, p, i, cfg, out)
     return out
 
 
@@ -1088,55 +1129,74 @@ def read_hf_config(hf_dir: str) -> dict:
         raise HFCheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def read_hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint: one ``model.safetensors`` or an indexed sharded set
-    (``.bin`` files are read too, with ``weights_only=True``)."""
-    from safetensors.torch import load_file
-
+def read_hf_state_dict(hf_dir: str) -> Mapping:
+    """The tensors of an HF checkpoint, each read when asked for: one ``model.safetensors`` or
+    an indexed sharded set (``.bin`` files memory-mapped when in torch's zip format, read with
+    ``weights_only=True``)."""
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     single = os.path.join(hf_dir, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for name in files:
-            sd.update(load_file(os.path.join(hf_dir, name)))
-        return sd
+        return SafetensorsFiles(safetensors_index_files(index))
     if os.path.isfile(single):
-        return load_file(single)
+        return SafetensorsFiles([single])
     bins = sorted(f for f in os.listdir(hf_dir) if f.startswith("pytorch_model") and f.endswith(".bin"))
     if bins:
         sd = {}
         for name in bins:
-            sd.update(torch.load(os.path.join(hf_dir, name), map_location="cpu", weights_only=True))
+            sd.update(load_torch_file(os.path.join(hf_dir, name)))
         return sd
     raise HFCheckpointError(f"{hf_dir}: no model.safetensors, safetensors index or pytorch_model*.bin found")
 
 
-def write_hf_state_dict(sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write safetensors, split into shards with an index when larger than ``max_shard_bytes``."""
-    from safetensors.torch import save_file
+class HFShardWriter:
+    """Writes tensors as they come into safetensors files of at most ``max_shard_bytes`` (a
+    shard is flushed when the next tensor would overflow it), then the index: memory holds one
+    shard. One file is named ``model.safetensors``; several ``model-0000i-of-0000n`` with
+    ``model.safetensors.index.json``, as ``save_pretrained`` writes them."""
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.out_dir, f".shard-{len(self.written):05d}.safetensors")
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, sorted(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Names the files and writes the index; returns the number of tensors written."""
+        if self.pending or not self.written:
+            self._flush()
+        n = len(self.written)
+        if n == 1:
+            os.replace(self.written[0][0], os.path.join(self.out_dir, "model.safetensors"))
+            return len(self.written[0][1])
+        weight_map, total = {}, 0
+        for i, (path, names, nbytes) in enumerate(self.written):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, os.path.join(self.out_dir, fname))
+            weight_map.update({name: fname for name in names})
+            total += nbytes
+        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        return len(weight_map)
+
+
+def write_hf_state_dict(sd: Mapping, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write safetensors, split into shards with an index when larger than ``max_shard_bytes``."""
+    writer = HFShardWriter(out_dir, max_shard_bytes)
     for name in sorted(sd):
-        t = sd[name].contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        writer.add(name, sd[name])
+    writer.close()

@@ -19,7 +19,8 @@ The *full* state dict is the tp=1, pp=1 one, keyed with global layer numbers
 
 Pipeline stage p owns a contiguous range of layers; the first stage also owns the embedding,
 the last the final norm and the output layer. Checkpoint conversion and resharding use only
-``split_for_rank`` and ``merge_shards``, so any (tp, pp) layout reshards to any other.
+``split_tensor`` / ``split_for_rank``, ``merge_tensor`` / ``merge_shards`` and ``reshard_tensor``
+(a rank's part straight from another layout's shards), so any (tp, pp) layout reshards to any other.
 """
 
 from __future__ import annotations
@@ -101,10 +102,16 @@ def pipeline_layer_ranges(num_layers: int, pp_size: int,
     return ranges
 
 
-def stage_owns(name: str, pp_rank: int, pp_size: int, layers: range, tied: bool) -> bool:
+def layer_number(name: str) -> Optional[int]:
+    """The global layer of a ``layers.{i}.…`` name; None for the embedding, final norm, head."""
     m = _LAYER.match(name)
-    if m:
-        return int(m.group(1)) in layers
+    return int(m.group(1)) if m else None
+
+
+def stage_owns(name: str, pp_rank: int, pp_size: int, layers: range, tied: bool) -> bool:
+    layer = layer_number(name)
+    if layer is not None:
+        return layer in layers
     if name == "embedding.weight":
         return pp_rank == 0 or (tied and pp_rank == pp_size - 1)
     if name in ("final_layernorm.weight", "output_layer.weight"):
@@ -148,7 +155,38 @@ def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]],
         for name in names:
             if name in full:  # tied embedding also held by the last stage
                 continue
-            full[name] = merge_tensor([shards[(t, pp_rank)][name] for t in range(tp_size)], name)
-            if name in VOCAB_PARAMS:
-                full[name] = full[name][:vocab_size].contiguous()
+            full[name] = merge_unpadded([shards[(t, pp_rank)][name] for t in range(tp_size)], name, vocab_size)
     return full
+
+
+def merge_unpadded(shards: list[torch.Tensor], name: str, vocab_size: int) -> torch.Tensor:
+    """``merge_tensor``, with the vocabulary padding of the embedding and head removed."""
+    full = merge_tensor(shards, name)
+    return full[:vocab_size].contiguous() if name in VOCAB_PARAMS else full
+
+
+def reshard_tensor(shards: list[torch.Tensor], name: str, tp_size: int, tp_rank: int,
+                   vocab_size: int, padded_vocab_size: int) -> torch.Tensor:
+    """``split_tensor(pad(merge_tensor(shards)[:vocab]), tp_size, tp_rank)`` without building
+    the merged tensor: rank ``tp_rank``'s rows (or columns) are cut out of the saved shards
+    where they lie (a new tensor; the shards may be memory-mapped files). Only the vocabulary
+    tensors, whose padding depends on the tp size, are merged first."""
+    dim, parts = shard_rule(name)
+    if name in VOCAB_PARAMS:
+        full = pad_vocab(merge_unpadded(shards, name, vocab_size), padded_vocab_size)
+        return split_tensor(full, name, tp_size, tp_rank).clone()
+    if dim is None:
+        return shards[0].clone()
+    per_shard = shards[0].shape[dim] // parts  # one fused part's rows in one saved shard
+    part_size = per_shard * len(shards)
+    if part_size % tp_size:
+        raise ValueError(f"{name}: dim {dim} of size {part_size * parts} does not split into {tp_size} tp shards")
+    want = part_size // tp_size
+    lo, hi = tp_rank * want, (tp_rank + 1) * want
+    pieces = []
+    for part in range(parts):
+        for s, shard in enumerate(shards):
+            a, b = max(lo, s * per_shard), min(hi, (s + 1) * per_shard)
+            if a < b:
+                pieces.append(shard.narrow(dim, part * per_shard + a - s * per_shard, b - a))
+    return torch.cat(pieces, dim=dim)

@@ -8,6 +8,11 @@ OUT gets ``release/`` (one shard per tp x pp rank + config.json with the model c
 original HF config), ``latest_checkpointed_iteration.txt`` and ``tokenizer/`` (the HF
 tokenizer files), so ``--load OUT`` needs nothing else. The whole directory is written under
 a temporary name and renamed at the end: an error leaves no OUT behind.
+
+The HF tensors are read layer by layer and a pipeline stage's shards are written as soon as
+its layers are converted, so the host memory needed is about one stage's weights (pass a
+larger --pipeline-model-parallel-size to convert a model bigger than memory, then load it
+under any layout).
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import _bootstrap  # noqa: F401,E402
 
 import torch  # noqa: E402
 
-from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, iteration_tag, write_full_state_dict,
-)
+from megatron_k15.checkpointing import LATEST_FILE, iteration_tag, write_state_dict_units  # noqa: E402
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
+from megatron_k15.models.lazy_state_dict import meta_state_dict  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
-    HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, read_hf_config, read_hf_state_dict,
+    HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, hf_to_megatron_units, read_hf_config,
+    read_hf_state_dict,
 )
 from megatron_k15.data.tokenizer import is_tokenizer_file  # noqa: E402
 from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
@@ -76,24 +81,24 @@ def main(argv=None) -> int:
         if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
             raise FileExistsError(f"--save {args.save} exists and is not empty; pass --overwrite to replace it")
         t0 = time.time()
-        hf_sd = read_hf_state_dict(args.hf_dir)
-        full = hf_to_megatron(hf_sd, cfg, where=args.hf_dir)
-        del hf_sd
-        if args.target_dtype:
-            full = cast_state_dict(full, DTYPES[args.target_dtype])
-        n_params = sum(v.numel() for v in full.values())
-        print(f"[convert] {cfg.architecture}: {cfg.num_layers} layers, {n_params / 1e6:.1f}M parameters, "
-              f"{next(iter(full.values())).dtype}; writing tp={tp} pp={pp} to {args.save}", flush=True)
+        dtype = DTYPES[args.target_dtype] if args.target_dtype else None
+        print(f"[convert] {cfg.architecture}: {cfg.num_layers} layers, "
+              f"{cfg.num_parameters() / 1e6:.1f}M parameters; writing tp={tp} pp={pp} to {args.save}", flush=True)
+        source = read_hf_state_dict(args.hf_dir)
+        hf_to_megatron(meta_state_dict(source), cfg, where=args.hf_dir)  # every name and shape, before any work
+        units = hf_to_megatron_units(source, cfg, where=args.hf_dir)
+        if dtype is not None:
+            units = (cast_state_dict(unit, dtype) for unit in units)
 
         def progress(t, p):
-            print(f"[convert] wrote shard tp={t} pp={p}", flush=True)
+            print(f"[convert] wrote shard tp={t} pp={p} ({time.time() - t0:.0f}s)", flush=True)
 
         with atomic_directory(args.save) as tmp:
             tag = iteration_tag(None)
             ckpt = os.path.join(tmp, tag)
             os.makedirs(ckpt)
-            write_full_state_dict(ckpt, full, cfg, tp, pp, ranges, progress=progress, iteration=None,
-                                  source=os.path.abspath(args.hf_dir))
+            write_state_dict_units(ckpt, units, cfg, tp, pp, ranges, progress=progress, iteration=None,
+                                   source=os.path.abspath(args.hf_dir))
             copy_side_files(args.hf_dir, tmp)
             with open(os.path.join(tmp, LATEST_FILE), "w") as f:
                 f.write("release")

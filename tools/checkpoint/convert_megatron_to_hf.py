@@ -6,6 +6,9 @@
 Writes config.json (the original HF config when the model came from HF), safetensors
 (sharded with an index above --max-shard-size) and the tokenizer files. A model converted
 from HF comes back bit-exact. Written under a temporary name and renamed at the end.
+
+Tensors are merged from the (memory-mapped) shards one layer at a time and written out as
+they come: the host memory needed is about one --max-shard-size file.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import _bootstrap  # noqa: F401,E402
 
 import torch  # noqa: E402
 
-from megatron_k15.checkpointing import CheckpointError, read_full_state_dict  # noqa: E402
+from megatron_k15.checkpointing import CheckpointError, lazy_full_state_dict  # noqa: E402
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
-    cast_state_dict, hf_config_from_gpt, megatron_to_hf, write_hf_state_dict,
+    HFShardWriter, cast_state_dict, hf_config_from_gpt, megatron_to_hf_units,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,13 +54,16 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
             raise FileExistsError(f"--save {args.save} exists and is not empty; pass --overwrite to replace it")
-        full, cfg = read_full_state_dict(args.load)
-        hf_sd = megatron_to_hf(full, cfg)
-        if args.target_dtype:
-            hf_sd = cast_state_dict(hf_sd, DTYPES[args.target_dtype])
+        full, cfg = lazy_full_state_dict(args.load)
         root = args.load
         with atomic_directory(args.save) as tmp:
-            write_hf_state_dict(hf_sd, tmp, parse_size(args.max_shard_size))
+            writer = HFShardWriter(tmp, parse_size(args.max_shard_size))
+            for unit in megatron_to_hf_units(full, cfg):
+                if args.target_dtype:
+                    unit = cast_state_dict(unit, DTYPES[args.target_dtype])
+                for name, tensor in unit.items():
+                    writer.add(name, tensor)
+            n_tensors = writer.close()
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_config_from_gpt(cfg), f, indent=2, sort_keys=True)
             for sub in ("tokenizer", "hf_files"):
@@ -65,7 +71,7 @@ def main(argv=None) -> int:
                 if os.path.isdir(src):
                     for name in os.listdir(src):
                         shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-        print(f"[export] wrote {len(hf_sd)} tensors to {args.save}", flush=True)
+        print(f"[export] wrote {n_tensors} tensors to {args.save}", flush=True)
     except (CheckpointError, ConfigError, FileExistsError, KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

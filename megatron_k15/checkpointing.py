@@ -259,19 +259,23 @@ def read_full_state_dict(load_dir: str) -> tuple[dict[str, torch.Tensor], GPTCon
 
 
 def reshard_for_rank(saved: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: GPTConfig, tp_size: int,
-                     tp_rank: int, pp_size: int, pp_rank: int, layer_range: range,
-                     padded_vocab_size: int) -> dict[str, torch.Tensor]:
+                     tp_rank: int, pp_size: int, pp_rank: int, layer_range: range, padded_vocab_size: int,
+                     select: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """What (tp_rank, pp_rank) of a (tp_size, pp_size) layout owning ``layer_range`` holds,
     from the saved {(tp_rank, pp_rank): state} of another layout; each tensor is cut out of
     the saved shards (``reshard_tensor``), never the full model built (equal to
-    ``split_for_rank(merge_shards(saved))``)."""
+    ``split_for_rank(merge_shards(saved))``). ``select(name, tensor)`` narrows each saved
+    piece first along a dimension tp does not split (a model's ``own_experts``: an expert-
+    parallel rank copies its experts only)."""
     saved_tp = 1 + max(t for t, _ in saved)
     out = {}
     for p in sorted({p for _, p in saved}):
         for name in saved[(0, p)]:
             if name not in out and stage_owns(name, pp_rank, pp_size, layer_range, cfg.tie_word_embeddings):
-                out[name] = reshard_tensor([saved[(t, p)][name] for t in range(saved_tp)], name, tp_size, tp_rank,
-                                           cfg.vocab_size, padded_vocab_size)
+                pieces = [saved[(t, p)][name] for t in range(saved_tp)]
+                if select is not None:
+                    pieces = [select(name, piece) for piece in pieces]
+                out[name] = reshard_tensor(pieces, name, tp_size, tp_rank, cfg.vocab_size, padded_vocab_size)
     return out
 
 
@@ -291,7 +295,7 @@ def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int =
     else:
         saved = {k: v["model"] for k, v in _saved_payloads(ckpt, layout).items()}
         state = reshard_for_rank(saved, model.config, model.tp_size, model.tp_rank, pp_size, pp_rank,
-                                 model.layer_range, model.padded_vocab_size)
+                                 model.layer_range, model.padded_vocab_size, select=model.own_experts)
     model.load_checkpoint_state_dict(state)
     return layout
 
@@ -444,7 +448,7 @@ def _optimizer_state_for_rank(ckpt: str, layout: dict, model, pp_rank: int, pp_s
             continue  # saved without moments
         out[key] = reshard_for_rank({k: v["optimizer"][key] for k, v in payloads.items()}, model.config,
                                     model.tp_size, model.tp_rank, pp_size, pp_rank, model.layer_range,
-                                    model.padded_vocab_size)
+                                    model.padded_vocab_size, select=model.own_experts)
     return out
 
 

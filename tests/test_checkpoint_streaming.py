@@ -170,3 +170,23 @@ def test_full_state_dict_reads_back_what_was_written(tmp_path):
                                  weights_only=True)["model"] for t in range(2) for p in range(2)}
     merged = merge_shards(shards, cfg.vocab_size)
     assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+def test_reshard_for_rank_copies_only_an_expert_parallel_ranks_experts():
+    """With ``select`` (a model's ``own_experts``) each saved piece is narrowed to the rank's
+    experts before the tp cut: the result equals slicing the resharded tensors afterwards."""
+    from megatron_k15.parallel.expert import own_experts
+
+    full, cfg = _full_state("qwen3_moe")
+    saved = {(t, 0): split_for_rank(full, 2, t, 1, 0, cfg.num_layers, cfg.tie_word_embeddings,
+                                    cfg.padded_vocab_size(2)) for t in range(2)}
+    ep, local = 2, cfg.num_moe_experts // 2
+    for ep_rank in range(ep):
+        def select(name, t):
+            return own_experts(name, t, local, ep, ep_rank)
+
+        got = reshard_for_rank(saved, cfg, 1, 0, 1, 0, range(cfg.num_layers), cfg.padded_vocab_size(1), select)
+        want = reshard_for_rank(saved, cfg, 1, 0, 1, 0, range(cfg.num_layers), cfg.padded_vocab_size(1))
+        experts = [n for n in want if ".experts." in n]
+        assert experts and all(got[n].shape[0] == local for n in experts)
+        assert all(torch.equal(got[n], select(n, want[n])) for n in want)

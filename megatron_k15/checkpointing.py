@@ -156,6 +156,10 @@ def resolve_checkpoint_dir(load_dir: str, flag: str = "--load", step: Optional[i
             raise CheckpointError(f"{flag} {load_dir} --ckpt-step {step}: no complete checkpoint of iteration "
                                   f"{step}; complete ones: {saved_iterations(load_dir, complete=True) or 'none'}")
         return path
+    if is_hf_model_dir(load_dir):
+        raise CheckpointError(f"{flag} {load_dir}: a Hugging Face model directory, not one of our checkpoints; "
+                              "convert it with tools/checkpoint/convert_hf_to_megatron.py (the trainers, the "
+                              "generate CLI and tools/evaluate.py take it as --load as it is)")
     if os.path.isfile(os.path.join(load_dir, CONFIG_FILE)):
         return load_dir
     latest = os.path.join(load_dir, LATEST_FILE)
@@ -214,7 +218,37 @@ def read_layout(ckpt_dir: str) -> dict:
     return layout
 
 
+def is_hf_model_dir(path: str) -> bool:
+    """A Hugging Face model directory (a ``config.json`` naming its architectures), which
+    ``--load`` takes as it is, rather than one of our checkpoints."""
+    if os.path.isfile(os.path.join(path, LATEST_FILE)):
+        return False
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "format_version" not in config and bool(config.get("architectures"))
+
+
+def tokenizer_dir(load_dir: str) -> str:
+    """Where a checkpoint keeps its tokenizer: ``tokenizer/`` under the checkpoint root, or a
+    Hugging Face model directory itself."""
+    return load_dir if is_hf_model_dir(load_dir) else os.path.join(load_dir, "tokenizer")
+
+
 def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:
+    """The model config of a checkpoint, or of a Hugging Face model directory."""
+    if is_hf_model_dir(load_dir):
+        from megatron_k15.models.config import ConfigError
+        from megatron_k15.models.hf_mapping import HFCheckpointError, gpt_config_from_hf, read_hf_config
+
+        if step is not None:
+            raise CheckpointError(f"--ckpt-step {step}: {load_dir} is a Hugging Face model (one set of weights)")
+        try:
+            return gpt_config_from_hf(read_hf_config(load_dir), os.path.join(load_dir, CONFIG_FILE))
+        except (HFCheckpointError, ConfigError) as e:
+            raise CheckpointError(str(e)) from None
     return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir, step=step))["model"])
 
 
@@ -285,9 +319,35 @@ def _same_layout(layout: dict, model, pp_rank: int, pp_size: int) -> bool:
             and range(*layout["layer_ranges"][pp_rank]) == model.layer_range)
 
 
+def hf_state_for_rank(hf_dir: str, model, pp_rank: int, pp_size: int) -> dict[str, torch.Tensor]:
+    """``model``'s part (its tp rank, pipeline stage and experts) of a Hugging Face model
+    directory, converted a layer at a time from the tensors of its own layers only."""
+    from megatron_k15.models.hf_mapping import hf_to_megatron_units, read_hf_state_dict
+
+    cfg = model.config
+    last = pp_rank == pp_size - 1
+    units = hf_to_megatron_units(read_hf_state_dict(hf_dir), cfg, where=hf_dir, layers=model.layer_range,
+                                 embedding=pp_rank == 0 or (last and cfg.tie_word_embeddings), tail=last)
+    state = {}
+    for unit in units:
+        for name, tensor in unit.items():
+            if stage_owns(name, pp_rank, pp_size, model.layer_range, cfg.tie_word_embeddings):
+                if name in VOCAB_PARAMS:
+                    tensor = pad_vocab(tensor, model.padded_vocab_size)
+                part = split_tensor(model.own_experts(name, tensor), name, model.tp_size, model.tp_rank)
+                if part.untyped_storage().nbytes() > part.numel() * part.element_size():
+                    part = part.clone()  # a view of all experts: keep this rank's only
+                state[name] = part
+    return state
+
+
 def load_model_checkpoint(model, load_dir: str, pp_rank: int = 0, pp_size: int = 1) -> dict:
     """Load weights into ``model`` (one tp rank of one pipeline stage), resharding if the saved
-    layout differs. Returns the checkpoint's layout dict."""
+    layout differs, or converting a Hugging Face model directory's own layers. Returns the
+    checkpoint's layout dict (for a Hugging Face model: ``{"hf_model": dir, "iteration": None}``)."""
+    if is_hf_model_dir(load_dir):
+        model.load_checkpoint_state_dict(hf_state_for_rank(load_dir, model, pp_rank, pp_size))
+        return {"hf_model": load_dir, "iteration": None}
     ckpt = resolve_checkpoint_dir(load_dir)
     layout = read_layout(ckpt)
     if _same_layout(layout, model, pp_rank, pp_size):
@@ -461,7 +521,13 @@ def load_checkpoint(load_dir: str, ctx, finetune: bool = False, load_optimizer: 
     ``need_optimizer_moments`` (a run that continues its moments). ``step``: that iteration
     of ``load_dir`` rather than the latest (a rollback)."""
     model, pc = ctx.model, ctx.pc
-    ckpt = resolve_checkpoint_dir(load_dir, step=step)
+    if is_hf_model_dir(load_dir):
+        if not finetune:
+            raise CheckpointError(f"--load {load_dir}: a Hugging Face model (weights, no training state); start "
+                                  "from it with --finetune")
+        ckpt = load_dir
+    else:
+        ckpt = resolve_checkpoint_dir(load_dir, step=step)
     layout = load_model_checkpoint(model, ckpt, pc.pp_rank, pc.pp_size)
     if (finetune or not load_optimizer) and ctx.optimizer is not None:
         # a fresh optimizer: fp32 master weights follow the loaded parameters, moments zero

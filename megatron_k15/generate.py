@@ -105,7 +105,9 @@ def find_tokenizer(args):
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
-    tok_dir = os.path.join(args.load, "tokenizer")
+    from megatron_k15.checkpointing import tokenizer_dir
+
+    tok_dir = tokenizer_dir(args.load)
     return load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
 
 

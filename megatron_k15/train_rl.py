@@ -245,10 +245,11 @@ def _validate(args) -> None:
         if not args.kl_coef:
             raise ArgumentError("--ref-load is the reference of GRPO's KL term: add --kl-coef > 0 (with "
                                 "--rl-loss grpo), or drop --ref-load")
-        from megatron_k15.checkpointing import CheckpointError, resolve_checkpoint_dir
+        from megatron_k15.checkpointing import CheckpointError, is_hf_model_dir, resolve_checkpoint_dir
 
         try:
-            resolve_checkpoint_dir(args.ref_load, "--ref-load")
+            if not is_hf_model_dir(args.ref_load):
+                resolve_checkpoint_dir(args.ref_load, "--ref-load")
         except CheckpointError as e:
             raise ArgumentError(str(e)) from None
     if not 0 <= args.overlong_buffer_tokens <= args.rollout_max_tokens:
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_k15.async_save import AsyncCheckpointSaver
-    from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options
+    from megatron_k15.checkpointing import load_checkpoint, load_options, save_checkpoint, save_options, tokenizer_dir
     from megatron_k15.data.tokenizer import load_tokenizer
     from megatron_k15.exit_conditions import ExitConditions
     from megatron_k15.flops import format_throughput
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
     iteration, extra = load_checkpoint(args.load, ctx, **load_options(args),
                                        need_optimizer_moments=args.keep_optimizer_state)
     rank = dist.get_rank()
-    tok_spec = args.tokenizer or os.path.join(args.load, "tokenizer")
+    tok_spec = args.tokenizer or tokenizer_dir(args.load)
     tokenizer = load_tokenizer(tok_spec)
 
     data = open_prompt_data(args.prompt_data, "--prompt-data")

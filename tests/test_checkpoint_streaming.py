@@ -190,3 +190,76 @@ def test_reshard_for_rank_copies_only_an_expert_parallel_ranks_experts():
         experts = [n for n in want if ".experts." in n]
         assert experts and all(got[n].shape[0] == local for n in experts)
         assert all(torch.equal(got[n], select(n, want[n])) for n in want)
+
+
+# -- a Hugging Face model directory as --load ----------------------------------------------------
+@pytest.mark.parametrize("kind,tp,pp,ep", [("qwen2", 2, 2, 1), ("llama", 2, 2, 1), ("qwen3_moe", 2, 2, 2),
+                                           ("deepseek_v3", 2, 1, 2), ("gpt_oss", 1, 2, 2)])
+def test_each_rank_converts_its_own_part_of_an_hf_directory(tmp_path, kind, tp, pp, ep):
+    """``hf_state_for_rank`` (what ``--load HF_DIR`` loads into a rank) equals the rank's split
+    of the whole converted model, experts narrowed to the rank's, tied embeddings on both ends."""
+    from types import SimpleNamespace
+
+    from megatron_k15.checkpointing import hf_state_for_rank, is_hf_model_dir
+    from megatron_k15.parallel.expert import own_experts
+
+    hf_dir = tmp_path / "hf"
+    hf = save_tiny_hf_checkpoint(str(hf_dir), kind, max_shard_size="100KB")
+    assert is_hf_model_dir(str(hf_dir))
+    cfg = gpt_config_from_hf(json.load(open(hf_dir / "config.json")))
+    full = hf_to_megatron(hf.state_dict(), cfg)
+    ranges = pipeline_layer_ranges(cfg.num_layers, pp)
+    local = (cfg.num_moe_experts or 0) // ep
+    for p in range(pp):
+        for t in range(tp):
+            for e in range(ep if cfg.num_moe_experts else 1):
+                model = SimpleNamespace(config=cfg, layer_range=ranges[p], padded_vocab_size=cfg.padded_vocab_size(tp),
+                                        tp_size=tp, tp_rank=t,
+                                        own_experts=lambda name, x, e=e: own_experts(name, x, local, ep, e))
+                got = hf_state_for_rank(str(hf_dir), model, p, pp)
+                want = split_for_rank(full, tp, t, pp, p, cfg.num_layers, cfg.tie_word_embeddings,
+                                      cfg.padded_vocab_size(tp), ranges)
+                assert sorted(got) == sorted(want)
+                for name in want:
+                    assert torch.equal(got[name], model.own_experts(name, want[name])), name
+                    assert got[name].untyped_storage().nbytes() == got[name].numel() * got[name].element_size()
+
+
+def test_sft_from_an_hf_directory_equals_sft_from_its_conversion(tmp_path):
+    """``--load HF_DIR --finetune`` trains exactly as ``--load`` of the converted checkpoint;
+    without --finetune, or with --ckpt-step, it is refused before any work, naming the flag."""
+    import subprocess
+    import sys
+
+    from test_checkpointing import ROOT, _losses, _make_sft_data
+
+    hf_dir, ck = tmp_path / "hf", tmp_path / "ck"
+    save_tiny_hf_checkpoint(str(hf_dir), "qwen2")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", str(hf_dir), "--save", str(ck)], check=True, capture_output=True, env=env)
+    data = _make_sft_data(tmp_path)
+
+    def sft(load, *extra):
+        tb = tmp_path / f"tb_{os.path.basename(load)}"
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_k15.train_sft", "--train-data", data, "--seq-length", "64",
+             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
+             "--load", load, "--tensorboard-dir", str(tb), "--attention-backend", "sdpa", *extra],
+            capture_output=True, text=True, env=env), tb
+
+    (a, tb_a), (b, tb_b) = sft(str(hf_dir), "--finetune"), sft(str(ck), "--finetune")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    assert _losses(tb_a) == _losses(tb_b) and len(_losses(tb_a)) == 2
+    refused, _ = sft(str(hf_dir))
+    assert refused.returncode != 0 and "--finetune" in refused.stderr
+    refused, _ = sft(str(hf_dir), "--finetune", "--ckpt-step", "3")
+    assert refused.returncode != 0 and "--ckpt-step 3" in refused.stderr
+
+
+def test_tools_that_need_our_format_say_how_to_get_it(tmp_path):
+    from megatron_k15.checkpointing import CheckpointError, resolve_checkpoint_dir
+
+    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2")
+    with pytest.raises(CheckpointError, match="Hugging Face model directory.*convert_hf_to_megatron"):
+        resolve_checkpoint_dir(str(tmp_path / "hf"))

@@ -115,11 +115,12 @@ def main(argv=None) -> int:
     args = parse_args(argv, "Evaluate pass@k with verifiable rewards", add_eval_args, _validate,
                       groups=("model", "parallel", "precision", "checkpoint", "inference"))
     from megatron_k15.data.prompts import DataError, read_prompt_records
+    from megatron_k15.checkpointing import tokenizer_dir
     from megatron_k15.data.tokenizer import TokenizerError, chat_template_problem, encode_prompt, load_tokenizer
 
     try:
         records = list(read_prompt_records(args.input))
-        tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.load, "tokenizer"))
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.load))
         problem = chat_template_problem(args, tokenizer)
         if problem:
             raise TokenizerError(problem)

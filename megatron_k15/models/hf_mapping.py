@@ -667,10 +667,12 @@ def hf_to_megatron(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") ->
     return out
 
 
-def hf_to_megatron_units(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") -> Iterator[dict]:
+def hf_to_megatron_units(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint", layers: Optional[range] = None,
+                         embedding: bool = True, tail: bool = True) -> Iterator[dict]:
     """``hf_to_megatron`` one piece at a time, in layer order: the embedding, each layer, then
     the final norm (and untied output layer). Only a piece's own tensors are read from ``hf_sd``
-    (a ``LazyStateDict`` then never holds more than one layer), and each is shape-checked."""
+    (a ``LazyStateDict`` then never holds more than one layer), and each is shape-checked.
+    ``layers`` / ``embedding`` / ``tail``: only those pieces (a pipeline stage's)."""
     hf_sd = dequantize_fp8_state_dict(_without_extra_layers(text_model_state_dict(hf_sd), cfg.num_layers),
                                       _fp8_block_size(cfg, where), where)
 
@@ -686,13 +688,15 @@ def hf_to_megatron_units(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoin
                 raise HFCheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {expected}")
         return unit
 
-    yield checked({"embedding.weight": take("model.embed_tokens.weight")})
-    for i in range(cfg.num_layers):
+    if embedding:
+        yield checked({"embedding.weight": take("model.embed_tokens.weight")})
+    for i in range(cfg.num_layers) if layers is None else layers:
         yield checked(_layer_to_megatron(take, hf_sd, i, cfg))
-    tail = {"final_layernorm.weight": take("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        tail["output_layer.weight"] = take("lm_head.weight")
-    yield checked(tail)
+    if tail:
+        last = {"final_layernorm.weight": take("model.norm.weight")}
+        if not cfg.tie_word_embeddings:
+            last["output_layer.weight"] = take("lm_head.weight")
+        yield checked(last)
 
 
 def _layer_to_megatron(take, hf_sd: Mapping, i: int, cfg: GPTConfig) -> dict:

@@ -207,9 +207,7 @@ def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, max_batch
     in RL each cp rank judges its own share."""
     if not getattr(args, "reward_model_load", None):
         return None
-    import os
-
-    from megatron_k15.checkpointing import load_config
+    from megatron_k15.checkpointing import load_config, tokenizer_dir
     from megatron_k15.data.tokenizer import load_tokenizer, render_user_prompt
     from megatron_k15.generation.loading import load_generation_replica
 
@@ -217,7 +215,7 @@ def judge_from_args(args, *, rank: int = 0, size: int = 1, group=None, max_batch
         args, load_config(args.reward_model_load), load_dir=args.reward_model_load,
         max_batch_size=max_batch_size or getattr(args, "rollout_batch_size", 64),
         shard_kv_over_cp=shard_kv_over_cp)
-    tok = load_tokenizer(args.reward_model_tokenizer or os.path.join(args.reward_model_load, "tokenizer"))
+    tok = load_tokenizer(args.reward_model_tokenizer or tokenizer_dir(args.reward_model_load))
     special = set(getattr(tok, "special_ids", []) or [])
 
     def encode(text: str) -> list[int]:
@@ -275,7 +273,7 @@ def check_judge_args(args) -> Optional[str]:
         return None
     if not os.path.isdir(load):
         return f"--reward-model-load {load}: directory does not exist"
-    from megatron_k15.checkpointing import CheckpointError, load_config
+    from megatron_k15.checkpointing import CheckpointError, load_config, tokenizer_dir
     from megatron_k15.models.config import ConfigError
 
     try:
@@ -288,7 +286,7 @@ def check_judge_args(args) -> Optional[str]:
     if not any(t.strip() for t in args.reward_model_tasks.split(",")):
         return "--reward-model-tasks: name at least one task (e.g. math)"
     tok = args.reward_model_tokenizer
-    if tok is None and not os.path.exists(os.path.join(load, "tokenizer")):
+    if tok is None and not os.path.exists(tokenizer_dir(load)):
         return (f"--reward-model-load {load} has no tokenizer/ directory; pass --reward-model-tokenizer "
                 "PATH|byte")
     if tok is not None and tok != "byte" and not os.path.exists(tok):

@@ -233,8 +233,13 @@ def is_hf_model_dir(path: str) -> bool:
 
 def tokenizer_dir(load_dir: str) -> str:
     """Where a checkpoint keeps its tokenizer: ``tokenizer/`` under the checkpoint root, or a
-    Hugging Face model directory itself."""
-    return load_dir if is_hf_model_dir(load_dir) else os.path.join(load_dir, "tokenizer")
+    Hugging Face model directory itself when it holds tokenizer files (the path need not exist:
+    callers say what is missing)."""
+    from megatron_k15.data.tokenizer import is_tokenizer_file
+
+    if is_hf_model_dir(load_dir) and any(is_tokenizer_file(n) for n in os.listdir(load_dir)):
+        return load_dir
+    return os.path.join(load_dir, "tokenizer")
 
 
 def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:

@@ -263,3 +263,13 @@ def test_tools_that_need_our_format_say_how_to_get_it(tmp_path):
     save_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2")
     with pytest.raises(CheckpointError, match="Hugging Face model directory.*convert_hf_to_megatron"):
         resolve_checkpoint_dir(str(tmp_path / "hf"))
+
+
+def test_tokenizer_dir_of_checkpoints_and_hf_directories(tmp_path):
+    from megatron_k15.checkpointing import tokenizer_dir
+
+    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen2")  # weights only
+    assert tokenizer_dir(str(tmp_path / "hf")) == str(tmp_path / "hf" / "tokenizer")  # missing: callers say so
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    assert tokenizer_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
+    assert tokenizer_dir(str(tmp_path / "ck")) == str(tmp_path / "ck" / "tokenizer")

@@ -51,10 +51,11 @@ def converted(request, tmp_path_factory):
     return hf, tmp
 
 
-def test_greedy_matches_transformers_generate(converted):
+@pytest.mark.parametrize("load", ["ck1", "hf"])  # our checkpoint, or the HF directory as it is
+def test_greedy_matches_transformers_generate(converted, load):
     hf, tmp = converted
     _write_prompts(tmp / "in.jsonl", PROMPTS)
-    assert generate.main(["--load", str(tmp / "ck1"), "--input", str(tmp / "in.jsonl"),
+    assert generate.main(["--load", str(tmp / load), "--input", str(tmp / "in.jsonl"),
                           "--output", str(tmp / "out.jsonl"), "--max-new-tokens", str(NEW_TOKENS),
                           "--temperature", "0", "--batch-size", "3"]) == 0
     out = _read(tmp / "out.jsonl")

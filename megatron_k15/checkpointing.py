@@ -90,10 +90,16 @@ class StageShardWriter:
         self.pending: dict[int, dict[str, torch.Tensor]] = {p: {} for p in range(pp)}
 
     def add(self, unit: dict[str, torch.Tensor]) -> None:
-        for p, stage in self.pending.items():
-            for name, tensor in unit.items():
-                if stage_owns(name, p, self.pp, self.ranges[p], self.cfg.tie_word_embeddings):
-                    stage[name] = pad_vocab(tensor, self.padded) if name in VOCAB_PARAMS else tensor
+        for name, tensor in unit.items():
+            owners = [p for p in range(self.pp) if stage_owns(name, p, self.pp, self.ranges[p],
+                                                              self.cfg.tie_word_embeddings)]
+            if any(p not in self.pending for p in owners):
+                raise ValueError(f"{name} came after its pipeline stage was written (pieces must come in layer "
+                                 "order)")
+            if name in VOCAB_PARAMS:
+                tensor = pad_vocab(tensor, self.padded)  # once, also for a tied embedding's two stages
+            for p in owners:
+                self.pending[p][name] = tensor
         last = max((n for n in map(layer_number, unit) if n is not None), default=-1)
         for p in [p for p in self.pending if p < self.pp - 1 and last >= self.ranges[p].stop - 1]:
             self._write_stage(p)

@@ -88,12 +88,14 @@ def test_reshard_for_rank_equals_split_of_the_merged_model(kind, saved, target, 
     assert set(merged) <= set(sharding.VOCAB_PARAMS)
 
 
-@pytest.mark.parametrize("kind,tp,pp", [("qwen2", 2, 2), ("llama", 1, 2), ("qwen3_moe", 2, 2), ("deepseek_v3", 2, 2)])
-def test_streamed_conversion_writes_each_stage_before_reading_the_next(tmp_path, kind, tp, pp):
-    """The converter's shards equal those of the whole-model path, every HF tensor is read
-    once, and a stage's files are on disk before any tensor of a later stage is read."""
+@pytest.mark.parametrize("kind,tp,pp,first", [("qwen2", 2, 2, None), ("llama", 1, 2, 1), ("llama", 2, 3, None),
+                                             ("qwen3_moe", 2, 2, 2), ("deepseek_v3", 2, 2, None)])
+def test_streamed_conversion_writes_each_stage_before_reading_the_next(tmp_path, kind, tp, pp, first):
+    """Every shard the streamed converter writes equals the rank's split of the whole converted
+    model (uneven stages, tied embeddings on both ends), every HF tensor is read once, and a
+    stage's files are on disk before any tensor of a later stage is read."""
     hf_dir = tmp_path / "hf"
-    hf = save_tiny_hf_checkpoint(str(hf_dir), kind, max_shard_size="100KB")
+    hf = save_tiny_hf_checkpoint(str(hf_dir), kind, max_shard_size="100KB", num_hidden_layers=3)
     cfg = gpt_config_from_hf(json.load(open(hf_dir / "config.json")))
     source = read_hf_state_dict(str(hf_dir))
     events = []
@@ -103,19 +105,18 @@ def test_streamed_conversion_writes_each_stage_before_reading_the_next(tmp_path,
         return source[name]
 
     lazy = LazyStateDict({name: (lambda n=name: logged(n)) for name in source})
-    ranges = pipeline_layer_ranges(cfg.num_layers, pp)
+    ranges = pipeline_layer_ranges(cfg.num_layers, pp, first)
     os.makedirs(tmp_path / "streamed")
     write_state_dict_units(str(tmp_path / "streamed"), hf_to_megatron_units(lazy, cfg), cfg, tp, pp, ranges,
                            progress=lambda t, p: events.append(("wrote", p)))
-    os.makedirs(tmp_path / "whole")
-    write_full_state_dict(str(tmp_path / "whole"), hf_to_megatron(hf.state_dict(), cfg), cfg, tp, pp, ranges)
 
+    full = hf_to_megatron(hf.state_dict(), cfg)
     for t in range(tp):
         for p in range(pp):
-            shard = f"mp_rank_{t:02d}_{p:03d}/model.pt"
-            a = torch.load(tmp_path / "streamed" / shard, weights_only=True)["model"]
-            b = torch.load(tmp_path / "whole" / shard, weights_only=True)["model"]
-            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+            got = torch.load(tmp_path / "streamed" / f"mp_rank_{t:02d}_{p:03d}" / "model.pt", weights_only=True)["model"]
+            want = split_for_rank(full, tp, t, pp, p, cfg.num_layers, cfg.tie_word_embeddings,
+                                  cfg.padded_vocab_size(tp), ranges)
+            assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), (t, p)
     reads = [name for kind_, name in events if kind_ == "read"]
     assert len(reads) == len(set(reads))
     for p in range(pp - 1):
@@ -123,6 +124,14 @@ def test_streamed_conversion_writes_each_stage_before_reading_the_next(tmp_path,
         later = [i for i, (kind_, name) in enumerate(events) if kind_ == "read" and name.startswith("model.layers.")
                  and int(name.split(".")[2]) >= ranges[p + 1].start]
         assert last_write < min(later), f"stage {p} was written after stage {p + 1}'s tensors were read"
+
+
+def test_a_piece_after_its_stage_was_written_is_refused(tmp_path):
+    full, cfg = _full_state("llama")
+    units = [{k: v for k, v in full.items() if k.startswith("layers.1.")},
+             {k: v for k, v in full.items() if k.startswith("layers.0.")}]
+    with pytest.raises(ValueError, match="layers.0.* came after its pipeline stage was written"):
+        write_state_dict_units(str(tmp_path), units, cfg, 1, 2)
 
 
 def test_hf_shard_writer_keeps_each_file_under_the_size(tmp_path):
@@ -273,3 +282,21 @@ def test_tokenizer_dir_of_checkpoints_and_hf_directories(tmp_path):
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")
     assert tokenizer_dir(str(tmp_path / "hf")) == str(tmp_path / "hf")
     assert tokenizer_dir(str(tmp_path / "ck")) == str(tmp_path / "ck" / "tokenizer")
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (5, 3), (4, 3, 2), (0, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_models_weighted_average_in_row_blocks_equals_the_formula(shape, dtype):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "merge_models", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                                     "merge_models.py"))
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    torch.manual_seed(0)
+    a, b = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    want = (0.3 * a.float() + 0.7 * b.float()).to(dtype)
+    for chunk in (1, 2, 5, 2 ** 24):
+        got = merge.weighted_average(a, b, 0.3, chunk_elems=chunk)
+        assert got.dtype == dtype and torch.equal(got, want), chunk

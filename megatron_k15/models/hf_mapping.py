@@ -1179,6 +1179,13 @@ class HFShardWriter:
         self.written.append((path, sorted(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
+    def abort(self) -> None:
+        """Removes the files written so far (after an error)."""
+        for path, _, _ in self.written:
+            if os.path.exists(path):
+                os.remove(path)
+        self.written, self.pending, self.pending_bytes = [], {}, 0
+
     def close(self) -> int:
         """Names the files and writes the index; returns the number of tensors written."""
         if self.pending or not self.written:
@@ -1201,6 +1208,10 @@ class HFShardWriter:
 def write_hf_state_dict(sd: Mapping, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write safetensors, split into shards with an index when larger than ``max_shard_bytes``."""
     writer = HFShardWriter(out_dir, max_shard_bytes)
-    for name in sorted(sd):
-        writer.add(name, sd[name])
-    writer.close()
+    try:
+        for name in sorted(sd):
+            writer.add(name, sd[name])
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -58,14 +58,16 @@ def meta_state_dict(sd: Mapping) -> LazyStateDict:
 # safetensors' dtype names
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "C64": torch.complex64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
 
 class SafetensorsFiles(LazyStateDict):
-    """The tensors of one or more safetensors files, read one by one (files are opened once,
-    memory-mapped; ``get_tensor`` copies a tensor out, so dropping it frees it)."""
+    """The tensors of one or more safetensors files, read one by one. Files are opened once and
+    memory-mapped: a tensor's pages are the file's (the kernel may drop them), so a tensor is
+    read-only to callers (writes would stay in this process's copy of the mapping)."""
 
     def __init__(self, paths: list[str]):
         from safetensors import safe_open
@@ -80,12 +82,15 @@ class SafetensorsFiles(LazyStateDict):
 
     def meta(self) -> LazyStateDict:
         """Shapes and dtypes from the files' headers, as meta tensors."""
-        def meta_tensor(handle, name):
+        def meta_tensor(path, handle, name):
             info = handle.get_slice(name)
-            return torch.empty(info.get_shape(), dtype=SAFETENSORS_DTYPES[info.get_dtype()], device="meta")
+            code = info.get_dtype()
+            if code not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which torch cannot hold")
+            return torch.empty(info.get_shape(), dtype=SAFETENSORS_DTYPES[code], device="meta")
 
-        return LazyStateDict({name: (lambda h=handle, n=name: meta_tensor(h, n))
-                              for handle in self._handles.values() for name in handle.keys()})
+        return LazyStateDict({name: (lambda p=path, h=handle, n=name: meta_tensor(p, h, n))
+                              for path, handle in self._handles.items() for name in handle.keys()})
 
 
 def safetensors_index_files(index_path: str) -> list[str]:

@@ -9,6 +9,8 @@ runs in a child process while this one samples the child's ``/proc/PID/status``:
     merge             tools/merge_models.py (long2short) of the tp1 pp1 and tp2 pp2 checkpoints, to pp4
     reshard           one rank's state (tp1 pp1, the whole model) cut out of the tp2 pp2 checkpoint,
                       as ``load_model_checkpoint`` builds it before copying into the model
+    rank ...          rank (0, 0) of tp2 pp2 from our shards at that layout, and from the HF
+                      directory (``--load HF_DIR``: ``hf_state_for_rank``)
 
 Columns: the largest anonymous resident memory seen (sampled every 10 ms: what the process
 itself allocated; the figure a memory limit has to cover), the same less that of a child that
@@ -52,6 +54,29 @@ if hasattr(ck, "reshard_for_rank"):
 else:  # a checkout from before: the merged full model, then split
     full, _ = ck.read_full_state_dict(ckpt)
     state = split_for_rank(full, 1, 0, 1, 0, cfg.num_layers, cfg.tie_word_embeddings, cfg.padded_vocab_size(1))
+print(sum(t.numel() for t in state.values()))
+"""
+
+# run in the child for the HF-directory step: argv = repo, HF directory; rank (0, 0) of tp2 pp2
+_HF_RANK_CHILD = """
+import sys
+from types import SimpleNamespace
+sys.path.insert(0, sys.argv[1])
+from megatron_k15 import checkpointing as ck
+from megatron_k15.models.sharding import pipeline_layer_ranges
+cfg = ck.load_config(sys.argv[2])
+model = SimpleNamespace(config=cfg, layer_range=pipeline_layer_ranges(cfg.num_layers, 2)[0], tp_size=2, tp_rank=0,
+                        padded_vocab_size=cfg.padded_vocab_size(2), own_experts=lambda name, t: t)
+state = ck.hf_state_for_rank(sys.argv[2], model, 0, 2)
+print(sum(t.numel() for t in state.values()))
+"""
+
+# the same rank's shard of our tp2 pp2 checkpoint, copied out of the mapping as a model load does
+_OUR_RANK_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from megatron_k15 import checkpointing as ck
+state = {k: v.clone() for k, v in ck.read_shard(ck.resolve_checkpoint_dir(sys.argv[2]), 0, 0).items()}
 print(sum(t.numel() for t in state.values()))
 """
 
@@ -150,6 +175,11 @@ def main(argv=None) -> None:
                 "--save", os.path.join(work, "merged"), "--pipeline-model-parallel-size", "4"]))
         steps.append(("reshard tp2 pp2 -> tp1 pp1", [
             sys.executable, "-c", _RESHARD_CHILD, args.repo, os.path.join(work, "ck_tp2pp2")]))
+        if os.path.isfile(os.path.join(args.repo, "megatron_k15", "models", "lazy_state_dict.py")):
+            steps.append(("rank tp0 pp0 of tp2 pp2: from our shards", [
+                sys.executable, "-c", _OUR_RANK_CHILD, args.repo, os.path.join(work, "ck_tp2pp2")]))
+            steps.append(("rank tp0 pp0 of tp2 pp2: from the HF directory", [
+                sys.executable, "-c", _HF_RANK_CHILD, args.repo, hf_dir]))
         base, _, _ = measure([sys.executable, "-c", _IMPORTS_CHILD, args.repo])
         print(f"model: {nbytes / GIB:.2f} GiB ({args.dtype}); tools of {args.repo}; imports alone: {base:.2f} GiB")
         print("| step | peak anonymous GiB | above imports, x model | peak resident GiB | seconds |")

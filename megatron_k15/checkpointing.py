@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from megatron_k15.models.sharding import (
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 
 
 class CheckpointError(RuntimeError):
@@ -295,6 +296,35 @@ def lazy_full_state_dict(load_dir: str, meta: bool = False) -> tuple[LazyStateDi
             loaders.setdefault(name, lambda name=name, p=p: merge_unpadded(
                 [saved[(t, p)][name] for t in range(tp)], name, cfg.vocab_size))
     return LazyStateDict(loaders), cfg
+
+
+def full_state_units(load_dir: str, meta: bool = False) -> tuple[Iterator[dict[str, torch.Tensor]], GPTConfig]:
+    """Our full (tp=1, pp=1) state dict of a checkpoint or of a Hugging Face model directory,
+    in layer-ordered pieces (the embedding, each layer, the rest), each read when it is reached;
+    ``meta``: tensors on the meta device (names and shapes, no data read)."""
+    if is_hf_model_dir(load_dir):
+        from megatron_k15.models.hf_mapping import hf_to_megatron_units, read_hf_state_dict
+        from megatron_k15.models.lazy_state_dict import meta_state_dict
+
+        cfg = load_config(load_dir)
+        source = read_hf_state_dict(load_dir)
+        return hf_to_megatron_units(meta_state_dict(source) if meta else source, cfg, where=load_dir), cfg
+    full, cfg = lazy_full_state_dict(load_dir, meta)
+    return ({name: full[name] for name in names} for names in names_by_layer(full)), cfg
+
+
+def copy_hf_side_files(hf_dir: str, out_dir: str) -> None:
+    """A Hugging Face directory's tokenizer files to ``out_dir/tokenizer``, its other files that
+    are not weights (generation_config.json, ...) to ``out_dir/hf_files`` (written back on export)."""
+    from megatron_k15.data.tokenizer import is_tokenizer_file
+
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if not os.path.isfile(src) or name == CONFIG_FILE or name.endswith(HF_WEIGHT_SUFFIXES):
+            continue
+        sub = "tokenizer" if is_tokenizer_file(name) else "hf_files"
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        shutil.copy2(src, os.path.join(out_dir, sub, name))
 
 
 def read_full_state_dict(load_dir: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:

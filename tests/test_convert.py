@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_k15.checkpointing import load_model_checkpoint, read_layout, resolve_checkpoint_dir
+from megatron_k15.checkpointing import copy_hf_side_files, load_model_checkpoint, read_layout, resolve_checkpoint_dir
 from megatron_k15.initialize import initialize_model_parallel
 from megatron_k15.models.gpt import GPTModel
 from megatron_k15.models.hf_mapping import read_hf_state_dict
@@ -234,7 +234,7 @@ def test_converter_puts_a_tokenizers_own_code_in_the_checkpoints_tokenizer(tmp_p
     for name in ("tokenizer_config.json", "tiktoken.model", "tokenization_moonshot.py", "configuration_deepseek.py",
                  "generation_config.json", "config.json", "model.safetensors"):
         (src / name).write_text("x")
-    to_megatron.copy_side_files(str(src), str(out))
+    copy_hf_side_files(str(src), str(out))
     assert sorted(os.listdir(out / "tokenizer")) == ["tiktoken.model", "tokenization_moonshot.py",
                                                      "tokenizer_config.json"]
     assert sorted(os.listdir(out / "hf_files")) == ["configuration_deepseek.py", "generation_config.json"]

@@ -50,6 +50,24 @@ def test_merge_is_the_weighted_average_at_any_layout(tmp_path):
     assert merge.main(["--load-a", a, "--load-b", b, "--save", str(tmp_path / "m")]) != 0  # exists
 
 
+@pytest.mark.parametrize("inputs", [("hf_a", "hf_b"), ("hf_a", "b")])
+def test_merge_takes_hugging_face_directories_as_they_are(tmp_path, inputs):
+    """Two released HF models (or one and one of our checkpoints) merge without converting:
+    the result equals merging their conversions, and carries the first one's side files."""
+    a, b = _convert(tmp_path, "a", 1), _convert(tmp_path, "b", 2)
+    (tmp_path / "hf_a" / "generation_config.json").write_text("{}")
+    (tmp_path / "hf_a" / "tokenizer.json").write_text("{}")
+    merge = _tool("merge_models")
+    assert merge.main(["--load-a", a, "--load-b", b, "--weight-a", "0.25", "--save", str(tmp_path / "m")]) == 0
+    out = tmp_path / "m_hf"
+    assert merge.main(["--load-a", str(tmp_path / inputs[0]), "--load-b", str(tmp_path / inputs[1]),
+                       "--weight-a", "0.25", "--save", str(out), "--pipeline-model-parallel-size", "2"]) == 0
+    (want, _), (got, _) = read_full_state_dict(str(tmp_path / "m")), read_full_state_dict(str(out))
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(os.listdir(out / "tokenizer")) == ["tokenizer.json"]
+    assert sorted(os.listdir(out / "hf_files")) == ["generation_config.json"]
+
+
 def test_merge_rejects_different_architectures(tmp_path, capsys):
     a = _convert(tmp_path, "a", 1)
     hf = tmp_path / "hf_c"

@@ -5,8 +5,10 @@
         --save ckpt/merged --tensor-model-parallel-size 2
 
 theta = w * theta_a + (1 - w) * theta_b for every parameter (Kimi k1.5's long2short merge).
-Inputs may have any tp/pp layouts; the output is written at the requested one, atomically,
-with the tokenizer of the first checkpoint. Both inputs are read (memory-mapped) one layer at a
+Inputs may have any tp/pp layouts, or be Hugging Face model directories (a released long-CoT
+model and a short one merge without converting either); the output is one of our checkpoints
+at the requested layout, written atomically, with the tokenizer (and, from a Hugging Face
+directory, the other non-weight files) of the first input. Both inputs are read (memory-mapped) one layer at a
 time and each pipeline stage of the output is written when complete: memory holds about one
 output stage.
 """
@@ -24,7 +26,8 @@ import _bootstrap  # noqa: F401,E402
 import torch  # noqa: E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, iteration_tag, lazy_full_state_dict, names_by_layer, write_state_dict_units,
+    LATEST_FILE, CheckpointError, copy_hf_side_files, full_state_units, is_hf_model_dir, iteration_tag,
+    write_state_dict_units,
 )
 from megatron_k15.files import atomic_directory  # noqa: E402
 
@@ -55,35 +58,40 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.save) and os.listdir(args.save):
             raise FileExistsError(f"--save {args.save} exists and is not empty")
-        a, cfg_a = lazy_full_state_dict(args.load_a)
-        b, cfg_b = lazy_full_state_dict(args.load_b)
-        shape_a = {k: tuple(v.shape) for k, v in lazy_full_state_dict(args.load_a, meta=True)[0].items()}
-        shape_b = {k: tuple(v.shape) for k, v in lazy_full_state_dict(args.load_b, meta=True)[0].items()}
-        if shape_a != shape_b:
-            diff = sorted(set(shape_a.items()) ^ set(shape_b.items()))[:3]
+        shapes = []
+        for load in (args.load_a, args.load_b):
+            units, _ = full_state_units(load, meta=True)
+            shapes.append({k: tuple(v.shape) for unit in units for k, v in unit.items()})
+        if shapes[0] != shapes[1]:
+            diff = sorted(set(shapes[0].items()) ^ set(shapes[1].items()))[:3]
             raise ValueError(f"--load-a and --load-b have different architectures (e.g. {diff})")
+        (units_a, cfg_a), (units_b, _) = full_state_units(args.load_a), full_state_units(args.load_b)
         w = args.weight_a
 
-        def merged(names):
-            return {k: weighted_average(a[k], b[k], w) for k in names}
+        def merged():
+            for a, b in zip(units_a, units_b):
+                if sorted(a) != sorted(b):
+                    raise ValueError(f"--load-a and --load-b hold different tensors ({sorted(set(a) ^ set(b))[:3]})")
+                yield {k: weighted_average(a[k], b[k], w) for k in a}
 
         cfg_a.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         with atomic_directory(args.save) as tmp:
             ckpt = os.path.join(tmp, iteration_tag(None))
             os.makedirs(ckpt)
-            write_state_dict_units(ckpt, map(merged, names_by_layer(a)), cfg_a, args.tensor_model_parallel_size,
+            write_state_dict_units(ckpt, merged(), cfg_a, args.tensor_model_parallel_size,
                                    args.pipeline_model_parallel_size, iteration=None,
                                    merged_from=[os.path.abspath(args.load_a), os.path.abspath(args.load_b)],
                                    weight_a=w)
             with open(os.path.join(tmp, LATEST_FILE), "w") as f:
                 f.write("release")
-            tok = os.path.join(args.load_a, "tokenizer")
-            if os.path.isdir(tok):
-                shutil.copytree(tok, os.path.join(tmp, "tokenizer"))
+            if is_hf_model_dir(args.load_a):
+                copy_hf_side_files(args.load_a, tmp)
+            elif os.path.isdir(os.path.join(args.load_a, "tokenizer")):
+                shutil.copytree(os.path.join(args.load_a, "tokenizer"), os.path.join(tmp, "tokenizer"))
     except (CheckpointError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"[merge_models] {len(a)} tensors, w={w} -> {args.save}")
+    print(f"[merge_models] {len(shapes[0])} tensors, w={w} -> {args.save}")
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
@@ -28,7 +27,9 @@ import _bootstrap  # noqa: F401,E402
 
 import torch  # noqa: E402
 
-from megatron_k15.checkpointing import LATEST_FILE, iteration_tag, write_state_dict_units  # noqa: E402
+from megatron_k15.checkpointing import (  # noqa: E402
+    LATEST_FILE, copy_hf_side_files, iteration_tag, write_state_dict_units,
+)
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
 from megatron_k15.models.lazy_state_dict import meta_state_dict  # noqa: E402
@@ -36,22 +37,9 @@ from megatron_k15.models.hf_mapping import (  # noqa: E402
     HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, hf_to_megatron_units, read_hf_config,
     read_hf_state_dict,
 )
-from megatron_k15.data.tokenizer import is_tokenizer_file  # noqa: E402
 from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
-
-
-def copy_side_files(hf_dir: str, out_dir: str) -> None:
-    """Tokenizer files to OUT/tokenizer, every other non-weight file to OUT/hf_files."""
-    for name in sorted(os.listdir(hf_dir)):
-        src = os.path.join(hf_dir, name)
-        if not os.path.isfile(src) or name == "config.json" or name.endswith(WEIGHT_SUFFIXES):
-            continue
-        sub = "tokenizer" if is_tokenizer_file(name) else "hf_files"
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        shutil.copy2(src, os.path.join(out_dir, sub, name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +87,7 @@ def main(argv=None) -> int:
             os.makedirs(ckpt)
             write_state_dict_units(ckpt, units, cfg, tp, pp, ranges, progress=progress, iteration=None,
                                    source=os.path.abspath(args.hf_dir))
-            copy_side_files(args.hf_dir, tmp)
+            copy_hf_side_files(args.hf_dir, tmp)
             with open(os.path.join(tmp, LATEST_FILE), "w") as f:
                 f.write("release")
         print(f"[convert] done in {time.time() - t0:.1f}s", flush=True)

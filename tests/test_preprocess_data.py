@@ -766,6 +766,11 @@ def test_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, capsys, m
     from megatron_k15.data.tokenizer import TRUST_REMOTE_CODE_ENV, load_tokenizer, save_tokenizer
 
     monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "0")  # not trusted; restored (unset) after the test
+    import transformers.dynamic_module_utils as dynamic_modules  # the code is copied there: keep ~/.cache clean
+
+    modules = str(tmp_path / "hf_modules")
+    monkeypatch.setenv("HF_MODULES_CACHE", modules)  # for the worker processes
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", modules)
     tok_dir = tmp_path / "toy"
     tok_dir.mkdir()
     (tok_dir / "tokenization_toy.py").write_text(TOY_TOKENIZER_CODE)

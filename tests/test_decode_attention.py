@@ -253,3 +253,34 @@ def test_cuda_long_context_and_graph_capture(dtype, tol):
     torch.cuda.synchronize()
     ref2 = paged_decode_attention_reference(q.float(), kc.float(), vc.float(), bt, lens)
     assert (static_out.float() - ref2).abs().max() <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("window_left", [-1, 10])
+def test_score_softcap(window_left):
+    """Gemma 2's soft-capped scores (cap * tanh(s / cap)): both implementations, with and
+    without lse, equal the explicit formula on each sequence's gathered K/V (float64)."""
+    q, k, v, bt, lens = _make(LENS, 8, 2, 32, seed=3)
+    q = q * 4  # many scores past the cap
+    scale, cap = 32 ** -0.5, 5.0
+    page, group = k.shape[1], 4
+    want_o, want_l = [], []
+    for b, n in enumerate(LENS):
+        pos = torch.arange(max(0, n - 1 - window_left) if window_left >= 0 else 0, n)
+        blocks = bt[b].long()[pos // page]
+        kb = k[blocks, pos % page].double().repeat_interleave(group, 1)  # (n, h, d)
+        vb = v[blocks, pos % page].double().repeat_interleave(group, 1)
+        s = cap * torch.tanh(torch.einsum("hd,nhd->hn", q[b].double(), kb) * scale / cap)
+        want_o.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), vb))
+        want_l.append(torch.logsumexp(s, -1))
+    want_o, want_l = torch.stack(want_o), torch.stack(want_l)
+    for impl in ("triton", "torch"):
+        out, lse = paged_decode_attention(q, k, v, bt, lens, return_lse=True, impl=impl, window_left=window_left,
+                                          softcap=cap)
+        plain = paged_decode_attention(q, k, v, bt, lens, impl=impl, window_left=window_left, softcap=cap)
+        assert (out.double() - want_o).abs().max() <= 1e-5 and (lse.double() - want_l).abs().max() <= 1e-5, impl
+        assert (plain.double() - want_o).abs().max() <= 1e-5, impl
+    ref = paged_decode_attention_reference(q, k, v, bt, lens, window_left=window_left, softcap=cap)
+    assert (ref.double() - want_o).abs().max() <= 1e-5
+    uncapped = paged_decode_attention_reference(q, k, v, bt, lens, window_left=window_left)
+    assert (uncapped.double() - want_o).abs().max() > 0.1

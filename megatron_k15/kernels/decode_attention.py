@@ -106,6 +106,7 @@ INTERPRET = _interpreting()
 # ----------------------------------------------------------------------------------------------
 
 if HAVE_TRITON:
+    from megatron_k15.kernels.flash_attention import _tanh  # noqa: F401 (called by the kernel)
 
     @triton.jit
     def _decode_split_kernel(
@@ -116,11 +117,11 @@ if HAVE_TRITON:
         stride_btb,
         stride_mob, stride_moh, stride_mos,
         stride_mlb, stride_mlh,
-        n_kv_heads, num_splits, qk_scale, window_left,
+        n_kv_heads, num_splits, qk_scale, window_left, softcap2,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WINDOW: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -166,6 +167,8 @@ if HAVE_TRITON:
             if UPCAST:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if SOFTCAP:  # cap * tanh(score / cap) in the log2 domain (softcap2 = cap * log2(e))
+                s = softcap2 * _tanh(s / softcap2)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -332,7 +335,7 @@ def _launch_cfg(head_dim: int, dtype: torch.dtype):
 
 
 def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
-                         return_lse, window_left=-1):
+                         return_lse, window_left=-1, softcap=0.0):
     batch, n_heads, head_dim = q.shape
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
@@ -372,11 +375,11 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        n_kv, num_splits, scale * LOG2E, max(window_left, 0),
+        n_kv, num_splits, scale * LOG2E, max(window_left, 0), softcap * LOG2E if softcap else 1.0,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=hd_pad, PAGE=page,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype != torch.float32, WINDOW=window_left >= 0,
+        UPCAST=INTERPRET and q.dtype != torch.float32, WINDOW=window_left >= 0, SOFTCAP=softcap > 0,
         **meta, **launch,
     )
     n_rows = batch * n_heads
@@ -409,12 +412,12 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None,
                                  return_lse=False, max_seq_len: Optional[int] = None, validate: bool = True,
-                                 window_left: int = -1):
+                                 window_left: int = -1, softcap: float = 0.0):
     """Vectorised PyTorch fallback with the semantics of ``paged_decode_attention``.
 
     Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``); without
     ``return_lse`` one masked SDPA call (its fused CPU/GPU kernels), otherwise explicit fp32
-    scores (float64 stays float64). Memory: O(batch * max_len * n_kv * head_dim)."""
+    scores (float64 stays float64), as with a score ``softcap``. Memory: O(batch * max_len * n_kv * head_dim)."""
     if validate:
         _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, n_heads, head_dim = q.shape
@@ -441,7 +444,7 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     valid = pos < lens
     if window_left >= 0:
         valid = valid & (pos >= lens - 1 - window_left)
-    if not return_lse and q.dtype != torch.float64:
+    if not return_lse and q.dtype != torch.float64 and not softcap:
         # one fused SDPA call over the gathered, padded K/V; GQA without repeating kv heads:
         # the query heads of a group are the query "rows" of their kv head, (b, kv, group, d)
         k = _gather_padded(k_cache, block_tables, max_len).transpose(1, 2)  # (b, kv, n, d)
@@ -458,6 +461,8 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
     v = _gather_padded(v_cache, block_tables, max_len).to(cdt)
     qg = q.to(cdt).reshape(batch, n_kv, group, head_dim)
     s = torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (b, kv, g); -inf for empty sequences
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
@@ -469,7 +474,8 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, so
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     softmax_scale=None, return_lse=False, window_left: int = -1):
+                                     softmax_scale=None, return_lse=False, window_left: int = -1,
+                                     softcap: float = 0.0):
     """Plain per-sequence PyTorch reference (computes in fp32, or float64 for float64 inputs).
 
     For each sequence: gather its ``seq_len`` K/V rows (the last ``window_left + 1`` with a
@@ -492,6 +498,8 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
         k = k_cache[blocks, pos % page].to(cdt).repeat_interleave(group, dim=1)  # (n, h, d)
         v = v_cache[blocks, pos % page].to(cdt).repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].to(cdt), k) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         lse[b] = torch.logsumexp(s, dim=-1)
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
     out = out.to(q.dtype)
@@ -505,7 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softmax_scale: Optional[float] = None,
                            num_splits: Optional[int] = None, return_lse: bool = False,
                            *, impl: str = "auto", max_seq_len: Optional[int] = None, validate: bool = True,
-                           window_left: int = -1):
+                           window_left: int = -1, softcap: float = 0.0):
     """Attention of one new query token per sequence over a paged KV cache (module docstring).
 
     Args:
@@ -524,6 +532,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             engine checks its first layer's call only).
         window_left: a sliding window (>= 0): the query sees only the last ``window_left + 1``
             tokens of its sequence (itself included); -1: all of them.
+        softcap: > 0: scores s become softcap * tanh(s / softcap) (Gemma 2); 0: none.
 
     Returns:
         out (batch, n_heads, head_dim) in q's dtype, and lse when ``return_lse``.
@@ -539,12 +548,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if impl == "torch":
         return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens,
                                             softmax_scale, return_lse, max_seq_len, validate=False,
-                                            window_left=window_left)
+                                            window_left=window_left, softcap=softcap)
     if not _triton_ok(q):
         raise RuntimeError(
             f"the Triton decode kernel needs triton and CUDA tensors of fp16/bf16/fp32 (got "
             f"{q.dtype} on {q.device}); on CPU set TRITON_INTERPRET=1 before importing triton")
     scale = _scale(softmax_scale, q.shape[-1])
     out, lse = _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                    num_splits, return_lse, int(window_left))
+                                    num_splits, return_lse, int(window_left), float(softcap))
     return (out, lse) if return_lse else out

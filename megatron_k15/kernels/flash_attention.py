@@ -109,6 +109,14 @@ def _block_start(start, LARGE: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp (the interpreter has no libdevice): (1 - e^-2|x|) / (1 + e^-2|x|), signed."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _window_key_range(start_m, causal_shift, window_left, n_full,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Sliding window, for the query rows [start_m, start_m + BLOCK_M): (n_lo, n_mid) with
@@ -129,10 +137,10 @@ def _window_key_range(start_m, causal_shift, window_left, n_full,
 def _fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_ks, stride_vs,
-    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left,
+    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -150,6 +158,8 @@ def _fwd_inner(
         if UPCAST:  # the interpreter's bf16 dot is broken: dot in fp32
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # log2 domain
+        if SOFTCAP:  # cap * tanh(score / cap), in the log2 domain (softcap2 = cap * log2(e))
+            s = softcap2 * _tanh(s / softcap2)
         if MASKED:
             valid = offs_n[None, :] < seqlen_k
             if CAUSAL:
@@ -189,10 +199,10 @@ def _attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale, seq_bucket, window_left,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, seq_bucket, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # heavy (late, for causal) query blocks first: better tail balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -260,18 +270,18 @@ def _attn_fwd_kernel(
         # masked: the window's lower band (keys left of some rows' windows)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
         )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
     )
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -333,10 +343,10 @@ def _attn_bwd_preprocess_kernel(
 def _bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-    offs_n, lo, hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
+    offs_n, lo, hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -362,6 +372,9 @@ def _bwd_dkdv_inner(
         # rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if SOFTCAP:
+            t_t = _tanh(s_t / softcap2)
+            s_t = softcap2 * t_t
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             valid = offs_n[:, None] < seqlen_k
@@ -383,7 +396,10 @@ def _bwd_dkdv_inner(
             p_t = p_t.to(tl.float32)
         dv = tl.dot(p_t, do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_base.dtype.element_ty)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # d(cap tanh(x / cap)) / dx = 1 - tanh^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        ds_t = ds_t.to(q_base.dtype.element_ty)
         if UPCAST:
             ds_t = ds_t.to(tl.float32)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
@@ -400,10 +416,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, sm_scale, seq_bucket, window_left,
+    seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, sm_scale, seq_bucket, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -485,21 +501,21 @@ def _attn_bwd_dkdv_kernel(
         # masked: the diagonal band
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, m_lo, band_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
-            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+            offs_n, m_lo, band_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
         )
         # unmasked: whole query blocks that see every key of this block
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, m_mid, unmasked_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
-            HEAD_DIM, BLOCK_M, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+            offs_n, m_mid, unmasked_end, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+            HEAD_DIM, BLOCK_M, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
         )
         # masked: the ragged last query block (and, with a window, the rows whose windows
         # leave this block)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, stride_ls,
-            offs_n, tail_start, m_hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left,
-            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+            offs_n, tail_start, m_hi, seqlen_q, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
         )
     dk = dk * sm_scale
     tl.store(DK + dk_off + hk64 * stride_dkh + (rows_n * stride_dks)[:, None]
@@ -512,10 +528,10 @@ def _attn_bwd_dkdv_kernel(
 def _bwd_dq_inner(
     dq, q, do, lse, delta,
     k_base, v_base, stride_ks, stride_vs,
-    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left,
+    offs_m, lo, hi, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -537,6 +553,9 @@ def _bwd_dq_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if SOFTCAP:
+            t = _tanh(s / softcap2)
+            s = softcap2 * t
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             valid = col_ok[None, :]
@@ -547,6 +566,8 @@ def _bwd_dq_inner(
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         ds = ds.to(k_base.dtype.element_ty)
         if UPCAST:
             ds = ds.to(tl.float32)
@@ -563,10 +584,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, seq_bucket, window_left,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, seq_bucket, window_left, softcap2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, LARGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -632,18 +653,18 @@ def _attn_bwd_dq_kernel(
                                         BLOCK_M, BLOCK_N)
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+            offs_m, n_lo, n_mid, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
         )
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_mid, n_full, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST,
+        offs_m, n_full, n_end, seqlen_k, causal_shift, qk_scale, window_left, softcap2,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, LARGE, DOT_PREC, UPCAST, SOFTCAP,
     )
     dq = dq * sm_scale
     tl.store(DQ + dq_off + h64 * stride_dqh + (rows_m * stride_dqs)[:, None]
@@ -839,7 +860,12 @@ def _part(t, b0, b1, varlen, cu=False):
     return t[b0:b1]
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left=-1):
+def _softcap_args(softcap: float) -> tuple[float, bool]:
+    """(cap * log2(e), SOFTCAP): the kernels cap scores in the log2 domain; 0 means no cap."""
+    return (softcap * LOG2E, True) if softcap > 0 else (1.0, False)
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left=-1, softcap=0.0):
     varlen = cu_seqlens is not None
     if varlen:
         total, n_heads, head_dim = q.shape
@@ -859,8 +885,9 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left
     qk_scale = softmax_scale * LOG2E
     large = _needs_int64(max(seqlen_q, seqlen_k), q, k, v, out, varlen=varlen)
     cu = cu_seqlens if varlen else q  # dummy pointer when not varlen
+    softcap2, capped = _softcap_args(softcap)
     meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), WINDOW=window_left >= 0, VARLEN=varlen,
-                LARGE=large, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
+                LARGE=large, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype), SOFTCAP=capped)
 
     for b0, b1 in _batch_chunks(batch, n_heads):
         def grid(m, n=b1 - b0):
@@ -872,13 +899,13 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(out, varlen),
             *_lse_strides(lse, varlen),
             seqlen_q, seqlen_k, n_heads, group, qk_scale, _seq_bucket(max(seqlen_q, seqlen_k)),
-            max(window_left, 0), **meta, **_fixed(_INTERP_FWD),
+            max(window_left, 0), softcap2, **meta, **_fixed(_INTERP_FWD),
         )
     return out, lse
 
 
 def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
-              window_left=-1):
+              window_left=-1, softcap=0.0):
     varlen = cu_seqlens is not None
     if varlen:
         total, n_heads, head_dim = q.shape
@@ -906,8 +933,9 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
         dlse = dlse.to(torch.float32)
         if dlse.stride() != lse.stride():
             dlse = dlse.contiguous()
+    softcap2, capped = _softcap_args(softcap)
     meta = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), WINDOW=window_left >= 0, VARLEN=varlen,
-                LARGE=large, DOT_PREC=dot_prec, UPCAST=_upcast(q.dtype))
+                LARGE=large, DOT_PREC=dot_prec, UPCAST=_upcast(q.dtype), SOFTCAP=capped)
     for b0, b1 in _batch_chunks(batch, n_heads):  # (MAX_GRID_Y)
         n = b1 - b0
         q_, k_, v_, do_, out_, lse_, delta_, dq_, dk_, dv_ = (
@@ -924,14 +952,14 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
             q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_,
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
             *_s3(dk, varlen), *_s3(dv, varlen), *_lse_strides(lse, varlen),
-            seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket, max(window_left, 0),
+            seqlen_q, seqlen_k, n_kv, group, qk_scale, softmax_scale, bucket, max(window_left, 0), softcap2,
             **meta, **_fixed(_INTERP_DKDV),
         )
         _dq_launcher[lambda m, n=n: (triton.cdiv(seqlen_q, m["BLOCK_M"]), n * n_heads)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_,
             *_s3(q, varlen), *_s3(k, varlen), *_s3(v, varlen), *_s3(do, varlen),
             *_s3(dq, varlen), *_lse_strides(lse, varlen),
-            seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket, max(window_left, 0),
+            seqlen_q, seqlen_k, n_heads, group, qk_scale, softmax_scale, bucket, max(window_left, 0), softcap2,
             **meta, **_fixed(_INTERP_DQ),
         )
     return dq, dk, dv
@@ -939,13 +967,14 @@ def _backward(do, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softm
 
 class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left):
-        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left, softcap):
+        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_left, softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
         ctx.window_left = window_left
+        ctx.softcap = softcap
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -956,8 +985,8 @@ class _FlashAttnFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dout = _last_dim_contiguous(dout)
         dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                               ctx.causal, ctx.softmax_scale, ctx.window_left)
-        return dq, dk, dv, None, None, None, None, None
+                               ctx.causal, ctx.softmax_scale, ctx.window_left, ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1000,6 +1029,14 @@ def _check_common(q, k, v, softmax_scale, ndim, layout):
     return softmax_scale
 
 
+def check_softcap(softcap) -> float:
+    """A score soft-cap: 0 (none) or a positive finite number."""
+    softcap = float(softcap or 0.0)
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be 0 (none) or a positive number, got {softcap}")
+    return softcap
+
+
 def window_left_of(window_size, causal: bool) -> int:
     """flash-attn's ``window_size=(left, right)`` (-1: unbounded) -> the left window, -1 for
     none. Only causal sliding windows are supported: right must be -1 or 0."""
@@ -1022,27 +1059,30 @@ def window_left_of(window_size, causal: bool) -> int:
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: Optional[float] = None, return_lse: bool = False,
-                    window_size: tuple = (-1, -1)):
+                    window_size: tuple = (-1, -1), softcap: float = 0.0):
     """Attention over (batch, seqlen, heads, head_dim) tensors; see the module docstring.
 
     Returns ``out`` shaped like q, and with ``return_lse`` also ``lse`` (batch, n_heads, seqlen_q)
     fp32 natural log. Causal masking with seqlen_q != seqlen_k is bottom-right aligned.
     ``window_size=(left, 0)``: a causal sliding window, query i sees keys i' - left .. i'
     (i' = i + seqlen_k - seqlen_q; Hugging Face's ``sliding_window`` W is left = W - 1).
+    ``softcap`` > 0: each scaled score s becomes softcap * tanh(s / softcap) before the softmax
+    (Gemma 2's attention logit soft-capping); the lse is of the capped scores.
     """
     softmax_scale = _check_common(q, k, v, softmax_scale, 4, "(batch, seqlen, heads, head_dim)")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k/v batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
     window_left = window_left_of(window_size, causal)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _FlashAttnFunction.apply(q, k, v, None, 0, bool(causal), softmax_scale, window_left)
+    out, lse = _FlashAttnFunction.apply(q, k, v, None, 0, bool(causal), softmax_scale, window_left,
+                                        check_softcap(softcap))
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True,
                            softmax_scale: Optional[float] = None, return_lse: bool = False,
-                           window_size: tuple = (-1, -1)):
+                           window_size: tuple = (-1, -1), softcap: float = 0.0):
     """Attention over packed sequences (total_tokens, heads, head_dim); see the module docstring.
 
     ``cu_seqlens`` int32 (batch + 1,) holds the sequence boundaries (first 0, last total_tokens),
@@ -1077,7 +1117,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              f"({int(lengths.max())})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _FlashAttnFunction.apply(q, k, v, cu_seqlens.contiguous(), max_seqlen, bool(causal),
-                                        softmax_scale, window_left)
+                                        softmax_scale, window_left, check_softcap(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -1088,7 +1128,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         softmax_scale: Optional[float] = None, return_lse: bool = False,
-                        upcast: Optional[torch.dtype] = None, window_size: tuple = (-1, -1)):
+                        upcast: Optional[torch.dtype] = None, window_size: tuple = (-1, -1),
+                        softcap: float = 0.0):
     """Plain PyTorch attention with flash_attn_func's layout and semantics (GQA, bottom-right
     causal, empty rows -> output 0 and lse -inf). Computes in ``upcast`` (default: the input
     dtype; pass torch.float64 for a reference) and returns that dtype; differentiable."""
@@ -1102,6 +1143,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     kk = k.repeat_interleave(group, dim=2)
     vv = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * softmax_scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     window_left = window_left_of(window_size, causal)
     if causal:
         i = torch.arange(sq, device=q.device)[:, None]
@@ -1125,7 +1168,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, causal=True, softmax_scale=None,
-                               return_lse=False, upcast=None, window_size=(-1, -1)):
+                               return_lse=False, upcast=None, window_size=(-1, -1), softcap=0.0):
     """attention_reference applied per packed sequence; lse (n_heads, total_tokens)."""
     outs, lses = [], []
     bounds = [int(x) for x in cu_seqlens.tolist()]
@@ -1137,7 +1180,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens, causal=True, softmax_scale=N
             continue
         o, l = attention_reference(q[None, s:e], k[None, s:e], v[None, s:e], causal=causal,
                                    softmax_scale=softmax_scale, return_lse=True, upcast=upcast,
-                                   window_size=window_size)
+                                   window_size=window_size, softcap=softcap)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs, 0)

@@ -745,6 +745,10 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     except ConfigError as e:
         raise ArgumentError(str(e)) from None
     args.model_config = cfg
+    if cp > 1 and cfg.attn_logit_softcapping:
+        raise ArgumentError(f"--context-parallel-size {cp}: ring attention does not soft-cap scores "
+                            f"(attn_logit_softcapping={cfg.attn_logit_softcapping}, Gemma 2); use "
+                            "--context-parallel-size 1")
     if not cfg.is_moe:
         for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm",
                      "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",

@@ -173,6 +173,12 @@ TINY_HF_MODELS = {
     "gemma3": (("Gemma3TextConfig", "Gemma3ForCausalLM"), dict(
         num_hidden_layers=6, head_dim=32, sliding_window=24, query_pre_attn_scalar=24, tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
+    # Gemma 2: 4 layers alternating sliding (window 24) and global, head_dim 32 with
+    # query_pre_attn_scalar 24, GeGLU, tied, soft caps small enough to bind on a random model
+    # (scores at 0.5, logits at 1.0); eager attention, transformers' only one that soft-caps
+    "gemma2": ("Gemma2", dict(num_hidden_layers=4, head_dim=32, sliding_window=24, query_pre_attn_scalar=24,
+                              tie_word_embeddings=True, attn_logit_softcapping=0.5, final_logit_softcapping=1.0,
+                              attn_implementation="eager", pad_token_id=0)),
     # GLM-4.5 (DeepSeek-V3's MoE with GQA attention): the first of 3 layers dense, then 8 experts
     # of 32 in 2 groups (top-1 group), top-2 by sigmoid score + correction bias, scaled x2.5, a
     # shared expert; QKV bias, per-head q/k norms, RoPE on the first half of each head
@@ -230,7 +236,7 @@ def tiny_hf_model(kind: str = "qwen2", seed: int = 0, **overrides):
             elif pname.endswith("sinks"):
                 p.uniform_(-1.0, 2.0)
             elif "norm" in pname:  # scales of 0.5-1.5 (Gemma stores the scale less 1)
-                p.uniform_(0.5, 1.5).sub_(1.0 if kind == "gemma3" else 0.0)
+                p.uniform_(0.5, 1.5).sub_(1.0 if kind in ("gemma2", "gemma3") else 0.0)
         for bname, b in model.named_buffers():  # DeepSeek's router bias: comparable to the scores' spread
             if bname.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)

@@ -43,6 +43,7 @@ to_hf = _load_tool(TO_HF)
     ("olmo3", torch.bfloat16, None, 2, 2),      # post-norms; q/k norms over all heads, split over tp
     ("gpt_oss", torch.bfloat16, None, 2, 2),    # sinks, interleaved gate/up with biases, experts over tp
     ("gemma3", torch.bfloat16, None, 2, 2),     # four norms per layer, tied, a RoPE per layer type
+    ("gemma2", torch.bfloat16, None, 2, 2),     # Gemma's block with soft caps (kept in the exported config)
     ("glm4", torch.bfloat16, None, 2, 2),       # interleaved partial RoPE rows reordered and back, four norms
     ("glm", torch.float32, None, 2, 1),         # the same RoPE, QKV bias, fused gate_up_proj
     ("smollm3", torch.bfloat16, None, 2, 2),    # a layer without RoPE, tied embeddings

@@ -76,7 +76,8 @@ def test_moe_greedy_equals_transformers(kind):
 
 
 @pytest.mark.parametrize("kind,decode_impl", [("olmo3", "triton"), ("mistral", "torch"), ("gpt_oss", "torch"),
-                                              ("gpt_oss", "triton"), ("gemma3", "torch"), ("exaone4", "torch")])
+                                              ("gpt_oss", "triton"), ("gemma3", "torch"), ("exaone4", "torch"),
+                                              ("gemma2", "triton"), ("gemma2", "torch")])
 def test_sliding_window_generation_equals_transformers_and_recompute(kind, decode_impl):
     """8-token windows (OLMo 3: three sliding layers and one full; Mistral v0.1: every layer;
     gpt-oss: a sliding and a full layer, with attention sinks through prefill, chunks and decode):

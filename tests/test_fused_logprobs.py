@@ -54,6 +54,25 @@ def test_values_and_grads_tp1(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_softcapped_logits(impl):
+    """Gemma 2's final soft cap (z -> cap * tanh(z / cap)): log-probs, entropy and both
+    gradients against autograd through the explicit formula, with a cap that binds."""
+    hidden, weight, targets, g_logp, g_ent = _problem()
+    hidden = hidden * 3  # logits of O(10): the cap of 2 changes them by O(1)
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = 2.0 * torch.tanh((h @ w.t()) / 2.0)
+    logsm = torch.log_softmax(z, -1)
+    ref_logp = logsm.gather(1, targets[:, None])[:, 0]
+    ref_ent = -(logsm.exp() * logsm).sum(-1)
+    ((ref_logp * g_logp.double()).sum() + (ref_ent * g_ent.double()).sum()).backward()
+    got = _fused(hidden, weight, targets, g_logp, g_ent, impl=impl, chunk_tokens=16, chunk_vocab=32, softcap=2.0)
+    for name, a, b in zip(["logp", "entropy", "d_hidden", "d_weight"], got, (ref_logp, ref_ent, h.grad, w.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+    assert (reference_logprobs(hidden, weight, targets) - got[0]).abs().max() > 0.5  # the cap binds
+    assert torch.allclose(reference_logprobs(hidden, weight, targets, softcap=2.0), got[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_logp_only_gradient(impl):
     hidden, weight, targets, g_logp, _ = _problem(N=20, H=24, V=70, seed=1)
     ref = _reference(hidden, weight, targets, g_logp, torch.zeros(20))

@@ -187,6 +187,7 @@ SLIDING_CASES = [
     ("olmo3", {}, [0, 1, 2]),  # three sliding layers, then a full one
     ("olmo3", {"rope_scaling": YARN_SCALING}, [0, 1, 2]),  # YaRN on the full layer only
     ("gemma3", {}, [0, 1, 2, 3, 4]),  # five local layers (RoPE base 1e4), a global one (1e6, linear x8)
+    ("gemma2", {}, [0, 2]),  # alternating local and global layers, soft-capped scores and logits
 ]
 
 
@@ -355,6 +356,33 @@ def test_gemma3_reads_its_block_from_the_config():
     assert cfg.rope_scaling == {"factor": 8.0, "rope_type": "linear"}
     assert cfg.sliding_rope == {"rotary_base": 10000.0, "rope_scaling": None}
     assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_gemma2_soft_caps_match_transformers_and_matter(backend):
+    """Gemma 2 (eager attention in transformers, its only soft-capping one): logits, and the
+    response log-probs of both our paths (vocab-parallel cross-entropy and the fused kernel),
+    equal transformers'; each cap matters (removing it moves the logits)."""
+    hf = tiny_hf_model("gemma2", initializer_range=0.2)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (0.5, 1.0)
+    assert not cfg.qk_layernorm and cfg.sliding_rope is None and cfg.num_parameters() == sum(
+        p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        want = torch.log_softmax(ref.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        for impl in ("ce", "fused"):
+            model.logprob_impl = impl
+            assert (model(ids[:, :-1], labels=ids[:, 1:]) - want).abs().max().item() <= 1e-4, impl
+        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+            uncapped = build_from_hf(hf, backend)
+            setattr(uncapped.config, field, None)
+            for layer in uncapped.layers.values():
+                layer.self_attention.softcap = uncapped.config.attn_logit_softcapping or 0.0
+            assert (uncapped.gather_logits(uncapped(ids)) - ref).abs().max().item() > 1e-2, field
 
 
 def test_olmo2_matches_transformers_and_its_block():

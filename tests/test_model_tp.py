@@ -15,6 +15,7 @@ from megatron_k15.testing import hf_config_dict, run_distributed, tiny_hf_model
 SEQ = 24
 # OLMo 3's window made shorter than SEQ so it binds
 OVERRIDES = {"olmo3": {"sliding_window": 8}, "gpt_oss": {"sliding_window": 8}, "gemma3": {"sliding_window": 8},
+             "gemma2": {"sliding_window": 8},
              "exaone4": {"sliding_window": 8}}
 
 
@@ -71,6 +72,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("olmo3", False),  # + sliding-window layers
     ("gpt_oss", True),  # sinks split over tp; biased router, experts and output projection
     ("gemma3", True),  # (1 + w) norms around the sublayers, GeGLU, scaled embeddings, local/global RoPE
+    ("gemma2", True),  # soft-capped scores (per head) and logits (per vocabulary shard)
     ("glm4", True),  # partial RoPE (the reordered rows split over tp by head), norms around the sublayers
     ("smollm3", True),  # a layer without RoPE
     ("exaone4", True),  # norms after the sublayers, per-head q/k norms, sliding layers and a NoPE one

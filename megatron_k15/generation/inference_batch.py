@@ -67,10 +67,11 @@ class LayerKVCache:
         self.batch = batch
         self.index = layer
 
-    def attend(self, q, k, v, softmax_scale, window_size=(-1, -1), sinks=None):
+    def attend(self, q, k, v, softmax_scale, window_size=(-1, -1), sinks=None, softcap=0.0):
         """``window_size=(left, 0)``: the layer's sliding window (its queries see their last
-        left + 1 tokens); ``sinks``: the layer's attention sinks (gpt-oss, this rank's heads)."""
-        out_lse = self._attend(q, k, v, softmax_scale, window_size, sinks is not None)
+        left + 1 tokens); ``sinks``: the layer's attention sinks (gpt-oss, this rank's heads);
+        ``softcap``: the scores' soft cap (Gemma 2)."""
+        out_lse = self._attend(q, k, v, softmax_scale, window_size, sinks is not None, softcap=softcap)
         if sinks is None:
             return out_lse
         out, lse = out_lse  # lse laid out like out without head_dim
@@ -94,16 +95,19 @@ class LayerKVCache:
         attends over ``expand(rows)`` -> (K, V) of the prefix's rows (T, 1, r)."""
         return self._attend(q, k, v, softmax_scale, (-1, -1), False, latent=latent, expand=expand)
 
-    def _attend(self, q, k, v, softmax_scale, window_size, with_lse: bool, latent=None, expand=None):
+    def _attend(self, q, k, v, softmax_scale, window_size, with_lse: bool, latent=None, expand=None,
+                softcap=0.0):
         b = self.batch
         window_left = window_size[0]
         kw = {} if window_left < 0 else {"window_size": window_size}
         if with_lse:
             kw["return_lse"] = True
-        if (window_left >= 0 or with_lse) and b.cp_group is not None:
-            raise NotImplementedError("context-parallel decode of sliding-window layers or attention sinks is "
-                                      "not supported (the cache shards hold every cp-th position): generate "
-                                      "without --context-parallel-size")
+        if softcap:
+            kw["softcap"] = softcap
+        if (window_left >= 0 or with_lse or softcap) and b.cp_group is not None:
+            raise NotImplementedError("context-parallel decode of sliding-window layers, attention sinks or "
+                                      "soft-capped scores is not supported (the cache shards hold every cp-th "
+                                      "position): generate without --context-parallel-size")
         cache = b.cache
         if b.resolved_slots is None:
             b.resolved_slots = cache.resolve_slots(b.slots)
@@ -141,7 +145,7 @@ class LayerKVCache:
             res = paged_decode_attention(
                 q[0], cache.k_cache(self.index), cache.v_cache(self.index),
                 cache.for_layer(b.block_tables, self.index), b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
-                validate=validate, window_left=window_left, return_lse=with_lse)
+                validate=validate, window_left=window_left, return_lse=with_lse, softcap=softcap)
             return (res[0].unsqueeze(0), res[1].unsqueeze(0)) if with_lse else res.unsqueeze(0)
         out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,

@@ -11,7 +11,8 @@
 
 Returns log p(target) (N,) fp32, and the entropy of the full softmax (N,) fp32 when
 ``return_entropy``. Differentiable in hidden and weight. For sampling temperature T pass
-``hidden / T``.
+``hidden / T``. ``softcap`` > 0 soft-caps every logit first, z -> softcap * tanh(z / softcap)
+(Gemma 2's final logits); the backward multiplies by the tanh's derivative.
 
 Forward: a Triton kernel tiles tokens x vocabulary, computes each logit tile with ``tl.dot``
 (fp32 accumulation; for 16-bit inputs the tile is rounded to the input dtype, as a 16-bit GEMM
@@ -66,16 +67,17 @@ def _interpret() -> bool:
 
 # ----------------------------------------------------------------------------- Triton forward
 if HAVE_TRITON:
+    from megatron_k15.kernels.flash_attention import _tanh  # noqa: F401 (called by the kernel)
 
     @triton.jit
     def _logprob_partials_kernel(
         H_ptr, W_ptr, T_ptr,
         M_ptr, S_ptr, TZ_ptr, ZT_ptr,
-        N, V, D, vocab_start, v_per_split,
+        N, V, D, vocab_start, v_per_split, softcap,
         stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
-        BF16_BITS: tl.constexpr,
+        BF16_BITS: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """One program: BLOCK_N tokens x one vocabulary split; writes the split's partials."""
         pid_n = tl.program_id(0)
@@ -126,6 +128,8 @@ if HAVE_TRITON:
                     acc = bits.to(tl.float32, bitcast=True)
                 else:
                     acc = acc.to(H_ptr.dtype.element_ty).to(tl.float32)
+            if SOFTCAP:
+                acc = softcap * _tanh(acc / softcap)
             z = tl.where(mask_v[None, :], acc, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every chunk has a valid column
             alpha = tl.exp(m - m_new)
@@ -161,7 +165,7 @@ def _triton_config(device: torch.device, dtype: torch.dtype, H: int):
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, num_warps=8, num_stages=3)
 
 
-def _partials_triton(hidden, weight, targets, vocab_start, entropy):
+def _partials_triton(hidden, weight, targets, vocab_start, entropy, softcap=0.0):
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _triton_config(hidden.device, hidden.dtype, D)
@@ -184,13 +188,13 @@ def _partials_triton(hidden, weight, targets, vocab_start, entropy):
         return _merge_splits(m, s, tz if entropy else None, zt)
     _logprob_partials_kernel[(n_blocks, n_split)](
         hidden, weight, targets, m, s, tz, zt,
-        N, V, D, vocab_start, v_per_split,
+        N, V, D, vocab_start, v_per_split, softcap or 1.0,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"],
         ENTROPY=bool(entropy), IEEE=hidden.dtype == torch.float32,
         UPCAST=not _compiled(hidden.device) and hidden.dtype != torch.float32,
         ROUND=hidden.dtype != torch.float32,
-        BF16_BITS=not _compiled(hidden.device) and hidden.dtype == torch.bfloat16,
+        BF16_BITS=not _compiled(hidden.device) and hidden.dtype == torch.bfloat16, SOFTCAP=softcap > 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _merge_splits(m, s, tz if entropy else None, zt)
@@ -206,8 +210,13 @@ def _merge_splits(m, s, tz, zt):
 
 
 # ----------------------------------------------------------------------------- torch forward
+def _capped(z: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap * tanh(z / softcap) (no cap: z)."""
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
 def _partials_torch(hidden, weight, targets, vocab_start, entropy,
-                    chunk_tokens=DEFAULT_CHUNK_TOKENS, chunk_vocab=DEFAULT_CHUNK_VOCAB):
+                    chunk_tokens=DEFAULT_CHUNK_TOKENS, chunk_vocab=DEFAULT_CHUNK_VOCAB, softcap=0.0):
     N = hidden.shape[0]
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -223,7 +232,7 @@ def _partials_torch(hidden, weight, targets, vocab_start, entropy,
         lt = local_t[n0:n1]
         for v0 in range(0, V, chunk_vocab):
             v1 = min(V, v0 + chunk_vocab)
-            z = (h @ weight[v0:v1].t()).float()
+            z = _capped((h @ weight[v0:v1].t()).float(), softcap)
             m_new = torch.maximum(mc, z.max(1).values)
             alpha = torch.exp(mc - m_new)
             p = torch.exp(z - m_new[:, None])
@@ -248,16 +257,16 @@ def _tp_info(tp_group):
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, tp_group, want_entropy, impl, reduce_hidden_grad,
-                chunk_tokens, chunk_vocab, vocab_start=None):
+                chunk_tokens, chunk_vocab, vocab_start=None, softcap=0.0):
         tp_size, tp_rank = _tp_info(tp_group)
         if vocab_start is None:
             vocab_start = tp_rank * weight.shape[0]
         targets = targets.reshape(-1)
         if impl == "triton":
-            m, s, tz, zt = _partials_triton(hidden, weight, targets, vocab_start, want_entropy)
+            m, s, tz, zt = _partials_triton(hidden, weight, targets, vocab_start, want_entropy, softcap)
         else:
             m, s, tz, zt = _partials_torch(hidden, weight, targets, vocab_start, want_entropy,
-                                           chunk_tokens, chunk_vocab)
+                                           chunk_tokens, chunk_vocab, softcap)
         if tp_size > 1:
             M = m.clone()
             dist.all_reduce(M, op=dist.ReduceOp.MAX, group=tp_group)
@@ -279,7 +288,7 @@ class _FusedLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
         ctx.tp_group, ctx.tp_size, ctx.vocab_start = tp_group, tp_size, vocab_start
         ctx.want_entropy, ctx.reduce_hidden_grad = want_entropy, reduce_hidden_grad
-        ctx.chunk_tokens, ctx.chunk_vocab = chunk_tokens, chunk_vocab
+        ctx.chunk_tokens, ctx.chunk_vocab, ctx.softcap = chunk_tokens, chunk_vocab, softcap
         ctx.set_materialize_grads(False)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
@@ -292,7 +301,7 @@ class _FusedLogProbs(torch.autograd.Function):
         if not ctx.want_entropy:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return (None,) * 9
+            return (None,) * 11
         N, V = hidden.shape[0], weight.shape[0]
         dev = hidden.device
         g = g_logp.float() if g_logp is not None else torch.zeros(N, dtype=torch.float32, device=dev)
@@ -309,6 +318,9 @@ class _FusedLogProbs(torch.autograd.Function):
                 n1 = min(N, n0 + cn)
                 h = hidden[n0:n1]
                 z = (h @ w.t()).float()
+                if ctx.softcap:
+                    t = torch.tanh(z / ctx.softcap)
+                    z = ctx.softcap * t
                 p = torch.exp(z - lse[n0:n1, None])
                 coef = g[n0:n1, None]
                 if ge is not None:
@@ -320,6 +332,9 @@ class _FusedLogProbs(torch.autograd.Function):
                 # + g at each token's target column, for the targets in this chunk (no host sync:
                 # the others add 0 at a clamped column)
                 gz.scatter_add_(1, (lt - v0).clamp(0, v1 - v0 - 1)[:, None], (g[n0:n1] * own)[:, None])
+                if ctx.softcap:  # through the cap: d(cap tanh(z / cap)) / dz = 1 - tanh^2
+                    gz = gz * (1.0 - t * t)
+                    del t
                 gz = gz.to(hidden.dtype)
                 if need_h:
                     dh[n0:n1] += (gz @ w).float()
@@ -332,7 +347,7 @@ class _FusedLogProbs(torch.autograd.Function):
             if ctx.tp_size > 1 and ctx.reduce_hidden_grad:
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             dh = dh.to(hidden.dtype)
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None
 
 
 def _choose_impl(impl: str, hidden: torch.Tensor) -> str:
@@ -351,7 +366,7 @@ def _choose_impl(impl: str, hidden: torch.Tensor) -> str:
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp_group=None,
                    return_entropy: bool = False, *, impl: str = "auto", reduce_hidden_grad: bool = True,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
-                   vocab_start: Optional[int] = None):
+                   vocab_start: Optional[int] = None, softcap: float = 0.0):
     """log p(targets) (N,) fp32 [, entropy (N,) fp32] of softmax(hidden @ weight.T) over the
     (tp-sharded) vocabulary, without materialising the logits (module docstring).
 
@@ -367,7 +382,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     impl = _choose_impl(impl, hidden)
     logp, ent = _FusedLogProbs.apply(hidden, weight, targets.to(hidden.device), tp_group,
                                      bool(return_entropy), impl, bool(reduce_hidden_grad),
-                                     int(chunk_tokens), int(chunk_vocab), vocab_start)
+                                     int(chunk_tokens), int(chunk_vocab), vocab_start, float(softcap or 0.0))
     return (logp, ent) if return_entropy else logp
 
 
@@ -376,9 +391,9 @@ def fused_logprobs_torch(hidden, weight, targets, tp_group=None, return_entropy=
     return fused_logprobs(hidden, weight, targets, tp_group, return_entropy, impl="torch", **kw)
 
 
-def reference_logprobs(hidden, weight, targets, return_entropy=False):
+def reference_logprobs(hidden, weight, targets, return_entropy=False, softcap=0.0):
     """Unfused reference at tp=1: full logits, log_softmax, gather (materialises N x V)."""
-    logits = (hidden @ weight.t()).float()
+    logits = _capped((hidden @ weight.t()).float(), softcap)
     logsm = torch.log_softmax(logits, dim=-1)
     logp = logsm.gather(1, targets.long().reshape(-1, 1)).squeeze(1)
     if not return_entropy:

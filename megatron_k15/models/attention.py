@@ -11,7 +11,9 @@ attention inside each packed sequence. Without it q may be shorter than k/v (a c
 tokens over a cached prefix): causal masking is then aligned bottom-right, as in flash-attn,
 query i sees key j iff j <= i + s_k - s_q. ``window_size=(left, 0)`` (flash-attn's convention)
 is a causal sliding window: query i also needs j >= i + s_k - s_q - left (the local layers of
-Mistral v0.1, OLMo 3 or Qwen2 with ``use_sliding_window``). GQA is handled by the backend, never
+Mistral v0.1, OLMo 3 or Qwen2 with ``use_sliding_window``). ``softcap`` > 0 (only passed when
+set: Gemma 2) soft-caps each scaled score, s -> softcap * tanh(s / softcap), before the
+softmax. GQA is handled by the backend, never
 by repeating K/V in the model. ``return_lse=True`` (only passed when needed: attention sinks)
 also returns the natural-log log-sum-exp of each row's scaled scores, (b, n_heads, s) fp32.
 New backends register with ``register_attention_backend``.
@@ -116,32 +118,35 @@ def apply_attention_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Ten
     return out * scale.unsqueeze(-1).to(out.dtype)
 
 
-def _explicit_attention(q, k, v, causal, softmax_scale, window_size):
-    """(out, lse (b, h, s)) by explicit scores in fp32 (the reference's semantics), for the
-    callers that need the lse on CPU (attention sinks)."""
+def _explicit_attention(q, k, v, causal, softmax_scale, window_size, softcap=0.0):
+    """(out, lse (b, h, s)) by explicit scores in fp32 (the reference's semantics), for what
+    SDPA does not give: the lse (attention sinks) and soft-capped scores."""
     from megatron_k15.kernels.flash_attention import attention_reference
 
     out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
-                                   upcast=torch.float32, window_size=window_size)
+                                   upcast=torch.float32, window_size=window_size, softcap=softcap)
     return out.to(q.dtype), lse
 
 
 def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-                   window_size=(-1, -1), return_lse=False):
+                   window_size=(-1, -1), return_lse=False, softcap=0.0):
     """PyTorch scaled_dot_product_attention; packed sequences are attended one at a time.
-    With ``return_lse`` (which SDPA does not give) explicit fp32 scores instead."""
-    from megatron_k15.kernels.flash_attention import window_left_of
+    With ``return_lse`` or ``softcap`` (which SDPA does not do) explicit fp32 scores instead."""
+    from megatron_k15.kernels.flash_attention import check_softcap, window_left_of
 
     window_left = window_left_of(window_size, causal)
-    if return_lse:
+    softcap = check_softcap(softcap)
+    if return_lse or softcap:
         if cu_seqlens is None:
-            return _explicit_attention(q, k, v, causal, softmax_scale, window_size)
+            res = _explicit_attention(q, k, v, causal, softmax_scale, window_size, softcap)
+            return res if return_lse else res[0]
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
         bounds = cu_seqlens.tolist()
-        parts = [_explicit_attention(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale, window_size)
+        parts = [_explicit_attention(q[:, s:e], k[:, s:e], v[:, s:e], causal, softmax_scale, window_size, softcap)
                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=2)
+        out = torch.cat([o for o, _ in parts], dim=1)
+        return (out, torch.cat([l for _, l in parts], dim=2)) if return_lse else out
     if cu_seqlens is None:
         return _sdpa_dense(q, k, v, causal, softmax_scale, window_left)
     if q.shape[0] != 1:
@@ -165,10 +170,10 @@ def _triton_factory() -> AttentionFn:
     from megatron_k15.kernels.flash_attention import flash_attn_func, flash_attn_varlen_func
 
     def triton_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                         max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False):
+                         max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False, softcap=0.0):
         if cu_seqlens is None:
             return flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                   window_size=window_size, return_lse=return_lse)
+                                   window_size=window_size, return_lse=return_lse, softcap=softcap)
         if q.shape[0] != 1:
             raise ValueError("packed sequences (cu_seqlens) need batch size 1")
         if max_seqlen is None:
@@ -176,6 +181,7 @@ def _triton_factory() -> AttentionFn:
         res = flash_attn_varlen_func(
             q[0], k[0], v[0], cu_seqlens.to(torch.int32), max_seqlen,
             causal=causal, softmax_scale=softmax_scale, window_size=window_size, return_lse=return_lse,
+            softcap=softcap,
         )
         return _packed_as_batch(res, return_lse)
 
@@ -201,7 +207,10 @@ def context_parallel_attention(group, comm_type: str = "ring") -> AttentionFn:
         raise ValueError(f"--cp-comm-type must be one of {COMM_TYPES}, got {comm_type!r}")
 
     def cp_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
-                     max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False):
+                     max_seqlen: Optional[int] = None, window_size=(-1, -1), return_lse=False, softcap=0.0):
+        if softcap:
+            raise NotImplementedError("ring attention does not soft-cap scores (Gemma 2): use "
+                                      "--context-parallel-size 1")
         if cu_seqlens is None:
             return ring_attn_func(q, k, v, group, causal=causal, softmax_scale=softmax_scale,
                                   comm_type=comm_type, window_size=window_size, return_lse=return_lse)

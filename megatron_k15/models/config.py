@@ -60,6 +60,10 @@ class GPTConfig:
     attention_softmax_scale: Optional[float] = None
     # the embedding's output is multiplied by this (Gemma: sqrt(hidden), in the weights' dtype)
     embedding_multiplier: float = 1.0
+    # Gemma 2's soft caps, x -> cap * tanh(x / cap): on the attention's scaled scores before the
+    # softmax, and on the output logits (logits, log-probs and sampling alike); None: no cap
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
     # A learned logit per query head that joins every softmax and takes probability from the
     # keys without contributing a value (gpt-oss's attention sinks): out *= sigmoid(lse - sink)
     attention_sinks: bool = False
@@ -307,6 +311,10 @@ class GPTConfig:
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
         if self.multi_latent_attention:
             self._validate_mla()
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+                raise ConfigError(f"{name} must be a positive number (or unset), got {cap!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "

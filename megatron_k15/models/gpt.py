@@ -316,9 +316,14 @@ class GPTModel(torch.nn.Module):
         keep = torch.arange(self.vocab_per_rank, device=logits.device) < n_valid
         return logits.masked_fill(~keep, float("-inf"))
 
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final soft cap, cap * tanh(logits / cap) (before padding ids are masked)."""
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden [s(/tp), b, h] -> this rank's logits shard (b, s, V_padded / tp)."""
-        logits = self.output_layer(hidden, weight=self.output_weight())
+        logits = self._softcap(self.output_layer(hidden, weight=self.output_weight()))
         return self._mask_padded_vocab(logits).transpose(0, 1)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -331,7 +336,7 @@ class GPTModel(torch.nn.Module):
         if self.logprob_impl == "fused":
             return self._fused_token_logprobs(hidden, labels)
         logits = self.output_layer(hidden, weight=self.output_weight())  # [s, b, V/tp]
-        logits = self._mask_padded_vocab(logits.float())
+        logits = self._mask_padded_vocab(self._softcap(logits.float()))
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
         return -loss.transpose(0, 1)
 
@@ -352,6 +357,7 @@ class GPTModel(torch.nn.Module):
             full.transpose(0, 1).reshape(b * s, h), self.output_weight()[:n_valid], labels.reshape(-1),
             tp_group=self.tp_group if self.tp_size > 1 else None,
             reduce_hidden_grad=not self.sequence_parallel, vocab_start=start,
+            softcap=self.config.final_logit_softcapping or 0.0,
         )
         return logp.view(b, s)
 
@@ -383,7 +389,7 @@ class GPTModel(torch.nn.Module):
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)
         rows = hidden[seq_index, batch_index]  # (n, h)
-        return torch.nn.functional.linear(rows, self.output_weight())
+        return self._softcap(torch.nn.functional.linear(rows, self.output_weight()))
 
     def logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits (n, vocab_size) of the final hidden states [s(/tp), b, h] at

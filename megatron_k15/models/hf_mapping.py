@@ -77,6 +77,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwe
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
+                           "Gemma2ForCausalLM": "gemma2",
                            "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3",
                            "Exaone4ForCausalLM": "exaone4", "Glm4MoeForCausalLM": "glm4_moe",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
@@ -96,7 +97,10 @@ FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor
 # GLM rotates channel pairs (2i, 2i+1) of the first partial_rotary_factor of each head; the
 # rows of q and k are reordered on conversion to our rotate-half pairs (i, i + r/2)
 INTERLEAVED_ROPE_ARCHITECTURES = ("glm", "glm4")
-SANDWICH_ARCHITECTURES = ("gemma3", "glm4")  # a norm before and after each sublayer
+SANDWICH_ARCHITECTURES = ("gemma2", "gemma3", "glm4")  # a norm before and after each sublayer
+# Gemma's block: (1 + w) fp32 norms around each sublayer, GeGLU, embeddings scaled by sqrt(hidden);
+# Gemma 2 adds soft caps on the attention scores and the final logits, Gemma 3 q/k norms instead
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3", "exaone4")
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
@@ -175,12 +179,12 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
     elif arch == "exaone4":  # EXAONE 4.0 32B: three sliding layers per global one; 1.2B: all global
         if window is not None and types is None:
             types = every_nth_full(n, int(hf.get("sliding_window_pattern") or 4))
-    elif arch in ("olmo3", "gpt_oss", "gemma3"):
+    elif arch in ("olmo3", "gpt_oss", "gemma2", "gemma3"):
         if window is None:
             raise HFCheckpointError(f"{where}: {HF_CLASS[arch]} without sliding_window")
-        if types is None:  # the configs' defaults: OLMo 3 every fourth layer full, gpt-oss every
-            # second, Gemma 3 every sliding_window_pattern-th (6)
-            every = {"olmo3": 4, "gpt_oss": 2}.get(arch) or int(
+        if types is None:  # the configs' defaults: OLMo 3 every fourth layer full, gpt-oss and
+            # Gemma 2 every second, Gemma 3 every sliding_window_pattern-th (6)
+            every = {"olmo3": 4, "gpt_oss": 2, "gemma2": 2}.get(arch) or int(
                 hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
             types = every_nth_full(n, every)
     else:
@@ -251,11 +255,13 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     for key in required:
         if key not in hf or hf[key] is None:
             raise HFCheckpointError(f"{where}: missing required field {key!r}")
-    if arch == "gemma3":
+    if arch in GEMMA_ARCHITECTURES:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
             raise HFCheckpointError(f"{where}: hidden_activation={act!r} is not supported (gelu_pytorch_tanh)")
-        for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+        refused = ("use_bidirectional_attention",) + (
+            ("attn_logit_softcapping", "final_logit_softcapping") if arch == "gemma3" else ())
+        for key in refused:
             if hf.get(key):
                 raise HFCheckpointError(f"{where}: {key}={hf[key]!r} is not supported")
     elif hf.get("hidden_act", "silu") != "silu" and arch != "gpt_oss":
@@ -321,10 +327,14 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     else:
         placement = {"norm_placement": "post" if olmo else "pre", "norm_in_fp32": olmo}
     gemma = {}
-    if arch == "gemma3":  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
+    if arch in GEMMA_ARCHITECTURES:  # (1 + w) norms before and after each sublayer, scaled embeddings, GeGLU
         gemma = dict(norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True, activation="geglu_tanh",
                      embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
                      attention_softmax_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5)
+    if arch == "gemma2":  # Gemma2Config's defaults: 50 on the scores, 30 on the logits
+        for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+            value = hf.get(key, default)
+            gemma[key] = float(value) if value else None
     cfg = GPTConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -347,7 +357,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         sliding_rope=sliding_rope,
         nope_layers=nope,
         **sliding,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma3", "smollm3"))),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in GEMMA_ARCHITECTURES + ("smollm3",))),
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -459,13 +469,15 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if cfg.norm_placement == "post" and not (olmo or arch == "exaone4"):
         raise ConfigError("norms after the sublayers export only as architecture 'olmo2', 'olmo3' or 'exaone4'")
     gemma = (cfg.norm_placement == "sandwich", cfg.norm_weight_offset == 1.0, cfg.activation == "geglu_tanh",
-             cfg.embedding_multiplier == cfg.hidden_size ** 0.5, cfg.norm_in_fp32, cfg.qk_layernorm)
-    if (arch == "gemma3") != all(gemma) or (arch != "gemma3" and any(gemma[1:4])):
-        raise ConfigError("Gemma 3's block ((1 + w) norms around each sublayer, GeGLU, scaled embeddings, "
-                          "per-head q/k norms) exports only as architecture 'gemma3', and it needs all of it")
+             cfg.embedding_multiplier == cfg.hidden_size ** 0.5, cfg.norm_in_fp32)
+    if (arch in GEMMA_ARCHITECTURES) != all(gemma) or (arch not in GEMMA_ARCHITECTURES and any(gemma[1:4])):
+        raise ConfigError("Gemma's block ((1 + w) norms around each sublayer, GeGLU, scaled embeddings) exports "
+                          "only as architecture 'gemma2' or 'gemma3', and those need all of it")
     if gemma[0] != (arch in SANDWICH_ARCHITECTURES):
-        raise ConfigError("norms before and after each sublayer export only as architecture 'gemma3' (with "
-                          "Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
+        raise ConfigError("norms before and after each sublayer export only as architecture 'gemma2', 'gemma3' "
+                          "(with Gemma's block) or 'glm4' (plain RMSNorms), and those need them")
+    if (cfg.attn_logit_softcapping or cfg.final_logit_softcapping) and arch != "gemma2":
+        raise ConfigError("soft-capped attention scores or logits export only as architecture 'gemma2'")
     nope = sorted(cfg.nope_layers or [])
     if arch == "exaone4":  # its layers without RoPE are the global ones, when others slide
         want = [i for i in range(cfg.num_layers) if not cfg.is_sliding_layer(i)] if cfg.has_sliding_layers else []
@@ -517,12 +529,12 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if cfg.rope_scaling:
         hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}  # older configs lack the type
     hf.update(_hf_sliding_fields(cfg))
-    if arch == "gemma3":
+    if arch in GEMMA_ARCHITECTURES:
         scalar = (cfg.attention_softmax_scale or cfg.head_dim ** -0.5) ** -2  # Gemma3TextConfig takes an int
         hf.update(attention_bias=cfg.add_qkv_bias, hidden_activation="gelu_pytorch_tanh",
                   query_pre_attn_scalar=int(round(scalar)) if abs(scalar - round(scalar)) < 1e-6 else scalar,
-                  attn_logit_softcapping=None,
-                  final_logit_softcapping=None)
+                  attn_logit_softcapping=cfg.attn_logit_softcapping,
+                  final_logit_softcapping=cfg.final_logit_softcapping)
         hf.pop("hidden_act")
     elif arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias
@@ -579,7 +591,7 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
     max_window_layers; Mistral / Phi-3: all layers; OLMo 3: layer_types and a RoPE per type)."""
     arch = cfg.architecture
     if not cfg.has_sliding_layers:
-        if arch in ("gpt_oss", "gemma3"):  # their configs would otherwise slide some layers
+        if arch in ("gpt_oss", "gemma2", "gemma3"):  # their configs would otherwise slide some layers
             return {"sliding_window": cfg.max_position_embeddings,
                     "layer_types": ["full_attention"] * cfg.num_layers}
         if arch == "exaone4":  # (EXAONE 4.0 1.2B's form: every layer global, with RoPE)
@@ -598,7 +610,7 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
                               f"{types} is not of that form")
         return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": first,
                 "layer_types": types}
-    if arch in ("gpt_oss", "exaone4"):
+    if arch in ("gpt_oss", "exaone4", "gemma2"):
         return {"sliding_window": cfg.sliding_window, "layer_types": types}
     if arch in ("mistral", "phi3"):
         if "full_attention" in types:

@@ -198,13 +198,15 @@ class AttentionCore(torch.nn.Module):
     """What every attention variant shares once it has q, k, v of its local heads: the core
     (training and log-prob passes: the backend, selective recompute, windows, sinks) or the
     KV cache (generation). Subclasses set ``attention_fn``, ``softmax_scale``,
-    ``window_size`` and ``sinks``."""
+    ``window_size`` and ``sinks`` (``softcap``: Gemma 2's score cap, 0 by default)."""
+
+    softcap = 0.0
 
     def _attend(self, q, k, v, cu_seqlens, max_seqlen, recompute_attention, kv_cache) -> torch.Tensor:
         """q, k, v [s, b, heads, d] -> the attention output [s, b, heads, d]."""
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if kv_cache is not None:
-            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks)
+            out = kv_cache.attend(q, k, v, self.softmax_scale, self.window_size, self.sinks, softcap=self.softcap)
         elif recompute_attention:
             # selective recompute: drop the attention core's saved activations, keep the GEMMs'
             out = torch.utils.checkpoint.checkpoint(
@@ -216,6 +218,8 @@ class AttentionCore(torch.nn.Module):
     def _core(self, q, k, v, cu_seqlens, max_seqlen):
         # only what the layer uses is passed: backends without windows or lse work as before
         kw = {} if self.window_size[0] < 0 else {"window_size": self.window_size}
+        if self.softcap:
+            kw["softcap"] = self.softcap
         if self.sinks is None:
             return self.attention_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale,
                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
@@ -243,6 +247,7 @@ class SelfAttention(AttentionCore):
         self.groups_local = cfg.num_query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
         self.softmax_scale = cfg.attention_softmax_scale or 1.0 / math.sqrt(cfg.head_dim)
+        self.softcap = cfg.attn_logit_softcapping or 0.0
         self.attention_fn = attention_fn
         qkv_size = cfg.query_projection_size + 2 * cfg.kv_projection_size
         init = normal_init(cfg.init_method_std)

@@ -29,6 +29,8 @@ def _validate(argv, world_size=1):
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6"),
     (["--global-batch-size", "4", "--micro-batch-size", "1"], 8, "--global-batch-size 4"),
     (["--finetune"], 1, "--finetune needs --load"),
+    (["--model-preset", "gemma2-2b", "--context-parallel-size", "2", "--seq-length", "64"], 2,
+     "--context-parallel-size 2: ring attention does not soft-cap scores"),
     (["--num-attention-heads", "5"], 1, "--num-attention-heads 5 is not divisible by --num-query-groups 2"),
     (["--lr", "1e-5", "--min-lr", "1e-4"], 1, "--min-lr"),
     (["--save-interval", "10"], 1, "--save-interval needs --save"),

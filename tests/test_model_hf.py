@@ -123,7 +123,7 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-0.5b": 0.49e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.61e9, "qwen2.5-32b": 32.5e9,
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
-    "phi-4": 14.7e9, "gemma3-1b": 1.0e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
+    "phi-4": 14.7e9, "gemma3-1b": 1.0e9, "gemma2-2b": 2.61e9, "gemma2-9b": 9.24e9, "gemma2-27b": 27.2e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
     "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
     # DeepSeek-V3 without its multi-token-prediction module (685B with it); Kimi K2: "1.03T" on
     # its Hugging Face page ("1T" on the card); GLM-4.5's card

@@ -548,6 +548,20 @@ def _mistral(hidden, layers, vocab, max_positions):
     )
 
 
+def _gemma2(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, head_dim: int, pre_attn_scalar: int):
+    """Gemma 2 (Gemma2ForCausalLM): Gemma's block (Gemma 3's without q/k norms), 4096-token sliding
+    windows on every other layer (the first slides), scores soft-capped at 50 and logits at 30."""
+    return dict(
+        vocab_size=256000, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
+        num_query_groups=kv_heads, kv_channels=head_dim, max_position_embeddings=8192, rotary_base=10000.0,
+        norm_epsilon=1e-6, add_qkv_bias=False, norm_placement="sandwich", norm_weight_offset=1.0, norm_in_fp32=True,
+        activation="geglu_tanh", embedding_multiplier=hidden ** 0.5, attention_softmax_scale=pre_attn_scalar ** -0.5,
+        sliding_window=4096, layer_types=every_nth_full(layers, 2), attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, tie_word_embeddings=True, architecture="gemma2", bos_token_id=2,
+        eos_token_id=1,
+    )
+
+
 def _olmo(version: int):
     """OLMo 2 / OLMo 3 7B: multi-head attention (32 KV heads), norms after the sublayers, q/k
     norms over all heads; OLMo 3 adds 4096-token sliding windows on three of every four layers
@@ -657,6 +671,9 @@ PRESETS: dict[str, dict] = {
         sliding_rope={"rotary_base": 10000.0, "rope_scaling": None}, tie_word_embeddings=True,
         architecture="gemma3", bos_token_id=2, eos_token_id=1,
     ),
+    "gemma2-2b": _gemma2(2304, 9216, 26, 8, 4, 256, 256),
+    "gemma2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
+    "gemma2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144),  # query_pre_attn_scalar = hidden / heads
     "olmo2-7b": _olmo(2),
     "olmo3-7b": _olmo(3),
     # Moonshot's Moonlight-16B-A3B (Muon-trained, DeepSeek-V3's block), Kimi K2 and DeepSeek-V3

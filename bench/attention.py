@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rep", type=size_arg, default=100, help="measurement time, ms")
     p.add_argument("--window", type=size_arg, default=None,
                    help="causal sliding window of W keys (Hugging Face's sliding_window); ours only")
+    p.add_argument("--softcap", type=float, default=0.0,
+                   help="soft-cap the scores at this value (Gemma 2: 50); ours only, SDPA cannot")
     p.add_argument("--check", action="store_true",
                    help="also report max |ours - sdpa| of the forward output per row")
     args = p.parse_args(argv)
@@ -91,15 +93,15 @@ def attention_flops(batch, seqlen, heads, head_dim, causal, mode, window=None) -
     return 4.0 * batch * pairs * heads * head_dim * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
-def _make_fn(backend, q, k, v, causal, window=None):
+def _make_fn(backend, q, k, v, causal, window=None, softcap=0.0):
     """A closure computing the output of ``backend`` on (b, s, h, d) tensors."""
     if backend == "ours":
         from megatron_k15.kernels.flash_attention import flash_attn_func
 
         window_size = (-1, -1) if window is None else (window - 1, 0)
-        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window_size)
-    if window is not None:
-        raise RuntimeError("not supported: SDPA has no sliding window")
+        return lambda: flash_attn_func(q, k, v, causal=causal, window_size=window_size, softcap=softcap)
+    if window is not None or softcap:
+        raise RuntimeError("not supported: SDPA has no sliding window or soft cap")
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -116,12 +118,12 @@ def _make_fn(backend, q, k, v, causal, window=None):
     return run
 
 
-def bench_one(backend, mode, q, k, v, causal, warmup, rep, window=None):
+def bench_one(backend, mode, q, k, v, causal, warmup, rep, window=None, softcap=0.0):
     """Milliseconds per call, or an error string."""
     import triton.testing
 
     try:
-        fn = _make_fn(backend, q, k, v, causal, window)
+        fn = _make_fn(backend, q, k, v, causal, window, softcap)
     except RuntimeError:
         return "n/a"
     try:
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device)
     print(f"# {gpu}, torch {torch.__version__}, dtype {args.dtype}, tokens/batch {args.tokens}, "
           f"hidden {args.hidden}, kv_heads {args.kv_heads or 'MHA'}"
-          + (f", sliding window {args.window}" if args.window else ""))
+          + (f", sliding window {args.window}" if args.window else "")
+          + (f", scores soft-capped at {args.softcap}" if args.softcap else ""))
     print("# TFLOP/s; forward = 4*b*s^2*h*d (/2 causal), fwd_bwd = 3.5x forward")
 
     cols = [f"{b}:{m}" for m in args.modes for b in args.backends]
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
                 cells = []
                 for mode in args.modes:
                     for backend in args.backends:
-                        ms = bench_one(backend, mode, q, k, v, causal, args.warmup, args.rep, args.window)
+                        ms = bench_one(backend, mode, q, k, v, causal, args.warmup, args.rep, args.window,
+                                       args.softcap)
                         if isinstance(ms, str):
                             cells.append(ms)
                         else:
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
                             cells.append(f"{tflops:.1f}")
                 line = f"{d:>4} {str(causal):>6} {s:>7} {batch:>5} "
                 line += " ".join(f"{c:>16}" for c in cells)
-                if args.check and args.window is None:
+                if args.check and args.window is None and not args.softcap:
                     with torch.no_grad():
                         try:
                             ours = _make_fn("ours", q, k, v, causal)()

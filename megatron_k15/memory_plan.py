@@ -396,6 +396,7 @@ class _Shapes:
     V_fused: int
     vocab_padding: bool
     qk_norm: bool = False
+    logit_softcap: bool = False  # Gemma 2's final cap: the ce path also keeps tanh's fp32 output
     # mixture of experts (0 experts: dense): experts E, top-k, expert ffn / tp, renormalised top-k
     E: int = 0
     topk: int = 0
@@ -424,6 +425,7 @@ class _Shapes:
                    q=cfg.query_projection_size // tp, k=cfg.kv_projection_size // tp,
                    f=cfg.ffn_hidden_size // tp, a=cfg.num_attention_heads // tp, d=cfg.head_dim,
                    V=V, V_fused=min(V, cfg.vocab_size), vocab_padding=padded > cfg.vocab_size,
+                   logit_softcap=bool(cfg.final_logit_softcapping),
                    qk_norm=cfg.qk_layernorm, E=cfg.num_moe_experts if moe else 0,
                    topk=cfg.moe_router_topk if moe else 0,
                    fm=cfg.moe_ffn_hidden_size // tp if moe else 0,
@@ -539,7 +541,7 @@ def logprob_saved_bytes(x: _Shapes, impl: str) -> int:
     """Kept from forward to backward by the log-prob path (ce: fp32 softmax and int64 targets;
     fused: fp32 lse)."""
     if impl == "ce":
-        return 4 * x.N * x.V + 9 * x.N
+        return 4 * x.N * x.V + 9 * x.N + (4 * x.N * x.V if x.logit_softcap else 0)
     return 4 * x.N
 
 

@@ -19,11 +19,12 @@ TOOL = os.path.join(ROOT, "tools", "compile_kernels.py")
 # packed sequences (forward, preprocess, dK/dV, dQ), fp16 non-causal, fp32 IEEE dots, the
 # head_dim extremes (256 uses the fallback configs), 64-bit offsets, paged decode, fused log-probs, LSE merge,
 # the MoE grouped GEMM (forward, input and weight gradients; tensor-core and IEEE dots), and the
-# sliding-window variants of flash attention and paged decode.
+# sliding-window variants of flash attention and paged decode, and Gemma 2's soft-capped scores.
 CASES = ("flash-bf16-d128-causal-varlen$|flash-fp16-d128-causal-varlen-int64$|flash-fp16-d64-full$|flash-fp32-d64-causal$|"
          "flash-bf16-d256-causal$|flash-bf16-d16-causal$|decode-bf16-d128-g7$|decode-fp32-d256|"
          "logprobs-bf16-h3584$|logprobs-fp32-h896$|merge-d64-varlen$|grouped-gemm-bf16-h2048-f768-e128$|"
-         "grouped-gemm-fp32-h2048-f768-e128$|flash-bf16-d64-causal-window128$|decode-bf16-d64-g8-window128$")
+         "grouped-gemm-fp32-h2048-f768-e128$|flash-bf16-d64-causal-window128$|decode-bf16-d64-g8-window128$|"
+         "flash-bf16-d256-causal-window4096-softcap$|decode-bf16-d256-g2-softcap$")
 
 
 def _api_missing() -> str:
@@ -68,7 +69,7 @@ def test_every_kernel_compiles_for_sm90(compiler):
                        "_logprob_partials_kernel", "_merge_kernel", "_grouped_gemm_kernel",
                        "_grouped_wgrad_kernel"}, rows
     cases = {line.split("|")[1].strip() for line in rows}
-    assert len(cases) == 15, cases
+    assert len(cases) == 17, cases
     for line in rows:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert cells[4].startswith("ok"), line

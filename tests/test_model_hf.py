@@ -385,6 +385,18 @@ def test_gemma2_soft_caps_match_transformers_and_matter(backend):
             assert (uncapped.gather_logits(uncapped(ids)) - ref).abs().max().item() > 1e-2, field
 
 
+def test_gemma2_caps_default_as_gemma2config_and_null_turns_them_off():
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict
+
+    d = hf_config_dict(tiny_hf_model("gemma2"))
+    absent = {k: v for k, v in d.items() if k not in ("attn_logit_softcapping", "final_logit_softcapping")}
+    cfg = gpt_config_from_hf(absent)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)  # Gemma2Config's
+    cfg = gpt_config_from_hf({**d, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (None, None)
+
+
 def test_olmo2_matches_transformers_and_its_block():
     hf = tiny_hf_model("olmo2")
     model = build_from_hf(hf)

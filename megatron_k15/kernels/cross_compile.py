@@ -194,9 +194,9 @@ def _dtype(name: str):
 
 def flash_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv_heads: int = 4,
                    seqlen: int = 16384, causal: bool = True, varlen: bool = False,
-                   backward: bool = True, window_left: int = -1) -> List[Launch]:
+                   backward: bool = True, window_left: int = -1, softcap: float = 0.0) -> List[Launch]:
     """Forward (and backward: preprocess, dK/dV, dQ) launches of the flash-attention kernels
-    (``window_left`` >= 0: the sliding-window variants)."""
+    (``window_left`` >= 0: the sliding-window variants; ``softcap`` > 0: soft-capped scores)."""
     import torch
 
     from . import flash_attention as fa
@@ -211,17 +211,18 @@ def flash_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv
     q, k, v = torch.empty(shape_q, **meta), torch.empty(shape_kv, **meta), torch.empty(shape_kv, **meta)
     scale = head_dim ** -0.5
     with capture_launches() as launches:
-        out, lse = fa._forward(q, k, v, cu, seqlen if varlen else None, causal, scale, window_left)
+        out, lse = fa._forward(q, k, v, cu, seqlen if varlen else None, causal, scale, window_left, softcap)
         if backward:
             fa._backward(torch.empty_like(out), None, q, k, v, out, lse, cu,
-                         seqlen if varlen else None, causal, scale, window_left)
+                         seqlen if varlen else None, causal, scale, window_left, softcap)
     return launches
 
 
 def decode_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, kv_heads: int = 4,
                     batch: int = 64, page: int = 16, max_blocks: int = 2048,
-                    window_left: int = -1) -> List[Launch]:
-    """The split-KV paged decode kernel and its reduction (``window_left``: sliding window)."""
+                    window_left: int = -1, softcap: float = 0.0) -> List[Launch]:
+    """The split-KV paged decode kernel and its reduction (``window_left``: sliding window;
+    ``softcap``: soft-capped scores)."""
     import torch
 
     from . import decode_attention as da
@@ -232,12 +233,12 @@ def decode_launches(dtype: str = "bf16", head_dim: int = 128, heads: int = 28, k
     tables = torch.empty(batch, max_blocks, dtype=torch.int32, device="meta")
     lens = torch.empty(batch, dtype=torch.int32, device="meta")
     with capture_launches() as launches:
-        da._paged_decode_triton(q, cache, cache, tables, lens, head_dim ** -0.5, None, True, window_left)
+        da._paged_decode_triton(q, cache, cache, tables, lens, head_dim ** -0.5, None, True, window_left, softcap)
     return launches
 
 
 def logprob_launches(dtype: str = "bf16", hidden: int = 3584, vocab: int = 152064,
-                     tokens: int = 32768, entropy: bool = True) -> List[Launch]:
+                     tokens: int = 32768, entropy: bool = True, softcap: float = 0.0) -> List[Launch]:
     """The fused hidden-states-to-log-prob partials kernel."""
     import torch
 
@@ -248,7 +249,7 @@ def logprob_launches(dtype: str = "bf16", hidden: int = 3584, vocab: int = 15206
     w = torch.empty(vocab, hidden, dtype=dt, device="meta")
     t = torch.empty(tokens, dtype=torch.int64, device="meta")
     with capture_launches() as launches:
-        fl._partials_triton(h, w, t, 0, entropy)
+        fl._partials_triton(h, w, t, 0, entropy, softcap)
     return launches
 
 
@@ -327,6 +328,12 @@ def standard_cases() -> List[Case]:
     cases.append(Case("flash-bf16-d128-causal-varlen-window4096",
                       lambda: flash_launches("bf16", 128, 32, 32, varlen=True, window_left=4095)))
     cases.append(Case("decode-bf16-d64-g8-window128", lambda: decode_launches("bf16", 64, 64, 8, window_left=127)))
+    # Gemma 2 9B: soft-capped scores (16 / 8 heads, d256, 4096-token windows) and logits (256K vocabulary)
+    cases.append(Case("flash-bf16-d256-causal-window4096-softcap",
+                      lambda: flash_launches("bf16", 256, 16, 8, seqlen=8192, window_left=4095, softcap=50.0)))
+    cases.append(Case("decode-bf16-d256-g2-softcap", lambda: decode_launches("bf16", 256, 16, 8, softcap=50.0)))
+    cases.append(Case("logprobs-bf16-h3584-softcap",
+                      lambda: logprob_launches("bf16", hidden=3584, vocab=256000, softcap=30.0)))
     # MLA's latent cache (Moonlight: 16 heads absorbed into one 512 + 64 latent row; fp32 too)
     for dt in ("bf16", "fp32"):
         cases.append(Case(f"decode-{dt}-d576-g16-mla", lambda dt=dt: decode_launches(dt, 576, 16, 1)))

@@ -543,6 +543,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         impl = os.environ.get("MEGATRON_K15_DECODE_ATTN_IMPL", "auto")
     if validate:
         _check(q, k_cache, v_cache, block_tables, seq_lens)
+        if softcap:
+            from megatron_k15.kernels.flash_attention import check_softcap
+
+            softcap = check_softcap(softcap)
     if impl == "auto":
         impl = "triton" if _triton_ok(q) else "torch"
     if impl == "torch":

@@ -776,7 +776,7 @@ def _all_candidates(kernel: str):
     return _configs(sorted({c for table in _HOPPER[kernel].values() for c in table}, reverse=True))
 
 
-_AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "WINDOW", "VARLEN", "DOT_PREC"]
+_AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "WINDOW", "VARLEN", "DOT_PREC", "SOFTCAP"]
 
 if INTERPRET:
     _fwd_launcher = _attn_fwd_kernel

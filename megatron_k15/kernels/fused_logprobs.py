@@ -11,7 +11,7 @@
 
 Returns log p(target) (N,) fp32, and the entropy of the full softmax (N,) fp32 when
 ``return_entropy``. Differentiable in hidden and weight. For sampling temperature T pass
-``hidden / T``. ``softcap`` > 0 soft-caps every logit first, z -> softcap * tanh(z / softcap)
+``hidden / T`` (without a soft cap: with one, T divides the capped logits). ``softcap`` > 0 soft-caps every logit first, z -> softcap * tanh(z / softcap)
 (Gemma 2's final logits); the backward multiplies by the tanh's derivative.
 
 Forward: a Triton kernel tiles tokens x vocabulary, computes each logit tile with ``tl.dot``

@@ -411,7 +411,8 @@ class GPTConfig:
             ("--add-qkv-bias", self.add_qkv_bias), ("--qk-layernorm", self.qk_layernorm),
             ("attention sinks", self.attention_sinks), ("--rotary-percent", self.rotary_percent != 1.0),
             ("layers without RoPE", bool(self.nope_layers)), ("sliding windows (--window-size)", self.has_sliding_layers),
-            ("norm weights offset from 1 (Gemma's)", self.norm_weight_offset != 0.0)) if on]
+            ("norm weights offset from 1 (Gemma's)", self.norm_weight_offset != 0.0),
+            ("soft-capped attention scores (attn_logit_softcapping)", bool(self.attn_logit_softcapping))) if on]
         if unsupported:
             raise ConfigError(f"multi-latent attention does not take {', '.join(unsupported)}")
 

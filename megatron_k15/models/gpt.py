@@ -389,7 +389,10 @@ class GPTModel(torch.nn.Module):
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)
         rows = hidden[seq_index, batch_index]  # (n, h)
-        return self._softcap(torch.nn.functional.linear(rows, self.output_weight()))
+        logits = torch.nn.functional.linear(rows, self.output_weight())
+        # a soft cap in fp32, as the training log-probs take it (bf16 logits capped in bf16 would
+        # move a sampled token's log-prob by up to ~0.05 from what training computes)
+        return self._softcap(logits.float()) if self.config.final_logit_softcapping else logits
 
     def logits_at(self, hidden: torch.Tensor, seq_index: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits (n, vocab_size) of the final hidden states [s(/tp), b, h] at

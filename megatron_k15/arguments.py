@@ -187,6 +187,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-dtype", choices=["fp32"], default=None,
                    help="the router's GEMM and scores in fp32 whatever the parameters' dtype (DeepSeek's and "
                         "GLM-4.5's routers; their presets and checkpoints set it)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true", default=None,
+                   help="scale the shared expert's output by sigmoid(x . g), g learned (Qwen2-MoE)")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true", default=None,
                    help="a per-expert bias added to the scores only to choose the experts (DeepSeek-V3's "
                         "aux-loss-free balancing; the checkpoint's e_score_correction_bias)")
@@ -500,6 +502,7 @@ MODEL_SWITCHES = {"add_qkv_bias": "--add-qkv-bias", "qk_layernorm": "--qk-layern
                   "tie_word_embeddings": "--untie-embeddings-and-output-weights",
                   "moe_norm_topk_prob": "--moe-router-pre-softmax",
                   "moe_router_enable_expert_bias": "--moe-router-enable-expert-bias",
+                  "moe_shared_expert_gate": "--moe-shared-expert-gate",
                   "multi_latent_attention": "--multi-latent-attention"}
 
 
@@ -507,7 +510,8 @@ def explicit_model_fields(args) -> dict:
     """The model-config fields the command line sets explicitly (value flags and switches;
     Megatron-LM's ``--disable-bias-linear`` without ``--add-qkv-bias`` means no QKV bias)."""
     explicit = {field: _get(args, dest) for dest, field in MODEL_FLAGS.items() if _get(args, dest) is not None}
-    for switch in ("add_qkv_bias", "qk_layernorm", "moe_router_enable_expert_bias", "multi_latent_attention"):
+    for switch in ("add_qkv_bias", "qk_layernorm", "moe_router_enable_expert_bias", "moe_shared_expert_gate",
+                   "multi_latent_attention"):
         if _get(args, switch):
             explicit[switch] = True
     if _get(args, "disable_bias_linear") and not _get(args, "add_qkv_bias"):
@@ -535,7 +539,12 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
         cfg.bos_token_id = cfg.eos_token_id = None
     for field, value in explicit.items():
         setattr(cfg, field, value)
-    deepseek_moe = cfg.is_moe and (cfg.moe_router_score_function == "sigmoid" or cfg.moe_shared_expert_intermediate_size)
+    qwen2_moe = cfg.is_moe and cfg.moe_shared_expert_gate and cfg.moe_router_score_function == "softmax" and not (
+        cfg.multi_latent_attention or cfg.moe_router_num_groups or cfg.moe_router_topk_scaling_factor)
+    deepseek_moe = cfg.is_moe and not qwen2_moe and (
+        cfg.moe_router_score_function == "sigmoid" or cfg.moe_shared_expert_intermediate_size)
+    if qwen2_moe:  # a gated shared expert next to softmax-routed ones: Qwen2-MoE's class
+        cfg.architecture = "qwen2_moe"
     if cfg.multi_latent_attention:  # V2's router: softmax scores without a bias
         v2 = cfg.is_moe and cfg.moe_router_score_function == "softmax" and not cfg.moe_router_enable_expert_bias
         cfg.architecture = "deepseek_v2" if v2 else "deepseek_v3"
@@ -753,7 +762,8 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
         for dest in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_grouped_gemm",
                      "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",
                      "moe_router_group_topk", "moe_router_topk_scaling_factor",
-                     "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_router_dtype"):
+                     "moe_shared_expert_intermediate_size", "moe_layer_freq", "moe_router_dtype",
+                     "moe_shared_expert_gate"):
             if _get(args, dest) is not None:
                 raise ArgumentError(f"{_flag(dest)} applies to mixture-of-experts models; add --num-experts N "
                                     "(this model is dense)")

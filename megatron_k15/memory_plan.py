@@ -220,6 +220,8 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
                 fs = cfg.moe_shared_expert_intermediate_size // tp
                 out.append((p + "mlp.shared_experts.linear_fc1.weight", 2 * fs * h))
                 out.append((p + "mlp.shared_experts.linear_fc2.weight", h * fs))
+                if cfg.moe_shared_expert_gate:
+                    out.append((p + "mlp.shared_experts.gate_weight", h))
             out.append((p + "mlp.experts.linear_fc1.weight", experts * 2 * f * h))
             if cfg.moe_expert_bias:
                 out.append((p + "mlp.experts.linear_fc1.bias", experts * 2 * f))

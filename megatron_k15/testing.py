@@ -173,6 +173,11 @@ TINY_HF_MODELS = {
     "gemma3": (("Gemma3TextConfig", "Gemma3ForCausalLM"), dict(
         num_hidden_layers=6, head_dim=32, sliding_window=24, query_pre_attn_scalar=24, tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
+    # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (QKV bias), 8 experts of 32, top-2
+    # without renormalising, a 48-wide shared expert gated by sigmoid(x . g); the second of 3
+    # layers dense (mlp_only_layers)
+    "qwen2_moe": ("Qwen2Moe", dict(num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1])),
     # Gemma 2: 4 layers alternating sliding (window 24) and global, head_dim 32 with
     # query_pre_attn_scalar 24, GeGLU, tied, soft caps small enough to bind on a random model
     # (scores at 0.5, logits at 1.0); eager attention, transformers' only one that soft-caps

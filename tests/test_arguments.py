@@ -29,6 +29,7 @@ def _validate(argv, world_size=1):
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6"),
     (["--global-batch-size", "4", "--micro-batch-size", "1"], 8, "--global-batch-size 4"),
     (["--finetune"], 1, "--finetune needs --load"),
+    (["--num-experts", "4", "--moe-shared-expert-gate"], 1, "--moe-shared-expert-gate gates the shared expert"),
     (["--model-preset", "gemma2-2b", "--context-parallel-size", "2", "--seq-length", "64"], 2,
      "--context-parallel-size 2: ring attention does not soft-cap scores"),
     (["--num-attention-heads", "5"], 1, "--num-attention-heads 5 is not divisible by --num-query-groups 2"),
@@ -438,6 +439,13 @@ def test_deepseek_v3_from_megatron_lm_flags():
     assert (v2.architecture, v2.moe_router_group_score_topk, v2.moe_router_num_groups) == ("deepseek_v2", 1, None)
     back = gpt_config_from_hf(hf_config_from_gpt(dataclasses_replace(v2, moe_norm_topk_prob=False)))
     assert (back.architecture, back.moe_router_score_function, back.moe_router_dtype) == ("deepseek_v2", "softmax", "fp32")
+    # a gated shared expert next to softmax-routed experts: Qwen2-MoE, exported as its class
+    qwen2_moe = _validate(["--num-experts", "4", "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "64",
+                           "--moe-shared-expert-gate", "--moe-router-pre-softmax", "--add-qkv-bias"]).model_config
+    assert (qwen2_moe.architecture, qwen2_moe.moe_router_dtype, qwen2_moe.moe_norm_topk_prob) == ("qwen2_moe", None, False)
+    back = gpt_config_from_hf(hf_config_from_gpt(qwen2_moe))
+    assert (back.architecture, back.moe_shared_expert_intermediate_size, back.moe_shared_expert_gate) == (
+        "qwen2_moe", 64, True)
 
 
 @pytest.mark.parametrize("argv,message", [

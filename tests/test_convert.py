@@ -48,6 +48,7 @@ to_hf = _load_tool(TO_HF)
     ("glm", torch.float32, None, 2, 1),         # the same RoPE, QKV bias, fused gate_up_proj
     ("smollm3", torch.bfloat16, None, 2, 2),    # a layer without RoPE, tied embeddings
     ("exaone4", torch.bfloat16, None, 2, 2),    # post-norms, per-head q/k norms, sliding + NoPE global layers
+    ("qwen2_moe", torch.bfloat16, None, 2, 2),  # shared_expert (singular) and its gate, a dense layer
     ("glm4_moe", torch.bfloat16, None, 2, 2),   # dense + MoE layers, router bias, shared expert over tp
     ("deepseek_v3", torch.bfloat16, None, 2, 2),  # MLA: interleaved RoPE rows reordered and back, heads over tp
     ("deepseek_v2", torch.bfloat16, None, 2, 2),  # V2's MLA (no q latent) and softmax-routed experts

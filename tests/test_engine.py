@@ -65,7 +65,7 @@ def test_partial_or_no_rope_greedy_equals_transformers(kind):
     _assert_greedy_equals_transformers(hf, gpt_from_hf(hf), decode_impl="torch")
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "glm4_moe", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2"])
 def test_moe_greedy_equals_transformers(kind):
     """Qwen3-MoE, GLM-4.5 (dense first layer, grouped sigmoid routing, shared expert),
     DeepSeek-V3 (+ multi-latent attention: the cache holds every head's K and zero-padded V):

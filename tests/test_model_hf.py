@@ -124,14 +124,14 @@ PUBLISHED_PARAMETERS = {
     "qwen3-0.6b": 0.6e9, "qwen3-1.7b": 1.7e9, "qwen3-4b": 4.0e9, "qwen3-8b": 8.2e9,
     "qwen3-14b": 14.8e9, "qwen3-32b": 32.8e9, "llama3-8b": 8.03e9, "mistral-7b": 7.25e9, "mistral-nemo-12b": 12.2e9,
     "phi-4": 14.7e9, "gemma3-1b": 1.0e9, "gemma2-2b": 2.61e9, "gemma2-9b": 9.24e9, "gemma2-27b": 27.2e9, "olmo2-7b": 7.30e9, "olmo3-7b": 7.30e9, "gpt-oss-20b": 20.91e9, "gpt-oss-120b": 116.83e9,
-    "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
+    "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9, "qwen1.5-moe-a2.7b": 14.3e9, "qwen2-57b-a14b": 57e9,
     # DeepSeek-V3 without its multi-token-prediction module (685B with it); Kimi K2: "1.03T" on
     # its Hugging Face page ("1T" on the card); GLM-4.5's card
     "moonlight-16b-a3b": 16e9, "kimi-k2": 1.03e12, "deepseek-v3": 671e9, "glm-4.5-air": 106e9, "glm-4.5": 355e9,
     "deepseek-v2-lite": 15.7e9,
 }
 # activated parameters per token of the MoE presets, as published
-PUBLISHED_ACTIVE = {"qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9,
+PUBLISHED_ACTIVE = {"qwen1.5-moe-a2.7b": 2.7e9, "qwen2-57b-a14b": 14e9, "qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9, "gpt-oss-20b": 3.61e9, "gpt-oss-120b": 5.13e9,
                     "kimi-k2": 32e9, "deepseek-v3": 37e9, "glm-4.5-air": 12e9, "glm-4.5": 32e9}
 # what a card's "active" leaves out: gpt-oss, DeepSeek-V3 and Kimi K2 the input embedding, GLM-4.5
 # both embeddings
@@ -652,6 +652,29 @@ def test_qwen3_moe_with_dense_layers_matches_transformers(overrides, pattern):
     ids = torch.randint(0, cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model.gather_logits(model(ids)) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert_export_rebuilds(hf, cfg, ids)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_qwen2_moe_gated_shared_expert_matches_transformers(backend):
+    """Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): softmax top-2 not renormalised, a dense
+    layer among MoE ones, and the shared expert scaled by sigmoid(x . g): logits equal
+    transformers, the gate matters, the parameters are HF's, and the export rebuilds the model."""
+    hf = tiny_hf_model("qwen2_moe", initializer_range=0.2)
+    model = build_from_hf(hf, backend)
+    cfg = model.config
+    assert (cfg.architecture, cfg.moe_shared_expert_intermediate_size, cfg.moe_shared_expert_gate) == (
+        "qwen2_moe", 48, True)
+    assert cfg.add_qkv_bias and not cfg.moe_norm_topk_prob and cfg.moe_router_dtype is None
+    assert [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)] == [1, 0, 1]
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() <= 1e-4
+        gate = model.layers["0"].mlp.shared_experts.gate_weight
+        gate.zero_()  # sigmoid(0) = 1/2 for every token
+        assert (model.gather_logits(model(ids)) - ref).abs().max().item() > 1e-3
     assert_export_rebuilds(hf, cfg, ids)
 
 

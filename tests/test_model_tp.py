@@ -76,6 +76,7 @@ def _tp2_worker(rank, world_size, kind, sequence_parallel=True):
     ("glm4", True),  # partial RoPE (the reordered rows split over tp by head), norms around the sublayers
     ("smollm3", True),  # a layer without RoPE
     ("exaone4", True),  # norms after the sublayers, per-head q/k norms, sliding layers and a NoPE one
+    ("qwen2_moe", True),  # the shared expert's gate: replicated, scaling this rank's partial output
     ("glm4_moe", True),  # a dense layer then MoE ones: grouped sigmoid routing, shared expert split over tp
     ("deepseek_v3", True),  # MLA: heads split, the latent projections replicated over the gathered sequence
     ("deepseek_v3", False),  # MLA's own tp communication without SP

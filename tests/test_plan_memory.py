@@ -424,17 +424,18 @@ def test_every_preset_plans_on_the_usual_layouts(name):
     layouts = [Layout(dp=2), Layout(pp=2, dp=2)]
     if cfg.num_query_groups % 2 == 0:  # (Gemma 3 1B has a single KV head: no tp)
         layouts += [Layout(tp=2, dp=2), Layout(tp=2, pp=2, cp=2)]
+    ep = next(e for e in (8, 4, 2) if not cfg.num_moe_experts % e) if cfg.is_moe else 1  # (Qwen1.5-MoE: 60)
     if cfg.is_moe:
-        layouts += [Layout(dp=8, ep=8), Layout(tp=2, pp=2, dp=4, ep=4)]
+        layouts += [Layout(dp=8, ep=ep), Layout(tp=2, pp=2, dp=4, ep=4)]
     for layout in layouts:
         plan = plan_memory(cfg, layout, w)
         assert 0 < plan.peak_bytes < 2**50
-    if cfg.is_moe:  # ep = 8 keeps 1/8 of the experts on each rank
+    if cfg.is_moe:  # ep keeps 1/ep of the experts on each rank
         per_expert = 3 * cfg.moe_ffn_hidden_size * cfg.hidden_size  # + gpt-oss's biases
         per_expert += (2 * cfg.moe_ffn_hidden_size + cfg.hidden_size) * cfg.moe_expert_bias
         experts = cfg.num_moe_experts * per_expert * cfg.num_layers
-        p1, p8 = (plan_memory(cfg, Layout(dp=8, ep=ep), w).stages[0].parameters for ep in (1, 8))
-        assert p1 - p8 == (experts - experts // 8) * cfg.num_moe_layers // cfg.num_layers
+        p1, p_ep = (plan_memory(cfg, Layout(dp=8, ep=e), w).stages[0].parameters for e in (1, ep))
+        assert p1 - p_ep == (experts - experts // ep) * cfg.num_moe_layers // cfg.num_layers
     # the planner's parameters are the model's (the count transformers gives, test_model_hf),
     # plus the rows that pad the vocabulary
     padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.hidden_size

@@ -133,6 +133,9 @@ class GPTConfig:
     # an always-on SwiGLU expert of this ffn size next to the routed ones (DeepSeek: n_shared x
     # moe_intermediate_size); None: none
     moe_shared_expert_intermediate_size: Optional[int] = None
+    # the shared expert's output scaled per token by sigmoid(x . g) with a learned g (Qwen2-MoE's
+    # shared_expert_gate; Megatron-LM's --moe-shared-expert-gate)
+    moe_shared_expert_gate: bool = False
     # which layers are MoE (Megatron-LM's --moe-layer-freq): N, every N-th layer from the first
     # (i % N == 0); or one 0/1 per layer (DeepSeek's first_k_dense_replace k: k zeros, then
     # ones). The dense layers' MLP has ffn_hidden_size.
@@ -290,7 +293,7 @@ class GPTConfig:
             return 3 * h * self.ffn_hidden_size
         f = self.moe_ffn_hidden_size
         bias = experts * (2 * f + h) * self.moe_expert_bias + self.num_moe_experts * self.moe_router_bias
-        shared = 3 * h * (self.moe_shared_expert_intermediate_size or 0)
+        shared = 3 * h * (self.moe_shared_expert_intermediate_size or 0) + h * self.moe_shared_expert_gate
         return experts * 3 * h * f + h * self.num_moe_experts + shared + bias * biases  # + router
 
     # -- validation ---------------------------------------------------------------------
@@ -445,6 +448,9 @@ class GPTConfig:
         if shared is not None and (shared <= 0 or shared % tp):
             raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} must be positive and divisible by "
                               f"--tensor-model-parallel-size {tp}")
+        if self.moe_shared_expert_gate and not shared:
+            raise ConfigError("--moe-shared-expert-gate gates the shared expert: add "
+                              "--moe-shared-expert-intermediate-size N")
         freq = self.moe_layer_freq
         if isinstance(freq, (list, tuple)):
             if len(freq) != self.num_layers or any(v not in (0, 1) for v in freq) or not any(freq):
@@ -537,6 +543,18 @@ def _qwen3_moe(hidden, layers, heads, experts, moe_ffn):
     return {**_qwen3(hidden, 6144, layers, heads, False), "num_query_groups": 4,
             "num_moe_experts": experts, "moe_router_topk": 8, "moe_ffn_hidden_size": moe_ffn,
             "moe_norm_topk_prob": True, "architecture": "qwen3_moe"}
+
+
+def _qwen2_moe(hidden, ffn, layers, heads, kv_heads, experts, topk, moe_ffn, shared, max_positions):
+    """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (QKV bias), softmax top-k not
+    renormalised, a shared expert gated by sigmoid(x . g)."""
+    return dict(
+        vocab_size=151936, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers, num_attention_heads=heads,
+        num_query_groups=kv_heads, max_position_embeddings=max_positions, rotary_base=1000000.0, norm_epsilon=1e-6,
+        add_qkv_bias=True, tie_word_embeddings=False, num_moe_experts=experts, moe_router_topk=topk,
+        moe_ffn_hidden_size=moe_ffn, moe_norm_topk_prob=False, moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=True, architecture="qwen2_moe", bos_token_id=151643, eos_token_id=151643,
+    )
 
 
 def _mistral(hidden, layers, vocab, max_positions):
@@ -646,6 +664,8 @@ PRESETS: dict[str, dict] = {
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, False),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 128, 768),
     "qwen3-235b-a22b": {**_qwen3_moe(4096, 94, 64, 128, 1536), "ffn_hidden_size": 12288},
+    "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 5632, 24, 16, 16, 60, 4, 1408, 5632, 8192),
+    "qwen2-57b-a14b": _qwen2_moe(3584, 18944, 28, 28, 4, 64, 8, 2560, 20480, 32768),
     "llama3-8b": dict(
         vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
         num_attention_heads=32, num_query_groups=8, max_position_embeddings=8192,

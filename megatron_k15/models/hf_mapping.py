@@ -74,6 +74,7 @@ from megatron_k15.models.rope import rope_type as scaling_type
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                           "Qwen2MoeForCausalLM": "qwen2_moe",
                            "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3",
                            "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
                            "GptOssForCausalLM": "gpt_oss", "Gemma3ForCausalLM": "gemma3",
@@ -91,7 +92,8 @@ TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.mod
 # the first layers dense (``_deepseek_moe_fields``)
 DEEPSEEK_MOE_ARCHITECTURES = ("glm4_moe", "deepseek_v3", "deepseek_v2")
 MLA_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")  # multi-latent attention
-MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss") + DEEPSEEK_MOE_ARCHITECTURES
+QWEN_MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe")  # softmax top-k; dense layers from mlp_only_layers
+MOE_ARCHITECTURES = QWEN_MOE_ARCHITECTURES + ("gpt_oss",) + DEEPSEEK_MOE_ARCHITECTURES
 FUSED_QKV_ARCHITECTURES = ("phi3",)  # one qkv_proj tensor per layer
 FUSED_GATE_UP_ARCHITECTURES = ("phi3", "glm", "glm4")  # one gate_up_proj tensor per layer
 # GLM rotates channel pairs (2i, 2i+1) of the first partial_rotary_factor of each head; the
@@ -105,7 +107,7 @@ QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3", "exao
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
 # layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
-QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe")
+QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 USE_SLIDING_WINDOW_ARCHITECTURES = QWEN_ARCHITECTURES + ("smollm3",)  # use_sliding_window + layer_types
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
 HF_CONFIG_FILE = "config.json"
@@ -277,7 +279,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         sliding_rope = None
     heads = int(hf["num_attention_heads"])
     moe = {}
-    if arch == "qwen3_moe":
+    if arch in QWEN_MOE_ARCHITECTURES:
         # layer i is MoE iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
         n, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step") or 1)
         dense = set(hf.get("mlp_only_layers") or [])
@@ -294,6 +296,11 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
                    moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                    moe_layer_freq=1 if all(pattern) else pattern)
+        if arch == "qwen2_moe":  # a shared expert, gated per token by sigmoid(x . g)
+            shared = hf.get("shared_expert_intermediate_size")
+            if not shared:
+                raise HFCheckpointError(f"{where}: missing required field 'shared_expert_intermediate_size'")
+            moe.update(moe_shared_expert_intermediate_size=int(shared), moe_shared_expert_gate=True)
     if arch == "gpt_oss":  # softmax over the top-k router logits == renormalised top-k probabilities
         for key in ("num_local_experts", "num_experts_per_tok"):
             if hf.get(key) is None:
@@ -306,7 +313,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
     if arch in DEEPSEEK_MOE_ARCHITECTURES:
         moe = _deepseek_moe_fields(hf, where, arch)
     mla = _mla_fields(hf, where) if arch in MLA_ARCHITECTURES else {}
-    qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
+    qkv_bias = bool(hf.get("qkv_bias", True)) if arch in ("qwen2", "qwen2_moe") else bool(hf.get("attention_bias", arch in ("gpt_oss", "glm", "glm4")))
     nope = None
     if arch == "smollm3":  # no_rope_layers[i] == 0: layer i has no RoPE (default: every fourth)
         flags = hf.get("no_rope_layers")
@@ -454,8 +461,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if arch not in HF_CLASS:
         raise ConfigError(f"architecture {arch!r} has no HF class; choose one of {sorted(HF_CLASS)}")
     if cfg.is_moe != (arch in MOE_ARCHITECTURES):
-        raise ConfigError("mixture-of-experts models export as architecture 'qwen3_moe' (Qwen3MoeForCausalLM) or "
-                          "'gpt_oss', dense ones as 'qwen2', 'qwen3', 'llama', 'mistral', 'phi3' or 'olmo2/3'")
+        raise ConfigError(f"mixture-of-experts models export as one of {list(MOE_ARCHITECTURES)}, dense ones as "
+                          "'qwen2', 'qwen3', 'llama', 'mistral', 'phi3' or 'olmo2/3'")
     gpt_oss = (cfg.attention_sinks, cfg.moe_router_bias, cfg.moe_expert_bias, cfg.activation == "swiglu_clamped",
                cfg.add_attention_output_bias == cfg.add_qkv_bias, cfg.moe_norm_topk_prob)
     if (arch == "gpt_oss") != all(gpt_oss) or (arch != "gpt_oss" and any(gpt_oss[:4])):
@@ -492,8 +499,11 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                           f"'glm', 'glm4' (interleaved pairs), 'glm4_moe' or 'phi3', not {arch!r}")
     deepseek_routing = (cfg.moe_router_score_function != "softmax", cfg.moe_router_enable_expert_bias,
                         cfg.moe_router_num_groups is not None, cfg.moe_router_topk_scaling_factor is not None,
-                        bool(cfg.moe_shared_expert_intermediate_size),
-                        arch != "qwen3_moe" and cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
+                        bool(cfg.moe_shared_expert_intermediate_size) and arch != "qwen2_moe",
+                        arch not in QWEN_MOE_ARCHITECTURES and cfg.is_moe and cfg.num_moe_layers != cfg.num_layers)
+    if (arch == "qwen2_moe") != (cfg.moe_shared_expert_gate and bool(cfg.moe_shared_expert_intermediate_size)):
+        raise ConfigError("a gated shared expert (--moe-shared-expert-gate) exports only as architecture "
+                          "'qwen2_moe' (Qwen2MoeForCausalLM), and that needs one")
     if cfg.multi_latent_attention != (arch in MLA_ARCHITECTURES):
         raise ConfigError("multi-latent attention exports only as architecture 'deepseek_v3' or 'deepseek_v2' "
                           "(DeepseekV3ForCausalLM, DeepseekV2ForCausalLM), and those need it")
@@ -567,8 +577,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf.setdefault("sliding_window", None)
         if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
             hf.update(pad_token_id=None, partial_rotary_factor=cfg.rotary_percent)
-    elif arch == "gpt_oss":
-        pass  # attention_bias below
+    elif arch in ("gpt_oss", "qwen2_moe"):
+        pass  # attention_bias / qkv_bias below
     elif not cfg.add_qkv_bias:
         raise ConfigError("Qwen2 always has QKV bias; export a model without it as architecture 'llama'")
     if arch == "gpt_oss":
@@ -578,11 +588,13 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
                   output_router_logits=False)
         if cfg.rope_scaling:  # YaRN's fields as they are (no llama3 default type)
             hf["rope_scaling"] = dict(cfg.rope_scaling)
-    if arch == "qwen3_moe":
+    if arch in QWEN_MOE_ARCHITECTURES:
         hf.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
                   moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.moe_norm_topk_prob,
                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
                   router_aux_loss_coef=0.0, output_router_logits=False)
+    if arch == "qwen2_moe":
+        hf.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size, qkv_bias=cfg.add_qkv_bias)
     return hf
 
 
@@ -972,6 +984,11 @@ def _qk_norm_name(cfg: GPTConfig) -> str:
     return "norm_all_heads" if cfg.qk_layernorm_scope == "all" else "layernorm"
 
 
+def _hf_shared_expert(cfg: GPTConfig) -> str:
+    """The shared expert's HF module: Qwen2-MoE's ``shared_expert.``, DeepSeek's ``shared_experts.``."""
+    return "shared_expert." if cfg.architecture == "qwen2_moe" else "shared_experts."
+
+
 def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, hf_sd: dict) -> dict:
     """One MoE layer's router (with DeepSeek's score-correction bias), shared expert and stacked
     experts from the hub's per-expert tensors (or from transformers 5's stacked
@@ -980,10 +997,12 @@ def _hf_experts_to_megatron(take, hf_prefix: str, prefix: str, cfg: GPTConfig, h
     if cfg.moe_router_enable_expert_bias:
         out[prefix + "router.expert_bias"] = take(hf_prefix + "gate.e_score_correction_bias")
     if cfg.moe_shared_expert_intermediate_size:
-        s = hf_prefix + "shared_experts."
+        s = hf_prefix + _hf_shared_expert(cfg)
         out[prefix + "shared_experts.linear_fc1.weight"] = torch.cat(
             [take(s + "gate_proj.weight"), take(s + "up_proj.weight")], dim=0)
         out[prefix + "shared_experts.linear_fc2.weight"] = take(s + "down_proj.weight")
+        if cfg.moe_shared_expert_gate:
+            out[prefix + "shared_experts.gate_weight"] = take(hf_prefix + "shared_expert_gate.weight")
     stacked = hf_prefix + "experts.gate_up_proj"
     if stacked in hf_sd:
         out[prefix + "experts.linear_fc1.weight"] = take(stacked)
@@ -1062,9 +1081,11 @@ def _mlp_to_hf(sd: dict, o: str, p: str, layer: int, cfg: GPTConfig, out: dict) 
             out[p + "mlp.gate.e_score_correction_bias"] = sd[o + "mlp.router.expert_bias"]
         if cfg.moe_shared_expert_intermediate_size:
             gate, up = sd[o + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
-            out.update({p + "mlp.shared_experts.gate_proj.weight": gate.contiguous(),
-                        p + "mlp.shared_experts.up_proj.weight": up.contiguous(),
-                        p + "mlp.shared_experts.down_proj.weight": sd[o + "mlp.shared_experts.linear_fc2.weight"]})
+            s = p + "mlp." + _hf_shared_expert(cfg)
+            out.update({s + "gate_proj.weight": gate.contiguous(), s + "up_proj.weight": up.contiguous(),
+                        s + "down_proj.weight": sd[o + "mlp.shared_experts.linear_fc2.weight"]})
+            if cfg.moe_shared_expert_gate:
+                out[p + "mlp.shared_expert_gate.weight"] = sd[o + "mlp.shared_experts.gate_weight"]
         fc1, fc2 = sd[o + "mlp.experts.linear_fc1.weight"], sd[o + "mlp.experts.linear_fc2.weight"]
         for e in range(cfg.num_moe_experts):
             gate, up = fc1[e].chunk(2, dim=0)
@@ -1113,6 +1134,7 @@ def expected_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
         "mlp.router.expert_bias": (cfg.num_moe_experts,),
         "mlp.shared_experts.linear_fc1.weight": (2 * (cfg.moe_shared_expert_intermediate_size or 0), h),
         "mlp.shared_experts.linear_fc2.weight": (h, cfg.moe_shared_expert_intermediate_size or 0),
+        "mlp.shared_experts.gate_weight": (1, h),
         "mlp.experts.linear_fc1.weight": (cfg.num_moe_experts, 2 * (cfg.moe_ffn_hidden_size or 0), h),
         "mlp.experts.linear_fc2.weight": (cfg.num_moe_experts, h, cfg.moe_ffn_hidden_size or 0),
     }

@@ -507,7 +507,8 @@ class MoEMLP(torch.nn.Module):
     grouped (a group scores by its best 2; DeepSeek-V2's softmax router by its best 1), weighted
     by p (renormalised) times the scaling factor. A shared expert (DeepSeek, GLM-4.5)
     adds a dense SwiGLU of every token to the routed sum; under tp it is split like the dense
-    MLP and its partial output joins the experts' reduction.
+    MLP and its partial output joins the experts' reduction. Qwen2-MoE gates it per token by
+    sigmoid(x . g) (``moe_shared_expert_gate``).
 
     Tensor parallelism splits every expert's ffn like the dense MLP (Megatron's expert tensor
     parallelism with its size = tp): each rank routes all tokens (gathered from the
@@ -568,6 +569,12 @@ class MoEMLP(torch.nn.Module):
             self.shared_experts = torch.nn.Module()
             self.shared_experts.linear_fc1 = DenseWeight(2 * fs, h, dtype, cfg.init_method_std)
             self.shared_experts.linear_fc2 = DenseWeight(h, fs, dtype, cfg.init_method_std)
+            if cfg.moe_shared_expert_gate:  # Qwen2-MoE: sigmoid(x . g) per token, g replicated over tp
+                self.shared_experts.gate_weight = torch.nn.Parameter(
+                    torch.empty(1, h, dtype=dtype).normal_(0.0, cfg.init_method_std))
+                # it scales this rank's partial shared output: its gradient is partial over tp too
+                self.shared_experts.gate_weight.tp_replicated = True
+                self.shared_experts.gate_weight.tp_partial_grad = tp > 1
         self.experts = torch.nn.Module()
         self.local_experts = self.num_experts // ep
         bias = cfg.moe_expert_bias
@@ -708,8 +715,12 @@ class MoEMLP(torch.nn.Module):
         slots[order] = y
         out = slots.view(t, self.topk, h).sum(dim=1).reshape(x.shape)
         if self.shared_experts is not None:  # this rank's ffn slice: a partial sum over tp, as the experts'
-            out = out + gated_mlp(x, self.shared_experts.linear_fc1.weight, self.shared_experts.linear_fc2.weight,
-                                  self.cfg)
+            shared = gated_mlp(x, self.shared_experts.linear_fc1.weight, self.shared_experts.linear_fc2.weight,
+                               self.cfg)
+            gate = getattr(self.shared_experts, "gate_weight", None)
+            if gate is not None:  # the same per-token scale on every rank: it scales the partial sums
+                shared = shared * torch.sigmoid(F.linear(x, gate))
+            out = out + shared
         if self.count_tokens and self.training and torch._C._current_graph_task_id() == -1:
             weight = None if token_mask is None else token_mask.transpose(0, 1).reshape(-1, 1).expand(
                 -1, self.topk).to(torch.float32)

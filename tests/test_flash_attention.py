@@ -350,18 +350,21 @@ def test_varlen_equals_batched_per_sequence():
 
 
 @pytest.mark.parametrize(
-    "dtype,slack,b,s,h,hkv,d,causal",
+    "dtype,slack,b,s,h,hkv,d,causal,softcap",
     [
-        (torch.float16, 2e-3, 1, 127, 4, 2, 64, True),
-        (torch.bfloat16, 2e-2, 1, 127, 4, 2, 64, True),
-        (torch.bfloat16, 2e-2, 2, 33, 2, 1, 128, False),
+        (torch.float16, 2e-3, 1, 127, 4, 2, 64, True, 0.0),
+        (torch.bfloat16, 2e-2, 1, 127, 4, 2, 64, True, 0.0),
+        (torch.bfloat16, 2e-2, 2, 33, 2, 1, 128, False, 0.0),
+        (torch.bfloat16, 2e-2, 1, 127, 4, 2, 64, True, 1.0),  # Gemma 2's cap, binding on O(1) scores
+        (torch.float16, 2e-3, 2, 33, 2, 1, 128, False, 1.0),
     ],
 )
-def test_low_precision(dtype, slack, b, s, h, hkv, d, causal):
+def test_low_precision(dtype, slack, b, s, h, hkv, d, causal, softcap):
     q, k, v, do, dlse = _make(b, s, s, h, hkv, d, dtype=dtype, seed=7)
-    ours = _fwd_bwd(flash_attn_func, q, k, v, do, dlse, causal=causal)
-    ref = _reference(q, k, v, do, dlse, causal=causal)  # float64
-    low = _reference(q, k, v, do, dlse, dtype=dtype, causal=causal)  # PyTorch in fp16/bf16
+    kw = dict(causal=causal, softcap=softcap)
+    ours = _fwd_bwd(flash_attn_func, q, k, v, do, dlse, **kw)
+    ref = _reference(q, k, v, do, dlse, **kw)  # float64
+    low = _reference(q, k, v, do, dlse, dtype=dtype, **kw)  # PyTorch in fp16/bf16
     assert ours[0].dtype == dtype and ours[2].dtype == dtype
     for name, o, r, lo in zip(NAMES, ours, ref, low):
         err = _max_err(o, r)

@@ -218,10 +218,10 @@ def stage_parameters(cfg: GPTConfig, tp: int, pp_rank: int, pp: int,
                 out.append((p + "mlp.router.bias", cfg.num_moe_experts))
             if cfg.moe_shared_expert_intermediate_size:
                 fs = cfg.moe_shared_expert_intermediate_size // tp
+                if cfg.moe_shared_expert_gate:  # (a parameter of the module itself: before its children's)
+                    out.append((p + "mlp.shared_experts.gate_weight", h))
                 out.append((p + "mlp.shared_experts.linear_fc1.weight", 2 * fs * h))
                 out.append((p + "mlp.shared_experts.linear_fc2.weight", h * fs))
-                if cfg.moe_shared_expert_gate:
-                    out.append((p + "mlp.shared_experts.gate_weight", h))
             out.append((p + "mlp.experts.linear_fc1.weight", experts * 2 * f * h))
             if cfg.moe_expert_bias:
                 out.append((p + "mlp.experts.linear_fc1.bias", experts * 2 * f))
@@ -287,7 +287,8 @@ def grad_buckets(params: list[tuple[str, int]], shard_group: int, sequence_paral
     Under expert parallelism (``ep`` > 1) the experts' buckets come after the others', padded
     to the expert-data-parallel group (``shard_group / ep``)."""
     def late(name):
-        partial = name.endswith(("q_layernorm.weight", "k_layernorm.weight", "router.weight"))
+        partial = name.endswith(("q_layernorm.weight", "k_layernorm.weight", "router.weight",
+                                 "shared_experts.gate_weight"))
         return (sequence_parallel and name.endswith("layernorm.weight")) or (partial and tp_size > 1) or (
             tied_embedding and name == "embedding.weight")
 
@@ -406,6 +407,7 @@ class _Shapes:
     norm_topk: bool = False
     ep: int = 1
     fs: int = 0  # the shared expert's ffn / tp (DeepSeek)
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
     # multi-latent attention (kvl = 0: none): q and kv latents, a head's v channels
     ql: int = 0
     kvl: int = 0
@@ -433,6 +435,7 @@ class _Shapes:
                    fm=cfg.moe_ffn_hidden_size // tp if moe else 0,
                    norm_topk=bool(moe and cfg.moe_norm_topk_prob), ep=layout.ep,
                    fs=(cfg.moe_shared_expert_intermediate_size or 0) // tp if moe else 0,
+                   shared_gate=bool(moe and cfg.moe_shared_expert_gate),
                    ql=(cfg.q_lora_rank or 0) if mla else 0, kvl=cfg.kv_lora_rank if mla else 0,
                    dv=cfg.v_head_dim if mla else 0, dr=cfg.qk_pos_emb_head_dim if mla else 0, r=cfg.rotary_dim,
                    fp32_router=moe and cfg.moe_router_dtype == "fp32")
@@ -464,7 +467,8 @@ def mlp_saved_bytes(x: _Shapes) -> int:
     by expert and the experts' N k outputs (2 e N k h), the experts' SwiGLU 4 e N k fm / tp,
     fp32 router probabilities 4 N E, int64 top-k ids and sort order 16 N k, the routing
     weights in that order e N k, and with renormalised top-k its fp32 weights and sums
-    4 N k + 4 N; under expert parallelism the received rows' regrouping order and its inverse,
+    4 N k + 4 N; a shared expert 4 e N fs / tp, and with Qwen2-MoE's gate its output and the
+    sigmoid e N h + e N; under expert parallelism the received rows' regrouping order and its inverse,
     int64, 16 N k more."""
     if not x.E:
         return x.e * x.Ns * x.h + 4 * x.e * x.N * x.f
@@ -472,6 +476,7 @@ def mlp_saved_bytes(x: _Shapes) -> int:
             + 4 * x.N * x.E + 16 * x.N * x.topk + x.e * x.N * x.topk
             + ((4 * x.N * x.topk + 4 * x.N) if x.norm_topk else 0) + (16 * x.N * x.topk if x.ep > 1 else 0)
             + 4 * x.e * x.N * x.fs  # the shared expert's SwiGLU, on the routed tokens' input
+            + ((x.e * x.N * x.h + x.e * x.N) if x.shared_gate else 0)  # its output and the gate's sigmoid
             + (4 * x.N * x.h if x.fp32_router and x.e < 4 else 0))  # the fp32 router's input copy
 
 

@@ -188,6 +188,8 @@ SLIDING_CASES = [
     ("olmo3", {"rope_scaling": YARN_SCALING}, [0, 1, 2]),  # YaRN on the full layer only
     ("gemma3", {}, [0, 1, 2, 3, 4]),  # five local layers (RoPE base 1e4), a global one (1e6, linear x8)
     ("gemma2", {}, [0, 2]),  # alternating local and global layers, soft-capped scores and logits
+    # Qwen2-MoE's own rule (not Qwen2's): every other layer below max_window_layers slides
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 3}, [0, 2]),
 ]
 
 

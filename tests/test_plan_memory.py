@@ -79,6 +79,10 @@ def test_meter_counts_storages_once_and_releases_them():
 
 
 # -- parameters, buckets, KV cache: exact ----------------------------------------------------
+# Qwen2-MoE: softmax top-2 not renormalised, a shared expert gated by sigmoid(x . g), a dense layer
+QWEN2_MOE_SHAPE = dict(num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_norm_topk_prob=False,
+                       moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True, moe_layer_freq=[1, 0, 1],
+                       architecture="qwen2_moe")
 DEEPSEEK_SHAPE = dict(
     add_qkv_bias=False, multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16,
     qk_pos_emb_head_dim=8, v_head_dim=16, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
@@ -103,6 +107,7 @@ DEEPSEEK_SHAPE = dict(
          activation="geglu_tanh"),  # Gemma 3: four norms per layer
     dict(num_layers=3, **DEEPSEEK_SHAPE),  # DeepSeek-V3: MLA, a dense layer, shared expert
     dict(num_layers=3, **{**DEEPSEEK_SHAPE, "q_lora_rank": None}),  # MLA without the q latent
+    dict(num_layers=3, **QWEN2_MOE_SHAPE),  # Qwen2-MoE: the shared expert's gate before its GEMMs
 ])
 def test_parameter_count_equals_built_model(single_rank, overrides):
     from megatron_k15.models.gpt import GPTModel
@@ -241,6 +246,7 @@ CASES = {
     # MoE: router, grouped token copies, per-expert SwiGLU (the peak of the full-recompute case
     # is the MoE layer's backward); top-k 6 of 16, renormalised
     "fp32-none-ce-moe": (dict(num_layers=3, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
+    "fp32-none-ce-qwen2-moe": (dict(num_layers=3, **QWEN2_MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
     "fp32-full-ce-moe": (dict(num_layers=4, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2,
                                                              recompute="full")),
     # DeepSeek-V3's block: multi-latent attention (q and kv latents, heads of 16 + 8 rotated

@@ -169,6 +169,9 @@ def _sliding_layout(hf: dict, arch: str, where: str) -> dict:
     if arch in USE_SLIDING_WINDOW_ARCHITECTURES:
         if not hf.get("use_sliding_window"):
             window = None
+        elif types is None and arch == "qwen2_moe":  # Qwen2MoeConfig's rule: every other layer below it
+            last = int(hf.get("max_window_layers", n))
+            types = ["sliding_attention" if (i + 1) % 2 and i < last else "full_attention" for i in range(n)]
         elif types is None:  # Qwen2Config's rule
             first = int(hf.get("max_window_layers", n))
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
@@ -615,6 +618,9 @@ def _hf_sliding_fields(cfg: GPTConfig) -> dict:
     if cfg.sliding_rope is not None and arch not in ("olmo3", "gemma3"):
         raise ConfigError(f"a separate RoPE for the sliding layers (sliding_rope) exports only as 'olmo3' or "
                           f"'gemma3', not {arch!r}")
+    if arch == "qwen2_moe":  # explicit layer_types (its config's own rule differs from Qwen2's)
+        return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": cfg.num_layers,
+                "layer_types": types}
     if arch in USE_SLIDING_WINDOW_ARCHITECTURES:
         first = types.index("sliding_attention")
         if "full_attention" in types[first:]:

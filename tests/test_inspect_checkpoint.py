@@ -94,3 +94,25 @@ def test_release_checkpoint_is_weights_only(tmp_path, capsys):
     assert "optimizer    none: a release checkpoint" in text and "rng          none (release checkpoint)" in text
     with pytest.raises(CheckpointError, match="a release checkpoint .* with --finetune"):
         load_checkpoint(str(root), build_train_context(_args(), cfg, seed=2))
+
+
+def test_inspect_checks_a_hugging_face_directory_before_a_run(tmp_path, capsys):
+    """An HF directory gets the pre-flight check of ``--load HF_DIR``: the model it becomes,
+    its tensors by dtype, and a header-only conversion that names a missing tensor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_k15.testing import save_tiny_hf_checkpoint
+
+    hf = tmp_path / "hf"
+    model = save_tiny_hf_checkpoint(str(hf), "qwen2", dtype=torch.bfloat16)
+    rc, info, _ = _inspect(capsys, "--load", str(hf))
+    assert rc == 0 and info["hugging_face"] and info["conversion_problem"] is None
+    assert info["model"]["architecture"] == "qwen2" and info["model"]["num_layers"] == 2
+    assert info["tensors"] == {"count": len(model.state_dict()), "dtypes": {"bfloat16": len(model.state_dict())}}
+    sd = load_file(hf / "model.safetensors")
+    del sd["model.layers.1.self_attn.k_proj.weight"]
+    save_file(sd, hf / "model.safetensors", metadata={"format": "pt"})
+    rc = tool.main(["--load", str(hf)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILS" in out and "model.layers.1.self_attn.k_proj.weight" in out

@@ -12,6 +12,11 @@ file per rank (left out by --no-save-rng; without them a resume is not bit-ident
 trainer state (data position, data blend, prompt sampler, replay buffer, DPO reference) and
 the tokenizer. Shards are opened memory-mapped, so inspecting a 70B checkpoint reads
 kilobytes. Exit code 1 with the reason when the directory is not a complete checkpoint.
+
+A Hugging Face model directory (which ``--load`` also takes, with ``--finetune``) gets a
+pre-flight check instead: the model it becomes, its tensors' dtypes and bytes, the tokenizer,
+and a conversion run on the files' headers only, which names any tensor that is missing or
+misshapen (exit code 1) without reading a weight.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import _bootstrap  # noqa: F401,E402
 import torch  # noqa: E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, read_layout, resolve_checkpoint_dir, saved_iterations, shard_dir_name,
+    LATEST_FILE, CheckpointError, is_hf_model_dir, load_config, read_layout, resolve_checkpoint_dir, saved_iterations,
+    shard_dir_name, tokenizer_dir,
 )
 from megatron_k15.models.config import GPTConfig  # noqa: E402
 
@@ -64,8 +70,55 @@ def _trainer_state(path: str) -> dict:
     return out
 
 
+def _model_summary(cfg: GPTConfig) -> dict:
+    return {"architecture": cfg.architecture, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "ffn_hidden_size": cfg.ffn_hidden_size, "num_attention_heads": cfg.num_attention_heads,
+            "num_query_groups": cfg.num_query_groups, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings, "num_experts": cfg.num_moe_experts,
+            "parameters": cfg.num_parameters()}
+
+
+def inspect_hf(load: str) -> dict:
+    """A Hugging Face model directory as ``--load`` would take it: the model, its tensors by
+    dtype (from the files' headers), the tokenizer, and whether every tensor the conversion
+    needs is there with its shape (a conversion of meta tensors: nothing is read)."""
+    from megatron_k15.models.hf_mapping import HFCheckpointError, hf_to_megatron, read_hf_state_dict
+    from megatron_k15.models.lazy_state_dict import meta_state_dict
+
+    cfg = load_config(load)
+    meta = meta_state_dict(read_hf_state_dict(load))
+    dtypes: dict[str, int] = {}
+    for name in meta:
+        dtype = str(meta[name].dtype).replace("torch.", "")
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    try:
+        hf_to_megatron(meta, cfg, where=load)
+        problem = None
+    except (HFCheckpointError, ValueError) as e:
+        problem = str(e)
+    return {"path": os.path.abspath(load), "hugging_face": True, "model": _model_summary(cfg),
+            "tensors": {"count": len(meta), "dtypes": dtypes}, "conversion_problem": problem,
+            "tokenizer": os.path.isdir(tokenizer_dir(load)), "bytes": _size(load)}
+
+
+def _hf_text(info: dict) -> str:
+    m = info["model"]
+    return "\n".join([
+        f"hugging face {info['path']}: --load takes it as it is (with --finetune), each rank converting its part",
+        f"model        {m['architecture']}, {m['parameters'] / 1e6:.1f}M parameters: {m['num_layers']} layers, "
+        f"hidden {m['hidden_size']}, {m['num_attention_heads']} heads / {m['num_query_groups']} kv, vocab "
+        f"{m['vocab_size']}" + (f", {m['num_experts']} experts" if m["num_experts"] else ""),
+        f"tensors      {info['tensors']['count']} ({', '.join(f'{n} {d}' for d, n in sorted(info['tensors']['dtypes'].items()))})",
+        "conversion   " + ("every tensor present with its shape" if info["conversion_problem"] is None
+                           else f"FAILS: {info['conversion_problem']}"),
+        f"tokenizer    {'in the directory' if info['tokenizer'] else 'none (pass --tokenizer)'}",
+        f"size         {info['bytes'] / 2**30:.2f} GiB"])
+
+
 def inspect(load: str) -> dict:
     """The description of the checkpoint ``load`` names (a run directory or one iteration)."""
+    if is_hf_model_dir(load):
+        return inspect_hf(load)
     ckpt = resolve_checkpoint_dir(load)
     layout = read_layout(ckpt)
     cfg = GPTConfig.from_dict(layout["model"])
@@ -98,11 +151,7 @@ def inspect(load: str) -> dict:
         "iteration": layout.get("iteration"),
         "latest": open(latest).read().strip() if os.path.isfile(latest) else None,
         "iterations_in_directory": iterations,
-        "model": {"architecture": cfg.architecture, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-                  "ffn_hidden_size": cfg.ffn_hidden_size, "num_attention_heads": cfg.num_attention_heads,
-                  "num_query_groups": cfg.num_query_groups, "vocab_size": cfg.vocab_size,
-                  "max_position_embeddings": cfg.max_position_embeddings, "num_experts": cfg.num_moe_experts,
-                  "parameters": cfg.num_parameters()},
+        "model": _model_summary(cfg),
         "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                    "context_parallel_size": layout.get("cp_size"), "data_parallel_size": layout.get("dp_size"),
                    "expert_model_parallel_size": layout.get("ep_size"), "world_size": world,
@@ -149,7 +198,8 @@ def _text(info: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="a checkpoint directory (its latest iteration) or one iteration")
+    p.add_argument("--load", required=True, help="a checkpoint directory (its latest iteration), one iteration, "
+                                                 "or a Hugging Face model directory (a pre-flight check)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     args = p.parse_args(argv)
     try:
@@ -157,6 +207,9 @@ def main(argv=None) -> int:
     except (CheckpointError, OSError, KeyError, ValueError) as e:
         print(f"inspect_checkpoint.py: error: {e}", file=sys.stderr)
         return 1
+    if info.get("hugging_face"):
+        print(json.dumps(info, indent=2) if args.json else _hf_text(info))
+        return 1 if info["conversion_problem"] else 0
     print(json.dumps(info, indent=2) if args.json else _text(info))
     return 1 if info["shards"]["missing"] else 0
 

@@ -1088,3 +1088,35 @@ def test_sequence_level_losses_under_cp_match_whole_sequences():
             torch.testing.assert_close(r[case][0].double(), ref.detach().double(), rtol=1e-6, atol=1e-6)
         grad = zigzag_merge([r[case][1] for r in got], 1)
         torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name} {kw}: {m}")
+
+
+def test_rl_from_a_hugging_face_directory_equals_rl_from_its_conversion(cli_inputs, tmp_path):
+    """``train_rl --load HF_DIR --finetune`` (each rank converting its own part while it loads)
+    runs the same iterations as from the converted checkpoint: equal metrics and weights; the
+    saved checkpoint is ours and resumes as usual."""
+    from megatron_k15.testing import save_tiny_hf_checkpoint
+
+    hf_dir, ck = str(tmp_path / "hf"), str(tmp_path / "ck")
+    save_tiny_hf_checkpoint(hf_dir, "qwen2")
+    env = _env()
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf_to_megatron.py"),
+                    "--hf-dir", hf_dir, "--save", ck], check=True, capture_output=True, env=env)
+
+    def train(load, save):
+        res = subprocess.run([sys.executable, "-m", "megatron_k15.train_rl", *_rl_argv(cli_inputs)[2:], "--load", load,
+                              "--finetune", "--train-iters", "2", "--save", save, "--save-interval", "2",
+                              "--tensorboard-dir", os.path.join(save, "tb")],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+        assert res.returncode == 0, res.stdout + res.stderr
+        with open(os.path.join(save, "tb", "metrics.jsonl")) as f:
+            return {m["iteration"]: m for m in map(json.loads, f)}
+
+    from_hf, from_ck = train(hf_dir, str(tmp_path / "a")), train(ck, str(tmp_path / "b"))
+    assert sorted(from_hf) == [1, 2]
+    for it in (1, 2):
+        for k, v in from_ck[it].items():
+            if not (k == "time" or k.endswith("_s") or k.endswith("_per_s") or "memory" in k
+                    or "tflops" in k or k.endswith("mfu")):
+                assert from_hf[it][k] == v, (it, k)
+    w_hf, w_ck = _checkpoint_weights(str(tmp_path / "a"), 2, 1), _checkpoint_weights(str(tmp_path / "b"), 2, 1)
+    assert sorted(w_hf) == sorted(w_ck) and all(torch.equal(w_hf[k], w_ck[k]) for k in w_ck)

@@ -34,7 +34,8 @@ from megatron_k15.files import write_text_atomic
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.lazy_state_dict import LazyStateDict, load_torch_file
 from megatron_k15.models.sharding import (
-    VOCAB_PARAMS, layer_number, merge_unpadded, pad_vocab, pipeline_layer_ranges, reshard_tensor, split_tensor, stage_owns,
+    VOCAB_PARAMS, layer_number, merge_unpadded, pad_vocab, pipeline_layer_ranges, reshard_tensor, split_for_rank,
+    split_tensor, stage_owns,
 )
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -369,16 +370,15 @@ def hf_state_for_rank(hf_dir: str, model, pp_rank: int, pp_size: int) -> dict[st
     last = pp_rank == pp_size - 1
     units = hf_to_megatron_units(read_hf_state_dict(hf_dir), cfg, where=hf_dir, layers=model.layer_range,
                                  embedding=pp_rank == 0 or (last and cfg.tie_word_embeddings), tail=last)
+    ranges = [model.layer_range if i == pp_rank else range(0) for i in range(pp_size)]
     state = {}
-    for unit in units:
-        for name, tensor in unit.items():
-            if stage_owns(name, pp_rank, pp_size, model.layer_range, cfg.tie_word_embeddings):
-                if name in VOCAB_PARAMS:
-                    tensor = pad_vocab(tensor, model.padded_vocab_size)
-                part = split_tensor(model.own_experts(name, tensor), name, model.tp_size, model.tp_rank)
-                if part.untyped_storage().nbytes() > part.numel() * part.element_size():
-                    part = part.clone()  # a view of all experts: keep this rank's only
-                state[name] = part
+    for unit in units:  # experts narrowed before the tp split, so only this rank's are copied
+        unit = {name: model.own_experts(name, tensor) for name, tensor in unit.items()}
+        for name, part in split_for_rank(unit, model.tp_size, model.tp_rank, pp_size, pp_rank, cfg.num_layers,
+                                         cfg.tie_word_embeddings, model.padded_vocab_size, ranges).items():
+            if part.untyped_storage().nbytes() > part.numel() * part.element_size():
+                part = part.clone()  # a view of all experts: keep this rank's only
+            state[name] = part
     return state
 
 

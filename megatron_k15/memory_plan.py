@@ -553,9 +553,12 @@ def logprob_saved_bytes(x: _Shapes, impl: str) -> int:
 
 
 def logprob_forward_extra_bytes(x: _Shapes, impl: str) -> int:
-    """Transient on top of everything saved, at the log-prob forward."""
+    """Transient on top of everything saved, at the log-prob forward (with Gemma 2's final cap
+    in fp32 the uncapped logits are still held when the capped ones are made; in 16-bit
+    precision the cap adds only tanh's saved output: measured, tests/test_plan_memory.py)."""
     if impl == "ce":
-        return (x.e * x.N * x.V if x.e < 4 else 0) + (4 * x.N * x.V if x.vocab_padding else 0)
+        return ((x.e * x.N * x.V if x.e < 4 else 0) + (4 * x.N * x.V if x.vocab_padding else 0)
+                + (4 * x.N * x.V if x.logit_softcap and x.e == 4 else 0))
     cN, cV = min(x.N, FUSED_CHUNK_TOKENS), min(x.V_fused, FUSED_CHUNK_VOCAB)
     return 12 * cN * cV + 20 * x.N
 

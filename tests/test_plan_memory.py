@@ -247,6 +247,11 @@ CASES = {
     # is the MoE layer's backward); top-k 6 of 16, renormalised
     "fp32-none-ce-moe": (dict(num_layers=3, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
     "fp32-none-ce-qwen2-moe": (dict(num_layers=3, **QWEN2_MOE_SHAPE), dict(seq_length=256, micro_batch_size=2)),
+    # Gemma 2's final logit cap: the ce path also keeps tanh's fp32 output (N x V)
+    "fp32-none-ce-logit-softcap": (dict(num_layers=3, final_logit_softcapping=30.0),
+                                   dict(seq_length=256, micro_batch_size=2)),
+    "bf16-none-ce-logit-softcap": (dict(num_layers=3, final_logit_softcapping=30.0),
+                                   dict(seq_length=256, micro_batch_size=2, params_dtype="bf16")),
     "fp32-full-ce-moe": (dict(num_layers=4, **MOE_SHAPE), dict(seq_length=256, micro_batch_size=2,
                                                              recompute="full")),
     # DeepSeek-V3's block: multi-latent attention (q and kv latents, heads of 16 + 8 rotated

@@ -35,9 +35,9 @@ from megatron_k15.files import atomic_directory  # noqa: E402
 def weighted_average(ta: torch.Tensor, tb: torch.Tensor, w: float, chunk_elems: int = 2 ** 24) -> torch.Tensor:
     """w * ta + (1 - w) * tb computed in fp32, in row blocks of about ``chunk_elems`` values
     (the fp32 temporaries of a 152K-row head would otherwise be several times its size)."""
-    out = torch.empty_like(ta)
     if ta.dim() == 0 or ta.shape[0] == 0:
         return (w * ta.float() + (1.0 - w) * tb.float()).to(ta.dtype)
+    out = torch.empty_like(ta)
     rows = max(1, chunk_elems // max(1, ta[0].numel()))
     for i in range(0, ta.shape[0], rows):
         out[i:i + rows] = (w * ta[i:i + rows].float() + (1.0 - w) * tb[i:i + rows].float()).to(ta.dtype)

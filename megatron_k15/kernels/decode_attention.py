@@ -106,7 +106,7 @@ INTERPRET = _interpreting()
 # ----------------------------------------------------------------------------------------------
 
 if HAVE_TRITON:
-    from megatron_k15.kernels.flash_attention import _tanh  # noqa: F401 (called by the kernel)
+    from megatron_k15.kernels.flash_attention import _softcap_args, _tanh  # noqa: F401 (_tanh: by the kernel)
 
     @triton.jit
     def _decode_split_kernel(
@@ -366,6 +366,7 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
     mid_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
 
     meta, launch = _launch_cfg(head_dim, q.dtype)
+    softcap2, capped = _softcap_args(softcap)
     hd_pad = _next_pow2(max(head_dim, 16))
     _decode_split_kernel[(batch * n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
@@ -375,11 +376,11 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        n_kv, num_splits, scale * LOG2E, max(window_left, 0), softcap * LOG2E if softcap else 1.0,
+        n_kv, num_splits, scale * LOG2E, max(window_left, 0), softcap2,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=hd_pad, PAGE=page,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype != torch.float32, WINDOW=window_left >= 0, SOFTCAP=softcap > 0,
+        UPCAST=INTERPRET and q.dtype != torch.float32, WINDOW=window_left >= 0, SOFTCAP=capped,
         **meta, **launch,
     )
     n_rows = batch * n_heads

@@ -43,9 +43,6 @@ class LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self._loaders)
 
-    def loader(self, name: str) -> Loader:
-        return self._loaders[name]
-
 
 def meta_state_dict(sd: Mapping) -> LazyStateDict:
     """``sd`` as tensors on the meta device (shape and dtype, no data): running a conversion on

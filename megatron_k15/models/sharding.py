@@ -174,7 +174,8 @@ def reshard_tensor(shards: list[torch.Tensor], name: str, tp_size: int, tp_rank:
     dim, parts = shard_rule(name)
     if name in VOCAB_PARAMS:
         full = pad_vocab(merge_unpadded(shards, name, vocab_size), padded_vocab_size)
-        return split_tensor(full, name, tp_size, tp_rank).clone()
+        # tp > 1 splits into a new tensor; tp = 1 may hand back a saved (memory-mapped) one
+        return split_tensor(full, name, tp_size, tp_rank) if tp_size > 1 else full.clone()
     if dim is None:
         return shards[0].clone()
     per_shard = shards[0].shape[dim] // parts  # one fused part's rows in one saved shard

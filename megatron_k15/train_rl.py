@@ -28,8 +28,8 @@ arguments are validated (before any work), and a prompt set that does not fit is
 naming the flags (drop long prompts with ``tools/preprocess_data.py --mode prompts
 --seq-length N``).
 
-``--rl-loss grpo|ppo|gspo`` are the baselines (``rl/losses.py``), with ``--clip-eps`` /
-``--clip-eps-high`` (DAPO's clip-higher). ``--rollout-is-cap`` corrects for the difference
+``--rl-loss grpo|ppo|gspo|cispo`` are the baselines (``rl/losses.py``), with ``--clip-eps`` /
+``--clip-eps-high`` (DAPO's clip-higher; CISPO's weight truncation). ``--rollout-is-cap`` corrects for the difference
 between the engine's and the training forward's log-probs (truncated importance sampling;
 the difference is logged as ``rollout_logp_abs_diff`` / ``rollout_kl`` either way), and
 ``--skip-zero-advantage`` does not train on groups whose samples all got the same reward.
@@ -58,7 +58,7 @@ from megatron_k15.arguments import (ArgumentError, _flag, add_grading_args, chec
                                     parse_args)
 from megatron_k15.data.blend import Blend, BlendError, open_prompt_data, parse_blend
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
-from megatron_k15.rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
+from megatron_k15.rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES, LOSSES
 from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
 
 
@@ -78,27 +78,30 @@ def add_rl_args(p) -> None:
     g.add_argument("--eval-max-tokens", type=int, default=None, help="default: --rollout-max-tokens")
     g.add_argument("--eval-temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--eval-samples", type=int, default=1, help="samples per problem (mean pass@1, pass@k)")
-    g.add_argument("--rl-loss", choices=["omd", "grpo", "ppo", "gspo"], default="omd",
+    g.add_argument("--rl-loss", choices=list(LOSSES), default="omd",
                    help="omd: Kimi k1.5's online mirror descent; baselines: grpo, ppo (advantage r - mean, "
-                        "Dr. GRPO's), gspo (sequence-level ratio)")
+                        "Dr. GRPO's), gspo (sequence-level ratio), cispo (MiniMax-M1's: every token's gradient "
+                        "kept, its importance weight clipped)")
     g.add_argument("--rl-tau", type=float, default=0.1, help="KL weight tau of the OMD surrogate")
     g.add_argument("--exact-logz", action="store_true", help="baseline tau*log mean exp(r/tau) instead of mean r")
     g.add_argument("--clip-eps", type=float, default=None,
-                   help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4)")
+                   help="ratio clip of grpo/ppo/gspo: [1 - eps, 1 + eps] (default 0.2; gspo 3e-4); cispo: the lower "
+                        "bound 1 - eps of its weight alone (default 1: none)")
     g.add_argument("--clip-eps-high", type=float, default=None,
-                   help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4)")
+                   help="upper clip 1 + eps_high (DAPO's clip-higher, e.g. 0.28; default --clip-eps; gspo 4e-4; "
+                        "cispo 0.28)")
     g.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, default="token-mean",
-                   help="grpo/ppo: how token terms are averaged; token-mean: over all response tokens of the update "
+                   help="grpo/ppo/cispo: how token terms are averaged; token-mean: over all response tokens of the update "
                         "(DAPO's; long responses weigh more); seq-mean-token-mean: each response's token mean, then "
                         "the mean over responses (the GRPO paper's; with partial rollouts a response's tokens are "
                         "those trained on in this iteration, its last segment unless --include-old-segments); "
                         "seq-mean-token-sum-norm: each response's token sum over --rollout-max-tokens, then the mean "
                         "over responses (Dr. GRPO's: no length bias)")
     g.add_argument("--advantage-estimator", choices=("auto",) + ADVANTAGE_ESTIMATORS, default="auto",
-                   help="grpo/ppo/gspo: advantages from the samples of a prompt; group-norm: (r - mean) / std "
+                   help="grpo/ppo/gspo/cispo: advantages from the samples of a prompt; group-norm: (r - mean) / std "
                         "(GRPO's); group-mean: r - mean (Dr. GRPO's, with --loss-agg-mode seq-mean-token-sum-norm); "
-                        "rloo: r minus the mean of the others (REINFORCE leave-one-out); auto: group-norm for grpo "
-                        "and gspo, group-mean for ppo")
+                        "rloo: r minus the mean of the others (REINFORCE leave-one-out); auto: group-norm for grpo, "
+                        "gspo and cispo, group-mean for ppo")
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="GRPO's per-token k3 KL weight (e.g. 0.04 in DeepSeekMath, 0.001 in verl's examples); "
                         "the KL is to --ref-load's model, or to the iteration's starting policy without it")
@@ -209,9 +212,15 @@ def _validate(args) -> None:
         name = "--" + flag.replace("_", "-")
         if args.rl_loss == "omd":
             raise ArgumentError(f"{name}: --rl-loss omd has no ratio clipping (its KL term keeps the update "
-                                "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo")
-        if not 0 <= value < (1 if flag == "clip_eps" else float("inf")):
-            raise ArgumentError(f"{name} must be in [0, 1)" if flag == "clip_eps" else f"{name} must be >= 0")
+                                "close to the rollout policy); drop the flag or pick --rl-loss grpo|ppo|gspo|cispo")
+        if flag == "clip_eps_high":
+            if value < 0:
+                raise ArgumentError(f"{name} must be >= 0")
+        elif args.rl_loss == "cispo":  # a weight's lower bound 1 - eps: 1 leaves none
+            if not 0 <= value <= 1:
+                raise ArgumentError(f"{name} must be in [0, 1] for --rl-loss cispo (1: no lower bound)")
+        elif not 0 <= value < 1:
+            raise ArgumentError(f"{name} must be in [0, 1)")
     if args.dynamic_sampling_max_rounds is not None:
         if not args.dynamic_sampling:
             raise ArgumentError("--dynamic-sampling-max-rounds only applies with --dynamic-sampling; add it")
@@ -223,11 +232,11 @@ def _validate(args) -> None:
         raise ArgumentError("--dynamic-sampling keeps whole groups scored in one iteration; with partial rollouts "
                             "(--rollout-segment-tokens) a group's samples finish in different iterations: "
                             "drop one of the two flags")
-    if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo"):
-        raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo); --rl-loss "
+    if args.loss_agg_mode != "token-mean" and args.rl_loss not in ("grpo", "ppo", "cispo"):
+        raise ArgumentError(f"--loss-agg-mode applies to the token-level losses (grpo, ppo, cispo); --rl-loss "
                             f"{args.rl_loss} averages over responses already: drop the flag")
     if args.advantage_estimator != "auto" and args.rl_loss == "omd":
-        raise ArgumentError(f"--advantage-estimator {args.advantage_estimator} applies to grpo/ppo/gspo; OMD's "
+        raise ArgumentError(f"--advantage-estimator {args.advantage_estimator} applies to grpo/ppo/gspo/cispo; OMD's "
                             "baseline is the group mean (or --exact-logz): drop the flag")
     if args.exact_logz and args.rl_loss != "omd":
         raise ArgumentError(f"--exact-logz sets OMD's baseline (tau log mean exp(r / tau)); --rl-loss {args.rl_loss} "

@@ -1,4 +1,4 @@
-"""OMD / GRPO / PPO / GSPO losses, clip-higher and truncated importance sampling against hand
+"""OMD / GRPO / PPO / GSPO / CISPO losses, clip-higher and truncated importance sampling against hand
 computations."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_k15.rl.losses import (clip_range, get_loss_fn, group_advantages, group_baseline, group_mean,
+from megatron_k15.rl.losses import (cispo_loss, clip_range, get_loss_fn, group_advantages, group_baseline, group_mean,
                                     group_normalized_advantages, group_std, grpo_loss, gspo_loss, omd_loss,
                                     ppo_loss, rollout_is_weights)
 
@@ -193,6 +193,8 @@ def test_get_loss_fn_uniform_signature():
                                ppo_loss(logp, old, mask, adv, 0.2))
     torch.testing.assert_close(get_loss_fn("gspo")(logp, old, mask, rewards, gid, **kw),
                                gspo_loss(logp, old, mask, rewards, gid, 0.2, 0.2))
+    torch.testing.assert_close(get_loss_fn("cispo")(logp, old, mask, rewards, gid, **kw),
+                               cispo_loss(logp, old, mask, rewards, gid, 0.2))
     with pytest.raises(ValueError):
         get_loss_fn("dpo")
 
@@ -225,6 +227,10 @@ def test_clip_range_defaults():
     assert clip_range("grpo", 0.2, 0.28) == (0.2, 0.28)
     assert clip_range("gspo") == (3e-4, 4e-4)
     assert clip_range("gspo", None, 1e-3) == (3e-4, 1e-3)
+    # CISPO: no lower bound by default; --clip-eps moves the lower bound only
+    assert clip_range("cispo") == (1.0, 0.28)
+    assert clip_range("cispo", 0.2) == (0.2, 0.28)
+    assert clip_range("cispo", None, 4.0) == (1.0, 4.0)
 
 
 def _gspo_reference(logp, old, mask, adv, lo, hi):
@@ -367,3 +373,49 @@ def test_seq_mean_token_sum_norm_by_hand():
     assert loss.item() == pytest.approx(-((2.4 + 1.0) / 4 - 1.1 / 4) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="norm_tokens"):
         ppo_loss(logp, torch.zeros(2, 2), mask, adv, loss_agg_mode="seq-mean-token-sum-norm")
+
+
+def test_cispo_by_hand():
+    """CISPO keeps the gradient of every token, weighted by its ratio clipped to [1 - lo, 1 + hi]
+    (a constant): dL/dlogp_t = -clip(rho_t) A / n. PPO-clip drops the token whose ratio 1.5 left
+    the range with A > 0; CISPO weighs it 1.28. Ratio 0.5 keeps weight 0.5 (no lower bound) or
+    0.8 with --clip-eps 0.2."""
+    ratios = [1.5, 0.5, 1.1]
+    logp = torch.tensor([[math.log(r) for r in ratios]], dtype=torch.float64).requires_grad_()
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    adv = torch.tensor([2.0])
+    loss, stats = cispo_loss(logp, old, mask, torch.zeros(1), torch.zeros(1), advantages=adv, return_metrics=True)
+    w = torch.tensor([[1.28, 0.5, 1.1]], dtype=torch.float64)
+    assert loss.item() == pytest.approx(-(w * 2.0 * logp.detach()).sum().item() / 3, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -w * 2.0 / 3)
+    assert stats["clip_frac"].item() == pytest.approx(1 / 3)
+    assert stats["ratio_mean"].item() == pytest.approx(sum(ratios) / 3)
+    logp.grad = None
+    cispo_loss(logp, old, mask, torch.zeros(1), torch.zeros(1), clip_eps=0.2, advantages=adv).backward()
+    torch.testing.assert_close(logp.grad, -torch.tensor([[1.28, 0.8, 1.1]], dtype=torch.float64) * 2.0 / 3)
+    logp.grad = None
+    ppo_loss(logp, old, mask, adv, clip_eps=0.2, clip_eps_high=0.28).backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0  # PPO: the first token is clipped out
+
+
+def test_cispo_on_policy_is_grpo_and_off_policy_differs():
+    """At ratio 1 CISPO's gradient is GRPO's, under every aggregation. Off-policy it is the
+    unclipped surrogate's (GRPO with an infinite clip range: rho A dlogp) times clip(rho) / rho,
+    with and without TIS."""
+    logp, old, mask, rewards, gid = _batch()
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        cispo_loss(x, logp, mask, rewards, gid, loss_agg_mode=agg, norm_tokens=5).backward()
+        grpo_loss(y, logp, mask, rewards, gid, loss_agg_mode=agg, norm_tokens=5).backward()
+        torch.testing.assert_close(x.grad, y.grad)
+        assert x.grad.abs().sum() > 0
+    rollout = old + torch.tensor([[0.1, -0.2, 0.9], [0.0, 1.5, 0.0], [-0.3, 0.2, 0.1], [0.0, -2.0, 0.4]])
+    ratio = torch.exp(logp - old)
+    for lo, hi, tis in ((1.0, 0.28, None), (0.2, 0.2, 2.0)):
+        x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        extra = dict(rollout_logp=rollout, is_cap=tis) if tis else {}
+        cispo_loss(x, old, mask, rewards, gid, lo, hi, **extra).backward()
+        grpo_loss(y, old, mask, rewards, gid, clip_eps=1e9, clip_eps_high=1e9, **extra).backward()  # rho A
+        torch.testing.assert_close(x.grad, y.grad * ratio.clamp(1 - lo, 1 + hi) / ratio)

@@ -221,7 +221,7 @@ def _assert_same_update(got, ref, what, same_samples=True):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,layout", [("omd", name) for name in LAYOUTS] + [("grpo", "cp2")])
+@pytest.mark.parametrize("loss,layout", [("omd", name) for name in LAYOUTS] + [("grpo", "cp2"), ("cispo", "dp2")])
 def test_rl_iterations_equal_across_layouts(loss, layout):
     ref = _single_rank(loss)
     m0 = ref[0]["metrics"]
@@ -410,6 +410,21 @@ def test_dr_grpo_and_rloo_updates():
     ref = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, opts)
     assert ref[0]["metrics"][0]["response_length_max"] > ref[0]["metrics"][0]["response_length_mean"]
     _assert_same_update(run_distributed(rl_worker, 2, 1, "grpo", 0, 1, 1, 1, opts), ref, "dr-grpo dp2")
+
+
+@pytest.mark.slow
+def test_cispo_first_update_is_grpos():
+    """With one update per iteration the policy is the rollout policy (every ratio 1), where
+    CISPO's gradient is GRPO's: the same advantages (group-norm), token normaliser and weights
+    after the step. (The layout test covers CISPO's off-policy second update.)"""
+    one = dict(LAYOUT_OPTS, updates_per_iter=1)
+    grpo = run_distributed(rl_worker, 1, 1, "grpo", 0, 1, 1, 1, one)[0]
+    cispo = run_distributed(rl_worker, 1, 1, "cispo", 0, 1, 1, 1, one)[0]
+    a, b = cispo["metrics"][0], grpo["metrics"][0]
+    assert a["reward_mean"] == b["reward_mean"] and b["grad_norm"] > 1e-3
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for name, w in grpo["state"].items():
+        torch.testing.assert_close(cispo["state"][name], w, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # --use-dynamic-batch-size: the iteration's trajectories packed into microbatches of at most
@@ -859,11 +874,15 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
     # ratio clipping belongs to the baselines; the TIS cap is a weight bound >= 1
     args = _parse(base + ["--rl-loss", "grpo", "--clip-eps-high", "0.28", "--rollout-is-cap", "2"], 1)
     assert (args.clip_eps, args.clip_eps_high, args.rollout_is_cap) == (None, 0.28, 2.0)
+    args = _parse(base + ["--rl-loss", "cispo", "--clip-eps", "1", "--clip-eps-high", "4",
+                          "--loss-agg-mode", "seq-mean-token-mean"], 1)  # 1: no lower bound on the weight
+    assert (args.clip_eps, args.clip_eps_high) == (1.0, 4.0)
     args = _parse(base + ["--rl-loss", "grpo", "--kl-coef", "0.04", "--ref-load", cli_inputs["ckpt"]], 1)
     assert (args.kl_coef, args.ref_load) == (0.04, cli_inputs["ckpt"])
     for extra, message in ((["--clip-eps", "0.2"], "--clip-eps: --rl-loss omd has no ratio clipping"),
                            (["--rl-loss", "gspo", "--clip-eps-high", "-1"], "--clip-eps-high must be >= 0"),
                            (["--rl-loss", "ppo", "--clip-eps", "1.5"], "--clip-eps must be in [0, 1)"),
+                           (["--rl-loss", "cispo", "--clip-eps", "1.5"], "--clip-eps must be in [0, 1] for --rl-loss cispo"),
                            (["--rollout-is-cap", "0.5"], "--rollout-is-cap must be >= 1"),
                            (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
                            (["--max-tokens-per-gpu", "64"], "--max-tokens-per-gpu only applies with "

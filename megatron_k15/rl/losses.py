@@ -1,5 +1,5 @@
-"""Policy losses for RL: Kimi k1.5 online mirror descent (OMD); GRPO, PPO-clip and GSPO as
-baselines.
+"""Policy losses for RL: Kimi k1.5 online mirror descent (OMD); GRPO, PPO-clip, GSPO and CISPO
+as baselines.
 
 All losses take per-token log-probs of the sampled responses under the current policy
 (``logp``, differentiable) and under the policy that generated them at the start of the
@@ -75,6 +75,7 @@ __all__ = [
     "grpo_loss",
     "ppo_loss",
     "gspo_loss",
+    "cispo_loss",
     "rollout_is_weights",
     "clip_range",
     "get_loss_fn",
@@ -336,10 +337,13 @@ def clip_range(loss: str, clip_eps: float | None = None, clip_eps_high: float | 
     """(eps_low, eps_high) of the ratio clip ``[1 - eps_low, 1 + eps_high]``. Defaults: 0.2 for
     the token-level ratios of PPO / GRPO, GSPO's (3e-4, 4e-4) for its length-normalised sequence
     ratio; ``clip_eps_high`` defaults to ``clip_eps`` when only that is given (DAPO's
-    clip-higher sets it above)."""
-    lo, hi = (3e-4, 4e-4) if loss == "gspo" else (0.2, 0.2)
+    clip-higher sets it above). CISPO truncates its weight from above only (MiniMax-M1 sets
+    eps_low "to a large value" and tunes eps_high): (1.0, 0.28), i.e. weights in [0, 1.28];
+    there ``clip_eps`` sets the lower bound alone."""
+    lo, hi = {"gspo": (3e-4, 4e-4), "cispo": (1.0, 0.28)}.get(loss, (0.2, 0.2))
     if clip_eps is not None:
-        lo = hi = float(clip_eps)
+        lo = float(clip_eps)
+        hi = hi if loss == "cispo" else lo
     if clip_eps_high is not None:
         hi = float(clip_eps_high)
     return lo, hi
@@ -471,6 +475,49 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     return loss, stats
 
 
+# ----------------------------------------------------------------------------- CISPO
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+               group_ids: torch.Tensor, clip_eps: float | None = None, clip_eps_high: float | None = None, *,
+               eps: float = 1e-6, advantages: torch.Tensor | None = None, reduction: str = "mean",
+               return_metrics: bool = False, rollout_logp: torch.Tensor | None = None,
+               is_cap: float | None = None, loss_agg_mode: str = "token-mean",
+               seq_lengths: torch.Tensor | None = None, norm_tokens: float | None = None):
+    """CISPO (MiniMax-M1's clipped importance-sampling policy optimisation): REINFORCE with the
+    token's importance weight clipped and held constant,
+
+        L = -mean_{masked tokens} sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_j logp_t,
+
+    rho_t = exp(logp_t - old_logp_t), GRPO's group-normalised advantages by default. Where
+    PPO-clip drops a token whose ratio left the range (no gradient once ``rho A`` is clipped),
+    CISPO keeps every token's gradient and bounds only its weight: the rare tokens that fork a
+    long chain of thought ("wait", "however"), whose ratios move most, keep learning after the
+    first update of an iteration. At ratio 1 the gradient is GRPO's. Range from
+    ``clip_range("cispo", ...)``: by default no lower bound and 1 + 0.28 above. Aggregation as
+    the token-level losses (``_aggregate_tokens``); ``rollout_logp``, ``is_cap``: TIS, one more
+    constant factor per token (module docstring)."""
+    _check(logp, old_logp, mask)
+    rewards, adv = _rewards_and_advantages(rewards, group_ids, advantages, eps, logp.device)
+    lo, hi = clip_range("cispo", clip_eps, clip_eps_high)
+    maskf = mask.float()
+    with torch.no_grad():
+        ratio = torch.exp(logp.detach().float() - old_logp.detach().float())
+        weight = ratio.clamp(1.0 - lo, 1.0 + hi)
+        tis = rollout_is_weights(old_logp, rollout_logp, is_cap)
+        coef = weight * adv[:, None] if tis is None else weight * tis * adv[:, None]
+    loss = _aggregate_tokens(-coef * logp.float(), maskf, reduction, loss_agg_mode, seq_lengths, norm_tokens)
+    if not return_metrics:
+        return loss
+    with torch.no_grad():
+        m = mask.bool()
+        n = m.sum().clamp(min=1)
+        stats = {"ratio_mean": (ratio * m).sum() / n,
+                 "clip_frac": ((weight != ratio) & m).sum().float() / n,  # weights truncated
+                 "kl_proxy": (((logp.detach().float() - old_logp.float()) ** 2) * m).sum() / n,
+                 "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
+                 "reward_mean": rewards.mean()}
+    return loss, stats
+
+
 # ----------------------------------------------------------------------------- registry
 def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float = 0.2,
                       clip_eps_high: float | None = None, *, advantages=None, baseline=None,
@@ -488,14 +535,15 @@ def _ppo_from_rewards(logp, old_logp, mask, rewards, group_ids, clip_eps: float 
                     loss_agg_mode=loss_agg_mode, seq_lengths=seq_lengths, norm_tokens=norm_tokens)
 
 
-LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards, "gspo": gspo_loss}
+LOSSES: dict[str, Callable] = {"omd": omd_loss, "grpo": grpo_loss, "ppo": _ppo_from_rewards, "gspo": gspo_loss,
+                               "cispo": cispo_loss}
 # losses averaged over samples (one term per response, whole-sequence under cp); the others
 # average over response tokens
 SEQUENCE_LEVEL_LOSSES = frozenset({"omd", "gspo"})
 
 
 def get_loss_fn(name: str) -> Callable:
-    """Loss for ``--rl-loss {omd,grpo,ppo,gspo}`` with the uniform call signature
+    """Loss for ``--rl-loss {omd,grpo,ppo,gspo,cispo}`` with the uniform call signature
     ``fn(logp, old_logp, mask, rewards, group_ids, **kwargs)``. Keyword arguments a loss does
     not take are dropped, so the trainer can pass ``tau=, clip_eps=, kl_coef=, ...`` to any."""
     try:

@@ -357,11 +357,11 @@ def load_reference_model(ctx: TrainContext, args, load_dir: str):
 def advantages_for(loss: str, rewards: torch.Tensor, group_ids: torch.Tensor, tau: float = 1.0,
                    exact_logz: bool = False, estimator: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(baseline, advantages) per sample from its whole group (never one microbatch of it).
-    ``estimator`` (``--advantage-estimator``; auto: GRPO's and GSPO's group-norm, PPO's
-    group-mean; OMD uses its baseline) is one of ``losses.ADVANTAGE_ESTIMATORS``."""
+    ``estimator`` (``--advantage-estimator``; auto: GRPO's, GSPO's and CISPO's group-norm,
+    PPO's group-mean; OMD uses its baseline) is one of ``losses.ADVANTAGE_ESTIMATORS``."""
     baseline = group_baseline(rewards, group_ids, tau, exact_logz if loss == "omd" else False)
     if estimator == "auto":
-        estimator = "group-norm" if loss in ("grpo", "gspo") else "group-mean"
+        estimator = "group-norm" if loss in ("grpo", "gspo", "cispo") else "group-mean"
     if loss == "omd":
         return baseline, rewards - baseline
     return baseline, group_advantages(rewards, group_ids, estimator)

@@ -206,6 +206,8 @@ def _assert_same_update(got, ref, what, same_samples=True):
                 assert a[k] == b[k], (what, k, a[k], b[k])
             for k, tol in CLOSE.items():
                 assert abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])), (what, k, a[k], b[k])
+            if "clip_frac" in b:  # the baselines: clipped tokens counted over every shard and microbatch
+                assert a["clip_frac"] == pytest.approx(b["clip_frac"], abs=1e-9), (what, a["clip_frac"], b["clip_frac"])
             if not same_samples:
                 continue
             # the model FLOPs of the iteration's training passes: the same samples in every layout
@@ -422,6 +424,10 @@ def test_cispo_first_update_is_grpos():
     cispo = run_distributed(rl_worker, 1, 1, "cispo", 0, 1, 1, 1, one)[0]
     a, b = cispo["metrics"][0], grpo["metrics"][0]
     assert a["reward_mean"] == b["reward_mean"] and b["grad_norm"] > 1e-3
+    assert a["clip_frac"] == b["clip_frac"] == 0.0  # on-policy: every ratio 1
+    # the reference's second update moves some ratios past CISPO's 1.28: the dp2 layout test
+    # then checks the clipped-token count adds up over ranks
+    assert _single_rank("cispo")[0]["metrics"][1]["clip_frac"] > 0
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     for name, w in grpo["state"].items():
         torch.testing.assert_close(cispo["state"][name], w, rtol=1e-5, atol=1e-7, msg=name)

@@ -365,6 +365,7 @@ def _clipped_surrogate(logp, old_logp, mask, adv_tok, clip_eps, clip_eps_high=No
         stats = {
             "ratio_mean": (ratio.detach() * m).sum() / n,
             "clip_frac": was_clipped.sum().float() / n,
+            "clipped": was_clipped.sum().float(), "clip_units": m.sum().float(),  # summable over ranks
             "kl_proxy": (((logp.detach().float() - old_logp.float()) ** 2) * m).sum() / n,
         }
     return surr, stats
@@ -468,8 +469,10 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
     if not return_metrics:
         return loss
     with torch.no_grad():
+        was_clipped = ((ratio * adv) > (clipped * adv)).float()
         stats = {"ratio_mean": ratio.detach().mean(),
-                 "clip_frac": ((ratio * adv) > (clipped * adv)).float().mean(),
+                 "clip_frac": was_clipped.mean(), "clipped": was_clipped.sum(),
+                 "clip_units": torch.tensor(float(ratio.numel())),  # samples: whole sequences under cp
                  "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
                  "reward_mean": rewards.mean()}
     return loss, stats
@@ -512,6 +515,7 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, r
         n = m.sum().clamp(min=1)
         stats = {"ratio_mean": (ratio * m).sum() / n,
                  "clip_frac": ((weight != ratio) & m).sum().float() / n,  # weights truncated
+                 "clipped": ((weight != ratio) & m).sum().float(), "clip_units": m.sum().float(),
                  "kl_proxy": (((logp.detach().float() - old_logp.float()) ** 2) * m).sum() / n,
                  "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
                  "reward_mean": rewards.mean()}

@@ -740,7 +740,7 @@ class RLIteration:
         if not args.keep_optimizer_state:
             ctx.optimizer.reset_state()
         ctx.moe_aux_loss = ctx.num_zeros_in_grad = ctx.moe_max_load_ratio = None  # set by this iteration's updates
-        losses, norms, kls = [], [], []
+        losses, norms, kls, clip_fracs = [], [], [], []
         for chunk, total in plan:
             if total <= 0:
                 continue
@@ -749,10 +749,10 @@ class RLIteration:
             ctx.optimizer.overlap = group_reduce(len(chunk), self.gen_group, dist.ReduceOp.MIN, torch.int64) > 0
             with phase("train"):
                 results, norm = train_step(ctx, chunk, self._forward_step(total), lr)
-            loss_sum, kl_sum, n = reduce_sums([sum(r[0] for r in results), sum(r[1] for r in results),
-                                               sum(r[2] for r in results)], ctx)
+            loss_sum, kl_sum, n, n_clipped, n_units = reduce_sums([sum(r[k] for r in results) for k in range(5)], ctx)
             losses.append(loss_sum / total)
             kls.append(kl_sum / max(n, 1.0))
+            clip_fracs.append(n_clipped / max(n_units, 1.0))
             norms.append(norm)
         mbs_all = [mb for chunk, _ in plan for mb in chunk]
         t_train = time.time() - t1
@@ -763,6 +763,8 @@ class RLIteration:
         metrics["skipped_updates"] = sum(not math.isfinite(n) for n in norms)
         if ctx.optimizer.loss_scaler is not None:  # --fp16: overflowing updates back the scale off
             metrics["loss_scale"] = ctx.optimizer.loss_scale
+        if args.rl_loss != "omd":  # the share of tokens (gspo: responses) the ratio clip held, per update
+            metrics["clip_frac"] = sum(clip_fracs) / max(1, len(clip_fracs))
         metrics.update(loss=sum(losses) / max(1, len(losses)), kl_proxy=sum(kls) / max(1, len(kls)),
                        grad_norm=norms[-1] if norms else 0.0, lr=lr, train_time_s=t_train,  # incl. logprob_time_s
                        train_tokens_per_s=train_tokens / max(t_train, 1e-9),
@@ -802,19 +804,25 @@ class RLIteration:
                 per_token = packed_to_rows(per_token, mb["cu_seqlens"], mb["num_samples"], mb["max_seqlen"])
             out, old_logp, mask, rollout_logp = per_token[:4]
             ref_logp = per_token[4] if len(per_token) > 4 else None  # None: GRPO's KL to old_logp
-            loss = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"], ref_logp=ref_logp,
+            loss, stats = loss_fn(out, old_logp, mask, mb["rewards"], mb["group_ids"], ref_logp=ref_logp,
                            tau=args.rl_tau, clip_eps=clip_lo, clip_eps_high=clip_hi, kl_coef=args.kl_coef,
                            baseline=mb["baseline"], advantages=mb["advantages"], reduction="sum",
                            loss_agg_mode=getattr(args, "loss_agg_mode", "token-mean"), seq_lengths=mb["loss_tokens"],
                            norm_tokens=args.rollout_max_tokens,
-                           cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap)
+                           cp_group=cp_group, rollout_logp=rollout_logp, is_cap=args.rollout_is_cap,
+                           return_metrics=True)
             with torch.no_grad():
                 d = ((out.detach().double() - old_logp.double()) * mask).sum(-1)
                 if cp_group is not None:
                     dist.all_reduce(d, group=cp_group)
                 kl = (d ** 2).sum()  # tensors: train_step brings them to the host once per step
             loss_log = loss.detach() if (first_cp or not seq_level) else 0.0
+            # clipped tokens (grpo, ppo, cispo: partial over cp shards) or samples (gspo: whole
+            # sequences, counted on cp rank 0), out of as many; OMD clips nothing
+            clipped = [stats.get("clipped", 0.0), stats.get("clip_units", 0.0)]
+            if seq_level and not first_cp:
+                clipped = [0.0, 0.0]
             return loss / normalizer, (loss_log, kl if first_cp else 0.0,
-                                       float(mask.shape[0]) if first_cp else 0.0)
+                                       float(mask.shape[0]) if first_cp else 0.0, *clipped)
 
         return step

@@ -181,6 +181,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        ("init_method_std", float), ("num_experts", int), ("moe_router_topk", int),
                        ("moe_ffn_hidden_size", int)]:
         g.add_argument(_flag(dest), type=kind, default=None)
+    g.add_argument("--longrope-factors", choices=["auto", "short", "long"], default="auto",
+                   help="LongRoPE models (Phi-3.5-mini, Phi-4-mini): the list of per-frequency factors this run "
+                        "rotates every sequence with; auto: long when the run's sequences may exceed the "
+                        "pretraining context (original_max_position_embeddings; judged by --seq-length, RL's "
+                        "prompt + --rollout-max-tokens, or else the model's whole context), short otherwise")
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
                    help="router scores: softmax over the experts (Qwen3-MoE) or a sigmoid per expert "
                         "(DeepSeek-V3, Moonlight, Kimi K2, GLM-4.5)")
@@ -754,6 +759,9 @@ def validate_args(args, world_size: Optional[int] = None) -> None:
     except ConfigError as e:
         raise ArgumentError(str(e)) from None
     args.model_config = cfg
+    if _get(args, "longrope_factors", "auto") != "auto" and (cfg.rope_scaling or {}).get("rope_type") != "longrope":
+        raise ArgumentError(f"--longrope-factors {args.longrope_factors} applies to models with LongRoPE (rope_type "
+                            "longrope: Phi-3.5-mini, Phi-4-mini); this one has none: drop the flag")
     if cp > 1 and cfg.attn_logit_softcapping:
         raise ArgumentError(f"--context-parallel-size {cp}: ring attention does not soft-cap scores "
                             f"(attn_logit_softcapping={cfg.attn_logit_softcapping}, Gemma 2); use "

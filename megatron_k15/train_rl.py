@@ -309,9 +309,10 @@ def _validate(args) -> None:
 def _check_prompt_lengths(args, gen_ranks: int) -> None:
     """Prompt + --rollout-max-tokens must fit max_position_embeddings and --seq-length (when
     given); eval prompts + their budget must fit max_position_embeddings. The prompt lengths
-    come from the datasets' index (no token data is read)."""
+    come from the datasets' index (no token data is read). Sets ``args.longest_sequence``."""
     max_pos = args.model_config.max_position_embeddings
     checks = [("prompt_data", args.rollout_max_tokens, "--rollout-max-tokens", True)]
+    args.longest_sequence = 0  # the longest prompt + budget (LongRoPE's choice of factors)
     if args.eval_data:
         checks.append(("eval_data", args.eval_max_tokens or args.rollout_max_tokens,
                        "--eval-max-tokens" if args.eval_max_tokens else "--rollout-max-tokens", False))
@@ -332,6 +333,7 @@ def _check_prompt_lengths(args, gen_ranks: int) -> None:
             limits.append((args.seq_length, f"--seq-length {args.seq_length}"))
         limit, what = min(limits)
         lengths = [int(n) for n in data.lengths]
+        args.longest_sequence = max(args.longest_sequence, max(lengths) + budget)
         too_long = [i for i, n in enumerate(lengths) if n + budget > limit]
         if too_long:
             i = max(too_long, key=lambda j: lengths[j])

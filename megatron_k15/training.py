@@ -121,8 +121,9 @@ def sync_tied_embedding(model: GPTModel, pc: ParallelContext) -> None:
 
 def build_stage_model(args, cfg: GPTConfig, pc: ParallelContext, ranges) -> GPTModel:
     """This rank's model stage (tp shard of the layers in ``ranges[pp_rank]``) as the flags ask:
-    attention backend, dtype, recompute, log-prob implementation, cp. Weights uninitialised
-    until ``reset_parameters`` or a checkpoint load."""
+    attention backend, dtype, recompute, log-prob implementation, cp, LongRoPE's factors (by the
+    run's longest sequence: ``args.longest_sequence``, RL's, or --seq-length). Weights
+    uninitialised until ``reset_parameters`` or a checkpoint load."""
     return GPTModel(
         cfg, tp_group=pc.tp_group, sequence_parallel=getattr(args, "sequence_parallel", True),
         pp_rank=pc.pp_rank, pp_size=pc.pp_size, layer_ranges=ranges,
@@ -136,6 +137,8 @@ def build_stage_model(args, cfg: GPTConfig, pc: ParallelContext, ranges) -> GPTM
         cp_comm_type=getattr(args, "cp_comm_type", "ring"),
         ep_group=pc.ep_group if pc.ep_size > 1 else None,
         moe_grouped_gemm=getattr(args, "moe_grouped_gemm", None),
+        longrope_factors=getattr(args, "longrope_factors", "auto"),
+        max_sequence_length=getattr(args, "longest_sequence", None) or getattr(args, "seq_length", None),
     )
 
 

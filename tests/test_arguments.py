@@ -472,3 +472,31 @@ def test_deepseek_flag_errors_name_the_flag(argv, message, capsys):
         _validate(argv, world_size=world)
     text = capsys.readouterr().err if e.type is SystemExit else str(e.value)  # argparse's own errors
     assert re.search(message, text), text
+
+
+def test_longrope_factors_follow_the_runs_longest_sequence(tmp_path):
+    """A LongRoPE model (--load of an HF Phi-3 directory, pretrained context 32) builds with the
+    short factors for --seq-length 32, the long ones for 64 or without a length (its whole
+    context), and as --longrope-factors says; the flag on a model without LongRoPE is refused."""
+    import torch
+    from test_model_hf import LONGROPE
+
+    from megatron_k15.initialize import initialize_model_parallel
+    from megatron_k15.models.rope import rope_inv_freq, with_longrope_choice
+    from megatron_k15.testing import save_tiny_hf_checkpoint
+    from megatron_k15.training import ParallelContext, build_stage_model
+
+    save_tiny_hf_checkpoint(str(tmp_path), "phi3", **LONGROPE)
+    initialize_model_parallel(1)
+    pc = ParallelContext.from_parallel_state()
+    want = {}
+    for argv, factors in ((["--seq-length", "32"], "short"), (["--seq-length", "64"], "long"), ([], "long"),
+                          (["--seq-length", "64", "--longrope-factors", "short"], "short")):
+        args = _validate(["--load", str(tmp_path), "--finetune", *argv])
+        cfg = args.model_config
+        want[factors] = rope_inv_freq(cfg.rotary_dim, cfg.rotary_base, with_longrope_choice(cfg.rope_scaling, factors))
+        model = build_stage_model(args, cfg, pc, [range(cfg.num_layers)])
+        assert torch.equal(model.rotary.inv_freq, want[factors]), (argv, factors)
+    assert not torch.equal(want["short"], want["long"])
+    with pytest.raises(ArgumentError, match="--longrope-factors long applies to models with LongRoPE"):
+        _validate(["--longrope-factors", "long"])

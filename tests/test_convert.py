@@ -113,8 +113,8 @@ def _corrupt_config(hf_dir, **changes):
     ({"layer_types": ["sliding_attention", "full_attention"]}, 1, "no sliding_window is set"),
     ({"partial_rotary_factor": 0.3}, 1, "--rotary-percent 0.3 must be in (0, 1]"),  # 4.8 of 16 channels
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75, "rope_parameters": None,  # Phi-4-mini's
-      "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}}, 1,
-     "rope type 'longrope' is not supported"),
+      "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 6}}, 1,
+     "rope_scaling.short_factor must list 6 positive numbers"),  # 12 of 16 channels rotate: 6 pairs
 ])
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, changes, tp, expected):
     hf_dir, ck = tmp_path / "hf", tmp_path / "ck"

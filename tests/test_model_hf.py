@@ -718,3 +718,66 @@ def test_deepseek_v2_with_renormalised_weights_is_refused():
     d["norm_topk_prob"] = True
     with pytest.raises(HFCheckpointError, match="norm_topk_prob"):
         gpt_config_from_hf(d)
+
+
+# Phi-3.5-mini / Phi-4-mini's LongRoPE on the tiny Phi-3 (head 16, 3/4 of it rotated: 6 channel
+# pairs), pretrained for 32 positions and stretched to 512 (factor 16, attention factor sqrt(1.8))
+LONGROPE = dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.9, 2.6, 3.3],
+                              "long_factor": [1.0, 1.4, 2.9, 6.5, 11.0, 17.0]},
+                original_max_position_embeddings=32, partial_rotary_factor=0.75)
+
+
+def test_phi3_longrope_matches_transformers_on_either_side_of_the_original_context():
+    """transformers picks the short factors for a forward of <= 32 positions and the long ones
+    beyond; our run picks one list by its longest sequence (``longrope_factors`` auto) or as
+    told. Each matches transformers on its side and differs from it on the other, and the
+    exported config rebuilds the same model (the original context at Phi-3's top level)."""
+    from megatron_k15.models.rope import rope_attention_factor, rope_inv_freq, with_longrope_choice
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = tiny_hf_model("phi3", **LONGROPE)
+    gen = torch.Generator().manual_seed(4)
+    short_ids, long_ids = torch.randint(0, 300, (2, 20), generator=gen), torch.randint(0, 300, (2, 150), generator=gen)
+    runs = {"auto": build_from_hf(hf), "short-by-length": gpt_from_hf(hf, max_sequence_length=32),
+            "short": gpt_from_hf(hf, longrope_factors="short")}
+    cfg = runs["auto"].config
+    scaling = cfg.rope_scaling
+    assert (scaling["rope_type"], scaling["original_max_position_embeddings"], scaling["factor"]) == ("longrope", 32, 16.0)
+    assert cfg.rotary_dim == 12
+    # the frequencies and the attention factor, against transformers' own computation
+    for seq_len, choice in ((20, "short"), (33, "long")):
+        ref, ref_factor = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu", seq_len=seq_len)
+        torch.testing.assert_close(rope_inv_freq(12, cfg.rotary_base, with_longrope_choice(scaling, choice)), ref,
+                                   rtol=0, atol=0)
+        assert rope_attention_factor(scaling) == pytest.approx(ref_factor, rel=1e-12) == pytest.approx(math.sqrt(1.8))
+    with torch.no_grad():
+        ref_short, ref_long = hf(short_ids).logits, hf(long_ids).logits
+        got = {name: (m.gather_logits(m(short_ids)), m.gather_logits(m(long_ids))) for name, m in runs.items()}
+    def diff(a, b):
+        return (a - b).abs().max().item()
+
+    # (the other list moves the random model's logits by ~1e-3; the right one matches to ~1e-6)
+    assert diff(got["auto"][1], ref_long) <= 1e-5  # the whole context: long factors
+    assert diff(got["auto"][0], ref_short) > 3e-4  # (transformers: short for 20 positions)
+    for name in ("short-by-length", "short"):
+        assert diff(got[name][0], ref_short) <= 1e-5, name
+        assert diff(got[name][1], ref_long) > 3e-4, name
+    assert_export_rebuilds(hf, cfg, long_ids[:1])
+    assert_export_rebuilds(hf, cfg, short_ids[:1])
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: s.update(short_factor=s["short_factor"][:5]), "short_factor must list 6 positive numbers"),
+    (lambda s: s.update(long_factor=[1.0] * 5 + [0.0]), "long_factor must list 6 positive numbers"),
+    (lambda s: s.pop("factor"), r"missing \['factor'\]"),
+])
+def test_longrope_config_errors_name_the_field(change, match):
+    import dataclasses
+
+    from megatron_k15.models.config import ConfigError
+
+    cfg = build_from_hf(tiny_hf_model("phi3", **LONGROPE)).config
+    scaling = dict(cfg.rope_scaling)
+    change(scaling)
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(cfg, rope_scaling=scaling).validate()

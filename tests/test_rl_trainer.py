@@ -858,6 +858,11 @@ def test_cli_accepts_every_layout_and_checks_lengths(cli_inputs, capsys):
     args = _parse(base + ["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2",
                           "--tensor-model-parallel-size", "2"], 8)
     assert (args.pipeline_model_parallel_size, args.context_parallel_size, args.data_parallel_size) == (2, 2, 1)
+    # the longest trajectory (LongRoPE's choice of factors): the longest prompt + --rollout-max-tokens
+    from megatron_k15.data.blend import open_prompt_data
+
+    prompts = open_prompt_data(args.prompt_data, "--prompt-data")
+    assert args.longest_sequence == max(int(n) for n in prompts.lengths) + 4
     # 2 prompts per iteration cannot feed 4 generation-parallel ranks (dp 2 x cp 2)
     with pytest.raises(SystemExit):
         _parse(base + ["--context-parallel-size", "2"], 4)

@@ -62,7 +62,8 @@ def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None,
     ep_group = parallel_state.get_expert_model_parallel_group() if ep > 1 and uneven and cfg.is_moe else None
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
                      device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges,
-                     ep_group=ep_group, moe_grouped_gemm=getattr(args, "moe_grouped_gemm", None))
+                     ep_group=ep_group, moe_grouped_gemm=getattr(args, "moe_grouped_gemm", None),
+                     longrope_factors=getattr(args, "longrope_factors", "auto"))
     load_model_checkpoint(model, load_dir or args.load, pp_rank, pp)
     model.eval().requires_grad_(False)
     generator = build_generator(

@@ -23,6 +23,9 @@ ROPE_SCALING_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
     "linear": ("factor",),  # positions divided by factor (Gemma 3's global layers)
+    # per-frequency divisors within / beyond the pretraining context (Phi-3.5, Phi-4-mini);
+    # factor: the context's growth, max_position_embeddings / original (sets the attention factor)
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor"),
 }
 YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
@@ -366,7 +369,7 @@ class GPTConfig:
                 f"--pipeline-model-parallel-size {pp} exceeds --num-layers {self.num_layers}; "
                 "every stage needs at least one layer"
             )
-        _check_rope_scaling(self.rope_scaling, "rope_scaling")
+        _check_rope_scaling(self.rope_scaling, "rope_scaling", self.rotary_dim)
         if self.activation not in ("swiglu", "swiglu_clamped", "geglu_tanh"):
             raise ConfigError(f"activation must be 'swiglu', 'swiglu_clamped' or 'geglu_tanh', got {self.activation!r}")
         if self.qk_layernorm_scope not in ("head", "all"):
@@ -393,7 +396,7 @@ class GPTConfig:
             unknown = sorted(set(self.sliding_rope) - {"rotary_base", "rope_scaling"})
             if unknown or "rotary_base" not in self.sliding_rope:
                 raise ConfigError(f"sliding_rope holds rotary_base and rope_scaling, got {sorted(self.sliding_rope)}")
-            _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling")
+            _check_rope_scaling(self.sliding_rope.get("rope_scaling"), "sliding_rope.rope_scaling", self.rotary_dim)
         return self
 
     def _validate_mla(self) -> None:
@@ -506,7 +509,7 @@ def every_nth_full(num_layers: int, n: int) -> list[str]:
     return ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(num_layers)]
 
 
-def _check_rope_scaling(scaling: Optional[dict], name: str) -> None:
+def _check_rope_scaling(scaling: Optional[dict], name: str, rotary_dim: int) -> None:
     if scaling is None:
         return
     kind = scaling.get("rope_type", "llama3")
@@ -516,6 +519,15 @@ def _check_rope_scaling(scaling: Optional[dict], name: str) -> None:
     missing = [k for k in needed if k not in scaling]
     if missing:
         raise ConfigError(f"{name} is missing {missing} ({kind} scaling needs {list(needed)})")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = scaling[key]
+            if (not isinstance(factors, (list, tuple)) or len(factors) != rotary_dim // 2
+                    or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+                raise ConfigError(f"{name}.{key} must list {rotary_dim // 2} positive numbers (one per rotated "
+                                  f"channel pair of the {rotary_dim} rotated channels), got {factors!r}")
+        if scaling.get("factors", "long") not in ("short", "long"):
+            raise ConfigError(f"{name}.factors must be 'short' or 'long', got {scaling['factors']!r}")
 
 
 def _qwen25(hidden, ffn, layers, heads, groups, tied, vocab=151936):

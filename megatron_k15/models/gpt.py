@@ -41,7 +41,7 @@ from megatron_k15.models.attention import (
 )
 from megatron_k15.models.config import GPTConfig
 from megatron_k15.models.layers import ColumnLinear, Embedding, RMSNorm, TransformerLayer, normal_init
-from megatron_k15.models.rope import RotaryEmbedding
+from megatron_k15.models.rope import RotaryEmbedding, with_longrope_choice
 from megatron_k15.models.sharding import pipeline_layer_ranges
 from megatron_k15.parallel.context import zigzag_position_ids
 from megatron_k15.parallel.expert import gather_experts, own_experts
@@ -90,6 +90,8 @@ class GPTModel(torch.nn.Module):
         cp_comm_type: str = "ring",
         ep_group: Optional[dist.ProcessGroup] = None,
         moe_grouped_gemm: Optional[bool] = None,
+        longrope_factors: str = "auto",
+        max_sequence_length: Optional[int] = None,
     ):
         super().__init__()
         if tp_group is None:
@@ -172,12 +174,17 @@ class GPTModel(torch.nn.Module):
         # auto: the fused kernel (never materialises [tokens, vocab] logits) on GPU; on CPU the
         # vocab-parallel cross-entropy, which is faster there
         self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, config.rope_scaling)
+        # LongRoPE's list of factors is fixed for the run (rope.py): by the longest sequence it
+        # will see (--seq-length, or the RL rollouts' longest), or as --longrope-factors says
+        def run_scaling(scaling):
+            return with_longrope_choice(scaling, longrope_factors, max_sequence_length)
+
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, run_scaling(config.rope_scaling))
         # the sliding layers' own RoPE, where it differs (OLMo 3: unscaled)
         self.rotary_sliding = None
         if config.sliding_rope is not None and config.has_sliding_layers:
-            self.rotary_sliding = RotaryEmbedding(config.rotary_dim, *config.rope_for_layer(
-                next(i for i in range(config.num_layers) if config.is_sliding_layer(i))))
+            theta, scaling = config.rope_for_layer(next(i for i in range(config.num_layers) if config.is_sliding_layer(i)))
+            self.rotary_sliding = RotaryEmbedding(config.rotary_dim, theta, run_scaling(scaling))
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, mp_config, tp_group, self.sequence_parallel, attention_fn,
                                      cp_group if self.cp_size > 1 else None, self.ep_group, layer_number=i)

@@ -125,18 +125,34 @@ def _rope_settings(hf: dict, where: str) -> tuple[float, Optional[dict]]:
     scaling = hf.get("rope_scaling") or None
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    phi3 = hf.get("model_type") == "phi3" or "Phi3ForCausalLM" in (hf.get("architectures") or ())
+    if rope_type == "su" or (phi3 and rope_type == "yarn"):  # Phi3Config's older names for LongRoPE
+        rope_type = "longrope"
     if rope_type == "default":
         return float(theta), None
     if rope_type not in ROPE_SCALING_FIELDS:
         raise HFCheckpointError(f"{where}: rope type {rope_type!r} is not supported "
                                 f"(default, {', '.join(sorted(ROPE_SCALING_FIELDS))})")
     src = {**(scaling or {}), **params}
+    if rope_type == "longrope":  # as transformers reads it: a top-level original context wins
+        # (Phi3Config always has one, 4096 by default), and the factor defaults to the growth
+        if hf.get("original_max_position_embeddings") is not None or phi3:
+            src["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)
+        src.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if src.get("factor") is None and src["original_max_position_embeddings"]:
+            src["factor"] = float(hf.get("max_position_embeddings", 4096)) / float(src["original_max_position_embeddings"])
     try:
         out = {k: src[k] for k in ROPE_SCALING_FIELDS[rope_type]}
     except KeyError as e:
         raise HFCheckpointError(f"{where}: {rope_type} rope scaling is missing field {e.args[0]!r}") from None
     if rope_type == "yarn":
         out.update({k: src[k] for k in YARN_OPTIONAL_FIELDS if src.get(k) is not None})
+    if rope_type == "longrope":
+        out.update(short_factor=[float(f) for f in out["short_factor"]], long_factor=[float(f) for f in out["long_factor"]],
+                   original_max_position_embeddings=int(out["original_max_position_embeddings"]),
+                   factor=float(out["factor"]))
+        if src.get("attention_factor") is not None:
+            out["attention_factor"] = float(src["attention_factor"])
     out["rope_type"] = rope_type
     return float(theta), out
 
@@ -580,6 +596,8 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
         hf.setdefault("sliding_window", None)
         if arch == "phi3":  # (Phi3Config's default pad id, 32000, may lie outside a smaller vocabulary)
             hf.update(pad_token_id=None, partial_rotary_factor=cfg.rotary_percent)
+            if scaling_type(cfg.rope_scaling) == "longrope":  # read from the top level (4096 when absent)
+                hf["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
     elif arch in ("gpt_oss", "qwen2_moe"):
         pass  # attention_bias / qkv_bias below
     elif not cfg.add_qkv_bias:

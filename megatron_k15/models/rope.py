@@ -15,6 +15,17 @@ original context, d_r = d ln(ctx / (2 pi r)) / (2 ln theta); pairs below the ram
 frequency, pairs above are interpolated. cos and sin are multiplied by the attention factor
 0.1 ln(factor) + 1 (or mscale / mscale_all_dim's ratio, or an explicit ``attention_factor``). Angles are computed in fp32 from the *original* token
 positions, so context-parallel chunks and packed sequences get the right rotation.
+
+LongRoPE (Phi-3.5-mini, Phi-4-mini: ``rope_type: longrope``) divides each frequency by its own
+searched factor, inv_freq_i = 1 / (f_i theta^(2i/d)), from one of two lists: ``short_factor``
+for sequences within the pretraining context ``original_max_position_embeddings`` and
+``long_factor`` beyond it; cos and sin are multiplied by sqrt(1 + ln(factor) / ln(original))
+(factor = max_position_embeddings / original unless given). transformers switches lists per
+forward call by the longest position in it, so a sequence that grows past the original context
+during generation has keys rotated with the short factors and later queries with the long ones,
+and its log-probs differ from a forward over the whole sequence. We pick one list per run
+(``longrope_factors``): the long one when the run's sequences may exceed the original context,
+so rollouts and training see the same rotation; HF's choice for every sequence on that side.
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
         return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
     if rope_type(scaling) == "linear":  # position interpolation: every frequency / factor
         return inv_freq / float(scaling["factor"])
+    if rope_type(scaling) == "longrope":  # one searched divisor per frequency (computed as HF does)
+        factors = torch.tensor(scaling[longrope_list(scaling)], dtype=torch.float32)
+        return 1.0 / (factors * theta ** exponents)
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     original = float(scaling["original_max_position_embeddings"])
@@ -49,7 +63,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
 
 
 def rope_type(scaling: Optional[dict]) -> str:
-    """``default``, ``llama3`` (also for older configs without a type), ``yarn`` or ``linear``."""
+    """``default``, ``llama3`` (also for older configs without a type), ``yarn``, ``linear`` or
+    ``longrope``."""
     if not scaling:
         return "default"
     return scaling.get("rope_type", "llama3")
@@ -74,13 +89,42 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling:
     return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
+LONGROPE_CHOICES = ("auto", "short", "long")
+
+
+def longrope_list(scaling: dict) -> str:
+    """``short_factor`` or ``long_factor``: the list ``scaling["factors"]`` names (set by
+    ``with_longrope_choice``; the long one, for the whole context, when unset)."""
+    return "short_factor" if scaling.get("factors") == "short" else "long_factor"
+
+
+def with_longrope_choice(scaling: Optional[dict], choice: str = "auto",
+                         max_length: Optional[int] = None) -> Optional[dict]:
+    """``scaling`` with LongRoPE's list for this run fixed (other types unchanged): ``short`` or
+    ``long`` as given; ``auto``: long when ``max_length`` (the run's longest sequence; None: the
+    model's whole context) exceeds ``original_max_position_embeddings``, as transformers decides
+    for one sequence of that length."""
+    if rope_type(scaling) != "longrope":
+        return scaling
+    if choice not in LONGROPE_CHOICES:
+        raise ValueError(f"--longrope-factors must be one of {LONGROPE_CHOICES}, got {choice!r}")
+    if choice == "auto":
+        choice = ("long" if max_length is None or max_length > int(scaling["original_max_position_embeddings"])
+                  else "short")
+    return {**scaling, "factors": choice}
+
+
 def rope_attention_factor(scaling: Optional[dict]) -> float:
-    """The factor YaRN multiplies cos and sin by (1 for the other types)."""
-    if rope_type(scaling) != "yarn":
+    """The factor YaRN and LongRoPE multiply cos and sin by (1 for the other types)."""
+    kind = rope_type(scaling)
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = float(scaling["factor"])
+    if kind == "longrope":
+        original = float(scaling["original_max_position_embeddings"])
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     if scaling.get("mscale") and scaling.get("mscale_all_dim"):
         return yarn_mscale(factor, float(scaling["mscale"])) / yarn_mscale(factor, float(scaling["mscale_all_dim"]))
     return yarn_mscale(factor)

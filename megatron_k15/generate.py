@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     from megatron_k15.initialize import destroy, initialize_parallel_from_args
 
     initialize_parallel_from_args(args)
-    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
+    longest = max((len(ids) for _, ids in requests), default=0) + args.max_new_tokens
+    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size, max_sequence_length=longest)
 
     dp_rank, dp_size, _ = request_split(args, cfg)  # replicas (and cp ranks that decode apart)
     params = SamplingParams(args.temperature, args.top_p, args.top_k)

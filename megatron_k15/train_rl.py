@@ -312,7 +312,7 @@ def _check_prompt_lengths(args, gen_ranks: int) -> None:
     come from the datasets' index (no token data is read). Sets ``args.longest_sequence``."""
     max_pos = args.model_config.max_position_embeddings
     checks = [("prompt_data", args.rollout_max_tokens, "--rollout-max-tokens", True)]
-    args.longest_sequence = 0  # the longest prompt + budget (LongRoPE's choice of factors)
+    args.longest_sequence = 0  # the longest trained prompt + budget (LongRoPE's choice of factors)
     if args.eval_data:
         checks.append(("eval_data", args.eval_max_tokens or args.rollout_max_tokens,
                        "--eval-max-tokens" if args.eval_max_tokens else "--rollout-max-tokens", False))
@@ -333,7 +333,8 @@ def _check_prompt_lengths(args, gen_ranks: int) -> None:
             limits.append((args.seq_length, f"--seq-length {args.seq_length}"))
         limit, what = min(limits)
         lengths = [int(n) for n in data.lengths]
-        args.longest_sequence = max(args.longest_sequence, max(lengths) + budget)
+        if trained:  # (evaluation runs on the same model: its budget does not choose)
+            args.longest_sequence = max(args.longest_sequence, max(lengths) + budget)
         too_long = [i for i, n in enumerate(lengths) if n + budget > limit]
         if too_long:
             i = max(too_long, key=lambda j: lengths[j])
@@ -437,7 +438,8 @@ def main(argv=None) -> int:
             f" ({Blend(args.prompt_data, args.prompt_weights).describe(sizes, 'prompts')})"
         print(f"[train_rl] {cfg.num_parameters() / 1e6:.2f}M parameters, {len(records)} prompts{mix}, "
               f"loss={args.rl_loss}, tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} "
-              f"dp={ctx.pc.dp_size}, start at iteration {iteration}", flush=True)
+              f"dp={ctx.pc.dp_size}, start at iteration {iteration}"
+              + (f", LongRoPE {ctx.model.longrope_factors} factors" if ctx.model.longrope_factors else ""), flush=True)
     if eval_set is not None and iteration == 0:
         m = run_eval()
         logger.log(0, m)

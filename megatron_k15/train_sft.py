@@ -341,7 +341,8 @@ def main(argv=None) -> int:
             print(f"[train_sft] --load {args.load_missing}: no checkpoint yet, starting from scratch (the "
                   "directory is also --save: the next launch resumes from it)", flush=True)
         print(f"[train_sft] {cfg.num_parameters() / 1e6:.2f}M parameters, {what}, loss {args.loss}, "
-              f"tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} dp={dp}, start at iteration {iteration}", flush=True)
+              f"tp={ctx.pc.tp_size} pp={ctx.pc.pp_size} cp={ctx.pc.cp_size} dp={dp}, start at iteration {iteration}"
+              + (f", LongRoPE {ctx.model.longrope_factors} factors" if ctx.model.longrope_factors else ""), flush=True)
     reference = None
     if dpo:
         reference = extra.get("dpo_reference")

@@ -249,3 +249,22 @@ def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, capsys):
     (tmp_path / "other.jsonl.partial").write_text(kept[1].replace('"p1"', '"q1"'))
     assert run("other.jsonl", "--resume") == 2
     assert "other.jsonl.partial:1: field 'id': differs from line 2 of --input" in capsys.readouterr().err
+
+
+def test_longrope_factors_by_the_longest_request(tmp_path):
+    """A LongRoPE model (pretrained context 32) generating prompts of <= 9 tokens + 12: the
+    longest request fits the original context, so the run takes the short factors (as
+    transformers does for sequences that short): its log-probs are those of --longrope-factors
+    short, and differ from --longrope-factors long's."""
+    from test_model_hf import LONGROPE
+
+    save_tiny_hf_checkpoint(str(tmp_path / "hf"), "phi3", initializer_range=0.2, **LONGROPE)
+    _write_prompts(tmp_path / "in.jsonl", PROMPTS)
+    out = {}
+    for factors in ("auto", "short", "long"):
+        assert generate.main(["--load", str(tmp_path / "hf"), "--input", str(tmp_path / "in.jsonl"),
+                              "--output", str(tmp_path / f"{factors}.jsonl"), "--max-new-tokens", str(NEW_TOKENS),
+                              "--temperature", "0", "--longrope-factors", factors]) == 0
+        out[factors] = [lp for rec in _read(tmp_path / f"{factors}.jsonl") for lp in rec["output_logprobs"]]
+    assert out["auto"] == out["short"]
+    assert max(abs(a - b) for a, b in zip(out["auto"], out["long"])) > 1e-4

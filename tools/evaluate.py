@@ -141,12 +141,14 @@ def main(argv=None) -> int:
     initialize_parallel_from_args(args)
     set_seed(args.seed)
     cfg = args.model_config
-    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size)
+    prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
+    model, generator = load_generation_replica(args, cfg, max_batch_size=args.batch_size,
+                                               max_sequence_length=max(map(len, prompt_ids), default=0)
+                                               + args.max_new_tokens)
     # the judge decodes as the policy does: cp-sharded when its cp ranks share the requests
     judge = judge_from_args(args, max_batch_size=args.batch_size,
                             shard_kv_over_cp=cp_decodes_together(cfg, args.context_parallel_size))
     eos = cfg.eos_ids() or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    prompt_ids = [encode_prompt(tokenizer, r["prompt"], args) for r in records]
     tags = parse_reasoning_tags(args.reasoning_tags)
     warning = reasoning_tags_warning(tokenizer, tags)
     if warning and dist.get_rank() == 0:

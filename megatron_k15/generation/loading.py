@@ -37,12 +37,14 @@ def request_split(args, cfg):
 
 
 def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None,
-                            shard_kv_over_cp: Optional[bool] = None):
+                            shard_kv_over_cp: Optional[bool] = None, max_sequence_length: Optional[int] = None):
     """(model stage in eval mode, generator) for this rank; model parallel is initialised.
     ``load_dir``: another checkpoint than ``--load`` (a judge; its layers split evenly over the
-    stages, the --decoder-*-pipeline-num-layers flags describe the policy).
+    stages, the --decoder-*-pipeline-num-layers flags describe the policy, and --longrope-factors
+    too: the judge chooses by its own context).
     ``shard_kv_over_cp``: the cp ranks decode together (default: ``cp_decodes_together``);
-    False: each cp rank decodes its own requests (RL's generation ranks)."""
+    False: each cp rank decodes its own requests (RL's generation ranks).
+    ``max_sequence_length``: the longest prompt + budget (LongRoPE's choice of factors)."""
     from megatron.core import parallel_state
 
     from megatron_k15 import platform
@@ -63,7 +65,8 @@ def load_generation_replica(args, cfg, *, max_batch_size: int, load_dir=None,
     model = GPTModel(cfg, attention_backend=args.attention_backend, params_dtype=args.params_dtype,
                      device=platform.current_device(), pp_rank=pp_rank, pp_size=pp, layer_ranges=ranges,
                      ep_group=ep_group, moe_grouped_gemm=getattr(args, "moe_grouped_gemm", None),
-                     longrope_factors=getattr(args, "longrope_factors", "auto"))
+                     longrope_factors=getattr(args, "longrope_factors", "auto") if load_dir is None else "auto",
+                     max_sequence_length=max_sequence_length)
     load_model_checkpoint(model, load_dir or args.load, pp_rank, pp)
     model.eval().requires_grad_(False)
     generator = build_generator(

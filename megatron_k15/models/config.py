@@ -526,8 +526,6 @@ def _check_rope_scaling(scaling: Optional[dict], name: str, rotary_dim: int) -> 
                     or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
                 raise ConfigError(f"{name}.{key} must list {rotary_dim // 2} positive numbers (one per rotated "
                                   f"channel pair of the {rotary_dim} rotated channels), got {factors!r}")
-        if scaling.get("factors", "long") not in ("short", "long"):
-            raise ConfigError(f"{name}.factors must be 'short' or 'long', got {scaling['factors']!r}")
 
 
 def _qwen25(hidden, ffn, layers, heads, groups, tied, vocab=151936):

@@ -180,6 +180,7 @@ class GPTModel(torch.nn.Module):
             return with_longrope_choice(scaling, longrope_factors, max_sequence_length)
 
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, run_scaling(config.rope_scaling))
+        self.longrope_factors = (run_scaling(config.rope_scaling) or {}).get("factors")  # None: no LongRoPE
         # the sliding layers' own RoPE, where it differs (OLMo 3: unscaled)
         self.rotary_sliding = None
         if config.sliding_rope is not None and config.has_sliding_layers:

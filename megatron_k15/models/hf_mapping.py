@@ -163,10 +163,14 @@ def _layer_type_rope(hf: dict, arch: str, where: str) -> tuple[tuple, Optional[d
     (rope_scaling) the full-attention layers only."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
-        full = _rope_settings({"rope_parameters": params["full_attention"]}, where)
+        # (LongRoPE's default factor needs the context; transformers' nested branch has no
+        # top-level original context)
+        def nested(sub):
+            return {"max_position_embeddings": hf.get("max_position_embeddings", 4096), "rope_parameters": sub}
+
+        full = _rope_settings(nested(params["full_attention"]), where)
         sliding_params = params.get("sliding_attention")
-        sliding = full if not isinstance(sliding_params, dict) else _rope_settings(
-            {"rope_parameters": sliding_params}, where)
+        sliding = full if not isinstance(sliding_params, dict) else _rope_settings(nested(sliding_params), where)
     else:
         full = _rope_settings(hf, where)
         sliding = (full[0], None) if arch == "olmo3" else full

@@ -472,7 +472,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, re
         was_clipped = ((ratio * adv) > (clipped * adv)).float()
         stats = {"ratio_mean": ratio.detach().mean(),
                  "clip_frac": was_clipped.mean(), "clipped": was_clipped.sum(),
-                 "clip_units": torch.tensor(float(ratio.numel())),  # samples: whole sequences under cp
+                 "clip_units": ratio.new_tensor(float(ratio.numel())),  # samples: whole sequences under cp
                  "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
                  "reward_mean": rewards.mean()}
     return loss, stats

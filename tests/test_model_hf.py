@@ -781,3 +781,17 @@ def test_longrope_config_errors_name_the_field(change, match):
     change(scaling)
     with pytest.raises(ConfigError, match=match):
         dataclasses.replace(cfg, rope_scaling=scaling).validate()
+
+
+def test_longrope_in_nested_rope_parameters_takes_the_context_for_its_factor():
+    """transformers 5 nests rope_parameters by layer type; a LongRoPE entry there has no factor
+    of its own, which defaults to max_position_embeddings / original (512 / 64), as at top level."""
+    from megatron_k15.models.hf_mapping import _layer_type_rope
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "rope_theta": 1e4,
+                "original_max_position_embeddings": 64}
+    hf = {"max_position_embeddings": 512,
+          "rope_parameters": {"full_attention": longrope, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    (theta, scaling), sliding = _layer_type_rope(hf, "olmo3", "config.json")
+    assert (scaling["rope_type"], scaling["factor"], scaling["original_max_position_embeddings"]) == ("longrope", 8.0, 64)
+    assert sliding == {"rotary_base": 1e4, "rope_scaling": None}

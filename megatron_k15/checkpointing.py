@@ -259,10 +259,34 @@ def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:
         if step is not None:
             raise CheckpointError(f"--ckpt-step {step}: {load_dir} is a Hugging Face model (one set of weights)")
         try:
-            return gpt_config_from_hf(read_hf_config(load_dir), os.path.join(load_dir, CONFIG_FILE))
+            cfg = gpt_config_from_hf(read_hf_config(load_dir), os.path.join(load_dir, CONFIG_FILE))
+            _check_hf_tensors(os.path.abspath(load_dir), cfg)
+            return cfg
         except (HFCheckpointError, ConfigError) as e:
             raise CheckpointError(str(e)) from None
     return GPTConfig.from_dict(read_layout(resolve_checkpoint_dir(load_dir, step=step))["model"])
+
+
+_CHECKED_HF_DIRS: set[tuple] = set()
+
+
+def _check_hf_tensors(hf_dir: str, cfg: GPTConfig) -> None:
+    """A Hugging Face directory loaded as it is holds every tensor its conversion needs, with its
+    shape, and none the model would leave out (``check_every_hf_tensor_read``: a conversion of
+    the files' headers, once per process for the directory's files as they are)."""
+    key = (hf_dir,) + tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                                   for e in os.scandir(hf_dir) if e.is_file()))
+    if key in _CHECKED_HF_DIRS:
+        return
+    from megatron_k15.models.hf_mapping import HFCheckpointError, check_every_hf_tensor_read, read_hf_state_dict
+
+    try:
+        check_every_hf_tensor_read(read_hf_state_dict(hf_dir), cfg, hf_dir)
+    except HFCheckpointError as e:
+        raise HFCheckpointError(str(e).replace("convert with --ignore-unused-tensors", "convert it with "
+                                "tools/checkpoint/convert_hf_to_megatron.py --ignore-unused-tensors and "
+                                "--load the conversion")) from None
+    _CHECKED_HF_DIRS.add(key)
 
 
 def _shard_file(ckpt_dir: str, tp_rank: int, pp_rank: int) -> str:

@@ -240,3 +240,39 @@ def test_converter_puts_a_tokenizers_own_code_in_the_checkpoints_tokenizer(tmp_p
     assert sorted(os.listdir(out / "tokenizer")) == ["tiktoken.model", "tokenization_moonshot.py",
                                                      "tokenizer_config.json"]
     assert sorted(os.listdir(out / "hf_files")) == ["configuration_deepseek.py", "generation_config.json"]
+
+
+def test_tensors_the_model_does_not_use_are_refused_unless_known(tmp_path, capsys):
+    """A weight the architecture here lacks (a bias on one MLP) would be dropped silently: the
+    converter refuses it by name and writes nothing, and so do --load of the directory and the
+    pre-flight check; --ignore-unused-tensors converts with a warning. What the model knowingly
+    leaves out passes: a multi-token-prediction layer past num_hidden_layers, rotary inv_freq
+    buffers, a tied model's lm_head."""
+    from safetensors.torch import save_file
+
+    from megatron_k15.checkpointing import CheckpointError, load_config
+    from megatron_k15.models.hf_mapping import unread_hf_tensors
+
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf_checkpoint(str(hf_dir), "llama")  # tied
+    sd = load_file(hf_dir / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight"):
+        sd[name.replace("layers.1", "layers.2")] = sd[name].clone()  # an MTP-style extra layer
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert unread_hf_tensors(sd, load_config(str(hf_dir))) == []
+    sd["model.layers.1.mlp.down_proj.bias"] = torch.zeros(64)
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    ck = tmp_path / "ck"
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck)]) != 0
+    assert "1 tensor(s) the LlamaForCausalLM model does not use: model.layers.1.mlp.down_proj.bias" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    with pytest.raises(CheckpointError, match="down_proj.bias.*--ignore-unused-tensors and --load the conversion"):
+        load_config(str(hf_dir))
+    inspect = _load_tool(os.path.join(ROOT, "tools", "checkpoint", "inspect_checkpoint.py"))
+    assert inspect.main(["--load", str(hf_dir)]) == 1
+    assert "FAILS" in capsys.readouterr().out
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck), "--ignore-unused-tensors"]) == 0
+    assert "left out 1 tensor(s) the model does not use: model.layers.1.mlp.down_proj.bias" in capsys.readouterr().out

@@ -296,14 +296,16 @@ def test_gpt_oss_matches_transformers(backend, monkeypatch):
 
 def _assert_meta_conversion_matches(sd, cfg, converted):
     """The converter's dry run on meta tensors (no data read) sees the names, shapes and
-    dtypes the real conversion makes, dequantization included."""
-    from megatron_k15.models.hf_mapping import hf_to_megatron
+    dtypes the real conversion makes, dequantization included; every tensor of ``sd`` (blocks,
+    scales) is read."""
+    from megatron_k15.models.hf_mapping import hf_to_megatron, unread_hf_tensors
     from megatron_k15.models.lazy_state_dict import meta_state_dict
 
     meta = hf_to_megatron(meta_state_dict(sd), cfg)
     assert {k: (tuple(v.shape), v.dtype) for k, v in meta.items()} == \
         {k: (tuple(v.shape), v.dtype) for k, v in converted.items()}
     assert all(v.is_meta for v in meta.values())
+    assert unread_hf_tensors(sd, cfg) == []
 
 
 def test_mxfp4_dequantization_equals_transformers_and_loads_the_model():

@@ -719,6 +719,51 @@ def hf_to_megatron(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") ->
     return out
 
 
+def unread_hf_tensors(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") -> list[str]:
+    """The names of ``hf_sd`` a whole conversion never reads (a conversion of meta tensors:
+    nothing is read), apart from those the model knowingly leaves out: layers numbered from
+    ``num_layers`` on (DeepSeek-V3's / GLM-4.5's multi-token-prediction modules), an image-text
+    checkpoint's vision tower, rotary ``inv_freq`` buffers of older checkpoints, and a tied
+    model's ``lm_head.weight`` (transformers ties it to the embedding too). Anything else would
+    be a weight the model silently drops (a bias, a norm of another block): the converter and
+    ``--load`` refuse it."""
+    from megatron_k15.models.lazy_state_dict import meta_state_dict
+
+    meta = meta_state_dict(hf_sd)
+    read = set()
+
+    def recorded(name):
+        read.add(name)
+        return meta[name]
+
+    hf_to_megatron(LazyStateDict({n: (lambda n=n: recorded(n)) for n in meta}), cfg, where)
+    text = text_model_state_dict(meta)
+    # the names the text model's view maps (each to its source name); an LM's are its own
+    kept = set(meta) if text is meta else {name for name in meta if any(
+        name.startswith(old) for old, _ in TEXT_MODEL_PREFIXES) or name == "lm_head.weight"}
+
+    def known(name):
+        return (name not in kept or _layer_index(name) >= cfg.num_layers or name.endswith("rotary_emb.inv_freq")
+                or (cfg.tie_word_embeddings and name.endswith("lm_head.weight")))
+
+    return sorted(n for n in meta if n not in read and not known(n))
+
+
+def check_every_hf_tensor_read(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint",
+                               ignore: bool = False) -> list[str]:
+    """An ``HFCheckpointError`` naming the ``unread_hf_tensors``, if any; with ``ignore``, they
+    are returned instead (for a warning)."""
+    unread = unread_hf_tensors(hf_sd, cfg, where)
+    if unread and not ignore:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise HFCheckpointError(
+            f"{where}: {len(unread)} tensor(s) the {HF_CLASS.get(cfg.architecture, cfg.architecture)} model "
+            f"does not use: {shown}. The converted model would compute something else than the checkpoint's "
+            "(transformers only warns of unused weights); if they are truly unused, convert with "
+            "--ignore-unused-tensors")
+    return unread
+
+
 def hf_to_megatron_units(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint", layers: Optional[range] = None,
                          embedding: bool = True, tail: bool = True) -> Iterator[dict]:
     """``hf_to_megatron`` one piece at a time, in layer order: the embedding, each layer, then
@@ -872,12 +917,14 @@ def _mla_to_hf(sd: dict, o: str, a: str, cfg: GPTConfig) -> dict:
 def _without_extra_layers(hf_sd: Mapping, num_layers: int) -> Mapping:
     """The state dict without layers numbered from ``num_layers`` on (DeepSeek-V3's and
     GLM-4.5's multi-token-prediction modules), which the model does not read; nothing is read."""
-    def layer(name):
-        parts = name.split(".")
-        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
+    extra = [k for k in hf_sd if _layer_index(k) >= num_layers]
+    return LazyStateDict.view(hf_sd, {k: k for k in hf_sd if _layer_index(k) < num_layers}) if extra else hf_sd
 
-    extra = [k for k in hf_sd if layer(k) >= num_layers]
-    return LazyStateDict.view(hf_sd, {k: k for k in hf_sd if layer(k) < num_layers}) if extra else hf_sd
+
+def _layer_index(name: str) -> int:
+    """N of a tensor name's ``layers.N`` component (``model.layers.3.mlp...``: 3); -1 outside layers."""
+    parts = name.split(".")
+    return next((int(b) for a, b in zip(parts, parts[1:]) if a == "layers" and b.isdigit()), -1)
 
 
 def _fp8_block_size(cfg: GPTConfig, where: str) -> tuple[int, int]:

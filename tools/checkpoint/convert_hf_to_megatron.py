@@ -32,10 +32,9 @@ from megatron_k15.checkpointing import (  # noqa: E402
 )
 from megatron_k15.files import atomic_directory  # noqa: E402
 from megatron_k15.models.config import ConfigError  # noqa: E402
-from megatron_k15.models.lazy_state_dict import meta_state_dict  # noqa: E402
 from megatron_k15.models.hf_mapping import (  # noqa: E402
-    HFCheckpointError, cast_state_dict, gpt_config_from_hf, hf_to_megatron, hf_to_megatron_units, read_hf_config,
-    read_hf_state_dict,
+    HFCheckpointError, cast_state_dict, check_every_hf_tensor_read, gpt_config_from_hf, hf_to_megatron_units,
+    read_hf_config, read_hf_state_dict,
 )
 from megatron_k15.models.sharding import pipeline_layer_ranges  # noqa: E402
 
@@ -54,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-dtype", choices=sorted(DTYPES), default=None,
                    help="cast weights (default: keep the HF dtype, which keeps the round trip exact)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    p.add_argument("--ignore-unused-tensors", action="store_true",
+                   help="convert a checkpoint holding tensors the model does not use (by default an error: such "
+                        "a tensor is usually a weight the architecture here lacks), leaving them out with a warning")
     return p
 
 
@@ -73,7 +75,11 @@ def main(argv=None) -> int:
         print(f"[convert] {cfg.architecture}: {cfg.num_layers} layers, "
               f"{cfg.num_parameters() / 1e6:.1f}M parameters; writing tp={tp} pp={pp} to {args.save}", flush=True)
         source = read_hf_state_dict(args.hf_dir)
-        hf_to_megatron(meta_state_dict(source), cfg, where=args.hf_dir)  # every name and shape, before any work
+        # every name and shape, and no weight left behind, before any work (a conversion of meta tensors)
+        unused = check_every_hf_tensor_read(source, cfg, args.hf_dir, ignore=args.ignore_unused_tensors)
+        if unused:
+            print(f"[convert] warning: --ignore-unused-tensors: left out {len(unused)} tensor(s) the model does not "
+                  f"use: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}", flush=True)
         units = hf_to_megatron_units(source, cfg, where=args.hf_dir)
         if dtype is not None:
             units = (cast_state_dict(unit, dtype) for unit in units)

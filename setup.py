@@ -33,7 +33,8 @@ setup(
     packages=find_packages(include=["megatron_k15", "megatron_k15.*"]),
     install_requires=read_requirements(),
     extras_require={
-        "test": ["pytest>=7", "pyarrow>=14"],
+        # accelerate: transformers needs it to load an FP8-block checkpoint (the export test reads ours back)
+        "test": ["pytest>=7", "pyarrow>=14", "accelerate>=1.0,<2"],
         # Parquet inputs (Hugging Face datasets' format) for every JSONL reader
         "data": ["pyarrow>=14"],
         # GPU accelerators, optional: transformer-engine. NVIDIA apex: build from source.

@@ -276,3 +276,88 @@ def test_tensors_the_model_does_not_use_are_refused_unless_known(tmp_path, capsy
     assert "FAILS" in capsys.readouterr().out
     assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck), "--ignore-unused-tensors"]) == 0
     assert "left out 1 tensor(s) the model does not use: model.layers.1.mlp.down_proj.bias" in capsys.readouterr().out
+
+
+def test_quantize_fp8_blocks_rounds_each_value_to_the_nearest_e4m3_step():
+    """Per 16 x 16 tile (edges cut) s = amax / 448, so the tile's largest value becomes +-448; every
+    w / s is rounded to float8 e4m3 (3 mantissa bits: within half a step, 2^-4 of its binade, or
+    2^-10 among the subnormals); an all-zero tile gets s = 1; dequantization gives w back within that."""
+    from megatron_k15.models.hf_mapping import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    w = torch.randn(40, 37, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 37)
+    w[16:32, 16:32] = 0.0
+    q, s = quantize_fp8_blocks(w, (16, 16))
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (3, 3)
+    assert s[1, 1] == 1.0 and (q[16:32, 16:32].float() == 0).all()
+    full = s.repeat_interleave(16, 0)[:40].repeat_interleave(16, 1)[:, :37]
+    x = w / full
+    assert ((x - q.float()).abs() <= torch.maximum(x.abs() * 2**-4, torch.full_like(x, 2**-10))).all()
+    for i in range(3):
+        for j in range(3):
+            tile = q[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)].float().abs()
+            assert tile.max() == (0.0 if (i, j) == (1, 1) else 448.0)
+    back = dequantize_fp8_blocks(q, s, (16, 16), torch.float32)
+    assert ((back - w).abs() <= torch.maximum(w.abs() * 2**-4, full * 2**-10) * 1.0001).all()
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
+def test_export_fp8_blocks_reads_back_in_transformers_and_ours(tmp_path, kind):
+    """--fp8-blocks writes every linear projection's weight in float8 with block scales and a
+    quantization_config (DeepSeek-V3 keeps its own): transformers loads the directory (it
+    dequantizes on CPU) and our converter reads it back, and the two models' logits agree; the
+    routers, norms, embeddings and output layer stay as they were, and the file is about half."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, ck, out, back = (tmp_path / n for n in ("hf", "ck", "out", "back"))
+    hf = save_tiny_hf_checkpoint(str(hf_dir), kind)
+    assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck)]) == 0
+    # 8 x 8 blocks divide every tiny matrix: transformers' CPU dequantization takes the block size
+    # as rows / scale rows, wrong for edge-cut tiles (ours: the quantize test above)
+    assert to_hf.main(["--load", str(ck), "--save", str(out), "--fp8-blocks", "8,8"]) == 0
+    quant = json.load(open(out / "config.json"))["quantization_config"]
+    assert quant == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+    sd, orig = load_file(out / "model.safetensors"), load_file(hf_dir / "model.safetensors")
+    fp8 = {k for k, v in sd.items() if v.dtype == torch.float8_e4m3fn}
+    assert fp8 == {k for k in orig if k.endswith("_proj.weight") or k.endswith("_proj_with_mqa.weight")}
+    assert {k for k in sd if k.endswith("_scale_inv")} == {k + "_scale_inv" for k in fp8}
+    assert all(torch.equal(sd[k], v) for k, v in orig.items() if k not in fp8)  # routers, norms, embeddings
+    assert os.path.getsize(out / "model.safetensors") < 0.75 * os.path.getsize(hf_dir / "model.safetensors")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).float().eval()
+    # ours: converted back (dequantized), exported unquantized; transformers' weights equal them
+    # (up to bf16 rounding)
+    assert to_megatron.main(["--hf-dir", str(out), "--save", str(back)]) == 0
+    assert to_hf.main(["--load", str(back), "--save", str(tmp_path / "plain")]) == 0
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    theirs_sd = theirs.state_dict()
+    assert set(plain) == set(orig)
+    def hf_side(name):  # transformers 5 holds a layer's experts stacked: [gate; up] and down
+        if ".experts." not in name:
+            return theirs_sd[name]
+        prefix, rest = name.split(".experts.")
+        e, proj = int(rest.split(".")[0]), rest.split(".")[1]
+        fused = theirs_sd[f"{prefix}.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"][e]
+        half = fused.shape[0] // 2
+        return {"gate_proj": fused[:half], "up_proj": fused[half:], "down_proj": fused}[proj]
+
+    for name in fp8:  # (ours dequantize into bf16; transformers keeps fp32 for the experts)
+        torch.testing.assert_close(hf_side(name), plain[name].float(), rtol=2**-8, atol=0, msg=name)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # FP8 rounding moves the logits a little: the same model
+        assert 1e-4 < (hf.eval()(ids).logits - theirs(ids).logits).abs().max() < 0.2
+
+
+def test_fp8_export_keeps_the_source_quantization_config():
+    """A model converted from an FP8 checkpoint (DeepSeek-V3, Kimi K2) exports its own
+    quantization_config when the block is the same; another block gets transformers' default."""
+    import dataclasses
+
+    from megatron_k15.models.config import preset
+    from megatron_k15.models.hf_mapping import fp8_quantization_config
+
+    source = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+              "modules_to_not_convert": ["lm_head"]}
+    cfg = dataclasses.replace(preset("tiny"), extra={"hf_config": {"quantization_config": source}})
+    assert fp8_quantization_config(cfg, (128, 128)) == source
+    assert fp8_quantization_config(cfg, (64, 64))["weight_block_size"] == [64, 64]
+    assert "modules_to_not_convert" not in fp8_quantization_config(preset("tiny"), (128, 128))

@@ -953,6 +953,56 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     return (weight.float() * scale).to(dtype)
 
 
+FP8_E4M3_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 e4m3 weight, fp32 ``weight_scale_inv``): ``dequantize_fp8_blocks``' inverse as
+    DeepSeek-V3 quantizes, s = amax(|w| of the tile) / 448 per (block[0] x block[1]) tile (the
+    last tiles cut at the edges; an all-zero tile gets s = 1), q = e4m3(w / s)."""
+    if weight.dim() != 2:
+        raise HFCheckpointError(f"FP8 block quantization takes matrices, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    b0, b1 = block
+    t0, t1 = -(-rows // b0), -(-cols // b1)
+    w = weight.float()
+    padded = torch.nn.functional.pad(w.abs(), (0, t1 * b1 - cols, 0, t0 * b0 - rows))
+    amax = padded.view(t0, b0, t1, b1).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    full = scale.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    return (w / full).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_block_quantized(name: str, tensor: torch.Tensor) -> bool:
+    """Whether an exported HF tensor is stored in FP8 blocks: the weight of every linear
+    projection inside the layers (attention, dense and expert MLPs; DeepSeek-V3's and Kimi K2's
+    hub layout), not the routers, gates, norms, embeddings or output layer."""
+    return (_layer_index(name) >= 0 and tensor.dim() == 2
+            and name.endswith(("_proj.weight", "_proj_with_mqa.weight")))
+
+
+def quantize_fp8_state_dict(unit: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """An exported piece with its ``fp8_block_quantized`` weights in FP8 blocks, each followed
+    by its ``weight_scale_inv``; the other tensors as they are."""
+    out = {}
+    for name, t in unit.items():
+        if fp8_block_quantized(name, t):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(t, block)
+        else:
+            out[name] = t
+    return out
+
+
+def fp8_quantization_config(cfg: GPTConfig, block: tuple[int, int]) -> dict:
+    """The ``quantization_config`` of an FP8-block export: the source checkpoint's when it was
+    one (DeepSeek-V3, Kimi K2: kept as it was), else transformers' fine-grained FP8 with
+    dynamic activation scales."""
+    source = cfg.extra.get("hf_config", {}).get("quantization_config") or {}
+    if source.get("quant_method") == "fp8" and list(source.get("weight_block_size") or [128, 128]) == list(block):
+        return dict(source)
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+
+
 def dequantize_fp8_state_dict(hf_sd: Mapping, block: tuple[int, int], where: str = "checkpoint") -> Mapping:
     """Every ``X.weight`` with an ``X.weight_scale_inv`` dequantized (``dequantize_fp8_blocks``)
     when it is read, the scales dropped; the state dict as it is without any."""

@@ -268,6 +268,8 @@ def load_config(load_dir: str, step: Optional[int] = None) -> GPTConfig:
 
 
 _CHECKED_HF_DIRS: set[tuple] = set()
+HF_DIR_UNUSED_HINT = ("convert the directory with tools/checkpoint/convert_hf_to_megatron.py --ignore-unused-tensors "
+                      "and load the conversion instead")
 
 
 def _check_hf_tensors(hf_dir: str, cfg: GPTConfig) -> None:
@@ -281,11 +283,11 @@ def _check_hf_tensors(hf_dir: str, cfg: GPTConfig) -> None:
     from megatron_k15.models.hf_mapping import HFCheckpointError, check_every_hf_tensor_read, read_hf_state_dict
 
     try:
-        check_every_hf_tensor_read(read_hf_state_dict(hf_dir), cfg, hf_dir)
-    except HFCheckpointError as e:
-        raise HFCheckpointError(str(e).replace("convert with --ignore-unused-tensors", "convert it with "
-                                "tools/checkpoint/convert_hf_to_megatron.py --ignore-unused-tensors and "
-                                "--load the conversion")) from None
+        check_every_hf_tensor_read(read_hf_state_dict(hf_dir), cfg, hf_dir, hint=HF_DIR_UNUSED_HINT)
+    except HFCheckpointError:
+        raise
+    except Exception as e:  # a truncated shard, a bad index, an unknown dtype: named, not a traceback
+        raise HFCheckpointError(f"{hf_dir}: cannot read its weight files: {type(e).__name__}: {e}") from None
     _CHECKED_HF_DIRS.add(key)
 
 

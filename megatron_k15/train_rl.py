@@ -254,13 +254,16 @@ def _validate(args) -> None:
         if not args.kl_coef:
             raise ArgumentError("--ref-load is the reference of GRPO's KL term: add --kl-coef > 0 (with "
                                 "--rl-loss grpo), or drop --ref-load")
-        from megatron_k15.checkpointing import CheckpointError, is_hf_model_dir, resolve_checkpoint_dir
+        from megatron_k15.checkpointing import CheckpointError, is_hf_model_dir, load_config, resolve_checkpoint_dir
 
+        hf = is_hf_model_dir(args.ref_load)
         try:
-            if not is_hf_model_dir(args.ref_load):
+            if hf:  # its config and tensors, before any work
+                load_config(args.ref_load)
+            else:
                 resolve_checkpoint_dir(args.ref_load, "--ref-load")
         except CheckpointError as e:
-            raise ArgumentError(str(e)) from None
+            raise ArgumentError(f"--ref-load: {e}" if hf else str(e)) from None
     if not 0 <= args.overlong_buffer_tokens <= args.rollout_max_tokens:
         raise ArgumentError(f"--overlong-buffer-tokens must be in [0, --rollout-max-tokens "
                             f"{args.rollout_max_tokens}], got {args.overlong_buffer_tokens}")

@@ -246,8 +246,10 @@ def test_tensors_the_model_does_not_use_are_refused_unless_known(tmp_path, capsy
     """A weight the architecture here lacks (a bias on one MLP) would be dropped silently: the
     converter refuses it by name and writes nothing, and so do --load of the directory and the
     pre-flight check; --ignore-unused-tensors converts with a warning. What the model knowingly
-    leaves out passes: a multi-token-prediction layer past num_hidden_layers, rotary inv_freq
-    buffers, a tied model's lm_head."""
+    leaves out passes: rotary inv_freq buffers, a tied model's lm_head, DeepSeek-V3's
+    multi-token-prediction layer after the last (num_nextn_predict_layers) and a block-FP8
+    checkpoint's static activation scales; a layer past num_hidden_layers of another model is
+    a config that does not describe the weights."""
     from safetensors.torch import save_file
 
     from megatron_k15.checkpointing import CheckpointError, load_config
@@ -258,10 +260,10 @@ def test_tensors_the_model_does_not_use_are_refused_unless_known(tmp_path, capsy
     sd = load_file(hf_dir / "model.safetensors")
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
-    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight"):
-        sd[name.replace("layers.1", "layers.2")] = sd[name].clone()  # an MTP-style extra layer
-    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    assert unread_hf_tensors(sd, load_config(str(hf_dir))) == []
+    cfg = load_config(str(hf_dir))
+    assert unread_hf_tensors(sd, cfg) == []
+    extra = {"model.layers.2.input_layernorm.weight": torch.ones(64)}
+    assert unread_hf_tensors({**sd, **extra}, cfg) == list(extra)
     sd["model.layers.1.mlp.down_proj.bias"] = torch.zeros(64)
     save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
     ck = tmp_path / "ck"
@@ -269,13 +271,25 @@ def test_tensors_the_model_does_not_use_are_refused_unless_known(tmp_path, capsy
     assert "1 tensor(s) the LlamaForCausalLM model does not use: model.layers.1.mlp.down_proj.bias" in \
         capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
-    with pytest.raises(CheckpointError, match="down_proj.bias.*--ignore-unused-tensors and --load the conversion"):
+    with pytest.raises(CheckpointError, match="down_proj.bias.*--ignore-unused-tensors and load the conversion"):
         load_config(str(hf_dir))
     inspect = _load_tool(os.path.join(ROOT, "tools", "checkpoint", "inspect_checkpoint.py"))
     assert inspect.main(["--load", str(hf_dir)]) == 1
     assert "FAILS" in capsys.readouterr().out
     assert to_megatron.main(["--hf-dir", str(hf_dir), "--save", str(ck), "--ignore-unused-tensors"]) == 0
     assert "left out 1 tensor(s) the model does not use: model.layers.1.mlp.down_proj.bias" in capsys.readouterr().out
+    # DeepSeek-V3 (3 layers) with its MTP layer 3 and FP8 activation scales; a layer 4 is refused
+    from megatron_k15.models.hf_mapping import gpt_config_from_hf
+    from megatron_k15.testing import hf_config_dict, tiny_hf_model
+
+    hf = tiny_hf_model("deepseek_v3")
+    sd = dict(hf.state_dict())
+    base = {**hf_config_dict(hf), "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(64, 128), "model.layers.3.enorm.weight": torch.ones(64),
+           "model.layers.0.self_attn.o_proj.activation_scale": torch.ones(())}
+    assert unread_hf_tensors({**sd, **mtp}, gpt_config_from_hf({**base, "num_nextn_predict_layers": 1})) == []
+    assert unread_hf_tensors({**sd, **mtp}, gpt_config_from_hf({**base, "num_nextn_predict_layers": 0})) == \
+        ["model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight"]
 
 
 def test_quantize_fp8_blocks_rounds_each_value_to_the_nearest_e4m3_step():

@@ -797,3 +797,29 @@ def test_longrope_in_nested_rope_parameters_takes_the_context_for_its_factor():
     (theta, scaling), sliding = _layer_type_rope(hf, "olmo3", "config.json")
     assert (scaling["rope_type"], scaling["factor"], scaling["original_max_position_embeddings"]) == ("longrope", 8.0, 64)
     assert sliding == {"rotary_base": 1e4, "rope_scaling": None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "olmo2", "gemma3"])
+def test_attention_bias_covers_o_proj_where_transformers_puts_it(kind):
+    """attention_bias=true gives these classes a bias on o_proj too (Qwen2, GLM and Phi-3 on q,
+    k, v only): it converts as add_attention_output_bias, every tensor is read, the logits match
+    (and would not without it), and the config exports and rebuilds the same model."""
+    from megatron_k15.models.hf_mapping import unread_hf_tensors
+
+    hf = tiny_hf_model(kind, attention_bias=True)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("o_proj.bias"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model = build_from_hf(hf)
+    cfg = model.config
+    assert cfg.add_qkv_bias and cfg.add_attention_output_bias
+    assert unread_hf_tensors(hf.state_dict(), cfg) == []
+    ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (model.gather_logits(model(ids)) - ref).abs().max() <= 1e-4
+        for layer in model.layers.values():
+            layer.self_attention.linear_proj.bias.zero_()
+        assert (model.gather_logits(model(ids)) - ref).abs().max() > 1e-2
+    assert_export_rebuilds(hf, cfg, ids[:1])

@@ -107,6 +107,8 @@ QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3", "exao
 OLMO_ARCHITECTURES = ("olmo2", "olmo3")  # post-norm blocks, q/k norms over all heads, fp32 norm weights
 # Where the sliding window comes from: Qwen's use_sliding_window + max_window_layers (or
 # layer_types); Mistral's / Phi-3's sliding_window on every layer; OLMo 3's layer_types
+# the classes whose attention_bias puts a bias on o_proj too (not only on q, k, v)
+OUTPUT_BIAS_ARCHITECTURES = ("llama", "qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma2", "gemma3", "smollm3")
 QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 USE_SLIDING_WINDOW_ARCHITECTURES = QWEN_ARCHITECTURES + ("smollm3",)  # use_sliding_window + layer_types
 HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
@@ -381,6 +383,7 @@ def gpt_config_from_hf(hf: dict, where: str = HF_CONFIG_FILE) -> GPTConfig:
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=qkv_bias,
+        **({"add_attention_output_bias": qkv_bias} if arch in OUTPUT_BIAS_ARCHITECTURES else {}),
         qk_layernorm=arch in QK_NORM_ARCHITECTURES or (arch == "glm4_moe" and bool(hf.get("use_qk_norm"))),
         qk_layernorm_scope="all" if olmo else "head",
         **(placement if not gemma else gemma),
@@ -491,6 +494,11 @@ def hf_config_from_gpt(cfg: GPTConfig) -> dict:
     if (arch == "gpt_oss") != all(gpt_oss) or (arch != "gpt_oss" and any(gpt_oss[:4])):
         raise ConfigError("gpt-oss's layers (attention sinks, biased router and experts, clamped SwiGLU) export only "
                           "as architecture 'gpt_oss', and it needs all of them")
+    if arch in OUTPUT_BIAS_ARCHITECTURES and cfg.add_attention_output_bias != cfg.add_qkv_bias:
+        raise ConfigError(f"{HF_CLASS[arch]}'s attention_bias biases q, k, v and o_proj alike; this model has "
+                          f"add_qkv_bias={cfg.add_qkv_bias}, add_attention_output_bias={cfg.add_attention_output_bias}"
+                          + (": export it as architecture 'qwen2' (QKV bias only)" if cfg.add_qkv_bias
+                             and not cfg.is_moe else ""))
     olmo = arch in OLMO_ARCHITECTURES
     if olmo != (cfg.norm_placement == "post" and cfg.qk_layernorm and cfg.qk_layernorm_scope == "all"
                 and cfg.norm_in_fp32):
@@ -724,9 +732,10 @@ def unread_hf_tensors(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint")
     nothing is read), apart from those the model knowingly leaves out: layers numbered from
     ``num_layers`` on (DeepSeek-V3's / GLM-4.5's multi-token-prediction modules), an image-text
     checkpoint's vision tower, rotary ``inv_freq`` buffers of older checkpoints, and a tied
-    model's ``lm_head.weight`` (transformers ties it to the embedding too). Anything else would
-    be a weight the model silently drops (a bias, a norm of another block): the converter and
-    ``--load`` refuse it."""
+    model's ``lm_head.weight`` (transformers ties it to the embedding too), static activation
+    scales of a block-FP8 checkpoint. Anything else would be a weight the model silently drops
+    (a bias, a norm of another block, layers past a config's num_hidden_layers): the converter
+    and ``--load`` refuse it."""
     from megatron_k15.models.lazy_state_dict import meta_state_dict
 
     meta = meta_state_dict(hf_sd)
@@ -742,25 +751,36 @@ def unread_hf_tensors(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint")
     kept = set(meta) if text is meta else {name for name in meta if any(
         name.startswith(old) for old, _ in TEXT_MODEL_PREFIXES) or name == "lm_head.weight"}
 
+    hf_config = cfg.extra.get("hf_config", {})
+    # multi-token-prediction layers follow the last one (DeepSeek-V3: 1, GLM-4.5: 1); any other
+    # layer past num_hidden_layers means a config that does not describe the weights
+    mtp = int(hf_config.get("num_nextn_predict_layers") or 0) if cfg.architecture in DEEPSEEK_MOE_ARCHITECTURES else 0
+    # block-FP8 checkpoints with static activation scales: the weights dequantize exactly, the
+    # activations stay in bf16 (their scales unused)
+    fp8 = (hf_config.get("quantization_config") or {}).get("quant_method") == "fp8"
+
     def known(name):
-        return (name not in kept or _layer_index(name) >= cfg.num_layers or name.endswith("rotary_emb.inv_freq")
-                or (cfg.tie_word_embeddings and name.endswith("lm_head.weight")))
+        return (name not in kept or cfg.num_layers <= _layer_index(name) < cfg.num_layers + mtp
+                or name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name.endswith("lm_head.weight"))
+                or (fp8 and name.endswith((".activation_scale", ".input_scale"))))
 
     return sorted(n for n in meta if n not in read and not known(n))
 
 
+IGNORE_UNUSED_HINT = "convert with --ignore-unused-tensors"
+
+
 def check_every_hf_tensor_read(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint",
-                               ignore: bool = False) -> list[str]:
-    """An ``HFCheckpointError`` naming the ``unread_hf_tensors``, if any; with ``ignore``, they
-    are returned instead (for a warning)."""
+                               ignore: bool = False, hint: str = IGNORE_UNUSED_HINT) -> list[str]:
+    """An ``HFCheckpointError`` naming the ``unread_hf_tensors``, if any (``hint``: what to do
+    if they are truly unused); with ``ignore``, they are returned instead (for a warning)."""
     unread = unread_hf_tensors(hf_sd, cfg, where)
     if unread and not ignore:
         shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise HFCheckpointError(
             f"{where}: {len(unread)} tensor(s) the {HF_CLASS.get(cfg.architecture, cfg.architecture)} model "
-            f"does not use: {shown}. The converted model would compute something else than the checkpoint's "
-            "(transformers only warns of unused weights); if they are truly unused, convert with "
-            "--ignore-unused-tensors")
+            f"does not use: {shown}. The converted model would compute something other than the checkpoint's "
+            f"(transformers only warns of unused weights); if they are truly unused, {hint}")
     return unread
 
 
@@ -949,6 +969,8 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     if weight.dim() != 2 or tuple(scale_inv.shape) != tiles:
         raise HFCheckpointError(f"FP8 weight {tuple(weight.shape)} needs {tiles} scales of {block} blocks, "
                                 f"got {tuple(scale_inv.shape)}")
+    if weight.is_meta:  # a dry run: the shape is all there is
+        return torch.empty(weight.shape, dtype=dtype, device="meta")
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return (weight.float() * scale).to(dtype)
 

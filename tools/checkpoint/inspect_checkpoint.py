@@ -32,8 +32,8 @@ import _bootstrap  # noqa: F401,E402
 import torch  # noqa: E402
 
 from megatron_k15.checkpointing import (  # noqa: E402
-    LATEST_FILE, CheckpointError, is_hf_model_dir, read_layout, resolve_checkpoint_dir, saved_iterations,
-    shard_dir_name, tokenizer_dir,
+    HF_DIR_UNUSED_HINT, LATEST_FILE, CheckpointError, is_hf_model_dir, read_layout, resolve_checkpoint_dir,
+    saved_iterations, shard_dir_name, tokenizer_dir,
 )
 from megatron_k15.models.config import GPTConfig  # noqa: E402
 
@@ -82,18 +82,18 @@ def inspect_hf(load: str) -> dict:
     """A Hugging Face model directory as ``--load`` would take it: the model, its tensors by
     dtype (from the files' headers), the tokenizer, and whether every tensor the conversion
     needs is there with its shape (a conversion of meta tensors: nothing is read)."""
-    from megatron_k15.models.hf_mapping import (HFCheckpointError, check_every_hf_tensor_read,
+    from megatron_k15.models.hf_mapping import (HF_CONFIG_FILE, HFCheckpointError, check_every_hf_tensor_read,
                                                 gpt_config_from_hf, read_hf_config, read_hf_state_dict)
     from megatron_k15.models.lazy_state_dict import meta_state_dict
 
-    cfg = gpt_config_from_hf(read_hf_config(load), os.path.join(load, "config.json"))  # (tensors: below)
+    cfg = gpt_config_from_hf(read_hf_config(load), os.path.join(load, HF_CONFIG_FILE))  # (tensors: below)
     meta = meta_state_dict(read_hf_state_dict(load))
     dtypes: dict[str, int] = {}
     for name in meta:
         dtype = str(meta[name].dtype).replace("torch.", "")
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     try:
-        check_every_hf_tensor_read(meta, cfg, where=load)
+        check_every_hf_tensor_read(meta, cfg, where=load, hint=HF_DIR_UNUSED_HINT)
         problem = None
     except (HFCheckpointError, ValueError) as e:
         problem = str(e)

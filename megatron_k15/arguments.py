@@ -533,7 +533,8 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
     size or head count when the base has it coupled (hidden / heads) and --kv-channels is not
     given (Qwen3's decoupled 128 stays); a changed vocabulary drops the base's BOS/EOS ids
     (they name tokens of another vocabulary); the HF class follows the switches (QK-norm:
-    Qwen3; a Qwen2 base without QKV bias: Llama), so every flag-built model exports."""
+    Qwen3; a Qwen2 base without QKV bias: Llama; a Llama base with it: Qwen2), so every
+    flag-built model exports."""
     changed = {f for f, v in explicit.items() if getattr(cfg, f) != v}
     if explicit.get("num_moe_experts") and not cfg.is_moe and "moe_norm_topk_prob" not in explicit:
         explicit = {**explicit, "moe_norm_topk_prob": True}  # Megatron-LM's default router renormalises
@@ -562,6 +563,8 @@ def apply_model_overrides(cfg: GPTConfig, explicit: dict) -> GPTConfig:
         cfg.architecture = "qwen3_moe" if cfg.num_moe_experts else "qwen3"
     elif cfg.architecture == "qwen2" and not cfg.add_qkv_bias:
         cfg.architecture = "llama"
+    elif cfg.architecture == "llama" and cfg.add_qkv_bias and not cfg.add_attention_output_bias:
+        cfg.architecture = "qwen2"  # (Llama's attention_bias would bias o_proj too)
     cfg.__post_init__()
     return cfg
 

@@ -500,3 +500,15 @@ def test_longrope_factors_follow_the_runs_longest_sequence(tmp_path):
     assert not torch.equal(want["short"], want["long"])
     with pytest.raises(ArgumentError, match="--longrope-factors long applies to models with LongRoPE"):
         _validate(["--longrope-factors", "long"])
+
+
+def test_a_llama_base_with_qkv_bias_becomes_qwen2_and_exports():
+    """Llama's attention_bias would bias o_proj too: a Llama preset given --add-qkv-bias is
+    Qwen2's class (bias on q, k, v only), and its export builds the same layers in transformers."""
+    from megatron_k15.models.hf_mapping import hf_config_from_gpt
+
+    cfg = _validate(["--model-preset", "llama3-8b", "--num-layers", "2", "--add-qkv-bias"]).model_config
+    assert cfg.architecture == "qwen2" and cfg.add_qkv_bias and not cfg.add_attention_output_bias
+    hf = hf_config_from_gpt(cfg)
+    assert hf["architectures"] == ["Qwen2ForCausalLM"]
+    assert _validate(["--model-preset", "llama3-8b", "--num-layers", "2"]).model_config.architecture == "llama"

@@ -185,7 +185,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="LongRoPE models (Phi-3.5-mini, Phi-4-mini): the list of per-frequency factors this run "
                         "rotates every sequence with; auto: long when the run's sequences may exceed the "
                         "pretraining context (original_max_position_embeddings; judged by --seq-length, RL's "
-                        "prompt + --rollout-max-tokens, or else the model's whole context), short otherwise")
+                        "longest prompt + --rollout-max-tokens, generate's / evaluate's longest prompt + "
+                        "--max-new-tokens, or else the model's whole context), short otherwise")
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
                    help="router scores: softmax over the experts (Qwen3-MoE) or a sigmoid per expert "
                         "(DeepSeek-V3, Moonlight, Kimi K2, GLM-4.5)")

@@ -504,7 +504,7 @@ def test_longrope_factors_follow_the_runs_longest_sequence(tmp_path):
 
 def test_a_llama_base_with_qkv_bias_becomes_qwen2_and_exports():
     """Llama's attention_bias would bias o_proj too: a Llama preset given --add-qkv-bias is
-    Qwen2's class (bias on q, k, v only), and its export builds the same layers in transformers."""
+    Qwen2's class (bias on q, k, v only) and exports as Qwen2ForCausalLM."""
     from megatron_k15.models.hf_mapping import hf_config_from_gpt
 
     cfg = _validate(["--model-preset", "llama3-8b", "--num-layers", "2", "--add-qkv-bias"]).model_config

@@ -175,12 +175,13 @@ class GPTModel(torch.nn.Module):
         # vocab-parallel cross-entropy, which is faster there
         self.logprob_impl = ("fused" if torch.cuda.is_available() else "ce") if logprob_impl == "auto" else logprob_impl
         # LongRoPE's list of factors is fixed for the run (rope.py): by the longest sequence it
-        # will see (--seq-length, or the RL rollouts' longest), or as --longrope-factors says
+        # will see (``max_sequence_length``), or as --longrope-factors says
         def run_scaling(scaling):
             return with_longrope_choice(scaling, longrope_factors, max_sequence_length)
 
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, run_scaling(config.rope_scaling))
-        self.longrope_factors = (run_scaling(config.rope_scaling) or {}).get("factors")  # None: no LongRoPE
+        scaling = run_scaling(config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, scaling)
+        self.longrope_factors = (scaling or {}).get("factors")  # None: no LongRoPE
         # the sliding layers' own RoPE, where it differs (OLMo 3: unscaled)
         self.rotary_sliding = None
         if config.sliding_rope is not None and config.has_sliding_layers:

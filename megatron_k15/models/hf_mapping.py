@@ -729,8 +729,9 @@ def hf_to_megatron(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") ->
 
 def unread_hf_tensors(hf_sd: Mapping, cfg: GPTConfig, where: str = "checkpoint") -> list[str]:
     """The names of ``hf_sd`` a whole conversion never reads (a conversion of meta tensors:
-    nothing is read), apart from those the model knowingly leaves out: layers numbered from
-    ``num_layers`` on (DeepSeek-V3's / GLM-4.5's multi-token-prediction modules), an image-text
+    nothing is read), apart from those the model knowingly leaves out: the
+    ``num_nextn_predict_layers`` after the last layer (DeepSeek-V3's / GLM-4.5's
+    multi-token-prediction modules), an image-text
     checkpoint's vision tower, rotary ``inv_freq`` buffers of older checkpoints, and a tied
     model's ``lm_head.weight`` (transformers ties it to the embedding too), static activation
     scales of a block-FP8 checkpoint. Anything else would be a weight the model silently drops

@@ -513,9 +513,9 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, r
     with torch.no_grad():
         m = mask.bool()
         n = m.sum().clamp(min=1)
+        truncated = ((weight != ratio) & m).sum().float()
         stats = {"ratio_mean": (ratio * m).sum() / n,
-                 "clip_frac": ((weight != ratio) & m).sum().float() / n,  # weights truncated
-                 "clipped": ((weight != ratio) & m).sum().float(), "clip_units": m.sum().float(),
+                 "clip_frac": truncated / n, "clipped": truncated, "clip_units": m.sum().float(),
                  "kl_proxy": (((logp.detach().float() - old_logp.float()) ** 2) * m).sum() / n,
                  "advantage_mean": adv.mean(), "advantage_abs_mean": adv.abs().mean(),
                  "reward_mean": rewards.mean()}

@@ -15,8 +15,8 @@ kilobytes. Exit code 1 with the reason when the directory is not a complete chec
 
 A Hugging Face model directory (which ``--load`` also takes, with ``--finetune``) gets a
 pre-flight check instead: the model it becomes, its tensors' dtypes and bytes, the tokenizer,
-and a conversion run on the files' headers only, which names any tensor that is missing or
-misshapen (exit code 1) without reading a weight.
+and a conversion run on the files' headers only, which names any tensor that is missing,
+misshapen or left unused (exit code 1) without reading a weight.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _model_summary(cfg: GPTConfig) -> dict:
 def inspect_hf(load: str) -> dict:
     """A Hugging Face model directory as ``--load`` would take it: the model, its tensors by
     dtype (from the files' headers), the tokenizer, and whether every tensor the conversion
-    needs is there with its shape (a conversion of meta tensors: nothing is read)."""
+    needs is there with its shape and none is left unused (a conversion of meta tensors:
+    nothing is read)."""
     from megatron_k15.models.hf_mapping import (HF_CONFIG_FILE, HFCheckpointError, check_every_hf_tensor_read,
                                                 gpt_config_from_hf, read_hf_config, read_hf_state_dict)
     from megatron_k15.models.lazy_state_dict import meta_state_dict
@@ -110,7 +111,7 @@ def _hf_text(info: dict) -> str:
         f"hidden {m['hidden_size']}, {m['num_attention_heads']} heads / {m['num_query_groups']} kv, vocab "
         f"{m['vocab_size']}" + (f", {m['num_experts']} experts" if m["num_experts"] else ""),
         f"tensors      {info['tensors']['count']} ({', '.join(f'{n} {d}' for d, n in sorted(info['tensors']['dtypes'].items()))})",
-        "conversion   " + ("every tensor present with its shape" if info["conversion_problem"] is None
+        "conversion   " + ("every tensor present with its shape, none unused" if info["conversion_problem"] is None
                            else f"FAILS: {info['conversion_problem']}"),
         f"tokenizer    {'in the directory' if info['tokenizer'] else 'none (pass --tokenizer)'}",
         f"size         {info['bytes'] / 2**30:.2f} GiB"])

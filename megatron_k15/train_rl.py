@@ -60,6 +60,7 @@ from megatron_k15.data.blend import Blend, BlendError, open_prompt_data, parse_b
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args
 from megatron_k15.rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES, LOSSES
 from megatron_k15.rl.rollout_log import add_rollout_log_args, check_rollout_log_args
+from megatron_k15.rl.tools import add_tool_args, check_tool_args
 
 
 def add_rl_args(p) -> None:
@@ -131,6 +132,7 @@ def add_rl_args(p) -> None:
                    help="end a rollout once its text contains one of these (R1-Zero-style templates from a "
                         "base model: '</answer>'); it is finished (stop reason 'stop'), trained on with the "
                         "tokens that spelt it, and graded on the text before it")
+    add_tool_args(g)
     g.add_argument("--sampling", choices=["uniform", "curriculum", "prioritized"], default="uniform")
     g.add_argument("--curriculum-switch-iter", type=int, default=0)
     g.add_argument("--curriculum-threshold", type=float, default=None)
@@ -186,7 +188,7 @@ def _validate(args) -> None:
         where = f" (--load {args.load_missing} holds no checkpoint yet)" if getattr(args, "load_missing", None) else ""
         raise ArgumentError(f"--load is required{where}: RL starts from a converted or SFT checkpoint "
                             "(add --finetune the first time)")
-    problem = check_rollout_log_args(args)
+    problem = check_rollout_log_args(args) or check_tool_args(args)
     if problem:
         raise ArgumentError(problem)
     pp, cp = args.pipeline_model_parallel_size, args.context_parallel_size
@@ -416,7 +418,8 @@ def main(argv=None) -> int:
                        dp_rank=gen_rank, dp_size=gen_size, dp_group=gen_group,
                        n_samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
                        batch_size=args.rollout_batch_size, generator=rl.generator,
-                       reasoning_tags=rl.reasoning_tags, judge=judge, reward_workers=args.reward_workers)
+                       reasoning_tags=rl.reasoning_tags, judge=judge, reward_workers=args.reward_workers,
+                       stop_strings=args.stop_strings, tools=rl.settings.tools)
         rl.generator.release()
         m = {"eval_accuracy": res["accuracy"], "eval_response_length_mean": res["response_length_mean"]}
         m.update({f"eval_{k}": v for k, v in res.items() if k.startswith(("judge_", "pass@", "maj@"))})

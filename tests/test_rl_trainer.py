@@ -119,6 +119,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     more = opts.pop("draw_prompts", None)  # what --dynamic-sampling's further rounds draw, in turn
     tasks = opts.pop("tasks", None)  # task names, prompt i gets tasks[i % len] (grading is unchanged)
     poison = opts.pop("nan_grad_at_step", None)  # a NaN in the gradient of that optimizer step (0-based)
+    tool_calls = opts.pop("tool_calls", 0)  # > 0: a letter calls a tool, up to this many times per response
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3, **(moe or {})), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
@@ -141,6 +142,14 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
         r["task"] = tasks[i % len(tasks)]
     rl = RLIteration(ctx, args, tok, recs, [tok.encode(r["prompt"]) for r in recs])
     rl.eos_ids = rl.eos_ids + list(extra_eos)  # more ways to stop: some responses end early
+    if tool_calls:  # the tool answers with its rank in the replica: all must insert the first's answer
+        from megatron_k15.generation.stop_strings import StopStrings
+        from megatron_k15.rl.tools import TOOL_STOP_REASON, ToolUse, replica_tool_runner
+
+        in_replica = ctx.pc.tp_rank + ctx.pc.tp_size * ctx.pc.pp_rank
+        rl.settings.tools = ToolUse(tok, StopStrings(tok, LETTERS, reason=TOOL_STOP_REASON),
+                                    replica_tool_runner(lambda text: f"[{in_replica}:{len(text)}]", 1, rl.gen_rank),
+                                    tool_calls)
     if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
         generate = rl.generator.generate
 
@@ -234,6 +243,22 @@ def test_rl_iterations_equal_across_layouts(loss, layout):
     world, tp, pp, cp, iters = LAYOUTS[layout]
     got = run_distributed(rl_worker, world, tp, loss, 0, iters, pp, cp, LAYOUT_OPTS)
     _assert_same_update(got, ref, (loss, layout))
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (2, 1)])
+def test_tool_calls_in_rollouts_equal_one_rank(tp, pp):
+    """Rollouts that call a tool (here: a letter calls it; it answers with its rank in the model
+    replica and the response's length): on 4 ranks, tp=2 x pp=2 (one replica) or tp=2 x dp=2 (two), every rank
+    inserts its replica's first rank's answer, so the update equals one rank's. The model's tokens after an answer are conditioned on it and the
+    answers are out of the loss: the engine's log-probs equal the training forward's on the
+    loss tokens (an answer's tokens carry 0)."""
+    opts = {**LAYOUT_OPTS, "tool_calls": 2, "samples_per_prompt": 4}
+    ref = run_distributed(rl_worker, 1, 1, "omd", 0, 2, 1, 1, opts)
+    for m in ref[0]["metrics"]:
+        assert m["tool_calls_mean"] > 0 and 0 < m["tool_tokens_fraction"] < 1
+        assert m["rollout_logp_abs_diff"] < 1e-5 and m["grad_norm"] > 0
+    got = run_distributed(rl_worker, 4, tp, "omd", 0, 2, pp, 1, opts)
+    _assert_same_update(got, ref, ("omd", f"tools tp{tp} pp{pp}"))
 
 
 @pytest.mark.slow

@@ -292,8 +292,8 @@ def test_evaluate_reports_majority_vote_for_math():
     class Scripted:  # the engine's generate(), answering each (problem, sample) request from the script
         def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None,
                      on_finish=None):
-            return [SimpleNamespace(output_ids=tok.encode(responses[i][s]), stop_reason="eos")
-                    for i in range(3) for s in range(3)]
+            return [SimpleNamespace(output_ids=tok.encode(responses[i][s]), output_logprobs=[0.0] * len(responses[i][s]),
+                                    stop_reason="eos") for i in range(3) for s in range(3)]
 
     recs = [{"id": f"m{i}", "prompt": "?", "task": "math", "answer": a} for i, a in enumerate(["1/2", "4", "9"])]
     res = evaluate(None, tok, recs, [tok.encode("?")] * 3, max_new_tokens=8, eos_ids=[], n_samples=3,

@@ -44,6 +44,7 @@ from megatron_k15.arguments import (  # noqa: E402
 from megatron_k15.data.tokenizer import add_chat_template_args  # noqa: E402
 from megatron_k15.partial_results import resume_problem  # noqa: E402
 from megatron_k15.rewards.judge import add_judge_args, check_judge_args, judge_from_args  # noqa: E402
+from megatron_k15.rl.tools import add_tool_args, check_tool_args  # noqa: E402
 
 
 def add_eval_args(p) -> None:
@@ -59,6 +60,7 @@ def add_eval_args(p) -> None:
     g.add_argument("--stop", nargs="+", default=None, metavar="STRING",
                    help="end a response once its text contains one of these (few-shot prompts of a base "
                         "model: e.g. '\\n\\nQuestion:'); the response is graded up to it")
+    add_tool_args(g)
     g.add_argument("--chunk-size", type=int, default=256,
                    help="problems per pass of the engine; each finished pass is kept in OUTPUT.partial")
     g.add_argument("--resume", action="store_true",
@@ -74,7 +76,7 @@ def _validate(args) -> None:
     if not os.path.isfile(args.input):
         raise ArgumentError(f"--input {args.input}: file not found")
     check_grading_args(args)
-    problem = check_judge_args(args)
+    problem = check_judge_args(args) or check_tool_args(args, stop_flag="--stop")
     if problem:
         raise ArgumentError(problem)
     if args.n_samples < 1:
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     from megatron_k15.files import atomic_file
     from megatron_k15.partial_results import append_lines, finish, resume_from
     from megatron_k15.rl.evaluation import evaluate, evaluation_metrics
+    from megatron_k15.rl.tools import tool_use_from_args
     from megatron_k15.rl.task_metrics import task_of, tasks_of
 
     initialize_parallel_from_args(args)
@@ -156,6 +159,7 @@ def main(argv=None) -> int:
     # every rank of a replica gets the sampled tokens; problems are split over the data-parallel
     # replicas (and over their cp ranks when a sliding-window or sinks model decodes them apart)
     split_rank, split_size, split_group = request_split(args, cfg)
+    tools = tool_use_from_args(args, tokenizer, split_rank)  # (the ranks of one split_rank decode together)
     try:
         partial, done = resume_from(args.output, len(records), partial_mismatch(records, args.n_samples),
                                     writer=dist.get_rank() == 0)
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
                        dp_rank=split_rank, dp_size=split_size, dp_group=split_group, n_samples=args.n_samples,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                        generator=generator, reasoning_tags=tags, judge=judge, reward_workers=args.reward_workers,
-                       numbers=chunk, stop_strings=args.stop)
+                       numbers=chunk, stop_strings=args.stop, tools=tools)
         if dist.get_rank() == 0:
             append_lines(partial, [result_line(records[p["index"]], p) for p in res["results"]])
         for p in res["results"]:

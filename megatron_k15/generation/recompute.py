@@ -71,7 +71,7 @@ def generate_recompute(model, prompts: list[list[int]], max_new_tokens, params: 
             r = results[i]
             r.output_ids.append(tok)
             r.output_logprobs.append(logprob_list[row])
-            why = detectors[i].push(tok) if detectors is not None and tok not in eos else None
+            why = detectors[i].push(tok) if detectors is not None and detectors[i] is not None and tok not in eos else None
             if tok in eos:
                 r.stop_reason = "eos"
             elif why:

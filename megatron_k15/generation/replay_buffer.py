@@ -13,6 +13,10 @@ whose policy produced it (``segment_ids``) and its log-prob at generation time
   (``loss_mask``); tokens from earlier segments were sampled by an older policy and are masked
   out (``include_old_segments=True`` keeps them) but still count in the response length.
 
+A tool's output written into a response (``rl.tools``: the policy ran code while reasoning) is
+part of the sequence but not the policy's: its tokens are tagged ``TOOL_SEGMENT`` instead of
+an iteration, carry a log-prob of 0, and are never in the loss.
+
 Ordering: ``pop_for_resume`` returns the oldest trajectories first (by the iteration that
 started them, then by insertion order), so no trajectory starves.
 
@@ -44,10 +48,12 @@ __all__ = [
     "Trajectory",
     "ReplayBuffer",
     "loss_mask",
+    "TOOL_SEGMENT",
 ]
 
 FINISHED_STOP_REASONS = ("eos", "length", "repeat", "stop")  # stop: a --stop-strings string
 STOP_REASONS = FINISHED_STOP_REASONS + ("partial", "evicted")
+TOOL_SEGMENT = -1  # segment id of a tool output's tokens (no policy generated them)
 
 
 @dataclass
@@ -58,8 +64,10 @@ class Trajectory:
         prompt_id: the prompt's ``id`` from the prompt JSONL.
         prompt_ids: prompt token ids.
         response_ids: generated token ids so far (all segments).
-        segment_ids: per response token, the RL iteration whose policy generated it.
-        logprobs: per response token, its log-prob under that policy at generation time.
+        segment_ids: per response token, the RL iteration whose policy generated it
+            (``TOOL_SEGMENT`` for a tool output's tokens).
+        logprobs: per response token, its log-prob under that policy at generation time (0
+            for a tool output's).
         sample_index: index of this sample within the prompt's group of k samples.
         stop_reason: None while running, then one of ``STOP_REASONS``.
         start_iteration: iteration that started the trajectory (defaults to the first
@@ -93,7 +101,7 @@ class Trajectory:
             raise ValueError(f"stop_reason must be one of {STOP_REASONS} or None, got "
                              f"{self.stop_reason!r}")
         if self.start_iteration is None and self.segment_ids:
-            self.start_iteration = self.segment_ids[0]
+            self.start_iteration = next((it for it in self.segment_ids if it != TOOL_SEGMENT), None)
 
     # -------------------------------------------------------------- building
     def append_segment(self, token_ids: Sequence[int], logprobs: Sequence[float],
@@ -101,9 +109,11 @@ class Trajectory:
         """Append the tokens one iteration generated (and set the new stop reason)."""
         if len(token_ids) != len(logprobs):
             raise ValueError(f"{len(token_ids)} tokens but {len(logprobs)} log-probs")
-        if self.segment_ids and iteration < self.segment_ids[-1]:
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration} (tool outputs: append_tool_output)")
+        if self.last_iteration is not None and iteration < self.last_iteration:
             raise ValueError(f"iteration {iteration} precedes the last segment's "
-                             f"{self.segment_ids[-1]}")
+                             f"{self.last_iteration}")
         if self.start_iteration is None:
             self.start_iteration = int(iteration)
         self.response_ids.extend(int(t) for t in token_ids)
@@ -113,6 +123,17 @@ class Trajectory:
             raise ValueError(f"stop_reason must be one of {STOP_REASONS}, got {stop_reason!r}")
         self.stop_reason = stop_reason
         return self
+
+    def append_tool_output(self, token_ids: Sequence[int]) -> "Trajectory":
+        """Append a tool's output (tokens no policy sampled: log-prob 0, never in the loss)."""
+        self.response_ids.extend(int(t) for t in token_ids)
+        self.logprobs.extend([0.0] * len(token_ids))
+        self.segment_ids.extend([TOOL_SEGMENT] * len(token_ids))
+        return self
+
+    @property
+    def tool_tokens(self) -> int:
+        return self.segment_ids.count(TOOL_SEGMENT)
 
     # -------------------------------------------------------------- queries
     @property
@@ -130,20 +151,22 @@ class Trajectory:
 
     @property
     def last_iteration(self) -> Optional[int]:
-        if self.segment_ids:
-            return self.segment_ids[-1]
-        return self.start_iteration
+        return next((it for it in reversed(self.segment_ids) if it != TOOL_SEGMENT), self.start_iteration)
 
     @property
     def num_segments(self) -> int:
-        return sum(1 for _ in itertools.groupby(self.segment_ids))
+        return len(self.segments())
 
     def segments(self) -> List[tuple]:
-        """[(iteration, start, end)] response-token ranges of each segment, in order."""
+        """[(iteration, start, end)] response-token ranges of each segment, in order (a
+        segment's range includes the tool outputs inside it)."""
         out, i = [], 0
         for it, grp in itertools.groupby(self.segment_ids):
             n = sum(1 for _ in grp)
-            out.append((it, i, i + n))
+            if out and (it == TOOL_SEGMENT or it == out[-1][0]):
+                out[-1] = (out[-1][0], out[-1][1], i + n)
+            else:
+                out.append((it, i, i + n))
             i += n
         return out
 
@@ -163,14 +186,14 @@ class Trajectory:
 def loss_mask(traj: Trajectory, current_iteration: int, include_old_segments: bool = False,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(response_len,) mask: 1 for response tokens generated at ``current_iteration``, 0 for
-    tokens of earlier segments (1 for those too when ``include_old_segments``). Tokens tagged
-    with a *later* iteration than ``current_iteration`` are an error."""
+    tokens of earlier segments (1 for those too when ``include_old_segments``) and for tool
+    outputs. Tokens tagged with a *later* iteration than ``current_iteration`` are an error."""
     seg = torch.tensor(traj.segment_ids, dtype=torch.int64)
     if seg.numel() and int(seg.max()) > current_iteration:
         raise ValueError(f"trajectory has tokens from iteration {int(seg.max())} > current "
                          f"iteration {current_iteration}")
     if include_old_segments:
-        return torch.ones(seg.numel(), dtype=dtype)
+        return (seg != TOOL_SEGMENT).to(dtype)
     return (seg == current_iteration).to(dtype)
 
 

@@ -10,6 +10,10 @@ least one byte, so any occurrence the new token completes lies within that windo
 earlier occurrence would have stopped the request at an earlier token. The cost is one decode
 of ``window`` tokens per request and step, paid only when stop strings are given.
 
+Only an occurrence that the new token completes counts: one already in the window before it
+(fed by a caller that primes a resumed request with its earlier tokens, whose verdicts were
+given when they were generated) does not stop the request again.
+
 The token ids keep the tokens that spelt the stop string; :func:`cut_at_stop` gives the text
 before it (what ``text`` fields and verifiers see, as in vLLM's default).
 """
@@ -25,15 +29,16 @@ STOP_REASON_STOP = "stop"
 
 class StopStrings:
     """A factory of per-request matchers (the engines' ``repeat_detector`` interface: called
-    once per request; the matcher's ``push(token)`` returns ``"stop"`` once the text contains a
-    stop string)."""
+    once per request; the matcher's ``push(token)`` returns ``reason``, ``"stop"`` by default,
+    once the text contains a stop string)."""
 
-    def __init__(self, tokenizer, strings: Sequence[str]):
+    def __init__(self, tokenizer, strings: Sequence[str], reason: str = STOP_REASON_STOP):
         strings = list(strings)
         if not strings or any(not isinstance(s, str) or not s for s in strings):
             raise ValueError(f"stop strings must be non-empty strings, got {strings!r}")
         self.tokenizer = tokenizer
         self.strings = strings
+        self.reason = reason
         self.window = max(len(s.encode("utf-8")) for s in strings) + 1
         self.vocab_size = getattr(tokenizer, "vocab_size", None)
 
@@ -54,7 +59,11 @@ class _StopMatcher:
         self.tail.append(int(token))
         del self.tail[:-spec.window]
         text = spec.tokenizer.decode(self.tail)
-        return STOP_REASON_STOP if any(s in text for s in spec.strings) else None
+        found = [s for s in spec.strings if s in text]
+        if not found:
+            return None
+        before = len(spec.tokenizer.decode(self.tail[:-1]))  # an occurrence within it was seen already
+        return spec.reason if any(text.rfind(s) + len(s) > before for s in found) else None
 
 
 def cut_at_stop(text: str, strings: Optional[Sequence[str]]) -> str:

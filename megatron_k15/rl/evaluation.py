@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_k15.generation.engine import GenerationEngine
-from megatron_k15.generation.sampling import SamplingParams, request_generator
 from megatron_k15.generation.stop_strings import StopStrings
 from megatron_k15.rewards.judge import Judgement, judge_metrics
 from megatron_k15.rewards.reasoning import ReasoningTags, grade_response, prompt_opens_reasoning, response_text
@@ -91,7 +90,7 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
              generator=None, reasoning_tags: Optional[ReasoningTags] = None, judge=None,
              reward_workers: int = 1, numbers: Optional[list[int]] = None,
-             stop_strings: Optional[list[str]] = None) -> dict:
+             stop_strings: Optional[list[str]] = None, tools=None) -> dict:
     """Returns {"accuracy" (mean pass@1), "pass@k" for k in 1..n_samples, "response_length_mean",
     "results": per-problem dicts (on every rank; a math sample's final answer in ``answer``)},
     with n_samples > 1 "maj@{n_samples}" over the math problems (:func:`majority_correct`),
@@ -108,42 +107,49 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     ``numbers``: each record's number in the whole set (default 0, 1, ...), which seeds its
     samples and is its result's ``index``: a set evaluated in parts gets the samples it gets whole.
     ``stop_strings``: a response ends once its text contains one (``generation.stop_strings``);
-    its text, graded and recorded, ends before it."""
+    its text, graded and recorded, ends before it. ``tools``: an ``rl.tools.ToolUse``: responses
+    call it as rollouts do (``--tool``); each sample records its ``tool_calls``."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_k15.generation.replay_buffer import Trajectory
+    from megatron_k15.rl.trainer import RolloutSettings, rollout
 
     share_rank, share_size = _replica_share(dp_rank)
 
     numbers = list(range(len(records))) if numbers is None else list(numbers)
     mine = [i for i in range(len(records)) if i % dp_size == dp_rank]
-    params = SamplingParams(temperature, top_p)
     per_problem = []
     requests = [(i, s) for i in mine for s in range(n_samples)]
     if generator is None:
         generator = GenerationEngine(model, max_batch_size=batch_size)
     prompt_open = {i: prompt_opens_reasoning(response_text(tokenizer, list(prompt_ids[i]), None, reasoning_tags),
                                              reasoning_tags) for i in mine}
-    stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
+    # each request a trajectory of one segment (``rl.trainer.rollout``: tool calls go on in
+    # it), seeded by its problem's number and its sample index
+    trajs = [Trajectory(str(numbers[i]), list(prompt_ids[i]), sample_index=s, group_id=str(numbers[i]),
+                        extra={"request": numbers[i] * 1000 + s}) for i, s in requests]
+    settings = RolloutSettings(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               repeat_detection=False, stop=StopStrings(tokenizer, stop_strings) if stop_strings
+                               else None, tools=tools, request_key=lambda t, _: t.extra["request"])
 
-    def text_of(r) -> str:  # what is graded and recorded: the response before a stop string
-        return response_text(tokenizer, r.output_ids, stop_strings, reasoning_tags)
+    def text_of(ids) -> str:  # what is graded and recorded: the response before a stop string
+        return response_text(tokenizer, ids, stop_strings, reasoning_tags)
 
     futures = {}
     # each response is graded (reward_workers threads) as soon as it is complete, while the
     # engine decodes the others
     with ThreadPoolExecutor(max(1, reward_workers)) as pool:
-        def on_finish(j, r):
+        def on_final(j, ids):
             if j % share_size == share_rank:
                 i = requests[j][0]
-                futures[j] = pool.submit(grade_response, text_of(r), records[i], reasoning_tags, prompt_open[i])
+                futures[j] = pool.submit(grade_response, text_of(ids), records[i], reasoning_tags, prompt_open[i])
 
-        res = generator.generate([list(prompt_ids[i]) for i, _ in requests], max_new_tokens, params,
-                                 [request_generator(seed, numbers[i] * 1000 + s) for i, s in requests], eos_ids,
-                                 repeat_detector=stop, on_finish=on_finish)
+        rollout(generator, trajs, 0, settings, eos_ids, on_final)
         # this rank's share (graded here if the generator does not call on_finish)
         mine_grades = {requests[j]: futures[j].result() if j in futures else
-                       grade_response(text_of(r), records[requests[j][0]], reasoning_tags,
+                       grade_response(text_of(t.response_ids), records[requests[j][0]], reasoning_tags,
                                       prompt_open[requests[j][0]])
-                       for j, r in enumerate(res) if j % share_size == share_rank}
+                       for j, t in enumerate(trajs) if j % share_size == share_rank}
     known = mine_grades
     if share_size > 1:  # every replica's ranks, one all-gather over all ranks
         parts = [None] * dist.get_world_size()
@@ -151,10 +157,12 @@ def evaluate(model, tokenizer, records: list[dict], prompt_ids: list[list[int]],
         known = {key: g for part in parts for key, g in part.items()}
     grades = [known[key] for key in requests]
     samples, recs = {}, []
-    for (i, s), r in zip(requests, res):
+    for (i, s), t in zip(requests, trajs):
         recs.append(records[i])
-        samples[(i, s)] = {"text": text_of(r), "length": len(r.output_ids),
-                           "stop_reason": r.stop_reason}
+        samples[(i, s)] = {"text": text_of(t.response_ids), "length": t.response_len,
+                           "stop_reason": t.stop_reason}
+        if tools is not None:
+            samples[(i, s)]["tool_calls"] = t.extra.get("tool_calls", 0)
     graded, verified = [g for g, _ in grades], [v for _, v in grades]
     if judge is not None:  # every replica judges its own problems
         if hasattr(generator, "release"):

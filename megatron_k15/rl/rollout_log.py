@@ -11,7 +11,8 @@ counting from 1), one object per trajectory that finished in iteration n and was
     advantage (the loss's: reward - baseline for OMD, group-normalised for GRPO / GSPO),
     trained (false when filtered: overlong, dynamic sampling, zero-advantage skipping),
     segments (the iterations, as logged, that generated it: several for a partial rollout
-    resumed from the replay buffer), logprob_mean (the engine's mean log-prob of this iteration's tokens)
+    resumed from the replay buffer), logprob_mean (the engine's mean log-prob of this iteration's tokens),
+    and with ``--tool``: tool_calls, tool_tokens (the inserted outputs' tokens, part of the response)
 
 in the iteration's order (groups together). Unfinished (partial) trajectories are logged in
 the iteration that finishes them; an iteration in which none finished writes no file. A file
@@ -26,7 +27,7 @@ import os
 from typing import Optional, Sequence
 
 from megatron_k15.files import atomic_file
-from megatron_k15.generation.replay_buffer import Trajectory
+from megatron_k15.generation.replay_buffer import TOOL_SEGMENT, Trajectory
 
 
 def add_rollout_log_args(g) -> None:
@@ -70,9 +71,11 @@ def rollout_rows(finished: Sequence[Trajectory], iteration: int, records: dict, 
             "prompt": tokenizer.decode(t.prompt_ids), "response": tokenizer.decode(t.response_ids),
             "response_tokens": t.response_len, "stop_reason": t.stop_reason, "reward": float(r),
             "correct": bool(c), "advantage": float(a), "trained": bool(tr),
-            "segments": sorted({s + 1 for s in t.segment_ids}),
+            "segments": sorted({s + 1 for s in t.segment_ids if s != TOOL_SEGMENT}),
             "logprob_mean": math.fsum(mine) / len(mine) if mine else None,
         })
+        if t.tool_tokens or "tool_calls" in t.extra:
+            rows[-1].update(tool_calls=t.extra.get("tool_calls", 0), tool_tokens=t.tool_tokens)
     return rows
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -49,6 +50,7 @@ from megatron_k15.rl.length_penalty import apply_length_penalty, overlong_penalt
 from megatron_k15.rl.losses import (PER_SAMPLE_AGG_MODES, SEQUENCE_LEVEL_LOSSES, clip_range, get_loss_fn,
                                     group_advantages, group_baseline, k3)
 from megatron_k15.rl.rollout_log import rollout_rows, write_rollout_log
+from megatron_k15.rl.tools import TOOL_STOP_REASON, ToolUse, tool_use_from_args
 from megatron_k15.rl.task_metrics import by_task, task_of, tasks_of
 from megatron_k15.training import (TrainContext, build_stage_model, forward_only, group_reduce, reduce_sums,
                                    stage_forward, train_step)
@@ -66,13 +68,22 @@ class RolloutSettings:
     repeat_detection: bool = True
     batch_size: int = 64  # requests decoded together
     stop: Optional[Callable[[], object]] = None  # --stop-strings (generation.stop_strings.StopStrings)
+    tools: Optional[ToolUse] = None  # --tool: calls inside the rollout (rl.tools)
+    # a request's key for its sampling seed (default: its group, sample and iteration)
+    request_key: Optional[Callable[[Trajectory, int], int]] = None
 
 
 def _seed_for(traj: Trajectory, iteration: int) -> int:
     """A request's sampling seed: the same on every rank and in every layout."""
-    import zlib
-
     return zlib.crc32(f"{traj.group_id}/{traj.sample_index}/{iteration}".encode())
+
+
+def _request_seed(traj: Trajectory, iteration: int, s: RolloutSettings) -> int:
+    """The seed of the trajectory's next request: its key, and after n tool calls a key of
+    its own for each n (the requests that continue after a tool's output)."""
+    key = (s.request_key or _seed_for)(traj, iteration)
+    calls = traj.extra.get("tool_calls", 0)
+    return zlib.crc32(f"{key}/{calls}".encode()) if calls else key
 
 
 def _segment_stop(t: Trajectory, output_ids: list[int], reason: str, s: RolloutSettings) -> str:
@@ -83,17 +94,20 @@ def _segment_stop(t: Trajectory, output_ids: list[int], reason: str, s: RolloutS
     return reason
 
 
-def _primed_detectors(trajs: list[Trajectory], factory: Optional[Callable[[], object]]):
-    """The engines' per-request detector factory, each detector already fed its window (the
-    most tokens it looks back over) of its trajectory's earlier segments: a loop or a stop
-    string that spans a segment boundary is seen where one uninterrupted generation sees it
-    (the engines call the factory once per request, in order)."""
-    if factory is None or not any(t.response_ids for t in trajs):
-        return factory
+def _primed_detectors(trajs: list[Trajectory], factories: list[Optional[Callable[[], object]]]):
+    """The engines' per-request detector factory from one factory per trajectory (None: no
+    detector), each detector already fed its window (the most tokens it looks back over) of its
+    trajectory's earlier tokens: a loop or a stop string that spans a segment boundary is seen
+    where one uninterrupted generation sees it (the engines call the factory once per request,
+    in order)."""
+    if all(f is None for f in factories):
+        return None
+    if not any(t.response_ids for t in trajs) and all(f is factories[0] for f in factories):
+        return factories[0]
     detectors = []
-    for t in trajs:
-        d = factory()
-        for tok in t.response_ids[-d.window:]:  # (their verdicts were given when generated)
+    for t, f in zip(trajs, factories):
+        d = f() if f is not None else None
+        for tok in (t.response_ids[-d.window:] if d is not None else ()):  # (their verdicts were given)
             d.push(tok)
         detectors.append(d)
     pending = iter(detectors)
@@ -107,26 +121,64 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
     ``generation.engine.GenerationEngine`` (or ``RecomputeGenerator``) on the policy; it
     batches the requests itself (continuous batching, prompt prefill shared by the k samples).
     ``on_final(i, response_ids)``: called as soon as trajectory i has its whole response
-    (not for one that stops partial), while the engine still decodes the others."""
-    budgets = []
-    for t in trajs:
-        left = s.max_tokens - t.response_len
-        budgets.append(max(0, min(left, s.segment_tokens or left)))
+    (not for one that stops partial), while the engine still decodes the others.
+
+    With ``s.tools`` (``rl.tools``) a request that writes the tool trigger stops there; the
+    tool runs on its response, its output is appended (``Trajectory.append_tool_output``), and
+    the trajectories that called go on in another round of the engine, until none calls. The
+    segment budget counts the tool's tokens too (an output goes in whole: a segment can end
+    up to one output past it)."""
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
-    detector = _primed_detectors(trajs, combine_detectors((lambda: RepeatDetector()) if s.repeat_detection
-                                                          else None, s.stop))
+    base = combine_detectors((lambda: RepeatDetector()) if s.repeat_detection else None, s.stop)
+    tools = s.tools
+    with_tool = combine_detectors(base, tools.trigger) if tools is not None else base
+    made = [0] * len(trajs)  # tokens this call added to each trajectory (the segment budget)
+    todo = list(range(len(trajs)))
+    while todo:
+        group = [trajs[i] for i in todo]
+        budgets = []
+        for i, t in zip(todo, group):
+            left = s.max_tokens - t.response_len
+            budgets.append(max(0, min(left, s.segment_tokens - made[i] if s.segment_tokens else left)))
+        detector = _primed_detectors(group, [with_tool if tools is not None and t.extra.get("tool_calls", 0)
+                                             < tools.max_calls else base for t in group])
 
-    def on_finish(i, res):
-        if _segment_stop(trajs[i], res.output_ids, res.stop_reason, s) != "partial":
-            on_final(i, trajs[i].response_ids + list(res.output_ids))
+        def on_finish(j, res):
+            if res.stop_reason != TOOL_STOP_REASON and _segment_stop(group[j], res.output_ids, res.stop_reason,
+                                                                        s) != "partial":
+                on_final(todo[j], group[j].response_ids + list(res.output_ids))
 
-    results = generator.generate(
-        [t.token_ids for t in trajs], budgets, params,
-        [request_generator(s.seed, _seed_for(t, iteration)) for t in trajs], eos_ids, detector,
-        **({"on_finish": on_finish} if on_final is not None else {}))  # (a generator may lack it)
-    for t, res in zip(trajs, results):
-        t.append_segment(res.output_ids, res.output_logprobs, iteration,
-                         _segment_stop(t, res.output_ids, res.stop_reason, s))
+        results = generator.generate(
+            [t.token_ids for t in group], budgets, params,
+            [request_generator(s.seed, _request_seed(t, iteration, s)) for t in group], eos_ids, detector,
+            **({"on_finish": on_finish} if on_final is not None else {}))  # (a generator may lack it)
+        calls = []
+        for i, t, res in zip(todo, group, results):
+            made[i] += len(res.output_ids)
+            if res.stop_reason == TOOL_STOP_REASON:
+                t.append_segment(res.output_ids, res.output_logprobs, iteration)
+                calls.append(i)
+            else:
+                t.append_segment(res.output_ids, res.output_logprobs, iteration,
+                                 _segment_stop(t, res.output_ids, res.stop_reason, s))
+        todo = []
+        if not calls:
+            break
+        outputs = tools.run([tools.tokenizer.decode(trajs[i].response_ids) for i in calls])
+        for i, text in zip(calls, outputs):
+            t = trajs[i]
+            t.extra["tool_calls"] = t.extra.get("tool_calls", 0) + 1
+            ids = tools.tokenizer.encode(text)[:s.max_tokens - t.response_len]
+            t.append_tool_output(ids)
+            made[i] += len(ids)
+            if t.response_len >= s.max_tokens:
+                t.stop_reason = "length"
+                if on_final is not None:
+                    on_final(i, list(t.response_ids))
+            elif s.segment_tokens and made[i] >= s.segment_tokens:
+                t.stop_reason = "partial"
+            else:
+                todo.append(i)
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,
@@ -174,7 +226,7 @@ def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, 
             judgements.extend(calls)
     correct = [r >= 1.0 for r in verified]
     task = [r - (repeat_penalty if t.stop_reason == "repeat" else 0.0) for r, t in zip(verified, trajs)]
-    rewards = apply_length_penalty(task, [t.response_len for t in trajs], correct,
+    rewards = apply_length_penalty(task, [t.response_len - t.tool_tokens for t in trajs], correct,
                                    [t.group_id for t in trajs], length_penalty_weight, iteration,
                                    length_penalty_start_iter)
     if overlong is not None:
@@ -444,6 +496,8 @@ class RLIteration:
             stop=StopStrings(tokenizer, args.stop_strings) if getattr(args, "stop_strings", None) else None)
         pc = ctx.pc
         self.gen_rank, self.gen_size, self.gen_group = generation_parallel(pc)
+        # --tool: the tp x pp ranks of a generation rank decode the same requests
+        self.settings.tools = tool_use_from_args(args, tokenizer, self.gen_rank)
         # --overlap-grading: a trajectory is graded in a worker thread as soon as its response
         # is complete, while the engine decodes the others; the tp x pp ranks of a generation
         # rank (which see the same trajectories) take every (tp * pp)-th one each
@@ -636,6 +690,9 @@ class RLIteration:
         lengths = [t.response_len for t in finished]
         metrics.update(reward_mean=sum(rewards) / len(rewards), accuracy=sum(correct) / len(correct),
                        response_length_mean=sum(lengths) / len(lengths), response_length_max=max(lengths))
+        if self.settings.tools is not None:
+            metrics.update(tool_calls_mean=sum(t.extra.get("tool_calls", 0) for t in finished) / len(finished),
+                           tool_tokens_fraction=sum(t.tool_tokens for t in finished) / max(1, sum(lengths)))
         metrics.update(by_task([task_of(self.records[t.prompt_id]) for t in finished],
                                {"reward_mean": rewards, "accuracy": correct, "response_length_mean": lengths},
                                all_tasks=self.tasks))

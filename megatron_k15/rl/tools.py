@@ -1,0 +1,209 @@
+"""Tool calls inside rollouts: the policy runs Python while it reasons (tool-integrated reasoning).
+
+The format is the one Qwen2.5-Math-Instruct's tool-integrated reasoning (and ReTool, SimpleTIR)
+use. The model writes a fenced python block, closes it and opens an output block::
+
+    ```python
+    print(2 ** 10)
+    ```
+    ```output
+
+Generation stops at the trigger ``"```output"`` (``--tool python``). The trajectory's python
+blocks run in the code sandbox of ``rewards.code`` (no network, a private filesystem, CPU, memory
+and output limits) as notebook cells: the earlier blocks of the same response run again first
+with their output hidden, so variables carry over, then the last block prints. Its stdout,
+cut to ``--tool-output-max-chars``, then the last line of the error when it failed
+(``ZeroDivisionError: division by zero``, ``TimeoutError: ...``), is written into the response
+and the output block closed::
+
+    \\n1024\\n```\\n
+
+and generation resumes after it, under the same policy, within the same response budget.
+
+The inserted tokens are not the policy's: they are tagged ``replay_buffer.TOOL_SEGMENT``, carry
+a log-prob of 0 and never enter the loss; they do count toward ``--rollout-max-tokens`` (they
+are part of the sequence the trainer runs). After ``--max-tool-calls`` calls the trigger is
+no longer watched: the model goes on writing, and whatever output it imagines gets no answer.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+__all__ = ["PythonTool", "TOOL_STOP_REASON", "TOOL_TRIGGER", "ToolUse", "add_tool_args", "check_tool_args",
+           "python_cells", "replica_tool_runner", "run_calls", "tool_from_args",
+           "tool_use_from_args"]
+
+TOOL_TRIGGER = "```output"
+TOOL_STOP_REASON = "tool"  # what the trigger's detector returns to the engines (never a trajectory's)
+_PYTHON_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
+
+# earlier cells run first, silently, each on its own (an error ends that cell, as in a notebook)
+_CELLS_PRELUDE = '''import contextlib as _k15_ctx, io as _k15_io
+for _k15_cell in %r:
+    with _k15_ctx.redirect_stdout(_k15_io.StringIO()), _k15_ctx.redirect_stderr(_k15_io.StringIO()):
+        try:
+            exec(compile(_k15_cell, "<cell>", "exec"), globals())
+        except BaseException:
+            pass
+del _k15_ctx, _k15_io, _k15_cell
+'''
+
+
+def python_cells(text: str) -> list[str]:
+    """The closed ```python blocks of ``text``, in order."""
+    return _PYTHON_BLOCK.findall(text)
+
+
+@dataclass
+class PythonTool:
+    """Runs the last python block of a response (its earlier blocks first, silently) in the
+    sandbox and returns the text to insert after the trigger.
+
+    ``timeout_s``: wall-clock limit of one call; ``max_output_chars``: what the code printed is
+    cut to this many characters (its head, then a note; an error's line is kept whole);
+    ``memory_mb``: the sandbox's memory limit."""
+
+    timeout_s: float = 5.0
+    max_output_chars: int = 1024
+    memory_mb: int = 1024
+
+    def program(self, response: str) -> Optional[str]:
+        """What one call runs, or None when the response holds no closed python block."""
+        cells = python_cells(response)
+        if not cells:
+            return None
+        return (_CELLS_PRELUDE % (cells[:-1],) if len(cells) > 1 else "") + cells[-1]
+
+    def __call__(self, response: str) -> str:
+        from megatron_k15.rewards.code import run_tests
+
+        program = self.program(response)
+        if program is None:
+            return self.format("", "SyntaxError: no ```python block to run before ```output")
+        res = run_tests(program, [{"input": "", "output": ""}], self.timeout_s, memory_mb=self.memory_mb,
+                        output_limit=max(4096, 4 * self.max_output_chars), keep_output=True)
+        r = res["results"][0] if res["results"] else {"status": res["status"]}
+        status = r["status"]
+        error = ""
+        if status == "timeout":
+            error = f"TimeoutError: the code ran for more than {self.timeout_s:g} s"
+        elif status == "memory":
+            error = f"MemoryError: the code used more than {self.memory_mb} MiB"
+        elif status == "error":
+            lines = [ln for ln in r.get("stderr", "").splitlines() if ln.strip()]
+            error = lines[-1] if lines else "Error: the code failed"
+        elif status not in ("ok", "failed", "output_limit"):  # "failed": it ran (there is no test to pass)
+            error = f"Error: the sandbox could not run the code ({status})"
+        return self.format(r.get("stdout", ""), error, cut=status == "output_limit")
+
+    def format(self, output: str, error: str = "", cut: bool = False) -> str:
+        """The text inserted after the trigger: the output (cut to ``max_output_chars``), the
+        error's line whole, and the closing fence."""
+        output = output.rstrip("\n")
+        if cut or len(output) > self.max_output_chars:
+            output = output[:self.max_output_chars] + "\n... (output cut)"
+        if error:
+            output = f"{output}\n{error}" if output else error
+        return f"\n{output}\n```\n"
+
+
+@dataclass
+class ToolUse:
+    """What ``rl.trainer.rollout`` needs for tool calls: the tokenizer (responses to text, the
+    tool's output to tokens), the trigger's detector factory, ``run`` (response texts -> the
+    texts to insert, the same on every rank that decodes these requests) and the calls allowed
+    per trajectory."""
+
+    tokenizer: object
+    trigger: Callable[[], object]
+    run: Callable[[list], list]
+    max_calls: int = 4
+
+
+def run_calls(tool: Callable[[str], str], texts: list, workers: int = 1) -> list:
+    """``tool`` on each text, by ``workers`` threads (each call waits on a sandboxed process)."""
+    if workers <= 1 or len(texts) <= 1:
+        return [tool(t) for t in texts]
+    with ThreadPoolExecutor(min(workers, len(texts))) as pool:
+        return list(pool.map(tool, texts))
+
+
+def replica_tool_runner(tool: Callable[[str], str], workers: int = 1, replica: int = 0) -> Callable[[list], list]:
+    """``ToolUse.run`` for ranks that decode requests together, those given the same ``replica``
+    number (a collective: every rank calls it). The first rank of each replica runs the tool
+    and sends the outputs to the others: an output can depend on time or chance, and every rank
+    that decodes a request must append the same tokens."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return lambda texts: run_calls(tool, texts, workers)
+    numbers = [None] * dist.get_world_size()
+    dist.all_gather_object(numbers, replica)
+    members: dict = {}
+    for rank, k in enumerate(numbers):
+        members.setdefault(k, []).append(rank)
+    group = None
+    for k in sorted(members):  # every rank creates every group, in the same order
+        g = dist.new_group(members[k]) if len(members[k]) > 1 else None
+        if k == replica:
+            group = g
+    first = members[replica][0]
+
+    def run(texts: list) -> list:
+        out = run_calls(tool, texts, workers) if dist.get_rank() == first else None
+        if group is not None:
+            box = [out]
+            dist.broadcast_object_list(box, src=first, group=group)
+            out = box[0]
+        return out
+
+    return run
+
+
+def add_tool_args(g) -> None:
+    g.add_argument("--tool", choices=["none", "python"], default="none",
+                   help="python: a rollout that writes ```output after a ```python block stops there, the "
+                        "response's python blocks run in the code sandbox (as notebook cells), and the output is "
+                        "inserted and generation goes on (tool-integrated reasoning; rl/tools.py); the inserted "
+                        "tokens are not trained on")
+    g.add_argument("--max-tool-calls", type=int, default=4, help="with --tool: calls per response")
+    g.add_argument("--tool-timeout", type=float, default=5.0, help="with --tool: seconds per call")
+    g.add_argument("--tool-output-max-chars", type=int, default=1024,
+                   help="with --tool: what the code printed is cut to this many characters")
+
+
+def check_tool_args(args, stop_flag: str = "--stop-strings") -> Optional[str]:
+    """The tool flags' problem, or None; ``stop_flag``: the program's stop-strings flag."""
+    if getattr(args, "tool", "none") == "none":
+        return None
+    if args.max_tool_calls < 1:
+        return f"--max-tool-calls must be >= 1 with --tool {args.tool}, got {args.max_tool_calls}"
+    if not args.tool_timeout > 0:
+        return f"--tool-timeout must be > 0 seconds, got {args.tool_timeout}"
+    if args.tool_output_max_chars < 16:
+        return f"--tool-output-max-chars must be >= 16, got {args.tool_output_max_chars}"
+    if any(TOOL_TRIGGER in s for s in getattr(args, stop_flag.lstrip("-").replace("-", "_"), None) or ()):
+        return f"{stop_flag}: a stop string containing {TOOL_TRIGGER!r} would end the responses that call --tool"
+    return None
+
+
+def tool_from_args(args) -> Optional[PythonTool]:
+    if getattr(args, "tool", "none") == "none":
+        return None
+    return PythonTool(timeout_s=args.tool_timeout, max_output_chars=args.tool_output_max_chars)
+
+
+def tool_use_from_args(args, tokenizer, replica: int = 0) -> Optional[ToolUse]:
+    """``--tool``'s ``ToolUse`` (None without one) for the ranks that decode the requests of
+    ``replica`` together (``replica_tool_runner``: a collective under torch.distributed)."""
+    tool = tool_from_args(args)
+    if tool is None:
+        return None
+    from megatron_k15.generation.stop_strings import StopStrings
+
+    return ToolUse(tokenizer, StopStrings(tokenizer, [TOOL_TRIGGER], reason=TOOL_STOP_REASON),
+                   replica_tool_runner(tool, getattr(args, "reward_workers", 1), replica), args.max_tool_calls)

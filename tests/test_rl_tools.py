@@ -23,6 +23,22 @@ def test_python_tool_runs_the_last_block_after_the_earlier_ones_silently():
     assert python_cells(two) == ["x = 5\nprint('hidden')\n", "print(x * 2)\n"]
     # an earlier cell's error does not stop the later ones (as in a notebook)
     assert tool("```python\ny = 1\n1 / 0\n```\n```python\nprint(y)\n```") == "\n1\n```\n"
+    # a cell may rebind exec / compile / globals, and the last one may start with __future__
+    shadow = "```python\nfrom re import *\nx = 3\n```\n```python\ny = x + 1\n```\n```python\n" \
+             "from __future__ import annotations\nprint(x, y)\n```"
+    assert tool(shadow) == "\n3 4\n```\n"
+
+
+def test_a_cell_that_ran_out_of_time_is_not_run_again():
+    """An earlier cell whose output shows a timeout (or memory, or cut output) would spend
+    every later call's limits: it is left out, the others still run."""
+    tool = PythonTool(timeout_s=1.0)
+    first = "```python\nz = 2\n```\n```output\n\n```\n```python\nwhile True: pass\n```\n```output"
+    out = tool(first)
+    assert out == "\nTimeoutError: the code ran for more than 1 s\n```\n"
+    later = first + out + "```python\nprint(z * 21)\n```\n```output"
+    assert python_cells(later) == ["z = 2\n", "print(z * 21)\n"]
+    assert tool(later) == "\n42\n```\n"
 
 
 def test_python_tool_reports_errors_timeouts_and_cuts_long_output():
@@ -135,6 +151,14 @@ def test_the_budget_cuts_the_tool_output():
     assert t.stop_reason == "length" and t.tool_tokens == 3 and finals == [t.response_ids]
 
 
+def test_a_trigger_that_takes_the_last_of_the_budget_ends_the_response():
+    tok, model, s, t, ran = _setup([CALL, FINAL], max_tokens=len(CALL))
+    finals = []
+    rollout(model, [t], 0, s, [tok.eos_id], on_final=lambda i, ids: finals.append(ids))
+    assert tok.decode(t.response_ids) == CALL and t.stop_reason == "length"
+    assert ran == [] and "tool_calls" not in t.extra and finals == [t.response_ids]
+
+
 @pytest.mark.parametrize("segment", [5, 9, 40])
 def test_partial_segments_with_tool_calls_equal_one_uninterrupted_rollout(segment):
     """Segments of ``segment`` tokens (the tool's count too, an output is inserted whole): the
@@ -169,6 +193,9 @@ def test_a_primed_stop_string_does_not_fire_again():
     for b in tok.encode("x```outpu"):
         m2.push(b)
     assert m2.push(tok.encode("t")[0]) == "stop"  # completed by the new token
+    for stop in ("é", "答案", "x😀"):  # the new token completes a character of several bytes
+        m4 = StopStrings(tok, [stop])()
+        assert [m4.push(b) for b in tok.encode("a" + stop)][-1] == "stop", stop
     m3 = StopStrings(tok, ["ab"])()
     assert [m3.push(b) for b in tok.encode("abxab")] == [None, "stop", None, None, "stop"]
 

@@ -120,6 +120,7 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     tasks = opts.pop("tasks", None)  # task names, prompt i gets tasks[i % len] (grading is unchanged)
     poison = opts.pop("nan_grad_at_step", None)  # a NaN in the gradient of that optimizer step (0-based)
     tool_calls = opts.pop("tool_calls", 0)  # > 0: a letter calls a tool, up to this many times per response
+    silent = opts.pop("tool_silent_ranks", ())  # ranks whose responses never call it
     args = _args(rl_loss=loss, rollout_segment_tokens=segment, **opts)
     ctx = build_train_context(args, preset("tiny", init_method_std=0.3, **(moe or {})), seed=7)
     if save_init:  # the initial weights as a checkpoint (a --ref-load for this or another layout)
@@ -147,7 +148,8 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
         from megatron_k15.rl.tools import TOOL_STOP_REASON, ToolUse, replica_tool_runner
 
         in_replica = ctx.pc.tp_rank + ctx.pc.tp_size * ctx.pc.pp_rank
-        rl.settings.tools = ToolUse(tok, StopStrings(tok, LETTERS, reason=TOOL_STOP_REASON),
+        trigger = ["\x01never"] if rank in silent else LETTERS
+        rl.settings.tools = ToolUse(tok, StopStrings(tok, trigger, reason=TOOL_STOP_REASON),
                                     replica_tool_runner(lambda text: f"[{in_replica}:{len(text)}]", 1, rl.gen_rank),
                                     tool_calls)
     if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
@@ -259,6 +261,18 @@ def test_tool_calls_in_rollouts_equal_one_rank(tp, pp):
         assert m["rollout_logp_abs_diff"] < 1e-5 and m["grad_norm"] > 0
     got = run_distributed(rl_worker, 4, tp, "omd", 0, 2, pp, 1, opts)
     _assert_same_update(got, ref, ("omd", f"tools tp{tp} pp{pp}"))
+
+
+def test_tool_calls_under_expert_parallelism_when_one_replica_never_calls():
+    """ep=2: the two ranks generate apart but their engines serve each other's experts. When
+    only rank 1's responses call the tool, rank 0 still goes round with it (an engine round
+    without requests serves the experts) instead of leaving it waiting in the next round."""
+    from test_training_parallel import MOE
+
+    opts = dict(LAYOUT_OPTS, moe=MOE, tool_calls=2, samples_per_prompt=4, ep=2, tool_silent_ranks=[0])
+    got = run_distributed(rl_worker, 2, 1, "omd", 0, 1, 1, 1, opts, timeout=300)
+    m = got[0]["metrics"][0]
+    assert m["tool_calls_mean"] > 0 and m["num_finished"] == 8 and m["rollout_logp_abs_diff"] < 1e-5
 
 
 @pytest.mark.slow

@@ -269,6 +269,11 @@ class GenerationEngine:
         dist.all_reduce(t, group=self.ep_group)
         return int(t.item()) > 0
 
+    def any_rank_busy(self, busy: bool) -> bool:
+        """Whether this rank or, under expert parallelism, any rank of its ep group has more
+        requests to generate (a collective over the ep group): its engines run only together."""
+        return self._others_busy(busy) if self.ep_group is not None else busy
+
     def _serve_experts_until_all_done(self) -> None:
         if self.ep_group is None:
             return

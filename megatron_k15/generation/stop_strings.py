@@ -20,6 +20,7 @@ before it (what ``text`` fields and verifiers see, as in vLLM's default).
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 __all__ = ["STOP_REASON_STOP", "StopStrings", "combine_detectors", "cut_at_stop"]
@@ -62,7 +63,9 @@ class _StopMatcher:
         found = [s for s in spec.strings if s in text]
         if not found:
             return None
-        before = len(spec.tokenizer.decode(self.tail[:-1]))  # an occurrence within it was seen already
+        # an occurrence within the text before this token was seen already (the common prefix:
+        # a character whose bytes this token completes decodes to U+FFFD without it)
+        before = len(os.path.commonprefix([spec.tokenizer.decode(self.tail[:-1]), text]))
         return spec.reason if any(text.rfind(s) + len(s) > before for s in found) else None
 
 

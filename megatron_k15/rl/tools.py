@@ -11,7 +11,8 @@ use. The model writes a fenced python block, closes it and opens an output block
 Generation stops at the trigger ``"```output"`` (``--tool python``). The trajectory's python
 blocks run in the code sandbox of ``rewards.code`` (no network, a private filesystem, CPU, memory
 and output limits) as notebook cells: the earlier blocks of the same response run again first
-with their output hidden, so variables carry over, then the last block prints. Its stdout,
+with their output hidden, so variables carry over (except those that ran out of time, memory or
+output: they would again), then the last block prints; the call's time limit covers them all. Its stdout,
 cut to ``--tool-output-max-chars``, then the last line of the error when it failed
 (``ZeroDivisionError: division by zero``, ``TimeoutError: ...``), is written into the response
 and the output block closed::
@@ -41,21 +42,30 @@ TOOL_TRIGGER = "```output"
 TOOL_STOP_REASON = "tool"  # what the trigger's detector returns to the engines (never a trajectory's)
 _PYTHON_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
 
-# earlier cells run first, silently, each on its own (an error ends that cell, as in a notebook)
-_CELLS_PRELUDE = '''import contextlib as _k15_ctx, io as _k15_io
+# earlier cells run first, silently, each on its own (an error ends that cell, as in a notebook);
+# then the last one (compiled on its own, so it may start with a __future__ import)
+_CELLS_PROGRAM = '''import builtins as _k15_b, contextlib as _k15_ctx, io as _k15_io
 for _k15_cell in %r:
     with _k15_ctx.redirect_stdout(_k15_io.StringIO()), _k15_ctx.redirect_stderr(_k15_io.StringIO()):
         try:
-            exec(compile(_k15_cell, "<cell>", "exec"), globals())
+            _k15_b.exec(_k15_b.compile(_k15_cell, "<cell>", "exec"), _k15_b.globals())
         except BaseException:
             pass
-del _k15_ctx, _k15_io, _k15_cell
+_k15_b.exec(_k15_b.compile(%r, "<cell>", "exec"), _k15_b.globals())
 '''
+# what an earlier call's output shows when its cell ran out of time, memory or output: such a
+# cell is not run again (it would spend every later call's limits)
+_CUT_SHORT = ("\nTimeoutError: the code ran for more than ", "\nMemoryError: the code used more than ",
+              "\n... (output cut)")
 
 
 def python_cells(text: str) -> list[str]:
-    """The closed ```python blocks of ``text``, in order."""
-    return _PYTHON_BLOCK.findall(text)
+    """The closed ```python blocks of ``text``, in order, less the earlier ones whose output
+    (the text up to the next block) shows they ran out of time, memory or output."""
+    found = list(_PYTHON_BLOCK.finditer(text))
+    keep = [m.group(1) for m, nxt in zip(found, found[1:])
+            if not any(mark in text[m.end():nxt.start()] for mark in _CUT_SHORT)]
+    return keep + [found[-1].group(1)] if found else []
 
 
 @dataclass
@@ -76,7 +86,7 @@ class PythonTool:
         cells = python_cells(response)
         if not cells:
             return None
-        return (_CELLS_PRELUDE % (cells[:-1],) if len(cells) > 1 else "") + cells[-1]
+        return _CELLS_PROGRAM % (cells[:-1], cells[-1]) if len(cells) > 1 else cells[-1]
 
     def __call__(self, response: str) -> str:
         from megatron_k15.rewards.code import run_tests
@@ -148,7 +158,8 @@ def replica_tool_runner(tool: Callable[[str], str], workers: int = 1, replica: i
         members.setdefault(k, []).append(rank)
     group = None
     for k in sorted(members):  # every rank creates every group, in the same order
-        g = dist.new_group(members[k]) if len(members[k]) > 1 else None
+        # (gloo: host objects only, and no NCCL watchdog while the first rank runs the calls)
+        g = dist.new_group(members[k], backend="gloo") if len(members[k]) > 1 else None
         if k == replica:
             group = g
     first = members[replica][0]

@@ -134,7 +134,7 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
     with_tool = combine_detectors(base, tools.trigger) if tools is not None else base
     made = [0] * len(trajs)  # tokens this call added to each trajectory (the segment budget)
     todo = list(range(len(trajs)))
-    while todo:
+    while True:
         group = [trajs[i] for i in todo]
         budgets = []
         for i, t in zip(todo, group):
@@ -155,30 +155,46 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
         calls = []
         for i, t, res in zip(todo, group, results):
             made[i] += len(res.output_ids)
-            if res.stop_reason == TOOL_STOP_REASON:
+            if res.stop_reason == TOOL_STOP_REASON and t.response_len + len(res.output_ids) < s.max_tokens:
                 t.append_segment(res.output_ids, res.output_logprobs, iteration)
                 calls.append(i)
+            elif res.stop_reason == TOOL_STOP_REASON:  # the trigger took the last of the budget
+                t.append_segment(res.output_ids, res.output_logprobs, iteration, "length")
+                if on_final is not None:
+                    on_final(i, list(t.response_ids))
             else:
                 t.append_segment(res.output_ids, res.output_logprobs, iteration,
                                  _segment_stop(t, res.output_ids, res.stop_reason, s))
         todo = []
-        if not calls:
+        if calls:
+            todo = _insert_tool_outputs(trajs, calls, made, s, on_final)
+        # expert parallelism: the ep group's engines serve each other's experts, so they all
+        # go round again while any of them has requests to continue (one with none serves)
+        if not (generator.any_rank_busy(bool(todo)) if hasattr(generator, "any_rank_busy") else todo):
             break
-        outputs = tools.run([tools.tokenizer.decode(trajs[i].response_ids) for i in calls])
-        for i, text in zip(calls, outputs):
-            t = trajs[i]
-            t.extra["tool_calls"] = t.extra.get("tool_calls", 0) + 1
-            ids = tools.tokenizer.encode(text)[:s.max_tokens - t.response_len]
-            t.append_tool_output(ids)
-            made[i] += len(ids)
-            if t.response_len >= s.max_tokens:
-                t.stop_reason = "length"
-                if on_final is not None:
-                    on_final(i, list(t.response_ids))
-            elif s.segment_tokens and made[i] >= s.segment_tokens:
-                t.stop_reason = "partial"
-            else:
-                todo.append(i)
+
+
+def _insert_tool_outputs(trajs: list[Trajectory], calls: list[int], made: list[int], s: RolloutSettings,
+                         on_final) -> list[int]:
+    """Run the tool on the trajectories ``calls`` (indices) and append each output; returns
+    those that go on (room left in the response and in the segment)."""
+    tools, todo = s.tools, []
+    outputs = tools.run([tools.tokenizer.decode(trajs[i].response_ids) for i in calls])
+    for i, text in zip(calls, outputs):
+        t = trajs[i]
+        t.extra["tool_calls"] = t.extra.get("tool_calls", 0) + 1
+        ids = tools.tokenizer.encode(text)[:s.max_tokens - t.response_len]
+        t.append_tool_output(ids)
+        made[i] += len(ids)
+        if t.response_len >= s.max_tokens:
+            t.stop_reason = "length"
+            if on_final is not None:
+                on_final(i, list(t.response_ids))
+        elif s.segment_tokens and made[i] >= s.segment_tokens:
+            t.stop_reason = "partial"
+        else:
+            todo.append(i)
+    return todo
 
 
 def score(trajs: list[Trajectory], records: dict, tokenizer, iteration: int, *, length_penalty_weight=0.0,

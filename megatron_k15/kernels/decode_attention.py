@@ -416,14 +416,13 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
     return g.view(batch, n_blocks_needed * page, cache.shape[2], cache.shape[3])[:, :max_len]
 
 
-def decode_row_splits(lens_descending: Sequence[int], row_elems: int, call_cost_elems: int = 1 << 16,
+def decode_row_splits(lens_descending: Sequence[int], row_elems: int, call_cost_elems: int = 1 << 17,
                       ratio: float = 1.5) -> Optional[list[tuple[int, int, int]]]:
     """Groups of rows for ``paged_decode_attention_torch(row_splits=)``: ``(start, end, max_len)``
     over rows sorted by decreasing length, or None when one group is best.
 
     Padded work is sum over groups of rows * max_len * ``row_elems`` (K/V elements per cached
-    token: kv heads x head_dim); each extra group costs about one call (``call_cost_elems``: a
-    call's fixed cost, ~40K such elements on one CPU core, counted as 64K). A
+    token: kv heads x head_dim); each extra group costs about one call (``call_cost_elems``). A
     group starts where a row is shorter than its first row / ``ratio``; from the shortest up, a
     group joins the one before it when padding it to that one's length costs less than a call."""
     lens = list(lens_descending)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from megatron_k15.kernels import decode_attention as da
 from megatron_k15.kernels.decode_attention import (
-    decode_row_splits,
     default_num_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -207,43 +206,6 @@ def test_torch_fallback_sdpa_path_matches_reference(lens):
     assert out.dtype == torch.float32 and out.shape == q.shape
     assert (out.double() - ref).abs().max() <= 1e-5
     assert not torch.isnan(out).any()
-
-
-def test_decode_row_splits_by_hand():
-    """Groups start where a row is shorter than the group's first / 1.5 and merge back when the
-    padding saved (rows x length difference x row_elems) is worth less than a call."""
-    lens = [2000, 1900, 1000, 900, 100, 0]
-    # 2 x 1000 x 128 and 2 x 800 x 128 elements saved pay a call each; the empty row's 100 x 128 does not
-    assert decode_row_splits(lens, 128) == [(0, 2, 2000), (2, 4, 1000), (4, 6, 100)]
-    assert decode_row_splits(lens, 128, call_cost_elems=0) == [(0, 2, 2000), (2, 4, 1000), (4, 5, 100), (5, 6, 0)]
-    assert decode_row_splits(lens, 1) is None  # nothing is worth a call
-    assert decode_row_splits([500, 400, 340, 334], 1024) is None  # within a ratio of 1.5: one group
-    assert decode_row_splits([7], 1024) is None and decode_row_splits([], 1024) is None
-    with pytest.raises(ValueError, match="decreasing"):
-        decode_row_splits([10, 20], 128)
-
-
-@pytest.mark.parametrize("window_left,softcap", [(-1, 0.0), (-1, 5.0), (20, 0.0)])
-def test_torch_fallback_row_splits_match_reference(window_left, softcap):
-    """Rows in decreasing length attended in groups, each padded to its own longest (masked
-    SDPA, explicit scores with LSE, a window, a soft cap): the reference's out and lse."""
-    lens = [150, 120, 64, 33, 3, 1, 0]
-    q, kc, vc, bt, seq_lens = _make(lens, 8, 2, 32, block_size=8, seed=5)
-    ref, ref_lse = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), bt, seq_lens,
-                                                    return_lse=True, window_left=window_left, softcap=softcap)
-    splits = decode_row_splits(lens, 64, call_cost_elems=0)
-    assert splits == [(0, 2, 150), (2, 3, 64), (3, 4, 33), (4, 5, 3), (5, 6, 1), (6, 7, 0)]
-    for lse_too in (False, True):
-        got = paged_decode_attention(q, kc, vc, bt, seq_lens, impl="torch", return_lse=lse_too,
-                                     window_left=window_left, softcap=softcap, row_splits=splits)
-        out = got[0] if lse_too else got
-        assert (out.double() - ref).abs().max() <= 1e-5, lse_too
-        assert torch.all(out[6] == 0)
-        if lse_too:
-            assert (got[1][:6].double() - ref_lse[:6].double()).abs().max() <= 1e-5
-            assert torch.isneginf(got[1][6]).all()
-    with pytest.raises(ValueError, match="cover"):
-        paged_decode_attention(q, kc, vc, bt, seq_lens, impl="torch", row_splits=[(0, 3, 150), (4, 7, 3)])
 
 
 def test_input_validation():

@@ -200,31 +200,6 @@ def test_seeded_sampling_equals_recompute_generator_and_is_batch_invariant(model
     assert crowded.output_ids == alone.output_ids
 
 
-def test_decode_rows_in_length_groups_equal_one_padded_group(models, monkeypatch):
-    """The PyTorch decode orders rows by length and attends them in groups of similar length
-    (forced here for every length step): tokens and log-probs equal the recompute's, and the
-    logits still reach their own requests (the output order is the request order)."""
-    from megatron_k15.generation import engine as engine_mod
-    from megatron_k15.kernels.decode_attention import decode_row_splits
-
-    _, model = models
-    used = []
-
-    def every_step(lens, row_elems):
-        splits = decode_row_splits(lens, row_elems, call_cost_elems=0)
-        used.append(splits)
-        return splits
-
-    monkeypatch.setattr(engine_mod, "decode_row_splits", every_step)
-    prompts = PROMPTS * 2
-    ours = _engine(model, decode_impl="torch").generate(prompts, 16, SAMPLED, _gens(7, len(prompts)), EOS)
-    ref = generate_recompute(model, prompts, 16, SAMPLED, _gens(7, len(prompts)), EOS)
-    for a, b in zip(ours, ref):
-        assert a.output_ids == b.output_ids and a.stop_reason == b.stop_reason
-        assert _close(a.output_logprobs, b.output_logprobs)
-    assert max(len(s or ()) for s in used) >= 4
-
-
 def test_shared_prompt_forks_equal_separate_requests(models):
     """k samples of one prompt are prefilled once and forked; each is the same as alone."""
     _, model = models

@@ -65,7 +65,7 @@ from megatron_k15.generation.kv_cache import OutOfBlocks, PagedKVCache, blocks_f
 from megatron_k15.generation.recompute import GenerationResult, generate_recompute
 from megatron_k15.generation.sampling import SamplingParams, sample_tokens_vocab_parallel
 from megatron_k15.initialize import pipeline_token_group
-from megatron_k15.kernels.decode_attention import HAVE_TRITON, decode_row_splits
+from megatron_k15.kernels.decode_attention import HAVE_TRITON
 from megatron_k15.models.attention import get_attention_backend
 from megatron_k15.profiling import phase
 
@@ -568,19 +568,10 @@ class GenerationEngine:
     def _decode(self, running: list[_Request]) -> Optional[torch.Tensor]:
         """One token for every running request; the last stage returns their logits."""
         cache = self.cache
-        n = len(running)
-        rows = torch.arange(n, device=self.device)
-        if self.decode_impl == "torch" and n > 1:
-            # the PyTorch attention pads a group of rows to its longest: rows in decreasing
-            # length, attended in groups of similar length; the logits come back in
-            # ``running``'s order (the same order on every rank: it depends on lengths only)
-            order = sorted(range(n), key=lambda i: -len(running[i].tokens))
-            running = [running[i] for i in order]
-            rows = torch.empty(n, dtype=torch.int64).index_copy_(
-                0, torch.tensor(order), torch.arange(n)).to(self.device)
         seq_ids = [r.index for r in running]
         for r in running:
             cache.ensure_capacity(r.index, self._local_len(len(r.tokens)))
+        n = len(running)
         padded = int(math.ceil(n / self._pad_to) * self._pad_to)
         ids = [r.tokens[-1] for r in running] + [0] * (padded - n)
         positions = [len(r.tokens) - 1 for r in running] + [0] * (padded - n)
@@ -594,15 +585,11 @@ class GenerationEngine:
             table = torch.cat([table, torch.zeros(*table.shape[:-2], padded - n, table.shape[-1],
                                                   dtype=table.dtype)], -2)
             lens = torch.cat([lens, torch.zeros(padded - n, dtype=lens.dtype)])
-        row_splits = None
-        if self.decode_impl == "torch" and n > 1:
-            k = cache.k_cache(0)
-            row_splits = decode_row_splits(lens.tolist(), k.shape[2] * k.shape[3])
         batch = InferenceBatch(cache, slots.to(self.device), decode=True,
                                block_tables=table.to(self.device), seq_lens=lens.to(self.device),
                                decode_impl=self.decode_impl, cp_group=self.cp_group,
-                               decode_max_len=int(lens.max()) if len(lens) else 0, decode_row_splits=row_splits)
-        return self._forward(ids, positions, batch, rows)
+                               decode_max_len=int(lens.max()) if len(lens) else 0)
+        return self._forward(ids, positions, batch, torch.arange(n, device=self.device))
 
     def _forward(self, ids: list[int], positions: list[int], batch: InferenceBatch,
                  rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

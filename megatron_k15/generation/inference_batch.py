@@ -53,7 +53,6 @@ class InferenceBatch:
     context_len: int = 0  # prefill chunk: cached slots to attend over (this rank's, under cp)
     chunk_rows: int = 0  # prefill chunk: real rows of N (the rest is padding)
     decode_max_len: Optional[int] = None  # decode: max(seq_lens), known on the host
-    decode_row_splits: Optional[list] = None  # decode, PyTorch attention: rows in groups of similar length
     validated: bool = False  # decode: the first layer's call checked the shared tables
     resolved_slots: Optional[torch.Tensor] = None  # ``slots`` resolved once (the first layer), for all
 
@@ -146,13 +145,12 @@ class LayerKVCache:
             res = paged_decode_attention(
                 q[0], cache.k_cache(self.index), cache.v_cache(self.index),
                 cache.for_layer(b.block_tables, self.index), b.seq_lens, softmax_scale=softmax_scale, impl=b.decode_impl, max_seq_len=b.decode_max_len,
-                validate=validate, window_left=window_left, return_lse=with_lse, softcap=softcap,
-                row_splits=b.decode_row_splits)
+                validate=validate, window_left=window_left, return_lse=with_lse, softcap=softcap)
             return (res[0].unsqueeze(0), res[1].unsqueeze(0)) if with_lse else res.unsqueeze(0)
         out, lse = paged_decode_attention(
             q[0], cache.k_cache(self.index), cache.v_cache(self.index), b.block_tables, b.seq_lens,
             softmax_scale=softmax_scale, return_lse=True, impl=b.decode_impl, max_seq_len=b.decode_max_len,
-            validate=validate, row_splits=b.decode_row_splits)
+            validate=validate)
         return merge_cp_partials(out, lse, b.cp_group).unsqueeze(0)
 
 

@@ -52,17 +52,13 @@ tensors when the Triton interpreter is on (``TRITON_INTERPRET=1``, read once at 
 the CPU tests); otherwise (CPU without the interpreter, no triton, float64 inputs) it runs
 ``paged_decode_attention_torch``, a vectorised PyTorch version. ``paged_decode_attention_reference``
 is a per-sequence loop for tests (any float dtype, float64 included).
-
-The PyTorch version pads every row to the longest; rows of rollouts differ in length by 10x and
-more, so a caller that orders its rows by decreasing length can pass ``row_splits``
-(``decode_row_splits``): contiguous groups of rows, each padded only to its own longest.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -81,7 +77,6 @@ __all__ = [
     "paged_decode_attention_torch",
     "paged_decode_attention_reference",
     "default_num_splits",
-    "decode_row_splits",
     "HAVE_TRITON",
     "INTERPRET",
 ]
@@ -416,56 +411,16 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
     return g.view(batch, n_blocks_needed * page, cache.shape[2], cache.shape[3])[:, :max_len]
 
 
-def decode_row_splits(lens_descending: Sequence[int], row_elems: int, call_cost_elems: int = 1 << 17,
-                      ratio: float = 1.5) -> Optional[list[tuple[int, int, int]]]:
-    """Groups of rows for ``paged_decode_attention_torch(row_splits=)``: ``(start, end, max_len)``
-    over rows sorted by decreasing length, or None when one group is best.
-
-    Padded work is sum over groups of rows * max_len * ``row_elems`` (K/V elements per cached
-    token: kv heads x head_dim); each extra group costs about one call (``call_cost_elems``). A
-    group starts where a row is shorter than its first row / ``ratio``; from the shortest up, a
-    group joins the one before it when padding it to that one's length costs less than a call."""
-    lens = list(lens_descending)
-    if any(a < b for a, b in zip(lens, lens[1:])):
-        raise ValueError("decode_row_splits: the lengths must be in decreasing order")
-    groups: list[list[int]] = []
-    for i, n in enumerate(lens):
-        if groups and n * ratio >= groups[-1][2]:
-            groups[-1][1] = i + 1
-        else:
-            groups.append([i, i + 1, n])
-    merged: list[list[int]] = []  # from the shortest group up: small groups gather first
-    for g in reversed(groups):
-        if merged and (merged[-1][1] - merged[-1][0]) * (g[2] - merged[-1][2]) * row_elems < call_cost_elems:
-            g[1] = merged.pop()[1]
-        merged.append(g)
-    return [tuple(g) for g in reversed(merged)] if len(merged) > 1 else None
-
-
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None,
                                  return_lse=False, max_seq_len: Optional[int] = None, validate: bool = True,
-                                 window_left: int = -1, softcap: float = 0.0,
-                                 row_splits: Optional[Sequence[tuple[int, int, int]]] = None):
+                                 window_left: int = -1, softcap: float = 0.0):
     """Vectorised PyTorch fallback with the semantics of ``paged_decode_attention``.
 
     Gathers each sequence's K/V (padded to the longest sequence, or ``max_seq_len``); without
     ``return_lse`` one masked SDPA call (its fused CPU/GPU kernels), otherwise explicit fp32
-    scores (float64 stays float64), as with a score ``softcap``. Memory: O(batch * max_len * n_kv * head_dim).
-    ``row_splits`` (``decode_row_splits``): one such call per group of rows, each padded to its
-    own ``max_len``."""
+    scores (float64 stays float64), as with a score ``softcap``. Memory: O(batch * max_len * n_kv * head_dim)."""
     if validate:
         _check(q, k_cache, v_cache, block_tables, seq_lens)
-    if row_splits:
-        if row_splits[0][0] != 0 or row_splits[-1][1] != q.shape[0] or any(
-                a[1] != b[0] for a, b in zip(row_splits, row_splits[1:])):
-            raise ValueError(f"row_splits {list(row_splits)} do not cover the {q.shape[0]} rows in order")
-        parts = [paged_decode_attention_torch(q[a:b], k_cache, v_cache, block_tables[a:b], seq_lens[a:b],
-                                              softmax_scale, return_lse, m, validate=False,
-                                              window_left=window_left, softcap=softcap)
-                 for a, b, m in row_splits]
-        if return_lse:
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return torch.cat(parts)
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv
@@ -559,8 +514,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softmax_scale: Optional[float] = None,
                            num_splits: Optional[int] = None, return_lse: bool = False,
                            *, impl: str = "auto", max_seq_len: Optional[int] = None, validate: bool = True,
-                           window_left: int = -1, softcap: float = 0.0,
-                           row_splits: Optional[Sequence[tuple[int, int, int]]] = None):
+                           window_left: int = -1, softcap: float = 0.0):
     """Attention of one new query token per sequence over a paged KV cache (module docstring).
 
     Args:
@@ -580,8 +534,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         window_left: a sliding window (>= 0): the query sees only the last ``window_left + 1``
             tokens of its sequence (itself included); -1: all of them.
         softcap: > 0: scores s become softcap * tanh(s / softcap) (Gemma 2); 0: none.
-        row_splits: the torch path only (the kernel splits each row by its own length):
-            ``decode_row_splits`` of rows in decreasing length, each group padded to its own.
 
     Returns:
         out (batch, n_heads, head_dim) in q's dtype, and lse when ``return_lse``.
@@ -601,7 +553,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if impl == "torch":
         return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens,
                                             softmax_scale, return_lse, max_seq_len, validate=False,
-                                            window_left=window_left, softcap=softcap, row_splits=row_splits)
+                                            window_left=window_left, softcap=softcap)
     if not _triton_ok(q):
         raise RuntimeError(
             f"the Triton decode kernel needs triton and CUDA tensors of fp16/bf16/fp32 (got "

@@ -175,8 +175,9 @@ class _ScriptedPolicy:
         self.tok, self.answers = tok, answers
 
     def generate(self, prompts, max_new_tokens, params, generators, eos_ids, repeat_detector=None, on_finish=None):
-        return [SimpleNamespace(output_ids=self.tok.encode(self.answers[self.tok.decode(p)]), stop_reason="eos")
-                for p in prompts]  # never calls on_finish: evaluate grades those after
+        ids = [self.tok.encode(self.answers[self.tok.decode(p)]) for p in prompts]
+        return [SimpleNamespace(output_ids=i, output_logprobs=[0.0] * len(i), stop_reason="eos")
+                for i in ids]  # never calls on_finish: evaluate grades those after
 
 
 def test_evaluate_with_a_judge_records_its_verdicts():

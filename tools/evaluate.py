@@ -17,6 +17,9 @@ and each finished chunk is appended to ``OUTPUT.partial``; ``--resume`` skips th
 already there (a rerun without it refuses to overwrite them). Every sample is seeded by its
 problem's place in the file, so a resumed or chunked run gives the samples one pass gives.
 
+``--tool python``: responses run sandboxed Python while they reason, as RL rollouts with ``--tool``
+do (``megatron_k15/rl/tools.py``); each sample records its ``tool_calls``.
+
 ``--reward-model-load DIR``: a generative reward model (``megatron_k15/rewards/judge.py``)
 regrades what the rule-based verifier rejects (or every answer: ``--reward-model-mode
 replace``); judged samples carry the verdict and the judge's text, the summary its counts.

@@ -360,6 +360,42 @@ def test_chat_template_kwargs_reach_the_template(tmp_path, capsys):
         assert nothink[i].prompt_ids.tolist() == tok.encode(head + "<think></think>")
 
 
+def test_system_prompt_is_a_system_turn_before_each_prompt(tmp_path, capsys):
+    """--system-prompt: the template renders a system turn first (a transformers template and
+    the built-in one); evaluate / generate render the same ids (encode_prompt)."""
+    import argparse
+
+    from megatron_k15.data.tokenizer import encode_prompt
+
+    _hf_tokenizer(tmp_path / "tok", CHAT_TEMPLATE)
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPT_ROWS)
+    system = "Please reason step by step, and put your final answer within \\boxed{}."
+    for spec, head in ((str(tmp_path / "tok"), f"<system>{system}</s><user>PROMPT</s><assistant>"),
+                       ("byte", f"<|system|>\n{system}\n<|user|>\nPROMPT\n<|assistant|>\n")):
+        rc, err = run_inproc(capsys, "--mode", "prompts", "--input", inp, "--tokenizer", spec, "--chat-template",
+                             "--system-prompt", system, "--output-prefix", tmp_path / "sys")
+        assert rc == 0, err
+        tok = load_tokenizer(spec)
+        ds = load_prompt_dataset(str(tmp_path / "sys"))
+        assert ds.summary["system_prompt"] == system
+        args = argparse.Namespace(chat_template=True, chat_template_kwargs=None, system_prompt=system)
+        for i, row in enumerate(PROMPT_ROWS):
+            assert ds[i].prompt_ids.tolist() == tok.encode(head.replace("PROMPT", row["prompt"]))
+            assert encode_prompt(tok, row["prompt"], args) == ds[i].prompt_ids.tolist()
+
+
+@pytest.mark.parametrize("mode,extra,message", [
+    ("prompts", (), "--system-prompt applies to --chat-template only"),
+    ("sft", ("--chat-template",), "--system-prompt applies to --mode prompts"),
+])
+def test_system_prompt_misuse_is_rejected(tmp_path, mode, extra, message):
+    inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
+    res = run_tool("--mode", mode, "--input", inp, "--output-prefix", tmp_path / "x", "--tokenizer", "byte",
+                   "--system-prompt", "Be brief.", *extra)
+    assert res.returncode != 0 and message in res.stderr
+    assert not list(tmp_path.glob("x*"))
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--chat-template-kwargs", "[1]"), "must be a JSON object"),
     (("--chat-template-kwargs", "{bad"), "not valid JSON"),

@@ -287,7 +287,7 @@ def _process_prompt(obj: dict, tok, opts: dict, path: str, lineno: int):
     text = rec["prompt"]
     if opts["chat_template"]:
         try:
-            text = render_user_prompt(tok, text, opts["chat_template_kwargs"])
+            text = render_user_prompt(tok, text, opts["chat_template_kwargs"], opts.get("system_prompt"))
         except Exception as e:  # noqa: BLE001 - a template failure is this record's problem
             raise FieldError("prompt", f"the chat template failed: {e}") from None
     ids = tok.encode(text)
@@ -442,10 +442,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.mode in ("sft", "dpo") and args.append_eos and tok.eos_id is None:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
     problem = chat_template_problem(args, tok)
+    if args.system_prompt is not None and args.mode != "prompts":
+        problem = (f"--system-prompt applies to --mode prompts; for --mode {args.mode} put a system turn in "
+                   "the records' messages")
     if problem:
         raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),
-            "chat_template_kwargs": dict(args.chat_template_kwargs or {}),
+            "chat_template_kwargs": dict(args.chat_template_kwargs or {}), "system_prompt": args.system_prompt,
             "append_eos": bool(args.append_eos), "multi_turn": args.multi_turn, "labels": input_labels(paths)}
     dtype = token_dtype(tok.vocab_size)
 
@@ -568,6 +571,7 @@ def run(args: argparse.Namespace) -> dict:
             "dtype": str(dtype),
             "chat_template": bool(args.chat_template),
             "chat_template_kwargs": args.chat_template_kwargs,
+            "system_prompt": args.system_prompt,
             "append_eos": bool(args.append_eos),
             "seq_length": args.seq_length,
             "overlong": args.overlong if args.seq_length is not None else None,

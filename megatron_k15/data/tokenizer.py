@@ -132,12 +132,18 @@ def add_chat_template_args(p) -> None:
     p.add_argument("--chat-template-kwargs", type=json_object_arg, default=None, metavar="JSON",
                    help="with --chat-template: extra variables for the tokenizer's template, e.g. "
                         "'{\"enable_thinking\": false}' for Qwen3 without thinking")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="with --chat-template: a system turn before each prompt's user turn (e.g. Qwen2.5-Math's "
+                        "'Please reason step by step, and put your final answer within \\boxed{}.', or its "
+                        "tool-integrated instruction for --tool python)")
 
 
 def chat_template_problem(args, tok: Optional["Tokenizer"]) -> Optional[str]:
     """What is wrong with --chat-template/--chat-template-kwargs for ``tok``, or None."""
     if args.chat_template_kwargs is not None and not args.chat_template:
         return "--chat-template-kwargs applies to --chat-template only"
+    if getattr(args, "system_prompt", None) is not None and not args.chat_template:
+        return "--system-prompt applies to --chat-template only (the system turn is rendered by the template)"
     if args.chat_template and tok is None:
         return "--chat-template needs a tokenizer (--tokenizer, or a checkpoint with tokenizer/)"
     if args.chat_template_kwargs and not tok.has_chat_template:
@@ -146,16 +152,19 @@ def chat_template_problem(args, tok: Optional["Tokenizer"]) -> Optional[str]:
     return None
 
 
-def render_user_prompt(tok: "Tokenizer", text: str, template_kwargs: Optional[dict] = None) -> str:
-    """``text`` as one user turn followed by the assistant's generation prompt."""
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                   **(template_kwargs or {}))
+def render_user_prompt(tok: "Tokenizer", text: str, template_kwargs: Optional[dict] = None,
+                       system: Optional[str] = None) -> str:
+    """``text`` as one user turn (after a ``system`` turn when given) followed by the
+    assistant's generation prompt."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": text}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, **(template_kwargs or {}))
 
 
 def encode_prompt(tok: "Tokenizer", text: str, args) -> list[int]:
     """A text prompt's ids, rendered with the chat template when ``args.chat_template``."""
     if getattr(args, "chat_template", False):
-        text = render_user_prompt(tok, text, args.chat_template_kwargs)
+        text = render_user_prompt(tok, text, args.chat_template_kwargs, getattr(args, "system_prompt", None))
     return tok.encode(text)
 
 

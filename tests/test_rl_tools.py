@@ -7,7 +7,7 @@ from megatron_k15.data.tokenizer import ByteTokenizer
 from megatron_k15.generation.recompute import GenerationResult
 from megatron_k15.generation.replay_buffer import TOOL_SEGMENT, Trajectory, loss_mask
 from megatron_k15.generation.stop_strings import StopStrings
-from megatron_k15.rl.tools import TOOL_STOP_REASON, TOOL_TRIGGER, PythonTool, ToolUse, python_cells
+from megatron_k15.rl.tools import TOOL_STOP_REASON, TOOL_TRIGGER, PythonTool, ToolRunner, ToolUse, python_cells
 from megatron_k15.rl.trainer import RolloutSettings, rollout
 
 CALL = "```python\nprint(6*7)\n```\n" + TOOL_TRIGGER
@@ -100,15 +100,14 @@ def _setup(blocks, max_calls=4, **settings):
     tok = ByteTokenizer()
     prompt = "Q: 6*7?\n"
     model = ScriptedModel(tok, prompt, blocks)
-    tool = PythonTool()
     ran = []
 
-    def run(texts):
-        ran.append(texts)
-        return [tool(t) for t in texts]
+    def tool(text):
+        ran.append(text)
+        return PythonTool()(text)
 
     s = RolloutSettings(repeat_detection=False, tools=ToolUse(
-        tok, StopStrings(tok, [TOOL_TRIGGER], reason=TOOL_STOP_REASON), run, max_calls), **settings)
+        tok, StopStrings(tok, [TOOL_TRIGGER], reason=TOOL_STOP_REASON), ToolRunner(tool, 2), max_calls), **settings)
     traj = Trajectory("q", tok.encode(prompt), group_id="g")
     return tok, model, s, traj, ran
 
@@ -132,6 +131,42 @@ def test_rollout_inserts_the_tool_output_and_goes_on():
     # the whole response once, when it is final; budgets: what was left of the 200
     assert finals == [(0, t.response_ids)]
     assert model.calls == [[200], [200 - len(CALL + OUT)], [200 - 2 * len(CALL + OUT)]]
+
+
+def test_a_call_starts_while_the_engine_decodes_the_others():
+    """The tool starts on a response as soon as its request stops (the engine's on_finish),
+    not when the engine's round is over: here the second request's whole generation happens
+    after the first one's call began."""
+    import threading
+
+    tok = ByteTokenizer()
+    prompt = "Q: 6*7?\n"
+    events, started = [], threading.Event()
+
+    def tool(text):
+        events.append("call")
+        started.set()
+        return "\n42\n```\n"
+
+    class TwoRequests(ScriptedModel):
+        def generate(self, prompts, budgets, params, generators, eos_ids, detector_factory, on_finish=None):
+            if len(prompts) == 2:  # the first round: request 0 calls, then request 1 decodes
+                first = super().generate(prompts[:1], budgets[:1], params, generators, eos_ids, detector_factory,
+                                         on_finish)
+                assert started.wait(10)
+                events.append("request 1 decodes")
+                rest = super().generate(prompts[1:], budgets[1:], params, generators, eos_ids, detector_factory,
+                                        lambda j, res: on_finish(j + 1, res))
+                return first + rest
+            return super().generate(prompts, budgets, params, generators, eos_ids, detector_factory, on_finish)
+
+    model = TwoRequests(tok, prompt, [CALL, FINAL])
+    s = RolloutSettings(repeat_detection=False, max_tokens=200, tools=ToolUse(
+        tok, StopStrings(tok, [TOOL_TRIGGER], reason=TOOL_STOP_REASON), ToolRunner(tool, 2)))
+    trajs = [Trajectory("q", tok.encode(prompt), group_id="g", sample_index=k) for k in range(2)]
+    rollout(model, trajs, 0, s, [tok.eos_id])
+    assert events[:2] == ["call", "request 1 decodes"]
+    assert [tok.decode(t.response_ids) for t in trajs] == [CALL + OUT + FINAL] * 2
 
 
 def test_calls_past_the_limit_are_not_answered():

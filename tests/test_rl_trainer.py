@@ -145,12 +145,12 @@ def rl_worker(rank, world_size, tp, loss, segment, iters=2, pp=1, cp=1, opts=Non
     rl.eos_ids = rl.eos_ids + list(extra_eos)  # more ways to stop: some responses end early
     if tool_calls:  # the tool answers with its rank in the replica: all must insert the first's answer
         from megatron_k15.generation.stop_strings import StopStrings
-        from megatron_k15.rl.tools import TOOL_STOP_REASON, ToolUse, replica_tool_runner
+        from megatron_k15.rl.tools import TOOL_STOP_REASON, ToolRunner, ToolUse
 
         in_replica = ctx.pc.tp_rank + ctx.pc.tp_size * ctx.pc.pp_rank
         trigger = ["\x01never"] if rank in silent else LETTERS
         rl.settings.tools = ToolUse(tok, StopStrings(tok, trigger, reason=TOOL_STOP_REASON),
-                                    replica_tool_runner(lambda text: f"[{in_replica}:{len(text)}]", 1, rl.gen_rank),
+                                    ToolRunner(lambda text: f"[{in_replica}:{len(text)}]", 2, rl.gen_rank),
                                     tool_calls)
     if shift:  # the engine "records" log-probs lower by `shift` than the training forward's
         generate = rl.generator.generate

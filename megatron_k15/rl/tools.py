@@ -34,9 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-__all__ = ["PythonTool", "TOOL_STOP_REASON", "TOOL_TRIGGER", "ToolUse", "add_tool_args", "check_tool_args",
-           "python_cells", "replica_tool_runner", "run_calls", "tool_from_args",
-           "tool_use_from_args"]
+__all__ = ["PythonTool", "TOOL_STOP_REASON", "TOOL_TRIGGER", "ToolRunner", "ToolUse", "add_tool_args",
+           "check_tool_args", "python_cells", "tool_from_args", "tool_use_from_args"]
 
 TOOL_TRIGGER = "```output"
 TOOL_STOP_REASON = "tool"  # what the trigger's detector returns to the engines (never a trajectory's)
@@ -121,58 +120,75 @@ class PythonTool:
         return f"\n{output}\n```\n"
 
 
-@dataclass
-class ToolUse:
-    """What ``rl.trainer.rollout`` needs for tool calls: the tokenizer (responses to text, the
-    tool's output to tokens), the trigger's detector factory, ``run`` (response texts -> the
-    texts to insert, the same on every rank that decodes these requests) and the calls allowed
-    per trajectory."""
+class ToolRunner:
+    """Runs a tool for ranks that decode requests together, those given the same ``replica``
+    number (constructing one is a collective: every rank does). The first rank of each replica
+    runs the calls, ``workers`` at a time in threads, as soon as they are submitted (while the
+    engine decodes the other requests); ``collect`` hands every rank of the replica the same
+    outputs (an output can depend on time or chance, and every rank that decodes a request must
+    append the same tokens)."""
 
-    tokenizer: object
-    trigger: Callable[[], object]
-    run: Callable[[list], list]
-    max_calls: int = 4
+    def __init__(self, tool: Callable[[str], str], workers: int = 1, replica: int = 0):
+        self.tool, self.workers = tool, max(1, int(workers))
+        self.group, self.first, self._pool = None, 0, None
+        import torch.distributed as dist
 
+        self._dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not self._dist:
+            return
+        numbers = [None] * dist.get_world_size()
+        dist.all_gather_object(numbers, replica)
+        members: dict = {}
+        for rank, k in enumerate(numbers):
+            members.setdefault(k, []).append(rank)
+        for k in sorted(members):  # every rank creates every group, in the same order
+            # (gloo: host objects only, and no NCCL watchdog while the first rank runs the calls)
+            g = dist.new_group(members[k], backend="gloo") if len(members[k]) > 1 else None
+            if k == replica:
+                self.group = g
+        self.first = members[replica][0]
 
-def run_calls(tool: Callable[[str], str], texts: list, workers: int = 1) -> list:
-    """``tool`` on each text, by ``workers`` threads (each call waits on a sandboxed process)."""
-    if workers <= 1 or len(texts) <= 1:
-        return [tool(t) for t in texts]
-    with ThreadPoolExecutor(min(workers, len(texts))) as pool:
-        return list(pool.map(tool, texts))
+    @property
+    def runs_calls(self) -> bool:
+        import torch.distributed as dist
 
+        return not self._dist or dist.get_rank() == self.first
 
-def replica_tool_runner(tool: Callable[[str], str], workers: int = 1, replica: int = 0) -> Callable[[list], list]:
-    """``ToolUse.run`` for ranks that decode requests together, those given the same ``replica``
-    number (a collective: every rank calls it). The first rank of each replica runs the tool
-    and sends the outputs to the others: an output can depend on time or chance, and every rank
-    that decodes a request must append the same tokens."""
-    import torch.distributed as dist
+    def submit(self, text: str):
+        """Start a call on ``text`` (a response); returns its handle (None on the ranks that
+        do not run calls)."""
+        if not self.runs_calls:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="k15-tool")
+        return self._pool.submit(self.tool, text)
 
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return lambda texts: run_calls(tool, texts, workers)
-    numbers = [None] * dist.get_world_size()
-    dist.all_gather_object(numbers, replica)
-    members: dict = {}
-    for rank, k in enumerate(numbers):
-        members.setdefault(k, []).append(rank)
-    group = None
-    for k in sorted(members):  # every rank creates every group, in the same order
-        # (gloo: host objects only, and no NCCL watchdog while the first rank runs the calls)
-        g = dist.new_group(members[k], backend="gloo") if len(members[k]) > 1 else None
-        if k == replica:
-            group = g
-    first = members[replica][0]
+    def collect(self, handles: list) -> list:
+        """The outputs of the submitted calls, in order, on every rank of the replica (a
+        collective over it)."""
+        out = [h.result() for h in handles] if self.runs_calls else None
+        if self.group is not None:
+            import torch.distributed as dist
 
-    def run(texts: list) -> list:
-        out = run_calls(tool, texts, workers) if dist.get_rank() == first else None
-        if group is not None:
             box = [out]
-            dist.broadcast_object_list(box, src=first, group=group)
+            dist.broadcast_object_list(box, src=self.first, group=self.group)
             out = box[0]
         return out
 
-    return run
+    def run(self, texts: list) -> list:
+        return self.collect([self.submit(t) for t in texts])
+
+
+@dataclass
+class ToolUse:
+    """What ``rl.trainer.rollout`` needs for tool calls: the tokenizer (responses to text, the
+    tool's output to tokens), the trigger's detector factory, the ``ToolRunner`` and the calls
+    allowed per trajectory."""
+
+    tokenizer: object
+    trigger: Callable[[], object]
+    runner: ToolRunner
+    max_calls: int = 4
 
 
 def add_tool_args(g) -> None:
@@ -185,6 +201,9 @@ def add_tool_args(g) -> None:
     g.add_argument("--tool-timeout", type=float, default=5.0, help="with --tool: seconds per call")
     g.add_argument("--tool-output-max-chars", type=int, default=1024,
                    help="with --tool: what the code printed is cut to this many characters")
+    g.add_argument("--tool-workers", type=int, default=8,
+                   help="with --tool: calls run at once (threads, each waiting on a sandboxed process) by the "
+                        "first rank of each model replica, while the engine decodes the other requests")
 
 
 def check_tool_args(args, stop_flag: str = "--stop-strings") -> Optional[str]:
@@ -195,6 +214,8 @@ def check_tool_args(args, stop_flag: str = "--stop-strings") -> Optional[str]:
         return f"--max-tool-calls must be >= 1 with --tool {args.tool}, got {args.max_tool_calls}"
     if not args.tool_timeout > 0:
         return f"--tool-timeout must be > 0 seconds, got {args.tool_timeout}"
+    if args.tool_workers < 1:
+        return f"--tool-workers must be >= 1, got {args.tool_workers}"
     if args.tool_output_max_chars < 16:
         return f"--tool-output-max-chars must be >= 16, got {args.tool_output_max_chars}"
     if any(TOOL_TRIGGER in s for s in getattr(args, stop_flag.lstrip("-").replace("-", "_"), None) or ()):
@@ -210,11 +231,11 @@ def tool_from_args(args) -> Optional[PythonTool]:
 
 def tool_use_from_args(args, tokenizer, replica: int = 0) -> Optional[ToolUse]:
     """``--tool``'s ``ToolUse`` (None without one) for the ranks that decode the requests of
-    ``replica`` together (``replica_tool_runner``: a collective under torch.distributed)."""
+    ``replica`` together (``ToolRunner``: a collective under torch.distributed)."""
     tool = tool_from_args(args)
     if tool is None:
         return None
     from megatron_k15.generation.stop_strings import StopStrings
 
     return ToolUse(tokenizer, StopStrings(tokenizer, [TOOL_TRIGGER], reason=TOOL_STOP_REASON),
-                   replica_tool_runner(tool, getattr(args, "reward_workers", 1), replica), args.max_tool_calls)
+                   ToolRunner(tool, args.tool_workers, replica), args.max_tool_calls)

@@ -124,8 +124,9 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
     (not for one that stops partial), while the engine still decodes the others.
 
     With ``s.tools`` (``rl.tools``) a request that writes the tool trigger stops there; the
-    tool runs on its response, its output is appended (``Trajectory.append_tool_output``), and
-    the trajectories that called go on in another round of the engine, until none calls. The
+    tool starts on its response at once (while the engine decodes the others), its output is
+    appended (``Trajectory.append_tool_output``) when the engine's round is over, and the
+    trajectories that called go on in another round, until none calls. The
     segment budget counts the tool's tokens too (an output goes in whole: a segment can end
     up to one output past it)."""
     params = SamplingParams(s.temperature, s.top_p, s.top_k)
@@ -143,21 +144,27 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
         detector = _primed_detectors(group, [with_tool if tools is not None and t.extra.get("tool_calls", 0)
                                              < tools.max_calls else base for t in group])
 
+        started = {}  # a call starts as soon as its request stops, while the engine decodes the others
+
         def on_finish(j, res):
-            if res.stop_reason != TOOL_STOP_REASON and _segment_stop(group[j], res.output_ids, res.stop_reason,
-                                                                        s) != "partial":
-                on_final(todo[j], group[j].response_ids + list(res.output_ids))
+            ids = group[j].response_ids + list(res.output_ids)
+            if res.stop_reason == TOOL_STOP_REASON:
+                if len(ids) < s.max_tokens:
+                    started[j] = tools.runner.submit(tools.tokenizer.decode(ids))
+            elif on_final is not None and _segment_stop(group[j], res.output_ids, res.stop_reason, s) != "partial":
+                on_final(todo[j], ids)
 
         results = generator.generate(
             [t.token_ids for t in group], budgets, params,
             [request_generator(s.seed, _request_seed(t, iteration, s)) for t in group], eos_ids, detector,
-            **({"on_finish": on_finish} if on_final is not None else {}))  # (a generator may lack it)
-        calls = []
-        for i, t, res in zip(todo, group, results):
+            **({"on_finish": on_finish} if on_final is not None or tools is not None else {}))  # (a generator may lack it)
+        calls, handles = [], []
+        for j, (i, t, res) in enumerate(zip(todo, group, results)):
             made[i] += len(res.output_ids)
             if res.stop_reason == TOOL_STOP_REASON and t.response_len + len(res.output_ids) < s.max_tokens:
                 t.append_segment(res.output_ids, res.output_logprobs, iteration)
-                calls.append(i)
+                calls.append(i)  # (started above, unless the generator never calls on_finish)
+                handles.append(started[j] if j in started else tools.runner.submit(tools.tokenizer.decode(t.response_ids)))
             elif res.stop_reason == TOOL_STOP_REASON:  # the trigger took the last of the budget
                 t.append_segment(res.output_ids, res.output_logprobs, iteration, "length")
                 if on_final is not None:
@@ -167,19 +174,18 @@ def rollout(generator, trajs: list[Trajectory], iteration: int, s: RolloutSettin
                                  _segment_stop(t, res.output_ids, res.stop_reason, s))
         todo = []
         if calls:
-            todo = _insert_tool_outputs(trajs, calls, made, s, on_final)
+            todo = _insert_tool_outputs(trajs, calls, tools.runner.collect(handles), made, s, on_final)
         # expert parallelism: the ep group's engines serve each other's experts, so they all
         # go round again while any of them has requests to continue (one with none serves)
         if not (generator.any_rank_busy(bool(todo)) if hasattr(generator, "any_rank_busy") else todo):
             break
 
 
-def _insert_tool_outputs(trajs: list[Trajectory], calls: list[int], made: list[int], s: RolloutSettings,
-                         on_final) -> list[int]:
-    """Run the tool on the trajectories ``calls`` (indices) and append each output; returns
-    those that go on (room left in the response and in the segment)."""
+def _insert_tool_outputs(trajs: list[Trajectory], calls: list[int], outputs: list[str], made: list[int],
+                         s: RolloutSettings, on_final) -> list[int]:
+    """Append each output of the tool to its trajectory (``calls``: indices); returns those that
+    go on (room left in the response and in the segment)."""
     tools, todo = s.tools, []
-    outputs = tools.run([tools.tokenizer.decode(trajs[i].response_ids) for i in calls])
     for i, text in zip(calls, outputs):
         t = trajs[i]
         t.extra["tool_calls"] = t.extra.get("tool_calls", 0) + 1

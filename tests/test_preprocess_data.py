@@ -384,9 +384,28 @@ def test_system_prompt_is_a_system_turn_before_each_prompt(tmp_path, capsys):
             assert encode_prompt(tok, row["prompt"], args) == ds[i].prompt_ids.tolist()
 
 
+def test_a_template_without_system_turns_is_named(tmp_path):
+    import argparse
+
+    from megatron_k15.data.tokenizer import chat_template_problem
+
+    args = argparse.Namespace(chat_template=True, chat_template_kwargs=None, system_prompt="Be brief.")
+    refusing = CHAT_TEMPLATE.replace("{% for m in messages %}", "{% if messages[0]['role'] == 'system' %}"
+                                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                                     "{% for m in messages %}")
+    dropping = CHAT_TEMPLATE.replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'system' %}")
+    for name, template, message in (("refuses", refusing, "refuses a system turn"),
+                                    ("drops", dropping, "drops the system turn")):
+        _hf_tokenizer(tmp_path / name, template)
+        assert message in chat_template_problem(args, load_tokenizer(str(tmp_path / name)))
+    _hf_tokenizer(tmp_path / "ok", CHAT_TEMPLATE)
+    assert chat_template_problem(args, load_tokenizer(str(tmp_path / "ok"))) is None
+
+
 @pytest.mark.parametrize("mode,extra,message", [
     ("prompts", (), "--system-prompt applies to --chat-template only"),
     ("sft", ("--chat-template",), "--system-prompt applies to --mode prompts"),
+    ("dpo", ("--chat-template",), "--system-prompt applies to --mode prompts, not --mode dpo"),
 ])
 def test_system_prompt_misuse_is_rejected(tmp_path, mode, extra, message):
     inp = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)

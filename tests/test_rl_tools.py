@@ -169,6 +169,13 @@ def test_a_call_starts_while_the_engine_decodes_the_others():
     assert [tok.decode(t.response_ids) for t in trajs] == [CALL + OUT + FINAL] * 2
 
 
+def test_a_tool_that_fails_itself_answers_with_the_error():
+    def broken(text):
+        raise OSError("too many open files")
+
+    assert ToolRunner(broken).run(["x"]) == ["\nError: the tool failed (OSError: too many open files)\n```\n"]
+
+
 def test_calls_past_the_limit_are_not_answered():
     tok, model, s, t, ran = _setup([CALL, CALL, FINAL], max_calls=1, max_tokens=200)
     rollout(model, [t], 0, s, [tok.eos_id])
@@ -267,6 +274,7 @@ def test_tool_flags_are_checked():
     assert "--max-tool-calls must be >= 1" in check_tool_args(p.parse_args(["--tool", "python", "--max-tool-calls", "0"]))
     assert "--tool-timeout" in check_tool_args(p.parse_args(["--tool", "python", "--tool-timeout", "0"]))
     assert "--tool-output-max-chars" in check_tool_args(p.parse_args(["--tool", "python", "--tool-output-max-chars", "3"]))
+    assert "--tool-workers" in check_tool_args(p.parse_args(["--tool", "python", "--tool-workers", "0"]))
     bad = p.parse_args(["--tool", "python", "--stop-strings", "</answer>", "x```output", "--stop", "```output"])
     assert check_tool_args(bad).startswith("--stop-strings: a stop string containing")
     assert check_tool_args(bad, stop_flag="--stop").startswith("--stop: a stop string containing")

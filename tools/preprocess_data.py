@@ -443,8 +443,9 @@ def run(args: argparse.Namespace) -> dict:
         raise PreprocessError(f"--append-eos: tokenizer {tok.name!r} has no EOS token")
     problem = chat_template_problem(args, tok)
     if args.system_prompt is not None and args.mode != "prompts":
-        problem = (f"--system-prompt applies to --mode prompts; for --mode {args.mode} put a system turn in "
-                   "the records' messages")
+        problem = (f"--system-prompt applies to --mode prompts; for --mode {args.mode} give the records as "
+                   "'messages' with a system turn" if args.mode == "sft" else
+                   f"--system-prompt applies to --mode prompts, not --mode {args.mode}")
     if problem:
         raise PreprocessError(problem)
     opts = {"mode": args.mode, "chat_template": bool(args.chat_template),

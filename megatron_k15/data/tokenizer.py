@@ -124,7 +124,7 @@ def json_object_arg(text: str) -> dict:
 
 
 def add_chat_template_args(p) -> None:
-    """``--chat-template`` / ``--chat-template-kwargs``, shared by the commands that render
+    """``--chat-template`` / ``--chat-template-kwargs`` / ``--system-prompt``, shared by the commands that render
     prompts (preprocess_data, evaluate, generate) so they render them the same way."""
     p.add_argument("--chat-template", action="store_true",
                    help="render each prompt as a user turn with the tokenizer's chat template (the "
@@ -139,11 +139,19 @@ def add_chat_template_args(p) -> None:
 
 
 def chat_template_problem(args, tok: Optional["Tokenizer"]) -> Optional[str]:
-    """What is wrong with --chat-template/--chat-template-kwargs for ``tok``, or None."""
+    """What is wrong with --chat-template/--chat-template-kwargs/--system-prompt for ``tok``, or None."""
     if args.chat_template_kwargs is not None and not args.chat_template:
         return "--chat-template-kwargs applies to --chat-template only"
-    if getattr(args, "system_prompt", None) is not None and not args.chat_template:
+    system = getattr(args, "system_prompt", None)
+    if system is not None and not args.chat_template:
         return "--system-prompt applies to --chat-template only (the system turn is rendered by the template)"
+    if system is not None and tok is not None:
+        try:  # some templates refuse a system turn (Gemma's), or drop it
+            text = render_user_prompt(tok, "?", args.chat_template_kwargs, system)
+        except Exception as e:  # noqa: BLE001
+            return f"--system-prompt: tokenizer {tok.name!r}'s chat template refuses a system turn ({e})"
+        if system not in text:
+            return f"--system-prompt: tokenizer {tok.name!r}'s chat template drops the system turn"
     if args.chat_template and tok is None:
         return "--chat-template needs a tokenizer (--tokenizer, or a checkpoint with tokenizer/)"
     if args.chat_template_kwargs and not tok.has_chat_template:

@@ -161,7 +161,15 @@ class ToolRunner:
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="k15-tool")
-        return self._pool.submit(self.tool, text)
+        return self._pool.submit(self._call, text)
+
+    def _call(self, text: str) -> str:
+        """A call that fails itself (not the code it runs) answers with the error: raising here
+        would leave the replica's other ranks waiting in ``collect``."""
+        try:
+            return self.tool(text)
+        except Exception as e:  # noqa: BLE001
+            return f"\nError: the tool failed ({type(e).__name__}: {e})\n```\n"
 
     def collect(self, handles: list) -> list:
         """The outputs of the submitted calls, in order, on every rank of the replica (a

@@ -52,10 +52,15 @@ for _k15_cell in %r:
             pass
 _k15_b.exec(_k15_b.compile(%r, "<cell>", "exec"), _k15_b.globals())
 '''
-# what an earlier call's output shows when its cell ran out of time, memory or output: such a
-# cell is not run again (it would spend every later call's limits)
-_CUT_SHORT = ("\nTimeoutError: the code ran for more than ", "\nMemoryError: the code used more than ",
-              "\n... (output cut)")
+# the lines an output shows when its cell ran out of time, memory or output; such a cell is not
+# run again (it would spend every later call's limits)
+_TIMEOUT, _MEMORY, _CUT = "TimeoutError: the code ran for more than", "MemoryError: the code used more than", \
+    "... (output cut)"
+
+
+def output_block(text: str) -> str:
+    """What is inserted after the trigger: ``text`` and the closing fence."""
+    return f"\n{text}\n```\n"
 
 
 def python_cells(text: str) -> list[str]:
@@ -63,7 +68,7 @@ def python_cells(text: str) -> list[str]:
     (the text up to the next block) shows they ran out of time, memory or output."""
     found = list(_PYTHON_BLOCK.finditer(text))
     keep = [m.group(1) for m, nxt in zip(found, found[1:])
-            if not any(mark in text[m.end():nxt.start()] for mark in _CUT_SHORT)]
+            if not any("\n" + mark in text[m.end():nxt.start()] for mark in (_TIMEOUT, _MEMORY, _CUT))]
     return keep + [found[-1].group(1)] if found else []
 
 
@@ -99,9 +104,9 @@ class PythonTool:
         status = r["status"]
         error = ""
         if status == "timeout":
-            error = f"TimeoutError: the code ran for more than {self.timeout_s:g} s"
+            error = f"{_TIMEOUT} {self.timeout_s:g} s"
         elif status == "memory":
-            error = f"MemoryError: the code used more than {self.memory_mb} MiB"
+            error = f"{_MEMORY} {self.memory_mb} MiB"
         elif status == "error":
             lines = [ln for ln in r.get("stderr", "").splitlines() if ln.strip()]
             error = lines[-1] if lines else "Error: the code failed"
@@ -114,10 +119,10 @@ class PythonTool:
         error's line whole, and the closing fence."""
         output = output.rstrip("\n")
         if cut or len(output) > self.max_output_chars:
-            output = output[:self.max_output_chars] + "\n... (output cut)"
+            output = f"{output[:self.max_output_chars]}\n{_CUT}"
         if error:
             output = f"{output}\n{error}" if output else error
-        return f"\n{output}\n```\n"
+        return output_block(output)
 
 
 class ToolRunner:
@@ -169,7 +174,7 @@ class ToolRunner:
         try:
             return self.tool(text)
         except Exception as e:  # noqa: BLE001
-            return f"\nError: the tool failed ({type(e).__name__}: {e})\n```\n"
+            return output_block(f"Error: the tool failed ({type(e).__name__}: {e})")
 
     def collect(self, handles: list) -> list:
         """The outputs of the submitted calls, in order, on every rank of the replica (a
